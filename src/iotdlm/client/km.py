@@ -1,0 +1,50 @@
+"""Client of km's bus API: signs each request with the caller's identity (module or device)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from iotdlm.bus import Bus
+from iotdlm.bus import subjects as s
+from iotdlm.clock import Clock
+from iotdlm.wire import km as msg
+from iotdlm.wire.envelope import Sealer
+from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW
+
+
+class KmClient:
+    def __init__(self, bus: Bus, sealer: Sealer, clock: Clock, *, timeout: float = 10.0) -> None:
+        self.bus = bus
+        self.sealer = sealer
+        self.clock = clock
+        self.timeout = timeout
+
+    def _seal(self, op: str, body: object) -> bytes:
+        return self.sealer.seal(op, body, aud=AUDIENCE, now=self.clock.now())
+
+    async def issue(
+        self, device_id: str, profile: str, *, csr: bytes | None = None, crmf: bytes | None = None
+    ) -> msg.IssuedCertificate:
+        token = self._seal(OP_ISSUE, msg.IssueItem(device_id=device_id, profile=profile, csr=csr, crmf=crmf))
+        reply = await self.bus.request(s.KM_ISSUE, token, timeout=self.timeout)
+        return msg.decode(reply, msg.IssuedCertificate, what="km reply")
+
+    async def issue_batch(self, items: Sequence[msg.IssueItem]) -> list[msg.ItemResult]:
+        token = self._seal(OP_ISSUE_BATCH, msg.BatchIssueRequest(items=list(items)))
+        reply = await self.bus.request(s.KM_ISSUE_BATCH, token, timeout=self.timeout + len(items) * 0.05)
+        return msg.decode(reply, msg.BatchIssueResponse, what="km reply").results
+
+    async def renew(self, csr: bytes) -> msg.IssuedCertificate:
+        token = self._seal(OP_RENEW, msg.RenewRequest(csr=csr))
+        reply = await self.bus.request(s.KM_RENEW, token, timeout=self.timeout)
+        return msg.decode(reply, msg.IssuedCertificate, what="km reply")
+
+    async def chain(self) -> msg.ChainResponse:
+        reply = await self.bus.request(s.KM_CHAIN, b"{}", timeout=self.timeout)
+        return msg.decode(reply, msg.ChainResponse, what="km reply")
+
+    async def get(self, serial: str, issuer: str | None = None) -> msg.CertificateInfo:
+        reply = await self.bus.request(
+            s.KM_GET, msg.encode(msg.GetRequest(serial=serial, issuer=issuer)), timeout=self.timeout
+        )
+        return msg.decode(reply, msg.CertificateInfo, what="km reply")

@@ -1,0 +1,350 @@
+"""A deployment: one data folder holding configuration, CA material, module identities and data.
+
+Layout (``iotdlm init --data DIR`` creates it)::
+
+    DIR/iotdlm.toml                 configuration (validated on load)
+    DIR/ca/<name>.pem               CA certificates: root, factory, operational, service
+    DIR/ca/<name>.key.pem           CA private keys, encrypted at rest (PKCS#8, passphrase)
+    DIR/modules/<name>/cert.pem     service certificate of a module (km, sm, cm, admin, pm-<dtype>)
+    DIR/modules/<name>/key.pem      its private key (mode 0600)
+    DIR/modules/<name>/nats.json    its NATS credentials (mode 0600)
+    DIR/secrets/ca-passphrase       only when init generated the passphrase: move it offline
+    DIR/db/iotdlm.db                SQLite store (default; PostgreSQL by URL instead)
+    DIR/nats/                       embedded NATS server config and JetStream data
+    DIR/logs/                       one log per service
+
+The CA passphrase comes from ``$IOTDLM_CA_PASSPHRASE``, else from the file named by
+``passphrase_file`` in the config, else from ``DIR/secrets/ca-passphrase``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import tomli_w
+from cryptography import x509
+
+from iotdlm.errors import BadRequestError, NotFoundError
+from iotdlm.pki import ca as pki_ca
+from iotdlm.pki.chain import certs_to_pem, load_certificate
+from iotdlm.pki.keys import (
+    Algorithm,
+    KeySigner,
+    PrivateKey,
+    generate_key,
+    load_private_key_pem,
+    private_key_to_pem,
+)
+from iotdlm.pki.names import check_id, module_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES, Profile
+
+PASSPHRASE_ENV = "IOTDLM_CA_PASSPHRASE"  # noqa: S105 -- the name of a variable, not a secret
+CONFIG_FILE = "iotdlm.toml"
+#: embedded NATS listens here by default (not 4222, which a system NATS may hold)
+DEFAULT_NATS_PORT = 14222
+ISSUING_CAS = ("factory", "operational", "service")
+BASE_MODULES = ("km", "sm", "cm", "admin")
+
+
+class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    #: an existing NATS server to use instead of the embedded one
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_NATS_PORT
+    tls: bool = False
+
+
+class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    validity_days: int
+
+
+class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    organization: str
+    algorithm: str
+    public_url: str
+    dtypes: list[str]
+    database_url: str | None = None
+    passphrase_file: str | None = None
+    request_window_seconds: int = 300
+    nats: NatsSettings = NatsSettings()
+    profiles: dict[str, ProfileSettings] = {}
+
+    def validate(self) -> None:
+        try:
+            Algorithm(self.algorithm)
+        except ValueError:
+            raise BadRequestError(
+                f"algorithm {self.algorithm!r} is not one of {[a.value for a in Algorithm]}", field="algorithm"
+            ) from None
+        for d in self.dtypes:
+            check_id(d, "dtype")
+        if not self.public_url.startswith(("http://", "https://")):
+            raise BadRequestError("public_url must start with http:// or https://", field="public_url")
+        host = self.nats.host
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise BadRequestError("embedded NATS must listen on a loopback address", field="nats.host")
+        except ValueError:
+            if host != "localhost":
+                raise BadRequestError(f"nats.host {host!r} is not an IP address", field="nats.host") from None
+        for name, p in self.profiles.items():
+            if name not in DEFAULT_PROFILES:
+                raise BadRequestError(f"profiles.{name}: unknown profile", field=f"profiles.{name}")
+            if p.validity_days <= 0:
+                raise BadRequestError(f"profiles.{name}.validity_days must be positive", field=f"profiles.{name}")
+
+
+@dataclass(frozen=True)
+class NatsCredentials:
+    user: str
+    password: str
+
+
+@dataclass(frozen=True)
+class ModuleIdentity:
+    name: str  # directory name: km, sm, cm, admin, pm-<dtype>
+    module: str  # role: km, sm, cm, admin, pm
+    dtype: str | None
+    key: PrivateKey
+    certificate: x509.Certificate
+    nats: NatsCredentials
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def identity_name(module: str, dtype: str | None = None) -> str:
+    return f"{module}-{dtype}" if dtype else module
+
+
+class Deployment:
+    def __init__(self, root: Path, config: DeploymentConfig) -> None:
+        self.root = root
+        self.config = config
+
+    # --- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, root: Path | str) -> Deployment:
+        root = Path(root)
+        path = root / CONFIG_FILE
+        if not path.is_file():
+            raise NotFoundError(f"no deployment at {root}: run `iotdlm init --data {root}` first")
+        try:
+            config = msgspec.toml.decode(path.read_bytes(), type=DeploymentConfig)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise BadRequestError(f"{path}: {exc}") from exc
+        config.validate()
+        return cls(root, config)
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return Algorithm(self.config.algorithm)
+
+    @property
+    def database_url(self) -> str:
+        return self.config.database_url or f"sqlite:///{self.root / 'db' / 'iotdlm.db'}"
+
+    @property
+    def nats_url(self) -> str:
+        n = self.config.nats
+        if n.url:
+            return n.url
+        scheme = "tls" if n.tls else "nats"
+        return f"{scheme}://{n.host}:{n.port}"
+
+    @property
+    def public_urls(self) -> pki_ca.PublicUrls:
+        return pki_ca.PublicUrls(self.config.public_url)
+
+    @property
+    def request_window(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.config.request_window_seconds)
+
+    def profiles(self) -> dict[str, Profile]:
+        out = dict(DEFAULT_PROFILES)
+        for name, p in self.config.profiles.items():
+            out[name] = _replace_validity(out[name], dt.timedelta(days=p.validity_days))
+        return out
+
+    def passphrase(self) -> bytes:
+        env = os.environ.get(PASSPHRASE_ENV)
+        if env:
+            return env.encode()
+        candidates = []
+        if self.config.passphrase_file:
+            candidates.append(Path(self.config.passphrase_file))
+        candidates.append(self.root / "secrets" / "ca-passphrase")
+        for c in candidates:
+            if c.is_file():
+                return c.read_bytes().strip()
+        raise NotFoundError(
+            f"no CA passphrase: set ${PASSPHRASE_ENV} or put it in the file named by passphrase_file in "
+            f"{self.root / CONFIG_FILE}"
+        )
+
+    def ca_certificate(self, name: str) -> x509.Certificate:
+        path = self.root / "ca" / f"{name}.pem"
+        if not path.is_file():
+            raise NotFoundError(f"CA certificate {path} is missing")
+        return load_certificate(path.read_bytes())
+
+    def load_cas(self, passphrase: bytes | None = None) -> dict[str, pki_ca.IssuingCA]:
+        """The issuing CAs with their signers (decrypts the CA keys)."""
+        pw = passphrase if passphrase is not None else self.passphrase()
+        root = self.ca_certificate("root")
+        out: dict[str, pki_ca.IssuingCA] = {}
+        for name in ISSUING_CAS:
+            cert = self.ca_certificate(name)
+            key = load_private_key_pem((self.root / "ca" / f"{name}.key.pem").read_bytes(), pw)
+            out[name] = pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root))
+        return out
+
+    def identity_names(self) -> list[str]:
+        d = self.root / "modules"
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def identity(self, name: str) -> ModuleIdentity:
+        d = self.root / "modules" / name
+        if not d.is_dir():
+            raise NotFoundError(f"no module identity {name!r} in {self.root}; known: {self.identity_names()}")
+        key = load_private_key_pem((d / "key.pem").read_bytes(), None)
+        cert = load_certificate((d / "cert.pem").read_bytes())
+        creds = json.loads((d / "nats.json").read_text())
+        module, _, dtype = name.partition("-")
+        return ModuleIdentity(
+            name=name,
+            module=module,
+            dtype=dtype or None,
+            key=key,
+            certificate=cert,
+            nats=NatsCredentials(user=creds["user"], password=creds["password"]),
+        )
+
+    def nats_users(self) -> list[tuple[str, NatsCredentials]]:
+        """(module role, credentials) for every identity, for the embedded server's config."""
+        out = []
+        for name in self.identity_names():
+            creds = json.loads((self.root / "modules" / name / "nats.json").read_text())
+            out.append((name.partition("-")[0], NatsCredentials(creds["user"], creds["password"])))
+        return out
+
+    # --- adding identities ----------------------------------------------------------------
+    def add_identity(
+        self, module: str, dtype: str | None, *, service_ca: pki_ca.IssuingCA, now: dt.datetime
+    ) -> ModuleIdentity:
+        name = identity_name(module, dtype)
+        key = generate_key(self.algorithm)
+        profile = self.profiles()["service"]
+        cert = service_ca.issue(
+            profile,
+            key.public_key(),
+            pki_ca.ca_name(name, self.config.organization),
+            now=now,
+            serial=x509.random_serial_number(),
+            uris=[module_uri(module, dtype)],
+            dns_names=["localhost"],
+            ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+        )
+        d = self.root / "modules" / name
+        _write_secret(d / "key.pem", private_key_to_pem(key, None))
+        (d / "cert.pem").write_bytes(certs_to_pem([cert]))
+        creds = NatsCredentials(user=name, password=secrets.token_urlsafe(24))
+        _write_secret(d / "nats.json", json.dumps({"user": creds.user, "password": creds.password}).encode())
+        return ModuleIdentity(name=name, module=module, dtype=dtype, key=key, certificate=cert, nats=creds)
+
+
+def _replace_validity(p: Profile, validity: dt.timedelta) -> Profile:
+    from dataclasses import replace
+
+    return replace(p, validity=validity)
+
+
+def init_deployment(
+    root: Path | str,
+    *,
+    organization: str,
+    algorithm: Algorithm,
+    dtypes: list[str],
+    public_url: str = "http://127.0.0.1:8080",
+    passphrase: bytes | None = None,
+    database_url: str | None = None,
+    nats_port: int = DEFAULT_NATS_PORT,
+    now: dt.datetime,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> tuple[Deployment, list[pki_ca.IssuingCA]]:
+    """Create a deployment: root + issuing CAs, module identities, configuration.
+
+    Returns the deployment and the issuing CAs (so the caller can record the service
+    certificates it just issued). Refuses to overwrite an existing deployment.
+    """
+    root = Path(root)
+    if (root / CONFIG_FILE).exists():
+        raise BadRequestError(f"{root} already holds a deployment; choose an empty folder")
+    config = DeploymentConfig(
+        organization=organization,
+        algorithm=algorithm.value,
+        public_url=public_url,
+        dtypes=list(dtypes),
+        database_url=database_url,
+        nats=NatsSettings(port=nats_port),
+    )
+    config.validate()
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("ca", "modules", "db", "nats", "logs"):
+        (root / sub).mkdir(exist_ok=True)
+    if passphrase is None:
+        passphrase = secrets.token_urlsafe(32).encode()
+        _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
+    dep = Deployment(root, config)
+
+    progress("root CA")
+    root_key = generate_key(algorithm)
+    root_signer = KeySigner(root_key)
+    root_cert = pki_ca.make_root(
+        root_signer,
+        pki_ca.ca_name(f"{organization} Root CA", organization),
+        now=now,
+        validity=dt.timedelta(days=365 * 30),
+    )
+    _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
+    (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))
+
+    cas: list[pki_ca.IssuingCA] = []
+    lifetimes = {"factory": 365 * 25, "operational": 365 * 10, "service": 365 * 10}
+    for name in ISSUING_CAS:
+        progress(f"{name} CA")
+        key = generate_key(algorithm)
+        cert = pki_ca.make_intermediate(
+            root_signer,
+            root_cert,
+            key.public_key(),
+            pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
+            now=now,
+            validity=dt.timedelta(days=lifetimes[name]),
+        )
+        _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
+        (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
+        cas.append(pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert)))
+    service_ca = cas[ISSUING_CAS.index("service")]
+
+    for module in BASE_MODULES:
+        progress(f"{module} identity")
+        dep.add_identity(module, None, service_ca=service_ca, now=now)
+    for dtype in dtypes:
+        progress(f"pm identity for {dtype}")
+        dep.add_identity("pm", dtype, service_ca=service_ca, now=now)
+
+    (root / CONFIG_FILE).write_bytes(tomli_w.dumps(msgspec.to_builtins(config)).encode())
+    return dep, cas

@@ -1,0 +1,387 @@
+"""km's core: authenticate a signed request, authorize it, issue, record. No bus here.
+
+The same core serves the NATS service (:mod:`iotdlm.km.service`) and the operator's CLI.
+Order for every request (house style: decode -> authorize -> act -> encode):
+
+1. bounded parse of the JWS header; who signed it (x5c) -- a module (service CA) or a device
+   (operational CA); certificate checks are cached by fingerprint;
+2. JWS signature, operation, audience, time window; nonce consumed in the store (replays refused
+   even across km workers);
+3. per request item: parse CSR/CRMF (the proof of possession is checked while parsing),
+   RA authorizer (deny by default), CA signs per profile;
+4. all certificates of one request recorded in one store transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from iotdlm.clock import Clock
+from iotdlm.errors import (
+    BadRequestError,
+    IotdlmError,
+    NotFoundError,
+    RejectedError,
+    UntrustedError,
+)
+from iotdlm.km.ra import (
+    Authorizer,
+    CertRequestFacts,
+    DevicePrincipal,
+    DeviceState,
+    Grant,
+    ModulePrincipal,
+    Operation,
+    Pop,
+    Principal,
+)
+from iotdlm.pki import crmf
+from iotdlm.pki.ca import IssuingCA, PublicUrls, fingerprint
+from iotdlm.pki.chain import der, load_certificate, verify_issued_by
+from iotdlm.pki.csr import parse_csr
+from iotdlm.pki.keys import PublicKey
+from iotdlm.pki.names import check_id, device_id_of, device_subject, device_uri, module_of
+from iotdlm.pki.profiles import Profile, get_profile
+from iotdlm.store import CertRecord, Store
+from iotdlm.wire import envelope
+from iotdlm.wire import km as msg
+from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW
+
+
+@dataclass(frozen=True)
+class KmSettings:
+    organization: str
+    urls: PublicUrls | None
+    window: dt.timedelta = envelope.DEFAULT_WINDOW
+    max_request_bytes: int = envelope.MAX_ENVELOPE_BYTES
+    max_batch: int = msg.MAX_BATCH
+
+
+@dataclass(frozen=True)
+class _TrustedSigner:
+    certificate: x509.Certificate
+    key: envelope.JoseKey
+    kind: str  # "module" | "device"
+    module: ModulePrincipal | None
+    device_id: str | None
+    issuer: str
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    public_key: PublicKey
+    subject: x509.Name | None
+    pop: Pop
+
+
+class Km:
+    def __init__(
+        self,
+        *,
+        cas: dict[str, IssuingCA],
+        profiles: dict[str, Profile],
+        store: Store,
+        clock: Clock,
+        settings: KmSettings,
+        authorizer: Authorizer | None = None,
+    ) -> None:
+        self.cas = cas
+        self.profiles = profiles
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.authorizer = authorizer or Authorizer()
+        self._trusted: dict[str, _TrustedSigner] = {}
+        self._lock = threading.Lock()
+
+    # --- 1+2: authentication ------------------------------------------------------------
+    def _trust(self, leaf_der: bytes, now: dt.datetime) -> _TrustedSigner:
+        fp = hashlib.sha256(leaf_der).hexdigest()
+        cached = self._trusted.get(fp)
+        if cached is not None and cached.certificate.not_valid_after_utc >= now:
+            return cached
+        cert = load_certificate(leaf_der)
+        trusted: _TrustedSigner | None = None
+        service = self.cas["service"]
+        if cert.issuer == service.certificate.subject:
+            verify_issued_by(cert, service.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+            ident = module_of(cert)
+            if ident is None:
+                raise UntrustedError("service certificate names no iotdlm module")
+            module, dtype = ident
+            trusted = _TrustedSigner(
+                certificate=cert,
+                key=envelope.jose_key(_public_key(cert)),
+                kind="module",
+                module=ModulePrincipal(module=module, dtype=dtype, fingerprint=fp),
+                device_id=None,
+                issuer="service",
+            )
+        else:
+            for name in ("operational",):
+                ca = self.cas[name]
+                if cert.issuer == ca.certificate.subject:
+                    verify_issued_by(cert, ca.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+                    device_id = device_id_of(cert)
+                    if device_id is None:
+                        raise UntrustedError("device certificate names no device id")
+                    trusted = _TrustedSigner(
+                        certificate=cert,
+                        key=envelope.jose_key(_public_key(cert)),
+                        kind="device",
+                        module=None,
+                        device_id=device_id,
+                        issuer=name,
+                    )
+        if trusted is None:
+            raise UntrustedError(
+                f"request signer {cert.subject.rfc4514_string()} is not issued by this deployment's service "
+                "or operational CA"
+            )
+        with self._lock:
+            if len(self._trusted) > 10_000:
+                self._trusted.clear()
+            self._trusted[fp] = trusted
+        return trusted
+
+    def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal]:
+        now = self.clock.now()
+        alg, leaf = envelope.peek_signer(token, max_bytes=self.settings.max_request_bytes)
+        signer = self._trust(leaf, now)
+        env = envelope.verify(
+            token, signer.certificate, signer.key, alg=alg, op=op, aud=AUDIENCE, now=now, window=self.settings.window
+        )
+        principal: Principal
+        if signer.kind == "module":
+            assert signer.module is not None
+            principal = signer.module
+        else:
+            fp = fingerprint(signer.certificate)
+            record = self.store.get_by_fingerprint(fp)
+            if record is None:
+                raise UntrustedError("the device certificate that signed this request is not known to km")
+            assert signer.device_id is not None
+            principal = DevicePrincipal(
+                device_id=signer.device_id,
+                profile=record.profile,
+                status=record.status,
+                serial=record.serial,
+                issuer=record.issuer,
+                fingerprint=fp,
+            )
+        sender = principal.fingerprint
+        self.store.consume_nonce(sender, env.nonce, expires_at=env.iat + self.settings.window)
+        return env, principal
+
+    # --- 3: parse, authorize, sign ------------------------------------------------------
+    def _parse_item(self, item: msg.IssueItem) -> _Parsed:
+        if (item.csr is None) == (item.crmf is None):
+            raise BadRequestError("give exactly one of csr or crmf", field="csr", device_id=item.device_id)
+        if item.csr is not None:
+            req = parse_csr(item.csr)
+            return _Parsed(public_key=req.public_key, subject=req.subject, pop="signature")
+        assert item.crmf is not None
+        reqs = crmf.parse(item.crmf)
+        if len(reqs) != 1:
+            raise BadRequestError(f"crmf must carry exactly one CertReqMsg per item, found {len(reqs)}", field="crmf")
+        r = reqs[0]
+        return _Parsed(public_key=r.public_key, subject=r.subject, pop=r.pop)
+
+    def _device_state(self, device_id: str) -> DeviceState:
+        rec = self.store.get_device(device_id)
+        return DeviceState(dtype=rec.dtype, status=rec.status) if rec else DeviceState(dtype=None, status=None)
+
+    def _sign(self, grant: Grant, parsed: _Parsed, principal: Principal, now: dt.datetime) -> CertRecord:
+        _check_requested_name(parsed.subject, grant.device_id)
+        profile = get_profile(self.profiles, grant.profile)
+        ca = self.cas[profile.issuer]
+        unit = grant.dtype or profile.name
+        cert = ca.issue(
+            profile,
+            parsed.public_key,
+            device_subject(grant.device_id, self.settings.organization, unit),
+            now=now,
+            serial=x509.random_serial_number(),
+            uris=[device_uri(grant.device_id)],
+            urls=self.settings.urls,
+            validity=grant.validity,
+        )
+        return _record(cert, ca.name, profile.name, grant.device_id, principal.describe(), now)
+
+    def prepare(self, principal: Principal, item: msg.IssueItem, operation: Operation) -> tuple[Grant, CertRecord]:
+        """Parse, authorize and sign one item (nothing stored yet)."""
+        now = self.clock.now()
+        check_id(item.device_id)
+        parsed = self._parse_item(item)
+        facts = CertRequestFacts(
+            operation=operation,
+            profile=item.profile,
+            device_id=item.device_id,
+            pop=parsed.pop,
+            device=self._device_state(item.device_id),
+        )
+        grant = self.authorizer.authorize(principal, facts)
+        return grant, self._sign(grant, parsed, principal, now)
+
+    # --- 4: record ----------------------------------------------------------------------
+    def _commit(self, pairs: list[tuple[Grant, CertRecord]]) -> list[CertRecord]:
+        now = self.clock.now()
+        for grant, _rec in pairs:
+            if grant.dtype is not None:
+                self.store.upsert_device(grant.device_id, grant.dtype, now=now)
+        records = [rec for _g, rec in pairs]
+        # serials are 159 random bits; the store's unique (issuer, serial) refuses a collision
+        # across workers outright (SerialCollisionError), so no serial is ever issued twice
+        self.store.add_certificates(records)
+        for grant, rec in pairs:
+            if grant.supersedes is not None:
+                issuer, serial = grant.supersedes
+                self.store.update_certificate_status(
+                    issuer, serial, status="superseded", at=now, superseded_by=rec.serial
+                )
+        return records
+
+    # --- operations ---------------------------------------------------------------------
+    def issue(self, token: bytes) -> msg.IssuedCertificate:
+        _env, principal = self.authenticate(token, OP_ISSUE)
+        item = msg.decode(_env.body, msg.IssueItem)
+        pair = self.prepare(principal, item, "issue")
+        (rec,) = self._commit([pair])
+        return issued(rec)
+
+    def issue_batch(self, token: bytes) -> msg.BatchIssueResponse:
+        env, principal = self.authenticate(token, OP_ISSUE_BATCH)
+        req = msg.decode(env.body, msg.BatchIssueRequest)
+        msg.check_batch(req, self.settings.max_batch)
+        results: list[msg.ItemResult | None] = [None] * len(req.items)
+        pending: list[tuple[int, Grant, CertRecord]] = []
+        seen: set[str] = set()
+        for i, item in enumerate(req.items):
+            try:
+                if item.device_id in seen:
+                    raise BadRequestError(
+                        f"device {item.device_id} appears twice in this batch", device_id=item.device_id
+                    )
+                seen.add(item.device_id)
+                grant, rec = self.prepare(principal, item, "issue")
+                pending.append((i, grant, rec))
+            except RejectedError as exc:
+                results[i] = msg.ItemResult(device_id=item.device_id, error=_error_info(exc))
+        if pending:
+            records = self._commit([(g, r) for _i, g, r in pending])
+            for (i, _g, _r), rec in zip(pending, records, strict=True):
+                results[i] = msg.ItemResult(device_id=req.items[i].device_id, certificate=issued(rec))
+        return msg.BatchIssueResponse(results=[r for r in results if r is not None])
+
+    def renew(self, token: bytes) -> msg.IssuedCertificate:
+        env, principal = self.authenticate(token, OP_RENEW)
+        if not isinstance(principal, DevicePrincipal):
+            raise BadRequestError("renewal requests are signed by the device with its current certificate")
+        req = msg.decode(env.body, msg.RenewRequest)
+        item = msg.IssueItem(device_id=principal.device_id, profile="operational", csr=req.csr)
+        pair = self.prepare(principal, item, "renew")
+        (rec,) = self._commit([pair])
+        return issued(rec)
+
+    def chain(self) -> msg.ChainResponse:
+        root = next(iter(self.cas.values())).root
+        return msg.ChainResponse(
+            root=der(root), chains={name: [der(c) for c in ca.chain] for name, ca in self.cas.items()}
+        )
+
+    def get(self, req: msg.GetRequest) -> msg.CertificateInfo:
+        try:
+            serial = int(req.serial, 16)
+        except ValueError:
+            raise BadRequestError(f"serial {req.serial!r} is not hexadecimal", field="serial") from None
+        recs = (
+            [r for r in [self.store.get_certificate(req.issuer, serial)] if r]
+            if req.issuer
+            else self.store.find_by_serial(serial)
+        )
+        if not recs:
+            raise NotFoundError(f"no certificate with serial {req.serial}", field="serial")
+        return info(recs[0])
+
+
+def _public_key(cert: x509.Certificate) -> PublicKey:
+    from iotdlm.pki.keys import check_public_key
+
+    return check_public_key(cert.public_key())
+
+
+def _check_requested_name(subject: x509.Name | None, device_id: str) -> None:
+    """A CSR/CRMF may name the device in its CN; if it does, it must be the device asked for."""
+    if subject is None:
+        return
+    cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if cns and cns[0].value != device_id:
+        raise BadRequestError(
+            f"the request's subject CN {cns[0].value!r} does not match device id {device_id!r}",
+            field="subject",
+            device_id=device_id,
+        )
+
+
+def _record(
+    cert: x509.Certificate, issuer: str, profile: str, device_id: str | None, requested_by: str, now: dt.datetime
+) -> CertRecord:
+    raw = der(cert)
+    return CertRecord(
+        serial=cert.serial_number,
+        issuer=issuer,
+        subject=cert.subject.rfc4514_string(),
+        device_id=device_id,
+        profile=profile,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        status="valid",
+        der=raw,
+        fingerprint=hashlib.sha256(raw).hexdigest(),
+        requested_by=requested_by,
+        created_at=now,
+    )
+
+
+def record_for(
+    cert: x509.Certificate, issuer: str, profile: str, device_id: str | None, requested_by: str, now: dt.datetime
+) -> CertRecord:
+    return _record(cert, issuer, profile, device_id, requested_by, now)
+
+
+def issued(rec: CertRecord) -> msg.IssuedCertificate:
+    return msg.IssuedCertificate(
+        serial=format(rec.serial, "x"),
+        issuer=rec.issuer,
+        profile=rec.profile,
+        device_id=rec.device_id,
+        not_after=rec.not_after.isoformat(),
+        certificate=rec.der,
+    )
+
+
+def info(rec: CertRecord) -> msg.CertificateInfo:
+    return msg.CertificateInfo(
+        serial=format(rec.serial, "x"),
+        issuer=rec.issuer,
+        subject=rec.subject,
+        device_id=rec.device_id,
+        profile=rec.profile,
+        status=rec.status,
+        not_before=rec.not_before.isoformat(),
+        not_after=rec.not_after.isoformat(),
+        certificate=rec.der,
+        revoked_at=rec.revoked_at.isoformat() if rec.revoked_at else None,
+        revocation_reason=rec.revocation_reason,
+    )
+
+
+def _error_info(exc: IotdlmError) -> msg.ErrorInfo:
+    return msg.ErrorInfo(code=exc.code, message=exc.message, field=exc.field)

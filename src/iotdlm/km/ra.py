@@ -1,0 +1,171 @@
+"""Registration authority: who may ask for which certificate. Deny by default.
+
+Rules (each is a small function; the first that matches decides, none matching is a refusal):
+
+1. **pm provisioning** -- a pm (its service certificate names its dtype) may request a *factory*
+   or *operational* certificate for a device of its own dtype, with CSR/CRMF signature POP or with
+   CRMF ``raVerified`` (pm vouches that it holds the device: the paper's Fig. 5). Req.4: "the CA
+   shall issue certificates for devices only through an authorized entity".
+2. **device renewal** -- a device holding a valid, current *operational* certificate may re-key
+   it for itself (new key, signature POP only).
+3. **operator** -- the admin identity (operator tools) may request any profile, signature POP
+   only (a raVerified stamp is pm's alone).
+
+Authorizing returns a :class:`Grant`: the constraints the CA applies (profile, device id, dtype,
+validity cap). The CA never takes subject or extensions from the request itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from iotdlm.errors import ConflictError, NotAuthorizedError
+from iotdlm.pki.profiles import DEVICE_PROFILES
+
+Pop = Literal["signature", "ra_verified"]
+Operation = Literal["issue", "renew"]
+
+
+@dataclass(frozen=True)
+class ModulePrincipal:
+    module: str  # km, pm, sm, cm, admin
+    dtype: str | None
+    fingerprint: str
+
+    def describe(self) -> str:
+        return f"{self.module}[{self.dtype}]" if self.dtype else self.module
+
+
+@dataclass(frozen=True)
+class DevicePrincipal:
+    device_id: str
+    profile: str  # profile of the certificate it authenticated with
+    status: str  # status of that certificate in the store
+    serial: int
+    issuer: str
+    fingerprint: str
+
+    def describe(self) -> str:
+        return f"device {self.device_id}"
+
+
+Principal = ModulePrincipal | DevicePrincipal
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What the store knows of the target device (None fields: not registered yet)."""
+
+    dtype: str | None
+    status: str | None  # active, retired
+
+
+@dataclass(frozen=True)
+class CertRequestFacts:
+    operation: Operation
+    profile: str
+    device_id: str
+    pop: Pop
+    device: DeviceState
+
+
+@dataclass(frozen=True)
+class Grant:
+    profile: str
+    device_id: str
+    dtype: str | None
+    validity: dt.timedelta | None
+    rule: str
+    #: the certificate this request replaces (renewal): (issuer, serial)
+    supersedes: tuple[str, int] | None = None
+
+
+Rule = Callable[[Principal, CertRequestFacts], Grant | None]
+
+
+def _check_device_usable(facts: CertRequestFacts) -> None:
+    if facts.device.status == "retired":
+        raise ConflictError(
+            f"device {facts.device_id} is decommissioned; it cannot obtain certificates",
+            device_id=facts.device_id,
+        )
+
+
+def rule_pm_provisioning(p: Principal, f: CertRequestFacts) -> Grant | None:
+    if not isinstance(p, ModulePrincipal) or p.module != "pm" or f.operation != "issue":
+        return None
+    if p.dtype is None:
+        raise NotAuthorizedError("this pm certificate names no dtype; pm identities are per device type")
+    if f.profile not in DEVICE_PROFILES:
+        raise NotAuthorizedError(
+            f"pm may request only {', '.join(DEVICE_PROFILES)} certificates, not {f.profile!r}", field="profile"
+        )
+    if f.device.dtype is not None and f.device.dtype != p.dtype:
+        raise NotAuthorizedError(
+            f"device {f.device_id} is of dtype {f.device.dtype}; pm[{p.dtype}] may not request for it",
+            device_id=f.device_id,
+        )
+    _check_device_usable(f)
+    return Grant(profile=f.profile, device_id=f.device_id, dtype=p.dtype, validity=None, rule="pm-provisioning")
+
+
+def rule_device_renewal(p: Principal, f: CertRequestFacts) -> Grant | None:
+    if not isinstance(p, DevicePrincipal) or f.operation != "renew":
+        return None
+    if f.pop != "signature":
+        raise NotAuthorizedError("a device must prove possession of its new key by signing the request")
+    if p.profile != "operational":
+        raise NotAuthorizedError(
+            f"only an operational certificate can be renewed by its holder (this one is {p.profile})"
+        )
+    if p.status != "valid":
+        raise NotAuthorizedError(f"the current certificate of device {p.device_id} is {p.status}; it cannot renew")
+    if f.device_id != p.device_id:
+        raise NotAuthorizedError(f"device {p.device_id} may renew only its own certificate", device_id=f.device_id)
+    _check_device_usable(f)
+    return Grant(
+        profile="operational",
+        device_id=p.device_id,
+        dtype=f.device.dtype,
+        validity=None,
+        rule="device-renewal",
+        supersedes=(p.issuer, p.serial),
+    )
+
+
+def rule_operator(p: Principal, f: CertRequestFacts) -> Grant | None:
+    if not isinstance(p, ModulePrincipal) or p.module != "admin" or f.operation != "issue":
+        return None
+    if f.pop != "signature":
+        raise NotAuthorizedError("raVerified proof of possession is accepted only in requests signed by pm")
+    _check_device_usable(f)
+    return Grant(profile=f.profile, device_id=f.device_id, dtype=f.device.dtype, validity=None, rule="operator")
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (rule_pm_provisioning, rule_device_renewal, rule_operator)
+
+
+class Authorizer:
+    def __init__(self, rules: tuple[Rule, ...] = DEFAULT_RULES) -> None:
+        self._rules = rules
+
+    def authorize(self, principal: Principal, facts: CertRequestFacts) -> Grant:
+        """Return the grant of the first rule that allows the request; raise NotAuthorizedError otherwise."""
+        if facts.pop == "ra_verified" and not (isinstance(principal, ModulePrincipal) and principal.module == "pm"):
+            raise NotAuthorizedError(
+                f"raVerified proof of possession is accepted only in requests signed by pm, not by "
+                f"{principal.describe()}",
+                device_id=facts.device_id,
+            )
+        for rule in self._rules:
+            grant = rule(principal, facts)
+            if grant is not None:
+                return grant
+        raise NotAuthorizedError(
+            f"{principal.describe()} may not {facts.operation} a {facts.profile} certificate for "
+            f"device {facts.device_id}",
+            device_id=facts.device_id,
+        )

@@ -1,0 +1,203 @@
+"""Building CA certificates and issuing end-entity certificates (pure: no I/O).
+
+RFC 5280 points we hold to: positive random serials of at most 20 octets (159 random bits here,
+well over the 64 bits required), SKI on every certificate and AKI on every non-root one, critical
+basicConstraints and keyUsage on CAs, UTCTime up to 2049 and GeneralizedTime after (cryptography
+chooses the encoding by date), and no end-entity certificate outliving its issuer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from iotdlm.pki.keys import PublicKey, Signer
+from iotdlm.pki.profiles import Profile, key_usage_for_rsa
+
+#: how far back a new certificate's notBefore is set, for devices whose clocks lag
+BACKDATE = dt.timedelta(minutes=1)
+
+
+def ca_name(common_name: str, organization: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _ca_extensions(
+    builder: x509.CertificateBuilder, public_key: PublicKey, path_length: int | None
+) -> x509.CertificateBuilder:
+    return (
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def make_root(signer: Signer, subject: x509.Name, *, now: dt.datetime, validity: dt.timedelta) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(signer.public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + validity)
+    )
+    builder = _ca_extensions(builder, signer.public_key, path_length=1)
+    return signer.sign_certificate(builder)
+
+
+def make_intermediate(
+    parent_signer: Signer,
+    parent_cert: x509.Certificate,
+    public_key: PublicKey,
+    subject: x509.Name,
+    *,
+    now: dt.datetime,
+    validity: dt.timedelta,
+) -> x509.Certificate:
+    not_after = min(now + validity, parent_cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(parent_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_signer.public_key), critical=False)
+    )
+    builder = _ca_extensions(builder, public_key, path_length=0)
+    return parent_signer.sign_certificate(builder)
+
+
+@dataclass(frozen=True)
+class PublicUrls:
+    """Where relying parties fetch revocation data (AIA OCSP, CRL distribution points)."""
+
+    base: str  # e.g. "http://127.0.0.1:8080" -- cm serves these paths
+
+    def ocsp(self) -> str:
+        return f"{self.base.rstrip('/')}/ocsp"
+
+    def crl(self, issuer: str) -> str:
+        return f"{self.base.rstrip('/')}/crl/{issuer}.crl"
+
+
+@dataclass
+class IssuingCA:
+    """An issuing CA: its certificate, its signer and the chain up to (and including) the root."""
+
+    name: str
+    certificate: x509.Certificate
+    signer: Signer
+    chain: tuple[x509.Certificate, ...]  # [this CA, ..., root]
+    _aki: x509.AuthorityKeyIdentifier = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.chain[-1]
+
+    def issue(
+        self,
+        profile: Profile,
+        public_key: PublicKey,
+        subject: x509.Name,
+        *,
+        now: dt.datetime,
+        serial: int,
+        uris: Sequence[str] = (),
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[object] = (),
+        urls: PublicUrls | None = None,
+        validity: dt.timedelta | None = None,
+    ) -> x509.Certificate:
+        """Sign an end-entity certificate for ``public_key`` under ``profile``.
+
+        Validity is the profile's (or the shorter ``validity`` an authorizer chose), cut at the
+        issuer's own notAfter.
+        """
+        if profile.issuer != self.name:
+            raise ValueError(f"profile {profile.name} is issued by {profile.issuer}, not {self.name}")
+        life = profile.validity if validity is None else min(validity, profile.validity)
+        not_after = min(now + life, self.certificate.not_valid_after_utc)
+        ku = key_usage_for_rsa(profile.key_usage, isinstance(public_key, rsa.RSAPublicKey))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(serial)
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(ku.extension(), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(list(profile.eku)), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(self._aki, critical=False)
+            .add_extension(x509.CertificatePolicies([x509.PolicyInformation(profile.policy_oid, None)]), critical=False)
+        )
+        general_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+        general_names += [x509.DNSName(d) for d in dns_names]
+        general_names += [x509.IPAddress(ip) for ip in ip_addresses]  # type: ignore[arg-type]
+        if general_names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+        if urls is not None and profile.with_revocation_pointers:
+            builder = builder.add_extension(
+                x509.AuthorityInformationAccess(
+                    [
+                        x509.AccessDescription(
+                            x509.AuthorityInformationAccessOID.OCSP,
+                            x509.UniformResourceIdentifier(urls.ocsp()),
+                        )
+                    ]
+                ),
+                critical=False,
+            ).add_extension(
+                x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            full_name=[x509.UniformResourceIdentifier(urls.crl(self.name))],
+                            relative_name=None,
+                            reasons=None,
+                            crl_issuer=None,
+                        )
+                    ]
+                ),
+                critical=False,
+            )
+        if profile.ocsp_no_check:
+            builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
+        return self.signer.sign_certificate(builder)

@@ -1,0 +1,190 @@
+"""The signed request envelope: every request that creates or revokes a certificate is signed by
+the module (or device) that sends it -- the paper's "km and pm sign messages between them".
+
+Format: a JWS in compact serialisation (RFC 7515, via joserfc). The protected header carries
+``alg`` and ``x5c`` (the signer's certificate, RFC 7515 4.1.6), so km can check *who* signed before
+it checks *what* was signed. The payload is JSON::
+
+    {"op": "<operation>", "aud": "<receiving module>", "iat": <unix seconds>,
+     "nonce": "<random, base64url>", "body": {...operation fields...}}
+
+``op`` and ``aud`` bind the signature to one operation at one receiver, ``iat`` + ``nonce`` let
+the receiver refuse replays (a time window plus a store of nonces seen within it).
+
+Verification order (house style: verify the bytes received, then decode):
+  1. :func:`peek_signer` -- bounded parse of the header, returns the x5c certificate (untrusted);
+  2. the caller checks that certificate (chain, role, status);
+  3. :func:`verify` -- checks the JWS signature with that certificate's key, then decodes the
+     payload and checks op, aud and the time window. The nonce store is the caller's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from joserfc import jws
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from iotdlm.errors import BadRequestError, BadSignatureError, ReplayError, TooLargeError, UnsupportedError
+from iotdlm.pki.keys import Algorithm, PrivateKey, PublicKey, algorithm_of
+
+MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+#: accepted clock skew between sender and receiver, both directions
+DEFAULT_WINDOW = dt.timedelta(minutes=5)
+
+JWS_ALG: dict[Algorithm, str] = {
+    Algorithm.P256: "ES256",
+    Algorithm.P384: "ES384",
+    Algorithm.ED25519: "Ed25519",
+    Algorithm.RSA3072: "RS256",
+}
+ALLOWED_ALGS = sorted(JWS_ALG.values())
+
+JoseKey = ECKey | OKPKey | RSAKey
+
+
+def jose_key(key: PrivateKey | PublicKey) -> JoseKey:
+    """joserfc key object for a cryptography key (cache it: import is not free)."""
+    alg = algorithm_of(key)
+    if alg is Algorithm.ED25519:
+        return OKPKey.import_key(key)  # type: ignore[arg-type]
+    if alg is Algorithm.RSA3072:
+        return RSAKey.import_key(key)  # type: ignore[arg-type]
+    return ECKey.import_key(key)  # type: ignore[arg-type]
+
+
+class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    op: str
+    aud: str
+    iat: float
+    nonce: str
+    body: msgspec.Raw
+
+
+_payload_decoder = msgspec.json.Decoder(_Payload)
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    op: str
+    aud: str
+    iat: dt.datetime
+    nonce: str
+    body: bytes  # raw JSON of the operation fields, decode with the operation's schema
+    signer: x509.Certificate
+
+
+class Sealer:
+    """Signs envelopes as one principal (a module or a device)."""
+
+    def __init__(self, key: PrivateKey, certificate: x509.Certificate) -> None:
+        self._alg = JWS_ALG[algorithm_of(key)]
+        self._key = jose_key(key)
+        self._x5c = base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()
+        self.certificate = certificate
+
+    def seal(self, op: str, body: Any, *, aud: str, now: dt.datetime, nonce: str | None = None) -> bytes:
+        payload = _encoder.encode(
+            {
+                "op": op,
+                "aud": aud,
+                "iat": now.timestamp(),
+                "nonce": nonce if nonce is not None else secrets.token_urlsafe(18),
+                "body": body,
+            }
+        )
+        token = jws.serialize_compact(
+            {"alg": self._alg, "x5c": [self._x5c]}, payload, self._key, algorithms=[self._alg]
+        )
+        return token.encode("ascii")
+
+
+def _b64url(part: bytes) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequestError("envelope is not valid base64url") from exc
+
+
+class _Header(msgspec.Struct, frozen=True):
+    alg: str
+    x5c: list[str]
+
+
+_header_decoder = msgspec.json.Decoder(_Header)
+
+
+def peek_signer(token: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> tuple[str, bytes]:
+    """(alg, DER of the x5c leaf) from the protected header, WITHOUT verifying anything yet."""
+    if len(token) > max_bytes:
+        raise TooLargeError(f"request of {len(token)} bytes exceeds the limit of {max_bytes}")
+    parts = token.split(b".")
+    if len(parts) != 3:
+        raise BadRequestError("request is not a JWS in compact serialisation (expected 3 dot-separated parts)")
+    try:
+        header = _header_decoder.decode(_b64url(parts[0]))
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"JWS protected header is not valid: {exc}") from exc
+    if header.alg not in ALLOWED_ALGS:
+        raise UnsupportedError(f"JWS algorithm {header.alg!r} is not accepted; use one of {ALLOWED_ALGS}")
+    if not header.x5c:
+        raise BadRequestError("JWS header has an empty x5c: the signer's certificate is required")
+    try:
+        leaf = base64.b64decode(header.x5c[0], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequestError("JWS x5c is not valid base64") from exc
+    return header.alg, leaf
+
+
+def verify(
+    token: bytes,
+    signer: x509.Certificate,
+    signer_key: JoseKey,
+    *,
+    alg: str,
+    op: str | Sequence[str],
+    aud: str,
+    now: dt.datetime,
+    window: dt.timedelta = DEFAULT_WINDOW,
+) -> Envelope:
+    """Check the JWS signature with the (already trusted) signer key, then op, aud and time window."""
+    try:
+        obj = jws.deserialize_compact(token, signer_key, algorithms=[alg])
+    except JoseError as exc:
+        raise BadSignatureError(f"request signature does not verify: {exc.description or exc}") from exc
+    except ValueError as exc:
+        raise BadRequestError(f"request is not a valid JWS: {exc}") from exc
+    try:
+        payload = _payload_decoder.decode(obj.payload)
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"request payload is not valid: {exc}") from exc
+    ops = (op,) if isinstance(op, str) else tuple(op)
+    if payload.op not in ops:
+        raise BadRequestError(f"request is for operation {payload.op!r}, expected {' or '.join(ops)}", field="op")
+    if payload.aud != aud:
+        raise BadRequestError(f"request is addressed to {payload.aud!r}, not {aud!r}", field="aud")
+    try:
+        iat = dt.datetime.fromtimestamp(payload.iat, dt.UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise BadRequestError("request iat is not a valid time", field="iat") from exc
+    if abs(now - iat) > window:
+        raise ReplayError(
+            f"request time {iat.isoformat()} is outside the accepted window of {window} around {now.isoformat()}",
+            field="iat",
+        )
+    if not (8 <= len(payload.nonce) <= 128):
+        raise BadRequestError("request nonce must be 8 to 128 characters", field="nonce")
+    return Envelope(
+        op=payload.op, aud=payload.aud, iat=iat, nonce=payload.nonce, body=bytes(payload.body), signer=signer
+    )

@@ -1,0 +1,117 @@
+"""Messages of km's NATS API (the paper's createCertificate, over JSON).
+
+Binary fields (DER) are ``bytes``: msgspec carries them as base64 strings in JSON.
+Every message is a frozen struct; :func:`decode` validates on the way in and turns any schema
+problem into a BadRequestError that names what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from iotdlm.errors import BadRequestError, TooLargeError
+
+#: operation names inside signed envelopes (bound by the signature) and the audience
+OP_ISSUE = "km.issue"
+OP_ISSUE_BATCH = "km.issue_batch"
+OP_RENEW = "km.renew"
+AUDIENCE = "km"
+
+#: most items one batch request may carry (a provisioning line sends many at once)
+MAX_BATCH = 1000
+
+
+class IssueItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One certificate request: exactly one of ``csr`` (PKCS#10 DER) or ``crmf`` (CertReqMessages DER)."""
+
+    device_id: str
+    profile: str
+    csr: bytes | None = None
+    crmf: bytes | None = None
+
+
+class BatchIssueRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    items: list[IssueItem]
+
+
+class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A device re-keys its own operational certificate: a CSR for the new key (signed by it)."""
+
+    csr: bytes
+
+
+class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    serial: str  # hex
+    issuer: str | None = None
+
+
+class IssuedCertificate(msgspec.Struct, frozen=True):
+    serial: str  # lowercase hex
+    issuer: str
+    profile: str
+    device_id: str | None
+    not_after: str  # ISO 8601
+    certificate: bytes  # DER
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ItemResult(msgspec.Struct, frozen=True):
+    device_id: str
+    certificate: IssuedCertificate | None = None
+    error: ErrorInfo | None = None
+
+
+class BatchIssueResponse(msgspec.Struct, frozen=True):
+    results: list[ItemResult]
+
+
+class ChainResponse(msgspec.Struct, frozen=True):
+    """Each issuing CA's chain, leaf CA first, root last (DER)."""
+
+    root: bytes
+    chains: dict[str, list[bytes]]
+
+
+class CertificateInfo(msgspec.Struct, frozen=True):
+    serial: str
+    issuer: str
+    subject: str
+    device_id: str | None
+    profile: str
+    status: str
+    not_before: str
+    not_after: str
+    certificate: bytes
+    revoked_at: str | None = None
+    revocation_reason: str | None = None
+
+
+_T = TypeVar("_T")
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode(data: bytes, cls: type[_T], *, what: str = "request") -> _T:
+    try:
+        return msgspec.json.decode(data, type=cls)
+    except msgspec.ValidationError as exc:
+        raise BadRequestError(f"{what} is not valid: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def check_batch(req: BatchIssueRequest, max_items: int = MAX_BATCH) -> None:
+    if not req.items:
+        raise BadRequestError("batch request has no items", field="items")
+    if len(req.items) > max_items:
+        raise TooLargeError(f"batch of {len(req.items)} items exceeds the limit of {max_items}", field="items")

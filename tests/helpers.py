@@ -1,0 +1,83 @@
+"""Test helpers: an in-memory CA hierarchy and module identities, built with iotdlm.pki itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from iotdlm.pki import ca as pki_ca
+from iotdlm.pki.keys import Algorithm, KeySigner, PrivateKey, generate_key, hash_for
+from iotdlm.pki.names import module_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES
+from iotdlm.wire.envelope import Sealer
+
+NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
+ORG = "Test Factory"
+
+
+@dataclass
+class Identity:
+    name: str
+    key: PrivateKey
+    cert: x509.Certificate
+    sealer: Sealer
+
+
+@dataclass
+class Pki:
+    root: x509.Certificate
+    cas: dict[str, pki_ca.IssuingCA]
+    identities: dict[str, Identity] = field(default_factory=dict)
+
+    def module(self, module: str, dtype: str | None = None, *, now: dt.datetime = NOW) -> Identity:
+        name = f"{module}-{dtype}" if dtype else module
+        if name not in self.identities:
+            key = generate_key(Algorithm.P256)
+            cert = self.cas["service"].issue(
+                DEFAULT_PROFILES["service"],
+                key.public_key(),
+                pki_ca.ca_name(name, ORG),
+                now=now,
+                serial=x509.random_serial_number(),
+                uris=[module_uri(module, dtype)],
+                ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+            )
+            self.identities[name] = Identity(name, key, cert, Sealer(key, cert))
+        return self.identities[name]
+
+
+def make_pki(alg: Algorithm = Algorithm.P256, *, now: dt.datetime = NOW) -> Pki:
+    root_key = generate_key(alg)
+    root_signer = KeySigner(root_key)
+    root = pki_ca.make_root(root_signer, pki_ca.ca_name("Test Root CA", ORG), now=now, validity=dt.timedelta(days=3650))
+    cas = {}
+    for name in ("factory", "operational", "service"):
+        key = generate_key(alg)
+        cert = pki_ca.make_intermediate(
+            root_signer,
+            root,
+            key.public_key(),
+            pki_ca.ca_name(f"Test {name} CA", ORG),
+            now=now,
+            validity=dt.timedelta(days=3000),
+        )
+        cas[name] = pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root))
+    return Pki(root=root, cas=cas)
+
+
+def make_csr(key: PrivateKey, cn: str | None) -> bytes:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attrs)).sign(key, hash_for(key))
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+__all__ = ["NOW", "ORG", "Identity", "Pki", "hashes", "make_csr", "make_pki", "pem"]
