@@ -45,8 +45,11 @@ def test_ca_certificates_have_rfc5280_ca_extensions(pki_and_alg) -> None:
     for cert in [pki.root, *(c.certificate for c in pki.cas.values())]:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
-        assert bc.critical and bc.value.ca
-        assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
+        assert bc.critical
+        assert bc.value.ca
+        assert ku.critical
+        assert ku.value.key_cert_sign
+        assert ku.value.crl_sign
         cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         assert cert.serial_number > 0
     for ca in pki.cas.values():

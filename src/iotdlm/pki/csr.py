@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm.errors import BadRequestError, BadSignatureError, TooLargeError, UnsupportedError
@@ -45,11 +46,11 @@ def parse_csr(data: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> CsrRequest:
         public_key = check_public_key(csr.public_key())
     except UnsupportedError:
         raise
-    except ValueError as exc:  # unsupported curve etc. surfaces as ValueError from cryptography
+    except (ValueError, UnsupportedAlgorithm) as exc:  # unknown key type, bad curve point
         raise UnsupportedError(f"CSR public key is not supported: {exc}", field="csr") from exc
     try:
         valid = csr.is_signature_valid
-    except Exception as exc:  # cryptography raises UnsupportedAlgorithm for exotic signature algorithms
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise UnsupportedError(f"CSR signature algorithm is not supported: {exc}", field="csr") from exc
     if not valid:
         raise BadSignatureError("CSR signature does not verify (no proof of possession)", field="csr")

@@ -53,6 +53,20 @@ ALLOWED_ALGS = sorted(JWS_ALG.values())
 JoseKey = ECKey | OKPKey | RSAKey
 
 
+def _registry(alg: str) -> jws.JWSRegistry:
+    """A joserfc registry for one algorithm, sized for our envelopes (x5c makes headers large)."""
+    reg = _REGISTRIES.get(alg)
+    if reg is None:
+        reg = jws.JWSRegistry(algorithms=[alg])
+        reg.max_header_length = 16 * 1024
+        reg.max_payload_length = MAX_ENVELOPE_BYTES
+        _REGISTRIES[alg] = reg
+    return reg
+
+
+_REGISTRIES: dict[str, jws.JWSRegistry] = {}
+
+
 def jose_key(key: PrivateKey | PublicKey) -> JoseKey:
     """joserfc key object for a cryptography key (cache it: import is not free)."""
     alg = algorithm_of(key)
@@ -105,7 +119,7 @@ class Sealer:
             }
         )
         token = jws.serialize_compact(
-            {"alg": self._alg, "x5c": [self._x5c]}, payload, self._key, algorithms=[self._alg]
+            {"alg": self._alg, "x5c": [self._x5c]}, payload, self._key, registry=_registry(self._alg)
         )
         return token.encode("ascii")
 
@@ -134,7 +148,7 @@ def peek_signer(token: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> tuple[s
         raise BadRequestError("request is not a JWS in compact serialisation (expected 3 dot-separated parts)")
     try:
         header = _header_decoder.decode(_b64url(parts[0]))
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"JWS protected header is not valid: {exc}") from exc
     if header.alg not in ALLOWED_ALGS:
         raise UnsupportedError(f"JWS algorithm {header.alg!r} is not accepted; use one of {ALLOWED_ALGS}")
@@ -160,10 +174,10 @@ def verify(
 ) -> Envelope:
     """Check the JWS signature with the (already trusted) signer key, then op, aud and time window."""
     try:
-        obj = jws.deserialize_compact(token, signer_key, algorithms=[alg])
+        obj = jws.deserialize_compact(token, signer_key, registry=_registry(alg))
     except JoseError as exc:
         raise BadSignatureError(f"request signature does not verify: {exc.description or exc}") from exc
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"request is not a valid JWS: {exc}") from exc
     try:
         payload = _payload_decoder.decode(obj.payload)
