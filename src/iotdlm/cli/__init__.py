@@ -1,1 +1,1 @@
-"""iotdlm.cli"""
+"""The ``iotdlm`` command line."""

@@ -231,7 +231,7 @@ class Km:
         return grant, self._sign(grant, parsed, principal, now)
 
     # --- 4: record ----------------------------------------------------------------------
-    def _commit(self, pairs: list[tuple[Grant, CertRecord]]) -> list[CertRecord]:
+    def commit(self, pairs: list[tuple[Grant, CertRecord]]) -> list[CertRecord]:
         now = self.clock.now()
         for grant, _rec in pairs:
             if grant.dtype is not None:
@@ -253,7 +253,7 @@ class Km:
         _env, principal = self.authenticate(token, OP_ISSUE)
         item = msg.decode(_env.body, msg.IssueItem)
         pair = self.prepare(principal, item, "issue")
-        (rec,) = self._commit([pair])
+        (rec,) = self.commit([pair])
         return issued(rec)
 
     def issue_batch(self, token: bytes) -> msg.BatchIssueResponse:
@@ -275,7 +275,7 @@ class Km:
             except RejectedError as exc:
                 results[i] = msg.ItemResult(device_id=item.device_id, error=_error_info(exc))
         if pending:
-            records = self._commit([(g, r) for _i, g, r in pending])
+            records = self.commit([(g, r) for _i, g, r in pending])
             for (i, _g, _r), rec in zip(pending, records, strict=True):
                 results[i] = msg.ItemResult(device_id=req.items[i].device_id, certificate=issued(rec))
         return msg.BatchIssueResponse(results=[r for r in results if r is not None])
@@ -287,7 +287,7 @@ class Km:
         req = msg.decode(env.body, msg.RenewRequest)
         item = msg.IssueItem(device_id=principal.device_id, profile="operational", csr=req.csr)
         pair = self.prepare(principal, item, "renew")
-        (rec,) = self._commit([pair])
+        (rec,) = self.commit([pair])
         return issued(rec)
 
     def chain(self) -> msg.ChainResponse:

@@ -1,0 +1,387 @@
+"""``iotdlm``: set up a deployment, run its services, operate its CA."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from iotdlm import __version__
+from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.clock import SystemClock
+from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
+from iotdlm.errors import BadRequestError, IotdlmError, NotFoundError
+from iotdlm.km.ra import ModulePrincipal
+from iotdlm.pki.chain import certs_to_pem, load_certificate
+from iotdlm.pki.keys import Algorithm
+from iotdlm.wire import km as msg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="iotdlm")
+@click.option("-v", "--verbose", is_flag=True, help="Log more (to stderr).")
+def main(verbose: bool) -> None:
+    """iotdlm: device-lifecycle security for IoT and industrial fleets.
+
+    Start with `iotdlm demo`, or `iotdlm init --data DIR` for a deployment of your own.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
+# --- init -------------------------------------------------------------------------------------
+@main.command()
+@data_option
+@click.option("--organization", default="iotdlm", show_default=True, help="Organization (O=) in every name.")
+@click.option(
+    "--algorithm",
+    type=click.Choice([a.value for a in Algorithm]),
+    default=Algorithm.P256.value,
+    show_default=True,
+    help="Key algorithm of the CAs and module identities.",
+)
+@click.option("--dtype", "dtypes", multiple=True, help="A device type to provision (one pm identity each). Repeatable.")
+@click.option(
+    "--public-url",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="Base URL where cm serves OCSP and CRLs (written into certificates).",
+)
+@click.option("--database-url", default=None, help="SQLAlchemy URL; default: SQLite under the data folder.")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help=f"File holding the CA key passphrase (else ${PASSPHRASE_ENV}, else one is generated).",
+)
+@click.option("--nats-port", type=int, default=14222, show_default=True, help="Port of the embedded NATS server.")
+@handle_errors
+def init(
+    data: Path,
+    organization: str,
+    algorithm: str,
+    dtypes: tuple[str, ...],
+    public_url: str,
+    database_url: str | None,
+    passphrase_file: Path | None,
+    nats_port: int,
+) -> None:
+    """Create a deployment: root and issuing CAs, module identities, NATS credentials."""
+    import os
+
+    passphrase: bytes | None = None
+    if passphrase_file is not None:
+        passphrase = passphrase_file.read_bytes().strip()
+    elif os.environ.get(PASSPHRASE_ENV):
+        passphrase = os.environ[PASSPHRASE_ENV].encode()
+    clock = SystemClock()
+    with console.status("creating deployment") as status:
+        dep, _cas = init_deployment(
+            data,
+            organization=organization,
+            algorithm=Algorithm(algorithm),
+            dtypes=list(dtypes),
+            public_url=public_url,
+            passphrase=passphrase,
+            database_url=database_url,
+            nats_port=nats_port,
+            now=clock.now(),
+            progress=lambda m: status.update(f"creating {m}"),
+        )
+        from iotdlm.runtime import open_store, record_identities
+
+        status.update("creating database")
+        store = open_store(dep)
+        record_identities(dep, store, clock.now())
+        store.close()
+    console.print(f"[green]deployment created[/green] in {data}")
+    table = Table("identity", "certificate subject", "expires")
+    for name in dep.identity_names():
+        ident = dep.identity(name)
+        table.add_row(
+            name, ident.certificate.subject.rfc4514_string(), ident.certificate.not_valid_after_utc.date().isoformat()
+        )
+    console.print(table)
+    if passphrase is None:
+        console.print(
+            f"[yellow]The CA passphrase was generated into {data / 'secrets' / 'ca-passphrase'}.[/yellow] "
+            f"Move it offline and supply it through ${PASSPHRASE_ENV} when starting km."
+        )
+    console.print(f"Next: `iotdlm nats serve --data {data}` and `iotdlm km serve --data {data}`.")
+
+
+# --- nats -------------------------------------------------------------------------------------
+@main.group()
+def nats() -> None:
+    """The embedded NATS server (loopback only, one user per module)."""
+
+
+@nats.command("serve")
+@data_option
+@handle_errors
+def nats_serve(data: Path) -> None:
+    """Run the deployment's embedded NATS server in the foreground until interrupted."""
+    from iotdlm.runtime import nats_server
+
+    dep = Deployment.load(data)
+    server = nats_server(dep)
+    server.start()
+    console.print(f"NATS listening on {server.url} (pid {server.pid}); Ctrl-C stops it")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        server.stop()
+
+
+# --- km ---------------------------------------------------------------------------------------
+@main.group()
+def km() -> None:
+    """km: certificate authority, registration authority and (later) validation authority."""
+
+
+async def _serve_km(dep: Deployment) -> None:
+    from iotdlm.km import KmService
+    from iotdlm.runtime import build_km, connect_identity, open_store
+
+    store = open_store(dep)
+    kmcore = build_km(dep, store, SystemClock())
+    bus, _ident = await connect_identity(dep, "km")
+    service = KmService(kmcore, bus)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console.print(f"km serving on {dep.nats_url}")
+    await stop.wait()
+    await service.stop()
+    await bus.drain()
+    store.close()
+
+
+@km.command("serve")
+@data_option
+@handle_errors
+def km_serve(data: Path) -> None:
+    """Run a km worker. Start several: they share the work through a NATS queue group."""
+    run(_serve_km(Deployment.load(data)))
+
+
+# --- ca ---------------------------------------------------------------------------------------
+@main.group()
+def ca() -> None:
+    """Operate the CA directly from the data folder (the operator's tools)."""
+
+
+@ca.command("issue")
+@data_option
+@click.option("--csr", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="PKCS#10 request (PEM/DER).")
+@click.option(
+    "--crmf", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="CRMF CertReqMessages (DER)."
+)
+@click.option(
+    "--csr-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Issue for every *.csr / *.pem in this folder; the device id is the file name without extension.",
+)
+@click.option("--profile", required=True, help="factory, operational, service or ocsp.")
+@click.option("--device-id", help="Device id (with --csr/--crmf).")
+@click.option("--dtype", help="Register the device as this device type.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Output PEM file (or folder with --csr-dir)."
+)
+@handle_errors
+def ca_issue(
+    data: Path,
+    csr: Path | None,
+    crmf: Path | None,
+    csr_dir: Path | None,
+    profile: str,
+    device_id: str | None,
+    dtype: str | None,
+    out: Path,
+) -> None:
+    """Issue certificates as the operator (RA rule `operator`: signature proof of possession only)."""
+    from iotdlm.runtime import build_km, open_store
+
+    if sum(x is not None for x in (csr, crmf, csr_dir)) != 1:
+        raise BadRequestError("give exactly one of --csr, --crmf or --csr-dir")
+    dep = Deployment.load(data)
+    store = open_store(dep)
+    kmcore = build_km(dep, store, SystemClock())
+    admin = dep.identity("admin")
+    from iotdlm.pki.ca import fingerprint
+
+    principal = ModulePrincipal("admin", None, fingerprint(admin.certificate))
+    jobs: list[tuple[str, msg.IssueItem]] = []
+    if csr_dir is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted([*csr_dir.glob("*.csr"), *csr_dir.glob("*.pem")]):
+            jobs.append((f.stem, msg.IssueItem(device_id=f.stem, profile=profile, csr=f.read_bytes())))
+    else:
+        if not device_id:
+            raise BadRequestError("--device-id is required with --csr or --crmf")
+        src = csr or crmf
+        assert src is not None
+        item = msg.IssueItem(
+            device_id=device_id,
+            profile=profile,
+            csr=src.read_bytes() if csr else None,
+            crmf=src.read_bytes() if crmf else None,
+        )
+        jobs.append((device_id, item))
+    table = Table("device", "serial", "not after", "file")
+    failures = 0
+    with _progress() as progress:
+        task = progress.add_task("issuing", total=len(jobs))
+        for dev, item in jobs:
+            try:
+                grant, rec = kmcore.prepare(principal, item, "issue")
+                if dtype:
+                    grant = dataclasses.replace(grant, dtype=dtype)
+                (rec,) = kmcore.commit([(grant, rec)])
+                target = out / f"{dev}.pem" if csr_dir is not None else out
+                target.write_bytes(certs_to_pem([load_certificate(rec.der)]))
+                table.add_row(dev, format(rec.serial, "x"), rec.not_after.isoformat(), str(target))
+            except IotdlmError as exc:
+                if csr_dir is None:
+                    raise
+                failures += 1
+                table.add_row(dev, f"[red]{exc.code}[/red]", exc.message, "")
+            progress.advance(task)
+    store.close()
+    console.print(table)
+    if failures:
+        raise SystemExit(4)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+
+
+@ca.command("list")
+@data_option
+@click.option("--device-id", help="Only this device's certificates.")
+@click.option("--profile", help="Only this profile.")
+@click.option("--status", type=click.Choice(["valid", "revoked", "superseded"]), help="Only this status.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True)
+@handle_errors
+def ca_list(
+    data: Path, device_id: str | None, profile: str | None, status: str | None, limit: int, offset: int
+) -> None:
+    """List issued certificates, newest first."""
+    from iotdlm.runtime import open_store
+
+    store = open_store(Deployment.load(data))
+    recs = store.list_certificates(device_id=device_id, profile=profile, status=status, limit=limit, offset=offset)
+    total = store.count_certificates(device_id=device_id, profile=profile, status=status)
+    store.close()
+    table = Table("serial", "issuer", "profile", "device", "status", "not after", "requested by")
+    for r in recs:
+        table.add_row(
+            format(r.serial, "x"),
+            r.issuer,
+            r.profile,
+            r.device_id or "-",
+            r.status,
+            r.not_after.date().isoformat(),
+            r.requested_by,
+        )
+    console.print(table)
+    console.print(f"{len(recs)} of {total} shown")
+
+
+@ca.command("show")
+@data_option
+@click.argument("serial")
+@click.option("--pem", "as_pem", is_flag=True, help="Print only the certificate in PEM.")
+@handle_errors
+def ca_show(data: Path, serial: str, as_pem: bool) -> None:
+    """Show one certificate by serial (hex)."""
+    from iotdlm.runtime import open_store
+
+    try:
+        value = int(serial, 16)
+    except ValueError:
+        raise BadRequestError(f"serial {serial!r} is not hexadecimal (copy it from `iotdlm ca list`)") from None
+    store = open_store(Deployment.load(data))
+    recs = store.find_by_serial(value)
+    store.close()
+    if not recs:
+        raise NotFoundError(f"no certificate with serial {serial}")
+    rec = recs[0]
+    pem = certs_to_pem([load_certificate(rec.der)]).decode()
+    if as_pem:
+        click.echo(pem, nl=False)
+        return
+    table = Table(show_header=False)
+    for k, v in [
+        ("serial", format(rec.serial, "x")),
+        ("issuer CA", rec.issuer),
+        ("subject", rec.subject),
+        ("device", rec.device_id or "-"),
+        ("profile", rec.profile),
+        ("status", rec.status),
+        ("not before", rec.not_before.isoformat()),
+        ("not after", rec.not_after.isoformat()),
+        ("requested by", rec.requested_by),
+        ("issued at", rec.created_at.isoformat()),
+        ("sha256", rec.fingerprint),
+    ]:
+        table.add_row(k, v)
+    console.print(table)
+    click.echo(pem, nl=False)
+
+
+@ca.command("chain")
+@data_option
+@click.option(
+    "--issuer",
+    type=click.Choice(["factory", "operational", "service", "root"]),
+    default=None,
+    help="One issuing CA's chain (default: every CA, root last).",
+)
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write PEM here.")
+@handle_errors
+def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
+    """Print CA certificates in PEM (for truststores and `openssl verify -CAfile`)."""
+    dep = Deployment.load(data)
+    names = ["factory", "operational", "service"] if issuer is None else [issuer]
+    certs = [dep.ca_certificate(n) for n in names if n != "root"] + [dep.ca_certificate("root")]
+    pem = certs_to_pem(certs)
+    if out is not None:
+        out.write_bytes(pem)
+        console.print(f"wrote {len(certs)} certificates to {out}")
+    else:
+        click.echo(pem.decode(), nl=False)
+
+
+# --- demo -------------------------------------------------------------------------------------
+@main.command()
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Keep the deployment here (default: a temporary folder).",
+)
+@click.option("--devices", type=int, default=6, show_default=True, help="How many simulated devices.")
+@handle_errors
+def demo(data: Path | None, devices: int) -> None:
+    """Run the whole system end to end on the embedded default and print what happened."""
+    from iotdlm.cli.demo import run_demo
+
+    run(run_demo(data, devices))
+
+
+if __name__ == "__main__":
+    main()

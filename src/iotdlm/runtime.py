@@ -1,0 +1,68 @@
+"""Wiring: from a deployment folder to running pieces (store, NATS server, bus connections, km).
+
+The CLI and the demo call these; services get their seams (Clock, Bus, Store, Signer) here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from iotdlm.bus import Bus
+from iotdlm.bus.nats import connect
+from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
+from iotdlm.clock import Clock
+from iotdlm.deployment import Deployment, ModuleIdentity
+from iotdlm.km import Km, KmSettings
+from iotdlm.km.core import record_for
+from iotdlm.store import Store
+from iotdlm.wire.envelope import Sealer
+
+
+def open_store(dep: Deployment, *, migrate: bool = True) -> Store:
+    return Store.open(dep.database_url, migrate=migrate)
+
+
+def nats_server(dep: Deployment) -> EmbeddedNatsServer:
+    """The embedded NATS server of a deployment: loopback only, one user per module identity."""
+    users = [NatsUser(module=module, user=c.user, password=c.password) for module, c in dep.nats_users()]
+    cfg = NatsServerConfig(
+        port=dep.config.nats.port,
+        host=dep.config.nats.host,
+        users=users,
+        jetstream_dir=dep.root / "nats" / "jetstream",
+    )
+    return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf")
+
+
+async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdentity]:
+    ident = dep.identity(name)
+    bus = await connect(
+        dep.nats_url, module=ident.module, user=ident.nats.user, password=ident.nats.password, name=f"iotdlm-{name}"
+    )
+    return bus, ident
+
+
+def sealer_for(ident: ModuleIdentity) -> Sealer:
+    return Sealer(ident.key, ident.certificate)
+
+
+def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes | None = None) -> Km:
+    return Km(
+        cas=dep.load_cas(passphrase),
+        profiles=dep.profiles(),
+        store=store,
+        clock=clock,
+        settings=KmSettings(organization=dep.config.organization, urls=dep.public_urls, window=dep.request_window),
+    )
+
+
+def record_identities(dep: Deployment, store: Store, now: dt.datetime) -> int:
+    """Record the module service certificates init issued (an auditor asks who issued what)."""
+    records = []
+    for name in dep.identity_names():
+        ident = dep.identity(name)
+        if store.get_certificate("service", ident.certificate.serial_number) is None:
+            records.append(record_for(ident.certificate, "service", "service", None, "init", now))
+    store.add_certificates(records)
+    return len(records)
