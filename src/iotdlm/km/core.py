@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotdlm.clock import Clock
@@ -107,7 +108,18 @@ class Km:
         cached = self._trusted.get(fp)
         if cached is not None and cached.certificate.not_valid_after_utc >= now:
             return cached
-        cert = load_certificate(leaf_der)
+        try:
+            trusted = self._check_signer(load_certificate(leaf_der), fp, now)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # cryptography parses extensions lazily: a malformed one surfaces here
+            raise UntrustedError(f"request signer certificate is malformed: {exc}") from exc
+        with self._lock:
+            if len(self._trusted) > 10_000:
+                self._trusted.clear()
+            self._trusted[fp] = trusted
+        return trusted
+
+    def _check_signer(self, cert: x509.Certificate, fp: str, now: dt.datetime) -> _TrustedSigner:
         trusted: _TrustedSigner | None = None
         service = self.cas["service"]
         if cert.issuer == service.certificate.subject:
@@ -145,10 +157,6 @@ class Km:
                 f"request signer {cert.subject.rfc4514_string()} is not issued by this deployment's service "
                 "or operational CA"
             )
-        with self._lock:
-            if len(self._trusted) > 10_000:
-                self._trusted.clear()
-            self._trusted[fp] = trusted
         return trusted
 
     def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal]:
