@@ -16,7 +16,7 @@ from rich.console import Console
 from iotdlm.errors import IotdlmError, RejectedError, UnavailableError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_ERROR = 1
 EXIT_REJECTED = 4
