@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import secrets
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,38 @@ class Deployment:
             out.append((name.partition("-")[0], NatsCredentials(creds["user"], creds["password"])))
         return out
 
+    # --- NATS over TLS (optional) ------------------------------------------------------------
+    @property
+    def nats_tls_files(self) -> tuple[Path, Path, Path]:
+        """(server certificate, server key, client CA bundle) of the embedded NATS server."""
+        d = self.root / "nats"
+        return d / "server.pem", d / "server.key.pem", d / "client-ca.pem"
+
+    def issue_nats_server_certificate(self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime) -> None:
+        """A loopback server certificate for NATS; clients must present their module certificates."""
+        key = generate_key(self.algorithm)
+        cert = service_ca.issue(
+            self.profiles()["service"],
+            key.public_key(),
+            pki_ca.ca_name("nats", self.config.organization),
+            now=now,
+            serial=x509.random_serial_number(),
+            uris=[module_uri("nats")],
+            dns_names=["localhost"],
+            ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+        )
+        cert_path, key_path, ca_path = self.nats_tls_files
+        _write_secret(key_path, private_key_to_pem(key, None))
+        cert_path.write_bytes(certs_to_pem([cert, service_ca.certificate]))
+        ca_path.write_bytes(certs_to_pem([service_ca.certificate, service_ca.root]))
+
+    def client_tls(self, ident: ModuleIdentity) -> ssl.SSLContext:
+        """TLS context of a module connecting to NATS: trusts our root, presents the module certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.root / "ca" / "root.pem"))
+        d = self.root / "modules" / ident.name
+        ctx.load_cert_chain(str(d / "cert.pem"), str(d / "key.pem"))
+        return ctx
+
     # --- adding identities ----------------------------------------------------------------
     def add_identity(
         self, module: str, dtype: str | None, *, service_ca: pki_ca.IssuingCA, now: dt.datetime
@@ -281,6 +314,7 @@ def init_deployment(
     passphrase: bytes | None = None,
     database_url: str | None = None,
     nats_port: int = DEFAULT_NATS_PORT,
+    nats_tls: bool = False,
     now: dt.datetime,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Deployment, list[pki_ca.IssuingCA]]:
@@ -298,7 +332,7 @@ def init_deployment(
         public_url=public_url,
         dtypes=list(dtypes),
         database_url=database_url,
-        nats=NatsSettings(port=nats_port),
+        nats=NatsSettings(port=nats_port, tls=nats_tls),
     )
     config.validate()
     root.mkdir(parents=True, exist_ok=True)
@@ -345,6 +379,10 @@ def init_deployment(
     for dtype in dtypes:
         progress(f"pm identity for {dtype}")
         dep.add_identity("pm", dtype, service_ca=service_ca, now=now)
+
+    if nats_tls:
+        progress("NATS server certificate")
+        dep.issue_nats_server_certificate(service_ca, now=now)
 
     (root / CONFIG_FILE).write_bytes(tomli_w.dumps(msgspec.to_builtins(config)).encode())
     return dep, cas

@@ -26,11 +26,16 @@ def open_store(dep: Deployment, *, migrate: bool = True) -> Store:
 def nats_server(dep: Deployment) -> EmbeddedNatsServer:
     """The embedded NATS server of a deployment: loopback only, one user per module identity."""
     users = [NatsUser(module=module, user=c.user, password=c.password) for module, c in dep.nats_users()]
+    tls: dict[str, object] = {}
+    if dep.config.nats.tls:
+        cert, key, client_ca = dep.nats_tls_files
+        tls = {"tls_cert": cert, "tls_key": key, "tls_ca": client_ca, "verify_clients": True}
     cfg = NatsServerConfig(
         port=dep.config.nats.port,
         host=dep.config.nats.host,
         users=users,
         jetstream_dir=dep.root / "nats" / "jetstream",
+        **tls,  # type: ignore[arg-type]
     )
     return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf")
 
@@ -38,7 +43,12 @@ def nats_server(dep: Deployment) -> EmbeddedNatsServer:
 async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdentity]:
     ident = dep.identity(name)
     bus = await connect(
-        dep.nats_url, module=ident.module, user=ident.nats.user, password=ident.nats.password, name=f"iotdlm-{name}"
+        dep.nats_url,
+        module=ident.module,
+        user=ident.nats.user,
+        password=ident.nats.password,
+        name=f"iotdlm-{name}",
+        tls=dep.client_tls(ident) if dep.config.nats.tls else None,
     )
     return bus, ident
 

@@ -62,6 +62,7 @@ def main(verbose: bool) -> None:
     help=f"File holding the CA key passphrase (else ${PASSPHRASE_ENV}, else one is generated).",
 )
 @click.option("--nats-port", type=int, default=14222, show_default=True, help="Port of the embedded NATS server.")
+@click.option("--nats-tls", is_flag=True, help="Embedded NATS over TLS; modules also present their certificates.")
 @handle_errors
 def init(
     data: Path,
@@ -72,6 +73,7 @@ def init(
     database_url: str | None,
     passphrase_file: Path | None,
     nats_port: int,
+    nats_tls: bool,
 ) -> None:
     """Create a deployment: root and issuing CAs, module identities, NATS credentials."""
     import os
@@ -92,6 +94,7 @@ def init(
             passphrase=passphrase,
             database_url=database_url,
             nats_port=nats_port,
+            nats_tls=nats_tls,
             now=clock.now(),
             progress=lambda m: status.update(f"creating {m}"),
         )

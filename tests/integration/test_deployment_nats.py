@@ -1,0 +1,85 @@
+"""A deployment's own embedded NATS server, plain and over TLS, with km answering through it."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from iotdlm.bus.server import free_port
+from iotdlm.client.km import KmClient
+from iotdlm.clock import SystemClock
+from iotdlm.deployment import Deployment, init_deployment
+from iotdlm.errors import UnavailableError
+from iotdlm.km import KmService
+from iotdlm.pki.keys import Algorithm, generate_key
+from iotdlm.runtime import build_km, connect_identity, nats_server, open_store, sealer_for
+from tests.helpers import make_csr
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_deployment_nats_and_km(tmp_path, tls: bool) -> None:
+    clock = SystemClock()
+    dep, _ = init_deployment(
+        tmp_path / "d",
+        organization="T",
+        algorithm=Algorithm.P256,
+        dtypes=["b"],
+        passphrase=b"pw",
+        nats_port=free_port(),
+        nats_tls=tls,
+        now=clock.now(),
+    )
+    dep = Deployment.load(dep.root)  # what a separate process would see
+    assert dep.nats_url.startswith("tls://" if tls else "nats://")
+    server = nats_server(dep)
+    server.start()
+    store = open_store(dep)
+    try:
+        km_bus, _ = await connect_identity(dep, "km")
+        service = KmService(build_km(dep, store, clock, passphrase=b"pw"), km_bus)
+        await service.start()
+        pm_bus, pm = await connect_identity(dep, "pm-b")
+        out = await KmClient(pm_bus, sealer_for(pm), clock).issue(
+            "dev-1", "operational", csr=make_csr(generate_key(Algorithm.P256), "dev-1")
+        )
+        assert out.issuer == "operational"
+        if tls:
+            # without a client certificate (and without TLS) the server does not let us in
+            from iotdlm.bus.nats import connect
+
+            ident = dep.identity("sm")
+            with pytest.raises(UnavailableError):
+                await connect(
+                    dep.nats_url.replace("tls://", "nats://"),
+                    module="sm",
+                    user=ident.nats.user,
+                    password=ident.nats.password,
+                    connect_timeout=2,
+                )
+            no_client_cert = ssl.create_default_context(cafile=str(dep.root / "ca" / "root.pem"))
+            with pytest.raises(UnavailableError):
+                await connect(
+                    dep.nats_url,
+                    module="sm",
+                    user=ident.nats.user,
+                    password=ident.nats.password,
+                    tls=no_client_cert,
+                    connect_timeout=2,
+                )
+            sm_bus = await connect(
+                dep.nats_url,
+                module="sm",
+                user=ident.nats.user,
+                password=ident.nats.password,
+                tls=dep.client_tls(ident),
+                connect_timeout=2,
+            )
+            await sm_bus.close()
+        await service.stop()
+        await pm_bus.close()
+        await km_bus.close()
+    finally:
+        store.close()
+        server.stop()
