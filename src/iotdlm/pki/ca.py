@@ -99,17 +99,29 @@ def make_intermediate(
     return parent_signer.sign_certificate(builder)
 
 
+def crl_partition(serial: int, partitions: int) -> int:
+    """The CRL partition a certificate belongs to, fixed at issuance (its CRL distribution point).
+
+    Partitioned CRLs (RFC 5280 5.2.5, issuing distribution point) keep every CRL small however
+    many certificates are revoked: a relying party fetches only the partition named in the
+    certificate it checks.
+    """
+    return serial % partitions
+
+
 @dataclass(frozen=True)
 class PublicUrls:
     """Where relying parties fetch revocation data (AIA OCSP, CRL distribution points)."""
 
     base: str  # e.g. "http://127.0.0.1:8080" -- cm serves these paths
+    crl_partitions: int = 64
 
     def ocsp(self) -> str:
         return f"{self.base.rstrip('/')}/ocsp"
 
-    def crl(self, issuer: str) -> str:
-        return f"{self.base.rstrip('/')}/crl/{issuer}.crl"
+    def crl(self, issuer: str, partition: int, *, delta: bool = False) -> str:
+        kind = "delta" if delta else "crl"
+        return f"{self.base.rstrip('/')}/crl/{issuer}/{partition}.{kind}"
 
 
 @dataclass
@@ -189,7 +201,11 @@ class IssuingCA:
                 x509.CRLDistributionPoints(
                     [
                         x509.DistributionPoint(
-                            full_name=[x509.UniformResourceIdentifier(urls.crl(self.name))],
+                            full_name=[
+                                x509.UniformResourceIdentifier(
+                                    urls.crl(self.name, crl_partition(serial, urls.crl_partitions))
+                                )
+                            ],
                             relative_name=None,
                             reasons=None,
                             crl_issuer=None,
