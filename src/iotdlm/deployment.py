@@ -75,6 +75,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     database_url: str | None = None
     passphrase_file: str | None = None
     request_window_seconds: int = 300
+    #: CRLs per issuing CA; fixed for the life of the deployment (certificates name their partition)
+    crl_partitions: int = 64
     nats: NatsSettings = NatsSettings()
     profiles: dict[str, ProfileSettings] = {}
 
@@ -87,6 +89,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             ) from None
         for d in self.dtypes:
             check_id(d, "dtype")
+        if not 1 <= self.crl_partitions <= 4096:
+            raise BadRequestError("crl_partitions must be between 1 and 4096", field="crl_partitions")
         if not self.public_url.startswith(("http://", "https://")):
             raise BadRequestError("public_url must start with http:// or https://", field="public_url")
         host = self.nats.host
@@ -167,7 +171,7 @@ class Deployment:
 
     @property
     def public_urls(self) -> pki_ca.PublicUrls:
-        return pki_ca.PublicUrls(self.config.public_url)
+        return pki_ca.PublicUrls(self.config.public_url, crl_partitions=self.config.crl_partitions)
 
     @property
     def request_window(self) -> dt.timedelta:
