@@ -1,1 +1,10 @@
-"""iotdlm.store"""
+"""Persistence for km: the only package that talks SQL (SQLAlchemy Core + Alembic).
+
+Open with :meth:`Store.open`; the store is synchronous and thread-safe, so async code calls it
+through :func:`asyncio.to_thread`.
+"""
+
+from iotdlm.store.records import CertRecord, DeviceRecord, fingerprint_of
+from iotdlm.store.store import SerialCollisionError, Store
+
+__all__ = ["CertRecord", "DeviceRecord", "SerialCollisionError", "Store", "fingerprint_of"]

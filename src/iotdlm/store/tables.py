@@ -1,0 +1,124 @@
+"""The schema, as SQLAlchemy Core metadata. Migrations in ``migrations/versions`` must match it
+(a test runs Alembic's ``compare_metadata`` against a migrated database)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+from iotdlm.store import records as r
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware datetimes in, timezone-aware UTC datetimes out, on every backend.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones: values are converted to UTC and
+    stored naive (so text ordering is time ordering), and marked UTC again when read back.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given to the store; pass an aware one")
+        utc = value.astimezone(dt.UTC)
+        if dialect.name == "sqlite":
+            return utc.replace(tzinfo=None)
+        return utc
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+# BIGINT on PostgreSQL; plain INTEGER on SQLite so the column is the rowid alias and autoincrements.
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("serial_hex", String(r.SERIAL_HEX_LEN), nullable=False),
+    Column("issuer", String(r.ISSUER_LEN), nullable=False),
+    Column("subject", String(r.SUBJECT_LEN), nullable=False),
+    Column("device_id", String(r.DEVICE_ID_LEN), nullable=True),
+    Column("profile", String(r.PROFILE_LEN), nullable=False),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("status", String(r.STATUS_LEN), nullable=False),
+    Column("der", LargeBinary(), nullable=False),
+    Column("fingerprint", String(r.FINGERPRINT_LEN), nullable=False),
+    Column("requested_by", String(r.REQUESTED_BY_LEN), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("revocation_reason", String(r.REASON_LEN), nullable=True),
+    Column("superseded_by_hex", String(r.SERIAL_HEX_LEN), nullable=True),
+    # serial first: the same index serves get_certificate(issuer, serial) and find_by_serial(serial).
+    UniqueConstraint("serial_hex", "issuer"),
+    UniqueConstraint("fingerprint"),
+    Index(None, "device_id"),
+    Index(None, "status"),
+    Index(None, "not_after"),
+    Index(None, "created_at"),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("device_id", String(r.DEVICE_ID_LEN), primary_key=True),
+    Column("dtype", String(r.DTYPE_LEN), nullable=False),
+    Column("status", String(r.STATUS_LEN), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index(None, "dtype"),
+    Index(None, "status"),
+)
+
+nonces = Table(
+    "nonces",
+    metadata,
+    Column("sender", String(r.SENDER_LEN), primary_key=True),
+    Column("nonce", String(r.NONCE_LEN), primary_key=True),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index(None, "expires_at"),
+)
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(r.META_KEY_LEN), primary_key=True),
+    Column("value", Text(), nullable=False),
+)
