@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 from iotdlm.pki.keys import PublicKey, Signer
 from iotdlm.pki.profiles import Profile, key_usage_for_rsa
@@ -191,7 +191,7 @@ class IssuingCA:
                 x509.AuthorityInformationAccess(
                     [
                         x509.AccessDescription(
-                            x509.AuthorityInformationAccessOID.OCSP,
+                            AuthorityInformationAccessOID.OCSP,
                             x509.UniformResourceIdentifier(urls.ocsp()),
                         )
                     ]
