@@ -7,7 +7,6 @@ import base64
 import contextlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
