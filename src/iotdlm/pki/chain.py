@@ -25,7 +25,7 @@ def load_certificate(data: bytes, *, max_bytes: int = MAX_CERT_BYTES) -> x509.Ce
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise BadRequestError(f"not an X.509 certificate in PEM or DER: {exc}") from exc
 
 

@@ -35,7 +35,7 @@ def load_csr(data: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> x509.Certificate
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise BadRequestError(f"CSR is not a valid PKCS#10 request in PEM or DER: {exc}", field="csr") from exc
 
 
