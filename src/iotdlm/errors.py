@@ -104,6 +104,12 @@ class ModeError(RejectedError):
     code = "wrong_mode"
 
 
+class PermissionDeniedError(RejectedError):
+    """The bus refused the operation: the module's NATS user may not publish or subscribe there."""
+
+    code = "permission_denied"
+
+
 class UnavailableError(IotdlmError):
     """A dependency (bus, database, network, peer service) did not answer. Retryable."""
 

@@ -41,7 +41,7 @@ class Bus(Protocol):
     @property
     def module(self) -> str: ...
 
-    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:  # noqa: ASYNC109
         """Send a request and return the reply body; error replies raise (see module doc)."""
         ...
 

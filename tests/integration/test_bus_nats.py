@@ -1,0 +1,522 @@
+"""NATS-only behaviour: server-side permissions, credentials, TLS, a crashed server, the config."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import os
+import re
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iotdlm import errors
+from iotdlm.bus import subjects
+from iotdlm.bus.api import Message
+from iotdlm.bus.nats import NatsBus, connect
+from iotdlm.bus.server import (
+    JETSTREAM_API,
+    EmbeddedNatsServer,
+    NatsServerConfig,
+    NatsUser,
+    find_nats_server,
+    free_port,
+    generate_users,
+    quote,
+    render_config,
+)
+from tests.fixtures_nats import NatsBusFactory, RunningNats, start_nats
+
+WAIT = 10.0
+
+
+async def _const(value: bytes) -> bytes:
+    return value
+
+
+async def _eventually(check: Callable[[], bool]) -> None:
+    async def loop() -> None:
+        while not check():  # noqa: ASYNC110 - polls a file the server writes, nothing to wait on
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(loop(), WAIT)
+
+
+# --- permissions are enforced by the server ---------------------------------------------------
+
+
+@pytest.mark.nats
+async def test_server_drops_a_publish_outside_permissions(
+    nats_server: RunningNats, nats_bus_factory: NatsBusFactory
+) -> None:
+    km = await nats_bus_factory("km")
+    # no confirmation: the client sends the PUB and nothing on our side stops it
+    pm = await nats_bus_factory("pm", confirm_publish=False)
+    got: list[str] = []
+
+    async def record(msg: Message) -> None:
+        got.append(msg.subject)
+
+    await km.subscribe(f"{subjects.PREFIX}.km.>", record)
+    await pm.publish(subjects.KM_REVOKE, b"revoke everything")  # refused by the server
+    await pm.publish(subjects.KM_ISSUE, b"allowed")  # same connection, sent after
+    await _eventually(lambda: subjects.KM_ISSUE in got)
+    assert got == [subjects.KM_ISSUE]
+    await _eventually(lambda: "Publish Violation" in nats_server.server.stderr_tail())
+    assert subjects.KM_REVOKE in nats_server.server.stderr_tail()
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize(
+    ("module", "pattern"),
+    [
+        ("sm", f"{subjects.PREFIX}.km.>"),
+        ("pm", f"{subjects.inbox_prefix('km')}.>"),
+        ("cm", f"{subjects.EVENTS}.>"),
+    ],
+)
+async def test_server_refuses_a_subscription_outside_permissions(
+    nats_server: RunningNats, nats_bus_factory: NatsBusFactory, module: str, pattern: str
+) -> None:
+    bus = await nats_bus_factory(module)
+
+    async def never(msg: Message) -> None:
+        raise AssertionError("a refused subscription must not deliver")
+
+    with pytest.raises(errors.PermissionDeniedError, match=re.escape(pattern)):
+        await bus.subscribe(pattern, never)
+    # the refusal came from the server (NatsBus keeps no permission table of its own)
+    await _eventually(lambda: "Subscription Violation" in nats_server.server.stderr_tail())
+    assert pattern in nats_server.server.stderr_tail()
+    # the connection stays usable
+    await bus.publish(subjects.events(module, "still_alive"), b"")
+
+
+@pytest.mark.nats
+async def test_replies_travel_on_the_module_inbox(nats_server_module: RunningNats) -> None:
+    """Each module may subscribe only below its own _INBOX.<module>, so requests must use it."""
+    buses = [await nats_server_module.connect(m) for m in ("km", "pm", "cm", "admin")]
+    km, pm, cm, admin = buses
+    try:
+        await km.serve(subjects.KM_CHAIN, lambda m: _const(b"chain"))
+        for requester in (pm, cm, admin):
+            assert await requester.request(subjects.KM_CHAIN, b"") == b"chain"
+    finally:
+        for bus in buses:
+            await bus.close()
+
+
+@pytest.mark.nats
+async def test_handler_concurrency_is_bounded(nats_server_module: RunningNats) -> None:
+    km = await nats_server_module.connect("km", max_concurrent_handlers=2)
+    pm = await nats_server_module.connect("pm")
+    running = 0
+    peak = 0
+    gate = asyncio.Event()
+
+    async def handle(msg: Message) -> bytes:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+        return msg.data
+
+    try:
+        await km.serve(subjects.KM_ISSUE, handle)
+        requests = [asyncio.create_task(pm.request(subjects.KM_ISSUE, bytes([i]), timeout=WAIT)) for i in range(5)]
+        await _eventually(lambda: running == 2)
+        # round trips through the server on both connections: all five requests have reached
+        # km's client by now, and three of them must be waiting for a free slot
+        await pm.publish(subjects.events("pm", "sync"), b"")
+        await km.publish(subjects.events("km", "sync"), b"")
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert running == 2
+        gate.set()
+        assert await asyncio.gather(*requests) == [bytes([i]) for i in range(5)]
+        assert peak == 2
+    finally:
+        await km.close()
+        await pm.close()
+
+
+# --- connection failures ----------------------------------------------------------------------
+
+
+@pytest.mark.nats
+async def test_wrong_password_fails_to_connect(nats_server: RunningNats) -> None:
+    with pytest.raises(errors.UnavailableError) as info:
+        await connect(nats_server.url, module="km", user="km", password="not-the-password")
+    assert nats_server.url in info.value.message
+    assert "credentials" in info.value.message
+
+
+@pytest.mark.nats
+async def test_another_modules_password_does_not_work(nats_server: RunningNats) -> None:
+    with pytest.raises(errors.UnavailableError):
+        await connect(nats_server.url, module="km", user="km", password=nats_server.users["pm"].password)
+
+
+async def test_no_server_fails_fast_with_the_url() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    with pytest.raises(errors.UnavailableError) as info:
+        await asyncio.wait_for(connect(url, module="km", user="km", password="x"), WAIT)
+    assert url in info.value.message
+    assert "running" in info.value.message
+
+
+@pytest.mark.nats
+async def test_killed_server_makes_requests_unavailable_then_recovers(nats_server: RunningNats) -> None:
+    km = await nats_server.connect("km", reconnect_time_wait=0.05)
+    pm = await nats_server.connect("pm", reconnect_time_wait=0.05)
+    try:
+        await km.serve(subjects.KM_CHAIN, lambda m: _const(b"chain"))
+        assert await pm.request(subjects.KM_CHAIN, b"") == b"chain"
+
+        nats_server.server.kill()
+        with pytest.raises(errors.UnavailableError):
+            await asyncio.wait_for(pm.request(subjects.KM_CHAIN, b"", timeout=0.5), WAIT)
+        with pytest.raises(errors.UnavailableError):
+            await asyncio.wait_for(pm.request(subjects.KM_CHAIN, b"", timeout=0.5), WAIT)
+
+        # same port, same users: both reconnect and km's subscription is replayed
+        nats_server.server.start()
+
+        async def until_answered() -> bytes:
+            while True:
+                try:
+                    return await pm.request(subjects.KM_CHAIN, b"", timeout=0.5)
+                except errors.UnavailableError:
+                    await asyncio.sleep(0.05)
+
+        assert await asyncio.wait_for(until_answered(), WAIT) == b"chain"
+    finally:
+        await km.close()
+        await pm.close()
+    with pytest.raises(errors.UnavailableError):
+        await pm.request(subjects.KM_CHAIN, b"")
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+def _write_pki(directory: Path) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for IP 127.0.0.1, and a client certificate."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def make(
+        cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey, *, ca: bool
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            ).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iotdlm test bus CA")])
+    ca = make("iotdlm test bus CA", ca_key, ca_name, ca_key, ca=True)
+    out: dict[str, Path] = {"ca": directory / "ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for role in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = make("127.0.0.1", key, ca_name, ca_key, ca=False)
+        out[f"{role}_cert"] = directory / f"{role}.pem"
+        out[f"{role}_key"] = directory / f"{role}.key"
+        out[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{role}_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return out
+
+
+@pytest.mark.nats
+async def test_tls_client_trusting_the_ca_connects_and_others_do_not(tmp_path: Path) -> None:
+    pki = _write_pki(tmp_path)
+    running = start_nats(tmp_path, tls_cert=pki["server_cert"], tls_key=pki["server_key"])
+    try:
+        assert running.url.startswith("tls://127.0.0.1:")
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        km = await running.connect("km", tls=trusting)
+        pm = await running.connect("pm", tls=trusting)
+        try:
+            await km.serve(subjects.KM_CHAIN, lambda m: _const(b"over tls"))
+            assert await pm.request(subjects.KM_CHAIN, b"") == b"over tls"
+        finally:
+            await km.close()
+            await pm.close()
+
+        with pytest.raises(errors.UnavailableError) as info:
+            await running.connect("km", tls=ssl.create_default_context())  # system CAs only
+        assert running.url in info.value.message
+    finally:
+        running.server.stop()
+
+
+@pytest.mark.nats
+async def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    pki = _write_pki(tmp_path)
+    running = start_nats(
+        tmp_path,
+        tls_cert=pki["server_cert"],
+        tls_key=pki["server_key"],
+        tls_ca=pki["ca"],
+        verify_clients=True,
+    )
+    try:
+        with_cert = ssl.create_default_context(cafile=str(pki["ca"]))
+        with_cert.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+        bus = await running.connect("admin", tls=with_cert)
+        await bus.close()
+        without_cert = ssl.create_default_context(cafile=str(pki["ca"]))
+        with pytest.raises(errors.UnavailableError):
+            await running.connect("admin", tls=without_cert)
+    finally:
+        running.server.stop()
+
+
+# --- JetStream --------------------------------------------------------------------------------
+
+
+@pytest.mark.nats
+async def test_jetstream_api_allowed_only_when_jetstream_is_on(tmp_path: Path, nats_server: RunningNats) -> None:
+    km = await nats_server.connect("km")
+    try:
+        with pytest.raises(errors.PermissionDeniedError):
+            await km.request("$JS.API.INFO", b"")
+    finally:
+        await km.close()
+
+    running = start_nats(tmp_path / "js", jetstream_dir=tmp_path / "js" / "store")
+    try:
+        km = await running.connect("km")
+        try:
+            info = json.loads(await km.request("$JS.API.INFO", b""))
+        finally:
+            await km.close()
+        assert info.get("type") == "io.nats.jetstream.api.v1.account_info_response"
+    finally:
+        running.server.stop()
+
+
+# --- the embedded server ----------------------------------------------------------------------
+
+
+def test_find_nats_server_finds_an_executable() -> None:
+    path = find_nats_server()
+    assert os.access(path, os.X_OK)
+
+
+@pytest.mark.nats
+def test_start_failure_reports_the_server_output(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = EmbeddedNatsServer(NatsServerConfig(port=port, users=generate_users(["km"])), tmp_path / "nats.conf")
+        with pytest.raises(RuntimeError, match=r"(?i)address already in use"):
+            server.start()
+    assert not server.running
+    assert server.pid is None
+
+
+@pytest.mark.nats
+def test_server_context_manager_and_stop(tmp_path: Path) -> None:
+    cfg = NatsServerConfig(port=free_port(), users=generate_users(subjects.MODULES))
+    conf = tmp_path / "nats.conf"
+    with EmbeddedNatsServer(cfg, conf) as server:
+        assert server.running
+        assert server.pid is not None
+        assert server.url == f"nats://127.0.0.1:{cfg.port}"
+        assert conf.stat().st_mode & 0o077 == 0, "the config holds passwords: owner-only"
+        with socket.create_connection(("127.0.0.1", cfg.port), timeout=WAIT) as s:
+            assert s.recv(4) == b"INFO"
+    assert not server.running
+    server.stop()  # idempotent
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", cfg.port), timeout=WAIT):
+        pass
+
+
+@pytest.mark.nats
+async def test_odd_passwords_survive_the_config(tmp_path: Path) -> None:
+    odd = {
+        "km": 'a"b\\c d#e{f}g[h]i,j;k:l=m',
+        "pm": "$notavariable // not a comment\n\ttab",
+        "sm": "include /etc/passwd",
+        "cm": "ünïcødé €\x01\x7f'single'",
+        "admin": "\\x41\\n",
+    }
+    users = [NatsUser(module=m, user=m, password=p) for m, p in odd.items()]
+    running = start_nats(tmp_path, users=users)
+    try:
+        for module, password in odd.items():
+            bus = await connect(running.url, module=module, user=module, password=password)
+            await bus.close()
+        with pytest.raises(errors.UnavailableError):
+            await connect(running.url, module="admin", user="admin", password="A\n")
+    finally:
+        running.server.stop()
+
+
+# --- render_config ----------------------------------------------------------------------------
+
+
+def _unquote(text: str) -> str:
+    """Reference reader of one nats-server double-quoted string (the lexer's escapes)."""
+    assert text[0] == '"'
+    assert text[-1] == '"'
+    out: list[str] = []
+    raw = text[1:-1]
+    i = 0
+    simple = {"t": "\t", "n": "\n", "r": "\r", '"': '"', "\\": "\\"}
+    while i < len(raw):
+        ch = raw[i]
+        if ch == '"':
+            raise AssertionError("unescaped quote inside a string")
+        if ch in "\n\r":
+            raise AssertionError("raw line break inside a string")
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        nxt = raw[i + 1]
+        if nxt == "x":
+            out.append(chr(int(raw[i + 2 : i + 4], 16)))
+            i += 4
+        else:
+            out.append(simple[nxt])
+            i += 2
+    return "".join(out)
+
+
+_TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=40)
+
+
+@settings(max_examples=300)
+@given(_TEXT)
+def test_quote_round_trips_any_text(value: str) -> None:
+    q = quote(value)
+    assert _unquote(q) == value
+    assert "\n" not in q
+    assert "\r" not in q
+
+
+@settings(max_examples=100)
+@given(st.lists(_TEXT.filter(lambda p: not p.startswith("$2")), min_size=5, max_size=5))
+def test_render_config_quotes_every_password(passwords: list[str]) -> None:
+    users = [NatsUser(module=m, user=m, password=p) for m, p in zip(subjects.MODULES, passwords, strict=True)]
+    text = render_config(NatsServerConfig(port=4222, users=users))
+    found = re.findall(r'^\s*password: ("(?:[^"\\\n]|\\.)*")$', text, flags=re.MULTILINE)
+    assert [_unquote(q) for q in found] == passwords
+
+
+def test_render_config_permissions_follow_the_table() -> None:
+    users = generate_users(subjects.MODULES)
+    text = render_config(NatsServerConfig(port=4222, users=users))
+    blocks = text.split("user: ")[1:]
+    assert len(blocks) == len(subjects.MODULES)
+    for module, block in zip(subjects.MODULES, blocks, strict=True):
+        perms = subjects.PERMISSIONS[module]
+        pub = re.search(r"publish: \{ allow: (\[.*\]) \}", block)
+        sub = re.search(r"subscribe: \{ allow: (\[.*\]) \}", block)
+        assert pub is not None
+        assert sub is not None
+        assert json.loads(pub.group(1)) == list(perms.publish)
+        assert json.loads(sub.group(1)) == list(perms.subscribe)
+        assert ("allow_responses: true" in block) == perms.allow_responses
+    assert JETSTREAM_API not in text
+    assert "jetstream" not in text
+    assert "tls" not in text
+
+
+def test_render_config_jetstream_and_tls(tmp_path: Path) -> None:
+    cfg = NatsServerConfig(
+        port=4222,
+        users=generate_users(["km", "pm"]),
+        jetstream_dir=tmp_path / "js",
+        tls_cert=tmp_path / "c.pem",
+        tls_key=tmp_path / "k.pem",
+        http_port=8222,
+    )
+    text = render_config(cfg)
+    assert text.count(quote(JETSTREAM_API)) == 2
+    assert f"store_dir: {quote(str(tmp_path / 'js'))}" in text
+    assert f"cert_file: {quote(str(tmp_path / 'c.pem'))}" in text
+    assert "verify: false" in text
+    assert 'http: "127.0.0.1:8222"' in text
+    assert EmbeddedNatsServer(cfg, tmp_path / "n.conf").url == "tls://127.0.0.1:4222"
+
+
+def test_render_config_ipv6_loopback(tmp_path: Path) -> None:
+    cfg = NatsServerConfig(port=4222, host="::1", http_port=8222)
+    text = render_config(cfg)
+    assert 'host: "::1"' in text
+    assert 'http: "[::1]:8222"' in text
+    assert EmbeddedNatsServer(cfg, tmp_path / "n.conf").url == "nats://[::1]:4222"
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (NatsServerConfig(port=4222, host="0.0.0.0"), "loopback"),  # noqa: S104 - the point of the test
+        (NatsServerConfig(port=4222, host="10.0.0.1"), "loopback"),
+        (NatsServerConfig(port=4222, host="localhost"), "loopback"),
+        (NatsServerConfig(port=0), "port"),
+        (NatsServerConfig(port=4222, users=[NatsUser("nobody", "x", "y")]), "unknown module"),
+        (NatsServerConfig(port=4222, users=[NatsUser("km", "km", "$2a$11$hash")]), "must not start"),
+        (NatsServerConfig(port=4222, users=[NatsUser("km", "a", "x"), NatsUser("pm", "a", "y")]), "duplicate"),
+        (NatsServerConfig(port=4222, tls_cert=Path("c.pem")), "both tls_cert and tls_key"),
+        (NatsServerConfig(port=4222, verify_clients=True), "need tls_cert"),
+    ],
+)
+def test_render_config_rejects_unsafe_settings(bad: NatsServerConfig, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        render_config(bad)
+
+
+def test_generate_users_gives_distinct_random_passwords() -> None:
+    users = generate_users(subjects.MODULES)
+    assert [u.module for u in users] == list(subjects.MODULES)
+    assert [u.user for u in users] == list(subjects.MODULES)
+    assert len({u.password for u in users}) == len(users)
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}", u.password) for u in users)
+    assert all(u.password not in repr(u) for u in users)
+
+
+@pytest.mark.nats
+async def test_bus_exposes_its_connection(nats_bus_factory: NatsBusFactory, nats_server: RunningNats) -> None:
+    bus = await nats_bus_factory("cm")
+    assert isinstance(bus, NatsBus)
+    assert bus.url == nats_server.url
+    assert bus.is_connected
+    assert bus.max_payload == 8 * 1024 * 1024
+    await bus.close()
+    assert bus.is_closed
+    await bus.close()  # idempotent
