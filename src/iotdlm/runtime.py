@@ -14,7 +14,7 @@ from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
-from iotdlm.km.core import record_for
+from iotdlm.km.records import record_for
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
 

@@ -25,6 +25,7 @@ KM_REVOKE = f"{PREFIX}.km.certificate.revoke"
 KM_OCSP = f"{PREFIX}.km.va.ocsp"
 KM_CRL = f"{PREFIX}.km.va.crl"
 KM_EST = f"{PREFIX}.km.est"  # cm relays EST operations below this prefix
+KM_REVOKED_EVENT = f"{PREFIX}.events.km.revoked"
 
 # --- sm: software management ------------------------------------------------------------------
 SM_PREFIX = f"{PREFIX}.sm"
@@ -69,7 +70,8 @@ def _inbox(module: str) -> str:
 PERMISSIONS: dict[str, Permissions] = {
     "km": Permissions(
         publish=(f"{EVENTS}.km.>",),
-        subscribe=(f"{PREFIX}.km.>", _inbox("km")),
+        # km workers hear each other's revocations (to drop cached OCSP answers)
+        subscribe=(f"{PREFIX}.km.>", _inbox("km"), f"{EVENTS}.km.>"),
         allow_responses=True,
     ),
     "pm": Permissions(

@@ -9,6 +9,8 @@ import signal
 from pathlib import Path
 
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -151,12 +153,13 @@ def km() -> None:
 
 async def _serve_km(dep: Deployment) -> None:
     from iotdlm.km import KmService
+    from iotdlm.km.service import Schedule
     from iotdlm.runtime import build_km, connect_identity, open_store
 
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
-    bus, _ident = await connect_identity(dep, "km")
-    service = KmService(kmcore, bus)
+    bus, ident = await connect_identity(dep, "km")
+    service = KmService(kmcore, bus, identity=(ident.key, ident.certificate), schedule=Schedule())
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -367,6 +370,317 @@ def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
         console.print(f"wrote {len(certs)} certificates to {out}")
     else:
         click.echo(pem.decode(), nl=False)
+
+
+REASONS_HELP = (
+    "RFC 5280 reason: keyCompromise, cACompromise, affiliationChanged, superseded, cessationOfOperation, "
+    "certificateHold, privilegeWithdrawn, aACompromise"
+)
+
+
+async def _revoke_remote(dep: Deployment, **kwargs: object) -> list[msg.CertificateInfo]:
+    from iotdlm.client.km import KmClient
+    from iotdlm.runtime import connect_identity, sealer_for
+
+    bus, ident = await connect_identity(dep, "admin")
+    try:
+        return await KmClient(bus, sealer_for(ident), SystemClock()).revoke(**kwargs)  # type: ignore[arg-type]
+    finally:
+        await bus.close()
+
+
+def _revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo], str]:
+    """Revoke through a running km (so every worker drops cached OCSP answers at once); if none
+    answers, revoke directly in the store with the CA keys (needs the CA passphrase)."""
+    from iotdlm.errors import UnavailableError
+    from iotdlm.km.records import info
+    from iotdlm.runtime import build_km, open_store
+
+    try:
+        return run(_revoke_remote(dep, **kwargs)), "through km"
+    except UnavailableError:
+        pass
+    store = open_store(dep)
+    try:
+        kmcore = build_km(dep, store, SystemClock())
+        assert kmcore.va is not None
+        va = kmcore.va
+        actor = "admin (local CLI)"
+        reason = kwargs.get("reason")
+        assert reason is None or isinstance(reason, str)
+        if kwargs.get("serial") is not None:
+            serial = int(str(kwargs["serial"]), 16)
+            issuer = kwargs.get("issuer")
+            recs = [va.revoke(serial, issuer=issuer if isinstance(issuer, str) else None, reason=reason, actor=actor)]
+        elif kwargs.get("decommission"):
+            recs = va.decommission(str(kwargs["device_id"]), actor=actor, reason=reason or "cessationOfOperation")
+        else:
+            recs = va.revoke_device(str(kwargs["device_id"]), reason=reason, actor=actor)
+        return [info(r) for r in recs], "directly in the store (km not reachable)"
+    finally:
+        store.close()
+
+
+def _print_revoked(revoked: list[msg.CertificateInfo], how: str) -> None:
+    table = Table("serial", "issuer", "profile", "device", "revoked at", "reason")
+    for r in revoked:
+        table.add_row(
+            r.serial, r.issuer, r.profile, r.device_id or "-", r.revoked_at or "-", r.revocation_reason or "-"
+        )
+    console.print(table)
+    console.print(f"{len(revoked)} certificate(s) revoked {how}")
+
+
+@ca.command("revoke")
+@data_option
+@click.argument("serial")
+@click.option("--issuer", type=click.Choice(["factory", "operational", "service"]), help="If the serial is ambiguous.")
+@click.option("--reason", default=None, help=REASONS_HELP)
+@handle_errors
+def ca_revoke(data: Path, serial: str, issuer: str | None, reason: str | None) -> None:
+    """Revoke one certificate by serial (hex). OCSP shows it at once; the next CRL lists it."""
+    dep = Deployment.load(data)
+    revoked, how = _revoke(dep, serial=serial, issuer=issuer, reason=reason)
+    _print_revoked(revoked, how)
+
+
+@ca.command("crl")
+@data_option
+@click.option(
+    "--issuer", type=click.Choice(["factory", "operational", "service"]), default="operational", show_default=True
+)
+@click.option("--partition", type=int, default=None, help="One partition (default: all, written to --out as a folder).")
+@click.option("--delta", is_flag=True, help="Delta CRLs instead of full ones.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="File (one partition) or folder.")
+@handle_errors
+def ca_crl(data: Path, issuer: str, partition: int | None, delta: bool, out: Path) -> None:
+    """Generate CRLs now (DER): one partition to a file, or every partition of a CA to a folder."""
+    from iotdlm.runtime import build_km, open_store
+
+    dep = Deployment.load(data)
+    store = open_store(dep)
+    try:
+        kmcore = build_km(dep, store, SystemClock())
+        assert kmcore.va is not None
+        if partition is not None:
+            rec = kmcore.va.generate_crl(issuer, partition, delta=delta)
+            out.write_bytes(rec.der)
+            console.print(f"CRL {issuer}/{partition} number {rec.number} ({len(rec.der)} bytes) written to {out}")
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        parts = dep.config.crl_partitions
+        total = 0
+        with _progress() as progress:
+            task = progress.add_task(f"{issuer} CRLs", total=parts)
+            for p in range(parts):
+                rec = kmcore.va.generate_crl(issuer, p, delta=delta)
+                (out / f"{issuer}-{p}.{'delta' if delta else 'crl'}").write_bytes(rec.der)
+                total += len(rec.der)
+                progress.advance(task)
+        console.print(f"{parts} CRLs of the {issuer} CA ({total} bytes in all) written to {out}")
+    finally:
+        store.close()
+
+
+# --- device -----------------------------------------------------------------------------------
+@main.group()
+def device() -> None:
+    """Device lifecycle: revoke all of a device's certificates, or decommission it (End-of-Life)."""
+
+
+@device.command("revoke")
+@data_option
+@click.argument("device_id")
+@click.option("--reason", default=None, help=REASONS_HELP)
+@handle_errors
+def device_revoke(data: Path, device_id: str, reason: str | None) -> None:
+    """Revoke every certificate the device holds (it may still be provisioned again)."""
+    revoked, how = _revoke(Deployment.load(data), device_id=device_id, reason=reason)
+    _print_revoked(revoked, how)
+
+
+@device.command("decommission")
+@data_option
+@click.argument("device_id")
+@click.option("--reason", default="cessationOfOperation", show_default=True, help=REASONS_HELP)
+@handle_errors
+def device_decommission(data: Path, device_id: str, reason: str) -> None:
+    """End-of-Life: revoke everything the device holds and retire it; km refuses it from then on."""
+    revoked, how = _revoke(Deployment.load(data), device_id=device_id, reason=reason, decommission=True)
+    _print_revoked(revoked, how)
+    console.print(f"device {device_id} is retired")
+
+
+# --- va ---------------------------------------------------------------------------------------
+@main.group()
+def va() -> None:
+    """Validation authority: ask for a certificate's status as a relying party would."""
+
+
+@va.command("ocsp")
+@data_option
+@click.option("--serial", required=True, help="Serial (hex) of the certificate to check.")
+@click.option("--issuer", type=click.Choice(["factory", "operational", "service"]), default=None)
+@click.option("--nonce/--no-nonce", default=True, show_default=True, help="Send a nonce (then the answer is fresh).")
+@handle_errors
+def va_ocsp(data: Path, serial: str, issuer: str | None, nonce: bool) -> None:
+    """Build an OCSP request for a certificate and ask km's VA (over NATS, or locally if km is down)."""
+    import os as _os
+
+    from cryptography.hazmat.primitives import hashes as _hashes
+    from cryptography.x509 import ocsp as _ocsp
+
+    from iotdlm.errors import UnavailableError
+    from iotdlm.runtime import build_km, connect_identity, open_store
+
+    dep = Deployment.load(data)
+    store = open_store(dep)
+    try:
+        recs = store.find_by_serial(int(serial, 16)) if _is_hex(serial) else []
+        recs = [r for r in recs if issuer is None or r.issuer == issuer]
+        if not recs:
+            raise NotFoundError(f"no certificate with serial {serial} (see `iotdlm ca list`)")
+        rec = recs[0]
+        cert = load_certificate(rec.der)
+        builder = _ocsp.OCSPRequestBuilder().add_certificate(cert, dep.ca_certificate(rec.issuer), _hashes.SHA1())  # noqa: S303 -- RFC 5019 CertID
+        if nonce:
+            builder = builder.add_extension(x509.OCSPNonce(_os.urandom(16)), critical=False)
+        req = builder.build().public_bytes(serialization.Encoding.DER)
+
+        async def remote() -> bytes:
+            from iotdlm.client.km import KmClient
+            from iotdlm.runtime import sealer_for
+
+            bus, ident = await connect_identity(dep, "admin")
+            try:
+                return await KmClient(bus, sealer_for(ident), SystemClock()).ocsp(req)
+            finally:
+                await bus.close()
+
+        try:
+            der, how = run(remote()), "km over NATS"
+        except UnavailableError:
+            kmcore = build_km(dep, store, SystemClock())
+            assert kmcore.va is not None
+            der, how = kmcore.va.ocsp(req), "local VA (km not reachable)"
+    finally:
+        store.close()
+    resp = _ocsp.load_der_ocsp_response(der)
+    table = Table(show_header=False)
+    table.add_row("answered by", how)
+    table.add_row("response status", resp.response_status.name)
+    if resp.response_status == _ocsp.OCSPResponseStatus.SUCCESSFUL:
+        table.add_row("certificate status", resp.certificate_status.name)
+        if resp.revocation_time_utc is not None:
+            table.add_row("revoked at", resp.revocation_time_utc.isoformat())
+            table.add_row("reason", resp.revocation_reason.value if resp.revocation_reason else "-")
+        table.add_row("this update", resp.this_update_utc.isoformat())
+        table.add_row("next update", resp.next_update_utc.isoformat() if resp.next_update_utc else "-")
+        table.add_row(
+            "nonce echoed", "yes" if any(isinstance(e.value, x509.OCSPNonce) for e in resp.extensions) else "no"
+        )
+    console.print(table)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
+
+
+# --- audit ------------------------------------------------------------------------------------
+@main.group("audit")
+def audit_group() -> None:
+    """The tamper-evident audit log: who issued, revoked and refused what, and when."""
+
+
+@audit_group.command("list")
+@data_option
+@click.option("--kind", default=None, help="issuance, revocation, decommission, crl, mode_switch, login, refused")
+@click.option("--actor", default=None)
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True)
+@handle_errors
+def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offset: int) -> None:
+    """List audit records, newest first."""
+    from iotdlm.runtime import open_store
+
+    store = open_store(Deployment.load(data))
+    try:
+        recs = store.list_audit(kind=kind, actor=actor, limit=limit, offset=offset)
+        total = store.count_audit()
+    finally:
+        store.close()
+    table = Table("seq", "at", "kind", "actor", "subject", "details")
+    for r in recs:
+        table.add_row(
+            str(r.seq), r.at.isoformat(timespec="seconds"), r.kind, r.actor, r.subject or "-", r.data_json[:80]
+        )
+    console.print(table)
+    console.print(f"{len(recs)} of {total} records shown")
+
+
+@audit_group.command("verify")
+@data_option
+@handle_errors
+def audit_verify(data: Path) -> None:
+    """Check the whole hash chain and every signed checkpoint; name the first bad record."""
+    from iotdlm.km import audit as km_audit
+    from iotdlm.pki.chain import verify_issued_by
+    from iotdlm.runtime import open_store
+
+    dep = Deployment.load(data)
+    service_ca = dep.ca_certificate("service")
+    store = open_store(dep)
+
+    def signer_key(fp: str) -> object | None:
+        rec = store.get_by_fingerprint(fp)
+        if rec is None or rec.status != "valid" or rec.issuer != "service":
+            return None
+        cert = load_certificate(rec.der)
+        try:
+            verify_issued_by(cert, service_ca, now=cert.not_valid_before_utc, eku=None)
+        except IotdlmError:
+            return None
+        return cert.public_key()
+
+    try:
+        with console.status("verifying the audit chain") as status:
+            report = km_audit.verify(store, signer_key, progress=lambda n: status.update(f"verified {n} records"))  # type: ignore[arg-type]
+    finally:
+        store.close()
+    console.print(
+        f"{report.records} records, {report.checkpoints} signed checkpoints, "
+        f"{report.unsigned_tail} records after the last checkpoint"
+    )
+    if report.ok:
+        console.print("[green]audit log intact[/green]")
+        return
+    for p in report.problems[:50]:
+        console.print(f"[red]{p}[/red]")
+    raise BadRequestError(
+        f"audit log damaged: {len(report.problems)} problem(s), first at record {report.first_bad_seq}"
+    )
+
+
+@audit_group.command("checkpoint")
+@data_option
+@handle_errors
+def audit_checkpoint(data: Path) -> None:
+    """Sign the current head of the audit chain with km's key (km does this every minute too)."""
+    from iotdlm.km import audit as km_audit
+    from iotdlm.runtime import open_store
+
+    dep = Deployment.load(data)
+    ident = dep.identity("km")
+    store = open_store(dep)
+    try:
+        cp = km_audit.checkpoint(store, ident.key, ident.certificate, SystemClock().now())
+    finally:
+        store.close()
+    console.print("nothing new to sign" if cp is None else f"checkpoint signed at record {cp.seq}")
 
 
 # --- demo -------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock
 from iotdlm.wire import km as msg
 from iotdlm.wire.envelope import Sealer
-from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW
+from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 
 class KmClient:
@@ -48,3 +48,27 @@ class KmClient:
             s.KM_GET, msg.encode(msg.GetRequest(serial=serial, issuer=issuer)), timeout=self.timeout
         )
         return msg.decode(reply, msg.CertificateInfo, what="km reply")
+
+    async def revoke(
+        self,
+        *,
+        serial: str | None = None,
+        issuer: str | None = None,
+        device_id: str | None = None,
+        reason: str | None = None,
+        decommission: bool = False,
+    ) -> list[msg.CertificateInfo]:
+        body = msg.RevokeRequest(
+            serial=serial, issuer=issuer, device_id=device_id, reason=reason, decommission=decommission
+        )
+        reply = await self.bus.request(s.KM_REVOKE, self._seal(OP_REVOKE, body), timeout=self.timeout)
+        return msg.decode(reply, msg.RevokeResponse, what="km reply").revoked
+
+    async def ocsp(self, request_der: bytes) -> bytes:
+        """An OCSP request (DER) answered by km's VA (DER OCSPResponse)."""
+        return await self.bus.request(s.KM_OCSP, request_der, timeout=self.timeout)
+
+    async def crl(self, issuer: str, partition: int, *, delta: bool = False) -> bytes:
+        """The current CRL (DER) of one partition of one issuing CA."""
+        body = msg.encode(msg.CrlRequest(issuer=issuer, partition=partition, delta=delta))
+        return await self.bus.request(s.KM_CRL, body, timeout=self.timeout)

@@ -32,6 +32,7 @@ from iotdlm.errors import (
     RejectedError,
     UntrustedError,
 )
+from iotdlm.km.audit import entry
 from iotdlm.km.ra import (
     Authorizer,
     CertRequestFacts,
@@ -42,18 +43,22 @@ from iotdlm.km.ra import (
     Operation,
     Pop,
     Principal,
+    authorize_revocation,
 )
+from iotdlm.km.records import info, issued, record_for
+from iotdlm.km.va import Va
 from iotdlm.pki import crmf
-from iotdlm.pki.ca import IssuingCA, PublicUrls, fingerprint
+from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
 from iotdlm.pki.csr import parse_csr
 from iotdlm.pki.keys import PublicKey
 from iotdlm.pki.names import check_id, device_id_of, device_subject, device_uri, module_of
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.store import CertRecord, Store
+from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
-from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW
+from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class Km:
         clock: Clock,
         settings: KmSettings,
         authorizer: Authorizer | None = None,
+        va: Va | None = None,
     ) -> None:
         self.cas = cas
         self.profiles = profiles
@@ -99,6 +105,7 @@ class Km:
         self.clock = clock
         self.settings = settings
         self.authorizer = authorizer or Authorizer()
+        self.va = va
         self._trusted: dict[str, _TrustedSigner] = {}
         self._lock = threading.Lock()
 
@@ -221,7 +228,15 @@ class Km:
             urls=self.settings.urls,
             validity=grant.validity,
         )
-        return _record(cert, ca.name, profile.name, grant.device_id, principal.describe(), now)
+        urls = self.settings.urls
+        partition = (
+            crl_partition(cert.serial_number, urls.crl_partitions)
+            if urls is not None and profile.with_revocation_pointers
+            else None
+        )
+        return record_for(
+            cert, ca.name, profile.name, grant.device_id, principal.describe(), now, crl_partition=partition
+        )
 
     def prepare(self, principal: Principal, item: msg.IssueItem, operation: Operation) -> tuple[Grant, CertRecord]:
         """Parse, authorize and sign one item (nothing stored yet)."""
@@ -245,9 +260,26 @@ class Km:
             if grant.dtype is not None:
                 self.store.upsert_device(grant.device_id, grant.dtype, now=now)
         records = [rec for _g, rec in pairs]
+        audit = [
+            entry(
+                now,
+                fmt.ISSUANCE,
+                rec.requested_by,
+                f"{rec.issuer}:{rec.serial:x}",
+                issuer=rec.issuer,
+                serial=format(rec.serial, "x"),
+                profile=rec.profile,
+                device_id=rec.device_id,
+                rule=grant.rule,
+                not_after=rec.not_after.isoformat(),
+                fingerprint=rec.fingerprint,
+            )
+            for grant, rec in pairs
+        ]
         # serials are 159 random bits; the store's unique (issuer, serial) refuses a collision
-        # across workers outright (SerialCollisionError), so no serial is ever issued twice
-        self.store.add_certificates(records)
+        # across workers outright (SerialCollisionError), so no serial is ever issued twice.
+        # Certificates and their audit records commit together or not at all.
+        self.store.add_certificates(records, audit=audit)
         for grant, rec in pairs:
             if grant.supersedes is not None:
                 issuer, serial = grant.supersedes
@@ -298,6 +330,30 @@ class Km:
         (rec,) = self.commit([pair])
         return issued(rec)
 
+    def revoke(self, token: bytes) -> msg.RevokeResponse:
+        """Revoke a certificate, or all of a device's (optionally decommissioning it). Operator only."""
+        if self.va is None:
+            raise RuntimeError("this km has no validation authority configured")
+        env, principal = self.authenticate(token, OP_REVOKE)
+        authorize_revocation(principal)
+        req = msg.decode(env.body, msg.RevokeRequest)
+        actor = principal.describe()
+        if (req.serial is None) == (req.device_id is None):
+            raise BadRequestError("give exactly one of serial or device_id", field="serial")
+        if req.serial is not None:
+            if req.decommission:
+                raise BadRequestError("decommission applies to a device_id, not a serial", field="decommission")
+            serial = _hex_serial(req.serial)
+            out = [self.va.revoke(serial, issuer=req.issuer, reason=req.reason, actor=actor)]
+        else:
+            assert req.device_id is not None
+            check_id(req.device_id)
+            if req.decommission:
+                out = self.va.decommission(req.device_id, actor=actor, reason=req.reason or "cessationOfOperation")
+            else:
+                out = self.va.revoke_device(req.device_id, reason=req.reason, actor=actor)
+        return msg.RevokeResponse(revoked=[info(r) for r in out])
+
     def chain(self) -> msg.ChainResponse:
         root = next(iter(self.cas.values())).root
         return msg.ChainResponse(
@@ -305,10 +361,7 @@ class Km:
         )
 
     def get(self, req: msg.GetRequest) -> msg.CertificateInfo:
-        try:
-            serial = int(req.serial, 16)
-        except ValueError:
-            raise BadRequestError(f"serial {req.serial!r} is not hexadecimal", field="serial") from None
+        serial = _hex_serial(req.serial)
         recs = (
             [r for r in [self.store.get_certificate(req.issuer, serial)] if r]
             if req.issuer
@@ -317,6 +370,16 @@ class Km:
         if not recs:
             raise NotFoundError(f"no certificate with serial {req.serial}", field="serial")
         return info(recs[0])
+
+
+def _hex_serial(text: str) -> int:
+    try:
+        serial = int(text, 16)
+    except ValueError:
+        raise BadRequestError(f"serial {text!r} is not hexadecimal", field="serial") from None
+    if not 0 < serial < 2**160:
+        raise BadRequestError(f"serial {text!r} is out of range", field="serial")
+    return serial
 
 
 def _public_key(cert: x509.Certificate) -> PublicKey:
@@ -336,59 +399,6 @@ def _check_requested_name(subject: x509.Name | None, device_id: str) -> None:
             field="subject",
             device_id=device_id,
         )
-
-
-def _record(
-    cert: x509.Certificate, issuer: str, profile: str, device_id: str | None, requested_by: str, now: dt.datetime
-) -> CertRecord:
-    raw = der(cert)
-    return CertRecord(
-        serial=cert.serial_number,
-        issuer=issuer,
-        subject=cert.subject.rfc4514_string(),
-        device_id=device_id,
-        profile=profile,
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        status="valid",
-        der=raw,
-        fingerprint=hashlib.sha256(raw).hexdigest(),
-        requested_by=requested_by,
-        created_at=now,
-    )
-
-
-def record_for(
-    cert: x509.Certificate, issuer: str, profile: str, device_id: str | None, requested_by: str, now: dt.datetime
-) -> CertRecord:
-    return _record(cert, issuer, profile, device_id, requested_by, now)
-
-
-def issued(rec: CertRecord) -> msg.IssuedCertificate:
-    return msg.IssuedCertificate(
-        serial=format(rec.serial, "x"),
-        issuer=rec.issuer,
-        profile=rec.profile,
-        device_id=rec.device_id,
-        not_after=rec.not_after.isoformat(),
-        certificate=rec.der,
-    )
-
-
-def info(rec: CertRecord) -> msg.CertificateInfo:
-    return msg.CertificateInfo(
-        serial=format(rec.serial, "x"),
-        issuer=rec.issuer,
-        subject=rec.subject,
-        device_id=rec.device_id,
-        profile=rec.profile,
-        status=rec.status,
-        not_before=rec.not_before.isoformat(),
-        not_after=rec.not_after.isoformat(),
-        certificate=rec.der,
-        revoked_at=rec.revoked_at.isoformat() if rec.revoked_at else None,
-        revocation_reason=rec.revocation_reason,
-    )
 
 
 def _error_info(exc: IotdlmError) -> msg.ErrorInfo:

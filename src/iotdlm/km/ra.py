@@ -169,3 +169,10 @@ class Authorizer:
             f"device {facts.device_id}",
             device_id=facts.device_id,
         )
+
+
+def authorize_revocation(principal: Principal) -> None:
+    """Revocation and decommissioning are the operator's (the admin identity). Deny by default."""
+    if isinstance(principal, ModulePrincipal) and principal.module == "admin":
+        return
+    raise NotAuthorizedError(f"{principal.describe()} may not revoke certificates; only the operator may")

@@ -17,6 +17,7 @@ from iotdlm.errors import BadRequestError, TooLargeError
 OP_ISSUE = "km.issue"
 OP_ISSUE_BATCH = "km.issue_batch"
 OP_RENEW = "km.renew"
+OP_REVOKE = "km.revoke"
 AUDIENCE = "km"
 
 #: most items one batch request may carry (a provisioning line sends many at once)
@@ -40,6 +41,23 @@ class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A device re-keys its own operational certificate: a CSR for the new key (signed by it)."""
 
     csr: bytes
+
+
+class RevokeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Revoke one certificate (``serial``), or every certificate of ``device_id``; with
+    ``decommission`` the device is also retired (End-of-Life) and km refuses it from then on."""
+
+    serial: str | None = None  # hex
+    issuer: str | None = None
+    device_id: str | None = None
+    reason: str | None = None  # RFC 5280 name, e.g. keyCompromise
+    decommission: bool = False
+
+
+class CrlRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    issuer: str
+    partition: int
+    delta: bool = False
 
 
 class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -91,6 +109,10 @@ class CertificateInfo(msgspec.Struct, frozen=True):
     certificate: bytes
     revoked_at: str | None = None
     revocation_reason: str | None = None
+
+
+class RevokeResponse(msgspec.Struct, frozen=True):
+    revoked: list[CertificateInfo]
 
 
 _T = TypeVar("_T")

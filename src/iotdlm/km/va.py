@@ -1,0 +1,306 @@
+"""Validation authority: revocation, partitioned full and delta CRLs, and an OCSP responder.
+
+- Revocation is recorded in the store together with its audit record; OCSP answers from the store,
+  so a revocation shows at once (cached responses for it are dropped at once in this worker, and in
+  other workers by the ``revoked`` event).
+- CRLs are partitioned per issuing CA (certificates name their partition in their CRL distribution
+  point) and only list certificates that have not expired, so no CRL grows without bound. A delta
+  CRL lists what was revoked since its base full CRL (with an overlap, so a revocation committed
+  while the base was being built is never missed). Full and delta CRLs of one partition share one
+  strictly increasing CRL number sequence (RFC 5280 5.2.3).
+- OCSP responses are signed by a delegated responder certificate per CA (id-kp-OCSPSigning,
+  ocsp-nocheck). Requests without a nonce are answered from a cache of pre-signed responses;
+  requests with a nonce are signed on demand so the nonce can be echoed (RFC 6960 4.4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from iotdlm.clock import Clock
+from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
+from iotdlm.km.records import record_for
+from iotdlm.pki import crl as pki_crl
+from iotdlm.pki import ocsp as pki_ocsp
+from iotdlm.pki.ca import IssuingCA, PublicUrls
+from iotdlm.pki.keys import KeySigner, generate_key
+from iotdlm.pki.profiles import Profile
+from iotdlm.store import CertRecord, CrlRecord, Store
+
+log = logging.getLogger(__name__)
+
+#: a delta CRL re-lists revocations this long before its base was made, in case one committed
+#: while the base was being built
+DELTA_OVERLAP = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class VaSettings:
+    urls: PublicUrls
+    crl_validity: dt.timedelta = dt.timedelta(days=1)
+    delta_validity: dt.timedelta = dt.timedelta(hours=1)
+    ocsp_validity: dt.timedelta = dt.timedelta(hours=1)
+    responder_renew_before: dt.timedelta = dt.timedelta(days=7)
+    cache_size: int = 200_000
+
+
+class Va:
+    def __init__(
+        self,
+        *,
+        cas: dict[str, IssuingCA],
+        profiles: dict[str, Profile],
+        store: Store,
+        clock: Clock,
+        settings: VaSettings,
+    ) -> None:
+        self.cas = cas
+        self.profiles = profiles
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self._responders: dict[str, pki_ocsp.Responder] = {}
+        self._cache: OrderedDict[tuple[str, int, str], tuple[bytes, dt.datetime]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- revocation ---------------------------------------------------------------------------
+    def find(self, serial: int, issuer: str | None = None) -> CertRecord:
+        if issuer is not None:
+            rec = self.store.get_certificate(issuer, serial)
+            if rec is None:
+                raise NotFoundError(f"no certificate {serial:x} from the {issuer} CA", field="serial")
+            return rec
+        recs = self.store.find_by_serial(serial)
+        if not recs:
+            raise NotFoundError(f"no certificate with serial {serial:x}", field="serial")
+        if len(recs) > 1:
+            raise BadRequestError(
+                f"serial {serial:x} exists under several CAs ({', '.join(r.issuer for r in recs)}); name the issuer",
+                field="issuer",
+            )
+        return recs[0]
+
+    def revoke(self, serial: int, *, issuer: str | None, reason: str | None, actor: str) -> CertRecord:
+        """Revoke one certificate (RFC 5280 reason name); ConflictError if it already is."""
+        reason = _reason(reason)
+        rec = self.find(serial, issuer)
+        out = self.store.revoke_certificate(rec.issuer, rec.serial, reason=reason, at=self.clock.now(), actor=actor)
+        self.revoked([out])
+        return out
+
+    def revoke_device(self, device_id: str, *, reason: str | None, actor: str) -> list[CertRecord]:
+        out = self.store.revoke_device_certificates(device_id, reason=_reason(reason), at=self.clock.now(), actor=actor)
+        self.revoked(out)
+        return out
+
+    def decommission(
+        self, device_id: str, *, actor: str, reason: str | None = "cessationOfOperation"
+    ) -> list[CertRecord]:
+        """End of life: revoke everything the device holds, retire it; km refuses it from now on."""
+        out = self.store.decommission_device(device_id, reason=_reason(reason), at=self.clock.now(), actor=actor)
+        self.revoked(out)
+        return out
+
+    def revoked(self, records: list[CertRecord]) -> None:
+        """After revocations (here or in another worker): drop cached answers, refresh delta CRLs."""
+        partitions = set()
+        for rec in records:
+            self.invalidate(rec.issuer, rec.serial)
+            if rec.crl_partition is not None:
+                partitions.add((rec.issuer, rec.crl_partition))
+        for issuer, partition in sorted(partitions):
+            # the revocation is done and recorded; a CRL that cannot be made now is made on schedule
+            try:
+                self.generate_crl(issuer, partition, delta=True)
+            except IotdlmError as exc:
+                log.warning("delta CRL %s/%s not refreshed after a revocation: %s", issuer, partition, exc)
+
+    def invalidate(self, issuer: str, serial: int) -> None:
+        with self._lock:
+            for alg in ("sha1", "sha256"):
+                self._cache.pop((issuer, serial, alg), None)
+
+    # --- CRLs ---------------------------------------------------------------------------------
+    def _ca(self, issuer: str) -> IssuingCA:
+        try:
+            return self.cas[issuer]
+        except KeyError:
+            raise NotFoundError(f"no issuing CA {issuer!r}; known: {', '.join(sorted(self.cas))}") from None
+
+    def _check_partition(self, partition: int) -> None:
+        if not 0 <= partition < self.settings.urls.crl_partitions:
+            raise NotFoundError(
+                f"no CRL partition {partition}; partitions are 0..{self.settings.urls.crl_partitions - 1}"
+            )
+
+    def generate_crl(self, issuer: str, partition: int, *, delta: bool = False) -> CrlRecord:
+        ca = self._ca(issuer)
+        self._check_partition(partition)
+        now = self.clock.now()
+        base: CrlRecord | None = None
+        if delta:
+            base = self.store.get_crl(issuer, partition, "full") or self.generate_crl(issuer, partition)
+        number = self.store.next_crl_number(issuer, partition)
+        since = base.this_update - DELTA_OVERLAP if base is not None else None
+        entries = (
+            pki_crl.RevokedEntry(serial=s, revoked_at=at, reason=reason)
+            for s, at, reason in self.store.iter_revoked(issuer, partition, not_after_from=now, revoked_since=since)
+        )
+        validity = self.settings.delta_validity if delta else self.settings.crl_validity
+        crl = pki_crl.build_crl(
+            ca,
+            entries,
+            number=number,
+            this_update=now,
+            next_update=now + validity,
+            partition=partition,
+            urls=self.settings.urls,
+            delta_base=base.number if base is not None else None,
+        )
+        rec = CrlRecord(
+            issuer=issuer,
+            partition=partition,
+            kind="delta" if delta else "full",
+            number=number,
+            this_update=now,
+            next_update=now + validity,
+            base_number=base.number if base is not None else None,
+            der=crl.public_bytes(Encoding.DER),
+        )
+        try:
+            self.store.save_crl(rec)
+        except ConflictError:
+            # another worker saved a newer CRL of this partition meanwhile: that one stands
+            newer = self.store.get_crl(issuer, partition, rec.kind)
+            if newer is None:
+                raise
+            return newer
+        return rec
+
+    def current_crl(self, issuer: str, partition: int, *, delta: bool = False) -> CrlRecord:
+        """The stored CRL, made anew if there is none or it is past its next update."""
+        self._ca(issuer)
+        self._check_partition(partition)
+        rec = self.store.get_crl(issuer, partition, "delta" if delta else "full")
+        if rec is None or rec.next_update <= self.clock.now():
+            rec = self.generate_crl(issuer, partition, delta=delta)
+        return rec
+
+    def refresh_due(self, *, margin: dt.timedelta = dt.timedelta(minutes=10)) -> int:
+        """Regenerate every full CRL that is missing or due within ``margin`` (the schedule)."""
+        now = self.clock.now()
+        stored = {(r.issuer, r.partition): r for r in self.store.list_crls() if r.kind == "full"}
+        n = 0
+        for issuer in self.cas:
+            for partition in range(self.settings.urls.crl_partitions):
+                rec = stored.get((issuer, partition))
+                if rec is None or rec.next_update - margin <= now:
+                    self.generate_crl(issuer, partition)
+                    n += 1
+        return n
+
+    def generate_all(self, *, delta: bool = False, progress: Callable[[], None] = lambda: None) -> list[CrlRecord]:
+        out = []
+        for issuer in self.cas:
+            for partition in range(self.settings.urls.crl_partitions):
+                out.append(self.generate_crl(issuer, partition, delta=delta))
+                progress()
+        return out
+
+    # --- OCSP ---------------------------------------------------------------------------------
+    def responder(self, issuer: str) -> pki_ocsp.Responder:
+        """The delegated OCSP responder of ``issuer``, issued (and recorded) on first use and
+        renewed before it expires. Its key lives only in this worker's memory."""
+        now = self.clock.now()
+        r = self._responders.get(issuer)
+        if r is not None and r.certificate.not_valid_after_utc - self.settings.responder_renew_before > now:
+            return r
+        with self._lock:
+            r = self._responders.get(issuer)
+            if r is not None and r.certificate.not_valid_after_utc - self.settings.responder_renew_before > now:
+                return r
+            ca = self._ca(issuer)
+            profile = dataclasses.replace(self.profiles["ocsp"], issuer=ca.name)
+            key = generate_key(ca.signer.algorithm)
+            cert = ca.issue(
+                profile,
+                key.public_key(),
+                x509.Name(
+                    [
+                        *ca.certificate.subject.get_attributes_for_oid(x509.oid.NameOID.ORGANIZATION_NAME),
+                        x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, f"{issuer} OCSP responder"),
+                    ]
+                ),
+                now=now,
+                serial=x509.random_serial_number(),
+            )
+            self.store.add_certificates([record_for(cert, ca.name, "ocsp", None, "km-va", now)])
+            r = pki_ocsp.Responder(ca=ca, certificate=cert, signer=KeySigner(key))
+            self._responders[issuer] = r
+            return r
+
+    def ocsp(self, request_der: bytes) -> bytes:
+        """Answer one OCSP request (DER). Never raises for bad input: that is malformedRequest."""
+        try:
+            query = pki_ocsp.parse_request(request_der)
+        except IotdlmError:
+            return pki_ocsp.error_response("malformed_request")
+        issuer = self._issuer_for(query)
+        if issuer is None:
+            return pki_ocsp.error_response("unauthorized")
+        if query.nonce is None:
+            with self._lock:
+                hit = self._cache.get((issuer, query.serial, query.hash_algorithm))
+            if hit is not None and hit[1] > self.clock.now():
+                return hit[0]
+        return self._sign_response(issuer, query)
+
+    def _issuer_for(self, query: pki_ocsp.OcspQuery) -> str | None:
+        for name in self.cas:
+            if self.responder(name).matches(query):
+                return name
+        return None
+
+    def _sign_response(self, issuer: str, query: pki_ocsp.OcspQuery) -> bytes:
+        now = self.clock.now()
+        rec = self.store.get_certificate(issuer, query.serial)
+        if rec is None:
+            status = pki_ocsp.CertStatus("unknown")
+        elif rec.status == "revoked":
+            status = pki_ocsp.CertStatus("revoked", revoked_at=rec.revoked_at, reason=rec.revocation_reason)
+        else:
+            status = pki_ocsp.CertStatus("good")
+        next_update = now + self.settings.ocsp_validity
+        der = pki_ocsp.build_response(
+            self.responder(issuer),
+            query,
+            status,
+            this_update=now,
+            next_update=next_update,
+            include_nonce=query.nonce is not None,
+        )
+        if query.nonce is None and rec is not None:
+            with self._lock:
+                self._cache[(issuer, query.serial, query.hash_algorithm)] = (der, next_update)
+                if len(self._cache) > self.settings.cache_size:
+                    self._cache.popitem(last=False)
+        return der
+
+
+def _reason(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    flag = pki_crl.parse_reason(reason)
+    return None if flag is x509.ReasonFlags.unspecified else _REASON_NAMES[flag]
+
+
+_REASON_NAMES = {flag: flag.value for flag in x509.ReasonFlags}
