@@ -15,6 +15,7 @@ from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.records import record_for
+from iotdlm.km.va import Va, VaSettings
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
 
@@ -58,12 +59,17 @@ def sealer_for(ident: ModuleIdentity) -> Sealer:
 
 
 def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes | None = None) -> Km:
+    """km's core with its validation authority, from a deployment (decrypts the CA keys)."""
+    cas = dep.load_cas(passphrase)
+    profiles = dep.profiles()
+    va = Va(cas=cas, profiles=profiles, store=store, clock=clock, settings=VaSettings(urls=dep.public_urls))
     return Km(
-        cas=dep.load_cas(passphrase),
-        profiles=dep.profiles(),
+        cas=cas,
+        profiles=profiles,
         store=store,
         clock=clock,
         settings=KmSettings(organization=dep.config.organization, urls=dep.public_urls, window=dep.request_window),
+        va=va,
     )
 
 

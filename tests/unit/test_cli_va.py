@@ -1,0 +1,106 @@
+"""The operator's VA and audit commands on a real deployment folder, with openssl as the judge."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+
+from iotdlm.cli.main import main
+from iotdlm.deployment import Deployment
+from iotdlm.pki.keys import Algorithm, generate_key
+from tests.helpers import make_csr
+
+ENV = {"IOTDLM_CA_PASSPHRASE": "pw", "COLUMNS": "200"}
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+
+
+def _run(*args: str) -> str:
+    r = CliRunner().invoke(main, list(args), env=ENV)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[Path, list[x509.Certificate]]:
+    data = tmp_path / "data"
+    _run("init", "--data", str(data), "--dtype", "boardA", "--nats-port", "1")  # port 1: km never reachable
+    certs = []
+    for i in range(3):
+        csr = tmp_path / f"d{i}.csr"
+        csr.write_bytes(make_csr(generate_key(Algorithm.P256), f"dev-{i}"))
+        out = tmp_path / f"d{i}.pem"
+        _run(
+            "ca",
+            "issue",
+            "--data",
+            str(data),
+            "--csr",
+            str(csr),
+            "--device-id",
+            f"dev-{i}",
+            "--profile",
+            "operational",
+            "--dtype",
+            "boardA",
+            "--out",
+            str(out),
+        )
+        certs.append(x509.load_pem_x509_certificate(out.read_bytes()))
+    return data, certs
+
+
+@pytest.mark.openssl
+@needs_openssl
+def test_revoke_then_crl_and_ocsp_agree_with_openssl(site: tuple[Path, list[x509.Certificate]], tmp_path: Path) -> None:
+    data, certs = site
+    victim = certs[0]
+    serial = format(victim.serial_number, "x")
+    out = _run("ca", "revoke", "--data", str(data), serial, "--reason", "keyCompromise")
+    assert "revoked directly in the store" in out
+    dep = Deployment.load(data)
+    partition = victim.serial_number % dep.config.crl_partitions
+    crl = tmp_path / "p.crl"
+    _run("ca", "crl", "--data", str(data), "--issuer", "operational", "--partition", str(partition), "--out", str(crl))
+    bundle = tmp_path / "ca.pem"
+    _run("ca", "chain", "--data", str(data), "--issuer", "operational", "--out", str(bundle))
+    v = subprocess.run(
+        ["openssl", "crl", "-in", str(crl), "-inform", "DER", "-noout", "-verify", "-CAfile", str(bundle)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert v.returncode == 0, v.stderr
+    assert "verify OK" in v.stdout + v.stderr
+    assert victim.serial_number in {r.serial_number for r in x509.load_der_x509_crl(crl.read_bytes())}
+
+    status = _run("va", "ocsp", "--data", str(data), "--serial", serial)
+    assert "REVOKED" in status
+    assert "key_compromise" in status or "keyCompromise" in status
+    assert "nonce echoed" in status
+    good = _run("va", "ocsp", "--data", str(data), "--serial", format(certs[1].serial_number, "x"), "--no-nonce")
+    assert "GOOD" in good
+
+
+def test_decommission_and_audit_verify(site: tuple[Path, list[x509.Certificate]]) -> None:
+    data, _certs = site
+    out = _run("device", "decommission", "--data", str(data), "dev-1")
+    assert "device dev-1 is retired" in out
+    r = CliRunner().invoke(main, ["device", "decommission", "--data", str(data), "dev-1"], env=ENV)
+    assert r.exit_code == 4
+    assert "retired" in r.output
+    listing = _run("audit", "list", "--data", str(data), "--limit", "100")
+    assert "decommission" in listing
+    assert "issuance" in listing
+    assert "checkpoint signed" in _run("audit", "checkpoint", "--data", str(data))
+    assert "audit log intact" in _run("audit", "verify", "--data", str(data))
+    with sqlite3.connect(data / "db" / "iotdlm.db") as db:
+        db.execute("UPDATE audit_log SET actor = 'mallory' WHERE seq = 2")
+    r = CliRunner().invoke(main, ["audit", "verify", "--data", str(data)], env=ENV)
+    assert r.exit_code == 4
+    assert "record 2" in r.output
