@@ -7,6 +7,8 @@
 - ``sqlite_url`` / ``postgres_url``: one backend only.
 - ``store``: ``Store.open(store_url)`` (migrated), closed afterwards.
 - ``make_cert(...)``: a valid :class:`CertRecord` with a fake DER, for tests.
+- ``count_statements(store, "SELECT")``: counts the SQL statements a store sends, for tests of
+  streaming (several small queries rather than one big one).
 
 When PostgreSQL does not answer within 2 s, every test needing it is skipped with the reason
 (shown by ``-ra``), once per session.
@@ -17,12 +19,14 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import event
 
 from iotdlm.store import CertRecord, Store
 from iotdlm.store.records import fingerprint_of
@@ -125,6 +129,7 @@ def make_cert(
     not_after: dt.datetime | None = None,
     der: bytes | None = None,
     requested_by: str = "pm",
+    crl_partition: int | None = None,
 ) -> CertRecord:
     """A valid record; the fake DER (hence the fingerprint) is unique per (issuer, serial)."""
     if der is None:
@@ -143,4 +148,23 @@ def make_cert(
         fingerprint=fingerprint_of(der),
         requested_by=requested_by,
         created_at=created_at,
+        crl_partition=crl_partition,
     )
+
+
+@contextmanager
+def count_statements(store: Store, prefix: str) -> Iterator[list[str]]:
+    """Collect the SQL statements starting with ``prefix`` (e.g. ``"SELECT"``) that ``store`` sends
+    while the block runs; the list fills as they go."""
+    seen: list[str] = []
+
+    def before(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith(prefix.upper()):
+            seen.append(statement)
+
+    engine = store._engine
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", before)

@@ -31,7 +31,17 @@ def test_tables_live_in_the_schema_named_in_the_url(pg_store: Store, postgres_us
         rows = conn.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY 1", (postgres_schema,)
         ).fetchall()
-        assert [r[0] for r in rows] == ["alembic_version", "certificates", "devices", "meta", "nonces"]
+        assert [r[0] for r in rows] == [
+            "alembic_version",
+            "audit_checkpoints",
+            "audit_log",
+            "certificates",
+            "crl_numbers",
+            "crls",
+            "devices",
+            "meta",
+            "nonces",
+        ]
         count = conn.execute(
             sql.SQL("SELECT count(*) FROM {}.certificates").format(sql.Identifier(postgres_schema))
         ).fetchone()

@@ -340,7 +340,7 @@ def test_migrate_twice_is_a_no_op_and_records_head(store: Store, store_url: str)
     engine = sa.create_engine(store_url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
     finally:
         engine.dispose()
     assert store.count_certificates() == 1

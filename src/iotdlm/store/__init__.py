@@ -4,7 +4,25 @@ Open with :meth:`Store.open`; the store is synchronous and thread-safe, so async
 through :func:`asyncio.to_thread`.
 """
 
-from iotdlm.store.records import CertRecord, DeviceRecord, fingerprint_of
+from iotdlm.store.records import (
+    AuditCheckpoint,
+    AuditEntry,
+    AuditRecord,
+    CertRecord,
+    CrlRecord,
+    DeviceRecord,
+    fingerprint_of,
+)
 from iotdlm.store.store import SerialCollisionError, Store
 
-__all__ = ["CertRecord", "DeviceRecord", "SerialCollisionError", "Store", "fingerprint_of"]
+__all__ = [
+    "AuditCheckpoint",
+    "AuditEntry",
+    "AuditRecord",
+    "CertRecord",
+    "CrlRecord",
+    "DeviceRecord",
+    "SerialCollisionError",
+    "Store",
+    "fingerprint_of",
+]

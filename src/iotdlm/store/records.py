@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, NoReturn
+
+from iotdlm.wire import audit as wire_audit
 
 CERT_VALID: Final = "valid"
 CERT_REVOKED: Final = "revoked"
@@ -38,6 +41,21 @@ NONCE_LEN: Final = 255
 META_KEY_LEN: Final = 255
 SERIAL_HEX_LEN: Final = 42
 FINGERPRINT_LEN: Final = 64
+CRL_KIND_LEN: Final = 16
+AUDIT_KIND_LEN: Final = 32
+ACTOR_LEN: Final = 255
+AUDIT_SUBJECT_LEN: Final = 1024
+HASH_LEN: Final = 64
+SIGNER_LEN: Final = 255
+
+MAX_CRL_PARTITION: Final = 4095
+"""CRL partitions are numbered 0..4095 (a certificate's ``crl_partition``, a CRL's ``partition``)."""
+MAX_CRL_NUMBER: Final = 2**63 - 1
+"""Largest CRL number the store keeps (a signed 64-bit column on every backend)."""
+
+CRL_FULL: Final = "full"
+CRL_DELTA: Final = "delta"
+CRL_KINDS: Final = frozenset({CRL_FULL, CRL_DELTA})
 
 
 def serial_to_hex(serial: int) -> str:
@@ -90,6 +108,52 @@ def check_aware(field: str, value: dt.datetime) -> None:
         raise ValueError(f"{field} must be timezone-aware, got naive {value.isoformat()}")
 
 
+def check_int(field: str, value: int, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{field} must be in [{low}, {high}], got {value}")
+
+
+def check_partition(field: str, value: int) -> None:
+    check_int(field, value, 0, MAX_CRL_PARTITION)
+
+
+def findable_partition(value: int) -> bool:
+    """Whether a CRL partition could be stored at all (a lookup of any other finds nothing)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"partition must be an int, got {type(value).__name__}")
+    return 0 <= value <= MAX_CRL_PARTITION
+
+
+def _check_utf8(field: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{field} must be encodable as UTF-8 (no lone surrogates)") from None
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def audit_data_json(data: dict[str, Any]) -> str:
+    """The canonical JSON (:func:`iotdlm.wire.audit.canonical_data`) of audit data, checked.
+
+    Raises ``ValueError`` unless ``data`` is a dict that serialises to JSON any verifier can read
+    back: no NaN or infinities, no lone surrogates, no objects JSON does not know.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"audit data must be a dict, got {type(data).__name__}")
+    try:
+        text_ = wire_audit.canonical_data(data)
+        json.loads(text_, parse_constant=_refuse_constant)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"audit data must be JSON-serialisable: {exc}") from None
+    _check_utf8("audit data", text_)
+    return text_
+
+
 @dataclass(frozen=True, slots=True)
 class CertRecord:
     """One issued certificate.
@@ -114,6 +178,8 @@ class CertRecord:
     revoked_at: dt.datetime | None = None
     revocation_reason: str | None = None
     superseded_by: int | None = None
+    crl_partition: int | None = None
+    """Which CRL partition (0..4095) lists this certificate once revoked; None: not assigned."""
 
     def __post_init__(self) -> None:
         serial_to_hex(self.serial)
@@ -138,6 +204,8 @@ class CertRecord:
             check_text("revocation_reason", self.revocation_reason, REASON_LEN)
         if self.superseded_by is not None:
             serial_to_hex(self.superseded_by)
+        if self.crl_partition is not None:
+            check_partition("crl_partition", self.crl_partition)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,3 +225,130 @@ class DeviceRecord:
             raise ValueError(f"device status must be one of {sorted(DEVICE_STATUSES)}, got {self.status!r}")
         check_aware("created_at", self.created_at)
         check_aware("updated_at", self.updated_at)
+
+
+@dataclass(frozen=True, slots=True)
+class CrlRecord:
+    """The newest CRL of one kind (``"full"`` or ``"delta"``) for one partition of one issuer.
+
+    ``der`` is the signed CRL. ``base_number`` is the CRL number of the full CRL a delta CRL is
+    relative to (RFC 5280 BaseCRLNumber), required for a delta and absent from a full CRL.
+    """
+
+    issuer: str
+    partition: int
+    kind: str
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    base_number: int | None
+    der: bytes
+
+    def __post_init__(self) -> None:
+        check_text("issuer", self.issuer, ISSUER_LEN)
+        check_partition("partition", self.partition)
+        if self.kind not in CRL_KINDS:
+            raise ValueError(f"CRL kind must be one of {sorted(CRL_KINDS)}, got {self.kind!r}")
+        check_int("number", self.number, 0, MAX_CRL_NUMBER)
+        check_aware("this_update", self.this_update)
+        check_aware("next_update", self.next_update)
+        if self.next_update <= self.this_update:
+            raise ValueError(
+                f"next_update {self.next_update.isoformat()} must be after this_update {self.this_update.isoformat()}"
+            )
+        if self.kind == CRL_DELTA:
+            if self.base_number is None:
+                raise ValueError("a delta CRL needs base_number (the number of the full CRL it builds on)")
+            check_int("base_number", self.base_number, 0, self.number)
+        elif self.base_number is not None:
+            raise ValueError("a full CRL has no base_number")
+        if not isinstance(self.der, bytes) or not self.der:
+            raise ValueError("der must be non-empty bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """An event to append to the audit log; the store gives it a sequence number and its hashes.
+
+    ``kind`` is one of :data:`iotdlm.wire.audit.KINDS`; ``data`` must serialise to JSON (see
+    :func:`audit_data_json`). ``at`` is stored in UTC with microseconds, as the hash covers it.
+    """
+
+    at: dt.datetime
+    kind: str
+    actor: str
+    subject: str | None
+    data: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        check_aware("at", self.at)
+        if self.kind not in wire_audit.KINDS:
+            raise ValueError(f"audit kind must be one of {sorted(wire_audit.KINDS)}, got {self.kind!r}")
+        check_text("actor", self.actor, ACTOR_LEN)
+        _check_utf8("actor", self.actor)
+        if self.subject is not None:
+            check_text("subject", self.subject, AUDIT_SUBJECT_LEN)
+            _check_utf8("subject", self.subject)
+        audit_data_json(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One stored audit log record.
+
+    ``hash`` is :func:`iotdlm.wire.audit.record_hash` of ``prev_hash`` and the other fields, where
+    ``prev_hash`` is the ``hash`` of record ``seq - 1`` (:data:`~iotdlm.wire.audit.GENESIS_HASH`
+    for record 1). ``data_json`` is the canonical JSON exactly as hashed; :attr:`data` parses it.
+    """
+
+    seq: int
+    at: dt.datetime
+    kind: str
+    actor: str
+    subject: str | None
+    data_json: str
+    prev_hash: str
+    hash: str
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """``data_json`` parsed (a fresh dict on every call)."""
+        value = json.loads(self.data_json)
+        if not isinstance(value, dict):
+            raise ValueError(f"audit record {self.seq} holds {type(value).__name__} data, not an object")
+        return value
+
+    def computed_hash(self) -> str:
+        """The hash this record should have, recomputed from its fields (compare with :attr:`hash`)."""
+        return wire_audit.record_hash(
+            self.prev_hash, self.seq, self.at, self.kind, self.actor, self.subject, self.data_json
+        )
+
+
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+def check_hash(field: str, value: str) -> None:
+    if not isinstance(value, str) or len(value) != HASH_LEN or not set(value) <= _HEX_DIGITS:
+        raise ValueError(f"{field} must be {HASH_LEN} lowercase hex characters")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheckpoint:
+    """A signature by km over record ``seq`` of the audit log and its ``hash``
+    (:func:`iotdlm.wire.audit.checkpoint_message`). ``signer`` is the signing certificate's
+    fingerprint."""
+
+    seq: int
+    hash: str
+    at: dt.datetime
+    signer: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        check_int("seq", self.seq, 1, 2**63 - 1)
+        check_hash("hash", self.hash)
+        check_aware("at", self.at)
+        check_text("signer", self.signer, SIGNER_LEN)
+        if not isinstance(self.signature, bytes) or not self.signature:
+            raise ValueError("signature must be non-empty bytes")

@@ -1,4 +1,5 @@
-"""The km store: certificates, devices, nonces and a few settings, in SQLite or PostgreSQL.
+"""The km store: certificates, devices, nonces, CRLs, the audit log and a few settings, in SQLite
+or PostgreSQL.
 
 Synchronous SQLAlchemy Core on one :class:`~sqlalchemy.engine.Engine`; every method takes a
 connection from the engine's pool for one transaction, so a :class:`Store` may be shared by
@@ -16,6 +17,12 @@ NUL or longer than its column) simply finds nothing, so untrusted keys can be pa
 A value to be *written* that the schema cannot hold (naive datetime, unknown status, NUL, too
 long) is a programming error and raises ``ValueError``; nonces, which come straight from requests,
 raise :class:`~iotdlm.errors.BadRequestError` instead.
+
+Audit log: records are appended with sequence numbers ``head + 1, head + 2, ...`` and a hash chain
+(:mod:`iotdlm.wire.audit`) inside the write transaction of whatever they record (issuance,
+revocation), so a change and its audit records commit together or not at all. Appenders are
+serialised: by an advisory transaction lock on PostgreSQL, by ``BEGIN IMMEDIATE`` on SQLite. The
+audit lock is always the last lock a transaction takes, so it cannot take part in a deadlock.
 """
 
 from __future__ import annotations
@@ -36,12 +43,14 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
+    Select,
     create_engine,
     delete,
     event,
     func,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -51,14 +60,34 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from iotdlm import errors
 from iotdlm.store import records as r
-from iotdlm.store.records import CertRecord, DeviceRecord
-from iotdlm.store.tables import certificates, devices, meta, nonces
+from iotdlm.store.records import (
+    AuditCheckpoint,
+    AuditEntry,
+    AuditRecord,
+    CertRecord,
+    CrlRecord,
+    DeviceRecord,
+)
+from iotdlm.store.tables import (
+    UTCDateTime,
+    audit_checkpoints,
+    audit_log,
+    certificates,
+    crl_numbers,
+    crls,
+    devices,
+    meta,
+    nonces,
+)
+from iotdlm.wire import audit as wire_audit
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
 _WRITE_OPTION: Final = "iotdlm_write"
 # Any constant will do: it only has to be the same for every process migrating one database.
 _MIGRATION_LOCK_KEY: Final = 0x10_7D_1A_0001
+# Serialises audit log appenders on PostgreSQL (pg_advisory_xact_lock), whatever else they write.
+_AUDIT_LOCK_KEY: Final = 0x10_7D_1A_0002
 _DEFAULT_PG_CONNECT_TIMEOUT_S: Final = 10
 _SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 _IN_CHUNK: Final = 500
@@ -79,7 +108,37 @@ _CERT_COLUMNS = (
     certificates.c.revoked_at,
     certificates.c.revocation_reason,
     certificates.c.superseded_by_hex,
+    certificates.c.crl_partition,
 )
+_CRL_COLUMNS = (
+    crls.c.issuer,
+    crls.c.partition,
+    crls.c.kind,
+    crls.c.number,
+    crls.c.this_update,
+    crls.c.next_update,
+    crls.c.base_number,
+    crls.c.der,
+)
+_AUDIT_COLUMNS = (
+    audit_log.c.seq,
+    audit_log.c.at,
+    audit_log.c.kind,
+    audit_log.c.actor,
+    audit_log.c.subject,
+    audit_log.c.data,
+    audit_log.c.prev_hash,
+    audit_log.c.hash,
+)
+_CHECKPOINT_COLUMNS = (
+    audit_checkpoints.c.seq,
+    audit_checkpoints.c.hash,
+    audit_checkpoints.c.at,
+    audit_checkpoints.c.signer,
+    audit_checkpoints.c.signature,
+)
+# Certificates that revocation may still change; revoked ones are final.
+_REVOCABLE: Final = (r.CERT_VALID, r.CERT_SUPERSEDED)
 _DEVICE_COLUMNS = (
     devices.c.device_id,
     devices.c.dtype,
@@ -149,6 +208,7 @@ def _cert_row(rec: CertRecord) -> dict[str, Any]:
         "revoked_at": rec.revoked_at,
         "revocation_reason": rec.revocation_reason,
         "superseded_by_hex": None if rec.superseded_by is None else r.serial_to_hex(rec.superseded_by),
+        "crl_partition": rec.crl_partition,
     }
 
 
@@ -169,7 +229,118 @@ def _cert_record(row: Row[*tuple[Any, ...]]) -> CertRecord:
         revoked_at=row[12],
         revocation_reason=row[13],
         superseded_by=None if row[14] is None else r.serial_from_hex(row[14]),
+        crl_partition=row[15],
     )
+
+
+def _crl_record(row: Row[*tuple[Any, ...]]) -> CrlRecord:
+    return CrlRecord(
+        issuer=row[0],
+        partition=row[1],
+        kind=row[2],
+        number=int(row[3]),
+        this_update=row[4],
+        next_update=row[5],
+        base_number=None if row[6] is None else int(row[6]),
+        der=bytes(row[7]),
+    )
+
+
+def _audit_record(row: Row[*tuple[Any, ...]]) -> AuditRecord:
+    return AuditRecord(
+        seq=int(row[0]),
+        at=row[1],
+        kind=row[2],
+        actor=row[3],
+        subject=row[4],
+        data_json=row[5],
+        prev_hash=row[6],
+        hash=row[7],
+    )
+
+
+def _checkpoint_record(row: Row[*tuple[Any, ...]]) -> AuditCheckpoint:
+    return AuditCheckpoint(seq=int(row[0]), hash=row[1], at=row[2], signer=row[3], signature=bytes(row[4]))
+
+
+def _check_batch_size(batch: int) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+
+
+def _check_entries(entries: Sequence[AuditEntry]) -> None:
+    for entry in entries:
+        if not isinstance(entry, AuditEntry):
+            raise ValueError(f"audit entries must be AuditEntry, got {type(entry).__name__}")
+
+
+def _revocation_entry(rec: CertRecord, *, actor: str) -> AuditEntry:
+    assert rec.revoked_at is not None
+    return AuditEntry(
+        at=rec.revoked_at,
+        kind=wire_audit.REVOCATION,
+        actor=actor,
+        subject=f"{rec.issuer}:{rec.serial:x}",
+        data={
+            "issuer": rec.issuer,
+            "serial": r.serial_to_hex(rec.serial),
+            "device_id": rec.device_id,
+            "reason": rec.revocation_reason,
+            "revoked_at": wire_audit.canonical_time(rec.revoked_at),
+        },
+    )
+
+
+def _append_audit(conn: Connection, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+    """Append ``entries`` to the audit log inside the caller's write transaction.
+
+    Takes the audit lock (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` has already serialised every
+    writer), reads the head, and chains the new records onto it. Call it last in a transaction:
+    the lock is held until commit.
+    """
+    if not entries:
+        return []
+    _check_entries(entries)
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
+    head = conn.execute(select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)).first()
+    seq, prev_hash = (0, wire_audit.GENESIS_HASH) if head is None else (int(head[0]), str(head[1]))
+    out: list[AuditRecord] = []
+    for entry in entries:
+        seq += 1
+        at = entry.at.astimezone(dt.UTC)
+        data_json = r.audit_data_json(entry.data)  # again: the dict may have changed since validation
+        hash_ = wire_audit.record_hash(prev_hash, seq, at, entry.kind, entry.actor, entry.subject, data_json)
+        out.append(
+            AuditRecord(
+                seq=seq,
+                at=at,
+                kind=entry.kind,
+                actor=entry.actor,
+                subject=entry.subject,
+                data_json=data_json,
+                prev_hash=prev_hash,
+                hash=hash_,
+            )
+        )
+        prev_hash = hash_
+    conn.execute(
+        audit_log.insert(),
+        [
+            {
+                "seq": rec.seq,
+                "at": rec.at,
+                "kind": rec.kind,
+                "actor": rec.actor,
+                "subject": rec.subject,
+                "data": rec.data_json,
+                "prev_hash": rec.prev_hash,
+                "hash": rec.hash,
+            }
+            for rec in out
+        ],
+    )
+    return out
 
 
 def _device_record(row: Row[*tuple[Any, ...]]) -> DeviceRecord:
@@ -392,20 +563,25 @@ class Store:
 
     # -- certificates ----------------------------------------------------------------------------
 
-    def add_certificates(self, records: Sequence[CertRecord]) -> None:
-        """Store a batch of new certificates in one transaction: all of them, or none.
+    def add_certificates(self, records: Sequence[CertRecord], *, audit: Sequence[AuditEntry] = ()) -> None:
+        """Store a batch of new certificates, and append ``audit`` to the audit log, in one
+        transaction: all of it, or none.
 
         Raises :class:`SerialCollisionError` if an ``(issuer, serial)`` is already stored or appears
-        twice in the batch, and :class:`~iotdlm.errors.ConflictError` for a duplicate fingerprint.
+        twice in the batch, and :class:`~iotdlm.errors.ConflictError` for a duplicate fingerprint;
+        then neither the certificates nor the audit records are stored.
         """
-        if not records:
+        if not records and not audit:
             return
         rows = [_cert_row(rec) for rec in records]
         self._check_batch(records)
+        _check_entries(audit)
         with self._guard("adding certificates"):
             try:
                 with self._tx(write=True) as conn:
-                    conn.execute(certificates.insert(), rows)
+                    if rows:
+                        conn.execute(certificates.insert(), rows)
+                    _append_audit(conn, audit)
             except sa_exc.IntegrityError as exc:
                 raise self._explain_conflict(records) from exc
 
@@ -598,6 +774,211 @@ class Store:
             )
         return _cert_record(row)
 
+    # -- revocation ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_revocation(reason: str | None, at: dt.datetime, actor: str) -> None:
+        if reason is not None:
+            r.check_text("reason", reason, r.REASON_LEN)
+        r.check_aware("at", at)
+        r.check_text("actor", actor, r.ACTOR_LEN)
+
+    def revoke_certificate(
+        self, issuer: str, serial: int, *, reason: str | None, at: dt.datetime, actor: str
+    ) -> CertRecord:
+        """Revoke one valid or superseded certificate and audit it, in one transaction.
+
+        Sets ``status`` to ``revoked``, ``revoked_at`` to ``at`` and ``revocation_reason`` to
+        ``reason`` (``superseded_by`` is kept), appends one ``revocation`` audit record, and returns
+        the certificate as now stored. Raises :class:`~iotdlm.errors.NotFoundError` if there is no
+        such certificate and :class:`~iotdlm.errors.ConflictError` (saying when and why) if it is
+        already revoked; then nothing changes.
+        """
+        self._check_revocation(reason, at, actor)
+        serial_hex = r.findable_serial(serial)
+        if serial_hex is None or not r.findable_text(issuer, r.ISSUER_LEN):
+            raise self._no_certificate(issuer, serial)
+        where = (certificates.c.serial_hex == serial_hex, certificates.c.issuer == issuer)
+        stmt = (
+            update(certificates)
+            .where(*where, certificates.c.status.in_(_REVOCABLE))
+            .values(status=r.CERT_REVOKED, revoked_at=at, revocation_reason=reason)
+            .returning(*_CERT_COLUMNS)
+        )
+        with self._guard("revoking a certificate"), self._tx(write=True) as conn:
+            row = conn.execute(stmt).first()
+            if row is None:
+                current = conn.execute(select(*_CERT_COLUMNS).where(*where)).first()
+                if current is None:
+                    raise self._no_certificate(issuer, serial)
+                raise self._already_revoked(_cert_record(current))
+            rec = _cert_record(row)
+            _append_audit(conn, [_revocation_entry(rec, actor=actor)])
+        return rec
+
+    @staticmethod
+    def _no_certificate(issuer: str, serial: int) -> errors.NotFoundError:
+        return errors.NotFoundError(
+            f"no certificate with serial {serial:x} from issuer {_short(issuer)}", field="serial"
+        )
+
+    @staticmethod
+    def _already_revoked(rec: CertRecord) -> errors.ConflictError:
+        when = "at an unknown time" if rec.revoked_at is None else f"at {rec.revoked_at.isoformat()}"
+        why = "no reason given" if rec.revocation_reason is None else f"reason: {rec.revocation_reason}"
+        return errors.ConflictError(
+            f"certificate serial {rec.serial:x} of issuer {_short(rec.issuer)} was already revoked {when} ({why})",
+            field="serial",
+            device_id=rec.device_id,
+        )
+
+    @staticmethod
+    def _lock_device(conn: Connection, device_id: str) -> DeviceRecord:
+        """The device, its row locked until commit on PostgreSQL (on SQLite the write lock is held),
+        so bulk operations on one device run one after the other. NotFoundError if unknown."""
+        row = None
+        if r.findable_text(device_id, r.DEVICE_ID_LEN):
+            stmt = select(*_DEVICE_COLUMNS).where(devices.c.device_id == device_id).with_for_update()
+            row = conn.execute(stmt).first()
+        if row is None:
+            raise errors.NotFoundError(f"no device {_short(device_id)}", device_id=device_id)
+        return _device_record(row)
+
+    @staticmethod
+    def _revoke_device(conn: Connection, device_id: str, *, reason: str | None, at: dt.datetime) -> list[CertRecord]:
+        """Revoke every valid or superseded certificate of the device; return them in issue order."""
+        stmt = (
+            update(certificates)
+            .where(certificates.c.device_id == device_id, certificates.c.status.in_(_REVOCABLE))
+            .values(status=r.CERT_REVOKED, revoked_at=at, revocation_reason=reason)
+            .returning(*_CERT_COLUMNS, certificates.c.id)
+        )
+        id_at = len(_CERT_COLUMNS)
+        rows = sorted(conn.execute(stmt).all(), key=lambda row: int(row[id_at]))
+        return [_cert_record(row) for row in rows]
+
+    def revoke_device_certificates(
+        self, device_id: str, *, reason: str | None, at: dt.datetime, actor: str
+    ) -> list[CertRecord]:
+        """Revoke every valid or superseded certificate of a device, with one ``revocation`` audit
+        record each, in one transaction, and return the newly revoked certificates in issue order
+        (certificates already revoked are left as they are). Raises
+        :class:`~iotdlm.errors.NotFoundError` if the device is unknown (see :meth:`upsert_device`).
+        """
+        self._check_revocation(reason, at, actor)
+        with self._guard("revoking the certificates of a device"), self._tx(write=True) as conn:
+            self._lock_device(conn, device_id)
+            revoked = self._revoke_device(conn, device_id, reason=reason, at=at)
+            _append_audit(conn, [_revocation_entry(rec, actor=actor) for rec in revoked])
+        return revoked
+
+    def decommission_device(
+        self, device_id: str, *, reason: str | None, at: dt.datetime, actor: str
+    ) -> list[CertRecord]:
+        """Retire a device and revoke its certificates, in one transaction.
+
+        The device becomes ``retired`` (``updated_at`` = ``at``); its certificates are revoked as
+        by :meth:`revoke_device_certificates` (one ``revocation`` audit record each), then one
+        ``decommission`` audit record lists the revoked serials. Returns the newly revoked
+        certificates. Raises :class:`~iotdlm.errors.NotFoundError` for an unknown device and
+        :class:`~iotdlm.errors.ConflictError` for one already retired; then nothing changes.
+        """
+        self._check_revocation(reason, at, actor)
+        with self._guard("decommissioning a device"), self._tx(write=True) as conn:
+            device = self._lock_device(conn, device_id)
+            if device.status == r.DEVICE_RETIRED:
+                raise errors.ConflictError(
+                    f"device {_short(device_id)} was already retired (last change at {device.updated_at.isoformat()})",
+                    device_id=device_id,
+                )
+            conn.execute(
+                update(devices).where(devices.c.device_id == device_id).values(status=r.DEVICE_RETIRED, updated_at=at)
+            )
+            revoked = self._revoke_device(conn, device_id, reason=reason, at=at)
+            entries = [_revocation_entry(rec, actor=actor) for rec in revoked]
+            entries.append(
+                AuditEntry(
+                    at=at,
+                    kind=wire_audit.DECOMMISSION,
+                    actor=actor,
+                    subject=device_id,
+                    data={
+                        "device_id": device_id,
+                        "revoked": [r.serial_to_hex(rec.serial) for rec in revoked],
+                        "reason": reason,
+                    },
+                )
+            )
+            _append_audit(conn, entries)
+        return revoked
+
+    @staticmethod
+    def _revoked_filters(issuer: str, partition: int, not_after_from: dt.datetime) -> list[ColumnElement[bool]] | None:
+        """WHERE clauses for the revoked certificates on a CRL, or None if no stored row can match."""
+        r.check_aware("not_after_from", not_after_from)
+        if not r.findable_partition(partition) or not r.findable_text(issuer, r.ISSUER_LEN):
+            return None
+        return [
+            certificates.c.issuer == issuer,
+            certificates.c.crl_partition == partition,
+            certificates.c.status == r.CERT_REVOKED,
+            certificates.c.not_after >= not_after_from,
+        ]
+
+    def iter_revoked(
+        self,
+        issuer: str,
+        partition: int,
+        *,
+        not_after_from: dt.datetime,
+        revoked_since: dt.datetime | None = None,
+        batch: int = 5000,
+    ) -> Iterator[tuple[int, dt.datetime, str | None]]:
+        """``(serial, revoked_at, reason)`` of every revoked certificate of ``issuer`` in CRL
+        partition ``partition`` whose ``not_after`` is at or after ``not_after_from`` (expired
+        certificates drop off CRLs) and, if ``revoked_since`` is given, revoked after it (delta CRLs).
+
+        Streams in issue order, ``batch`` rows per query, each query its own short read transaction
+        (keyset pagination on the row id): memory stays bounded however many rows match, and no
+        transaction stays open while the caller works. Certificates revoked while the iteration
+        runs may or may not be seen. A revoked certificate without ``revoked_at`` (possible through
+        :meth:`update_certificate_status`) is reported as revoked at its ``created_at`` rather than
+        left off the CRL. Arguments are checked at once, not on the first ``next()``.
+        """
+        if revoked_since is not None:
+            r.check_aware("revoked_since", revoked_since)
+        _check_batch_size(batch)
+        where = self._revoked_filters(issuer, partition, not_after_from)
+        if where is None:
+            return iter(())
+        revoked_at = type_coerce(func.coalesce(certificates.c.revoked_at, certificates.c.created_at), UTCDateTime())
+        if revoked_since is not None:
+            where.append(revoked_at > revoked_since)
+        base = select(certificates.c.id, certificates.c.serial_hex, revoked_at, certificates.c.revocation_reason)
+        return self._iter_revoked(base.where(*where), batch)
+
+    def _iter_revoked(self, base: Select[Any], batch: int) -> Iterator[tuple[int, dt.datetime, str | None]]:
+        last_id: int | None = None
+        while True:
+            stmt = base if last_id is None else base.where(certificates.c.id > last_id)
+            stmt = stmt.order_by(certificates.c.id).limit(batch)
+            with self._guard("listing revoked certificates"), self._tx(write=False) as conn:
+                rows = conn.execute(stmt).all()
+            for row in rows:
+                yield r.serial_from_hex(row[1]), row[2], row[3]
+            if len(rows) < batch:
+                return
+            last_id = int(rows[-1][0])
+
+    def count_revoked(self, issuer: str, partition: int, *, not_after_from: dt.datetime) -> int:
+        """How many certificates :meth:`iter_revoked` yields (without ``revoked_since``)."""
+        where = self._revoked_filters(issuer, partition, not_after_from)
+        if where is None:
+            return 0
+        stmt = select(func.count()).select_from(certificates).where(*where)
+        with self._guard("counting revoked certificates"), self._tx(write=False) as conn:
+            return int(conn.execute(stmt).scalar_one())
+
     # -- nonces ----------------------------------------------------------------------------------
 
     def consume_nonce(self, sender: str, nonce: str, *, expires_at: dt.datetime) -> None:
@@ -712,3 +1093,177 @@ class Store:
         )
         with self._guard("writing a setting"), self._tx(write=True) as conn:
             conn.execute(stmt)
+
+    # -- CRLs ------------------------------------------------------------------------------------
+
+    def next_crl_number(self, issuer: str, partition: int) -> int:
+        """Allocate the next CRL number of ``(issuer, partition)``: 1, 2, 3, ...
+
+        Atomic across threads and processes (one ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``
+        in a write transaction): no two calls get the same number, and a call gets a number above
+        every number handed out before it began. A number whose CRL is never saved is skipped.
+        """
+        r.check_text("issuer", issuer, r.ISSUER_LEN)
+        r.check_partition("partition", partition)
+        stmt = (
+            self._insert()(crl_numbers)
+            .values(issuer=issuer, partition=partition, last_number=1)
+            .on_conflict_do_update(
+                index_elements=[crl_numbers.c.issuer, crl_numbers.c.partition],
+                set_={"last_number": crl_numbers.c.last_number + 1},
+            )
+            .returning(crl_numbers.c.last_number)
+        )
+        with self._guard("allocating a CRL number"), self._tx(write=True) as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def save_crl(self, rec: CrlRecord) -> None:
+        """Store ``rec`` as the current CRL of its ``(issuer, partition, kind)``.
+
+        Never goes back: if the stored CRL of that key has a number at or above ``rec.number``
+        (another generator got there first), raises :class:`~iotdlm.errors.ConflictError` and
+        keeps the stored one. The comparison and the write are one statement.
+        """
+        if not isinstance(rec, CrlRecord):
+            raise ValueError(f"save_crl takes a CrlRecord, got {type(rec).__name__}")
+        values: dict[str, Any] = {
+            "number": rec.number,
+            "this_update": rec.this_update,
+            "next_update": rec.next_update,
+            "base_number": rec.base_number,
+            "der": rec.der,
+        }
+        ins = self._insert()(crls).values(issuer=rec.issuer, partition=rec.partition, kind=rec.kind, **values)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[crls.c.issuer, crls.c.partition, crls.c.kind],
+            set_=values,
+            where=crls.c.number < ins.excluded.number,
+        ).returning(crls.c.number)
+        key = (crls.c.issuer == rec.issuer, crls.c.partition == rec.partition, crls.c.kind == rec.kind)
+        with self._guard("saving a CRL"), self._tx(write=True) as conn:
+            if conn.execute(stmt).first() is None:
+                stored = conn.execute(select(crls.c.number).where(*key)).scalar_one()
+                raise errors.ConflictError(
+                    f"{rec.kind} CRL number {rec.number} of issuer {_short(rec.issuer)} partition {rec.partition} "
+                    f"is not newer than the stored one, number {stored}; the stored CRL was kept",
+                    field="number",
+                )
+
+    def get_crl(self, issuer: str, partition: int, kind: str) -> CrlRecord | None:
+        """The current CRL of that issuer, partition and kind (``"full"`` or ``"delta"``), or None."""
+        if not (
+            r.findable_partition(partition)
+            and r.findable_text(issuer, r.ISSUER_LEN)
+            and r.findable_text(kind, r.CRL_KIND_LEN)
+        ):
+            return None
+        stmt = select(*_CRL_COLUMNS).where(crls.c.issuer == issuer, crls.c.partition == partition, crls.c.kind == kind)
+        with self._guard("reading a CRL"), self._tx(write=False) as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _crl_record(row)
+
+    def list_crls(self, issuer: str | None = None) -> list[CrlRecord]:
+        """Every current CRL (of ``issuer`` if given), ordered by issuer, partition and kind."""
+        stmt = select(*_CRL_COLUMNS).order_by(crls.c.issuer, crls.c.partition, crls.c.kind)
+        if issuer is not None:
+            if not r.findable_text(issuer, r.ISSUER_LEN):
+                return []
+            stmt = stmt.where(crls.c.issuer == issuer)
+        with self._guard("listing CRLs"), self._tx(write=False) as conn:
+            rows = conn.execute(stmt).all()
+        return [_crl_record(row) for row in rows]
+
+    # -- audit log -------------------------------------------------------------------------------
+
+    def append_audit(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+        """Append ``entries`` to the audit log in one transaction; return them as stored."""
+        _check_entries(entries)
+        if not entries:
+            return []
+        with self._guard("appending to the audit log"), self._tx(write=True) as conn:
+            return _append_audit(conn, entries)
+
+    def audit_head(self) -> AuditRecord | None:
+        """The newest audit record, or None if the log is empty."""
+        stmt = select(*_AUDIT_COLUMNS).order_by(audit_log.c.seq.desc()).limit(1)
+        with self._guard("reading the audit head"), self._tx(write=False) as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _audit_record(row)
+
+    def iter_audit(self, *, start_seq: int = 1, batch: int = 1000) -> Iterator[AuditRecord]:
+        """Audit records from ``start_seq`` on, oldest first, ``batch`` per query (keyset
+        pagination on ``seq``, one short read transaction per query: bounded memory). Records
+        appended meanwhile are seen if the iteration has not passed their place yet."""
+        r.check_int("start_seq", start_seq, -(2**63), 2**63 - 1)
+        _check_batch_size(batch)
+        return self._iter_audit(start_seq, batch)
+
+    def _iter_audit(self, start_seq: int, batch: int) -> Iterator[AuditRecord]:
+        next_seq = start_seq
+        while True:
+            stmt = select(*_AUDIT_COLUMNS).where(audit_log.c.seq >= next_seq).order_by(audit_log.c.seq).limit(batch)
+            with self._guard("reading the audit log"), self._tx(write=False) as conn:
+                rows = conn.execute(stmt).all()
+            for row in rows:
+                yield _audit_record(row)
+            if len(rows) < batch:
+                return
+            next_seq = int(rows[-1][0]) + 1
+
+    def list_audit(
+        self, *, kind: str | None = None, actor: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[AuditRecord]:
+        """Audit records of that ``kind`` and ``actor`` (each if given), newest first."""
+        _check_page(limit, offset)
+        where: list[ColumnElement[bool]] = []
+        for column, value, max_len in (
+            (audit_log.c.kind, kind, r.AUDIT_KIND_LEN),
+            (audit_log.c.actor, actor, r.ACTOR_LEN),
+        ):
+            if value is None:
+                continue
+            if not r.findable_text(value, max_len):
+                return []
+            where.append(column == value)
+        stmt = select(*_AUDIT_COLUMNS).where(*where).order_by(audit_log.c.seq.desc()).limit(limit).offset(offset)
+        with self._guard("listing the audit log"), self._tx(write=False) as conn:
+            rows = conn.execute(stmt).all()
+        return [_audit_record(row) for row in rows]
+
+    def count_audit(self) -> int:
+        """How many records the audit log holds."""
+        with self._guard("counting the audit log"), self._tx(write=False) as conn:
+            return int(conn.execute(select(func.count()).select_from(audit_log)).scalar_one())
+
+    def add_audit_checkpoint(self, cp: AuditCheckpoint) -> None:
+        """Store a signed checkpoint of the audit log.
+
+        It must match the log: :class:`~iotdlm.errors.NotFoundError` if there is no record
+        ``cp.seq``, :class:`~iotdlm.errors.ConflictError` if that record's hash is not ``cp.hash``
+        or record ``cp.seq`` already has a checkpoint. (The store holds no keys: the signature is
+        the verifier's business.)
+        """
+        if not isinstance(cp, AuditCheckpoint):
+            raise ValueError(f"add_audit_checkpoint takes an AuditCheckpoint, got {type(cp).__name__}")
+        row = {"seq": cp.seq, "hash": cp.hash, "at": cp.at, "signer": cp.signer, "signature": cp.signature}
+        with self._guard("adding an audit checkpoint"):
+            try:
+                with self._tx(write=True) as conn:
+                    stored = conn.execute(select(audit_log.c.hash).where(audit_log.c.seq == cp.seq)).scalar()
+                    if stored is None:
+                        raise errors.NotFoundError(f"no audit record {cp.seq} to checkpoint", field="seq")
+                    if stored != cp.hash:
+                        raise errors.ConflictError(
+                            f"checkpoint hash {cp.hash} is not the hash of audit record {cp.seq} ({stored})",
+                            field="hash",
+                        )
+                    conn.execute(audit_checkpoints.insert().values(row))
+            except sa_exc.IntegrityError as exc:
+                raise errors.ConflictError(f"audit record {cp.seq} already has a checkpoint", field="seq") from exc
+
+    def list_audit_checkpoints(self) -> list[AuditCheckpoint]:
+        """Every checkpoint, oldest (lowest ``seq``) first."""
+        stmt = select(*_CHECKPOINT_COLUMNS).order_by(audit_checkpoints.c.seq)
+        with self._guard("listing audit checkpoints"), self._tx(write=False) as conn:
+            rows = conn.execute(stmt).all()
+        return [_checkpoint_record(row) for row in rows]

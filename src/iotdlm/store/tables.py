@@ -86,6 +86,7 @@ certificates = Table(
     Column("revoked_at", UTCDateTime(), nullable=True),
     Column("revocation_reason", String(r.REASON_LEN), nullable=True),
     Column("superseded_by_hex", String(r.SERIAL_HEX_LEN), nullable=True),
+    Column("crl_partition", Integer(), nullable=True),
     # serial first: the same index serves get_certificate(issuer, serial) and find_by_serial(serial).
     UniqueConstraint("serial_hex", "issuer"),
     UniqueConstraint("fingerprint"),
@@ -93,6 +94,9 @@ certificates = Table(
     Index(None, "status"),
     Index(None, "not_after"),
     Index(None, "created_at"),
+    # CRL generation: the revoked certificates of one partition, in id order (keyset pagination).
+    # id is spelled out for PostgreSQL; SQLite ends every index with the rowid (= id) anyway.
+    Index(None, "issuer", "crl_partition", "status", "id"),
 )
 
 devices = Table(
@@ -121,4 +125,51 @@ meta = Table(
     metadata,
     Column("key", String(r.META_KEY_LEN), primary_key=True),
     Column("value", Text(), nullable=False),
+)
+
+crl_numbers = Table(
+    "crl_numbers",
+    metadata,
+    Column("issuer", String(r.ISSUER_LEN), primary_key=True),
+    Column("partition", Integer(), primary_key=True),
+    Column("last_number", BigInteger(), nullable=False),
+)
+
+crls = Table(
+    "crls",
+    metadata,
+    Column("issuer", String(r.ISSUER_LEN), primary_key=True),
+    Column("partition", Integer(), primary_key=True),
+    Column("kind", String(r.CRL_KIND_LEN), primary_key=True),
+    Column("number", BigInteger(), nullable=False),
+    Column("this_update", UTCDateTime(), nullable=False),
+    Column("next_update", UTCDateTime(), nullable=False),
+    Column("base_number", BigInteger(), nullable=True),
+    Column("der", LargeBinary(), nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    # assigned by the store as head + 1 under the audit lock, never by the database
+    Column("seq", _ID, primary_key=True, autoincrement=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("kind", String(r.AUDIT_KIND_LEN), nullable=False),
+    Column("actor", String(r.ACTOR_LEN), nullable=False),
+    Column("subject", String(r.AUDIT_SUBJECT_LEN), nullable=True),
+    Column("data", Text(), nullable=False),
+    Column("prev_hash", String(r.HASH_LEN), nullable=False),
+    Column("hash", String(r.HASH_LEN), nullable=False),
+    Index(None, "kind"),
+    Index(None, "at"),
+)
+
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("seq", _ID, primary_key=True, autoincrement=False),
+    Column("hash", String(r.HASH_LEN), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("signer", String(r.SIGNER_LEN), nullable=False),
+    Column("signature", LargeBinary(), nullable=False),
 )
