@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/iotdlm demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
