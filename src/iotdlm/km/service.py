@@ -67,12 +67,12 @@ class KmService:
             s.KM_GET: lambda m: self.km.get(msg.decode(m.data, msg.GetRequest)),
         }
         if self.km.va is not None:
-            routes[s.KM_OCSP] = self._ocsp
             routes[s.KM_CRL] = self._crl
         for subject, fn in routes.items():
             self._subs.append(await self.bus.serve(subject, self._wrap(subject, fn), queue=queue))
         if self.km.va is not None:
             self._subs.append(await self.bus.serve(s.KM_REVOKE, self._revoke, queue=queue))
+            self._subs.append(await self.bus.serve(s.KM_OCSP, self._ocsp, queue=queue))
             self._subs.append(await self.bus.subscribe(s.KM_REVOKED_EVENT, self._on_revoked))
         if self.schedule is not None:
             self._tasks.append(asyncio.create_task(self._every(self.schedule.crl_check_every, self._refresh_crls)))
@@ -120,9 +120,15 @@ class KmService:
             await self.bus.publish(s.KM_REVOKED_EVENT, msg.encode(_RevokedEvent(issuer=rec.issuer, serial=rec.serial)))
         return msg.encode(out)
 
-    def _ocsp(self, m: Message) -> bytes:
-        assert self.km.va is not None
-        return self.km.va.ocsp(m.data)
+    async def _ocsp(self, m: Message) -> bytes:
+        """Cached answers straight from the event loop; everything else (nonce, first request for a
+        certificate) in a worker thread, as it reads the database and signs."""
+        va = self.km.va
+        assert va is not None
+        cached = va.ocsp_cached(m.data)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(va.ocsp, m.data)
 
     def _crl(self, m: Message) -> bytes:
         assert self.km.va is not None

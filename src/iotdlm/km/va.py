@@ -264,6 +264,24 @@ class Va:
                 return hit[0]
         return self._sign_response(issuer, query)
 
+    def ocsp_cached(self, request_der: bytes) -> bytes | None:
+        """The fast path: a pre-signed answer from the cache, or a malformedRequest answer, without
+        touching the database; None when the request needs :meth:`ocsp` (nonce, cache miss)."""
+        try:
+            query = pki_ocsp.parse_request(request_der)
+        except IotdlmError:
+            return pki_ocsp.error_response("malformed_request")
+        if query.nonce is not None:
+            return None
+        for issuer, responder in self._responders.items():
+            if responder.matches(query):
+                with self._lock:
+                    hit = self._cache.get((issuer, query.serial, query.hash_algorithm))
+                if hit is not None and hit[1] > self.clock.now():
+                    return hit[0]
+                return None
+        return None
+
     def _issuer_for(self, query: pki_ocsp.OcspQuery) -> str | None:
         for name in self.cas:
             if self.responder(name).matches(query):
