@@ -54,7 +54,7 @@ from iotdlm.pki.csr import parse_csr
 from iotdlm.pki.keys import PublicKey
 from iotdlm.pki.names import check_id, device_id_of, device_subject, device_uri, module_of
 from iotdlm.pki.profiles import Profile, get_profile
-from iotdlm.store import CertRecord, Store
+from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
@@ -166,7 +166,9 @@ class Km:
             )
         return trusted
 
-    def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal]:
+    def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal, NonceUse]:
+        """Who signed ``token``, checked. The returned nonce is spent by the operation, in the
+        transaction that acts on the request (or alone, if the request is refused)."""
         now = self.clock.now()
         alg, leaf = envelope.peek_signer(token, max_bytes=self.settings.max_request_bytes)
         signer = self._trust(leaf, now)
@@ -191,9 +193,11 @@ class Km:
                 issuer=record.issuer,
                 fingerprint=fp,
             )
-        sender = principal.fingerprint
-        self.store.consume_nonce(sender, env.nonce, expires_at=env.iat + self.settings.window)
-        return env, principal
+        return env, principal, NonceUse(principal.fingerprint, env.nonce, env.iat + self.settings.window)
+
+    def _spend(self, nonce: NonceUse) -> None:
+        """Spend the nonce of a request that stores nothing (a replay of it raises ReplayError)."""
+        self.store.consume_nonce(nonce.sender, nonce.nonce, expires_at=nonce.expires_at)
 
     # --- 3: parse, authorize, sign ------------------------------------------------------
     def _parse_item(self, item: msg.IssueItem) -> _Parsed:
@@ -209,8 +213,8 @@ class Km:
         r = reqs[0]
         return _Parsed(public_key=r.public_key, subject=r.subject, pop=r.pop)
 
-    def _device_state(self, device_id: str) -> DeviceState:
-        rec = self.store.get_device(device_id)
+    def _device_state(self, device_id: str, known: dict[str, DeviceRecord] | None) -> DeviceState:
+        rec = known.get(device_id) if known is not None else self.store.get_device(device_id)
         return DeviceState(dtype=rec.dtype, status=rec.status) if rec else DeviceState(dtype=None, status=None)
 
     def _sign(self, grant: Grant, parsed: _Parsed, principal: Principal, now: dt.datetime) -> CertRecord:
@@ -238,8 +242,16 @@ class Km:
             cert, ca.name, profile.name, grant.device_id, principal.describe(), now, crl_partition=partition
         )
 
-    def prepare(self, principal: Principal, item: msg.IssueItem, operation: Operation) -> tuple[Grant, CertRecord]:
-        """Parse, authorize and sign one item (nothing stored yet)."""
+    def prepare(
+        self,
+        principal: Principal,
+        item: msg.IssueItem,
+        operation: Operation,
+        *,
+        devices: dict[str, DeviceRecord] | None = None,
+    ) -> tuple[Grant, CertRecord]:
+        """Parse, authorize and sign one item (nothing stored yet). ``devices``: the store's
+        devices already read for a whole batch (else this item's device is read now)."""
         now = self.clock.now()
         check_id(item.device_id)
         parsed = self._parse_item(item)
@@ -248,17 +260,17 @@ class Km:
             profile=item.profile,
             device_id=item.device_id,
             pop=parsed.pop,
-            device=self._device_state(item.device_id),
+            device=self._device_state(item.device_id, devices),
         )
         grant = self.authorizer.authorize(principal, facts)
         return grant, self._sign(grant, parsed, principal, now)
 
     # --- 4: record ----------------------------------------------------------------------
-    def commit(self, pairs: list[tuple[Grant, CertRecord]]) -> list[CertRecord]:
+    def commit(self, pairs: list[tuple[Grant, CertRecord]], *, nonce: NonceUse | None = None) -> list[CertRecord]:
+        """Record certificates, their audit records, new devices and the request's nonce in ONE
+        write transaction (what keeps a provisioning line fast, and a replay from storing anything)."""
         now = self.clock.now()
-        for grant, _rec in pairs:
-            if grant.dtype is not None:
-                self.store.upsert_device(grant.device_id, grant.dtype, now=now)
+        devices = [(g.device_id, g.dtype) for g, _r in pairs if g.dtype is not None]
         records = [rec for _g, rec in pairs]
         audit = [
             entry(
@@ -279,7 +291,7 @@ class Km:
         # serials are 159 random bits; the store's unique (issuer, serial) refuses a collision
         # across workers outright (SerialCollisionError), so no serial is ever issued twice.
         # Certificates and their audit records commit together or not at all.
-        self.store.add_certificates(records, audit=audit)
+        self.store.add_certificates(records, audit=audit, devices=devices, nonce=nonce, now=now)
         for grant, rec in pairs:
             if grant.supersedes is not None:
                 issuer, serial = grant.supersedes
@@ -290,16 +302,25 @@ class Km:
 
     # --- operations ---------------------------------------------------------------------
     def issue(self, token: bytes) -> msg.IssuedCertificate:
-        _env, principal = self.authenticate(token, OP_ISSUE)
-        item = msg.decode(_env.body, msg.IssueItem)
-        pair = self.prepare(principal, item, "issue")
-        (rec,) = self.commit([pair])
+        env, principal, nonce = self.authenticate(token, OP_ISSUE)
+        try:
+            item = msg.decode(env.body, msg.IssueItem)
+            pair = self.prepare(principal, item, "issue")
+        except RejectedError:
+            self._spend(nonce)
+            raise
+        (rec,) = self.commit([pair], nonce=nonce)
         return issued(rec)
 
     def issue_batch(self, token: bytes) -> msg.BatchIssueResponse:
-        env, principal = self.authenticate(token, OP_ISSUE_BATCH)
-        req = msg.decode(env.body, msg.BatchIssueRequest)
-        msg.check_batch(req, self.settings.max_batch)
+        env, principal, nonce = self.authenticate(token, OP_ISSUE_BATCH)
+        try:
+            req = msg.decode(env.body, msg.BatchIssueRequest)
+            msg.check_batch(req, self.settings.max_batch)
+        except RejectedError:
+            self._spend(nonce)
+            raise
+        known = self.store.get_devices([item.device_id for item in req.items])
         results: list[msg.ItemResult | None] = [None] * len(req.items)
         pending: list[tuple[int, Grant, CertRecord]] = []
         seen: set[str] = set()
@@ -310,31 +331,38 @@ class Km:
                         f"device {item.device_id} appears twice in this batch", device_id=item.device_id
                     )
                 seen.add(item.device_id)
-                grant, rec = self.prepare(principal, item, "issue")
+                grant, rec = self.prepare(principal, item, "issue", devices=known)
                 pending.append((i, grant, rec))
             except RejectedError as exc:
                 results[i] = msg.ItemResult(device_id=item.device_id, error=_error_info(exc))
         if pending:
-            records = self.commit([(g, r) for _i, g, r in pending])
+            records = self.commit([(g, r) for _i, g, r in pending], nonce=nonce)
             for (i, _g, _r), rec in zip(pending, records, strict=True):
                 results[i] = msg.ItemResult(device_id=req.items[i].device_id, certificate=issued(rec))
+        else:
+            self._spend(nonce)
         return msg.BatchIssueResponse(results=[r for r in results if r is not None])
 
     def renew(self, token: bytes) -> msg.IssuedCertificate:
-        env, principal = self.authenticate(token, OP_RENEW)
-        if not isinstance(principal, DevicePrincipal):
-            raise BadRequestError("renewal requests are signed by the device with its current certificate")
-        req = msg.decode(env.body, msg.RenewRequest)
-        item = msg.IssueItem(device_id=principal.device_id, profile="operational", csr=req.csr)
-        pair = self.prepare(principal, item, "renew")
-        (rec,) = self.commit([pair])
+        env, principal, nonce = self.authenticate(token, OP_RENEW)
+        try:
+            if not isinstance(principal, DevicePrincipal):
+                raise BadRequestError("renewal requests are signed by the device with its current certificate")
+            req = msg.decode(env.body, msg.RenewRequest)
+            item = msg.IssueItem(device_id=principal.device_id, profile="operational", csr=req.csr)
+            pair = self.prepare(principal, item, "renew")
+        except RejectedError:
+            self._spend(nonce)
+            raise
+        (rec,) = self.commit([pair], nonce=nonce)
         return issued(rec)
 
     def revoke(self, token: bytes) -> msg.RevokeResponse:
         """Revoke a certificate, or all of a device's (optionally decommissioning it). Operator only."""
         if self.va is None:
             raise RuntimeError("this km has no validation authority configured")
-        env, principal = self.authenticate(token, OP_REVOKE)
+        env, principal, nonce = self.authenticate(token, OP_REVOKE)
+        self._spend(nonce)
         authorize_revocation(principal)
         req = msg.decode(env.body, msg.RevokeRequest)
         actor = principal.describe()

@@ -11,6 +11,7 @@ from iotdlm.store.records import (
     CertRecord,
     CrlRecord,
     DeviceRecord,
+    NonceUse,
     fingerprint_of,
 )
 from iotdlm.store.store import SerialCollisionError, Store
@@ -22,6 +23,7 @@ __all__ = [
     "CertRecord",
     "CrlRecord",
     "DeviceRecord",
+    "NonceUse",
     "SerialCollisionError",
     "Store",
     "fingerprint_of",

@@ -352,3 +352,12 @@ class AuditCheckpoint:
         check_text("signer", self.signer, SIGNER_LEN)
         if not isinstance(self.signature, bytes) or not self.signature:
             raise ValueError("signature must be non-empty bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class NonceUse:
+    """A request's replay nonce, to be consumed in the transaction that acts on the request."""
+
+    sender: str
+    nonce: str
+    expires_at: dt.datetime

@@ -67,6 +67,7 @@ from iotdlm.store.records import (
     CertRecord,
     CrlRecord,
     DeviceRecord,
+    NonceUse,
 )
 from iotdlm.store.tables import (
     UTCDateTime,
@@ -80,6 +81,8 @@ from iotdlm.store.tables import (
     nonces,
 )
 from iotdlm.wire import audit as wire_audit
+
+devices_table = devices  # ``devices`` is also a parameter name below
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
@@ -563,22 +566,61 @@ class Store:
 
     # -- certificates ----------------------------------------------------------------------------
 
-    def add_certificates(self, records: Sequence[CertRecord], *, audit: Sequence[AuditEntry] = ()) -> None:
+    def add_certificates(
+        self,
+        records: Sequence[CertRecord],
+        *,
+        audit: Sequence[AuditEntry] = (),
+        devices: Sequence[tuple[str, str]] = (),
+        nonce: NonceUse | None = None,
+        now: dt.datetime | None = None,
+    ) -> None:
         """Store a batch of new certificates, and append ``audit`` to the audit log, in one
         transaction: all of it, or none.
+
+        In the same transaction (one write per request, which is what keeps a provisioning line
+        fast on SQLite): ``devices`` -- ``(device_id, dtype)`` pairs created as active if unknown
+        (known ones are left as they are; needs ``now``) -- and ``nonce``, the request's replay
+        nonce, consumed here so a replayed request stores nothing (:class:`~iotdlm.errors.ReplayError`).
 
         Raises :class:`SerialCollisionError` if an ``(issuer, serial)`` is already stored or appears
         twice in the batch, and :class:`~iotdlm.errors.ConflictError` for a duplicate fingerprint;
         then neither the certificates nor the audit records are stored.
         """
-        if not records and not audit:
+        if not records and not audit and not devices and nonce is None:
             return
         rows = [_cert_row(rec) for rec in records]
         self._check_batch(records)
         _check_entries(audit)
+        device_rows = []
+        if devices:
+            if now is None:
+                raise ValueError("add_certificates needs now= to create devices")
+            r.check_aware("now", now)
+            for device_id, dtype in dict(devices).items():
+                r.check_text("device_id", device_id, r.DEVICE_ID_LEN)
+                r.check_text("dtype", dtype, r.DTYPE_LEN)
+                device_rows.append(
+                    {
+                        "device_id": device_id,
+                        "dtype": dtype,
+                        "status": r.DEVICE_ACTIVE,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+        if nonce is not None:
+            self._check_nonce(nonce.sender, nonce.nonce, nonce.expires_at)
         with self._guard("adding certificates"):
             try:
                 with self._tx(write=True) as conn:
+                    if nonce is not None:
+                        self._insert_nonce(conn, nonce.sender, nonce.nonce, nonce.expires_at)
+                    if device_rows:
+                        ins = self._insert()(devices_table).on_conflict_do_nothing(
+                            index_elements=[devices_table.c.device_id]
+                        )
+                        conn.execute(ins, device_rows)
                     if rows:
                         conn.execute(certificates.insert(), rows)
                     _append_audit(conn, audit)
@@ -987,19 +1029,28 @@ class Store:
         Race-free across threads and processes: the primary key ``(sender, nonce)`` decides.
         The row is kept until :meth:`purge_nonces` runs after ``expires_at``.
         """
+        self._check_nonce(sender, nonce, expires_at)
+        with self._guard("recording a nonce"), self._tx(write=True) as conn:
+            self._insert_nonce(conn, sender, nonce, expires_at)
+
+    @staticmethod
+    def _check_nonce(sender: str, nonce: str, expires_at: dt.datetime) -> None:
         for name, value, max_len in (("sender", sender, r.SENDER_LEN), ("nonce", nonce, r.NONCE_LEN)):
             if not r.findable_text(value, max_len):
                 # Nonces come straight from requests: refuse them as bad input, not as a bug.
                 raise errors.BadRequestError(f"{name} must be at most {max_len} characters without NUL", field=name)
         r.check_aware("expires_at", expires_at)
-        with self._guard("recording a nonce"):
-            try:
-                with self._tx(write=True) as conn:
-                    conn.execute(nonces.insert().values(sender=sender, nonce=nonce, expires_at=expires_at))
-            except sa_exc.IntegrityError as exc:
-                raise errors.ReplayError(
-                    f"nonce {_short(nonce)} from {_short(sender)} was already used", field="nonce"
-                ) from exc
+
+    @staticmethod
+    def _insert_nonce(conn: Connection, sender: str, nonce: str, expires_at: dt.datetime) -> None:
+        """Inside a write transaction; a reused nonce raises ReplayError (and the transaction rolls back)."""
+        try:
+            with conn.begin_nested():
+                conn.execute(nonces.insert().values(sender=sender, nonce=nonce, expires_at=expires_at))
+        except sa_exc.IntegrityError as exc:
+            raise errors.ReplayError(
+                f"nonce {_short(nonce)} from {_short(sender)} was already used", field="nonce"
+            ) from exc
 
     def purge_nonces(self, now: dt.datetime) -> int:
         """Forget nonces whose ``expires_at`` is at or before ``now``; return how many."""
@@ -1024,6 +1075,20 @@ class Store:
             conn.execute(ins)
             row = conn.execute(select(*_DEVICE_COLUMNS).where(devices.c.device_id == device_id)).one()
         return _device_record(row)
+
+    def get_devices(self, device_ids: Sequence[str]) -> dict[str, DeviceRecord]:
+        """The known devices among ``device_ids`` (one read, however many), by id."""
+        wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
+        out: dict[str, DeviceRecord] = {}
+        if not wanted:
+            return out
+        with self._guard("reading devices"), self._tx(write=False) as conn:
+            for i in range(0, len(wanted), _IN_CHUNK):
+                stmt = select(*_DEVICE_COLUMNS).where(devices_table.c.device_id.in_(wanted[i : i + _IN_CHUNK]))
+                for row in conn.execute(stmt):
+                    rec = _device_record(row)
+                    out[rec.device_id] = rec
+        return out
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or None if unknown."""
