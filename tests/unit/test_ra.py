@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from iotdlm.errors import ConflictError, NotAuthorizedError
-from iotdlm.km.ra import Authorizer, CertRequestFacts, DevicePrincipal, DeviceState, ModulePrincipal
+from iotdlm.km.ra import (
+    Authorizer,
+    CertRequestFacts,
+    DevicePrincipal,
+    DeviceState,
+    ModulePrincipal,
+    PresentedCredential,
+)
 
 PM_A = ModulePrincipal("pm", "boardA", "fp-pm-a")
 PM_NODTYPE = ModulePrincipal("pm", None, "fp-pm")
@@ -22,8 +29,13 @@ B = DeviceState("boardB", "active")
 RETIRED = DeviceState("boardA", "retired")
 
 
-def facts(op="issue", profile="operational", device="dev-1", pop="signature", state=NEW) -> CertRequestFacts:
-    return CertRequestFacts(operation=op, profile=profile, device_id=device, pop=pop, device=state)
+FACTORY_OK = PresentedCredential("factory", "dev-1", "valid", "factory", 10)
+FACTORY_REVOKED = PresentedCredential("factory", "dev-1", "revoked", "factory", 11)
+OPERATIONAL_OK = PresentedCredential("operational", "dev-1", "valid", "operational", 12)
+
+
+def facts(op="issue", profile="operational", device="dev-1", pop="signature", state=NEW, presented=None):
+    return CertRequestFacts(operation=op, profile=profile, device_id=device, pop=pop, device=state, presented=presented)
 
 
 ALLOWED = [
@@ -32,6 +44,9 @@ ALLOWED = [
     ("pm-known-device-same-dtype", PM_A, facts(state=A), "pm-provisioning"),
     ("device-renews-own", DEV1, facts(op="renew", state=A), "device-renewal"),
     ("operator-service-cert", ADMIN, facts(profile="service"), "operator"),
+    ("est-enroll-factory", CM, facts(op="est_enroll", presented=FACTORY_OK), "est-enroll"),
+    ("est-serverkeygen", CM, facts(op="est_enroll", pop="server_generated", presented=FACTORY_OK), "est-enroll"),
+    ("est-reenroll-operational", CM, facts(op="est_reenroll", presented=OPERATIONAL_OK), "est-reenroll"),
 ]
 
 DENIED = [
@@ -50,6 +65,15 @@ DENIED = [
     ("device-renew-revoked", DEV1_REVOKED, facts(op="renew"), NotAuthorizedError),
     ("device-raverified", DEV1, facts(op="renew", pop="ra_verified"), NotAuthorizedError),
     ("device-retired", DEV1, facts(op="renew", state=RETIRED), ConflictError),
+    ("est-without-credential", CM, facts(op="est_enroll"), NotAuthorizedError),
+    ("est-revoked-factory", CM, facts(op="est_enroll", presented=FACTORY_REVOKED), NotAuthorizedError),
+    ("est-reenroll-with-factory", CM, facts(op="est_reenroll", presented=FACTORY_OK), NotAuthorizedError),
+    ("est-enroll-with-operational", CM, facts(op="est_enroll", presented=OPERATIONAL_OK), NotAuthorizedError),
+    ("est-other-device", CM, facts(op="est_enroll", device="dev-2", presented=FACTORY_OK), NotAuthorizedError),
+    ("est-factory-profile", CM, facts(op="est_enroll", profile="factory", presented=FACTORY_OK), NotAuthorizedError),
+    ("est-retired", CM, facts(op="est_enroll", state=RETIRED, presented=FACTORY_OK), ConflictError),
+    ("est-by-pm", PM_A, facts(op="est_enroll", presented=FACTORY_OK), NotAuthorizedError),
+    ("serverkeygen-outside-est", ADMIN, facts(pop="server_generated"), NotAuthorizedError),
 ]
 
 

@@ -25,6 +25,9 @@ KM_REVOKE = f"{PREFIX}.km.certificate.revoke"
 KM_OCSP = f"{PREFIX}.km.va.ocsp"
 KM_CRL = f"{PREFIX}.km.va.crl"
 KM_EST = f"{PREFIX}.km.est"  # cm relays EST operations below this prefix
+KM_EST_SIMPLEENROLL = f"{KM_EST}.simpleenroll"
+KM_EST_SIMPLEREENROLL = f"{KM_EST}.simplereenroll"
+KM_EST_SERVERKEYGEN = f"{KM_EST}.serverkeygen"
 KM_REVOKED_EVENT = f"{PREFIX}.events.km.revoked"
 
 # --- sm: software management ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock
 from iotdlm.wire import km as msg
 from iotdlm.wire.envelope import Sealer
-from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
+from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 
 class KmClient:
@@ -72,3 +72,16 @@ class KmClient:
         """The current CRL (DER) of one partition of one issuing CA."""
         body = msg.encode(msg.CrlRequest(issuer=issuer, partition=partition, delta=delta))
         return await self.bus.request(s.KM_CRL, body, timeout=self.timeout)
+
+    async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse:
+        """Relay an EST operation (cm): simpleenroll, simplereenroll or serverkeygen."""
+        subject = {
+            "simpleenroll": s.KM_EST_SIMPLEENROLL,
+            "simplereenroll": s.KM_EST_SIMPLEREENROLL,
+            "serverkeygen": s.KM_EST_SERVERKEYGEN,
+        }.get(operation)
+        if subject is None:
+            raise ValueError(f"unknown EST operation {operation!r}")
+        body = msg.EstRequest(operation=operation, client_certificate=client_certificate, csr=csr)
+        reply = await self.bus.request(subject, self._seal(OP_EST, body), timeout=self.timeout)
+        return msg.decode(reply, msg.EstResponse, what="km reply")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotdlm.clock import Clock
@@ -42,6 +43,7 @@ from iotdlm.km.ra import (
     ModulePrincipal,
     Operation,
     Pop,
+    PresentedCredential,
     Principal,
     authorize_revocation,
 )
@@ -51,14 +53,14 @@ from iotdlm.pki import crmf
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
 from iotdlm.pki.csr import parse_csr
-from iotdlm.pki.keys import PublicKey
+from iotdlm.pki.keys import PublicKey, generate_key
 from iotdlm.pki.names import check_id, device_id_of, device_subject, device_uri, module_of
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
-from iotdlm.wire.km import AUDIENCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
+from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 
 @dataclass(frozen=True)
@@ -356,6 +358,77 @@ class Km:
             raise
         (rec,) = self.commit([pair], nonce=nonce)
         return issued(rec)
+
+    def presented(self, der_cert: bytes) -> PresentedCredential:
+        """Check, independently of cm, the certificate a device presented at the TLS edge: issued by
+        our factory or operational CA, valid now, known to km (recorded), and its status."""
+        now = self.clock.now()
+        try:
+            cert = load_certificate(der_cert)
+            for name in ("factory", "operational"):
+                ca = self.cas[name]
+                if cert.issuer == ca.certificate.subject:
+                    verify_issued_by(cert, ca.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+                    device_id = device_id_of(cert)
+                    break
+            else:
+                raise UntrustedError(
+                    f"client certificate {cert.subject.rfc4514_string()} is not from this deployment's factory "
+                    "or operational CA"
+                )
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise UntrustedError(f"client certificate is malformed: {exc}") from exc
+        if device_id is None:
+            raise UntrustedError("client certificate names no device id")
+        record = self.store.get_by_fingerprint(fingerprint(cert))
+        if record is None:
+            raise UntrustedError(f"the {name} certificate of device {device_id} is not registered with km")
+        return PresentedCredential(
+            profile=record.profile,
+            device_id=device_id,
+            status=record.status,
+            issuer=record.issuer,
+            serial=record.serial,
+        )
+
+    def est(self, token: bytes) -> msg.EstResponse:
+        """EST simpleenroll / simplereenroll / serverkeygen relayed by cm (RFC 7030)."""
+        env, principal, nonce = self.authenticate(token, OP_EST)
+        now = self.clock.now()
+        try:
+            req = msg.decode(env.body, msg.EstRequest)
+            if req.operation not in ("simpleenroll", "simplereenroll", "serverkeygen"):
+                raise BadRequestError(f"unknown EST operation {req.operation!r}", field="operation")
+            cred = self.presented(req.client_certificate)
+            reenroll = req.operation == "simplereenroll" or (
+                req.operation == "serverkeygen" and cred.profile == "operational"
+            )
+            server_keygen = req.operation == "serverkeygen"
+            csr = parse_csr(req.csr)
+            _check_requested_name(csr.subject, cred.device_id)
+            facts = CertRequestFacts(
+                operation="est_reenroll" if reenroll else "est_enroll",
+                profile="operational",
+                device_id=cred.device_id,
+                pop="server_generated" if server_keygen else "signature",
+                device=self._device_state(cred.device_id, None),
+                presented=cred,
+            )
+            grant = self.authorizer.authorize(principal, facts)
+            private_key: bytes | None = None
+            public_key = csr.public_key
+            if server_keygen:
+                key = generate_key(self.cas["operational"].signer.algorithm)
+                public_key = key.public_key()
+                private_key = key.private_bytes(
+                    serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            rec = self._sign(grant, _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop), principal, now)
+        except RejectedError:
+            self._spend(nonce)
+            raise
+        (rec,) = self.commit([(grant, rec)], nonce=nonce)
+        return msg.EstResponse(certificate=issued(rec), private_key=private_key)
 
     def revoke(self, token: bytes) -> msg.RevokeResponse:
         """Revoke a certificate, or all of a device's (optionally decommissioning it). Operator only."""

@@ -25,8 +25,8 @@ from typing import Literal
 from iotdlm.errors import ConflictError, NotAuthorizedError
 from iotdlm.pki.profiles import DEVICE_PROFILES
 
-Pop = Literal["signature", "ra_verified"]
-Operation = Literal["issue", "renew"]
+Pop = Literal["signature", "ra_verified", "server_generated"]
+Operation = Literal["issue", "renew", "est_enroll", "est_reenroll"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,24 @@ class DeviceState:
 
 
 @dataclass(frozen=True)
+class PresentedCredential:
+    """The certificate a device authenticated with at cm's TLS edge, as km checked it itself."""
+
+    profile: str  # factory | operational
+    device_id: str
+    status: str  # valid | revoked | superseded (from km's store)
+    issuer: str
+    serial: int
+
+
+@dataclass(frozen=True)
 class CertRequestFacts:
     operation: Operation
     profile: str
     device_id: str
     pop: Pop
     device: DeviceState
+    presented: PresentedCredential | None = None
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,37 @@ def rule_operator(p: Principal, f: CertRequestFacts) -> Grant | None:
     return Grant(profile=f.profile, device_id=f.device_id, dtype=f.device.dtype, validity=None, rule="operator")
 
 
-DEFAULT_RULES: tuple[Rule, ...] = (rule_pm_provisioning, rule_device_renewal, rule_operator)
+def rule_est_enrollment(p: Principal, f: CertRequestFacts) -> Grant | None:
+    """EST through cm (RFC 7030; seed 003 VI-C and VI-D): a device that authenticated with its
+    registered factory certificate enrolls for an operational certificate; one holding a valid
+    operational certificate re-enrolls (the old one is superseded)."""
+    if not isinstance(p, ModulePrincipal) or p.module != "cm" or f.operation not in ("est_enroll", "est_reenroll"):
+        return None
+    cred = f.presented
+    if cred is None:
+        raise NotAuthorizedError("EST enrollment needs the client certificate the device presented")
+    if f.profile != "operational":
+        raise NotAuthorizedError(f"EST issues operational certificates, not {f.profile!r}", field="profile")
+    if cred.device_id != f.device_id:
+        raise NotAuthorizedError(f"the client certificate names device {cred.device_id}, not {f.device_id}")
+    wanted = "factory" if f.operation == "est_enroll" else "operational"
+    if cred.profile != wanted:
+        verb = "enroll" if f.operation == "est_enroll" else "re-enroll"
+        raise NotAuthorizedError(f"to {verb}, a device authenticates with its {wanted} certificate, not {cred.profile}")
+    if cred.status != "valid":
+        raise NotAuthorizedError(f"the {cred.profile} certificate of device {cred.device_id} is {cred.status}")
+    _check_device_usable(f)
+    return Grant(
+        profile="operational",
+        device_id=f.device_id,
+        dtype=f.device.dtype,
+        validity=None,
+        rule="est-" + ("enroll" if f.operation == "est_enroll" else "reenroll"),
+        supersedes=(cred.issuer, cred.serial) if f.operation == "est_reenroll" else None,
+    )
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (rule_pm_provisioning, rule_device_renewal, rule_est_enrollment, rule_operator)
 
 
 class Authorizer:
@@ -154,6 +196,8 @@ class Authorizer:
 
     def authorize(self, principal: Principal, facts: CertRequestFacts) -> Grant:
         """Return the grant of the first rule that allows the request; raise NotAuthorizedError otherwise."""
+        if facts.pop == "server_generated" and facts.operation not in ("est_enroll", "est_reenroll"):
+            raise NotAuthorizedError("server-generated keys are only for EST serverkeygen")
         if facts.pop == "ra_verified" and not (isinstance(principal, ModulePrincipal) and principal.module == "pm"):
             raise NotAuthorizedError(
                 f"raVerified proof of possession is accepted only in requests signed by pm, not by "

@@ -65,6 +65,9 @@ class KmService:
             s.KM_RENEW: lambda m: self.km.renew(m.data),
             s.KM_CHAIN: lambda m: self.km.chain(),
             s.KM_GET: lambda m: self.km.get(msg.decode(m.data, msg.GetRequest)),
+            s.KM_EST_SIMPLEENROLL: lambda m: self.km.est(m.data),
+            s.KM_EST_SIMPLEREENROLL: lambda m: self.km.est(m.data),
+            s.KM_EST_SERVERKEYGEN: lambda m: self.km.est(m.data),
         }
         if self.km.va is not None:
             routes[s.KM_CRL] = self._crl

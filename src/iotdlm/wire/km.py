@@ -18,6 +18,7 @@ OP_ISSUE = "km.issue"
 OP_ISSUE_BATCH = "km.issue_batch"
 OP_RENEW = "km.renew"
 OP_REVOKE = "km.revoke"
+OP_EST = "km.est"
 AUDIENCE = "km"
 
 #: most items one batch request may carry (a provisioning line sends many at once)
@@ -54,6 +55,15 @@ class RevokeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decommission: bool = False
 
 
+class EstRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """cm relays an EST operation: the TLS client certificate the device presented, and its CSR
+    (for serverkeygen the CSR only names the device; km makes the key)."""
+
+    operation: str  # simpleenroll | simplereenroll | serverkeygen
+    client_certificate: bytes  # DER
+    csr: bytes
+
+
 class CrlRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     issuer: str
     partition: int
@@ -72,6 +82,11 @@ class IssuedCertificate(msgspec.Struct, frozen=True):
     device_id: str | None
     not_after: str  # ISO 8601
     certificate: bytes  # DER
+
+
+class EstResponse(msgspec.Struct, frozen=True):
+    certificate: IssuedCertificate
+    private_key: bytes | None = None  # PKCS#8 DER, serverkeygen only
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):

@@ -1,0 +1,166 @@
+"""km's side of EST (RFC 7030) as cm relays it: initial enrollment with the factory certificate,
+re-enrollment with the operational one, server-side key generation, and the refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from iotdlm.bus import Bus
+from iotdlm.bus.memory import MemoryHub
+from iotdlm.client.km import KmClient
+from iotdlm.clock import FixedClock
+from iotdlm.errors import BadRequestError, NotAuthorizedError, UntrustedError
+from iotdlm.km import Km, KmService, KmSettings
+from iotdlm.km.va import Va, VaSettings
+from iotdlm.pki.ca import PublicUrls
+from iotdlm.pki.chain import der, verify_issued_by
+from iotdlm.pki.keys import Algorithm, generate_key
+from iotdlm.pki.names import device_id_of, device_subject, device_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES
+from iotdlm.store import Store
+from tests.fixtures_nats import start_nats
+from tests.helpers import NOW, ORG, make_csr, make_pki
+
+PKI = make_pki()
+URLS = PublicUrls("http://127.0.0.1:8080", crl_partitions=4)
+
+
+@dataclasses.dataclass
+class Env:
+    store: Store
+    clock: FixedClock
+    buses: dict[str, Bus]
+
+    def client(self, identity: str) -> KmClient:
+        return KmClient(self.buses[identity.split("-")[0]], PKI.module(*identity.split("-", 1)).sealer, self.clock)
+
+    async def factory_cert(self, device_id: str) -> tuple[object, x509.Certificate]:
+        key = generate_key(Algorithm.P256)
+        out = await self.client("pm-boardA").issue(device_id, "factory", csr=make_csr(key, device_id))
+        return key, x509.load_der_x509_certificate(out.certificate)
+
+
+@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    clock = FixedClock(NOW)
+    store = Store.open(f"sqlite:///{tmp_path / 'km.db'}")
+    va = Va(cas=PKI.cas, profiles=DEFAULT_PROFILES, store=store, clock=clock, settings=VaSettings(urls=URLS))
+    km = Km(
+        cas=PKI.cas,
+        profiles=DEFAULT_PROFILES,
+        store=store,
+        clock=clock,
+        settings=KmSettings(organization=ORG, urls=URLS),
+        va=va,
+    )
+    server = None
+    if request.param == "memory":
+        hub = MemoryHub()
+        buses: dict[str, Bus] = {m: hub.bus(m) for m in ("km", "pm", "cm", "admin")}
+    else:
+        server = start_nats(tmp_path)
+        buses = {m: await server.connect(m) for m in ("km", "pm", "cm", "admin")}
+    service = KmService(km, buses["km"])
+    await service.start()
+    try:
+        yield Env(store, clock, buses)
+    finally:
+        await service.stop()
+        for b in buses.values():
+            await b.close()
+        if server is not None:
+            server.server.stop()
+        store.close()
+
+
+async def test_enroll_with_factory_then_reenroll_with_operational(env: Env) -> None:
+    _fkey, factory = await env.factory_cert("dev-1")
+    cm = env.client("cm")
+    key1 = generate_key(Algorithm.P256)
+    first = await cm.est("simpleenroll", der(factory), make_csr(key1, "dev-1"))
+    op1 = x509.load_der_x509_certificate(first.certificate.certificate)
+    verify_issued_by(op1, PKI.cas["operational"].certificate, now=NOW)
+    assert device_id_of(op1) == "dev-1"
+    assert first.private_key is None
+    key2 = generate_key(Algorithm.P256)
+    second = await cm.est("simplereenroll", der(op1), make_csr(key2, "dev-1"))
+    old = env.store.get_certificate("operational", op1.serial_number)
+    assert old is not None
+    assert old.status == "superseded"
+    with pytest.raises(NotAuthorizedError, match="superseded"):
+        await cm.est("simplereenroll", der(op1), make_csr(generate_key(Algorithm.P256), "dev-1"))
+    assert second.certificate.device_id == "dev-1"
+
+
+async def test_serverkeygen_returns_a_matching_key(env: Env) -> None:
+    _fkey, factory = await env.factory_cert("dev-k")
+    out = await env.client("cm").est("serverkeygen", der(factory), make_csr(generate_key(Algorithm.P256), "dev-k"))
+    assert out.private_key is not None
+    key = serialization.load_der_private_key(out.private_key, None)
+    cert = x509.load_der_x509_certificate(out.certificate.certificate)
+    assert cert.public_key() == key.public_key()
+
+
+async def test_unregistered_factory_certificate_is_refused(env: Env) -> None:
+    """Signed by our factory CA but never issued through km (not recorded): km does not know it."""
+    key = generate_key(Algorithm.P256)
+    rogue = PKI.cas["factory"].issue(
+        DEFAULT_PROFILES["factory"],
+        key.public_key(),
+        device_subject("dev-r", ORG, "x"),
+        now=NOW,
+        serial=x509.random_serial_number(),
+        uris=[device_uri("dev-r")],
+    )
+    with pytest.raises(UntrustedError, match="not registered"):
+        await env.client("cm").est("simpleenroll", der(rogue), make_csr(key, "dev-r"))
+    foreign = (
+        make_pki()
+        .cas["factory"]
+        .issue(
+            DEFAULT_PROFILES["factory"],
+            key.public_key(),
+            device_subject("dev-f", ORG, "x"),
+            now=NOW,
+            serial=x509.random_serial_number(),
+            uris=[device_uri("dev-f")],
+        )
+    )
+    with pytest.raises(UntrustedError):
+        await env.client("cm").est("simpleenroll", der(foreign), make_csr(key, "dev-f"))
+    assert env.store.count_certificates(profile="operational") == 0
+
+
+async def test_revoked_or_expired_credentials_cannot_enroll(env: Env) -> None:
+    _k, factory = await env.factory_cert("dev-x")
+    await env.client("admin").revoke(serial=format(factory.serial_number, "x"), reason="keyCompromise")
+    with pytest.raises(NotAuthorizedError, match="revoked"):
+        await env.client("cm").est("simpleenroll", der(factory), make_csr(generate_key(Algorithm.P256), "dev-x"))
+    _k2, factory2 = await env.factory_cert("dev-y")
+    op = await env.client("cm").est("simpleenroll", der(factory2), make_csr(generate_key(Algorithm.P256), "dev-y"))
+    env.clock.advance(dt.timedelta(days=91))  # the operational certificate has expired
+    with pytest.raises(UntrustedError, match="not valid"):
+        await env.client("cm").est(
+            "simplereenroll", op.certificate.certificate, make_csr(generate_key(Algorithm.P256), "dev-y")
+        )
+
+
+async def test_wrong_credential_kind_name_or_relay(env: Env) -> None:
+    _k, factory = await env.factory_cert("dev-z")
+    cm = env.client("cm")
+    with pytest.raises(NotAuthorizedError, match="operational certificate"):
+        await cm.est("simplereenroll", der(factory), make_csr(generate_key(Algorithm.P256), "dev-z"))
+    with pytest.raises(BadRequestError, match="does not match"):
+        await cm.est("simpleenroll", der(factory), make_csr(generate_key(Algorithm.P256), "someone-else"))
+    # only cm relays EST: an admin-signed EST request is refused by the RA
+    admin_relay = env.client("admin")
+    with pytest.raises(NotAuthorizedError):
+        await admin_relay.est("simpleenroll", der(factory), make_csr(generate_key(Algorithm.P256), "dev-z"))
+    assert env.store.count_certificates(profile="operational") == 0
