@@ -139,7 +139,7 @@ class CommandFlasher:
         commands = {k: shlex.split(v) if isinstance(v, str) else list(v) for k, v in raw.items()}
         return cls(dtype, commands)
 
-    def _run(self, op: str, ok_codes: tuple[int, ...] = (0,), **fields: str) -> subprocess.CompletedProcess[bytes]:
+    def _run(self, op: str, *, ok_codes: tuple[int, ...] = (0,), **fields: str) -> subprocess.CompletedProcess[bytes]:
         argv = [part.format(**fields) for part in self.commands[op]]
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=self.timeout, check=False)  # noqa: S603
