@@ -156,7 +156,7 @@ class CommandFlasher:
         with tempfile.TemporaryDirectory(prefix="iotdlm-flash-") as tmp:
             f = Path(tmp) / "payload"
             f.write_bytes(data)
-            self._run(op, file=str(f), **fields)
+            self._run(op, {"file": str(f), **fields})
 
     def discover(self) -> list[DeviceOnBench]:
         out = self._run("discover").stdout
@@ -170,7 +170,7 @@ class CommandFlasher:
         with tempfile.TemporaryDirectory(prefix="iotdlm-flash-") as tmp:
             f = Path(tmp) / "info.json"
             f.write_text(json.dumps(dict(info), sort_keys=True))
-            self._run("flash_image", device=ref, image=str(image), file=str(f))
+            self._run("flash_image", {"device": ref, "image": str(image), "file": str(f)})
 
     def flash_truststore(self, ref: str, certs: Sequence[x509.Certificate]) -> None:
         self._with_file("flash_file", certs_to_pem(certs), device=ref, kind="truststore")
@@ -182,12 +182,12 @@ class CommandFlasher:
         self._with_file("flash_file", json.dumps(dict(config), sort_keys=True).encode(), device=ref, kind="config")
 
     def device_public_key(self, ref: str) -> PublicKey:
-        return load_public_key(self._run("public_key", device=ref).stdout)
+        return load_public_key(self._run("public_key", {"device": ref}).stdout)
 
     def device_csr(self, ref: str) -> bytes | None:
-        proc = self._run("csr", ok_codes=(0, 3), device=ref)
+        proc = self._run("csr", {"device": ref}, ok_codes=(0, 3))
         return None if proc.returncode == 3 else proc.stdout
 
     def read_image_sha256(self, ref: str) -> str | None:
-        out = self._run("image_sha256", device=ref).stdout.decode().strip()
+        out = self._run("image_sha256", {"device": ref}).stdout.decode().strip()
         return out or None
