@@ -139,8 +139,10 @@ class CommandFlasher:
         commands = {k: shlex.split(v) if isinstance(v, str) else list(v) for k, v in raw.items()}
         return cls(dtype, commands)
 
-    def _run(self, op: str, *, ok_codes: tuple[int, ...] = (0,), **fields: str) -> subprocess.CompletedProcess[bytes]:
-        argv = [part.format(**fields) for part in self.commands[op]]
+    def _run(
+        self, op: str, fields: dict[str, str] | None = None, *, ok_codes: tuple[int, ...] = (0,)
+    ) -> subprocess.CompletedProcess[bytes]:
+        argv = [part.format(**(fields or {})) for part in self.commands[op]]
         try:
             proc = subprocess.run(argv, capture_output=True, timeout=self.timeout, check=False)  # noqa: S603
         except FileNotFoundError as exc:
