@@ -700,5 +700,14 @@ def demo(data: Path | None, devices: int) -> None:
     run(run_demo(data, devices))
 
 
+def _register_groups() -> None:
+    """Command groups that live with their modules."""
+    from iotdlm.repository.cli import repo
+
+    main.add_command(repo)
+
+
+_register_groups()
+
 if __name__ == "__main__":
     main()
