@@ -1,0 +1,256 @@
+"""``iotdlm sm``: set up software management, check the repository now, list and show what is stored, serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.clock import SystemClock
+from iotdlm.deployment import Deployment
+from iotdlm.errors import IotdlmError, RejectedError, UnavailableError
+from iotdlm.pki.keys import check_public_key
+from iotdlm.sm import config as smconfig
+from iotdlm.sm.updater import CheckResult, SoftwareManager
+from iotdlm.wire import software as sw
+
+log = logging.getLogger(__name__)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def sm() -> None:
+    """sm: software management (Algorithm 2): check the vendor repository, verify, store for pm."""
+
+
+def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
+    config = smconfig.load_config(data)
+    return smconfig.build(data, fetcher=smconfig.fetcher_for(config), clock=SystemClock(), config=config), config
+
+
+@sm.command("setup")
+@data_option
+@click.option("--repository", "repository_url", required=True, help="Base URL of the vendor repository.")
+@click.option(
+    "--root",
+    "root_file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="The repository's root metadata (1.root.json), obtained out of band: the trust anchor (pk_repo).",
+)
+@click.option(
+    "--dtype", "dtypes", multiple=True, help="A device type to manage. Repeatable. Default: the deployment's dtypes."
+)
+@click.option(
+    "--ca-bundle",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="PEM CAs that may sign the repository's TLS certificate (https; default: the system store).",
+)
+@click.option(
+    "--egress-proxy",
+    default=None,
+    help="Reach the repository only through this forward proxy: cm's egress proxy (e.g. http://127.0.0.1:3128). "
+    "Default: connect directly.",
+)
+@click.option(
+    "--poll-interval", type=int, default=3600, show_default=True, help="Seconds between checks of each dtype (serve)."
+)
+@click.option("--max-image-bytes", type=int, default=None, help="Refuse images larger than this many bytes.")
+@handle_errors
+def setup(
+    data: Path,
+    repository_url: str,
+    root_file: Path,
+    dtypes: tuple[str, ...],
+    ca_bundle: Path | None,
+    egress_proxy: str | None,
+    poll_interval: int,
+    max_image_bytes: int | None,
+) -> None:
+    """Configure sm: repository URL, pinned root, dtypes; create the sm-pm key (DIR/secrets/sm-pm.key)."""
+    dep = Deployment.load(data)
+    chosen = list(dtypes) or list(dep.config.dtypes)
+    cfg = smconfig.setup(
+        data,
+        repository_url=repository_url,
+        root=root_file.read_bytes(),
+        dtypes=chosen,
+        ca_bundle=ca_bundle,
+        egress_proxy=egress_proxy,
+        poll_interval_seconds=poll_interval,
+        max_image_bytes=max_image_bytes,
+    )
+    console.print(f"[green]sm set up[/green] in {smconfig.sm_dir(data)}")
+    table = Table(show_header=False)
+    table.add_row("repository", cfg.repository_url)
+    table.add_row("egress", f"through cm's proxy {cfg.egress_proxy}" if cfg.egress_proxy else "direct")
+    table.add_row("trusted root", str(smconfig.trusted_root_path(data)))
+    table.add_row("dtypes", ", ".join(cfg.dtypes) or "[yellow]none[/yellow] (give --dtype)")
+    table.add_row("sm-pm key", str(smconfig.key_path(data)))
+    table.add_row("poll interval", f"{cfg.poll_interval_seconds} s")
+    console.print(table)
+    console.print(f"Next: `iotdlm sm check --data {data}` or `iotdlm sm serve --data {data}`.")
+
+
+def _describe(r: CheckResult) -> tuple[str, str]:
+    if r.outcome == "stored":
+        assert r.stored is not None
+        note = "reported to the repository" if r.reported else "report pending (retried after the next check)"
+        return "[green]stored[/green]", f"release {r.stored.release_counter}, {r.stored.length} bytes; {note}"
+    if r.outcome == "up_to_date":
+        return "up to date", f"latest {r.latest}, stored {r.current}"
+    return "no release", "the repository has published nothing for this dtype"
+
+
+@sm.command("check")
+@data_option
+@click.option("--dtype", "dtypes", multiple=True, help="Check only this dtype. Repeatable. Default: all managed.")
+@handle_errors
+def check(data: Path, dtypes: tuple[str, ...]) -> None:
+    """Check the repository now; download, verify and store any newer release (progress bar)."""
+    manager, config = _manager(data)
+    chosen = list(dtypes) or config.dtypes
+    if not chosen:
+        raise click.UsageError("no dtype to check: give --dtype or set dtypes with `iotdlm sm setup`")
+    table = Table("dtype", "outcome", "details")
+    refused = 0
+    unavailable = 0
+    for dtype in chosen:
+        with Progress(
+            TextColumn(f"{dtype}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("download", total=None)
+
+            def update(done: int, total: int, task: TaskID = task, progress: Progress = progress) -> None:
+                progress.update(task, completed=done, total=total)
+
+            try:
+                result = manager.check(dtype, progress=update)
+            except RejectedError as exc:
+                refused += 1
+                field = f" [field: {exc.field}]" if exc.field else ""
+                table.add_row(dtype, f"[red]refused[/red] ({exc.code})", escape(f"{exc.message}{field}"))
+                continue
+            except UnavailableError as exc:
+                unavailable += 1
+                table.add_row(dtype, f"[yellow]unavailable[/yellow] ({exc.code})", escape(exc.message))
+                continue
+        outcome, details = _describe(result)
+        table.add_row(dtype, outcome, details)
+    console.print(table)
+    if refused:
+        raise SystemExit(4)
+    if unavailable:
+        raise SystemExit(3)
+
+
+@sm.command("list")
+@data_option
+@click.option("--dtype", default=None, help="Only this dtype.")
+@handle_errors
+def list_cmd(data: Path, dtype: str | None) -> None:
+    """List the software stored in the local repository."""
+    from iotdlm.sm.local import LocalRepository
+
+    versions = LocalRepository(smconfig.sm_dir(data)).list(dtype)
+    table = Table("dtype", "release", "target", "bytes", "sha256", "stored at")
+    for v in versions:
+        table.add_row(
+            v.dtype, str(v.release_counter), v.target_path, f"{v.length:,}", v.sha256[:16] + "...", v.stored_at
+        )
+    console.print(table)
+    console.print(f"{len(versions)} stored")
+
+
+@sm.command("show")
+@data_option
+@click.argument("dtype")
+@click.argument("counter", type=int, required=False)
+@click.option("--no-verify", is_flag=True, help="Do not run Algorithm 1 on the stored files.")
+@handle_errors
+def show(data: Path, dtype: str, counter: int | None, no_verify: bool) -> None:
+    """Show one stored version (default: the latest) and verify it as pm will (Algorithm 1)."""
+    from iotdlm.sm.local import LocalRepository
+
+    local = LocalRepository(smconfig.sm_dir(data))
+    paths = local.paths(dtype, counter)
+    info = local.info(dtype, int(paths.folder.name))
+    table = Table(show_header=False)
+    for k, v in [
+        ("dtype", info.dtype),
+        ("release counter", str(info.release_counter)),
+        ("target", info.target_path),
+        ("length", f"{info.length:,} bytes"),
+        ("sha256", info.sha256),
+        ("stored at", info.stored_at),
+        ("folder", str(paths.folder)),
+    ]:
+        table.add_row(k, v)
+    if not no_verify:
+        try:
+            meta = sw.decrypt_meta(
+                paths.meta_enc.read_bytes(), smconfig.load_meta_key(data), dtype, info.release_counter
+            )
+            pk_sm = check_public_key(Deployment.load(data).identity("sm").certificate.public_key())
+            with console.status("verifying (Algorithm 1)"):
+                sw.verify_software(
+                    paths.image,
+                    meta,
+                    paths.sig_sm.read_bytes(),
+                    pk_sm,
+                    smconfig.load_trusted_root(data),
+                    dtype=dtype,
+                )
+            table.add_row("Algorithm 1", "[green]sig_sm, meta_repo and image verify[/green]")
+        except IotdlmError as exc:
+            table.add_row("Algorithm 1", f"[red]FAILED[/red] ({exc.code}, field {exc.field}): {escape(exc.message)}")
+            console.print(table)
+            raise SystemExit(4) from None
+    console.print(table)
+
+
+async def _serve(data: Path) -> None:
+    from iotdlm.runtime import connect_identity
+    from iotdlm.sm.service import SmService
+
+    manager, config = _manager(data)
+    bus, _ident = await connect_identity(Deployment.load(data), "sm")
+    service = SmService(manager, bus, dtypes=config.dtypes, poll_interval=float(config.poll_interval_seconds))
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console.print(f"sm serving; checking {', '.join(config.dtypes)} every {config.poll_interval_seconds} s")
+    await stop.wait()
+    await service.stop()
+    await bus.drain()
+
+
+@sm.command("serve")
+@data_option
+@handle_errors
+def serve(data: Path) -> None:
+    """Run sm: the NATS API for pm, the poll schedule, repository notifications."""
+    run(_serve(data))

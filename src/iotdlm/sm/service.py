@@ -1,0 +1,138 @@
+"""sm on the bus: pm's API to the local repository, the poll schedule, repository notifications.
+
+- ``SM_SOFTWARE_LIST`` {"dtype"} -> the stored versions (info.json of each), ascending;
+- ``SM_SOFTWARE_LOAD`` {"dtype", "release_counter"?} -> image path (pm and sm share the local
+  repository folder: images are too big for the bus), meta.enc and sig_sm;
+- ``SM_NOTIFY`` {"dtype"} (cm relays the repository's webhook): check that dtype now;
+- every ``poll_interval`` seconds, per dtype: check.
+
+A check runs in a worker thread (the event loop keeps answering pm meanwhile). Its outcome is
+published on ``iotdlm.v1.events.sm.<kind>``: ``stored`` (a new release), ``checked`` (nothing new;
+``release_counter`` is the repository's latest, if any), ``refused`` (a RejectedError: rollback,
+expired or wrongly signed metadata, wrong hardware_id, altered image -- the paper's alarm),
+``failed`` (the repository could not be reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from iotdlm.bus import Bus, Message, Subscription
+from iotdlm.bus import subjects as s
+from iotdlm.errors import IotdlmError, RejectedError
+from iotdlm.sm.updater import CheckResult, SoftwareManager
+from iotdlm.wire import software as sw
+
+log = logging.getLogger(__name__)
+
+#: the repository announced a release (to be added to iotdlm.bus.subjects as SM_NOTIFY)
+SM_NOTIFY = f"{s.SM_PREFIX}.notify"
+
+
+def event_subject(kind: str) -> str:
+    return s.events("sm", kind)
+
+
+class SmService:
+    def __init__(
+        self,
+        sm: SoftwareManager,
+        bus: Bus,
+        *,
+        dtypes: list[str],
+        poll_interval: float | None = 3600.0,
+    ) -> None:
+        self.sm = sm
+        self.bus = bus
+        self.dtypes = [sw.check_dtype(d) for d in dtypes]
+        self.poll_interval = poll_interval
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        queue = s.queue_group("sm")
+        self._subs.append(await self.bus.serve(s.SM_SOFTWARE_LIST, self._list, queue=queue))
+        self._subs.append(await self.bus.serve(s.SM_SOFTWARE_LOAD, self._load, queue=queue))
+        self._subs.append(await self.bus.subscribe(SM_NOTIFY, self._notify, queue=queue))
+        for dtype in self.dtypes:
+            self._wake[dtype] = asyncio.Event()
+            self._tasks.append(asyncio.create_task(self._poll(dtype), name=f"sm-poll-{dtype}"))
+        log.info("sm serving; managing %s", ", ".join(self.dtypes) or "no dtype")
+
+    # --- pm's API ---------------------------------------------------------------------------------
+    async def _list(self, m: Message) -> bytes:
+        req = sw.decode(m.data, sw.ListRequest)
+        versions = await asyncio.to_thread(self.sm.list, req.dtype)
+        return sw.encode(sw.ListResponse(versions=versions))
+
+    async def _load(self, m: Message) -> bytes:
+        req = sw.decode(m.data, sw.LoadRequest)
+        return sw.encode(await asyncio.to_thread(self.sm.load, req.dtype, req.release_counter))
+
+    # --- checks -------------------------------------------------------------------------------------
+    async def _notify(self, m: Message) -> None:
+        try:
+            note = sw.decode(m.data, sw.NotifyMessage, what="notification")
+        except IotdlmError as exc:
+            log.warning("ignoring a malformed notification: %s", exc)
+            return
+        wake = self._wake.get(note.dtype)
+        if wake is None:
+            log.info("notification for %s, which this sm does not manage: ignored", note.dtype)
+            return
+        wake.set()
+
+    def trigger(self, dtype: str) -> None:
+        """Check ``dtype`` now (as a notification does)."""
+        self._wake[dtype].set()
+
+    async def _poll(self, dtype: str) -> None:
+        wake = self._wake[dtype]
+        while True:
+            wake.clear()
+            await self.check(dtype)
+            if self.poll_interval is None:
+                await wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+
+    async def check(self, dtype: str) -> CheckResult | None:
+        """One check of ``dtype``; its outcome becomes an event, never an exception."""
+        try:
+            result = await asyncio.to_thread(self.sm.check, dtype)
+        except RejectedError as exc:
+            log.error("sm refused %s: %s", dtype, exc)
+            await self._event(
+                sw.SmEvent(kind="refused", dtype=dtype, code=exc.code, message=exc.message, field=exc.field)
+            )
+            return None
+        except IotdlmError as exc:
+            log.warning("sm check of %s failed: %s", dtype, exc)
+            await self._event(sw.SmEvent(kind="failed", dtype=dtype, code=exc.code, message=exc.message))
+            return None
+        if result.stored is not None:
+            await self._event(sw.SmEvent(kind="stored", dtype=dtype, release_counter=result.stored.release_counter))
+        else:
+            await self._event(sw.SmEvent(kind="checked", dtype=dtype, release_counter=result.latest))
+        return result
+
+    async def _event(self, event: sw.SmEvent) -> None:
+        try:
+            await self.bus.publish(event_subject(event.kind), sw.encode(event))
+        except IotdlmError as exc:
+            log.warning("could not publish sm event %s: %s", event.kind, exc)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()

@@ -1,0 +1,139 @@
+"""sm on the in-memory bus (permissions enforced as nats-server would): pm lists and loads stored
+software, a repository notification triggers a check, outcomes become events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from tuf.api._payload import Targets
+
+from iotdlm.bus import Message
+from iotdlm.bus import subjects as s
+from iotdlm.bus.memory import MemoryHub
+from iotdlm.client.sm import SM_NOTIFY, SmClient
+from iotdlm.errors import BadRequestError, NotFoundError, PermissionDeniedError
+from iotdlm.sm.service import SmService
+from iotdlm.wire import software as sw
+from tests.unit.test_sm_updater import DTYPE, KEY, SM, SmEnv, make_env
+from tests.unit.test_software_check import forge_role
+
+
+class Events:
+    """Collects sm's events as the admin console would."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[sw.SmEvent] = asyncio.Queue()
+
+    async def handler(self, m: Message) -> None:
+        assert m.subject.startswith(f"{s.EVENTS}.sm.")
+        self.got.put_nowait(msgspec.json.decode(m.data, type=sw.SmEvent))
+
+    async def next(self) -> sw.SmEvent:
+        return await asyncio.wait_for(self.got.get(), 20)
+
+
+@pytest.fixture
+async def running(tmp_path: Path, memory_hub: MemoryHub) -> AsyncIterator[tuple[SmEnv, SmService, Events]]:
+    env = make_env(tmp_path)
+    service = SmService(env.manager(), memory_hub.bus("sm"), dtypes=[DTYPE], poll_interval=None)
+    events = Events()
+    await memory_hub.bus("admin").subscribe(f"{s.EVENTS}.sm.>", events.handler)
+    await service.start()
+    try:
+        yield env, service, events
+    finally:
+        await service.stop()
+
+
+async def test_first_check_then_pm_lists_and_loads(
+    running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub
+) -> None:
+    env, _service, events = running
+    first = await events.next()  # the check at start-up: nothing published yet
+    assert (first.kind, first.release_counter) == ("checked", None)
+    env.publish(3)
+    pm = SmClient(memory_hub.bus("pm"))
+    assert await pm.list(DTYPE) == []
+    with pytest.raises(NotFoundError):
+        await pm.load(DTYPE)
+    await SmClient(memory_hub.bus("admin")).notify(DTYPE)  # what cm relays from the repository's webhook
+    ev = await events.next()
+    assert (ev.kind, ev.dtype, ev.release_counter) == ("stored", DTYPE, 3)
+    (v,) = await pm.list(DTYPE)
+    assert (v.dtype, v.release_counter, v.target_path) == (DTYPE, 3, f"{DTYPE}/fw.bin")
+    loaded = await pm.load(DTYPE)
+    assert loaded.release_counter == 3
+    meta = sw.decrypt_meta(loaded.meta_enc, KEY, DTYPE, 3)
+    out = sw.verify_software(
+        Path(loaded.image_path), meta, loaded.sig_sm, SM.key.public_key(), env.repo.trusted_root(), dtype=DTYPE
+    )
+    assert out.sha256 == v.sha256
+    assert (await pm.load(DTYPE, 3)).image_path == loaded.image_path
+
+
+async def test_no_release_then_refused_event_on_rollback(running: tuple[SmEnv, SmService, Events]) -> None:
+    env, service, events = running
+    assert (await events.next()).kind == "checked"
+    env.publish(3, name="a.bin")
+    env.publish(4, name="b.bin")
+    service.trigger(DTYPE)
+    assert (await events.next()).release_counter == 4
+
+    def drop(t: Targets) -> None:
+        del t.targets[f"{DTYPE}/b.bin"]
+
+    forge_role(env.repo, DTYPE, drop)
+    service.trigger(DTYPE)
+    ev = await events.next()
+    assert (ev.kind, ev.code, ev.field) == ("refused", "replay", "release_counter")
+    assert ev.message is not None
+    assert "rollback attempt" in ev.message
+
+
+async def test_unreachable_repository_is_a_failed_event(tmp_path: Path, memory_hub: MemoryHub) -> None:
+    env = make_env(tmp_path)
+    env.fetcher.down = True
+    events = Events()
+    await memory_hub.bus("admin").subscribe(f"{s.EVENTS}.sm.>", events.handler)
+    service = SmService(env.manager(), memory_hub.bus("sm"), dtypes=[DTYPE], poll_interval=None)
+    await service.start()
+    try:
+        ev = await events.next()
+        assert (ev.kind, ev.code) == ("failed", "unavailable")
+    finally:
+        await service.stop()
+
+
+async def test_bad_requests_are_refused(running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub) -> None:
+    pm = memory_hub.bus("pm")
+    with pytest.raises(BadRequestError):
+        await pm.request(s.SM_SOFTWARE_LIST, b'{"dtype": "../../etc"}')
+    with pytest.raises(BadRequestError):
+        await pm.request(s.SM_SOFTWARE_LOAD, b'{"dtype": "boardA", "release_counter": "latest"}')
+    with pytest.raises(BadRequestError):
+        await pm.request(s.SM_SOFTWARE_LOAD, b"not json")
+
+
+async def test_only_allowed_modules_reach_sm(running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub) -> None:
+    with pytest.raises(PermissionDeniedError):
+        await SmClient(memory_hub.bus("km")).list(DTYPE)
+    with pytest.raises(PermissionDeniedError):
+        await memory_hub.bus("pm").publish(SM_NOTIFY, b'{"dtype":"boardA"}')
+
+
+async def test_notification_for_an_unmanaged_dtype_or_garbage_is_ignored(
+    running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub
+) -> None:
+    env, _service, events = running
+    assert (await events.next()).kind == "checked"
+    admin = memory_hub.bus("admin")
+    await admin.publish(SM_NOTIFY, b'{"dtype":"boardZ"}')
+    await admin.publish(SM_NOTIFY, b"\xff")
+    env.publish(3)
+    await admin.publish(SM_NOTIFY, b'{"dtype":"boardA"}')
+    ev = await events.next()  # the next event is the managed dtype's check, nothing before it
+    assert (ev.kind, ev.dtype) == ("stored", DTYPE)
