@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from iotdlm.errors import IotdlmError, RejectedError, UnavailableError
 
@@ -46,15 +47,15 @@ def handle_errors(f: F) -> F:
         try:
             return f(*args, **kwargs)
         except UnavailableError as exc:
-            err_console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+            err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}")
             err_console.print("Is the NATS server / database running and reachable? `iotdlm status` helps.")
             sys.exit(EXIT_UNAVAILABLE)
         except RejectedError as exc:
             field = f" [field: {exc.field}]" if exc.field else ""
-            err_console.print(f"[red]refused[/red] ({exc.code}): {exc.message}{field}")
+            err_console.print(f"[red]refused[/red] ({exc.code}): {escape(exc.message + field)}")
             sys.exit(EXIT_REJECTED)
         except IotdlmError as exc:
-            err_console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+            err_console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}")
             sys.exit(EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]

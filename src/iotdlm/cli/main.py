@@ -703,8 +703,10 @@ def demo(data: Path | None, devices: int) -> None:
 def _register_groups() -> None:
     """Command groups that live with their modules."""
     from iotdlm.repository.cli import repo
+    from iotdlm.sm.cli import sm
 
     main.add_command(repo)
+    main.add_command(sm)
 
 
 _register_groups()
