@@ -52,7 +52,7 @@ CONFIG_FILE = "iotdlm.toml"
 #: embedded NATS listens here by default (not 4222, which a system NATS may hold)
 DEFAULT_NATS_PORT = 14222
 ISSUING_CAS = ("factory", "operational", "service")
-BASE_MODULES = ("km", "sm", "cm", "admin")
+BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 
 
 class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

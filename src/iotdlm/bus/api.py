@@ -8,6 +8,14 @@ Errors: a ``serve`` handler that raises :class:`iotdlm.errors.IotdlmError` makes
 :func:`iotdlm.errors.from_wire`). Any other exception becomes :class:`iotdlm.errors.InternalError`
 on the wire (the details stay in the server's log). No responder, or no answer within the
 timeout, raises :class:`iotdlm.errors.UnavailableError`.
+
+Key-value (:meth:`Bus.key_value`): small shared state every module may read and watch -- the
+operation mode -- in a JetStream key-value bucket on NATS, a dict on the in-memory hub. Writing is
+publishing to ``$KV.<bucket>.<key>``, so the permission table decides who may write (only the
+supervisor, for the mode); reading needs the bucket's read API in the module's ``jetstream``
+permissions. A refused read or write raises :class:`iotdlm.errors.PermissionDeniedError`, a
+missing bucket :class:`iotdlm.errors.NotFoundError`, a server without JetStream
+:class:`iotdlm.errors.UnavailableError`; bad bucket or key names are a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -36,6 +44,45 @@ class Subscription(Protocol):
     async def unsubscribe(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class KeyValueEntry:
+    """The value of one key; ``revision`` grows with every write to the bucket."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+#: called with the current entry of the watched key, then with every change, in order;
+#: ``None`` means the key has no value (never written, or deleted)
+KeyValueHandler = Callable[[KeyValueEntry | None], Awaitable[None]]
+
+
+class KeyValue(Protocol):
+    """One key-value bucket. Keys: letters, digits and ``-/_=.``, not starting or ending in ``.``."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    async def get(self, key: str) -> KeyValueEntry | None:
+        """The current value of ``key``, or ``None`` if it has none."""
+        ...
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Write ``key``; return the new revision."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def watch(self, key: str, handler: KeyValueHandler) -> Subscription:
+        """Call ``handler`` with the current entry (or ``None``), then with every change, in order.
+
+        A failing handler is logged and the watch goes on; ``unsubscribe`` ends it (closing the
+        bus does too).
+        """
+        ...
+
+
 class Bus(Protocol):
     #: the module this connection belongs to (km, pm, sm, cm, admin)
     @property
@@ -52,6 +99,11 @@ class Bus(Protocol):
         ...
 
     async def subscribe(self, subject: str, handler: EventHandler, *, queue: str | None = None) -> Subscription: ...
+
+    async def key_value(self, bucket: str, *, create: bool = False) -> KeyValue:
+        """Open key-value ``bucket``; ``create`` makes it first if it does not exist (one value per
+        key, kept on disk). Without ``create`` a missing bucket raises ``NotFoundError``."""
+        ...
 
     async def drain(self) -> None:
         """Finish in-flight work, stop taking new work, then close."""

@@ -18,12 +18,13 @@ import contextlib
 import json
 import logging
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from iotdlm import errors
 from iotdlm.bus import subjects
-from iotdlm.bus.api import ERROR_HEADER, EventHandler, Message, RequestHandler
+from iotdlm.bus.api import ERROR_HEADER, EventHandler, KeyValueEntry, KeyValueHandler, Message, RequestHandler
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,27 @@ def owner_of(subject: str) -> str | None:
         name = tokens[2]
         if name == "events" and len(tokens) >= 4:
             name = tokens[3]
-        if name in subjects.MODULES:
+        if name in subjects.PERMISSIONS:
             return name
     return None
+
+
+# --- key-value names (shared with the NATS bus) -----------------------------------------------
+
+_BUCKET_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_KEY_RE = re.compile(r"[-/_=.A-Za-z0-9]{1,256}")
+
+
+def check_bucket(bucket: str) -> None:
+    """Raise ``ValueError`` unless ``bucket`` is a valid key-value bucket name."""
+    if not isinstance(bucket, str) or _BUCKET_RE.fullmatch(bucket) is None:
+        raise ValueError(f"bucket {bucket!r} must be 1-64 letters, digits, '-' or '_'")
+
+
+def check_key(key: str) -> None:
+    """Raise ``ValueError`` unless ``key`` is a valid key (letters, digits, ``-/_=.``)."""
+    if not isinstance(key, str) or _KEY_RE.fullmatch(key) is None or key.startswith(".") or key.endswith("."):
+        raise ValueError(f"key {key!r} must be letters, digits or '-/_=.', not starting or ending with '.'")
 
 
 # --- errors on the wire (shared with the NATS bus) --------------------------------------------
@@ -223,6 +242,7 @@ class MemoryHub:
         self.max_payload = max_payload
         self._subs: list[_MemSub] = []
         self._random = random.Random()  # noqa: S311 - load spreading, not security
+        self._buckets: dict[str, _MemBucket] = {}
 
     def bus(self, module: str) -> MemoryBus:
         """Shorthand for ``MemoryBus(self, module)``."""
@@ -249,6 +269,102 @@ class MemoryHub:
         for sub in chosen:
             sub.bus._deliver(sub, _Delivery(msg, reply))
         return len(chosen)
+
+
+@dataclass(eq=False)
+class _MemBucket:
+    name: str
+    entries: dict[str, KeyValueEntry] = field(default_factory=dict)
+    revision: int = 0
+    watches: list[_MemWatch] = field(default_factory=list)
+
+    def changed(self, key: str, entry: KeyValueEntry | None) -> None:
+        for w in list(self.watches):
+            if w.key == key:
+                w.queue.put_nowait(entry)
+
+
+class _MemWatch:
+    """Feeds one watch's changes to its handler, one at a time, in order."""
+
+    def __init__(self, bus: MemoryBus, bucket: _MemBucket, key: str, handler: KeyValueHandler) -> None:
+        self.bus = bus
+        self.bucket = bucket
+        self.key = key
+        self.queue: asyncio.Queue[KeyValueEntry | None] = asyncio.Queue()
+        self._handler = handler
+        self.worker = asyncio.get_running_loop().create_task(self._run(), name=f"memory-kv-{bucket.name}-{key}")
+
+    async def _run(self) -> None:
+        while True:
+            entry = await self.queue.get()
+            try:
+                await self._handler(entry)
+            except Exception:
+                logger.exception("%s: watch handler for %s/%s failed", self.bus.module, self.bucket.name, self.key)
+
+    async def unsubscribe(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.bucket.watches.remove(self)
+        self.bus._watches.discard(self)
+        if self.worker is not asyncio.current_task():
+            self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
+
+
+class _MemKeyValue:
+    """:class:`iotdlm.bus.api.KeyValue` on a :class:`MemoryHub`: a dict, with the hub's permissions."""
+
+    def __init__(self, bus: MemoryBus, bucket: _MemBucket) -> None:
+        self._bus = bus
+        self._bucket = bucket
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket.name
+
+    def _read(self, key: str, what: str) -> None:
+        check_key(key)
+        self._bus._check_open(new_work=False)
+        stream = subjects.kv_stream(self._bucket.name)
+        self._bus._check_jetstream(f"$JS.API.DIRECT.GET.{stream}.{subjects.kv_subject(self._bucket.name, key)}", what)
+
+    def _write(self, key: str, value: bytes) -> None:
+        check_key(key)
+        self._bus._check_open(new_work=False)
+        subject = subjects.kv_subject(self._bucket.name, key)
+        self._bus._check_publish(subject)
+        self._bus._check_size(subject, value)
+
+    async def get(self, key: str) -> KeyValueEntry | None:
+        self._read(key, f"read {self._bucket.name}/{key}")
+        return self._bucket.entries.get(key)
+
+    async def put(self, key: str, value: bytes) -> int:
+        self._write(key, value)
+        b = self._bucket
+        b.revision += 1
+        entry = KeyValueEntry(key=key, value=bytes(value), revision=b.revision)
+        b.entries[key] = entry
+        b.changed(key, entry)
+        return entry.revision
+
+    async def delete(self, key: str) -> None:
+        self._write(key, b"")
+        b = self._bucket
+        b.revision += 1
+        b.entries.pop(key, None)
+        b.changed(key, None)
+
+    async def watch(self, key: str, handler: KeyValueHandler) -> _MemWatch:
+        self._read(key, f"watch {self._bucket.name}/{key}")
+        self._bus._check_open(new_work=True)
+        self._bus._check_jetstream(f"$JS.API.CONSUMER.CREATE.{subjects.kv_stream(self._bucket.name)}", "watch")
+        w = _MemWatch(self._bus, self._bucket, key, handler)
+        w.queue.put_nowait(self._bucket.entries.get(key))
+        self._bucket.watches.append(w)
+        self._bus._watches.add(w)
+        return w
 
 
 class _MemSubscription:
@@ -289,6 +405,7 @@ class MemoryBus:
         self._subs: list[_MemSub] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: set[asyncio.Future[_Reply]] = set()
+        self._watches: set[_MemWatch] = set()
         self._draining = False
         self._closed = False
 
@@ -315,6 +432,10 @@ class MemoryBus:
     def _check_subscribe(self, pattern: str) -> None:
         if self._perms is not None and not any(pattern_covers(a, pattern) for a in self._perms.subscribe):
             raise permission_denied(self._module, "subscribe to", pattern)
+
+    def _check_jetstream(self, api_subject: str, what: str) -> None:
+        if self._perms is not None and not any(subject_matches(a, api_subject) for a in self._perms.jetstream):
+            raise permission_denied(self._module, what + " through", api_subject)
 
     def _check_size(self, subject: str, data: bytes) -> None:
         if len(data) > self._hub.max_payload:
@@ -357,6 +478,20 @@ class MemoryBus:
 
     async def subscribe(self, subject: str, handler: EventHandler, *, queue: str | None = None) -> _MemSubscription:
         return self._add_sub(subject, queue, serve_handler=None, event_handler=handler)
+
+    async def key_value(self, bucket: str, *, create: bool = False) -> _MemKeyValue:
+        check_bucket(bucket)
+        self._check_open(new_work=False)
+        stream = subjects.kv_stream(bucket)
+        self._check_jetstream(f"$JS.API.STREAM.INFO.{stream}", f"open bucket {bucket}")
+        found = self._hub._buckets.get(bucket)
+        if create:
+            self._check_jetstream(f"$JS.API.STREAM.CREATE.{stream}", f"create bucket {bucket}")
+            if found is None:
+                found = self._hub._buckets[bucket] = _MemBucket(bucket)
+        if found is None:
+            raise errors.NotFoundError(f"no key-value bucket {bucket!r}: has its owner created it?")
+        return _MemKeyValue(self, found)
 
     def _add_sub(
         self,
@@ -473,5 +608,7 @@ class MemoryBus:
         for fut in list(self._pending):
             if not fut.done():
                 fut.set_exception(errors.UnavailableError(f"the bus connection of {self._module} closed"))
+        for w in list(self._watches):
+            await w.unsubscribe()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

@@ -21,21 +21,28 @@ import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSub
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KV_DEL, KV_PURGE
+from nats.js.kv import KeyValue as _NatsKV
 
 from iotdlm import errors
 from iotdlm.bus import subjects
-from iotdlm.bus.api import EventHandler, Message, RequestHandler
+from iotdlm.bus.api import EventHandler, KeyValueEntry, KeyValueHandler, Message, RequestHandler
 from iotdlm.bus.memory import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_CONCURRENT_HANDLERS,
     call_handler,
+    check_bucket,
+    check_key,
     check_subject,
     decode_reply,
     encode_error,
@@ -43,6 +50,8 @@ from iotdlm.bus.memory import (
     permission_denied,
     timeout_error,
 )
+
+_T = TypeVar("_T")
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +74,26 @@ _UNAVAILABLE = (
 
 
 class _Watch:
-    """Futures waiting for a permissions violation on one (kind, subject)."""
+    """Futures waiting for a permissions violation on one (kind, subject), or on any subject that
+    starts with one of some prefixes (JetStream calls, whose exact subjects nats-py chooses)."""
 
     def __init__(self) -> None:
         self._waiters: dict[tuple[str, str], set[asyncio.Future[str]]] = {}
+        self._prefixed: list[tuple[str, tuple[str, ...], asyncio.Future[str]]] = []
+
+    @contextlib.contextmanager
+    def watch_prefixes(self, kind: str, prefixes: Sequence[str]) -> Iterator[asyncio.Future[str]]:
+        """The future gets the refused subject."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        item = (kind, tuple(p.lower() for p in prefixes), fut)
+        self._prefixed.append(item)
+        try:
+            yield fut
+        finally:
+            with contextlib.suppress(ValueError):
+                self._prefixed.remove(item)
+            if not fut.done():
+                fut.cancel()
 
     @contextlib.contextmanager
     def watch(self, kind: str, subject: str) -> Iterator[asyncio.Future[str]]:
@@ -91,7 +116,14 @@ class _Watch:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(text)
-        return bool(waiters)
+        hit = bool(waiters)
+        low = subject.lower()
+        for k, prefixes, pfut in self._prefixed:
+            if k == kind and low.startswith(prefixes):
+                hit = True
+                if not pfut.done():
+                    pfut.set_result(subject)
+        return hit
 
 
 class _NatsSubscription:
@@ -148,6 +180,102 @@ def _to_message(msg: Msg) -> Message:
     return Message(subject=msg.subject, data=bytes(msg.data), headers=dict(msg.headers or {}))
 
 
+class _NatsKeyValue:
+    """:class:`iotdlm.bus.api.KeyValue` over a JetStream key-value bucket (nats-py)."""
+
+    def __init__(self, bus: NatsBus, kv: _NatsKV, bucket: str) -> None:
+        self._bus = bus
+        self._kv = kv
+        self._bucket = bucket
+        self._stream = subjects.kv_stream(bucket)
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    def _read_api(self) -> list[str]:
+        return [f"$JS.API.DIRECT.GET.{self._stream}", f"$JS.API.STREAM.MSG.GET.{self._stream}"]
+
+    async def get(self, key: str) -> KeyValueEntry | None:
+        check_key(key)
+        self._bus._check_open(new_work=False)
+
+        async def get() -> KeyValueEntry | None:
+            try:
+                e = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:  # never written, deleted, or purged
+                return None
+            return KeyValueEntry(key=key, value=bytes(e.value or b""), revision=int(e.revision or 0))
+
+        return await self._bus._jetstream(f"read {self._bucket}/{key}", get(), self._read_api())
+
+    async def put(self, key: str, value: bytes) -> int:
+        check_key(key)
+        self._bus._check_open(new_work=False)
+        subject = subjects.kv_subject(self._bucket, key)
+        if len(value) > self._bus.max_payload:
+            raise self._bus._too_large(subject, len(value))
+        revision = await self._bus._jetstream(f"write {self._bucket}/{key}", self._kv.put(key, bytes(value)), [subject])
+        return int(revision)
+
+    async def delete(self, key: str) -> None:
+        check_key(key)
+        self._bus._check_open(new_work=False)
+        subject = subjects.kv_subject(self._bucket, key)
+        await self._bus._jetstream(f"delete {self._bucket}/{key}", self._kv.delete(key), [subject])
+
+    async def watch(self, key: str, handler: KeyValueHandler) -> _NatsWatch:
+        check_key(key)
+        self._bus._check_open(new_work=True)
+        watcher = await self._bus._jetstream(
+            f"watch {self._bucket}/{key}",
+            self._kv.watch(key),
+            ["$JS.API.CONSUMER.", f"$JS.FC.{self._stream}"],
+        )
+        w = _NatsWatch(self._bus, watcher, handler, f"{self._bucket}/{key}")
+        self._bus._kv_watches.add(w)
+        return w
+
+
+class _NatsWatch:
+    """Feeds a nats-py key watcher's updates to a handler, one at a time, in order."""
+
+    def __init__(self, bus: NatsBus, watcher: _NatsKV.KeyWatcher, handler: KeyValueHandler, name: str) -> None:
+        self._bus = bus
+        self._watcher = watcher
+        self._handler = handler
+        self._name = name
+        self.worker = asyncio.get_running_loop().create_task(self._run(), name=f"nats-kv-{name}")
+
+    async def _run(self) -> None:
+        seen = False
+        async for e in self._watcher:
+            if e is None:  # nats-py's "initial values done" marker; alone, it means "no value"
+                if not seen:
+                    await self._call(None)
+                seen = True
+                continue
+            seen = True
+            if e.operation in (KV_DEL, KV_PURGE):
+                await self._call(None)
+            else:
+                await self._call(KeyValueEntry(key=e.key, value=bytes(e.value or b""), revision=int(e.revision or 0)))
+
+    async def _call(self, entry: KeyValueEntry | None) -> None:
+        try:
+            await self._handler(entry)
+        except Exception:
+            logger.exception("%s: watch handler for %s failed", self._bus.module, self._name)
+
+    async def unsubscribe(self) -> None:
+        self._bus._kv_watches.discard(self)
+        with contextlib.suppress(Exception):
+            await self._watcher.stop()  # type: ignore[no-untyped-call]
+        if self.worker is not asyncio.current_task():
+            self.worker.cancel()
+            await asyncio.gather(self.worker, return_exceptions=True)
+
+
 class NatsBus:
     """:class:`iotdlm.bus.api.Bus` over a connected nats-py client. Build it with :func:`connect`.
 
@@ -178,6 +306,8 @@ class NatsBus:
         self._watch = _Watch()
         self._subs: list[_NatsSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._kv_watches: set[_NatsWatch] = set()
+        self._js: JetStreamContext | None = None
         self._draining = False
         self._closed = False
 
@@ -363,6 +493,58 @@ class NatsBus:
         self._tasks.discard(task)
         self._sem.release()
 
+    # --- key-value (JetStream) ----------------------------------------------------------------
+
+    async def key_value(self, bucket: str, *, create: bool = False) -> _NatsKeyValue:
+        check_bucket(bucket)
+        self._check_open(new_work=False)
+        if self._js is None:
+            self._js = self._nc.jetstream(timeout=CONFIRM_TIMEOUT)
+        js = self._js
+        stream = subjects.kv_stream(bucket)
+
+        async def open_bucket() -> _NatsKV:
+            try:
+                return await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    raise
+            # one value per key, on disk (the mode must survive a restart of the server)
+            return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+
+        kv = await self._jetstream(
+            f"open bucket {bucket}",
+            open_bucket(),
+            [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"],
+        )
+        return _NatsKeyValue(self, kv, bucket)
+
+    async def _jetstream(self, what: str, op: Awaitable[_T], refusable: Sequence[str]) -> _T:
+        """Run a JetStream call, raising at once if the server refuses a publish it makes to a
+        subject starting with one of ``refusable`` (it would otherwise only time out)."""
+        with self._watch.watch_prefixes("publish", refusable) as refused:
+            task = asyncio.ensure_future(op)
+            try:
+                either: set[asyncio.Future[Any]] = {task, refused}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            if refused.done() and not refused.cancelled():
+                raise permission_denied(self._module, f"{what} through", refused.result())
+            try:
+                return task.result()
+            except nats.js.errors.NotFoundError as e:
+                raise errors.NotFoundError(f"{what}: not found ({e.description or 'no such bucket'})") from e
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as e:
+                raise errors.UnavailableError(
+                    f"{self._module} cannot {what}: JetStream does not answer at {self._url} (is it enabled?)"
+                ) from e
+            except (*_UNAVAILABLE, nats.errors.Error) as e:
+                raise self._unavailable(what, e) from e
+
     async def _answer(self, handler: RequestHandler, msg: Msg) -> None:
         headers, body = await call_handler(handler, _to_message(msg), module=self._module, log=logger)
         if not msg.reply:
@@ -421,6 +603,8 @@ class NatsBus:
         if self._closed:
             return
         self._closed = True
+        for w in list(self._kv_watches):
+            await w.unsubscribe()
         current = asyncio.current_task()
         pending: list[asyncio.Task[None]] = []
         for handle in self._subs:

@@ -35,13 +35,28 @@ SM_PREFIX = f"{PREFIX}.sm"
 SM_SOFTWARE_LIST = f"{PREFIX}.sm.software.list"
 SM_SOFTWARE_LOAD = f"{PREFIX}.sm.software.load"
 
-# --- cm: egress for sm ------------------------------------------------------------------------
+# --- cm: egress for sm, liveness ---------------------------------------------------------------
 CM_EGRESS = f"{PREFIX}.cm.egress"
+#: cm answers it while it runs; pm asks it to refuse work while cm (the door to the outside) is up
+CM_PING = f"{PREFIX}.cm.ping"
+
+# --- modes: the supervisor (the paper's Table 1) ------------------------------------------------
+MODES_PREFIX = f"{PREFIX}.modes"
+#: switch the operation mode (admin only); the supervisor answers with what changed
+MODES_SET = f"{MODES_PREFIX}.set"
+#: the mode and each service's health
+MODES_STATUS = f"{MODES_PREFIX}.status"
+#: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, JSON
+#: ``{"mode", "since", "by"}``. Only modes may write it; every module may read and watch it.
+MODE_BUCKET = "iotdlm_mode"
+MODE_KEY = "mode"
 
 # --- events (publish only, one branch per module) ---------------------------------------------
 EVENTS = f"{PREFIX}.events"
 
 MODULES = ("km", "pm", "sm", "cm", "admin")
+#: the supervisor's own NATS user (not a row of Table 1, so not in :data:`MODULES`)
+SUPERVISOR = "modes"
 
 
 #: Queue group used by every worker of one module, so N workers share one subject.
@@ -58,17 +73,58 @@ def events(module: str, name: str) -> str:
     return f"{EVENTS}.{module}.{name}"
 
 
+# --- JetStream key-value ----------------------------------------------------------------------
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream behind key-value ``bucket``."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str = ">") -> str:
+    """Publishing here writes ``key`` of ``bucket`` (``>``: every key): the write permission."""
+    return f"$KV.{bucket}.{key}"
+
+
+def kv_read_api(bucket: str) -> tuple[str, ...]:
+    """JetStream API subjects a module publishes to read and watch ``bucket`` (nothing else)."""
+    stream = kv_stream(bucket)
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        # a watch is an ordered consumer: created, checked, deleted, flow-controlled
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.*",
+        f"$JS.API.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    )
+
+
+def kv_admin_api(bucket: str) -> tuple[str, ...]:
+    """JetStream API subjects the owner of ``bucket`` also needs: creating its stream."""
+    return (f"$JS.API.STREAM.CREATE.{kv_stream(bucket)}",)
+
+
 @dataclass(frozen=True)
 class Permissions:
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
     #: allow publishing a reply to whoever sent us a request (NATS ``allow_responses``)
     allow_responses: bool
+    #: the JetStream API subjects this module needs (key-value buckets it reads or owns). The
+    #: embedded server still grants every user ``$JS.API.>`` when JetStream is on
+    #: (:data:`iotdlm.bus.server.JETSTREAM_API`); rendering this list instead is the narrowing of
+    #: issue 6. The in-memory bus enforces it already.
+    jetstream: tuple[str, ...] = ()
 
 
 def _inbox(module: str) -> str:
     return f"{inbox_prefix(module)}.>"
 
+
+#: every module reads (and watches) the operation mode: services check it themselves
+_READ_MODE = kv_read_api(MODE_BUCKET)
 
 PERMISSIONS: dict[str, Permissions] = {
     "km": Permissions(
@@ -76,26 +132,39 @@ PERMISSIONS: dict[str, Permissions] = {
         # km workers hear each other's revocations (to drop cached OCSP answers)
         subscribe=(f"{PREFIX}.km.>", _inbox("km"), f"{EVENTS}.km.>"),
         allow_responses=True,
+        jetstream=_READ_MODE,
     ),
     "pm": Permissions(
-        publish=(KM_ISSUE, KM_ISSUE_BATCH, KM_CHAIN, f"{SM_PREFIX}.software.>", f"{EVENTS}.pm.>"),
+        # CM_PING: pm refuses to work while cm runs (defence in depth beside the mode)
+        publish=(KM_ISSUE, KM_ISSUE_BATCH, KM_CHAIN, f"{SM_PREFIX}.software.>", CM_PING, f"{EVENTS}.pm.>"),
         subscribe=(f"{PREFIX}.pm.>", _inbox("pm")),
         allow_responses=True,
+        jetstream=_READ_MODE,
     ),
     "sm": Permissions(
         publish=(f"{CM_EGRESS}.>", f"{EVENTS}.sm.>"),
         subscribe=(f"{SM_PREFIX}.>", _inbox("sm")),
         allow_responses=True,
+        jetstream=_READ_MODE,
     ),
     "cm": Permissions(
         publish=(KM_RENEW, f"{KM_EST}.>", f"{PREFIX}.km.va.>", KM_CHAIN, f"{EVENTS}.cm.>"),
-        subscribe=(f"{CM_EGRESS}.>", _inbox("cm")),
+        subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,
+        jetstream=_READ_MODE,
     ),
     # the operator's tools (CLI, console): may ask anything, may listen to events
     "admin": Permissions(
         publish=(f"{PREFIX}.>",),
         subscribe=(_inbox("admin"), f"{EVENTS}.>"),
         allow_responses=False,
+        jetstream=_READ_MODE,
+    ),
+    # the supervisor: answers mode switches and status, is the only writer of the mode
+    SUPERVISOR: Permissions(
+        publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
+        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR)),
+        allow_responses=True,
+        jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET)),
     ),
 }

@@ -1,0 +1,216 @@
+"""Defence in depth: services check the operation mode themselves.
+
+The supervisor turns modules on and off (Table 1); a service that is running anyway -- started by
+hand, left over, or in a mode where it runs for another reason -- still refuses work its mode
+forbids. :class:`ModeGuard` keeps the current mode (a watch on the ``iotdlm_mode`` bucket, and a
+read every ``refresh_every`` seconds that heals a lost watch) and :meth:`ModeGuard.require` raises
+:class:`~iotdlm.errors.ModeError` when the mode is not one of those allowed -- or is unknown:
+never published, or not confirmed for ``max_age`` seconds. Deny by default.
+
+km::
+
+    guard = ModeGuard(bus)
+    await guard.start()
+    ...
+    guard.require(DEVICE_CERTIFICATE_MODES, "issuing a device certificate for pm")   # sync: fine in a thread
+
+pm (refuses while cm, the door to the outside, runs)::
+
+    guard.require(modes_where("pm"), "provisioning")
+    await guard.require_cm_off("provisioning")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Set
+from types import TracebackType
+
+from iotdlm import errors
+from iotdlm.bus import subjects
+from iotdlm.bus.api import Bus, KeyValue, KeyValueEntry, Subscription
+from iotdlm.modes.messages import ModeRecord, decode
+from iotdlm.modes.table import Mode
+
+log = logging.getLogger(__name__)
+
+
+async def cm_running(bus: Bus, *, timeout: float = 1.0) -> bool:  # noqa: ASYNC109
+    """Whether a cm answers ``iotdlm.v1.cm.ping`` (any answer, even an error, means it runs)."""
+    try:
+        await bus.request(subjects.CM_PING, b"", timeout=timeout)
+    except errors.UnavailableError:
+        return False
+    except errors.PermissionDeniedError:
+        raise
+    except errors.IotdlmError:
+        return True
+    return True
+
+
+def parse_record(entry: KeyValueEntry | None) -> ModeRecord | None:
+    """The mode in a bucket entry; ``None`` for no value, or one that is not a known mode."""
+    if entry is None:
+        return None
+    try:
+        record = decode(entry.value, ModeRecord)
+    except errors.BadRequestError as exc:
+        log.error("the mode in bucket %s is malformed: %s", subjects.MODE_BUCKET, exc)
+        return None
+    if record.mode not in set(Mode):
+        log.error("the mode in bucket %s is unknown: %r", subjects.MODE_BUCKET, record.mode)
+        return None
+    return record
+
+
+class ModeGuard:
+    """The current operation mode, cached, for a service to check before it acts.
+
+    ``monotonic`` is the clock that ages the cache (injected for tests).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        refresh_every: float = 1.0,
+        max_age: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if refresh_every <= 0 or max_age <= 0:
+            raise ValueError("refresh_every and max_age must be positive")
+        self._bus = bus
+        self._refresh_every = refresh_every
+        self._max_age = max_age
+        self._monotonic = monotonic
+        self._record: ModeRecord | None = None
+        self._confirmed_at: float | None = None
+        self._kv: KeyValue | None = None
+        self._watch: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # --- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Read the mode once and keep it fresh. Never fails: until a mode is read, it is unknown."""
+        if self._task is not None:
+            return
+        await self._tick()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="mode-guard")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            with contextlib.suppress(errors.IotdlmError):
+                await watch.unsubscribe()
+
+    async def __aenter__(self) -> ModeGuard:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_every)
+            await self._tick()
+
+    async def _tick(self) -> None:
+        try:
+            await self.refresh()
+        except errors.IotdlmError as exc:  # the cache ages; past max_age the mode is unknown
+            log.debug("%s: cannot read the mode: %s", self._bus.module, exc)
+
+    async def refresh(self) -> None:
+        """Read the mode now (and start the watch if it is not running)."""
+        try:
+            if self._kv is None:
+                self._kv = await self._bus.key_value(subjects.MODE_BUCKET)
+            if self._watch is None:
+                self._watch = await self._kv.watch(subjects.MODE_KEY, self._on_change)
+            entry = await self._kv.get(subjects.MODE_KEY)
+        except errors.NotFoundError:
+            # no bucket: no supervisor ever published a mode here
+            self._set(None)
+            return
+        self._set(entry)
+
+    async def _on_change(self, entry: KeyValueEntry | None) -> None:
+        self._set(entry)
+
+    def _set(self, entry: KeyValueEntry | None) -> None:
+        record = parse_record(entry)
+        if record != self._record:
+            log.info("%s: operation mode is now %s", self._bus.module, record.mode if record is not None else "unknown")
+        self._record = record
+        self._confirmed_at = self._monotonic()
+        self._changed.set()
+
+    # --- reading ----------------------------------------------------------------------------
+    @property
+    def record(self) -> ModeRecord | None:
+        """The current mode record, or ``None`` if unknown (never read, none published, or stale)."""
+        if self._confirmed_at is None or self._monotonic() - self._confirmed_at > self._max_age:
+            return None
+        return self._record
+
+    @property
+    def mode(self) -> str | None:
+        record = self.record
+        return record.mode if record is not None else None
+
+    async def wait_for(self, mode: str | None, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Until the cached mode is ``mode`` (tests, and services that start before a switch ends)."""
+
+        async def wait() -> None:
+            while self.mode != mode:
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise errors.UnavailableError(f"the mode did not become {mode} within {timeout:g} s") from None
+
+    def require(self, allowed_modes: Set[str], what: str) -> str:
+        """Return the current mode if it is one of ``allowed_modes``; raise ModeError otherwise.
+
+        Synchronous, so code running in a worker thread can call it too.
+        """
+        if not allowed_modes:
+            raise ValueError("allowed_modes must name at least one mode")
+        needed = " or ".join(sorted(str(m) for m in allowed_modes))
+        first = sorted(str(m) for m in allowed_modes)[0]
+        mode = self.mode
+        if mode is None:
+            raise errors.ModeError(
+                f"{self._bus.module} refuses {what}: the operation mode is unknown (no supervisor published one, "
+                f"or it could not be read for {self._max_age:g} s); it needs {needed} "
+                f"(`iotdlm up --mode {first}` or `iotdlm mode set {first}`)",
+                field="mode",
+            )
+        if mode not in allowed_modes:
+            raise errors.ModeError(
+                f"{self._bus.module} refuses {what} in mode {mode}: it needs {needed} (`iotdlm mode set {first}`)",
+                field="mode",
+            )
+        return mode
+
+    async def require_cm_off(self, what: str, *, timeout: float = 1.0) -> None:  # noqa: ASYNC109
+        """Raise ModeError if cm -- the door to the outside -- answers its ping."""
+        if await cm_running(self._bus, timeout=timeout):
+            raise errors.ModeError(
+                f"{self._bus.module} refuses {what}: cm is running, so the system is reachable from outside; "
+                "provisioning needs cm off (`iotdlm mode set provisioning-software` or provisioning-certificate)",
+                field="mode",
+            )

@@ -1,0 +1,114 @@
+"""What modes puts on the wire and on disk (JSON, msgspec): the mode record, the switch request
+and its answer, the status. Pure.
+
+- :class:`ModeRecord` -- the value of key ``mode`` in bucket ``iotdlm_mode``: ``{"mode", "since", "by"}``
+- :class:`SavedMode` -- ``DIR/mode.json``, so ``iotdlm up`` without ``--mode`` resumes the last mode
+- :class:`SetRequest` / :class:`SetReply` -- ``iotdlm.v1.modes.set``
+- :class:`StatusReply` -- ``iotdlm.v1.modes.status`` (the request body is empty)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TypeVar
+
+import msgspec
+
+from iotdlm.errors import BadRequestError
+
+#: longest accepted message (these are tiny; anything bigger is hostile)
+MAX_MESSAGE = 64 * 1024
+
+
+class ModeRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """The current mode, as every service reads it. Unknown fields are ignored (newer supervisors)."""
+
+    mode: str
+    #: ISO 8601, UTC
+    since: str
+    #: who switched: the operator as the supervisor saw them
+    by: str
+
+
+class SavedMode(msgspec.Struct, frozen=True):
+    mode: str
+    since: str
+    by: str
+    with_sm: bool = False
+
+
+class SetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    mode: str
+    #: sm in provisioning-software (Table 1: optional); ``None`` keeps the current choice
+    with_sm: bool | None = None
+    #: the operator asking (informational: only the admin identity may send this request at all)
+    by: str = "admin"
+
+
+class SetReply(msgspec.Struct, frozen=True):
+    #: the mode before (``None``: the supervisor had none yet)
+    from_mode: str | None = msgspec.field(name="from")
+    to: str
+    with_sm: bool
+    since: str
+    stopped: list[str] = []
+    started: list[str] = []
+    #: services that ran before and after
+    kept: list[str] = []
+    #: services that had given up and were started again
+    restarted: list[str] = []
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.stopped or self.started or self.restarted) or self.from_mode != self.to
+
+
+class ServiceHealth(msgspec.Struct, frozen=True):
+    name: str
+    module: str
+    dtype: str | None
+    #: running, starting, backoff (waiting to restart), failed (gave up), stopping, off
+    state: str
+    pid: int | None
+    running: bool
+    restarts: int
+    #: seconds since the current process started
+    uptime: float | None
+    #: exit status of the last process that ended on its own (negative: killed by that signal)
+    last_exit: int | None
+    log: str
+
+
+class StatusReply(msgspec.Struct, frozen=True):
+    mode: str | None
+    since: str | None
+    by: str | None
+    with_sm: bool
+    supervisor_pid: int
+    nats_url: str
+    #: "from -> to" while a switch is under way
+    switching: str | None
+    services: list[ServiceHealth]
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(obj)
+
+
+def decode(data: bytes, typ: type[_S]) -> _S:
+    """Decode untrusted JSON into ``typ``; anything malformed is a :class:`BadRequestError`."""
+    if len(data) > MAX_MESSAGE:
+        raise BadRequestError(f"{typ.__name__} is {len(data)} bytes, over {MAX_MESSAGE}")
+    try:
+        return msgspec.json.decode(data, type=typ)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequestError(f"malformed {typ.__name__}: {exc}") from exc
+
+
+def timestamp(at: dt.datetime) -> str:
+    if at.tzinfo is None:
+        raise ValueError("mode timestamps must be timezone-aware")
+    return at.astimezone(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,907 @@
+"""The supervisor: the embedded NATS server, then exactly the services Table 1 turns on for a mode.
+
+Each service is its own OS process (the command comes from a :data:`~iotdlm.modes.table.CommandTable`),
+its output appended to ``DIR/logs/<service>.log``. A service that exits on its own is restarted
+after an exponential backoff; after ``give_up_after`` quick crashes in a row the supervisor gives
+up on it (logged, shown by ``iotdlm status``; ``iotdlm mode set`` to the same mode re-arms it).
+
+The current mode lives in the JetStream key-value bucket ``iotdlm_mode`` (key ``mode``, JSON
+``{"mode", "since", "by"}``), which every service reads (:class:`~iotdlm.modes.guard.ModeGuard`),
+and in ``DIR/mode.json``, so ``iotdlm up`` without ``--mode`` resumes it. A switch
+(``iotdlm.v1.modes.set``, admin only) is audited first -- no audit record, no switch -- then
+drains and stops, in reverse start order, what turns off (SIGTERM, wait, SIGKILL), writes the new
+mode, and starts what turns on. Stopping the supervisor stops everything in reverse order, NATS
+last, and removes the mode from the bucket (a service left running by hand then finds no mode and
+refuses, as :class:`ModeGuard` denies by default).
+
+Child processes -- NATS included -- get a process group of their own (a Ctrl-C in the terminal
+reaches only the supervisor, which stops them in order, NATS last) and, on Linux, SIGTERM when the
+supervisor dies (no orphans). A NATS server left by a supervisor that died anyway (no such signal
+elsewhere) is stopped by the next ``iotdlm up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import msgspec
+
+from iotdlm import errors
+from iotdlm.bus import subjects
+from iotdlm.bus.api import Bus, KeyValue, Message, Subscription
+from iotdlm.bus.server import EmbeddedNatsServer, find_nats_server, render_config
+from iotdlm.clock import Clock, SystemClock
+from iotdlm.deployment import PASSPHRASE_ENV, Deployment
+from iotdlm.modes import messages as m
+from iotdlm.modes.table import (
+    DEFAULT_COMMANDS,
+    START_ORDER,
+    CommandTable,
+    Mode,
+    ServiceSpec,
+    check_commands,
+    modules_on,
+    parse_mode,
+    services,
+)
+from iotdlm.store import AuditEntry, Store
+from iotdlm.wire import audit as audit_fmt
+
+log = logging.getLogger(__name__)
+
+MODE_FILE = "mode.json"
+LOCK_FILE = "modes.lock"
+#: pid of the NATS server this supervisor started (a supervisor killed hard leaves it running)
+NATS_PID_FILE = "nats/nats-server.pid"
+_BY_MAX = 128
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    #: how long a service may drain after SIGTERM before it is killed (above the bus's own drain
+    #: timeout, 30 s, so a draining service finishes before it is killed)
+    stop_timeout: float = 45.0
+    #: first restart delay; doubles after each quick crash, up to ``backoff_max``
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: a process that ran less than this long crashed "quickly"
+    quick_crash: float = 10.0
+    #: quick crashes in a row after which the supervisor gives up on a service
+    give_up_after: int = 5
+    #: how often the embedded NATS server is checked (and restarted if it died)
+    nats_check_every: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.stop_timeout, self.backoff_initial, self.backoff_max, self.quick_crash, self.nats_check_every) <= 0:
+            raise ValueError("supervisor timings must be positive")
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        if self.give_up_after < 1:
+            raise ValueError("give_up_after must be at least 1")
+
+
+class RestartPolicy:
+    """Exponential backoff with a cap, and a give-up after too many quick crashes in a row. Pure."""
+
+    def __init__(self, settings: SupervisorSettings) -> None:
+        self._s = settings
+        self._next = settings.backoff_initial
+        self.quick_crashes = 0
+
+    def after_exit(self, ran_for: float) -> float | None:
+        """The delay before the next start, or ``None`` to give up."""
+        if ran_for >= self._s.quick_crash:  # it ran well for a while: start afresh
+            self.quick_crashes = 0
+            self._next = self._s.backoff_initial
+        else:
+            self.quick_crashes += 1
+            if self.quick_crashes >= self._s.give_up_after:
+                return None
+        delay = self._next
+        self._next = min(self._next * 2, self._s.backoff_max)
+        return delay
+
+
+# --- one service process --------------------------------------------------------------------------
+
+
+@functools.cache
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the supervisor dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+class ServiceProcess:
+    """Runs one service: start, watch, restart with backoff, stop (SIGTERM, wait, SIGKILL)."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        *,
+        log_dir: Path,
+        env: Mapping[str, str],
+        settings: SupervisorSettings,
+        clock: Clock,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.log_path = log_dir / f"{spec.name}.log"
+        self.state = "starting"
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._started_at: float | None = None
+        self._env = dict(env)
+        self._settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"service-{self.name}")
+
+    async def stop(self) -> None:
+        """Drain and stop the process (SIGTERM, wait up to ``stop_timeout``, SIGKILL); no restart."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self.state = "off"
+
+    def health(self) -> m.ServiceHealth:
+        pid = self.pid
+        uptime = None
+        if pid is not None and self._started_at is not None:
+            uptime = round(self._monotonic() - self._started_at, 3)
+        return m.ServiceHealth(
+            name=self.name,
+            module=self.spec.module,
+            dtype=self.spec.dtype,
+            state=self.state,
+            pid=pid,
+            running=pid is not None,
+            restarts=self.restarts,
+            uptime=uptime,
+            last_exit=self.last_exit,
+            log=str(self.log_path),
+        )
+
+    def _note(self, text: str) -> None:
+        with contextlib.suppress(OSError), _open_log(self.log_path) as out:
+            out.write(f"--- {m.timestamp(self._clock.now())} iotdlm modes: {text}\n".encode())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self._note(f"starting {self.name}: {shlex.join(self.spec.argv)}")
+        with _open_log(self.log_path) as out:
+            return await asyncio.create_subprocess_exec(
+                *self.spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env,
+                process_group=0,
+                preexec_fn=_die_with_parent(),
+            )
+
+    async def _run(self) -> None:
+        policy = RestartPolicy(self._settings)
+        try:
+            while not self._stop.is_set():
+                began = self._monotonic()
+                code: int | None = None
+                try:
+                    proc = await self._spawn()
+                except OSError as exc:
+                    log.error("%s: cannot start %s: %s", self.name, self.spec.argv[0], exc)
+                    self._note(f"cannot start: {exc}")
+                else:
+                    self._proc = proc
+                    self._started_at = began
+                    self.state = "running"
+                    log.info("%s: started, pid %d", self.name, proc.pid)
+                    exited = asyncio.ensure_future(proc.wait())
+                    stopping = asyncio.ensure_future(self._stop.wait())
+                    await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    stopping.cancel()
+                    if not exited.done():
+                        exited.cancel()
+                        await self._terminate(proc)
+                        return
+                    code = proc.returncode
+                if self._stop.is_set():
+                    return
+                ran = self._monotonic() - began
+                self.last_exit = code
+                delay = policy.after_exit(ran)
+                how = f"exited with status {code}" if code is not None else "could not start"
+                if delay is None:
+                    self.state = "failed"
+                    log.error(
+                        "%s %s; gave up after %d quick crashes in a row (see %s); `iotdlm mode set` re-arms it",
+                        self.name,
+                        how,
+                        policy.quick_crashes,
+                        self.log_path,
+                    )
+                    self._note(f"{how}; gave up after {policy.quick_crashes} quick crashes in a row")
+                    return
+                self.state = "backoff"
+                log.warning("%s %s after %.1f s; restarting in %.2f s", self.name, how, ran, delay)
+                self._note(f"{how} after {ran:.1f} s; restarting in {delay:.2f} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    return
+                self.restarts += 1
+        finally:
+            if self._stop.is_set():
+                self.state = "off"
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        self.state = "stopping"
+        if proc.returncode is None:
+            log.info(
+                "%s: SIGTERM to pid %d, waiting up to %g s for it to drain",
+                self.name,
+                proc.pid,
+                self._settings.stop_timeout,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self._settings.stop_timeout)
+            except TimeoutError:
+                log.warning(
+                    "%s did not stop within %g s of SIGTERM; killing it", self.name, self._settings.stop_timeout
+                )
+                self._note(f"did not stop within {self._settings.stop_timeout:g} s of SIGTERM; SIGKILL")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own group: helpers it started go too
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.last_exit = proc.returncode
+        self._note(f"stopped (status {proc.returncode})")
+        log.info("%s: stopped (status %s)", self.name, proc.returncode)
+
+
+# --- the embedded NATS server, supervised like a service -----------------------------------------
+
+
+class NatsProcess:
+    """The deployment's embedded nats-server (configured by :func:`iotdlm.runtime.nats_server`),
+    run with the same protections as the services: a process group of its own, so a Ctrl-C in the
+    terminal does not take NATS down while the services still drain through it, and SIGTERM when
+    the supervisor dies. (``EmbeddedNatsServer.start`` offers neither.)"""
+
+    def __init__(self, server: EmbeddedNatsServer, *, stop_timeout: float = 10.0) -> None:
+        self.server = server
+        self._stop_timeout = stop_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    async def start(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Write the configuration, spawn the server, return once it greets clients on its port."""
+        if self.running:
+            raise RuntimeError("nats-server is already running")
+        cfg = self.server.config
+        text = render_config(cfg)
+        if cfg.jetstream_dir is not None:
+            cfg.jetstream_dir.mkdir(parents=True, exist_ok=True)
+        path = self.server.config_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        with _open_log(self.log_path) as out:
+            proc = await asyncio.create_subprocess_exec(
+                find_nats_server(),
+                "-c",
+                str(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                process_group=0,
+                preexec_fn=_die_with_parent(),
+            )
+        self._proc = proc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await _greets(cfg.host, cfg.port):
+            if proc.returncode is not None:
+                self._proc = None
+                raise RuntimeError(
+                    f"nats-server exited with status {proc.returncode} at start (config {path}); "
+                    f"its output:\n{self.server.stderr_tail()}"
+                )
+            if loop.time() > deadline:
+                await self.stop()
+                raise RuntimeError(f"nats-server did not accept connections on port {cfg.port} within {timeout:g} s")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL. Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self._stop_timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def _greets(host: str, port: int) -> bool:
+    """Whether a NATS server answers on (host, port): it greets every client with ``INFO {...}``."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        line = await asyncio.wait_for(reader.readline(), 0.5)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return line.startswith(b"INFO ")
+
+
+# --- persistence ----------------------------------------------------------------------------------
+
+
+def load_saved_mode(root: Path) -> m.SavedMode | None:
+    """The last mode of the deployment at ``root`` (``DIR/mode.json``), if any."""
+    path = root / MODE_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    saved = m.decode(data, m.SavedMode)
+    parse_mode(saved.mode)
+    return saved
+
+
+def save_mode(root: Path, saved: m.SavedMode) -> None:
+    """Write ``DIR/mode.json`` atomically (a crash leaves the old or the new file, never half)."""
+    path = root / MODE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(m.encode(saved))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean_by(by: str) -> str:
+    text = "".join(ch for ch in by if ch.isprintable()).strip()[:_BY_MAX]
+    return text or "unknown"
+
+
+# --- the supervisor -----------------------------------------------------------------------------
+
+
+class Supervisor:
+    """Runs a deployment's NATS server and the services of its current mode; switches modes.
+
+    ``commands`` (default :data:`~iotdlm.modes.table.DEFAULT_COMMANDS`) says how each module is
+    started; ``embedded_nats`` (default: when the deployment names no external NATS ``url``)
+    whether the supervisor runs the NATS server itself.
+    """
+
+    def __init__(
+        self,
+        dep: Deployment,
+        *,
+        commands: CommandTable = DEFAULT_COMMANDS,
+        settings: SupervisorSettings | None = None,
+        clock: Clock | None = None,
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        embedded_nats: bool | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        check_commands(commands)
+        self.dep = dep
+        self._commands = commands
+        self._settings = settings or SupervisorSettings()
+        self._clock = clock or SystemClock()
+        self._python = python
+        base_env = dict(os.environ if env is None else env)
+        base_env.setdefault("PYTHONUNBUFFERED", "1")
+        self._env = base_env
+        self._embedded = dep.config.nats.url is None if embedded_nats is None else embedded_nats
+        self._monotonic = monotonic
+        self._nats: NatsProcess | None = None
+        self._bus: Bus | None = None
+        self._kv: KeyValue | None = None
+        self._store: Store | None = None
+        self._lock_fd: int | None = None
+        self._services: dict[str, ServiceProcess] = {}
+        self._current: m.SavedMode | None = None
+        self._switching: str | None = None
+        self._subs: list[Subscription] = []
+        self._monitor: asyncio.Task[None] | None = None
+        self._switch_lock = asyncio.Lock()
+        self._stopping = False
+        self._started = False
+        all_specs = self._plan(START_ORDER)
+        self._order = {spec.name: i for i, spec in enumerate(all_specs)}
+
+    # --- reading ----------------------------------------------------------------------------
+    @property
+    def mode(self) -> Mode | None:
+        return Mode(self._current.mode) if self._current is not None else None
+
+    @property
+    def nats_url(self) -> str:
+        return self._nats.url if self._nats is not None else self.dep.nats_url
+
+    def services(self) -> dict[str, ServiceProcess]:
+        """The services the current mode turned on, by name (a copy)."""
+        return dict(self._services)
+
+    def status(self) -> m.StatusReply:
+        rows = []
+        for spec in self._plan(START_ORDER):
+            svc = self._services.get(spec.name)
+            if svc is not None:
+                rows.append(svc.health())
+            else:
+                rows.append(
+                    m.ServiceHealth(
+                        name=spec.name,
+                        module=spec.module,
+                        dtype=spec.dtype,
+                        state="off",
+                        pid=None,
+                        running=False,
+                        restarts=0,
+                        uptime=None,
+                        last_exit=None,
+                        log=str(self.dep.root / "logs" / f"{spec.name}.log"),
+                    )
+                )
+        cur = self._current
+        return m.StatusReply(
+            mode=cur.mode if cur else None,
+            since=cur.since if cur else None,
+            by=cur.by if cur else None,
+            with_sm=cur.with_sm if cur else False,
+            supervisor_pid=os.getpid(),
+            nats_url=self.nats_url,
+            switching=self._switching,
+            services=rows,
+        )
+
+    # --- life cycle ---------------------------------------------------------------------------
+    async def start(self, mode: Mode | None = None, *, with_sm: bool | None = None, by: str = "modes") -> None:
+        """Start NATS, then the services of ``mode`` (default: the last mode, from ``DIR/mode.json``).
+
+        Raises ``BadRequestError`` when there is no mode to resume, ``ConflictError`` when another
+        supervisor runs for this deployment. On failure everything started is stopped again.
+        """
+        if self._started:
+            raise RuntimeError("the supervisor is already started")
+        self._started = True
+        saved = load_saved_mode(self.dep.root)
+        if mode is None:
+            if saved is None:
+                raise errors.BadRequestError(
+                    f"no mode to resume in {self.dep.root}: give one the first time, e.g. "
+                    f"`iotdlm up --data {self.dep.root} --mode provisioning-certificate`",
+                    field="mode",
+                )
+            mode = parse_mode(saved.mode)
+        if with_sm is None:
+            with_sm = saved.with_sm if saved is not None else False
+        try:
+            self._take_lock()
+            self._check_identity()
+            if self._embedded:
+                await self._start_nats()
+            self._bus = await self._connect()
+            self._kv = await self._bus.key_value(subjects.MODE_BUCKET, create=True)
+            self._store = await asyncio.to_thread(self._open_store)
+            async with self._switch_lock:
+                await self._apply(mode, with_sm, by=_clean_by(by), actor=subjects.SUPERVISOR, reason="up")
+            self._subs.append(await self._bus.serve(subjects.MODES_SET, self._on_set))
+            self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
+            if self._nats is not None:
+                self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop every service in reverse order, then NATS. Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for sub in self._subs:
+            with contextlib.suppress(errors.IotdlmError):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+        async with self._switch_lock:
+            for name in sorted(self._services, key=self._order.__getitem__, reverse=True):
+                try:
+                    await self._services.pop(name).stop()
+                except Exception:
+                    log.exception("%s: stopping it failed", name)
+            if self._current is not None:
+                try:
+                    await self._audit(
+                        subjects.SUPERVISOR,
+                        self._current.mode,
+                        "off",
+                        self._current.by,
+                        self._current.with_sm,
+                        stopped=[],
+                        started=[],
+                        reason="shutdown",
+                    )
+                except errors.IotdlmError as exc:
+                    log.error("could not audit the shutdown: %s", exc)
+            if self._kv is not None:
+                try:  # no supervisor, no mode: a service left running refuses (ModeGuard)
+                    await self._kv.delete(subjects.MODE_KEY)
+                except errors.IotdlmError as exc:
+                    log.warning("could not clear the mode in bucket %s: %s", subjects.MODE_BUCKET, exc)
+            if self._bus is not None:
+                with contextlib.suppress(errors.IotdlmError):
+                    await self._bus.close()
+            await self._stop_nats()
+            if self._store is not None:
+                with contextlib.suppress(Exception):
+                    self._store.close()
+            self._release_lock()
+
+    # --- switching ------------------------------------------------------------------------------
+    async def switch(self, mode: Mode, *, with_sm: bool | None = None, by: str, actor: str = "admin") -> m.SetReply:
+        """Switch to ``mode`` (what ``iotdlm mode set`` asks for); see the module doc for the steps."""
+        if self._stopping or self._bus is None:
+            raise errors.UnavailableError("the supervisor is not running (or is shutting down)")
+        async with self._switch_lock:
+            if with_sm is None:
+                with_sm = self._current.with_sm if self._current is not None else False
+            return await self._apply(mode, with_sm, by=_clean_by(by), actor=actor, reason="mode set")
+
+    def _plan(self, modules: tuple[str, ...]) -> list[ServiceSpec]:
+        return services(
+            modules,
+            dtypes=self.dep.config.dtypes,
+            commands=self._commands,
+            data=str(self.dep.root),
+            python=self._python,
+        )
+
+    async def _apply(self, mode: Mode, with_sm: bool, *, by: str, actor: str, reason: str) -> m.SetReply:
+        target = self._plan(modules_on(mode, with_sm=with_sm))
+        names = [s.name for s in target]
+        current = self._services
+        stopping = sorted((n for n in current if n not in names), key=self._order.__getitem__, reverse=True)
+        restarted = [n for n in names if n in current and current[n].state == "failed"]
+        starting = [n for n in names if n not in current]
+        kept = [n for n in names if n in current and n not in restarted]
+        from_mode = self._current.mode if self._current is not None else None
+        since = m.timestamp(self._clock.now())
+        if from_mode == mode.value and not (stopping or starting or restarted):
+            assert self._current is not None
+            if self._current.with_sm != with_sm:  # a preference for later (sm is not optional here)
+                self._current = msgspec.structs.replace(self._current, with_sm=with_sm)
+                await asyncio.to_thread(save_mode, self.dep.root, self._current)
+            return m.SetReply(from_mode=from_mode, to=mode.value, with_sm=with_sm, since=self._current.since, kept=kept)
+        if not target:
+            log.warning("mode %s turns on no service here (no dtype for pm?)", mode.value)
+        # audit first: no record, no switch
+        await self._audit(
+            actor,
+            from_mode or "off",
+            mode.value,
+            by,
+            with_sm,
+            stopped=stopping,
+            started=starting + restarted,
+            reason=reason,
+        )
+        self._switching = f"{from_mode or 'off'} -> {mode.value}"
+        log.info(
+            "mode %s -> %s (by %s): stopping %s, starting %s", from_mode or "off", mode.value, by, stopping, starting
+        )
+        try:
+            for name in stopping + sorted(restarted, key=self._order.__getitem__, reverse=True):
+                await self._services.pop(name).stop()
+            record = m.SavedMode(mode=mode.value, since=since, by=by, with_sm=with_sm)
+            await self._publish(record)
+            self._current = record
+            for spec in target:
+                if spec.name in starting or spec.name in restarted:
+                    svc = ServiceProcess(
+                        spec,
+                        log_dir=self.dep.root / "logs",
+                        env=self._env,
+                        settings=self._settings,
+                        clock=self._clock,
+                        monotonic=self._monotonic,
+                    )
+                    self._services[spec.name] = svc
+                    svc.start()
+        finally:
+            self._switching = None
+        return m.SetReply(
+            from_mode=from_mode,
+            to=mode.value,
+            with_sm=with_sm,
+            since=since,
+            stopped=stopping,
+            started=starting,
+            kept=kept,
+            restarted=restarted,
+        )
+
+    async def _publish(self, record: m.SavedMode) -> None:
+        """The new mode, where services read it (the bucket) and where ``up`` resumes it (mode.json)."""
+        assert self._kv is not None
+        value = m.encode(m.ModeRecord(mode=record.mode, since=record.since, by=record.by))
+        await self._kv.put(subjects.MODE_KEY, value)
+        await asyncio.to_thread(save_mode, self.dep.root, record)
+
+    async def _audit(
+        self,
+        actor: str,
+        from_mode: str,
+        to_mode: str,
+        by: str,
+        with_sm: bool,
+        *,
+        stopped: list[str],
+        started: list[str],
+        reason: str,
+    ) -> None:
+        store = self._store
+        if store is None:
+            raise errors.UnavailableError("the store is not open: cannot audit the mode switch")
+        entry = AuditEntry(
+            at=self._clock.now(),
+            kind=audit_fmt.MODE_SWITCH,
+            actor=actor,
+            subject=None,
+            data={
+                "from": from_mode,
+                "to": to_mode,
+                "by": by,
+                "with_sm": with_sm,
+                "stopped": stopped,
+                "started": started,
+                "reason": reason,
+            },
+        )
+        await asyncio.to_thread(store.append_audit, [entry])
+
+    # --- bus handlers ---------------------------------------------------------------------------
+    async def _on_set(self, msg: Message) -> bytes:
+        req = m.decode(msg.data, m.SetRequest)
+        mode = parse_mode(req.mode)
+        reply = await self.switch(mode, with_sm=req.with_sm, by=req.by, actor="admin")
+        return m.encode(reply)
+
+    async def _on_status(self, msg: Message) -> bytes:
+        return m.encode(self.status())
+
+    # --- plumbing -------------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        path = self.dep.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            other = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise errors.ConflictError(
+                    f"another supervisor (pid {other}) runs for {self.dep.root}; "
+                    f"use `iotdlm mode set` / `iotdlm status --data {self.dep.root}` instead"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+    def _check_identity(self) -> None:
+        if subjects.SUPERVISOR not in self.dep.identity_names():
+            raise errors.NotFoundError(
+                f"the deployment in {self.dep.root} has no identity for the supervisor "
+                f"(modules/{subjects.SUPERVISOR}): it was created before modes existed. `iotdlm up` creates it "
+                f"when the CA passphrase is available (${PASSPHRASE_ENV})"
+            )
+
+    def _open_store(self) -> Store:
+        from iotdlm.runtime import open_store
+
+        return open_store(self.dep)
+
+    async def _start_nats(self) -> None:
+        from iotdlm.runtime import nats_server
+
+        config = nats_server(self.dep)
+        if config.config.jetstream_dir is None:
+            raise RuntimeError("the embedded NATS server needs JetStream for the mode bucket")
+        await asyncio.to_thread(self._reap_stale_nats, config.config_path)
+        server = NatsProcess(config)
+        try:
+            await server.start()
+        except RuntimeError as exc:
+            raise errors.UnavailableError(f"cannot start the embedded NATS server: {exc}") from exc
+        self._nats = server
+        (self.dep.root / NATS_PID_FILE).write_text(f"{server.pid}\n")
+        log.info("NATS listening on %s (pid %s)", server.url, server.pid)
+
+    async def _stop_nats(self) -> None:
+        if self._nats is not None:
+            await self._nats.stop()
+            with contextlib.suppress(OSError):
+                (self.dep.root / NATS_PID_FILE).unlink()
+
+    def _reap_stale_nats(self, config_path: Path) -> None:
+        """Stop the NATS server a supervisor killed hard left behind (it holds the port)."""
+        pid_file = self.dep.root / NATS_PID_FILE
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return  # no pid file, or no such process (or no /proc: nothing we can check safely)
+        if str(config_path).encode() not in cmdline:
+            return  # the pid was reused by something else
+        log.warning("stopping the NATS server (pid %d) a previous supervisor left behind", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = self._monotonic() + self._settings.stop_timeout
+        while self._monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    async def _connect(self) -> Bus:
+        from iotdlm.runtime import connect_identity
+
+        bus, _ident = await connect_identity(self.dep, subjects.SUPERVISOR)
+        return bus
+
+    async def _watch_nats(self) -> None:
+        """Restart the embedded NATS server if it dies (with backoff); services reconnect by themselves."""
+        server = self._nats
+        assert server is not None
+        policy = RestartPolicy(self._settings)
+        began = self._monotonic()
+        while True:
+            await asyncio.sleep(self._settings.nats_check_every)
+            if server.running:
+                continue
+            delay = policy.after_exit(self._monotonic() - began) or self._settings.backoff_max
+            log.error("the NATS server died; restarting it in %.2f s (its log: %s)", delay, server.log_path)
+            await asyncio.sleep(delay)
+            began = self._monotonic()
+            try:
+                await server.start()
+                (self.dep.root / NATS_PID_FILE).write_text(f"{server.pid}\n")
+                log.warning("NATS restarted (pid %s)", server.pid)
+            except (RuntimeError, OSError) as exc:
+                log.error("cannot restart NATS: %s", exc)
+
+
+def ensure_identity(dep: Deployment, clock: Clock) -> bool:
+    """Give a deployment made before modes existed its supervisor identity (certificate from the
+    service CA, NATS user). Needs the CA passphrase. Returns whether it created one."""
+    if subjects.SUPERVISOR in dep.identity_names():
+        return False
+    from iotdlm.runtime import open_store, record_identities
+
+    service_ca = dep.load_cas()["service"]
+    dep.add_identity(subjects.SUPERVISOR, None, service_ca=service_ca, now=clock.now())
+    store = open_store(dep)
+    try:
+        record_identities(dep, store, clock.now())
+    finally:
+        store.close()
+    return True
+
+
+def read_commands(path: Path) -> dict[str, list[str]]:
+    """A command table from a JSON file: ``{"km": ["{python}", "-m", ...], ...}`` (merged over the defaults)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise errors.BadRequestError(f"cannot read the command table {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise errors.BadRequestError(f"{path}: the command table must be a JSON object (module -> list of strings)")
+    table: dict[str, list[str]] = {k: list(v) for k, v in DEFAULT_COMMANDS.items()}
+    for module, argv in raw.items():
+        if module not in table:
+            raise errors.BadRequestError(f"{path}: unknown module {module!r}; Table 1 has {', '.join(table)}")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise errors.BadRequestError(f"{path}: the command of {module} must be a non-empty list of strings")
+        table[module] = argv
+    return table

@@ -1,0 +1,210 @@
+"""ModeGuard: services check the mode themselves (defence in depth), on the in-memory bus."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from iotdlm import errors
+from iotdlm.bus import subjects
+from iotdlm.bus.api import KeyValue, Message
+from iotdlm.bus.memory import MemoryBus, MemoryHub
+from iotdlm.modes import DEVICE_CERTIFICATE_MODES, ModeGuard, cm_running, modes_where
+from iotdlm.modes.messages import ModeRecord, encode
+from iotdlm.modes.table import Mode
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def hub() -> MemoryHub:
+    return MemoryHub()
+
+
+@pytest.fixture
+async def owner(hub: MemoryHub) -> AsyncIterator[KeyValue]:
+    bus = MemoryBus(hub, subjects.SUPERVISOR)
+    yield await bus.key_value(subjects.MODE_BUCKET, create=True)
+    await bus.close()
+
+
+async def set_mode(kv: KeyValue, mode: str) -> None:
+    await kv.put(subjects.MODE_KEY, encode(ModeRecord(mode=mode, since="2025-01-01T00:00:00+00:00", by="test")))
+
+
+async def test_km_refuses_device_certificates_outside_provisioning_certificate(hub: MemoryHub, owner: KeyValue) -> None:
+    await set_mode(owner, Mode.CERTIFICATE_MANAGEMENT)
+    km = MemoryBus(hub, "km")
+    async with ModeGuard(km) as guard:
+        with pytest.raises(errors.ModeError) as info:
+            guard.require(DEVICE_CERTIFICATE_MODES, "issuing a device certificate for pm")
+        err = info.value
+        assert err.code == "wrong_mode"
+        assert err.field == "mode"
+        assert "certificate-management" in err.message  # the current mode
+        assert "provisioning-certificate" in err.message  # what it would take
+        assert "iotdlm mode set provisioning-certificate" in err.message
+
+        await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
+        await guard.wait_for(Mode.PROVISIONING_CERTIFICATE)  # the watch brings the change
+        assert guard.require(DEVICE_CERTIFICATE_MODES, "issuing") == "provisioning-certificate"
+        record = guard.record
+        assert record is not None
+        assert record.by == "test"
+    await km.close()
+
+
+async def test_unknown_mode_is_refused(hub: MemoryHub) -> None:
+    pm = MemoryBus(hub, "pm")
+    async with ModeGuard(pm) as guard:  # no bucket at all: no supervisor ever ran
+        assert guard.mode is None
+        with pytest.raises(errors.ModeError, match="unknown"):
+            guard.require(modes_where("pm"), "provisioning")
+    await pm.close()
+
+
+async def test_a_deleted_or_garbled_mode_is_unknown(hub: MemoryHub, owner: KeyValue) -> None:
+    await set_mode(owner, Mode.PROVISIONING_SOFTWARE)
+    pm = MemoryBus(hub, "pm")
+    async with ModeGuard(pm) as guard:
+        assert guard.require(modes_where("pm"), "flashing") == "provisioning-software"
+        await owner.delete(subjects.MODE_KEY)  # the supervisor stopped
+        await guard.wait_for(None)
+        await set_mode(owner, Mode.PROVISIONING_SOFTWARE)
+        await guard.wait_for(Mode.PROVISIONING_SOFTWARE)
+        for garbage in (b"not json", b'{"mode": "maintenance", "since": "s", "by": "b"}', b"{}"):
+            await owner.put(subjects.MODE_KEY, garbage)
+            await guard.wait_for(None)
+            with pytest.raises(errors.ModeError, match="unknown"):
+                guard.require(modes_where("pm"), "flashing")
+            await set_mode(owner, Mode.PROVISIONING_SOFTWARE)
+            await guard.wait_for(Mode.PROVISIONING_SOFTWARE)
+    await pm.close()
+
+
+async def test_a_mode_not_confirmed_for_max_age_is_unknown(hub: MemoryHub, owner: KeyValue) -> None:
+    await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
+    clock = FakeMonotonic()
+    km = MemoryBus(hub, "km")
+    guard = ModeGuard(km, max_age=5.0, refresh_every=3600, monotonic=clock)
+    await guard.start()
+    assert guard.require(DEVICE_CERTIFICATE_MODES, "issuing") == "provisioning-certificate"
+    await km.close()  # the bus is gone: nothing can confirm the mode any more
+    clock.now += 4.0
+    assert guard.mode == "provisioning-certificate"
+    clock.now += 2.0
+    assert guard.mode is None
+    with pytest.raises(errors.ModeError, match="could not be read for 5 s"):
+        guard.require(DEVICE_CERTIFICATE_MODES, "issuing")
+    with pytest.raises(errors.UnavailableError):
+        await guard.refresh()
+    await guard.stop()
+
+
+async def test_guard_polls_when_the_watch_cannot_start(hub: MemoryHub) -> None:
+    # the bucket appears after the service started (supervisor came up later): the poll finds it
+    pm = MemoryBus(hub, "pm")
+    guard = ModeGuard(pm, refresh_every=0.01)
+    await guard.start()
+    assert guard.mode is None
+    sup = MemoryBus(hub, subjects.SUPERVISOR)
+    kv = await sup.key_value(subjects.MODE_BUCKET, create=True)
+    await set_mode(kv, Mode.PROVISIONING_SOFTWARE)
+    await guard.wait_for(Mode.PROVISIONING_SOFTWARE)
+    await set_mode(kv, Mode.PROVISIONING_CERTIFICATE)
+    await guard.wait_for(Mode.PROVISIONING_CERTIFICATE)
+    await guard.stop()
+    await sup.close()
+    await pm.close()
+
+
+async def test_require_needs_allowed_modes(hub: MemoryHub) -> None:
+    guard = ModeGuard(MemoryBus(hub, "km"))
+    with pytest.raises(ValueError, match="at least one"):
+        guard.require(set(), "anything")
+    with pytest.raises(ValueError, match="positive"):
+        ModeGuard(MemoryBus(hub, "km"), max_age=0)
+
+
+async def test_wait_for_times_out_as_unavailable(hub: MemoryHub) -> None:
+    guard = ModeGuard(MemoryBus(hub, "km"))
+    with pytest.raises(errors.UnavailableError, match="did not become"):
+        await guard.wait_for(Mode.SOFTWARE_MANAGEMENT, timeout=0.01)
+
+
+async def test_pm_refuses_while_cm_runs(hub: MemoryHub, owner: KeyValue) -> None:
+    await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
+    pm = MemoryBus(hub, "pm")
+    cm = MemoryBus(hub, "cm")
+    async with ModeGuard(pm) as guard:
+        guard.require(modes_where("pm"), "provisioning")
+        assert not await cm_running(pm)
+        await guard.require_cm_off("provisioning")  # cm off: allowed
+
+        async def pong(msg: Message) -> bytes:
+            return b"pong"
+
+        sub = await cm.serve(subjects.CM_PING, pong)
+        assert await cm_running(pm)
+        with pytest.raises(errors.ModeError, match="cm is running"):
+            await guard.require_cm_off("provisioning")
+        await sub.unsubscribe()
+        assert not await cm_running(pm)
+
+        async def refuse(msg: Message) -> bytes:
+            raise errors.NotAuthorizedError("go away")
+
+        await cm.serve(subjects.CM_PING, refuse)
+        assert await cm_running(pm)  # an error answer still means cm runs
+    await pm.close()
+    await cm.close()
+
+
+async def test_cm_ping_permissions() -> None:
+    hub = MemoryHub()
+    km = MemoryBus(hub, "km")
+    with pytest.raises(errors.PermissionDeniedError):  # only pm (and admin) ask whether cm runs
+        await cm_running(km)
+    sm = MemoryBus(hub, "sm")
+
+    async def pong(msg: Message) -> bytes:
+        return b""
+
+    with pytest.raises(errors.PermissionDeniedError):  # only cm answers it
+        await sm.serve(subjects.CM_PING, pong)
+    await km.close()
+    await sm.close()
+
+
+async def test_guard_check_runs_from_a_worker_thread(hub: MemoryHub, owner: KeyValue) -> None:
+    await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
+    km = MemoryBus(hub, "km")
+    async with ModeGuard(km) as guard:
+        mode = await asyncio.to_thread(guard.require, DEVICE_CERTIFICATE_MODES, "issuing")
+        assert mode == Mode.PROVISIONING_CERTIFICATE
+    await km.close()
+
+
+def test_only_the_supervisor_writes_the_mode_and_answers_modes_subjects() -> None:
+    from iotdlm.bus.memory import pattern_covers, subject_matches
+
+    for module, perms in subjects.PERMISSIONS.items():
+        writes = any(subject_matches(a, subjects.kv_subject(subjects.MODE_BUCKET, "mode")) for a in perms.publish)
+        assert writes == (module == subjects.SUPERVISOR), module
+        serves = any(pattern_covers(a, subjects.MODES_SET) for a in perms.subscribe)
+        assert serves == (module == subjects.SUPERVISOR), module
+        reads = any(subject_matches(a, f"$JS.API.STREAM.INFO.KV_{subjects.MODE_BUCKET}") for a in perms.jetstream)
+        assert reads, module
+    admin = subjects.PERMISSIONS["admin"].publish
+    assert any(subject_matches(a, subjects.MODES_SET) for a in admin)
+    assert any(subject_matches(a, subjects.MODES_STATUS) for a in admin)
+    for module in ("km", "pm", "sm", "cm"):
+        assert not any(subject_matches(a, subjects.MODES_SET) for a in subjects.PERMISSIONS[module].publish)
