@@ -373,3 +373,35 @@ async def test_two_km_workers_share_load_without_duplicate_serials(tmp_path: Pat
         server.server.stop()
         for st in stores:
             st.close()
+
+
+class _Mode:
+    """Stand-in for iotdlm.modes.guard.ModeGuard (its own tests cover it): a fixed current mode."""
+
+    def __init__(self, mode: str) -> None:
+        self.current = mode
+
+    def require(self, allowed_modes: set[str] | frozenset[str], what: str) -> str:
+        from iotdlm.errors import ModeError
+
+        if self.current not in allowed_modes:
+            raise ModeError(f"{what} is not allowed in mode {self.current}")
+        return self.current
+
+
+async def test_km_refuses_what_the_mode_forbids(env: Env) -> None:
+    """Defence in depth: pm gets device certificates only in provisioning-certificate, even if a
+    km was started by hand in another mode; the operator is not mode-bound."""
+    from iotdlm.errors import ModeError
+
+    env.km.mode = _Mode("certificate-management")
+    csr = make_csr(generate_key(Algorithm.P256), "dev-m")
+    with pytest.raises(ModeError, match="certificate-management"):
+        await env.client("pm-boardA").issue("dev-m", "operational", csr=csr)
+    with pytest.raises(ModeError):
+        await env.client("pm-boardA").issue_batch([msg.IssueItem("dev-m", "factory", csr=csr)])
+    assert env.store.count_certificates() == 0
+    await env.client("admin").issue("dev-m", "factory", csr=csr)  # the operator may
+    env.km.mode = _Mode("provisioning-certificate")
+    await env.client("pm-boardA").issue("dev-m", "operational", csr=csr)
+    assert env.store.count_certificates() == 2

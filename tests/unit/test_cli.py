@@ -29,7 +29,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_init_creates_everything(site: Path) -> None:
     dep = Deployment.load(site)
-    assert dep.identity_names() == ["admin", "cm", "km", "pm-boardA", "pm-boardB", "sm"]
+    assert dep.identity_names() == ["admin", "cm", "km", "modes", "pm-boardA", "pm-boardB", "sm"]
     for name in ("root", "factory", "operational", "service"):
         key_pem = (site / "ca" / f"{name}.key.pem").read_bytes()
         assert b"ENCRYPTED PRIVATE KEY" in key_pem

@@ -154,11 +154,15 @@ def km() -> None:
 async def _serve_km(dep: Deployment) -> None:
     from iotdlm.km import KmService
     from iotdlm.km.service import Schedule
+    from iotdlm.modes.guard import ModeGuard
     from iotdlm.runtime import build_km, connect_identity, open_store
 
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
     bus, ident = await connect_identity(dep, "km")
+    guard = ModeGuard(bus)
+    await guard.start()
+    kmcore.mode = guard
     service = KmService(kmcore, bus, identity=(ident.key, ident.certificate), schedule=Schedule())
     await service.start()
     stop = asyncio.Event()
@@ -168,6 +172,7 @@ async def _serve_km(dep: Deployment) -> None:
     console.print(f"km serving on {dep.nats_url}")
     await stop.wait()
     await service.stop()
+    await guard.stop()
     await bus.drain()
     store.close()
 
@@ -702,11 +707,15 @@ def demo(data: Path | None, devices: int) -> None:
 
 def _register_groups() -> None:
     """Command groups that live with their modules."""
+    from iotdlm.modes.cli import mode, status, up
     from iotdlm.repository.cli import repo
     from iotdlm.sm.cli import sm
 
     main.add_command(repo)
     main.add_command(sm)
+    main.add_command(up)
+    main.add_command(mode)
+    main.add_command(status)
 
 
 _register_groups()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -63,6 +64,17 @@ from iotdlm.wire import km as msg
 from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 
+class ModeCheck(Protocol):
+    """What km needs of :class:`iotdlm.modes.guard.ModeGuard`: refuse what the mode forbids."""
+
+    def require(self, allowed_modes: Set[str], what: str) -> str: ...
+
+
+#: the operation modes (Table 1) in which each kind of requester may get certificates
+PROVISIONING_CERTIFICATE = frozenset({"provisioning-certificate"})
+CERTIFICATE_MANAGEMENT = frozenset({"certificate-management"})
+
+
 @dataclass(frozen=True)
 class KmSettings:
     organization: str
@@ -100,6 +112,7 @@ class Km:
         settings: KmSettings,
         authorizer: Authorizer | None = None,
         va: Va | None = None,
+        mode: ModeCheck | None = None,
     ) -> None:
         self.cas = cas
         self.profiles = profiles
@@ -108,6 +121,9 @@ class Km:
         self.settings = settings
         self.authorizer = authorizer or Authorizer()
         self.va = va
+        #: defence in depth (architecture): km checks the operation mode itself; None = no check
+        #: (unit tests, the operator's offline CLI)
+        self.mode = mode
         self._trusted: dict[str, _TrustedSigner] = {}
         self._lock = threading.Lock()
 
@@ -196,6 +212,18 @@ class Km:
                 fingerprint=fp,
             )
         return env, principal, NonceUse(principal.fingerprint, env.nonce, env.iat + self.settings.window)
+
+    def _check_mode(self, principal: Principal, what: str) -> None:
+        """pm gets device certificates only while provisioning certificates; devices (through cm)
+        only in certificate management. The operator's requests are not mode-bound."""
+        if self.mode is None:
+            return
+        if isinstance(principal, ModulePrincipal) and principal.module == "pm":
+            self.mode.require(PROVISIONING_CERTIFICATE, what)
+        elif isinstance(principal, DevicePrincipal) or (
+            isinstance(principal, ModulePrincipal) and principal.module == "cm"
+        ):
+            self.mode.require(CERTIFICATE_MANAGEMENT, what)
 
     def _spend(self, nonce: NonceUse) -> None:
         """Spend the nonce of a request that stores nothing (a replay of it raises ReplayError)."""
@@ -306,6 +334,7 @@ class Km:
     def issue(self, token: bytes) -> msg.IssuedCertificate:
         env, principal, nonce = self.authenticate(token, OP_ISSUE)
         try:
+            self._check_mode(principal, "issuing a device certificate")
             item = msg.decode(env.body, msg.IssueItem)
             pair = self.prepare(principal, item, "issue")
         except RejectedError:
@@ -317,6 +346,7 @@ class Km:
     def issue_batch(self, token: bytes) -> msg.BatchIssueResponse:
         env, principal, nonce = self.authenticate(token, OP_ISSUE_BATCH)
         try:
+            self._check_mode(principal, "issuing device certificates")
             req = msg.decode(env.body, msg.BatchIssueRequest)
             msg.check_batch(req, self.settings.max_batch)
         except RejectedError:
@@ -348,6 +378,7 @@ class Km:
     def renew(self, token: bytes) -> msg.IssuedCertificate:
         env, principal, nonce = self.authenticate(token, OP_RENEW)
         try:
+            self._check_mode(principal, "renewing a device certificate")
             if not isinstance(principal, DevicePrincipal):
                 raise BadRequestError("renewal requests are signed by the device with its current certificate")
             req = msg.decode(env.body, msg.RenewRequest)
@@ -396,6 +427,7 @@ class Km:
         env, principal, nonce = self.authenticate(token, OP_EST)
         now = self.clock.now()
         try:
+            self._check_mode(principal, "EST enrollment")
             req = msg.decode(env.body, msg.EstRequest)
             if req.operation not in ("simpleenroll", "simplereenroll", "serverkeygen"):
                 raise BadRequestError(f"unknown EST operation {req.operation!r}", field="operation")
