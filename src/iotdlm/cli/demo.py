@@ -5,10 +5,7 @@ a CSR made on the device (Fig. 4) and a CRMF request with raVerified made by pm 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,22 +29,9 @@ from iotdlm.wire import km as msg
 DTYPE = "polarfire-soc"
 
 
-def _spawn_km(data: Path, log_path: Path, passphrase: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, **{PASSPHRASE_ENV: passphrase})
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(  # noqa: S603 -- our own interpreter and module
-            [sys.executable, "-m", "iotdlm.cli.main", "km", "serve", "--data", str(data)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-async def _wait_for_km(client: KmClient, proc: subprocess.Popen[bytes], wait: float = 30.0) -> None:
+async def _wait_for_km(client: KmClient, wait: float = 30.0) -> None:
     deadline = time.monotonic() + wait
     while True:
-        if proc.poll() is not None:
-            raise UnavailableError(f"km exited with code {proc.returncode}; see its log")
         try:
             await client.chain()
             return
@@ -58,7 +42,9 @@ async def _wait_for_km(client: KmClient, proc: subprocess.Popen[bytes], wait: fl
 
 
 async def run_demo(data: Path | None, devices: int) -> None:
-    from iotdlm.runtime import connect_identity, nats_server, open_store, record_identities, sealer_for
+    from iotdlm.modes.supervisor import Supervisor
+    from iotdlm.modes.table import Mode
+    from iotdlm.runtime import connect_identity, open_store, record_identities, sealer_for
 
     clock = SystemClock()
     tmp = None
@@ -82,16 +68,18 @@ async def run_demo(data: Path | None, devices: int) -> None:
         store.close()
     console.print(f"deployment in {data}")
 
-    server = nats_server(dep)
-    server.start()
-    console.print(f"embedded NATS on {server.url} (pid {server.pid}), one user per module")
-    km_proc = _spawn_km(data, dep.root / "logs" / "km.log", passphrase)
+    os.environ[PASSPHRASE_ENV] = passphrase  # the services the supervisor starts decrypt the CA keys
+    supervisor = Supervisor(dep)
+    with console.status("starting NATS and the services of provisioning-certificate (Table 1: km and pm)"):
+        await supervisor.start(Mode.PROVISIONING_CERTIFICATE, by="demo")
+    console.print(f"embedded NATS on {supervisor.nats_url}, one user per module; mode provisioning-certificate")
     try:
         pm_bus, pm_ident = await connect_identity(dep, f"pm-{DTYPE}")
         pm = KmClient(pm_bus, sealer_for(pm_ident), clock)
-        with console.status("starting km"):
-            await _wait_for_km(pm, km_proc)
-        console.print(f"km running as its own process (pid {km_proc.pid})")
+        with console.status("waiting for km"):
+            await _wait_for_km(pm)
+        km_pid = supervisor.services()["km"].pid
+        console.print(f"km running as its own process (pid {km_pid}), supervised")
         chain = await pm.chain()
         root = x509.load_der_x509_certificate(chain.root)
         cas = {n: x509.load_der_x509_certificate(c[0]) for n, c in chain.chains.items()}
@@ -157,11 +145,6 @@ async def run_demo(data: Path | None, devices: int) -> None:
             else f"{len(rows)} certificates issued and recorded (deployment removed; use --data DIR to keep it)"
         )
     finally:
-        km_proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            km_proc.wait(timeout=10)
-        if km_proc.poll() is None:
-            km_proc.kill()
-        server.stop()
+        await supervisor.stop()
         if tmp is not None:
             tmp.cleanup()
