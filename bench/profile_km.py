@@ -1,0 +1,291 @@
+"""Where a km worker spends its time under load: py-spy on real km worker processes.
+
+Starts a deployment like the other benchmarks, runs every km worker under ``py-spy record`` (raw
+collapsed stacks, all threads), drives batch issuance from pm connections for a fixed time, stops
+the workers and sums the samples into categories (store transactions, SQLite write-lock waits,
+certificate signing, CSR/CRMF parsing, JWS, NATS/asyncio...).
+
+- without ``--idle``: only samples where a thread was running (about: CPU time);
+- with ``--idle``: every thread at every sample (wall time), so lock waits and sleeps show up.
+
+py-spy is not a dependency of iotdlm: install it anywhere (``pip install --target /tmp/pyspy
+py-spy``) and pass ``--py-spy /tmp/pyspy/bin/py-spy``, or have it on PATH. py-spy must start the
+worker itself (attaching to a running process needs ptrace rights a sandbox may not give).
+
+Without py-spy, ``--inproc`` profiles the km core (``Km.issue_batch``, real SQLite store, no bus)
+in this process with cProfile.
+
+Run: ``.venv/bin/python bench/profile_km.py [--workers 2] [--batch 100] [--duration 10] [--idle]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from common import (
+    BenchDeployment,
+    bench_deployment,
+    csr_der,
+    device_keys,
+    emit,
+    log,
+    md_table,
+    parse_args,
+)
+from iotdlm.client.km import KmClient
+from iotdlm.wire import km as msg
+
+#: (category, substrings of a frame "function (file:line)"), first match wins, deepest meaning first
+CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("startup: imports", ("_find_and_load (",)),
+    ("SQLite write lock: BEGIN IMMEDIATE (waits for the other writer)", ("_on_begin (",)),
+    ("store.get_device: one read transaction per item", ("get_device (",)),
+    ("store.upsert_device: one write transaction per item", ("upsert_device (",)),
+    ("store.add_certificates: one write transaction per request", ("add_certificates (",)),
+    ("store.consume_nonce: one write transaction per request", ("consume_nonce (",)),
+    ("CA: build + sign the certificate (cryptography)", ("issue (iotdlm/pki/ca.py", "ca.py:")),
+    ("CSR: parse + verify signature", ("parse_csr (",)),
+    ("CRMF: parse (pyasn1)", ("parse (iotdlm/pki/crmf.py", "crmf.py:")),
+    ("request: JWS verify + signer check", ("authenticate (", "peek_signer (")),
+    ("record: DER, SHA-256 fingerprint, subject string", ("_record (",)),
+    ("reply: msgspec encode", ("encode (iotdlm/wire/km.py", "wire/km.py:")),
+    ("km core: other", ("km/core.py:", "km/ra.py:")),
+    ("NATS client + asyncio (event loop thread)", ()),
+]
+
+WAITS = ("executor thread idle (waiting for work)", "event loop idle (select)")
+
+
+def categorize(frames: list[str]) -> str:
+    if any("_worker (" in f and "thread.py" in f for f in frames) and not any("_WorkItem.run (" in f for f in frames):
+        return WAITS[0]
+    for name, keys in CATEGORIES[:-1]:
+        if any(k in f for f in frames for k in keys):
+            return name
+    if any("select (" in f for f in frames[-2:]):
+        return WAITS[1]
+    return CATEGORIES[-1][0]
+
+
+def read_raw(path: Path) -> list[tuple[list[str], int]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if not f.startswith(("thread (", "process "))]
+        out.append((frames, int(count)))
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+async def _load(bd: BenchDeployment, batch: int, connections: int, loops: int, seconds: float) -> int:
+    keys = device_keys(64)
+    pool = [csr_der(keys[i % 64], f"dev-{i:07d}") for i in range(20000)]
+    pos = 0
+    done = 0
+    clients = [await bd.pm_client() for _ in range(connections)]
+
+    async def loop(client: KmClient) -> None:
+        nonlocal pos, done
+        while time.perf_counter() < deadline:
+            items = []
+            for _ in range(batch):
+                i = pos % len(pool)
+                pos += 1
+                items.append(msg.IssueItem(device_id=f"dev-{i:07d}", profile="factory", csr=pool[i]))
+            if batch == 1:
+                (it,) = items
+                await client.issue(it.device_id, it.profile, csr=it.csr)
+                done += 1
+            else:
+                res = await client.issue_batch(items)
+                done += sum(1 for r in res if r.certificate is not None)
+
+    deadline = time.perf_counter() + seconds
+    await asyncio.gather(*(loop(c) for c in clients for _ in range(loops)))
+    return done
+
+
+async def run_pyspy(args: argparse.Namespace) -> str:
+    out_dir = Path(tempfile.mkdtemp(prefix="iotdlm-pyspy-"))
+    rows: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    async with bench_deployment(workers=0) as bd:
+        wrappers = []
+        for i in range(args.workers):
+            raw = out_dir / f"km-{i}.txt"
+            cmd = [args.py_spy, "record", "-f", "raw", "-o", str(raw), "-r", str(args.rate), "--threads"]
+            if args.idle:
+                cmd.append("--idle")
+            wrappers.append((raw, [*cmd, "--"]))
+        for _raw, wrapper in wrappers:
+            await bd.set_workers(len(bd.workers) + 1, wrapper=wrapper)
+        log(f"profile: {args.workers} worker(s) under py-spy; load: batch {args.batch} for {args.duration} s")
+        t0 = time.perf_counter()
+        certs = await _load(bd, args.batch, args.connections, args.loops, args.duration)
+        elapsed = time.perf_counter() - t0
+        log(f"profile: {certs} certificates in {elapsed:.1f} s = {certs / elapsed:,.0f}/s under the profiler")
+        # stop each km (py-spy's child) with SIGTERM; py-spy then writes its file and exits
+        for w in bd.workers:
+            for child in _children(w.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGTERM)
+        for w in bd.workers:
+            w.proc.wait(timeout=60)
+    for raw, _ in wrappers:
+        for frames, count in read_raw(raw):
+            rows[categorize(frames)] += count
+            if frames and categorize(frames) not in WAITS and not categorize(frames).startswith("startup"):
+                leaves[frames[-1]] += count
+    if args.keep_raw:
+        log(f"profile: raw py-spy stacks kept in {out_dir}")
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    busy = sum(v for k, v in rows.items() if k not in WAITS and not k.startswith("startup"))
+    table = [
+        [name, rows[name], f"{rows[name] / busy:.0%}" if name not in WAITS and not name.startswith("startup") else "-"]
+        for name, _ in CATEGORIES
+        if rows[name]
+    ] + [[w, rows[w], "-"] for w in WAITS if rows[w]]
+    top = [[f"`{f}`", n, f"{n / busy:.0%}"] for f, n in leaves.most_common(args.top)]
+    mode = "wall time (--idle: every thread, running or waiting)" if args.idle else "on-CPU samples"
+    return "\n".join(
+        [
+            f"## km worker profile: {args.workers} worker(s), batch {args.batch}, {mode}",
+            "",
+            f"py-spy sampled every thread of {args.workers} km worker process(es) ({args.rate} samples/s per "
+            f"thread) while {args.connections} pm connections sent "
+            + ("single `issue` requests" if args.batch == 1 else f"`issue_batch` requests of {args.batch}")
+            + f": {certs:,} certificates in {elapsed:.1f} s ({certs / elapsed:,.0f}/s while profiled; "
+            "sampling slows the workers down, so read shares, not rates). "
+            + (
+                "Wall time: a thread waiting (for a lock, for the GIL, in a sleep) is counted where it waits. "
+                if args.idle
+                else "On-CPU samples only. "
+            )
+            + "`share` is of the samples that were neither startup nor an idle thread. Rows are exclusive, "
+            "first match from the top: e.g. time in `BEGIN IMMEDIATE` (taking SQLite's write lock, and "
+            "waiting for it while another thread or worker holds it) is not counted again under the store "
+            "method that began the transaction.",
+            "",
+            md_table(["where", "samples", "share"], table),
+            "",
+            f"Top {args.top} innermost Python frames (self time):",
+            "",
+            md_table(["frame", "samples", "share"], top),
+        ]
+    )
+
+
+def run_inproc(args: argparse.Namespace) -> str:
+    from iotdlm.clock import SystemClock
+    from iotdlm.deployment import init_deployment
+    from iotdlm.pki.keys import Algorithm
+    from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
+    from iotdlm.wire import km as msg
+    from iotdlm.wire.km import AUDIENCE, OP_ISSUE_BATCH
+
+    clock = SystemClock()
+    with tempfile.TemporaryDirectory(prefix="iotdlm-prof-") as tmp:
+        dep, _ = init_deployment(
+            Path(tmp) / "data",
+            organization="Bench",
+            algorithm=Algorithm.P256,
+            dtypes=["polarfire-soc"],
+            passphrase=b"bench",
+            nats_port=14222,
+            now=clock.now(),
+        )
+        store = open_store(dep)
+        record_identities(dep, store, clock.now())
+        km = build_km(dep, store, clock, passphrase=b"bench")
+        sealer = sealer_for(dep.identity("pm-polarfire-soc"))
+        keys = device_keys(64)
+        n = max(1, int(args.duration * 800 / args.batch))
+
+        def token(off: int) -> bytes:
+            items = [
+                msg.IssueItem(
+                    device_id=f"dev-{off + j:07d}", profile="factory", csr=csr_der(keys[j % 64], f"dev-{off + j:07d}")
+                )
+                for j in range(args.batch)
+            ]
+            return sealer.seal(OP_ISSUE_BATCH, msg.BatchIssueRequest(items=items), aud=AUDIENCE, now=clock.now())
+
+        km.issue_batch(token(10_000_000))
+        tokens = [token(i * args.batch) for i in range(n)]
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for t in tokens:
+            km.issue_batch(t)
+        prof.disable()
+        elapsed = time.perf_counter() - t0
+        store.close()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(args.top)
+    return "\n".join(
+        [
+            f"## km core in-process (cProfile, no bus), batch {args.batch}",
+            "",
+            f"{n * args.batch:,} certificates in {elapsed:.2f} s under cProfile "
+            f"({n * args.batch / elapsed:,.0f}/s; cProfile slows Python code down).",
+            "",
+            "```",
+            buf.getvalue().strip(),
+            "```",
+        ]
+    )
+
+
+def _extra(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--connections", type=int, default=4)
+    p.add_argument("--loops", type=int, help="request loops per connection (default: 8 for batch 1, else 1)")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--idle", action="store_true", help="wall time: include waiting threads")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--py-spy", default=shutil.which("py-spy"), help="path of the py-spy binary")
+    p.add_argument("--keep-raw", action="store_true", help="keep py-spy's raw stack files (path is logged)")
+    p.add_argument("--inproc", action="store_true", help="cProfile the km core in this process instead")
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], _extra)
+    if args.quick:
+        args.duration = 2.0
+    if args.loops is None:
+        args.loops = 8 if args.batch == 1 else 1
+    if args.inproc:
+        section = run_inproc(args)
+    elif not args.py_spy:
+        raise SystemExit("py-spy not found: pass --py-spy PATH, or use --inproc for cProfile of the km core")
+    else:
+        section = asyncio.run(run_pyspy(args))
+    emit(section, args)
+
+
+if __name__ == "__main__":
+    main()
