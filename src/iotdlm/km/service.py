@@ -128,10 +128,10 @@ class KmService:
         certificate) in a worker thread, as it reads the database and signs."""
         va = self.km.va
         assert va is not None
-        cached = va.ocsp_cached(m.data)
-        if cached is not None:
-            return cached
-        return await asyncio.to_thread(va.ocsp, m.data)
+        first = va.ocsp_cached(m.data)
+        if isinstance(first, bytes):
+            return first
+        return await asyncio.to_thread(va.answer, first)
 
     def _crl(self, m: Message) -> bytes:
         assert self.km.va is not None

@@ -250,37 +250,32 @@ class Va:
 
     def ocsp(self, request_der: bytes) -> bytes:
         """Answer one OCSP request (DER). Never raises for bad input: that is malformedRequest."""
+        first = self.ocsp_cached(request_der)
+        return first if isinstance(first, bytes) else self.answer(first)
+
+    def ocsp_cached(self, request_der: bytes) -> bytes | pki_ocsp.OcspQuery:
+        """The fast path, without the database: the answer when it is a cached pre-signed response
+        or malformedRequest; otherwise the parsed query, for :meth:`answer` (nonce, cache miss)."""
         try:
             query = pki_ocsp.parse_request(request_der)
         except IotdlmError:
             return pki_ocsp.error_response("malformed_request")
+        if query.nonce is None:
+            for issuer, responder in self._responders.items():
+                if responder.matches(query):
+                    with self._lock:
+                        hit = self._cache.get((issuer, query.serial, query.hash_algorithm))
+                    if hit is not None and hit[1] > self.clock.now():
+                        return hit[0]
+                    break
+        return query
+
+    def answer(self, query: pki_ocsp.OcspQuery) -> bytes:
+        """Sign an answer for a parsed query (reads the certificate's status from the store)."""
         issuer = self._issuer_for(query)
         if issuer is None:
             return pki_ocsp.error_response("unauthorized")
-        if query.nonce is None:
-            with self._lock:
-                hit = self._cache.get((issuer, query.serial, query.hash_algorithm))
-            if hit is not None and hit[1] > self.clock.now():
-                return hit[0]
         return self._sign_response(issuer, query)
-
-    def ocsp_cached(self, request_der: bytes) -> bytes | None:
-        """The fast path: a pre-signed answer from the cache, or a malformedRequest answer, without
-        touching the database; None when the request needs :meth:`ocsp` (nonce, cache miss)."""
-        try:
-            query = pki_ocsp.parse_request(request_der)
-        except IotdlmError:
-            return pki_ocsp.error_response("malformed_request")
-        if query.nonce is not None:
-            return None
-        for issuer, responder in self._responders.items():
-            if responder.matches(query):
-                with self._lock:
-                    hit = self._cache.get((issuer, query.serial, query.hash_algorithm))
-                if hit is not None and hit[1] > self.clock.now():
-                    return hit[0]
-                return None
-        return None
 
     def _issuer_for(self, query: pki_ocsp.OcspQuery) -> str | None:
         for name in self.cas:
