@@ -1,0 +1,136 @@
+"""``iotdlm cm``: run the communication module (register with ``main.add_command(cm)``).
+
+Also runnable on its own: ``python -m iotdlm.cm.cli serve --data DIR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.cm.config import CmConfig, EgressConfig, limits_from, load_cm_file
+from iotdlm.cm.egress import parse_origin
+from iotdlm.deployment import Deployment
+from iotdlm.errors import BadRequestError, IotdlmError
+from iotdlm.pki.keys import Algorithm
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cm() -> None:
+    """cm: the only door to the outside -- EST, OCSP and CRLs in, sm's downloads out."""
+
+
+@cm.command("serve")
+@data_option
+@click.option("--host", default=None, help="Address of the HTTPS and HTTP listeners.  [default: 127.0.0.1]")
+@click.option("--https-port", type=int, default=None, help="EST, OCSP and CRLs over HTTPS.  [default: 8443]")
+@click.option("--http-port", type=int, default=None, help="OCSP and CRLs over plain HTTP.  [default: 8080]")
+@click.option("--no-http", is_flag=True, default=None, help="No plain-HTTP listener (OCSP and CRLs over HTTPS only).")
+@click.option("--egress-host", default=None, help="Address of sm's egress proxy.  [default: 127.0.0.1]")
+@click.option("--egress-port", type=int, default=None, help="Port of sm's egress proxy.  [default: 3128]")
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    metavar="URL",
+    help="A repository origin sm may reach, e.g. https://repo.example.com. Repeatable; none: no egress proxy.",
+)
+@handle_errors
+def serve(
+    data: Path,
+    host: str | None,
+    https_port: int | None,
+    http_port: int | None,
+    no_http: bool | None,
+    egress_host: str | None,
+    egress_port: int | None,
+    allow_origins: tuple[str, ...],
+) -> None:
+    """Run cm in the foreground until interrupted (SIGINT/SIGTERM).
+
+    Settings come from the flags, else from DIR/cm.toml (the supervisor starts cm with --data
+    only), else from the defaults shown.
+    """
+    file = load_cm_file(data)
+    origins = tuple(allow_origins) or tuple(file.allow_origins)
+    for origin in origins:
+        try:
+            parse_origin(origin)
+        except ValueError as exc:
+            raise BadRequestError(str(exc), field="allow-origin") from None
+    dep = Deployment.load(data)
+    egress = (
+        EgressConfig(
+            origins,
+            host=_first(egress_host, file.egress_host, "127.0.0.1"),
+            port=_first(egress_port, file.egress_port, 3128),
+        )
+        if origins
+        else None
+    )
+    http_on = not no_http if no_http is not None else file.http
+    config = CmConfig(
+        host=_first(host, file.host, "127.0.0.1"),
+        https_port=_first(https_port, file.https_port, 8443),
+        http_port=_first(http_port, file.http_port, 8080) if http_on else None,
+        limits=limits_from(file.limits),
+        egress=egress,
+        csr_algorithm=Algorithm(dep.config.algorithm),
+    )
+    run(_serve(dep, config))
+
+
+_T = TypeVar("_T")
+
+
+def _first(flag: _T | None, from_file: _T | None, default: _T) -> _T:
+    if flag is not None:
+        return flag
+    return from_file if from_file is not None else default
+
+
+async def _serve(dep: Deployment, config: CmConfig) -> None:
+    from iotdlm.cm.service import CmService
+
+    service = await CmService.from_deployment(dep, config)
+    try:
+        await service.start()
+    except OSError as exc:  # a port in use, an address not on this machine
+        raise IotdlmError(f"cm cannot listen: {exc.strerror or exc} (ports {_ports(config)})") from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    urls = service.urls()
+    console.print(f"cm serving EST, OCSP and CRLs on {urls['https']}")
+    if "http" in urls:
+        console.print(f"cm serving OCSP and CRLs on {urls['http']}")
+    if "egress" in urls:
+        console.print(f"cm egress proxy for sm on {urls['egress']}")
+    else:
+        console.print("cm egress: off (no --allow-origin)")
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+
+
+def _ports(config: CmConfig) -> str:
+    ports = [f"https {config.https_port}"]
+    if config.http_port is not None:
+        ports.append(f"http {config.http_port}")
+    if config.egress is not None:
+        ports.append(f"egress {config.egress.port}")
+    return ", ".join(ports)
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cm()

@@ -1,0 +1,679 @@
+"""cm's front door: EST (RFC 7030) over HTTPS, OCSP (RFC 6960 A.1, RFC 5019) and CRLs over HTTP(S).
+
+cm decides nothing about certificates. Its handlers are thin (decode -> relay -> encode): it takes
+the TLS client certificate and the request off the wire, bounds and decodes them, hands them to km
+over NATS (:class:`KmRelay`, which :class:`iotdlm.client.km.KmClient` implements, signing as cm),
+and encodes km's answer. km checks the client certificate itself (issued by our factory or
+operational CA, valid, registered, not revoked) and its RA decides.
+
+HTTP status of a refusal (one line of ``text/plain``; never a traceback):
+
+=====================================================  =====================================
+no TLS client certificate on an enrollment endpoint    401, ``WWW-Authenticate: Certificate``
+client certificate refused by km (untrusted, revoked,  403
+unregistered, wrong kind) or policy refused
+malformed request (base64, CSR, path)                  400
+body too large                                         413 (the connection is closed)
+body too slow                                          408 (the connection is closed)
+wrong Content-Type                                     415
+no such CRL / resource                                 404
+device decommissioned and the like                     409
+km unavailable, or the operation mode forbids it       503 with ``Retry-After``
+cm <-> km relay failed (km internal error, replay,     502
+NATS permission)
+=====================================================  =====================================
+
+Why 401 for a missing certificate: RFC 7030 3.2.3 and 3.3.2 have the server authenticate the client
+by its TLS certificate; a client that presented none is not authenticated (401), one whose
+certificate is refused is authenticated but not authorized (403). RFC 9110 requires a
+``WWW-Authenticate`` header on a 401; there is no registered scheme for TLS client certificates, so
+we name one (``Certificate``) that tells a person what to do and that no HTTP client will try to
+answer with a password.
+
+Defence in depth (Table 1): given a mode check (:class:`iotdlm.modes.guard.ModeGuard`), cm serves
+only in the modes where it runs (software-management, certificate-management) and relays
+enrollment only in certificate-management; anything else is a ModeError (503). km checks again.
+
+OCSP answers keep the OCSP wire format even when they refuse: a GET whose path is not base64 gets
+HTTP 400 with a ``malformedRequest`` OCSPResponse, km unavailable gets 503 with ``tryLater``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
+from pathlib import Path
+from typing import Protocol
+
+from aiohttp import web
+from cryptography import x509
+
+from iotdlm.clock import Clock
+from iotdlm.cm import est
+from iotdlm.cm.config import Limits
+from iotdlm.cm.va import crl_cache_headers, ocsp_cache_headers, parse_crl_path
+from iotdlm.errors import (
+    BadRequestError,
+    ConflictError,
+    InternalError,
+    IotdlmError,
+    ModeError,
+    NotAuthorizedError,
+    NotFoundError,
+    PermissionDeniedError,
+    RejectedError,
+    ReplayError,
+    TooLargeError,
+    UnavailableError,
+    UntrustedError,
+)
+from iotdlm.pki.chain import certs_to_pem, der
+from iotdlm.pki.csr import MAX_CSR_BYTES, load_csr
+from iotdlm.pki.ocsp import ErrorKind, decode_get_path, error_response
+from iotdlm.wire import km as msg
+
+log = logging.getLogger(__name__)
+
+OCSP_REQUEST = "application/ocsp-request"
+OCSP_RESPONSE = "application/ocsp-response"
+PKIX_CRL = "application/pkix-crl"
+
+#: the EST operations cm relays to km (RFC 7030 4.2, 4.4)
+ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
+
+
+#: Table 1: the modes in which cm runs; those in which devices enroll through it (km checks too);
+#: those in which sm reaches the repository through it
+CM_MODES = frozenset({"software-management", "certificate-management"})
+ENROLL_MODES = frozenset({"certificate-management"})
+EGRESS_MODES = frozenset({"software-management"})
+
+
+class ModeCheck(Protocol):
+    """What cm needs of :class:`iotdlm.modes.guard.ModeGuard`: refuse what the mode forbids."""
+
+    def require(self, allowed_modes: Set[str], what: str) -> str: ...
+
+
+class KmRelay(Protocol):
+    """What cm needs from km (:class:`iotdlm.client.km.KmClient` as the cm identity)."""
+
+    async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse: ...
+
+    async def ocsp(self, request_der: bytes) -> bytes: ...
+
+    async def crl(self, issuer: str, partition: int, *, delta: bool = False) -> bytes: ...
+
+    async def chain(self) -> msg.ChainResponse: ...
+
+
+# --- errors that only exist at the HTTP edge ------------------------------------------------------
+class ClientCertificateRequiredError(UntrustedError):
+    """An enrollment endpoint was called without a TLS client certificate (401)."""
+
+    code = "client_certificate_required"
+
+
+class RequestTimeoutError(BadRequestError):
+    """The request body did not arrive in time (408)."""
+
+    code = "request_timeout"
+
+
+class HttpsRequiredError(NotAuthorizedError):
+    """EST asked over plain HTTP (403)."""
+
+    code = "https_required"
+
+
+def status_for(exc: IotdlmError) -> int:
+    """The HTTP status of an iotdlm error at cm's edge (see the module doc)."""
+    table: tuple[tuple[type[IotdlmError], int], ...] = (
+        (est.UnsupportedMediaTypeError, 415),
+        (TooLargeError, 413),
+        (RequestTimeoutError, 408),
+        (ClientCertificateRequiredError, 401),
+        (NotFoundError, 404),
+        (ConflictError, 409),
+        (ModeError, 503),
+        (ReplayError, 502),
+        (PermissionDeniedError, 502),
+        (UntrustedError, 403),
+        (NotAuthorizedError, 403),
+        (RejectedError, 400),
+        (UnavailableError, 503),
+        (InternalError, 502),
+    )
+    for cls, status in table:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+async def _server_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "iotdlm-cm"  # not the framework and its version
+
+
+class _Refused(Exception):
+    """A refusal whose response is already built (OCSP refusals keep the OCSP wire format)."""
+
+    def __init__(self, response: web.Response, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
+        self.reason = reason
+
+
+def text_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A one-line ``text/plain`` answer (control characters and line breaks flattened)."""
+    line = " ".join(message.split())[:300]
+    return web.Response(status=status, text=line + "\n", content_type="text/plain", headers=headers)
+
+
+def peer_certificate(request: web.BaseRequest) -> bytes | None:
+    """DER of the TLS client certificate of the connection, or None (no TLS, or none presented)."""
+    transport = request.transport
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    cert = ssl_object.getpeercert(binary_form=True)
+    return bytes(cert) if cert else None
+
+
+def _describe_peer(request: web.BaseRequest) -> str:
+    return str(request.remote or "?")
+
+
+class CaCerts:
+    """The body of ``/cacerts``: the deployment's CA certificates (every issuing CA, then the root).
+
+    Seeded from the deployment's public CA files (so /cacerts answers even when km is off, as in
+    the software-management mode), refreshed from km (``km.ca.chain``) at most every ``ttl``
+    seconds; if km does not answer, the last known set is served.
+    """
+
+    def __init__(
+        self,
+        initial: Sequence[x509.Certificate],
+        *,
+        fetch: Callable[[], Awaitable[msg.ChainResponse]] | None,
+        clock: Clock,
+        ttl: float = 300.0,
+    ) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._ttl = dt.timedelta(seconds=ttl)
+        self._body: bytes | None = est.encode_base64_body(est.certs_only(initial)) if initial else None
+        self._fetched_at: dt.datetime | None = None
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def from_chain(chain: msg.ChainResponse) -> list[x509.Certificate]:
+        out: list[x509.Certificate] = []
+        seen: set[bytes] = {chain.root}
+        for name in sorted(chain.chains):
+            for d in chain.chains[name]:
+                if d not in seen:
+                    seen.add(d)
+                    out.append(x509.load_der_x509_certificate(d))
+        out.append(x509.load_der_x509_certificate(chain.root))
+        return out
+
+    def _stale(self) -> bool:
+        return self._fetched_at is None or self._clock.now() - self._fetched_at >= self._ttl
+
+    async def body(self) -> bytes:
+        if self._fetch is not None and self._stale():
+            async with self._lock:
+                if self._stale():
+                    await self._refresh()
+        if self._body is None:
+            raise UnavailableError("the CA certificates are not known yet: km has not answered")
+        return self._body
+
+    async def _refresh(self) -> None:
+        assert self._fetch is not None
+        try:
+            certs = self.from_chain(await self._fetch())
+        except IotdlmError as exc:
+            if self._body is None:
+                raise
+            log.warning("cacerts: km did not give the CA chain (%s); serving the last known one", exc)
+        except ValueError as exc:
+            log.warning("cacerts: km's CA chain does not parse (%s); serving the last known one", exc)
+        else:
+            self._body = est.encode_base64_body(est.certs_only(certs))
+        # also after a failure: km is not asked again for every request while it is away
+        self._fetched_at = self._clock.now()
+
+
+class CmApp:
+    """The request handlers; :meth:`https_app` and :meth:`http_app` build the aiohttp applications."""
+
+    def __init__(
+        self,
+        km: KmRelay,
+        *,
+        clock: Clock,
+        limits: Limits,
+        cacerts: CaCerts,
+        csrattrs: bytes,
+        mode: ModeCheck | None = None,
+    ) -> None:
+        self.km = km
+        #: None: no mode check (unit tests); CmService.from_deployment gives a ModeGuard
+        self.mode = mode
+        self.clock = clock
+        self.limits = limits
+        self.cacerts_source = cacerts
+        self._csrattrs_body = est.encode_base64_body(csrattrs) if csrattrs not in (b"", est.EMPTY_CSRATTRS) else b""
+        self._retry = {"Retry-After": str(limits.retry_after)}
+        #: open connections (id of aiohttp's handler): when opened, and those that delivered a request
+        self._opened: dict[int, tuple[float, str]] = {}
+        self._served: set[int] = set()
+        self._watching = False
+
+    # --- applications -------------------------------------------------------------------------
+    def https_app(self) -> web.Application:
+        """EST, OCSP and CRLs (the HTTPS listener)."""
+        app = web.Application(middlewares=[self._errors], client_max_size=self.limits.max_body_bytes)
+        base = est.WELL_KNOWN
+        app.router.add_get(f"{base}/cacerts", self.cacerts)
+        app.router.add_get(f"{base}/csrattrs", self.csrattrs)
+        for op in ENROLL_OPERATIONS:
+            app.router.add_post(f"{base}/{op}", self._enroll_handler(op))
+        self._add_va_routes(app)
+        app.on_response_prepare.append(_server_header)
+        return app
+
+    def http_app(self) -> web.Application:
+        """OCSP and CRLs only (the optional plain-HTTP listener); EST paths answer 403."""
+        app = web.Application(middlewares=[self._errors], client_max_size=self.limits.max_body_bytes)
+        self._add_va_routes(app)
+        app.router.add_route("*", est.WELL_KNOWN + "/{tail:.*}", self._https_only)
+        app.on_response_prepare.append(_server_header)
+        return app
+
+    def _add_va_routes(self, app: web.Application) -> None:
+        app.router.add_post("/ocsp", self.ocsp_post)
+        app.router.add_post("/ocsp/", self.ocsp_post)
+        app.router.add_get("/ocsp/{request:.+}", self.ocsp_get)
+        app.router.add_get("/crl/{issuer}/{name}", self.crl)
+
+    def runner(self, app: web.Application) -> web.AppRunner:
+        """An ``AppRunner`` for ``app`` that applies :class:`Limits` to every connection: the
+        keep-alive timeout also closes a connection that has not sent a complete request head in
+        time (aiohttp arms it when the connection opens and after each response, and data
+        arriving does not re-arm it), which is the slowloris guard."""
+        lim = self.limits
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=5.0,
+            keepalive_timeout=lim.idle_timeout,
+            lingering_time=lim.lingering_time,
+            max_line_size=lim.max_line_size,
+            max_field_size=lim.max_field_size,
+            max_headers=lim.max_headers,
+        )
+        return runner
+
+    def watch(self, server: web.Server) -> None:
+        """Log every connection that closes without having sent one complete request: after
+        ``idle_timeout`` that is the slowloris guard cutting it off (a refusal: WARNING).
+
+        aiohttp offers no hook for this; its ``Server`` calls ``connection_made`` /
+        ``connection_lost`` for each connection, which we wrap (bookkeeping only: it never
+        raises into aiohttp)."""
+        self._watching = True
+        made, lost = server.connection_made, server.connection_lost
+        idle = self.limits.idle_timeout
+        opened = self._opened
+
+        def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+            with contextlib.suppress(Exception):
+                peer = transport.get_extra_info("peername")
+                opened[id(handler)] = (asyncio.get_running_loop().time(), str(peer[0]) if peer else "?")
+            made(handler, transport)
+
+        def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+            try:
+                self._note_lost(handler, opened.pop(id(handler), None), idle)
+            except Exception:  # pragma: no cover - logging must not break serving
+                log.debug("connection bookkeeping failed", exc_info=True)
+            finally:
+                lost(handler, exc)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def _note_lost(self, handler: web.RequestHandler, opened: tuple[float, str] | None, idle: float) -> None:
+        if id(handler) in self._served:
+            self._served.discard(id(handler))
+            return
+        opened_at, who = opened if opened is not None else (asyncio.get_running_loop().time(), "?")
+        age = asyncio.get_running_loop().time() - opened_at
+        if age >= idle * 0.9:
+            log.warning("cut off a connection from %s: no complete request within %g s (slow client)", who, idle)
+        else:
+            log.info("a connection from %s closed without a complete request", who)
+
+    # --- the error boundary -------------------------------------------------------------------
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self._watching:
+            self._served.add(id(request.protocol))
+        try:
+            return await handler(request)
+        except _Refused as r:
+            self._log_refusal(request, r.response.status, "ocsp", r.reason)
+            return r.response
+        except web.HTTPException as exc:  # the router's 404/405, aiohttp's own 413
+            if exc.status < 400:
+                raise
+            self._log_refusal(request, exc.status, "http", exc.reason)
+            resp = text_response(exc.status, f"{exc.status} {exc.reason}")
+            if exc.status == 405 and "Allow" in exc.headers:
+                resp.headers["Allow"] = exc.headers["Allow"]
+            if exc.status == 413:
+                resp.force_close()
+            return resp
+        except IotdlmError as exc:
+            status = status_for(exc)
+            self._log_refusal(request, status, exc.code, exc.message)
+            headers: dict[str, str] = {}
+            if status == 401:
+                headers["WWW-Authenticate"] = 'Certificate realm="est"'
+            if status == 503:
+                headers.update(self._retry)
+            resp = text_response(status, exc.message if status != 500 else "internal error", headers)
+            if status in (408, 413):
+                resp.force_close()
+            return resp
+        except ConnectionError as exc:
+            log.info(
+                "%s %s from %s: the client went away (%s)", request.method, request.path, _describe_peer(request), exc
+            )
+            resp = text_response(400, "connection lost")
+            resp.force_close()
+            return resp
+        except Exception:
+            log.exception("%s %s from %s failed", request.method, request.path, _describe_peer(request))
+            return text_response(500, "internal error")
+
+    def _log_refusal(self, request: web.BaseRequest, status: int, code: str, message: str) -> None:
+        log.warning(
+            "refused %s %s from %s: %d %s: %s",
+            request.method,
+            request.path[:200],
+            _describe_peer(request),
+            status,
+            code,
+            " ".join(message.split())[:300],
+        )
+
+    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes:
+        """The request body, at most ``limit`` bytes (413) arriving within ``body_timeout`` (408)."""
+        length = request.content_length
+        if length is not None and length > limit:
+            raise TooLargeError(f"request body of {length} bytes exceeds the limit of {limit}")
+        buf = bytearray()
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                while True:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise TooLargeError(f"request body exceeds the limit of {limit} bytes")
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {self.limits.body_timeout:g} s"
+            ) from None
+        return bytes(buf)
+
+    def _require(self, modes: Set[str], what: str) -> None:
+        if self.mode is not None:
+            self.mode.require(modes, what)
+
+    # --- EST ------------------------------------------------------------------------------------
+    async def cacerts(self, request: web.Request) -> web.Response:
+        """RFC 7030 4.1: the current CA certificates; no client authentication needed."""
+        self._require(CM_MODES, "serving CA certificates")
+        body = await self.cacerts_source.body()
+        return web.Response(body=body, headers={"Content-Type": est.CERTS_ONLY, "Content-Transfer-Encoding": "base64"})
+
+    async def csrattrs(self, request: web.Request) -> web.Response:
+        """RFC 7030 4.5: what the server wants in a CSR: the deployment's key and signature algorithm,
+        or 204 No Content when configured to ask for nothing (RFC 7030 4.5.2)."""
+        self._require(CM_MODES, "serving CSR attributes")
+        if not self._csrattrs_body:
+            return web.Response(status=204)
+        return web.Response(
+            body=self._csrattrs_body, headers={"Content-Type": est.CSRATTRS, "Content-Transfer-Encoding": "base64"}
+        )
+
+    def _enroll_handler(self, operation: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handler(request: web.Request) -> web.Response:
+            return await self.enroll(request, operation)
+
+        return handler
+
+    async def enroll(self, request: web.Request, operation: str) -> web.Response:
+        """RFC 7030 4.2 (simpleenroll, simplereenroll) and 4.4 (serverkeygen)."""
+        client_cert = peer_certificate(request)
+        if client_cert is None:
+            raise ClientCertificateRequiredError(
+                f"{operation} needs a TLS client certificate: the factory certificate to enroll, "
+                "the operational certificate to re-enroll"
+            )
+        self._require(ENROLL_MODES, f"relaying EST {operation}")
+        est.require_media_type(request.headers.get("Content-Type"), est.PKCS10)
+        body = await self._read_body(request, self.limits.max_body_bytes)
+        csr = est.decode_base64_body(body, what="the PKCS#10 request", max_decoded=MAX_CSR_BYTES)
+        load_csr(csr)  # a PKCS#10 request at all? (km checks everything else, including the signature)
+        out = await self.km.est(operation, client_cert, csr)
+        cert = x509.load_der_x509_certificate(out.certificate.certificate)
+        log.info(
+            "%s: km issued %s serial %s to device %s (%s)",
+            operation,
+            out.certificate.profile,
+            out.certificate.serial,
+            out.certificate.device_id,
+            _describe_peer(request),
+        )
+        certs = est.certs_only([cert])
+        if operation == "serverkeygen":
+            if out.private_key is None:
+                raise InternalError("km answered serverkeygen without a private key")
+            ctype, multipart = est.serverkeygen_multipart(out.private_key, certs)
+            return web.Response(body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store"})
+        return web.Response(
+            body=est.encode_base64_body(certs),
+            headers={"Content-Type": est.CERTS_ONLY, "Content-Transfer-Encoding": "base64"},
+        )
+
+    async def _https_only(self, request: web.Request) -> web.Response:
+        raise HttpsRequiredError("EST is served over HTTPS only")
+
+    # --- OCSP -----------------------------------------------------------------------------------
+    async def ocsp_post(self, request: web.Request) -> web.Response:
+        est.require_media_type(request.headers.get("Content-Type"), OCSP_REQUEST)
+        body = await self._read_body(request, self.limits.max_ocsp_request_bytes)
+        return await self._ocsp(body, request, get=False)
+
+    async def ocsp_get(self, request: web.Request) -> web.Response:
+        raw = request.raw_path.split("?", 1)[0]
+        prefix = "/ocsp/"
+        tail = raw[len(prefix) :] if raw.startswith(prefix) else request.match_info["request"]
+        try:
+            der_request = decode_get_path(tail)
+        except TooLargeError as exc:
+            raise _Refused(self._ocsp_error(414, "malformed_request"), exc.message) from exc
+        except BadRequestError as exc:
+            raise _Refused(self._ocsp_error(400, "malformed_request"), exc.message) from exc
+        return await self._ocsp(der_request, request, get=True)
+
+    def _ocsp_error(self, status: int, kind: ErrorKind, headers: Mapping[str, str] | None = None) -> web.Response:
+        return web.Response(
+            status=status,
+            body=error_response(kind),
+            headers={"Content-Type": OCSP_RESPONSE, "Cache-Control": "no-cache", **(headers or {})},
+        )
+
+    async def _ocsp(self, request_der: bytes, request: web.Request, *, get: bool) -> web.Response:
+        try:
+            self._require(CM_MODES, "relaying OCSP")
+            answer = await self.km.ocsp(request_der)
+        except (UnavailableError, ModeError) as exc:
+            raise _Refused(self._ocsp_error(503, "try_later", self._retry), exc.message) from exc
+        except IotdlmError as exc:
+            raise _Refused(self._ocsp_error(500, "internal_error"), f"{exc.code}: {exc.message}") from exc
+        headers = ocsp_cache_headers(answer, self.clock.now()) if get else {"Cache-Control": "no-cache"}
+        return self._conditional(request, answer, OCSP_RESPONSE, headers)
+
+    # --- CRLs -----------------------------------------------------------------------------------
+    async def crl(self, request: web.Request) -> web.Response:
+        issuer, partition, delta = parse_crl_path(request.match_info["issuer"], request.match_info["name"])
+        self._require(CM_MODES, "relaying CRLs")
+        try:
+            crl_der = await self.km.crl(issuer, partition, delta=delta)
+        except BadRequestError as exc:
+            raise NotFoundError(exc.message) from exc
+        return self._conditional(request, crl_der, PKIX_CRL, crl_cache_headers(crl_der, self.clock.now()))
+
+    def _conditional(
+        self, request: web.Request, body: bytes, content_type: str, headers: Mapping[str, str]
+    ) -> web.Response:
+        """200 with ``body``, or 304 when the client already holds it (If-None-Match)."""
+        tag = headers.get("ETag")
+        if tag is not None and request.method == "GET":
+            wanted = {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}
+            if tag in wanted or "*" in wanted:
+                return web.Response(status=304, headers=dict(headers))
+        return web.Response(body=body, headers={"Content-Type": content_type, **headers})
+
+
+# --- TLS --------------------------------------------------------------------------------------
+def server_tls_context(
+    *,
+    certificate_chain: Sequence[x509.Certificate],
+    key_pem: bytes,
+    client_cas: Sequence[x509.Certificate],
+) -> ssl.SSLContext:
+    """cm's HTTPS context: its service certificate (and the service CA) as the server chain;
+    client certificates *optional* at the TLS layer and, when presented, verified against
+    ``client_cas`` (the root, and the factory and operational CAs so a device may send its leaf
+    alone). /cacerts, OCSP and CRLs work without a client certificate; enrollment refuses (401)."""
+    if not certificate_chain:
+        raise ValueError("the server needs its certificate")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # no client-initiated TLS 1.2 renegotiation (a CPU sink)
+    # ssl loads certificate chains and keys from files only: a private folder, gone at once
+    with tempfile.TemporaryDirectory(prefix="iotdlm-cm-") as d:
+        chain_path = Path(d) / "chain.pem"
+        key_path = Path(d) / "key.pem"
+        chain_path.write_bytes(certs_to_pem(certificate_chain))
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key_pem)
+        ctx.load_cert_chain(str(chain_path), str(key_path))
+    ctx.load_verify_locations(cadata=b"".join(der(c) for c in client_cas))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+class TlsSite(web.TCPSite):
+    """A TCP site that does the TLS handshake itself (``loop.start_tls``) before handing the
+    connection to aiohttp, so that every refused handshake is logged (an expired or foreign client
+    certificate is refused by OpenSSL before any handler runs, and asyncio reports that only in
+    debug mode) and every handshake must finish within ``handshake_timeout`` seconds (aiohttp's
+    TCPSite leaves asyncio's 60 s)."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        handshake_timeout: float,
+        backlog: int = 512,
+    ) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, backlog=backlog)
+        self._handshake_timeout = handshake_timeout
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _TlsAccept(self), self._host, self._port, backlog=self._backlog)
+        if self._server.sockets:
+            self._bound_port = self._server.sockets[0].getsockname()[1]
+        else:  # pragma: no cover
+            self._bound_port = self._port
+
+    async def stop(self) -> None:
+        for task in list(self._handshakes):
+            task.cancel()
+        await super().stop()
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        server = self._runner.server
+        ctx = self._ssl_context
+        assert server is not None
+        assert ctx is not None
+        peer = transport.get_extra_info("peername")
+        who = str(peer[0]) if peer else "?"
+        handler = server()
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                transport, handler, ctx, server_side=True, ssl_handshake_timeout=self._handshake_timeout
+            )
+        except ssl.SSLError as exc:
+            detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            log.warning("refused a TLS handshake from %s: %s", who, detail)
+            transport.abort()
+            return
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            log.warning("refused a TLS handshake from %s: %s", who, str(exc) or type(exc).__name__)
+            transport.abort()
+            return
+        if tls is None:  # pragma: no cover - start_tls returns the TLS transport
+            transport.abort()
+            return
+        handler.connection_made(tls)
+
+
+class _TlsAccept(asyncio.Protocol):
+    """The plain TCP side of a :class:`TlsSite` connection, until ``start_tls`` takes it over."""
+
+    def __init__(self, site: TlsSite) -> None:
+        self._site = site
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # nothing is read before start_tls installs its protocol
+        task = asyncio.get_running_loop().create_task(self._site._handshake(transport))
+        self._site._handshakes.add(task)
+        task.add_done_callback(self._site._handshakes.discard)
+        self._task = task
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()

@@ -1,0 +1,210 @@
+"""cm as a running service: the HTTPS listener (EST, OCSP, CRLs), the optional plain-HTTP listener
+(OCSP, CRLs) and the optional egress proxy for sm; relays to km over NATS as the cm identity.
+
+With cm stopped nothing outside reaches km, pm or sm, and sm cannot reach the repository (the
+paper's Table 1: cm is off during provisioning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+from cryptography import x509
+
+from iotdlm.bus import Bus, Message, Subscription
+from iotdlm.bus import subjects as s
+from iotdlm.clock import Clock, SystemClock
+from iotdlm.cm import est
+from iotdlm.cm.config import CmConfig
+from iotdlm.cm.egress import EgressProxy
+from iotdlm.cm.server import EGRESS_MODES, CaCerts, CmApp, KmRelay, ModeCheck, TlsSite, server_tls_context
+from iotdlm.deployment import ISSUING_CAS, Deployment
+from iotdlm.pki.keys import private_key_to_pem
+
+
+class ModeGuardLike(Protocol):
+    """What CmService starts and stops (:class:`iotdlm.modes.guard.ModeGuard`)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class CmTls:
+    """cm's TLS material: its server context and the CA certificates /cacerts starts with."""
+
+    context: ssl.SSLContext
+    ca_certificates: tuple[x509.Certificate, ...]
+
+
+def deployment_tls(dep: Deployment) -> CmTls:
+    """From a deployment: cm's service identity (plus the service CA) as the server chain; the
+    root, factory and operational CAs as the anchors for device client certificates."""
+    ident = dep.identity("cm")
+    root = dep.ca_certificate("root")
+    issuing = {name: dep.ca_certificate(name) for name in ISSUING_CAS}
+    ctx = server_tls_context(
+        certificate_chain=[ident.certificate, issuing["service"]],
+        key_pem=private_key_to_pem(ident.key, None),
+        client_cas=[root, issuing["factory"], issuing["operational"]],
+    )
+    return CmTls(context=ctx, ca_certificates=(*(issuing[n] for n in sorted(issuing)), root))
+
+
+class CmService:
+    """cm's listeners around a :class:`KmRelay`. ``await start()``, read the bound ports, ``await stop()``."""
+
+    def __init__(
+        self,
+        config: CmConfig,
+        *,
+        km: KmRelay,
+        tls: ssl.SSLContext,
+        ca_certificates: Sequence[x509.Certificate] = (),
+        clock: Clock | None = None,
+        bus: Bus | None = None,
+        mode: ModeCheck | None = None,
+        guard: ModeGuardLike | None = None,
+    ) -> None:
+        """``mode`` checks the operation mode before each request (None: no check); ``guard``, if
+        given, is started and stopped with the service (a ModeGuard is both)."""
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.tls = tls
+        self.bus = bus  # closed by stop() when given (from_deployment connects it)
+        cacerts = CaCerts(ca_certificates, fetch=km.chain, clock=self.clock, ttl=config.cacerts_ttl)
+        self.app = CmApp(
+            km,
+            clock=self.clock,
+            limits=config.limits,
+            cacerts=cacerts,
+            csrattrs=est.csrattrs_der(config.csr_algorithm),
+            mode=mode,
+        )
+        self.guard = guard
+        self.egress: EgressProxy | None = (
+            EgressProxy(config.egress, admit=self._admit_egress) if config.egress is not None else None
+        )
+        self._runners: list[web.AppRunner] = []
+        self._https: TlsSite | None = None
+        self._http: TlsSite | None = None
+        self._ping: Subscription | None = None
+        self._started_at = ""
+
+    @classmethod
+    async def from_deployment(
+        cls, dep: Deployment, config: CmConfig, *, clock: Clock | None = None, check_mode: bool = True
+    ) -> CmService:
+        """Connect to the deployment's NATS as cm and build the service (not started). With
+        ``check_mode`` (the default) cm watches the operation mode (a ModeGuard) and refuses what
+        Table 1 forbids."""
+        from iotdlm.client.km import KmClient
+        from iotdlm.modes.guard import ModeGuard
+        from iotdlm.runtime import connect_identity, sealer_for
+
+        clock = clock or SystemClock()
+        tls = deployment_tls(dep)
+        bus, ident = await connect_identity(dep, "cm")
+        km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout)
+        guard = ModeGuard(bus) if check_mode else None
+        return cls(
+            config,
+            km=km,
+            tls=tls.context,
+            ca_certificates=tls.ca_certificates,
+            clock=clock,
+            bus=bus,
+            mode=guard,
+            guard=guard,
+        )
+
+    def _admit_egress(self) -> None:
+        if self.app.mode is not None:
+            self.app.mode.require(EGRESS_MODES, "egress for sm")
+
+    # --- ports ------------------------------------------------------------------------------------
+    @property
+    def https_port(self) -> int:
+        if self._https is None:
+            raise RuntimeError("cm is not started")
+        return self._https.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    @property
+    def egress_port(self) -> int | None:
+        return self.egress.port if self.egress is not None else None
+
+    def urls(self) -> dict[str, str]:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        out = {"https": f"https://{host}:{self.https_port}"}
+        if self._http is not None:
+            out["http"] = f"http://{host}:{self._http.port}"
+        if self.egress is not None:
+            out["egress"] = self.egress.url
+        return out
+
+    # --- life ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            if self.guard is not None:
+                await self.guard.start()
+            lim = self.config.limits
+            self._https = await self._listen(
+                self.app.https_app(), self.config.https_port, self.tls, lim.handshake_timeout
+            )
+            if self.config.http_port is not None:
+                self._http = await self._listen(self.app.http_app(), self.config.http_port, None, lim.handshake_timeout)
+            if self.egress is not None:
+                await self.egress.start()
+            self._started_at = self.clock.now().isoformat()
+            if self.bus is not None:
+                # pm asks this to refuse work while the door to the outside is open
+                self._ping = await self.bus.serve(s.CM_PING, self._answer_ping)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _listen(
+        self, app: web.Application, port: int, tls: ssl.SSLContext | None, handshake_timeout: float
+    ) -> TlsSite:
+        runner = self.app.runner(app)
+        await runner.setup()
+        assert runner.server is not None
+        self.app.watch(runner.server)
+        self._runners.append(runner)
+        site = TlsSite(runner, self.config.host, port, ssl_context=tls, handshake_timeout=handshake_timeout)
+        await site.start()
+        return site
+
+    async def _answer_ping(self, m: Message) -> bytes:
+        return json.dumps({"module": "cm", "since": self._started_at, "listeners": self.urls()}).encode()
+
+    async def stop(self) -> None:
+        ping, self._ping = self._ping, None
+        if ping is not None:
+            with contextlib.suppress(Exception):
+                await ping.unsubscribe()
+        if self.egress is not None:
+            await self.egress.stop()
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            await guard.stop()
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._https = self._http = None
+        bus, self.bus = self.bus, None
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                await bus.close()

@@ -1,0 +1,787 @@
+"""cm, the only door to the outside, end to end: a deployment made by ``init_deployment``, a real
+nats-server with the deployment's users and permissions (cm connects as its own NATS user), a
+real km over a SQLite store, and cm on random loopback ports. Judged by curl and openssl where the
+machine has them, and by the device's EST client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.x509 import ocsp
+
+from iotdlm.bus import Bus, subjects
+from iotdlm.bus.server import NatsUser
+from iotdlm.client.km import KmClient
+from iotdlm.cm import CmConfig, CmService, EgressConfig, Limits
+from iotdlm.deployment import Deployment, init_deployment
+from iotdlm.device.est_client import EstClient, EstUnavailableError
+from iotdlm.errors import (
+    NotAuthorizedError,
+    UnavailableError,
+    UntrustedError,
+)
+from iotdlm.km import KmService
+from iotdlm.modes.guard import ModeGuard
+from iotdlm.modes.messages import ModeRecord
+from iotdlm.pki.chain import certs_to_pem, der
+from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
+from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
+from iotdlm.store import Store
+from tests.fixtures_nats import RunningNats, start_nats
+from tests.helpers import make_csr
+
+pytestmark = pytest.mark.nats
+
+DTYPE = "boardA"
+PASSPHRASE = b"pw"
+WELL_KNOWN = "/.well-known/est"
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+
+
+class ShiftClock:
+    """The system clock, moved forward on demand (TLS checks validity with the real time; km with this)."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta()
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+
+@dataclass
+class Site:
+    dep: Deployment
+    files: Path
+    clock: ShiftClock
+    store: Store
+    nats: RunningNats
+    cm: CmService
+    buses: list[Bus]
+
+    @property
+    def https(self) -> str:
+        return f"https://127.0.0.1:{self.cm.https_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.cm.http_port}"
+
+    @property
+    def root_pem(self) -> bytes:
+        return (self.dep.root / "ca" / "root.pem").read_bytes()
+
+    async def client(self, name: str) -> KmClient:
+        bus = await self.nats.connect(name.partition("-")[0])
+        self.buses.append(bus)
+        return KmClient(bus, sealer_for(self.dep.identity(name)), self.clock)
+
+    async def factory(self, device_id: str) -> tuple[PrivateKey, x509.Certificate]:
+        """A factory certificate issued through pm's path (pm-<dtype>, profile factory)."""
+        key = generate_key(Algorithm.P256)
+        pm = await self.client(f"pm-{DTYPE}")
+        out = await pm.issue(device_id, "factory", csr=make_csr(key, device_id))
+        return key, x509.load_der_x509_certificate(out.certificate)
+
+    def est(self, key: PrivateKey | None = None, cert: x509.Certificate | None = None) -> EstClient:
+        return EstClient(
+            self.https,
+            trust_anchor_pem=self.root_pem,
+            client_cert_pem=certs_to_pem([cert]) if cert is not None else None,
+            client_key_pem=private_key_to_pem(key, None) if key is not None else None,
+        )
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.files / name
+        path.write_bytes(data)
+        return path
+
+
+LIMITS = Limits(idle_timeout=0.5, body_timeout=0.5, handshake_timeout=2.0, lingering_time=0.2, retry_after=7)
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    clock = ShiftClock()
+    made, _ = init_deployment(
+        tmp_path / "d",
+        organization="T",
+        algorithm=Algorithm.P256,
+        dtypes=[DTYPE],
+        passphrase=PASSPHRASE,
+        now=clock.now(),
+    )
+    users = [NatsUser(module=m, user=c.user, password=c.password) for m, c in made.nats_users()]
+    nats = start_nats(tmp_path, users=users, jetstream_dir=tmp_path / "js")
+    config = made.config
+    dep = Deployment(
+        made.root,
+        msgspec.structs.replace(config, nats=msgspec.structs.replace(config.nats, port=nats.server.config.port)),
+    )
+    store = open_store(dep)
+    record_identities(dep, store, clock.now())
+    km_bus = await nats.connect("km")
+    km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus)
+    await km.start()
+    # the supervisor's part: the operation mode in the JetStream bucket every service watches
+    modes_bus = await nats.connect("modes")
+    await set_mode(modes_bus, "certificate-management")
+    config = CmConfig(https_port=0, http_port=0, limits=LIMITS, egress=EgressConfig(("http://127.0.0.1:1",), port=0))
+    cm = await CmService.from_deployment(dep, config, clock=clock)
+    await cm.start()
+    assert isinstance(cm.app.mode, ModeGuard)
+    await cm.app.mode.wait_for("certificate-management")
+    files = tmp_path / "files"
+    files.mkdir()
+    s = Site(dep=dep, files=files, clock=clock, store=store, nats=nats, cm=cm, buses=[km_bus, modes_bus])
+    try:
+        yield s
+    finally:
+        await cm.stop()
+        await km.stop()
+        for b in s.buses:
+            await b.close()
+        nats.server.stop()
+        store.close()
+
+
+async def set_mode(bus: Bus, mode: str) -> None:
+    """Publish the operation mode as the supervisor does (only the modes identity may write it)."""
+    kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
+    record = ModeRecord(mode=mode, since=dt.datetime.now(dt.UTC).isoformat(), by="test")
+    await kv.put(subjects.MODE_KEY, msgspec.json.encode(record))
+
+
+async def _run(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    """A command line tool, off the event loop (cm answers on this loop meanwhile)."""
+    return await asyncio.to_thread(subprocess.run, list(argv), capture_output=True, timeout=60, check=False)
+
+
+def _csr_b64(key: PrivateKey, cn: str) -> bytes:
+    return base64.encodebytes(make_csr(key, cn))
+
+
+# --- curl and openssl as the outside world --------------------------------------------------------
+@needs_curl
+@needs_openssl
+@pytest.mark.openssl
+async def test_curl_simpleenroll_and_openssl_verify(site: Site) -> None:
+    fkey, factory = await site.factory("dev-curl")
+    root = site.write("root.pem", site.root_pem)
+    site.write("operational.pem", (site.dep.root / "ca" / "operational.pem").read_bytes())
+    site.write("factory.pem", certs_to_pem([factory]))
+    site.write("factory.key", private_key_to_pem(fkey, None))
+    site.write("csr.b64", _csr_b64(generate_key(Algorithm.P256), "dev-curl"))
+    out = site.files / "out.b64"
+    r = await _run(
+        "curl", "-sS", "-o", str(out), "-w", "%{http_code}", "--cacert", str(root),
+        "--cert", str(site.files / "factory.pem"), "--key", str(site.files / "factory.key"),
+        "--data-binary", f"@{site.files / 'csr.b64'}", "-H", "Content-Type: application/pkcs10",
+        f"{site.https}{WELL_KNOWN}/simpleenroll",
+    )  # fmt: skip
+    assert r.stdout == b"200", (r.stdout, r.stderr, out.read_bytes() if out.exists() else b"")
+    site.write("out.p7", base64.b64decode(out.read_bytes()))
+    r = await _run("openssl", "pkcs7", "-inform", "DER", "-in", str(site.files / "out.p7"), "-print_certs",
+                   "-out", str(site.files / "issued.pem"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = await _run("openssl", "verify", "-CAfile", str(root), "-untrusted", str(site.files / "operational.pem"),
+                   str(site.files / "issued.pem"))  # fmt: skip
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert b"OK" in r.stdout
+    issued = x509.load_pem_x509_certificate((site.files / "issued.pem").read_bytes())
+    assert issued.subject.rfc4514_string().find("dev-curl") >= 0
+
+    # no client certificate: 401, a one-line text body, no traceback
+    r = await _run(
+        "curl", "-sS", "-i", "--cacert", str(root), "--data-binary", f"@{site.files / 'csr.b64'}",
+        "-H", "Content-Type: application/pkcs10", f"{site.https}{WELL_KNOWN}/simpleenroll",
+    )  # fmt: skip
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), r.stdout
+    assert b"www-authenticate: certificate" in head.lower()
+    assert b"client certificate" in body
+    assert b"Traceback" not in body
+    assert body.count(b"\n") == 1
+
+    # /cacerts without a client certificate: every CA of the deployment, root included
+    r = await _run("curl", "-sS", "--fail", "--cacert", str(root), f"{site.https}{WELL_KNOWN}/cacerts")
+    assert r.returncode == 0, r.stderr
+    certs = pkcs7.load_der_pkcs7_certificates(base64.b64decode(r.stdout))
+    assert {c.subject.rfc4514_string() for c in certs} == {
+        site.dep.ca_certificate(n).subject.rfc4514_string() for n in ("root", "factory", "operational", "service")
+    }
+
+
+@needs_openssl
+@pytest.mark.openssl
+async def test_openssl_ocsp_good_then_revoked_and_crl(site: Site) -> None:
+    fkey, factory = await site.factory("dev-o")
+    async with site.est(fkey, factory) as est:
+        leaf = await est.simpleenroll(make_csr(generate_key(Algorithm.P256), "dev-o"))
+    issuer = site.write("ca.pem", (site.dep.root / "ca" / "operational.pem").read_bytes())
+    chain = site.write("chain.pem", site.root_pem + issuer.read_bytes())
+    leaf_path = site.write("leaf.pem", certs_to_pem([leaf]))
+    argv = ("openssl", "ocsp", "-url", f"{site.http}/ocsp", "-issuer", str(issuer), "-cert", str(leaf_path),
+            "-CAfile", str(chain))  # fmt: skip
+    r = await _run(*argv)
+    assert b": good" in r.stdout, (r.stdout, r.stderr)
+    assert b"Response verify OK" in r.stderr
+
+    admin = await site.client("admin")
+    await admin.revoke(serial=format(leaf.serial_number, "x"), reason="keyCompromise")
+    r = await _run(*argv)
+    assert b": revoked" in r.stdout, (r.stdout, r.stderr)
+
+    # the GET form (RFC 5019), with caching headers from nextUpdate
+    req = ocsp.OCSPRequestBuilder().add_certificate(leaf, site.dep.ca_certificate("operational"), _sha1()).build()
+    path = base64.b64encode(req.public_bytes(serialization.Encoding.DER)).decode()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{site.http}/ocsp/{path.replace('/', '%2F')}") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/ocsp-response"
+            assert resp.headers["Cache-Control"].startswith("max-age=")
+            assert int(resp.headers["Cache-Control"].split("=")[1].split(",")[0]) > 0
+            etag = resp.headers["ETag"]
+            answer = ocsp.load_der_ocsp_response(await resp.read())
+            assert answer.certificate_status is ocsp.OCSPCertStatus.REVOKED
+        async with http.get(f"{site.http}/ocsp/{path.replace('/', '%2F')}", headers={"If-None-Match": etag}) as resp:
+            assert resp.status == 304
+
+        # the CRL partition named in the certificate, served by cm
+        dp = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        names = dp[0].full_name
+        assert names is not None
+        url = str(names[0].value)
+        crl_path = "/crl/" + url.split("/crl/", 1)[1]
+        async with http.get(site.http + crl_path) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/pkix-crl"
+            assert "max-age=" in resp.headers["Cache-Control"]
+            crl = x509.load_der_x509_crl(await resp.read())
+        assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+        async with http.get(site.http + crl_path.replace(".crl", ".delta")) as resp:
+            assert resp.status == 200
+        for bad in ("/crl/operational/99999.crl", "/crl/nobody/1.crl", "/crl/operational/x.crl", "/crl/../etc"):
+            async with http.get(site.http + bad) as resp:
+                assert resp.status == 404, bad
+                assert "Traceback" not in await resp.text()
+        # OCSP over HTTPS too, POST form, without a client certificate
+        ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+        async with http.post(
+            f"{site.https}/ocsp",
+            data=req.public_bytes(serialization.Encoding.DER),
+            headers={"Content-Type": "application/ocsp-request"},
+            ssl=ctx,
+        ) as resp:
+            assert resp.status == 200
+            assert ocsp.load_der_ocsp_response(await resp.read()).certificate_status is ocsp.OCSPCertStatus.REVOKED
+
+
+def _sha1() -> hashes.HashAlgorithm:
+    return hashes.SHA1()  # noqa: S303 -- RFC 5019 CertIDs are SHA-1
+
+
+# --- the device's EST client ----------------------------------------------------------------------
+async def test_device_enrolls_reenrolls_refreshes_and_serverkeygen(site: Site) -> None:
+    fkey, factory = await site.factory("dev-1")
+    async with site.est() as anonymous:
+        cas = await anonymous.cacerts()
+        attrs = await anonymous.csrattrs()
+    assert site.dep.ca_certificate("operational") in cas
+    assert site.dep.ca_certificate("root") in cas
+    assert [a.oid for a in attrs] == ["1.2.840.10045.4.3.2", "1.2.840.10045.2.1"]
+
+    key1 = generate_key(Algorithm.P256)
+    async with site.est(fkey, factory) as est:
+        op1 = await est.simpleenroll(make_csr(key1, "dev-1"))
+    op1.verify_directly_issued_by(site.dep.ca_certificate("operational"))
+    assert op1.public_key() == key1.public_key()
+
+    key2 = generate_key(Algorithm.P256)
+    async with site.est(key1, op1) as est:
+        op2 = await est.simplereenroll(make_csr(key2, "dev-1"))
+        assert op2.public_key() == key2.public_key()
+        # the superseded certificate cannot re-enroll again
+        with pytest.raises(NotAuthorizedError, match="superseded"):
+            await est.simplereenroll(make_csr(generate_key(Algorithm.P256), "dev-1"))
+    rec = site.store.get_certificate("operational", op1.serial_number)
+    assert rec is not None
+    assert rec.status == "superseded"
+
+    # a device that cannot make keys: the server generates one
+    fkey_k, factory_k = await site.factory("dev-k")
+    async with site.est(fkey_k, factory_k) as est:
+        key, cert = await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
+    assert cert.public_key() == key.public_key()
+    cert.verify_directly_issued_by(site.dep.ca_certificate("operational"))
+
+
+# --- refusals -------------------------------------------------------------------------------------
+async def test_refusals(site: Site) -> None:
+    # an unregistered factory certificate (signed by our factory CA, never issued through km): 403
+    cas = site.dep.load_cas(PASSPHRASE)
+    rkey = generate_key(Algorithm.P256)
+    now = site.clock.now()
+    from iotdlm.pki.profiles import DEFAULT_PROFILES
+
+    rogue = cas["factory"].issue(
+        DEFAULT_PROFILES["factory"],
+        rkey.public_key(),
+        device_subject("dev-r", "T", DTYPE),
+        now=now,
+        serial=x509.random_serial_number(),
+        uris=[device_uri("dev-r")],
+    )
+    async with site.est(rkey, rogue) as est:
+        with pytest.raises(NotAuthorizedError, match="not registered"):
+            await est.simpleenroll(make_csr(generate_key(Algorithm.P256), "dev-r"))
+
+    # no client certificate on an enrollment endpoint: 401
+    async with site.est() as est:
+        with pytest.raises(UntrustedError, match="client certificate"):
+            await est.simpleenroll(make_csr(generate_key(Algorithm.P256), "dev-r"))
+
+    # expired at the TLS layer (OpenSSL refuses it before any handler runs)
+    old = cas["operational"].issue(
+        DEFAULT_PROFILES["operational"],
+        rkey.public_key(),
+        device_subject("dev-old", "T", DTYPE),
+        now=now - dt.timedelta(days=200),
+        serial=x509.random_serial_number(),
+        uris=[device_uri("dev-old")],
+    )
+    async with site.est(rkey, old) as est:
+        with pytest.raises(UntrustedError):
+            await est.simplereenroll(make_csr(generate_key(Algorithm.P256), "dev-old"))
+
+    # revoked: TLS accepts it, km refuses it (403)
+    fkey, factory = await site.factory("dev-x")
+    async with site.est(fkey, factory) as est:
+        op = await est.simpleenroll(make_csr(fkey, "dev-x"))
+    admin = await site.client("admin")
+    await admin.revoke(serial=format(op.serial_number, "x"), reason="keyCompromise")
+    async with site.est(fkey, op) as est:
+        with pytest.raises(NotAuthorizedError, match="revoked"):
+            await est.simplereenroll(make_csr(generate_key(Algorithm.P256), "dev-x"))
+
+    # expired by km's clock (OpenSSL still accepts it): km checks the certificate itself
+    ykey, yfactory = await site.factory("dev-y")
+    async with site.est(ykey, yfactory) as est:
+        op_y = await est.simpleenroll(make_csr(ykey, "dev-y"))
+    site.clock.offset = dt.timedelta(days=91)
+    async with site.est(ykey, op_y) as est:
+        with pytest.raises(NotAuthorizedError, match="not valid"):
+            await est.simplereenroll(make_csr(generate_key(Algorithm.P256), "dev-y"))
+    site.clock.offset = dt.timedelta()
+
+    # the HTTP-level refusals, with the raw client
+    ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+    with_cert = ssl.create_default_context(cadata=site.root_pem.decode())
+    site.write("f.pem", certs_to_pem([yfactory]))
+    site.write("f.key", private_key_to_pem(ykey, None))
+    with_cert.load_cert_chain(str(site.files / "f.pem"), str(site.files / "f.key"))
+    url = f"{site.https}{WELL_KNOWN}/simpleenroll"
+    good = _csr_b64(generate_key(Algorithm.P256), "dev-y")
+    cases = [
+        ("wrong content type", {"Content-Type": "application/json"}, good, 415),
+        ("no content type", {}, good, 415),
+        ("garbage base64", {"Content-Type": "application/pkcs10"}, b"@@not base64@@", 400),
+        ("base64 of garbage", {"Content-Type": "application/pkcs10"}, base64.b64encode(b"\x30\x03abc"), 400),
+        ("giant body", {"Content-Type": "application/pkcs10"}, b"A" * (128 * 1024), 413),
+        ("CN of another device", {"Content-Type": "application/pkcs10"}, _csr_b64(ykey, "dev-other"), 400),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for name, headers, body, status in cases:
+            async with http.post(url, data=body, headers=headers, ssl=with_cert) as resp:
+                text = await resp.text()
+                assert resp.status == status, (name, text)
+                assert resp.headers["Content-Type"].startswith("text/plain"), name
+                assert text.count("\n") == 1, (name, text)
+                assert "Traceback" not in text
+        # EST over plain HTTP: refused
+        async with http.post(f"{site.http}{WELL_KNOWN}/simpleenroll", data=good) as resp:
+            assert resp.status == 403
+            assert "HTTPS" in await resp.text()
+        # unknown paths and methods: one line, no traceback
+        async with http.get(f"{site.https}/nothing", ssl=ctx) as resp:
+            assert resp.status == 404
+        async with http.get(url, ssl=ctx) as resp:
+            assert resp.status == 405
+        # OCSP: wrong content type, garbage GET path (an OCSP malformedRequest answer), too large
+        async with http.post(f"{site.http}/ocsp", data=b"x", headers={"Content-Type": "text/plain"}) as resp:
+            assert resp.status == 415
+        async with http.get(f"{site.http}/ocsp/@@@") as resp:
+            assert resp.status == 400
+            answer = ocsp.load_der_ocsp_response(await resp.read())
+            assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        async with http.post(
+            f"{site.http}/ocsp", data=b"0" * 9000, headers={"Content-Type": "application/ocsp-request"}
+        ) as resp:
+            assert resp.status == 413
+        async with http.post(
+            f"{site.http}/ocsp", data=b"garbage", headers={"Content-Type": "application/ocsp-request"}
+        ) as resp:
+            assert resp.status == 200
+            answer = ocsp.load_der_ocsp_response(await resp.read())
+            assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    # a foreign client certificate does not get past TLS
+    from tests.helpers import make_pki
+
+    foreign = make_pki().cas["factory"]
+    fk = generate_key(Algorithm.P256)
+    stranger = foreign.issue(
+        DEFAULT_PROFILES["factory"], fk.public_key(), device_subject("dev-s", "T", DTYPE),
+        now=now, serial=x509.random_serial_number(), uris=[device_uri("dev-s")],
+    )  # fmt: skip
+    async with site.est(fk, stranger) as est:
+        with pytest.raises(UntrustedError):
+            await est.simpleenroll(make_csr(fk, "dev-s"))
+    # and cm is still serving
+    async with site.est() as est:
+        assert await est.cacerts()
+
+
+async def test_km_down_means_503_with_retry_after(site: Site) -> None:
+    fkey, factory = await site.factory("dev-d")
+    # km leaves: cm answers 503 with Retry-After (EST) and tryLater (OCSP)
+    km_bus = site.buses[0]
+    await km_bus.close()
+    async with site.est(fkey, factory) as est:
+        with pytest.raises(EstUnavailableError) as info:
+            await est.simpleenroll(make_csr(fkey, "dev-d"))
+    assert info.value.retry_after == 7
+    leaf_req = ocsp.OCSPRequestBuilder().add_certificate(factory, site.dep.ca_certificate("factory"), _sha1()).build()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{site.http}/ocsp",
+            data=leaf_req.public_bytes(serialization.Encoding.DER),
+            headers={"Content-Type": "application/ocsp-request"},
+        ) as resp,
+    ):
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "7"
+        answer = ocsp.load_der_ocsp_response(await resp.read())
+        assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
+    # /cacerts still answers from what cm knows
+    async with site.est() as est:
+        assert len(await est.cacerts()) == 4
+
+
+# --- slow clients ---------------------------------------------------------------------------------
+async def _tls_connect(site: Site) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+    return await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+
+
+async def _dribble(writer: asyncio.StreamWriter, data: bytes) -> None:
+    for i in range(len(data)):
+        writer.write(data[i : i + 1])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bytes:
+    """Everything the server sent until it closed the connection (generous bound: not a timing test)."""
+    out = b""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                chunk = await reader.read(4096)
+            except (ConnectionError, ssl.SSLError):
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+
+async def test_slowloris_head_is_cut_off(site: Site) -> None:
+    reader, writer = await _tls_connect(site)
+    head = b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: cm\r\nX-Slow: " + b"a" * 200
+    task = asyncio.create_task(_dribble(writer, head))
+    try:
+        await _closed_by_server(reader, within=15)
+    finally:
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, ConnectionError, ssl.SSLError)):
+            await task
+        writer.close()
+    assert not task.done() or task.cancelled() or task.exception() is not None
+
+
+async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
+    reader, writer = await _tls_connect(site)
+    writer.write(
+        b"POST /ocsp HTTP/1.1\r\nHost: cm\r\nContent-Type: application/ocsp-request\r\nContent-Length: 400\r\n\r\n"
+    )
+    task = asyncio.create_task(_dribble(writer, b"0" * 400))
+    try:
+        sent = await _closed_by_server(reader, within=15)
+    finally:
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, ConnectionError, ssl.SSLError)):
+            await task
+        writer.close()
+    assert sent.startswith(b"HTTP/1.1 408"), sent
+    assert b"Traceback" not in sent
+
+
+async def test_too_large_declared_body_is_refused_without_reading(site: Site) -> None:
+    reader, writer = await _tls_connect(site)
+    writer.write(
+        b"POST /.well-known/est/cacerts HTTP/1.1\r\nHost: cm\r\nContent-Length: 10000000\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+    )
+    sent = await _closed_by_server(reader, within=15)
+    writer.close()
+    assert sent.startswith(b"HTTP/1.1 405") or sent.startswith(b"HTTP/1.1 413"), sent
+    reader, writer = await _tls_connect(site)
+    writer.write(
+        b"POST /ocsp HTTP/1.1\r\nHost: cm\r\nContent-Type: application/ocsp-request\r\nContent-Length: 9999999\r\n\r\n"
+    )
+    sent = await _closed_by_server(reader, within=15)
+    writer.close()
+    assert sent.startswith(b"HTTP/1.1 413"), sent
+
+
+# --- wiring ---------------------------------------------------------------------------------------
+async def test_cm_uses_its_own_nats_user(site: Site) -> None:
+    """cm's NATS user may relay EST, OCSP, CRLs and the chain, and nothing else (the server says so)."""
+    from iotdlm.errors import PermissionDeniedError
+
+    km_client = site.cm.app.km
+    assert isinstance(km_client, KmClient)
+    with pytest.raises((PermissionDeniedError, UnavailableError)):
+        await km_client.issue("dev-z", "factory", csr=make_csr(generate_key(Algorithm.P256), "dev-z"))
+    chain = await km_client.chain()
+    assert chain.root == der(site.dep.ca_certificate("root"))
+    # pm asks whether cm runs (pm refuses to work while the door is open)
+    pm = await site.client(f"pm-{DTYPE}")
+    answer = json.loads(await pm.bus.request(subjects.CM_PING, b"{}", timeout=2))
+    assert answer["module"] == "cm"
+    assert answer["listeners"]["https"] == site.https
+    http_url = site.http
+    await site.cm.stop()
+    with pytest.raises(UnavailableError):
+        await pm.bus.request(subjects.CM_PING, b"{}", timeout=1)
+    # with cm off, nothing answers outside
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as http, http.get(f"{http_url}/crl/operational/0.crl"):
+            pass
+
+
+async def test_garbage_after_the_handshake_is_a_400_not_a_crash(site: Site) -> None:
+    reader, writer = await _tls_connect(site)
+    writer.write(b"\x00\x01\x02garbage\r\n\r\n")
+    sent = await _closed_by_server(reader, within=15)
+    writer.close()
+    assert sent.startswith(b"HTTP/1."), sent
+    assert b" 400 " in sent.split(b"\r\n", 1)[0], sent
+    assert b"Traceback" not in sent
+    async with site.est() as est:  # still serving
+        assert await est.cacerts()
+
+
+# --- the command line -----------------------------------------------------------------------------
+def test_cm_cli_help() -> None:
+    from click.testing import CliRunner
+
+    from iotdlm.cm.cli import cm
+
+    out = CliRunner().invoke(cm, ["serve", "--help"])
+    assert out.exit_code == 0
+    for option in ("--https-port", "--http-port", "--egress-port", "--allow-origin", "--data"):
+        assert option in out.output
+    bad = CliRunner().invoke(cm, ["serve", "--data", "/nonexistent", "--allow-origin", "ftp://x"])
+    assert bad.exit_code == 4
+    assert "scheme must be http or https" in bad.output
+    missing = CliRunner().invoke(cm, ["serve", "--data", "/nonexistent"])
+    assert missing.exit_code == 4
+    assert "iotdlm init" in missing.output
+
+
+def test_cm_file(tmp_path: Path) -> None:
+    from iotdlm.cm.config import CmFile, limits_from, load_cm_file
+    from iotdlm.errors import BadRequestError
+
+    assert load_cm_file(tmp_path) == CmFile()
+    (tmp_path / "cm.toml").write_text("https_port = 9443\nhttp = false\n[limits]\nidle_timeout = 2\nretry_after = 5\n")
+    f = load_cm_file(tmp_path)
+    assert f.https_port == 9443
+    assert f.http is False
+    limits = limits_from(f.limits)
+    assert limits.idle_timeout == 2.0
+    assert limits.retry_after == 5
+    assert isinstance(limits.retry_after, int)
+    for bad, match in [
+        ("nonsense = 1\n", "nonsense"),
+        ("[limits]\nspeed = 1\n", "unknown limits"),
+        ("https_port = 'x'\n", "https_port"),
+        ("= broken", "cm.toml"),
+    ]:
+        (tmp_path / "cm.toml").write_text(bad)
+        with pytest.raises(BadRequestError, match=match):
+            load_cm_file(tmp_path)
+    with pytest.raises(BadRequestError, match="positive"):
+        limits_from({"idle_timeout": 0})
+
+
+async def test_cm_serve_process(tmp_path: Path) -> None:
+    """`python -m iotdlm.cm.cli serve --data DIR`, as the supervisor starts it (settings from
+    DIR/cm.toml), against the deployment's own embedded NATS server."""
+    import os
+    import signal
+    import sys
+
+    from iotdlm.bus.server import free_port
+    from iotdlm.runtime import nats_server
+
+    clock = ShiftClock()
+    dep, _ = init_deployment(
+        tmp_path / "d",
+        organization="T",
+        algorithm=Algorithm.P256,
+        dtypes=[DTYPE],
+        passphrase=PASSPHRASE,
+        nats_port=free_port(),
+        now=clock.now(),
+    )
+    server = nats_server(dep)
+    server.start()
+    store = open_store(dep)
+    km_bus = modes_bus = None
+    proc = None
+    try:
+        modes_bus = await server_connect(dep, "modes")
+        await set_mode(modes_bus, "certificate-management")
+        km_bus = await server_connect(dep, "km")
+        km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus)
+        await km.start()
+        https, http, egress = free_port(), free_port(), free_port()
+        (dep.root / "cm.toml").write_text(
+            f"https_port = {https}\nhttp_port = {http}\negress_port = {egress}\n"
+            'allow_origins = ["https://repo.example.com"]\n[limits]\nidle_timeout = 5\nretry_after = 3\n'
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "iotdlm.cm.cli", "serve", "--data", str(dep.root),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        assert proc.stdout is not None
+        seen = b""
+        async with asyncio.timeout(30):
+            while b"egress proxy" not in seen:
+                line = await proc.stdout.readline()
+                assert line, seen
+                seen += line
+        async with EstClient(
+            f"https://127.0.0.1:{https}", trust_anchor_pem=(dep.root / "ca" / "root.pem").read_bytes()
+        ) as c:
+            assert len(await c.cacerts()) == 4
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{http}/crl/operational/3.crl") as resp:
+                assert resp.status == 200
+            # the egress proxy answers, and refuses what is not allowed (and sm's mode is not on)
+            async with s.get("http://127.0.0.1:1/", proxy=f"http://127.0.0.1:{egress}") as resp:
+                assert resp.status in (403, 503)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
+        await km.stop()
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for bus in (km_bus, modes_bus):
+            if bus is not None:
+                await bus.close()
+        store.close()
+        server.stop()
+
+
+async def server_connect(dep: Deployment, name: str) -> Bus:
+    from iotdlm.runtime import connect_identity
+
+    bus, _ident = await connect_identity(dep, name)
+    return bus
+
+
+async def test_a_port_in_use_fails_start_and_releases_everything(site: Site) -> None:
+    config = CmConfig(https_port=site.cm.https_port, http_port=None)
+    other = await CmService.from_deployment(site.dep, config)
+    with pytest.raises(OSError, match="address already in use"):
+        await other.start()
+    assert other.bus is None  # closed by the failed start
+    async with site.est() as est:  # the first cm is unaffected
+        assert await est.cacerts()
+
+
+async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
+    """Defence in depth (Table 1): cm watches the mode itself. EST only in certificate-management,
+    egress for sm only in software-management, nothing at all in the provisioning modes."""
+    fkey, factory = await site.factory("dev-m")
+    guard = site.cm.app.mode
+    assert isinstance(guard, ModeGuard)
+    modes_bus = site.buses[1]
+    assert site.cm.egress is not None
+    proxy = site.cm.egress.url
+
+    async def egress_status() -> int:
+        async with aiohttp.ClientSession() as http, http.get("http://127.0.0.1:1/x", proxy=proxy) as resp:
+            return resp.status
+
+    # certificate-management: devices enroll; sm may not reach out
+    assert await egress_status() == 503
+    async with site.est(fkey, factory) as est:
+        await est.simpleenroll(make_csr(generate_key(Algorithm.P256), "dev-m"))
+
+    # software-management: sm reaches out (the allowed origin is unreachable: 502, but admitted);
+    # devices cannot enroll; OCSP, CRLs and /cacerts are still served
+    await set_mode(modes_bus, "software-management")
+    await guard.wait_for("software-management")
+    assert await egress_status() == 502
+    async with site.est(fkey, factory) as est:
+        with pytest.raises(EstUnavailableError, match="software-management"):
+            await est.simpleenroll(make_csr(generate_key(Algorithm.P256), "dev-m"))
+        assert await est.cacerts()
+
+    # a provisioning mode: cm should not run at all; if it does, it refuses everything
+    await set_mode(modes_bus, "provisioning-certificate")
+    await guard.wait_for("provisioning-certificate")
+    async with site.est() as est:
+        with pytest.raises(EstUnavailableError, match="provisioning-certificate"):
+            await est.cacerts()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{site.http}/crl/operational/0.crl") as resp:
+            assert resp.status == 503
+        req = ocsp.OCSPRequestBuilder().add_certificate(factory, site.dep.ca_certificate("factory"), _sha1()).build()
+        async with http.post(
+            f"{site.http}/ocsp",
+            data=req.public_bytes(serialization.Encoding.DER),
+            headers={"Content-Type": "application/ocsp-request"},
+        ) as resp:
+            assert resp.status == 503
+            assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp.OCSPResponseStatus.TRY_LATER
+    assert await egress_status() == 503
+
+    # no mode at all (the supervisor stopped): deny by default
+    kv = await modes_bus.key_value(subjects.MODE_BUCKET)
+    await kv.delete(subjects.MODE_KEY)
+    await guard.wait_for(None)
+    async with site.est() as est:
+        with pytest.raises(EstUnavailableError, match="unknown"):
+            await est.cacerts()
