@@ -709,12 +709,14 @@ def _register_groups() -> None:
     """Command groups that live with their modules."""
     from iotdlm.cm.cli import cm
     from iotdlm.modes.cli import mode, status, up
+    from iotdlm.pm.cli import pm
     from iotdlm.repository.cli import repo
     from iotdlm.sm.cli import sm
 
     main.add_command(repo)
     main.add_command(sm)
     main.add_command(cm)
+    main.add_command(pm)
     main.add_command(up)
     main.add_command(mode)
     main.add_command(status)

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from iotdlm.device.simulated import SimulatedDevice
-from iotdlm.errors import BadRequestError, UnavailableError
-from iotdlm.pki.chain import certs_to_pem
+from iotdlm.errors import BadRequestError, UnavailableError, UnsupportedError
+from iotdlm.pki.chain import certs_to_pem, load_certificate, load_certificates_pem
 from iotdlm.pki.keys import PublicKey, load_public_key
 
 
@@ -55,6 +55,14 @@ class Flasher(Protocol):
         ...
 
     def read_image_sha256(self, ref: str) -> str | None: ...
+
+    def read_truststore(self, ref: str) -> list[x509.Certificate]:
+        """The CA certificates in the device's truststore, read back from the device."""
+        ...
+
+    def read_certificate(self, ref: str, kind: str) -> x509.Certificate | None:
+        """The device's ``kind`` (factory | operational) certificate, read back; None if it has none."""
+        ...
 
 
 class SimulatedFlasher:
@@ -106,6 +114,12 @@ class SimulatedFlasher:
     def read_image_sha256(self, ref: str) -> str | None:
         return self._dev(ref).image_sha256()
 
+    def read_truststore(self, ref: str) -> list[x509.Certificate]:
+        return self._dev(ref).truststore()
+
+    def read_certificate(self, ref: str, kind: str) -> x509.Certificate | None:
+        return self._dev(ref).certificate(kind)
+
 
 class CommandFlasher:
     """Drives an external vendor tool. ``commands`` maps an operation to an argv template; fields
@@ -117,9 +131,13 @@ class CommandFlasher:
     - ``public_key``    -> stdout: PEM public key
     - ``csr``           -> stdout: PEM or DER CSR; exit code 3 means "this device cannot make CSRs"
     - ``image_sha256``  -> stdout: hex digest
+    - ``read_file``     -> optional; uses {device} {kind} (truststore | factory | operational);
+      stdout: the PEM read back from the device, empty if there is none. Without it, pm cannot
+      verify what it flashed and reports every device as failed at its ``verify`` step.
     """
 
     OPERATIONS = ("discover", "flash_image", "flash_file", "public_key", "csr", "image_sha256")
+    OPTIONAL = ("read_file",)
 
     def __init__(self, dtype: str, commands: Mapping[str, Sequence[str]], *, timeout: float = 600.0) -> None:
         missing = [op for op in self.OPERATIONS if op not in commands]
@@ -193,3 +211,19 @@ class CommandFlasher:
     def read_image_sha256(self, ref: str) -> str | None:
         out = self._run("image_sha256", {"device": ref}).stdout.decode().strip()
         return out or None
+
+    def _read_file(self, ref: str, kind: str) -> bytes:
+        if "read_file" not in self.commands:
+            raise UnsupportedError(
+                f"the command flasher for {self.dtype} has no read_file template: pm cannot read back "
+                "what it flashed to verify it; add one to the flasher config"
+            )
+        return self._run("read_file", {"device": ref, "kind": kind}).stdout
+
+    def read_truststore(self, ref: str) -> list[x509.Certificate]:
+        out = self._read_file(ref, "truststore")
+        return load_certificates_pem(out) if out.strip() else []
+
+    def read_certificate(self, ref: str, kind: str) -> x509.Certificate | None:
+        out = self._read_file(ref, kind)
+        return load_certificate(out) if out.strip() else None

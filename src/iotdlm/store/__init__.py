@@ -1,4 +1,4 @@
-"""Persistence for km: the only package that talks SQL (SQLAlchemy Core + Alembic).
+"""Persistence for km and pm: the only package that talks SQL (SQLAlchemy Core + Alembic).
 
 Open with :meth:`Store.open`; the store is synchronous and thread-safe, so async code calls it
 through :func:`asyncio.to_thread`.
@@ -12,6 +12,7 @@ from iotdlm.store.records import (
     CrlRecord,
     DeviceRecord,
     NonceUse,
+    ProvisioningRecord,
     fingerprint_of,
 )
 from iotdlm.store.store import SerialCollisionError, Store
@@ -24,6 +25,7 @@ __all__ = [
     "CrlRecord",
     "DeviceRecord",
     "NonceUse",
+    "ProvisioningRecord",
     "SerialCollisionError",
     "Store",
     "fingerprint_of",

@@ -53,6 +53,18 @@ MAX_CRL_PARTITION: Final = 4095
 MAX_CRL_NUMBER: Final = 2**63 - 1
 """Largest CRL number the store keeps (a signed 64-bit column on every backend)."""
 
+PROVISIONING_COMPLETE: Final = "complete"
+PROVISIONING_FAILED: Final = "failed"
+PROVISIONING_IN_PROGRESS: Final = "in-progress"
+PROVISIONING_STATUSES: Final = frozenset({PROVISIONING_COMPLETE, PROVISIONING_FAILED, PROVISIONING_IN_PROGRESS})
+OPERATOR_LEN: Final = 255
+REF_LEN: Final = 1024
+STEP_LEN: Final = 64
+MESSAGE_LEN: Final = 4096
+SHA256_LEN: Final = 64
+MAX_RELEASE_COUNTER: Final = 2**63 - 1
+MAX_STEPS: Final = 64
+
 CRL_FULL: Final = "full"
 CRL_DELTA: Final = "delta"
 CRL_KINDS: Final = frozenset({CRL_FULL, CRL_DELTA})
@@ -352,6 +364,95 @@ class AuditCheckpoint:
         check_text("signer", self.signer, SIGNER_LEN)
         if not isinstance(self.signature, bytes) or not self.signature:
             raise ValueError("signature must be non-empty bytes")
+
+
+_SHA256_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisioningRecord:
+    """What pm did to one device (one record per device; re-provisioning replaces it).
+
+    ``status`` is one of :data:`PROVISIONING_STATUSES`: ``complete``; ``failed`` with the step that
+    failed (``failed_step``) and why (``message``); ``in-progress`` while steps remain (a run
+    stopped half way, or the operation mode allows only some steps). ``steps_done`` lists the steps
+    finished, in order; a later run resumes from the first step not in it. ``certificates`` maps a
+    profile (factory, operational) to the serial (lowercase hex) of the certificate flashed.
+    ``release_counter`` and ``image_sha256`` name the software flashed (both or neither).
+    """
+
+    device_id: str
+    dtype: str
+    status: str
+    operator: str
+    started_at: dt.datetime
+    updated_at: dt.datetime
+    ref: str | None = None
+    steps_done: tuple[str, ...] = ()
+    release_counter: int | None = None
+    image_sha256: str | None = None
+    certificates: tuple[tuple[str, str], ...] = ()
+    failed_step: str | None = None
+    message: str | None = None
+    attempts: int = 1
+    completed_at: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        check_text("device_id", self.device_id, DEVICE_ID_LEN)
+        check_text("dtype", self.dtype, DTYPE_LEN)
+        if self.status not in PROVISIONING_STATUSES:
+            raise ValueError(f"provisioning status must be one of {sorted(PROVISIONING_STATUSES)}, got {self.status!r}")
+        check_text("operator", self.operator, OPERATOR_LEN)
+        _check_utf8("operator", self.operator)
+        check_aware("started_at", self.started_at)
+        check_aware("updated_at", self.updated_at)
+        if self.ref is not None:
+            check_text("ref", self.ref, REF_LEN)
+            _check_utf8("ref", self.ref)
+        if not isinstance(self.steps_done, tuple) or len(self.steps_done) > MAX_STEPS:
+            raise ValueError(f"steps_done must be a tuple of at most {MAX_STEPS} step names")
+        for step in self.steps_done:
+            check_text("step", step, STEP_LEN)
+        if len(set(self.steps_done)) != len(self.steps_done):
+            raise ValueError(f"steps_done repeats a step: {self.steps_done}")
+        if (self.release_counter is None) != (self.image_sha256 is None):
+            raise ValueError("release_counter and image_sha256 go together (both or neither)")
+        if self.release_counter is not None:
+            check_int("release_counter", self.release_counter, 0, MAX_RELEASE_COUNTER)
+        if self.image_sha256 is not None and (
+            not isinstance(self.image_sha256, str)
+            or len(self.image_sha256) != SHA256_LEN
+            or not set(self.image_sha256) <= _SHA256_DIGITS
+        ):
+            raise ValueError("image_sha256 must be 64 lowercase hex characters")
+        if not isinstance(self.certificates, tuple):
+            raise ValueError("certificates must be a tuple of (profile, serial hex) pairs")
+        profiles = [p for p, _ in self.certificates]
+        if len(set(profiles)) != len(profiles):
+            raise ValueError(f"certificates name a profile twice: {profiles}")
+        for profile, serial_hex in self.certificates:
+            check_text("profile", profile, PROFILE_LEN)
+            if not isinstance(serial_hex, str) or not serial_hex or len(serial_hex) > SERIAL_HEX_LEN:
+                raise ValueError(f"serial of the {profile} certificate must be lowercase hex")
+            if serial_to_hex(int(serial_hex, 16)) != serial_hex:
+                raise ValueError(f"serial {serial_hex!r} of the {profile} certificate is not in canonical hex")
+        if self.failed_step is not None:
+            check_text("failed_step", self.failed_step, STEP_LEN)
+        if self.message is not None:
+            check_text("message", self.message, MESSAGE_LEN)
+            _check_utf8("message", self.message)
+        if (self.status == PROVISIONING_FAILED) != (self.failed_step is not None):
+            raise ValueError("failed_step is set exactly when the status is failed")
+        check_int("attempts", self.attempts, 1, 2**31 - 1)
+        if self.completed_at is not None:
+            check_aware("completed_at", self.completed_at)
+        if (self.status == PROVISIONING_COMPLETE) != (self.completed_at is not None):
+            raise ValueError("completed_at is set exactly when the status is complete")
+
+    @property
+    def certificate_serials(self) -> dict[str, str]:
+        """``certificates`` as a dict: profile -> serial (hex)."""
+        return dict(self.certificates)
 
 
 @dataclass(frozen=True, slots=True)

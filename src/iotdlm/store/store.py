@@ -28,6 +28,7 @@ audit lock is always the last lock a transaction takes, so it cannot take part i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -68,6 +69,7 @@ from iotdlm.store.records import (
     CrlRecord,
     DeviceRecord,
     NonceUse,
+    ProvisioningRecord,
 )
 from iotdlm.store.tables import (
     UTCDateTime,
@@ -79,6 +81,7 @@ from iotdlm.store.tables import (
     devices,
     meta,
     nonces,
+    provisioning,
 )
 from iotdlm.wire import audit as wire_audit
 
@@ -348,6 +351,65 @@ def _append_audit(conn: Connection, entries: Sequence[AuditEntry]) -> list[Audit
 
 def _device_record(row: Row[*tuple[Any, ...]]) -> DeviceRecord:
     return DeviceRecord(device_id=row[0], dtype=row[1], status=row[2], created_at=row[3], updated_at=row[4])
+
+
+_PROVISIONING_COLUMNS = (
+    provisioning.c.device_id,
+    provisioning.c.dtype,
+    provisioning.c.status,
+    provisioning.c.operator,
+    provisioning.c.ref,
+    provisioning.c.steps_done,
+    provisioning.c.release_counter,
+    provisioning.c.image_sha256,
+    provisioning.c.certificates,
+    provisioning.c.failed_step,
+    provisioning.c.message,
+    provisioning.c.attempts,
+    provisioning.c.started_at,
+    provisioning.c.updated_at,
+    provisioning.c.completed_at,
+)
+
+
+def _provisioning_row(rec: ProvisioningRecord) -> dict[str, Any]:
+    return {
+        "device_id": rec.device_id,
+        "dtype": rec.dtype,
+        "status": rec.status,
+        "operator": rec.operator,
+        "ref": rec.ref,
+        "steps_done": json.dumps(list(rec.steps_done), separators=(",", ":")),
+        "release_counter": rec.release_counter,
+        "image_sha256": rec.image_sha256,
+        "certificates": json.dumps([list(pair) for pair in rec.certificates], separators=(",", ":")),
+        "failed_step": rec.failed_step,
+        "message": rec.message,
+        "attempts": rec.attempts,
+        "started_at": rec.started_at,
+        "updated_at": rec.updated_at,
+        "completed_at": rec.completed_at,
+    }
+
+
+def _provisioning_record(row: Row[*tuple[Any, ...]]) -> ProvisioningRecord:
+    return ProvisioningRecord(
+        device_id=row[0],
+        dtype=row[1],
+        status=row[2],
+        operator=row[3],
+        ref=row[4],
+        steps_done=tuple(str(step) for step in json.loads(row[5])),
+        release_counter=None if row[6] is None else int(row[6]),
+        image_sha256=row[7],
+        certificates=tuple((str(p), str(serial)) for p, serial in json.loads(row[8])),
+        failed_step=row[9],
+        message=row[10],
+        attempts=int(row[11]),
+        started_at=row[12],
+        updated_at=row[13],
+        completed_at=row[14],
+    )
 
 
 def _alembic_config() -> Config:
@@ -1158,6 +1220,113 @@ class Store:
         )
         with self._guard("writing a setting"), self._tx(write=True) as conn:
             conn.execute(stmt)
+
+    def set_meta_with_audit(self, key: str, value: str, audit: Sequence[AuditEntry]) -> list[AuditRecord]:
+        """Store ``value`` under ``key`` and append ``audit`` to the audit log in ONE transaction
+        (pm's alarm: the halt and its audit record are written together or not at all)."""
+        r.check_text("key", key, r.META_KEY_LEN)
+        if not isinstance(value, str) or "\x00" in value:
+            raise ValueError("meta value must be a str without NUL characters")
+        _check_entries(audit)
+        stmt = (
+            self._insert()(meta)
+            .values(key=key, value=value)
+            .on_conflict_do_update(index_elements=[meta.c.key], set_={"value": value})
+        )
+        with self._guard("writing a setting with its audit records"), self._tx(write=True) as conn:
+            conn.execute(stmt)
+            return _append_audit(conn, audit)
+
+    # -- provisioning (pm) -----------------------------------------------------------------------
+
+    def save_provisioning(self, records: Sequence[ProvisioningRecord]) -> None:
+        """Create or replace the provisioning record of each device in ``records``, all in one
+        transaction (pm writes a whole batch of devices at once). A device twice in ``records`` is
+        a ``ValueError``."""
+        if not records:
+            return
+        seen: set[str] = set()
+        for rec in records:
+            if not isinstance(rec, ProvisioningRecord):
+                raise ValueError(f"save_provisioning takes ProvisioningRecord, got {type(rec).__name__}")
+            if rec.device_id in seen:
+                raise ValueError(f"device {_short(rec.device_id)} appears twice in one save")
+            seen.add(rec.device_id)
+        rows = [_provisioning_row(rec) for rec in records]
+        ins = self._insert()(provisioning)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[provisioning.c.device_id],
+            set_={c.name: ins.excluded[c.name] for c in provisioning.columns if c.name != "device_id"},
+        )
+        with self._guard("saving provisioning records"), self._tx(write=True) as conn:
+            conn.execute(stmt, rows)
+
+    def get_provisioning(self, device_id: str) -> ProvisioningRecord | None:
+        """The provisioning record of ``device_id``, or None."""
+        if not r.findable_text(device_id, r.DEVICE_ID_LEN):
+            return None
+        stmt = select(*_PROVISIONING_COLUMNS).where(provisioning.c.device_id == device_id)
+        with self._guard("reading a provisioning record"), self._tx(write=False) as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _provisioning_record(row)
+
+    def get_provisionings(self, device_ids: Sequence[str]) -> dict[str, ProvisioningRecord]:
+        """The provisioning records among ``device_ids`` (one read per 500 ids), by device id."""
+        wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
+        out: dict[str, ProvisioningRecord] = {}
+        if not wanted:
+            return out
+        with self._guard("reading provisioning records"), self._tx(write=False) as conn:
+            for i in range(0, len(wanted), _IN_CHUNK):
+                stmt = select(*_PROVISIONING_COLUMNS).where(provisioning.c.device_id.in_(wanted[i : i + _IN_CHUNK]))
+                for row in conn.execute(stmt):
+                    rec = _provisioning_record(row)
+                    out[rec.device_id] = rec
+        return out
+
+    @staticmethod
+    def _provisioning_filters(dtype: str | None, status: str | None) -> list[ColumnElement[bool]] | None:
+        where: list[ColumnElement[bool]] = []
+        for column, value, max_len in (
+            (provisioning.c.dtype, dtype, r.DTYPE_LEN),
+            (provisioning.c.status, status, r.STATUS_LEN),
+        ):
+            if value is None:
+                continue
+            if not r.findable_text(value, max_len):
+                return None
+            where.append(column == value)
+        return where
+
+    def list_provisioning(
+        self, *, dtype: str | None = None, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[ProvisioningRecord]:
+        """Provisioning records matching every given filter, ordered by device id."""
+        _check_page(limit, offset)
+        where = self._provisioning_filters(dtype, status)
+        if where is None:
+            return []
+        stmt = (
+            select(*_PROVISIONING_COLUMNS).where(*where).order_by(provisioning.c.device_id).limit(limit).offset(offset)
+        )
+        with self._guard("listing provisioning records"), self._tx(write=False) as conn:
+            rows = conn.execute(stmt).all()
+        return [_provisioning_record(row) for row in rows]
+
+    def count_provisioning(self, *, dtype: str | None = None) -> dict[str, int]:
+        """How many provisioning records (of ``dtype`` if given) have each status; statuses with
+        none are absent."""
+        where = self._provisioning_filters(dtype, None)
+        if where is None:
+            return {}
+        stmt = (
+            select(provisioning.c.status, func.count())
+            .where(*where)
+            .group_by(provisioning.c.status)
+            .order_by(provisioning.c.status)
+        )
+        with self._guard("counting provisioning records"), self._tx(write=False) as conn:
+            return {str(status): int(n) for status, n in conn.execute(stmt)}
 
     # -- CRLs ------------------------------------------------------------------------------------
 

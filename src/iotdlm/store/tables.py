@@ -173,3 +173,28 @@ audit_checkpoints = Table(
     Column("signer", String(r.SIGNER_LEN), nullable=False),
     Column("signature", LargeBinary(), nullable=False),
 )
+
+provisioning = Table(
+    "provisioning",
+    metadata,
+    Column("device_id", String(r.DEVICE_ID_LEN), primary_key=True),
+    Column("dtype", String(r.DTYPE_LEN), nullable=False),
+    Column("status", String(r.STATUS_LEN), nullable=False),
+    Column("operator", String(r.OPERATOR_LEN), nullable=False),
+    Column("ref", String(r.REF_LEN), nullable=True),
+    # JSON: the steps done, in order
+    Column("steps_done", Text(), nullable=False),
+    Column("release_counter", BigInteger(), nullable=True),
+    Column("image_sha256", String(r.SHA256_LEN), nullable=True),
+    # JSON: [[profile, serial hex], ...]
+    Column("certificates", Text(), nullable=False),
+    Column("failed_step", String(r.STEP_LEN), nullable=True),
+    Column("message", Text(), nullable=True),
+    Column("attempts", Integer(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("completed_at", UTCDateTime(), nullable=True),
+    # `iotdlm pm records --dtype D --status S` and pm's status counts
+    Index(None, "dtype", "status"),
+    Index(None, "updated_at"),
+)
