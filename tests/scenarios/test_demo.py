@@ -1,4 +1,5 @@
-"""`iotdlm demo` end to end, as a user runs it: a real process tree (NATS server, km process)."""
+"""`iotdlm demo` end to end, as a user runs it: a real process tree under the modes supervisor
+(NATS, km, sm, pm, cm), a vendor repository, simulated devices, EST and OCSP over HTTP."""
 
 from __future__ import annotations
 
@@ -10,20 +11,37 @@ import pytest
 
 
 @pytest.mark.nats
-def test_demo_runs_and_issues_verified_certificates(tmp_path: Path) -> None:
+def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     data = tmp_path / "site"
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-m", "iotdlm.cli.main", "demo", "--data", str(data), "--devices", "4"],
-        capture_output=True, text=True, timeout=180, check=False, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
     )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("verified") == 4
-    assert "cm asks for a device certificate: refused" in out.stdout
-    assert "pm asks for a service certificate: refused" in out.stdout
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "3. sm stored polarfire-soc release 7" in text
+    assert "4. software flashed into 4 devices" in text
+    assert text.count("complete") == 4
+    assert "CSR made on the device" in text
+    assert "CRMF raVerified by pm" in text
+    assert "a cm-signed request for a device certificate: refused" in text
+    assert "OCSP over HTTP through cm: good" in text
+    assert "OCSP through cm at once: revoked" in text
+    assert "audit log:" in text
+    assert "intact" in text
     # the deployment was kept: the CLI reads what the demo recorded
     listed = subprocess.run(
         [sys.executable, "-m", "iotdlm.cli.main", "ca", "list", "--data", str(data), "--profile", "factory"],
-        capture_output=True, text=True, timeout=60, check=False, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
     )
     assert listed.returncode == 0, listed.stderr
-    assert "2 of 2 shown" in listed.stdout
+    assert "4 of 4 shown" in listed.stdout

@@ -1,6 +1,18 @@
-"""``iotdlm demo``: a deployment in a folder, the embedded NATS server, km as its own process,
-and a provisioning line asking km for device certificates the two ways the paper gives:
-a CSR made on the device (Fig. 4) and a CRMF request with raVerified made by pm (Fig. 5)."""
+"""``iotdlm demo``: the device lifecycle end to end, on the embedded default.
+
+1. A deployment (root, factory / operational / service CAs, one identity per module).
+2. The vendor's remote repository (TUF) publishes release 7 for the device type.
+3. software-management (Table 1: cm + sm): sm finds the release through cm's egress proxy,
+   verifies it, stores it with sig_sm and encrypted metadata, and reports the download.
+4. provisioning-software (sm + pm): pm runs Algorithm 1 and flashes the software into blank
+   simulated devices.
+5. provisioning-certificate (km + pm): devices get factory and operational certificates, by a CSR
+   made on the device or by a CRMF request with raVerified built by pm.
+6. certificate-management (cm + km): a device re-enrolls over EST through cm; OCSP through cm says
+   good, then revoked after the operator revokes it.
+7. The audit log verifies.
+Every service is its own OS process under the modes supervisor.
+"""
 
 from __future__ import annotations
 
@@ -8,52 +20,76 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
+import tomli_w
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 from rich.table import Table
 
 from iotdlm.bus.server import free_port
 from iotdlm.cli.common import console
 from iotdlm.client.km import KmClient
+from iotdlm.client.sm import SmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, init_deployment
+from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, UnavailableError
-from iotdlm.pki import crmf
-from iotdlm.pki.chain import load_certificate, verify_issued_by
+from iotdlm.pki.chain import certs_to_pem, verify_issued_by
 from iotdlm.pki.keys import Algorithm, generate_key, hash_for
-from iotdlm.pki.names import device_subject
-from iotdlm.wire import km as msg
 
 DTYPE = "polarfire-soc"
+T = TypeVar("T")
 
 
-async def _wait_for_km(client: KmClient, wait: float = 30.0) -> None:
+async def _until(what: str, probe: Callable[[], Awaitable[T | None]], wait: float = 90.0) -> T:
+    """Poll ``probe`` until it returns something (UnavailableError counts as not yet)."""
     deadline = time.monotonic() + wait
     while True:
         try:
-            await client.chain()
-            return
+            out = await probe()
+            if out is not None:
+                return out
         except UnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            raise UnavailableError(f"timed out waiting for {what}; see the logs under the data folder")
+        await asyncio.sleep(0.25)
+
+
+def _csr(key: object, name: str) -> bytes:
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)])
+    )
+    return csr.sign(key, hash_for(key)).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
 
 
 async def run_demo(data: Path | None, devices: int) -> None:
+    import aiohttp
+
+    from iotdlm.cm.config import CM_FILE
+    from iotdlm.device.est_client import EstClient
+    from iotdlm.km import audit as km_audit
     from iotdlm.modes.supervisor import Supervisor
-    from iotdlm.modes.table import Mode
-    from iotdlm.runtime import connect_identity, open_store, record_identities, sealer_for
+    from iotdlm.pm.config import PmConfig, save_config
+    from iotdlm.repository.repo import VendorRepository
+    from iotdlm.repository.server import RepositoryServer
+    from iotdlm.runtime import open_store, record_identities
+    from iotdlm.sm import config as sm_config
 
     clock = SystemClock()
-    tmp = None
-    if data is None:
-        tmp = tempfile.TemporaryDirectory(prefix="iotdlm-demo-")
-        data = Path(tmp.name) / "data"
+    tmp = tempfile.TemporaryDirectory(prefix="iotdlm-demo-")
+    work = Path(tmp.name)
+    data = data if data is not None else work / "data"
     passphrase = os.urandom(16).hex()
-    console.rule("[bold]iotdlm demo[/bold]: km over NATS")
-    with console.status("creating deployment (root, factory, operational and service CAs; module identities)"):
+    os.environ[PASSPHRASE_ENV] = passphrase  # the services the supervisor starts decrypt the CA keys
+    https_port, http_port, egress_port = free_port(), free_port(), free_port()
+    console.rule("[bold]iotdlm demo[/bold]: the device lifecycle, end to end")
+
+    with console.status("1. creating the deployment (CAs, module identities)"):
         dep, _ = init_deployment(
             data,
             organization="Demo Factory",
@@ -61,90 +97,183 @@ async def run_demo(data: Path | None, devices: int) -> None:
             dtypes=[DTYPE],
             passphrase=passphrase.encode(),
             nats_port=free_port(),
+            public_url=f"http://127.0.0.1:{http_port}",
             now=clock.now(),
         )
         store = open_store(dep)
         record_identities(dep, store, clock.now())
         store.close()
-    console.print(f"deployment in {data}")
+    console.print(f"1. deployment in {data}")
 
-    os.environ[PASSPHRASE_ENV] = passphrase  # the services the supervisor starts decrypt the CA keys
+    vendor = VendorRepository.init(work / "vendor", now=clock.now(), report_ca=dep.root / "ca" / "service.pem")
+    image = work / "firmware-7.bin"
+    image.write_bytes(os.urandom(1 << 20))
+    published = vendor.publish(DTYPE, 7, image, now=clock.now())
     supervisor = Supervisor(dep)
-    with console.status("starting NATS and the services of provisioning-certificate (Table 1: km and pm)"):
-        await supervisor.start(Mode.PROVISIONING_CERTIFICATE, by="demo")
-    console.print(f"embedded NATS on {supervisor.nats_url}, one user per module; mode provisioning-certificate")
+    async with RepositoryServer(vendor) as repo_server:
+        console.print(f"2. vendor repository at {repo_server.url}: {DTYPE} release 7 ({published.length} bytes)")
+        (dep.root / CM_FILE).write_bytes(
+            tomli_w.dumps(
+                {
+                    "https_port": https_port,
+                    "http_port": http_port,
+                    "egress_port": egress_port,
+                    "allow_origins": [repo_server.url],
+                }
+            ).encode()
+        )
+        sm_config.setup(
+            data,
+            repository_url=repo_server.url,
+            root=vendor.trusted_root(),
+            dtypes=[DTYPE],
+            egress_proxy=f"http://127.0.0.1:{egress_port}",
+        )
+        bench = work / "bench"
+        for i in range(devices):
+            SimulatedDevice.manufacture(bench / f"{DTYPE}-{i:04d}", f"{DTYPE}-{i:04d}", DTYPE, can_make_csr=i % 2 == 0)
+        save_config(
+            data, DTYPE, PmConfig(bench=str(bench), enroll_uri=f"https://127.0.0.1:{https_port}/.well-known/est")
+        )
+        try:
+            await _software_to_certificates(dep, supervisor, repo_server, vendor, devices)
+            await _field(dep, supervisor, bench, https_port, http_port, EstClient, aiohttp)
+            store = open_store(dep)
+            try:
+                km_key = dep.identity("km").certificate.public_key()
+                report = km_audit.verify(store, lambda _fp: km_key)  # type: ignore[arg-type,return-value]
+            finally:
+                store.close()
+            verdict = "[green]intact[/green]" if report.ok else "[red]damaged[/red]"
+            console.print(f"7. audit log: {report.records} records, {verdict}")
+        finally:
+            with console.status("stopping the services"):
+                await supervisor.stop()
+    console.print(
+        "done; the deployment was removed (use --data DIR to keep it)"
+        if data.is_relative_to(work)
+        else f"done; try `iotdlm ca list --data {data}` or `iotdlm audit list --data {data}`"
+    )
+    tmp.cleanup()
+
+
+async def _software_to_certificates(dep, supervisor, repo_server, vendor, devices: int) -> None:  # type: ignore[no-untyped-def]
+    from iotdlm.modes.table import Mode
+    from iotdlm.pm.service import PmClient
+    from iotdlm.runtime import connect_identity
+
+    with console.status("3. software-management (cm + sm): sm checks the repository through cm"):
+        await supervisor.start(Mode.SOFTWARE_MANAGEMENT, by="demo")
+        admin, _ = await connect_identity(dep, "admin")
+        sm = SmClient(admin)
+
+        async def stored() -> list | None:  # type: ignore[type-arg]
+            await sm.notify(DTYPE)
+            versions = await sm.list(DTYPE)
+            return versions or None
+
+        versions = await _until("sm to store the release", stored)
+    v = versions[-1]
+    console.print(
+        f"3. sm stored {DTYPE} release {v.release_counter} (sha256 {v.sha256[:16]}...) with sig_sm and encrypted "
+        f"metadata; repository received {len(vendor.reports())} signed download report(s); "
+        f"requests carried no installed version"
+    )
+    pm = PmClient(admin, DTYPE)
     try:
-        pm_bus, pm_ident = await connect_identity(dep, f"pm-{DTYPE}")
-        pm = KmClient(pm_bus, sealer_for(pm_ident), clock)
-        with console.status("waiting for km"):
-            await _wait_for_km(pm)
-        km_pid = supervisor.services()["km"].pid
-        console.print(f"km running as its own process (pid {km_pid}), supervised")
-        chain = await pm.chain()
-        root = x509.load_der_x509_certificate(chain.root)
-        cas = {n: x509.load_der_x509_certificate(c[0]) for n, c in chain.chains.items()}
-
-        rows: list[tuple[str, str, str, msg.IssuedCertificate]] = []
-        half = max(1, devices // 2)
-        # Scenario 2a: the device makes its key and a CSR; pm forwards it in a pm-signed request
-        for i in range(half):
-            dev = f"{DTYPE}-{i:04d}"
-            key = generate_key(Algorithm.P256)
-            csr = (
-                x509.CertificateSigningRequestBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, dev)]))
-                .sign(key, hash_for(key))
-                .public_bytes(serialization.Encoding.DER)
+        with console.status("4. provisioning-software (sm + pm): Algorithm 1, then flashing"):
+            await supervisor.switch(Mode.PROVISIONING_SOFTWARE, with_sm=True, by="demo")
+            await _until("pm to start", pm.status)
+            first = await pm.provision(operator="demo")
+        console.print(f"4. software flashed into {sum('software' in d.steps_done for d in first.devices)} devices")
+        with console.status("5. provisioning-certificate (km + pm): certificates"):
+            await supervisor.switch(Mode.PROVISIONING_CERTIFICATE, by="demo")
+            km = KmClient(admin, sealer_for_module(dep, "admin"), SystemClock())
+            await _until("km to start", km.chain)
+            await _until("pm to start", pm.status)
+            second = await pm.provision(operator="demo")
+        table = Table("device", "request", "factory", "operational", "status")
+        for d in second.devices:
+            how = {"csr": "CSR made on the device", "crmf": "CRMF raVerified by pm"}.get(d.request or "", "-")
+            status = "[green]complete[/green]" if d.status == "complete" else f"[red]{d.status}: {d.message}[/red]"
+            table.add_row(
+                d.device_id,
+                how,
+                d.certificates.get("factory", "-")[:10],
+                d.certificates.get("operational", "-")[:10],
+                status,
             )
-            issued = await pm.issue(dev, "operational", csr=csr)
-            rows.append((dev, "CSR by device", "single", issued))
-        # Scenario 2b: the device only hands over its public key; pm builds CRMF with raVerified.
-        # A provisioning line sends them as one batch.
-        items = []
-        for i in range(half, devices):
-            dev = f"{DTYPE}-{i:04d}"
-            pub = generate_key(Algorithm.P256).public_key()
-            der = crmf.build_ra_verified(i, device_subject(dev, "Demo Factory", DTYPE), pub)
-            items.append(msg.IssueItem(device_id=dev, profile="factory", crmf=der))
-        if items:
-            for r in await pm.issue_batch(items):
-                if r.certificate is None:
-                    raise IotdlmError(f"{r.device_id}: {r.error}")
-                rows.append((r.device_id, "CRMF raVerified by pm", "batch", r.certificate))
-
-        table = Table("device", "request (sent as)", "profile", "serial", "chain")
-        for dev, how, sent, ic in rows:
-            cert = load_certificate(ic.certificate)
-            try:
-                verify_issued_by(cert, cas[ic.issuer], now=clock.now())
-                verify_issued_by(cas[ic.issuer], root, now=clock.now(), eku=None)
-                ok = "[green]verified[/green]"
-            except IotdlmError as exc:
-                ok = f"[red]{exc.message}[/red]"
-            table.add_row(dev, f"{how} ({sent})", ic.profile, ic.serial[:10], ok)
+        console.print("5. provisioned (certificates verified on each device against the truststore flashed into it):")
         console.print(table)
+        # Req.4: only an authorized entity gets device certificates
+        try:
+            key = generate_key(Algorithm.P256)
+            await KmClient(admin, sealer_for_module(dep, "cm"), SystemClock()).issue(
+                "intruder-1", "operational", csr=_csr(key, "intruder-1")
+            )
+            console.print("[red]   a cm-signed request for a device certificate was accepted: this is a bug[/red]")
+        except IotdlmError as exc:
+            console.print(
+                f"   a cm-signed request for a device certificate: [yellow]refused[/yellow] ({exc.code}: {exc.message})"
+            )
+    finally:
+        await admin.close()
 
-        # Req.4: only an authorized entity gets device certificates. Two layers say no:
-        # the NATS server (cm may not even publish there) and km's RA (deny by default).
-        cm_bus, cm_ident = await connect_identity(dep, "cm")
-        cm = KmClient(cm_bus, sealer_for(cm_ident), clock)
-        for who, client, device, profile in (
-            ("cm asks for a device certificate", cm, "intruder-1", "operational"),
-            ("pm asks for a service certificate", pm, f"{DTYPE}-9999", "service"),
+
+def sealer_for_module(dep, name: str):  # type: ignore[no-untyped-def]
+    from iotdlm.runtime import sealer_for
+
+    return sealer_for(dep.identity(name))
+
+
+async def _field(dep, supervisor, bench: Path, https_port: int, http_port: int, EstClient, aiohttp) -> None:  # type: ignore[no-untyped-def]
+    from iotdlm.client.km import KmClient as _Km
+    from iotdlm.modes.table import Mode
+    from iotdlm.runtime import connect_identity
+
+    with console.status("6. certificate-management (cm + km): a device re-enrolls over EST"):
+        await supervisor.switch(Mode.CERTIFICATE_MANAGEMENT, by="demo")
+        device = SimulatedDevice(bench / f"{DTYPE}-0000")
+        cert_pem, key_pem = device.tls_identity("operational")
+        anchor = certs_to_pem([dep.ca_certificate("root")])
+        new_key = generate_key(Algorithm.P256)
+
+        async def enroll() -> x509.Certificate | None:
+            async with EstClient(
+                f"https://127.0.0.1:{https_port}",
+                trust_anchor_pem=anchor,
+                client_cert_pem=cert_pem,
+                client_key_pem=key_pem,
+            ) as est:
+                issued: x509.Certificate = await est.simplereenroll(_csr(new_key, device.device_id))
+                return issued
+
+        cert = await _until("cm to answer EST", enroll)
+    verify_issued_by(cert, dep.ca_certificate("operational"), now=SystemClock().now())
+    serial = format(cert.serial_number, "x")[:10]
+    console.print(f"6. {device.device_id} re-enrolled over EST through cm: new operational certificate {serial}")
+
+    async def ocsp_status() -> str:
+        req = (
+            ocsp.OCSPRequestBuilder().add_certificate(cert, dep.ca_certificate("operational"), hashes.SHA256()).build()
+        )
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"http://127.0.0.1:{http_port}/ocsp",
+                data=req.public_bytes(serialization.Encoding.DER),
+                headers={"Content-Type": "application/ocsp-request"},
+            ) as resp,
         ):
-            try:
-                await client.issue(device, profile, csr=csr)
-                console.print(f"[red]{who}: allowed -- this is a bug[/red]")
-            except IotdlmError as exc:
-                console.print(f"{who}: [yellow]refused[/yellow] ({exc.code}: {exc.message})")
-        await cm_bus.close()
-        await pm_bus.close()
-        console.print(
-            f"{len(rows)} certificates issued and recorded; try `iotdlm ca list --data {data}`"
-            if tmp is None
-            else f"{len(rows)} certificates issued and recorded (deployment removed; use --data DIR to keep it)"
+            answer = ocsp.load_der_ocsp_response(await resp.read())
+        return answer.certificate_status.name.lower()
+
+    console.print(f"   OCSP over HTTP through cm: {await ocsp_status()}")
+    admin, _ = await connect_identity(dep, "admin")
+    try:
+        await _Km(admin, sealer_for_module(dep, "admin"), SystemClock()).revoke(
+            serial=format(cert.serial_number, "x"), reason="keyCompromise"
         )
     finally:
-        await supervisor.stop()
-        if tmp is not None:
-            tmp.cleanup()
+        await admin.close()
+    console.print(f"   the operator revokes it (keyCompromise); OCSP through cm at once: {await ocsp_status()}")
