@@ -55,3 +55,13 @@ def test_existing_device_is_left_as_it_is(store: Store) -> None:
     dev = store.get_device("d1")
     assert dev is not None
     assert (dev.dtype, dev.status) == ("boardA", "retired")
+
+
+def test_certificate_status_reads_what_ocsp_needs(store: Store) -> None:
+    rec = make_cert(77, device_id="d7")
+    store.add_certificates([rec])
+    assert store.certificate_status(rec.issuer, 77) == ("valid", None, None)
+    store.revoke_certificate(rec.issuer, 77, reason="keyCompromise", at=NOW, actor="admin")
+    assert store.certificate_status(rec.issuer, 77) == ("revoked", NOW, "keyCompromise")
+    assert store.certificate_status(rec.issuer, 78) is None
+    assert store.certificate_status("no such issuer", 77) is None

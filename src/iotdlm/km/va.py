@@ -285,11 +285,11 @@ class Va:
 
     def _sign_response(self, issuer: str, query: pki_ocsp.OcspQuery) -> bytes:
         now = self.clock.now()
-        rec = self.store.get_certificate(issuer, query.serial)
+        rec = self.store.certificate_status(issuer, query.serial)
         if rec is None:
             status = pki_ocsp.CertStatus("unknown")
-        elif rec.status == "revoked":
-            status = pki_ocsp.CertStatus("revoked", revoked_at=rec.revoked_at, reason=rec.revocation_reason)
+        elif rec[0] == "revoked":
+            status = pki_ocsp.CertStatus("revoked", revoked_at=rec[1], reason=rec[2])
         else:
             status = pki_ocsp.CertStatus("good")
         next_update = now + self.settings.ocsp_validity

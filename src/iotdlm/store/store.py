@@ -45,6 +45,7 @@ from sqlalchemy import (
     Engine,
     Row,
     Select,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -86,6 +87,10 @@ from iotdlm.store.tables import (
 from iotdlm.wire import audit as wire_audit
 
 devices_table = devices  # ``devices`` is also a parameter name below
+
+_STATUS_QUERY = select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
+    certificates.c.serial_hex == bindparam("serial_hex"), certificates.c.issuer == bindparam("issuer")
+)
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
@@ -751,6 +756,16 @@ class Store:
         with self._guard("reading a certificate"), self._tx(write=False) as conn:
             row = conn.execute(stmt).first()
         return None if row is None else _cert_record(row)
+
+    def certificate_status(self, issuer: str, serial: int) -> tuple[str, dt.datetime | None, str | None] | None:
+        """(status, revoked_at, revocation reason) of one certificate, or None: the OCSP hot path,
+        reading three columns instead of the whole record."""
+        serial_hex = r.findable_serial(serial)
+        if serial_hex is None or not r.findable_text(issuer, r.ISSUER_LEN):
+            return None
+        with self._guard("reading a certificate status"), self._tx(write=False) as conn:
+            row = conn.execute(_STATUS_QUERY, {"serial_hex": serial_hex, "issuer": issuer}).first()
+        return None if row is None else (str(row[0]), row[1], row[2])
 
     def find_by_serial(self, serial: int) -> list[CertRecord]:
         """Every certificate with this serial, whatever its issuer, newest first."""
