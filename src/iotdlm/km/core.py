@@ -49,6 +49,7 @@ from iotdlm.km.ra import (
     authorize_revocation,
 )
 from iotdlm.km.records import info, issued, record_for
+from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.va import Va
 from iotdlm.pki import crmf
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
@@ -124,6 +125,9 @@ class Km:
         #: defence in depth (architecture): km checks the operation mode itself; None = no check
         #: (unit tests, the operator's offline CLI)
         self.mode = mode
+        #: external factory certificates registered from an x5bag (seed 003 VII-C: CA2 accepts
+        #: enrollment only from the devices of an UpdateInfoList); consulted by :meth:`presented`
+        self.registry = FactoryRegistry(store, clock)
         self._trusted: dict[str, _TrustedSigner] = {}
         self._lock = threading.Lock()
 
@@ -141,7 +145,24 @@ class Km:
         with self._lock:
             if len(self._trusted) > 10_000:
                 self._trusted.clear()
+            first = fp not in self._trusted
             self._trusted[fp] = trusted
+        if first:
+            # a principal's first authenticated request at this worker: the audit log's "login"
+            who = trusted.module.describe() if trusted.module is not None else f"device {trusted.device_id}"
+            self.store.append_audit(
+                [
+                    entry(
+                        now,
+                        fmt.LOGIN,
+                        who,
+                        trusted.certificate.subject.rfc4514_string()[:1000],
+                        fingerprint=fp,
+                        signer_kind=trusted.kind,
+                        issuer=trusted.issuer,
+                    )
+                ]
+            )
         return trusted
 
     def _check_signer(self, cert: x509.Certificate, fp: str, now: dt.datetime) -> _TrustedSigner:
@@ -392,7 +413,8 @@ class Km:
 
     def presented(self, der_cert: bytes) -> PresentedCredential:
         """Check, independently of cm, the certificate a device presented at the TLS edge: issued by
-        our factory or operational CA, valid now, known to km (recorded), and its status."""
+        our factory or operational CA, valid now, known to km (recorded), and its status -- or an
+        external factory certificate registered in :attr:`registry` (nothing else from outside)."""
         now = self.clock.now()
         try:
             cert = load_certificate(der_cert)
@@ -403,10 +425,7 @@ class Km:
                     device_id = device_id_of(cert)
                     break
             else:
-                raise UntrustedError(
-                    f"client certificate {cert.subject.rfc4514_string()} is not from this deployment's factory "
-                    "or operational CA"
-                )
+                return self.registry.presented(cert, now)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise UntrustedError(f"client certificate is malformed: {exc}") from exc
         if device_id is None:

@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm.clock import Clock
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
+from iotdlm.km.audit import entry
 from iotdlm.km.records import record_for
 from iotdlm.pki import crl as pki_crl
 from iotdlm.pki import ocsp as pki_ocsp
@@ -35,6 +36,7 @@ from iotdlm.pki.ca import IssuingCA, PublicUrls
 from iotdlm.pki.keys import KeySigner, generate_key
 from iotdlm.pki.profiles import Profile
 from iotdlm.store import CertRecord, CrlRecord, Store
+from iotdlm.wire import audit as fmt
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +153,17 @@ class Va:
             base = self.store.get_crl(issuer, partition, "full") or self.generate_crl(issuer, partition)
         number = self.store.next_crl_number(issuer, partition)
         since = base.this_update - DELTA_OVERLAP if base is not None else None
-        entries = (
-            pki_crl.RevokedEntry(serial=s, revoked_at=at, reason=reason)
-            for s, at, reason in self.store.iter_revoked(issuer, partition, not_after_from=now, revoked_since=since)
-        )
+        counted = [0]
+
+        def entries() -> Iterator[pki_crl.RevokedEntry]:
+            for s, at, reason in self.store.iter_revoked(issuer, partition, not_after_from=now, revoked_since=since):
+                counted[0] += 1
+                yield pki_crl.RevokedEntry(serial=s, revoked_at=at, reason=reason)
+
         validity = self.settings.delta_validity if delta else self.settings.crl_validity
         crl = pki_crl.build_crl(
             ca,
-            entries,
+            entries(),
             number=number,
             this_update=now,
             next_update=now + validity,
@@ -178,6 +183,23 @@ class Va:
         )
         try:
             self.store.save_crl(rec)
+            self.store.append_audit(
+                [
+                    entry(
+                        now,
+                        fmt.CRL,
+                        "km-va",
+                        f"{issuer}/{partition}",
+                        issuer=issuer,
+                        partition=partition,
+                        crl_kind=rec.kind,
+                        number=number,
+                        base_number=rec.base_number,
+                        entries=counted[0],
+                        next_update=rec.next_update.isoformat(),
+                    )
+                ]
+            )
         except ConflictError:
             # another worker saved a newer CRL of this partition meanwhile: that one stands
             newer = self.store.get_crl(issuer, partition, rec.kind)
