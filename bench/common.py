@@ -493,6 +493,24 @@ def _stop_worker(w: Worker) -> None:
             w.proc.wait()
 
 
+async def publish_mode(dep: Any, mode: str) -> None:
+    """Publish the operation mode as the supervisor would (km checks it: pm gets device
+    certificates only in provisioning-certificate). The benchmarks run km without a supervisor."""
+    import datetime as _dt
+    import json as _json
+
+    from iotdlm.bus import subjects
+    from iotdlm.runtime import connect_identity
+
+    bus, _ = await connect_identity(dep, "modes")
+    try:
+        kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
+        record = {"mode": mode, "since": _dt.datetime.now(_dt.UTC).isoformat(), "by": "bench"}
+        await kv.put(subjects.MODE_KEY, _json.dumps(record).encode())
+    finally:
+        await bus.close()
+
+
 @contextlib.asynccontextmanager
 async def bench_deployment(workers: int = 1, *, keep: Path | None = None) -> Any:
     """Create a deployment (P-256, SQLite under the deployment), start NATS and ``workers`` km processes."""
@@ -514,6 +532,7 @@ async def bench_deployment(workers: int = 1, *, keep: Path | None = None) -> Any
     store.close()
     server = nats_server(dep)
     server.start()
+    await publish_mode(dep, "provisioning-certificate")
     bd = BenchDeployment(root=root, dep=dep, passphrase=passphrase, server=server, clock=clock)
     try:
         if workers:
