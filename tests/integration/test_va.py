@@ -230,9 +230,10 @@ async def test_double_revocation_and_bad_reason_change_nothing(env: Env) -> None
     rec = env.store.get_certificate("operational", cert.serial_number)
     assert rec is not None
     assert rec.revocation_reason == "keyCompromise"
-    # the refusal itself is audited, nothing else is
-    assert env.store.count_audit() == audit_count + 1
-    assert env.store.list_audit(limit=1)[0].kind == "refused"
+    # the refusal itself is audited, nothing else (but the admin's first request at the other
+    # worker, its "login", when the queue group sent it there)
+    new = [r.kind for r in env.store.iter_audit(start_seq=audit_count + 1)]
+    assert sorted(new) in (["refused"], ["login", "refused"])
     with pytest.raises(NotFoundError):
         await admin.revoke(serial="abcdef", reason="keyCompromise")
 
