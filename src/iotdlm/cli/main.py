@@ -712,11 +712,13 @@ def _register_groups() -> None:
     from iotdlm.pm.cli import pm
     from iotdlm.repository.cli import repo
     from iotdlm.sm.cli import sm
+    from iotdlm.transfer.cli import transfer
 
     main.add_command(repo)
     main.add_command(sm)
     main.add_command(cm)
     main.add_command(pm)
+    main.add_command(transfer)
     main.add_command(up)
     main.add_command(mode)
     main.add_command(status)

@@ -418,6 +418,9 @@ class Km:
         now = self.clock.now()
         try:
             cert = load_certificate(der_cert)
+            external = self.registry.lookup(cert)
+            if external is not None:
+                return self.registry.presented(cert, now, record=external)
             for name in ("factory", "operational"):
                 ca = self.cas[name]
                 if cert.issuer == ca.certificate.subject:
@@ -425,7 +428,10 @@ class Km:
                     device_id = device_id_of(cert)
                     break
             else:
-                return self.registry.presented(cert, now)
+                raise UntrustedError(
+                    f"client certificate {cert.subject.rfc4514_string()} is not from this deployment's factory "
+                    "or operational CA, nor a factory certificate registered with it (shared in an UpdateInfoList)"
+                )
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise UntrustedError(f"client certificate is malformed: {exc}") from exc
         if device_id is None:

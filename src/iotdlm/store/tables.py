@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -197,4 +198,63 @@ provisioning = Table(
     # `iotdlm pm records --dtype D --status S` and pm's status counts
     Index(None, "dtype", "status"),
     Index(None, "updated_at"),
+)
+
+# --- trust transfer (migration 0004): km's registry of EXTERNAL factory certificates (shared by
+# another provider as an x5bag, seed 003 VI-B / VII-C) and each provider's view of a transfer.
+factory_cas = Table(
+    "factory_cas",
+    metadata,
+    Column("fingerprint", String(r.FINGERPRINT_LEN), primary_key=True),
+    Column("subject", String(r.SUBJECT_LEN), nullable=False),
+    # an anchor is trusted as registered (the permanent CA's root); other CAs chain to an anchor
+    Column("anchor", Boolean(), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    Column("der", LargeBinary(), nullable=False),
+    Column("registered_by", String(r.ACTOR_LEN), nullable=False),
+    Column("registered_at", UTCDateTime(), nullable=False),
+)
+
+factory_registry = Table(
+    "factory_registry",
+    metadata,
+    Column("fingerprint", String(r.FINGERPRINT_LEN), primary_key=True),
+    Column("device_id", String(r.DEVICE_ID_LEN), nullable=False),
+    Column("issuer_fingerprint", String(r.FINGERPRINT_LEN), nullable=False),
+    Column("serial_hex", String(r.SERIAL_HEX_LEN), nullable=False),
+    Column("not_after", UTCDateTime(), nullable=False),
+    # the agreed enrollment window (the DeviceUpdateInfo's updateTimeNotBefore/NotAfter), if any
+    Column("enroll_not_before", UTCDateTime(), nullable=True),
+    Column("enroll_not_after", UTCDateTime(), nullable=True),
+    Column("status", String(r.STATUS_LEN), nullable=False),
+    Column("batch", String(r.FINGERPRINT_LEN), nullable=False),
+    Column("der", LargeBinary(), nullable=False),
+    Column("registered_by", String(r.ACTOR_LEN), nullable=False),
+    Column("registered_at", UTCDateTime(), nullable=False),
+    Index(None, "device_id"),
+    Index(None, "batch"),
+)
+
+transfers = Table(
+    "transfers",
+    metadata,
+    Column("role", String(r.STATUS_LEN), primary_key=True),  # sp1 | sp2
+    Column("transfer_id", String(r.FINGERPRINT_LEN), primary_key=True),
+    # JSON: the transfer's state as iotdlm.transfer.sp1 / sp2 define it
+    Column("state", Text(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+transfer_devices = Table(
+    "transfer_devices",
+    metadata,
+    Column("role", String(r.STATUS_LEN), primary_key=True),
+    Column("transfer_id", String(r.FINGERPRINT_LEN), primary_key=True),
+    Column("device_id", String(r.DEVICE_ID_LEN), primary_key=True),
+    Column("status", String(r.AUDIT_KIND_LEN), nullable=False),
+    # JSON: what the provider keeps per device (window, references, last detail)
+    Column("detail", Text(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index(None, "role", "transfer_id", "status"),
 )

@@ -24,9 +24,12 @@ MODE_SWITCH = "mode_switch"
 LOGIN = "login"
 REFUSED = "refused"
 CHECKPOINT = "checkpoint"
+REGISTRATION = "registration"
 #: pm halted (Algorithm 1 failed: sig_sm, the repository metadata or the image) or an operator cleared it
 ALARM = "alarm"
-KINDS = frozenset({ISSUANCE, REVOCATION, DECOMMISSION, CRL, MODE_SWITCH, LOGIN, REFUSED, CHECKPOINT, ALARM})
+KINDS = frozenset(
+    {ISSUANCE, REVOCATION, DECOMMISSION, CRL, MODE_SWITCH, LOGIN, REFUSED, CHECKPOINT, ALARM, REGISTRATION}
+)
 
 
 def canonical_data(data: dict[str, Any]) -> str:

@@ -1,0 +1,395 @@
+"""``iotdlm transfer``: automated PKI trust transfer of a fleet (seed 003 VII), for the operators
+of both providers. Register with ``main.add_command(transfer)``.
+
+SP1 (hands over)                             SP2 (takes over, runs CA2)
+  transfer init --provider-id SP1              transfer init --provider-id SP2 --enroll-uri URL
+                                               transfer register-ca --cert sp1-root.pem --cert sp1-factory-ca.pem
+  transfer export ... --out uil.jws    ---->   transfer accept --in uil.jws ... --out tm.cwt
+  transfer deliver --in tm.cwt  <-----------   (registers the x5bag with CA2, issues the TransferMessage)
+     (one CWT per device, to cm / the devices)
+                                               transfer confirm --transfer ID --out confirm.cwt
+  transfer revoke-old --in confirm.cwt <-----
+  transfer status                              transfer status
+
+Exit codes as everywhere: 4 refused, 3 a dependency did not answer, 1 other errors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from rich.table import Table
+
+from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.clock import SystemClock
+from iotdlm.deployment import Deployment
+from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
+from iotdlm.pki.chain import certs_to_pem, load_certificate, load_certificates_pem
+from iotdlm.transfer import status as st
+from iotdlm.transfer.identity import TransferSettings, create_identity, load_identity, load_settings
+from iotdlm.transfer.messages import VersionInfo
+
+_path = click.Path(path_type=Path, dir_okay=False)
+_existing = click.Path(path_type=Path, dir_okay=False, exists=True)
+
+
+def _time(text: str | None, default: dt.datetime) -> dt.datetime:
+    if text is None:
+        return default
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequestError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00+00:00)") from None
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def _cert(path: Path) -> x509.Certificate:
+    return load_certificate(path.read_bytes())
+
+
+def _default_enroll_uri(dep: Deployment) -> str:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(dep.config.public_url).hostname or "127.0.0.1"
+    return f"https://{host}:8443/.well-known/est"
+
+
+@click.group("transfer", context_settings={"help_option_names": ["-h", "--help"]})
+def transfer() -> None:
+    """Trust transfer: hand a fleet over to another provider (SP1) or take one over (SP2)."""
+
+
+@transfer.command("init")
+@data_option
+@click.option("--provider-id", required=True, help="This provider's name in transfer messages (agreed with the peer).")
+@click.option("--fallback-uri", default=None, help="SP1: where devices that fall back report (its update server).")
+@click.option("--enroll-uri", default=None, help="SP2: CA2's EST URL handed out at registration (the CA-URI).")
+@handle_errors
+def init(data: Path, provider_id: str, fallback_uri: str | None, enroll_uri: str | None) -> None:
+    """Create this provider's transfer signing identity (needs the CA passphrase once)."""
+    dep = Deployment.load(data)
+    settings = TransferSettings(provider_id=provider_id, fallback_uri=fallback_uri, enroll_uri=enroll_uri)
+    ident = create_identity(dep, settings, now=SystemClock().now())
+    out = data / "transfer" / "identity" / "certificate.pem"
+    out.write_bytes(certs_to_pem([ident.certificate]))
+    fp = hashlib.sha256(ident.certificate.public_bytes(Encoding.DER)).hexdigest()
+    console.print(f"[green]transfer identity created[/green] for {provider_id}")
+    console.print(f"Give {out} to the peer provider (they pin it). SHA-256: {fp}")
+
+
+@transfer.command("register-ca")
+@data_option
+@click.option("--cert", "certs", type=_existing, multiple=True, required=True, help="PEM file(s) of the permanent CA.")
+@handle_errors
+def register_ca(data: Path, certs: tuple[Path, ...]) -> None:
+    """CA2: trust the permanent CA that issued another provider's factory certificates (its root
+    and issuing CA). Only registered factory certificates of it will be able to enroll."""
+    from iotdlm.km.registry import FactoryRegistry
+    from iotdlm.runtime import open_store
+
+    dep = Deployment.load(data)
+    cas = [c for p in certs for c in load_certificates_pem(p.read_bytes())]
+    store = open_store(dep)
+    try:
+        fps = FactoryRegistry(store, SystemClock()).register_cas(cas, actor="admin (transfer CLI)")
+    finally:
+        store.close()
+    for c, fp in zip(cas, fps, strict=True):
+        console.print(f"registered {c.subject.rfc4514_string()}  {fp[:16]}")
+
+
+@transfer.command("export")
+@data_option
+@click.option("--peer-id", required=True, help="SP2's provider id (the audience).")
+@click.option("--peer-cert", type=_existing, required=True, help="SP2's agreed transfer certificate (PEM), pinned.")
+@click.option("--device", "device_ids", multiple=True, help="A device to hand over. Repeatable.")
+@click.option("--devices-file", type=_existing, default=None, help="File with one device id per line.")
+@click.option("--not-before", default=None, help="updateTimeNotBefore (ISO 8601; default now).")
+@click.option("--days", type=int, default=30, show_default=True, help="updateTimeNotAfter = not-before + days.")
+@click.option("--suit-seq", type=int, default=0, show_default=True, help="suit-manifest-seq-number agreed.")
+@click.option("--suit-uri", default="", help="suit-reference-uri agreed ({device} and {dtype} are filled in).")
+@click.option(
+    "--reference",
+    type=_existing,
+    default=None,
+    help="Firmware image whose SHA-256 is the attestation reference (when remote attestation is agreed).",
+)
+@click.option("--out", type=_path, required=True, help="Where to write the signed UpdateInfoList (JWS).")
+@handle_errors
+def export(
+    data: Path,
+    peer_id: str,
+    peer_cert: Path,
+    device_ids: tuple[str, ...],
+    devices_file: Path | None,
+    not_before: str | None,
+    days: int,
+    suit_seq: int,
+    suit_uri: str,
+    reference: Path | None,
+    out: Path,
+) -> None:
+    """SP1: the signed UpdateInfoList (factory certificates, windows, versions) for SP2."""
+    from iotdlm.runtime import open_store
+    from iotdlm.transfer.service import Sp1Service
+
+    ids = list(device_ids)
+    if devices_file is not None:
+        ids += [line.strip() for line in devices_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise BadRequestError("name the devices to hand over (--device or --devices-file)")
+    dep = Deployment.load(data)
+    settings = load_settings(data)
+    clock = SystemClock()
+    start = _time(not_before, clock.now())
+    ref = hashlib.sha256(reference.read_bytes()).digest() if reference is not None else None
+    store = open_store(dep)
+    try:
+        svc = Sp1Service(
+            store=store, identity=load_identity(data), clock=clock, fallback_uri=settings.fallback_uri or ""
+        )
+        devs = store.get_devices(ids)
+        tid, token = svc.export(
+            ids,
+            peer_id=peer_id,
+            peer_certificate=_cert(peer_cert),
+            not_before=start,
+            not_after=start + dt.timedelta(days=days),
+            version=lambda d: VersionInfo(
+                suit_seq, suit_uri.format(device=d, dtype=devs[d].dtype if d in devs else "")
+            ),
+            references=dict.fromkeys(ids, ref) if ref is not None else None,
+        )
+    finally:
+        store.close()
+    out.write_bytes(token)
+    console.print(f"transfer [bold]{tid}[/bold]: UpdateInfoList of {len(ids)} device(s) written to {out}")
+
+
+@transfer.command("accept")
+@data_option
+@click.option("--in", "src", type=_existing, required=True, help="The UpdateInfoList (JWS) from SP1.")
+@click.option("--peer-id", required=True, help="SP1's provider id.")
+@click.option("--peer-cert", type=_existing, required=True, help="SP1's agreed transfer certificate (PEM), pinned.")
+@click.option("--enroll-uri", default=None, help="CA2's EST URL (default: transfer.toml, else cm on port 8443).")
+@click.option("--ra-uri", default=None, help="Remote attestation verifier URL (omit: no attestation).")
+@click.option("--update-uri", default="", help="SP2's update server.")
+@click.option("--update-first", is_flag=True, help="Devices update from SP2 before enrolling.")
+@click.option("--reset-not-before", default=None, help="ResetTimeNotBefore (ISO 8601; default now).")
+@click.option("--reset-days", type=int, default=7, show_default=True, help="ResetTimeNotAfter = not-before + days.")
+@click.option("--fallback-uri", default=None, help="fallbackURI (SP1 replaces it with its own).")
+@click.option(
+    "--anchor",
+    "anchors",
+    type=_existing,
+    multiple=True,
+    help="Root(s) authenticating SP2's endpoints, installed on the devices (default: this deployment's root).",
+)
+@click.option("--dtype", default=None, help="dtype of devices whose factory certificate names none.")
+@click.option("--out", type=_path, required=True, help="Where to write the TransferMessage (CWT).")
+@handle_errors
+def accept(
+    data: Path,
+    src: Path,
+    peer_id: str,
+    peer_cert: Path,
+    enroll_uri: str | None,
+    ra_uri: str | None,
+    update_uri: str,
+    update_first: bool,
+    reset_not_before: str | None,
+    reset_days: int,
+    fallback_uri: str | None,
+    anchors: tuple[Path, ...],
+    dtype: str | None,
+    out: Path,
+) -> None:
+    """SP2: check SP1's UpdateInfoList, register the factory certificates with CA2 (x5bag) and
+    write the TransferMessage for SP1."""
+    from iotdlm.km.registry import FactoryRegistry
+    from iotdlm.runtime import open_store
+    from iotdlm.transfer.service import Sp2Service
+
+    dep = Deployment.load(data)
+    settings = load_settings(data)
+    clock = SystemClock()
+    start = _time(reset_not_before, clock.now())
+    uri = enroll_uri or settings.enroll_uri or _default_enroll_uri(dep)
+    roots = [c for p in anchors for c in load_certificates_pem(p.read_bytes())] or [dep.ca_certificate("root")]
+    store = open_store(dep)
+    try:
+        svc = Sp2Service(
+            store=store,
+            identity=load_identity(data),
+            clock=clock,
+            registrar=FactoryRegistry(store, clock, enroll_uri=uri),
+        )
+        tid, tm = svc.accept(
+            src.read_bytes(),
+            peer_id=peer_id,
+            peer_certificate=_cert(peer_cert),
+            reset_not_before=start,
+            reset_not_after=start + dt.timedelta(days=reset_days),
+            fallback_uri=fallback_uri or settings.fallback_uri or uri,
+            ra_uri=ra_uri,
+            update_uri=update_uri,
+            update_first=update_first,
+            trust_anchors=roots,
+            dtype=dtype,
+        )
+        n = len(svc.status(tid))
+    finally:
+        store.close()
+    out.write_bytes(tm)
+    console.print(f"transfer [bold]{tid}[/bold]: {n} device(s) registered with CA2 ({uri}); TransferMessage in {out}")
+
+
+@transfer.command("deliver")
+@data_option
+@click.option("--in", "src", type=_existing, required=True, help="SP2's TransferMessage (CWT).")
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Folder for the per-device messages (<device>.cwt), for cm to hand out.",
+)
+@handle_errors
+def deliver(data: Path, src: Path, out_dir: Path) -> None:
+    """SP1: validate SP2's TransferMessage and make one signed CWT per device."""
+    from iotdlm.runtime import open_store
+    from iotdlm.transfer.messages import TYP_TRANSFER_MESSAGE, peek_transfer_ref, transfer_id
+    from iotdlm.transfer.service import Sp1Service
+
+    dep = Deployment.load(data)
+    settings = load_settings(data)
+    if not settings.fallback_uri:
+        raise BadRequestError("set fallback_uri in transfer.toml (`transfer init --fallback-uri`): SP1's update server")
+    clock = SystemClock()
+    token = src.read_bytes()
+    store = open_store(dep)
+    try:
+        svc = Sp1Service(store=store, identity=load_identity(data), clock=clock, fallback_uri=settings.fallback_uri)
+        svc.accept(token)
+        tid = transfer_id(peek_transfer_ref(token, typ=TYP_TRANSFER_MESSAGE))
+        msgs, skipped = svc.device_messages(tid)
+    finally:
+        store.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for device_id, cwt in msgs.items():
+        (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+    console.print(f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) in {out_dir}")
+    for device_id, why in sorted(skipped.items()):
+        console.print(f"[yellow]skipped[/yellow] {device_id}: {why}")
+
+
+@transfer.command("confirm")
+@data_option
+@click.option("--transfer", "tid", required=True, help="Transfer id.")
+@click.option("--out", type=_path, required=True, help="Where to write the confirmation (CWT) for SP1.")
+@handle_errors
+def confirm(data: Path, tid: str, out: Path) -> None:
+    """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates)."""
+    from iotdlm.km.registry import FactoryRegistry
+    from iotdlm.runtime import open_store
+    from iotdlm.transfer.service import Sp2Service
+
+    dep = Deployment.load(data)
+    clock = SystemClock()
+    store = open_store(dep)
+    try:
+        svc = Sp2Service(
+            store=store, identity=load_identity(data), clock=clock, registrar=FactoryRegistry(store, clock)
+        )
+        token = svc.confirm(tid)
+        n = sum(1 for r in svc.status(tid).values() if r.status == st.ENROLLED)
+    finally:
+        store.close()
+    out.write_bytes(token)
+    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed in {out}")
+
+
+@transfer.command("revoke-old")
+@data_option
+@click.option("--in", "src", type=_existing, required=True, help="SP2's confirmation (CWT).")
+@handle_errors
+def revoke_old(data: Path, src: Path) -> None:
+    """SP1: on SP2's confirmation, have CA1 revoke the devices' old operational certificates
+    (through a running km if one answers, else directly with the CA keys)."""
+    from iotdlm.runtime import build_km, connect_identity, open_store, sealer_for
+    from iotdlm.transfer.service import KmRevoker, LocalRevoker, Sp1Service
+
+    dep = Deployment.load(data)
+    settings = load_settings(data)
+    clock = SystemClock()
+    token = src.read_bytes()
+    store = open_store(dep)
+    try:
+        svc = Sp1Service(
+            store=store, identity=load_identity(data), clock=clock, fallback_uri=settings.fallback_uri or ""
+        )
+
+        async def through_km() -> list[str]:
+            from iotdlm.client.km import KmClient
+
+            bus, ident = await connect_identity(dep, "admin")
+            try:
+                return await svc.revoke_old(token, KmRevoker(KmClient(bus, sealer_for(ident), clock), store))
+            finally:
+                await bus.close()
+
+        try:
+            done, how = run(through_km()), "through km"
+        except UnavailableError:
+            kmcore = build_km(dep, store, clock)
+            assert kmcore.va is not None
+            done, how = run(svc.revoke_old(token, LocalRevoker(store, kmcore.va, clock))), "directly in the store"
+    finally:
+        store.close()
+    console.print(f"{len(done)} device(s) revoked-at-CA1 ({how})")
+
+
+@transfer.command("status")
+@data_option
+@click.option("--transfer", "tid", default=None, help="One transfer (default: list the transfers).")
+@click.option("--role", type=click.Choice(["sp1", "sp2"]), default=None, help="This provider's role in it.")
+@click.option("--devices/--no-devices", default=False, help="List every device, not only the counts.")
+@handle_errors
+def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None:
+    """Per-device status at this provider: pending, reset, attested, updated, enrolled,
+    revoked-at-CA1, failed-fallback."""
+    from iotdlm.runtime import open_store
+    from iotdlm.store.transfer import TransferDeviceRecord, TransferStore
+    from iotdlm.transfer.service import counts
+
+    dep = Deployment.load(data)
+    store = open_store(dep)
+    try:
+        tables = TransferStore(store)
+        roles = [role] if role else ["sp1", "sp2"]
+        found = [(r, rec) for r in roles for rec in tables.list_transfers(r) if tid is None or rec.transfer_id == tid]
+        if not found:
+            raise NotFoundError("no transfer here" + (f" with id {tid}" if tid else ""))
+        table = Table("transfer", "role", "devices", *st.STATUSES, "updated")
+        rows_by: dict[tuple[str, str], dict[str, TransferDeviceRecord]] = {}
+        for r, rec in found:
+            rows = tables.get_transfer_devices(r, rec.transfer_id)
+            rows_by[(r, rec.transfer_id)] = dict(rows)
+            c = counts(rows)
+            table.add_row(
+                rec.transfer_id, r, str(len(rows)), *(str(c[s]) for s in st.STATUSES), rec.updated_at.isoformat()
+            )
+        console.print(table)
+        if devices:
+            for (r, t), rows in rows_by.items():
+                dt_table = Table("device", "status", "updated", title=f"{t} ({r})")
+                for d in sorted(rows):
+                    row = rows[d]
+                    dt_table.add_row(d, row.status, row.updated_at.isoformat())
+                console.print(dt_table)
+    finally:
+        store.close()

@@ -1,0 +1,49 @@
+"""Per-device transfer status, as each provider tracks it (``iotdlm transfer status``), pure.
+
+pending -> reset -> [attested] -> [updated] -> enrolled -> revoked-at-CA1, or failed-fallback from
+any step before enrolled. A provider does not see every step (SP1 does not see attestation, SP2
+does not see the reset), so a status may skip ahead; it never moves back, except that a device
+that fell back may be sent a new transfer message (failed-fallback -> pending / reset).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from iotdlm.errors import ConflictError
+
+PENDING: Final = "pending"
+RESET: Final = "reset"
+ATTESTED: Final = "attested"
+UPDATED: Final = "updated"
+ENROLLED: Final = "enrolled"
+REVOKED_AT_CA1: Final = "revoked-at-CA1"
+FAILED_FALLBACK: Final = "failed-fallback"
+#: in the order a device goes through them
+STATUSES: Final = (PENDING, RESET, ATTESTED, UPDATED, ENROLLED, REVOKED_AT_CA1, FAILED_FALLBACK)
+
+_NEXT: Final[dict[str, frozenset[str]]] = {
+    PENDING: frozenset({RESET, ATTESTED, UPDATED, ENROLLED, FAILED_FALLBACK}),
+    RESET: frozenset({ATTESTED, UPDATED, ENROLLED, FAILED_FALLBACK}),
+    ATTESTED: frozenset({UPDATED, ENROLLED, FAILED_FALLBACK}),
+    UPDATED: frozenset({ENROLLED, FAILED_FALLBACK}),
+    ENROLLED: frozenset({REVOKED_AT_CA1}),
+    REVOKED_AT_CA1: frozenset(),
+    FAILED_FALLBACK: frozenset({PENDING, RESET, ATTESTED, UPDATED, ENROLLED}),
+}
+
+
+def advance(current: str, new: str, *, device_id: str | None = None) -> str:
+    """The status after ``new`` is reported for a device at ``current``; ConflictError if that
+    would move it back (the report is stale or out of order)."""
+    if new not in _NEXT:
+        raise ValueError(f"unknown transfer status {new!r}")
+    if current == new:
+        return current
+    if new in _NEXT.get(current, frozenset()):
+        return new
+    raise ConflictError(f"a device at {current} cannot go to {new}", device_id=device_id)
+
+
+def can_advance(current: str, new: str) -> bool:
+    return current == new or new in _NEXT.get(current, frozenset())

@@ -1,0 +1,164 @@
+"""The device agent on a simulated device: what it writes to flash, rollback, and resuming after a
+restart (the machine's state is persisted; a step is repeated, never skipped)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from iotdlm.clock import FixedClock
+from iotdlm.device.simulated import SimulatedDevice
+from iotdlm.errors import NotAuthorizedError, UnavailableError
+from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES
+from iotdlm.transfer.agent import DeviceAgent
+from iotdlm.transfer.device import Phase
+from tests.helpers import NOW, ORG
+from tests.unit.test_transfer_device import device_message
+from tests.unit.test_transfer_messages import P
+
+DEV = "d1"
+
+
+class FakeCa2:
+    """CA2 as the device's enroller sees it: issues for the CSR's key, or fails as told."""
+
+    def __init__(self, failures: Sequence[Exception] = ()) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+
+    async def enroll(
+        self,
+        enroll_uri: str,
+        *,
+        anchors: Sequence[x509.Certificate],
+        client_cert_pem: bytes,
+        client_key_pem: bytes,
+        csr: bytes,
+    ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        self.calls += 1
+        assert [a.subject for a in anchors] == [P.pki2.root.subject]  # SP2's anchor from the message
+        if self.failures:
+            raise self.failures.pop(0)
+        req = x509.load_der_x509_csr(csr)
+        cert = P.pki2.cas["operational"].issue(
+            DEFAULT_PROFILES["operational"],
+            req.public_key(),  # type: ignore[arg-type]
+            device_subject(DEV, ORG, "sensor"),
+            now=NOW,
+            serial=x509.random_serial_number(),
+            uris=[device_uri(DEV)],
+        )
+        return cert, [P.pki2.cas["operational"].certificate, P.pki2.root]
+
+
+class Fallback:
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.reports: list[tuple[str, str, str]] = []
+
+    async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
+        if not self.up:
+            raise UnavailableError("SP1 is down")
+        self.reports.append((fallback_uri, device_id, reason))
+
+
+def make_device(tmp_path: Path) -> SimulatedDevice:
+    dev = SimulatedDevice.manufacture(tmp_path / DEV, DEV, "sensor")
+    dev.generate_key()
+    factory = P.pki1.cas["factory"].issue(
+        DEFAULT_PROFILES["factory"],
+        dev.public_key(),
+        device_subject(DEV, ORG, "sensor"),
+        now=NOW,
+        serial=x509.random_serial_number(),
+        uris=[device_uri(DEV)],
+    )
+    op = P.pki1.cas["operational"].issue(
+        DEFAULT_PROFILES["operational"],
+        dev.public_key(),
+        device_subject(DEV, ORG, "sensor"),
+        now=NOW,
+        serial=x509.random_serial_number(),
+        uris=[device_uri(DEV)],
+    )
+    dev.write_certificate("factory", factory)
+    dev.write_certificate("operational", op)
+    dev.write_truststore([P.pki1.root])
+    dev.write_config({"device_id": DEV, "dtype": "sensor", "enroll_uri": "https://ca1/.well-known/est", "x": 1})
+    return dev
+
+
+def agent(dev: SimulatedDevice, ca2: FakeCa2, fallback: Fallback | None = None) -> DeviceAgent:
+    return DeviceAgent(dev, clock=FixedClock(NOW), enroller=ca2, fallback=fallback or Fallback(), retry_delay=0.0)
+
+
+TOKEN = device_message(ra_uri=None, update_first=False)
+
+
+async def test_commit_writes_the_new_identity_and_drops_the_backup(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    receipt = await agent(dev, FakeCa2()).handle(TOKEN)
+    assert receipt.accepted
+    assert receipt.phase == "committed"
+    op = dev.certificate("operational")
+    assert op is not None
+    assert op.issuer == P.pki2.cas["operational"].certificate.subject
+    assert {c.subject for c in dev.truststore()} == {P.pki2.root.subject, P.pki2.cas["operational"].certificate.subject}
+    assert "x" not in dev.config()
+    assert dev.config()["dtype"] == "sensor"
+    assert not (dev.path / "flash" / "transfer" / "backup.json").exists()
+    events = [e["event"] for e in dev.events()]
+    assert events[-1] == "transfer_committed"
+
+
+async def test_permanent_refusal_rolls_back_exactly(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    before = (dev.truststore(), dev.config(), dev.certificate("operational"))
+    fb = Fallback()
+    receipt = await agent(dev, FakeCa2([NotAuthorizedError("not registered")]), fb).handle(TOKEN)
+    assert receipt.phase == "idle"
+    assert (dev.truststore(), dev.config(), dev.certificate("operational")) == before
+    assert fb.reports[0][1] == DEV
+    assert "refused" in fb.reports[0][2]
+
+
+async def test_resume_after_a_restart_and_a_late_fallback_report(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    first = agent(dev, FakeCa2())
+    state, nxt = first._receive(TOKEN)  # the device restarts right after the reset
+    assert state.phase is Phase.RESET
+    assert nxt is not None
+    final = await agent(dev, FakeCa2()).resume()  # a new agent process reads the persisted state
+    assert final.phase is Phase.COMMITTED
+    # fallback with SP1 unreachable: reported on a later resume
+    dev2 = make_device(tmp_path / "two")
+    down = Fallback(up=False)
+    ca2 = FakeCa2([UnavailableError("no route")] * 3)
+    receipt = await agent(dev2, ca2, down).handle(TOKEN)
+    assert ca2.calls == 3
+    assert receipt.phase == "fallback"
+    up = Fallback()
+    final = await agent(dev2, FakeCa2(), up).resume()
+    assert final.phase is Phase.IDLE
+    assert len(up.reports) == 1
+
+
+@pytest.mark.parametrize("days", [2])
+async def test_a_message_for_a_closed_window_leaves_the_device_alone(tmp_path: Path, days: int) -> None:
+    dev = make_device(tmp_path)
+    late = DeviceAgent(
+        dev,
+        clock=FixedClock(NOW + dt.timedelta(days=days)),
+        enroller=FakeCa2(),
+        fallback=Fallback(),
+        retry_delay=0.0,
+    )
+    receipt = await late.handle(TOKEN)
+    assert not receipt.accepted
+    assert dev.certificate("operational") is not None
+    assert dev.config()["x"] == 1

@@ -1,0 +1,255 @@
+"""The device's pure trust-transfer state machine: what it accepts, what it refuses (named
+hostile cases), the steps, retries, rollback and fallback, the commit and what it retires."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+import pytest
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iotdlm.errors import ConflictError
+from iotdlm.pki.chain import der
+from iotdlm.pki.keys import Algorithm, generate_key
+from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES
+from iotdlm.transfer import cose, device
+from iotdlm.transfer import messages as m
+from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
+from tests.helpers import NOW, ORG
+from tests.unit.test_transfer_messages import SP1_ID, P, claims, transfer_identity
+
+DEV = "d1"
+TRUST = [P.pki1.root]
+CONFIG = {"device_id": DEV, "dtype": "sensor", "enroll_uri": "https://ca1/.well-known/est", "secret_sp1": "x"}
+REF = b"r" * 32
+
+
+def device_message(
+    *, signer: cose.CoseSigner | None = None, aud: str = DEV, cti: bytes = b"c" * 16, **claim_kw: Any
+) -> bytes:
+    hdr = m.CwtHeader(
+        issuer=SP1_ID,
+        audience=aud,
+        cti=cti,
+        issued_at=NOW,
+        not_before=NOW,
+        expires=NOW + dt.timedelta(days=1),
+    )
+    c = claims(fallback_uri="https://sp1.example/fallback", **claim_kw)
+    return m.sign_device_message(m.TransferMessage(hdr, REF, c), signer or P.sp1.signer(with_chain=True))
+
+
+def receive(token: bytes, state: DeviceState | None = None, now: dt.datetime = NOW) -> tuple[DeviceState, list[Any]]:
+    return device.receive(state or DeviceState(DEV), token, now, truststore=TRUST, config=CONFIG)
+
+
+def refused(effects: list[Any]) -> dict[str, Any]:
+    assert len(effects) == 1
+    (e,) = effects
+    assert isinstance(e, device.Log)
+    assert e.event == "transfer_refused"
+    return dict(e.data)
+
+
+def test_accept_resets_to_the_agreed_state_and_asks_for_attestation() -> None:
+    state, effects = receive(device_message())
+    assert state.phase is Phase.RESET
+    assert state.seen == (((b"c" * 16).hex(), m.epoch(NOW + dt.timedelta(days=1))),)
+    kinds = [type(e).__name__ for e in effects]
+    assert kinds == ["Log", "Backup", "AddTrustAnchors", "WriteConfig", "Log", "Attest"]
+    (config,) = [e.config for e in effects if isinstance(e, device.WriteConfig)]
+    assert "secret_sp1" not in config  # only the agreed state survives the reset
+    assert config["dtype"] == "sensor"
+    assert config["enroll_uri"] == claims().enroll_uri
+    assert config["fallback_uri"] == "https://sp1.example/fallback"
+    (anchors,) = [e.certificates for e in effects if isinstance(e, device.AddTrustAnchors)]
+    assert anchors == (der(P.pki2.root),)
+
+
+def _resign(change: Callable[[dict[int, Any]], None]) -> bytes:
+    raw = cbor2.loads(cose.parse_sign1(device_message(), what="t", max_bytes=1 << 16).payload)
+    change(raw)
+    return P.sp1.signer(with_chain=True).sign(cose.dumps(raw), typ=m.TYP_DEVICE_TRANSFER)
+
+
+OTHER_PKI_SIGNER = transfer_identity(P.pki2, "sp2").signer(with_chain=True)
+ADMIN_LIKE = transfer_identity(P.pki1, "x", module="admin").signer(with_chain=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "code", "match"),
+    [
+        ("another device's", lambda: device_message(aud="d2"), "untrusted", "not this device"),
+        ("signer outside the truststore", lambda: device_message(signer=OTHER_PKI_SIGNER), "untrusted", "root"),
+        ("a service certificate that is not the transfer identity", lambda: device_message(signer=ADMIN_LIKE),
+         "untrusted", "transfer signing"),
+        ("no x5chain", lambda: device_message(signer=P.sp1.signer(with_chain=False)), "bad_request", "x5chain"),
+        ("altered", lambda: _flip(device_message()), "bad_signature", "signature"),
+        ("reset window over", lambda: device_message(reset_not_after=NOW - dt.timedelta(hours=1),
+                                                     reset_not_before=NOW - dt.timedelta(hours=2)), "replay", "window"),
+        ("reset window not yet open", lambda: device_message(reset_not_before=NOW + dt.timedelta(hours=1)),
+         "replay", "window"),
+        ("an unagreed claim", lambda: _resign(lambda c: c.__setitem__(-70042, b"x")), "bad_request", "not agreed"),
+        ("garbage", lambda: b"\xff\x00", "bad_request", "CBOR"),
+    ],
+)  # fmt: skip
+def test_refusals_are_logged_and_change_nothing(name: str, make: Callable[[], bytes], code: str, match: str) -> None:
+    before = DeviceState(DEV)
+    state, effects = receive(make(), before)
+    assert state == before
+    r = refused(effects)
+    assert r["code"] == code, r
+    assert match in r["message"]
+
+
+def _flip(token: bytes) -> bytes:
+    b = bytearray(token)
+    b[-70] ^= 1
+    return bytes(b)
+
+
+def test_replay_and_expiry() -> None:
+    token = device_message()
+    state, _ = receive(token)
+    state2, effects = receive(token, state)
+    assert refused(effects)["code"] == "replay"
+    assert state2 == state
+    # expired (and its cti has been forgotten: the time check refuses it on its own)
+    late = NOW + dt.timedelta(days=2)
+    fresh = DeviceState(DEV, seen=state.seen)
+    state3, effects = receive(token, fresh, late)
+    assert refused(effects)["field"] == "exp"
+    assert state3.seen == ()  # purged: an expired message needs no cti any more
+
+
+def test_a_second_transfer_while_one_runs_is_refused() -> None:
+    state, _ = receive(device_message())
+    _s, effects = receive(device_message(cti=b"d" * 16), state)
+    assert refused(effects)["code"] == "conflict"
+
+
+def _enroll_result() -> StepResult:
+    key = generate_key(Algorithm.P256)
+    ca2 = P.pki2.cas["operational"]
+    cert = ca2.issue(
+        DEFAULT_PROFILES["operational"],
+        key.public_key(),
+        device_subject(DEV, ORG, "sensor"),
+        now=NOW,
+        serial=x509.random_serial_number(),
+        uris=[device_uri(DEV)],
+    )
+    return StepResult(
+        Step.ENROLL, ok=True, certificate=der(cert), ca_certificates=(der(ca2.certificate), der(P.pki2.root))
+    )
+
+
+def test_steps_in_order_then_commit_retires_sp1() -> None:
+    state, effects = receive(device_message())
+    assert isinstance(effects[-1], device.Attest)
+    state, effects = device.step_done(state, StepResult(Step.ATTEST, ok=True), NOW)
+    assert state.phase is Phase.ATTESTED
+    assert isinstance(effects[-1], device.Update)
+    state, effects = device.step_done(state, StepResult(Step.UPDATE, ok=True), NOW)
+    assert state.phase is Phase.UPDATED
+    assert isinstance(effects[-1], device.Enroll)
+    assert effects[-1].anchors == (der(P.pki2.root),)
+    state, effects = device.step_done(state, _enroll_result(), NOW)
+    assert state.phase is Phase.COMMITTED
+    (commit,) = [e for e in effects if isinstance(e, device.Commit)]
+    assert der(P.pki2.root) in commit.truststore
+    assert der(P.pki1.root) not in commit.truststore
+    assert commit.config["dtype"] == "sensor"
+    assert "fallback_uri" not in commit.config
+    assert len(state.retired_signers) == 1
+    # FR3: SP1's key is retired; even with SP1's root still trusted the device refuses it
+    _s, effects = device.receive(state, device_message(cti=b"e" * 16), NOW, truststore=TRUST, config=CONFIG)
+    assert "former provider" in refused(effects)["message"]
+
+
+def test_steps_skip_what_the_message_does_not_ask() -> None:
+    state, effects = receive(device_message(ra_uri=None, update_first=False))
+    assert isinstance(effects[-1], device.Enroll)
+    with pytest.raises(ConflictError, match="enroll is the step"):
+        device.step_done(state, StepResult(Step.ATTEST, ok=True), NOW)
+
+
+def test_transient_failures_are_retried_then_fall_back() -> None:
+    state, _ = receive(device_message(ra_uri=None, update_first=False))
+    fail = StepResult(Step.ENROLL, ok=False, detail="unavailable: connection refused")
+    state, effects = device.step_done(state, fail, NOW)
+    assert [type(e).__name__ for e in effects] == ["Log", "Enroll"]
+    state, effects = device.step_done(state, fail, NOW)
+    state, effects = device.step_done(state, fail, NOW)
+    assert state.phase is Phase.FALLBACK
+    assert [type(e).__name__ for e in effects] == ["Log", "Rollback", "Log", "ReportFallback"]
+    report = effects[-1]
+    assert isinstance(report, device.ReportFallback)
+    assert report.fallback_uri == "https://sp1.example/fallback"
+    assert "3 attempts" in report.reason
+    state, effects = device.fallback_done(state, False, NOW, "down")
+    assert state.phase is Phase.FALLBACK  # still to report
+    assert device.next_effect(state) == report
+    state, _ = device.fallback_done(state, True, NOW)
+    assert state.phase is Phase.IDLE
+    assert state.retired_signers == ()  # nothing retired: still under SP1
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        StepResult(Step.ATTEST, ok=False, permanent=True, detail="measurement differs"),
+    ],
+)
+def test_permanent_failure_falls_back_at_once(result: StepResult) -> None:
+    state, _ = receive(device_message())
+    state, effects = device.step_done(state, result, NOW)
+    assert state.phase is Phase.FALLBACK
+    assert any(isinstance(e, device.Rollback) for e in effects)
+
+
+def test_enrollment_that_does_not_check_out_falls_back() -> None:
+    state, _ = receive(device_message(ra_uri=None, update_first=False))
+    good = _enroll_result()
+    other = dataclasses.replace(good, ca_certificates=(der(P.pki1.cas["operational"].certificate),))
+    wrong_root_claims = device_message(
+        ra_uri=None, update_first=False, trust_anchors=(der(P.pki1.root),), cti=b"f" * 16
+    )
+    s1, _ = device.step_done(state, dataclasses.replace(good, certificate=None), NOW)
+    assert s1.phase is Phase.FALLBACK
+    s2, _ = receive(wrong_root_claims)
+    s2, _effects = device.step_done(s2, other, NOW)
+    assert s2.phase is Phase.FALLBACK
+    assert "not acceptable" in s2.last_outcome  # type: ignore[operator]
+
+
+def test_reset_window_closing_mid_transfer_falls_back() -> None:
+    state, _ = receive(device_message())
+    later = NOW + dt.timedelta(days=2)
+    state, _effects = device.step_done(state, StepResult(Step.ATTEST, ok=True), later)
+    assert state.phase is Phase.FALLBACK
+    assert "window closed" in state.last_outcome  # type: ignore[operator]
+
+
+def test_state_round_trips_through_json() -> None:
+    state, _ = receive(device_message())
+    state, _ = device.step_done(state, StepResult(Step.ATTEST, ok=True), NOW)
+    assert DeviceState.from_json(state.to_json()) == state
+    fb, _ = device.step_done(state, StepResult(Step.UPDATE, ok=False, permanent=True), NOW)
+    assert DeviceState.from_json(fb.to_json()) == fb
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_receive_never_raises_on_arbitrary_bytes(data: bytes) -> None:
+    state = DeviceState(DEV)
+    new, effects = receive(data, state)
+    assert new == state
+    refused(effects)
