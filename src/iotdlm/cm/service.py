@@ -44,16 +44,17 @@ class CmTls:
     ca_certificates: tuple[x509.Certificate, ...]
 
 
-def deployment_tls(dep: Deployment) -> CmTls:
+def deployment_tls(dep: Deployment, extra_client_cas: Sequence[x509.Certificate] = ()) -> CmTls:
     """From a deployment: cm's service identity (plus the service CA) as the server chain; the
-    root, factory and operational CAs as the anchors for device client certificates."""
+    root, factory and operational CAs -- and ``extra_client_cas``, the external factory CAs
+    registered for a trust transfer -- as the anchors for device client certificates."""
     ident = dep.identity("cm")
     root = dep.ca_certificate("root")
     issuing = {name: dep.ca_certificate(name) for name in ISSUING_CAS}
     ctx = server_tls_context(
         certificate_chain=[ident.certificate, issuing["service"]],
         key_pem=private_key_to_pem(ident.key, None),
-        client_cas=[root, issuing["factory"], issuing["operational"]],
+        client_cas=[root, issuing["factory"], issuing["operational"], *extra_client_cas],
     )
     return CmTls(context=ctx, ca_certificates=(*(issuing[n] for n in sorted(issuing)), root))
 
@@ -110,7 +111,7 @@ class CmService:
         from iotdlm.runtime import connect_identity, sealer_for
 
         clock = clock or SystemClock()
-        tls = deployment_tls(dep)
+        tls = deployment_tls(dep, _registered_factory_cas(dep, clock))
         bus, ident = await connect_identity(dep, "cm")
         km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout)
         guard = ModeGuard(bus) if check_mode else None
@@ -208,3 +209,16 @@ class CmService:
         if bus is not None:
             with contextlib.suppress(Exception):
                 await bus.close()
+
+
+def _registered_factory_cas(dep: Deployment, clock: Clock) -> list[x509.Certificate]:
+    """External factory CAs registered with km for a trust transfer (read at start: restart cm
+    after registering a new CA). km still checks every presented certificate itself."""
+    from iotdlm.km.registry import FactoryRegistry
+    from iotdlm.runtime import open_store
+
+    store = open_store(dep)
+    try:
+        return FactoryRegistry(store, clock).client_cas()
+    finally:
+        store.close()
