@@ -1072,7 +1072,9 @@ class Store:
             return iter(())
         revoked_at = type_coerce(func.coalesce(certificates.c.revoked_at, certificates.c.created_at), UTCDateTime())
         if revoked_since is not None:
-            where.append(revoked_at > revoked_since)
+            # on the indexed column (issuer, crl_partition, status, revoked_at): a delta is made after
+            # every revocation. A row revoked without a time is in the full CRLs, not in deltas.
+            where.append(certificates.c.revoked_at > revoked_since)
         base = select(certificates.c.id, certificates.c.serial_hex, revoked_at, certificates.c.revocation_reason)
         return self._iter_revoked(base.where(*where), batch)
 

@@ -98,6 +98,8 @@ certificates = Table(
     # CRL generation: the revoked certificates of one partition, in id order (keyset pagination).
     # id is spelled out for PostgreSQL; SQLite ends every index with the rowid (= id) anyway.
     Index(None, "issuer", "crl_partition", "status", "id"),
+    # delta CRLs: what one partition revoked since its base (migration 0005)
+    Index(None, "issuer", "crl_partition", "status", "revoked_at"),
 )
 
 devices = Table(
