@@ -242,8 +242,9 @@ class Km:
         if isinstance(principal, ModulePrincipal) and principal.module == "pm":
             self.mode.require(PROVISIONING_CERTIFICATE, what)
         elif isinstance(principal, DevicePrincipal) or (
-            isinstance(principal, ModulePrincipal) and principal.module == "cm"
+            isinstance(principal, ModulePrincipal) and principal.module == "cm" and what.startswith("EST")
         ):
+            # (cm asking for anything but EST is the RA's to refuse, whatever the mode)
             self.mode.require(CERTIFICATE_MANAGEMENT, what)
 
     def _spend(self, nonce: NonceUse) -> None:
