@@ -209,7 +209,7 @@ class Authorizer:
             if grant is not None:
                 return grant
         raise NotAuthorizedError(
-            f"{principal.describe()} may not {facts.operation} a {facts.profile} certificate for "
+            f"{principal.describe()} may not {facts.operation} {facts.profile} certificates for "
             f"device {facts.device_id}",
             device_id=facts.device_id,
         )
