@@ -1157,17 +1157,21 @@ class Store:
 
     def get_devices(self, device_ids: Sequence[str]) -> dict[str, DeviceRecord]:
         """The known devices among ``device_ids`` (one read, however many), by id."""
+        rows = self._rows_by_device_id(device_ids, _DEVICE_COLUMNS, devices_table.c.device_id, "reading devices")
+        return {rec.device_id: rec for rec in map(_device_record, rows)}
+
+    def _rows_by_device_id(
+        self, device_ids: Sequence[str], columns: Sequence[Any], key: Any, what: str
+    ) -> list[Row[Any]]:
+        """Rows whose ``key`` column is one of ``device_ids``: one read, in chunks of ids."""
         wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
-        out: dict[str, DeviceRecord] = {}
+        rows: list[Row[Any]] = []
         if not wanted:
-            return out
-        with self._guard("reading devices"), self._tx(write=False) as conn:
+            return rows
+        with self._guard(what), self._tx(write=False) as conn:
             for i in range(0, len(wanted), _IN_CHUNK):
-                stmt = select(*_DEVICE_COLUMNS).where(devices_table.c.device_id.in_(wanted[i : i + _IN_CHUNK]))
-                for row in conn.execute(stmt):
-                    rec = _device_record(row)
-                    out[rec.device_id] = rec
-        return out
+                rows.extend(conn.execute(select(*columns).where(key.in_(wanted[i : i + _IN_CHUNK]))))
+        return rows
 
     def get_device(self, device_id: str) -> DeviceRecord | None:
         """The device, or None if unknown."""
@@ -1289,17 +1293,10 @@ class Store:
 
     def get_provisionings(self, device_ids: Sequence[str]) -> dict[str, ProvisioningRecord]:
         """The provisioning records among ``device_ids`` (one read per 500 ids), by device id."""
-        wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
-        out: dict[str, ProvisioningRecord] = {}
-        if not wanted:
-            return out
-        with self._guard("reading provisioning records"), self._tx(write=False) as conn:
-            for i in range(0, len(wanted), _IN_CHUNK):
-                stmt = select(*_PROVISIONING_COLUMNS).where(provisioning.c.device_id.in_(wanted[i : i + _IN_CHUNK]))
-                for row in conn.execute(stmt):
-                    rec = _provisioning_record(row)
-                    out[rec.device_id] = rec
-        return out
+        rows = self._rows_by_device_id(
+            device_ids, _PROVISIONING_COLUMNS, provisioning.c.device_id, "reading provisioning records"
+        )
+        return {rec.device_id: rec for rec in map(_provisioning_record, rows)}
 
     @staticmethod
     def _provisioning_filters(dtype: str | None, status: str | None) -> list[ColumnElement[bool]] | None:
