@@ -104,3 +104,11 @@ def test_decommission_and_audit_verify(site: tuple[Path, list[x509.Certificate]]
     r = CliRunner().invoke(main, ["audit", "verify", "--data", str(data)], env=ENV)
     assert r.exit_code == 4
     assert "record 2" in r.output
+
+
+def test_revoke_with_a_bad_serial_is_a_clear_refusal(site: tuple[Path, list[x509.Certificate]]) -> None:
+    data, _ = site
+    r = CliRunner().invoke(main, ["ca", "revoke", "--data", str(data), "not-hex"], env=ENV)
+    assert r.exit_code == 4
+    assert "not hexadecimal" in r.output
+    assert "Traceback" not in r.output

@@ -444,6 +444,8 @@ def _print_revoked(revoked: list[msg.CertificateInfo], how: str) -> None:
 @handle_errors
 def ca_revoke(data: Path, serial: str, issuer: str | None, reason: str | None) -> None:
     """Revoke one certificate by serial (hex). OCSP shows it at once; the next CRL lists it."""
+    if not _is_hex(serial):
+        raise BadRequestError(f"serial {serial!r} is not hexadecimal (copy it from `iotdlm ca list`)", field="serial")
     dep = Deployment.load(data)
     revoked, how = _revoke(dep, serial=serial, issuer=issuer, reason=reason)
     _print_revoked(revoked, how)
