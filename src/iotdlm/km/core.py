@@ -182,22 +182,19 @@ class Km:
                 device_id=None,
                 issuer="service",
             )
-        else:
-            for name in ("operational",):
-                ca = self.cas[name]
-                if cert.issuer == ca.certificate.subject:
-                    verify_issued_by(cert, ca.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
-                    device_id = device_id_of(cert)
-                    if device_id is None:
-                        raise UntrustedError("device certificate names no device id")
-                    trusted = _TrustedSigner(
-                        certificate=cert,
-                        key=envelope.jose_key(_public_key(cert)),
-                        kind="device",
-                        module=None,
-                        device_id=device_id,
-                        issuer=name,
-                    )
+        elif cert.issuer == self.cas["operational"].certificate.subject:
+            verify_issued_by(cert, self.cas["operational"].certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+            device_id = device_id_of(cert)
+            if device_id is None:
+                raise UntrustedError("device certificate names no device id")
+            trusted = _TrustedSigner(
+                certificate=cert,
+                key=envelope.jose_key(_public_key(cert)),
+                kind="device",
+                module=None,
+                device_id=device_id,
+                issuer="operational",
+            )
         if trusted is None:
             raise UntrustedError(
                 f"request signer {cert.subject.rfc4514_string()} is not issued by this deployment's service "
