@@ -36,6 +36,7 @@ from iotdlm.bus.server import (
     quote,
     render_config,
 )
+from iotdlm.clock import SystemClock
 from tests.fixtures_nats import NatsBusFactory, RunningNats, start_nats
 
 WAIT = 10.0
@@ -214,7 +215,7 @@ async def test_killed_server_makes_requests_unavailable_then_recovers(nats_serve
 
 def _write_pki(directory: Path) -> dict[str, Path]:
     """A throw-away CA, a server certificate for IP 127.0.0.1, and a client certificate."""
-    now = datetime.datetime.now(datetime.UTC)
+    now = SystemClock().now()
 
     def make(
         cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey, *, ca: bool
@@ -257,6 +258,7 @@ def _write_pki(directory: Path) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.real_clock
 @pytest.mark.nats
 async def test_tls_client_trusting_the_ca_connects_and_others_do_not(tmp_path: Path) -> None:
     pki = _write_pki(tmp_path)
@@ -280,6 +282,7 @@ async def test_tls_client_trusting_the_ca_connects_and_others_do_not(tmp_path: P
         running.server.stop()
 
 
+@pytest.mark.real_clock
 @pytest.mark.nats
 async def test_tls_with_client_certificates(tmp_path: Path) -> None:
     pki = _write_pki(tmp_path)
@@ -520,3 +523,51 @@ async def test_bus_exposes_its_connection(nats_bus_factory: NatsBusFactory, nats
     await bus.close()
     assert bus.is_closed
     await bus.close()  # idempotent
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+_LOST_OWNER = """
+import sys
+from pathlib import Path
+from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, free_port, generate_users
+
+def set_up():
+    server = EmbeddedNatsServer(NatsServerConfig(port=free_port(), users=generate_users(["km"])),
+                                Path(sys.argv[1]) / "nats.conf")
+    server.start()
+    print(server.pid, flush=True)
+    raise RuntimeError("set-up failed after the server started")
+
+{how}
+"""
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize(
+    "how",
+    [
+        "try:\n    set_up()\nexcept RuntimeError:\n    pass\nimport time; time.sleep(0.2)\nprint('alive', flush=True)",
+        "set_up()",
+    ],
+    ids=["owner-collected", "interpreter-exits-on-the-error"],
+)
+def test_a_server_whose_owner_is_lost_does_not_outlive_it(tmp_path: Path, how: str) -> None:
+    """A test whose set-up fails after starting nats-server must not leave the process behind."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOST_OWNER.format(how=how), str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "set-up failed" in proc.stderr or "alive" in proc.stdout, proc.stderr
+    pid = int(proc.stdout.split()[0])
+    assert not _alive(pid), f"nats-server {pid} outlived its owner"

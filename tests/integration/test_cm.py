@@ -27,6 +27,7 @@ from cryptography.x509 import ocsp
 from iotdlm.bus import Bus, subjects
 from iotdlm.bus.server import NatsUser
 from iotdlm.client.km import KmClient
+from iotdlm.clock import SystemClock
 from iotdlm.cm import CmConfig, CmService, EgressConfig, Limits
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient, EstUnavailableError
@@ -62,7 +63,7 @@ class ShiftClock:
         self.offset = dt.timedelta()
 
     def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC) + self.offset
+        return SystemClock().now() + self.offset
 
 
 @dataclass
@@ -164,7 +165,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
 async def set_mode(bus: Bus, mode: str) -> None:
     """Publish the operation mode as the supervisor does (only the modes identity may write it)."""
     kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
-    record = ModeRecord(mode=mode, since=dt.datetime.now(dt.UTC).isoformat(), by="test")
+    record = ModeRecord(mode=mode, since=SystemClock().now().isoformat(), by="test")
     await kv.put(subjects.MODE_KEY, msgspec.json.encode(record))
 
 
@@ -178,6 +179,7 @@ def _csr_b64(key: PrivateKey, cn: str) -> bytes:
 
 
 # --- curl and openssl as the outside world --------------------------------------------------------
+@pytest.mark.real_clock
 @needs_curl
 @needs_openssl
 @pytest.mark.openssl
@@ -228,6 +230,7 @@ async def test_curl_simpleenroll_and_openssl_verify(site: Site) -> None:
     }
 
 
+@pytest.mark.real_clock
 @needs_openssl
 @pytest.mark.openssl
 async def test_openssl_ocsp_good_then_revoked_and_crl(site: Site) -> None:
@@ -298,6 +301,7 @@ def _sha1() -> hashes.HashAlgorithm:
 
 
 # --- the device's EST client ----------------------------------------------------------------------
+@pytest.mark.real_clock
 async def test_device_enrolls_reenrolls_refreshes_and_serverkeygen(site: Site) -> None:
     fkey, factory = await site.factory("dev-1")
     async with site.est() as anonymous:
@@ -333,6 +337,7 @@ async def test_device_enrolls_reenrolls_refreshes_and_serverkeygen(site: Site) -
 
 
 # --- refusals -------------------------------------------------------------------------------------
+@pytest.mark.real_clock
 async def test_refusals(site: Site) -> None:
     # an unregistered factory certificate (signed by our factory CA, never issued through km): 403
     cas = site.dep.load_cas(PASSPHRASE)
@@ -457,6 +462,7 @@ async def test_refusals(site: Site) -> None:
         assert await est.cacerts()
 
 
+@pytest.mark.real_clock
 async def test_km_down_means_503_with_retry_after(site: Site) -> None:
     fkey, factory = await site.factory("dev-d")
     # km leaves: cm answers 503 with Retry-After (EST) and tryLater (OCSP)
@@ -511,6 +517,7 @@ async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> byte
             out += chunk
 
 
+@pytest.mark.real_clock
 async def test_slowloris_head_is_cut_off(site: Site) -> None:
     reader, writer = await _tls_connect(site)
     head = b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: cm\r\nX-Slow: " + b"a" * 200
@@ -525,6 +532,7 @@ async def test_slowloris_head_is_cut_off(site: Site) -> None:
     assert not task.done() or task.cancelled() or task.exception() is not None
 
 
+@pytest.mark.real_clock
 async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
     reader, writer = await _tls_connect(site)
     writer.write(
@@ -542,6 +550,7 @@ async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
     assert b"Traceback" not in sent
 
 
+@pytest.mark.real_clock
 async def test_too_large_declared_body_is_refused_without_reading(site: Site) -> None:
     reader, writer = await _tls_connect(site)
     writer.write(
@@ -585,6 +594,7 @@ async def test_cm_uses_its_own_nats_user(site: Site) -> None:
             pass
 
 
+@pytest.mark.real_clock
 async def test_garbage_after_the_handshake_is_a_400_not_a_crash(site: Site) -> None:
     reader, writer = await _tls_connect(site)
     writer.write(b"\x00\x01\x02garbage\r\n\r\n")
@@ -641,6 +651,7 @@ def test_cm_file(tmp_path: Path) -> None:
         limits_from({"idle_timeout": 0})
 
 
+@pytest.mark.real_clock
 async def test_cm_serve_process(tmp_path: Path) -> None:
     """`python -m iotdlm.cm.cli serve --data DIR`, as the supervisor starts it (settings from
     DIR/cm.toml), against the deployment's own embedded NATS server."""
@@ -720,6 +731,7 @@ async def server_connect(dep: Deployment, name: str) -> Bus:
     return bus
 
 
+@pytest.mark.real_clock
 async def test_a_port_in_use_fails_start_and_releases_everything(site: Site) -> None:
     config = CmConfig(https_port=site.cm.https_port, http_port=None)
     other = await CmService.from_deployment(site.dep, config)
@@ -730,6 +742,7 @@ async def test_a_port_in_use_fails_start_and_releases_everything(site: Site) -> 
         assert await est.cacerts()
 
 
+@pytest.mark.real_clock
 async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
     """Defence in depth (Table 1): cm watches the mode itself. EST only in certificate-management,
     egress for sm only in software-management, nothing at all in the provisioning modes."""

@@ -18,7 +18,7 @@ from tests.helpers import make_csr
 
 
 @pytest.mark.nats
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("tls", [False, pytest.param(True, marks=pytest.mark.real_clock)], ids=["plain", "tls"])
 async def test_deployment_nats_and_km(tmp_path, tls: bool) -> None:
     clock = SystemClock()
     dep, _ = init_deployment(

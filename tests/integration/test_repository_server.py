@@ -27,7 +27,7 @@ from tuf.api.exceptions import (
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater  # type: ignore[attr-defined]  # re-exported, no __all__
 
-from iotdlm.clock import FixedClock
+from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.pki.keys import private_key_to_pem
 from iotdlm.repository import REPORT_AUD, REPORT_OP, PublishedTarget, VendorRepository, report_body
 from iotdlm.repository.server import RepositoryServer
@@ -40,7 +40,7 @@ IMAGE = b"\x7fELF firmware for boardA\n" * 4000
 
 @pytest.fixture
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    return SystemClock().now()
 
 
 @pytest.fixture
@@ -138,6 +138,7 @@ async def test_client_with_the_old_root_follows_rotations(
     assert trusted.signed.version == 6  # root, timestamp, snapshot, targets, root: a new root each
 
 
+@pytest.mark.real_clock
 async def test_expired_timestamp_is_refused_by_ngclient(
     server: RepositoryServer, repo: VendorRepository, tmp_path: Path, now: dt.datetime
 ) -> None:
@@ -288,6 +289,7 @@ async def test_request_log_records_what_clients_sent(
     assert (post.method, post.path, post.query, post.body) == ("POST", "/reports", "via=test", token)
 
 
+@pytest.mark.real_clock
 async def test_https(repo: VendorRepository, tmp_path: Path, now: dt.datetime) -> None:
     pki = make_pki(now=now - dt.timedelta(hours=1))  # TLS checks validity against the wall clock
     ident = pki.module("repository", now=now - dt.timedelta(hours=1))

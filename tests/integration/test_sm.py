@@ -39,7 +39,7 @@ from tests.fixtures_nats import NatsBusFactory
 from tests.helpers import make_pki, pem
 from tests.unit.test_software_check import add_target, forge_role
 
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+NOW = SystemClock().now().replace(microsecond=0)
 PKI = make_pki(now=NOW - dt.timedelta(days=1))
 SM = PKI.module("sm", now=NOW - dt.timedelta(days=1))
 DTYPE = "boardA"
@@ -314,6 +314,7 @@ def _tls(tmp: Path) -> tuple[ssl.SSLContext, Path]:
     return ctx, bundle
 
 
+@pytest.mark.real_clock
 async def test_https_with_a_ca_bundle(tmp_path: Path) -> None:
     ctx, bundle = _tls(tmp_path)
     repo = _repo(tmp_path)
@@ -337,6 +338,7 @@ async def test_https_with_a_ca_bundle(tmp_path: Path) -> None:
         assert (result.outcome, result.reported) == ("stored", True)
 
 
+@pytest.mark.real_clock
 async def test_through_cms_egress_proxy_and_not_without_it(tmp_path: Path) -> None:
     """Paper 4.4.1: sm reaches the repository through cm. http is forwarded, https tunnelled
     (TLS end to end); with cm's proxy stopped, sm cannot reach out at all."""

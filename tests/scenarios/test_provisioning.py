@@ -164,7 +164,7 @@ class Site:
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
-    now = dt.datetime.now(dt.UTC)
+    now = SystemClock().now()
     dep, _cas = init_deployment(
         tmp_path / "data", organization="Scenario Factory", algorithm=Algorithm.P256, dtypes=[DTYPE],
         passphrase=PASSPHRASE, nats_port=free_port(), now=now - dt.timedelta(hours=1),
@@ -270,7 +270,7 @@ async def test_a_line_is_provisioned_both_ways_and_no_device_key_leaves_its_devi
     for dev in devices:
         assert dev.image_sha256() == site.published_sha256
         for kind in ("factory", "operational"):
-            cert = chains_to_its_truststore(dev, kind)
+            cert = chains_to_its_truststore(dev, kind, SystemClock().now())
             assert cert.public_key() == dev.public_key()
         assert dev.config()["enroll_uri"] == "https://127.0.0.1:8443/.well-known/est"
         rec = site.store.get_provisioning(dev.device_id)
@@ -464,7 +464,7 @@ async def test_resume_refuse_force_and_single_failures(site: Site) -> None:
     assert before is not None
     assert again.certificates["factory"] != before.certificate_serials["factory"]
     for dev in (a, b, c):
-        chains_to_its_truststore(dev, "factory")
+        chains_to_its_truststore(dev, "factory", SystemClock().now())
 
 
 async def test_pm_refuses_while_cm_runs(site: Site) -> None:

@@ -30,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from iotdlm.bus.memory import MemoryHub
 from iotdlm.client.km import KmClient
+from iotdlm.clock import SystemClock
 from iotdlm.cm import CmConfig, CmService, Limits, server_tls_context
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient
@@ -81,7 +82,7 @@ class Clock:
         self.offset = dt.timedelta()
 
     def now(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC) + self.offset
+        return SystemClock().now() + self.offset
 
 
 @dataclasses.dataclass
@@ -311,6 +312,7 @@ def refusals(store: Store) -> list[dict[str, Any]]:
 
 
 # --- the fleet ----------------------------------------------------------------------------------------------
+@pytest.mark.real_clock
 async def test_fleet_of_50_moves_to_ca2_and_ca1_revokes_the_old_certificates(world: World) -> None:
     w = world
     ids = await provision(w, 50)
@@ -366,6 +368,7 @@ async def test_fleet_of_50_moves_to_ca2_and_ca1_revokes_the_old_certificates(wor
 
 
 # --- fallbacks -------------------------------------------------------------------------------------------
+@pytest.mark.real_clock
 async def test_attestation_failure_falls_back_to_sp1_which_keeps_serving_the_device(world: World) -> None:
     w = world
     ids = await provision(w, 3)
@@ -417,6 +420,7 @@ async def test_ca2_unreachable_falls_back(world: World) -> None:
         assert w.ocsp_status(w.old_operational[d]) == ocsp.OCSPCertStatus.GOOD
 
 
+@pytest.mark.real_clock
 async def test_device_not_in_the_update_info_list_is_refused_by_ca2(world: World) -> None:
     w = world
     ids = await provision(w, 3)
@@ -485,6 +489,7 @@ async def test_transfer_messages_refused_and_audited_at_sp1(world: World) -> Non
 
 
 # --- FR1..FR4 ------------------------------------------------------------------------------------------------
+@pytest.mark.real_clock
 async def test_fr1_impersonation(world: World) -> None:
     """FR1 (impersonation security): nobody without the right keys passes. A device message signed
     by a key that does not chain to the device's truststore (SP2 posing as SP1 before the commit)
@@ -519,6 +524,7 @@ async def test_fr1_impersonation(world: World) -> None:
         await w.sp2.client("cm").est("simpleenroll", der(fcert), w.devices[ids[1]].make_csr())
 
 
+@pytest.mark.real_clock
 async def test_fr2_freshness_and_replay(world: World) -> None:
     """FR2 (freshness, replay): a captured per-device message is refused when replayed (its cti was
     seen, persisted on the device), when expired, and when sent to another device (aud); SP2's
@@ -554,6 +560,7 @@ async def test_fr2_freshness_and_replay(world: World) -> None:
     assert any(e["code"] == "replay" and e.get("field") == "exp" for e in refused)
 
 
+@pytest.mark.real_clock
 async def test_fr3_forward_security(world: World) -> None:
     """FR3 (forward security): after the commit SP1's keys and certificates no longer get the
     device to do anything. A new transfer message properly signed by SP1's transfer identity is

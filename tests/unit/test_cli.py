@@ -15,6 +15,7 @@ from iotdlm.deployment import Deployment
 from iotdlm.pki.chain import verify_issued_by
 from iotdlm.pki.keys import Algorithm, generate_key
 from tests.helpers import make_csr
+from tests.tools import attime
 
 PASS = {"IOTDLM_CA_PASSPHRASE": "correct horse battery staple"}
 
@@ -112,7 +113,7 @@ def test_issue_list_show_chain(site: Path, tmp_path: Path) -> None:
         root = tmp_path / "root.pem"
         r = runner.invoke(main, ["ca", "chain", "--data", str(site), "--issuer", "root", "--out", str(root)])
         v = subprocess.run(
-            ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(chain), str(out)],
+            ["openssl", "verify", *attime(), "-CAfile", str(root), "-untrusted", str(chain), str(out)],
             capture_output=True,
             text=True,
             check=False,

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
+from iotdlm.clock import SystemClock
 from iotdlm.cm.config import EgressConfig
 from iotdlm.cm.egress import (
     AllowList,
@@ -172,7 +173,7 @@ def test_allow_list_is_exact_on_scheme_host_and_port(method: str, host: str, por
 def _self_signed() -> tuple[bytes, bytes]:
     key = generate_key(Algorithm.P256)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "repo")])
-    now = dt.datetime.now(dt.UTC)
+    now = SystemClock().now()
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -256,6 +257,7 @@ async def _proxy(repo: Repo, **kwargs: float) -> EgressProxy:
     return proxy
 
 
+@pytest.mark.real_clock
 async def test_allowed_origins_work_through_the_proxy(repo: Repo) -> None:
     proxy = await _proxy(repo)
     try:
@@ -282,6 +284,7 @@ async def test_allowed_origins_work_through_the_proxy(repo: Repo) -> None:
         await proxy.stop()
 
 
+@pytest.mark.real_clock
 async def test_sm_fetcher_library_urllib3_works_through_the_proxy(repo: Repo) -> None:
     proxy = await _proxy(repo)
     try:

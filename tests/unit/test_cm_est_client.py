@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
+from iotdlm.clock import SystemClock
 from iotdlm.cm import est
 from iotdlm.cm.server import server_tls_context
 from iotdlm.device import est_client
@@ -35,7 +35,7 @@ from iotdlm.pki.names import device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import make_csr, make_pki
 
-REAL_NOW = dt.datetime.now(dt.UTC)
+REAL_NOW = SystemClock().now()
 PKI = make_pki(now=REAL_NOW)  # real TLS checks validity against the real clock
 SERVER = PKI.module("cm", now=REAL_NOW)
 ROOT_PEM = certs_to_pem([PKI.root])
@@ -99,6 +99,7 @@ def _reply(body: bytes, ctype: str = est.CERTS_ONLY, status: int = 200, **header
     return handler
 
 
+@pytest.mark.real_clock
 async def test_enroll_sends_base64_pkcs10_and_checks_the_answer(fake: Fake) -> None:
     seen: dict[str, object] = {}
 
@@ -138,6 +139,7 @@ async def test_enroll_sends_base64_pkcs10_and_checks_the_answer(fake: Fake) -> N
         (_reply(b"", "text/plain", 418), InternalError, "418"),
     ],
 )
+@pytest.mark.real_clock
 async def test_enroll_refuses_bad_answers(fake: Fake, handler: Handler, error: type[Exception], match: str) -> None:
     fake.handlers["simpleenroll"] = handler
     async with _client(fake) as c:
@@ -145,6 +147,7 @@ async def test_enroll_refuses_bad_answers(fake: Fake, handler: Handler, error: t
             await c.simpleenroll(make_csr(KEY, "dev-1"))
 
 
+@pytest.mark.real_clock
 @pytest.mark.parametrize("status", [202, 503])
 async def test_retry_later(fake: Fake, status: int) -> None:
     fake.handlers["simpleenroll"] = _reply(b"later\n", "text/plain", status, **{"Retry-After": "42"})
@@ -169,6 +172,7 @@ async def test_nobody_listening_is_unavailable(tmp_path: Path) -> None:
             await c.cacerts()
 
 
+@pytest.mark.real_clock
 async def test_serverkeygen_checks_the_pair(fake: Fake) -> None:
     key = generate_key(Algorithm.P256)
     pkcs8 = key.private_bytes(
@@ -194,6 +198,7 @@ async def test_serverkeygen_checks_the_pair(fake: Fake) -> None:
             await c.serverkeygen(make_csr(KEY, "dev-1"))
 
 
+@pytest.mark.real_clock
 async def test_csrattrs_empty_and_garbage(fake: Fake) -> None:
     fake.handlers["csrattrs"] = _reply(b"", "application/csrattrs", 204)
     async with _client(fake) as c:

@@ -20,6 +20,7 @@ from cryptography.x509 import ocsp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iotdlm.clock import SystemClock
 from iotdlm.errors import BadRequestError, IotdlmError, TooLargeError
 from iotdlm.pki.ca import IssuingCA, PublicUrls, ca_name
 from iotdlm.pki.keys import Algorithm, KeySigner, PrivateKey, generate_key, verify_bytes
@@ -35,6 +36,7 @@ from iotdlm.pki.ocsp import (
 )
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import ORG, Pki, make_pki, pem
+from tests.tools import attime, ocsp_window
 
 HASHES = {
     "sha1": hashes.SHA1(),  # noqa: S303 -- OCSP CertIDs use SHA-1
@@ -57,7 +59,7 @@ class Env:
 
 def _make_env(alg: Algorithm = Algorithm.P256) -> Env:
     # openssl ocsp checks thisUpdate/nextUpdate against the real clock: build everything at "now"
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    now = SystemClock().now().replace(microsecond=0)
     pki = make_pki(alg, now=now)
     ca = pki.cas["operational"]
     rkey = generate_key(alg)
@@ -656,12 +658,15 @@ def _check_nonce_and_signature(f: Files, req: Path, resp: Path) -> subprocess.Co
     """-reqin and -respin without -cert: openssl checks the response's nonce against req's and
     verifies the signature (responder certificate up to -CAfile, delegated by the CertID's CA).
     With -cert, openssl builds a new request with a fresh nonce instead and reports a mismatch."""
-    return _run("ocsp", "-reqin", req, "-respin", resp, "-CAfile", f.chain, "-resp_text")
+    return _run("ocsp", "-reqin", req, "-respin", resp, "-CAfile", f.chain, "-resp_text", *attime(), *ocsp_window())
 
 
 def _status_for_leaf(f: Files, resp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """openssl computes the leaf's CertID itself and looks it up in the response."""
-    return _run("ocsp", "-issuer", f.ca, *extra, "-cert", f.leaf, "-no_nonce", "-respin", resp, "-CAfile", f.chain)
+    return _run(
+        "ocsp", "-issuer", f.ca, *extra, "-cert", f.leaf, "-no_nonce", "-respin", resp, "-CAfile", f.chain,
+        *attime(), *ocsp_window(),
+    )  # fmt: skip
 
 
 def _write_response(env: Env, f: Files, q: OcspQuery, status: CertStatus, name: str, *, nonce: bool = True) -> Path:

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from iotdlm import errors
+from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.pki.keys import Algorithm
 from iotdlm.pm import config as pmconfig
@@ -19,7 +20,7 @@ from iotdlm.repository import VendorRepository
 from iotdlm.sm import config as smconfig
 
 DTYPE = "boardA"
-NOW = dt.datetime.now(dt.UTC)
+NOW = SystemClock().now()
 
 
 @pytest.fixture(scope="module")

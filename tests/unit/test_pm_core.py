@@ -28,7 +28,7 @@ from iotdlm.bus.api import Message
 from iotdlm.bus.memory import MemoryBus, MemoryHub
 from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
-from iotdlm.clock import FixedClock
+from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.km import Km, KmService, KmSettings
 from iotdlm.modes.guard import ModeGuard
@@ -94,10 +94,10 @@ class LocalRepo:
 
 
 def make_local_repo(tmp: Path) -> LocalRepo:
-    repo = VendorRepository.init(tmp / "vendor", now=dt.datetime.now(dt.UTC))
+    repo = VendorRepository.init(tmp / "vendor", now=SystemClock().now())
     src = tmp / "fw.bin"
     src.write_bytes(os.urandom(200_000))
-    repo.publish(DTYPE, RELEASE, src, now=dt.datetime.now(dt.UTC), name="fw.bin")
+    repo.publish(DTYPE, RELEASE, src, now=SystemClock().now(), name="fw.bin")
     folder = tmp / "sm" / DTYPE / str(RELEASE)
     folder.mkdir(parents=True)
     (folder / "image").write_bytes(src.read_bytes())
@@ -244,13 +244,15 @@ async def line(tmp_path: Path) -> AsyncIterator[Line]:
         store.close()
 
 
-def chains_to_its_truststore(dev: SimulatedDevice, kind: str) -> x509.Certificate:
-    """What a relying device would do: RFC 5280 path validation against its own truststore."""
+def chains_to_its_truststore(dev: SimulatedDevice, kind: str, at: dt.datetime) -> x509.Certificate:
+    """What a relying device would do: RFC 5280 path validation against its own truststore, at
+    ``at`` -- the time of the clock that issued the certificate (a fixed date beside real-clock
+    issuance fails on a later day)."""
     cert = dev.certificate(kind)
     assert cert is not None
     truststore = dev.truststore()
     roots = [c for c in truststore if c.subject == c.issuer]
-    verifier = verification.PolicyBuilder().store(verification.Store(roots)).time(NOW).build_client_verifier()
+    verifier = verification.PolicyBuilder().store(verification.Store(roots)).time(at).build_client_verifier()
     verifier.verify(cert, [c for c in truststore if c.subject != c.issuer])
     return cert
 
@@ -282,8 +284,8 @@ async def test_csr_and_crmf_devices_get_software_truststore_config_and_both_cert
     for dev in (csr_dev, crmf_dev):
         assert dev.image_sha256() == line.local.sha256()
         assert dev.image_info() is not None
-        factory = chains_to_its_truststore(dev, "factory")
-        operational = chains_to_its_truststore(dev, "operational")
+        factory = chains_to_its_truststore(dev, "factory", NOW)
+        operational = chains_to_its_truststore(dev, "operational", NOW)
         assert factory.public_key() == operational.public_key() == dev.public_key()
         assert dev.config() == {
             "device_id": dev.device_id,
@@ -326,7 +328,7 @@ async def test_profiles_are_the_deployments_policy(line: Line) -> None:
     assert result.status == "complete"
     assert list(result.certificates) == ["factory"]
     assert dev.certificate("operational") is None
-    chains_to_its_truststore(dev, "factory")
+    chains_to_its_truststore(dev, "factory", NOW)
 
 
 # --- re-provisioning, resume, single failures -------------------------------------------------------
@@ -370,7 +372,7 @@ async def test_half_provisioned_device_resumes_from_the_first_step_not_done(line
     rec = line.store.get_provisioning("dev-1")
     assert rec is not None
     assert (rec.status, rec.attempts, rec.failed_step, rec.operator) == ("complete", 2, None, "bob")
-    chains_to_its_truststore(dev, "operational")
+    chains_to_its_truststore(dev, "operational", NOW)
 
 
 async def test_one_device_failing_does_not_stop_the_batch(line: Line) -> None:
@@ -581,7 +583,7 @@ async def test_table_1_software_first_then_certificates(line: Line) -> None:
         assert report.release_counter is None  # sm is off in this mode: never asked
     assert second.status == "complete"
     assert len(line.sm_loads) == 1
-    chains_to_its_truststore(dev, "factory")
+    chains_to_its_truststore(dev, "factory", NOW)
 
 
 async def test_a_pm_held_to_the_mode_refuses_when_none_is_published(line: Line) -> None:

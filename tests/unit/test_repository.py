@@ -29,6 +29,7 @@ from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-define
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
+from iotdlm.clock import SystemClock
 from iotdlm.errors import (
     BadRequestError,
     BadSignatureError,
@@ -675,7 +676,7 @@ def test_cli_walkthrough(tmp_path: Path) -> None:
     assert target is not None
     repo.record_report(_seal(target), now=NOW)
     assert "boardA" in ok("reports", "--dir", d)
-    tms = client_view(repo.path, repo.trusted_root(), dt.datetime.now(dt.UTC))
+    tms = client_view(repo.path, repo.trusted_root(), SystemClock().now())
     # one refresh signed both at the same time: timestamp with its new 2-day period, the role with 90 days
     assert tms["dtype-boardA"].expires - tms.timestamp.expires == dt.timedelta(days=88)
     assert tms.root.roles["root"].threshold == 2

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import msgspec
 import pytest
 
+from iotdlm.clock import SystemClock
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.repository import VendorRepository
 from iotdlm.sm import config as smconfig
 
-NOW = dt.datetime.now(dt.UTC)
+NOW = SystemClock().now()
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ from iotdlm.wire import software as sw
 from tests.helpers import Identity, make_pki, pem
 from tests.unit.test_software_check import add_target, forge_role
 
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+NOW = SystemClock().now().replace(microsecond=0)
 PKI = make_pki(now=NOW - dt.timedelta(days=1))
 SM = PKI.module("sm", now=NOW - dt.timedelta(days=1))
 DTYPE = "boardA"
@@ -110,7 +110,7 @@ class DirFetcher:
         assert url == f"{BASE}/reports"
         assert content_type == "application/jose"
         try:
-            self.repo.record_report(body, now=dt.datetime.now(dt.UTC))
+            self.repo.record_report(body, now=SystemClock().now())
         except IotdlmError as exc:
             return PostResponse(http_status(exc), msgspec.json.encode(exc.to_wire()))
         return PostResponse(201, b'{"status":"recorded"}')

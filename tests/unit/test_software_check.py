@@ -25,6 +25,7 @@ from tuf.api._payload import MetaFile, TargetFile, Targets
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
+from iotdlm.clock import SystemClock
 from iotdlm.errors import (
     BadRequestError,
     BadSignatureError,
@@ -38,7 +39,7 @@ from iotdlm.pki.keys import Algorithm, generate_key, verify_bytes
 from iotdlm.repository import VendorRepository
 from iotdlm.wire import software as sw
 
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+NOW = SystemClock().now().replace(microsecond=0)
 DTYPE = "boardA"
 SK_SM = generate_key(Algorithm.P256)
 PK_SM = SK_SM.public_key()

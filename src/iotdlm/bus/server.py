@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,15 @@ def render_config(cfg: NatsServerConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a nats-server whose owner is gone (a finalizer: it must not raise)."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
 class EmbeddedNatsServer:
     """A nats-server child process configured from a :class:`NatsServerConfig`.
 
@@ -228,6 +238,7 @@ class EmbeddedNatsServer:
         self.log_path = self.config_path.with_name(self.config_path.name + ".log")
         self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
+        self._reaper: weakref.finalize[[subprocess.Popen[bytes]], EmbeddedNatsServer] | None = None
 
     @property
     def url(self) -> str:
@@ -268,6 +279,10 @@ class EmbeddedNatsServer:
                 stdout=log,
                 stderr=log,
             )
+        # Whatever happens to the owner -- a test whose set-up failed before it could stop the
+        # server, an exception on the way out -- the process is killed when this object is
+        # collected or the interpreter exits; stop() and kill() cancel this.
+        self._reaper = weakref.finalize(self, _reap, self._proc)
         deadline = time.monotonic() + timeout
         while True:
             code = self._proc.poll()
@@ -307,6 +322,7 @@ class EmbeddedNatsServer:
         if proc is None:
             return
         self._proc = None
+        self._cancel_reaper()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -323,10 +339,16 @@ class EmbeddedNatsServer:
         if proc is None:
             return
         self._proc = None
+        self._cancel_reaper()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         proc.wait()
+
+    def _cancel_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.detach()
+            self._reaper = None
 
     def __enter__(self) -> EmbeddedNatsServer:
         self.start()
