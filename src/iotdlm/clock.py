@@ -20,7 +20,7 @@ from typing import Protocol
 OFFSET_ENV = "IOTDLM_CLOCK_OFFSET"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
-_OFFSET = re.compile(r"\s*([+-]?)(\d{1,6})\s*([smhdy])\s*")
+_OFFSET = re.compile(r"\s*([+-]?)([0-9]{1,6})\s*([smhdy])\s*", re.ASCII)
 
 
 class Clock(Protocol):
