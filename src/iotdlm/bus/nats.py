@@ -53,6 +53,9 @@ from iotdlm.bus.memory import (
 
 _T = TypeVar("_T")
 
+#: how long close() waits for cancelled handlers and for the connection to close
+_CLOSE_TIMEOUT = 5.0
+
 logger = logging.getLogger(__name__)
 
 #: how long a publish/subscribe confirmation (PING/PONG) may take before the bus is unavailable
@@ -618,11 +621,19 @@ class NatsBus:
             if task is not current:
                 task.cancel()
                 pending.append(task)
+        # Bounded: closing must never hang its caller (a supervisor stopping, a test tearing down);
+        # a handler that ignores its cancellation is logged and left behind.
         if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            _done, stuck = await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
+            if stuck:
+                logger.warning("%s: %d handler(s) still running after close", self._module, len(stuck))
         if not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+            try:
+                await asyncio.wait_for(self._nc.close(), _CLOSE_TIMEOUT)
+            except TimeoutError:
+                logger.warning("%s: the NATS connection did not close within %g s", self._module, _CLOSE_TIMEOUT)
+            except Exception as e:  # closing: nothing left to tell the caller
+                logger.debug("%s: close: %s", self._module, e)
 
 
 async def connect(
