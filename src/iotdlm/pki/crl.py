@@ -31,8 +31,13 @@ to an OpenSSL verifier that is not told to use deltas.
 
 The root CA's CRL (:func:`build_crl` with ``ca_certs=True``, for ``PublicUrls.crl("root", 0)``) lists
 revoked issuing-CA certificates: one full CRL, no partitions and no delta, so it carries no
-``freshestCRL``; its critical ``issuingDistributionPoint`` names that URL (what the issuing-CA
-certificates carry as their CRL distribution point) with ``onlyContainsCACerts``.
+``freshestCRL``. Its critical ``issuingDistributionPoint`` says only ``onlyContainsCACerts`` and
+names no distribution point: OpenSSL (``verify -crl_check_all``) checks the self-signed root
+against this CRL too, and a root without a CRL distribution point (ours has none) is out of the
+scope of a CRL whose IDP names one ("different CRL scope", x509_vfy.c ``crl_crldp_check``); an IDP
+without a name covers every CA certificate the root signed, whatever URL it was fetched from
+(RFC 5280 5.2.5 makes ``distributionPoint`` optional), and the issuing-CA certificates still name
+its URL in their CRL distribution point.
 
 Revocation reasons: :func:`revocation_reason` is what may enter as the reason of a revocation.
 ``removeFromCRL`` is not one (RFC 5280 5.3.1: it appears only in a delta CRL, for a certificate
@@ -162,7 +167,8 @@ def _crl_extension_reason(reason: str | None, *, delta: bool) -> x509.CRLReason 
 
 def _idp(url: str, *, ca_certs: bool = False) -> x509.IssuingDistributionPoint:
     return x509.IssuingDistributionPoint(
-        full_name=[x509.UniformResourceIdentifier(url)],
+        # the root's CRL names no distribution point: see the module docstring
+        full_name=None if ca_certs else [x509.UniformResourceIdentifier(url)],
         relative_name=None,
         only_contains_user_certs=not ca_certs,
         only_contains_ca_certs=ca_certs,
