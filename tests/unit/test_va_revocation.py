@@ -22,13 +22,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from iotdlm.bus import subjects as s
 from iotdlm.bus.memory import MemoryHub
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
 from iotdlm.km import KmService
 from iotdlm.km.va import ROOT, VaSettings
-from iotdlm.pki.crl import revocation_reason
+from iotdlm.pki.crl import REASONS, revocation_reason
 from tests.tools import attime
 from tests.va_pki import URLS, World, make_world
 
@@ -383,3 +385,17 @@ def test_the_deployment_config_carries_the_grace() -> None:
     DeploymentConfig(**base, superseded_grace_seconds=0).validate()  # type: ignore[arg-type]
     with pytest.raises(BadRequestError, match="superseded_grace_seconds"):
         DeploymentConfig(**base, superseded_grace_seconds=-1).validate()  # type: ignore[arg-type]
+
+
+@given(st.one_of(st.none(), st.text(max_size=40), st.sampled_from([*REFUSED, "keyCompromise", "Superseded"])))
+def test_revocation_reason_takes_any_text_and_never_lets_remove_from_crl_or_hold_through(name: str | None) -> None:
+    try:
+        out = revocation_reason(name)
+    except BadRequestError as exc:
+        field = exc.field
+        out = None
+    else:
+        field = "reason"
+        assert out is None or out in REASONS
+    assert field == "reason"
+    assert out not in ("removeFromCRL", "certificateHold", "unspecified")
