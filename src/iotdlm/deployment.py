@@ -77,6 +77,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     request_window_seconds: int = 300
     #: CRLs per issuing CA; fixed for the life of the deployment (certificates name their partition)
     crl_partitions: int = 64
+    #: how long a certificate superseded at re-enrollment stays good before OCSP and CRLs say
+    #: revoked (reason superseded); docs/operations.md says why
+    superseded_grace_seconds: int = 3600
     nats: NatsSettings = NatsSettings()
     profiles: dict[str, ProfileSettings] = {}
 
@@ -91,6 +94,10 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             check_id(d, "dtype")
         if not 1 <= self.crl_partitions <= 4096:
             raise BadRequestError("crl_partitions must be between 1 and 4096", field="crl_partitions")
+        if not 0 <= self.superseded_grace_seconds <= 30 * 86400:
+            raise BadRequestError(
+                "superseded_grace_seconds must be between 0 and 2592000 (30 days)", field="superseded_grace_seconds"
+            )
         if not self.public_url.startswith(("http://", "https://")):
             raise BadRequestError("public_url must start with http:// or https://", field="public_url")
         host = self.nats.host

@@ -12,10 +12,12 @@ from iotdlm.bus import Bus
 from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
 from iotdlm.clock import Clock
-from iotdlm.deployment import Deployment, ModuleIdentity
+from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.records import record_for
-from iotdlm.km.va import Va, VaSettings
+from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
+from iotdlm.pki.ca import IssuingCA, crl_partition
+from iotdlm.pki.keys import KeySigner, load_private_key_pem
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
 
@@ -58,11 +60,23 @@ def sealer_for(ident: ModuleIdentity) -> Sealer:
     return Sealer(ident.key, ident.certificate)
 
 
+def load_root(dep: Deployment, passphrase: bytes) -> IssuingCA:
+    """The root CA with its signer (decrypts ``ca/root.key.pem``): it signs the root's CRL."""
+    cert = dep.ca_certificate("root")
+    key = load_private_key_pem((dep.root / "ca" / "root.key.pem").read_bytes(), passphrase)
+    return IssuingCA(name=ROOT, certificate=cert, signer=KeySigner(key), chain=(cert,))
+
+
 def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes | None = None) -> Km:
-    """km's core with its validation authority, from a deployment (decrypts the CA keys)."""
-    cas = dep.load_cas(passphrase)
+    """km's core with its validation authority, from a deployment (decrypts the CA keys, the
+    root's included: km signs the root's CRL of issuing-CA certificates)."""
+    pw = passphrase if passphrase is not None else dep.passphrase()
+    cas = dep.load_cas(pw)
     profiles = dep.profiles()
-    va = Va(cas=cas, profiles=profiles, store=store, clock=clock, settings=VaSettings(urls=dep.public_urls))
+    settings = VaSettings(
+        urls=dep.public_urls, superseded_grace=dt.timedelta(seconds=dep.config.superseded_grace_seconds)
+    )
+    va = Va(cas=cas, profiles=profiles, store=store, clock=clock, settings=settings, root=load_root(dep, pw))
     return Km(
         cas=cas,
         profiles=profiles,
@@ -74,11 +88,19 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
 
 
 def record_identities(dep: Deployment, store: Store, now: dt.datetime) -> int:
-    """Record the module service certificates init issued (an auditor asks who issued what)."""
+    """Record the module service certificates init issued (an auditor asks who issued what; and
+    so that revoking one lists it on its partition's CRL of the service CA), and the issuing-CA
+    certificates, as certificates of issuer ``root`` (so revoking one lists it on the root's CRL)."""
     records = []
+    partitions = dep.config.crl_partitions
     for name in dep.identity_names():
-        ident = dep.identity(name)
-        if store.get_certificate("service", ident.certificate.serial_number) is None:
-            records.append(record_for(ident.certificate, "service", "service", None, "init", now))
+        cert = dep.identity(name).certificate
+        if store.get_certificate("service", cert.serial_number) is None:
+            partition = crl_partition(cert.serial_number, partitions)
+            records.append(record_for(cert, "service", "service", None, "init", now, crl_partition=partition))
+    for name in ISSUING_CAS:
+        cert = dep.ca_certificate(name)
+        if store.get_certificate(ROOT, cert.serial_number) is None:
+            records.append(ca_record(cert, "init", now))
     store.add_certificates(records)
     return len(records)

@@ -112,3 +112,78 @@ def test_revoke_with_a_bad_serial_is_a_clear_refusal(site: tuple[Path, list[x509
     assert r.exit_code == 4
     assert "not hexadecimal" in r.output
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("reason", ["removeFromCRL", "certificateHold"])
+def test_remove_from_crl_and_hold_are_refused_and_change_nothing(
+    site: tuple[Path, list[x509.Certificate]], reason: str
+) -> None:
+    data, certs = site
+    serial = format(certs[2].serial_number, "x")
+    for args in (
+        ["ca", "revoke", "--data", str(data), serial, "--reason", reason],
+        ["device", "revoke", "--data", str(data), "dev-2", "--reason", reason],
+        ["device", "decommission", "--data", str(data), "dev-2", "--reason", reason],
+        ["ca", "revoke-ca", "--data", str(data), "factory", "--reason", reason, "--yes"],
+    ):
+        r = CliRunner().invoke(main, args, env=ENV)
+        assert r.exit_code == 4, r.output
+        assert reason in r.output
+        assert "Traceback" not in r.output
+    assert "GOOD" in _run("va", "ocsp", "--data", str(data), "--serial", serial)
+    assert "1 certificate(s) revoked" in _run(
+        "device", "revoke", "--data", str(data), "dev-2", "--reason", "keyCompromise"
+    )
+
+
+@pytest.mark.openssl
+@needs_openssl
+def test_revoke_ca_needs_yes_and_lists_the_ca_on_the_root_crl(
+    site: tuple[Path, list[x509.Certificate]], tmp_path: Path
+) -> None:
+    data, _ = site
+    r = CliRunner().invoke(main, ["ca", "revoke-ca", "--data", str(data), "operational"], env=ENV)
+    assert r.exit_code == 4
+    assert "--yes" in r.output
+    crl_path = tmp_path / "root.crl"
+    _run("ca", "crl", "--data", str(data), "--issuer", "root", "--partition", "0", "--out", str(crl_path))
+    assert len(x509.load_der_x509_crl(crl_path.read_bytes())) == 0
+
+    out = _run("ca", "revoke-ca", "--data", str(data), "operational", "--reason", "cACompromise", "--yes")
+    assert "/crl/root/0.crl" in out
+    dep = Deployment.load(data)
+    ca_serial = dep.ca_certificate("operational").serial_number
+    _run("ca", "crl", "--data", str(data), "--issuer", "root", "--partition", "0", "--out", str(crl_path))
+    crl = x509.load_der_x509_crl(crl_path.read_bytes())
+    assert [e.serial_number for e in crl] == [ca_serial]
+    v = subprocess.run(
+        [
+            *("openssl", "crl", "-in", str(crl_path), "-inform", "DER", "-noout", "-verify"),
+            *("-CAfile", str(data / "ca" / "root.pem")),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert v.returncode == 0, v.stderr
+    assert "verify OK" in v.stdout + v.stderr
+    again = CliRunner().invoke(main, ["ca", "revoke-ca", "--data", str(data), "operational", "--yes"], env=ENV)
+    assert again.exit_code == 4
+    assert "already revoked" in again.output
+    assert "revocation" in _run("audit", "list", "--data", str(data), "--kind", "revocation")
+
+
+def test_the_cm_module_certificate_is_revocable_and_shows_on_ocsp_and_its_crl(
+    site: tuple[Path, list[x509.Certificate]], tmp_path: Path
+) -> None:
+    data, _ = site
+    dep = Deployment.load(data)
+    cm_cert = dep.identity("cm").certificate
+    serial = format(cm_cert.serial_number, "x")
+    assert "GOOD" in _run("va", "ocsp", "--data", str(data), "--serial", serial, "--issuer", "service")
+    _run("ca", "revoke", "--data", str(data), serial, "--issuer", "service", "--reason", "keyCompromise")
+    assert "REVOKED" in _run("va", "ocsp", "--data", str(data), "--serial", serial, "--issuer", "service")
+    partition = cm_cert.serial_number % dep.config.crl_partitions
+    crl = tmp_path / "s.crl"
+    _run("ca", "crl", "--data", str(data), "--issuer", "service", "--partition", str(partition), "--out", str(crl))
+    assert cm_cert.serial_number in {e.serial_number for e in x509.load_der_x509_crl(crl.read_bytes())}

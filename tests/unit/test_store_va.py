@@ -413,6 +413,44 @@ def test_iter_revoked_filters_by_issuer_partition_expiry_and_revocation_time(sto
     assert [s for s, _, _ in store.iter_revoked(CA, 6, not_after_from=T0)] == [3]
 
 
+def test_iter_revoked_lists_superseded_certificates_once_their_grace_has_passed(store: Store) -> None:
+    """A superseded certificate (``revoked_at`` = when it was superseded) is on the CRLs from
+    ``revoked_at + grace`` on, at that time and with reason superseded; deltas select it by that
+    time too."""
+    h = dt.timedelta(hours=1)
+    exp = T0 + dt.timedelta(days=100)
+
+    def superseded(serial: int, at: dt.datetime | None) -> CertRecord:
+        return dataclasses.replace(
+            make_cert(serial, crl_partition=5, not_after=exp), status="superseded", revoked_at=at, superseded_by=99
+        )
+
+    store.add_certificates(
+        [
+            _revoked(1, crl_partition=5, not_after=exp, at=T0 + h),
+            superseded(8, T0 + h),
+            superseded(10, T0 + 3 * h),
+            superseded(11, None),  # superseded without a time: never listed
+            dataclasses.replace(superseded(12, T0), crl_partition=6),  # another partition
+        ]
+    )
+
+    def run(as_of: dt.datetime, since: dt.datetime | None = None) -> list[tuple[int, dt.datetime, str | None]]:
+        return list(
+            store.iter_revoked(CA, 5, not_after_from=T0, revoked_since=since, superseded_grace=h, as_of=as_of, batch=2)
+        )
+
+    assert run(T0 + 2.5 * h) == [(1, T0 + h, "keyCompromise"), (8, T0 + 2 * h, "superseded")]
+    assert run(T0 + 2 * h) == [(1, T0 + h, "keyCompromise"), (8, T0 + 2 * h, "superseded")]  # grace just ended
+    assert [s for s, _, _ in run(T0 + 2 * h - dt.timedelta(microseconds=1))] == [1]
+    assert [s for s, _, _ in run(T0 + 5 * h)] == [1, 8, 10]
+    assert [s for s, _, _ in run(T0 + 2.5 * h, T0 + 1.5 * h)] == [8]  # delta: by the time it took effect
+    assert run(T0 + 2.5 * h, T0 + 2 * h) == []
+    assert [s for s, _, _ in run(T0 + 5 * h, T0 + 2 * h)] == [10]
+    # without a grace (the default), superseded certificates are not on CRLs
+    assert [s for s, _, _ in store.iter_revoked(CA, 5, not_after_from=T0)] == [1]
+
+
 def test_iter_revoked_of_impossible_keys_is_empty_and_bad_arguments_fail_at_once(store: Store) -> None:
     store.add_certificates([_revoked(1, crl_partition=0)])
     for issuer, partition in ((CA, -1), (CA, 4096), ("CN=\x00", 0), ("x" * 2000, 0)):

@@ -379,7 +379,7 @@ def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
 
 REASONS_HELP = (
     "RFC 5280 reason: keyCompromise, cACompromise, affiliationChanged, superseded, cessationOfOperation, "
-    "certificateHold, privilegeWithdrawn, aACompromise"
+    "privilegeWithdrawn, aACompromise (removeFromCRL and certificateHold are refused)"
 )
 
 
@@ -399,8 +399,12 @@ def _revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo
     answers, revoke directly in the store with the CA keys (needs the CA passphrase)."""
     from iotdlm.errors import UnavailableError
     from iotdlm.km.records import info
+    from iotdlm.pki.crl import revocation_reason
     from iotdlm.runtime import build_km, open_store
 
+    reason = kwargs.get("reason")
+    assert reason is None or isinstance(reason, str)
+    revocation_reason(reason)  # refused here, before km is asked (km refuses it too)
     try:
         return run(_revoke_remote(dep, **kwargs)), "through km"
     except UnavailableError:
@@ -411,9 +415,9 @@ def _revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo
         assert kmcore.va is not None
         va = kmcore.va
         actor = "admin (local CLI)"
-        reason = kwargs.get("reason")
-        assert reason is None or isinstance(reason, str)
-        if kwargs.get("serial") is not None:
+        if kwargs.get("ca") is not None:
+            recs = [va.revoke_ca(str(kwargs["ca"]), reason=reason, actor=actor)]
+        elif kwargs.get("serial") is not None:
             serial = int(str(kwargs["serial"]), 16)
             issuer = kwargs.get("issuer")
             recs = [va.revoke(serial, issuer=issuer if isinstance(issuer, str) else None, reason=reason, actor=actor)]
@@ -451,10 +455,35 @@ def ca_revoke(data: Path, serial: str, issuer: str | None, reason: str | None) -
     _print_revoked(revoked, how)
 
 
+@ca.command("revoke-ca")
+@data_option
+@click.argument("name", type=click.Choice(["factory", "operational", "service"]))
+@click.option("--reason", default=None, help=REASONS_HELP)
+@click.option("--yes", is_flag=True, help="Confirm: every certificate the CA issued stops validating.")
+@handle_errors
+def ca_revoke_ca(data: Path, name: str, reason: str | None, yes: bool) -> None:
+    """Revoke an issuing CA's certificate: the root's CRL lists it, so relying parties that check
+    the chain reject everything that CA ever issued. There is no undo."""
+    if not yes:
+        raise BadRequestError(
+            f"revoking the {name} CA makes every certificate it issued fail validation, and cannot be "
+            "undone; run again with --yes if that is what you want",
+            field="yes",
+        )
+    dep = Deployment.load(data)
+    revoked, how = _revoke(dep, ca=name, reason=reason)
+    _print_revoked(revoked, how)
+    console.print(f"the {name} CA is revoked; the root's CRL ({dep.public_urls.crl('root', 0)}) lists it")
+
+
 @ca.command("crl")
 @data_option
 @click.option(
-    "--issuer", type=click.Choice(["factory", "operational", "service"]), default="operational", show_default=True
+    "--issuer",
+    type=click.Choice(["factory", "operational", "service", "root"]),
+    default="operational",
+    show_default=True,
+    help="An issuing CA, or root: the root's one CRL (partition 0, no delta) of issuing-CA certificates.",
 )
 @click.option("--partition", type=int, default=None, help="One partition (default: all, written to --out as a folder).")
 @click.option("--delta", is_flag=True, help="Delta CRLs instead of full ones.")
@@ -475,7 +504,7 @@ def ca_crl(data: Path, issuer: str, partition: int | None, delta: bool, out: Pat
             console.print(f"CRL {issuer}/{partition} number {rec.number} ({len(rec.der)} bytes) written to {out}")
             return
         out.mkdir(parents=True, exist_ok=True)
-        parts = dep.config.crl_partitions
+        parts = 1 if issuer == "root" else dep.config.crl_partitions
         total = 0
         with _progress() as progress:
             task = progress.add_task(f"{issuer} CRLs", total=parts)

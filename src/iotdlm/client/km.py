@@ -57,9 +57,10 @@ class KmClient:
         device_id: str | None = None,
         reason: str | None = None,
         decommission: bool = False,
+        ca: str | None = None,
     ) -> list[msg.CertificateInfo]:
         body = msg.RevokeRequest(
-            serial=serial, issuer=issuer, device_id=device_id, reason=reason, decommission=decommission
+            serial=serial, issuer=issuer, device_id=device_id, reason=reason, decommission=decommission, ca=ca
         )
         reply = await self.bus.request(s.KM_REVOKE, self._seal(OP_REVOKE, body), timeout=self.timeout)
         return msg.decode(reply, msg.RevokeResponse, what="km reply").revoked

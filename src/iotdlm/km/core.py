@@ -494,6 +494,8 @@ class Km:
         authorize_revocation(principal)
         req = msg.decode(env.body, msg.RevokeRequest)
         actor = principal.describe()
+        if req.ca is not None:
+            return msg.RevokeResponse(revoked=[info(self.va.revoke_ca_request(req, actor=actor))])
         if (req.serial is None) == (req.device_id is None):
             raise BadRequestError("give exactly one of serial or device_id", field="serial")
         if req.serial is not None:

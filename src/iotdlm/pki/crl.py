@@ -29,6 +29,21 @@ OpenSSL's CRL selection does not set delta CRLs aside and takes the newest match
 delta -- as the complete one, so a certificate listed only in the base passes. Never hand a delta
 to an OpenSSL verifier that is not told to use deltas.
 
+The root CA's CRL (:func:`build_crl` with ``ca_certs=True``, for ``PublicUrls.crl("root", 0)``) lists
+revoked issuing-CA certificates: one full CRL, no partitions and no delta, so it carries no
+``freshestCRL``. Its critical ``issuingDistributionPoint`` says only ``onlyContainsCACerts`` and
+names no distribution point: OpenSSL (``verify -crl_check_all``) checks the self-signed root
+against this CRL too, and a root without a CRL distribution point (ours has none) is out of the
+scope of a CRL whose IDP names one ("different CRL scope", x509_vfy.c ``crl_crldp_check``); an IDP
+without a name covers every CA certificate the root signed, whatever URL it was fetched from
+(RFC 5280 5.2.5 makes ``distributionPoint`` optional), and the issuing-CA certificates still name
+its URL in their CRL distribution point.
+
+Revocation reasons: :func:`revocation_reason` is what may enter as the reason of a revocation.
+``removeFromCRL`` is not one (RFC 5280 5.3.1: it appears only in a delta CRL, for a certificate
+taken off hold), and neither is ``certificateHold``: this CA has no way to release a hold, so a
+hold would be a revocation that claims to be temporary.
+
 Entry extensions: ``reasonCode`` when a reason is known. ``unspecified`` is written as no reason
 code (RFC 5280 5.3.1: the extension "SHOULD be absent instead of using the unspecified (0)
 reasonCode value"), and ``removeFromCRL`` is only allowed in a delta CRL.
@@ -107,6 +122,32 @@ def parse_reason(name: str) -> x509.ReasonFlags:
     return flag
 
 
+#: reasons a revocation may not be given (see the module docstring)
+_NOT_FOR_REVOCATION: dict[x509.ReasonFlags, str] = {
+    x509.ReasonFlags.remove_from_crl: (
+        "removeFromCRL is not a revocation reason: RFC 5280 5.3.1 allows it only in a delta CRL, for a "
+        "certificate taken off hold"
+    ),
+    x509.ReasonFlags.certificate_hold: (
+        "certificateHold is not supported: this CA cannot release a hold, so revoke for good with "
+        "another reason (e.g. keyCompromise, cessationOfOperation)"
+    ),
+}
+
+
+def revocation_reason(name: str | None) -> str | None:
+    """The RFC 5280 name of a reason given for a revocation (``None`` for none or
+    ``unspecified``, written as no reasonCode). Unknown names, ``removeFromCRL`` and
+    ``certificateHold`` are BadRequestErrors that say why."""
+    if name is None:
+        return None
+    flag = parse_reason(name)
+    refusal = _NOT_FOR_REVOCATION.get(flag)
+    if refusal is not None:
+        raise BadRequestError(refusal, field="reason")
+    return None if flag is x509.ReasonFlags.unspecified else flag.value
+
+
 def _utc(value: dt.datetime, what: str) -> dt.datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware")
@@ -124,12 +165,13 @@ def _crl_extension_reason(reason: str | None, *, delta: bool) -> x509.CRLReason 
     return _REASON_EXT[flag]
 
 
-def _idp(url: str) -> x509.IssuingDistributionPoint:
+def _idp(url: str, *, ca_certs: bool = False) -> x509.IssuingDistributionPoint:
     return x509.IssuingDistributionPoint(
-        full_name=[x509.UniformResourceIdentifier(url)],
+        # the root's CRL names no distribution point: see the module docstring
+        full_name=None if ca_certs else [x509.UniformResourceIdentifier(url)],
         relative_name=None,
-        only_contains_user_certs=True,
-        only_contains_ca_certs=False,
+        only_contains_user_certs=not ca_certs,
+        only_contains_ca_certs=ca_certs,
         only_some_reasons=None,
         indirect_crl=False,
         only_contains_attribute_certs=False,
@@ -146,9 +188,11 @@ def build_crl(
     partition: int,
     urls: PublicUrls,
     delta_base: int | None = None,
+    ca_certs: bool = False,
 ) -> x509.CertificateRevocationList:
     """Sign the full CRL (``delta_base`` None) or the delta CRL against base CRL ``delta_base``
-    of ``partition`` of ``ca``. Entries are written in serial order; a serial listed twice, naive
+    of ``partition`` of ``ca``; with ``ca_certs`` the root's CRL of CA certificates (one full CRL,
+    partition 0, no delta). Entries are written in serial order; a serial listed twice, naive
     datetimes, or numbers out of range are caller bugs (ValueError)."""
     this_update = _utc(this_update, "this_update")
     next_update = _utc(next_update, "next_update")
@@ -159,6 +203,8 @@ def build_crl(
     if not 0 <= partition < urls.crl_partitions:
         raise ValueError(f"partition {partition} out of range 0..{urls.crl_partitions - 1}")
     delta = delta_base is not None
+    if ca_certs and (delta or partition != 0):
+        raise ValueError("the CRL of CA certificates is one full CRL: partition 0, no delta")
     if delta_base is not None and not 0 <= delta_base < number:
         raise ValueError(f"delta base CRL number {delta_base} must be below this CRL's number {number}")
 
@@ -188,11 +234,11 @@ def build_crl(
         .next_update(next_update)
         .add_extension(x509.CRLNumber(number), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .add_extension(_idp(urls.crl(ca.name, partition)), critical=True)
+        .add_extension(_idp(urls.crl(ca.name, partition), ca_certs=ca_certs), critical=True)
     )
     if delta_base is not None:
         builder = builder.add_extension(x509.DeltaCRLIndicator(delta_base), critical=True)
-    else:
+    elif not ca_certs:
         freshest = x509.DistributionPoint(
             full_name=[x509.UniformResourceIdentifier(urls.crl(ca.name, partition, delta=True))],
             relative_name=None,

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
+from iotdlm import errors
 from iotdlm.wire import audit as wire_audit
 
 CERT_VALID: Final = "valid"
@@ -111,6 +112,19 @@ def findable_serial(serial: int) -> str | None:
     if isinstance(serial, bool) or not isinstance(serial, int):
         raise ValueError(f"serial must be an int, got {type(serial).__name__}")
     return format(serial, "x") if 0 <= serial <= MAX_SERIAL else None
+
+
+#: reasons no revocation may carry (RFC 5280 5.3.1: removeFromCRL belongs in delta CRLs only; this
+#: CA cannot release a certificateHold); compared without case, ``_`` and spaces
+NOT_REVOCATION_REASONS: Final = frozenset({"removefromcrl", "certificatehold"})
+
+
+def check_revocation_reason(reason: str | None) -> None:
+    """Refuse the reasons no revocation may be stored with (the VA refuses them first)."""
+    if reason is not None and reason.replace("_", "").replace(" ", "").lower() in NOT_REVOCATION_REASONS:
+        raise errors.BadRequestError(
+            f"{reason} is not a revocation reason this CA records (RFC 5280 5.3.1)", field="reason"
+        )
 
 
 def check_aware(field: str, value: dt.datetime) -> None:

@@ -45,11 +45,13 @@ from sqlalchemy import (
     Engine,
     Row,
     Select,
+    and_,
     bindparam,
     create_engine,
     delete,
     event,
     func,
+    or_,
     select,
     text,
     type_coerce,
@@ -899,6 +901,7 @@ class Store:
     def _check_revocation(reason: str | None, at: dt.datetime, actor: str) -> None:
         if reason is not None:
             r.check_text("reason", reason, r.REASON_LEN)
+            r.check_revocation_reason(reason)
         r.check_aware("at", at)
         r.check_text("actor", actor, r.ACTOR_LEN)
 
@@ -1040,7 +1043,6 @@ class Store:
         return [
             certificates.c.issuer == issuer,
             certificates.c.crl_partition == partition,
-            certificates.c.status == r.CERT_REVOKED,
             certificates.c.not_after >= not_after_from,
         ]
 
@@ -1051,11 +1053,19 @@ class Store:
         *,
         not_after_from: dt.datetime,
         revoked_since: dt.datetime | None = None,
+        superseded_grace: dt.timedelta | None = None,
+        as_of: dt.datetime | None = None,
         batch: int = 5000,
     ) -> Iterator[tuple[int, dt.datetime, str | None]]:
         """``(serial, revoked_at, reason)`` of every revoked certificate of ``issuer`` in CRL
         partition ``partition`` whose ``not_after`` is at or after ``not_after_from`` (expired
         certificates drop off CRLs) and, if ``revoked_since`` is given, revoked after it (delta CRLs).
+
+        With ``superseded_grace`` (and ``as_of``, the time the CRL is made), a superseded
+        certificate counts as revoked once the grace after it was superseded (its ``revoked_at``)
+        has passed by ``as_of``: it is reported revoked at ``revoked_at + superseded_grace`` with
+        reason ``superseded``, and ``revoked_since`` applies to that time. Both selections use the
+        index on (issuer, crl_partition, status, revoked_at) for deltas.
 
         Streams in issue order, ``batch`` rows per query, each query its own short read transaction
         (keyset pagination on the row id): memory stays bounded however many rows match, and no
@@ -1066,19 +1076,45 @@ class Store:
         """
         if revoked_since is not None:
             r.check_aware("revoked_since", revoked_since)
+        if superseded_grace is not None:
+            if as_of is None:
+                raise ValueError("superseded_grace needs as_of, the time the CRL is made")
+            r.check_aware("as_of", as_of)
+            if superseded_grace < dt.timedelta(0):
+                raise ValueError("superseded_grace must not be negative")
         _check_batch_size(batch)
         where = self._revoked_filters(issuer, partition, not_after_from)
         if where is None:
             return iter(())
         revoked_at = type_coerce(func.coalesce(certificates.c.revoked_at, certificates.c.created_at), UTCDateTime())
+        revoked: list[ColumnElement[bool]] = [certificates.c.status == r.CERT_REVOKED]
         if revoked_since is not None:
             # on the indexed column (issuer, crl_partition, status, revoked_at): a delta is made after
             # every revocation. A row revoked without a time is in the full CRLs, not in deltas.
-            where.append(certificates.c.revoked_at > revoked_since)
-        base = select(certificates.c.id, certificates.c.serial_hex, revoked_at, certificates.c.revocation_reason)
-        return self._iter_revoked(base.where(*where), batch)
+            revoked.append(certificates.c.revoked_at > revoked_since)
+        status: ColumnElement[bool] = and_(*revoked)
+        if superseded_grace is not None:
+            assert as_of is not None
+            superseded = [
+                certificates.c.status == r.CERT_SUPERSEDED,
+                certificates.c.revoked_at <= as_of - superseded_grace,
+            ]
+            if revoked_since is not None:
+                superseded.append(certificates.c.revoked_at > revoked_since - superseded_grace)
+            status = or_(status, and_(*superseded))
+        where.append(status)
+        base = select(
+            certificates.c.id,
+            certificates.c.serial_hex,
+            revoked_at,
+            certificates.c.revocation_reason,
+            certificates.c.status,
+        )
+        return self._iter_revoked(base.where(*where), batch, superseded_grace or dt.timedelta(0))
 
-    def _iter_revoked(self, base: Select[Any], batch: int) -> Iterator[tuple[int, dt.datetime, str | None]]:
+    def _iter_revoked(
+        self, base: Select[Any], batch: int, grace: dt.timedelta
+    ) -> Iterator[tuple[int, dt.datetime, str | None]]:
         last_id: int | None = None
         while True:
             stmt = base if last_id is None else base.where(certificates.c.id > last_id)
@@ -1086,7 +1122,10 @@ class Store:
             with self._guard("listing revoked certificates"), self._tx(write=False) as conn:
                 rows = conn.execute(stmt).all()
             for row in rows:
-                yield r.serial_from_hex(row[1]), row[2], row[3]
+                if row[4] == r.CERT_SUPERSEDED:
+                    yield r.serial_from_hex(row[1]), row[2] + grace, row[3] or "superseded"
+                else:
+                    yield r.serial_from_hex(row[1]), row[2], row[3]
             if len(rows) < batch:
                 return
             last_id = int(rows[-1][0])
@@ -1096,6 +1135,7 @@ class Store:
         where = self._revoked_filters(issuer, partition, not_after_from)
         if where is None:
             return 0
+        where.append(certificates.c.status == r.CERT_REVOKED)
         stmt = select(func.count()).select_from(certificates).where(*where)
         with self._guard("counting revoked certificates"), self._tx(write=False) as conn:
             return int(conn.execute(stmt).scalar_one())

@@ -46,13 +46,16 @@ class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RevokeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Revoke one certificate (``serial``), or every certificate of ``device_id``; with
-    ``decommission`` the device is also retired (End-of-Life) and km refuses it from then on."""
+    ``decommission`` the device is also retired (End-of-Life) and km refuses it from then on.
+    With ``ca`` (and nothing else to revoke), the certificate of that issuing CA (on the root's
+    CRL). ``reason`` may not be removeFromCRL or certificateHold."""
 
     serial: str | None = None  # hex
     issuer: str | None = None
     device_id: str | None = None
     reason: str | None = None  # RFC 5280 name, e.g. keyCompromise
     decommission: bool = False
+    ca: str | None = None  # an issuing CA's name: factory, operational or service
 
 
 class EstRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
