@@ -798,3 +798,72 @@ async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
     async with site.est() as est:
         with pytest.raises(EstUnavailableError, match="unknown"):
             await est.cacerts()
+
+
+# --- TLS alerts (RFC 8446 6.2) --------------------------------------------------------------------
+def _client_certificates(site: Site) -> dict[str, tuple[PrivateKey, x509.Certificate]]:
+    """An expired operational certificate of ours, and a certificate from a foreign CA."""
+    from iotdlm.pki.profiles import DEFAULT_PROFILES
+    from tests.helpers import make_pki
+
+    cas = site.dep.load_cas(PASSPHRASE)
+    now = site.clock.now()
+    key = generate_key(Algorithm.P256)
+    expired = cas["operational"].issue(
+        DEFAULT_PROFILES["operational"], key.public_key(), device_subject("dev-old", "T", DTYPE),
+        now=now - dt.timedelta(days=200), serial=x509.random_serial_number(), uris=[device_uri("dev-old")],
+    )  # fmt: skip
+    foreign = make_pki().cas["factory"].issue(
+        DEFAULT_PROFILES["factory"], key.public_key(), device_subject("dev-s", "T", DTYPE),
+        now=now, serial=x509.random_serial_number(), uris=[device_uri("dev-s")],
+    )  # fmt: skip
+    return {"expired": (key, expired), "foreign": (key, foreign)}
+
+
+@pytest.mark.real_clock
+@needs_openssl
+@pytest.mark.openssl
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+async def test_a_refused_client_certificate_gets_a_tls_alert_openssl(site: Site, version: str) -> None:
+    """openssl s_client prints the alert it received; a dropped connection prints none."""
+    root = site.write("root.pem", site.root_pem)
+    expected = {"expired": b"alert certificate expired", "foreign": b"alert unknown ca"}
+    for kind, (key, cert) in _client_certificates(site).items():
+        site.write(f"{kind}.pem", certs_to_pem([cert]))
+        site.write(f"{kind}.key", private_key_to_pem(key, None))
+        r = await asyncio.to_thread(
+            subprocess.run,
+            ["openssl", "s_client", version, "-connect", f"127.0.0.1:{site.cm.https_port}", "-CAfile", str(root),
+             "-cert", str(site.files / f"{kind}.pem"), "-key", str(site.files / f"{kind}.key"), "-ign_eof"],
+            input=b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: cm\r\nConnection: close\r\n\r\n",
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        out = r.stdout + r.stderr
+        assert expected[kind] in out, (kind, version, out.decode(errors="replace")[-2000:])
+
+
+async def _first_byte(site: Site, ctx: ssl.SSLContext) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+    try:
+        writer.write(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: cm\r\n\r\n")
+        await writer.drain()
+        return await reader.read(1)  # TLS 1.3: the client learns of the refusal on its first read
+    finally:
+        writer.close()
+
+
+@pytest.mark.real_clock
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_refused_client_certificate_gets_a_tls_alert_python(site: Site, version: ssl.TLSVersion) -> None:
+    """Python's ssl as the client: an SSLError naming the alert, not an EOF."""
+    for kind, (key, cert) in _client_certificates(site).items():
+        ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+        ctx.check_hostname = False
+        ctx.minimum_version = ctx.maximum_version = version
+        site.write(f"{kind}.pem", certs_to_pem([cert]))
+        site.write(f"{kind}.key", private_key_to_pem(key, None))
+        ctx.load_cert_chain(str(site.files / f"{kind}.pem"), str(site.files / f"{kind}.key"))
+        with pytest.raises(ssl.SSLError) as info:
+            await _first_byte(site, ctx)
+        alert = {"expired": "CERTIFICATE_EXPIRED", "foreign": "UNKNOWN_CA"}[kind]
+        assert alert in str(info.value), (kind, version, info.value)

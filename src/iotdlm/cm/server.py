@@ -46,6 +46,7 @@ import datetime as dt
 import logging
 import ssl
 import tempfile
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Protocol
@@ -639,15 +640,12 @@ class TlsSite(web.TCPSite):
         peer = transport.get_extra_info("peername")
         who = str(peer[0]) if peer else "?"
         handler = server()
-        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                transport, handler, ctx, server_side=True, ssl_handshake_timeout=self._handshake_timeout
-            )
+            tls = await _start_tls(transport, handler, ctx, handshake_timeout=self._handshake_timeout)
         except ssl.SSLError as exc:
             detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
             log.warning("refused a TLS handshake from %s: %s", who, detail)
-            transport.abort()
+            transport.close()  # not abort(): that would drop the alert still on its way out
             return
         except (TimeoutError, ConnectionError, OSError) as exc:
             log.warning("refused a TLS handshake from %s: %s", who, str(exc) or type(exc).__name__)
@@ -657,6 +655,63 @@ class TlsSite(web.TCPSite):
             transport.abort()
             return
         handler.connection_made(tls)
+
+
+class _AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's server-side TLS protocol, except that a refused handshake ends with OpenSSL's TLS
+    alert on the wire (RFC 8446 6.2: "certificate expired", "unknown CA", ...) before the close.
+
+    Python 3.11's SSLProtocol, on a failed handshake, force-closes the transport with the alert
+    OpenSSL has written still in its outgoing memory BIO: the client sees an EOF and cannot tell
+    why it was refused. Here the BIO is flushed first and the transport closed gracefully (what
+    is buffered is sent before the FIN). Private asyncio API: tested against every supported
+    Python by tests/integration/test_cm.py (openssl s_client and Python's ssl see the alert)."""
+
+    _refused = False
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            self._refused = True
+            with contextlib.suppress(Exception):
+                self._process_outgoing()  # type: ignore[attr-defined]  # the alert, into the transport
+        super()._on_handshake_complete(handshake_exc)
+
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on transport") -> None:
+        transport = self._transport
+        if self._refused and transport is not None:
+            transport.close()  # TlsSite logs the refusal; close() sends the buffered alert first
+            return
+        super()._fatal_error(exc, message)
+
+
+async def _start_tls(
+    transport: asyncio.Transport, protocol: asyncio.Protocol, ctx: ssl.SSLContext, *, handshake_timeout: float
+) -> asyncio.Transport:
+    """``loop.start_tls(transport, protocol, ctx, server_side=True)`` with :class:`_AlertingSSLProtocol`
+    (the same steps as asyncio's own start_tls)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    tls = _AlertingSSLProtocol(
+        loop,
+        protocol,
+        ctx,
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]  # typeshed says int; asyncio takes float
+        call_connection_made=False,
+    )
+    transport.pause_reading()  # nothing reaches the TLS protocol before connection_made
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resume = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    return tls._app_transport
 
 
 class _TlsAccept(asyncio.Protocol):
