@@ -867,3 +867,41 @@ async def test_a_refused_client_certificate_gets_a_tls_alert_python(site: Site, 
             await _first_byte(site, ctx)
         alert = {"expired": "CERTIFICATE_EXPIRED", "foreign": "UNKNOWN_CA"}[kind]
         assert alert in str(info.value), (kind, version, info.value)
+
+
+# --- HTTP versions ---------------------------------------------------------------------------------
+async def _raw_exchange(site: Site, listener: str, request: bytes) -> bytes:
+    """Send ``request`` on a raw connection to one listener; everything cm sends until it closes."""
+    if listener == "https":
+        ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+        ctx.check_hostname = False
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+    else:
+        assert site.cm.http_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.http_port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await _closed_by_server(reader, within=15)
+    finally:
+        writer.close()
+
+
+@pytest.mark.real_clock
+@pytest.mark.parametrize("listener", ["http", "https"])
+async def test_http_0_9_and_unknown_versions_are_refused(site: Site, listener: str) -> None:
+    """An HTTP/0.9 request line (no version) or a version cm does not speak: 505 in HTTP/1.1, then
+    the connection is closed (RFC 9110 15.6.6). HTTP/1.0 and 1.1 are served."""
+    path = "/crl/operational/0.crl"
+    for line in (f"GET {path}\r\n\r\n", f"GET {path} HTTP/0.9\r\n\r\n", f"GET {path} HTTP/2.0\r\n\r\n"):
+        sent = await _raw_exchange(site, listener, line.encode())
+        assert sent.startswith(b"HTTP/1.1 505 "), (line, sent[:200])
+        head, _, body = sent.partition(b"\r\n\r\n")
+        assert b"connection: close" in head.lower(), head
+        assert b"HTTP/1.0" in body
+        assert b"Traceback" not in body
+    for version in (b"1.0", b"1.1"):
+        sent = await _raw_exchange(
+            site, listener, b"GET " + path.encode() + b" HTTP/" + version + b"\r\nHost: cm\r\nConnection: close\r\n\r\n"
+        )
+        assert sent.startswith(b"HTTP/" + version + b" 200 "), sent[:200]

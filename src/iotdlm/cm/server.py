@@ -21,6 +21,8 @@ device decommissioned and the like                     409
 km unavailable, or the operation mode forbids it       503 with ``Retry-After``
 cm <-> km relay failed (km internal error, replay,     502
 NATS permission)
+an HTTP/0.9 request line (no version), or a version   505, in HTTP/1.1 (the connection is
+other than 1.0 and 1.1                                 closed)
 =====================================================  =====================================
 
 Why 401 for a missing certificate: RFC 7030 3.2.3 and 3.3.2 have the server authenticate the client
@@ -51,7 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from cryptography import x509
 
 from iotdlm.clock import Clock
@@ -83,6 +85,9 @@ log = logging.getLogger(__name__)
 OCSP_REQUEST = "application/ocsp-request"
 OCSP_RESPONSE = "application/ocsp-response"
 PKIX_CRL = "application/pkix-crl"
+
+#: the HTTP versions cm speaks; anything else (an HTTP/0.9 request line included) gets 505
+HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 #: the EST operations cm relays to km (RFC 7030 4.2, 4.4)
 ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
@@ -373,6 +378,8 @@ class CmApp:
     ) -> web.StreamResponse:
         if self._watching:
             self._served.add(id(request.protocol))
+        if request.version not in HTTP_VERSIONS:
+            return self._refuse_version(request)
         try:
             return await handler(request)
         except _Refused as r:
@@ -410,6 +417,18 @@ class CmApp:
         except Exception:
             log.exception("%s %s from %s failed", request.method, request.path, _describe_peer(request))
             return text_response(500, "internal error")
+
+    def _refuse_version(self, request: web.BaseRequest) -> web.Response:
+        """505 for an HTTP/0.9 request line (no version: aiohttp's parser calls it 0.9 and would
+        answer ``HTTP/0.9 200``) or a version other than 1.x, answered in HTTP/1.1 and closed."""
+        version = f"{request.version.major}.{request.version.minor}"
+        self._log_refusal(request, 505, "http_version", f"HTTP/{version} request line")
+        # aiohttp writes the status line in the request's version (``request.version``, a reified
+        # property cached in ``_cache``) and has no public way to say otherwise
+        request._cache["version"] = HttpVersion11
+        resp = text_response(505, "HTTP/1.0 or HTTP/1.1 required")
+        resp.force_close()
+        return resp
 
     def _log_refusal(self, request: web.BaseRequest, status: int, code: str, message: str) -> None:
         log.warning(
