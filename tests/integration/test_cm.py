@@ -46,6 +46,7 @@ from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
 from iotdlm.store import Store
 from tests.fixtures_nats import RunningNats, start_nats
 from tests.helpers import make_csr
+from tests.tools import attime, ocsp_window
 
 pytestmark = pytest.mark.nats
 
@@ -428,23 +429,22 @@ async def test_refusals(site: Site) -> None:
             assert resp.status == 404
         async with http.get(url, ssl=ctx) as resp:
             assert resp.status == 405
-        # OCSP: wrong content type, garbage GET path (an OCSP malformedRequest answer), too large
-        async with http.post(f"{site.http}/ocsp", data=b"x", headers={"Content-Type": "text/plain"}) as resp:
-            assert resp.status == 415
-        async with http.get(f"{site.http}/ocsp/@@@") as resp:
-            assert resp.status == 400
-            answer = ocsp.load_der_ocsp_response(await resp.read())
-            assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
-        async with http.post(
-            f"{site.http}/ocsp", data=b"0" * 9000, headers={"Content-Type": "application/ocsp-request"}
-        ) as resp:
-            assert resp.status == 413
-        async with http.post(
-            f"{site.http}/ocsp", data=b"garbage", headers={"Content-Type": "application/ocsp-request"}
-        ) as resp:
-            assert resp.status == 200
-            answer = ocsp.load_der_ocsp_response(await resp.read())
-            assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        # OCSP, one rule for GET and POST: wrong content type, garbage GET path, too large, not DER
+        # -- an OCSPResponse malformedRequest with HTTP 200, on both listeners
+        for base, tls in ((site.http, None), (site.https, ctx)):
+            for method, path, headers, body in (
+                ("POST", "/ocsp", {"Content-Type": "text/plain"}, b"x"),
+                ("POST", "/ocsp", {}, b"x"),
+                ("GET", "/ocsp/@@@", {}, None),
+                ("GET", "/ocsp/" + base64.b64encode(b"garbage").decode(), {}, None),
+                ("POST", "/ocsp", {"Content-Type": "application/ocsp-request"}, b"0" * 9000),
+                ("POST", "/ocsp", {"Content-Type": "application/ocsp-request"}, b"garbage"),
+            ):
+                async with http.request(method, base + path, data=body, headers=headers, ssl=tls) as resp:
+                    assert resp.status == 200, (base, method, path, headers)
+                    assert resp.headers["Content-Type"] == "application/ocsp-response"
+                    answer = ocsp.load_der_ocsp_response(await resp.read())
+                    assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST, (method, path)
     # a foreign client certificate does not get past TLS
     from tests.helpers import make_pki
 
@@ -481,7 +481,7 @@ async def test_km_down_means_503_with_retry_after(site: Site) -> None:
             headers={"Content-Type": "application/ocsp-request"},
         ) as resp,
     ):
-        assert resp.status == 503
+        assert resp.status == 200  # the refusal is the OCSP status (cm.server's module doc)
         assert resp.headers["Retry-After"] == "7"
         answer = ocsp.load_der_ocsp_response(await resp.read())
         assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
@@ -532,22 +532,45 @@ async def test_slowloris_head_is_cut_off(site: Site) -> None:
     assert not task.done() or task.cancelled() or task.exception() is not None
 
 
-@pytest.mark.real_clock
-async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
-    reader, writer = await _tls_connect(site)
-    writer.write(
-        b"POST /ocsp HTTP/1.1\r\nHost: cm\r\nContent-Type: application/ocsp-request\r\nContent-Length: 400\r\n\r\n"
-    )
+async def _slow_body(site: Site, head: bytes, ctx: ssl.SSLContext | None = None) -> bytes:
+    if ctx is None:
+        reader, writer = await _tls_connect(site)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+    writer.write(head)
     task = asyncio.create_task(_dribble(writer, b"0" * 400))
     try:
-        sent = await _closed_by_server(reader, within=15)
+        return await _closed_by_server(reader, within=15)
     finally:
         task.cancel()
         with pytest.raises((asyncio.CancelledError, ConnectionError, ssl.SSLError)):
             await task
         writer.close()
+
+
+@pytest.mark.real_clock
+async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
+    fkey, factory = await site.factory("dev-slow")
+    ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+    ctx.load_cert_chain(
+        site.write("slow.pem", certs_to_pem([factory])), site.write("slow.key", private_key_to_pem(fkey, None))
+    )
+    sent = await _slow_body(
+        site,
+        b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: cm\r\nContent-Type: application/pkcs10\r\n"
+        b"Content-Length: 400\r\n\r\n",
+        ctx,
+    )
     assert sent.startswith(b"HTTP/1.1 408"), sent
     assert b"Traceback" not in sent
+    # OCSP keeps its wire format: malformedRequest (HTTP 200), and the connection is closed too
+    sent = await _slow_body(
+        site,
+        b"POST /ocsp HTTP/1.1\r\nHost: cm\r\nContent-Type: application/ocsp-request\r\nContent-Length: 400\r\n\r\n",
+    )
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), sent
+    assert ocsp.load_der_ocsp_response(body).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
 @pytest.mark.real_clock
@@ -565,7 +588,11 @@ async def test_too_large_declared_body_is_refused_without_reading(site: Site) ->
     )
     sent = await _closed_by_server(reader, within=15)
     writer.close()
-    assert sent.startswith(b"HTTP/1.1 413"), sent
+    # OCSP keeps its wire format: malformedRequest (HTTP 200), and the connection is closed
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), sent
+    assert b"application/ocsp-response" in head
+    assert ocsp.load_der_ocsp_response(body).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
 # --- wiring ---------------------------------------------------------------------------------------
@@ -787,7 +814,7 @@ async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
             data=req.public_bytes(serialization.Encoding.DER),
             headers={"Content-Type": "application/ocsp-request"},
         ) as resp:
-            assert resp.status == 503
+            assert resp.status == 200
             assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp.OCSPResponseStatus.TRY_LATER
     assert await egress_status() == 503
 
@@ -905,3 +932,23 @@ async def test_http_0_9_and_unknown_versions_are_refused(site: Site, listener: s
             site, listener, b"GET " + path.encode() + b" HTTP/" + version + b"\r\nHost: cm\r\nConnection: close\r\n\r\n"
         )
         assert sent.startswith(b"HTTP/" + version + b" 200 "), sent[:200]
+
+
+# --- OCSP errors as OCSP clients see them -------------------------------------------------------------
+@pytest.mark.real_clock
+@needs_openssl
+@pytest.mark.openssl
+async def test_openssl_ocsp_reads_try_later_when_km_is_away(site: Site) -> None:
+    """With HTTP 503 (before) openssl ocsp reported a transport error and never read the OCSP
+    status; with 200 it prints the responder's tryLater, over both listeners."""
+    _fkey, factory = await site.factory("dev-t")
+    issuer = site.write("factory-ca.pem", (site.dep.root / "ca" / "factory.pem").read_bytes())
+    leaf = site.write("leaf.pem", certs_to_pem([factory]))
+    await site.buses[0].close()  # km leaves
+    for base in (site.http, site.https):
+        r = await _run(
+            "openssl", "ocsp", "-url", f"{base}/ocsp", "-issuer", str(issuer), "-cert", str(leaf),
+            "-CAfile", str(site.write("root.pem", site.root_pem)), *attime(), *ocsp_window(),
+        )  # fmt: skip
+        out = r.stdout + r.stderr
+        assert b"Responder Error: trylater (3)" in out, (base, out)

@@ -209,26 +209,86 @@ async def test_ocsp_nonce_and_error_answers_are_not_cached(env: Env) -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "status", "ocsp_status"),
+    ("error", "ocsp_status"),
     [
-        (UnavailableError("km away"), 503, ocsp.OCSPResponseStatus.TRY_LATER),
-        (ModeError("not now"), 503, ocsp.OCSPResponseStatus.TRY_LATER),
-        (InternalError("boom"), 500, ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (UnavailableError("km away"), ocsp.OCSPResponseStatus.TRY_LATER),
+        (ModeError("not now"), ocsp.OCSPResponseStatus.TRY_LATER),
+        (TimeoutError(), ocsp.OCSPResponseStatus.TRY_LATER),
+        (InternalError("boom"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (ReplayError("again"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (PermissionDeniedError("nats says no"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (RuntimeError("a bug in the relay"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (ValueError("km's answer does not parse"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
     ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v.name,
 )
-async def test_ocsp_refusals_keep_the_ocsp_wire_format(
-    env: Env, error: IotdlmError, status: int, ocsp_status: ocsp.OCSPResponseStatus
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_ocsp_relay_failures_are_ocsp_answers_never_500(
+    env: Env, error: BaseException, ocsp_status: ocsp.OCSPResponseStatus, method: str
 ) -> None:
+    """One rule for GET and POST: HTTP 200 and the OCSP status (see cm.server's module doc)."""
     env.km.error = error
-    resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
-    assert resp.status == status
+    if method == "GET":
+        resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
+    else:
+        resp = await env.http.post("/ocsp", data=_ocsp_request(), headers={"Content-Type": "application/ocsp-request"})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/ocsp-response"
+    assert resp.headers["Cache-Control"] == "no-cache"
     assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp_status
-    if status == 503:
+    if ocsp_status is ocsp.OCSPResponseStatus.TRY_LATER:
         assert resp.headers["Retry-After"] == "9"
+    else:
+        assert "Retry-After" not in resp.headers
+
+
+def _post(body: bytes, content_type: str | None = "application/ocsp-request") -> tuple[str, str, dict[str, str], bytes]:
+    return ("POST", "/ocsp", {"Content-Type": content_type} if content_type is not None else {}, body)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body"),
+    [
+        ("GET", "/ocsp/@@@", {}, b""),
+        ("GET", "/ocsp/%00%01", {}, b""),
+        _post(b"x", "text/plain"),
+        _post(b"x", None),
+        _post(b"x", "application/ocsp-requests"),
+        _post(b"0" * 9000),  # larger than max_ocsp_request_bytes
+    ],
+    ids=["get-not-base64", "get-control-chars", "post-text-plain", "post-no-type", "post-near-type",
+         "post-too-large"],
+)  # fmt: skip
+async def test_ocsp_malformed_requests_get_malformed_request_200(
+    env: Env, method: str, path: str, headers: dict[str, str], body: bytes
+) -> None:
+    """What used to be 400 (GET), 414 (GET), 415 text/plain (POST) and 413 text/plain (POST) is now
+    one answer: an OCSPResponse malformedRequest with HTTP 200; km is not asked."""
+    resp = await env.http.request(method, path, headers=headers, data=body or None)
+    assert resp.status == 200, await resp.read()
+    assert resp.headers["Content-Type"] == "application/ocsp-response"
+    answer = ocsp.load_der_ocsp_response(await resp.read())
+    assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+@given(st.text(max_size=300))
+async def test_ocsp_get_answers_any_path_with_an_ocsp_response(path: str) -> None:
+    """Whatever text follows /ocsp/: an OCSPResponse (km's, or malformedRequest), never a text refusal."""
+    from urllib.parse import quote
+
+    e, _server = await _env()
+    e.km.ocsp_answer = pki_ocsp.error_response("unauthorized")
+    try:
+        resp = await e.http.get("/ocsp/" + quote(path, safe="") if path else "/ocsp/A")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/ocsp-response"
+        ocsp.load_der_ocsp_response(await resp.read())
+    finally:
+        await e.http.close()
 
 
 async def test_ocsp_get_path_too_long_is_refused(env: Env) -> None:
-    resp = await env.http.get("/ocsp/" + "A" * 9000)  # beyond the request line limit
+    resp = await env.http.get("/ocsp/" + "A" * 9000)  # beyond the request line limit: never reaches the route
     assert 400 <= resp.status < 500
     assert "Traceback" not in await resp.text()
 
@@ -493,5 +553,5 @@ async def test_a_mode_check_refuses_with_503(env: Env) -> None:
     assert resp.status == 503
     assert "provisioning-certificate" in await resp.text()
     resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
-    assert resp.status == 503
+    assert resp.status == 200  # OCSP: the status is in the OCSPResponse
     assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp.OCSPResponseStatus.TRY_LATER

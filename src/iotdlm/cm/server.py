@@ -36,8 +36,29 @@ Defence in depth (Table 1): given a mode check (:class:`iotdlm.modes.guard.ModeG
 only in the modes where it runs (software-management, certificate-management) and relays
 enrollment only in certificate-management; anything else is a ModeError (503). km checks again.
 
-OCSP answers keep the OCSP wire format even when they refuse: a GET whose path is not base64 gets
-HTTP 400 with a ``malformedRequest`` OCSPResponse, km unavailable gets 503 with ``tryLater``.
+OCSP has one rule for GET and POST: every request that reaches the OCSP route (``POST /ocsp``,
+``GET /ocsp/{base64}``) is answered with an OCSPResponse (``application/ocsp-response``) and HTTP
+200; what went wrong is in the OCSP ``responseStatus`` (RFC 6960 4.2.1), never in a text body:
+
+=====================================================  =====================================
+wrong or missing Content-Type (POST), body not base64  ``malformedRequest``
+(GET) or not DER, body or path too large (the
+connection is closed), body too slow (closed)
+km answered                                            km's answer (km itself answers
+                                                       ``malformedRequest``, ``unauthorized``,
+                                                       ``internalError`` where it applies)
+km unavailable or silent, or the operation mode        ``tryLater``, with ``Retry-After``
+forbids it
+a relay failure, anything unexpected in cm             ``internalError`` (logged)
+=====================================================  =====================================
+
+Why 200 for an unsuccessful OCSPResponse: RFC 6960 (A.1) and RFC 5019 (5) carry OCSP errors in
+the OCSPResponse itself, and OCSP clients read the body only of a 200: OpenSSL's HTTP client
+(``openssl ocsp``, ``OCSP_sendreq``) reports any other status as a transport failure without
+reading the body, so a 400/500/503 would hide the very status we mean to send. ``Retry-After``
+on a ``tryLater`` is advice (RFC 9110 10.2.3 allows it on any response). Only what never reaches
+the route -- a request line over the size limit, an unknown path or method -- gets the HTTP
+refusals of the table above.
 """
 
 from __future__ import annotations
@@ -309,7 +330,7 @@ class CmApp:
     def _add_va_routes(self, app: web.Application) -> None:
         app.router.add_post("/ocsp", self.ocsp_post)
         app.router.add_post("/ocsp/", self.ocsp_post)
-        app.router.add_get("/ocsp/{request:.+}", self.ocsp_get)
+        app.router.add_get("/ocsp/{request:[\\s\\S]+}", self.ocsp_get)  # any text, line breaks too
         app.router.add_get("/crl/{issuer}/{name}", self.crl)
 
     def runner(self, app: web.Application) -> web.AppRunner:
@@ -528,37 +549,54 @@ class CmApp:
 
     # --- OCSP -----------------------------------------------------------------------------------
     async def ocsp_post(self, request: web.Request) -> web.Response:
-        est.require_media_type(request.headers.get("Content-Type"), OCSP_REQUEST)
-        body = await self._read_body(request, self.limits.max_ocsp_request_bytes)
+        """RFC 6960 A.1.1, POST: the DER request is the body."""
+        try:
+            est.require_media_type(request.headers.get("Content-Type"), OCSP_REQUEST)
+        except est.UnsupportedMediaTypeError as exc:
+            raise self._ocsp_refused("malformed_request", exc) from exc
+        try:
+            body = await self._read_body(request, self.limits.max_ocsp_request_bytes)
+        except (TooLargeError, RequestTimeoutError) as exc:
+            raise self._ocsp_refused("malformed_request", exc, close=True) from exc
         return await self._ocsp(body, request, get=False)
 
     async def ocsp_get(self, request: web.Request) -> web.Response:
+        """RFC 6960 A.1.1 and RFC 5019 5, GET: the request is the URL-encoded base64 of the DER."""
         raw = request.raw_path.split("?", 1)[0]
         prefix = "/ocsp/"
         tail = raw[len(prefix) :] if raw.startswith(prefix) else request.match_info["request"]
         try:
             der_request = decode_get_path(tail)
-        except TooLargeError as exc:
-            raise _Refused(self._ocsp_error(414, "malformed_request"), exc.message) from exc
-        except BadRequestError as exc:
-            raise _Refused(self._ocsp_error(400, "malformed_request"), exc.message) from exc
+        except RejectedError as exc:  # not base64, too long
+            raise self._ocsp_refused("malformed_request", exc) from exc
         return await self._ocsp(der_request, request, get=True)
 
-    def _ocsp_error(self, status: int, kind: ErrorKind, headers: Mapping[str, str] | None = None) -> web.Response:
+    def _ocsp_error(self, kind: ErrorKind, headers: Mapping[str, str] | None = None) -> web.Response:
+        """An unsuccessful OCSPResponse (HTTP 200: see the module doc), never for caches."""
         return web.Response(
-            status=status,
             body=error_response(kind),
             headers={"Content-Type": OCSP_RESPONSE, "Cache-Control": "no-cache", **(headers or {})},
         )
+
+    def _ocsp_refused(self, kind: ErrorKind, exc: BaseException, *, close: bool = False) -> _Refused:
+        headers = self._retry if kind == "try_later" else None
+        resp = self._ocsp_error(kind, headers)
+        if close:
+            resp.force_close()
+        reason = f"{exc.code}: {exc.message}" if isinstance(exc, IotdlmError) else type(exc).__name__
+        return _Refused(resp, f"{kind}: {reason}")
 
     async def _ocsp(self, request_der: bytes, request: web.Request, *, get: bool) -> web.Response:
         try:
             self._require(CM_MODES, "relaying OCSP")
             answer = await self.km.ocsp(request_der)
-        except (UnavailableError, ModeError) as exc:
-            raise _Refused(self._ocsp_error(503, "try_later", self._retry), exc.message) from exc
+        except (UnavailableError, ModeError, TimeoutError) as exc:
+            raise self._ocsp_refused("try_later", exc) from exc
         except IotdlmError as exc:
-            raise _Refused(self._ocsp_error(500, "internal_error"), f"{exc.code}: {exc.message}") from exc
+            raise self._ocsp_refused("internal_error", exc) from exc
+        except Exception as exc:  # a relay bug must not become an HTTP 500 on the OCSP path
+            log.exception("OCSP relay failed for %s", _describe_peer(request))
+            raise self._ocsp_refused("internal_error", exc) from exc
         headers = ocsp_cache_headers(answer, self.clock.now()) if get else {"Cache-Control": "no-cache"}
         return self._conditional(request, answer, OCSP_RESPONSE, headers)
 
