@@ -952,3 +952,29 @@ async def test_openssl_ocsp_reads_try_later_when_km_is_away(site: Site) -> None:
         )  # fmt: skip
         out = r.stdout + r.stderr
         assert b"Responder Error: trylater (3)" in out, (base, out)
+
+
+# --- AIA caIssuers ------------------------------------------------------------------------------------
+@pytest.mark.real_clock
+@needs_curl
+@needs_openssl
+@pytest.mark.openssl
+async def test_ca_certificates_at_their_ca_issuers_urls(site: Site) -> None:
+    """``{public_url}/ca/{name}.crt`` over both listeners: the DER certificate (RFC 5280
+    4.2.2.1, application/pkix-cert) that openssl reads; an unknown name is 404."""
+    root = site.write("root.pem", site.root_pem)
+    for base in (site.http, site.https):
+        for name in ("root", "factory", "operational", "service"):
+            out = site.files / f"{name}.der"
+            r = await _run(
+                "curl", "-sS", "--fail", "--cacert", str(root), "-o", str(out), "-w", "%{content_type}",
+                f"{base}/ca/{name}.crt",
+            )  # fmt: skip
+            assert r.returncode == 0, (base, name, r.stderr)
+            assert r.stdout == b"application/pkix-cert"
+            assert out.read_bytes() == der(site.dep.ca_certificate(name))
+            r = await _run("openssl", "x509", "-inform", "DER", "-in", str(out), "-noout", "-subject")
+            assert r.returncode == 0, r.stderr
+        r = await _run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(root),
+                       f"{base}/ca/nobody.crt")  # fmt: skip
+        assert r.stdout == b"404"

@@ -555,3 +555,66 @@ async def test_a_mode_check_refuses_with_503(env: Env) -> None:
     resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
     assert resp.status == 200  # OCSP: the status is in the OCSPResponse
     assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp.OCSPResponseStatus.TRY_LATER
+
+
+# --- CA certificates at the AIA caIssuers URLs, the root's CRL -------------------------------------
+@pytest.mark.parametrize("app", ["https", "http"])
+async def test_ca_certificates_by_name_on_both_listeners(app: str) -> None:
+    """``/ca/{name}.crt``: the DER certificate (application/pkix-cert) of each CA, from the chain
+    cm already fetches for /cacerts; an unknown name is 404."""
+    km = FakeKm()
+    cacerts = CaCerts({"root": PKI.root}, fetch=km.chain, clock=FixedClock(NOW), ttl=60)
+    cm = CmApp(km, clock=FixedClock(NOW), limits=Limits(), cacerts=cacerts, csrattrs=b"")
+    async with TestClient(TestServer(cm.https_app() if app == "https" else cm.http_app())) as http:
+        for name in ("root", "factory", "operational", "service"):
+            resp = await http.get(f"/ca/{name}.crt")
+            assert resp.status == 200, name
+            assert resp.headers["Content-Type"] == "application/pkix-cert"
+            assert resp.headers["Cache-Control"] == "max-age=60, public, no-transform"
+            expected = PKI.root if name == "root" else PKI.cas[name].certificate
+            assert x509.load_der_x509_certificate(await resp.read()) == expected
+            again = await http.get(f"/ca/{name}.crt", headers={"If-None-Match": resp.headers["ETag"]})
+            assert again.status == 304
+        assert km.chain_calls == 1  # one fetch serves /cacerts and every name until the ttl
+        for bad in ("/ca/nobody.crt", "/ca/root.pem", "/ca/ROOT.crt", "/ca/.crt", "/ca/root.crt.crt", "/ca/%00.crt"):
+            resp = await http.get(bad)
+            assert resp.status == 404, bad
+            assert resp.headers["Content-Type"].startswith("text/plain")
+
+
+async def test_ca_certificates_from_the_seed_while_km_is_away() -> None:
+    km = FakeKm(chain_error=UnavailableError("km away"))
+    cacerts = CaCerts(
+        {"service": PKI.cas["service"].certificate, "root": PKI.root}, fetch=km.chain, clock=FixedClock(NOW)
+    )
+    cm = CmApp(km, clock=FixedClock(NOW), limits=Limits(), cacerts=cacerts, csrattrs=b"")
+    async with TestClient(TestServer(cm.http_app())) as http:
+        resp = await http.get("/ca/service.crt")
+        assert resp.status == 200
+        assert await resp.read() == der(PKI.cas["service"].certificate)
+        assert (await http.get("/ca/factory.crt")).status == 404
+    # no seed, no km: 503 (not known yet), not 404
+    empty = CmApp(
+        km,
+        clock=FixedClock(NOW),
+        limits=Limits(),
+        cacerts=CaCerts([], fetch=km.chain, clock=FixedClock(NOW)),
+        csrattrs=b"",
+    )
+    async with TestClient(TestServer(empty.http_app())) as http:
+        resp = await http.get("/ca/root.crt")
+        assert resp.status == 503
+
+
+@pytest.mark.parametrize("app", ["https", "http"])
+async def test_the_root_crl_is_relayed(app: str) -> None:
+    """``/crl/root/0.crl``: km answers for issuer "root" (the root's CRL, partition 0)."""
+    km = FakeKm(crl_answer=_crl())
+    cm = CmApp(
+        km, clock=FixedClock(NOW), limits=Limits(), cacerts=CaCerts([], fetch=None, clock=FixedClock(NOW)), csrattrs=b""
+    )
+    async with TestClient(TestServer(cm.https_app() if app == "https" else cm.http_app())) as http:
+        resp = await http.get("/crl/root/0.crl")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/pkix-crl"
+    assert km.seen == [("root", 0, False)]

@@ -80,7 +80,7 @@ from cryptography import x509
 from iotdlm.clock import Clock
 from iotdlm.cm import est
 from iotdlm.cm.config import Limits
-from iotdlm.cm.va import crl_cache_headers, ocsp_cache_headers, parse_crl_path
+from iotdlm.cm.va import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
 from iotdlm.errors import (
     BadRequestError,
     ConflictError,
@@ -106,6 +106,7 @@ log = logging.getLogger(__name__)
 OCSP_REQUEST = "application/ocsp-request"
 OCSP_RESPONSE = "application/ocsp-response"
 PKIX_CRL = "application/pkix-crl"
+PKIX_CERT = "application/pkix-cert"
 
 #: the HTTP versions cm speaks; anything else (an HTTP/0.9 request line included) gets 505
 HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
@@ -218,16 +219,18 @@ def _describe_peer(request: web.BaseRequest) -> str:
 
 
 class CaCerts:
-    """The body of ``/cacerts``: the deployment's CA certificates (every issuing CA, then the root).
+    """The deployment's CA certificates: the body of ``/cacerts`` (every issuing CA, then the root)
+    and each CA's certificate by name for ``/ca/{name}.crt`` (root, factory, operational, service).
 
-    Seeded from the deployment's public CA files (so /cacerts answers even when km is off, as in
-    the software-management mode), refreshed from km (``km.ca.chain``) at most every ``ttl``
-    seconds; if km does not answer, the last known set is served.
+    Seeded from the deployment's public CA files (so both answer even when km is off, as in the
+    software-management mode), refreshed from km (``km.ca.chain``) at most every ``ttl`` seconds;
+    if km does not answer, the last known set is served. ``initial`` names its certificates (a
+    mapping) or not (a sequence: ``/ca/{name}.crt`` then waits for km).
     """
 
     def __init__(
         self,
-        initial: Sequence[x509.Certificate],
+        initial: Sequence[x509.Certificate] | Mapping[str, x509.Certificate],
         *,
         fetch: Callable[[], Awaitable[msg.ChainResponse]] | None,
         clock: Clock,
@@ -235,8 +238,11 @@ class CaCerts:
     ) -> None:
         self._fetch = fetch
         self._clock = clock
+        self.ttl = ttl
         self._ttl = dt.timedelta(seconds=ttl)
-        self._body: bytes | None = est.encode_base64_body(est.certs_only(initial)) if initial else None
+        certs = list(initial.values()) if isinstance(initial, Mapping) else list(initial)
+        self._body: bytes | None = est.encode_base64_body(est.certs_only(certs)) if certs else None
+        self._named: dict[str, bytes] = {n: der(c) for n, c in initial.items()} if isinstance(initial, Mapping) else {}
         self._fetched_at: dt.datetime | None = None
         self._lock = asyncio.Lock()
 
@@ -252,22 +258,47 @@ class CaCerts:
         out.append(x509.load_der_x509_certificate(chain.root))
         return out
 
+    @staticmethod
+    def named_from_chain(chain: msg.ChainResponse) -> dict[str, bytes]:
+        """CA name -> DER: ``root``, and each issuing CA (the first certificate of its chain)."""
+        out = {name: ders[0] for name, ders in chain.chains.items() if ders}
+        out["root"] = chain.root
+        for d in out.values():
+            x509.load_der_x509_certificate(d)  # ValueError: km's chain does not parse
+        return out
+
     def _stale(self) -> bool:
         return self._fetched_at is None or self._clock.now() - self._fetched_at >= self._ttl
 
-    async def body(self) -> bytes:
+    async def _refresh_if_stale(self) -> None:
         if self._fetch is not None and self._stale():
             async with self._lock:
                 if self._stale():
                     await self._refresh()
+
+    async def body(self) -> bytes:
+        await self._refresh_if_stale()
         if self._body is None:
             raise UnavailableError("the CA certificates are not known yet: km has not answered")
         return self._body
 
+    async def certificate(self, name: str) -> bytes:
+        """DER of the CA certificate called ``name``; NotFoundError for a name we do not have."""
+        await self._refresh_if_stale()
+        found = self._named.get(name)
+        if found is None:
+            if not self._named:
+                raise UnavailableError("the CA certificates are not known yet: km has not answered")
+            known = ", ".join(sorted(self._named))
+            raise NotFoundError(f"no CA certificate called {name[:40]!r}; known: {known}")
+        return found
+
     async def _refresh(self) -> None:
         assert self._fetch is not None
         try:
-            certs = self.from_chain(await self._fetch())
+            chain = await self._fetch()
+            certs = self.from_chain(chain)
+            named = self.named_from_chain(chain)
         except IotdlmError as exc:
             if self._body is None:
                 raise
@@ -276,6 +307,7 @@ class CaCerts:
             log.warning("cacerts: km's CA chain does not parse (%s); serving the last known one", exc)
         else:
             self._body = est.encode_base64_body(est.certs_only(certs))
+            self._named = named
         # also after a failure: km is not asked again for every request while it is away
         self._fetched_at = self._clock.now()
 
@@ -332,6 +364,7 @@ class CmApp:
         app.router.add_post("/ocsp/", self.ocsp_post)
         app.router.add_get("/ocsp/{request:[\\s\\S]+}", self.ocsp_get)  # any text, line breaks too
         app.router.add_get("/crl/{issuer}/{name}", self.crl)
+        app.router.add_get("/ca/{name}.crt", self.ca_certificate)
 
     def runner(self, app: web.Application) -> web.AppRunner:
         """An ``AppRunner`` for ``app`` that applies :class:`Limits` to every connection: the
@@ -609,6 +642,15 @@ class CmApp:
         except BadRequestError as exc:
             raise NotFoundError(exc.message) from exc
         return self._conditional(request, crl_der, PKIX_CRL, crl_cache_headers(crl_der, self.clock.now()))
+
+    # --- CA certificates (AIA caIssuers) ----------------------------------------------------------
+    async def ca_certificate(self, request: web.Request) -> web.Response:
+        """RFC 5280 4.2.2.1: the DER certificate of CA ``name`` at the caIssuers URL
+        ``{public_url}/ca/{name}.crt`` (``application/pkix-cert``), from what /cacerts serves."""
+        self._require(CM_MODES, "serving CA certificates")
+        body = await self.cacerts_source.certificate(request.match_info["name"])
+        headers = {"ETag": etag(body), "Cache-Control": f"max-age={int(self.cacerts_source.ttl)}, public, no-transform"}
+        return self._conditional(request, body, PKIX_CERT, headers)
 
     def _conditional(
         self, request: web.Request, body: bytes, content_type: str, headers: Mapping[str, str]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,7 +41,8 @@ class CmTls:
     """cm's TLS material: its server context and the CA certificates /cacerts starts with."""
 
     context: ssl.SSLContext
-    ca_certificates: tuple[x509.Certificate, ...]
+    #: CA name (root, factory, operational, service) -> certificate; issuing CAs first, root last
+    ca_certificates: Mapping[str, x509.Certificate]
 
 
 def deployment_tls(dep: Deployment, extra_client_cas: Sequence[x509.Certificate] = ()) -> CmTls:
@@ -56,7 +57,7 @@ def deployment_tls(dep: Deployment, extra_client_cas: Sequence[x509.Certificate]
         key_pem=private_key_to_pem(ident.key, None),
         client_cas=[root, issuing["factory"], issuing["operational"], *extra_client_cas],
     )
-    return CmTls(context=ctx, ca_certificates=(*(issuing[n] for n in sorted(issuing)), root))
+    return CmTls(context=ctx, ca_certificates={**{n: issuing[n] for n in sorted(issuing)}, "root": root})
 
 
 class CmService:
@@ -68,7 +69,7 @@ class CmService:
         *,
         km: KmRelay,
         tls: ssl.SSLContext,
-        ca_certificates: Sequence[x509.Certificate] = (),
+        ca_certificates: Sequence[x509.Certificate] | Mapping[str, x509.Certificate] = (),
         clock: Clock | None = None,
         bus: Bus | None = None,
         mode: ModeCheck | None = None,
