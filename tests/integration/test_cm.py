@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -23,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.bus import Bus, subjects
 from iotdlm.bus.server import NatsUser
@@ -120,6 +122,19 @@ LIMITS = Limits(idle_timeout=0.5, body_timeout=0.5, handshake_timeout=2.0, linge
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    async with open_site(tmp_path) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def open_site(
+    tmp_path: Path,
+    *,
+    public_url: str = "http://127.0.0.1:8080",
+    cm_names: tuple[str, ...] = (),
+    tls_files: tuple[Path, Path] | None = None,
+) -> AsyncIterator[Site]:
+    """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm)."""
     clock = ShiftClock()
     made, _ = init_deployment(
         tmp_path / "d",
@@ -127,6 +142,8 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         algorithm=Algorithm.P256,
         dtypes=[DTYPE],
         passphrase=PASSPHRASE,
+        public_url=public_url,
+        cm_names=cm_names,
         now=clock.now(),
     )
     users = [NatsUser(module=m, user=c.user, password=c.password) for m, c in made.nats_users()]
@@ -144,7 +161,14 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     # the supervisor's part: the operation mode in the JetStream bucket every service watches
     modes_bus = await nats.connect("modes")
     await set_mode(modes_bus, "certificate-management")
-    config = CmConfig(https_port=0, http_port=0, limits=LIMITS, egress=EgressConfig(("http://127.0.0.1:1",), port=0))
+    config = CmConfig(
+        https_port=0,
+        http_port=0,
+        limits=LIMITS,
+        egress=EgressConfig(("http://127.0.0.1:1",), port=0),
+        tls_cert=tls_files[0] if tls_files else None,
+        tls_key=tls_files[1] if tls_files else None,
+    )
     cm = await CmService.from_deployment(dep, config, clock=clock)
     await cm.start()
     assert isinstance(cm.app.mode, ModeGuard)
@@ -642,7 +666,15 @@ def test_cm_cli_help() -> None:
 
     out = CliRunner().invoke(cm, ["serve", "--help"])
     assert out.exit_code == 0
-    for option in ("--https-port", "--http-port", "--egress-port", "--allow-origin", "--data"):
+    for option in (
+        "--https-port",
+        "--http-port",
+        "--egress-port",
+        "--allow-origin",
+        "--data",
+        "--tls-cert",
+        "--tls-key",
+    ):
         assert option in out.output
     bad = CliRunner().invoke(cm, ["serve", "--data", "/nonexistent", "--allow-origin", "ftp://x"])
     assert bad.exit_code == 4
@@ -978,3 +1010,156 @@ async def test_ca_certificates_at_their_ca_issuers_urls(site: Site) -> None:
         r = await _run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(root),
                        f"{base}/ca/nobody.crt")  # fmt: skip
         assert r.stdout == b"404"
+
+
+# --- cm's HTTPS certificate names its public host ----------------------------------------------------
+async def _curl_status(site: Site, host: str, cacert: Path) -> subprocess.CompletedProcess[bytes]:
+    """curl WITHOUT -k: it checks the chain against ``cacert`` and the host name against the certificate."""
+    port = site.cm.https_port
+    return await _run(
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(cacert),
+        "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}{WELL_KNOWN}/cacerts",
+    )  # fmt: skip
+
+
+@pytest.mark.real_clock
+@needs_curl
+async def test_curl_checks_the_host_name_of_cms_certificate(tmp_path: Path) -> None:
+    """The deployment's public URL names cm.example.test (and init --cm-name alt.example.test): curl
+    reaches cm by those names, with no -k; a name not in the certificate fails the host-name check."""
+    async with open_site(tmp_path, public_url="https://cm.example.test:8443", cm_names=("alt.example.test",)) as site:
+        root = site.write("root.pem", site.root_pem)
+        for host in ("cm.example.test", "alt.example.test", "localhost"):
+            r = await _curl_status(site, host, root)
+            assert r.stdout == b"200", (host, r.stderr)
+        r = await _curl_status(site, "other.example.test", root)
+        assert r.returncode == 60, (r.returncode, r.stderr)  # CURLE_PEER_FAILED_VERIFICATION
+        assert b"other.example.test" in r.stderr
+        assert b"200" not in r.stdout
+
+
+def _public_ca_pair(files: Path, host: str, *, eku: ExtendedKeyUsageOID | None = None) -> tuple[Path, Path, Path]:
+    """A separate "public" CA (root + intermediate) and a server certificate for ``host`` from it:
+    (its root, the chain file cm serves, the key file)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = SystemClock().now()
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject: str, issuer: str, key: PrivateKey, signer: PrivateKey, *, ca: bool) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if ca:
+            b = b.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([eku or ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return b.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = build("Public Root", "Public Root", root_key, root_key, ca=True)
+    mid = build("Public Issuing CA", "Public Root", mid_key, root_key, ca=True)
+    leaf = build(host, "Public Issuing CA", leaf_key, mid_key, ca=False)
+    root_path = files / "public-root.pem"
+    root_path.write_bytes(certs_to_pem([root]))
+    chain_path = files / "public-chain.pem"
+    chain_path.write_bytes(certs_to_pem([leaf, mid]))
+    key_path = files / "public-key.pem"
+    key_path.write_bytes(private_key_to_pem(leaf_key, None))
+    return root_path, chain_path, key_path
+
+
+@pytest.mark.real_clock
+@needs_curl
+async def test_cm_serves_an_operator_supplied_certificate(tmp_path: Path) -> None:
+    """cm with a chain and key from a separate "public" CA: curl trusts that CA's root only and
+    checks the name; devices still present client certificates of our own CAs."""
+    files = tmp_path / "public"
+    files.mkdir()
+    public_root, chain, key = _public_ca_pair(files, "est.public.test")
+    async with open_site(tmp_path, public_url="https://est.public.test", tls_files=(chain, key)) as site:
+        r = await _curl_status(site, "est.public.test", public_root)
+        assert r.stdout == b"200", r.stderr
+        r = await _curl_status(site, "est.public.test", site.write("root.pem", site.root_pem))
+        assert r.returncode == 60, r.stderr  # our root does not vouch for the public certificate
+        # a device enrolls over it with its factory certificate (checked against our CAs)
+        fkey, factory = await site.factory("dev-pub")
+        site.write("f.pem", certs_to_pem([factory]))
+        site.write("f.key", private_key_to_pem(fkey, None))
+        site.write("csr.b64", _csr_b64(generate_key(Algorithm.P256), "dev-pub"))
+        port = site.cm.https_port
+        r = await _run(
+            "curl", "-sS", "-o", str(site.files / "out.b64"), "-w", "%{http_code}", "--cacert", str(public_root),
+            "--resolve", f"est.public.test:{port}:127.0.0.1", "--cert", str(site.files / "f.pem"),
+            "--key", str(site.files / "f.key"), "--data-binary", f"@{site.files / 'csr.b64'}",
+            "-H", "Content-Type: application/pkcs10", f"https://est.public.test:{port}{WELL_KNOWN}/simpleenroll",
+        )  # fmt: skip
+        assert r.stdout == b"200", (r.stderr, (site.files / "out.b64").read_bytes())
+        issued = pkcs7.load_der_pkcs7_certificates(base64.b64decode((site.files / "out.b64").read_bytes()))
+        issued[0].verify_directly_issued_by(site.dep.ca_certificate("operational"))
+
+
+def _unservable_pairs(tmp_path: Path) -> tuple[Deployment, Path, Path, Path]:
+    """A deployment; a pair from a public CA without serverAuth; a good chain; a key of nothing."""
+    files = tmp_path / "public"
+    files.mkdir()
+    _root, chain, key = _public_ca_pair(files, "est.public.test", eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+    (files / "client-chain.pem").write_bytes(chain.read_bytes())
+    (files / "client-key.pem").write_bytes(key.read_bytes())
+    _root, good_chain, _good_key = _public_ca_pair(files, "est.public.test")
+    other = files / "other-key.pem"
+    other.write_bytes(private_key_to_pem(generate_key(Algorithm.P256), None))
+    dep, _ = init_deployment(
+        tmp_path / "d", organization="T", algorithm=Algorithm.P256, dtypes=[], passphrase=PASSPHRASE,
+        now=SystemClock().now(),
+    )  # fmt: skip
+    return dep, files / "client-chain.pem", good_chain, other
+
+
+def test_cm_serve_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> None:
+    """`cm serve --tls-cert --tls-key` with a certificate without serverAuth: exit 4, one clear line."""
+    from click.testing import CliRunner
+
+    from iotdlm.cm.cli import cm
+
+    dep, client_chain, _good, _other = _unservable_pairs(tmp_path)
+    key = client_chain.with_name("client-key.pem")
+    out = CliRunner().invoke(
+        cm, ["serve", "--data", str(dep.root), "--tls-cert", str(client_chain), "--tls-key", str(key)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert out.exit_code == 4, out.output
+    assert "lacks serverAuth" in out.output
+    assert "Traceback" not in out.output
+    half = CliRunner().invoke(cm, ["serve", "--data", str(dep.root), "--tls-cert", str(client_chain)])
+    assert half.exit_code == 4
+    assert "both --tls-cert and --tls-key" in half.output
+    # the same from cm.toml (paths relative to the data folder)
+    (dep.root / "cm.toml").write_text(f'tls_cert = "{client_chain}"\ntls_key = "{key}"\n')
+    out = CliRunner().invoke(cm, ["serve", "--data", str(dep.root)], env={"COLUMNS": "200"})
+    assert out.exit_code == 4, out.output
+    assert "lacks serverAuth" in out.output
+
+
+async def test_cm_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> None:
+    """A certificate without serverAuth, a key of another certificate, a missing file: cm does not
+    start, and says why (ServerCertificateError)."""
+    from iotdlm.cm_https import ServerCertificateError
+
+    dep, client_chain, good_chain, other = _unservable_pairs(tmp_path)
+    key = client_chain.with_name("client-key.pem")
+    with pytest.raises(ServerCertificateError, match="lacks serverAuth"):
+        await CmService.from_deployment(dep, CmConfig(tls_cert=client_chain, tls_key=key))
+    with pytest.raises(ServerCertificateError, match="does not belong"):
+        await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=other))
+    with pytest.raises(ServerCertificateError, match="--tls-key"):
+        await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=tmp_path / "missing.pem"))
