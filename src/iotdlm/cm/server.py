@@ -671,7 +671,7 @@ def server_tls_context(
     key_pem: bytes,
     client_cas: Sequence[x509.Certificate],
 ) -> ssl.SSLContext:
-    """cm's HTTPS context: its service certificate (and the service CA) as the server chain;
+    """cm's HTTPS context: its HTTPS certificate chain (:mod:`iotdlm.cm_https`) as the server chain;
     client certificates *optional* at the TLS layer and, when presented, verified against
     ``client_cas`` (the root, and the factory and operational CAs so a device may send its leaf
     alone). /cacerts, OCSP and CRLs work without a client certificate; enrollment refuses (401)."""
