@@ -145,6 +145,7 @@ def serve_hello(port: int, data: Path, tls: bool) -> None:
     """The baseline: aiohttp with one trivial handler, cm's TLS context when ``tls``."""
     from aiohttp import web
 
+    from iotdlm.clock import SystemClock
     from iotdlm.cm.service import deployment_tls
     from iotdlm.deployment import Deployment
 
@@ -157,7 +158,7 @@ def serve_hello(port: int, data: Path, tls: bool) -> None:
         app.router.add_route("*", "/{tail:.*}", hello)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        ctx = deployment_tls(Deployment.load(data)).context if tls else None
+        ctx = deployment_tls(Deployment.load(data), now=SystemClock().now()).context if tls else None
         site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx, backlog=512)
         await site.start()
         print("hello serving", flush=True)

@@ -8,6 +8,7 @@ Layout (``iotdlm init --data DIR`` creates it)::
     DIR/modules/<name>/cert.pem     service certificate of a module (km, sm, cm, admin, pm-<dtype>)
     DIR/modules/<name>/key.pem      its private key (mode 0600)
     DIR/modules/<name>/nats.json    its NATS credentials (mode 0600)
+    DIR/modules/cm/https.pem        cm's HTTPS certificate + chain, and https.key.pem (iotdlm.cm_https)
     DIR/secrets/ca-passphrase       only when init generated the passphrase: move it offline
     DIR/db/iotdlm.db                SQLite store (default; PostgreSQL by URL instead)
     DIR/nats/                       embedded NATS server config and JetStream data
@@ -25,7 +26,7 @@ import json
 import os
 import secrets
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import msgspec
 import tomli_w
 from cryptography import x509
 
+from iotdlm import cm_https
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki.chain import certs_to_pem, load_certificate
@@ -326,6 +328,7 @@ def init_deployment(
     database_url: str | None = None,
     nats_port: int = DEFAULT_NATS_PORT,
     nats_tls: bool = False,
+    cm_names: Sequence[str] = (),
     now: dt.datetime,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Deployment, list[pki_ca.IssuingCA]]:
@@ -346,6 +349,7 @@ def init_deployment(
         nats=NatsSettings(port=nats_port, tls=nats_tls),
     )
     config.validate()
+    cm_https.https_names(public_url, cm_names)  # cm's HTTPS names, refused before anything is made
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("ca", "modules", "db", "nats", "logs"):
         (root / sub).mkdir(exist_ok=True)
@@ -390,6 +394,9 @@ def init_deployment(
     for dtype in dtypes:
         progress(f"pm identity for {dtype}")
         dep.add_identity("pm", dtype, service_ca=service_ca, now=now)
+
+    progress("cm HTTPS certificate")
+    cm_https.issue_https_certificate(dep, cas, names=cm_names, now=now)
 
     if nats_tls:
         progress("NATS server certificate")

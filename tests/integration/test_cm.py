@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -23,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.bus import Bus, subjects
 from iotdlm.bus.server import NatsUser
@@ -46,6 +48,7 @@ from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
 from iotdlm.store import Store
 from tests.fixtures_nats import RunningNats, start_nats
 from tests.helpers import make_csr
+from tests.tools import attime, ocsp_window
 
 pytestmark = pytest.mark.nats
 
@@ -119,6 +122,19 @@ LIMITS = Limits(idle_timeout=0.5, body_timeout=0.5, handshake_timeout=2.0, linge
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    async with open_site(tmp_path) as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def open_site(
+    tmp_path: Path,
+    *,
+    public_url: str = "http://127.0.0.1:8080",
+    cm_names: tuple[str, ...] = (),
+    tls_files: tuple[Path, Path] | None = None,
+) -> AsyncIterator[Site]:
+    """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm)."""
     clock = ShiftClock()
     made, _ = init_deployment(
         tmp_path / "d",
@@ -126,6 +142,8 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         algorithm=Algorithm.P256,
         dtypes=[DTYPE],
         passphrase=PASSPHRASE,
+        public_url=public_url,
+        cm_names=cm_names,
         now=clock.now(),
     )
     users = [NatsUser(module=m, user=c.user, password=c.password) for m, c in made.nats_users()]
@@ -143,7 +161,14 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     # the supervisor's part: the operation mode in the JetStream bucket every service watches
     modes_bus = await nats.connect("modes")
     await set_mode(modes_bus, "certificate-management")
-    config = CmConfig(https_port=0, http_port=0, limits=LIMITS, egress=EgressConfig(("http://127.0.0.1:1",), port=0))
+    config = CmConfig(
+        https_port=0,
+        http_port=0,
+        limits=LIMITS,
+        egress=EgressConfig(("http://127.0.0.1:1",), port=0),
+        tls_cert=tls_files[0] if tls_files else None,
+        tls_key=tls_files[1] if tls_files else None,
+    )
     cm = await CmService.from_deployment(dep, config, clock=clock)
     await cm.start()
     assert isinstance(cm.app.mode, ModeGuard)
@@ -428,23 +453,22 @@ async def test_refusals(site: Site) -> None:
             assert resp.status == 404
         async with http.get(url, ssl=ctx) as resp:
             assert resp.status == 405
-        # OCSP: wrong content type, garbage GET path (an OCSP malformedRequest answer), too large
-        async with http.post(f"{site.http}/ocsp", data=b"x", headers={"Content-Type": "text/plain"}) as resp:
-            assert resp.status == 415
-        async with http.get(f"{site.http}/ocsp/@@@") as resp:
-            assert resp.status == 400
-            answer = ocsp.load_der_ocsp_response(await resp.read())
-            assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
-        async with http.post(
-            f"{site.http}/ocsp", data=b"0" * 9000, headers={"Content-Type": "application/ocsp-request"}
-        ) as resp:
-            assert resp.status == 413
-        async with http.post(
-            f"{site.http}/ocsp", data=b"garbage", headers={"Content-Type": "application/ocsp-request"}
-        ) as resp:
-            assert resp.status == 200
-            answer = ocsp.load_der_ocsp_response(await resp.read())
-            assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        # OCSP, one rule for GET and POST: wrong content type, garbage GET path, too large, not DER
+        # -- an OCSPResponse malformedRequest with HTTP 200, on both listeners
+        for base, tls in ((site.http, None), (site.https, ctx)):
+            for method, path, headers, body in (
+                ("POST", "/ocsp", {"Content-Type": "text/plain"}, b"x"),
+                ("POST", "/ocsp", {}, b"x"),
+                ("GET", "/ocsp/@@@", {}, None),
+                ("GET", "/ocsp/" + base64.b64encode(b"garbage").decode(), {}, None),
+                ("POST", "/ocsp", {"Content-Type": "application/ocsp-request"}, b"0" * 9000),
+                ("POST", "/ocsp", {"Content-Type": "application/ocsp-request"}, b"garbage"),
+            ):
+                async with http.request(method, base + path, data=body, headers=headers, ssl=tls) as resp:
+                    assert resp.status == 200, (base, method, path, headers)
+                    assert resp.headers["Content-Type"] == "application/ocsp-response"
+                    answer = ocsp.load_der_ocsp_response(await resp.read())
+                    assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST, (method, path)
     # a foreign client certificate does not get past TLS
     from tests.helpers import make_pki
 
@@ -481,7 +505,7 @@ async def test_km_down_means_503_with_retry_after(site: Site) -> None:
             headers={"Content-Type": "application/ocsp-request"},
         ) as resp,
     ):
-        assert resp.status == 503
+        assert resp.status == 200  # the refusal is the OCSP status (cm.server's module doc)
         assert resp.headers["Retry-After"] == "7"
         answer = ocsp.load_der_ocsp_response(await resp.read())
         assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
@@ -532,22 +556,45 @@ async def test_slowloris_head_is_cut_off(site: Site) -> None:
     assert not task.done() or task.cancelled() or task.exception() is not None
 
 
-@pytest.mark.real_clock
-async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
-    reader, writer = await _tls_connect(site)
-    writer.write(
-        b"POST /ocsp HTTP/1.1\r\nHost: cm\r\nContent-Type: application/ocsp-request\r\nContent-Length: 400\r\n\r\n"
-    )
+async def _slow_body(site: Site, head: bytes, ctx: ssl.SSLContext | None = None) -> bytes:
+    if ctx is None:
+        reader, writer = await _tls_connect(site)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+    writer.write(head)
     task = asyncio.create_task(_dribble(writer, b"0" * 400))
     try:
-        sent = await _closed_by_server(reader, within=15)
+        return await _closed_by_server(reader, within=15)
     finally:
         task.cancel()
         with pytest.raises((asyncio.CancelledError, ConnectionError, ssl.SSLError)):
             await task
         writer.close()
+
+
+@pytest.mark.real_clock
+async def test_slow_body_gets_408_and_is_closed(site: Site) -> None:
+    fkey, factory = await site.factory("dev-slow")
+    ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+    ctx.load_cert_chain(
+        site.write("slow.pem", certs_to_pem([factory])), site.write("slow.key", private_key_to_pem(fkey, None))
+    )
+    sent = await _slow_body(
+        site,
+        b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: cm\r\nContent-Type: application/pkcs10\r\n"
+        b"Content-Length: 400\r\n\r\n",
+        ctx,
+    )
     assert sent.startswith(b"HTTP/1.1 408"), sent
     assert b"Traceback" not in sent
+    # OCSP keeps its wire format: malformedRequest (HTTP 200), and the connection is closed too
+    sent = await _slow_body(
+        site,
+        b"POST /ocsp HTTP/1.1\r\nHost: cm\r\nContent-Type: application/ocsp-request\r\nContent-Length: 400\r\n\r\n",
+    )
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), sent
+    assert ocsp.load_der_ocsp_response(body).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
 @pytest.mark.real_clock
@@ -565,7 +612,11 @@ async def test_too_large_declared_body_is_refused_without_reading(site: Site) ->
     )
     sent = await _closed_by_server(reader, within=15)
     writer.close()
-    assert sent.startswith(b"HTTP/1.1 413"), sent
+    # OCSP keeps its wire format: malformedRequest (HTTP 200), and the connection is closed
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), sent
+    assert b"application/ocsp-response" in head
+    assert ocsp.load_der_ocsp_response(body).response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
 # --- wiring ---------------------------------------------------------------------------------------
@@ -615,7 +666,15 @@ def test_cm_cli_help() -> None:
 
     out = CliRunner().invoke(cm, ["serve", "--help"])
     assert out.exit_code == 0
-    for option in ("--https-port", "--http-port", "--egress-port", "--allow-origin", "--data"):
+    for option in (
+        "--https-port",
+        "--http-port",
+        "--egress-port",
+        "--allow-origin",
+        "--data",
+        "--tls-cert",
+        "--tls-key",
+    ):
         assert option in out.output
     bad = CliRunner().invoke(cm, ["serve", "--data", "/nonexistent", "--allow-origin", "ftp://x"])
     assert bad.exit_code == 4
@@ -787,7 +846,7 @@ async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
             data=req.public_bytes(serialization.Encoding.DER),
             headers={"Content-Type": "application/ocsp-request"},
         ) as resp:
-            assert resp.status == 503
+            assert resp.status == 200
             assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp.OCSPResponseStatus.TRY_LATER
     assert await egress_status() == 503
 
@@ -798,3 +857,309 @@ async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
     async with site.est() as est:
         with pytest.raises(EstUnavailableError, match="unknown"):
             await est.cacerts()
+
+
+# --- TLS alerts (RFC 8446 6.2) --------------------------------------------------------------------
+def _client_certificates(site: Site) -> dict[str, tuple[PrivateKey, x509.Certificate]]:
+    """An expired operational certificate of ours, and a certificate from a foreign CA."""
+    from iotdlm.pki.profiles import DEFAULT_PROFILES
+    from tests.helpers import make_pki
+
+    cas = site.dep.load_cas(PASSPHRASE)
+    now = site.clock.now()
+    key = generate_key(Algorithm.P256)
+    expired = cas["operational"].issue(
+        DEFAULT_PROFILES["operational"], key.public_key(), device_subject("dev-old", "T", DTYPE),
+        now=now - dt.timedelta(days=200), serial=x509.random_serial_number(), uris=[device_uri("dev-old")],
+    )  # fmt: skip
+    foreign = make_pki().cas["factory"].issue(
+        DEFAULT_PROFILES["factory"], key.public_key(), device_subject("dev-s", "T", DTYPE),
+        now=now, serial=x509.random_serial_number(), uris=[device_uri("dev-s")],
+    )  # fmt: skip
+    return {"expired": (key, expired), "foreign": (key, foreign)}
+
+
+@pytest.mark.real_clock
+@needs_openssl
+@pytest.mark.openssl
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+async def test_a_refused_client_certificate_gets_a_tls_alert_openssl(site: Site, version: str) -> None:
+    """openssl s_client prints the alert it received; a dropped connection prints none."""
+    root = site.write("root.pem", site.root_pem)
+    expected = {"expired": b"alert certificate expired", "foreign": b"alert unknown ca"}
+    for kind, (key, cert) in _client_certificates(site).items():
+        site.write(f"{kind}.pem", certs_to_pem([cert]))
+        site.write(f"{kind}.key", private_key_to_pem(key, None))
+        r = await asyncio.to_thread(
+            subprocess.run,
+            ["openssl", "s_client", version, "-connect", f"127.0.0.1:{site.cm.https_port}", "-CAfile", str(root),
+             "-cert", str(site.files / f"{kind}.pem"), "-key", str(site.files / f"{kind}.key"), "-ign_eof"],
+            input=b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: cm\r\nConnection: close\r\n\r\n",
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        out = r.stdout + r.stderr
+        assert expected[kind] in out, (kind, version, out.decode(errors="replace")[-2000:])
+
+
+async def _first_byte(site: Site, ctx: ssl.SSLContext) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+    try:
+        writer.write(b"GET /.well-known/est/cacerts HTTP/1.1\r\nHost: cm\r\n\r\n")
+        await writer.drain()
+        return await reader.read(1)  # TLS 1.3: the client learns of the refusal on its first read
+    finally:
+        writer.close()
+
+
+@pytest.mark.real_clock
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_a_refused_client_certificate_gets_a_tls_alert_python(site: Site, version: ssl.TLSVersion) -> None:
+    """Python's ssl as the client: an SSLError naming the alert, not an EOF."""
+    for kind, (key, cert) in _client_certificates(site).items():
+        ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+        ctx.check_hostname = False
+        ctx.minimum_version = ctx.maximum_version = version
+        site.write(f"{kind}.pem", certs_to_pem([cert]))
+        site.write(f"{kind}.key", private_key_to_pem(key, None))
+        ctx.load_cert_chain(str(site.files / f"{kind}.pem"), str(site.files / f"{kind}.key"))
+        with pytest.raises(ssl.SSLError) as info:
+            await _first_byte(site, ctx)
+        alert = {"expired": "CERTIFICATE_EXPIRED", "foreign": "UNKNOWN_CA"}[kind]
+        assert alert in str(info.value), (kind, version, info.value)
+
+
+# --- HTTP versions ---------------------------------------------------------------------------------
+async def _raw_exchange(site: Site, listener: str, request: bytes) -> bytes:
+    """Send ``request`` on a raw connection to one listener; everything cm sends until it closes."""
+    if listener == "https":
+        ctx = ssl.create_default_context(cadata=site.root_pem.decode())
+        ctx.check_hostname = False
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.https_port, ssl=ctx)
+    else:
+        assert site.cm.http_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.cm.http_port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await _closed_by_server(reader, within=15)
+    finally:
+        writer.close()
+
+
+@pytest.mark.real_clock
+@pytest.mark.parametrize("listener", ["http", "https"])
+async def test_http_0_9_and_unknown_versions_are_refused(site: Site, listener: str) -> None:
+    """An HTTP/0.9 request line (no version) or a version cm does not speak: 505 in HTTP/1.1, then
+    the connection is closed (RFC 9110 15.6.6). HTTP/1.0 and 1.1 are served."""
+    path = "/crl/operational/0.crl"
+    for line in (f"GET {path}\r\n\r\n", f"GET {path} HTTP/0.9\r\n\r\n", f"GET {path} HTTP/2.0\r\n\r\n"):
+        sent = await _raw_exchange(site, listener, line.encode())
+        assert sent.startswith(b"HTTP/1.1 505 "), (line, sent[:200])
+        head, _, body = sent.partition(b"\r\n\r\n")
+        assert b"connection: close" in head.lower(), head
+        assert b"HTTP/1.0" in body
+        assert b"Traceback" not in body
+    for version in (b"1.0", b"1.1"):
+        sent = await _raw_exchange(
+            site, listener, b"GET " + path.encode() + b" HTTP/" + version + b"\r\nHost: cm\r\nConnection: close\r\n\r\n"
+        )
+        assert sent.startswith(b"HTTP/" + version + b" 200 "), sent[:200]
+
+
+# --- OCSP errors as OCSP clients see them -------------------------------------------------------------
+@pytest.mark.real_clock
+@needs_openssl
+@pytest.mark.openssl
+async def test_openssl_ocsp_reads_try_later_when_km_is_away(site: Site) -> None:
+    """With HTTP 503 (before) openssl ocsp reported a transport error and never read the OCSP
+    status; with 200 it prints the responder's tryLater, over both listeners."""
+    _fkey, factory = await site.factory("dev-t")
+    issuer = site.write("factory-ca.pem", (site.dep.root / "ca" / "factory.pem").read_bytes())
+    leaf = site.write("leaf.pem", certs_to_pem([factory]))
+    await site.buses[0].close()  # km leaves
+    for base in (site.http, site.https):
+        r = await _run(
+            "openssl", "ocsp", "-url", f"{base}/ocsp", "-issuer", str(issuer), "-cert", str(leaf),
+            "-CAfile", str(site.write("root.pem", site.root_pem)), *attime(), *ocsp_window(),
+        )  # fmt: skip
+        out = r.stdout + r.stderr
+        assert b"Responder Error: trylater (3)" in out, (base, out)
+
+
+# --- AIA caIssuers ------------------------------------------------------------------------------------
+@pytest.mark.real_clock
+@needs_curl
+@needs_openssl
+@pytest.mark.openssl
+async def test_ca_certificates_at_their_ca_issuers_urls(site: Site) -> None:
+    """``{public_url}/ca/{name}.crt`` over both listeners: the DER certificate (RFC 5280
+    4.2.2.1, application/pkix-cert) that openssl reads; an unknown name is 404."""
+    root = site.write("root.pem", site.root_pem)
+    for base in (site.http, site.https):
+        for name in ("root", "factory", "operational", "service"):
+            out = site.files / f"{name}.der"
+            r = await _run(
+                "curl", "-sS", "--fail", "--cacert", str(root), "-o", str(out), "-w", "%{content_type}",
+                f"{base}/ca/{name}.crt",
+            )  # fmt: skip
+            assert r.returncode == 0, (base, name, r.stderr)
+            assert r.stdout == b"application/pkix-cert"
+            assert out.read_bytes() == der(site.dep.ca_certificate(name))
+            r = await _run("openssl", "x509", "-inform", "DER", "-in", str(out), "-noout", "-subject")
+            assert r.returncode == 0, r.stderr
+        r = await _run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(root),
+                       f"{base}/ca/nobody.crt")  # fmt: skip
+        assert r.stdout == b"404"
+
+
+# --- cm's HTTPS certificate names its public host ----------------------------------------------------
+async def _curl_status(site: Site, host: str, cacert: Path) -> subprocess.CompletedProcess[bytes]:
+    """curl WITHOUT -k: it checks the chain against ``cacert`` and the host name against the certificate."""
+    port = site.cm.https_port
+    return await _run(
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(cacert),
+        "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}{WELL_KNOWN}/cacerts",
+    )  # fmt: skip
+
+
+@pytest.mark.real_clock
+@needs_curl
+async def test_curl_checks_the_host_name_of_cms_certificate(tmp_path: Path) -> None:
+    """The deployment's public URL names cm.example.test (and init --cm-name alt.example.test): curl
+    reaches cm by those names, with no -k; a name not in the certificate fails the host-name check."""
+    async with open_site(tmp_path, public_url="https://cm.example.test:8443", cm_names=("alt.example.test",)) as site:
+        root = site.write("root.pem", site.root_pem)
+        for host in ("cm.example.test", "alt.example.test", "localhost"):
+            r = await _curl_status(site, host, root)
+            assert r.stdout == b"200", (host, r.stderr)
+        r = await _curl_status(site, "other.example.test", root)
+        assert r.returncode == 60, (r.returncode, r.stderr)  # CURLE_PEER_FAILED_VERIFICATION
+        assert b"other.example.test" in r.stderr
+        assert b"200" not in r.stdout
+
+
+def _public_ca_pair(files: Path, host: str, *, eku: ExtendedKeyUsageOID | None = None) -> tuple[Path, Path, Path]:
+    """A separate "public" CA (root + intermediate) and a server certificate for ``host`` from it:
+    (its root, the chain file cm serves, the key file)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = SystemClock().now()
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject: str, issuer: str, key: PrivateKey, signer: PrivateKey, *, ca: bool) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if ca:
+            b = b.add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([eku or ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        return b.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = build("Public Root", "Public Root", root_key, root_key, ca=True)
+    mid = build("Public Issuing CA", "Public Root", mid_key, root_key, ca=True)
+    leaf = build(host, "Public Issuing CA", leaf_key, mid_key, ca=False)
+    root_path = files / "public-root.pem"
+    root_path.write_bytes(certs_to_pem([root]))
+    chain_path = files / "public-chain.pem"
+    chain_path.write_bytes(certs_to_pem([leaf, mid]))
+    key_path = files / "public-key.pem"
+    key_path.write_bytes(private_key_to_pem(leaf_key, None))
+    return root_path, chain_path, key_path
+
+
+@pytest.mark.real_clock
+@needs_curl
+async def test_cm_serves_an_operator_supplied_certificate(tmp_path: Path) -> None:
+    """cm with a chain and key from a separate "public" CA: curl trusts that CA's root only and
+    checks the name; devices still present client certificates of our own CAs."""
+    files = tmp_path / "public"
+    files.mkdir()
+    public_root, chain, key = _public_ca_pair(files, "est.public.test")
+    async with open_site(tmp_path, public_url="https://est.public.test", tls_files=(chain, key)) as site:
+        r = await _curl_status(site, "est.public.test", public_root)
+        assert r.stdout == b"200", r.stderr
+        r = await _curl_status(site, "est.public.test", site.write("root.pem", site.root_pem))
+        assert r.returncode == 60, r.stderr  # our root does not vouch for the public certificate
+        # a device enrolls over it with its factory certificate (checked against our CAs)
+        fkey, factory = await site.factory("dev-pub")
+        site.write("f.pem", certs_to_pem([factory]))
+        site.write("f.key", private_key_to_pem(fkey, None))
+        site.write("csr.b64", _csr_b64(generate_key(Algorithm.P256), "dev-pub"))
+        port = site.cm.https_port
+        r = await _run(
+            "curl", "-sS", "-o", str(site.files / "out.b64"), "-w", "%{http_code}", "--cacert", str(public_root),
+            "--resolve", f"est.public.test:{port}:127.0.0.1", "--cert", str(site.files / "f.pem"),
+            "--key", str(site.files / "f.key"), "--data-binary", f"@{site.files / 'csr.b64'}",
+            "-H", "Content-Type: application/pkcs10", f"https://est.public.test:{port}{WELL_KNOWN}/simpleenroll",
+        )  # fmt: skip
+        assert r.stdout == b"200", (r.stderr, (site.files / "out.b64").read_bytes())
+        issued = pkcs7.load_der_pkcs7_certificates(base64.b64decode((site.files / "out.b64").read_bytes()))
+        issued[0].verify_directly_issued_by(site.dep.ca_certificate("operational"))
+
+
+def _unservable_pairs(tmp_path: Path) -> tuple[Deployment, Path, Path, Path]:
+    """A deployment; a pair from a public CA without serverAuth; a good chain; a key of nothing."""
+    files = tmp_path / "public"
+    files.mkdir()
+    _root, chain, key = _public_ca_pair(files, "est.public.test", eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+    (files / "client-chain.pem").write_bytes(chain.read_bytes())
+    (files / "client-key.pem").write_bytes(key.read_bytes())
+    _root, good_chain, _good_key = _public_ca_pair(files, "est.public.test")
+    other = files / "other-key.pem"
+    other.write_bytes(private_key_to_pem(generate_key(Algorithm.P256), None))
+    dep, _ = init_deployment(
+        tmp_path / "d", organization="T", algorithm=Algorithm.P256, dtypes=[], passphrase=PASSPHRASE,
+        now=SystemClock().now(),
+    )  # fmt: skip
+    return dep, files / "client-chain.pem", good_chain, other
+
+
+def test_cm_serve_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> None:
+    """`cm serve --tls-cert --tls-key` with a certificate without serverAuth: exit 4, one clear line."""
+    from click.testing import CliRunner
+
+    from iotdlm.cm.cli import cm
+
+    dep, client_chain, _good, _other = _unservable_pairs(tmp_path)
+    key = client_chain.with_name("client-key.pem")
+    out = CliRunner().invoke(
+        cm, ["serve", "--data", str(dep.root), "--tls-cert", str(client_chain), "--tls-key", str(key)],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert out.exit_code == 4, out.output
+    assert "lacks serverAuth" in out.output
+    assert "Traceback" not in out.output
+    half = CliRunner().invoke(cm, ["serve", "--data", str(dep.root), "--tls-cert", str(client_chain)])
+    assert half.exit_code == 4
+    assert "both --tls-cert and --tls-key" in half.output
+    # the same from cm.toml (paths relative to the data folder)
+    (dep.root / "cm.toml").write_text(f'tls_cert = "{client_chain}"\ntls_key = "{key}"\n')
+    out = CliRunner().invoke(cm, ["serve", "--data", str(dep.root)], env={"COLUMNS": "200"})
+    assert out.exit_code == 4, out.output
+    assert "lacks serverAuth" in out.output
+
+
+async def test_cm_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> None:
+    """A certificate without serverAuth, a key of another certificate, a missing file: cm does not
+    start, and says why (ServerCertificateError)."""
+    from iotdlm.cm_https import ServerCertificateError
+
+    dep, client_chain, good_chain, other = _unservable_pairs(tmp_path)
+    key = client_chain.with_name("client-key.pem")
+    with pytest.raises(ServerCertificateError, match="lacks serverAuth"):
+        await CmService.from_deployment(dep, CmConfig(tls_cert=client_chain, tls_key=key))
+    with pytest.raises(ServerCertificateError, match="does not belong"):
+        await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=other))
+    with pytest.raises(ServerCertificateError, match="--tls-key"):
+        await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=tmp_path / "missing.pem"))

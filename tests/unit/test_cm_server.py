@@ -209,26 +209,86 @@ async def test_ocsp_nonce_and_error_answers_are_not_cached(env: Env) -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "status", "ocsp_status"),
+    ("error", "ocsp_status"),
     [
-        (UnavailableError("km away"), 503, ocsp.OCSPResponseStatus.TRY_LATER),
-        (ModeError("not now"), 503, ocsp.OCSPResponseStatus.TRY_LATER),
-        (InternalError("boom"), 500, ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (UnavailableError("km away"), ocsp.OCSPResponseStatus.TRY_LATER),
+        (ModeError("not now"), ocsp.OCSPResponseStatus.TRY_LATER),
+        (TimeoutError(), ocsp.OCSPResponseStatus.TRY_LATER),
+        (InternalError("boom"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (ReplayError("again"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (PermissionDeniedError("nats says no"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (RuntimeError("a bug in the relay"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
+        (ValueError("km's answer does not parse"), ocsp.OCSPResponseStatus.INTERNAL_ERROR),
     ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v.name,
 )
-async def test_ocsp_refusals_keep_the_ocsp_wire_format(
-    env: Env, error: IotdlmError, status: int, ocsp_status: ocsp.OCSPResponseStatus
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_ocsp_relay_failures_are_ocsp_answers_never_500(
+    env: Env, error: BaseException, ocsp_status: ocsp.OCSPResponseStatus, method: str
 ) -> None:
+    """One rule for GET and POST: HTTP 200 and the OCSP status (see cm.server's module doc)."""
     env.km.error = error
-    resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
-    assert resp.status == status
+    if method == "GET":
+        resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
+    else:
+        resp = await env.http.post("/ocsp", data=_ocsp_request(), headers={"Content-Type": "application/ocsp-request"})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/ocsp-response"
+    assert resp.headers["Cache-Control"] == "no-cache"
     assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp_status
-    if status == 503:
+    if ocsp_status is ocsp.OCSPResponseStatus.TRY_LATER:
         assert resp.headers["Retry-After"] == "9"
+    else:
+        assert "Retry-After" not in resp.headers
+
+
+def _post(body: bytes, content_type: str | None = "application/ocsp-request") -> tuple[str, str, dict[str, str], bytes]:
+    return ("POST", "/ocsp", {"Content-Type": content_type} if content_type is not None else {}, body)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body"),
+    [
+        ("GET", "/ocsp/@@@", {}, b""),
+        ("GET", "/ocsp/%00%01", {}, b""),
+        _post(b"x", "text/plain"),
+        _post(b"x", None),
+        _post(b"x", "application/ocsp-requests"),
+        _post(b"0" * 9000),  # larger than max_ocsp_request_bytes
+    ],
+    ids=["get-not-base64", "get-control-chars", "post-text-plain", "post-no-type", "post-near-type",
+         "post-too-large"],
+)  # fmt: skip
+async def test_ocsp_malformed_requests_get_malformed_request_200(
+    env: Env, method: str, path: str, headers: dict[str, str], body: bytes
+) -> None:
+    """What used to be 400 (GET), 414 (GET), 415 text/plain (POST) and 413 text/plain (POST) is now
+    one answer: an OCSPResponse malformedRequest with HTTP 200; km is not asked."""
+    resp = await env.http.request(method, path, headers=headers, data=body or None)
+    assert resp.status == 200, await resp.read()
+    assert resp.headers["Content-Type"] == "application/ocsp-response"
+    answer = ocsp.load_der_ocsp_response(await resp.read())
+    assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+@given(st.text(max_size=300))
+async def test_ocsp_get_answers_any_path_with_an_ocsp_response(path: str) -> None:
+    """Whatever text follows /ocsp/: an OCSPResponse (km's, or malformedRequest), never a text refusal."""
+    from urllib.parse import quote
+
+    e, _server = await _env()
+    e.km.ocsp_answer = pki_ocsp.error_response("unauthorized")
+    try:
+        resp = await e.http.get("/ocsp/" + quote(path, safe="") if path else "/ocsp/A")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/ocsp-response"
+        ocsp.load_der_ocsp_response(await resp.read())
+    finally:
+        await e.http.close()
 
 
 async def test_ocsp_get_path_too_long_is_refused(env: Env) -> None:
-    resp = await env.http.get("/ocsp/" + "A" * 9000)  # beyond the request line limit
+    resp = await env.http.get("/ocsp/" + "A" * 9000)  # beyond the request line limit: never reaches the route
     assert 400 <= resp.status < 500
     assert "Traceback" not in await resp.text()
 
@@ -493,5 +553,68 @@ async def test_a_mode_check_refuses_with_503(env: Env) -> None:
     assert resp.status == 503
     assert "provisioning-certificate" in await resp.text()
     resp = await env.http.get(f"/ocsp/{_ocsp_get_path()}")
-    assert resp.status == 503
+    assert resp.status == 200  # OCSP: the status is in the OCSPResponse
     assert ocsp.load_der_ocsp_response(await resp.read()).response_status is ocsp.OCSPResponseStatus.TRY_LATER
+
+
+# --- CA certificates at the AIA caIssuers URLs, the root's CRL -------------------------------------
+@pytest.mark.parametrize("app", ["https", "http"])
+async def test_ca_certificates_by_name_on_both_listeners(app: str) -> None:
+    """``/ca/{name}.crt``: the DER certificate (application/pkix-cert) of each CA, from the chain
+    cm already fetches for /cacerts; an unknown name is 404."""
+    km = FakeKm()
+    cacerts = CaCerts({"root": PKI.root}, fetch=km.chain, clock=FixedClock(NOW), ttl=60)
+    cm = CmApp(km, clock=FixedClock(NOW), limits=Limits(), cacerts=cacerts, csrattrs=b"")
+    async with TestClient(TestServer(cm.https_app() if app == "https" else cm.http_app())) as http:
+        for name in ("root", "factory", "operational", "service"):
+            resp = await http.get(f"/ca/{name}.crt")
+            assert resp.status == 200, name
+            assert resp.headers["Content-Type"] == "application/pkix-cert"
+            assert resp.headers["Cache-Control"] == "max-age=60, public, no-transform"
+            expected = PKI.root if name == "root" else PKI.cas[name].certificate
+            assert x509.load_der_x509_certificate(await resp.read()) == expected
+            again = await http.get(f"/ca/{name}.crt", headers={"If-None-Match": resp.headers["ETag"]})
+            assert again.status == 304
+        assert km.chain_calls == 1  # one fetch serves /cacerts and every name until the ttl
+        for bad in ("/ca/nobody.crt", "/ca/root.pem", "/ca/ROOT.crt", "/ca/.crt", "/ca/root.crt.crt", "/ca/%00.crt"):
+            resp = await http.get(bad)
+            assert resp.status == 404, bad
+            assert resp.headers["Content-Type"].startswith("text/plain")
+
+
+async def test_ca_certificates_from_the_seed_while_km_is_away() -> None:
+    km = FakeKm(chain_error=UnavailableError("km away"))
+    cacerts = CaCerts(
+        {"service": PKI.cas["service"].certificate, "root": PKI.root}, fetch=km.chain, clock=FixedClock(NOW)
+    )
+    cm = CmApp(km, clock=FixedClock(NOW), limits=Limits(), cacerts=cacerts, csrattrs=b"")
+    async with TestClient(TestServer(cm.http_app())) as http:
+        resp = await http.get("/ca/service.crt")
+        assert resp.status == 200
+        assert await resp.read() == der(PKI.cas["service"].certificate)
+        assert (await http.get("/ca/factory.crt")).status == 404
+    # no seed, no km: 503 (not known yet), not 404
+    empty = CmApp(
+        km,
+        clock=FixedClock(NOW),
+        limits=Limits(),
+        cacerts=CaCerts([], fetch=km.chain, clock=FixedClock(NOW)),
+        csrattrs=b"",
+    )
+    async with TestClient(TestServer(empty.http_app())) as http:
+        resp = await http.get("/ca/root.crt")
+        assert resp.status == 503
+
+
+@pytest.mark.parametrize("app", ["https", "http"])
+async def test_the_root_crl_is_relayed(app: str) -> None:
+    """``/crl/root/0.crl``: km answers for issuer "root" (the root's CRL, partition 0)."""
+    km = FakeKm(crl_answer=_crl())
+    cm = CmApp(
+        km, clock=FixedClock(NOW), limits=Limits(), cacerts=CaCerts([], fetch=None, clock=FixedClock(NOW)), csrattrs=b""
+    )
+    async with TestClient(TestServer(cm.https_app() if app == "https" else cm.http_app())) as http:
+        resp = await http.get("/crl/root/0.crl")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "application/pkix-crl"
+    assert km.seen == [("root", 0, False)]

@@ -65,6 +65,13 @@ def main(verbose: bool) -> None:
 )
 @click.option("--nats-port", type=int, default=14222, show_default=True, help="Port of the embedded NATS server.")
 @click.option("--nats-tls", is_flag=True, help="Embedded NATS over TLS; modules also present their certificates.")
+@click.option(
+    "--cm-name",
+    "cm_names",
+    multiple=True,
+    metavar="NAME",
+    help="A DNS name or IP address devices reach cm by, besides the --public-url host. Repeatable.",
+)
 @handle_errors
 def init(
     data: Path,
@@ -76,6 +83,7 @@ def init(
     passphrase_file: Path | None,
     nats_port: int,
     nats_tls: bool,
+    cm_names: tuple[str, ...],
 ) -> None:
     """Create a deployment: root and issuing CAs, module identities, NATS credentials."""
     import os
@@ -97,6 +105,7 @@ def init(
             database_url=database_url,
             nats_port=nats_port,
             nats_tls=nats_tls,
+            cm_names=cm_names,
             now=clock.now(),
             progress=lambda m: status.update(f"creating {m}"),
         )
@@ -105,6 +114,9 @@ def init(
         status.update("creating database")
         store = open_store(dep)
         record_identities(dep, store, clock.now())
+        from iotdlm.cli.cm_certificate import record_https_certificate
+
+        record_https_certificate(dep, store, clock.now(), actor="init")
         store.close()
     console.print(f"[green]deployment created[/green] in {data}")
     table = Table("identity", "certificate subject", "expires")
@@ -738,6 +750,7 @@ def demo(data: Path | None, devices: int) -> None:
 
 def _register_groups() -> None:
     """Command groups that live with their modules."""
+    from iotdlm.cli.cm_certificate import certificate as cm_certificate
     from iotdlm.cm.cli import cm
     from iotdlm.modes.cli import mode, status, up
     from iotdlm.pm.cli import pm
@@ -747,6 +760,7 @@ def _register_groups() -> None:
 
     main.add_command(repo)
     main.add_command(sm)
+    cm.add_command(cm_certificate)  # offline, with the CA keys: lives in cli/, not in cm/
     main.add_command(cm)
     main.add_command(pm)
     main.add_command(transfer)

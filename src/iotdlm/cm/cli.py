@@ -40,6 +40,19 @@ def cm() -> None:
     metavar="URL",
     help="A repository origin sm may reach, e.g. https://repo.example.com. Repeatable; none: no egress proxy.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="HTTPS certificate chain (PEM, cm's certificate first), e.g. from a public CA; with --tls-key. "
+    "[default: DIR/modules/cm/https.pem, from `iotdlm init` / `iotdlm cm certificate`]",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Unencrypted PEM private key of --tls-cert.",
+)
 @handle_errors
 def serve(
     data: Path,
@@ -50,11 +63,14 @@ def serve(
     egress_host: str | None,
     egress_port: int | None,
     allow_origins: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Run cm in the foreground until interrupted (SIGINT/SIGTERM).
 
     Settings come from the flags, else from DIR/cm.toml (the supervisor starts cm with --data
-    only), else from the defaults shown.
+    only), else from the defaults shown. cm refuses an HTTPS certificate whose key does not match,
+    that lacks serverAuth, or that has expired.
     """
     file = load_cm_file(data)
     origins = tuple(allow_origins) or tuple(file.allow_origins)
@@ -74,6 +90,9 @@ def serve(
         else None
     )
     http_on = not no_http if no_http is not None else file.http
+    if tls_cert is None and tls_key is None:
+        tls_cert = data / file.tls_cert if file.tls_cert is not None else None  # absolute paths stay absolute
+        tls_key = data / file.tls_key if file.tls_key is not None else None
     config = CmConfig(
         host=_first(host, file.host, "127.0.0.1"),
         https_port=_first(https_port, file.https_port, 8443),
@@ -81,6 +100,8 @@ def serve(
         limits=limits_from(file.limits),
         egress=egress,
         csr_algorithm=Algorithm(dep.config.algorithm),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
     run(_serve(dep, config))
 

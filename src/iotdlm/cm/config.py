@@ -92,6 +92,14 @@ class CmConfig:
     csr_algorithm: Algorithm | None = Algorithm.P256
     #: how long the CA certificates of /cacerts are served before cm asks km again
     cacerts_ttl: float = 300.0
+    #: an operator-supplied HTTPS chain (leaf first) and key, PEM (both or neither); None: the
+    #: certificate iotdlm issued (DIR/modules/cm/https.pem)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise BadRequestError("give both --tls-cert and --tls-key, or neither", field="tls-cert")
 
 
 #: cm's own settings file in the deployment folder (optional). The supervisor starts cm with
@@ -105,6 +113,8 @@ class CmFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     https_port = 8443
     http_port = 8080          # http = false: no plain-HTTP listener
     allow_origins = ["https://repo.vendor.example"]
+    tls_cert = "/etc/iotdlm/cm-fullchain.pem"   # with tls_key: instead of modules/cm/https.pem
+    tls_key = "/etc/iotdlm/cm-key.pem"
     [limits]
     idle_timeout = 15.0
     """
@@ -116,6 +126,9 @@ class CmFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     egress_host: str | None = None
     egress_port: int | None = None
     allow_origins: list[str] = []
+    #: an operator-supplied HTTPS chain and key (PEM files; relative to the deployment folder)
+    tls_cert: str | None = None
+    tls_key: str | None = None
     limits: dict[str, float] = {}
 
 

@@ -21,6 +21,8 @@ device decommissioned and the like                     409
 km unavailable, or the operation mode forbids it       503 with ``Retry-After``
 cm <-> km relay failed (km internal error, replay,     502
 NATS permission)
+an HTTP/0.9 request line (no version), or a version   505, in HTTP/1.1 (the connection is
+other than 1.0 and 1.1                                 closed)
 =====================================================  =====================================
 
 Why 401 for a missing certificate: RFC 7030 3.2.3 and 3.3.2 have the server authenticate the client
@@ -34,8 +36,29 @@ Defence in depth (Table 1): given a mode check (:class:`iotdlm.modes.guard.ModeG
 only in the modes where it runs (software-management, certificate-management) and relays
 enrollment only in certificate-management; anything else is a ModeError (503). km checks again.
 
-OCSP answers keep the OCSP wire format even when they refuse: a GET whose path is not base64 gets
-HTTP 400 with a ``malformedRequest`` OCSPResponse, km unavailable gets 503 with ``tryLater``.
+OCSP has one rule for GET and POST: every request that reaches the OCSP route (``POST /ocsp``,
+``GET /ocsp/{base64}``) is answered with an OCSPResponse (``application/ocsp-response``) and HTTP
+200; what went wrong is in the OCSP ``responseStatus`` (RFC 6960 4.2.1), never in a text body:
+
+=====================================================  =====================================
+wrong or missing Content-Type (POST), body not base64  ``malformedRequest``
+(GET) or not DER, body or path too large (the
+connection is closed), body too slow (closed)
+km answered                                            km's answer (km itself answers
+                                                       ``malformedRequest``, ``unauthorized``,
+                                                       ``internalError`` where it applies)
+km unavailable or silent, or the operation mode        ``tryLater``, with ``Retry-After``
+forbids it
+a relay failure, anything unexpected in cm             ``internalError`` (logged)
+=====================================================  =====================================
+
+Why 200 for an unsuccessful OCSPResponse: RFC 6960 (A.1) and RFC 5019 (5) carry OCSP errors in
+the OCSPResponse itself, and OCSP clients read the body only of a 200: OpenSSL's HTTP client
+(``openssl ocsp``, ``OCSP_sendreq``) reports any other status as a transport failure without
+reading the body, so a 400/500/503 would hide the very status we mean to send. ``Retry-After``
+on a ``tryLater`` is advice (RFC 9110 10.2.3 allows it on any response). Only what never reaches
+the route -- a request line over the size limit, an unknown path or method -- gets the HTTP
+refusals of the table above.
 """
 
 from __future__ import annotations
@@ -46,17 +69,18 @@ import datetime as dt
 import logging
 import ssl
 import tempfile
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from cryptography import x509
 
 from iotdlm.clock import Clock
 from iotdlm.cm import est
 from iotdlm.cm.config import Limits
-from iotdlm.cm.va import crl_cache_headers, ocsp_cache_headers, parse_crl_path
+from iotdlm.cm.va import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
 from iotdlm.errors import (
     BadRequestError,
     ConflictError,
@@ -82,6 +106,10 @@ log = logging.getLogger(__name__)
 OCSP_REQUEST = "application/ocsp-request"
 OCSP_RESPONSE = "application/ocsp-response"
 PKIX_CRL = "application/pkix-crl"
+PKIX_CERT = "application/pkix-cert"
+
+#: the HTTP versions cm speaks; anything else (an HTTP/0.9 request line included) gets 505
+HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 #: the EST operations cm relays to km (RFC 7030 4.2, 4.4)
 ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
@@ -191,16 +219,18 @@ def _describe_peer(request: web.BaseRequest) -> str:
 
 
 class CaCerts:
-    """The body of ``/cacerts``: the deployment's CA certificates (every issuing CA, then the root).
+    """The deployment's CA certificates: the body of ``/cacerts`` (every issuing CA, then the root)
+    and each CA's certificate by name for ``/ca/{name}.crt`` (root, factory, operational, service).
 
-    Seeded from the deployment's public CA files (so /cacerts answers even when km is off, as in
-    the software-management mode), refreshed from km (``km.ca.chain``) at most every ``ttl``
-    seconds; if km does not answer, the last known set is served.
+    Seeded from the deployment's public CA files (so both answer even when km is off, as in the
+    software-management mode), refreshed from km (``km.ca.chain``) at most every ``ttl`` seconds;
+    if km does not answer, the last known set is served. ``initial`` names its certificates (a
+    mapping) or not (a sequence: ``/ca/{name}.crt`` then waits for km).
     """
 
     def __init__(
         self,
-        initial: Sequence[x509.Certificate],
+        initial: Sequence[x509.Certificate] | Mapping[str, x509.Certificate],
         *,
         fetch: Callable[[], Awaitable[msg.ChainResponse]] | None,
         clock: Clock,
@@ -208,8 +238,11 @@ class CaCerts:
     ) -> None:
         self._fetch = fetch
         self._clock = clock
+        self.ttl = ttl
         self._ttl = dt.timedelta(seconds=ttl)
-        self._body: bytes | None = est.encode_base64_body(est.certs_only(initial)) if initial else None
+        certs = list(initial.values()) if isinstance(initial, Mapping) else list(initial)
+        self._body: bytes | None = est.encode_base64_body(est.certs_only(certs)) if certs else None
+        self._named: dict[str, bytes] = {n: der(c) for n, c in initial.items()} if isinstance(initial, Mapping) else {}
         self._fetched_at: dt.datetime | None = None
         self._lock = asyncio.Lock()
 
@@ -225,22 +258,47 @@ class CaCerts:
         out.append(x509.load_der_x509_certificate(chain.root))
         return out
 
+    @staticmethod
+    def named_from_chain(chain: msg.ChainResponse) -> dict[str, bytes]:
+        """CA name -> DER: ``root``, and each issuing CA (the first certificate of its chain)."""
+        out = {name: ders[0] for name, ders in chain.chains.items() if ders}
+        out["root"] = chain.root
+        for d in out.values():
+            x509.load_der_x509_certificate(d)  # ValueError: km's chain does not parse
+        return out
+
     def _stale(self) -> bool:
         return self._fetched_at is None or self._clock.now() - self._fetched_at >= self._ttl
 
-    async def body(self) -> bytes:
+    async def _refresh_if_stale(self) -> None:
         if self._fetch is not None and self._stale():
             async with self._lock:
                 if self._stale():
                     await self._refresh()
+
+    async def body(self) -> bytes:
+        await self._refresh_if_stale()
         if self._body is None:
             raise UnavailableError("the CA certificates are not known yet: km has not answered")
         return self._body
 
+    async def certificate(self, name: str) -> bytes:
+        """DER of the CA certificate called ``name``; NotFoundError for a name we do not have."""
+        await self._refresh_if_stale()
+        found = self._named.get(name)
+        if found is None:
+            if not self._named:
+                raise UnavailableError("the CA certificates are not known yet: km has not answered")
+            known = ", ".join(sorted(self._named))
+            raise NotFoundError(f"no CA certificate called {name[:40]!r}; known: {known}")
+        return found
+
     async def _refresh(self) -> None:
         assert self._fetch is not None
         try:
-            certs = self.from_chain(await self._fetch())
+            chain = await self._fetch()
+            certs = self.from_chain(chain)
+            named = self.named_from_chain(chain)
         except IotdlmError as exc:
             if self._body is None:
                 raise
@@ -249,6 +307,7 @@ class CaCerts:
             log.warning("cacerts: km's CA chain does not parse (%s); serving the last known one", exc)
         else:
             self._body = est.encode_base64_body(est.certs_only(certs))
+            self._named = named
         # also after a failure: km is not asked again for every request while it is away
         self._fetched_at = self._clock.now()
 
@@ -303,8 +362,9 @@ class CmApp:
     def _add_va_routes(self, app: web.Application) -> None:
         app.router.add_post("/ocsp", self.ocsp_post)
         app.router.add_post("/ocsp/", self.ocsp_post)
-        app.router.add_get("/ocsp/{request:.+}", self.ocsp_get)
+        app.router.add_get("/ocsp/{request:[\\s\\S]+}", self.ocsp_get)  # any text, line breaks too
         app.router.add_get("/crl/{issuer}/{name}", self.crl)
+        app.router.add_get("/ca/{name}.crt", self.ca_certificate)
 
     def runner(self, app: web.Application) -> web.AppRunner:
         """An ``AppRunner`` for ``app`` that applies :class:`Limits` to every connection: the
@@ -372,6 +432,8 @@ class CmApp:
     ) -> web.StreamResponse:
         if self._watching:
             self._served.add(id(request.protocol))
+        if request.version not in HTTP_VERSIONS:
+            return self._refuse_version(request)
         try:
             return await handler(request)
         except _Refused as r:
@@ -409,6 +471,18 @@ class CmApp:
         except Exception:
             log.exception("%s %s from %s failed", request.method, request.path, _describe_peer(request))
             return text_response(500, "internal error")
+
+    def _refuse_version(self, request: web.BaseRequest) -> web.Response:
+        """505 for an HTTP/0.9 request line (no version: aiohttp's parser calls it 0.9 and would
+        answer ``HTTP/0.9 200``) or a version other than 1.x, answered in HTTP/1.1 and closed."""
+        version = f"{request.version.major}.{request.version.minor}"
+        self._log_refusal(request, 505, "http_version", f"HTTP/{version} request line")
+        # aiohttp writes the status line in the request's version (``request.version``, a reified
+        # property cached in ``_cache``) and has no public way to say otherwise
+        request._cache["version"] = HttpVersion11
+        resp = text_response(505, "HTTP/1.0 or HTTP/1.1 required")
+        resp.force_close()
+        return resp
 
     def _log_refusal(self, request: web.BaseRequest, status: int, code: str, message: str) -> None:
         log.warning(
@@ -508,37 +582,54 @@ class CmApp:
 
     # --- OCSP -----------------------------------------------------------------------------------
     async def ocsp_post(self, request: web.Request) -> web.Response:
-        est.require_media_type(request.headers.get("Content-Type"), OCSP_REQUEST)
-        body = await self._read_body(request, self.limits.max_ocsp_request_bytes)
+        """RFC 6960 A.1.1, POST: the DER request is the body."""
+        try:
+            est.require_media_type(request.headers.get("Content-Type"), OCSP_REQUEST)
+        except est.UnsupportedMediaTypeError as exc:
+            raise self._ocsp_refused("malformed_request", exc) from exc
+        try:
+            body = await self._read_body(request, self.limits.max_ocsp_request_bytes)
+        except (TooLargeError, RequestTimeoutError) as exc:
+            raise self._ocsp_refused("malformed_request", exc, close=True) from exc
         return await self._ocsp(body, request, get=False)
 
     async def ocsp_get(self, request: web.Request) -> web.Response:
+        """RFC 6960 A.1.1 and RFC 5019 5, GET: the request is the URL-encoded base64 of the DER."""
         raw = request.raw_path.split("?", 1)[0]
         prefix = "/ocsp/"
         tail = raw[len(prefix) :] if raw.startswith(prefix) else request.match_info["request"]
         try:
             der_request = decode_get_path(tail)
-        except TooLargeError as exc:
-            raise _Refused(self._ocsp_error(414, "malformed_request"), exc.message) from exc
-        except BadRequestError as exc:
-            raise _Refused(self._ocsp_error(400, "malformed_request"), exc.message) from exc
+        except RejectedError as exc:  # not base64, too long
+            raise self._ocsp_refused("malformed_request", exc) from exc
         return await self._ocsp(der_request, request, get=True)
 
-    def _ocsp_error(self, status: int, kind: ErrorKind, headers: Mapping[str, str] | None = None) -> web.Response:
+    def _ocsp_error(self, kind: ErrorKind, headers: Mapping[str, str] | None = None) -> web.Response:
+        """An unsuccessful OCSPResponse (HTTP 200: see the module doc), never for caches."""
         return web.Response(
-            status=status,
             body=error_response(kind),
             headers={"Content-Type": OCSP_RESPONSE, "Cache-Control": "no-cache", **(headers or {})},
         )
+
+    def _ocsp_refused(self, kind: ErrorKind, exc: BaseException, *, close: bool = False) -> _Refused:
+        headers = self._retry if kind == "try_later" else None
+        resp = self._ocsp_error(kind, headers)
+        if close:
+            resp.force_close()
+        reason = f"{exc.code}: {exc.message}" if isinstance(exc, IotdlmError) else type(exc).__name__
+        return _Refused(resp, f"{kind}: {reason}")
 
     async def _ocsp(self, request_der: bytes, request: web.Request, *, get: bool) -> web.Response:
         try:
             self._require(CM_MODES, "relaying OCSP")
             answer = await self.km.ocsp(request_der)
-        except (UnavailableError, ModeError) as exc:
-            raise _Refused(self._ocsp_error(503, "try_later", self._retry), exc.message) from exc
+        except (UnavailableError, ModeError, TimeoutError) as exc:
+            raise self._ocsp_refused("try_later", exc) from exc
         except IotdlmError as exc:
-            raise _Refused(self._ocsp_error(500, "internal_error"), f"{exc.code}: {exc.message}") from exc
+            raise self._ocsp_refused("internal_error", exc) from exc
+        except Exception as exc:  # a relay bug must not become an HTTP 500 on the OCSP path
+            log.exception("OCSP relay failed for %s", _describe_peer(request))
+            raise self._ocsp_refused("internal_error", exc) from exc
         headers = ocsp_cache_headers(answer, self.clock.now()) if get else {"Cache-Control": "no-cache"}
         return self._conditional(request, answer, OCSP_RESPONSE, headers)
 
@@ -551,6 +642,15 @@ class CmApp:
         except BadRequestError as exc:
             raise NotFoundError(exc.message) from exc
         return self._conditional(request, crl_der, PKIX_CRL, crl_cache_headers(crl_der, self.clock.now()))
+
+    # --- CA certificates (AIA caIssuers) ----------------------------------------------------------
+    async def ca_certificate(self, request: web.Request) -> web.Response:
+        """RFC 5280 4.2.2.1: the DER certificate of CA ``name`` at the caIssuers URL
+        ``{public_url}/ca/{name}.crt`` (``application/pkix-cert``), from what /cacerts serves."""
+        self._require(CM_MODES, "serving CA certificates")
+        body = await self.cacerts_source.certificate(request.match_info["name"])
+        headers = {"ETag": etag(body), "Cache-Control": f"max-age={int(self.cacerts_source.ttl)}, public, no-transform"}
+        return self._conditional(request, body, PKIX_CERT, headers)
 
     def _conditional(
         self, request: web.Request, body: bytes, content_type: str, headers: Mapping[str, str]
@@ -571,7 +671,7 @@ def server_tls_context(
     key_pem: bytes,
     client_cas: Sequence[x509.Certificate],
 ) -> ssl.SSLContext:
-    """cm's HTTPS context: its service certificate (and the service CA) as the server chain;
+    """cm's HTTPS context: its HTTPS certificate chain (:mod:`iotdlm.cm_https`) as the server chain;
     client certificates *optional* at the TLS layer and, when presented, verified against
     ``client_cas`` (the root, and the factory and operational CAs so a device may send its leaf
     alone). /cacerts, OCSP and CRLs work without a client certificate; enrollment refuses (401)."""
@@ -639,15 +739,12 @@ class TlsSite(web.TCPSite):
         peer = transport.get_extra_info("peername")
         who = str(peer[0]) if peer else "?"
         handler = server()
-        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                transport, handler, ctx, server_side=True, ssl_handshake_timeout=self._handshake_timeout
-            )
+            tls = await _start_tls(transport, handler, ctx, handshake_timeout=self._handshake_timeout)
         except ssl.SSLError as exc:
             detail = getattr(exc, "verify_message", None) or exc.reason or str(exc)
             log.warning("refused a TLS handshake from %s: %s", who, detail)
-            transport.abort()
+            transport.close()  # not abort(): that would drop the alert still on its way out
             return
         except (TimeoutError, ConnectionError, OSError) as exc:
             log.warning("refused a TLS handshake from %s: %s", who, str(exc) or type(exc).__name__)
@@ -657,6 +754,63 @@ class TlsSite(web.TCPSite):
             transport.abort()
             return
         handler.connection_made(tls)
+
+
+class _AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's server-side TLS protocol, except that a refused handshake ends with OpenSSL's TLS
+    alert on the wire (RFC 8446 6.2: "certificate expired", "unknown CA", ...) before the close.
+
+    Python 3.11's SSLProtocol, on a failed handshake, force-closes the transport with the alert
+    OpenSSL has written still in its outgoing memory BIO: the client sees an EOF and cannot tell
+    why it was refused. Here the BIO is flushed first and the transport closed gracefully (what
+    is buffered is sent before the FIN). Private asyncio API: tested against every supported
+    Python by tests/integration/test_cm.py (openssl s_client and Python's ssl see the alert)."""
+
+    _refused = False
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            self._refused = True
+            with contextlib.suppress(Exception):
+                self._process_outgoing()  # type: ignore[attr-defined]  # the alert, into the transport
+        super()._on_handshake_complete(handshake_exc)
+
+    def _fatal_error(self, exc: BaseException, message: str = "Fatal error on transport") -> None:
+        transport = self._transport
+        if self._refused and transport is not None:
+            transport.close()  # TlsSite logs the refusal; close() sends the buffered alert first
+            return
+        super()._fatal_error(exc, message)
+
+
+async def _start_tls(
+    transport: asyncio.Transport, protocol: asyncio.Protocol, ctx: ssl.SSLContext, *, handshake_timeout: float
+) -> asyncio.Transport:
+    """``loop.start_tls(transport, protocol, ctx, server_side=True)`` with :class:`_AlertingSSLProtocol`
+    (the same steps as asyncio's own start_tls)."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    tls = _AlertingSSLProtocol(
+        loop,
+        protocol,
+        ctx,
+        waiter,
+        server_side=True,
+        ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]  # typeshed says int; asyncio takes float
+        call_connection_made=False,
+    )
+    transport.pause_reading()  # nothing reaches the TLS protocol before connection_made
+    transport.set_protocol(tls)
+    made = loop.call_soon(tls.connection_made, transport)
+    resume = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        made.cancel()
+        resume.cancel()
+        raise
+    return tls._app_transport
 
 
 class _TlsAccept(asyncio.Protocol):

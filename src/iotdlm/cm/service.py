@@ -8,15 +8,19 @@ paper's Table 1: cm is off during provisioning).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
+import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
 from cryptography import x509
 
+from iotdlm import cm_https
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock, SystemClock
@@ -26,6 +30,8 @@ from iotdlm.cm.egress import EgressProxy
 from iotdlm.cm.server import EGRESS_MODES, CaCerts, CmApp, KmRelay, ModeCheck, TlsSite, server_tls_context
 from iotdlm.deployment import ISSUING_CAS, Deployment
 from iotdlm.pki.keys import private_key_to_pem
+
+log = logging.getLogger(__name__)
 
 
 class ModeGuardLike(Protocol):
@@ -41,22 +47,53 @@ class CmTls:
     """cm's TLS material: its server context and the CA certificates /cacerts starts with."""
 
     context: ssl.SSLContext
-    ca_certificates: tuple[x509.Certificate, ...]
+    #: CA name (root, factory, operational, service) -> certificate; issuing CAs first, root last
+    ca_certificates: Mapping[str, x509.Certificate]
 
 
-def deployment_tls(dep: Deployment, extra_client_cas: Sequence[x509.Certificate] = ()) -> CmTls:
-    """From a deployment: cm's service identity (plus the service CA) as the server chain; the
-    root, factory and operational CAs -- and ``extra_client_cas``, the external factory CAs
-    registered for a trust transfer -- as the anchors for device client certificates."""
-    ident = dep.identity("cm")
+def deployment_tls(
+    dep: Deployment,
+    extra_client_cas: Sequence[x509.Certificate] = (),
+    *,
+    now: dt.datetime,
+    server_files: tuple[Path, Path] | None = None,
+) -> CmTls:
+    """From a deployment: cm's HTTPS certificate -- the one iotdlm issued (``DIR/modules/cm/https.pem``,
+    see :mod:`iotdlm.cm_https`) or the operator's ``server_files`` (chain, key) -- as the server
+    chain, checked at ``now``; the root, factory and operational CAs -- and ``extra_client_cas``,
+    the external factory CAs registered for a trust transfer -- as the anchors for device client
+    certificates. Warns when the certificate does not name the deployment's public host."""
+    if server_files is None:
+        chain, key = cm_https.load_issued_pair(dep.root, now=now)
+    else:
+        cert_path, key_path = server_files
+        chain, key = cm_https.load_server_pair(
+            _read_file(cert_path, "--tls-cert"), _read_file(key_path, "--tls-key"), now=now, source=str(cert_path)
+        )
+    missing = cm_https.missing_public_host(chain[0], dep.config.public_url)
+    if missing is not None:
+        log.warning(
+            "cm's HTTPS certificate does not name %s, the host of the public URL %s: clients that check "
+            "the host name will refuse it",
+            missing,
+            dep.config.public_url,
+        )
     root = dep.ca_certificate("root")
     issuing = {name: dep.ca_certificate(name) for name in ISSUING_CAS}
     ctx = server_tls_context(
-        certificate_chain=[ident.certificate, issuing["service"]],
-        key_pem=private_key_to_pem(ident.key, None),
+        certificate_chain=chain,
+        key_pem=private_key_to_pem(key, None),
         client_cas=[root, issuing["factory"], issuing["operational"], *extra_client_cas],
     )
-    return CmTls(context=ctx, ca_certificates=(*(issuing[n] for n in sorted(issuing)), root))
+    return CmTls(context=ctx, ca_certificates={**{n: issuing[n] for n in sorted(issuing)}, "root": root})
+
+
+def _read_file(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as f:
+            return f.read(cm_https.MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise cm_https.ServerCertificateError(f"{what} {path}: {exc.strerror or exc}", field=what) from None
 
 
 class CmService:
@@ -68,7 +105,7 @@ class CmService:
         *,
         km: KmRelay,
         tls: ssl.SSLContext,
-        ca_certificates: Sequence[x509.Certificate] = (),
+        ca_certificates: Sequence[x509.Certificate] | Mapping[str, x509.Certificate] = (),
         clock: Clock | None = None,
         bus: Bus | None = None,
         mode: ModeCheck | None = None,
@@ -105,13 +142,17 @@ class CmService:
     ) -> CmService:
         """Connect to the deployment's NATS as cm and build the service (not started). With
         ``check_mode`` (the default) cm watches the operation mode (a ModeGuard) and refuses what
-        Table 1 forbids."""
+        Table 1 forbids. ``config.tls_cert``/``tls_key``: an operator's HTTPS pair instead of the
+        one iotdlm issued."""
         from iotdlm.client.km import KmClient
         from iotdlm.modes.guard import ModeGuard
         from iotdlm.runtime import connect_identity, sealer_for
 
         clock = clock or SystemClock()
-        tls = deployment_tls(dep, _registered_factory_cas(dep, clock))
+        files = (
+            (config.tls_cert, config.tls_key) if config.tls_cert is not None and config.tls_key is not None else None
+        )
+        tls = deployment_tls(dep, _registered_factory_cas(dep, clock), now=clock.now(), server_files=files)
         bus, ident = await connect_identity(dep, "cm")
         km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout)
         guard = ModeGuard(bus) if check_mode else None
