@@ -306,10 +306,13 @@ def test_openssl_ra_verified_vector() -> None:
     assert request.subject.rfc4514_string() == "O=Example,CN=device-ra"
 
 
-def test_openssl_p384_with_sha256_is_rejected_as_a_mismatch() -> None:
-    err = raises_exactly(errors.BadSignatureError, (VECTORS / "crmf_openssl_p384_sha256.der").read_bytes())
-    assert "ecdsa-with-SHA256" in err.message
-    assert "P-384" in err.message
+def test_openssl_p384_with_sha256_is_accepted_as_pkcs10_accepts_it() -> None:
+    """Issue 10 item 11: `openssl cmp` signs a P-384 key's POP with SHA-256 by default; one POP policy
+    (iotdlm.pki.pop) for CRMF and PKCS#10 now accepts it (it was refused as CRMF, accepted as PKCS#10)."""
+    [request] = crmf.parse((VECTORS / "crmf_openssl_p384_sha256.der").read_bytes())
+    assert request.pop == "signature"
+    assert request.subject is not None
+    assert request.subject.rfc4514_string() == "O=Example,CN=device-p384-sha256"
 
 
 @pytest.mark.openssl
@@ -475,7 +478,9 @@ def test_one_bad_signature_among_many_names_its_id() -> None:
         ("ed25519", SignatureAlgorithmOID.ECDSA_WITH_SHA256.dotted_string, None, errors.BadSignatureError),
         ("rsa2048", SignatureAlgorithmOID.ED25519.dotted_string, None, errors.BadSignatureError),
         # algorithms not supported at all
-        ("p256", SignatureAlgorithmOID.ECDSA_WITH_SHA512.dotted_string, None, errors.UnsupportedError),
+        # accepted by the policy, but the signature was made with another digest
+        ("p256", SignatureAlgorithmOID.ECDSA_WITH_SHA512.dotted_string, None, errors.BadSignatureError),
+        ("p256", SignatureAlgorithmOID.ECDSA_WITH_SHA224.dotted_string, None, errors.UnsupportedError),
         ("rsa2048", SignatureAlgorithmOID.RSA_WITH_SHA1.dotted_string, b"\x05\x00", errors.UnsupportedError),
         ("rsa2048", SignatureAlgorithmOID.RSASSA_PSS.dotted_string, None, errors.UnsupportedError),
         ("ed25519", "1.2.3.4.5", None, errors.UnsupportedError),

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -18,11 +21,14 @@ from iotdlm import __version__
 from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
-from iotdlm.errors import BadRequestError, IotdlmError, NotFoundError
+from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError, RejectedError
 from iotdlm.km.ra import ModulePrincipal
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.pki.keys import Algorithm
 from iotdlm.wire import km as msg
+
+if TYPE_CHECKING:
+    from iotdlm.store import Store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,7 +213,9 @@ def ca() -> None:
 @data_option
 @click.option("--csr", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="PKCS#10 request (PEM/DER).")
 @click.option(
-    "--crmf", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="CRMF CertReqMessages (DER)."
+    "--crmf",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="CRMF CertReqMessages (DER), or a whole CMP message (ir, cr, kur) holding them.",
 )
 @click.option(
     "--csr-dir",
@@ -220,6 +228,11 @@ def ca() -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Output PEM file (or folder with --csr-dir)."
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Issue even to a device that already holds a valid certificate of this profile (else it is skipped).",
+)
 @handle_errors
 def ca_issue(
     data: Path,
@@ -230,12 +243,21 @@ def ca_issue(
     device_id: str | None,
     dtype: str | None,
     out: Path,
+    force: bool,
 ) -> None:
-    """Issue certificates as the operator (RA rule `operator`: signature proof of possession only)."""
+    """Issue certificates as the operator (RA rule `operator`: signature proof of possession only).
+
+    A device that already holds a valid certificate of the profile is skipped (with --csr-dir) or
+    refused (with --csr/--crmf) unless --force. Whatever a request asked for and the certificate does
+    not carry (subject attributes, SANs, extensions) is printed as "dropped from the request".
+    """
     from iotdlm.runtime import build_km, open_store
 
     if sum(x is not None for x in (csr, crmf, csr_dir)) != 1:
         raise BadRequestError("give exactly one of --csr, --crmf or --csr-dir")
+    if csr_dir is None and not device_id:
+        raise BadRequestError("--device-id is required with --csr or --crmf")
+    jobs = _issue_jobs(csr, crmf, csr_dir, profile, device_id)
     dep = Deployment.load(data)
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
@@ -243,46 +265,96 @@ def ca_issue(
     from iotdlm.pki.ca import fingerprint
 
     principal = ModulePrincipal("admin", None, fingerprint(admin.certificate))
-    jobs: list[tuple[str, msg.IssueItem]] = []
     if csr_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
-        for f in sorted([*csr_dir.glob("*.csr"), *csr_dir.glob("*.pem")]):
-            jobs.append((f.stem, msg.IssueItem(device_id=f.stem, profile=profile, csr=f.read_bytes())))
-    else:
-        if not device_id:
-            raise BadRequestError("--device-id is required with --csr or --crmf")
-        src = csr or crmf
-        assert src is not None
-        item = msg.IssueItem(
-            device_id=device_id,
-            profile=profile,
-            csr=src.read_bytes() if csr else None,
-            crmf=src.read_bytes() if crmf else None,
-        )
-        jobs.append((device_id, item))
     table = Table("device", "serial", "not after", "file")
-    failures = 0
+    failures, skipped, notes = 0, 0, []
     with _progress() as progress:
         task = progress.add_task("issuing", total=len(jobs))
-        for dev, item in jobs:
+        for dev, src, item in jobs:
             try:
-                grant, rec = kmcore.prepare(principal, item, "issue")
+                holder = None if force else _valid_certificate(store, dev, profile, kmcore.clock.now())
+                if holder is not None:
+                    if csr_dir is None:
+                        raise ConflictError(
+                            f"device {dev} already holds a valid {profile} certificate (serial {holder}); "
+                            "give --force to issue another",
+                            device_id=dev,
+                        )
+                    skipped += 1
+                    table.add_row(dev, "[yellow]skipped[/yellow]", f"holds valid {profile} certificate {holder}", "")
+                    progress.advance(task)
+                    continue
+                grant, rec, left_out = kmcore.prepare(principal, item, "issue")
                 if dtype:
                     grant = dataclasses.replace(grant, dtype=dtype)
                 (rec,) = kmcore.commit([(grant, rec)])
                 target = out / f"{dev}.pem" if csr_dir is not None else out
                 target.write_bytes(certs_to_pem([load_certificate(rec.der)]))
                 table.add_row(dev, format(rec.serial, "x"), rec.not_after.isoformat(), str(target))
+                if left_out:
+                    notes.append(f"{dev}: dropped from the request: {'; '.join(left_out)}")
             except IotdlmError as exc:
                 if csr_dir is None:
+                    if isinstance(exc, RejectedError) and exc.field in ("csr", "crmf"):
+                        raise type(exc)(f"{src.name}: {exc.message}", field=exc.field, device_id=exc.device_id) from exc
                     raise
                 failures += 1
-                table.add_row(dev, f"[red]{exc.code}[/red]", exc.message, "")
+                table.add_row(dev, f"[red]{exc.code}[/red]", f"{src.name}: {exc.message}", "")
             progress.advance(task)
     store.close()
     console.print(table)
+    for note in notes:
+        console.print(escape(note), soft_wrap=True)
+    if csr_dir is not None:
+        summary = f"issued {len(jobs) - skipped - failures}, failed {failures}, skipped {skipped}"
+        if skipped:
+            summary += f" (they already hold a valid {profile} certificate; --force issues anyway)"
+        console.print(summary)
     if failures:
         raise SystemExit(4)
+
+
+def _issue_jobs(
+    csr: Path | None, crmf: Path | None, csr_dir: Path | None, profile: str, device_id: str | None
+) -> list[tuple[str, Path, msg.IssueItem]]:
+    """(device id, source file, request item) per certificate to issue; a CMP message given to
+    --crmf is unwrapped to its CertReqMessages (saying that its CMP protection is not checked)."""
+    from iotdlm.pki import crmf as crmf_mod
+
+    if csr_dir is not None:
+        files = sorted([*csr_dir.glob("*.csr"), *csr_dir.glob("*.pem")])
+        return [(f.stem, f, msg.IssueItem(device_id=f.stem, profile=profile, csr=f.read_bytes())) for f in files]
+    assert device_id is not None
+    if csr is not None:
+        return [(device_id, csr, msg.IssueItem(device_id=device_id, profile=profile, csr=csr.read_bytes()))]
+    assert crmf is not None
+    raw = crmf.read_bytes()
+    if crmf_mod.looks_like_cmp(raw):
+        try:
+            cmp = crmf_mod.unwrap_cmp(raw)
+        except RejectedError as exc:
+            raise type(exc)(f"{crmf.name}: {exc.message}", field=exc.field) from exc
+        protection = (
+            f"Its CMP protection ({cmp.protection}) is not verified" if cmp.protection else "It has no CMP protection"
+        )
+        console.print(
+            escape(
+                f"{crmf.name}: a CMP {cmp.body} message (RFC 4210); taking the CertReqMessages out of it. "
+                f"{protection}; the CRMF proof of possession still is checked."
+            ),
+            soft_wrap=True,
+        )
+        raw = cmp.cert_req_messages
+    return [(device_id, crmf, msg.IssueItem(device_id=device_id, profile=profile, crmf=raw))]
+
+
+def _valid_certificate(store: Store, device_id: str, profile: str, now: dt.datetime) -> str | None:
+    """The serial (hex) of a certificate of ``profile`` that ``device_id`` holds and that is valid at ``now``."""
+    for rec in store.list_certificates(device_id=device_id, profile=profile, status="valid", limit=20):
+        if rec.not_before <= now <= rec.not_after:
+            return format(rec.serial, "x")
+    return None
 
 
 def _progress() -> Progress:

@@ -18,9 +18,10 @@ import datetime as dt
 import hashlib
 import threading
 from collections.abc import Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -54,10 +55,11 @@ from iotdlm.km.va import Va
 from iotdlm.pki import crmf
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
-from iotdlm.pki.csr import parse_csr
+from iotdlm.pki.csr import CsrRequest, parse_csr
 from iotdlm.pki.keys import PublicKey, generate_key
 from iotdlm.pki.names import check_id, device_id_of, device_subject, device_uri, module_of
 from iotdlm.pki.profiles import Profile, get_profile
+from iotdlm.pki.requested import Requested, dropped
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
@@ -100,6 +102,13 @@ class _Parsed:
     public_key: PublicKey
     subject: x509.Name | None
     pop: Pop
+    #: what the request asked for, to tell the requester what the certificate leaves out
+    requested: Requested = field(default_factory=Requested)
+
+
+def _with_dropped(cert: msg.IssuedCertificate, what: tuple[str, ...]) -> msg.IssuedCertificate:
+    """The reply, with what the request asked for and the certificate does not carry (if anything)."""
+    return msgspec.structs.replace(cert, dropped=what) if what else cert
 
 
 class Km:
@@ -141,7 +150,9 @@ class Km:
             trusted = self._check_signer(load_certificate(leaf_der), fp, now)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             # cryptography parses extensions lazily: a malformed one surfaces here
-            raise UntrustedError(f"request signer certificate is malformed: {exc}") from exc
+            raise UntrustedError(
+                "request signer certificate is malformed (an extension or field cryptography cannot read)"
+            ) from exc
         with self._lock:
             if len(self._trusted) > 10_000:
                 self._trusted.clear()
@@ -254,19 +265,28 @@ class Km:
             raise BadRequestError("give exactly one of csr or crmf", field="csr", device_id=item.device_id)
         if item.csr is not None:
             req = parse_csr(item.csr)
-            return _Parsed(public_key=req.public_key, subject=req.subject, pop="signature")
+            return _Parsed(public_key=req.public_key, subject=req.subject, pop="signature", requested=_csr_asked(req))
         assert item.crmf is not None
         reqs = crmf.parse(item.crmf)
         if len(reqs) != 1:
             raise BadRequestError(f"crmf must carry exactly one CertReqMsg per item, found {len(reqs)}", field="crmf")
         r = reqs[0]
-        return _Parsed(public_key=r.public_key, subject=r.subject, pop=r.pop)
+        asked = Requested(
+            subject=r.subject,
+            extensions=r.requested_extensions,
+            unreadable_extensions=r.unreadable_extensions,
+            template_fields=r.ignored_fields,
+        )
+        return _Parsed(public_key=r.public_key, subject=r.subject, pop=r.pop, requested=asked)
 
     def _device_state(self, device_id: str, known: dict[str, DeviceRecord] | None) -> DeviceState:
         rec = known.get(device_id) if known is not None else self.store.get_device(device_id)
         return DeviceState(dtype=rec.dtype, status=rec.status) if rec else DeviceState(dtype=None, status=None)
 
-    def _sign(self, grant: Grant, parsed: _Parsed, principal: Principal, now: dt.datetime) -> CertRecord:
+    def _sign(
+        self, grant: Grant, parsed: _Parsed, principal: Principal, now: dt.datetime
+    ) -> tuple[CertRecord, tuple[str, ...]]:
+        """The certificate's record, and what the request asked for that the certificate does not carry."""
         _check_requested_name(parsed.subject, grant.device_id)
         profile = get_profile(self.profiles, grant.profile)
         ca = self.cas[profile.issuer]
@@ -287,9 +307,10 @@ class Km:
             if urls is not None and profile.with_revocation_pointers
             else None
         )
-        return record_for(
+        record = record_for(
             cert, ca.name, profile.name, grant.device_id, principal.describe(), now, crl_partition=partition
         )
+        return record, dropped(parsed.requested, cert)
 
     def prepare(
         self,
@@ -298,9 +319,10 @@ class Km:
         operation: Operation,
         *,
         devices: dict[str, DeviceRecord] | None = None,
-    ) -> tuple[Grant, CertRecord]:
+    ) -> tuple[Grant, CertRecord, tuple[str, ...]]:
         """Parse, authorize and sign one item (nothing stored yet). ``devices``: the store's
-        devices already read for a whole batch (else this item's device is read now)."""
+        devices already read for a whole batch (else this item's device is read now). The third
+        element: what the request asked for that the certificate does not carry."""
         now = self.clock.now()
         check_id(item.device_id)
         parsed = self._parse_item(item)
@@ -312,7 +334,8 @@ class Km:
             device=self._device_state(item.device_id, devices),
         )
         grant = self.authorizer.authorize(principal, facts)
-        return grant, self._sign(grant, parsed, principal, now)
+        rec, left_out = self._sign(grant, parsed, principal, now)
+        return grant, rec, left_out
 
     # --- 4: record ----------------------------------------------------------------------
     def commit(self, pairs: list[tuple[Grant, CertRecord]], *, nonce: NonceUse | None = None) -> list[CertRecord]:
@@ -355,12 +378,12 @@ class Km:
         try:
             self._check_mode(principal, "issuing a device certificate")
             item = msg.decode(env.body, msg.IssueItem)
-            pair = self.prepare(principal, item, "issue")
+            grant, rec, left_out = self.prepare(principal, item, "issue")
         except RejectedError:
             self._spend(nonce)
             raise
-        (rec,) = self.commit([pair], nonce=nonce)
-        return issued(rec)
+        (rec,) = self.commit([(grant, rec)], nonce=nonce)
+        return _with_dropped(issued(rec), left_out)
 
     def issue_batch(self, token: bytes) -> msg.BatchIssueResponse:
         env, principal, nonce = self.authenticate(token, OP_ISSUE_BATCH)
@@ -374,6 +397,7 @@ class Km:
         known = self.store.get_devices([item.device_id for item in req.items])
         results: list[msg.ItemResult | None] = [None] * len(req.items)
         pending: list[tuple[int, Grant, CertRecord]] = []
+        left_out: dict[int, tuple[str, ...]] = {}
         seen: set[str] = set()
         for i, item in enumerate(req.items):
             try:
@@ -382,14 +406,15 @@ class Km:
                         f"device {item.device_id} appears twice in this batch", device_id=item.device_id
                     )
                 seen.add(item.device_id)
-                grant, rec = self.prepare(principal, item, "issue", devices=known)
+                grant, rec, left_out[i] = self.prepare(principal, item, "issue", devices=known)
                 pending.append((i, grant, rec))
             except RejectedError as exc:
                 results[i] = msg.ItemResult(device_id=item.device_id, error=_error_info(exc))
         if pending:
             records = self.commit([(g, r) for _i, g, r in pending], nonce=nonce)
             for (i, _g, _r), rec in zip(pending, records, strict=True):
-                results[i] = msg.ItemResult(device_id=req.items[i].device_id, certificate=issued(rec))
+                certificate = _with_dropped(issued(rec), left_out[i])
+                results[i] = msg.ItemResult(device_id=req.items[i].device_id, certificate=certificate)
         else:
             self._spend(nonce)
         return msg.BatchIssueResponse(results=[r for r in results if r is not None])
@@ -402,12 +427,12 @@ class Km:
                 raise BadRequestError("renewal requests are signed by the device with its current certificate")
             req = msg.decode(env.body, msg.RenewRequest)
             item = msg.IssueItem(device_id=principal.device_id, profile="operational", csr=req.csr)
-            pair = self.prepare(principal, item, "renew")
+            grant, rec, left_out = self.prepare(principal, item, "renew")
         except RejectedError:
             self._spend(nonce)
             raise
-        (rec,) = self.commit([pair], nonce=nonce)
-        return issued(rec)
+        (rec,) = self.commit([(grant, rec)], nonce=nonce)
+        return _with_dropped(issued(rec), left_out)
 
     def presented(self, der_cert: bytes) -> PresentedCredential:
         """Check, independently of cm, the certificate a device presented at the TLS edge: issued by
@@ -431,7 +456,9 @@ class Km:
                     "or operational CA, nor a factory certificate registered with it (shared in an UpdateInfoList)"
                 )
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise UntrustedError(f"client certificate is malformed: {exc}") from exc
+            raise UntrustedError(
+                "client certificate is malformed (an extension or field cryptography cannot read)"
+            ) from exc
         if device_id is None:
             raise UntrustedError("client certificate names no device id")
         record = self.store.get_by_fingerprint(fingerprint(cert))
@@ -478,12 +505,13 @@ class Km:
                 private_key = key.private_bytes(
                     serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
-            rec = self._sign(grant, _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop), principal, now)
+            parsed = _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop, requested=_csr_asked(csr))
+            rec, left_out = self._sign(grant, parsed, principal, now)
         except RejectedError:
             self._spend(nonce)
             raise
         (rec,) = self.commit([(grant, rec)], nonce=nonce)
-        return msg.EstResponse(certificate=issued(rec), private_key=private_key)
+        return msg.EstResponse(certificate=_with_dropped(issued(rec), left_out), private_key=private_key)
 
     def revoke(self, token: bytes) -> msg.RevokeResponse:
         """Revoke a certificate, or all of a device's (optionally decommissioning it). Operator only."""
@@ -557,6 +585,12 @@ def _check_requested_name(subject: x509.Name | None, device_id: str) -> None:
             field="subject",
             device_id=device_id,
         )
+
+
+def _csr_asked(req: CsrRequest) -> Requested:
+    return Requested(
+        subject=req.subject, extensions=req.requested_extensions, unreadable_extensions=req.unreadable_extensions
+    )
 
 
 def _error_info(exc: IotdlmError) -> msg.ErrorInfo:

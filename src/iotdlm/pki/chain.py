@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from iotdlm.errors import BadRequestError, UntrustedError
+from iotdlm.pki.der import describe_der_problem
 
 MAX_CERT_BYTES = 16 * 1024
 
@@ -26,14 +27,27 @@ def load_certificate(data: bytes, *, max_bytes: int = MAX_CERT_BYTES) -> x509.Ce
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except (ValueError, x509.InvalidVersion) as exc:
-        raise BadRequestError(f"not an X.509 certificate in PEM or DER: {exc}") from exc
+        problem = describe_der_problem(data, "X.509 certificate", pem_labels=("CERTIFICATE",))
+        raise BadRequestError(f"certificate: {problem}") from exc
 
 
 def load_certificates_pem(data: bytes) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise BadRequestError(f"not a PEM certificate bundle: {exc}") from exc
+        if not data.strip():
+            raise BadRequestError("certificate bundle: empty: no bytes given") from exc
+        if data.lstrip()[:11] != b"-----BEGIN ":
+            problem = describe_der_problem(data, "X.509 certificate")
+            if problem.startswith("not DER"):  # text, base64
+                problem = "no -----BEGIN CERTIFICATE----- line"
+            else:
+                problem = f"binary, not PEM (DER: {problem}; `openssl x509 -inform DER` converts DER to PEM)"
+            raise BadRequestError(f"not a PEM certificate bundle: {problem}") from exc
+        raise BadRequestError(
+            "not a PEM certificate bundle: a -----BEGIN CERTIFICATE----- block is damaged or cut short "
+            "(or none is there)"
+        ) from exc
     return certs
 
 

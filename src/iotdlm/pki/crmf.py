@@ -10,22 +10,20 @@ Two kinds of proof of possession (POP) are produced and accepted:
   template", but OpenSSL signs ``certReq`` too, see the OpenSSL-made vectors in the tests). RFC 4211
   only allows this form when the template holds both ``subject`` and ``publicKey``, so that is required.
 
-Supported keys and the only signature algorithm accepted with each:
-
-=================  ==========================
-key                POP signature algorithm
-=================  ==========================
-ECDSA P-256        ecdsa-with-SHA256
-ECDSA P-384        ecdsa-with-SHA384
-Ed25519            id-Ed25519 (no parameters)
-RSA 2048..8192     sha256WithRSAEncryption (PKCS#1 v1.5)
-=================  ==========================
+Supported keys and the POP signature algorithms accepted with each are one policy shared with PKCS#10:
+:mod:`iotdlm.pki.pop` (any SHA-2 digest with EC and RSA keys; pure Ed25519). Our own builders sign
+with SHA-384 for P-384 and SHA-256 otherwise.
 
 :func:`parse` is strict: canonical DER only (every message is re-encoded and compared byte for byte),
 no trailing bytes, sizes bounded before any ASN.1 decoding, and only :mod:`iotdlm.errors` classes
 escape for any input. Template fields other than ``subject`` and ``publicKey`` (validity, extensions,
-controls, regInfo...) are accepted and ignored: the CA fills certificates from its own profile, and
-:attr:`CrmfRequest.der` keeps the whole message for a caller that wants more.
+controls, regInfo...) are accepted and not used: the CA fills certificates from its own profile.
+:class:`CrmfRequest` names them (``ignored_fields``, ``requested_extensions``) so km can tell the
+requester what it dropped, and :attr:`CrmfRequest.der` keeps the whole message.
+
+An RFC 4210 CMP ``PKIMessage`` is not CertReqMessages: :func:`parse` says so, and
+:func:`unwrap_cmp` takes the CertReqMessages out of an ``ir`` / ``cr`` / ``kur`` (without checking the
+CMP protection; the POP inside is checked as always).
 
 This module is pure: no I/O.
 """
@@ -40,23 +38,27 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.x509.oid import SignatureAlgorithmOID
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
-from pyasn1_modules import rfc3280, rfc4211
+from pyasn1_modules import rfc3280, rfc4210, rfc4211
 
 from iotdlm import errors
+from iotdlm.pki import pop as pop_policy
+from iotdlm.pki.der import describe_der_problem
 
 __all__ = [
     "MAX_CRMF_BYTES",
+    "CmpRequest",
     "CrmfRequest",
     "PrivateKey",
     "PublicKey",
     "build_ra_verified",
     "build_ra_verified_many",
     "build_signed",
+    "looks_like_cmp",
     "parse",
+    "unwrap_cmp",
 ]
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -66,21 +68,6 @@ MAX_CRMF_BYTES: Final = 64 * 1024
 """Default upper bound on the size of a DER ``CertReqMessages`` given to :func:`parse`."""
 
 _MAX_CERT_REQ_ID: Final = 2**31 - 1
-_RSA_MIN_BITS: Final = 2048
-_RSA_MAX_BITS: Final = 8192  # bounds the cost of one verification on untrusted input
-
-_ECDSA_SHA256: Final = SignatureAlgorithmOID.ECDSA_WITH_SHA256.dotted_string
-_ECDSA_SHA384: Final = SignatureAlgorithmOID.ECDSA_WITH_SHA384.dotted_string
-_ED25519: Final = SignatureAlgorithmOID.ED25519.dotted_string
-_RSA_SHA256: Final = SignatureAlgorithmOID.RSA_WITH_SHA256.dotted_string
-
-_SIG_ALG_NAMES: Final = {
-    _ECDSA_SHA256: "ecdsa-with-SHA256",
-    _ECDSA_SHA384: "ecdsa-with-SHA384",
-    _ED25519: "id-Ed25519",
-    _RSA_SHA256: "sha256WithRSAEncryption",
-}
-
 _DER_NULL: Final = b"\x05\x00"
 
 
@@ -94,58 +81,51 @@ class CrmfRequest:
     public_key: PublicKey
     pop: Literal["signature", "ra_verified"]
     der: bytes
+    #: what the request asked for beyond subject and publicKey, which the CA does not take from it:
+    #: template fields ("validity", "issuer"...), "controls", "regInfo"
+    ignored_fields: tuple[str, ...] = ()
+    #: the template's extensions, as cryptography reads them
+    requested_extensions: tuple[x509.Extension[x509.ExtensionType], ...] = ()
+    #: the template carried extensions that cryptography could not read
+    unreadable_extensions: bool = False
 
 
 # --------------------------------------------------------------------------------------------- keys
 
 
-def _key_profile(key: object) -> tuple[str, str]:
-    """(allowed POP signature algorithm OID, human label) for a supported public key, else Unsupported."""
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if isinstance(key.curve, ec.SECP256R1):
-            return _ECDSA_SHA256, "EC P-256"
-        if isinstance(key.curve, ec.SECP384R1):
-            return _ECDSA_SHA384, "EC P-384"
-        raise errors.UnsupportedError(
-            f"EC curve {key.curve.name} is not supported (P-256 and P-384 are)", field="publicKey"
-        )
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return _ED25519, "Ed25519"
-    if isinstance(key, rsa.RSAPublicKey):
-        if not _RSA_MIN_BITS <= key.key_size <= _RSA_MAX_BITS:
-            raise errors.UnsupportedError(
-                f"RSA-{key.key_size} is not supported (RSA {_RSA_MIN_BITS}..{_RSA_MAX_BITS} bits is)",
-                field="publicKey",
-            )
-        return _RSA_SHA256, f"RSA-{key.key_size}"
-    raise errors.UnsupportedError(
-        f"{type(key).__name__} keys are not supported (EC P-256/P-384, Ed25519, RSA >= 2048 are)",
-        field="publicKey",
-    )
+def _key_label(key: object, field: str = "publicKey") -> str:
+    """The key's label if :mod:`iotdlm.pki.pop` certifies it, else UnsupportedError naming ``field``."""
+    try:
+        return pop_policy.check_request_key(key)
+    except errors.UnsupportedError as exc:
+        raise errors.UnsupportedError(exc.message, field=field) from exc
 
 
 def _sign(private_key: PrivateKey, data: bytes) -> tuple[str, bytes | None, bytes]:
     """(signature algorithm OID, DER parameters or None, signature) over ``data``."""
-    alg, _ = _key_profile(private_key.public_key())
+    public_key = private_key.public_key()
+    _key_label(public_key)
+    alg = pop_policy.preferred_algorithm(public_key)
+    digest = pop_policy.check_pop_algorithm(public_key, alg)
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
-        digest: hashes.HashAlgorithm = hashes.SHA256() if alg == _ECDSA_SHA256 else hashes.SHA384()
+        assert digest is not None
         return alg, None, private_key.sign(data, ec.ECDSA(digest))
     if isinstance(private_key, ed25519.Ed25519PrivateKey):
         return alg, None, private_key.sign(data)
-    return alg, _DER_NULL, private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    assert digest is not None
+    return alg, _DER_NULL, private_key.sign(data, padding.PKCS1v15(), digest)
 
 
-def _verify(public_key: PublicKey, signature: bytes, data: bytes) -> None:
-    """Raise InvalidSignature unless ``signature`` is good; the algorithm was matched to the key before."""
+def _verify(public_key: PublicKey, signature: bytes, data: bytes, digest: hashes.HashAlgorithm | None) -> None:
+    """Raise InvalidSignature unless ``signature`` is good; ``digest`` came from the POP policy."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        digest: hashes.HashAlgorithm = (
-            hashes.SHA256() if isinstance(public_key.curve, ec.SECP256R1) else hashes.SHA384()
-        )
+        assert digest is not None
         public_key.verify(signature, data, ec.ECDSA(digest))
     elif isinstance(public_key, ed25519.Ed25519PublicKey):
         public_key.verify(signature, data)
     else:
-        public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        assert digest is not None
+        public_key.verify(signature, data, padding.PKCS1v15(), digest)
 
 
 # ------------------------------------------------------------------------------------ DER helpers
@@ -218,7 +198,9 @@ def _name_from_der(name_der: bytes, what: str) -> x509.Name:
     try:
         name = x509.load_der_x509_csr(envelope).subject
     except (ValueError, TypeError) as exc:  # TypeError: a BIT STRING value under any OID but x500UniqueIdentifier
-        raise errors.BadRequestError(f"{what}: subject is not a valid Name ({exc})", field=what) from exc
+        raise errors.BadRequestError(
+            f"{what}: subject is not a valid X.501 Name (an attribute value of the wrong type or encoding)", field=what
+        ) from exc
     for attr in name:
         if isinstance(attr.value, str):
             try:  # the public constructor enforces the RFC 5280 length bounds the parser only warns about
@@ -249,18 +231,17 @@ def _public_key_from_asn1(tagged_spki: Any, what: str) -> PublicKey:
     try:
         key = serialization.load_der_public_key(spki_der)
     except UnsupportedAlgorithm as exc:
-        raise errors.UnsupportedError(f"{what}: unsupported public key ({exc})", field=what) from exc
+        alg = _oid_text(tagged_spki.getComponentByName("algorithm").getComponentByName("algorithm"))
+        raise errors.UnsupportedError(f"{what}: public key algorithm {alg} is not supported", field=what) from exc
     except ValueError as exc:
-        raise errors.BadRequestError(f"{what}: publicKey is not a valid key ({exc})", field=what) from exc
-    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey):
-        raise errors.UnsupportedError(
-            f"{what}: {type(key).__name__} keys are not supported (EC P-256/P-384, Ed25519, RSA are)",
-            field=what,
-        )
+        raise errors.BadRequestError(
+            f"{what}: publicKey is not a valid key (bad encoding, or a point not on its curve)", field=what
+        ) from exc
     try:
-        _key_profile(key)
+        pop_policy.check_request_key(key)
     except errors.UnsupportedError as exc:
         raise errors.UnsupportedError(f"{what}: {exc.message}", field=what) from exc
+    assert isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey)
     return key
 
 
@@ -281,7 +262,7 @@ def _cert_request(cert_req_id: int, subject: x509.Name, public_key: PublicKey) -
     if len(subject.rdns) == 0:
         # pyasn1 silently drops an OPTIONAL empty SEQUENCE OF, so an empty Name would vanish.
         raise ValueError("subject must have at least one RDN")
-    _key_profile(public_key)
+    _key_label(public_key)
     template = rfc4211.CertTemplate()
     # subject [5] Name: Name is a CHOICE, so the tag is EXPLICIT (A5 .. 30 ..) even in an IMPLICIT module.
     template.getComponentByName("subject").setComponentByName("rdnSequence", _name_to_asn1(subject))
@@ -320,7 +301,7 @@ def _ra_verified_message_der(cert_req_id: int, subject: x509.Name, public_key: P
         raise TypeError("subject must be a cryptography x509.Name")
     if len(subject.rdns) == 0:
         raise ValueError("subject must have at least one RDN")
-    _key_profile(public_key)
+    _key_label(public_key)
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     cert_req_id_der = _tlv(0x02, cert_req_id.to_bytes(max(1, (cert_req_id.bit_length() + 8) // 8), "big"))
     # [6] IMPLICIT replaces the SEQUENCE tag of the SPKI and keeps its length and content
@@ -422,18 +403,18 @@ def _check_signature_pop(
     alg_oid = _oid_text(algorithm.getComponentByName("algorithm"))
     params = _optional(algorithm, "parameters")
     params_der = None if params is None else bytes(params)
-    if alg_oid not in _SIG_ALG_NAMES:
-        raise errors.UnsupportedError(f"{what}: POP signature algorithm {alg_oid} is not supported", field=what)
-    expected_oid, key_label = _key_profile(public_key)
-    if alg_oid != expected_oid:
-        raise errors.BadSignatureError(
-            f"certReqId {cert_req_id}: POP signature algorithm {_SIG_ALG_NAMES[alg_oid]} does not match "
-            f"the {key_label} key (expected {_SIG_ALG_NAMES[expected_oid]})",
-            field=what,
-        )
-    allowed_params: tuple[bytes | None, ...] = (None, _DER_NULL) if alg_oid == _RSA_SHA256 else (None,)
+    try:  # the one policy PKCS#10 uses too (iotdlm.pki.pop)
+        digest = pop_policy.check_pop_algorithm(public_key, alg_oid)
+    except errors.BadSignatureError as exc:
+        raise errors.BadSignatureError(f"certReqId {cert_req_id}: POP {exc.message}", field=what) from exc
+    except errors.UnsupportedError as exc:
+        raise errors.UnsupportedError(f"{what}: POP {exc.message}", field=what) from exc
+    rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+    allowed_params: tuple[bytes | None, ...] = (None, _DER_NULL) if rsa_key else (None,)
     if params_der not in allowed_params:
-        raise errors.BadRequestError(f"{what}: unexpected parameters for {_SIG_ALG_NAMES[alg_oid]}", field=what)
+        raise errors.BadRequestError(
+            f"{what}: unexpected parameters for {pop_policy.algorithm_name(alg_oid)}", field=what
+        )
     bits = popo_signing_key.getComponentByName("signature")
     if len(bits) % 8 != 0:
         raise errors.BadSignatureError(
@@ -441,7 +422,7 @@ def _check_signature_pop(
         )
     signature: bytes = bits.asOctets()
     try:
-        _verify(public_key, signature, cert_req_der)
+        _verify(public_key, signature, cert_req_der, digest)
     except (InvalidSignature, ValueError) as exc:
         raise errors.BadSignatureError(
             f"certReqId {cert_req_id}: proof-of-possession signature does not verify", field=what
@@ -503,6 +484,8 @@ def _parse_message_asn1(der: bytes, index: int) -> CrmfRequest:
     if subject_choice is not None:
         subject = _name_from_der(der_encoder.encode(subject_choice.getComponent()), what)
 
+    ignored, extensions, unreadable = _template_extras(message, template)
+
     popo = _optional(message, "popo")
     if popo is None:
         raise errors.BadRequestError(f"certReqId {cert_req_id}: no proof of possession", field=what)
@@ -528,7 +511,149 @@ def _parse_message_asn1(der: bytes, index: int) -> CrmfRequest:
             f"certReqId {cert_req_id}: proof of possession {pop_kind} is not supported (raVerified and signature are)",
             field=what,
         )
-    return CrmfRequest(cert_req_id=cert_req_id, subject=subject, public_key=public_key, pop=pop, der=der)
+    return CrmfRequest(
+        cert_req_id=cert_req_id,
+        subject=subject,
+        public_key=public_key,
+        pop=pop,
+        der=der,
+        ignored_fields=ignored,
+        requested_extensions=extensions,
+        unreadable_extensions=unreadable,
+    )
+
+
+_TEMPLATE_FIELDS: Final = ("version", "serialNumber", "signingAlg", "issuer", "validity", "issuerUID", "subjectUID")
+_EXTENSION_REQUEST: Final = _tlv(0x06, bytes.fromhex("2a864886f70d01090e"))  # PKCS#9 extensionRequest
+
+
+def _template_extras(
+    message: Any, template: Any
+) -> tuple[tuple[str, ...], tuple[x509.Extension[x509.ExtensionType], ...], bool]:
+    """(ignored field names, requested extensions, whether some were unreadable): what the requester
+    asked for that the CA decides itself. Only read from what pyasn1 already decoded."""
+    ignored = [name for name in _TEMPLATE_FIELDS if _optional(template, name) is not None]
+    validity = _optional(template, "validity")
+    if validity is not None and _optional(validity, "notBefore") is None and _optional(validity, "notAfter") is None:
+        ignored.remove("validity")  # an empty OptionalValidity (OpenSSL sends one) asks for nothing
+    if _optional(message.getComponentByName("certReq"), "controls") is not None:
+        ignored.append("controls")
+    if _optional(message, "regInfo") is not None:
+        ignored.append("regInfo")
+    tagged = _optional(template, "extensions")
+    if tagged is None:
+        return tuple(ignored), (), False
+    # [9] IMPLICIT Extensions -> Extensions, read by cryptography from a PKCS#10 envelope (as for Names)
+    extensions_der = b"\x30" + bytes(der_encoder.encode(tagged))[1:]
+    attribute = _tlv(0x30, _EXTENSION_REQUEST + _tlv(0x31, extensions_der))
+    info = _tlv(0x30, b"\x02\x01\x00\x30\x00" + _ENVELOPE_SPKI + _tlv(0xA0, attribute))
+    envelope = _tlv(0x30, info + _ENVELOPE_ALG + b"\x03\x01\x00")
+    try:
+        return tuple(ignored), tuple(x509.load_der_x509_csr(envelope).extensions), False
+    except Exception:  # cryptography raises assorted errors on hostile extensions: report, go on
+        return tuple(ignored), (), True
+
+
+# -------------------------------------------------------------------------------------------- CMP
+
+_PKI_BODIES: Final[tuple[str, ...]] = tuple(str(nt.name) for nt in rfc4210.PKIBody().componentType.namedTypes)
+_CMP_REQUEST_BODIES: Final = ("ir", "cr", "kur")
+_PBM: Final = "1.2.840.113533.7.66.13"
+_DHBM: Final = "1.2.840.113533.7.66.30"
+
+
+@dataclass(frozen=True)
+class CmpRequest:
+    """The CertReqMessages taken out of an RFC 4210 PKIMessage. Its protection is NOT verified."""
+
+    body: str  # ir | cr | kur
+    cert_req_messages: bytes  # the DER exactly as it sat in the message (POP signatures still verify)
+    protection: str | None  # what protected the message ("password-based MAC", an algorithm), None if none
+
+
+def _cmp_body_of(data: bytes) -> str | None:
+    """The PKIBody name if ``data`` is shaped like a PKIMessage (SEQUENCE { SEQUENCE, [n] ... }), else None.
+
+    Cheap (two TLV headers, no ASN.1 decoding); CertReqMessages never has a context tag at that place.
+    """
+    try:
+        tag, start, end = _read_tlv(data, 0, len(data), "m")
+        if tag != 0x30:
+            return None
+        header_tag, _, header_end = _read_tlv(data, start, end, "m")
+        if header_tag != 0x30 or header_end >= end:
+            return None
+        body_tag = data[header_end]
+    except errors.IotdlmError:
+        return None
+    if body_tag & 0xE0 != 0xA0 or (body_tag & 0x1F) >= len(_PKI_BODIES):
+        return None
+    return _PKI_BODIES[body_tag & 0x1F]
+
+
+def looks_like_cmp(data: bytes) -> bool:
+    """True if ``data`` is shaped like an RFC 4210 PKIMessage (see :func:`unwrap_cmp`)."""
+    return _cmp_body_of(bytes(data)) is not None
+
+
+def _cmp_refusal(body: str) -> errors.RejectedError:
+    if body == "p10cr":
+        return errors.UnsupportedError(
+            "this CMP message is a p10cr: it carries a PKCS#10 request, not CRMF; give that PKCS#10 request "
+            "with --csr instead (`openssl cmp -cmd p10cr` reads it from its -csr file)",
+            field="crmf",
+        )
+    if body == "ccr":
+        return errors.UnsupportedError(
+            "this CMP message is a ccr (cross-certification request); only device certificate requests "
+            "(ir, cr, kur) are taken",
+            field="crmf",
+        )
+    return errors.BadRequestError(
+        f"this CMP message is a {body}, not a certificate request (ir, cr or kur)", field="crmf"
+    )
+
+
+def unwrap_cmp(data: bytes, *, max_bytes: int = MAX_CRMF_BYTES) -> CmpRequest:
+    """Take the CertReqMessages out of an RFC 4210 PKIMessage whose body is ir, cr or kur.
+
+    The message's protection (password-based MAC or signature) is **not** checked -- the CRMF proof of
+    possession inside still is, by :func:`parse`. Other bodies are refused saying what they are (p10cr:
+    use the PKCS#10 request itself). Raises only :mod:`iotdlm.errors` classes.
+    """
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise errors.TooLargeError(f"CMP message is {len(data)} bytes, the limit is {max_bytes}", field="crmf")
+    body = _cmp_body_of(data)
+    if body is None:
+        raise errors.BadRequestError(
+            f"not a CMP PKIMessage: {describe_der_problem(data, 'CMP PKIMessage')}", field="crmf"
+        )
+    if body not in _CMP_REQUEST_BODIES:
+        raise _cmp_refusal(body)
+    try:
+        message, rest = der_decoder.decode(data, asn1Spec=rfc4210.PKIMessage())
+    except Exception as exc:  # pyasn1 raises PyAsn1Error and, on hostile input, assorted builtins
+        raise errors.BadRequestError(
+            f"CMP {body} message: {describe_der_problem(data, 'CMP PKIMessage')}", field="crmf"
+        ) from exc
+    if rest:
+        raise errors.BadRequestError(f"CMP {body} message: {len(rest)} trailing bytes after the DER", field="crmf")
+    # the body's bytes as sent: [n] EXPLICIT { CertReqMessages }
+    _, start, end = _read_tlv(data, 0, len(data), "PKIMessage")
+    _, _, header_end = _read_tlv(data, start, end, "PKIMessage.header")
+    _, body_start, body_end = _read_tlv(data, header_end, end, "PKIMessage.body")
+    _, _, inner_end = _read_tlv(data, body_start, body_end, "PKIMessage.body")
+    if inner_end != body_end:
+        raise errors.BadRequestError(f"CMP {body} message: the body holds more than its CertReqMessages", field="crmf")
+    protection: str | None = None
+    if _optional(message, "protection") is not None:
+        alg = _optional(message.getComponentByName("header"), "protectionAlg")
+        oid = "?" if alg is None else _oid_text(alg.getComponentByName("algorithm"))
+        protection = {_PBM: "password-based MAC", _DHBM: "Diffie-Hellman based MAC"}.get(
+            oid, pop_policy.algorithm_name(oid)
+        )
+    return CmpRequest(body=body, cert_req_messages=data[body_start:body_end], protection=protection)
 
 
 def parse(der: bytes, *, max_bytes: int = MAX_CRMF_BYTES, max_messages: int = 1000) -> list[CrmfRequest]:
@@ -551,11 +676,19 @@ def parse(der: bytes, *, max_bytes: int = MAX_CRMF_BYTES, max_messages: int = 10
     if not data:
         raise errors.BadRequestError("CertReqMessages is empty")
     what = "certReqMessages"
-    tag, start, end = _read_tlv(data, 0, len(data), what)
-    if tag != 0x30:
-        raise errors.BadRequestError(f"{what}: expected a SEQUENCE, got tag 0x{tag:02x}", field=what)
-    if end != len(data):
-        raise errors.BadRequestError(f"{what}: {len(data) - end} trailing bytes after the DER", field=what)
+    try:
+        tag, start, end = _read_tlv(data, 0, len(data), what)
+    except errors.BadRequestError:
+        tag, start, end = -1, 0, 0
+    if tag != 0x30 or end != len(data):
+        raise errors.BadRequestError(f"CertReqMessages: {describe_der_problem(data, 'CertReqMessages')}", field=what)
+    cmp_body = _cmp_body_of(data)
+    if cmp_body is not None:
+        raise errors.BadRequestError(
+            f"this is a CMP PKIMessage (RFC 4210, body {cmp_body}), not bare CertReqMessages: send the "
+            "CertReqMessages inside it (`iotdlm ca issue --crmf` takes the whole CMP message and does that)",
+            field=what,
+        )
 
     slices: list[bytes] = []
     pos = start

@@ -78,13 +78,17 @@ class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     issuer: str | None = None
 
 
-class IssuedCertificate(msgspec.Struct, frozen=True):
+class IssuedCertificate(msgspec.Struct, frozen=True, omit_defaults=True):
     serial: str  # lowercase hex
     issuer: str
     profile: str
     device_id: str | None
     not_after: str  # ISO 8601
     certificate: bytes  # DER
+    #: what the request asked for and the certificate does not carry (the CA issues from its profile):
+    #: "subject L=Plant 4", "subjectAltName DNS:dev.example.com", "extension keyUsage (...)", "template
+    #: validity"... Empty is left out of the JSON, so peers that predate the field read replies as before.
+    dropped: tuple[str, ...] = ()
 
 
 class EstResponse(msgspec.Struct, frozen=True):
