@@ -45,6 +45,7 @@ from iotdlm.errors import (
     UnavailableError,
     UntrustedError,
 )
+from iotdlm.pki.der import describe_der_problem
 
 WELL_KNOWN = "/.well-known/est"
 #: largest response body the client reads (a certs-only CMS is a few KiB)
@@ -153,7 +154,9 @@ class EstClient:
         try:
             attrs, rest = der_decoder.decode(der, asn1Spec=rfc7030.CsrAttrs())
         except PyAsn1Error as exc:
-            raise BadRequestError(f"the csrattrs response is not a CsrAttrs: {exc}") from exc
+            raise BadRequestError(
+                f"the csrattrs response is not a CsrAttrs: {describe_der_problem(der, 'CsrAttrs')}"
+            ) from exc
         if rest:
             raise BadRequestError("the csrattrs response has trailing data")
         out: list[CsrAttribute] = []
@@ -360,7 +363,9 @@ def _certs_only(body: bytes, what: str) -> list[x509.Certificate]:
     try:
         certs = pkcs7.load_der_pkcs7_certificates(der)
     except ValueError as exc:
-        raise BadRequestError(f"the {what} response is not a certs-only CMS message: {exc}") from exc
+        raise BadRequestError(
+            f"the {what} response is not a certs-only CMS message: {describe_der_problem(der, 'CMS message')}"
+        ) from exc
     if not certs:
         raise BadRequestError(f"the {what} response holds no certificate")
     return certs
@@ -370,7 +375,9 @@ def _private_key(der: bytes) -> DevicePrivateKey:
     try:
         key = serialization.load_der_private_key(der, None)
     except (ValueError, TypeError) as exc:
-        raise BadRequestError(f"the serverkeygen key is not an unencrypted PKCS#8 key: {exc}") from exc
+        raise BadRequestError(
+            f"the serverkeygen key is not an unencrypted PKCS#8 key: {describe_der_problem(der, 'PKCS#8 key')}"
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
         raise BadRequestError(f"the serverkeygen key is of an unexpected type {type(key).__name__}")
     return key

@@ -39,6 +39,15 @@ _TAG_NAMES: Final = {
 }
 
 
+def _a(what: str) -> str:
+    """``what`` with its indefinite article, as it is read aloud: "an OCSP request", "an X.509
+    certificate", "a PKCS#10 request", "a CMP PKIMessage"."""
+    first = what.split(" ", 1)[0]
+    acronym = len(first) > 1 and first[:2].isupper()
+    vowel_sound = first[:1].lower() in "aeiou" or (acronym and first[0] in "FHLMNRSX")
+    return f"{'an' if vowel_sound else 'a'} {what}"
+
+
 class _Problem(Exception):
     """Internal: the first thing found wrong, already worded."""
 
@@ -114,11 +123,11 @@ def _describe_der(data: bytes, what: str) -> str:
         if c_end < len(data):
             return f"trailing bytes after the DER: {len(data) - c_end} bytes after the {c_end} the DER says"
         if tag != 0x30:
-            return f"not a {what}: the DER holds {_tag_name(tag)}, a {what} is a SEQUENCE"
+            return f"not {_a(what)}: the DER holds {_tag_name(tag)}, {_a(what)} is a SEQUENCE"
         _walk(data, c_start, c_end, 1, [_MAX_ELEMENTS])
     except _Problem as problem:
         return str(problem)
-    return f"not a {what}: well-formed DER, but not the structure or values of a {what}"
+    return f"not {_a(what)}: well-formed DER, but not the structure or values of {_a(what)}"
 
 
 def _looks_like_text(data: bytes) -> bool:
@@ -141,7 +150,7 @@ def _pem(data: bytes, what: str, pem_labels: tuple[str, ...]) -> str:
     if not pem_labels:
         return f"not DER: looks like PEM (-----BEGIN {label}-----); give the DER form of the {what}"
     if label not in pem_labels:
-        return f"not a {what}: PEM of a {label} (expected -----BEGIN {pem_labels[0]}-----)"
+        return f"not {_a(what)}: PEM of {_a(label)} (expected -----BEGIN {pem_labels[0]}-----)"
     assert begin is not None
     end_marker = f"-----END {label}-----".encode("ascii")
     end_at = text.find(end_marker, begin.end())
@@ -176,4 +185,4 @@ def describe_der_problem(data: bytes, what: str, *, pem_labels: tuple[str, ...] 
     if _looks_like_base64(data):
         hint = "" if not pem_labels else f", or wrap it in -----BEGIN {pem_labels[0]}----- lines"
         return f"not DER: looks like base64; decode it first (base64 -d){hint}"
-    return f"not DER: looks like text, not the binary DER of a {what}"
+    return f"not DER: looks like text, not the binary DER of {_a(what)}"

@@ -119,7 +119,11 @@ def load_private_key_pem(data: bytes, passphrase: bytes | None) -> PrivateKey:
         key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError as exc:
         # cryptography raises TypeError for "encrypted but no password" and the reverse
-        raise BadRequestError(f"private key passphrase problem: {exc}") from exc
+        raise BadRequestError(
+            "the private key is encrypted and no passphrase was given"
+            if passphrase is None
+            else "a passphrase was given but the private key is not encrypted"
+        ) from exc
     except ValueError as exc:
         raise BadRequestError("cannot load private key: wrong passphrase or not a PEM private key") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):

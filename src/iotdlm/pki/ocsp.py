@@ -41,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from iotdlm.errors import BadRequestError, TooLargeError
 from iotdlm.pki.ca import IssuingCA
 from iotdlm.pki.crl import parse_reason
+from iotdlm.pki.der import describe_der_problem
 from iotdlm.pki.keys import KeySigner, Signer, hash_for
 
 MAX_OCSP_REQUEST_BYTES = 8 * 1024
@@ -93,11 +94,11 @@ def parse_request(der: bytes) -> OcspQuery:
             "an OCSP request must name exactly one certificate; this responder does not take several (RFC 5019 2.1.1)"
         ) from exc
     except ValueError as exc:
-        raise BadRequestError(f"not a DER OCSP request: {exc}") from exc
+        raise BadRequestError(f"OCSP request: {describe_der_problem(der, 'OCSP request')}") from exc
     try:
         algorithm = req.hash_algorithm
     except UnsupportedAlgorithm as exc:
-        raise BadRequestError(f"unsupported CertID hash algorithm: {exc}; use SHA-1 or SHA-256") from exc
+        raise BadRequestError("the CertID hash algorithm is unknown here: use SHA-1 or SHA-256") from exc
     name = algorithm.name
     if name not in _HASHES:
         raise BadRequestError(f"unsupported CertID hash algorithm {name}; use SHA-1 or SHA-256")
@@ -106,8 +107,10 @@ def parse_request(der: bytes) -> OcspQuery:
         key_hash = req.issuer_key_hash
         name_hash = req.issuer_name_hash
         extensions = list(req.extensions)
-    except (ValueError, UnsupportedAlgorithm, x509.DuplicateExtension) as exc:
-        raise BadRequestError(f"malformed OCSP request: {exc}") from exc
+    except x509.DuplicateExtension as exc:
+        raise BadRequestError(f"malformed OCSP request: the extension {exc.oid.dotted_string} appears twice") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise BadRequestError("malformed OCSP request: its CertID or its extensions cannot be read") from exc
     if len(key_hash) != algorithm.digest_size or len(name_hash) != algorithm.digest_size:
         raise BadRequestError(f"CertID hashes are not {name} digests")
     if serial < 0:
