@@ -133,8 +133,10 @@ async def open_site(
     public_url: str = "http://127.0.0.1:8080",
     cm_names: tuple[str, ...] = (),
     tls_files: tuple[Path, Path] | None = None,
+    http_port: int = 0,
 ) -> AsyncIterator[Site]:
-    """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm)."""
+    """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm;
+    ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it)."""
     clock = ShiftClock()
     made, _ = init_deployment(
         tmp_path / "d",
@@ -163,7 +165,7 @@ async def open_site(
     await set_mode(modes_bus, "certificate-management")
     config = CmConfig(
         https_port=0,
-        http_port=0,
+        http_port=http_port,
         limits=LIMITS,
         egress=EgressConfig(("http://127.0.0.1:1",), port=0),
         tls_cert=tls_files[0] if tls_files else None,
