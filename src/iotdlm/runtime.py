@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+from cryptography import x509
+
 from iotdlm.bus import Bus
 from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
@@ -16,6 +18,8 @@ from iotdlm.deployment import Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.records import record_for
 from iotdlm.km.va import Va, VaSettings
+from iotdlm.pki.ca import crl_partition
+from iotdlm.pki.chain import load_certificate
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
 
@@ -74,11 +78,24 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
 
 
 def record_identities(dep: Deployment, store: Store, now: dt.datetime) -> int:
-    """Record the module service certificates init issued (an auditor asks who issued what)."""
+    """Record the module service certificates init issued, and the NATS server's (an auditor asks
+    who issued what; revoking one puts it on the CRL partition its CRL distribution point names)."""
+    certs = [(dep.identity(name).certificate, "service") for name in dep.identity_names()]
+    nats_cert = dep.nats_tls_files[0]
+    if nats_cert.is_file():
+        certs.append((load_certificate(nats_cert.read_bytes()), "tls-server"))
     records = []
-    for name in dep.identity_names():
-        ident = dep.identity(name)
-        if store.get_certificate("service", ident.certificate.serial_number) is None:
-            records.append(record_for(ident.certificate, "service", "service", None, "init", now))
+    for cert, profile in certs:
+        if store.get_certificate("service", cert.serial_number) is None:
+            partition = crl_partition(cert.serial_number, dep.config.crl_partitions) if _has_cdp(cert) else None
+            records.append(record_for(cert, "service", profile, None, "init", now, crl_partition=partition))
     store.add_certificates(records)
     return len(records)
+
+
+def _has_cdp(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    except x509.ExtensionNotFound:
+        return False
+    return True

@@ -22,6 +22,7 @@ from iotdlm.errors import BadRequestError, IotdlmError, NotFoundError
 from iotdlm.km.ra import ModulePrincipal
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.pki.keys import Algorithm
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER
 from iotdlm.wire import km as msg
 
 
@@ -65,6 +66,14 @@ def main(verbose: bool) -> None:
 )
 @click.option("--nats-port", type=int, default=14222, show_default=True, help="Port of the embedded NATS server.")
 @click.option("--nats-tls", is_flag=True, help="Embedded NATS over TLS; modules also present their certificates.")
+@click.option(
+    "--enterprise-number",
+    type=int,
+    default=DEFAULT_ENTERPRISE_NUMBER,
+    show_default=True,
+    help="Your IANA Private Enterprise Number: roots certificate policy OIDs and device URNs "
+    "(urn:dev:org:<PEN>-<id>). The default is RFC 5612's documentation number: replace it with your own.",
+)
 @handle_errors
 def init(
     data: Path,
@@ -76,6 +85,7 @@ def init(
     passphrase_file: Path | None,
     nats_port: int,
     nats_tls: bool,
+    enterprise_number: int,
 ) -> None:
     """Create a deployment: root and issuing CAs, module identities, NATS credentials."""
     import os
@@ -97,6 +107,7 @@ def init(
             database_url=database_url,
             nats_port=nats_port,
             nats_tls=nats_tls,
+            enterprise_number=enterprise_number,
             now=clock.now(),
             progress=lambda m: status.update(f"creating {m}"),
         )
