@@ -37,7 +37,7 @@ import cryptography
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from iotdlm.bus import Bus
 from iotdlm.bus.server import EmbeddedNatsServer, find_nats_server, free_port
@@ -46,6 +46,8 @@ from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
 from iotdlm.errors import UnavailableError
 from iotdlm.pki.keys import Algorithm
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_uri
+from iotdlm.pki.profiles import policy_oid
 from iotdlm.runtime import connect_identity, nats_server, open_store, record_identities, sealer_for
 
 DTYPE = "polarfire-soc"
@@ -292,7 +294,8 @@ def raw_cert_rate(seconds: float = 0.5) -> float:
     aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
     pub = ec.generate_private_key(ec.SECP256R1()).public_key()
     now = dt.datetime.now(dt.UTC)
-    policy = ObjectIdentifier("1.3.6.1.4.1.55555.1.1")
+    policy = policy_oid(DEFAULT_ENTERPRISE_NUMBER, "factory")
+    device_urn = device_uri("dev-000001", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)
 
     def build() -> x509.Certificate:
         subject = x509.Name(
@@ -318,7 +321,7 @@ def raw_cert_rate(seconds: float = 0.5) -> float:
             .add_extension(aki, critical=False)
             .add_extension(x509.CertificatePolicies([x509.PolicyInformation(policy, None)]), critical=False)
             .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier("urn:iotdlm:device:dev-000001")]),
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(device_urn)]),
                 critical=False,
             )
             .add_extension(
@@ -327,7 +330,11 @@ def raw_cert_rate(seconds: float = 0.5) -> float:
                         x509.AccessDescription(
                             AuthorityInformationAccessOID.OCSP,
                             x509.UniformResourceIdentifier("http://127.0.0.1:8080/ocsp"),
-                        )
+                        ),
+                        x509.AccessDescription(
+                            AuthorityInformationAccessOID.CA_ISSUERS,
+                            x509.UniformResourceIdentifier("http://127.0.0.1:8080/ca/factory.crt"),
+                        ),
                     ]
                 ),
                 critical=False,

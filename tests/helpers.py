@@ -10,14 +10,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from iotdlm.deployment import identity_profile
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki.keys import Algorithm, KeySigner, PrivateKey, generate_key, hash_for
-from iotdlm.pki.names import module_uri
-from iotdlm.pki.profiles import DEFAULT_PROFILES
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, module_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES, ca_policies
 from iotdlm.wire.envelope import Sealer
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 ORG = "Test Factory"
+#: the public URLs the test CAs name (cm's paths)
+URLS = pki_ca.PublicUrls("http://127.0.0.1:8080")
 
 
 @dataclass
@@ -39,16 +42,32 @@ class Pki:
         if name not in self.identities:
             key = generate_key(Algorithm.P256)
             cert = self.cas["service"].issue(
-                DEFAULT_PROFILES["service"],
+                identity_profile(DEFAULT_PROFILES, module),
                 key.public_key(),
                 pki_ca.ca_name(name, ORG),
                 now=now,
                 serial=x509.random_serial_number(),
-                uris=[module_uri(module, dtype)],
+                uris=[module_uri(module, dtype, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
                 ip_addresses=[ipaddress.ip_address("127.0.0.1")],
             )
             self.identities[name] = Identity(name, key, cert, Sealer(key, cert))
         return self.identities[name]
+
+    def tls_server(self, name: str, *, now: dt.datetime = NOW) -> Identity:
+        """A TLS server certificate (profile ``tls-server``: serverAuth only) for localhost / 127.0.0.1."""
+        key = generate_key(Algorithm.P256)
+        cert = self.cas["service"].issue(
+            DEFAULT_PROFILES["tls-server"],
+            key.public_key(),
+            pki_ca.ca_name(name, ORG),
+            now=now,
+            serial=x509.random_serial_number(),
+            uris=[module_uri(name, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
+            dns_names=["localhost"],
+            ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+            urls=URLS,
+        )
+        return Identity(name, key, cert, Sealer(key, cert))
 
 
 def make_pki(alg: Algorithm = Algorithm.P256, *, now: dt.datetime = NOW) -> Pki:
@@ -65,6 +84,8 @@ def make_pki(alg: Algorithm = Algorithm.P256, *, now: dt.datetime = NOW) -> Pki:
             pki_ca.ca_name(f"Test {name} CA", ORG),
             now=now,
             validity=dt.timedelta(days=3000),
+            urls=URLS,
+            policies=ca_policies(DEFAULT_PROFILES, name),
         )
         cas[name] = pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root))
     return Pki(root=root, cas=cas)

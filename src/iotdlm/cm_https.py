@@ -119,9 +119,7 @@ def https_names(public_url: str, extra: Sequence[str] = ()) -> tuple[list[str], 
 
 def https_profile(profiles: Mapping[str, Profile]) -> Profile:
     """The profile of cm's HTTPS certificate: ``tls-server`` (serverAuth only)."""
-    # TODO(merge): "tls-server" comes with the certificates branch (pki/profiles.DEFAULT_PROFILES);
-    # until it is there, "service" (clientAuth + serverAuth) keeps this branch working
-    return profiles.get("tls-server") or profiles["service"]
+    return profiles["tls-server"]
 
 
 def issue_https_certificate(

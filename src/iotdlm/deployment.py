@@ -2,6 +2,7 @@
 
 Layout (``iotdlm init --data DIR`` creates it)::
 
+    DIR/                            the data folder: mode 0700, like every folder init creates
     DIR/iotdlm.toml                 configuration (validated on load)
     DIR/ca/<name>.pem               CA certificates: root, factory, operational, service
     DIR/ca/<name>.key.pem           CA private keys, encrypted at rest (PKCS#8, passphrase)
@@ -9,10 +10,16 @@ Layout (``iotdlm init --data DIR`` creates it)::
     DIR/modules/<name>/key.pem      its private key (mode 0600)
     DIR/modules/<name>/nats.json    its NATS credentials (mode 0600)
     DIR/modules/cm/https.pem        cm's HTTPS certificate + chain, and https.key.pem (iotdlm.cm_https)
-    DIR/secrets/ca-passphrase       only when init generated the passphrase: move it offline
-    DIR/db/iotdlm.db                SQLite store (default; PostgreSQL by URL instead)
+    DIR/secrets/ca-passphrase       only when init generated the passphrase: move it offline (0600)
+    DIR/db/iotdlm.db                SQLite store, 0600 (default; PostgreSQL by URL instead)
     DIR/nats/                       embedded NATS server config and JetStream data
+    DIR/nats/server.pem             with --nats-tls: its server certificate (profile tls-server)
     DIR/logs/                       one log per service
+
+The operator's IANA Private Enterprise Number (``enterprise_number``, default 32473: RFC 5612's
+documentation number -- replace it with your own) roots the certificate policies and the device
+and module URNs (:mod:`iotdlm.pki.names`). A configuration written before it existed loads with
+the default.
 
 The CA passphrase comes from ``$IOTDLM_CA_PASSPHRASE``, else from the file named by
 ``passphrase_file`` in the config, else from ``DIR/secrets/ca-passphrase``.
@@ -20,6 +27,7 @@ The CA passphrase comes from ``$IOTDLM_CA_PASSPHRASE``, else from the file named
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import json
@@ -33,6 +41,7 @@ from pathlib import Path
 import msgspec
 import tomli_w
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm import cm_https
 from iotdlm.errors import BadRequestError, NotFoundError
@@ -46,8 +55,8 @@ from iotdlm.pki.keys import (
     load_private_key_pem,
     private_key_to_pem,
 )
-from iotdlm.pki.names import check_id, module_uri
-from iotdlm.pki.profiles import DEFAULT_PROFILES, Profile
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, check_enterprise_number, check_id, module_uri
+from iotdlm.pki.profiles import DEFAULT_PROFILES, Profile, ca_policies, profiles_for
 
 PASSPHRASE_ENV = "IOTDLM_CA_PASSPHRASE"  # noqa: S105 -- the name of a variable, not a secret
 CONFIG_FILE = "iotdlm.toml"
@@ -55,6 +64,8 @@ CONFIG_FILE = "iotdlm.toml"
 DEFAULT_NATS_PORT = 14222
 ISSUING_CAS = ("factory", "operational", "service")
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
+#: folders and secrets are the owner's alone
+DIR_MODE = 0o700
 
 
 class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -74,6 +85,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     algorithm: str
     public_url: str
     dtypes: list[str]
+    #: the operator's IANA Private Enterprise Number (policy OIDs, device URNs); 32473 is RFC 5612's
+    #: documentation number: replace it with your own
+    enterprise_number: int = DEFAULT_ENTERPRISE_NUMBER
     database_url: str | None = None
     passphrase_file: str | None = None
     request_window_seconds: int = 300
@@ -94,6 +108,7 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             ) from None
         for d in self.dtypes:
             check_id(d, "dtype")
+        check_enterprise_number(self.enterprise_number)
         if not 1 <= self.crl_partitions <= 4096:
             raise BadRequestError("crl_partitions must be between 1 and 4096", field="crl_partitions")
         if not 0 <= self.superseded_grace_seconds <= 30 * 86400:
@@ -133,7 +148,7 @@ class ModuleIdentity:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -187,7 +202,7 @@ class Deployment:
         return dt.timedelta(seconds=self.config.request_window_seconds)
 
     def profiles(self) -> dict[str, Profile]:
-        out = dict(DEFAULT_PROFILES)
+        out = profiles_for(self.config.enterprise_number)
         for name, p in self.config.profiles.items():
             out[name] = _replace_validity(out[name], dt.timedelta(days=p.validity_days))
         return out
@@ -261,23 +276,26 @@ class Deployment:
         d = self.root / "nats"
         return d / "server.pem", d / "server.key.pem", d / "client-ca.pem"
 
-    def issue_nats_server_certificate(self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime) -> None:
-        """A loopback server certificate for NATS; clients must present their module certificates."""
+    def issue_nats_server_certificate(self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime) -> x509.Certificate:
+        """A loopback server certificate for NATS (profile ``tls-server``); clients must present
+        their module certificates."""
         key = generate_key(self.algorithm)
         cert = service_ca.issue(
-            self.profiles()["service"],
+            self.profiles()["tls-server"],
             key.public_key(),
             pki_ca.ca_name("nats", self.config.organization),
             now=now,
             serial=x509.random_serial_number(),
-            uris=[module_uri("nats")],
+            uris=[module_uri("nats", enterprise_number=self.config.enterprise_number)],
             dns_names=["localhost"],
             ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+            urls=self.public_urls,
         )
         cert_path, key_path, ca_path = self.nats_tls_files
         _write_secret(key_path, private_key_to_pem(key, None))
         cert_path.write_bytes(certs_to_pem([cert, service_ca.certificate]))
         ca_path.write_bytes(certs_to_pem([service_ca.certificate, service_ca.root]))
+        return cert
 
     def client_tls(self, ident: ModuleIdentity) -> ssl.SSLContext:
         """TLS context of a module connecting to NATS: trusts our root, presents the module certificate."""
@@ -290,18 +308,22 @@ class Deployment:
     def add_identity(
         self, module: str, dtype: str | None, *, service_ca: pki_ca.IssuingCA, now: dt.datetime
     ) -> ModuleIdentity:
+        """A module identity: key, certificate (profile ``service``: TLS client authentication and
+        request signing, with revocation pointers) and NATS credentials."""
         name = identity_name(module, dtype)
         key = generate_key(self.algorithm)
-        profile = self.profiles()["service"]
+        profile = identity_profile(self.profiles(), module)
+        serves_tls = ExtendedKeyUsageOID.SERVER_AUTH in profile.eku
         cert = service_ca.issue(
             profile,
             key.public_key(),
             pki_ca.ca_name(name, self.config.organization),
             now=now,
             serial=x509.random_serial_number(),
-            uris=[module_uri(module, dtype)],
-            dns_names=["localhost"],
-            ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+            uris=[module_uri(module, dtype, enterprise_number=self.config.enterprise_number)],
+            dns_names=["localhost"] if serves_tls else (),
+            ip_addresses=[ipaddress.ip_address("127.0.0.1")] if serves_tls else (),
+            urls=self.public_urls,
         )
         d = self.root / "modules" / name
         _write_secret(d / "key.pem", private_key_to_pem(key, None))
@@ -309,6 +331,19 @@ class Deployment:
         creds = NatsCredentials(user=name, password=secrets.token_urlsafe(24))
         _write_secret(d / "nats.json", json.dumps({"user": creds.user, "password": creds.password}).encode())
         return ModuleIdentity(name=name, module=module, dtype=dtype, key=key, certificate=cert, nats=creds)
+
+
+def identity_profile(profiles: dict[str, Profile], module: str) -> Profile:
+    """The profile of a module's identity certificate: ``service`` (clientAuth only).
+
+    TODO(merge): cm still serves HTTPS with its identity until cm gets its own ``tls-server``
+    HTTPS certificate (the cm engineer's change); until then cm's identity alone keeps serverAuth
+    (and its loopback names). Delete this exception when that lands.
+    """
+    service = profiles["service"]
+    if module == "cm":
+        return dataclasses.replace(service, eku=(*service.eku, ExtendedKeyUsageOID.SERVER_AUTH))
+    return service
 
 
 def _replace_validity(p: Profile, validity: dt.timedelta) -> Profile:
@@ -329,6 +364,7 @@ def init_deployment(
     nats_port: int = DEFAULT_NATS_PORT,
     nats_tls: bool = False,
     cm_names: Sequence[str] = (),
+    enterprise_number: int = DEFAULT_ENTERPRISE_NUMBER,
     now: dt.datetime,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Deployment, list[pki_ca.IssuingCA]]:
@@ -345,18 +381,23 @@ def init_deployment(
         algorithm=algorithm.value,
         public_url=public_url,
         dtypes=list(dtypes),
+        enterprise_number=enterprise_number,
         database_url=database_url,
         nats=NatsSettings(port=nats_port, tls=nats_tls),
     )
     config.validate()
     cm_https.https_names(public_url, cm_names)  # cm's HTTPS names, refused before anything is made
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    root.chmod(DIR_MODE)  # also when the folder existed: it holds keys and the database
     for sub in ("ca", "modules", "db", "nats", "logs"):
-        (root / sub).mkdir(exist_ok=True)
+        (root / sub).mkdir(exist_ok=True, mode=DIR_MODE)
+        (root / sub).chmod(DIR_MODE)
     if passphrase is None:
         passphrase = secrets.token_urlsafe(32).encode()
         _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
     dep = Deployment(root, config)
+    profiles = dep.profiles()
+    urls = dep.public_urls
 
     progress("root CA")
     root_key = generate_key(algorithm)
@@ -382,6 +423,8 @@ def init_deployment(
             pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
             now=now,
             validity=dt.timedelta(days=lifetimes[name]),
+            urls=urls,
+            policies=ca_policies(profiles, name),
         )
         _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
         (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
@@ -402,5 +445,7 @@ def init_deployment(
         progress("NATS server certificate")
         dep.issue_nats_server_certificate(service_ca, now=now)
 
-    (root / CONFIG_FILE).write_bytes(tomli_w.dumps(msgspec.to_builtins(config)).encode())
+    written = msgspec.to_builtins(config)
+    written["enterprise_number"] = config.enterprise_number  # spelled out even when it is the default
+    (root / CONFIG_FILE).write_bytes(tomli_w.dumps(written).encode())
     return dep, cas

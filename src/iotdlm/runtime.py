@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+from cryptography import x509
+
 from iotdlm.bus import Bus
 from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
@@ -17,6 +19,7 @@ from iotdlm.km import Km, KmSettings
 from iotdlm.km.records import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
+from iotdlm.pki.chain import load_certificate
 from iotdlm.pki.keys import KeySigner, load_private_key_pem
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
@@ -88,19 +91,30 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
 
 
 def record_identities(dep: Deployment, store: Store, now: dt.datetime) -> int:
-    """Record the module service certificates init issued (an auditor asks who issued what; and
-    so that revoking one lists it on its partition's CRL of the service CA), and the issuing-CA
-    certificates, as certificates of issuer ``root`` (so revoking one lists it on the root's CRL)."""
+    """Record the module service certificates init issued and the NATS server's (an auditor asks
+    who issued what; revoking one puts it on the CRL partition its CRL distribution point names),
+    and the issuing-CA certificates, as certificates of issuer ``root`` (so revoking one lists it on
+    the root's CRL)."""
+    certs = [(dep.identity(name).certificate, "service") for name in dep.identity_names()]
+    nats_cert = dep.nats_tls_files[0]
+    if nats_cert.is_file():
+        certs.append((load_certificate(nats_cert.read_bytes()), "tls-server"))
     records = []
-    partitions = dep.config.crl_partitions
-    for name in dep.identity_names():
-        cert = dep.identity(name).certificate
+    for cert, profile in certs:
         if store.get_certificate("service", cert.serial_number) is None:
-            partition = crl_partition(cert.serial_number, partitions)
-            records.append(record_for(cert, "service", "service", None, "init", now, crl_partition=partition))
+            partition = crl_partition(cert.serial_number, dep.config.crl_partitions) if _has_cdp(cert) else None
+            records.append(record_for(cert, "service", profile, None, "init", now, crl_partition=partition))
     for name in ISSUING_CAS:
         cert = dep.ca_certificate(name)
         if store.get_certificate(ROOT, cert.serial_number) is None:
             records.append(ca_record(cert, "init", now))
     store.add_certificates(records)
     return len(records)
+
+
+def _has_cdp(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    except x509.ExtensionNotFound:
+        return False
+    return True

@@ -43,7 +43,7 @@ from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.messages import ModeRecord
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
-from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
 from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
 from iotdlm.store import Store
 from tests.fixtures_nats import RunningNats, start_nats
@@ -378,7 +378,7 @@ async def test_refusals(site: Site) -> None:
         device_subject("dev-r", "T", DTYPE),
         now=now,
         serial=x509.random_serial_number(),
-        uris=[device_uri("dev-r")],
+        uris=[device_uri("dev-r", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     async with site.est(rkey, rogue) as est:
         with pytest.raises(NotAuthorizedError, match="not registered"):
@@ -396,7 +396,7 @@ async def test_refusals(site: Site) -> None:
         device_subject("dev-old", "T", DTYPE),
         now=now - dt.timedelta(days=200),
         serial=x509.random_serial_number(),
-        uris=[device_uri("dev-old")],
+        uris=[device_uri("dev-old", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     async with site.est(rkey, old) as est:
         with pytest.raises(UntrustedError):
@@ -478,7 +478,8 @@ async def test_refusals(site: Site) -> None:
     fk = generate_key(Algorithm.P256)
     stranger = foreign.issue(
         DEFAULT_PROFILES["factory"], fk.public_key(), device_subject("dev-s", "T", DTYPE),
-        now=now, serial=x509.random_serial_number(), uris=[device_uri("dev-s")],
+        now=now, serial=x509.random_serial_number(),
+        uris=[device_uri("dev-s", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )  # fmt: skip
     async with site.est(fk, stranger) as est:
         with pytest.raises(UntrustedError):

@@ -22,7 +22,7 @@ from iotdlm.km.va import Va, VaSettings
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.chain import der, verify_issued_by
 from iotdlm.pki.keys import Algorithm, generate_key
-from iotdlm.pki.names import device_id_of, device_subject, device_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_id_of, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.store import Store
 from tests.fixtures_nats import start_nats
@@ -117,7 +117,7 @@ async def test_unregistered_factory_certificate_is_refused(env: Env) -> None:
         device_subject("dev-r", ORG, "x"),
         now=NOW,
         serial=x509.random_serial_number(),
-        uris=[device_uri("dev-r")],
+        uris=[device_uri("dev-r", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     with pytest.raises(UntrustedError, match="not registered"):
         await env.client("cm").est("simpleenroll", der(rogue), make_csr(key, "dev-r"))
@@ -130,7 +130,7 @@ async def test_unregistered_factory_certificate_is_refused(env: Env) -> None:
             device_subject("dev-f", ORG, "x"),
             now=NOW,
             serial=x509.random_serial_number(),
-            uris=[device_uri("dev-f")],
+            uris=[device_uri("dev-f", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
         )
     )
     with pytest.raises(UntrustedError):

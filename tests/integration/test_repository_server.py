@@ -292,7 +292,7 @@ async def test_request_log_records_what_clients_sent(
 @pytest.mark.real_clock
 async def test_https(repo: VendorRepository, tmp_path: Path, now: dt.datetime) -> None:
     pki = make_pki(now=now - dt.timedelta(hours=1))  # TLS checks validity against the wall clock
-    ident = pki.module("repository", now=now - dt.timedelta(hours=1))
+    ident = pki.tls_server("repository", now=now - dt.timedelta(hours=1))
     (tmp_path / "tls.pem").write_bytes(pem(ident.cert) + pem(pki.cas["service"].certificate))
     (tmp_path / "tls.key").write_bytes(private_key_to_pem(ident.key, None))
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

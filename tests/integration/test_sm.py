@@ -301,7 +301,7 @@ async def test_local_repository_alterations_are_named_by_algorithm_1(served: Ser
 
 # --- HttpFetcher: TLS and its own length cap --------------------------------------------------------------
 def _tls(tmp: Path) -> tuple[ssl.SSLContext, Path]:
-    ident = PKI.module("repository", now=NOW - dt.timedelta(days=1))  # SAN 127.0.0.1, serverAuth
+    ident = PKI.tls_server("repository", now=NOW - dt.timedelta(days=1))  # SAN 127.0.0.1, serverAuth
     from iotdlm.pki.keys import private_key_to_pem
 
     cert, key = tmp / "repo-cert.pem", tmp / "repo-key.pem"

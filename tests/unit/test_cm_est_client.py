@@ -31,7 +31,7 @@ from iotdlm.errors import (
 )
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import Algorithm, generate_key, private_key_to_pem
-from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import make_csr, make_pki
 
@@ -46,7 +46,7 @@ LEAF = PKI.cas["operational"].issue(
     device_subject("dev-1", "T", "x"),
     now=REAL_NOW,
     serial=1,
-    uris=[device_uri("dev-1")],
+    uris=[device_uri("dev-1", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,11 +11,15 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
+from iotdlm.errors import BadRequestError
+from iotdlm.pki import names
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.keys import Algorithm, generate_key
-from iotdlm.pki.names import device_id_of, device_subject, device_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_id_of, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import NOW, ORG, make_pki, pem
 
@@ -35,7 +40,7 @@ def _issue(pki, profile: str, device_id: str = "dev-001", alg: Algorithm = Algor
         device_subject(device_id, ORG, "boardA"),
         now=NOW,
         serial=x509.random_serial_number(),
-        uris=[device_uri(device_id)],
+        uris=[device_uri(device_id, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
         urls=PublicUrls("http://127.0.0.1:8080"),
     )
 
@@ -165,3 +170,104 @@ def test_openssl_verify_rejects_wrong_chain(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode != 0
+
+
+# --- names: one place builds and parses them ------------------------------------------------------
+_ID = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_PEN = st.integers(min_value=1, max_value=2**32 - 1)
+#: RFC 9039 (section 3): devurn = "urn:dev:" body componentpart; orgbody = "org:" posnumber "-"
+#: identifier *(":" identifier); identifier = 1*(ALPHA / DIGIT / "." / "-")
+_RFC9039_ORG = re.compile(r"\Aurn:dev:org:[1-9][0-9]*-[A-Za-z0-9.-]+(:[A-Za-z0-9.-]+)*\Z")
+
+
+@given(device_id=_ID, pen=_PEN)
+def test_device_urn_round_trips_and_follows_rfc9039(device_id: str, pen: int) -> None:
+    uri = names.device_uri(device_id, enterprise_number=pen)
+    assert _RFC9039_ORG.match(uri), uri
+    assert names.parse_device_uri(uri) == device_id
+    assert names.parse_module_uri(uri) is None
+
+
+@given(module=_ID, dtype=st.none() | _ID, pen=_PEN)
+def test_module_urn_round_trips_and_follows_rfc9039(module: str, dtype: str | None, pen: int) -> None:
+    uri = names.module_uri(module, dtype, enterprise_number=pen)
+    assert _RFC9039_ORG.match(uri), uri
+    assert names.parse_module_uri(uri) == (module, dtype)
+    assert names.parse_device_uri(uri) is None
+
+
+@given(a=_ID, b=_ID)
+def test_distinct_ids_get_distinct_urns(a: str, b: str) -> None:
+    if a != b:
+        assert names.device_uri(a, enterprise_number=1) != names.device_uri(b, enterprise_number=1)
+
+
+@given(text=st.text(max_size=120) | st.from_regex(r"\Aurn:dev:org:[0-9]{1,12}-[A-Za-z0-9.:_x-]{0,40}\Z"))
+def test_urn_parsers_take_anything(text: str) -> None:
+    """Never raise; whatever they accept is a valid id that builds back to the same URN."""
+    found = names.parse_device_uri(text)
+    if found is not None:
+        names.check_id(found)
+    mod = names.parse_module_uri(text)
+    if mod is not None:
+        names.check_id(mod[0], "module")
+    m = re.match(r"(?i)\Aurn:dev:org:([1-9][0-9]*)-", text)
+    if m and found is not None and text.startswith("urn:dev:org:"):
+        assert names.device_uri(found, enterprise_number=int(m.group(1))) == text
+
+
+def test_urn_examples() -> None:
+    assert names.device_uri("dev-1", enterprise_number=32473) == "urn:dev:org:32473-dev-1"
+    assert names.device_uri("a_b", enterprise_number=32473) == "urn:dev:org:32473-x--615f62"
+    assert names.device_uri("x--1", enterprise_number=32473) == "urn:dev:org:32473-x--782d2d31"
+    assert names.module_uri("pm", "polarfire-soc", enterprise_number=7) == "urn:dev:org:7-module:pm:polarfire-soc"
+    assert names.parse_device_uri("URN:DEV:ORG:32473-dev-1") == "dev-1"  # RFC 8141: NID is case-insensitive
+    assert names.parse_device_uri("urn:dev:org:32473-x--615F62") is None  # not the canonical spelling
+    assert names.parse_device_uri("urn:dev:org:32473-dev-1_sensor") is None  # a component, not a device
+    assert names.parse_device_uri("urn:dev:org:032473-dev-1") is None  # posnumber has no leading zero
+    assert names.parse_device_uri("urn:dev:org:5000000000-dev-1") is None  # not a PEN
+    assert names.parse_device_uri("urn:iotdlm:device:dev-1") == "dev-1"  # issued before RFC 9039 names
+    assert names.parse_module_uri("urn:iotdlm:module:pm:dtype:boardA") == ("pm", "boardA")
+
+
+@given(data=st.binary(max_size=80))
+def test_hardware_module_name_parser_takes_anything(data: bytes) -> None:
+    try:
+        hw, serial = names.parse_hardware_module_name(data)
+    except BadRequestError:
+        return
+    assert names.hardware_module_name(hw, serial).value == data
+
+
+def test_hardware_module_name_round_trip_and_rfc4108_der() -> None:
+    hw = names.hw_type(32473, "boardA")
+    other = names.hardware_module_name(hw, b"dev-1")
+    assert other.type_id.dotted_string == "1.3.6.1.5.5.7.8.4"
+    # SEQUENCE { OBJECT IDENTIFIER, OCTET STRING "dev-1" }
+    assert other.value[0] == 0x30
+    assert other.value.endswith(b"\x04\x05dev-1")
+    assert names.parse_hardware_module_name(other.value) == (hw, b"dev-1")
+    assert names.hw_type(32473, "boardA") != names.hw_type(32473, "boardB")
+    assert names.hw_type(32473, None).dotted_string == "1.3.6.1.4.1.32473.2.0"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**32, True, "1"])
+def test_enterprise_number_is_checked(bad: object) -> None:
+    with pytest.raises(BadRequestError, match="enterprise number"):
+        names.check_enterprise_number(bad)
+
+
+def test_device_subject_serial_number_only_when_printable() -> None:
+    """X.520 serialNumber is a PrintableString, which has no '_' (an id with one keeps its CN)."""
+    plain = names.device_subject("dev-1", ORG, "boardA")
+    assert [a.value for a in plain.get_attributes_for_oid(NameOID.SERIAL_NUMBER)] == ["dev-1"]
+    under = names.device_subject("dev_1", ORG, "boardA")
+    assert under.get_attributes_for_oid(NameOID.SERIAL_NUMBER) == []
+    assert [a.value for a in under.get_attributes_for_oid(NameOID.COMMON_NAME)] == ["dev_1"]
+    x509.Name.from_rfc4514_string(under.rfc4514_string())  # and it encodes
+
+
+def test_public_urls() -> None:
+    urls = PublicUrls("http://cm.example.test:8080/")
+    assert urls.root_crl() == "http://cm.example.test:8080/crl/root/0.crl"
+    assert urls.ca_issuers("operational") == "http://cm.example.test:8080/ca/operational.crt"

@@ -13,7 +13,7 @@ from cryptography import x509
 from iotdlm.clock import FixedClock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import NotAuthorizedError, UnavailableError
-from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.transfer.agent import DeviceAgent
 from iotdlm.transfer.device import Phase
@@ -51,7 +51,7 @@ class FakeCa2:
             device_subject(DEV, ORG, "sensor"),
             now=NOW,
             serial=x509.random_serial_number(),
-            uris=[device_uri(DEV)],
+            uris=[device_uri(DEV, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
         )
         return cert, [P.pki2.cas["operational"].certificate, P.pki2.root]
 
@@ -76,7 +76,7 @@ def make_device(tmp_path: Path) -> SimulatedDevice:
         device_subject(DEV, ORG, "sensor"),
         now=NOW,
         serial=x509.random_serial_number(),
-        uris=[device_uri(DEV)],
+        uris=[device_uri(DEV, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     op = P.pki1.cas["operational"].issue(
         DEFAULT_PROFILES["operational"],
@@ -84,7 +84,7 @@ def make_device(tmp_path: Path) -> SimulatedDevice:
         device_subject(DEV, ORG, "sensor"),
         now=NOW,
         serial=x509.random_serial_number(),
-        uris=[device_uri(DEV)],
+        uris=[device_uri(DEV, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     dev.write_certificate("factory", factory)
     dev.write_certificate("operational", op)

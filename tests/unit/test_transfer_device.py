@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from iotdlm.errors import ConflictError
 from iotdlm.pki.chain import der
 from iotdlm.pki.keys import Algorithm, generate_key
-from iotdlm.pki.names import device_subject, device_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.transfer import cose, device
 from iotdlm.transfer import messages as m
@@ -144,7 +144,7 @@ def _enroll_result() -> StepResult:
         device_subject(DEV, ORG, "sensor"),
         now=NOW,
         serial=x509.random_serial_number(),
-        uris=[device_uri(DEV)],
+        uris=[device_uri(DEV, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     return StepResult(
         Step.ENROLL, ok=True, certificate=der(cert), ca_certificates=(der(ca2.certificate), der(P.pki2.root))

@@ -27,7 +27,7 @@ from iotdlm.errors import (
 from iotdlm.pki.ca import ca_name
 from iotdlm.pki.chain import der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key
-from iotdlm.pki.names import device_subject, device_uri, module_uri
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri, module_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.transfer import attestation, cose
 from iotdlm.transfer import messages as m
@@ -59,7 +59,7 @@ class Parties:
                 device_subject(device_id, ORG, "sensor"),
                 now=NOW,
                 serial=x509.random_serial_number(),
-                uris=[device_uri(device_id)],
+                uris=[device_uri(device_id, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
             )
         )
         return key, cert
@@ -73,7 +73,7 @@ def transfer_identity(pki: Pki, provider_id: str, *, module: str = TRANSFER_MODU
         ca_name(f"{provider_id} transfer", ORG),
         now=NOW,
         serial=x509.random_serial_number(),
-        uris=[module_uri(module)],
+        uris=[module_uri(module, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     return TransferIdentity(provider_id, key, (cert, pki.cas["service"].certificate))
 

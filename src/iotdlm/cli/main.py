@@ -25,6 +25,7 @@ from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundE
 from iotdlm.km.ra import ModulePrincipal
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.pki.keys import Algorithm
+from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER
 from iotdlm.wire import km as msg
 
 if TYPE_CHECKING:
@@ -78,6 +79,14 @@ def main(verbose: bool) -> None:
     metavar="NAME",
     help="A DNS name or IP address devices reach cm by, besides the --public-url host. Repeatable.",
 )
+@click.option(
+    "--enterprise-number",
+    type=int,
+    default=DEFAULT_ENTERPRISE_NUMBER,
+    show_default=True,
+    help="Your IANA Private Enterprise Number: roots certificate policy OIDs and device URNs "
+    "(urn:dev:org:<PEN>-<id>). The default is RFC 5612's documentation number: replace it with your own.",
+)
 @handle_errors
 def init(
     data: Path,
@@ -90,6 +99,7 @@ def init(
     nats_port: int,
     nats_tls: bool,
     cm_names: tuple[str, ...],
+    enterprise_number: int,
 ) -> None:
     """Create a deployment: root and issuing CAs, module identities, NATS credentials."""
     import os
@@ -112,6 +122,7 @@ def init(
             nats_port=nats_port,
             nats_tls=nats_tls,
             cm_names=cm_names,
+            enterprise_number=enterprise_number,
             now=clock.now(),
             progress=lambda m: status.update(f"creating {m}"),
         )

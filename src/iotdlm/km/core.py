@@ -57,7 +57,7 @@ from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
 from iotdlm.pki.csr import CsrRequest, parse_csr
 from iotdlm.pki.keys import PublicKey, generate_key
-from iotdlm.pki.names import check_id, device_id_of, device_subject, device_uri, module_of
+from iotdlm.pki.names import check_id, device_id_of, device_subject, module_of
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.pki.requested import Requested, dropped
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
@@ -297,7 +297,7 @@ class Km:
             device_subject(grant.device_id, self.settings.organization, unit),
             now=now,
             serial=x509.random_serial_number(),
-            uris=[device_uri(grant.device_id)],
+            general_names=profile.device_names(grant.device_id, grant.dtype),
             urls=self.settings.urls,
             validity=grant.validity,
         )

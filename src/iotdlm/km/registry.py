@@ -11,7 +11,8 @@ same with CA2 (VII-C): it forwards the x5bag from the UpdateInfoList and gets th
   external CA to trust is the operator's decision, never taken from a device or a bag alone.
 - :meth:`FactoryRegistry.register` -- an x5bag of factory certificates. Each must chain to a
   registered anchor, be valid now, allow TLS client authentication, and name a device (URI SAN
-  ``urn:iotdlm:device:<id>``, else subject serialNumber, else CN). CA certificates in the bag are
+  ``urn:dev:org:<PEN>-<id>`` or the legacy ``urn:iotdlm:device:<id>``, else subject serialNumber,
+  else CN). CA certificates in the bag are
   registered too when they chain to a registered anchor. The certificates, the devices they name
   (so km's RA knows them: dtype, retired or not) and an audit record go in one transaction.
   Returns the enrollment URI (CA-URI).

@@ -4,6 +4,11 @@ RFC 5280 points we hold to: positive random serials of at most 20 octets (159 ra
 well over the 64 bits required), SKI on every certificate and AKI on every non-root one, critical
 basicConstraints and keyUsage on CAs, UTCTime up to 2049 and GeneralizedTime after (cryptography
 chooses the encoding by date), and no end-entity certificate outliving its issuer.
+
+Revocation pointers: issuing CA certificates name the root's CRL (CRL distribution point) and the
+root's certificate (AIA caIssuers); end-entity certificates name the OCSP responder, their issuing
+CA's certificate (AIA caIssuers) and their CRL partition. Issuing CAs carry the certificate
+policies of what they issue (``openssl verify -explicit_policy``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,10 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID, ObjectIdentifier
 
 from iotdlm.pki.keys import PublicKey, Signer
-from iotdlm.pki.profiles import Profile, key_usage_for_rsa
+from iotdlm.pki.profiles import KeyUsageSpec, Profile, key_usage_for
 
 #: how far back a new certificate's notBefore is set, for devices whose clocks lag
 BACKDATE = dt.timedelta(minutes=1)
@@ -44,18 +48,7 @@ def _ca_extensions(
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+            key_usage_for(KeyUsageSpec(key_cert_sign=True, crl_sign=True), public_key).extension(), critical=True
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
@@ -83,7 +76,11 @@ def make_intermediate(
     *,
     now: dt.datetime,
     validity: dt.timedelta,
+    urls: PublicUrls | None = None,
+    policies: Sequence[ObjectIdentifier] = (),
 ) -> x509.Certificate:
+    """An issuing CA under the root: with ``urls``, CDP = the root's CRL and AIA caIssuers = the
+    root's certificate; ``policies`` are the certificate policies of what it will issue."""
     not_after = min(now + validity, parent_cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
@@ -96,7 +93,29 @@ def make_intermediate(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent_signer.public_key), critical=False)
     )
     builder = _ca_extensions(builder, public_key, path_length=0)
+    if policies:
+        builder = builder.add_extension(
+            x509.CertificatePolicies([x509.PolicyInformation(p, None) for p in policies]), critical=False
+        )
+    if urls is not None:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess([_ca_issuers(urls.ca_issuers("root"))]), critical=False
+        ).add_extension(_distribution_point(urls.root_crl()), critical=False)
     return parent_signer.sign_certificate(builder)
+
+
+def _ca_issuers(url: str) -> x509.AccessDescription:
+    return x509.AccessDescription(AuthorityInformationAccessOID.CA_ISSUERS, x509.UniformResourceIdentifier(url))
+
+
+def _distribution_point(url: str) -> x509.CRLDistributionPoints:
+    return x509.CRLDistributionPoints(
+        [
+            x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(url)], relative_name=None, reasons=None, crl_issuer=None
+            )
+        ]
+    )
 
 
 def crl_partition(serial: int, partitions: int) -> int:
@@ -111,7 +130,8 @@ def crl_partition(serial: int, partitions: int) -> int:
 
 @dataclass(frozen=True)
 class PublicUrls:
-    """Where relying parties fetch revocation data (AIA OCSP, CRL distribution points)."""
+    """Where relying parties fetch revocation data and CA certificates (AIA OCSP and caIssuers,
+    CRL distribution points); cm serves these paths."""
 
     base: str  # e.g. "http://127.0.0.1:8080" -- cm serves these paths
     crl_partitions: int = 64
@@ -122,6 +142,14 @@ class PublicUrls:
     def crl(self, issuer: str, partition: int, *, delta: bool = False) -> str:
         kind = "delta" if delta else "crl"
         return f"{self.base.rstrip('/')}/crl/{issuer}/{partition}.{kind}"
+
+    def root_crl(self) -> str:
+        """The root CA's CRL (one partition): it lists revoked issuing CAs."""
+        return self.crl("root", 0)
+
+    def ca_issuers(self, name: str) -> str:
+        """A CA's certificate, DER (AIA caIssuers, RFC 5280 4.2.2.1)."""
+        return f"{self.base.rstrip('/')}/ca/{name}.crt"
 
 
 @dataclass
@@ -151,6 +179,7 @@ class IssuingCA:
         now: dt.datetime,
         serial: int,
         uris: Sequence[str] = (),
+        general_names: Sequence[x509.GeneralName] = (),
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[object] = (),
         urls: PublicUrls | None = None,
@@ -165,7 +194,7 @@ class IssuingCA:
             raise ValueError(f"profile {profile.name} is issued by {profile.issuer}, not {self.name}")
         life = profile.validity if validity is None else min(validity, profile.validity)
         not_after = min(now + life, self.certificate.not_valid_after_utc)
-        ku = key_usage_for_rsa(profile.key_usage, isinstance(public_key, rsa.RSAPublicKey))
+        ku = key_usage_for(profile.key_usage, public_key)
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -181,38 +210,25 @@ class IssuingCA:
             .add_extension(self._aki, critical=False)
             .add_extension(x509.CertificatePolicies([x509.PolicyInformation(profile.policy_oid, None)]), critical=False)
         )
-        general_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-        general_names += [x509.DNSName(d) for d in dns_names]
-        general_names += [x509.IPAddress(ip) for ip in ip_addresses]  # type: ignore[arg-type]
-        if general_names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+        san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+        san += general_names
+        san += [x509.DNSName(d) for d in dns_names]
+        san += [x509.IPAddress(ip) for ip in ip_addresses]  # type: ignore[arg-type]
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         if urls is not None and profile.with_revocation_pointers:
             builder = builder.add_extension(
                 x509.AuthorityInformationAccess(
                     [
                         x509.AccessDescription(
-                            AuthorityInformationAccessOID.OCSP,
-                            x509.UniformResourceIdentifier(urls.ocsp()),
-                        )
+                            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp())
+                        ),
+                        _ca_issuers(urls.ca_issuers(self.name)),
                     ]
                 ),
                 critical=False,
             ).add_extension(
-                x509.CRLDistributionPoints(
-                    [
-                        x509.DistributionPoint(
-                            full_name=[
-                                x509.UniformResourceIdentifier(
-                                    urls.crl(self.name, crl_partition(serial, urls.crl_partitions))
-                                )
-                            ],
-                            relative_name=None,
-                            reasons=None,
-                            crl_issuer=None,
-                        )
-                    ]
-                ),
-                critical=False,
+                _distribution_point(urls.crl(self.name, crl_partition(serial, urls.crl_partitions))), critical=False
             )
         if profile.ocsp_no_check:
             builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)

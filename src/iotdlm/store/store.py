@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -448,6 +449,17 @@ def _sqlite_wal(cursor: Any) -> None:
         delay = min(delay * 2, 0.1)
 
 
+def _create_owner_only(path: Path) -> None:
+    """Create a new SQLite database file owner-only (0600) before SQLite would (with the umask's
+    mode, typically world-readable). SQLite gives its -wal and -shm files the database file's mode.
+    An existing file keeps its mode; a missing folder is left to SQLite's own error."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    os.close(fd)
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -530,6 +542,8 @@ class Store:
                 "an in-memory SQLite database cannot be shared between connections: "
                 "use a file, e.g. sqlite:///" + "/tmp/iotdlm.db"  # noqa: S108 -- an example in a message
             )
+        if not database.startswith("file:"):
+            _create_owner_only(Path(database))
         engine = create_engine(parsed, echo=echo, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000})
         _install_sqlite_hooks(engine)
         where = Path(database).resolve().parent

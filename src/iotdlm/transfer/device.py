@@ -12,7 +12,7 @@
 Checks on a transfer message, in this order (verify the bytes received, then decode):
 
 1. bounded COSE_Sign1 parse, ``typ`` = device transfer message, an ``x5chain``;
-2. the signer is a provider's *transfer identity* (URI SAN ``urn:iotdlm:module:transfer``), its key
+2. the signer is a provider's *transfer identity* (URI SAN ``urn:dev:org:<PEN>-module:transfer``), its key
    is not one the device retired at an earlier commit (FR3), and its chain ends at a root of the
    device's truststore -- the device trusts its current provider through its truststore, as
    in the paper (no key pinned on the device);

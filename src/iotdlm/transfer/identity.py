@@ -4,7 +4,7 @@ Layout::
 
     DIR/transfer/transfer.toml      provider_id, fallback_uri, enroll_uri (validated on load)
     DIR/transfer/identity/key.pem   the transfer signing key (0600)
-    DIR/transfer/identity/chain.pem its certificate (URI SAN urn:iotdlm:module:transfer, issued by
+    DIR/transfer/identity/chain.pem its certificate (URI SAN urn:dev:org:<PEN>-module:transfer, issued by
                                     the deployment's service CA) followed by the service CA
 
 The transfer identity signs everything this provider sends in a transfer: the UpdateInfoList (SP1),
@@ -115,7 +115,7 @@ def create_identity(
     service_ca: pki_ca.IssuingCA | None = None,
 ) -> TransferIdentity:
     """Make the transfer signing key and its certificate (service CA, URI SAN
-    ``urn:iotdlm:module:transfer``) and write the settings. Refuses to replace an identity."""
+    ``urn:dev:org:<PEN>-module:transfer``) and write the settings. Refuses to replace an identity."""
     d = transfer_dir(dep.root) / "identity"
     if (d / "key.pem").exists():
         raise ConflictError(f"{d} already holds a transfer identity")
@@ -127,7 +127,8 @@ def create_identity(
         pki_ca.ca_name(f"{settings.provider_id} transfer", dep.config.organization),
         now=now,
         serial=x509.random_serial_number(),
-        uris=[module_uri(TRANSFER_MODULE)],
+        uris=[module_uri(TRANSFER_MODULE, enterprise_number=dep.config.enterprise_number)],
+        urls=dep.public_urls,
     )
     d.mkdir(parents=True, exist_ok=True)
     fd = os.open(d / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -18,7 +18,7 @@ from iotdlm.pki.keys import PublicKey, check_public_key
 from iotdlm.pki.names import check_id, device_id_of, module_of
 
 #: the module name in the URI SAN of a provider's transfer signing certificate
-#: (``urn:iotdlm:module:transfer``): the only service certificate a device takes transfer messages from
+#: (``urn:dev:org:<PEN>-module:transfer``): the only service certificate a device takes transfer messages from
 TRANSFER_MODULE = "transfer"
 MAX_DEPTH = 4
 
@@ -116,7 +116,7 @@ def check_transfer_signer(cert: x509.Certificate) -> None:
         raise UntrustedError(f"signer certificate has a malformed extension: {exc}") from exc
     if ident != (TRANSFER_MODULE, None):
         raise UntrustedError(
-            f"certificate {_name(cert)} is not a transfer signing identity (urn:iotdlm:module:{TRANSFER_MODULE})"
+            f"certificate {_name(cert)} is not a transfer signing identity (urn:dev:org:<PEN>-module:{TRANSFER_MODULE})"
         )
 
 
@@ -128,8 +128,9 @@ def check_pinned(cert_der_bytes: bytes, pinned: x509.Certificate, *, now: dt.dat
 
 
 def factory_device_id(cert: x509.Certificate) -> str:
-    """The device id a factory certificate names: its ``urn:iotdlm:device:`` URI SAN, else its
-    subject serialNumber, else its CN (another factory's certificates may not carry our URI)."""
+    """The device id a factory certificate names: its device URN (``urn:dev:org:<PEN>-<id>`` under
+    any PEN, or the legacy ``urn:iotdlm:device:<id>``), else its subject serialNumber, else its CN
+    (another factory's certificates may not carry our URN)."""
     try:
         found = device_id_of(cert)
         if found is None:
