@@ -407,6 +407,7 @@ def init_deployment(
         pki_ca.ca_name(f"{organization} Root CA", organization),
         now=now,
         validity=dt.timedelta(days=365 * 30),
+        urls=urls,
     )
     _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
     (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))

@@ -54,7 +54,18 @@ def _ca_extensions(
     )
 
 
-def make_root(signer: Signer, subject: x509.Name, *, now: dt.datetime, validity: dt.timedelta) -> x509.Certificate:
+def make_root(
+    signer: Signer,
+    subject: x509.Name,
+    *,
+    now: dt.datetime,
+    validity: dt.timedelta,
+    urls: PublicUrls | None = None,
+) -> x509.Certificate:
+    """The self-signed root. With ``urls`` it names its own CRL as its distribution point: a
+    relying party that checks every certificate of the chain (``openssl verify -crl_check_all``)
+    checks the root too, against the root's CRL, and can only fetch that CRL (``-crl_download``)
+    from a URL the root names."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -65,6 +76,8 @@ def make_root(signer: Signer, subject: x509.Name, *, now: dt.datetime, validity:
         .not_valid_after(now + validity)
     )
     builder = _ca_extensions(builder, signer.public_key, path_length=1)
+    if urls is not None:
+        builder = builder.add_extension(_distribution_point(urls.root_crl()), critical=False)
     return signer.sign_certificate(builder)
 
 
@@ -227,8 +240,14 @@ class IssuingCA:
                     ]
                 ),
                 critical=False,
+            )
+            # the partition's full CRL, and (RFC 5280 4.2.1.15) its delta: a relying party that
+            # uses deltas sees a revocation at once, before the next full CRL
+            partition = crl_partition(serial, urls.crl_partitions)
+            builder = builder.add_extension(
+                _distribution_point(urls.crl(self.name, partition)), critical=False
             ).add_extension(
-                _distribution_point(urls.crl(self.name, crl_partition(serial, urls.crl_partitions))), critical=False
+                x509.FreshestCRL(_distribution_point(urls.crl(self.name, partition, delta=True))), critical=False
             )
         if profile.ocsp_no_check:
             builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)

@@ -33,11 +33,12 @@ The root CA's CRL (:func:`build_crl` with ``ca_certs=True``, for ``PublicUrls.cr
 revoked issuing-CA certificates: one full CRL, no partitions and no delta, so it carries no
 ``freshestCRL``. Its critical ``issuingDistributionPoint`` says only ``onlyContainsCACerts`` and
 names no distribution point: OpenSSL (``verify -crl_check_all``) checks the self-signed root
-against this CRL too, and a root without a CRL distribution point (ours has none) is out of the
-scope of a CRL whose IDP names one ("different CRL scope", x509_vfy.c ``crl_crldp_check``); an IDP
-without a name covers every CA certificate the root signed, whatever URL it was fetched from
-(RFC 5280 5.2.5 makes ``distributionPoint`` optional), and the issuing-CA certificates still name
-its URL in their CRL distribution point.
+against this CRL too, and a root without a CRL distribution point (roots made before it named
+one) is out of the scope of a CRL whose IDP names one ("different CRL scope", x509_vfy.c
+``crl_crldp_check``); an IDP without a name covers every CA certificate the root signed, whatever
+URL it was fetched from (RFC 5280 5.2.5 makes ``distributionPoint`` optional). The issuing-CA
+certificates, and the root itself (so that ``-crl_download`` finds it at the root's depth too),
+name its URL in their CRL distribution point.
 
 Revocation reasons: :func:`revocation_reason` is what may enter as the reason of a revocation.
 ``removeFromCRL`` is not one (RFC 5280 5.3.1: it appears only in a delta CRL, for a certificate
