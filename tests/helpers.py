@@ -10,7 +10,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from iotdlm.deployment import identity_profile
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki.keys import Algorithm, KeySigner, PrivateKey, generate_key, hash_for
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, module_uri
@@ -42,7 +41,7 @@ class Pki:
         if name not in self.identities:
             key = generate_key(Algorithm.P256)
             cert = self.cas["service"].issue(
-                identity_profile(DEFAULT_PROFILES, module),
+                DEFAULT_PROFILES["service"],
                 key.public_key(),
                 pki_ca.ca_name(name, ORG),
                 now=now,

@@ -27,7 +27,6 @@ The CA passphrase comes from ``$IOTDLM_CA_PASSPHRASE``, else from the file named
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import ipaddress
 import json
@@ -41,7 +40,6 @@ from pathlib import Path
 import msgspec
 import tomli_w
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm import cm_https
 from iotdlm.errors import BadRequestError, NotFoundError
@@ -312,17 +310,13 @@ class Deployment:
         request signing, with revocation pointers) and NATS credentials."""
         name = identity_name(module, dtype)
         key = generate_key(self.algorithm)
-        profile = identity_profile(self.profiles(), module)
-        serves_tls = ExtendedKeyUsageOID.SERVER_AUTH in profile.eku
         cert = service_ca.issue(
-            profile,
+            self.profiles()["service"],
             key.public_key(),
             pki_ca.ca_name(name, self.config.organization),
             now=now,
             serial=x509.random_serial_number(),
             uris=[module_uri(module, dtype, enterprise_number=self.config.enterprise_number)],
-            dns_names=["localhost"] if serves_tls else (),
-            ip_addresses=[ipaddress.ip_address("127.0.0.1")] if serves_tls else (),
             urls=self.public_urls,
         )
         d = self.root / "modules" / name
@@ -331,19 +325,6 @@ class Deployment:
         creds = NatsCredentials(user=name, password=secrets.token_urlsafe(24))
         _write_secret(d / "nats.json", json.dumps({"user": creds.user, "password": creds.password}).encode())
         return ModuleIdentity(name=name, module=module, dtype=dtype, key=key, certificate=cert, nats=creds)
-
-
-def identity_profile(profiles: dict[str, Profile], module: str) -> Profile:
-    """The profile of a module's identity certificate: ``service`` (clientAuth only).
-
-    TODO(merge): cm still serves HTTPS with its identity until cm gets its own ``tls-server``
-    HTTPS certificate (the cm engineer's change); until then cm's identity alone keeps serverAuth
-    (and its loopback names). Delete this exception when that lands.
-    """
-    service = profiles["service"]
-    if module == "cm":
-        return dataclasses.replace(service, eku=(*service.eku, ExtendedKeyUsageOID.SERVER_AUTH))
-    return service
 
 
 def _replace_validity(p: Profile, validity: dt.timedelta) -> Profile:

@@ -32,6 +32,7 @@ from iotdlm.bus.memory import MemoryHub
 from iotdlm.client.km import KmClient
 from iotdlm.clock import SystemClock
 from iotdlm.cm import CmConfig, CmService, Limits, server_tls_context
+from iotdlm.cm_https import load_issued_pair
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient
 from iotdlm.device.simulated import SimulatedDevice
@@ -256,10 +257,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     # external CA to trust is an operator's decision, taken once, out of band.
     registrar = FactoryRegistry(sp2.store, clock, enroll_uri="https://placeholder.invalid")
     registrar.register_cas([sp1.ca("root"), sp1.ca("factory")], actor="sp2-operator")
-    cm_ident = sp2.dep.identity("cm")
+    https_chain, https_key = load_issued_pair(sp2.dep.root, now=clock.now())  # cm's HTTPS pair from init
     tls = server_tls_context(
-        certificate_chain=[cm_ident.certificate, sp2.ca("service")],
-        key_pem=private_key_to_pem(cm_ident.key, None),
+        certificate_chain=https_chain,
+        key_pem=private_key_to_pem(https_key, None),
         client_cas=[sp2.ca("root"), sp2.ca("factory"), sp2.ca("operational"), *registrar.client_cas()],
     )
     cm2 = CmService(

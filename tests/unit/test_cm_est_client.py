@@ -37,7 +37,7 @@ from tests.helpers import make_csr, make_pki
 
 REAL_NOW = SystemClock().now()
 PKI = make_pki(now=REAL_NOW)  # real TLS checks validity against the real clock
-SERVER = PKI.module("cm", now=REAL_NOW)
+SERVER = PKI.tls_server("cm", now=REAL_NOW)
 ROOT_PEM = certs_to_pem([PKI.root])
 KEY = generate_key(Algorithm.P256)
 LEAF = PKI.cas["operational"].issue(

@@ -63,6 +63,7 @@ KINDS = [
     "operational",
     "service",
     "tls-server",
+    "cm-https",
     "ocsp",
     "est",
     "crmf",
@@ -155,6 +156,7 @@ def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         certs[f"{ca}-ca"] = dep.ca_certificate(ca)
     certs["service"] = dep.identity("km").certificate
     certs["tls-server"] = load_certificates_pem(dep.nats_tls_files[0].read_bytes())[0]
+    certs["cm-https"] = load_certificates_pem((dep.root / "modules" / "cm" / "https.pem").read_bytes())[0]
     store = Store.open(f"sqlite:///{root / 'km.db'}")
     try:
         asyncio.run(_issue_all(dep, store, alg, certs))
@@ -300,9 +302,8 @@ def test_only_tls_servers_get_server_auth(site: Site) -> None:
         return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
 
     assert eku(site.certs["tls-server"]) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert eku(site.certs["cm-https"]) == [ExtendedKeyUsageOID.SERVER_AUTH]
     for name_ in site.dep.identity_names():
-        if name_ == "cm":  # TODO(merge): cm serves HTTPS with its identity until its tls-server certificate lands
-            continue
         assert eku(site.dep.identity(name_).certificate) == [ExtendedKeyUsageOID.CLIENT_AUTH], name_
 
 
