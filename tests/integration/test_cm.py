@@ -396,6 +396,7 @@ async def test_refusals(site: Site) -> None:
         device_subject("dev-old", "T", DTYPE),
         now=now - dt.timedelta(days=200),
         serial=x509.random_serial_number(),
+
         uris=[device_uri("dev-old", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     async with site.est(rkey, old) as est:
@@ -873,11 +874,13 @@ def _client_certificates(site: Site) -> dict[str, tuple[PrivateKey, x509.Certifi
     key = generate_key(Algorithm.P256)
     expired = cas["operational"].issue(
         DEFAULT_PROFILES["operational"], key.public_key(), device_subject("dev-old", "T", DTYPE),
-        now=now - dt.timedelta(days=200), serial=x509.random_serial_number(), uris=[device_uri("dev-old")],
+        now=now - dt.timedelta(days=200), serial=x509.random_serial_number(),
+        uris=[device_uri("dev-old", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )  # fmt: skip
     foreign = make_pki().cas["factory"].issue(
         DEFAULT_PROFILES["factory"], key.public_key(), device_subject("dev-s", "T", DTYPE),
-        now=now, serial=x509.random_serial_number(), uris=[device_uri("dev-s")],
+        now=now, serial=x509.random_serial_number(),
+        uris=[device_uri("dev-s", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )  # fmt: skip
     return {"expired": (key, expired), "foreign": (key, foreign)}
 
