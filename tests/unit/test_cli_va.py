@@ -171,6 +171,15 @@ def test_revoke_ca_needs_yes_and_lists_the_ca_on_the_root_crl(
     assert again.exit_code == 4
     assert "already revoked" in again.output
     assert "revocation" in _run("audit", "list", "--data", str(data), "--kind", "revocation")
+    # a revoked CA issues nothing more; the other CAs go on
+    csr = tmp_path / "late.csr"
+    csr.write_bytes(make_csr(generate_key(Algorithm.P256), "dev-late"))
+    issue = ["ca", "issue", "--data", str(data), "--csr", str(csr), "--device-id", "dev-late"]
+    late = CliRunner().invoke(main, [*issue, "--profile", "operational", "--out", str(tmp_path / "op.pem")], env=ENV)
+    assert late.exit_code == 4, late.output
+    assert "operational CA is revoked" in late.output
+    assert not (tmp_path / "op.pem").exists()
+    _run(*issue, "--profile", "factory", "--out", str(tmp_path / "factory.pem"))
 
 
 def test_the_cm_module_certificate_is_revocable_and_shows_on_ocsp_and_its_crl(

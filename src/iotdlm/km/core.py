@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import threading
+import time
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from iotdlm.clock import Clock
 from iotdlm.errors import (
     BadRequestError,
+    ConflictError,
     IotdlmError,
     NotFoundError,
     RejectedError,
@@ -51,7 +53,7 @@ from iotdlm.km.ra import (
 )
 from iotdlm.km.records import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
-from iotdlm.km.va import Va
+from iotdlm.km.va import ROOT, Va
 from iotdlm.pki import crmf
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
@@ -61,6 +63,7 @@ from iotdlm.pki.names import check_id, device_id_of, device_subject, module_of
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.pki.requested import Requested, dropped
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
+from iotdlm.store.records import CERT_REVOKED
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
@@ -106,6 +109,10 @@ class _Parsed:
     requested: Requested = field(default_factory=Requested)
 
 
+#: how long a km worker trusts what it last read of an issuing CA's revocation
+CA_STATUS_TTL = 5.0
+
+
 def _with_dropped(cert: msg.IssuedCertificate, what: tuple[str, ...]) -> msg.IssuedCertificate:
     """The reply, with what the request asked for and the certificate does not carry (if anything)."""
     return msgspec.structs.replace(cert, dropped=what) if what else cert
@@ -139,6 +146,9 @@ class Km:
         self.registry = FactoryRegistry(store, clock)
         self._trusted: dict[str, _TrustedSigner] = {}
         self._lock = threading.Lock()
+        #: issuing CA name -> (monotonic time checked, revoked?): whether the operator revoked it
+        #: (``ca revoke-ca``), read from the store at most every CA_STATUS_TTL seconds per worker
+        self._ca_revoked: dict[str, tuple[float, bool]] = {}
 
     # --- 1+2: authentication ------------------------------------------------------------
     def _trust(self, leaf_der: bytes, now: dt.datetime) -> _TrustedSigner:
@@ -290,6 +300,7 @@ class Km:
         _check_requested_name(parsed.subject, grant.device_id)
         profile = get_profile(self.profiles, grant.profile)
         ca = self.cas[profile.issuer]
+        self._refuse_revoked_ca(ca)
         unit = grant.dtype or profile.name
         cert = ca.issue(
             profile,
@@ -311,6 +322,22 @@ class Km:
             cert, ca.name, profile.name, grant.device_id, principal.describe(), now, crl_partition=partition
         )
         return record, dropped(parsed.requested, cert)
+
+    def _refuse_revoked_ca(self, ca: IssuingCA) -> None:
+        """A revoked issuing CA issues nothing more (its certificates would fail every relying
+        party's check). Known to this worker at once when it revoked the CA, to the others within
+        CA_STATUS_TTL seconds."""
+        seen = self._ca_revoked.get(ca.name)
+        if seen is None or time.monotonic() - seen[0] > CA_STATUS_TTL:
+            rec = self.store.get_certificate(ROOT, ca.certificate.serial_number)
+            seen = (time.monotonic(), rec is not None and rec.status == CERT_REVOKED)
+            self._ca_revoked[ca.name] = seen
+        if seen[1]:
+            raise ConflictError(
+                f"the {ca.name} CA is revoked: it issues no more certificates; "
+                "a new issuing CA must take its place",
+                field="profile",
+            )
 
     def prepare(
         self,
@@ -523,7 +550,9 @@ class Km:
         req = msg.decode(env.body, msg.RevokeRequest)
         actor = principal.describe()
         if req.ca is not None:
-            return msg.RevokeResponse(revoked=[info(self.va.revoke_ca_request(req, actor=actor))])
+            out_ca = self.va.revoke_ca_request(req, actor=actor)
+            self._ca_revoked.pop(req.ca, None)
+            return msg.RevokeResponse(revoked=[info(out_ca)])
         if (req.serial is None) == (req.device_id is None):
             raise BadRequestError("give exactly one of serial or device_id", field="serial")
         if req.serial is not None:
