@@ -258,6 +258,42 @@ async def test_curl_simpleenroll_and_openssl_verify(site: Site) -> None:
 
 
 @pytest.mark.real_clock
+@needs_curl
+async def test_what_the_csr_asked_for_and_did_not_get_is_named_in_a_header(site: Site) -> None:
+    """EST has no field for it; the reply names what the profile dropped (issue 10 item 16)."""
+    fkey, factory = await site.factory("dev-asks")
+    key = generate_key(Algorithm.P256)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "dev-asks"),
+                                 x509.NameAttribute(x509.NameOID.LOCALITY_NAME, "Plant 4")]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("printer.example")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    site.write("asks.b64", base64.encodebytes(csr.public_bytes(serialization.Encoding.DER)))
+    site.write("factory.pem", certs_to_pem([factory]))
+    site.write("factory.key", private_key_to_pem(fkey, None))
+    r = await _run(
+        "curl", "-sS", "-i", "--cacert", str(site.write("root.pem", site.root_pem)),
+        "--cert", str(site.files / "factory.pem"), "--key", str(site.files / "factory.key"),
+        "--data-binary", f"@{site.files / 'asks.b64'}", "-H", "Content-Type: application/pkcs10",
+        f"{site.https}{WELL_KNOWN}/simpleenroll",
+    )  # fmt: skip
+    head = r.stdout.partition(b"\r\n\r\n")[0].decode()
+    assert head.startswith("HTTP/1.1 200"), r.stdout
+    (line,) = [h for h in head.split("\r\n") if h.lower().startswith("iotdlm-dropped:")]
+    assert "DNS:printer.example" in line
+    assert "Plant 4" in line
+
+
+def test_the_dropped_header_is_one_safe_line() -> None:
+    from iotdlm.cm.server import dropped_header
+
+    value = dropped_header(["subjectAltName DNS:a.example", "subject L=x\r\nSet-Cookie: y; z", "caf\u00e9"])
+    assert value == "subjectAltName DNS:a.example; subject L=x%0D%0ASet-Cookie: y%3B z; caf%C3%A9"
+
+
+@pytest.mark.real_clock
 @needs_openssl
 @pytest.mark.openssl
 async def test_openssl_ocsp_good_then_revoked_and_crl(site: Site) -> None:

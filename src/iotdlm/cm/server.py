@@ -69,6 +69,7 @@ import datetime as dt
 import logging
 import ssl
 import tempfile
+import urllib.parse
 from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Mapping, Sequence, Set
 from pathlib import Path
@@ -138,6 +139,16 @@ class KmRelay(Protocol):
     async def crl(self, issuer: str, partition: int, *, delta: bool = False) -> bytes: ...
 
     async def chain(self) -> msg.ChainResponse: ...
+
+
+#: response header naming what an enrollment request asked for that the certificate does not carry
+DROPPED_HEADER = "Iotdlm-Dropped"
+
+
+def dropped_header(items: Sequence[str]) -> str:
+    """One header value: the items joined by ``; ``, each percent-encoded where it is not plain
+    printable ASCII or would break the list (the CSR's values are the requester's, not ours)."""
+    return "; ".join(urllib.parse.quote(item, safe=" !\"#$&'()*+,-./:<=>?@[]^_`{|}~") for item in items)
 
 
 # --- errors that only exist at the HTTP edge ------------------------------------------------------
@@ -567,14 +578,18 @@ class CmApp:
             _describe_peer(request),
         )
         certs = est.certs_only([cert])
+        # what the CSR asked for and the profile left out: RFC 7030 has no field for it, so a header
+        dropped = {DROPPED_HEADER: dropped_header(out.certificate.dropped)} if out.certificate.dropped else {}
         if operation == "serverkeygen":
             if out.private_key is None:
                 raise InternalError("km answered serverkeygen without a private key")
             ctype, multipart = est.serverkeygen_multipart(out.private_key, certs)
-            return web.Response(body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store"})
+            return web.Response(
+                body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store", **dropped}
+            )
         return web.Response(
             body=est.encode_base64_body(certs),
-            headers={"Content-Type": est.CERTS_ONLY, "Content-Transfer-Encoding": "base64"},
+            headers={"Content-Type": est.CERTS_ONLY, "Content-Transfer-Encoding": "base64", **dropped},
         )
 
     async def _https_only(self, request: web.Request) -> web.Response:
