@@ -305,7 +305,9 @@ def _check_leaf(cert: x509.Certificate, device_id: str, now: dt.datetime) -> Non
     except x509.ExtensionNotFound:
         return  # no EKU: any use (RFC 5280 4.2.1.12)
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise UntrustedError(f"factory certificate of device {device_id} is malformed: {exc}") from exc
+        raise UntrustedError(
+            f"factory certificate of device {device_id} has a malformed extended key usage extension"
+        ) from exc
     if ExtendedKeyUsageOID.CLIENT_AUTH not in ekus:
         raise UntrustedError(
             f"the factory certificate of device {device_id} does not allow TLS client authentication",

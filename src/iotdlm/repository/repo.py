@@ -293,7 +293,7 @@ def _check_ca_bundle(data: bytes) -> list[x509.Certificate]:
         except x509.ExtensionNotFound:
             bc = None
         except ValueError as exc:
-            raise BadRequestError(f"certificate in the CA bundle is malformed: {exc}") from exc
+            raise BadRequestError("a certificate in the CA bundle has a malformed basicConstraints extension") from exc
         if bc is None or not bc.ca:
             raise BadRequestError(
                 f"{cert.subject.rfc4514_string()} in the CA bundle is not a CA certificate (basicConstraints cA)"
@@ -994,7 +994,7 @@ class VendorRepository:
             raise failure
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             # cryptography parses extensions and keys lazily: a malformed one surfaces here
-            raise UntrustedError(f"report signer certificate is malformed: {exc}") from exc
+            raise UntrustedError("report signer certificate has a malformed extension or public key") from exc
 
 
 # --- module helpers -----------------------------------------------------------------------------

@@ -480,7 +480,7 @@ def _shared_devices(export: UpdateInfoExport) -> tuple[SharedDevice, ...]:
         try:
             tbs = cert.tbs_certificate_bytes
         except ValueError as exc:
-            raise BadRequestError(f"factory certificate #{i} is malformed: {exc}") from exc
+            raise BadRequestError(f"factory certificate #{i} is malformed: a field of it is not valid DER") from exc
         if tbs != entry.factory_tbs:
             raise BadRequestError(f"DeviceUpdateInfo #{i}: its TBSCertificate is not the factory certificate #{i}")
         device_id = factory_device_id(cert)

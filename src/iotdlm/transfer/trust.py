@@ -141,7 +141,7 @@ def factory_device_id(cert: x509.Certificate) -> str:
                     found = value if isinstance(value, str) else None
                     break
     except ValueError as exc:
-        raise BadRequestError(f"factory certificate has a malformed name or SAN: {exc}") from exc
+        raise BadRequestError("factory certificate has a malformed name or SAN: not valid DER") from exc
     if found is None:
         raise BadRequestError(f"factory certificate {_name(cert)} names no device (no device URI, serialNumber or CN)")
     return check_id(found)
