@@ -35,6 +35,7 @@ from nats.js.kv import KV_DEL, KV_PURGE
 from nats.js.kv import KeyValue as _NatsKV
 
 from iotdlm import errors
+from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import subjects
 from iotdlm.bus.api import EventHandler, KeyValueEntry, KeyValueHandler, Message, RequestHandler
 from iotdlm.bus.memory import (
@@ -623,10 +624,7 @@ class NatsBus:
                 pending.append(task)
         # Bounded: closing must never hang its caller (a supervisor stopping, a test tearing down);
         # a handler that ignores its cancellation is logged and left behind.
-        if pending:
-            _done, stuck = await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
-            if stuck:
-                logger.warning("%s: %d handler(s) still running after close", self._module, len(stuck))
+        await cancel_and_wait(pending, within=_CLOSE_TIMEOUT, what=f"{self._module}'s handlers")
         if not self._nc.is_closed:
             try:
                 await asyncio.wait_for(self._nc.close(), _CLOSE_TIMEOUT)

@@ -35,6 +35,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from iotdlm.aio import cancel_and_wait
 from iotdlm.cm.config import EgressConfig
 from iotdlm.errors import BadRequestError, ModeError, NotAuthorizedError
 
@@ -253,12 +254,7 @@ class EgressProxy:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(list(self._tasks), what="egress connections")
         if server is not None:
             with contextlib.suppress(Exception):
                 await server.wait_closed()

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.errors import IotdlmError, RejectedError
@@ -165,11 +166,7 @@ class KmService:
         self.km.store.purge_nonces(self.km.clock.now())
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks, what="km tasks")
         self._tasks.clear()
         for sub in self._subs:
             await sub.unsubscribe()

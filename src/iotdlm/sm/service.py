@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 
+from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.errors import IotdlmError, RejectedError
@@ -127,11 +128,7 @@ class SmService:
             log.warning("could not publish sm event %s: %s", event.kind, exc)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks, what="sm tasks")
         self._tasks.clear()
         for sub in self._subs:
             await sub.unsubscribe()
