@@ -85,6 +85,11 @@ def test_every_prefix_is_proved_consistent_and_a_rewritten_one_is_not(
     n = len(entries)
     m = data.draw(st.integers(1, n))
     assert merkle.root(entries) == _reference_root(entries)
+    cr = merkle.CompactRange()
+    for k, e in enumerate(entries, 1):
+        cr.append(merkle.leaf_hash(e))
+        if k in (1, m, n):
+            assert cr.root() == _reference_root(entries[:k])
     proof = merkle.consistency_proof(m, entries)
     first, second = merkle.root(entries[:m]), merkle.root(entries)
     assert merkle.verify_consistency(m, n, first, second, proof)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -49,11 +50,13 @@ class KmService:
         *,
         identity: tuple[PrivateKey, Any] | None = None,
         schedule: Schedule | None = None,
+        anchor_dir: Path | None = None,
     ) -> None:
         self.km = km
         self.bus = bus
         self.identity = identity  # (key, certificate) that signs audit checkpoints
         self.schedule = schedule
+        self.anchor_dir = anchor_dir  # where each signed audit tree head is also kept (outside the database)
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -159,7 +162,9 @@ class KmService:
 
     def _checkpoint(self) -> None:
         if self.identity is not None:
-            audit.checkpoint(self.km.store, self.identity[0], self.identity[1], self.km.clock.now())
+            audit.checkpoint(
+                self.km.store, self.identity[0], self.identity[1], self.km.clock.now(), anchor_dir=self.anchor_dir
+            )
 
     def _purge(self) -> None:
         self.km.store.purge_nonces(self.km.clock.now())

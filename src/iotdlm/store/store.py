@@ -150,6 +150,7 @@ _CHECKPOINT_COLUMNS = (
     audit_checkpoints.c.at,
     audit_checkpoints.c.signer,
     audit_checkpoints.c.signature,
+    audit_checkpoints.c.root,
 )
 # Certificates that revocation may still change; revoked ones are final.
 _REVOCABLE: Final = (r.CERT_VALID, r.CERT_SUPERSEDED)
@@ -274,7 +275,7 @@ def _audit_record(row: Row[*tuple[Any, ...]]) -> AuditRecord:
 
 
 def _checkpoint_record(row: Row[*tuple[Any, ...]]) -> AuditCheckpoint:
-    return AuditCheckpoint(seq=int(row[0]), hash=row[1], at=row[2], signer=row[3], signature=bytes(row[4]))
+    return AuditCheckpoint(seq=int(row[0]), hash=row[1], at=row[2], signer=row[3], signature=bytes(row[4]), root=row[5])
 
 
 def _check_batch_size(batch: int) -> None:
@@ -1547,7 +1548,14 @@ class Store:
         """
         if not isinstance(cp, AuditCheckpoint):
             raise ValueError(f"add_audit_checkpoint takes an AuditCheckpoint, got {type(cp).__name__}")
-        row = {"seq": cp.seq, "hash": cp.hash, "at": cp.at, "signer": cp.signer, "signature": cp.signature}
+        row = {
+            "seq": cp.seq,
+            "hash": cp.hash,
+            "at": cp.at,
+            "signer": cp.signer,
+            "signature": cp.signature,
+            "root": cp.root,
+        }
         with self._guard("adding an audit checkpoint"):
             try:
                 with self._tx(write=True) as conn:

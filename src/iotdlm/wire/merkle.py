@@ -33,19 +33,10 @@ def _split(n: int) -> int:
 
 def root_of_leaf_hashes(leaves: Sequence[bytes]) -> bytes:
     """MTH over already leaf-hashed entries (iterative, O(n) time, O(log n) memory)."""
-    stack: list[tuple[int, bytes]] = []  # (height, hash) of complete subtrees, left to right
+    cr = CompactRange()
     for h in leaves:
-        node, height = h, 0
-        while stack and stack[-1][0] == height:
-            node = node_hash(stack.pop()[1], node)
-            height += 1
-        stack.append((height, node))
-    if not stack:
-        return EMPTY_ROOT
-    node = stack.pop()[1]
-    while stack:
-        node = node_hash(stack.pop()[1], node)
-    return node
+        cr.append(h)
+    return cr.root()
 
 
 def root(entries: Sequence[bytes]) -> bytes:
@@ -104,3 +95,28 @@ def verify_consistency(m: int, n: int, first: bytes, second: bytes, proof: Seque
         fn >>= 1
         sn >>= 1
     return sn == 0 and fr == first and sr == second
+
+
+class CompactRange:
+    """The Merkle tree head of a growing list of leaves in O(log n) memory: append leaf hashes one
+    by one, ask :meth:`root` at any size (RFC 9162 2.1.1 over the leaves so far)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._stack: list[tuple[int, bytes]] = []
+
+    def append(self, leaf: bytes) -> None:
+        node, height = leaf, 0
+        while self._stack and self._stack[-1][0] == height:
+            node = node_hash(self._stack.pop()[1], node)
+            height += 1
+        self._stack.append((height, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return EMPTY_ROOT
+        node = self._stack[-1][1]
+        for _height, left in reversed(self._stack[:-1]):
+            node = node_hash(left, node)
+        return node
