@@ -139,8 +139,10 @@ def read_anchor_dir(anchor_dir: Path) -> tuple[list[Anchored], list[str]]:
     for path in sorted(anchor_dir.glob("tree-head-*.json")):
         try:
             out.append(Anchored(fmt.decode_tree_head(path.read_bytes(), where=str(path)), f"anchor {path}"))
-        except (BadRequestError, OSError) as exc:
-            bad.append(f"anchor file {path} cannot be read: {exc}")
+        except BadRequestError as exc:
+            bad.append(f"anchor file {exc.message}")
+        except OSError as exc:
+            bad.append(f"anchor file {path} cannot be read: {exc.strerror}")
     return out, bad
 
 
