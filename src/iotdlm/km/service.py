@@ -20,7 +20,7 @@ import msgspec
 
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
-from iotdlm.errors import IotdlmError, RejectedError
+from iotdlm.errors import IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
 from iotdlm.pki.keys import PrivateKey
@@ -67,6 +67,7 @@ class KmService:
             s.KM_ISSUE_BATCH: lambda m: self.km.issue_batch(m.data),
             s.KM_RENEW: lambda m: self.km.renew(m.data),
             s.KM_CHAIN: lambda m: self.km.chain(),
+            s.KM_AUDIT_CHECKPOINT: lambda m: self._latest_tree_head(),
             s.KM_GET: lambda m: self.km.get(msg.decode(m.data, msg.GetRequest)),
             s.KM_EST_SIMPLEENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SIMPLEREENROLL: lambda m: self.km.est(m.data),
@@ -165,6 +166,12 @@ class KmService:
             audit.checkpoint(
                 self.km.store, self.identity[0], self.identity[1], self.km.clock.now(), anchor_dir=self.anchor_dir
             )
+
+    def _latest_tree_head(self) -> bytes:
+        cp = self.km.store.latest_audit_checkpoint()
+        if cp is None or cp.root is None:
+            raise NotFoundError("the audit log has no signed tree head yet")
+        return fmt.encode_tree_head(audit.to_tree_head(cp))
 
     def _purge(self) -> None:
         self.km.store.purge_nonces(self.km.clock.now())

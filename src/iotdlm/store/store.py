@@ -1571,6 +1571,13 @@ class Store:
             except sa_exc.IntegrityError as exc:
                 raise errors.ConflictError(f"audit record {cp.seq} already has a checkpoint", field="seq") from exc
 
+    def latest_audit_checkpoint(self) -> AuditCheckpoint | None:
+        """The checkpoint of the highest ``seq``, or None if there is none."""
+        stmt = select(*_CHECKPOINT_COLUMNS).order_by(audit_checkpoints.c.seq.desc()).limit(1)
+        with self._guard("reading the newest audit checkpoint"), self._tx(write=False) as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _checkpoint_record(row)
+
     def list_audit_checkpoints(self) -> list[AuditCheckpoint]:
         """Every checkpoint, oldest (lowest ``seq``) first."""
         stmt = select(*_CHECKPOINT_COLUMNS).order_by(audit_checkpoints.c.seq)
