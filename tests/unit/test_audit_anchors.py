@@ -218,3 +218,32 @@ def test_anything_else_is_a_clear_refusal(data: bytes) -> None:
         fmt.decode_tree_head(data, where="the file")
     assert exc.value.message.startswith("the file")
     assert "Traceback" not in exc.value.message
+
+
+def test_kms_tree_cache_gives_the_same_heads_and_keeps_what_it_read(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    store = Store.open(f"sqlite:///{db}")
+    cache = merkle.CompactRange()
+    for i in range(1, 8):
+        store.append_audit([km_audit.entry(NOW + dt.timedelta(seconds=i), fmt.ISSUANCE, "admin", f"s{i}")])
+        if i in (3, 5):
+            cp = km_audit.checkpoint(store, KM.key, KM.cert, NOW + dt.timedelta(seconds=i), cache=cache)
+            assert cp is not None
+            assert cp.root == km_audit.tree_head(store, i)
+            assert cache.size == i
+    # someone rewrites record 2 and the chain after it; km's cache still holds what it read
+    with sqlite3.connect(db) as c:
+        prev = c.execute("SELECT hash FROM audit_log WHERE seq = 1").fetchone()[0]
+        for seq, _at, kind, actor, subject, data in c.execute(
+            "SELECT seq, at, kind, actor, subject, data FROM audit_log WHERE seq >= 2 ORDER BY seq"
+        ).fetchall():
+            actor = "mallory" if seq == 2 else actor
+            h = fmt.record_hash(prev, seq, NOW + dt.timedelta(seconds=seq), kind, actor, subject, data)
+            c.execute("UPDATE audit_log SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?", (actor, prev, h, seq))
+            prev = h
+        c.execute("DELETE FROM audit_checkpoints")
+    cp = km_audit.checkpoint(store, KM.key, KM.cert, NOW + dt.timedelta(seconds=8), cache=cache)
+    assert cp is not None
+    assert cp.root != km_audit.tree_head(store, 7)  # km signed the tree it had read, not the rewritten one
+    report = km_audit.verify(store, _key)  # type: ignore[arg-type]
+    assert any("records 1..7 do not reproduce the tree head" in p for p in report.problems), report.problems

@@ -67,13 +67,20 @@ class Anchored:
     source: str
 
 
-def tree_head(store: Store, size: int) -> str:
-    """The RFC 9162 Merkle tree head (hex) of audit records 1..``size`` as the store has them."""
-    cr = merkle.CompactRange()
-    for rec in store.iter_audit():
+def tree_head(store: Store, size: int, *, cache: merkle.CompactRange | None = None) -> str:
+    """The RFC 9162 Merkle tree head (hex) of audit records 1..``size`` as the store has them.
+
+    With ``cache`` (the tree of the records read last time, which this updates) only the records
+    after it are read: km keeps one, so a checkpoint costs the new records, not the whole log."""
+    cr = cache.copy() if cache is not None and cache.size <= size else merkle.CompactRange()
+    for rec in store.iter_audit(start_seq=cr.size + 1):
         if rec.seq > size:
             break
+        if rec.seq != cr.size + 1:  # a gap: read the log as it is, from the start
+            return tree_head(store, size)
         cr.append(merkle.leaf_hash(bytes.fromhex(rec.hash)))
+    if cache is not None and cr.size == size:
+        cache.size, cache._stack = cr.size, cr._stack
     return cr.root().hex()
 
 
@@ -84,6 +91,7 @@ def checkpoint(
     now: dt.datetime,
     *,
     anchor_dir: Path | None = None,
+    cache: merkle.CompactRange | None = None,
 ) -> AuditCheckpoint | None:
     """Sign a tree head of the whole log, store it and (with ``anchor_dir``) write it there too.
     None if the log is empty or its head is signed already."""
@@ -93,7 +101,7 @@ def checkpoint(
     existing = store.list_audit_checkpoints()
     if existing and existing[-1].seq >= head.seq:
         return None
-    root = tree_head(store, head.seq)
+    root = tree_head(store, head.seq, cache=cache)
     cp = AuditCheckpoint(
         seq=head.seq,
         hash=head.hash,

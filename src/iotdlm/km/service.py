@@ -26,6 +26,7 @@ from iotdlm.km.core import Km
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as msg
+from iotdlm.wire import merkle
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class KmService:
         self.identity = identity  # (key, certificate) that signs audit checkpoints
         self.schedule = schedule
         self.anchor_dir = anchor_dir  # where each signed audit tree head is also kept (outside the database)
+        self._tree = merkle.CompactRange()  # the audit log's Merkle tree as far as this worker has read it
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -164,7 +166,12 @@ class KmService:
     def _checkpoint(self) -> None:
         if self.identity is not None:
             audit.checkpoint(
-                self.km.store, self.identity[0], self.identity[1], self.km.clock.now(), anchor_dir=self.anchor_dir
+                self.km.store,
+                self.identity[0],
+                self.identity[1],
+                self.km.clock.now(),
+                anchor_dir=self.anchor_dir,
+                cache=self._tree,
             )
 
     def _latest_tree_head(self) -> bytes:

@@ -113,6 +113,11 @@ class CompactRange:
         self._stack.append((height, node))
         self.size += 1
 
+    def copy(self) -> CompactRange:
+        out = CompactRange()
+        out.size, out._stack = self.size, list(self._stack)
+        return out
+
     def root(self) -> bytes:
         if not self._stack:
             return EMPTY_ROOT
