@@ -432,6 +432,7 @@ async def test_refusals(site: Site) -> None:
         device_subject("dev-old", "T", DTYPE),
         now=now - dt.timedelta(days=200),
         serial=x509.random_serial_number(),
+
         uris=[device_uri("dev-old", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     async with site.est(rkey, old) as est:
