@@ -94,6 +94,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     #: how long a certificate superseded at re-enrollment stays good before OCSP and CRLs say
     #: revoked (reason superseded); docs/operations.md says why
     superseded_grace_seconds: int = 3600
+    #: an absolute folder outside the data folder (and outside the database writer's reach) where km
+    #: keeps a copy of every signed audit tree head; `audit verify` reads it (docs/operations.md)
+    audit_anchor_dir: str | None = None
     nats: NatsSettings = NatsSettings()
     profiles: dict[str, ProfileSettings] = {}
 
@@ -113,6 +116,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             raise BadRequestError(
                 "superseded_grace_seconds must be between 0 and 2592000 (30 days)", field="superseded_grace_seconds"
             )
+        if self.audit_anchor_dir is not None and not Path(self.audit_anchor_dir).is_absolute():
+            raise BadRequestError("audit_anchor_dir must be an absolute folder", field="audit_anchor_dir")
         if not self.public_url.startswith(("http://", "https://")):
             raise BadRequestError("public_url must start with http:// or https://", field="public_url")
         host = self.nats.host
@@ -194,6 +199,11 @@ class Deployment:
     @property
     def public_urls(self) -> pki_ca.PublicUrls:
         return pki_ca.PublicUrls(self.config.public_url, crl_partitions=self.config.crl_partitions)
+
+    @property
+    def audit_anchor_dir(self) -> Path | None:
+        d = self.config.audit_anchor_dir
+        return None if d is None else Path(d)
 
     @property
     def request_window(self) -> dt.timedelta:

@@ -28,6 +28,7 @@ from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.store import Store
+from iotdlm.wire import audit as wire_audit
 from iotdlm.wire.envelope import Sealer
 from tests.fixtures_nats import start_nats
 from tests.helpers import NOW, ORG, make_csr, make_pki
@@ -274,6 +275,19 @@ async def test_audit_log_records_and_verifies(env: Env) -> None:
     report = km_audit.verify(env.store, lambda fp: km_key.cert.public_key() if fp else None)
     assert report.ok, report.problems
     assert report.checkpoints == 1
+
+
+async def test_cm_fetches_the_newest_signed_tree_head_from_km(env: Env) -> None:
+    with pytest.raises(NotFoundError, match="no signed tree head yet"):
+        await env.client("cm").audit_checkpoint()
+    await env.issue("dev-a")
+    km_key = PKI.module("km")
+    cp = km_audit.checkpoint(env.store, km_key.key, km_key.cert, NOW)
+    assert cp is not None
+    th = wire_audit.decode_tree_head(await env.client("cm").audit_checkpoint())
+    assert (th.size, th.root) == (cp.seq, cp.root)
+    report = km_audit.verify(env.store, lambda fp: km_key.cert.public_key(), anchors=[km_audit.Anchored(th, "cm")])
+    assert report.ok, report.problems
 
 
 # --- tampering with the audit log in the database ------------------------------------------------

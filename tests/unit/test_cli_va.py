@@ -196,3 +196,40 @@ def test_the_cm_module_certificate_is_revocable_and_shows_on_ocsp_and_its_crl(
     crl = tmp_path / "s.crl"
     _run("ca", "crl", "--data", str(data), "--issuer", "service", "--partition", str(partition), "--out", str(crl))
     assert cm_cert.serial_number in {e.serial_number for e in x509.load_der_x509_crl(crl.read_bytes())}
+
+
+def test_audit_verify_checks_the_anchor_folder(site: tuple[Path, list[x509.Certificate]], tmp_path: Path) -> None:
+    data, _certs = site
+    anchors = tmp_path / "anchors"
+    config = data / "iotdlm.toml"
+    config.write_text(f'audit_anchor_dir = "{anchors}"\n' + config.read_text())
+    _run("device", "decommission", "--data", str(data), "dev-1")
+    assert "checkpoint signed" in _run("audit", "checkpoint", "--data", str(data))
+    assert len(list(anchors.glob("tree-head-*.json"))) == 1
+    out = _run("audit", "verify", "--data", str(data))
+    assert "1 kept outside it" in out
+    assert "audit log intact" in out
+    with sqlite3.connect(data / "db" / "iotdlm.db") as db:
+        (n,) = db.execute("SELECT max(seq) FROM audit_log").fetchone()
+        db.execute("DELETE FROM audit_log WHERE seq > 2")
+        db.execute("DELETE FROM audit_checkpoints")
+    r = CliRunner().invoke(
+        main, ["audit", "verify", "--data", str(data), "--anchor-dir", str(tmp_path / "none")], env=ENV
+    )
+    assert r.exit_code == 0, r.output  # without the anchors the cut cannot be seen ...
+    assert "anchor folder" in " ".join(r.output.split())  # ... and verify says it did not look
+    r = CliRunner().invoke(main, ["audit", "verify", "--data", str(data)], env=ENV)
+    assert r.exit_code == 4, r.output
+    flat = " ".join(r.output.split())  # rich wraps long lines at spaces
+    assert "the store has 2 records; the checkpoint of" in flat
+    assert f"commits to {n}: {n - 2} records after #2 were deleted" in flat
+    assert "Traceback" not in r.output
+    copy = tmp_path / "from-cm.json"
+    copy.write_bytes(next(anchors.glob("*.json")).read_bytes())
+    r = CliRunner().invoke(
+        main,
+        ["audit", "verify", "--data", str(data), "--anchor-dir", str(tmp_path / "none"), "--checkpoint", str(copy)],
+        env=ENV,
+    )
+    assert r.exit_code == 4, r.output
+    assert "from-cm.json commits to" in " ".join(r.output.split())

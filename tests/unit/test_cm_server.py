@@ -89,6 +89,10 @@ class FakeKm:
     chain_calls: int = 0
     chain_error: IotdlmError | None = None
     seen: list[tuple[str, int, bool]] = field(default_factory=list)
+    audit_answer: bytes = b""
+
+    async def audit_checkpoint(self) -> bytes:
+        return self.audit_answer
 
     async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse:
         raise AssertionError("no enrollment without TLS")
@@ -618,3 +622,31 @@ async def test_the_root_crl_is_relayed(app: str) -> None:
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "application/pkix-crl"
     assert km.seen == [("root", 0, False)]
+
+
+# --- the audit log's newest signed tree head ----------------------------------------------------------
+_TREE_HEAD = (
+    b'{"size":15,"hash":"' + b"a" * 64 + b'","root":"' + b"b" * 64
+    + b'","at":"2026-11-21T12:00:00Z","signer":"' + b"c" * 64 + b'","signature":"3044"}'
+)  # fmt: skip
+
+
+async def test_audit_checkpoint_relays_kms_tree_head(env: Env) -> None:
+    env.km.audit_answer = _TREE_HEAD
+    resp = await env.http.get("/audit/checkpoint")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.headers["Cache-Control"] == "no-cache"
+    got = await resp.json()
+    assert got["size"] == 15
+    assert got["root"] == "b" * 64
+    assert (await env.http.post("/audit/checkpoint", data=b"{}")).status == 405  # read-only
+
+
+async def test_a_malformed_tree_head_from_km_is_not_relayed(env: Env) -> None:
+    env.km.audit_answer = _TREE_HEAD.replace(b'"size":15', b'"size":"15"')
+    resp = await env.http.get("/audit/checkpoint")
+    assert resp.status == 503
+    text = await resp.text()
+    assert "km's tree head is not a signed tree head" in text
+    assert "Traceback" not in text

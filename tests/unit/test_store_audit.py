@@ -282,6 +282,19 @@ def test_checkpoints(store: Store) -> None:
     assert store.list_audit_checkpoints() == [earlier, later]
 
 
+def test_checkpoints_keep_their_tree_head_and_the_newest_is_found(store: Store) -> None:
+    assert store.latest_audit_checkpoint() is None
+    records = store.append_audit([_entry(i) for i in range(1, 4)])
+    old = AuditCheckpoint(seq=1, hash=records[0].hash, at=T0, signer="e" * 64, signature=b"s1")
+    new = AuditCheckpoint(seq=3, hash=records[2].hash, at=T0, signer="e" * 64, signature=b"s3", root="ab" * 32)
+    store.add_audit_checkpoint(new)
+    store.add_audit_checkpoint(old)
+    assert store.list_audit_checkpoints() == [old, new]
+    assert store.latest_audit_checkpoint() == new
+    with pytest.raises(ValueError, match="root must be 64 lowercase hex"):
+        dataclasses.replace(new, root="AB" * 32)
+
+
 def test_racing_checkpoints_of_one_record_let_exactly_one_through(store: Store) -> None:
     [rec] = store.append_audit([_entry(1)])
 

@@ -29,6 +29,9 @@ KM_EST_SIMPLEENROLL = f"{KM_EST}.simpleenroll"
 KM_EST_SIMPLEREENROLL = f"{KM_EST}.simplereenroll"
 KM_EST_SERVERKEYGEN = f"{KM_EST}.serverkeygen"
 KM_REVOKED_EVENT = f"{PREFIX}.events.km.revoked"
+#: the newest signed tree head of the audit log (JSON, iotdlm.wire.audit.TreeHead): cm serves it
+#: read-only at /audit/checkpoint so an outside party can keep a copy
+KM_AUDIT_CHECKPOINT = f"{PREFIX}.km.audit.checkpoint"
 
 # --- sm: software management ------------------------------------------------------------------
 SM_PREFIX = f"{PREFIX}.sm"
@@ -148,7 +151,7 @@ PERMISSIONS: dict[str, Permissions] = {
         jetstream=_READ_MODE,
     ),
     "cm": Permissions(
-        publish=(KM_RENEW, f"{KM_EST}.>", f"{PREFIX}.km.va.>", KM_CHAIN, f"{EVENTS}.cm.>"),
+        publish=(KM_RENEW, f"{KM_EST}.>", f"{PREFIX}.km.va.>", KM_CHAIN, KM_AUDIT_CHECKPOINT, f"{EVENTS}.cm.>"),
         subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,
         jetstream=_READ_MODE,

@@ -74,6 +74,10 @@ class KmClient:
         body = msg.encode(msg.CrlRequest(issuer=issuer, partition=partition, delta=delta))
         return await self.bus.request(s.KM_CRL, body, timeout=self.timeout)
 
+    async def audit_checkpoint(self) -> bytes:
+        """km's newest signed tree head of the audit log (JSON, :class:`iotdlm.wire.audit.TreeHead`)."""
+        return await self.bus.request(s.KM_AUDIT_CHECKPOINT, b"{}", timeout=self.timeout)
+
     async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse:
         """Relay an EST operation (cm): simpleenroll, simplereenroll or serverkeygen."""
         subject = {

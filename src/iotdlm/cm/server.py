@@ -100,6 +100,7 @@ from iotdlm.errors import (
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.csr import MAX_CSR_BYTES, load_csr
 from iotdlm.pki.ocsp import ErrorKind, decode_get_path, error_response
+from iotdlm.wire import audit as wire_audit
 from iotdlm.wire import km as msg
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ class KmRelay(Protocol):
     async def crl(self, issuer: str, partition: int, *, delta: bool = False) -> bytes: ...
 
     async def chain(self) -> msg.ChainResponse: ...
+
+    async def audit_checkpoint(self) -> bytes: ...
 
 
 #: response header naming what an enrollment request asked for that the certificate does not carry
@@ -376,6 +379,7 @@ class CmApp:
         app.router.add_get("/ocsp/{request:[\\s\\S]+}", self.ocsp_get)  # any text, line breaks too
         app.router.add_get("/crl/{issuer}/{name}", self.crl)
         app.router.add_get("/ca/{name}.crt", self.ca_certificate)
+        app.router.add_get("/audit/checkpoint", self.audit_checkpoint)
 
     def runner(self, app: web.Application) -> web.AppRunner:
         """An ``AppRunner`` for ``app`` that applies :class:`Limits` to every connection: the
@@ -657,6 +661,18 @@ class CmApp:
         except BadRequestError as exc:
             raise NotFoundError(exc.message) from exc
         return self._conditional(request, crl_der, PKIX_CRL, crl_cache_headers(crl_der, self.clock.now()))
+
+    # --- the audit log's newest signed tree head (read-only, for outside copies) -------------------
+    async def audit_checkpoint(self, request: web.Request) -> web.Response:
+        """km's newest signed tree head (JSON), checked for form before it is relayed; an outside
+        party keeps it and hands it to ``iotdlm audit verify --checkpoint`` (docs/adr/0005)."""
+        self._require(CM_MODES, "serving the audit checkpoint")
+        raw = await self.km.audit_checkpoint()
+        try:
+            body = wire_audit.encode_tree_head(wire_audit.decode_tree_head(raw, where="km's tree head"))
+        except BadRequestError as exc:
+            raise UnavailableError(exc.message) from None
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-cache"})
 
     # --- CA certificates (AIA caIssuers) ----------------------------------------------------------
     async def ca_certificate(self, request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,12 +21,13 @@ import msgspec
 from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
-from iotdlm.errors import IotdlmError, RejectedError
+from iotdlm.errors import IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as msg
+from iotdlm.wire import merkle
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,14 @@ class KmService:
         *,
         identity: tuple[PrivateKey, Any] | None = None,
         schedule: Schedule | None = None,
+        anchor_dir: Path | None = None,
     ) -> None:
         self.km = km
         self.bus = bus
         self.identity = identity  # (key, certificate) that signs audit checkpoints
         self.schedule = schedule
+        self.anchor_dir = anchor_dir  # where each signed audit tree head is also kept (outside the database)
+        self._tree = merkle.CompactRange()  # the audit log's Merkle tree as far as this worker has read it
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -65,6 +70,7 @@ class KmService:
             s.KM_ISSUE_BATCH: lambda m: self.km.issue_batch(m.data),
             s.KM_RENEW: lambda m: self.km.renew(m.data),
             s.KM_CHAIN: lambda m: self.km.chain(),
+            s.KM_AUDIT_CHECKPOINT: lambda m: self._latest_tree_head(),
             s.KM_GET: lambda m: self.km.get(msg.decode(m.data, msg.GetRequest)),
             s.KM_EST_SIMPLEENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SIMPLEREENROLL: lambda m: self.km.est(m.data),
@@ -160,7 +166,20 @@ class KmService:
 
     def _checkpoint(self) -> None:
         if self.identity is not None:
-            audit.checkpoint(self.km.store, self.identity[0], self.identity[1], self.km.clock.now())
+            audit.checkpoint(
+                self.km.store,
+                self.identity[0],
+                self.identity[1],
+                self.km.clock.now(),
+                anchor_dir=self.anchor_dir,
+                cache=self._tree,
+            )
+
+    def _latest_tree_head(self) -> bytes:
+        cp = self.km.store.latest_audit_checkpoint()
+        if cp is None or cp.root is None:
+            raise NotFoundError("the audit log has no signed tree head yet")
+        return fmt.encode_tree_head(audit.to_tree_head(cp))
 
     def _purge(self) -> None:
         self.km.store.purge_nonces(self.km.clock.now())

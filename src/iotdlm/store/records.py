@@ -361,19 +361,24 @@ def check_hash(field: str, value: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class AuditCheckpoint:
-    """A signature by km over record ``seq`` of the audit log and its ``hash``
-    (:func:`iotdlm.wire.audit.checkpoint_message`). ``signer`` is the signing certificate's
-    fingerprint."""
+    """A signature by km over record ``seq`` of the audit log and its ``hash``. With ``root`` (the
+    RFC 9162 Merkle tree head of records 1..seq) it is a signed tree head over (seq, hash, root, at)
+    (:func:`iotdlm.wire.audit.tree_head_message`); without it, a checkpoint of an older version
+    over (seq, hash) only (:func:`iotdlm.wire.audit.checkpoint_message`). ``signer`` is the signing
+    certificate's fingerprint."""
 
     seq: int
     hash: str
     at: dt.datetime
     signer: str
     signature: bytes
+    root: str | None = None
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq, 1, 2**63 - 1)
         check_hash("hash", self.hash)
+        if self.root is not None:
+            check_hash("root", self.root)
         check_aware("at", self.at)
         check_text("signer", self.signer, SIGNER_LEN)
         if not isinstance(self.signature, bytes) or not self.signature:

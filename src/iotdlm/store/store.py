@@ -150,6 +150,7 @@ _CHECKPOINT_COLUMNS = (
     audit_checkpoints.c.at,
     audit_checkpoints.c.signer,
     audit_checkpoints.c.signature,
+    audit_checkpoints.c.root,
 )
 # Certificates that revocation may still change; revoked ones are final.
 _REVOCABLE: Final = (r.CERT_VALID, r.CERT_SUPERSEDED)
@@ -274,7 +275,7 @@ def _audit_record(row: Row[*tuple[Any, ...]]) -> AuditRecord:
 
 
 def _checkpoint_record(row: Row[*tuple[Any, ...]]) -> AuditCheckpoint:
-    return AuditCheckpoint(seq=int(row[0]), hash=row[1], at=row[2], signer=row[3], signature=bytes(row[4]))
+    return AuditCheckpoint(seq=int(row[0]), hash=row[1], at=row[2], signer=row[3], signature=bytes(row[4]), root=row[5])
 
 
 def _check_batch_size(batch: int) -> None:
@@ -1547,7 +1548,14 @@ class Store:
         """
         if not isinstance(cp, AuditCheckpoint):
             raise ValueError(f"add_audit_checkpoint takes an AuditCheckpoint, got {type(cp).__name__}")
-        row = {"seq": cp.seq, "hash": cp.hash, "at": cp.at, "signer": cp.signer, "signature": cp.signature}
+        row = {
+            "seq": cp.seq,
+            "hash": cp.hash,
+            "at": cp.at,
+            "signer": cp.signer,
+            "signature": cp.signature,
+            "root": cp.root,
+        }
         with self._guard("adding an audit checkpoint"):
             try:
                 with self._tx(write=True) as conn:
@@ -1562,6 +1570,13 @@ class Store:
                     conn.execute(audit_checkpoints.insert().values(row))
             except sa_exc.IntegrityError as exc:
                 raise errors.ConflictError(f"audit record {cp.seq} already has a checkpoint", field="seq") from exc
+
+    def latest_audit_checkpoint(self) -> AuditCheckpoint | None:
+        """The checkpoint of the highest ``seq``, or None if there is none."""
+        stmt = select(*_CHECKPOINT_COLUMNS).order_by(audit_checkpoints.c.seq.desc()).limit(1)
+        with self._guard("reading the newest audit checkpoint"), self._tx(write=False) as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else _checkpoint_record(row)
 
     def list_audit_checkpoints(self) -> list[AuditCheckpoint]:
         """Every checkpoint, oldest (lowest ``seq``) first."""

@@ -175,6 +175,8 @@ audit_checkpoints = Table(
     Column("at", UTCDateTime(), nullable=False),
     Column("signer", String(r.SIGNER_LEN), nullable=False),
     Column("signature", LargeBinary(), nullable=False),
+    # RFC 9162 Merkle tree head of records 1..seq (hex); NULL for checkpoints made before 0006
+    Column("root", String(r.HASH_LEN), nullable=True),
 )
 
 provisioning = Table(

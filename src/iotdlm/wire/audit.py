@@ -13,6 +13,10 @@ import hashlib
 import json
 from typing import Any
 
+import msgspec
+
+from iotdlm.errors import BadRequestError
+
 GENESIS_HASH = "0" * 64
 
 #: record kinds
@@ -59,3 +63,57 @@ def record_hash(
 def checkpoint_message(seq: int, hash_: str) -> bytes:
     """The bytes km signs for a checkpoint."""
     return f"iotdlm-audit-checkpoint:{seq}:{hash_}".encode("ascii")
+
+
+def tree_head_message(size: int, hash_: str, root: str, at: dt.datetime) -> bytes:
+    """The bytes km signs for a signed tree head: the number of records, the chain hash of the
+    last one, the RFC 9162 Merkle tree head of all of them (:mod:`iotdlm.wire.merkle`) and when."""
+    return f"iotdlm-audit-tree-head:v1:{size}:{hash_}:{root}:{canonical_time(at)}".encode("ascii")
+
+
+class TreeHead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A signed tree head as kept outside the database (an anchor file, cm's /audit/checkpoint)."""
+
+    size: int
+    hash: str
+    root: str
+    at: dt.datetime
+    signer: str
+    #: the signature, hex
+    signature: str
+
+
+_HEX = frozenset("0123456789abcdef")
+_tree_head_decoder = msgspec.json.Decoder(TreeHead)
+_MAX_TREE_HEAD = 4096
+
+
+def encode_tree_head(th: TreeHead) -> bytes:
+    return msgspec.json.encode(th)
+
+
+def decode_tree_head(data: bytes, *, where: str = "the tree head") -> TreeHead:
+    """Parse a signed tree head; :class:`~iotdlm.errors.BadRequestError` naming ``where`` if it
+    is not one. (The signature is the caller's business.)"""
+    if len(data) > _MAX_TREE_HEAD:
+        raise BadRequestError(f"{where} is not a signed tree head: {len(data)} bytes, at most {_MAX_TREE_HEAD}")
+    try:
+        th = _tree_head_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequestError(f"{where} is not a signed tree head ({_words(exc)})") from exc
+    for name in ("hash", "root"):
+        value = getattr(th, name)
+        if len(value) != 64 or not set(value) <= _HEX:
+            raise BadRequestError(f"{where}: {name} must be 64 lowercase hex characters")
+    if not 0 < th.size < 2**63:
+        raise BadRequestError(f"{where}: size must be a positive record count, not {th.size}")
+    if th.at.tzinfo is None:
+        raise BadRequestError(f"{where}: the time has no time zone")
+    if not th.signature or len(th.signature) % 2 or not set(th.signature) <= _HEX or len(th.signer) > 128:
+        raise BadRequestError(f"{where}: the signature or signer is malformed")
+    return th
+
+
+def _words(exc: Exception) -> str:
+    text = str(exc)
+    return "not JSON" if isinstance(exc, msgspec.DecodeError) else text.replace("`", "")
