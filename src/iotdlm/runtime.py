@@ -13,6 +13,7 @@ from cryptography import x509
 from iotdlm.bus import Bus
 from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
+from iotdlm.client.km import KmTrust
 from iotdlm.clock import Clock
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
@@ -61,6 +62,11 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
 
 def sealer_for(ident: ModuleIdentity) -> Sealer:
     return Sealer(ident.key, ident.certificate)
+
+
+def km_trust(dep: Deployment) -> KmTrust:
+    """What km's signed replies must chain to (ADR 0005): the deployment's service CA."""
+    return KmTrust(dep.ca_certificate("service"))
 
 
 def load_root(dep: Deployment, passphrase: bytes) -> IssuingCA:

@@ -480,11 +480,11 @@ REASONS_HELP = (
 
 async def _revoke_remote(dep: Deployment, **kwargs: object) -> list[msg.CertificateInfo]:
     from iotdlm.client.km import KmClient
-    from iotdlm.runtime import connect_identity, sealer_for
+    from iotdlm.runtime import connect_identity, km_trust, sealer_for
 
     bus, ident = await connect_identity(dep, "admin")
     try:
-        return await KmClient(bus, sealer_for(ident), SystemClock()).revoke(**kwargs)  # type: ignore[arg-type]
+        return await KmClient(bus, sealer_for(ident), SystemClock(), trust=km_trust(dep)).revoke(**kwargs)  # type: ignore[arg-type]
     finally:
         await bus.close()
 
