@@ -21,7 +21,7 @@ from iotdlm.km.records import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate
-from iotdlm.pki.keys import KeySigner, load_private_key_pem
+from iotdlm.pki.keys import KeySigner, PrivateKey, load_private_key_pem
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
 
@@ -62,6 +62,12 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
 
 def sealer_for(ident: ModuleIdentity) -> Sealer:
     return Sealer(ident.key, ident.certificate)
+
+
+def km_identity(dep: Deployment) -> tuple[PrivateKey, x509.Certificate]:
+    """km's service key and certificate: they sign its replies and audit checkpoints (ADR 0005)."""
+    ident = dep.identity("km")
+    return ident.key, ident.certificate
 
 
 def km_trust(dep: Deployment) -> KmTrust:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from cryptography import x509
 
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
@@ -138,6 +139,9 @@ async def test_signed_km_replies_are_believed(world: World) -> None:
     assert "operational" in (await admin.chain()).chains
     revoked = await admin.revoke(serial=issued.serial, issuer=issued.issuer, reason="keyCompromise")
     assert [r.serial for r in revoked] == [issued.serial]
+    # CRLs travel as the CA signed them, without km's envelope (cm serves the bytes as they are)
+    crl = x509.load_der_x509_crl(await world.client("cm").crl("operational", 0))
+    assert crl.issuer == PKI.cas["operational"].certificate.subject
     with pytest.raises(NotFoundError):  # km's own "not found", signed: believed
         await admin.get("0abc", "operational")
     with pytest.raises(NotAuthorizedError):  # a cm-signed request for a device certificate: km refuses, signed

@@ -43,6 +43,10 @@ class Schedule:
     purge_nonces_every: float = 300.0
 
 
+#: answered as they are, without km's reply signature: OCSP responses and CRLs are signed by the CA
+UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP})
+
+
 class _RevokedEvent(msgspec.Struct, frozen=True):
     issuer: str
     serial: str
@@ -101,7 +105,8 @@ class KmService:
                 raise
             return result if isinstance(result, bytes) else msg.encode(result)
 
-        return self._signed(subject, handler)
+        # a CRL is signed by its CA already, and its consumers verify that (ADR 0005)
+        return handler if subject in UNSIGNED_SUBJECTS else self._signed(subject, handler)
 
     def _signed(self, subject: str, handler: Callable[[Message], Any]) -> Callable[[Message], Any]:
         """``handler`` with its result and its errors sealed by km (ADR 0005); as is without an
