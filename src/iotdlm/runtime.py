@@ -56,6 +56,7 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
         password=ident.nats.password,
         name=f"iotdlm-{name}",
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
+        allow_plain=dep.config.nats.allow_plain,
     )
     return bus, ident
 

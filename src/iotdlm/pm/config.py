@@ -229,6 +229,7 @@ async def connect_as(dep: Deployment, name: str) -> Bus:
         password=ident.nats.password,
         name=f"iotdlm-{name}",
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
+        allow_plain=dep.config.nats.allow_plain,
     )
 
 
