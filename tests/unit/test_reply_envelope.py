@@ -120,3 +120,23 @@ def test_arbitrary_payload_signed_by_km_never_crashes(payload: bytes) -> None:
     ).encode()
     with contextlib.suppress(IotdlmError):
         verify_reply(token, jose_key(KM.key.public_key()), alg="ES256", subject=SUBJECT, request=REQUEST, now=NOW)
+
+
+def test_every_production_km_client_verifies_replies() -> None:
+    """A KmClient without a trust does not verify km's replies (test harnesses only): every one
+    the product builds (pm, cm, the CLI, the demo, the transfer tool) must pass ``trust=``."""
+    import ast
+    from pathlib import Path
+
+    import iotdlm
+
+    root = Path(iotdlm.__file__).parent
+    calls = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                if name in ("KmClient", "_Km"):
+                    calls.append((path.relative_to(root), node.lineno, any(k.arg == "trust" for k in node.keywords)))
+    assert len(calls) >= 7
+    assert [c for c in calls if not c[2]] == []

@@ -680,11 +680,11 @@ def va_ocsp(data: Path, serial: str, issuer: str | None, nonce: bool) -> None:
 
         async def remote() -> bytes:
             from iotdlm.client.km import KmClient
-            from iotdlm.runtime import sealer_for
+            from iotdlm.runtime import km_trust, sealer_for
 
             bus, ident = await connect_identity(dep, "admin")
             try:
-                return await KmClient(bus, sealer_for(ident), SystemClock()).ocsp(req)
+                return await KmClient(bus, sealer_for(ident), SystemClock(), trust=km_trust(dep)).ocsp(req)
             finally:
                 await bus.close()
 
