@@ -48,7 +48,7 @@ from iotdlm.errors import UnavailableError
 from iotdlm.pki.keys import Algorithm
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_uri
 from iotdlm.pki.profiles import policy_oid
-from iotdlm.runtime import connect_identity, nats_server, open_store, record_identities, sealer_for
+from iotdlm.runtime import connect_identity, km_trust, nats_server, open_store, record_identities, sealer_for
 
 DTYPE = "polarfire-soc"
 ORGANIZATION = "Bench Factory"
@@ -468,7 +468,7 @@ class BenchDeployment:
         """A new NATS connection as ``pm-<dtype>`` and a KmClient signing as that pm."""
         bus, ident = await connect_identity(self.dep, f"pm-{DTYPE}")
         self.buses.append(bus)
-        return KmClient(bus, sealer_for(ident), self.clock, timeout=request_timeout)
+        return KmClient(bus, sealer_for(ident), self.clock, timeout=request_timeout, trust=km_trust(self.dep))
 
     async def close_bus(self, bus: Bus) -> None:
         with contextlib.suppress(ValueError):

@@ -42,6 +42,7 @@ import tomli_w
 from cryptography import x509
 
 from iotdlm import cm_https
+from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki.chain import certs_to_pem, load_certificate
@@ -72,6 +73,9 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     host: str = "127.0.0.1"
     port: int = DEFAULT_NATS_PORT
     tls: bool = False
+    #: plain nats:// to a host that is not loopback (ADR 0007): only on a network you trust; every
+    #: module logs a warning at each start
+    allow_plain: bool = False
 
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -127,6 +131,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
         except ValueError:
             if host != "localhost":
                 raise BadRequestError(f"nats.host {host!r} is not an IP address", field="nats.host") from None
+        if self.nats.url is not None:
+            check_nats_url(self.nats.url, allow_plain=self.nats.allow_plain)
         for name, p in self.profiles.items():
             if name not in DEFAULT_PROFILES:
                 raise BadRequestError(f"profiles.{name}: unknown profile", field=f"profiles.{name}")

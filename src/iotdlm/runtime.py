@@ -13,6 +13,7 @@ from cryptography import x509
 from iotdlm.bus import Bus
 from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
+from iotdlm.client.km import KmTrust
 from iotdlm.clock import Clock
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
@@ -20,7 +21,7 @@ from iotdlm.km.records import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate
-from iotdlm.pki.keys import KeySigner, load_private_key_pem
+from iotdlm.pki.keys import KeySigner, PrivateKey, load_private_key_pem
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
 
@@ -55,12 +56,24 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
         password=ident.nats.password,
         name=f"iotdlm-{name}",
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
+        allow_plain=dep.config.nats.allow_plain,
     )
     return bus, ident
 
 
 def sealer_for(ident: ModuleIdentity) -> Sealer:
     return Sealer(ident.key, ident.certificate)
+
+
+def km_identity(dep: Deployment) -> tuple[PrivateKey, x509.Certificate]:
+    """km's service key and certificate: they sign its replies and audit checkpoints (ADR 0006)."""
+    ident = dep.identity("km")
+    return ident.key, ident.certificate
+
+
+def km_trust(dep: Deployment) -> KmTrust:
+    """What km's signed replies must chain to (ADR 0006): the deployment's service CA."""
+    return KmTrust(dep.ca_certificate("service"))
 
 
 def load_root(dep: Deployment, passphrase: bytes) -> IssuingCA:

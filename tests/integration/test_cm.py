@@ -44,7 +44,7 @@ from iotdlm.modes.messages import ModeRecord
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
-from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
+from iotdlm.runtime import build_km, km_identity, km_trust, open_store, record_identities, sealer_for
 from iotdlm.store import Store
 from tests.fixtures_nats import RunningNats, start_nats
 from tests.helpers import make_csr
@@ -94,7 +94,7 @@ class Site:
     async def client(self, name: str) -> KmClient:
         bus = await self.nats.connect(name.partition("-")[0])
         self.buses.append(bus)
-        return KmClient(bus, sealer_for(self.dep.identity(name)), self.clock)
+        return KmClient(bus, sealer_for(self.dep.identity(name)), self.clock, trust=km_trust(self.dep))
 
     async def factory(self, device_id: str) -> tuple[PrivateKey, x509.Certificate]:
         """A factory certificate issued through pm's path (pm-<dtype>, profile factory)."""
@@ -158,7 +158,7 @@ async def open_site(
     store = open_store(dep)
     record_identities(dep, store, clock.now())
     km_bus = await nats.connect("km")
-    km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus)
+    km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus, identity=km_identity(dep))
     await km.start()
     # the supervisor's part: the operation mode in the JetStream bucket every service watches
     modes_bus = await nats.connect("modes")
@@ -432,7 +432,6 @@ async def test_refusals(site: Site) -> None:
         device_subject("dev-old", "T", DTYPE),
         now=now - dt.timedelta(days=200),
         serial=x509.random_serial_number(),
-
         uris=[device_uri("dev-old", enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
     )
     async with site.est(rkey, old) as est:
@@ -780,7 +779,7 @@ async def test_cm_serve_process(tmp_path: Path) -> None:
         modes_bus = await server_connect(dep, "modes")
         await set_mode(modes_bus, "certificate-management")
         km_bus = await server_connect(dep, "km")
-        km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus)
+        km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus, identity=km_identity(dep))
         await km.start()
         https, http, egress = free_port(), free_port(), free_port()
         (dep.root / "cm.toml").write_text(

@@ -54,7 +54,7 @@ from iotdlm.pm.core import HaltedError, Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer
-from iotdlm.runtime import build_km, connect_identity, nats_server, open_store, record_identities
+from iotdlm.runtime import build_km, connect_identity, km_identity, nats_server, open_store, record_identities
 from iotdlm.sm import HttpFetcher
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.service import SmService
@@ -189,7 +189,9 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
             km_bus, _ = await connect_identity(dep, "km")
             km_bus = RecordingBus(km_bus, traffic)
             buses.append(km_bus)
-            km = KmService(build_km(dep, store, SystemClock(), passphrase=PASSPHRASE), km_bus)
+            km = KmService(
+                build_km(dep, store, SystemClock(), passphrase=PASSPHRASE), km_bus, identity=km_identity(dep)
+            )
             await km.start()
             services.append(km)
             # sm: Algorithm 2 against the repository, then pm's API on NATS

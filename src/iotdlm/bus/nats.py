@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue as _NatsKV
 
 from iotdlm import errors
 from iotdlm.aio import cancel_and_wait
-from iotdlm.bus import subjects
+from iotdlm.bus import subjects, urls
 from iotdlm.bus.api import EventHandler, KeyValueEntry, KeyValueHandler, Message, RequestHandler
 from iotdlm.bus.memory import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -648,14 +648,26 @@ async def connect(
     confirm_publish: bool = True,
     max_reconnect_attempts: int = -1,
     reconnect_time_wait: float = 2.0,
+    allow_plain: bool = False,
 ) -> NatsBus:
     """Connect ``module`` to the NATS server at ``url`` (``nats://`` or ``tls://``).
+
+    Plain ``nats://`` is refused (:class:`~iotdlm.errors.BadRequestError`, before any connection)
+    unless the host is loopback or ``allow_plain`` (then a warning is logged): see
+    :mod:`iotdlm.bus.urls`.
 
     The first connection is tried once (no retry loop), so a wrong URL, password or TLS setting
     fails fast with :class:`~iotdlm.errors.UnavailableError`. Once connected, the client
     reconnects after a loss (forever by default, ``max_reconnect_attempts=-1``); requests made
     meanwhile time out into :class:`~iotdlm.errors.UnavailableError`.
     """
+    if urls.check_nats_url(url, allow_plain=allow_plain):
+        logger.warning(
+            "%s connects to NATS at %s WITHOUT TLS ([nats] allow_plain = true): passwords and requests "
+            "cross the network in clear",
+            module,
+            url,
+        )
     client = Client()
     bus = NatsBus(
         client,

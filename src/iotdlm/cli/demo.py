@@ -160,7 +160,7 @@ async def run_demo(data: Path | None, devices: int) -> None:
 async def _software_to_certificates(dep, supervisor, repo_server, vendor, devices: int) -> None:  # type: ignore[no-untyped-def]
     from iotdlm.modes.table import Mode
     from iotdlm.pm.service import PmClient
-    from iotdlm.runtime import connect_identity
+    from iotdlm.runtime import connect_identity, km_trust
 
     with console.status("3. software-management (cm + sm): sm checks the repository through cm"):
         await supervisor.start(Mode.SOFTWARE_MANAGEMENT, by="demo")
@@ -188,7 +188,7 @@ async def _software_to_certificates(dep, supervisor, repo_server, vendor, device
         console.print(f"4. software flashed into {sum('software' in d.steps_done for d in first.devices)} devices")
         with console.status("5. provisioning-certificate (km + pm): certificates"):
             await supervisor.switch(Mode.PROVISIONING_CERTIFICATE, by="demo")
-            km = KmClient(admin, sealer_for_module(dep, "admin"), SystemClock())
+            km = KmClient(admin, sealer_for_module(dep, "admin"), SystemClock(), trust=km_trust(dep))
             await _until("km to start", km.chain)
             await _until("pm to start", pm.status)
             second = await pm.provision(operator="demo")
@@ -208,7 +208,7 @@ async def _software_to_certificates(dep, supervisor, repo_server, vendor, device
         # Req.4: only an authorized entity gets device certificates
         try:
             key = generate_key(Algorithm.P256)
-            await KmClient(admin, sealer_for_module(dep, "cm"), SystemClock()).issue(
+            await KmClient(admin, sealer_for_module(dep, "cm"), SystemClock(), trust=km_trust(dep)).issue(
                 "intruder-1", "operational", csr=_csr(key, "intruder-1")
             )
             console.print("[red]   a cm-signed request for a device certificate was accepted: this is a bug[/red]")
@@ -229,7 +229,7 @@ def sealer_for_module(dep, name: str):  # type: ignore[no-untyped-def]
 async def _field(dep, supervisor, bench: Path, https_port: int, http_port: int, EstClient, aiohttp) -> None:  # type: ignore[no-untyped-def]
     from iotdlm.client.km import KmClient as _Km
     from iotdlm.modes.table import Mode
-    from iotdlm.runtime import connect_identity
+    from iotdlm.runtime import connect_identity, km_trust
 
     with console.status("6. certificate-management (cm + km): a device re-enrolls over EST"):
         await supervisor.switch(Mode.CERTIFICATE_MANAGEMENT, by="demo")
@@ -271,7 +271,7 @@ async def _field(dep, supervisor, bench: Path, https_port: int, http_port: int, 
     console.print(f"   OCSP over HTTP through cm: {await ocsp_status()}")
     admin, _ = await connect_identity(dep, "admin")
     try:
-        await _Km(admin, sealer_for_module(dep, "admin"), SystemClock()).revoke(
+        await _Km(admin, sealer_for_module(dep, "admin"), SystemClock(), trust=km_trust(dep)).revoke(
             serial=format(cert.serial_number, "x"), reason="keyCompromise"
         )
     finally:

@@ -482,11 +482,11 @@ REASONS_HELP = (
 
 async def _revoke_remote(dep: Deployment, **kwargs: object) -> list[msg.CertificateInfo]:
     from iotdlm.client.km import KmClient
-    from iotdlm.runtime import connect_identity, sealer_for
+    from iotdlm.runtime import connect_identity, km_trust, sealer_for
 
     bus, ident = await connect_identity(dep, "admin")
     try:
-        return await KmClient(bus, sealer_for(ident), SystemClock()).revoke(**kwargs)  # type: ignore[arg-type]
+        return await KmClient(bus, sealer_for(ident), SystemClock(), trust=km_trust(dep)).revoke(**kwargs)  # type: ignore[arg-type]
     finally:
         await bus.close()
 
@@ -682,11 +682,11 @@ def va_ocsp(data: Path, serial: str, issuer: str | None, nonce: bool) -> None:
 
         async def remote() -> bytes:
             from iotdlm.client.km import KmClient
-            from iotdlm.runtime import sealer_for
+            from iotdlm.runtime import km_trust, sealer_for
 
             bus, ident = await connect_identity(dep, "admin")
             try:
-                return await KmClient(bus, sealer_for(ident), SystemClock()).ocsp(req)
+                return await KmClient(bus, sealer_for(ident), SystemClock(), trust=km_trust(dep)).ocsp(req)
             finally:
                 await bus.close()
 

@@ -1,51 +1,191 @@
-"""Client of km's bus API: signs each request with the caller's identity (module or device)."""
+"""Client of km's bus API: signs each request with the caller's identity (module or device), and
+verifies km's signed replies (ADR 0006).
+
+With a :class:`KmTrust` (every module as ``iotdlm`` runs it) a reply counts only if km signed it:
+the signer certificate is issued by the deployment's service CA, names module km and is valid
+now, and the reply answers this very request on this subject within the time window. Anything
+else -- a forged acknowledgement, a forged "not found", an unsigned error reply -- raises
+:class:`~iotdlm.errors.UntrustedError` ("km reply is not valid: ...") and nothing is acted on. An
+error the bus raises itself (no responder, timeout, a refused publish, a request over the size
+limit) is not km's answer and passes as it is: it means km did not answer.
+
+Without a trust (unit-test harnesses whose km has no identity) replies are taken as they come.
+OCSP responses and CRLs are never wrapped: the CA signed them, and their consumers verify that.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import secrets
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.bus import Bus
 from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock
+from iotdlm.errors import (
+    IotdlmError,
+    PermissionDeniedError,
+    RejectedError,
+    TooLargeError,
+    UnavailableError,
+    UntrustedError,
+    from_wire,
+)
+from iotdlm.pki.chain import load_certificate, verify_issued_by
+from iotdlm.pki.keys import check_public_key
+from iotdlm.pki.names import module_of
+from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
 from iotdlm.wire.envelope import Sealer
 from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
+#: the errors a bus raises by itself (no answer, refused publish, request too large): not km's word
+_BUS_ERRORS = (UnavailableError, PermissionDeniedError, TooLargeError)
+
+
+@dataclass(frozen=True)
+class _TrustedKm:
+    certificate: x509.Certificate
+    key: envelope.JoseKey
+
+
+class KmTrust:
+    """What a km reply must chain to: the deployment's service CA, and module ``km``.
+
+    The chain check of a km certificate is cached by fingerprint (one signature check per km
+    certificate, not per reply); the validity period is checked against the caller's clock on
+    every reply.
+    """
+
+    def __init__(self, service_ca: x509.Certificate) -> None:
+        self.service_ca = service_ca
+        self._cache: dict[str, _TrustedKm] = {}
+        self._lock = threading.Lock()
+
+    def key_for(self, leaf_der: bytes, now: dt.datetime) -> envelope.JoseKey:
+        """The key of a km certificate (DER) trusted at ``now``, or UntrustedError."""
+        fp = hashlib.sha256(leaf_der).hexdigest()
+        cached = self._cache.get(fp)
+        if cached is None:
+            cached = self._check(leaf_der, now)
+            with self._lock:
+                if len(self._cache) > 64:
+                    self._cache.clear()
+                self._cache[fp] = cached
+        cert = cached.certificate
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise UntrustedError(
+                f"km reply is not valid: the signer certificate is not valid at {now.isoformat()} "
+                f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})"
+            )
+        return cached.key
+
+    def _check(self, leaf_der: bytes, now: dt.datetime) -> _TrustedKm:
+        try:
+            cert = load_certificate(leaf_der)
+            if cert.issuer != self.service_ca.subject:
+                raise UntrustedError(
+                    f"the signer certificate is issued by {cert.issuer.rfc4514_string()}, not by the service CA"
+                )
+            verify_issued_by(cert, self.service_ca, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+            ident = module_of(cert)
+            if ident is None or ident[0] != "km":
+                who = "no module" if ident is None else f"module {ident[0]}"
+                raise UntrustedError(f"the signer certificate names {who}, not km")
+            key = envelope.jose_key(check_public_key(cert.public_key()))
+        except RejectedError as exc:
+            raise UntrustedError(f"km reply is not valid: {exc.message}") from exc
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise UntrustedError("km reply is not valid: the signer certificate is malformed") from exc
+        return _TrustedKm(certificate=cert, key=key)
+
 
 class KmClient:
-    def __init__(self, bus: Bus, sealer: Sealer, clock: Clock, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, bus: Bus, sealer: Sealer, clock: Clock, *, timeout: float = 10.0, trust: KmTrust | None = None
+    ) -> None:
         self.bus = bus
         self.sealer = sealer
         self.clock = clock
         self.timeout = timeout
+        #: None: replies are not verified (test harnesses only; see the module doc)
+        self.trust = trust
 
     def _seal(self, op: str, body: object) -> bytes:
         return self.sealer.seal(op, body, aud=AUDIENCE, now=self.clock.now())
+
+    @staticmethod
+    def _nonce() -> str:
+        """Makes an unsigned request (chain, get) unique, so km's signed reply binds to it alone."""
+        return secrets.token_urlsafe(18)
+
+    async def _call(self, subject: str, request: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        """The body of km's reply to ``request``, verified when the client has a trust."""
+        trust = self.trust
+        if trust is None:
+            return await self.bus.request(subject, request, timeout=timeout)
+        try:
+            token = await self.bus.request(subject, request, timeout=timeout)
+        except _BUS_ERRORS:
+            raise
+        except IotdlmError as exc:
+            # km signs its errors: a plain error reply came from someone else on the inbox
+            raise UntrustedError(
+                f"km reply is not valid: an unsigned error reply ({exc.code}: {exc.message[:200]}) did not come from km"
+            ) from exc
+        now = self.clock.now()
+        try:
+            alg, leaf = envelope.peek_signer(token)
+        except RejectedError as exc:
+            raise UntrustedError(f"km reply is not valid: it is not a signed reply ({exc.message})") from exc
+        key = trust.key_for(leaf, now)
+        try:
+            reply = envelope.verify_reply(token, key, alg=alg, subject=subject, request=request, now=now)
+        except RejectedError as exc:
+            raise UntrustedError(f"km reply is not valid: {exc.message}") from exc
+        if not reply.error:
+            return reply.body
+        try:
+            wire = msgspec.json.decode(reply.body, type=dict[str, object])
+        except msgspec.DecodeError as exc:
+            raise UntrustedError("km reply is not valid: its error is not valid JSON") from exc
+        raise from_wire(wire)
 
     async def issue(
         self, device_id: str, profile: str, *, csr: bytes | None = None, crmf: bytes | None = None
     ) -> msg.IssuedCertificate:
         token = self._seal(OP_ISSUE, msg.IssueItem(device_id=device_id, profile=profile, csr=csr, crmf=crmf))
-        reply = await self.bus.request(s.KM_ISSUE, token, timeout=self.timeout)
+        reply = await self._call(s.KM_ISSUE, token, timeout=self.timeout)
         return msg.decode(reply, msg.IssuedCertificate, what="km reply")
 
     async def issue_batch(self, items: Sequence[msg.IssueItem]) -> list[msg.ItemResult]:
         token = self._seal(OP_ISSUE_BATCH, msg.BatchIssueRequest(items=list(items)))
-        reply = await self.bus.request(s.KM_ISSUE_BATCH, token, timeout=self.timeout + len(items) * 0.05)
+        reply = await self._call(s.KM_ISSUE_BATCH, token, timeout=self.timeout + len(items) * 0.05)
         return msg.decode(reply, msg.BatchIssueResponse, what="km reply").results
 
     async def renew(self, csr: bytes) -> msg.IssuedCertificate:
         token = self._seal(OP_RENEW, msg.RenewRequest(csr=csr))
-        reply = await self.bus.request(s.KM_RENEW, token, timeout=self.timeout)
+        reply = await self._call(s.KM_RENEW, token, timeout=self.timeout)
         return msg.decode(reply, msg.IssuedCertificate, what="km reply")
 
     async def chain(self) -> msg.ChainResponse:
-        reply = await self.bus.request(s.KM_CHAIN, b"{}", timeout=self.timeout)
+        # a fresh body, so that the signed reply is bound to this request (km ignores it)
+        reply = await self._call(s.KM_CHAIN, msg.encode({"nonce": self._nonce()}), timeout=self.timeout)
         return msg.decode(reply, msg.ChainResponse, what="km reply")
 
     async def get(self, serial: str, issuer: str | None = None) -> msg.CertificateInfo:
-        reply = await self.bus.request(
-            s.KM_GET, msg.encode(msg.GetRequest(serial=serial, issuer=issuer)), timeout=self.timeout
+        reply = await self._call(
+            s.KM_GET,
+            msg.encode(msg.GetRequest(serial=serial, issuer=issuer, nonce=self._nonce())),
+            timeout=self.timeout,
         )
         return msg.decode(reply, msg.CertificateInfo, what="km reply")
 
@@ -62,7 +202,7 @@ class KmClient:
         body = msg.RevokeRequest(
             serial=serial, issuer=issuer, device_id=device_id, reason=reason, decommission=decommission, ca=ca
         )
-        reply = await self.bus.request(s.KM_REVOKE, self._seal(OP_REVOKE, body), timeout=self.timeout)
+        reply = await self._call(s.KM_REVOKE, self._seal(OP_REVOKE, body), timeout=self.timeout)
         return msg.decode(reply, msg.RevokeResponse, what="km reply").revoked
 
     async def ocsp(self, request_der: bytes) -> bytes:
@@ -88,5 +228,5 @@ class KmClient:
         if subject is None:
             raise ValueError(f"unknown EST operation {operation!r}")
         body = msg.EstRequest(operation=operation, client_certificate=client_certificate, csr=csr)
-        reply = await self.bus.request(subject, self._seal(OP_EST, body), timeout=self.timeout)
+        reply = await self._call(subject, self._seal(OP_EST, body), timeout=self.timeout)
         return msg.decode(reply, msg.EstResponse, what="km reply")

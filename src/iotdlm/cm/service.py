@@ -144,7 +144,7 @@ class CmService:
         ``check_mode`` (the default) cm watches the operation mode (a ModeGuard) and refuses what
         Table 1 forbids. ``config.tls_cert``/``tls_key``: an operator's HTTPS pair instead of the
         one iotdlm issued."""
-        from iotdlm.client.km import KmClient
+        from iotdlm.client.km import KmClient, KmTrust
         from iotdlm.modes.guard import ModeGuard
         from iotdlm.runtime import connect_identity, sealer_for
 
@@ -154,7 +154,13 @@ class CmService:
         )
         tls = deployment_tls(dep, _registered_factory_cas(dep, clock), now=clock.now(), server_files=files)
         bus, ident = await connect_identity(dep, "cm")
-        km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout)
+        km = KmClient(
+            bus,
+            sealer_for(ident),
+            clock,
+            timeout=config.limits.km_timeout,
+            trust=KmTrust(dep.ca_certificate("service")),
+        )
         guard = ModeGuard(bus) if check_mode else None
         return cls(
             config,

@@ -4,6 +4,12 @@ Every worker joins the ``iotdlm.km`` queue group, so N km processes share the su
 of one request runs in a worker thread, so the event loop keeps moving NATS traffic meanwhile.
 Each worker also listens (outside the queue group) for the others' revocations, and runs the
 schedule: full CRLs before they are due, audit checkpoints, purging expired nonces.
+
+Signed replies (ADR 0006): with an ``identity`` (km's service certificate and key, as ``iotdlm``
+runs it) every reply on the API subjects -- result or error -- is a JWS signed by km and bound to
+the request it answers (:meth:`iotdlm.wire.envelope.Sealer.seal_reply`), so a module can tell km's
+answer from a forged one. OCSP responses and CRLs travel as they are: the CA signed them already.
+Without an identity (unit-test harnesses) replies are plain.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import msgspec
 from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
-from iotdlm.errors import IotdlmError, NotFoundError, RejectedError
+from iotdlm.errors import InternalError, IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as msg
 from iotdlm.wire import merkle
+from iotdlm.wire.envelope import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,10 @@ class Schedule:
     crl_check_every: float = 60.0
     checkpoint_every: float = 60.0
     purge_nonces_every: float = 300.0
+
+
+#: answered as they are, without km's reply signature: OCSP responses and CRLs are signed by the CA
+UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP})
 
 
 class _RevokedEvent(msgspec.Struct, frozen=True):
@@ -56,7 +67,8 @@ class KmService:
     ) -> None:
         self.km = km
         self.bus = bus
-        self.identity = identity  # (key, certificate) that signs audit checkpoints
+        self.identity = identity  # (key, certificate) that signs audit checkpoints and replies
+        self._sealer = Sealer(identity[0], identity[1]) if identity is not None else None
         self.schedule = schedule
         self.anchor_dir = anchor_dir  # where each signed audit tree head is also kept (outside the database)
         self._tree = merkle.CompactRange()  # the audit log's Merkle tree as far as this worker has read it
@@ -81,7 +93,7 @@ class KmService:
         for subject, fn in routes.items():
             self._subs.append(await self.bus.serve(subject, self._wrap(subject, fn), queue=queue))
         if self.km.va is not None:
-            self._subs.append(await self.bus.serve(s.KM_REVOKE, self._revoke, queue=queue))
+            self._subs.append(await self.bus.serve(s.KM_REVOKE, self._signed(s.KM_REVOKE, self._revoke), queue=queue))
             self._subs.append(await self.bus.serve(s.KM_OCSP, self._ocsp, queue=queue))
             self._subs.append(await self.bus.subscribe(s.KM_REVOKED_EVENT, self._on_revoked))
         if self.schedule is not None:
@@ -100,7 +112,29 @@ class KmService:
                 raise
             return result if isinstance(result, bytes) else msg.encode(result)
 
-        return handler
+        # a CRL is signed by its CA already, and its consumers verify that (ADR 0006)
+        return handler if subject in UNSIGNED_SUBJECTS else self._signed(subject, handler)
+
+    def _signed(self, subject: str, handler: Callable[[Message], Any]) -> Callable[[Message], Any]:
+        """``handler`` with its result and its errors sealed by km (ADR 0006); as is without an
+        identity. One signature per reply, in a worker thread."""
+        sealer = self._sealer
+        if sealer is None:
+            return handler
+
+        async def signed(m: Message) -> bytes:
+            try:
+                body, error = await handler(m), False
+            except IotdlmError as exc:
+                body, error = msgspec.json.encode(exc.to_wire()), True
+            except Exception:
+                # the bus would log and hide it the same way; signed, so the client believes it
+                log.exception("km handler for %s failed", subject)
+                body, error = msgspec.json.encode(InternalError("km failed to answer; see its log").to_wire()), True
+            now = self.km.clock.now()
+            return await asyncio.to_thread(sealer.seal_reply, subject, m.data, body, error=error, now=now)
+
+        return signed
 
     def _audit_refusal(self, subject: str, exc: RejectedError) -> None:
         with contextlib.suppress(IotdlmError):

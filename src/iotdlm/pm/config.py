@@ -23,7 +23,7 @@ import msgspec
 import tomli_w
 
 from iotdlm.bus import Bus
-from iotdlm.client.km import KmClient
+from iotdlm.client.km import KmClient, KmTrust
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment
@@ -229,6 +229,7 @@ async def connect_as(dep: Deployment, name: str) -> Bus:
         password=ident.nats.password,
         name=f"iotdlm-{name}",
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
+        allow_plain=dep.config.nats.allow_plain,
     )
 
 
@@ -257,7 +258,13 @@ def build_provisioner(
     settings = settings_from(dep, dtype, config)
     return Provisioner(
         settings,
-        km=KmClient(bus, Sealer(ident.key, ident.certificate), clock, timeout=km_timeout),
+        km=KmClient(
+            bus,
+            Sealer(ident.key, ident.certificate),
+            clock,
+            timeout=km_timeout,
+            trust=KmTrust(dep.ca_certificate("service")),
+        ),
         sm=SmClient(bus, timeout=km_timeout),
         flasher=flasher,
         store=store,

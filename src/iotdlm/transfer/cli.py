@@ -320,7 +320,7 @@ def confirm(data: Path, tid: str, out: Path) -> None:
 def revoke_old(data: Path, src: Path) -> None:
     """SP1: on SP2's confirmation, have CA1 revoke the devices' old operational certificates
     (through a running km if one answers, else directly with the CA keys)."""
-    from iotdlm.runtime import build_km, connect_identity, open_store, sealer_for
+    from iotdlm.runtime import build_km, connect_identity, km_trust, open_store, sealer_for
     from iotdlm.transfer.service import KmRevoker, LocalRevoker, Sp1Service
 
     dep = Deployment.load(data)
@@ -338,7 +338,8 @@ def revoke_old(data: Path, src: Path) -> None:
 
             bus, ident = await connect_identity(dep, "admin")
             try:
-                return await svc.revoke_old(token, KmRevoker(KmClient(bus, sealer_for(ident), clock), store))
+                km = KmClient(bus, sealer_for(ident), clock, trust=km_trust(dep))
+                return await svc.revoke_old(token, KmRevoker(km, store))
             finally:
                 await bus.close()
 

@@ -16,6 +16,15 @@ Verification order (house style: verify the bytes received, then decode):
   2. the caller checks that certificate (chain, role, status);
   3. :func:`verify` -- checks the JWS signature with that certificate's key, then decodes the
      payload and checks op, aud and the time window. The nonce store is the caller's.
+
+Replies (ADR 0006): km answers every sealed request -- result or error -- with a JWS of the same
+form signed by km's own service certificate (:meth:`Sealer.seal_reply`); its payload is::
+
+    {"re": "<bus subject answered>", "req": "<base64url SHA-256 of the request bytes>",
+     "iat": <unix seconds>, "error": false|true, "body": {...result, or the error's wire form...}}
+
+``re`` + ``req`` bind the reply to the one request it answers (the request carries a fresh nonce,
+so its digest is fresh too); :func:`verify_reply` checks them and the time window.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,6 +132,87 @@ class Sealer:
             {"alg": self._alg, "x5c": [self._x5c]}, payload, self._key, registry=_registry(self._alg)
         )
         return token.encode("ascii")
+
+    def seal_reply(self, subject: str, request: bytes, body: bytes, *, error: bool, now: dt.datetime) -> bytes:
+        """A reply to ``request`` (received on ``subject``); ``body`` is JSON (the result, or the
+        error's wire form when ``error``)."""
+        payload = _encoder.encode(
+            {
+                "re": subject,
+                "req": request_digest(request),
+                "iat": now.timestamp(),
+                "error": error,
+                "body": msgspec.Raw(body),
+            }
+        )
+        token = jws.serialize_compact(
+            {"alg": self._alg, "x5c": [self._x5c]}, payload, self._key, registry=_registry(self._alg)
+        )
+        return token.encode("ascii")
+
+
+def request_digest(request: bytes) -> str:
+    """base64url (no padding) SHA-256 of a request's bytes: what a reply echoes to bind itself."""
+    return base64.urlsafe_b64encode(hashlib.sha256(request).digest()).rstrip(b"=").decode("ascii")
+
+
+class _ReplyPayload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    re: str
+    req: str
+    iat: float
+    error: bool
+    body: msgspec.Raw
+
+
+_reply_decoder = msgspec.json.Decoder(_ReplyPayload)
+
+
+@dataclass(frozen=True)
+class Reply:
+    error: bool
+    body: bytes  # raw JSON: the result, or the error's wire form (errors.from_wire)
+
+
+def verify_reply(
+    token: bytes,
+    signer_key: JoseKey,
+    *,
+    alg: str,
+    subject: str,
+    request: bytes,
+    now: dt.datetime,
+    window: dt.timedelta = DEFAULT_WINDOW,
+) -> Reply:
+    """Check a reply's JWS signature with the (already trusted) signer key, then that it answers
+    ``request`` on ``subject`` and was made within ``window`` of ``now``.
+
+    Raises :class:`BadSignatureError`, :class:`BadRequestError` or :class:`ReplayError`; the caller
+    words them for its user.
+    """
+    try:
+        obj = jws.deserialize_compact(token, signer_key, registry=_registry(alg))
+    except JoseError as exc:
+        raise BadSignatureError(f"the signature does not verify: {exc.description or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"it is not a valid JWS: {exc}") from exc
+    try:
+        payload = _reply_decoder.decode(obj.payload)
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"its payload is not valid: {exc}") from exc
+    if payload.re != subject:
+        raise BadRequestError(f"it answers {payload.re!r}, not {subject!r}", field="re")
+    if not secrets.compare_digest(payload.req, request_digest(request)):
+        raise BadRequestError("it answers another request (the request digest differs)", field="req")
+    try:
+        iat = dt.datetime.fromtimestamp(payload.iat, dt.UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise BadRequestError("its iat is not a valid time", field="iat") from exc
+    if abs(now - iat) > window:
+        raise ReplayError(
+            f"it was made at {iat.isoformat()}, outside the accepted window of {window} around {now.isoformat()}",
+            field="iat",
+        )
+    return Reply(error=payload.error, body=bytes(payload.body))
 
 
 def _b64url(part: bytes) -> bytes:

@@ -76,6 +76,8 @@ class CrlRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class GetRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     serial: str  # hex
     issuer: str | None = None
+    #: makes the request unique, so km's signed reply is bound to it alone (ADR 0006)
+    nonce: str | None = None
 
 
 class IssuedCertificate(msgspec.Struct, frozen=True, omit_defaults=True):
