@@ -68,6 +68,7 @@ class KmService:
             s.KM_EST_SIMPLEENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SIMPLEREENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SERVERKEYGEN: lambda m: self.km.est(m.data),
+            s.KM_EST_NONCE: lambda m: self.km.est_nonce(m.data),
         }
         if self.km.va is not None:
             routes[s.KM_CRL] = self._crl
