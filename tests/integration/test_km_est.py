@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -182,3 +183,39 @@ async def test_wrong_credential_kind_name_or_relay(env: Env) -> None:
     with pytest.raises(NotAuthorizedError):
         await admin_relay.est("simpleenroll", der(factory), make_csr(generate_key(Algorithm.P256), "dev-z"))
     assert env.store.count_certificates(profile="operational") == 0
+
+
+async def test_proof_policy_optional_lets_a_plain_client_enroll_but_never_a_bad_proof(env: Env) -> None:
+    """[profiles.factory] est_proof = "optional": an enrollment without a proof (plain curl) is
+    accepted; one WITH a bad proof is refused; re-enrollment (operational: required) still needs one."""
+    env.km.settings = dataclasses.replace(env.km.settings, est_proof_optional=frozenset({"factory"}))
+    fkey, factory = await env.factory_cert("dev-p")
+    cm = env.client("cm")
+    key = generate_key(Algorithm.P256)
+    nonce = (await cm.est_nonce(der(factory))).nonce
+    wrong = est_proof.make(generate_key(Algorithm.P256), "simpleenroll", nonce, key.public_key())
+    with pytest.raises(UntrustedError, match="does not verify"):
+        await cm.est("simpleenroll", der(factory), make_csr(key, "dev-p"), proof=wrong)
+    with pytest.raises(BadRequestError, match="Iotdlm-Est-Proof"):
+        await cm.est("simpleenroll", der(factory), make_csr(key, "dev-p"), proof="garbage")
+    out = await cm.est("simpleenroll", der(factory), make_csr(key, "dev-p"))
+    op = x509.load_der_x509_certificate(out.certificate.certificate)
+    with pytest.raises(NotAuthorizedError, match="no proof"):
+        await cm.est("simplereenroll", der(op), make_csr(generate_key(Algorithm.P256), "dev-p"))
+    assert fkey is not None
+
+
+def test_deployment_reads_the_proof_policy(tmp_path: Path) -> None:
+    from iotdlm.deployment import Deployment, DeploymentConfig, ProfileSettings
+
+    base = DeploymentConfig(organization="T", algorithm="ecdsa-p256", public_url="http://x", dtypes=[])
+    ok = msgspec.structs.replace(base, profiles={"factory": ProfileSettings(est_proof="optional")})
+    ok.validate()
+    assert Deployment(tmp_path, ok).est_proof_optional() == frozenset({"factory"})
+    assert Deployment(tmp_path, base).est_proof_optional() == frozenset()
+    for bad in (
+        msgspec.structs.replace(base, profiles={"factory": ProfileSettings(est_proof="sometimes")}),
+        msgspec.structs.replace(base, est_serverkeygen="yes"),
+    ):
+        with pytest.raises(BadRequestError, match="est_"):
+            bad.validate()
