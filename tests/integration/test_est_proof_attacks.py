@@ -219,3 +219,17 @@ async def test_only_cm_gets_nonces_and_only_for_known_credentials(site: Site) ->
     assert [
         r for r in site.store.list_audit(kind=fmt.REFUSED, limit=100) if r.data["bus_subject"] == subjects.KM_EST_NONCE
     ]
+
+
+@pytest.mark.real_clock
+async def test_the_nonce_route_wants_the_client_certificate(site: Site) -> None:
+    """GET /.well-known/est/iotdlm-nonce without a client certificate: 401 (a nonce is for the
+    certificate the device enrolls with); with one, a nonce km accepts for that certificate only."""
+    async with site.est() as anonymous:
+        with pytest.raises(UntrustedError, match="client certificate"):
+            await anonymous.nonce()
+    fkey, factory = await site.factory("dev-h")
+    # the route's nonce is km's, for this certificate (expiry checked by km's own rule)
+    async with site.est(fkey, factory) as est:
+        nonce = await est.nonce()
+    assert len(nonce) == est_proof.NONCE_CHARS

@@ -346,7 +346,8 @@ class Km:
             self._ca_revoked[ca.name] = seen
         if seen[1]:
             raise ConflictError(
-                f"the {ca.name} CA is revoked: it issues no more certificates; a new issuing CA must take its place",
+                f"the {ca.name} CA is revoked: it issues no more certificates; "
+                "a new issuing CA must take its place",
                 field="profile",
             )
 
@@ -545,7 +546,7 @@ class Km:
             raise NotAuthorizedError(
                 f"EST {req.operation} for device {cred.device_id} carries no proof that the device holds the key "
                 f"of its {cred.profile} certificate: send the {est_proof.HEADER} header (fetch a nonce from "
-                f"{'/.well-known/est/iotdlm-nonce'} first)",
+                "/.well-known/est/iotdlm-nonce first)",
                 field="proof",
                 device_id=cred.device_id,
             )
@@ -578,7 +579,7 @@ class Km:
                 raise NotAuthorizedError(
                     "EST serverkeygen is off: km would send the device's new private key through cm in the "
                     "clear (cm would see it); make the key on the device and use simpleenroll, or have the "
-                    "operator turn on serverkeygen_cleartext (docs/adr/0005-est-device-proof.md)",
+                    "operator set est_serverkeygen = \"cleartext\" (docs/adr/0005-est-device-proof.md)",
                     field="operation",
                     device_id=cred.device_id,
                 )
