@@ -10,11 +10,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from iotdlm.km import Km
 from iotdlm.pki import ca as pki_ca
-from iotdlm.pki.keys import Algorithm, KeySigner, PrivateKey, generate_key, hash_for
+from iotdlm.pki import est_proof
+from iotdlm.pki.keys import Algorithm, KeySigner, PrivateKey, check_public_key, generate_key, hash_for
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, module_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES, ca_policies
+from iotdlm.wire import km as msg
 from iotdlm.wire.envelope import Sealer
+from iotdlm.wire.km import AUDIENCE, OP_EST, OP_EST_NONCE
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
 ORG = "Test Factory"
@@ -100,4 +104,17 @@ def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-__all__ = ["NOW", "ORG", "Identity", "Pki", "hashes", "make_csr", "make_pki", "pem"]
+__all__ = ["NOW", "ORG", "Identity", "Pki", "hashes", "make_csr", "make_pki", "pem", "proven_est"]
+
+
+def proven_est(
+    km: Km, cm_sealer: Sealer, now: dt.datetime, operation: str, key: PrivateKey, certificate: bytes, csr: bytes
+) -> msg.EstResponse:
+    """An EST request as cm relays it, called on km directly: a nonce for ``certificate``, then the
+    request with the device's proof (ADR 0008) made with ``key`` (the certificate's key)."""
+    asked = msg.EstNonceRequest(client_certificate=certificate)
+    nonce = km.est_nonce(cm_sealer.seal(OP_EST_NONCE, asked, aud=AUDIENCE, now=now)).nonce
+    new_key = check_public_key(x509.load_der_x509_csr(csr).public_key())
+    proof = est_proof.make(key, operation, nonce, new_key)
+    body = msg.EstRequest(operation=operation, client_certificate=certificate, csr=csr, proof=proof)
+    return km.est(cm_sealer.seal(OP_EST, body, aud=AUDIENCE, now=now))

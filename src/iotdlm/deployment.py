@@ -78,8 +78,12 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     allow_plain: bool = False
 
 
-class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    validity_days: int
+class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    validity_days: int | None = None
+    #: EST with a credential of this profile (factory: enroll, operational: re-enroll): "required"
+    #: (default) -- the device proves it holds the credential's key (ADR 0008) -- or "optional":
+    #: a request without the proof (plain curl) is accepted too; one with a bad proof never is
+    est_proof: str = "required"
 
 
 class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -103,6 +107,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     audit_anchor_dir: str | None = None
     nats: NatsSettings = NatsSettings()
     profiles: dict[str, ProfileSettings] = {}
+    #: EST serverkeygen: "off" (default) or "cleartext" -- km sends the new private key back through
+    #: cm unencrypted, so cm sees it (ADR 0008)
+    est_serverkeygen: str = "off"
 
     def validate(self) -> None:
         try:
@@ -136,8 +143,14 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
         for name, p in self.profiles.items():
             if name not in DEFAULT_PROFILES:
                 raise BadRequestError(f"profiles.{name}: unknown profile", field=f"profiles.{name}")
-            if p.validity_days <= 0:
+            if p.validity_days is not None and p.validity_days <= 0:
                 raise BadRequestError(f"profiles.{name}.validity_days must be positive", field=f"profiles.{name}")
+            if p.est_proof not in ("required", "optional"):
+                raise BadRequestError(
+                    f"profiles.{name}.est_proof must be 'required' or 'optional'", field=f"profiles.{name}.est_proof"
+                )
+        if self.est_serverkeygen not in ("off", "cleartext"):
+            raise BadRequestError("est_serverkeygen must be 'off' or 'cleartext'", field="est_serverkeygen")
 
 
 @dataclass(frozen=True)
@@ -218,8 +231,13 @@ class Deployment:
     def profiles(self) -> dict[str, Profile]:
         out = profiles_for(self.config.enterprise_number)
         for name, p in self.config.profiles.items():
-            out[name] = _replace_validity(out[name], dt.timedelta(days=p.validity_days))
+            if p.validity_days is not None:
+                out[name] = _replace_validity(out[name], dt.timedelta(days=p.validity_days))
         return out
+
+    def est_proof_optional(self) -> frozenset[str]:
+        """Profiles whose EST requests may come without the device's proof (ADR 0008)."""
+        return frozenset(name for name, p in self.config.profiles.items() if p.est_proof == "optional")
 
     def passphrase(self) -> bytes:
         env = os.environ.get(PASSPHRASE_ENV)

@@ -98,7 +98,13 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
         profiles=profiles,
         store=store,
         clock=clock,
-        settings=KmSettings(organization=dep.config.organization, urls=dep.public_urls, window=dep.request_window),
+        settings=KmSettings(
+            organization=dep.config.organization,
+            urls=dep.public_urls,
+            window=dep.request_window,
+            est_proof_optional=dep.est_proof_optional(),
+            serverkeygen_cleartext=dep.config.est_serverkeygen == "cleartext",
+        ),
         va=va,
     )
 

@@ -10,6 +10,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -134,6 +135,7 @@ async def open_site(
     cm_names: tuple[str, ...] = (),
     tls_files: tuple[Path, Path] | None = None,
     http_port: int = 0,
+    est_serverkeygen: str = "off",
 ) -> AsyncIterator[Site]:
     """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm;
     ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it)."""
@@ -153,7 +155,11 @@ async def open_site(
     config = made.config
     dep = Deployment(
         made.root,
-        msgspec.structs.replace(config, nats=msgspec.structs.replace(config.nats, port=nats.server.config.port)),
+        msgspec.structs.replace(
+            config,
+            nats=msgspec.structs.replace(config.nats, port=nats.server.config.port),
+            est_serverkeygen=est_serverkeygen,
+        ),
     )
     store = open_store(dep)
     record_identities(dep, store, clock.now())
@@ -205,6 +211,34 @@ def _csr_b64(key: PrivateKey, cn: str) -> bytes:
     return base64.encodebytes(make_csr(key, cn))
 
 
+#: docs/operations.md's recipe (ADR 0008) for an EST client that is curl + openssl: fetch km's nonce
+#: with the client certificate, sign it, the operation and the CSR's public key with the client
+#: certificate's key (P-256: SHA-256), print the Iotdlm-Est-Proof header's value.
+#: $1 EST base URL, $2 operation, $3 client certificate, $4 its key, $5 the CSR (DER); $CURL_OPTS
+PROOF_RECIPE = r"""
+set -euo pipefail
+nonce=$(curl -sS --fail $CURL_OPTS --cert "$3" --key "$4" "$1/iotdlm-nonce" | sed -E 's/.*"nonce": *"([^"]+)".*/\1/')
+spki=$(openssl req -inform DER -in "$5" -noout -pubkey | openssl pkey -pubin -outform DER \
+  | openssl dgst -sha256 -r | cut -d' ' -f1)
+printf 'iotdlm-est-proof-v1\n%s\n%s\n%s\n' "$2" "$nonce" "$spki" > "$5.proof"
+printf '%s %s' "$nonce" "$(openssl dgst -sha256 -sign "$4" "$5.proof" | openssl base64 -A)"
+"""
+
+
+async def _curl_proof(base: str, operation: str, cert: Path, key: Path, csr_der: Path, curl_opts: str) -> str:
+    """The Iotdlm-Est-Proof header value, made by :data:`PROOF_RECIPE` (curl and openssl only)."""
+    r = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", PROOF_RECIPE, "recipe", base, operation, str(cert), str(key), str(csr_der)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "CURL_OPTS": curl_opts},
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.decode()
+
+
 # --- curl and openssl as the outside world --------------------------------------------------------
 @pytest.mark.real_clock
 @needs_curl
@@ -216,14 +250,23 @@ async def test_curl_simpleenroll_and_openssl_verify(site: Site) -> None:
     site.write("operational.pem", (site.dep.root / "ca" / "operational.pem").read_bytes())
     site.write("factory.pem", certs_to_pem([factory]))
     site.write("factory.key", private_key_to_pem(fkey, None))
-    site.write("csr.b64", _csr_b64(generate_key(Algorithm.P256), "dev-curl"))
+    csr_der = make_csr(generate_key(Algorithm.P256), "dev-curl")
+    site.write("csr.b64", base64.encodebytes(csr_der))
     out = site.files / "out.b64"
-    r = await _run(
+    enroll = (
         "curl", "-sS", "-o", str(out), "-w", "%{http_code}", "--cacert", str(root),
         "--cert", str(site.files / "factory.pem"), "--key", str(site.files / "factory.key"),
         "--data-binary", f"@{site.files / 'csr.b64'}", "-H", "Content-Type: application/pkcs10",
-        f"{site.https}{WELL_KNOWN}/simpleenroll",
     )  # fmt: skip
+    # without the device's proof of its factory key: refused (ADR 0008), in one line
+    r = await _run(*enroll, f"{site.https}{WELL_KNOWN}/simpleenroll")
+    assert r.stdout == b"403", (r.stdout, r.stderr)
+    assert b"Iotdlm-Est-Proof" in out.read_bytes()
+    proof = await _curl_proof(
+        f"{site.https}{WELL_KNOWN}", "simpleenroll", site.files / "factory.pem", site.files / "factory.key",
+        site.write("csr.der", csr_der), f"--cacert {root}",
+    )  # fmt: skip
+    r = await _run(*enroll, "-H", f"Iotdlm-Est-Proof: {proof}", f"{site.https}{WELL_KNOWN}/simpleenroll")
     assert r.stdout == b"200", (r.stdout, r.stderr, out.read_bytes() if out.exists() else b"")
     site.write("out.p7", base64.b64decode(out.read_bytes()))
     r = await _run("openssl", "pkcs7", "-inform", "DER", "-in", str(site.files / "out.p7"), "-print_certs",
@@ -273,8 +316,13 @@ async def test_what_the_csr_asked_for_and_did_not_get_is_named_in_a_header(site:
     site.write("asks.b64", base64.encodebytes(csr.public_bytes(serialization.Encoding.DER)))
     site.write("factory.pem", certs_to_pem([factory]))
     site.write("factory.key", private_key_to_pem(fkey, None))
+    root = site.write("root.pem", site.root_pem)
+    proof = await _curl_proof(
+        f"{site.https}{WELL_KNOWN}", "simpleenroll", site.files / "factory.pem", site.files / "factory.key",
+        site.write("asks.der", csr.public_bytes(serialization.Encoding.DER)), f"--cacert {root}",
+    )  # fmt: skip
     r = await _run(
-        "curl", "-sS", "-i", "--cacert", str(site.write("root.pem", site.root_pem)),
+        "curl", "-sS", "-i", "--cacert", str(root), "-H", f"Iotdlm-Est-Proof: {proof}",
         "--cert", str(site.files / "factory.pem"), "--key", str(site.files / "factory.key"),
         "--data-binary", f"@{site.files / 'asks.b64'}", "-H", "Content-Type: application/pkcs10",
         f"{site.https}{WELL_KNOWN}/simpleenroll",
@@ -391,12 +439,24 @@ async def test_device_enrolls_reenrolls_refreshes_and_serverkeygen(site: Site) -
     assert rec is not None
     assert rec.status == "superseded"
 
-    # a device that cannot make keys: the server generates one
+    # a device that cannot make keys: serverkeygen would show cm the key, so it is off (ADR 0008)
     fkey_k, factory_k = await site.factory("dev-k")
     async with site.est(fkey_k, factory_k) as est:
-        key, cert = await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
-    assert cert.public_key() == key.public_key()
-    cert.verify_directly_issued_by(site.dep.ca_certificate("operational"))
+        with pytest.raises(NotAuthorizedError, match="serverkeygen is off"):
+            await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
+    assert site.store.get_device("dev-k") is not None
+    assert not [c for c in site.store.list_certificates(device_id="dev-k") if c.profile == "operational"]
+
+
+@pytest.mark.real_clock
+async def test_serverkeygen_when_the_operator_accepts_that_cm_sees_the_key(tmp_path: Path) -> None:
+    """est_serverkeygen = "cleartext": the server generates the key and sends it through cm."""
+    async with open_site(tmp_path, est_serverkeygen="cleartext") as site:
+        fkey_k, factory_k = await site.factory("dev-k")
+        async with site.est(fkey_k, factory_k) as est:
+            key, cert = await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
+        assert cert.public_key() == key.public_key()
+        cert.verify_directly_issued_by(site.dep.ca_certificate("operational"))
 
 
 # --- refusals -------------------------------------------------------------------------------------
@@ -1136,10 +1196,16 @@ async def test_cm_serves_an_operator_supplied_certificate(tmp_path: Path) -> Non
         fkey, factory = await site.factory("dev-pub")
         site.write("f.pem", certs_to_pem([factory]))
         site.write("f.key", private_key_to_pem(fkey, None))
-        site.write("csr.b64", _csr_b64(generate_key(Algorithm.P256), "dev-pub"))
+        csr_der = make_csr(generate_key(Algorithm.P256), "dev-pub")
+        site.write("csr.b64", base64.encodebytes(csr_der))
         port = site.cm.https_port
+        proof = await _curl_proof(
+            f"https://est.public.test:{port}{WELL_KNOWN}", "simpleenroll", site.files / "f.pem", site.files / "f.key",
+            site.write("csr.der", csr_der), f"--cacert {public_root} --resolve est.public.test:{port}:127.0.0.1",
+        )  # fmt: skip
         r = await _run(
-            "curl", "-sS", "-o", str(site.files / "out.b64"), "-w", "%{http_code}", "--cacert", str(public_root),
+            "curl", "-H", f"Iotdlm-Est-Proof: {proof}", "-sS", "-o", str(site.files / "out.b64"), "-w", "%{http_code}",
+            "--cacert", str(public_root),
             "--resolve", f"est.public.test:{port}:127.0.0.1", "--cert", str(site.files / "f.pem"),
             "--key", str(site.files / "f.key"), "--data-binary", f"@{site.files / 'csr.b64'}",
             "-H", "Content-Type: application/pkcs10", f"https://est.public.test:{port}{WELL_KNOWN}/simpleenroll",

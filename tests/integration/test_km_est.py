@@ -8,6 +8,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -19,12 +20,14 @@ from iotdlm.clock import FixedClock
 from iotdlm.errors import BadRequestError, NotAuthorizedError, UntrustedError
 from iotdlm.km import Km, KmService, KmSettings
 from iotdlm.km.va import Va, VaSettings
+from iotdlm.pki import est_proof
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.chain import der, verify_issued_by
-from iotdlm.pki.keys import Algorithm, generate_key
+from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_id_of, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.store import Store
+from iotdlm.wire import km as msg
 from tests.fixtures_nats import start_nats
 from tests.helpers import NOW, ORG, make_csr, make_pki
 
@@ -37,6 +40,7 @@ class Env:
     store: Store
     clock: FixedClock
     buses: dict[str, Bus]
+    km: Km
 
     def client(self, identity: str) -> KmClient:
         return KmClient(self.buses[identity.split("-")[0]], PKI.module(*identity.split("-", 1)).sealer, self.clock)
@@ -45,6 +49,16 @@ class Env:
         key = generate_key(Algorithm.P256)
         out = await self.client("pm-boardA").issue(device_id, "factory", csr=make_csr(key, device_id))
         return key, x509.load_der_x509_certificate(out.certificate)
+
+    async def est(
+        self, operation: str, current: tuple[PrivateKey, bytes], new_key: PrivateKey, cn: str
+    ) -> msg.EstResponse:
+        """What a device does through cm: fetch a nonce, prove its current key (ADR 0008), enroll."""
+        cm = self.client("cm")
+        key, cert_der = current
+        nonce = (await cm.est_nonce(cert_der)).nonce
+        proof = est_proof.make(key, operation, nonce, new_key.public_key())
+        return await cm.est(operation, cert_der, make_csr(new_key, cn), proof=proof)
 
 
 @pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
@@ -70,7 +84,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     service = KmService(km, buses["km"])
     await service.start()
     try:
-        yield Env(store, clock, buses)
+        yield Env(store, clock, buses, km)
     finally:
         await service.stop()
         for b in buses.values():
@@ -81,16 +95,16 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
 
 
 async def test_enroll_with_factory_then_reenroll_with_operational(env: Env) -> None:
-    _fkey, factory = await env.factory_cert("dev-1")
+    fkey, factory = await env.factory_cert("dev-1")
     cm = env.client("cm")
     key1 = generate_key(Algorithm.P256)
-    first = await cm.est("simpleenroll", der(factory), make_csr(key1, "dev-1"))
+    first = await env.est("simpleenroll", (fkey, der(factory)), key1, "dev-1")
     op1 = x509.load_der_x509_certificate(first.certificate.certificate)
     verify_issued_by(op1, PKI.cas["operational"].certificate, now=NOW)
     assert device_id_of(op1) == "dev-1"
     assert first.private_key is None
     key2 = generate_key(Algorithm.P256)
-    second = await cm.est("simplereenroll", der(op1), make_csr(key2, "dev-1"))
+    second = await env.est("simplereenroll", (key1, der(op1)), key2, "dev-1")
     old = env.store.get_certificate("operational", op1.serial_number)
     assert old is not None
     assert old.status == "superseded"
@@ -99,9 +113,14 @@ async def test_enroll_with_factory_then_reenroll_with_operational(env: Env) -> N
     assert second.certificate.device_id == "dev-1"
 
 
-async def test_serverkeygen_returns_a_matching_key(env: Env) -> None:
-    _fkey, factory = await env.factory_cert("dev-k")
-    out = await env.client("cm").est("serverkeygen", der(factory), make_csr(generate_key(Algorithm.P256), "dev-k"))
+async def test_serverkeygen_is_off_unless_the_operator_accepts_that_cm_sees_the_key(env: Env) -> None:
+    """km would send the new private key back through cm in the clear: refused by default (ADR 0008)."""
+    fkey, factory = await env.factory_cert("dev-k")
+    with pytest.raises(NotAuthorizedError, match="serverkeygen is off"):
+        await env.est("serverkeygen", (fkey, der(factory)), generate_key(Algorithm.P256), "dev-k")
+    assert env.store.count_certificates(profile="operational") == 0
+    env.km.settings = dataclasses.replace(env.km.settings, serverkeygen_cleartext=True)
+    out = await env.est("serverkeygen", (fkey, der(factory)), generate_key(Algorithm.P256), "dev-k")
     assert out.private_key is not None
     key = serialization.load_der_private_key(out.private_key, None)
     cert = x509.load_der_x509_certificate(out.certificate.certificate)
@@ -143,8 +162,8 @@ async def test_revoked_or_expired_credentials_cannot_enroll(env: Env) -> None:
     await env.client("admin").revoke(serial=format(factory.serial_number, "x"), reason="keyCompromise")
     with pytest.raises(NotAuthorizedError, match="revoked"):
         await env.client("cm").est("simpleenroll", der(factory), make_csr(generate_key(Algorithm.P256), "dev-x"))
-    _k2, factory2 = await env.factory_cert("dev-y")
-    op = await env.client("cm").est("simpleenroll", der(factory2), make_csr(generate_key(Algorithm.P256), "dev-y"))
+    k2, factory2 = await env.factory_cert("dev-y")
+    op = await env.est("simpleenroll", (k2, der(factory2)), generate_key(Algorithm.P256), "dev-y")
     env.clock.advance(dt.timedelta(days=91))  # the operational certificate has expired
     with pytest.raises(UntrustedError, match="not valid"):
         await env.client("cm").est(
@@ -164,3 +183,39 @@ async def test_wrong_credential_kind_name_or_relay(env: Env) -> None:
     with pytest.raises(NotAuthorizedError):
         await admin_relay.est("simpleenroll", der(factory), make_csr(generate_key(Algorithm.P256), "dev-z"))
     assert env.store.count_certificates(profile="operational") == 0
+
+
+async def test_proof_policy_optional_lets_a_plain_client_enroll_but_never_a_bad_proof(env: Env) -> None:
+    """[profiles.factory] est_proof = "optional": an enrollment without a proof (plain curl) is
+    accepted; one WITH a bad proof is refused; re-enrollment (operational: required) still needs one."""
+    env.km.settings = dataclasses.replace(env.km.settings, est_proof_optional=frozenset({"factory"}))
+    fkey, factory = await env.factory_cert("dev-p")
+    cm = env.client("cm")
+    key = generate_key(Algorithm.P256)
+    nonce = (await cm.est_nonce(der(factory))).nonce
+    wrong = est_proof.make(generate_key(Algorithm.P256), "simpleenroll", nonce, key.public_key())
+    with pytest.raises(UntrustedError, match="does not verify"):
+        await cm.est("simpleenroll", der(factory), make_csr(key, "dev-p"), proof=wrong)
+    with pytest.raises(BadRequestError, match="Iotdlm-Est-Proof"):
+        await cm.est("simpleenroll", der(factory), make_csr(key, "dev-p"), proof="garbage")
+    out = await cm.est("simpleenroll", der(factory), make_csr(key, "dev-p"))
+    op = x509.load_der_x509_certificate(out.certificate.certificate)
+    with pytest.raises(NotAuthorizedError, match="no proof"):
+        await cm.est("simplereenroll", der(op), make_csr(generate_key(Algorithm.P256), "dev-p"))
+    assert fkey is not None
+
+
+def test_deployment_reads_the_proof_policy(tmp_path: Path) -> None:
+    from iotdlm.deployment import Deployment, DeploymentConfig, ProfileSettings
+
+    base = DeploymentConfig(organization="T", algorithm="ecdsa-p256", public_url="http://x", dtypes=[])
+    ok = msgspec.structs.replace(base, profiles={"factory": ProfileSettings(est_proof="optional")})
+    ok.validate()
+    assert Deployment(tmp_path, ok).est_proof_optional() == frozenset({"factory"})
+    assert Deployment(tmp_path, base).est_proof_optional() == frozenset()
+    for bad in (
+        msgspec.structs.replace(base, profiles={"factory": ProfileSettings(est_proof="sometimes")}),
+        msgspec.structs.replace(base, est_serverkeygen="yes"),
+    ):
+        with pytest.raises(BadRequestError, match="est_"):
+            bad.validate()

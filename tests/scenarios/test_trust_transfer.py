@@ -167,7 +167,10 @@ class World:
         dev.write_config(
             {"device_id": device_id, "dtype": DTYPE, "enroll_uri": "https://ca1.sp1.example/.well-known/est"}
         )
-        out = await self.sp1.client("cm").est("simpleenroll", der(fcert), dev.make_csr())
+        csr = dev.make_csr()
+        cm = self.sp1.client("cm")
+        nonce = (await cm.est_nonce(der(fcert))).nonce
+        out = await cm.est("simpleenroll", der(fcert), csr, proof=dev.est_proof("simpleenroll", nonce, csr))
         op = x509.load_der_x509_certificate(out.certificate.certificate)
         dev.write_certificate("operational", op)
         self.devices[device_id] = dev
@@ -402,7 +405,10 @@ async def test_attestation_failure_falls_back_to_sp1_which_keeps_serving_the_dev
     assert sorted(revoked) == sorted(ids[1:])
     assert w.ocsp_status(w.old_operational[bad]) == ocsp.OCSPCertStatus.GOOD
     # it keeps working under SP1: CA1 re-enrolls it with its (still valid) SP1 certificate
-    out = await w.sp1.client("cm").est("simplereenroll", der(w.old_operational[bad]), dev.make_csr())
+    cm, csr = w.sp1.client("cm"), dev.make_csr()
+    nonce = (await cm.est_nonce(der(w.old_operational[bad]))).nonce
+    proof = dev.est_proof("simplereenroll", nonce, csr)
+    out = await cm.est("simplereenroll", der(w.old_operational[bad]), csr, proof=proof)
     assert out.certificate.issuer == "operational"
     assert out.certificate.device_id == bad
 

@@ -29,6 +29,7 @@ from iotdlm.errors import (
     TooLargeError,
     UntrustedError,
 )
+from iotdlm.pki import est_proof
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import Algorithm, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
@@ -50,6 +51,7 @@ LEAF = PKI.cas["operational"].issue(
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FAKE_NONCE = "n" * est_proof.NONCE_CHARS
 
 
 @dataclass
@@ -60,7 +62,9 @@ class Fake:
 
 @pytest.fixture
 async def fake() -> AsyncIterator[Fake]:
-    handlers: dict[str, Handler] = {}
+    handlers: dict[str, Handler] = {
+        "iotdlm-nonce": _reply(b'{"nonce": "%s"}' % FAKE_NONCE.encode(), "application/json")
+    }
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         return await handlers[request.match_info["op"]](request)
@@ -108,6 +112,7 @@ async def test_enroll_sends_base64_pkcs10_and_checks_the_answer(fake: Fake) -> N
         seen["csr"] = base64.b64decode(await request.read())
         peer = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)  # type: ignore[union-attr]
         seen["peer"] = peer
+        seen["proof"] = request.headers.get(est_proof.HEADER)
         return web.Response(
             body=est.encode_base64_body(est.certs_only([PKI.root, LEAF])), headers={"Content-Type": est.CERTS_ONLY}
         )
@@ -120,6 +125,23 @@ async def test_enroll_sends_base64_pkcs10_and_checks_the_answer(fake: Fake) -> N
     assert seen["type"] == "application/pkcs10"
     assert seen["csr"] == csr
     assert seen["peer"] == LEAF.public_bytes(serialization.Encoding.DER)
+    # ADR 0008: the client certificate's key signed the nonce, the operation and the CSR's key
+    assert isinstance(seen["proof"], str)
+    proof = est_proof.parse(seen["proof"])
+    assert proof.nonce == FAKE_NONCE
+    est_proof.verify(proof, KEY.public_key(), "simplereenroll", KEY.public_key())
+
+
+@pytest.mark.real_clock
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"other": 1}', b'{"nonce": 5}', b'{"nonce": "short"}', b"[]"],
+)
+async def test_a_bad_nonce_answer_is_named(fake: Fake, body: bytes) -> None:
+    fake.handlers["iotdlm-nonce"] = _reply(body, "application/json")
+    async with _client(fake) as c:
+        with pytest.raises(BadRequestError, match="iotdlm-nonce"):
+            await c.simpleenroll(make_csr(KEY, "dev-1"))
 
 
 @pytest.mark.parametrize(

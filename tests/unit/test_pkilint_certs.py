@@ -37,7 +37,7 @@ from iotdlm.client.km import KmClient
 from iotdlm.clock import FixedClock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.km import KmService
-from iotdlm.pki import crmf
+from iotdlm.pki import crmf, est_proof
 from iotdlm.pki.ca import crl_partition
 from iotdlm.pki.chain import certs_to_pem, load_certificates_pem
 from iotdlm.pki.crl import RevokedEntry, build_crl
@@ -128,7 +128,10 @@ async def _issue_all(dep: Deployment, store: Store, alg: Algorithm, certs: dict[
         by_crmf = await pm.issue("dev_2", "operational", crmf=request)
         certs["crmf"] = x509.load_der_x509_certificate(by_crmf.certificate)
         factory_der = certs["factory"].public_bytes(serialization.Encoding.DER)
-        est = await cm.est("simpleenroll", factory_der, make_csr(generate_key(alg), "dev-1"))
+        est_key = generate_key(alg)
+        nonce = (await cm.est_nonce(factory_der)).nonce
+        proof = est_proof.make(fkey, "simpleenroll", nonce, est_key.public_key())
+        est = await cm.est("simpleenroll", factory_der, make_csr(est_key, "dev-1"), proof=proof)
         certs["est"] = x509.load_der_x509_certificate(est.certificate.certificate)
         assert km.va is not None
         certs["ocsp"] = km.va.responder("operational").certificate

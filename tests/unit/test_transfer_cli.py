@@ -19,8 +19,8 @@ from iotdlm.runtime import build_km, open_store, sealer_for
 from iotdlm.transfer import messages as m
 from iotdlm.transfer.cli import transfer
 from iotdlm.wire import km as msg
-from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE
-from tests.helpers import make_csr
+from iotdlm.wire.km import AUDIENCE, OP_ISSUE
+from tests.helpers import make_csr, proven_est
 
 PW = "pw"
 
@@ -55,8 +55,8 @@ def _factory_and_operational(dep: Deployment, device_id: str) -> tuple[object, x
         factory = x509.load_der_x509_certificate(
             km.issue(pm.seal(OP_ISSUE, item, aud=AUDIENCE, now=clock.now())).certificate
         )
-        est = msg.EstRequest(operation="simpleenroll", client_certificate=der(factory), csr=make_csr(key, device_id))
-        km.est(sealer_for(dep.identity("cm")).seal(OP_EST, est, aud=AUDIENCE, now=clock.now()))
+        csr = make_csr(key, device_id)
+        proven_est(km, sealer_for(dep.identity("cm")), clock.now(), "simpleenroll", key, der(factory), csr)
         return key, factory
     finally:
         store.close()
@@ -67,8 +67,8 @@ def _enroll_at(dep: Deployment, key: object, factory: x509.Certificate, device_i
     store = open_store(dep)
     try:
         km = build_km(dep, store, clock, passphrase=PW.encode())
-        est = msg.EstRequest(operation="simpleenroll", client_certificate=der(factory), csr=make_csr(key, device_id))  # type: ignore[arg-type]
-        km.est(sealer_for(dep.identity("cm")).seal(OP_EST, est, aud=AUDIENCE, now=clock.now()))
+        csr = make_csr(key, device_id)  # type: ignore[arg-type]
+        proven_est(km, sealer_for(dep.identity("cm")), clock.now(), "simpleenroll", key, der(factory), csr)  # type: ignore[arg-type]
     finally:
         store.close()
 

@@ -23,8 +23,8 @@ from iotdlm.store import Store
 from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord, TransferStore
 from iotdlm.transfer import messages as m
 from iotdlm.wire import km as msg
-from iotdlm.wire.km import AUDIENCE, OP_EST
-from tests.helpers import NOW, ORG, make_csr, make_pki
+from iotdlm.wire.km import AUDIENCE
+from tests.helpers import NOW, ORG, make_csr, make_pki, proven_est
 from tests.unit.test_transfer_messages import P
 
 CA2 = make_pki()
@@ -141,8 +141,8 @@ def _km(store: Store, clock: FixedClock) -> Km:
 
 
 def _est(km: Km, factory: x509.Certificate, key: object, device_id: str) -> msg.EstResponse:
-    body = msg.EstRequest(operation="simpleenroll", client_certificate=der(factory), csr=make_csr(key, device_id))  # type: ignore[arg-type]
-    return km.est(CA2.module("cm").sealer.seal(OP_EST, body, aud=AUDIENCE, now=NOW))
+    csr = make_csr(key, device_id)  # type: ignore[arg-type]
+    return proven_est(km, CA2.module("cm").sealer, NOW, "simpleenroll", key, der(factory), csr)  # type: ignore[arg-type]
 
 
 def test_ca2_enrolls_registered_devices_and_only_them(

@@ -28,6 +28,7 @@ KM_EST = f"{PREFIX}.km.est"  # cm relays EST operations below this prefix
 KM_EST_SIMPLEENROLL = f"{KM_EST}.simpleenroll"
 KM_EST_SIMPLEREENROLL = f"{KM_EST}.simplereenroll"
 KM_EST_SERVERKEYGEN = f"{KM_EST}.serverkeygen"
+KM_EST_NONCE = f"{KM_EST}.nonce"  # a device's proof nonce (ADR 0008); cm may publish: KM_EST.>
 KM_REVOKED_EVENT = f"{PREFIX}.events.km.revoked"
 #: the newest signed tree head of the audit log (JSON, iotdlm.wire.audit.TreeHead): cm serves it
 #: read-only at /audit/checkpoint so an outside party can keep a copy

@@ -45,7 +45,7 @@ from iotdlm.pki.names import module_of
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
 from iotdlm.wire.envelope import Sealer
-from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
+from iotdlm.wire.km import AUDIENCE, OP_EST, OP_EST_NONCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 #: the errors a bus raises by itself (no answer, refused publish, request too large): not km's word
 _BUS_ERRORS = (UnavailableError, PermissionDeniedError, TooLargeError)
@@ -218,7 +218,15 @@ class KmClient:
         """km's newest signed tree head of the audit log (JSON, :class:`iotdlm.wire.audit.TreeHead`)."""
         return await self.bus.request(s.KM_AUDIT_CHECKPOINT, b"{}", timeout=self.timeout)
 
-    async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse:
+    async def est_nonce(self, client_certificate: bytes) -> msg.EstNonceResponse:
+        """A proof nonce for the device that presented ``client_certificate`` (cm relays it)."""
+        token = self._seal(OP_EST_NONCE, msg.EstNonceRequest(client_certificate=client_certificate))
+        reply = await self._call(s.KM_EST_NONCE, token, timeout=self.timeout)
+        return msg.decode(reply, msg.EstNonceResponse, what="km reply")
+
+    async def est(
+        self, operation: str, client_certificate: bytes, csr: bytes, *, proof: str | None = None
+    ) -> msg.EstResponse:
         """Relay an EST operation (cm): simpleenroll, simplereenroll or serverkeygen."""
         subject = {
             "simpleenroll": s.KM_EST_SIMPLEENROLL,
@@ -227,6 +235,6 @@ class KmClient:
         }.get(operation)
         if subject is None:
             raise ValueError(f"unknown EST operation {operation!r}")
-        body = msg.EstRequest(operation=operation, client_certificate=client_certificate, csr=csr)
+        body = msg.EstRequest(operation=operation, client_certificate=client_certificate, csr=csr, proof=proof)
         reply = await self._call(subject, self._seal(OP_EST, body), timeout=self.timeout)
         return msg.decode(reply, msg.EstResponse, what="km reply")

@@ -97,6 +97,7 @@ from iotdlm.errors import (
     UnavailableError,
     UntrustedError,
 )
+from iotdlm.pki import est_proof
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.csr import MAX_CSR_BYTES, load_csr
 from iotdlm.pki.ocsp import ErrorKind, decode_get_path, error_response
@@ -115,6 +116,9 @@ HTTP_VERSIONS = frozenset({HttpVersion10, HttpVersion11})
 
 #: the EST operations cm relays to km (RFC 7030 4.2, 4.4)
 ENROLL_OPERATIONS = ("simpleenroll", "simplereenroll", "serverkeygen")
+#: GET: a proof nonce from km (ADR 0008), below /.well-known/est
+NONCE_PATH = "iotdlm-nonce"
+MAX_PROOF_CHARS = 1024
 
 
 #: Table 1: the modes in which cm runs; those in which devices enroll through it (km checks too);
@@ -133,7 +137,11 @@ class ModeCheck(Protocol):
 class KmRelay(Protocol):
     """What cm needs from km (:class:`iotdlm.client.km.KmClient` as the cm identity)."""
 
-    async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse: ...
+    async def est(
+        self, operation: str, client_certificate: bytes, csr: bytes, *, proof: str | None = None
+    ) -> msg.EstResponse: ...
+
+    async def est_nonce(self, client_certificate: bytes) -> msg.EstNonceResponse: ...
 
     async def ocsp(self, request_der: bytes) -> bytes: ...
 
@@ -361,6 +369,7 @@ class CmApp:
         app.router.add_get(f"{base}/csrattrs", self.csrattrs)
         for op in ENROLL_OPERATIONS:
             app.router.add_post(f"{base}/{op}", self._enroll_handler(op))
+        app.router.add_get(f"{base}/{NONCE_PATH}", self.proof_nonce)
         self._add_va_routes(app)
         app.on_response_prepare.append(_server_header)
         return app
@@ -552,6 +561,21 @@ class CmApp:
             body=self._csrattrs_body, headers={"Content-Type": est.CSRATTRS, "Content-Transfer-Encoding": "base64"}
         )
 
+    async def proof_nonce(self, request: web.Request) -> web.Response:
+        """ADR 0008: a nonce km issued for the device's proof of its current key (km sees the client
+        certificate; the nonce is good for that certificate only, once, for a few minutes)."""
+        client_cert = peer_certificate(request)
+        if client_cert is None:
+            raise ClientCertificateRequiredError(
+                "a proof nonce is for the client certificate the device enrolls with: present it"
+            )
+        self._require(ENROLL_MODES, "relaying an EST proof nonce")
+        out = await self.km.est_nonce(client_cert)
+        return web.json_response(
+            {"nonce": out.nonce, "expires": out.expires, "header": est_proof.HEADER},
+            headers={"Cache-Control": "no-store"},
+        )
+
     def _enroll_handler(self, operation: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             return await self.enroll(request, operation)
@@ -571,7 +595,10 @@ class CmApp:
         body = await self._read_body(request, self.limits.max_body_bytes)
         csr = est.decode_base64_body(body, what="the PKCS#10 request", max_decoded=MAX_CSR_BYTES)
         load_csr(csr)  # a PKCS#10 request at all? (km checks everything else, including the signature)
-        out = await self.km.est(operation, client_cert, csr)
+        proof = request.headers.get(est_proof.HEADER)
+        if proof is not None and len(proof) > MAX_PROOF_CHARS:
+            raise BadRequestError(f"the {est_proof.HEADER} header is too long", field="proof")
+        out = await self.km.est(operation, client_cert, csr, proof=proof)
         cert = x509.load_der_x509_certificate(out.certificate.certificate)
         log.info(
             "%s: km issued %s serial %s to device %s (%s)",

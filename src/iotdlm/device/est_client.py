@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import ssl
 import tempfile
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ from iotdlm.errors import (
     UnavailableError,
     UntrustedError,
 )
+from iotdlm.pki import est_proof
 from iotdlm.pki.der import describe_der_problem
+from iotdlm.pki.keys import PrivateKey, check_public_key, load_private_key_pem
 
 WELL_KNOWN = "/.well-known/est"
 #: largest response body the client reads (a certs-only CMS is a few KiB)
@@ -106,6 +109,10 @@ class EstClient:
         self._ssl = _client_context(trust_anchor_pem, client_cert_pem, client_key_pem)
         self._anonymous_ssl = _client_context(trust_anchor_pem, None, None)
         self._has_client_cert = client_cert_pem is not None
+        #: the current credential's key: signs the proof km asks for (ADR 0008)
+        self._proof_key: PrivateKey | None = (
+            load_private_key_pem(client_key_pem, None) if client_key_pem is not None else None
+        )
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -168,6 +175,26 @@ class EstClient:
                 out.append(CsrAttribute(str(a["attrType"]), tuple(bytes(v) for v in a["attrValues"])))
         return out
 
+    async def nonce(self) -> str:
+        """A fresh proof nonce from km, for this client certificate (ADR 0008)."""
+        ctype, body = await self._request("GET", "iotdlm-nonce")
+        _expect_type(ctype, "application/json")
+        try:
+            value = json.loads(body)["nonce"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BadRequestError("the iotdlm-nonce response is not JSON with a nonce") from exc
+        if not isinstance(value, str) or len(value) != est_proof.NONCE_CHARS:
+            raise BadRequestError("the iotdlm-nonce response's nonce is not one km issues")
+        return value
+
+    async def _proof_header(self, operation: str, csr: x509.CertificateSigningRequest) -> dict[str, str]:
+        """The Iotdlm-Est-Proof header: the client certificate's key signs a fresh nonce, the
+        operation and the CSR's public key (none without a client key)."""
+        if self._proof_key is None:
+            return {}
+        nonce = await self.nonce()
+        return {est_proof.HEADER: est_proof.make(self._proof_key, operation, nonce, check_public_key(csr.public_key()))}
+
     async def simpleenroll(self, csr_der: bytes) -> x509.Certificate:
         """RFC 7030 4.2.1: initial enrollment, authenticated by the factory certificate."""
         return await self._enroll("simpleenroll", csr_der)
@@ -179,7 +206,8 @@ class EstClient:
     async def serverkeygen(self, csr_der: bytes) -> tuple[DevicePrivateKey, x509.Certificate]:
         """RFC 7030 4.4: the server makes the key pair (for devices that cannot). The CSR names the
         device; its key only signs the request."""
-        ctype, body = await self._request("POST", "serverkeygen", csr_der)
+        proof = await self._proof_header("serverkeygen", _load_csr(csr_der))
+        ctype, body = await self._request("POST", "serverkeygen", csr_der, headers=proof)
         if _media(ctype) != "multipart/mixed":
             raise BadRequestError(f"the serverkeygen response is {_media(ctype) or 'untyped'}, not multipart/mixed")
         key: DevicePrivateKey | None = None
@@ -197,11 +225,9 @@ class EstClient:
         return key, cert
 
     async def _enroll(self, operation: str, csr_der: bytes) -> x509.Certificate:
-        try:
-            csr = x509.load_der_x509_csr(csr_der)
-        except ValueError as exc:
-            raise ValueError(f"csr_der is not a DER PKCS#10 request: {exc}") from exc
-        ctype, body = await self._request("POST", operation, csr_der)
+        csr = _load_csr(csr_der)
+        proof = await self._proof_header(operation, csr)
+        ctype, body = await self._request("POST", operation, csr_der, headers=proof)
         _expect_type(ctype, "application/pkcs7-mime")
         certs = _certs_only(body, operation)
         wanted = _spki(csr.public_key())
@@ -227,10 +253,16 @@ class EstClient:
 
     # --- HTTP -------------------------------------------------------------------------------------
     async def _request(
-        self, method: str, operation: str, csr_der: bytes | None = None, *, allow_empty: bool = False
+        self,
+        method: str,
+        operation: str,
+        csr_der: bytes | None = None,
+        *,
+        allow_empty: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> tuple[str, bytes]:
         session = self._ensure_session()
-        headers = {"Accept": "*/*"}
+        headers = {"Accept": "*/*", **(headers or {})}
         data: bytes | None = None
         if csr_der is not None:
             headers["Content-Type"] = "application/pkcs10"
@@ -266,6 +298,13 @@ class EstClient:
 
 
 # --- helpers (pure) -------------------------------------------------------------------------------
+def _load_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_der_x509_csr(csr_der)
+    except ValueError as exc:
+        raise ValueError(f"csr_der is not a DER PKCS#10 request: {exc}") from exc
+
+
 def _client_context(anchor_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=anchor_pem.decode("ascii"))

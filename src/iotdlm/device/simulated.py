@@ -155,6 +155,16 @@ class SimulatedDevice:
 
         return sign_bytes(self._key(), data)
 
+    def est_proof(self, operation: str, nonce: str, csr_der: bytes) -> str:
+        """The ``Iotdlm-Est-Proof`` header value (ADR 0008): the device key signs km's ``nonce``,
+        the EST ``operation`` and the public key of the CSR it sends."""
+        from iotdlm.pki import est_proof
+        from iotdlm.pki.keys import check_public_key
+
+        new_key = check_public_key(x509.load_der_x509_csr(csr_der).public_key())
+        self.log("est_proof_made", operation=operation)
+        return est_proof.make(self._key(), operation, nonce, new_key)
+
     def tls_identity(self, kind: str = "operational") -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for the device's own TLS client (EST): the device uses its key
         itself; this is how the simulated device hands it to its TLS stack."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import secrets
 import threading
 import time
 from collections.abc import Sequence, Set
@@ -33,6 +34,7 @@ from iotdlm.errors import (
     BadRequestError,
     ConflictError,
     IotdlmError,
+    NotAuthorizedError,
     NotFoundError,
     RejectedError,
     UntrustedError,
@@ -54,7 +56,7 @@ from iotdlm.km.ra import (
 from iotdlm.km.records import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.va import ROOT, Va
-from iotdlm.pki import crmf
+from iotdlm.pki import crmf, est_proof
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
 from iotdlm.pki.csr import CsrRequest, parse_csr
@@ -67,7 +69,7 @@ from iotdlm.store.records import CERT_REVOKED
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
-from iotdlm.wire.km import AUDIENCE, OP_EST, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
+from iotdlm.wire.km import AUDIENCE, OP_EST, OP_EST_NONCE, OP_ISSUE, OP_ISSUE_BATCH, OP_RENEW, OP_REVOKE
 
 
 class ModeCheck(Protocol):
@@ -88,6 +90,13 @@ class KmSettings:
     window: dt.timedelta = envelope.DEFAULT_WINDOW
     max_request_bytes: int = envelope.MAX_ENVELOPE_BYTES
     max_batch: int = msg.MAX_BATCH
+    #: profiles of the presented credential ("factory": enroll, "operational": re-enroll) for which
+    #: EST requests without a proof of the device's key are accepted (ADR 0008; none by default).
+    #: A request WITH a proof is checked whatever this says.
+    est_proof_optional: frozenset[str] = frozenset()
+    #: EST serverkeygen sends the new private key back through cm in the clear (cm sees it): refused
+    #: unless the operator turns this on (ADR 0008)
+    serverkeygen_cleartext: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class _Parsed:
 
 #: how long a km worker trusts what it last read of an issuing CA's revocation
 CA_STATUS_TTL = 5.0
+#: the store setting holding km's key for EST proof nonces (hex), shared by every km worker
+EST_NONCE_KEY = "est_proof_nonce_key"
 
 
 def _with_dropped(cert: msg.IssuedCertificate, what: tuple[str, ...]) -> msg.IssuedCertificate:
@@ -149,6 +160,7 @@ class Km:
         #: issuing CA name -> (monotonic time checked, revoked?): whether the operator revoked it
         #: (``ca revoke-ca``), read from the store at most every CA_STATUS_TTL seconds per worker
         self._ca_revoked: dict[str, tuple[float, bool]] = {}
+        self._nonce_key: bytes | None = None
 
     # --- 1+2: authentication ------------------------------------------------------------
     def _trust(self, leaf_der: bytes, now: dt.datetime) -> _TrustedSigner:
@@ -499,6 +511,56 @@ class Km:
             serial=record.serial,
         )
 
+    # --- EST: the device's proof of its current key (ADR 0008) --------------------------------
+    def _est_nonce_key(self) -> bytes:
+        """km's key for proof nonces: made by the first worker that needs it, kept in the store so
+        every worker shares it (the store's first writer wins)."""
+        if self._nonce_key is None:
+            self._nonce_key = bytes.fromhex(self.store.setdefault_meta(EST_NONCE_KEY, secrets.token_hex(32)))
+        return self._nonce_key
+
+    def est_nonce(self, token: bytes) -> msg.EstNonceResponse:
+        """A fresh nonce for the device that presented ``client_certificate`` to cm: the device signs
+        it with that certificate's key (:mod:`iotdlm.pki.est_proof`). Only cm asks."""
+        env, principal, nonce = self.authenticate(token, OP_EST_NONCE)
+        self._spend(nonce)
+        now = self.clock.now()
+        if not (isinstance(principal, ModulePrincipal) and principal.module == "cm"):
+            raise NotAuthorizedError(f"{principal.describe()} may not ask for EST proof nonces (cm relays them)")
+        self._check_mode(principal, "EST enrollment")
+        req = msg.decode(env.body, msg.EstNonceRequest)
+        self.presented(req.client_certificate)
+        fp = hashlib.sha256(req.client_certificate).hexdigest()
+        value = est_proof.issue_nonce(self._est_nonce_key(), fp, now)
+        return msg.EstNonceResponse(nonce=value, expires=(now + est_proof.NONCE_TTL).isoformat())
+
+    def _check_est_proof(
+        self, req: msg.EstRequest, cred: PresentedCredential, new_key: PublicKey, now: dt.datetime
+    ) -> NonceUse | None:
+        """The proof nonce to spend with the issuance, after checking the device signed this request
+        with the key of the certificate it presented; None when the policy lets a request without a
+        proof through. Refusals raise (and km audits them)."""
+        if req.proof is None:
+            if cred.profile in self.settings.est_proof_optional:
+                return None
+            raise NotAuthorizedError(
+                f"EST {req.operation} for device {cred.device_id} carries no proof that the device holds the key "
+                f"of its {cred.profile} certificate: send the {est_proof.HEADER} header (fetch a nonce from "
+                "/.well-known/est/iotdlm-nonce first)",
+                field="proof",
+                device_id=cred.device_id,
+            )
+        try:
+            proof = est_proof.parse(req.proof)
+            fp = hashlib.sha256(req.client_certificate).hexdigest()
+            expires = est_proof.nonce_expiry(proof.nonce, self._est_nonce_key(), fp, now)
+            current = _public_key(load_certificate(req.client_certificate))
+            est_proof.verify(proof, current, req.operation, new_key)
+        except RejectedError as exc:
+            exc.device_id = exc.device_id or cred.device_id  # the audit record names the device
+            raise
+        return NonceUse(f"est-proof:{fp}", proof.nonce, expires)
+
     def est(self, token: bytes) -> msg.EstResponse:
         """EST simpleenroll / simplereenroll / serverkeygen relayed by cm (RFC 7030)."""
         env, principal, nonce = self.authenticate(token, OP_EST)
@@ -513,6 +575,14 @@ class Km:
                 req.operation == "serverkeygen" and cred.profile == "operational"
             )
             server_keygen = req.operation == "serverkeygen"
+            if server_keygen and not self.settings.serverkeygen_cleartext:
+                raise NotAuthorizedError(
+                    "EST serverkeygen is off: km would send the device's new private key through cm in the "
+                    "clear (cm would see it); make the key on the device and use simpleenroll, or have the "
+                    "operator set est_serverkeygen = \"cleartext\" (docs/adr/0008-est-device-proof.md)",
+                    field="operation",
+                    device_id=cred.device_id,
+                )
             csr = parse_csr(req.csr)
             _check_requested_name(csr.subject, cred.device_id)
             facts = CertRequestFacts(
@@ -524,6 +594,8 @@ class Km:
                 presented=cred,
             )
             grant = self.authorizer.authorize(principal, facts)
+            # cm relayed it; only the device's own key proves the device asked (ADR 0008)
+            proof_nonce = self._check_est_proof(req, cred, csr.public_key, now)
             private_key: bytes | None = None
             public_key = csr.public_key
             if server_keygen:
@@ -534,6 +606,14 @@ class Km:
                 )
             parsed = _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop, requested=_csr_asked(csr))
             rec, left_out = self._sign(grant, parsed, principal, now)
+            if proof_nonce is not None:
+                # single use: spent before the issuance commits (a concurrent replay loses the race
+                # on the store's primary key); a failed commit costs the device a new nonce
+                try:
+                    self.store.consume_nonce(proof_nonce.sender, proof_nonce.nonce, expires_at=proof_nonce.expires_at)
+                except RejectedError as exc:
+                    exc.device_id = exc.device_id or cred.device_id
+                    raise
         except RejectedError:
             self._spend(nonce)
             raise

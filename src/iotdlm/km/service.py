@@ -46,8 +46,9 @@ class Schedule:
     purge_nonces_every: float = 300.0
 
 
-#: answered as they are, without km's reply signature: OCSP responses and CRLs are signed by the CA
-UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP})
+#: answered as they are, without km's reply signature: OCSP responses and CRLs are signed by the CA,
+#: an audit tree head by km itself
+UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP, s.KM_AUDIT_CHECKPOINT})
 
 
 class _RevokedEvent(msgspec.Struct, frozen=True):
@@ -87,6 +88,7 @@ class KmService:
             s.KM_EST_SIMPLEENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SIMPLEREENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SERVERKEYGEN: lambda m: self.km.est(m.data),
+            s.KM_EST_NONCE: lambda m: self.km.est_nonce(m.data),
         }
         if self.km.va is not None:
             routes[s.KM_CRL] = self._crl

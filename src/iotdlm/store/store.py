@@ -1297,6 +1297,18 @@ class Store:
         with self._guard("writing a setting"), self._tx(write=True) as conn:
             conn.execute(stmt)
 
+    def setdefault_meta(self, key: str, value: str) -> str:
+        """The value under ``key``; if there is none, store ``value`` first. Race-free across
+        workers: the first writer wins and every caller gets the winner's value."""
+        r.check_text("key", key, r.META_KEY_LEN)
+        if not isinstance(value, str) or "\x00" in value:
+            raise ValueError("meta value must be a str without NUL characters")
+        stmt = self._insert()(meta).values(key=key, value=value).on_conflict_do_nothing(index_elements=[meta.c.key])
+        with self._guard("writing a setting"), self._tx(write=True) as conn:
+            conn.execute(stmt)
+            stored = conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+        return str(stored)
+
     def set_meta_with_audit(self, key: str, value: str, audit: Sequence[AuditEntry]) -> list[AuditRecord]:
         """Store ``value`` under ``key`` and append ``audit`` to the audit log in ONE transaction
         (pm's alarm: the halt and its audit record are written together or not at all)."""

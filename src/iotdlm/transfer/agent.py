@@ -35,7 +35,9 @@ from cryptography import x509
 from iotdlm.clock import Clock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError
+from iotdlm.pki import est_proof
 from iotdlm.pki.chain import certs_to_pem, der, load_certificate, load_certificates_pem
+from iotdlm.pki.keys import check_public_key, load_private_key_pem
 from iotdlm.transfer import attestation, device
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
 from iotdlm.transfer.service import Receipt, Sp1Service, Sp2Verifier, StaticUpdateServer, UpdateImage
@@ -112,7 +114,9 @@ class EstEnroller:
 class EstRelay(Protocol):
     """What cm relays EST with (:class:`iotdlm.client.km.KmClient` as cm)."""
 
-    async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> Any: ...
+    async def est(self, operation: str, client_certificate: bytes, csr: bytes, *, proof: str | None = None) -> Any: ...
+
+    async def est_nonce(self, client_certificate: bytes) -> Any: ...
 
     async def chain(self) -> Any: ...
 
@@ -139,7 +143,11 @@ class RelayEnroller:
         if relay is None:
             raise UnavailableError(f"cannot reach the EST server at {enroll_uri}")
         factory = load_certificate(client_cert_pem)
-        out = await relay.est("simpleenroll", der(factory), csr)
+        # the device's proof of its factory key (ADR 0008), as EstClient makes it
+        nonce = (await relay.est_nonce(der(factory))).nonce
+        new_key = check_public_key(x509.load_der_x509_csr(csr).public_key())
+        proof = est_proof.make(load_private_key_pem(client_key_pem, None), "simpleenroll", nonce, new_key)
+        out = await relay.est("simpleenroll", der(factory), csr, proof=proof)
         cacerts = self._cacerts.get(enroll_uri)
         if cacerts is None:
             chain = await relay.chain()

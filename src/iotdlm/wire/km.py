@@ -19,6 +19,7 @@ OP_ISSUE_BATCH = "km.issue_batch"
 OP_RENEW = "km.renew"
 OP_REVOKE = "km.revoke"
 OP_EST = "km.est"
+OP_EST_NONCE = "km.est_nonce"
 AUDIENCE = "km"
 
 #: most items one batch request may carry (a provisioning line sends many at once)
@@ -65,6 +66,19 @@ class EstRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     operation: str  # simpleenroll | simplereenroll | serverkeygen
     client_certificate: bytes  # DER
     csr: bytes
+    #: the device's proof of its current key (the Iotdlm-Est-Proof header, ADR 0008), or None
+    proof: str | None = None
+
+
+class EstNonceRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """cm asks km for a proof nonce for the device that presented ``client_certificate``."""
+
+    client_certificate: bytes  # DER
+
+
+class EstNonceResponse(msgspec.Struct, frozen=True):
+    nonce: str
+    expires: str  # ISO 8601
 
 
 class CrlRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
