@@ -310,10 +310,13 @@ async def test_tls_with_client_certificates(tmp_path: Path) -> None:
 
 @pytest.mark.nats
 async def test_jetstream_api_allowed_only_when_jetstream_is_on(tmp_path: Path, nats_server: RunningNats) -> None:
+    """Without JetStream a module has no JetStream API at all; with it, only its own read path
+    (the mode bucket's stream info here), never the account-wide API (issue 11)."""
+    mode_info = f"$JS.API.STREAM.INFO.{subjects.kv_stream(subjects.MODE_BUCKET)}"
     km = await nats_server.connect("km")
     try:
         with pytest.raises(errors.PermissionDeniedError):
-            await km.request("$JS.API.INFO", b"")
+            await km.request(mode_info, b"")
     finally:
         await km.close()
 
@@ -321,10 +324,12 @@ async def test_jetstream_api_allowed_only_when_jetstream_is_on(tmp_path: Path, n
     try:
         km = await running.connect("km")
         try:
-            info = json.loads(await km.request("$JS.API.INFO", b""))
+            info = json.loads(await km.request(mode_info, b""))
+            with pytest.raises(errors.PermissionDeniedError):
+                await km.request("$JS.API.INFO", b"")
         finally:
             await km.close()
-        assert info.get("type") == "io.nats.jetstream.api.v1.account_info_response"
+        assert info.get("type") == "io.nats.jetstream.api.v1.stream_info_response"
     finally:
         running.server.stop()
 
@@ -469,7 +474,11 @@ def test_render_config_jetstream_and_tls(tmp_path: Path) -> None:
         http_port=8222,
     )
     text = render_config(cfg)
-    assert text.count(quote(JETSTREAM_API)) == 2
+    # each user gets its own JetStream API subjects, never the whole API (issue 11)
+    assert quote(JETSTREAM_API) not in text
+    for module in ("km", "pm"):
+        for api in subjects.PERMISSIONS[module].jetstream:
+            assert quote(api) in text
     assert f"store_dir: {quote(str(tmp_path / 'js'))}" in text
     assert f"cert_file: {quote(str(tmp_path / 'c.pem'))}" in text
     assert "verify: false" in text

@@ -32,8 +32,9 @@ from types import TracebackType
 
 from iotdlm.bus import subjects
 
-#: publish right every module needs to use JetStream (KV for the operation mode).
-#: Issue 6 will narrow this to the API subjects of the buckets each module really uses.
+#: the whole JetStream API. No user is granted it: each gets exactly the API subjects of its role
+#: (``Permissions.jetstream`` in :mod:`iotdlm.bus.subjects`), so a stolen login can neither
+#: create a stream capturing other modules' subjects nor rewrite the mode bucket's stream.
 JETSTREAM_API = "$JS.API.>"
 
 _STDERR_TAIL = 4000
@@ -200,7 +201,10 @@ def render_config(cfg: NatsServerConfig) -> str:
             perms = subjects.PERMISSIONS[u.module]
             publish = list(perms.publish)
             if cfg.jetstream_dir is not None:
-                publish.append(JETSTREAM_API)  # issue 6 narrows this
+                # exactly the JetStream API subjects of the module's role, never $JS.API.>
+                # (issue 11: with $JS.API.> cm could capture km's subjects in a stream of its own
+                # and rewrite the mode bucket's stream)
+                publish.extend(perms.jetstream)
             lines.append("    {")
             lines.append(f"      user: {quote(u.user)}")
             lines.append(f"      password: {quote(u.password)}")
