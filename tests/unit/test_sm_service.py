@@ -17,10 +17,10 @@ from iotdlm.bus.memory import MemoryHub
 from iotdlm.client.sm import SM_NOTIFY, SmClient
 from iotdlm.errors import BadRequestError, ModeError, NotFoundError, PermissionDeniedError
 from iotdlm.modes.guard import ModeGuard
-from iotdlm.modes.messages import ModeRecord, encode
 from iotdlm.modes.table import Mode
 from iotdlm.sm.service import SmService
 from iotdlm.wire import software as sw
+from tests.mode_signing import put_mode, verifier
 from tests.unit.test_sm_updater import DTYPE, KEY, SM, SmEnv, make_env
 from tests.unit.test_software_check import forge_role
 
@@ -150,13 +150,13 @@ async def test_sm_checks_the_operation_mode_itself(tmp_path: Path, memory_hub: M
     owner = await memory_hub.bus(s.SUPERVISOR).key_value(s.MODE_BUCKET, create=True)
 
     async def set_mode(mode: Mode) -> None:
-        await owner.put(s.MODE_KEY, encode(ModeRecord(mode=mode, since="2025-01-01T00:00:00+00:00", by="test")))
+        await put_mode(owner, mode)
 
     await set_mode(Mode.PROVISIONING_CERTIFICATE)
     env = make_env(tmp_path)
     env.publish(3)
     bus = memory_hub.bus("sm")
-    guard = ModeGuard(bus)
+    guard = ModeGuard(bus, verifier())
     service = SmService(env.manager(), bus, dtypes=[DTYPE], poll_interval=None, guard=guard)
     events = Events()
     await memory_hub.bus("admin").subscribe(f"{s.EVENTS}.sm.>", events.handler)

@@ -56,10 +56,14 @@ MODES_PREFIX = f"{PREFIX}.modes"
 MODES_SET = f"{MODES_PREFIX}.set"
 #: the mode and each service's health
 MODES_STATUS = f"{MODES_PREFIX}.status"
-#: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, JSON
-#: ``{"mode", "since", "by"}``. Only modes may write it; every module may read and watch it.
+#: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, a JWS
+#: signed by the supervisor with body ``{"mode", "since", "by"}`` (:mod:`iotdlm.modes.signed`).
+#: Only modes may write it; every module may read and watch it.
 MODE_BUCKET = "iotdlm_mode"
 MODE_KEY = "mode"
+#: event name (``iotdlm.v1.events.<module>.mode_alarm``): a service refused a mode record it could
+#: not verify as signed by the supervisor; the supervisor listens and audits it (issue 11)
+MODE_ALARM = "mode_alarm"
 
 # --- events (publish only, one branch per module) ---------------------------------------------
 EVENTS = f"{PREFIX}.events"
@@ -172,7 +176,7 @@ PERMISSIONS: dict[str, Permissions] = {
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(
         publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
-        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR)),
+        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}"),
         allow_responses=True,
         jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET)),
     ),

@@ -146,6 +146,7 @@ class CmService:
         one iotdlm issued."""
         from iotdlm.client.km import KmClient
         from iotdlm.modes.guard import ModeGuard
+        from iotdlm.modes.signed import ModeVerifier
         from iotdlm.runtime import connect_identity, sealer_for
 
         clock = clock or SystemClock()
@@ -155,7 +156,7 @@ class CmService:
         tls = deployment_tls(dep, _registered_factory_cas(dep, clock), now=clock.now(), server_files=files)
         bus, ident = await connect_identity(dep, "cm")
         km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout)
-        guard = ModeGuard(bus) if check_mode else None
+        guard = ModeGuard(bus, ModeVerifier.for_deployment(dep, clock)) if check_mode else None
         return cls(
             config,
             km=km,
