@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -10,6 +11,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -353,6 +355,65 @@ def test_start_failure_reports_the_server_output(tmp_path: Path) -> None:
             server.start()
     assert not server.running
     assert server.pid is None
+
+
+class ImpostorNats:
+    """Another NATS-like server on the port: greets like nats-server, records what clients send."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen()
+        self.port: int = self.sock.getsockname()[1]
+        self.received = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b'INFO {"server_id":"IMPOSTOR","server_name":"impostor","version":"2.10.0"}\r\n')
+                conn.settimeout(0.2)
+                with contextlib.suppress(OSError):
+                    self.received += conn.recv(65536)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.nats
+def test_start_refuses_another_server_already_on_the_port(tmp_path: Path) -> None:
+    """Issue 11: with the port taken by another (NATS-greeting) server, start() does not mistake
+    it for ours (each start names the server with a fresh random name that the greeting must
+    carry): it fails, saying another server answers, and nothing was sent to that server."""
+    impostor = ImpostorNats()
+    try:
+        server = EmbeddedNatsServer(
+            NatsServerConfig(port=impostor.port, users=generate_users(["km"])), tmp_path / "nats.conf"
+        )
+        with pytest.raises(RuntimeError, match="another server answers") as info:
+            server.start()
+        assert "no credentials were sent" in str(info.value)
+    finally:
+        impostor.close()
+    assert not server.running
+    assert impostor.received == b""
+
+
+def test_render_config_server_name() -> None:
+    cfg = NatsServerConfig(port=4222, server_name="iotdlm-0a1b")
+    assert 'server_name: "iotdlm-0a1b"' in render_config(cfg)
+    for bad in ("", "a b", 'x"y', "a\nb"):
+        with pytest.raises(ValueError, match="server_name"):
+            render_config(NatsServerConfig(port=4222, server_name=bad))
 
 
 @pytest.mark.nats

@@ -34,6 +34,7 @@ from iotdlm.modes.supervisor import Supervisor, SupervisorSettings, load_saved_m
 from iotdlm.modes.table import Mode, modules_on
 from iotdlm.pki.keys import Algorithm
 from iotdlm.runtime import connect_identity, open_store
+from tests.integration.test_bus_nats import ImpostorNats
 
 pytestmark = pytest.mark.nats
 
@@ -512,6 +513,7 @@ async def test_attack_forged_mode_record_is_refused_audited_and_repaired_by_mode
     assert code == 0, out
     assert "nothing changed" not in out
     assert "repaired" in out
+
     async def accepts(name: str) -> bool:
         try:
             return await bus.request(subject(name, "guarded"), b"") == b"certificate-management"
@@ -531,6 +533,22 @@ async def test_attack_forged_mode_record_is_refused_audited_and_repaired_by_mode
         store.close()
     assert len(repaired) == 1
     assert "plain JSON" in str(repaired[0].data["problem"])
+
+
+async def test_attack_up_with_the_nats_port_taken_sends_no_credentials(start: Start, deployment: Deployment) -> None:
+    """Issue 11 (section 4): with the deployment's NATS port already taken by another server
+    that greets like nats-server, `iotdlm up` does not take it for its own (the greeting must carry
+    the random server name of this start): it fails, saying so, and the other server received
+    nothing -- in particular not the modes user's credentials."""
+    impostor = ImpostorNats(deployment.config.nats.port)
+    try:
+        with pytest.raises(errors.UnavailableError, match="another server answers") as info:
+            await start(Mode.PROVISIONING_CERTIFICATE)
+        assert "no credentials were sent" in info.value.message
+    finally:
+        impostor.close()
+    assert impostor.received == b""
+    assert stand_ins(deployment.root) == {}
 
 
 async def test_only_admin_may_switch(start: Start, deployment: Deployment) -> None:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -46,7 +47,14 @@ import msgspec
 from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, Message, Subscription
-from iotdlm.bus.server import EmbeddedNatsServer, find_nats_server, render_config
+from iotdlm.bus.server import (
+    EmbeddedNatsServer,
+    find_nats_server,
+    foreign_server_message,
+    greeting_name,
+    instance_name,
+    render_config,
+)
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
 from iotdlm.modes import messages as m
@@ -352,8 +360,11 @@ class NatsProcess:
         """Write the configuration, spawn the server, return once it greets clients on its port."""
         if self.running:
             raise RuntimeError("nats-server is already running")
+        # a fresh name per start: the server on the port must greet with it before the supervisor
+        # connects (with the modes user's password) -- another server there gets no credentials
+        name = instance_name()
         cfg = self.server.config
-        text = render_config(cfg)
+        text = render_config(dataclasses.replace(cfg, server_name=name))
         if cfg.jetstream_dir is not None:
             cfg.jetstream_dir.mkdir(parents=True, exist_ok=True)
         path = self.server.config_path
@@ -375,9 +386,16 @@ class NatsProcess:
         self._proc = proc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not await _greets(cfg.host, cfg.port):
+        foreign = False
+        while True:
+            greeting = await _greeting(cfg.host, cfg.port)
+            if greeting is not None and greeting_name(greeting) == name:
+                return
+            foreign = foreign or greeting is not None
             if proc.returncode is not None:
                 self._proc = None
+                if foreign:
+                    raise RuntimeError(foreign_server_message(cfg.host, cfg.port, self.server.stderr_tail()))
                 raise RuntimeError(
                     f"nats-server exited with status {proc.returncode} at start (config {path}); "
                     f"its output:\n{self.server.stderr_tail()}"
@@ -402,21 +420,22 @@ class NatsProcess:
             await proc.wait()
 
 
-async def _greets(host: str, port: int) -> bool:
-    """Whether a NATS server answers on (host, port): it greets every client with ``INFO {...}``."""
+async def _greeting(host: str, port: int) -> bytes | None:
+    """The first line a server on (host, port) sends -- a NATS server greets every client with
+    ``INFO {...}`` -- or ``None`` if nothing answers. Nothing is sent to it."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
     except (OSError, TimeoutError):
-        return False
+        return None
     try:
         line = await asyncio.wait_for(reader.readline(), 0.5)
     except (OSError, TimeoutError, ValueError):
-        return False
+        return None
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    return line.startswith(b"INFO ")
+    return line or None
 
 
 # --- persistence ----------------------------------------------------------------------------------
