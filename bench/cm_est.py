@@ -182,17 +182,17 @@ async def set_mode(bd: BenchDeployment, mode: str) -> None:
     provisioning-certificate while pm gets factory certificates, certificate-management for cm."""
     import datetime as dt
 
-    import msgspec
-
     from iotdlm.bus import subjects
     from iotdlm.modes.messages import ModeRecord
-    from iotdlm.runtime import connect_identity
+    from iotdlm.modes.signed import seal_record
+    from iotdlm.runtime import connect_identity, sealer_for
 
-    bus, _ident = await connect_identity(bd.dep, "modes")
+    bus, ident = await connect_identity(bd.dep, "modes")
     try:
         kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
-        record = ModeRecord(mode=mode, since=dt.datetime.now(dt.UTC).isoformat(), by="bench")
-        await kv.put(subjects.MODE_KEY, msgspec.json.encode(record))
+        now = dt.datetime.now(dt.UTC)
+        record = ModeRecord(mode=mode, since=now.isoformat(), by="bench")
+        await kv.put(subjects.MODE_KEY, seal_record(sealer_for(ident), record, now=now))
     finally:
         await bus.close()
 

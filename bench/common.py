@@ -504,16 +504,18 @@ async def publish_mode(dep: Any, mode: str) -> None:
     """Publish the operation mode as the supervisor would (km checks it: pm gets device
     certificates only in provisioning-certificate). The benchmarks run km without a supervisor."""
     import datetime as _dt
-    import json as _json
 
     from iotdlm.bus import subjects
-    from iotdlm.runtime import connect_identity
+    from iotdlm.modes.messages import ModeRecord
+    from iotdlm.modes.signed import seal_record
+    from iotdlm.runtime import connect_identity, sealer_for
 
-    bus, _ = await connect_identity(dep, "modes")
+    bus, ident = await connect_identity(dep, "modes")
     try:
         kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
-        record = {"mode": mode, "since": _dt.datetime.now(_dt.UTC).isoformat(), "by": "bench"}
-        await kv.put(subjects.MODE_KEY, _json.dumps(record).encode())
+        now = _dt.datetime.now(_dt.UTC)
+        record = ModeRecord(mode=mode, since=now.isoformat(), by="bench")
+        await kv.put(subjects.MODE_KEY, seal_record(sealer_for(ident), record, now=now))
     finally:
         await bus.close()
 

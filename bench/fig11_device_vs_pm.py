@@ -41,6 +41,7 @@ from common import (
 from iotdlm.clock import SystemClock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.modes.guard import ModeGuard
+from iotdlm.modes.signed import ModeVerifier
 from iotdlm.pm import config as pmconfig
 from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import SimulatedFlasher
@@ -71,7 +72,7 @@ async def run(args: argparse.Namespace) -> tuple[str, list[Headline]]:
                     dev_id = f"{DTYPE}-{'c' if csr else 'k'}{i:05d}"
                     SimulatedDevice.manufacture(bench / dev_id, dev_id, DTYPE, can_make_csr=csr)
                 log(f"fig11 via pm: {label}: {n} devices (load {loadavg()})")
-                async with ModeGuard(bus) as guard, pmconfig.build_provisioner(
+                async with ModeGuard(bus, ModeVerifier.for_deployment(bd.dep)) as guard, pmconfig.build_provisioner(
                     bd.dep, DTYPE, bus=bus, store=store, flasher=SimulatedFlasher(bench, DTYPE), clock=SystemClock(),
                     config=config, guard=guard, require_mode=True,
                 ) as pm:  # fmt: skip

@@ -35,6 +35,7 @@ import datetime as dt
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
@@ -57,7 +58,7 @@ from iotdlm.clock import SystemClock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.messages import ModeRecord
-from iotdlm.modes.messages import encode as encode_mode
+from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import Mode
 from iotdlm.pm import config as pmconfig
 from iotdlm.pm import messages as m
@@ -65,10 +66,11 @@ from iotdlm.pm.core import Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer
-from iotdlm.runtime import connect_identity
+from iotdlm.runtime import connect_identity, sealer_for
 from iotdlm.sm import HttpFetcher
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.service import SmService
+from iotdlm.wire.envelope import Sealer
 
 TARGET_DEVICES = 1000
 TARGET_SECONDS = 30.0
@@ -114,22 +116,31 @@ async def _sm(bd: BenchDeployment, tmp: Path, stack: contextlib.AsyncExitStack) 
     return published.sha256
 
 
-async def mode_bucket(bd: BenchDeployment) -> KeyValue:
+@dataclass
+class ModeBucket:
+    """The mode bucket and the supervisor's signing identity (the record is signed, issue 11)."""
+
+    kv: KeyValue
+    sealer: Sealer
+
+
+async def mode_bucket(bd: BenchDeployment) -> ModeBucket:
     """The mode bucket, written as the supervisor (the ``modes`` identity) writes it."""
-    bus, _ = await connect_identity(bd.dep, "modes")
+    bus, ident = await connect_identity(bd.dep, "modes")
     bd.buses.append(bus)
-    return await bus.key_value(subjects.MODE_BUCKET, create=True)
+    return ModeBucket(await bus.key_value(subjects.MODE_BUCKET, create=True), sealer_for(ident))
 
 
-async def set_mode(kv: KeyValue, guard: ModeGuard, mode: Mode) -> None:
-    record = ModeRecord(mode=mode, since=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), by="bench")
-    await kv.put(subjects.MODE_KEY, encode_mode(record))
+async def set_mode(kv: ModeBucket, guard: ModeGuard, mode: Mode) -> None:
+    now = dt.datetime.now(dt.UTC)
+    record = ModeRecord(mode=mode, since=now.isoformat(timespec="seconds"), by="bench")
+    await kv.kv.put(subjects.MODE_KEY, seal_record(kv.sealer, record, now=now))
     await guard.wait_for(mode)
     await asyncio.sleep(0.3)  # km's own guard sees it too (a real switch stops and starts processes)
 
 
 async def provision_line(
-    pm: Provisioner, guard: ModeGuard, kv: KeyValue
+    pm: Provisioner, guard: ModeGuard, kv: ModeBucket
 ) -> tuple[list[m.ProvisionReport], list[float]]:
     """Table 1: pass 1 in provisioning-software, pass 2 in provisioning-certificate."""
     reports, walls = [], []
@@ -173,7 +184,7 @@ async def run(args: argparse.Namespace) -> tuple[str, list[Headline]]:
             config = pmconfig.PmConfig(batch_size=args.batch, concurrency=args.concurrency)
             flasher = SimulatedFlasher(bench, DTYPE)
             log(f"pm_provisioning: provisioning {n} devices (load {loadavg()})")
-            async with ModeGuard(bus) as guard, pmconfig.build_provisioner(
+            async with ModeGuard(bus, ModeVerifier.for_deployment(bd.dep)) as guard, pmconfig.build_provisioner(
                 bd.dep, DTYPE, bus=bus, store=store, flasher=flasher, clock=SystemClock(), config=config,
                 guard=guard, require_mode=True,
             ) as pm:  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,6 @@ from iotdlm.bus.server import (
     find_nats_server,
     free_port,
     generate_users,
-    quote,
     render_config,
 )
 from tests.fixtures_nats import RunningNats, start_nats
@@ -310,18 +308,9 @@ async def test_the_value_survives_a_server_restart(tmp_path: Path) -> None:
 
 
 def _narrowed_config(cfg: NatsServerConfig) -> str:
-    """The embedded server's config with each user's ``$JS.API.>`` replaced by its own
-    ``Permissions.jetstream`` list: the narrowing bus/server.py can adopt (issue 6)."""
-    text = render_config(cfg)
-    blocks = text.split("    {\n")
-    out = [blocks[0]]
-    for block in blocks[1:]:
-        m = re.search(r'user: "([^"]+)"', block)
-        assert m is not None
-        perms = subjects.PERMISSIONS[m.group(1)]
-        narrowed = ", ".join(quote(s) for s in perms.jetstream)
-        out.append(block.replace(quote(JETSTREAM_API), narrowed) if narrowed else block)
-    return "    {\n".join(out)
+    """The embedded server's config: each user's own ``Permissions.jetstream`` list, never
+    ``$JS.API.>`` (issue 11; the render itself does it now)."""
+    return render_config(cfg)
 
 
 @pytest.mark.nats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -10,6 +11,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -310,10 +312,13 @@ async def test_tls_with_client_certificates(tmp_path: Path) -> None:
 
 @pytest.mark.nats
 async def test_jetstream_api_allowed_only_when_jetstream_is_on(tmp_path: Path, nats_server: RunningNats) -> None:
+    """Without JetStream a module has no JetStream API at all; with it, only its own read path
+    (the mode bucket's stream info here), never the account-wide API (issue 11)."""
+    mode_info = f"$JS.API.STREAM.INFO.{subjects.kv_stream(subjects.MODE_BUCKET)}"
     km = await nats_server.connect("km")
     try:
         with pytest.raises(errors.PermissionDeniedError):
-            await km.request("$JS.API.INFO", b"")
+            await km.request(mode_info, b"")
     finally:
         await km.close()
 
@@ -321,10 +326,12 @@ async def test_jetstream_api_allowed_only_when_jetstream_is_on(tmp_path: Path, n
     try:
         km = await running.connect("km")
         try:
-            info = json.loads(await km.request("$JS.API.INFO", b""))
+            info = json.loads(await km.request(mode_info, b""))
+            with pytest.raises(errors.PermissionDeniedError):
+                await km.request("$JS.API.INFO", b"")
         finally:
             await km.close()
-        assert info.get("type") == "io.nats.jetstream.api.v1.account_info_response"
+        assert info.get("type") == "io.nats.jetstream.api.v1.stream_info_response"
     finally:
         running.server.stop()
 
@@ -348,6 +355,65 @@ def test_start_failure_reports_the_server_output(tmp_path: Path) -> None:
             server.start()
     assert not server.running
     assert server.pid is None
+
+
+class ImpostorNats:
+    """Another NATS-like server on the port: greets like nats-server, records what clients send."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen()
+        self.port: int = self.sock.getsockname()[1]
+        self.received = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b'INFO {"server_id":"IMPOSTOR","server_name":"impostor","version":"2.10.0"}\r\n')
+                conn.settimeout(0.2)
+                with contextlib.suppress(OSError):
+                    self.received += conn.recv(65536)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.mark.nats
+def test_start_refuses_another_server_already_on_the_port(tmp_path: Path) -> None:
+    """Issue 11: with the port taken by another (NATS-greeting) server, start() does not mistake
+    it for ours (each start names the server with a fresh random name that the greeting must
+    carry): it fails, saying another server answers, and nothing was sent to that server."""
+    impostor = ImpostorNats()
+    try:
+        server = EmbeddedNatsServer(
+            NatsServerConfig(port=impostor.port, users=generate_users(["km"])), tmp_path / "nats.conf"
+        )
+        with pytest.raises(RuntimeError, match="another server answers") as info:
+            server.start()
+        assert "no credentials were sent" in str(info.value)
+    finally:
+        impostor.close()
+    assert not server.running
+    assert impostor.received == b""
+
+
+def test_render_config_server_name() -> None:
+    cfg = NatsServerConfig(port=4222, server_name="iotdlm-0a1b")
+    assert 'server_name: "iotdlm-0a1b"' in render_config(cfg)
+    for bad in ("", "a b", 'x"y', "a\nb"):
+        with pytest.raises(ValueError, match="server_name"):
+            render_config(NatsServerConfig(port=4222, server_name=bad))
 
 
 @pytest.mark.nats
@@ -469,7 +535,11 @@ def test_render_config_jetstream_and_tls(tmp_path: Path) -> None:
         http_port=8222,
     )
     text = render_config(cfg)
-    assert text.count(quote(JETSTREAM_API)) == 2
+    # each user gets its own JetStream API subjects, never the whole API (issue 11)
+    assert quote(JETSTREAM_API) not in text
+    for module in ("km", "pm"):
+        for api in subjects.PERMISSIONS[module].jetstream:
+            assert quote(api) in text
     assert f"store_dir: {quote(str(tmp_path / 'js'))}" in text
     assert f"cert_file: {quote(str(tmp_path / 'c.pem'))}" in text
     assert "verify: false" in text

@@ -42,6 +42,7 @@ from iotdlm.errors import (
 from iotdlm.km import KmService
 from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.messages import ModeRecord
+from iotdlm.modes.signed import seal_record
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
@@ -168,7 +169,7 @@ async def open_site(
     await km.start()
     # the supervisor's part: the operation mode in the JetStream bucket every service watches
     modes_bus = await nats.connect("modes")
-    await set_mode(modes_bus, "certificate-management")
+    await set_mode(modes_bus, "certificate-management", dep)
     config = CmConfig(
         https_port=0,
         http_port=http_port,
@@ -195,11 +196,13 @@ async def open_site(
         store.close()
 
 
-async def set_mode(bus: Bus, mode: str) -> None:
-    """Publish the operation mode as the supervisor does (only the modes identity may write it)."""
+async def set_mode(bus: Bus, mode: str, dep: Deployment) -> None:
+    """Publish the operation mode as the supervisor does (only the modes identity may write it,
+    signed with the modes identity)."""
     kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
-    record = ModeRecord(mode=mode, since=SystemClock().now().isoformat(), by="test")
-    await kv.put(subjects.MODE_KEY, msgspec.json.encode(record))
+    now = SystemClock().now()
+    record = ModeRecord(mode=mode, since=now.isoformat(), by="test")
+    await kv.put(subjects.MODE_KEY, seal_record(sealer_for(dep.identity(subjects.SUPERVISOR)), record, now=now))
 
 
 async def _run(*argv: str) -> subprocess.CompletedProcess[bytes]:
@@ -837,7 +840,7 @@ async def test_cm_serve_process(tmp_path: Path) -> None:
     proc = None
     try:
         modes_bus = await server_connect(dep, "modes")
-        await set_mode(modes_bus, "certificate-management")
+        await set_mode(modes_bus, "certificate-management", dep)
         km_bus = await server_connect(dep, "km")
         km = KmService(build_km(dep, store, clock, passphrase=PASSPHRASE), km_bus, identity=km_identity(dep))
         await km.start()
@@ -922,7 +925,7 @@ async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
 
     # software-management: sm reaches out (the allowed origin is unreachable: 502, but admitted);
     # devices cannot enroll; OCSP, CRLs and /cacerts are still served
-    await set_mode(modes_bus, "software-management")
+    await set_mode(modes_bus, "software-management", site.dep)
     await guard.wait_for("software-management")
     assert await egress_status() == 502
     async with site.est(fkey, factory) as est:
@@ -931,7 +934,7 @@ async def test_cm_refuses_what_the_operation_mode_forbids(site: Site) -> None:
         assert await est.cacerts()
 
     # a provisioning mode: cm should not run at all; if it does, it refuses everything
-    await set_mode(modes_bus, "provisioning-certificate")
+    await set_mode(modes_bus, "provisioning-certificate", site.dep)
     await guard.wait_for("provisioning-certificate")
     async with site.est() as est:
         with pytest.raises(EstUnavailableError, match="provisioning-certificate"):

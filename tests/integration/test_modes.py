@@ -28,11 +28,13 @@ from iotdlm.bus.api import Bus
 from iotdlm.bus.server import free_port
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
-from iotdlm.modes.messages import ModeRecord, SetReply, StatusReply, decode
+from iotdlm.modes.messages import ModeRecord, SetReply, StatusReply, decode, encode
+from iotdlm.modes.signed import ModeVerifier
 from iotdlm.modes.supervisor import Supervisor, SupervisorSettings, load_saved_mode
 from iotdlm.modes.table import Mode, modules_on
 from iotdlm.pki.keys import Algorithm
 from iotdlm.runtime import connect_identity, open_store
+from tests.integration.test_bus_nats import ImpostorNats
 
 pytestmark = pytest.mark.nats
 
@@ -48,6 +50,7 @@ from iotdlm.bus import subjects
 from iotdlm.bus.nats import connect
 from iotdlm.deployment import Deployment
 from iotdlm.modes import DEVICE_CERTIFICATE_MODES, ModeGuard, modes_where
+from iotdlm.modes.signed import ModeVerifier
 
 data, svc, cm_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 module, _, dtype = svc.partition("-")
@@ -63,7 +66,7 @@ async def main():
     dep = Deployment.load(data)
     creds = json.loads((Path(data) / "modules" / svc / "nats.json").read_text())
     bus = await connect(dep.nats_url, module=module, user=creds["user"], password=creds["password"])
-    guard = ModeGuard(bus)
+    guard = ModeGuard(bus, ModeVerifier.for_deployment(dep))
     await guard.start()
 
     async def ping(msg):
@@ -322,7 +325,7 @@ async def test_each_mode_runs_exactly_its_table_1_services(
     kv = await bus.key_value(subjects.MODE_BUCKET)
     entry = await kv.get(subjects.MODE_KEY)
     assert entry is not None
-    record = decode(entry.value, ModeRecord)
+    record = ModeVerifier.for_deployment(deployment).verify(entry.value)
     assert (record.mode, record.by) == (mode.value, "test")
     saved = load_saved_mode(root)
     assert saved is not None
@@ -394,7 +397,7 @@ async def test_mode_set_drains_stops_starts_and_audits(
     assert sup.mode is Mode.CERTIFICATE_MANAGEMENT
     entry = await (await bus.key_value(subjects.MODE_BUCKET)).get(subjects.MODE_KEY)
     assert entry is not None
-    record = decode(entry.value, ModeRecord)
+    record = ModeVerifier.for_deployment(deployment).verify(entry.value)
     assert record.mode == "certificate-management"
     assert "@" in record.by  # the operator who typed `mode set`
     saved = load_saved_mode(root)
@@ -449,6 +452,103 @@ async def test_mode_set_drains_stops_starts_and_audits(
         assert len(store.list_audit(kind="mode_switch")) == 3
     finally:
         store.close()
+
+
+async def test_attack_forged_mode_record_is_refused_audited_and_repaired_by_mode_set(
+    start: Start, admin: Callable[[], Awaitable[Bus]], deployment: Deployment, cm_port: int
+) -> None:
+    """Issue 11 attack 2 (forged operation mode): a mode record in the bucket that is not signed
+    by the supervisor -- here an unsigned record naming provisioning-certificate while the
+    deployment is in certificate-management with cm running, written with the only login that
+    may write the bucket (the forged stream of the issue wrote the same bytes) -- sets no mode.
+    km and cm refuse work ("cannot be trusted") instead of acting as if in provisioning; each
+    publishes an alarm, which the supervisor writes to the audit log (kind ``alarm``, check
+    ``mode_record_refused``); ``status`` says the record does not verify; and ``mode set`` to the
+    mode in force re-asserts it (audited, check ``mode_record_repaired``) instead of saying
+    "nothing changed"."""
+    root = deployment.root
+    await start(Mode.CERTIFICATE_MANAGEMENT)
+    bus = await admin()
+    for name in ("km", "cm"):
+        await until(lambda n=name: answers(bus, subject(n, "ping")), f"{name} to answer")  # type: ignore[misc]
+    assert await bus.request(subject("cm", "guarded"), b"") == b"certificate-management"
+
+    forger, _ = await connect_identity(deployment, subjects.SUPERVISOR)
+    try:
+        kv = await forger.key_value(subjects.MODE_BUCKET)
+        forged = ModeRecord(mode="provisioning-certificate", since="2026-01-01T00:00:00+00:00", by="attacker")
+        await kv.put(subjects.MODE_KEY, encode(forged))
+    finally:
+        await forger.close()
+
+    async def refuses(name: str) -> bool:
+        try:
+            await bus.request(subject(name, "guarded"), b"")
+        except errors.ModeError as exc:
+            return "cannot be trusted" in exc.message
+        return False
+
+    for name in ("km", "cm"):
+        await until(lambda n=name: refuses(n), f"{name} to refuse the forged mode")  # type: ignore[misc]
+
+    def alarms() -> list[str]:
+        store = open_store(deployment)
+        try:
+            return sorted(
+                r.actor for r in store.list_audit(kind="alarm") if r.data.get("check") == "mode_record_refused"
+            )
+        finally:
+            store.close()
+
+    await until(lambda: alarms() == ["cm", "km"], "the alarms of km and cm in the audit log")
+
+    st = decode(await bus.request(subjects.MODES_STATUS, b""), StatusReply)
+    assert st.mode == "certificate-management"
+    assert "plain JSON" in st.record
+    code, out = await cli("status", "--data", str(root))
+    assert code == 0, out
+    assert "NOT VERIFIED" in out
+
+    code, out = await cli("mode", "set", "certificate-management", "--data", str(root))
+    assert code == 0, out
+    assert "nothing changed" not in out
+    assert "repaired" in out
+
+    async def accepts(name: str) -> bool:
+        try:
+            return await bus.request(subject(name, "guarded"), b"") == b"certificate-management"
+        except errors.ModeError:
+            return False
+
+    await until(lambda: accepts("cm"), "cm to accept the re-asserted mode")
+    st = decode(await bus.request(subjects.MODES_STATUS, b""), StatusReply)
+    assert st.record == "verified"
+    code, out = await cli("status", "--data", str(root))
+    assert "verified" in out
+    assert "NOT VERIFIED" not in out
+    store = open_store(deployment)
+    try:
+        repaired = [r for r in store.list_audit(kind="alarm") if r.data.get("check") == "mode_record_repaired"]
+    finally:
+        store.close()
+    assert len(repaired) == 1
+    assert "plain JSON" in str(repaired[0].data["problem"])
+
+
+async def test_attack_up_with_the_nats_port_taken_sends_no_credentials(start: Start, deployment: Deployment) -> None:
+    """Issue 11 (section 4): with the deployment's NATS port already taken by another server
+    that greets like nats-server, `iotdlm up` does not take it for its own (the greeting must carry
+    the random server name of this start): it fails, saying so, and the other server received
+    nothing -- in particular not the modes user's credentials."""
+    impostor = ImpostorNats(deployment.config.nats.port)
+    try:
+        with pytest.raises(errors.UnavailableError, match="another server answers") as info:
+            await start(Mode.PROVISIONING_CERTIFICATE)
+        assert "no credentials were sent" in info.value.message
+    finally:
+        impostor.close()
+    assert impostor.received == b""
+    assert stand_ins(deployment.root) == {}
 
 
 async def test_only_admin_may_switch(start: Start, deployment: Deployment) -> None:

@@ -275,7 +275,9 @@ async def test_ocsp_malformed_requests_get_malformed_request_200(
     assert answer.response_status is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
-@given(st.text(max_size=300))
+# "." and "..", even percent-encoded, are dot segments: every client removes them (RFC 3986 5.2.4),
+# so the request would be for /ocsp/ or /, not for a path below /ocsp/
+@given(st.text(max_size=300).filter(lambda p: p not in (".", "..")))
 async def test_ocsp_get_answers_any_path_with_an_ocsp_response(path: str) -> None:
     """Whatever text follows /ocsp/: an OCSPResponse (km's, or malformedRequest), never a text refusal."""
     from urllib.parse import quote

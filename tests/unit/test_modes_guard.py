@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import KeyValue, Message
 from iotdlm.bus.memory import MemoryBus, MemoryHub
 from iotdlm.modes import DEVICE_CERTIFICATE_MODES, ModeGuard, cm_running, modes_where
-from iotdlm.modes.messages import ModeRecord, encode
+from iotdlm.modes.messages import ModeAlarm, ModeRecord, decode, encode
 from iotdlm.modes.table import Mode
+from tests.helpers import make_pki
+from tests.mode_signing import pki, put_mode, signed, verifier
 
 
 class FakeMonotonic:
@@ -37,13 +42,13 @@ async def owner(hub: MemoryHub) -> AsyncIterator[KeyValue]:
 
 
 async def set_mode(kv: KeyValue, mode: str) -> None:
-    await kv.put(subjects.MODE_KEY, encode(ModeRecord(mode=mode, since="2025-01-01T00:00:00+00:00", by="test")))
+    await put_mode(kv, mode)
 
 
 async def test_km_refuses_device_certificates_outside_provisioning_certificate(hub: MemoryHub, owner: KeyValue) -> None:
     await set_mode(owner, Mode.CERTIFICATE_MANAGEMENT)
     km = MemoryBus(hub, "km")
-    async with ModeGuard(km) as guard:
+    async with ModeGuard(km, verifier()) as guard:
         with pytest.raises(errors.ModeError) as info:
             guard.require(DEVICE_CERTIFICATE_MODES, "issuing a device certificate for pm")
         err = info.value
@@ -64,7 +69,7 @@ async def test_km_refuses_device_certificates_outside_provisioning_certificate(h
 
 async def test_unknown_mode_is_refused(hub: MemoryHub) -> None:
     pm = MemoryBus(hub, "pm")
-    async with ModeGuard(pm) as guard:  # no bucket at all: no supervisor ever ran
+    async with ModeGuard(pm, verifier()) as guard:  # no bucket at all: no supervisor ever ran
         assert guard.mode is None
         with pytest.raises(errors.ModeError, match="unknown"):
             guard.require(modes_where("pm"), "provisioning")
@@ -74,7 +79,7 @@ async def test_unknown_mode_is_refused(hub: MemoryHub) -> None:
 async def test_a_deleted_or_garbled_mode_is_unknown(hub: MemoryHub, owner: KeyValue) -> None:
     await set_mode(owner, Mode.PROVISIONING_SOFTWARE)
     pm = MemoryBus(hub, "pm")
-    async with ModeGuard(pm) as guard:
+    async with ModeGuard(pm, verifier()) as guard:
         assert guard.require(modes_where("pm"), "flashing") == "provisioning-software"
         await owner.delete(subjects.MODE_KEY)  # the supervisor stopped
         await guard.wait_for(None)
@@ -83,7 +88,7 @@ async def test_a_deleted_or_garbled_mode_is_unknown(hub: MemoryHub, owner: KeyVa
         for garbage in (b"not json", b'{"mode": "maintenance", "since": "s", "by": "b"}', b"{}"):
             await owner.put(subjects.MODE_KEY, garbage)
             await guard.wait_for(None)
-            with pytest.raises(errors.ModeError, match="unknown"):
+            with pytest.raises(errors.ModeError, match="cannot be trusted"):
                 guard.require(modes_where("pm"), "flashing")
             await set_mode(owner, Mode.PROVISIONING_SOFTWARE)
             await guard.wait_for(Mode.PROVISIONING_SOFTWARE)
@@ -94,7 +99,7 @@ async def test_a_mode_not_confirmed_for_max_age_is_unknown(hub: MemoryHub, owner
     await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
     clock = FakeMonotonic()
     km = MemoryBus(hub, "km")
-    guard = ModeGuard(km, max_age=5.0, refresh_every=3600, monotonic=clock)
+    guard = ModeGuard(km, verifier(), max_age=5.0, refresh_every=3600, monotonic=clock)
     await guard.start()
     assert guard.require(DEVICE_CERTIFICATE_MODES, "issuing") == "provisioning-certificate"
     await km.close()  # the bus is gone: nothing can confirm the mode any more
@@ -112,7 +117,7 @@ async def test_a_mode_not_confirmed_for_max_age_is_unknown(hub: MemoryHub, owner
 async def test_guard_polls_when_the_watch_cannot_start(hub: MemoryHub) -> None:
     # the bucket appears after the service started (supervisor came up later): the poll finds it
     pm = MemoryBus(hub, "pm")
-    guard = ModeGuard(pm, refresh_every=0.01)
+    guard = ModeGuard(pm, verifier(), refresh_every=0.01)
     await guard.start()
     assert guard.mode is None
     sup = MemoryBus(hub, subjects.SUPERVISOR)
@@ -127,15 +132,15 @@ async def test_guard_polls_when_the_watch_cannot_start(hub: MemoryHub) -> None:
 
 
 async def test_require_needs_allowed_modes(hub: MemoryHub) -> None:
-    guard = ModeGuard(MemoryBus(hub, "km"))
+    guard = ModeGuard(MemoryBus(hub, "km"), verifier())
     with pytest.raises(ValueError, match="at least one"):
         guard.require(set(), "anything")
     with pytest.raises(ValueError, match="positive"):
-        ModeGuard(MemoryBus(hub, "km"), max_age=0)
+        ModeGuard(MemoryBus(hub, "km"), verifier(), max_age=0)
 
 
 async def test_wait_for_times_out_as_unavailable(hub: MemoryHub) -> None:
-    guard = ModeGuard(MemoryBus(hub, "km"))
+    guard = ModeGuard(MemoryBus(hub, "km"), verifier())
     with pytest.raises(errors.UnavailableError, match="did not become"):
         await guard.wait_for(Mode.SOFTWARE_MANAGEMENT, timeout=0.01)
 
@@ -144,7 +149,7 @@ async def test_pm_refuses_while_cm_runs(hub: MemoryHub, owner: KeyValue) -> None
     await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
     pm = MemoryBus(hub, "pm")
     cm = MemoryBus(hub, "cm")
-    async with ModeGuard(pm) as guard:
+    async with ModeGuard(pm, verifier()) as guard:
         guard.require(modes_where("pm"), "provisioning")
         assert not await cm_running(pm)
         await guard.require_cm_off("provisioning")  # cm off: allowed
@@ -187,7 +192,7 @@ async def test_cm_ping_permissions() -> None:
 async def test_guard_check_runs_from_a_worker_thread(hub: MemoryHub, owner: KeyValue) -> None:
     await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)
     km = MemoryBus(hub, "km")
-    async with ModeGuard(km) as guard:
+    async with ModeGuard(km, verifier()) as guard:
         mode = await asyncio.to_thread(guard.require, DEVICE_CERTIFICATE_MODES, "issuing")
         assert mode == Mode.PROVISIONING_CERTIFICATE
     await km.close()
@@ -208,3 +213,94 @@ def test_only_the_supervisor_writes_the_mode_and_answers_modes_subjects() -> Non
     assert any(subject_matches(a, subjects.MODES_STATUS) for a in admin)
     for module in ("km", "pm", "sm", "cm"):
         assert not any(subject_matches(a, subjects.MODES_SET) for a in subjects.PERMISSIONS[module].publish)
+
+
+# --- the signed mode record (issue 11) -----------------------------------------------------------
+
+
+class Alarms:
+    """The mode alarms services publish (``iotdlm.v1.events.<module>.mode_alarm``)."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[tuple[str, ModeAlarm]] = asyncio.Queue()
+
+    async def handler(self, m: Message) -> None:
+        self.got.put_nowait((m.subject, decode(m.data, ModeAlarm)))
+
+    async def next(self) -> tuple[str, ModeAlarm]:
+        return await asyncio.wait_for(self.got.get(), 5)
+
+
+def _forgeries() -> dict[str, bytes]:
+    other_ca = make_pki()
+    good = signed(Mode.PROVISIONING_CERTIFICATE)
+    header, payload, sig = good.split(b".")
+    forged_payload = base64.urlsafe_b64encode(
+        base64.urlsafe_b64decode(payload + b"==").replace(b"provisioning-certificate", b"provisioning-software")
+    ).rstrip(b"=")
+    return {
+        # the old format, or what a forged stream transform carries
+        "unsigned": encode(ModeRecord(mode=Mode.PROVISIONING_CERTIFICATE, since="2026-11-21T12:00:00+00:00", by="x")),
+        # cm's stolen key and certificate, from the same service CA
+        "signed by cm": signed(Mode.PROVISIONING_CERTIFICATE, signer=pki().module("cm")),
+        # a supervisor of another deployment
+        "another CA": signed(Mode.PROVISIONING_CERTIFICATE, signer=other_ca.module(subjects.SUPERVISOR)),
+        # a genuine record with another mode written into its body
+        "tampered": b".".join((header, forged_payload, sig)),
+        "garbage": b"a.b.c",
+    }
+
+
+@pytest.mark.parametrize("forgery", sorted(_forgeries()))
+async def test_a_mode_record_not_signed_by_the_supervisor_is_refused_with_an_alarm(
+    hub: MemoryHub, owner: KeyValue, forgery: str
+) -> None:
+    """A value in the bucket that does not verify as the supervisor's (unsigned, signed by
+    another module or another deployment, tampered with) is no valid mode: the service refuses
+    work, naming why, and publishes one alarm per forged value, which the supervisor audits."""
+    alarms = Alarms()
+    admin = MemoryBus(hub, "admin")
+    await admin.subscribe(f"{subjects.EVENTS}.*.{subjects.MODE_ALARM}", alarms.handler)
+    await set_mode(owner, Mode.CERTIFICATE_MANAGEMENT)
+    km = MemoryBus(hub, "km")
+    async with ModeGuard(km, verifier(), refresh_every=0.01) as guard:
+        assert guard.mode == Mode.CERTIFICATE_MANAGEMENT
+        revision = await owner.put(subjects.MODE_KEY, _forgeries()[forgery])
+        await guard.wait_for(None)
+        with pytest.raises(errors.ModeError, match="cannot be trusted") as info:
+            guard.require(DEVICE_CERTIFICATE_MODES, "issuing a device certificate for pm")
+        assert "not signed by the supervisor" in info.value.message
+        subject, alarm = await alarms.next()
+        assert subject == f"{subjects.EVENTS}.km.{subjects.MODE_ALARM}"
+        assert (alarm.module, alarm.revision) == ("km", revision)
+        assert "not signed by the supervisor" in alarm.reason
+        await asyncio.sleep(0.05)  # several polls of the same value: still one alarm
+        assert alarms.got.empty()
+        await set_mode(owner, Mode.PROVISIONING_CERTIFICATE)  # the operator re-asserts
+        await guard.wait_for(Mode.PROVISIONING_CERTIFICATE)
+        assert guard.problem is None
+    await km.close()
+    await admin.close()
+
+
+def test_the_verifier_names_why() -> None:
+    v = verifier()
+    forgeries = _forgeries()
+    for value in forgeries.values():
+        with pytest.raises(errors.RejectedError, match="not signed by the supervisor"):
+            v.verify(value)
+    with pytest.raises(errors.RejectedError, match="plain JSON"):
+        v.verify(forgeries["unsigned"])
+    with pytest.raises(errors.RejectedError, match="not the supervisor"):
+        v.verify(forgeries["signed by cm"])
+    assert v.verify(signed(Mode.SOFTWARE_MANAGEMENT, by="ops")).by == "ops"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_the_verifier_refuses_any_bytes_in_words(value: bytes) -> None:
+    """Hypothesis: whatever (unsigned) bytes the bucket holds, the verifier refuses them with a
+    RejectedError in words, never another exception."""
+    with pytest.raises(errors.RejectedError) as info:
+        verifier().verify(value)
+    assert info.value.message.startswith("the mode record is not signed by the supervisor: ")

@@ -32,8 +32,6 @@ from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.km import Km, KmService, KmSettings
 from iotdlm.modes.guard import ModeGuard
-from iotdlm.modes.messages import ModeRecord
-from iotdlm.modes.messages import encode as encode_mode
 from iotdlm.modes.table import Mode
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.keys import Algorithm, generate_key
@@ -47,6 +45,7 @@ from iotdlm.store import Store
 from iotdlm.wire import software as sw
 from iotdlm.wire.envelope import Sealer
 from tests.helpers import NOW, ORG, make_pki
+from tests.mode_signing import put_mode, verifier
 from tests.unit.test_software_check import bundle_of
 
 DTYPE = "boardA"
@@ -554,7 +553,7 @@ async def test_pm_refuses_while_cm_runs(line: Line) -> None:
 
 async def _set_mode(hub: MemoryHub, mode: Mode) -> None:
     kv = await MemoryBus(hub, subjects.SUPERVISOR).key_value(subjects.MODE_BUCKET, create=True)
-    await kv.put(subjects.MODE_KEY, encode_mode(ModeRecord(mode=mode, since="2026-11-21T12:00:00+00:00", by="t")))
+    await put_mode(kv, mode, by="t")
 
 
 async def test_table_1_software_first_then_certificates(line: Line) -> None:
@@ -563,8 +562,8 @@ async def test_table_1_software_first_then_certificates(line: Line) -> None:
     dev = line.device("dev-1", csr=False)
     await _set_mode(line.hub, Mode.PROVISIONING_SOFTWARE)
     async with (
-        ModeGuard(line.hub.bus("km")) as km_guard,
-        ModeGuard(line.hub.bus("pm")) as guard,
+        ModeGuard(line.hub.bus("km"), verifier()) as km_guard,
+        ModeGuard(line.hub.bus("pm"), verifier()) as guard,
         line.provisioner(guard=guard, require_mode=True) as pm,
     ):
         line.km.mode = km_guard
@@ -588,7 +587,8 @@ async def test_table_1_software_first_then_certificates(line: Line) -> None:
 
 async def test_a_pm_held_to_the_mode_refuses_when_none_is_published(line: Line) -> None:
     line.device("dev-1")
-    async with ModeGuard(line.hub.bus("pm")) as guard, line.provisioner(guard=guard, require_mode=True) as pm:
+    guard = ModeGuard(line.hub.bus("pm"), verifier())
+    async with guard, line.provisioner(guard=guard, require_mode=True) as pm:
         with pytest.raises(errors.ModeError, match="unknown"):
             await pm.provision_batch(None, "alice")
 

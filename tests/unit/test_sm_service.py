@@ -15,9 +15,12 @@ from iotdlm.bus import Message
 from iotdlm.bus import subjects as s
 from iotdlm.bus.memory import MemoryHub
 from iotdlm.client.sm import SM_NOTIFY, SmClient
-from iotdlm.errors import BadRequestError, NotFoundError, PermissionDeniedError
+from iotdlm.errors import BadRequestError, ModeError, NotFoundError, PermissionDeniedError
+from iotdlm.modes.guard import ModeGuard
+from iotdlm.modes.table import Mode
 from iotdlm.sm.service import SmService
 from iotdlm.wire import software as sw
+from tests.mode_signing import put_mode, verifier
 from tests.unit.test_sm_updater import DTYPE, KEY, SM, SmEnv, make_env
 from tests.unit.test_software_check import forge_role
 
@@ -137,3 +140,51 @@ async def test_notification_for_an_unmanaged_dtype_or_garbage_is_ignored(
     await admin.publish(SM_NOTIFY, b'{"dtype":"boardA"}')
     ev = await events.next()  # the next event is the managed dtype's check, nothing before it
     assert (ev.kind, ev.dtype) == ("stored", DTYPE)
+
+
+async def test_sm_checks_the_operation_mode_itself(tmp_path: Path, memory_hub: MemoryHub) -> None:
+    """Issue 11: sm checks the mode like km, pm and cm. Outside its modes (here
+    provisioning-certificate, where Table 1 turns sm off) it answers pm with ``wrong_mode`` and
+    publishes a ``refused`` event instead of contacting the repository; in provisioning-software it
+    serves pm but does not reach out; in software-management it does both."""
+    owner = await memory_hub.bus(s.SUPERVISOR).key_value(s.MODE_BUCKET, create=True)
+
+    async def set_mode(mode: Mode) -> None:
+        await put_mode(owner, mode)
+
+    await set_mode(Mode.PROVISIONING_CERTIFICATE)
+    env = make_env(tmp_path)
+    env.publish(3)
+    bus = memory_hub.bus("sm")
+    guard = ModeGuard(bus, verifier())
+    service = SmService(env.manager(), bus, dtypes=[DTYPE], poll_interval=None, guard=guard)
+    events = Events()
+    await memory_hub.bus("admin").subscribe(f"{s.EVENTS}.sm.>", events.handler)
+    pm = SmClient(memory_hub.bus("pm"))
+    await service.start()
+    try:
+        ev = await events.next()
+        assert (ev.kind, ev.code, ev.field) == ("refused", "wrong_mode", "mode")
+        assert ev.message is not None
+        assert "provisioning-certificate" in ev.message
+        with pytest.raises(ModeError, match="provisioning-certificate"):
+            await pm.list(DTYPE)
+        with pytest.raises(ModeError):
+            await pm.load(DTYPE)
+        assert env.fetcher.urls == []  # sm never reached out
+
+        await set_mode(Mode.PROVISIONING_SOFTWARE)
+        await guard.wait_for(Mode.PROVISIONING_SOFTWARE)
+        assert await pm.list(DTYPE) == []  # serves pm
+        service.trigger(DTYPE)
+        assert (await events.next()).code == "wrong_mode"  # but does not reach out
+        assert env.fetcher.urls == []
+
+        await set_mode(Mode.SOFTWARE_MANAGEMENT)
+        await guard.wait_for(Mode.SOFTWARE_MANAGEMENT)
+        service.trigger(DTYPE)
+        ev = await events.next()
+        assert (ev.kind, ev.release_counter) == ("stored", 3)
+        assert [v.release_counter for v in await pm.list(DTYPE)] == [3]
+    finally:
+        await service.stop()

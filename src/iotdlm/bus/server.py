@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -26,14 +27,15 @@ import sys
 import time
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
 from iotdlm.bus import subjects
 
-#: publish right every module needs to use JetStream (KV for the operation mode).
-#: Issue 6 will narrow this to the API subjects of the buckets each module really uses.
+#: the whole JetStream API. No user is granted it: each gets exactly the API subjects of its role
+#: (``Permissions.jetstream`` in :mod:`iotdlm.bus.subjects`), so a stolen login can neither
+#: create a stream capturing other modules' subjects nor rewrite the mode bucket's stream.
 JETSTREAM_API = "$JS.API.>"
 
 _STDERR_TAIL = 4000
@@ -90,10 +92,38 @@ class NatsServerConfig:
     jetstream_dir: Path | None = None
     #: monitoring endpoint (also loopback only)
     http_port: int | None = None
+    #: the server's name, announced in the INFO greeting; :class:`EmbeddedNatsServer` sets a fresh
+    #: random one at every start, so it can tell its own server from another one on the port
+    server_name: str | None = None
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+def instance_name() -> str:
+    """A fresh random server name for one start of the embedded server."""
+    return f"iotdlm-{secrets.token_hex(12)}"
+
+
+def greeting_name(line: bytes) -> str | None:
+    """The ``server_name`` a NATS server announces in its ``INFO {...}`` greeting; ``None`` if
+    ``line`` is no NATS greeting (or names no server)."""
+    if not line.startswith(b"INFO "):
+        return None
+    try:
+        info = json.loads(line[5:])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    name = info.get("server_name") if isinstance(info, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def foreign_server_message(host: str, port: int, output: str) -> str:
+    return (
+        f"another server answers on {host}:{port}, not the nats-server this deployment started: no credentials "
+        f"were sent to it. Stop it or choose another port. nats-server's output:\n{output}"
+    )
 
 
 def quote(value: str) -> str:
@@ -158,6 +188,10 @@ def render_config(cfg: NatsServerConfig) -> str:
         f"port: {cfg.port}",
         f"max_payload: {cfg.max_payload}",
     ]
+    if cfg.server_name is not None:
+        if not cfg.server_name or not all(c.isalnum() or c in "-_" for c in cfg.server_name):
+            raise ValueError("server_name must be letters, digits, '-' and '_'")
+        lines.append(f"server_name: {quote(cfg.server_name)}")
     if cfg.http_port is not None:
         _check_port("http_port", cfg.http_port)
         lines.append(f"http: {quote(_host_port(cfg.host, cfg.http_port))}")
@@ -200,7 +234,10 @@ def render_config(cfg: NatsServerConfig) -> str:
             perms = subjects.PERMISSIONS[u.module]
             publish = list(perms.publish)
             if cfg.jetstream_dir is not None:
-                publish.append(JETSTREAM_API)  # issue 6 narrows this
+                # exactly the JetStream API subjects of the module's role, never $JS.API.>
+                # (issue 11: with $JS.API.> cm could capture km's subjects in a stream of its own
+                # and rewrite the mode bucket's stream)
+                publish.extend(perms.jetstream)
             lines.append("    {")
             lines.append(f"      user: {quote(u.user)}")
             lines.append(f"      password: {quote(u.password)}")
@@ -238,6 +275,8 @@ class EmbeddedNatsServer:
         self.log_path = self.config_path.with_name(self.config_path.name + ".log")
         self._binary = binary
         self._proc: subprocess.Popen[bytes] | None = None
+        #: the random server name of the current start (see :func:`instance_name`)
+        self._name: str | None = None
         self._reaper: weakref.finalize[[subprocess.Popen[bytes]], EmbeddedNatsServer] | None = None
 
     @property
@@ -265,7 +304,10 @@ class EmbeddedNatsServer:
         if self.running:
             raise RuntimeError("nats-server is already running")
         binary = self._binary or find_nats_server()
-        text = render_config(self.config)
+        # a fresh name per start: the greeting on the port must carry it before anyone connects
+        # (another server already on the port would otherwise receive the modules' credentials)
+        self._name = instance_name()
+        text = render_config(replace(self.config, server_name=self._name))
         if self.config.jetstream_dir is not None:
             self.config.jetstream_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,16 +326,21 @@ class EmbeddedNatsServer:
         # collected or the interpreter exits; stop() and kill() cancel this.
         self._reaper = weakref.finalize(self, _reap, self._proc)
         deadline = time.monotonic() + timeout
+        foreign = False
         while True:
             code = self._proc.poll()
             if code is not None:
                 self._proc = None
+                if foreign:
+                    raise RuntimeError(foreign_server_message(self.config.host, self.config.port, self.stderr_tail()))
                 raise RuntimeError(
                     f"nats-server exited with status {code} at start "
                     f"(config {self.config_path}); its output:\n{self.stderr_tail()}"
                 )
-            if self._port_open():
+            greeting = self._greeting()
+            if greeting is not None and greeting_name(greeting) == self._name:
                 return
+            foreign = foreign or greeting is not None
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
@@ -302,8 +349,9 @@ class EmbeddedNatsServer:
                 )
             time.sleep(0.02)
 
-    def _port_open(self) -> bool:
-        """Whether a NATS server answers on our port (it greets every client with ``INFO {...}``)."""
+    def _greeting(self) -> bytes | None:
+        """The first line a server on our port sends (a NATS server greets every client with
+        ``INFO {...}``), or ``None`` if nothing answers. Nothing is sent to it."""
         try:
             with socket.create_connection((self.config.host, self.config.port), timeout=0.5) as s:
                 greeting = b""
@@ -312,9 +360,9 @@ class EmbeddedNatsServer:
                     if not chunk:
                         break
                     greeting += chunk
-                return greeting.startswith(b"INFO ")
+                return greeting.split(b"\n", 1)[0] if greeting else None
         except OSError:
-            return False
+            return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, wait, then SIGKILL. Safe to call twice or after the process died."""

@@ -7,6 +7,16 @@ Each module connects as its own NATS user. The permission table below is rendere
 embedded nats-server configuration, so the *server* refuses anything outside it (NATS
 authorization), not a convention in our code. Replies travel on a per-module inbox prefix
 (``_INBOX.<module>.``), so a module can subscribe only to its own replies.
+
+JetStream (issue 11): no module is granted the JetStream API as a whole. A module is granted a
+stream or bucket by listing, in its :class:`Permissions`, the exact API subjects its role needs on
+that stream and nothing more: ``jetstream=`` for ``$JS.API.*`` / ``$JS.FC.*`` subjects (build them
+with :func:`kv_read_api` / :func:`kv_admin_api` or a sibling helper for a plain stream), and
+``publish=`` for the subjects it writes into the stream (``$KV.<bucket>.>`` for a bucket). Readers
+get the read path only (info, direct/message get, ordered consumers); only the owner creates the
+stream; nobody is granted update, delete, purge or message delete.
+``tests/integration/test_jetstream_permissions_matrix.py`` checks every module against every verb
+over the real nats-server: add a new stream's verbs there.
 """
 
 from __future__ import annotations
@@ -50,10 +60,14 @@ MODES_PREFIX = f"{PREFIX}.modes"
 MODES_SET = f"{MODES_PREFIX}.set"
 #: the mode and each service's health
 MODES_STATUS = f"{MODES_PREFIX}.status"
-#: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, JSON
-#: ``{"mode", "since", "by"}``. Only modes may write it; every module may read and watch it.
+#: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, a JWS
+#: signed by the supervisor with body ``{"mode", "since", "by"}`` (:mod:`iotdlm.modes.signed`).
+#: Only modes may write it; every module may read and watch it.
 MODE_BUCKET = "iotdlm_mode"
 MODE_KEY = "mode"
+#: event name (``iotdlm.v1.events.<module>.mode_alarm``): a service refused a mode record it could
+#: not verify as signed by the supervisor; the supervisor listens and audits it (issue 11)
+MODE_ALARM = "mode_alarm"
 
 # --- events (publish only, one branch per module) ---------------------------------------------
 EVENTS = f"{PREFIX}.events"
@@ -116,10 +130,9 @@ class Permissions:
     subscribe: tuple[str, ...]
     #: allow publishing a reply to whoever sent us a request (NATS ``allow_responses``)
     allow_responses: bool
-    #: the JetStream API subjects this module needs (key-value buckets it reads or owns). The
-    #: embedded server still grants every user ``$JS.API.>`` when JetStream is on
-    #: (:data:`iotdlm.bus.server.JETSTREAM_API`); rendering this list instead is the narrowing of
-    #: issue 6. The in-memory bus enforces it already.
+    #: the JetStream API subjects this module needs (key-value buckets it reads or owns), added to
+    #: its publish permissions when JetStream is on, and nothing else of ``$JS.API.>`` (issue 11).
+    #: The in-memory bus enforces the same list.
     jetstream: tuple[str, ...] = ()
 
 
@@ -167,7 +180,7 @@ PERMISSIONS: dict[str, Permissions] = {
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(
         publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
-        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR)),
+        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}"),
         allow_responses=True,
         jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET)),
     ),

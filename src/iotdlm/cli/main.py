@@ -184,12 +184,13 @@ async def _serve_km(dep: Deployment) -> None:
     from iotdlm.km import KmService
     from iotdlm.km.service import Schedule
     from iotdlm.modes.guard import ModeGuard
+    from iotdlm.modes.signed import ModeVerifier
     from iotdlm.runtime import build_km, connect_identity, open_store
 
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
     bus, ident = await connect_identity(dep, "km")
-    guard = ModeGuard(bus)
+    guard = ModeGuard(bus, ModeVerifier.for_deployment(dep))
     await guard.start()
     kmcore.mode = guard
     service = KmService(

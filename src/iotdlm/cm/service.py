@@ -146,6 +146,7 @@ class CmService:
         one iotdlm issued."""
         from iotdlm.client.km import KmClient, KmTrust
         from iotdlm.modes.guard import ModeGuard
+        from iotdlm.modes.signed import ModeVerifier
         from iotdlm.runtime import connect_identity, sealer_for
 
         clock = clock or SystemClock()
@@ -161,7 +162,7 @@ class CmService:
             timeout=config.limits.km_timeout,
             trust=KmTrust(dep.ca_certificate("service")),
         )
-        guard = ModeGuard(bus) if check_mode else None
+        guard = ModeGuard(bus, ModeVerifier.for_deployment(dep, clock)) if check_mode else None
         return cls(
             config,
             km=km,

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from iotdlm.bus import subjects
@@ -167,6 +168,13 @@ def mode_set(mode_name: str, data: Path, with_sm: bool | None, timeout: float) -
     if not reply.changed:
         console.print(f"already in mode [bold]{reply.to}[/bold] (since {reply.since}); nothing changed")
         return
+    if reply.repaired is not None:
+        console.print(
+            f"[yellow]mode record repaired[/yellow]: {escape(reply.repaired)}; "
+            f"[bold]{reply.to}[/bold] signed and written again (audited)"
+        )
+        if reply.from_mode == reply.to and not (reply.stopped or reply.started or reply.restarted):
+            return
     console.print(f"mode [bold]{reply.from_mode or 'off'}[/bold] -> [bold green]{reply.to}[/bold green]")
     table = Table("change", "services")
     for label, names in (
@@ -201,6 +209,13 @@ def _print_status(st: m.StatusReply) -> None:
     if st.switching:
         head += f" [yellow]switching {st.switching}[/yellow]"
     console.print(head)
+    if st.record == "verified":
+        console.print("mode record: [green]verified[/green] (signed by the supervisor)")
+    else:
+        console.print(
+            f"mode record: [red]NOT VERIFIED[/red]: {escape(st.record)} "
+            f"(`iotdlm mode set {st.mode or '<mode>'}` re-asserts it)"
+        )
     console.print(f"supervisor pid {st.supervisor_pid}, NATS {st.nats_url}")
     table = Table("service", "state", "pid", "running", "restarts", "uptime", "last exit")
     colors = {"running": "green", "failed": "red", "backoff": "yellow", "stopping": "yellow", "off": "dim"}

@@ -7,9 +7,15 @@ read every ``refresh_every`` seconds that heals a lost watch) and :meth:`ModeGua
 :class:`~iotdlm.errors.ModeError` when the mode is not one of those allowed -- or is unknown:
 never published, or not confirmed for ``max_age`` seconds. Deny by default.
 
+The record must be signed by the supervisor (:mod:`iotdlm.modes.signed`, issue 11): a value the
+guard's :class:`~iotdlm.modes.signed.ModeVerifier` cannot verify -- unsigned, signed by another
+module, tampered with -- is no valid mode (the service refuses work) and an alarm: logged, and
+published once per bucket revision on ``iotdlm.v1.events.<module>.mode_alarm``, which the
+supervisor writes to the audit log.
+
 km::
 
-    guard = ModeGuard(bus)
+    guard = ModeGuard(bus, ModeVerifier.for_deployment(dep))
     await guard.start()
     ...
     guard.require(DEVICE_CERTIFICATE_MODES, "issuing a device certificate for pm")   # sync: fine in a thread
@@ -32,8 +38,8 @@ from types import TracebackType
 from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, KeyValueEntry, Subscription
-from iotdlm.modes.messages import ModeRecord, decode
-from iotdlm.modes.table import Mode
+from iotdlm.modes.messages import ModeAlarm, ModeRecord, encode
+from iotdlm.modes.signed import ModeVerifier
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +57,21 @@ async def cm_running(bus: Bus, *, timeout: float = 1.0) -> bool:  # noqa: ASYNC1
     return True
 
 
-def parse_record(entry: KeyValueEntry | None) -> ModeRecord | None:
-    """The mode in a bucket entry; ``None`` for no value, or one that is not a known mode."""
-    if entry is None:
+def parse_record(entry: KeyValueEntry | None, verifier: ModeVerifier) -> ModeRecord | None:
+    """The mode in a bucket entry; ``None`` for no value. A value that does not verify raises
+    the RejectedError saying why (an alarm for the caller)."""
+    if entry is None or not entry.value:
         return None
-    try:
-        record = decode(entry.value, ModeRecord)
-    except errors.BadRequestError as exc:
-        log.error("the mode in bucket %s is malformed: %s", subjects.MODE_BUCKET, exc)
-        return None
-    if record.mode not in set(Mode):
-        log.error("the mode in bucket %s is unknown: %r", subjects.MODE_BUCKET, record.mode)
-        return None
-    return record
+    return verifier.verify(entry.value)
+
+
+def mode_alarm_subject(module: str) -> str:
+    """Where ``module``'s guard reports a mode record it cannot verify."""
+    return subjects.events(module, MODE_ALARM)
+
+
+#: the event name of a mode record a service refused
+MODE_ALARM = subjects.MODE_ALARM
 
 
 class ModeGuard:
@@ -75,6 +83,7 @@ class ModeGuard:
     def __init__(
         self,
         bus: Bus,
+        verifier: ModeVerifier,
         *,
         refresh_every: float = 1.0,
         max_age: float = 5.0,
@@ -83,6 +92,11 @@ class ModeGuard:
         if refresh_every <= 0 or max_age <= 0:
             raise ValueError("refresh_every and max_age must be positive")
         self._bus = bus
+        self._verifier = verifier
+        #: the bucket revision last reported as an alarm (one alarm per forged value)
+        self._alarmed: int | None = None
+        #: why the last value read did not verify (None: it did, or there was none)
+        self.problem: str | None = None
         self._refresh_every = refresh_every
         self._max_age = max_age
         self._monotonic = monotonic
@@ -141,20 +155,41 @@ class ModeGuard:
             entry = await self._kv.get(subjects.MODE_KEY)
         except errors.NotFoundError:
             # no bucket: no supervisor ever published a mode here
-            self._set(None)
+            await self._set(None)
             return
-        self._set(entry)
+        await self._set(entry)
 
     async def _on_change(self, entry: KeyValueEntry | None) -> None:
-        self._set(entry)
+        await self._set(entry)
 
-    def _set(self, entry: KeyValueEntry | None) -> None:
-        record = parse_record(entry)
+    async def _set(self, entry: KeyValueEntry | None) -> None:
+        try:
+            record = parse_record(entry, self._verifier)
+            self.problem = None
+        except errors.RejectedError as exc:
+            assert entry is not None
+            record = None
+            self.problem = exc.message
+            await self._alarm(entry.revision, exc.message)
         if record != self._record:
             log.info("%s: operation mode is now %s", self._bus.module, record.mode if record is not None else "unknown")
         self._record = record
         self._confirmed_at = self._monotonic()
         self._changed.set()
+
+    async def _alarm(self, revision: int, reason: str) -> None:
+        if self._alarmed == revision:
+            return
+        self._alarmed = revision
+        module = self._bus.module
+        log.error(
+            "%s refuses the mode record in bucket %s (revision %d): %s", module, subjects.MODE_BUCKET, revision, reason
+        )
+        alarm = ModeAlarm(module=module, revision=revision, reason=reason)
+        try:
+            await self._bus.publish(mode_alarm_subject(module), encode(alarm))
+        except errors.IotdlmError as exc:
+            log.error("%s could not publish the mode alarm: %s", module, exc)
 
     # --- reading ----------------------------------------------------------------------------
     @property
@@ -192,6 +227,12 @@ class ModeGuard:
         needed = " or ".join(sorted(str(m) for m in allowed_modes))
         first = sorted(str(m) for m in allowed_modes)[0]
         mode = self.mode
+        if mode is None and self.problem is not None and self._confirmed_at is not None:
+            raise errors.ModeError(
+                f"{self._bus.module} refuses {what}: the operation mode cannot be trusted ({self.problem}); "
+                f"the operator re-asserts it with `iotdlm mode set {first}` (or the mode in force)",
+                field="mode",
+            )
         if mode is None:
             raise errors.ModeError(
                 f"{self._bus.module} refuses {what}: the operation mode is unknown (no supervisor published one, "

@@ -30,6 +30,16 @@ class ModeRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     by: str
 
 
+class ModeAlarm(msgspec.Struct, frozen=True):
+    """``iotdlm.v1.events.<module>.mode_alarm``: a service refused the mode record it read (it
+    does not verify as signed by the supervisor); the supervisor audits it."""
+
+    module: str
+    #: the bucket revision of the refused value
+    revision: int
+    reason: str
+
+
 class SavedMode(msgspec.Struct, frozen=True):
     mode: str
     since: str
@@ -57,10 +67,13 @@ class SetReply(msgspec.Struct, frozen=True):
     kept: list[str] = []
     #: services that had given up and were started again
     restarted: list[str] = []
+    #: the mode was already in force, but the record in the bucket did not verify (or was not the
+    #: supervisor's): it was signed and written again (issue 11)
+    repaired: str | None = None
 
     @property
     def changed(self) -> bool:
-        return bool(self.stopped or self.started or self.restarted) or self.from_mode != self.to
+        return bool(self.stopped or self.started or self.restarted or self.repaired) or self.from_mode != self.to
 
 
 class ServiceHealth(msgspec.Struct, frozen=True):
@@ -89,6 +102,9 @@ class StatusReply(msgspec.Struct, frozen=True):
     #: "from -> to" while a switch is under way
     switching: str | None
     services: list[ServiceHealth]
+    #: whether the mode record in the bucket verifies as the supervisor's and matches its mode:
+    #: ``verified``, or why not (issue 11)
+    record: str = "verified"
 
 
 _S = TypeVar("_S", bound=msgspec.Struct)

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -46,10 +47,19 @@ import msgspec
 from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, Message, Subscription
-from iotdlm.bus.server import EmbeddedNatsServer, find_nats_server, render_config
+from iotdlm.bus.server import (
+    EmbeddedNatsServer,
+    find_nats_server,
+    foreign_server_message,
+    greeting_name,
+    instance_name,
+    render_config,
+)
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
 from iotdlm.modes import messages as m
+from iotdlm.modes.guard import MODE_ALARM
+from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import (
     DEFAULT_COMMANDS,
     START_ORDER,
@@ -63,6 +73,7 @@ from iotdlm.modes.table import (
 )
 from iotdlm.store import AuditEntry, Store
 from iotdlm.wire import audit as audit_fmt
+from iotdlm.wire.envelope import Sealer
 
 log = logging.getLogger(__name__)
 
@@ -349,8 +360,11 @@ class NatsProcess:
         """Write the configuration, spawn the server, return once it greets clients on its port."""
         if self.running:
             raise RuntimeError("nats-server is already running")
+        # a fresh name per start: the server on the port must greet with it before the supervisor
+        # connects (with the modes user's password) -- another server there gets no credentials
+        name = instance_name()
         cfg = self.server.config
-        text = render_config(cfg)
+        text = render_config(dataclasses.replace(cfg, server_name=name))
         if cfg.jetstream_dir is not None:
             cfg.jetstream_dir.mkdir(parents=True, exist_ok=True)
         path = self.server.config_path
@@ -372,9 +386,16 @@ class NatsProcess:
         self._proc = proc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not await _greets(cfg.host, cfg.port):
+        foreign = False
+        while True:
+            greeting = await _greeting(cfg.host, cfg.port)
+            if greeting is not None and greeting_name(greeting) == name:
+                return
+            foreign = foreign or greeting is not None
             if proc.returncode is not None:
                 self._proc = None
+                if foreign:
+                    raise RuntimeError(foreign_server_message(cfg.host, cfg.port, self.server.stderr_tail()))
                 raise RuntimeError(
                     f"nats-server exited with status {proc.returncode} at start (config {path}); "
                     f"its output:\n{self.server.stderr_tail()}"
@@ -399,21 +420,22 @@ class NatsProcess:
             await proc.wait()
 
 
-async def _greets(host: str, port: int) -> bool:
-    """Whether a NATS server answers on (host, port): it greets every client with ``INFO {...}``."""
+async def _greeting(host: str, port: int) -> bytes | None:
+    """The first line a server on (host, port) sends -- a NATS server greets every client with
+    ``INFO {...}`` -- or ``None`` if nothing answers. Nothing is sent to it."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
     except (OSError, TimeoutError):
-        return False
+        return None
     try:
         line = await asyncio.wait_for(reader.readline(), 0.5)
     except (OSError, TimeoutError, ValueError):
-        return False
+        return None
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    return line.startswith(b"INFO ")
+    return line or None
 
 
 # --- persistence ----------------------------------------------------------------------------------
@@ -484,6 +506,8 @@ class Supervisor:
         self._nats: NatsProcess | None = None
         self._bus: Bus | None = None
         self._kv: KeyValue | None = None
+        self._sealer: Sealer | None = None
+        self._verifier: ModeVerifier | None = None
         self._store: Store | None = None
         self._lock_fd: int | None = None
         self._services: dict[str, ServiceProcess] = {}
@@ -567,6 +591,9 @@ class Supervisor:
         try:
             self._take_lock()
             self._check_identity()
+            ident = self.dep.identity(subjects.SUPERVISOR)
+            self._sealer = Sealer(ident.key, ident.certificate)
+            self._verifier = ModeVerifier.for_deployment(self.dep, self._clock)
             if self._embedded:
                 await self._start_nats()
             self._bus = await self._connect()
@@ -576,6 +603,7 @@ class Supervisor:
                 await self._apply(mode, with_sm, by=_clean_by(by), actor=subjects.SUPERVISOR, reason="up")
             self._subs.append(await self._bus.serve(subjects.MODES_SET, self._on_set))
             self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
+            self._subs.append(await self._bus.subscribe(subjects.events("*", MODE_ALARM), self._on_mode_alarm))
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
         except BaseException:
@@ -662,7 +690,22 @@ class Supervisor:
             if self._current.with_sm != with_sm:  # a preference for later (sm is not optional here)
                 self._current = msgspec.structs.replace(self._current, with_sm=with_sm)
                 await asyncio.to_thread(save_mode, self.dep.root, self._current)
-            return m.SetReply(from_mode=from_mode, to=mode.value, with_sm=with_sm, since=self._current.since, kept=kept)
+            # the mode is in force here; re-assert it where services read it if that record is not ours
+            problem = await self.record_problem()
+            if problem is not None:
+                await self._audit_alarm(
+                    actor, "mode_record_repaired", {"mode": mode.value, "by": by, "problem": problem}
+                )
+                await self._publish(self._current)
+                log.warning("the mode record did not verify (%s): %s signed and written again", problem, mode.value)
+            return m.SetReply(
+                from_mode=from_mode,
+                to=mode.value,
+                with_sm=with_sm,
+                since=self._current.since,
+                kept=kept,
+                repaired=problem,
+            )
         if not target:
             log.warning("mode %s turns on no service here (no dtype for pm?)", mode.value)
         # audit first: no record, no switch
@@ -714,7 +757,9 @@ class Supervisor:
     async def _publish(self, record: m.SavedMode) -> None:
         """The new mode, where services read it (the bucket) and where ``up`` resumes it (mode.json)."""
         assert self._kv is not None
-        value = m.encode(m.ModeRecord(mode=record.mode, since=record.since, by=record.by))
+        assert self._sealer is not None
+        mode_record = m.ModeRecord(mode=record.mode, since=record.since, by=record.by)
+        value = seal_record(self._sealer, mode_record, now=self._clock.now())
         await self._kv.put(subjects.MODE_KEY, value)
         await asyncio.to_thread(save_mode, self.dep.root, record)
 
@@ -750,7 +795,51 @@ class Supervisor:
         )
         await asyncio.to_thread(store.append_audit, [entry])
 
+    async def _audit_alarm(self, actor: str, check: str, data: dict[str, object]) -> None:
+        store = self._store
+        if store is None:
+            raise errors.UnavailableError("the store is not open: cannot audit the alarm")
+        entry = AuditEntry(
+            at=self._clock.now(), kind=audit_fmt.ALARM, actor=actor, subject=None, data={"check": check, **data}
+        )
+        await asyncio.to_thread(store.append_audit, [entry])
+
+    async def record_problem(self) -> str | None:
+        """Why the mode record in the bucket is not the supervisor's current mode, or ``None``:
+        it verifies (signed by the modes identity) and names the mode in force."""
+        if self._kv is None or self._verifier is None:
+            return "the supervisor is not running"
+        try:
+            entry = await self._kv.get(subjects.MODE_KEY)
+        except errors.IotdlmError as exc:
+            return f"it cannot be read: {exc.message}"
+        if entry is None or not entry.value:
+            return "there is none" if self._current is not None else None
+        try:
+            record = self._verifier.verify(entry.value)
+        except errors.RejectedError as exc:
+            return exc.message
+        cur = self._current
+        if cur is None or (record.mode, record.since, record.by) != (cur.mode, cur.since, cur.by):
+            return f"it names mode {record.mode} since {record.since}, not the mode in force"
+        return None
+
     # --- bus handlers ---------------------------------------------------------------------------
+    async def _on_mode_alarm(self, msg: Message) -> None:
+        """A service refused the mode record: into the audit log (the alarm names the publishing
+        module from the subject, which the NATS permissions tie to its login, not from the body)."""
+        module = msg.subject.split(".")[-2]
+        try:
+            alarm = m.decode(msg.data, m.ModeAlarm)
+            data: dict[str, object] = {"module": module, "revision": alarm.revision, "reason": alarm.reason[:500]}
+        except errors.RejectedError as exc:
+            data = {"module": module, "reason": f"malformed alarm: {exc.message}"[:500]}
+        log.error("%s refused the mode record: %s", module, data.get("reason"))
+        try:
+            await self._audit_alarm(module, "mode_record_refused", data)
+        except errors.IotdlmError as exc:
+            log.error("could not audit the mode alarm of %s: %s", module, exc)
+
     async def _on_set(self, msg: Message) -> bytes:
         req = m.decode(msg.data, m.SetRequest)
         mode = parse_mode(req.mode)
@@ -758,7 +847,8 @@ class Supervisor:
         return m.encode(reply)
 
     async def _on_status(self, msg: Message) -> bytes:
-        return m.encode(self.status())
+        problem = await self.record_problem()
+        return m.encode(msgspec.structs.replace(self.status(), record=problem or "verified"))
 
     # --- plumbing -------------------------------------------------------------------------------
     def _take_lock(self) -> None:

@@ -191,6 +191,7 @@ async def _provision(
     import msgspec
 
     from iotdlm.modes.guard import ModeGuard
+    from iotdlm.modes.signed import ModeVerifier
     from iotdlm.pm import config as pmconfig
     from iotdlm.pm.core import Progress as RunProgress
 
@@ -205,7 +206,7 @@ async def _provision(
     try:
         bus = await pmconfig.connect_pm(dep, dtype)
         try:
-            async with ModeGuard(bus) as guard:
+            async with ModeGuard(bus, ModeVerifier.for_deployment(dep)) as guard:
                 provisioner = pmconfig.build_provisioner(
                     dep, dtype, bus=bus, store=store, flasher=flasher, clock=clock, config=cfg, guard=guard
                 )
@@ -321,6 +322,7 @@ def request(
 # --- serve -----------------------------------------------------------------------------------------
 async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Path | None) -> None:
     from iotdlm.modes.guard import ModeGuard
+    from iotdlm.modes.signed import ModeVerifier
     from iotdlm.pm import config as pmconfig
     from iotdlm.pm.service import PmService, provision_subject
 
@@ -336,7 +338,7 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
     store = pmconfig.open_store(dep)
     bus = await pmconfig.connect_pm(dep, dtype)
     try:
-        async with ModeGuard(bus) as guard:
+        async with ModeGuard(bus, ModeVerifier.for_deployment(dep)) as guard:
             # a service (started by the supervisor) is held to the mode: unknown -> refused
             provisioner = pmconfig.build_provisioner(
                 dep,

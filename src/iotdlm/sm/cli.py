@@ -231,12 +231,17 @@ def show(data: Path, dtype: str, counter: int | None, no_verify: bool) -> None:
 
 
 async def _serve(data: Path) -> None:
+    from iotdlm.modes.guard import ModeGuard
+    from iotdlm.modes.signed import ModeVerifier
     from iotdlm.runtime import connect_identity
     from iotdlm.sm.service import SmService
 
     manager, config = _manager(data)
-    bus, _ident = await connect_identity(Deployment.load(data), "sm")
-    service = SmService(manager, bus, dtypes=config.dtypes, poll_interval=float(config.poll_interval_seconds))
+    dep = Deployment.load(data)
+    bus, _ident = await connect_identity(dep, "sm")
+    guard = ModeGuard(bus, ModeVerifier.for_deployment(dep))
+    interval = float(config.poll_interval_seconds)
+    service = SmService(manager, bus, dtypes=config.dtypes, poll_interval=interval, guard=guard)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,12 @@ published on ``iotdlm.v1.events.sm.<kind>``: ``stored`` (a new release), ``check
 ``release_counter`` is the repository's latest, if any), ``refused`` (a RejectedError: rollback,
 expired or wrongly signed metadata, wrong hardware_id, altered image -- the paper's alarm),
 ``failed`` (the repository could not be reached).
+
+Defence in depth (Table 1, issue 11): given a :class:`~iotdlm.modes.guard.ModeGuard`, sm checks the
+operation mode itself, like km, pm and cm. It answers pm only where sm runs (provisioning-software,
+software-management) and reaches the repository only in software-management (the one mode where
+cm relays its egress); outside them a request is refused with ``wrong_mode`` and a check publishes
+a ``refused`` event (code ``wrong_mode``) instead of contacting the repository.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.errors import IotdlmError, RejectedError
+from iotdlm.modes.guard import ModeGuard
+from iotdlm.modes.table import Mode, modes_where
 from iotdlm.sm.updater import CheckResult, SoftwareManager
 from iotdlm.wire import software as sw
 
@@ -30,6 +38,12 @@ log = logging.getLogger(__name__)
 
 #: the repository announced a release (to be added to iotdlm.bus.subjects as SM_NOTIFY)
 SM_NOTIFY = f"{s.SM_PREFIX}.notify"
+
+
+#: where sm answers pm (Table 1: sm runs there)
+SERVE_MODES = modes_where("sm")
+#: where sm reaches the repository (cm relays sm's egress only there)
+CHECK_MODES = frozenset({Mode.SOFTWARE_MANAGEMENT})
 
 
 def event_subject(kind: str) -> str:
@@ -44,8 +58,12 @@ class SmService:
         *,
         dtypes: list[str],
         poll_interval: float | None = 3600.0,
+        guard: ModeGuard | None = None,
     ) -> None:
+        """``guard`` (started and stopped with the service) checks the operation mode before
+        every request and check; ``None``: no mode check (tests of sm alone)."""
         self.sm = sm
+        self.guard = guard
         self.bus = bus
         self.dtypes = [sw.check_dtype(d) for d in dtypes]
         self.poll_interval = poll_interval
@@ -54,6 +72,8 @@ class SmService:
         self._wake: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
+        if self.guard is not None:
+            await self.guard.start()
         queue = s.queue_group("sm")
         self._subs.append(await self.bus.serve(s.SM_SOFTWARE_LIST, self._list, queue=queue))
         self._subs.append(await self.bus.serve(s.SM_SOFTWARE_LOAD, self._load, queue=queue))
@@ -64,12 +84,18 @@ class SmService:
         log.info("sm serving; managing %s", ", ".join(self.dtypes) or "no dtype")
 
     # --- pm's API ---------------------------------------------------------------------------------
+    def _require(self, allowed: frozenset[Mode], what: str) -> None:
+        if self.guard is not None:
+            self.guard.require(allowed, what)
+
     async def _list(self, m: Message) -> bytes:
+        self._require(SERVE_MODES, "listing stored software")
         req = sw.decode(m.data, sw.ListRequest)
         versions = await asyncio.to_thread(self.sm.list, req.dtype)
         return sw.encode(sw.ListResponse(versions=versions))
 
     async def _load(self, m: Message) -> bytes:
+        self._require(SERVE_MODES, "loading stored software")
         req = sw.decode(m.data, sw.LoadRequest)
         return sw.encode(await asyncio.to_thread(self.sm.load, req.dtype, req.release_counter))
 
@@ -104,6 +130,7 @@ class SmService:
     async def check(self, dtype: str) -> CheckResult | None:
         """One check of ``dtype``; its outcome becomes an event, never an exception."""
         try:
+            self._require(CHECK_MODES, f"checking the repository for {dtype}")
             result = await asyncio.to_thread(self.sm.check, dtype)
         except RejectedError as exc:
             log.error("sm refused %s: %s", dtype, exc)
@@ -133,3 +160,6 @@ class SmService:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            await guard.stop()
