@@ -36,7 +36,7 @@ import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from cryptography import x509
@@ -94,6 +94,8 @@ class _Payload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     nonce: str
     body: msgspec.Raw
 
+
+_T = TypeVar("_T")
 
 _payload_decoder = msgspec.json.Decoder(_Payload)
 _encoder = msgspec.json.Encoder()
@@ -173,6 +175,20 @@ class Reply:
     body: bytes  # raw JSON: the result, or the error's wire form (errors.from_wire)
 
 
+
+def _verified_payload(token: str | bytes, key: Any, alg: str, decoder: msgspec.json.Decoder[_T], *, what: str) -> _T:
+    """The decoded payload of a compact JWS whose signature ``key`` verifies (``what`` words the errors)."""
+    try:
+        obj = jws.deserialize_compact(token, key, registry=_registry(alg))
+    except JoseError as exc:
+        raise BadSignatureError(f"{what} signature does not verify: {exc.description or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"{what} JWS is not valid: {exc}") from exc
+    try:
+        return decoder.decode(obj.payload)
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"{what} payload is not valid: {exc}") from exc
+
 def verify_reply(
     token: bytes,
     signer_key: JoseKey,
@@ -189,16 +205,7 @@ def verify_reply(
     Raises :class:`BadSignatureError`, :class:`BadRequestError` or :class:`ReplayError`; the caller
     words them for its user.
     """
-    try:
-        obj = jws.deserialize_compact(token, signer_key, registry=_registry(alg))
-    except JoseError as exc:
-        raise BadSignatureError(f"the signature does not verify: {exc.description or exc}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"it is not a valid JWS: {exc}") from exc
-    try:
-        payload = _reply_decoder.decode(obj.payload)
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"its payload is not valid: {exc}") from exc
+    payload = _verified_payload(token, signer_key, alg, _reply_decoder, what="the reply's")
     if payload.re != subject:
         raise BadRequestError(f"it answers {payload.re!r}, not {subject!r}", field="re")
     if not secrets.compare_digest(payload.req, request_digest(request)):
@@ -264,16 +271,7 @@ def verify(
     window: dt.timedelta = DEFAULT_WINDOW,
 ) -> Envelope:
     """Check the JWS signature with the (already trusted) signer key, then op, aud and time window."""
-    try:
-        obj = jws.deserialize_compact(token, signer_key, registry=_registry(alg))
-    except JoseError as exc:
-        raise BadSignatureError(f"request signature does not verify: {exc.description or exc}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequestError(f"request is not a valid JWS: {exc}") from exc
-    try:
-        payload = _payload_decoder.decode(obj.payload)
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"request payload is not valid: {exc}") from exc
+    payload = _verified_payload(token, signer_key, alg, _payload_decoder, what="request")
     ops = (op,) if isinstance(op, str) else tuple(op)
     if payload.op not in ops:
         raise BadRequestError(f"request is for operation {payload.op!r}, expected {' or '.join(ops)}", field="op")
