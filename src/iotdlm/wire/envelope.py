@@ -176,6 +176,20 @@ class Reply:
 
 
 
+
+def _within_window(iat_seconds: float, now: dt.datetime, window: dt.timedelta, *, what: str) -> dt.datetime:
+    """The ``iat`` of a signed request or reply as a time, refused unless within ``window`` of ``now``."""
+    try:
+        iat = dt.datetime.fromtimestamp(iat_seconds, dt.UTC)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise BadRequestError(f"{what} iat is not a valid time", field="iat") from exc
+    if abs(now - iat) > window:
+        raise ReplayError(
+            f"{what} time {iat.isoformat()} is outside the accepted window of {window} around {now.isoformat()}",
+            field="iat",
+        )
+    return iat
+
 def _verified_payload(token: str | bytes, key: Any, alg: str, decoder: msgspec.json.Decoder[_T], *, what: str) -> _T:
     """The decoded payload of a compact JWS whose signature ``key`` verifies (``what`` words the errors)."""
     try:
@@ -210,15 +224,7 @@ def verify_reply(
         raise BadRequestError(f"it answers {payload.re!r}, not {subject!r}", field="re")
     if not secrets.compare_digest(payload.req, request_digest(request)):
         raise BadRequestError("it answers another request (the request digest differs)", field="req")
-    try:
-        iat = dt.datetime.fromtimestamp(payload.iat, dt.UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise BadRequestError("its iat is not a valid time", field="iat") from exc
-    if abs(now - iat) > window:
-        raise ReplayError(
-            f"it was made at {iat.isoformat()}, outside the accepted window of {window} around {now.isoformat()}",
-            field="iat",
-        )
+    _within_window(payload.iat, now, window, what="the reply")
     return Reply(error=payload.error, body=bytes(payload.body))
 
 
@@ -277,15 +283,7 @@ def verify(
         raise BadRequestError(f"request is for operation {payload.op!r}, expected {' or '.join(ops)}", field="op")
     if payload.aud != aud:
         raise BadRequestError(f"request is addressed to {payload.aud!r}, not {aud!r}", field="aud")
-    try:
-        iat = dt.datetime.fromtimestamp(payload.iat, dt.UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise BadRequestError("request iat is not a valid time", field="iat") from exc
-    if abs(now - iat) > window:
-        raise ReplayError(
-            f"request time {iat.isoformat()} is outside the accepted window of {window} around {now.isoformat()}",
-            field="iat",
-        )
+    iat = _within_window(payload.iat, now, window, what="request")
     if not (8 <= len(payload.nonce) <= 128):
         raise BadRequestError("request nonce must be 8 to 128 characters", field="nonce")
     return Envelope(
