@@ -1,4 +1,5 @@
-"""The bus over a real NATS server (nats-py). The only module of iotdlm that imports ``nats``.
+"""The bus over a real NATS server (nats-py). With :mod:`iotdlm.bus.nats_kv` (its key-value buckets),
+the only module of iotdlm that imports ``nats``.
 
 Each module connects as its own NATS user (see :mod:`iotdlm.bus.server`), and its replies come on
 its own inbox prefix (:func:`iotdlm.bus.subjects.inbox_prefix`), which is all it may subscribe to
