@@ -20,7 +20,7 @@ from iotdlm.bus.memory import check_key
 if TYPE_CHECKING:
     from iotdlm.bus.nats import NatsBus
 
-logger = logging.getLogger("iotdlm.bus.nats")
+logger = logging.getLogger(__name__)
 
 
 class NatsKeyValue:
