@@ -367,6 +367,67 @@ def _replace_validity(p: Profile, validity: dt.timedelta) -> Profile:
     return replace(p, validity=validity)
 
 
+def _make_folders(root: Path, passphrase: bytes | None) -> bytes:
+    """The deployment's private folders; the CA passphrase (a new one is written to
+    ``secrets/ca-passphrase`` unless the operator gave one)."""
+    root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    root.chmod(DIR_MODE)  # also when the folder existed: it holds keys and the database
+    for sub in ("ca", "modules", "db", "nats", "logs"):
+        (root / sub).mkdir(exist_ok=True, mode=DIR_MODE)
+        (root / sub).chmod(DIR_MODE)
+    if passphrase is None:
+        passphrase = secrets.token_urlsafe(32).encode()
+        _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
+    return passphrase
+
+
+def _make_cas(
+    dep: Deployment,
+    algorithm: Algorithm,
+    passphrase: bytes,
+    *,
+    now: dt.datetime,
+    progress: Callable[[str], None],
+) -> list[pki_ca.IssuingCA]:
+    """The root CA and the issuing CAs (in ISSUING_CAS order), their keys written encrypted."""
+    root = dep.root
+    organization = dep.config.organization
+    profiles = dep.profiles()
+    urls = dep.public_urls
+    progress("root CA")
+    root_key = generate_key(algorithm)
+    root_signer = KeySigner(root_key)
+    root_cert = pki_ca.make_root(
+        root_signer,
+        pki_ca.ca_name(f"{organization} Root CA", organization),
+        now=now,
+        validity=dt.timedelta(days=365 * 30),
+        urls=urls,
+    )
+    _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
+    (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))
+
+    cas: list[pki_ca.IssuingCA] = []
+    lifetimes = {"factory": 365 * 25, "operational": 365 * 10, "service": 365 * 10}
+    for name in ISSUING_CAS:
+        progress(f"{name} CA")
+        key = generate_key(algorithm)
+        cert = pki_ca.make_intermediate(
+            root_signer,
+            root_cert,
+            key.public_key(),
+            pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
+            now=now,
+            validity=dt.timedelta(days=lifetimes[name]),
+            urls=urls,
+            policies=ca_policies(profiles, name),
+        )
+        _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
+        (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
+        cas.append(pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert)))
+    return cas
+
+
 def init_deployment(
     root: Path | str,
     *,
@@ -402,49 +463,9 @@ def init_deployment(
     )
     config.validate()
     cm_https.https_names(public_url, cm_names)  # cm's HTTPS names, refused before anything is made
-    root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    root.chmod(DIR_MODE)  # also when the folder existed: it holds keys and the database
-    for sub in ("ca", "modules", "db", "nats", "logs"):
-        (root / sub).mkdir(exist_ok=True, mode=DIR_MODE)
-        (root / sub).chmod(DIR_MODE)
-    if passphrase is None:
-        passphrase = secrets.token_urlsafe(32).encode()
-        _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
+    passphrase = _make_folders(root, passphrase)
     dep = Deployment(root, config)
-    profiles = dep.profiles()
-    urls = dep.public_urls
-
-    progress("root CA")
-    root_key = generate_key(algorithm)
-    root_signer = KeySigner(root_key)
-    root_cert = pki_ca.make_root(
-        root_signer,
-        pki_ca.ca_name(f"{organization} Root CA", organization),
-        now=now,
-        validity=dt.timedelta(days=365 * 30),
-        urls=urls,
-    )
-    _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
-    (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))
-
-    cas: list[pki_ca.IssuingCA] = []
-    lifetimes = {"factory": 365 * 25, "operational": 365 * 10, "service": 365 * 10}
-    for name in ISSUING_CAS:
-        progress(f"{name} CA")
-        key = generate_key(algorithm)
-        cert = pki_ca.make_intermediate(
-            root_signer,
-            root_cert,
-            key.public_key(),
-            pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
-            now=now,
-            validity=dt.timedelta(days=lifetimes[name]),
-            urls=urls,
-            policies=ca_policies(profiles, name),
-        )
-        _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
-        (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
-        cas.append(pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert)))
+    cas = _make_cas(dep, algorithm, passphrase, now=now, progress=progress)
     service_ca = cas[ISSUING_CAS.index("service")]
 
     for module in BASE_MODULES:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from iotdlm.clock import SystemClock
 from iotdlm.cm import est
-from iotdlm.cm.server import server_tls_context
+from iotdlm.cm.tls import server_tls_context
 from iotdlm.device import est_client
 from iotdlm.device.est_client import EstClient, EstUnavailableError
 from iotdlm.errors import (
