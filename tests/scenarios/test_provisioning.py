@@ -50,7 +50,7 @@ from iotdlm.km import KmService
 from iotdlm.pki.keys import Algorithm, generate_key, load_private_key_pem
 from iotdlm.pm import config as pmconfig
 from iotdlm.pm.cli import pm as pm_cli
-from iotdlm.pm.core import HaltedError, Provisioner
+from iotdlm.pm.provisioner import HaltedError, Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer

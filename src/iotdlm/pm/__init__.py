@@ -1,6 +1,6 @@
 """pm: the provisioning module (paper 4.1.1, 4.2, Algorithm 1, Figs 3-5), one per device type.
 
-- :mod:`iotdlm.pm.core` -- :class:`Provisioner`: Algorithm 1 on a staged copy (HALT and alarm on
+- :mod:`iotdlm.pm.provisioner` -- :class:`Provisioner`: Algorithm 1 on a staged copy (HALT and alarm on
   failure), the truststore, the config, device certificates from km (CSR made on the device, or
   CRMF with raVerified built by pm), read-back verification, a provisioning record per device;
 - :mod:`iotdlm.pm.flasher` -- the flasher plug-ins (simulated bench, vendor tool by command templates);
@@ -9,7 +9,7 @@
 - :mod:`iotdlm.pm.messages` -- requests, reports, the alarm; :mod:`iotdlm.pm.cli` -- ``iotdlm pm``.
 """
 
-from iotdlm.pm.core import (
+from iotdlm.pm.provisioner import (
     Anchors,
     HaltedError,
     PmSettings,
