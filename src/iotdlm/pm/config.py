@@ -33,8 +33,9 @@ from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.keys import PublicKey, check_public_key
 from iotdlm.pki.names import check_id, module_of
 from iotdlm.pki.profiles import DEVICE_PROFILES
-from iotdlm.pm.provisioner import Anchors, PmSettings, Provisioner
 from iotdlm.pm.flasher import CommandFlasher, Flasher, SimulatedFlasher
+from iotdlm.pm.provisioner import Provisioner
+from iotdlm.pm.settings import Anchors, PmSettings
 from iotdlm.sm import config as smconfig
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
