@@ -103,6 +103,7 @@ def clear_alarm(store: Store, dtype: str, operator: str, now: dt.datetime) -> m.
 
 
 def halted_error(alarm: m.Alarm) -> HaltedError:
+    """The error a halted pm answers with: what failed, and what the operator does about it."""
     return HaltedError(
         f"pm-{alarm.dtype} is halted by an alarm raised at {alarm.raised_at}: Algorithm 1 failed at "
         f"{alarm.check} ({alarm.message}). Nothing is flashed until an operator has investigated sm's "
@@ -126,14 +127,16 @@ class PmAlarm:
         #: an alarm raised while the store could not record it: this process stays halted anyway
         self._unrecorded: tuple[m.Alarm, AuditEntry] | None = None
 
+    async def _record(self, alarm: m.Alarm, entry: AuditEntry) -> None:
+        """The alarm and its audit record, in one store transaction."""
+        await self.workers.run(self.store.set_meta_with_audit, alarm_key(self.dtype), m.encode(alarm).decode(), [entry])
+
     async def active(self) -> m.Alarm | None:
         """The active alarm, or None. An alarm this process could not record keeps it halted."""
         if self._unrecorded is not None:
             alarm, entry = self._unrecorded
             try:
-                await self.workers.run(
-                    self.store.set_meta_with_audit, alarm_key(self.dtype), m.encode(alarm).decode(), [entry]
-                )
+                await self._record(alarm, entry)
                 self._unrecorded = None
             except errors.UnavailableError as exc:
                 log.error("pm-%s: the alarm is still not recorded in the store: %s", self.dtype, exc)
@@ -184,9 +187,7 @@ class PmAlarm:
         )
         log.critical("pm-%s HALTED: Algorithm 1 failed at %s: %s", self.dtype, check, exc.message)
         try:
-            await self.workers.run(
-                self.store.set_meta_with_audit, alarm_key(self.dtype), m.encode(alarm).decode(), [entry]
-            )
+            await self._record(alarm, entry)
         except errors.IotdlmError as store_exc:
             log.error("pm-%s: cannot record the alarm in the store (%s); halted in this process", self.dtype, store_exc)
             self._unrecorded = (alarm, entry)
