@@ -8,21 +8,26 @@ bodies use; the device decrypts it with its own key, and the certificate is for 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from iotdlm.cm import est as cm_est
-from iotdlm.pki.keys import Algorithm, generate_key
+from iotdlm.pki.chain import certs_to_pem
+from iotdlm.pki.keys import Algorithm, generate_key, private_key_to_pem
 from iotdlm.wire import km as msg
 from tests.helpers import make_csr
-from tests.integration.test_cm import Site, open_site
+from tests.integration.test_cm import WELL_KNOWN, Site, _curl_proof, open_site
 
 pytestmark = pytest.mark.nats
 
@@ -130,3 +135,52 @@ async def test_the_spy_would_see_a_clear_key() -> None:
     for body in (bus_body, http_body):
         assert any(pkcs8 in layer for layer in _decodings(body))
         assert any(scalar in layer for layer in _decodings(body))
+
+
+#: docs/operations.md's serverkeygen recipe for curl + openssl, after the proof (PROOF_RECIPE in
+#: tests/integration/test_cm.py, operation "serverkeygen"): post, split the multipart, decrypt.
+#: $1 EST base URL, $2 client certificate, $3 its key, $4 the proof header's value; in the cwd:
+#: root.pem, csr.b64. Leaves key.der (PKCS#8) and cert.pem.
+SERVERKEYGEN_RECIPE = r"""
+set -euo pipefail
+EST=$1
+curl -sS --fail --cacert root.pem --cert "$2" --key "$3" -H "Content-Type: application/pkcs10" \
+     -H "Iotdlm-Est-Proof: $4" --data-binary @csr.b64 -o reply.txt "$EST/serverkeygen"
+part() { tr -d '\r' < reply.txt | awk -v n="$1" '/^--/ {p++; h=1; next} h && /^$/ {h=0; next} !h && p == n'; }
+part 1 | openssl base64 -d > key.p7         # application/pkcs7-mime; smime-type=server-generated-key
+part 2 | openssl base64 -d > cert.p7        # application/pkcs7-mime; smime-type=certs-only
+openssl pkcs7 -inform DER -in cert.p7 -print_certs -out cert.pem
+openssl cms -decrypt -binary -inform DER -inkey "$3" -in key.p7 -out package.der
+hl=$(openssl asn1parse -inform DER -in package.der | head -1 | sed -E 's/.*hl= *([0-9]+).*/\1/')
+tail -c +$((hl + 1)) package.der > key.der  # the one key of the AsymmetricKeyPackage: PKCS#8
+"""
+
+
+@pytest.mark.real_clock  # curl checks cm's certificate at the machine's time
+@pytest.mark.openssl
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None, reason="needs curl and openssl")
+async def test_curl_and_openssl_get_and_decrypt_a_server_generated_key(site: Site) -> None:
+    """The operator's recipe (docs/operations.md): a client made of curl and openssl asks for a
+    server-generated key, and ``openssl cms -decrypt`` with its factory key recovers it."""
+    files = site.files
+    fkey, factory = await site.factory("dev-curl-sk")
+    site.write("root.pem", site.root_pem)
+    site.write("factory.pem", certs_to_pem([factory]))
+    site.write("factory.key", private_key_to_pem(fkey, None))
+    csr = make_csr(generate_key(Algorithm.P256), "dev-curl-sk")
+    site.write("csr.b64", base64.encodebytes(csr))
+    base = f"{site.https}{WELL_KNOWN}"
+    proof = await _curl_proof(
+        base, "serverkeygen", files / "factory.pem", files / "factory.key", site.write("csr.der", csr),
+        f"--cacert {files / 'root.pem'}",
+    )  # fmt: skip
+    r = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", SERVERKEYGEN_RECIPE, "recipe", base, "factory.pem", "factory.key", proof],
+        cwd=files, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    key = serialization.load_der_private_key((files / "key.der").read_bytes(), None)
+    cert = x509.load_pem_x509_certificate((files / "cert.pem").read_bytes())
+    assert cert.public_key() == key.public_key()
+    cert.verify_directly_issued_by(site.dep.ca_certificate("operational"))
