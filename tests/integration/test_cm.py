@@ -136,10 +136,11 @@ async def open_site(
     cm_names: tuple[str, ...] = (),
     tls_files: tuple[Path, Path] | None = None,
     http_port: int = 0,
-    est_serverkeygen: str = "encrypted",
+    est_serverkeygen: str | None = None,
 ) -> AsyncIterator[Site]:
     """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm;
-    ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it)."""
+    ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it; ``est_serverkeygen``:
+    None keeps the deployment's default)."""
     clock = ShiftClock()
     made, _ = init_deployment(
         tmp_path / "d",
@@ -159,7 +160,7 @@ async def open_site(
         msgspec.structs.replace(
             config,
             nats=msgspec.structs.replace(config.nats, port=nats.server.config.port),
-            est_serverkeygen=est_serverkeygen,
+            est_serverkeygen=est_serverkeygen or config.est_serverkeygen,
         ),
     )
     store = open_store(dep)
