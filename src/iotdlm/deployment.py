@@ -64,6 +64,8 @@ DEFAULT_NATS_PORT = 14222
 ISSUING_CAS = ("factory", "operational", "service")
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
+#: EST serverkeygen settings (ADR 0009): refused, key encrypted to the device, key in the clear
+SERVERKEYGEN_MODES = ("off", "encrypted", "cleartext")
 DIR_MODE = 0o700
 
 
@@ -107,9 +109,10 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     audit_anchor_dir: str | None = None
     nats: NatsSettings = NatsSettings()
     profiles: dict[str, ProfileSettings] = {}
-    #: EST serverkeygen: "off" (default) or "cleartext" -- km sends the new private key back through
-    #: cm unencrypted, so cm sees it (ADR 0008)
-    est_serverkeygen: str = "off"
+    #: EST serverkeygen: "encrypted" (default: km encrypts the new private key to the key of the
+    #: certificate the device presented, so cm relays only ciphertext; ADR 0009), "off", or
+    #: "cleartext" (km sends the key back through cm unencrypted, so cm sees it; ADR 0008)
+    est_serverkeygen: str = "encrypted"
 
     def validate(self) -> None:
         try:
@@ -149,8 +152,10 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                 raise BadRequestError(
                     f"profiles.{name}.est_proof must be 'required' or 'optional'", field=f"profiles.{name}.est_proof"
                 )
-        if self.est_serverkeygen not in ("off", "cleartext"):
-            raise BadRequestError("est_serverkeygen must be 'off' or 'cleartext'", field="est_serverkeygen")
+        if self.est_serverkeygen not in SERVERKEYGEN_MODES:
+            raise BadRequestError(
+                "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"
+            )
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
             urls=dep.public_urls,
             window=dep.request_window,
             est_proof_optional=dep.est_proof_optional(),
-            serverkeygen_cleartext=dep.config.est_serverkeygen == "cleartext",
+            serverkeygen=dep.config.est_serverkeygen,
         ),
         va=va,
     )

@@ -513,12 +513,15 @@ class CmApp:
         # what the CSR asked for and the profile left out: RFC 7030 has no field for it, so a header
         dropped = {DROPPED_HEADER: dropped_header(out.certificate.dropped)} if out.certificate.dropped else {}
         if operation == "serverkeygen":
-            if out.private_key is None:
-                raise InternalError("km answered serverkeygen without a private key")
-            ctype, multipart = est.serverkeygen_multipart(out.private_key, certs)
-            return web.Response(
-                body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store", **dropped}
-            )
+            # km encrypted the key to the device (ADR 0009): cm relays ciphertext it cannot read;
+            # a clear key only where the operator chose est_serverkeygen = "cleartext"
+            if out.encrypted_key is not None:
+                ctype, multipart = est.serverkeygen_multipart(out.encrypted_key, certs, encrypted=True)
+            elif out.private_key is not None:
+                ctype, multipart = est.serverkeygen_multipart(out.private_key, certs, encrypted=False)
+            else:
+                raise InternalError("km answered serverkeygen without a key")
+            return web.Response(body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store", **dropped})
         return web.Response(
             body=est.encode_base64_body(certs),
             headers={"Content-Type": est.CERTS_ONLY, "Content-Transfer-Encoding": "base64", **dropped},

@@ -56,7 +56,7 @@ from iotdlm.km.records import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.signers import SignerCache
 from iotdlm.km.va import ROOT, Va
-from iotdlm.pki import crmf, est_proof
+from iotdlm.pki import cms_envelope, crmf, est_proof
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
 from iotdlm.pki.csr import CsrRequest, parse_csr
@@ -94,9 +94,10 @@ class KmSettings:
     #: EST requests without a proof of the device's key are accepted (ADR 0008; none by default).
     #: A request WITH a proof is checked whatever this says.
     est_proof_optional: frozenset[str] = frozenset()
-    #: EST serverkeygen sends the new private key back through cm in the clear (cm sees it): refused
-    #: unless the operator turns this on (ADR 0008)
-    serverkeygen_cleartext: bool = False
+    #: EST serverkeygen: "encrypted" (the new private key goes back encrypted to the key of the
+    #: certificate the device presented, so cm relays ciphertext; ADR 0009), "off" (refused), or
+    #: "cleartext" (cm sees the key; ADR 0008)
+    serverkeygen: str = "encrypted"
 
 
 @dataclass(frozen=True)
@@ -492,11 +493,11 @@ class Km:
                 req.operation == "serverkeygen" and cred.profile == "operational"
             )
             server_keygen = req.operation == "serverkeygen"
-            if server_keygen and not self.settings.serverkeygen_cleartext:
+            if server_keygen and self.settings.serverkeygen not in ("encrypted", "cleartext"):
                 raise NotAuthorizedError(
-                    "EST serverkeygen is off: km would send the device's new private key through cm in the "
-                    "clear (cm would see it); make the key on the device and use simpleenroll, or have the "
-                    "operator set est_serverkeygen = \"cleartext\" (docs/adr/0008-est-device-proof.md)",
+                    "EST serverkeygen is off in this deployment: make the key on the device and use "
+                    'simpleenroll, or have the operator set est_serverkeygen = "encrypted" '
+                    "(docs/adr/0009-encrypted-server-generated-keys.md)",
                     field="operation",
                     device_id=cred.device_id,
                 )
@@ -514,13 +515,20 @@ class Km:
             # cm relayed it; only the device's own key proves the device asked (ADR 0008)
             proof_nonce = self._check_est_proof(req, cred, csr.public_key, now)
             private_key: bytes | None = None
+            encrypted_key: bytes | None = None
             public_key = csr.public_key
             if server_keygen:
                 key = generate_key(self.cas["operational"].signer.algorithm)
                 public_key = key.public_key()
-                private_key = key.private_bytes(
+                pkcs8 = key.private_bytes(
                     serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
+                if self.settings.serverkeygen == "cleartext":
+                    private_key = pkcs8
+                else:
+                    # RFC 7030 4.4.2: to the key of the certificate the device presented (and proved
+                    # it holds, ADR 0008), before anything is issued; cm relays only ciphertext
+                    encrypted_key = self._encrypt_to_device(pkcs8, req.client_certificate, cred.device_id)
             parsed = _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop, requested=_csr_asked(csr))
             rec, left_out = self._sign(grant, parsed, principal, now)
             if proof_nonce is not None:
@@ -535,7 +543,18 @@ class Km:
             self._spend(nonce)
             raise
         (rec,) = self.commit([(grant, rec)], nonce=nonce)
-        return msg.EstResponse(certificate=_with_dropped(issued(rec), left_out), private_key=private_key)
+        return msg.EstResponse(
+            certificate=_with_dropped(issued(rec), left_out), private_key=private_key, encrypted_key=encrypted_key
+        )
+
+    @staticmethod
+    def _encrypt_to_device(pkcs8: bytes, client_certificate: bytes, device_id: str) -> bytes:
+        """The server-generated key in a CMS EnvelopedData to the presented credential's key (ADR 0009)."""
+        try:
+            return cms_envelope.encrypt_key(pkcs8, load_certificate(client_certificate))
+        except RejectedError as exc:  # an Ed25519 credential cannot receive an encrypted key
+            exc.device_id = exc.device_id or device_id
+            raise
 
     def revoke(self, token: bytes) -> msg.RevokeResponse:
         """Revoke a certificate, or all of a device's (optionally decommissioning it). Operator only."""
