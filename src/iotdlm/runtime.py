@@ -17,6 +17,7 @@ from iotdlm.client.km import KmTrust
 from iotdlm.clock import Clock
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
+from iotdlm.km.audit import Anchored, read_stream_heads
 from iotdlm.km.records import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
@@ -59,6 +60,17 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
         allow_plain=dep.config.nats.allow_plain,
     )
     return bus, ident
+
+
+async def audit_stream_heads(dep: Deployment) -> tuple[list[Anchored], list[str]]:
+    """The tree heads in the deployment's append-only audit stream, read as admin (``audit
+    verify``), and what could not be read there. Raises :class:`~iotdlm.errors.UnavailableError`
+    when NATS does not answer."""
+    bus, _ident = await connect_identity(dep, "admin")
+    try:
+        return await read_stream_heads(bus)
+    finally:
+        await bus.close()
 
 
 def sealer_for(ident: ModuleIdentity) -> Sealer:

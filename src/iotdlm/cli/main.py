@@ -771,14 +771,20 @@ def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offs
     multiple=True,
     help="A signed tree head kept elsewhere (e.g. fetched from cm's /audit/checkpoint); repeatable.",
 )
+@click.option(
+    "--no-bus",
+    is_flag=True,
+    help="Do not read the tree heads in the deployment's append-only NATS stream (read by default when NATS answers).",
+)
 @handle_errors
-def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Path, ...]) -> None:
+def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Path, ...], no_bus: bool) -> None:
     """Check the whole hash chain, every signed checkpoint in the database and every one kept outside
-    it (the anchor folder, --checkpoint files); name the first bad or missing record."""
+    it (the anchor folder, the append-only NATS stream, --checkpoint files); name the first bad or
+    missing record."""
     from iotdlm.km import audit as km_audit
     from iotdlm.km.service import Schedule
     from iotdlm.pki.chain import verify_issued_by
-    from iotdlm.runtime import open_store
+    from iotdlm.runtime import audit_stream_heads, open_store
     from iotdlm.wire import audit as wire_audit
 
     dep = Deployment.load(data)
@@ -794,6 +800,16 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
         except OSError as exc:
             raise BadRequestError(f"cannot read {path}: {exc.strerror}") from None
         anchors.append(km_audit.Anchored(wire_audit.decode_tree_head(raw, where=str(path)), str(path)))
+    streamed: list[km_audit.Anchored] = []
+    if no_bus:
+        unreadable.append("--no-bus: the tree heads in the append-only NATS stream were not read")
+    else:
+        try:
+            streamed, bad = run(audit_stream_heads(dep))
+            unreadable += bad
+        except IotdlmError as exc:
+            unreadable.append(f"the append-only NATS stream was not read ({exc.message}); is the deployment up?")
+    anchors += streamed
     store = open_store(dep)
 
     def signer_key(fp: str) -> object | None:
@@ -820,10 +836,10 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
             )
     finally:
         store.close()
-    outside = len(anchors)
     console.print(
         f"{report.records} records, {report.checkpoints} signed checkpoints in the database, "
-        f"{outside} kept outside it, {report.unsigned_tail} records after the last checkpoint"
+        f"{len(anchors)} kept outside it ({len(streamed)} in the append-only NATS stream), "
+        f"{report.unsigned_tail} records after the last checkpoint"
     )
     for w in [*unreadable, *report.warnings]:
         console.print(f"[yellow]{w}[/yellow]")
