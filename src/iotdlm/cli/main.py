@@ -854,6 +854,38 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
     )
 
 
+@audit_group.command("witness")
+@click.option("--url", required=True, help="cm's public address, e.g. https://cm.example.com.")
+@click.option(
+    "--state",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The witness's own folder: the signed tree heads it kept (one file each, like the anchor folder).",
+)
+@click.option(
+    "--service-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="The deployment's service CA certificate (PEM): km's tree heads must be signed under it.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Trust anchor (PEM) for cm's HTTPS certificate (default: the system's).",
+)
+@handle_errors
+def audit_witness(url: str, state: Path, service_ca: Path, tls_ca: Path | None) -> None:
+    """Witness the audit log from outside: fetch and verify km's newest signed tree head from cm,
+    check that it extends the one kept in --state (consistency proof), keep it. Exit 0 when
+    consistent; exit 4 naming both sizes when the log was truncated or rewritten."""
+    from iotdlm.km.witness import tls_context, witness
+
+    ca = load_certificate(service_ca.read_bytes())
+    result = run(witness(url, state, ca, tls=tls_context(tls_ca)))
+    console.print(f"[green]{escape(result.summary)}[/green]")
+
+
 @audit_group.command("checkpoint")
 @data_option
 @handle_errors
