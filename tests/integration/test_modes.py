@@ -357,9 +357,7 @@ async def test_each_mode_runs_exactly_its_table_1_services(
     assert load_saved_mode(root) == saved  # kept for the next `up`
 
 
-async def test_up_creates_the_audit_heads_stream_append_only(
-    start: Start, admin: Callable[[], Awaitable[Bus]]
-) -> None:
+async def test_up_creates_the_audit_heads_stream_append_only(start: Start, admin: Callable[[], Awaitable[Bus]]) -> None:
     """`iotdlm up` makes the audit log's third anchor (ADR 0005): a stream that denies delete and
     purge and keeps everything, which admin (`audit verify`) may read."""
     await start(Mode.PROVISIONING_CERTIFICATE)
