@@ -18,6 +18,7 @@ from iotdlm.connections import connect_identity as connect_identity
 from iotdlm.connections import open_store as open_store
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
+from iotdlm.km.audit import Anchored, read_stream_heads
 from iotdlm.km.records import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
@@ -42,6 +43,17 @@ def nats_server(dep: Deployment) -> EmbeddedNatsServer:
         **tls,  # type: ignore[arg-type]
     )
     return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf")
+
+
+async def audit_stream_heads(dep: Deployment) -> tuple[list[Anchored], list[str]]:
+    """The tree heads in the deployment's append-only audit stream, read as admin (``audit
+    verify``), and what could not be read there. Raises :class:`~iotdlm.errors.UnavailableError`
+    when NATS does not answer."""
+    bus, _ident = await connect_identity(dep, "admin")
+    try:
+        return await read_stream_heads(bus)
+    finally:
+        await bus.close()
 
 
 def sealer_for(ident: ModuleIdentity) -> Sealer:

@@ -513,11 +513,12 @@ def test_render_config_permissions_follow_the_table() -> None:
     assert len(blocks) == len(subjects.MODULES)
     for module, block in zip(subjects.MODULES, blocks, strict=True):
         perms = subjects.PERMISSIONS[module]
-        pub = re.search(r"publish: \{ allow: (\[.*\]) \}", block)
+        pub = re.search(r"publish: \{ allow: (\[.*?\])(?:, deny: (\[.*?\]))? \}", block)
         sub = re.search(r"subscribe: \{ allow: (\[.*\]) \}", block)
         assert pub is not None
         assert sub is not None
         assert json.loads(pub.group(1)) == list(perms.publish)
+        assert json.loads(pub.group(2) or "[]") == list(perms.deny_publish)
         assert json.loads(sub.group(1)) == list(perms.subscribe)
         assert ("allow_responses: true" in block) == perms.allow_responses
     assert JETSTREAM_API not in text

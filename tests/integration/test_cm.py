@@ -80,6 +80,7 @@ class Site:
     nats: RunningNats
     cm: CmService
     buses: list[Bus]
+    km: KmService
 
     @property
     def https(self) -> str:
@@ -185,7 +186,7 @@ async def open_site(
     await cm.app.mode.wait_for("certificate-management")
     files = tmp_path / "files"
     files.mkdir()
-    s = Site(dep=dep, files=files, clock=clock, store=store, nats=nats, cm=cm, buses=[km_bus, modes_bus])
+    s = Site(dep=dep, files=files, clock=clock, store=store, nats=nats, cm=cm, buses=[km_bus, modes_bus], km=km)
     try:
         yield s
     finally:
@@ -199,8 +200,9 @@ async def open_site(
 
 async def set_mode(bus: Bus, mode: str, dep: Deployment) -> None:
     """Publish the operation mode as the supervisor does (only the modes identity may write it,
-    signed with the modes identity)."""
+    signed with the modes identity); make the audit heads stream too, as `iotdlm up` does."""
     kv = await bus.key_value(subjects.MODE_BUCKET, create=True)
+    await bus.append_only_stream(subjects.AUDIT_HEADS_STREAM, subjects.AUDIT_TREE_HEAD, create=True)
     now = SystemClock().now()
     record = ModeRecord(mode=mode, since=now.isoformat(), by="test")
     await kv.put(subjects.MODE_KEY, seal_record(sealer_for(dep.identity(subjects.SUPERVISOR)), record, now=now))

@@ -30,6 +30,7 @@ from tests.fixtures_nats import RunningNats, start_nats
 
 MODULES = [*s.MODULES, s.SUPERVISOR]
 MODE = s.kv_stream(s.MODE_BUCKET)
+HEADS = s.AUDIT_HEADS_STREAM
 #: a stream an attacker would like to create (capturing km's subjects) or use
 OTHER = "CAPTURE"
 
@@ -58,6 +59,18 @@ VERBS: dict[str, str] = {
     "direct get (other)": f"$JS.API.DIRECT.GET.{OTHER}",
     "kv put/delete/purge (mode key)": s.kv_subject(s.MODE_BUCKET, s.MODE_KEY),
     "kv put/delete/purge (other key)": s.kv_subject(s.MODE_BUCKET, "other"),
+    # the audit log's append-only anchor (ADR 0005): STREAM.UPDATE could switch deny_delete and
+    # deny_purge off, so nobody gets it, nor delete, purge or message delete
+    "stream create (audit heads)": f"$JS.API.STREAM.CREATE.{HEADS}",
+    "stream update (audit heads)": f"$JS.API.STREAM.UPDATE.{HEADS}",
+    "stream delete (audit heads)": f"$JS.API.STREAM.DELETE.{HEADS}",
+    "stream purge (audit heads)": f"$JS.API.STREAM.PURGE.{HEADS}",
+    "message delete (audit heads)": f"$JS.API.STREAM.MSG.DELETE.{HEADS}",
+    "stream info (audit heads)": f"$JS.API.STREAM.INFO.{HEADS}",
+    "message get (audit heads)": f"$JS.API.STREAM.MSG.GET.{HEADS}",
+    "direct get (audit heads)": f"$JS.API.DIRECT.GET.{HEADS}",
+    "consumer create (audit heads)": f"$JS.API.CONSUMER.CREATE.{HEADS}",
+    "publish a tree head": s.AUDIT_TREE_HEAD,
 }
 
 #: what every module may do: read the mode (a watch's consumer create/delete on the mode bucket
@@ -65,14 +78,23 @@ VERBS: dict[str, str] = {
 READ_MODE = {"stream info (mode bucket)", "message get (mode bucket)", "direct get (mode bucket)"}
 #: what the supervisor alone may do besides: create the mode bucket and write it
 OWN_MODE = {"stream create (mode bucket)", "kv put/delete/purge (mode key)", "kv put/delete/purge (other key)"}
-EXPECTED: dict[str, set[str]] = {m: set(READ_MODE) for m in s.MODULES} | {s.SUPERVISOR: READ_MODE | OWN_MODE}
+#: the audit heads stream: km alone writes, admin (`audit verify`) alone reads, the supervisor creates
+READ_HEADS = {"stream info (audit heads)", "message get (audit heads)", "direct get (audit heads)"}
+OWN_HEADS = {"stream create (audit heads)", "stream info (audit heads)"}
+EXPECTED: dict[str, set[str]] = (
+    {m: set(READ_MODE) for m in s.MODULES}
+    | {"km": READ_MODE | {"publish a tree head"}, "admin": READ_MODE | READ_HEADS}
+    | {s.SUPERVISOR: READ_MODE | OWN_MODE | OWN_HEADS}
+)
 
 
 async def _create_mode_bucket(server: RunningNats) -> None:
+    """What the supervisor makes at `iotdlm up`: the mode bucket and the audit heads stream."""
     owner = await server.connect(s.SUPERVISOR)
     try:
         kv = await owner.key_value(s.MODE_BUCKET, create=True)
         await kv.put(s.MODE_KEY, b"original")
+        await owner.append_only_stream(HEADS, s.AUDIT_TREE_HEAD, create=True)
     finally:
         await owner.close()
 
@@ -192,3 +214,32 @@ async def test_attack_cm_rewrites_the_mode_bucket_stream(running: RunningNats) -
         await cm.close()
     assert (await admin_kv.get(s.MODE_KEY)) == before
     assert f"$JS.API.STREAM.UPDATE.{MODE}" in _violations(running)
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("module", MODULES)
+async def test_no_login_can_unmake_the_audit_heads_stream(running: RunningNats, module: str) -> None:
+    """Issue 11 section 2: the audit log's third anchor holds against every module's login. An
+    update switching deny_delete and deny_purge off, deleting the stream, purging it and deleting
+    a message are all refused by nats-server, and the tree head km appended is still there."""
+    km = await running.connect("km")
+    admin = await running.connect("admin")
+    attacker = await running.connect(module)
+    try:
+        seq = await (await km.append_only_stream(HEADS, s.AUDIT_TREE_HEAD)).append(b'{"size": 1}')
+        weakened = {"name": HEADS, "subjects": [s.AUDIT_TREE_HEAD], "deny_delete": False, "deny_purge": False}
+        for subject, body in (
+            (f"$JS.API.STREAM.UPDATE.{HEADS}", weakened),
+            (f"$JS.API.STREAM.MSG.DELETE.{HEADS}", {"seq": seq, "no_erase": True}),
+            (f"$JS.API.STREAM.PURGE.{HEADS}", {}),
+            (f"$JS.API.STREAM.DELETE.{HEADS}", {}),
+        ):
+            with pytest.raises(errors.PermissionDeniedError):
+                await attacker.request(subject, json.dumps(body).encode(), timeout=2)
+        kept = await (await admin.append_only_stream(HEADS, s.AUDIT_TREE_HEAD)).read()
+        assert kept[-1].seq == seq
+        assert kept[-1].data == b'{"size": 1}'
+    finally:
+        for bus in (km, admin, attacker):
+            await bus.close()
+    assert f"$JS.API.STREAM.UPDATE.{HEADS}" in _violations(running)

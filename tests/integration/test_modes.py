@@ -358,6 +358,18 @@ async def test_each_mode_runs_exactly_its_table_1_services(
     assert load_saved_mode(root) == saved  # kept for the next `up`
 
 
+async def test_up_creates_the_audit_heads_stream_append_only(start: Start, admin: Callable[[], Awaitable[Bus]]) -> None:
+    """`iotdlm up` makes the audit log's third anchor (ADR 0005): a stream that denies delete and
+    purge and keeps everything, which admin (`audit verify`) may read."""
+    await start(Mode.PROVISIONING_CERTIFICATE)
+    bus = await admin()
+    info = json.loads(await bus.request(f"$JS.API.STREAM.INFO.{subjects.AUDIT_HEADS_STREAM}", b""))
+    cfg = info["config"]
+    assert cfg["subjects"] == [subjects.AUDIT_TREE_HEAD]
+    assert (cfg["deny_delete"], cfg["deny_purge"], cfg["max_age"], cfg["storage"]) == (True, True, 0, "file")
+    assert await (await bus.append_only_stream(subjects.AUDIT_HEADS_STREAM, subjects.AUDIT_TREE_HEAD)).read() == []
+
+
 # --- switching ----------------------------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from iotdlm import errors
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
-from iotdlm.bus.api import EventHandler, KeyValue, RequestHandler
+from iotdlm.bus.api import AppendOnlyStream, EventHandler, KeyValue, RequestHandler
 from iotdlm.bus.server import free_port
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
@@ -112,6 +112,9 @@ class RecordingBus:
 
     async def key_value(self, bucket: str, *, create: bool = False) -> KeyValue:
         return await self.inner.key_value(bucket, create=create)
+
+    async def append_only_stream(self, name: str, subject: str, *, create: bool = False) -> AppendOnlyStream:
+        return await self.inner.append_only_stream(name, subject, create=create)
 
     async def drain(self) -> None:
         await self.inner.drain()

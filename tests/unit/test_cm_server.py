@@ -47,6 +47,7 @@ from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.chain import der
 from iotdlm.pki.keys import Algorithm
 from iotdlm.pki.profiles import DEFAULT_PROFILES
+from iotdlm.wire import audit as wire_audit
 from iotdlm.wire import km as msg
 from tests.helpers import NOW, make_pki
 
@@ -94,6 +95,12 @@ class FakeKm:
 
     async def audit_checkpoint(self) -> bytes:
         return self.audit_answer
+
+    async def audit_consistency(self, first: int, second: int) -> wire_audit.ConsistencyProof:
+        self.seen.append(("consistency", first, second == first))
+        if second > 15:
+            raise BadRequestError(f"second={second} is beyond the newest signed tree head (15 records)")
+        return wire_audit.ConsistencyProof(first=first, second=second, proof=["d" * 64])
 
     async def est(self, operation: str, client_certificate: bytes, csr: bytes) -> msg.EstResponse:
         raise AssertionError("no enrollment without TLS")
@@ -652,4 +659,37 @@ async def test_a_malformed_tree_head_from_km_is_not_relayed(env: Env) -> None:
     assert resp.status == 503
     text = await resp.text()
     assert "km's tree head is not a signed tree head" in text
+    assert "Traceback" not in text
+
+
+async def test_audit_consistency_relays_kms_proof(env: Env) -> None:
+    resp = await env.http.get("/audit/consistency?first=5&second=15")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/json"
+    assert await resp.json() == {"first": 5, "second": 15, "proof": ["d" * 64]}
+    assert env.km.seen == [("consistency", 5, False)]
+    assert (await env.http.post("/audit/consistency?first=5&second=15", data=b"{}")).status == 405  # read-only
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("", "the query needs first="),
+        ("first=5", "the query needs second="),
+        ("first=0&second=3", "first must be a record count from 1, not 0"),
+        ("first=6&second=5", "second must be at least first (6), not 5"),
+        ("first=-1&second=5", "first must be a decimal number of records"),
+        ("first=1.5&second=5", "first must be a decimal number of records"),
+        ("first=%D9%A1&second=5", "first must be a decimal number of records"),  # an Arabic-Indic one
+        ("first=1&first=2&second=3", "the query must be first=M&second=N"),
+        ("first=1&size=3", "unknown query parameter 'size'"),
+        ("first=1&second=99999999999999999999", "second must be a decimal number of records"),
+        ("first=1&second=16", "beyond the newest signed tree head (15 records)"),  # km's check
+    ],
+)
+async def test_audit_consistency_refuses_a_bad_query_with_400(env: Env, query: str, words: str) -> None:
+    resp = await env.http.get(f"/audit/consistency?{query}")
+    assert resp.status == 400
+    text = await resp.text()
+    assert words in text
     assert "Traceback" not in text

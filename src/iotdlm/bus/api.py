@@ -16,6 +16,10 @@ supervisor, for the mode); reading needs the bucket's read API in the module's `
 permissions. A refused read or write raises :class:`iotdlm.errors.PermissionDeniedError`, a
 missing bucket :class:`iotdlm.errors.NotFoundError`, a server without JetStream
 :class:`iotdlm.errors.UnavailableError`; bad bucket or key names are a ``ValueError``.
+
+Append-only streams (:meth:`Bus.append_only_stream`): the audit log's third anchor (ADR 0005).
+Only the supervisor creates one, only its writer publishes on its subject, readers get stream info
+and message get; the same errors as key-value.
 """
 
 from __future__ import annotations
@@ -83,6 +87,32 @@ class KeyValue(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StreamEntry:
+    """One message of an append-only stream and its sequence number there (from 1)."""
+
+    seq: int
+    data: bytes
+
+
+class AppendOnlyStream(Protocol):
+    """A stream that keeps every message published on its one subject, for good: a JetStream
+    stream with deny_delete, deny_purge, no max age and file storage on NATS, a list on the
+    in-memory hub. Nobody's permissions include updating, deleting or purging it, or deleting a
+    message (which would switch those flags off or drop what it keeps)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def append(self, data: bytes) -> int:
+        """Publish ``data`` and wait for the stream's acknowledgement; return its sequence number."""
+        ...
+
+    async def read(self) -> list[StreamEntry]:
+        """Every message the stream holds, oldest first."""
+        ...
+
+
 class Bus(Protocol):
     #: the module this connection belongs to (km, pm, sm, cm, admin)
     @property
@@ -103,6 +133,13 @@ class Bus(Protocol):
     async def key_value(self, bucket: str, *, create: bool = False) -> KeyValue:
         """Open key-value ``bucket``; ``create`` makes it first if it does not exist (one value per
         key, kept on disk). Without ``create`` a missing bucket raises ``NotFoundError``."""
+        ...
+
+    async def append_only_stream(self, name: str, subject: str, *, create: bool = False) -> AppendOnlyStream:
+        """The append-only stream ``name`` capturing ``subject``. Without ``create`` nothing is
+        asked of the server yet (a publisher needs no JetStream API, only its subject); with it the
+        stream is made if missing, and an existing one whose configuration is not append-only
+        raises :class:`iotdlm.errors.ConflictError`."""
         ...
 
     async def drain(self) -> None:

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 
 from iotdlm import errors
 from iotdlm.bus import subjects
-from iotdlm.bus.api import ERROR_HEADER, EventHandler, KeyValueEntry, KeyValueHandler, Message, RequestHandler
+from iotdlm.bus.api import (
+    ERROR_HEADER,
+    EventHandler,
+    KeyValueEntry,
+    KeyValueHandler,
+    Message,
+    RequestHandler,
+    StreamEntry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +251,7 @@ class MemoryHub:
         self._subs: list[_MemSub] = []
         self._random = random.Random()  # noqa: S311 - load spreading, not security
         self._buckets: dict[str, _MemBucket] = {}
+        self._streams: dict[str, _MemStreamData] = {}
 
     def bus(self, module: str) -> MemoryBus:
         """Shorthand for ``MemoryBus(self, module)``."""
@@ -367,6 +376,48 @@ class _MemKeyValue:
         return w
 
 
+@dataclass(eq=False)
+class _MemStreamData:
+    name: str
+    subject: str
+    entries: list[StreamEntry] = field(default_factory=list)
+
+
+class _MemStream:
+    """:class:`iotdlm.bus.api.AppendOnlyStream` on a :class:`MemoryHub`: a list that only grows."""
+
+    def __init__(self, bus: MemoryBus, name: str, subject: str) -> None:
+        self._bus = bus
+        self._name = name
+        self._subject = subject
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def _data(self, what: str) -> _MemStreamData:
+        found = self._bus._hub._streams.get(self._name)
+        if found is None or found.subject != self._subject:
+            raise errors.NotFoundError(
+                f"{what}: no stream {self._name} captures {self._subject} (has the supervisor created it?)"
+            )
+        return found
+
+    async def append(self, data: bytes) -> int:
+        self._bus._check_open(new_work=False)
+        self._bus._check_publish(self._subject)
+        self._bus._check_size(self._subject, data)
+        found = self._data(f"append to stream {self._name}")
+        found.entries.append(StreamEntry(seq=len(found.entries) + 1, data=bytes(data)))
+        return len(found.entries)
+
+    async def read(self) -> list[StreamEntry]:
+        self._bus._check_open(new_work=False)
+        self._bus._check_jetstream(f"$JS.API.STREAM.INFO.{self._name}", f"read stream {self._name}")
+        self._bus._check_jetstream(f"$JS.API.STREAM.MSG.GET.{self._name}", f"read stream {self._name}")
+        return list(self._data(f"read stream {self._name}").entries)
+
+
 class _MemSubscription:
     def __init__(self, bus: MemoryBus, sub: _MemSub) -> None:
         self._bus = bus
@@ -426,7 +477,10 @@ class MemoryBus:
             raise errors.UnavailableError(f"the bus connection of {self._module} is draining")
 
     def _check_publish(self, subject: str) -> None:
-        if self._perms is not None and not any(subject_matches(a, subject) for a in self._perms.publish):
+        if self._perms is not None and (
+            not any(subject_matches(a, subject) for a in self._perms.publish)
+            or any(subject_matches(d, subject) for d in self._perms.deny_publish)
+        ):
             raise permission_denied(self._module, "publish to", subject)
 
     def _check_subscribe(self, pattern: str) -> None:
@@ -492,6 +546,18 @@ class MemoryBus:
         if found is None:
             raise errors.NotFoundError(f"no key-value bucket {bucket!r}: has its owner created it?")
         return _MemKeyValue(self, found)
+
+    async def append_only_stream(self, name: str, subject: str, *, create: bool = False) -> _MemStream:
+        check_bucket(name)
+        check_subject(subject, wildcards=False)
+        self._check_open(new_work=False)
+        if create:
+            self._check_jetstream(f"$JS.API.STREAM.INFO.{name}", f"create stream {name}")
+            self._check_jetstream(f"$JS.API.STREAM.CREATE.{name}", f"create stream {name}")
+            found = self._hub._streams.setdefault(name, _MemStreamData(name, subject))
+            if found.subject != subject:
+                raise errors.ConflictError(f"stream {name} exists and captures {found.subject}, not {subject}")
+        return _MemStream(self, name, subject)
 
     def _add_sub(
         self,

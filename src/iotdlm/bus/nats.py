@@ -51,6 +51,7 @@ from iotdlm.bus.memory import (
     timeout_error,
 )
 from iotdlm.bus.nats_kv import NatsKeyValue, NatsWatch
+from iotdlm.bus.nats_stream import NatsStream
 
 _T = TypeVar("_T")
 
@@ -406,9 +407,7 @@ class NatsBus:
     async def key_value(self, bucket: str, *, create: bool = False) -> NatsKeyValue:
         check_bucket(bucket)
         self._check_open(new_work=False)
-        if self._js is None:
-            self._js = self._nc.jetstream(timeout=CONFIRM_TIMEOUT)
-        js = self._js
+        js = self._js_context()
         stream = subjects.kv_stream(bucket)
 
         async def open_bucket() -> _NatsKV:
@@ -426,6 +425,23 @@ class NatsBus:
             [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"],
         )
         return NatsKeyValue(self, kv, bucket)
+
+    # --- append-only streams (JetStream) -------------------------------------------------------
+
+    def _js_context(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self._nc.jetstream(timeout=CONFIRM_TIMEOUT)
+        return self._js
+
+    async def append_only_stream(self, name: str, subject: str, *, create: bool = False) -> NatsStream:
+        check_bucket(name)
+        check_subject(subject, wildcards=False)
+        self._check_open(new_work=False)
+        stream = NatsStream(self, name, subject)
+        if create:
+            api = [f"$JS.API.STREAM.INFO.{name}", f"$JS.API.STREAM.CREATE.{name}"]
+            await self._jetstream(f"create stream {name}", stream.create(), api)
+        return stream
 
     async def _jetstream(self, what: str, op: Awaitable[_T], refusable: Sequence[str]) -> _T:
         """Run a JetStream call, raising at once if the server refuses a publish it makes to a

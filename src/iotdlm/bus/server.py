@@ -242,7 +242,8 @@ def render_config(cfg: NatsServerConfig) -> str:
             lines.append(f"      user: {quote(u.user)}")
             lines.append(f"      password: {quote(u.password)}")
             lines.append("      permissions: {")
-            lines.append(f"        publish: {{ allow: {_str_list(publish)} }}")
+            deny = f", deny: {_str_list(perms.deny_publish)}" if perms.deny_publish else ""
+            lines.append(f"        publish: {{ allow: {_str_list(publish)}{deny} }}")
             lines.append(f"        subscribe: {{ allow: {_str_list(perms.subscribe)} }}")
             if perms.allow_responses:
                 lines.append("        allow_responses: true")

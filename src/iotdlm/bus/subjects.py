@@ -43,6 +43,18 @@ KM_REVOKED_EVENT = f"{PREFIX}.events.km.revoked"
 #: the newest signed tree head of the audit log (JSON, iotdlm.wire.audit.TreeHead): cm serves it
 #: read-only at /audit/checkpoint so an outside party can keep a copy
 KM_AUDIT_CHECKPOINT = f"{PREFIX}.km.audit.checkpoint"
+#: an RFC 9162 2.1.4 consistency proof between two sizes of the audit log (signed reply, ADR 0006):
+#: cm serves it read-only at /audit/consistency for outside witnesses
+KM_AUDIT_CONSISTENCY = f"{PREFIX}.km.audit.consistency"
+
+# --- the audit log's append-only anchor (JetStream) ----------------------------------------------
+#: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may
+#: (admin's ``iotdlm.v1.>`` excepts it through ``deny_publish``)
+AUDIT_TREE_HEAD = f"{PREFIX}.audit.tree-head"
+#: the stream that keeps them: created by the supervisor with deny_delete, deny_purge, no max age,
+#: file storage; nobody is granted STREAM.UPDATE (which could switch those off), DELETE, PURGE or
+#: MSG.DELETE on it (docs/adr/0005-audit-anchors.md)
+AUDIT_HEADS_STREAM = "IOTDLM_AUDIT_HEADS"
 
 # --- sm: software management ------------------------------------------------------------------
 SM_PREFIX = f"{PREFIX}.sm"
@@ -124,6 +136,22 @@ def kv_admin_api(bucket: str) -> tuple[str, ...]:
     return (f"$JS.API.STREAM.CREATE.{kv_stream(bucket)}",)
 
 
+def stream_read_api(stream: str) -> tuple[str, ...]:
+    """JetStream API subjects a module publishes to read a plain stream message by message."""
+    return (
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+    )
+
+
+def stream_create_api(stream: str) -> tuple[str, ...]:
+    """JetStream API subjects the owner of a plain stream needs: looking at it and creating it
+    (never update, delete, purge or message delete)."""
+    return (f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}")
+
+
 @dataclass(frozen=True)
 class Permissions:
     publish: tuple[str, ...]
@@ -134,6 +162,9 @@ class Permissions:
     #: its publish permissions when JetStream is on, and nothing else of ``$JS.API.>`` (issue 11).
     #: The in-memory bus enforces the same list.
     jetstream: tuple[str, ...] = ()
+    #: subjects excepted from ``publish`` (NATS ``deny``): admin may ask anything below
+    #: ``iotdlm.v1.>`` but not write the audit log's tree heads
+    deny_publish: tuple[str, ...] = ()
 
 
 def _inbox(module: str) -> str:
@@ -145,7 +176,8 @@ _READ_MODE = kv_read_api(MODE_BUCKET)
 
 PERMISSIONS: dict[str, Permissions] = {
     "km": Permissions(
-        publish=(f"{EVENTS}.km.>",),
+        # AUDIT_TREE_HEAD: km alone writes its signed tree heads into the append-only stream
+        publish=(f"{EVENTS}.km.>", AUDIT_TREE_HEAD),
         # km workers hear each other's revocations (to drop cached OCSP answers)
         subscribe=(f"{PREFIX}.km.>", _inbox("km"), f"{EVENTS}.km.>"),
         allow_responses=True,
@@ -165,23 +197,33 @@ PERMISSIONS: dict[str, Permissions] = {
         jetstream=_READ_MODE,
     ),
     "cm": Permissions(
-        publish=(KM_RENEW, f"{KM_EST}.>", f"{PREFIX}.km.va.>", KM_CHAIN, KM_AUDIT_CHECKPOINT, f"{EVENTS}.cm.>"),
+        publish=(
+            KM_RENEW,
+            f"{KM_EST}.>",
+            f"{PREFIX}.km.va.>",
+            KM_CHAIN,
+            KM_AUDIT_CHECKPOINT,
+            KM_AUDIT_CONSISTENCY,
+            f"{EVENTS}.cm.>",
+        ),
         subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,
         jetstream=_READ_MODE,
     ),
-    # the operator's tools (CLI, console): may ask anything, may listen to events
+    # the operator's tools (CLI, console): may ask anything, may listen to events, may read the
+    # audit log's tree heads (`audit verify`), may not write them
     "admin": Permissions(
         publish=(f"{PREFIX}.>",),
         subscribe=(_inbox("admin"), f"{EVENTS}.>"),
         allow_responses=False,
-        jetstream=_READ_MODE,
+        jetstream=(*_READ_MODE, *stream_read_api(AUDIT_HEADS_STREAM)),
+        deny_publish=(AUDIT_TREE_HEAD,),
     ),
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(
         publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
         subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}"),
         allow_responses=True,
-        jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET)),
+        jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET), *stream_create_api(AUDIT_HEADS_STREAM)),
     ),
 }

@@ -771,14 +771,20 @@ def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offs
     multiple=True,
     help="A signed tree head kept elsewhere (e.g. fetched from cm's /audit/checkpoint); repeatable.",
 )
+@click.option(
+    "--no-bus",
+    is_flag=True,
+    help="Do not read the tree heads in the deployment's append-only NATS stream (read by default when NATS answers).",
+)
 @handle_errors
-def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Path, ...]) -> None:
+def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Path, ...], no_bus: bool) -> None:
     """Check the whole hash chain, every signed checkpoint in the database and every one kept outside
-    it (the anchor folder, --checkpoint files); name the first bad or missing record."""
+    it (the anchor folder, the append-only NATS stream, --checkpoint files); name the first bad or
+    missing record."""
     from iotdlm.km import audit as km_audit
     from iotdlm.km.service import Schedule
     from iotdlm.pki.chain import verify_issued_by
-    from iotdlm.runtime import open_store
+    from iotdlm.runtime import audit_stream_heads, open_store
     from iotdlm.wire import audit as wire_audit
 
     dep = Deployment.load(data)
@@ -794,6 +800,16 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
         except OSError as exc:
             raise BadRequestError(f"cannot read {path}: {exc.strerror}") from None
         anchors.append(km_audit.Anchored(wire_audit.decode_tree_head(raw, where=str(path)), str(path)))
+    streamed: list[km_audit.Anchored] = []
+    if no_bus:
+        unreadable.append("--no-bus: the tree heads in the append-only NATS stream were not read")
+    else:
+        try:
+            streamed, bad = run(audit_stream_heads(dep))
+            unreadable += bad
+        except IotdlmError as exc:
+            unreadable.append(f"the append-only NATS stream was not read ({exc.message}); is the deployment up?")
+    anchors += streamed
     store = open_store(dep)
 
     def signer_key(fp: str) -> object | None:
@@ -820,10 +836,10 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
             )
     finally:
         store.close()
-    outside = len(anchors)
     console.print(
         f"{report.records} records, {report.checkpoints} signed checkpoints in the database, "
-        f"{outside} kept outside it, {report.unsigned_tail} records after the last checkpoint"
+        f"{len(anchors)} kept outside it ({len(streamed)} in the append-only NATS stream), "
+        f"{report.unsigned_tail} records after the last checkpoint"
     )
     for w in [*unreadable, *report.warnings]:
         console.print(f"[yellow]{w}[/yellow]")
@@ -836,6 +852,38 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
         f"audit log damaged: {len(report.problems)} problem(s), first at record {report.first_bad_seq}: "
         f"{report.problems[0]}"
     )
+
+
+@audit_group.command("witness")
+@click.option("--url", required=True, help="cm's public address, e.g. https://cm.example.com.")
+@click.option(
+    "--state",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The witness's own folder: the signed tree heads it kept (one file each, like the anchor folder).",
+)
+@click.option(
+    "--service-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    required=True,
+    help="The deployment's service CA certificate (PEM): km's tree heads must be signed under it.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Trust anchor (PEM) for cm's HTTPS certificate (default: the system's).",
+)
+@handle_errors
+def audit_witness(url: str, state: Path, service_ca: Path, tls_ca: Path | None) -> None:
+    """Witness the audit log from outside: fetch and verify km's newest signed tree head from cm,
+    check that it extends the one kept in --state (consistency proof), keep it. Exit 0 when
+    consistent; exit 4 naming both sizes when the log was truncated or rewritten."""
+    from iotdlm.km.witness import tls_context, witness
+
+    ca = load_certificate(service_ca.read_bytes())
+    result = run(witness(url, state, ca, tls=tls_context(tls_ca)))
+    console.print(f"[green]{escape(result.summary)}[/green]")
 
 
 @audit_group.command("checkpoint")

@@ -42,6 +42,7 @@ from iotdlm.errors import (
 from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.keys import check_public_key
 from iotdlm.pki.names import module_of
+from iotdlm.wire import audit as wire_audit
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
 from iotdlm.wire.envelope import Sealer
@@ -217,6 +218,18 @@ class KmClient:
     async def audit_checkpoint(self) -> bytes:
         """km's newest signed tree head of the audit log (JSON, :class:`iotdlm.wire.audit.TreeHead`)."""
         return await self.bus.request(s.KM_AUDIT_CHECKPOINT, b"{}", timeout=self.timeout)
+
+    async def audit_consistency(self, first: int, second: int) -> wire_audit.ConsistencyProof:
+        """km's RFC 9162 consistency proof between the audit log's first ``first`` and ``second``
+        records (a signed reply, like every km answer but the tree head itself)."""
+        req = wire_audit.ConsistencyRequest(first=first, second=second, nonce=self._nonce())
+        reply = await self._call(s.KM_AUDIT_CONSISTENCY, wire_audit.encode_consistency_request(req), self.timeout)
+        proof = wire_audit.decode_consistency_proof(reply, where="km reply")
+        if (proof.first, proof.second) != (first, second):
+            raise UntrustedError(
+                f"km reply is not valid: a proof for {proof.first}..{proof.second}, not {first}..{second}"
+            )
+        return proof
 
     async def est_nonce(self, client_certificate: bytes) -> msg.EstNonceResponse:
         """A proof nonce for the device that presented ``client_certificate`` (cm relays it)."""

@@ -146,6 +146,8 @@ class KmRelay(Protocol):
 
     async def audit_checkpoint(self) -> bytes: ...
 
+    async def audit_consistency(self, first: int, second: int) -> wire_audit.ConsistencyProof: ...
+
 
 #: response header naming what an enrollment request asked for that the certificate does not carry
 DROPPED_HEADER = "Iotdlm-Dropped"
@@ -290,6 +292,7 @@ class CmApp:
         app.router.add_get("/crl/{issuer}/{name}", self.crl)
         app.router.add_get("/ca/{name}.crt", self.ca_certificate)
         app.router.add_get("/audit/checkpoint", self.audit_checkpoint)
+        app.router.add_get("/audit/consistency", self.audit_consistency)
 
     def runner(self, app: web.Application) -> web.AppRunner:
         """An ``AppRunner`` for ``app`` that applies :class:`Limits` to every connection: the
@@ -603,6 +606,16 @@ class CmApp:
             body = wire_audit.encode_tree_head(wire_audit.decode_tree_head(raw, where="km's tree head"))
         except BadRequestError as exc:
             raise UnavailableError(exc.message) from None
+        return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-cache"})
+
+    async def audit_consistency(self, request: web.Request) -> web.Response:
+        """``GET /audit/consistency?first=M&second=N``: km's RFC 9162 2.1.4 proof that the log of
+        M records is a prefix of the log of N (JSON, hex hashes), for a witness that kept an older
+        tree head (``iotdlm audit witness``). A malformed query is a 400 naming the parameter."""
+        self._require(CM_MODES, "serving audit consistency proofs")
+        first, second = wire_audit.parse_consistency_query(request.rel_url.raw_query_string)
+        proof = await self.km.audit_consistency(first, second)
+        body = wire_audit.encode_consistency_proof(proof)
         return web.Response(body=body, content_type="application/json", headers={"Cache-Control": "no-cache"})
 
     # --- CA certificates (AIA caIssuers) ----------------------------------------------------------

@@ -11,6 +11,7 @@ so deleting the newest records with their checkpoints, or rewriting the chain, i
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import os
 from collections.abc import Callable, Sequence
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
-from iotdlm.errors import BadRequestError, BadSignatureError, IotdlmError
+from iotdlm.bus import Bus, subjects
+from iotdlm.errors import BadRequestError, BadSignatureError, ConflictError, IotdlmError
 from iotdlm.pki.ca import fingerprint
 from iotdlm.pki.keys import PrivateKey, check_public_key, sign_bytes, verify_bytes
 from iotdlm.store import AuditCheckpoint, AuditEntry, AuditRecord, Store
@@ -116,12 +119,29 @@ def checkpoint(
     return cp
 
 
-def to_tree_head(cp: AuditCheckpoint) -> fmt.TreeHead:
+def to_tree_head(cp: AuditCheckpoint, *, certificate: bytes | None = None) -> fmt.TreeHead:
+    """``cp`` as a signed tree head; with ``certificate`` (the signer's, DER) carried along for
+    a party that holds only the service CA (cm's /audit/checkpoint)."""
     if cp.root is None:
         raise ValueError(f"checkpoint {cp.seq} predates tree heads")
     return fmt.TreeHead(
-        size=cp.seq, hash=cp.hash, root=cp.root, at=cp.at, signer=cp.signer, signature=cp.signature.hex()
+        size=cp.seq,
+        hash=cp.hash,
+        root=cp.root,
+        at=cp.at,
+        signer=cp.signer,
+        signature=cp.signature.hex(),
+        certificate=base64.b64encode(certificate).decode("ascii") if certificate is not None else None,
     )
+
+
+def signer_certificate(store: Store, cp: AuditCheckpoint, own: x509.Certificate | None = None) -> bytes | None:
+    """The DER certificate whose key signed ``cp``: ``own`` (km's) when it is that one, else the
+    service certificate the store recorded under that fingerprint, else None."""
+    if own is not None and fingerprint(own) == cp.signer:
+        return own.public_bytes(serialization.Encoding.DER)
+    rec = store.get_by_fingerprint(cp.signer)
+    return rec.der if rec is not None and rec.issuer == "service" else None
 
 
 def write_anchor(anchor_dir: Path, th: fmt.TreeHead) -> Path:
@@ -151,6 +171,47 @@ def read_anchor_dir(anchor_dir: Path) -> tuple[list[Anchored], list[str]]:
             bad.append(f"anchor file {exc.message}")
         except OSError as exc:
             bad.append(f"anchor file {path} cannot be read: {exc.strerror}")
+    return out, bad
+
+
+def consistency(store: Store, first: int, second: int) -> fmt.ConsistencyProof:
+    """The RFC 9162 2.1.4.1 proof that the log's first ``first`` records are a prefix of its first
+    ``second``, from the records as the store has them (``0 < first <= second <=`` the size of the
+    newest signed tree head). A store that lost or rewrote records gives a proof that fails
+    against the tree heads a witness kept: that is the point."""
+    fmt.check_sizes(first, second)
+    cp = store.latest_audit_checkpoint()
+    size = cp.seq if cp is not None else 0
+    if second > size:
+        raise BadRequestError(
+            f"second={second} is beyond the newest signed tree head ({size} records)"
+            if size
+            else "the audit log has no signed tree head yet",
+            field="second",
+        )
+    leaves: list[bytes] = []
+    for rec in store.iter_audit():
+        if rec.seq > second:
+            break
+        leaves.append(bytes.fromhex(rec.hash))
+    if len(leaves) != second:
+        raise ConflictError(f"the store holds {len(leaves)} of the first {second} audit records: records were deleted")
+    proof = merkle.consistency_proof(first, leaves)
+    return fmt.ConsistencyProof(first=first, second=second, proof=[h.hex() for h in proof])
+
+
+async def read_stream_heads(bus: Bus) -> tuple[list[Anchored], list[str]]:
+    """Every tree head in the append-only stream (the third anchor), and what could not be read
+    there (in words). ``bus`` must be allowed to read the stream (admin's is)."""
+    stream = await bus.append_only_stream(subjects.AUDIT_HEADS_STREAM, subjects.AUDIT_TREE_HEAD)
+    out: list[Anchored] = []
+    bad: list[str] = []
+    for e in await stream.read():
+        where = f"stream {stream.name} message #{e.seq}"
+        try:
+            out.append(Anchored(fmt.decode_tree_head(e.data, where=where), where))
+        except BadRequestError as exc:
+            bad.append(exc.message)
     return out, bad
 
 

@@ -27,6 +27,7 @@ import msgspec
 from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
+from iotdlm.bus.api import AppendOnlyStream
 from iotdlm.errors import InternalError, IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
@@ -65,6 +66,7 @@ class KmService:
         identity: tuple[PrivateKey, Any] | None = None,
         schedule: Schedule | None = None,
         anchor_dir: Path | None = None,
+        heads_stream: bool = True,
     ) -> None:
         self.km = km
         self.bus = bus
@@ -73,6 +75,10 @@ class KmService:
         self.schedule = schedule
         self.anchor_dir = anchor_dir  # where each signed audit tree head is also kept (outside the database)
         self._tree = merkle.CompactRange()  # the audit log's Merkle tree as far as this worker has read it
+        #: publish every tree head this worker signs to the append-only stream (the third anchor)
+        self.heads_stream = heads_stream
+        self._heads: AppendOnlyStream | None = None
+        self._unpublished: fmt.TreeHead | None = None  # a head the stream did not take yet
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -84,6 +90,7 @@ class KmService:
             s.KM_RENEW: lambda m: self.km.renew(m.data),
             s.KM_CHAIN: lambda m: self.km.chain(),
             s.KM_AUDIT_CHECKPOINT: lambda m: self._latest_tree_head(),
+            s.KM_AUDIT_CONSISTENCY: self._consistency,
             s.KM_GET: lambda m: self.km.get(msg.decode(m.data, msg.GetRequest)),
             s.KM_EST_SIMPLEENROLL: lambda m: self.km.est(m.data),
             s.KM_EST_SIMPLEREENROLL: lambda m: self.km.est(m.data),
@@ -98,9 +105,11 @@ class KmService:
             self._subs.append(await self.bus.serve(s.KM_REVOKE, self._signed(s.KM_REVOKE, self._revoke), queue=queue))
             self._subs.append(await self.bus.serve(s.KM_OCSP, self._ocsp, queue=queue))
             self._subs.append(await self.bus.subscribe(s.KM_REVOKED_EVENT, self._on_revoked))
+        if self.heads_stream:
+            self._heads = await self.bus.append_only_stream(s.AUDIT_HEADS_STREAM, s.AUDIT_TREE_HEAD)
         if self.schedule is not None:
             self._tasks.append(asyncio.create_task(self._every(self.schedule.crl_check_every, self._refresh_crls)))
-            self._tasks.append(asyncio.create_task(self._every(self.schedule.checkpoint_every, self._checkpoint)))
+            self._tasks.append(asyncio.create_task(self._every(self.schedule.checkpoint_every, self.checkpoint_now)))
             self._tasks.append(asyncio.create_task(self._every(self.schedule.purge_nonces_every, self._purge)))
         log.info("km serving %d subjects", len(routes))
 
@@ -191,7 +200,10 @@ class KmService:
     async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
         while True:
             try:
-                await asyncio.to_thread(job)
+                if asyncio.iscoroutinefunction(job):
+                    await job()
+                else:
+                    await asyncio.to_thread(job)
             except IotdlmError as exc:
                 log.warning("scheduled job %s failed: %s", getattr(job, "__name__", job), exc)
             await asyncio.sleep(seconds)
@@ -200,22 +212,53 @@ class KmService:
         if self.km.va is not None:
             self.km.va.refresh_due()
 
-    def _checkpoint(self) -> None:
-        if self.identity is not None:
-            audit.checkpoint(
-                self.km.store,
-                self.identity[0],
-                self.identity[1],
-                self.km.clock.now(),
-                anchor_dir=self.anchor_dir,
-                cache=self._tree,
-            )
+    async def checkpoint_now(self) -> None:
+        """Sign a tree head when the log has grown (the database, the anchor folder), then append
+        it to the append-only stream; a head the stream did not take is tried again next time,
+        unless a newer one replaces it."""
+        if self.identity is None:
+            return
+        key, cert = self.identity
+        cp = await asyncio.to_thread(
+            audit.checkpoint,
+            self.km.store,
+            key,
+            cert,
+            self.km.clock.now(),
+            anchor_dir=self.anchor_dir,
+            cache=self._tree,
+        )
+        if cp is not None:
+            self._unpublished = audit.to_tree_head(cp)
+        await self.publish_head()
+
+    async def publish_head(self) -> None:
+        """Append the newest tree head this worker signed to the stream, if it is not there yet."""
+        th = self._unpublished
+        if th is None or self._heads is None:
+            return
+        try:
+            await self._heads.append(fmt.encode_tree_head(th))
+        except IotdlmError as exc:
+            log.warning("the audit tree head of record %d is not in stream %s yet: %s", th.size, self._heads.name, exc)
+            return
+        if self._unpublished is th:
+            self._unpublished = None
+
+    def _consistency(self, m: Message) -> bytes:
+        req = fmt.decode_consistency_request(m.data)
+        return fmt.encode_consistency_proof(audit.consistency(self.km.store, req.first, req.second))
 
     def _latest_tree_head(self) -> bytes:
+        """The newest signed tree head, with the signer's certificate so that an outside witness
+        holding only the service CA can check it."""
         cp = self.km.store.latest_audit_checkpoint()
         if cp is None or cp.root is None:
             raise NotFoundError("the audit log has no signed tree head yet")
-        return fmt.encode_tree_head(audit.to_tree_head(cp))
+        own = self.identity[1] if self.identity is not None else None
+        return fmt.encode_tree_head(
+            audit.to_tree_head(cp, certificate=audit.signer_certificate(self.km.store, cp, own))
+        )
 
     def _purge(self) -> None:
         self.km.store.purge_nonces(self.km.clock.now())

@@ -230,6 +230,11 @@ class Supervisor:
                 await self._start_nats()
             self._bus = await self._connect()
             self._kv = await self._bus.key_value(subjects.MODE_BUCKET, create=True)
+            # the audit log's append-only anchor: km writes its signed tree heads there (ADR 0005)
+            try:
+                await self._bus.append_only_stream(subjects.AUDIT_HEADS_STREAM, subjects.AUDIT_TREE_HEAD, create=True)
+            except errors.ConflictError as exc:  # loud, but the deployment still runs: km keeps appending
+                log.error("the audit log's anchor stream: %s", exc.message)
             self._store = await asyncio.to_thread(self._open_store)
             async with self._switch_lock:
                 await self._apply(mode, with_sm, by=_clean_by(by), actor=subjects.SUPERVISOR, reason="up")
