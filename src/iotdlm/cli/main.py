@@ -879,12 +879,12 @@ def demo(data: Path | None, devices: int) -> None:
 def _register_groups() -> None:
     """Command groups that live with their modules."""
     from iotdlm.cli.cm_certificate import certificate as cm_certificate
-    from iotdlm.cm.cli import cm
-    from iotdlm.modes.cli import mode, status, up
-    from iotdlm.pm.cli import pm
-    from iotdlm.repository.cli import repo
-    from iotdlm.sm.cli import sm
-    from iotdlm.transfer.cli import transfer
+    from iotdlm.cli.cm import cm
+    from iotdlm.cli.modes import mode, status, up
+    from iotdlm.cli.pm import pm
+    from iotdlm.cli.repository import repo
+    from iotdlm.cli.sm import sm
+    from iotdlm.cli.transfer import transfer
 
     main.add_command(repo)
     main.add_command(sm)
