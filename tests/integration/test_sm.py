@@ -31,7 +31,7 @@ from iotdlm.pki.keys import Algorithm
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer
 from iotdlm.sm import HttpFetcher, NoEgressFetcher, SoftwareManager
-from iotdlm.sm.cli import sm as sm_cli
+from iotdlm.cli.sm import sm as sm_cli
 from iotdlm.sm.fetcher import EGRESS_CLOSED
 from iotdlm.sm.service import SmService
 from iotdlm.wire import software as sw

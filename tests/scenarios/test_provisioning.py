@@ -49,7 +49,7 @@ from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.km import KmService
 from iotdlm.pki.keys import Algorithm, generate_key, load_private_key_pem
 from iotdlm.pm import config as pmconfig
-from iotdlm.pm.cli import pm as pm_cli
+from iotdlm.cli.pm import pm as pm_cli
 from iotdlm.pm.core import HaltedError, Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.repository import VendorRepository

@@ -17,7 +17,7 @@ from iotdlm.pki.chain import der
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.runtime import build_km, open_store, sealer_for
 from iotdlm.transfer import messages as m
-from iotdlm.transfer.cli import transfer
+from iotdlm.cli.transfer import transfer
 from iotdlm.wire import km as msg
 from iotdlm.wire.km import AUDIENCE, OP_ISSUE
 from tests.helpers import make_csr, proven_est
