@@ -43,13 +43,13 @@ from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.bus.api import EventHandler, KeyValue, RequestHandler
 from iotdlm.bus.server import free_port
+from iotdlm.cli.pm import pm as pm_cli
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.km import KmService
 from iotdlm.pki.keys import Algorithm, generate_key, load_private_key_pem
 from iotdlm.pm import config as pmconfig
-from iotdlm.cli.pm import pm as pm_cli
 from iotdlm.pm.core import HaltedError, Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.repository import VendorRepository

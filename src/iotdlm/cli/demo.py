@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import click
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +32,7 @@ from cryptography.x509 import ocsp
 from rich.table import Table
 
 from iotdlm.bus.server import free_port
-from iotdlm.cli.common import console
+from iotdlm.cli.common import console, handle_errors, run
 from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import SystemClock
@@ -43,6 +44,20 @@ from iotdlm.pki.keys import Algorithm, generate_key, hash_for
 
 DTYPE = "polarfire-soc"
 T = TypeVar("T")
+
+
+@click.command()
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Keep the deployment here (default: a temporary folder).",
+)
+@click.option("--devices", type=int, default=6, show_default=True, help="How many simulated devices.")
+@handle_errors
+def demo(data: Path | None, devices: int) -> None:
+    """Run the whole system end to end on the embedded default and print what happened."""
+    run(run_demo(data, devices))
 
 
 async def _until(what: str, probe: Callable[[], Awaitable[T | None]], wait: float = 90.0) -> T:
