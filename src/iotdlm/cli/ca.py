@@ -17,7 +17,6 @@ from iotdlm.cli.revoke import REASONS_HELP, is_hex, print_revoked, revoke
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError, RejectedError
-from iotdlm.km.ra import ModulePrincipal
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.wire import km as msg
 
@@ -72,6 +71,7 @@ def ca_issue(
     refused (with --csr/--crmf) unless --force. Whatever a request asked for and the certificate does
     not carry (subject attributes, SANs, extensions) is printed as "dropped from the request".
     """
+    from iotdlm.km.ra import ModulePrincipal
     from iotdlm.runtime import build_km, open_store
 
     if sum(x is not None for x in (csr, crmf, csr_dir)) != 1:
