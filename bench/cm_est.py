@@ -3,7 +3,7 @@
 
 Setup (real parts): a deployment (P-256, SQLite under the deployment), the embedded nats-server on
 loopback, ``--km-workers`` km processes (``python -m iotdlm.cli.main km serve``), cm as its own
-process (``python -m iotdlm.cm.cli serve``), connecting to NATS as the cm identity. pm issues one
+process (``python -m iotdlm.cli.cm serve``), connecting to NATS as the cm identity. pm issues one
 factory certificate per simulated device (``issue_batch``, profile factory).
 
 Load: ``--clients`` load-generator processes (multiprocessing, spawn), each driving ``--inflight``
@@ -122,7 +122,7 @@ async def start_cm(bd: BenchDeployment, *, http: bool = True) -> Served:
     https_port = free_port()
     http_port = free_port() if http else None
     log_path = bd.dep.root / "logs" / f"cm-{https_port}.log"
-    argv = [sys.executable, "-m", "iotdlm.cm.cli", "serve", "--data", str(bd.dep.root), "--https-port", str(https_port)]
+    argv = [sys.executable, "-m", "iotdlm.cli.cm", "serve", "--data", str(bd.dep.root), "--https-port", str(https_port)]
     argv += ["--http-port", str(http_port)] if http_port else ["--no-http"]
     served = Served(_spawn(argv, log_path), log_path, https_port, http_port)
     await _wait_for(served, b"cm serving", "cm")

@@ -3,7 +3,7 @@ against a trivial aiohttp "hello" handler in one process, measured by the same l
 the same run.
 
 Setup (real parts): a deployment (P-256, SQLite under the deployment), the embedded nats-server on
-loopback, ``--km-workers`` km processes, cm as its own process (``python -m iotdlm.cm.cli serve``)
+loopback, ``--km-workers`` km processes, cm as its own process (``python -m iotdlm.cli.cm serve``)
 relaying each request to km over NATS as the cm identity. pm issues ``--certs`` operational
 certificates (``issue_batch``), the operator revokes 10% (``KmClient.revoke`` as admin). One GET
 URL per certificate (SHA-1 CertID, no nonce: the RFC 5019 profile whose answers km pre-signs and

@@ -778,7 +778,7 @@ async def test_garbage_after_the_handshake_is_a_400_not_a_crash(site: Site) -> N
 def test_cm_cli_help() -> None:
     from click.testing import CliRunner
 
-    from iotdlm.cm.cli import cm
+    from iotdlm.cli.cm import cm
 
     out = CliRunner().invoke(cm, ["serve", "--help"])
     assert out.exit_code == 0
@@ -828,7 +828,7 @@ def test_cm_file(tmp_path: Path) -> None:
 
 @pytest.mark.real_clock
 async def test_cm_serve_process(tmp_path: Path) -> None:
-    """`python -m iotdlm.cm.cli serve --data DIR`, as the supervisor starts it (settings from
+    """`python -m iotdlm.cli.cm serve --data DIR`, as the supervisor starts it (settings from
     DIR/cm.toml), against the deployment's own embedded NATS server."""
     import os
     import signal
@@ -864,7 +864,7 @@ async def test_cm_serve_process(tmp_path: Path) -> None:
             'allow_origins = ["https://repo.example.com"]\n[limits]\nidle_timeout = 5\nretry_after = 3\n'
         )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "iotdlm.cm.cli", "serve", "--data", str(dep.root),
+            sys.executable, "-m", "iotdlm.cli.cm", "serve", "--data", str(dep.root),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"},
         )  # fmt: skip
         assert proc.stdout is not None
@@ -1253,7 +1253,7 @@ def test_cm_serve_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> No
     """`cm serve --tls-cert --tls-key` with a certificate without serverAuth: exit 4, one clear line."""
     from click.testing import CliRunner
 
-    from iotdlm.cm.cli import cm
+    from iotdlm.cli.cm import cm
 
     dep, client_chain, _good, _other = _unservable_pairs(tmp_path)
     key = client_chain.with_name("client-key.pem")

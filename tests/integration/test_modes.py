@@ -267,11 +267,11 @@ async def admin(deployment: Deployment) -> AsyncIterator[Callable[[], Awaitable[
 
 
 async def cli(*args: str) -> tuple[int, str]:
-    """Run ``iotdlm.modes.cli`` as its own process (what an operator types), return (exit code, output)."""
+    """Run ``iotdlm.cli.modes`` as its own process (what an operator types), return (exit code, output)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "iotdlm.modes.cli",
+        "iotdlm.cli.modes",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -658,7 +658,7 @@ async def test_up_runs_in_the_foreground_resumes_the_last_mode_and_stops_cleanly
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "iotdlm.modes.cli",
+            "iotdlm.cli.modes",
             "up",
             "--data",
             str(root),
@@ -762,7 +762,7 @@ async def test_a_supervisor_killed_hard_leaves_no_orphans(deployment: Deployment
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "iotdlm.modes.cli",
+            "iotdlm.cli.modes",
             "up",
             "--data",
             str(root),

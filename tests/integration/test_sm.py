@@ -23,6 +23,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api._payload import Targets
 
 from iotdlm.bus import subjects as s
+from iotdlm.cli.sm import sm as sm_cli
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
@@ -31,7 +32,6 @@ from iotdlm.pki.keys import Algorithm
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer
 from iotdlm.sm import HttpFetcher, NoEgressFetcher, SoftwareManager
-from iotdlm.sm.cli import sm as sm_cli
 from iotdlm.sm.fetcher import EGRESS_CLOSED
 from iotdlm.sm.service import SmService
 from iotdlm.wire import software as sw

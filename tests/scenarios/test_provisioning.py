@@ -43,6 +43,7 @@ from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.bus.api import AppendOnlyStream, EventHandler, KeyValue, RequestHandler
 from iotdlm.bus.server import free_port
+from iotdlm.cli.pm import pm as pm_cli
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.simulated import SimulatedDevice
@@ -50,7 +51,6 @@ from iotdlm.km import KmService
 from iotdlm.pki.keys import Algorithm, generate_key, load_private_key_pem
 from iotdlm.pm import config as pmconfig
 from iotdlm.pm.alarm import HaltedError
-from iotdlm.pm.cli import pm as pm_cli
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.pm.provisioner import Provisioner
 from iotdlm.repository import VendorRepository

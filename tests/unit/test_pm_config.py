@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from iotdlm import errors
+from iotdlm.cli.pm import pm as pm_cli
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.pki.keys import Algorithm
 from iotdlm.pm import config as pmconfig
-from iotdlm.pm.cli import pm as pm_cli
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.repository import VendorRepository
 from iotdlm.sm import config as smconfig

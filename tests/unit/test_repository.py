@@ -648,7 +648,7 @@ def test_report_file_is_appended_line_by_line(repo: VendorRepository, published:
 def test_cli_walkthrough(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from iotdlm.repository.cli import repo as repo_cli
+    from iotdlm.cli.repository import repo as repo_cli
 
     runner = CliRunner()
     d = str(tmp_path / "repo")

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
+from iotdlm.cli.transfer import transfer
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
 from iotdlm.pki.chain import der
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.runtime import build_km, open_store, sealer_for
 from iotdlm.transfer import messages as m
-from iotdlm.transfer.cli import transfer
 from iotdlm.wire import km as msg
 from iotdlm.wire.km import AUDIENCE, OP_ISSUE
 from tests.helpers import make_csr, proven_est

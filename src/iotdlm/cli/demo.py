@@ -22,8 +22,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+import click
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,18 +32,35 @@ from cryptography.x509 import ocsp
 from rich.table import Table
 
 from iotdlm.bus.server import free_port
-from iotdlm.cli.common import console
+from iotdlm.cli.common import console, handle_errors, run
 from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import SystemClock
-from iotdlm.deployment import PASSPHRASE_ENV, init_deployment
+from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, UnavailableError
 from iotdlm.pki.chain import certs_to_pem, verify_issued_by
 from iotdlm.pki.keys import Algorithm, generate_key, hash_for
 
+if TYPE_CHECKING:
+    from iotdlm.repository.repo import VendorRepository
+
 DTYPE = "polarfire-soc"
 T = TypeVar("T")
+
+
+@click.command()
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Keep the deployment here (default: a temporary folder).",
+)
+@click.option("--devices", type=int, default=6, show_default=True, help="How many simulated devices.")
+@handle_errors
+def demo(data: Path | None, devices: int) -> None:
+    """Run the whole system end to end on the embedded default and print what happened."""
+    run(run_demo(data, devices))
 
 
 async def _until(what: str, probe: Callable[[], Awaitable[T | None]], wait: float = 90.0) -> T:
@@ -70,15 +88,10 @@ def _csr(key: object, name: str) -> bytes:
 async def run_demo(data: Path | None, devices: int) -> None:
     import aiohttp
 
-    from iotdlm.cm.config import CM_FILE
     from iotdlm.device.est_client import EstClient
-    from iotdlm.km import audit as km_audit
     from iotdlm.modes.supervisor import Supervisor
-    from iotdlm.pm.config import PmConfig, save_config
     from iotdlm.repository.repo import VendorRepository
     from iotdlm.repository.server import RepositoryServer
-    from iotdlm.runtime import open_store, record_identities
-    from iotdlm.sm import config as sm_config
 
     clock = SystemClock()
     tmp = tempfile.TemporaryDirectory(prefix="iotdlm-demo-")
@@ -88,6 +101,35 @@ async def run_demo(data: Path | None, devices: int) -> None:
     os.environ[PASSPHRASE_ENV] = passphrase  # the services the supervisor starts decrypt the CA keys
     https_port, http_port, egress_port = free_port(), free_port(), free_port()
     console.rule("[bold]iotdlm demo[/bold]: the device lifecycle, end to end")
+
+    dep = _create_deployment(data, passphrase, http_port, clock)
+
+    vendor = VendorRepository.init(work / "vendor", now=clock.now(), report_ca=dep.root / "ca" / "service.pem")
+    image = work / "firmware-7.bin"
+    image.write_bytes(os.urandom(1 << 20))
+    published = vendor.publish(DTYPE, 7, image, now=clock.now())
+    supervisor = Supervisor(dep)
+    async with RepositoryServer(vendor) as repo_server:
+        console.print(f"2. vendor repository at {repo_server.url}: {DTYPE} release 7 ({published.length} bytes)")
+        bench = _configure(dep, work, repo_server.url, vendor, devices, (https_port, http_port, egress_port))
+        try:
+            await _software_to_certificates(dep, supervisor, repo_server, vendor, devices)
+            await _field(dep, supervisor, bench, https_port, http_port, EstClient, aiohttp)
+            _verify_audit(dep)
+        finally:
+            with console.status("stopping the services"):
+                await supervisor.stop()
+    console.print(
+        "done; the deployment was removed (use --data DIR to keep it)"
+        if data.is_relative_to(work)
+        else f"done; try `iotdlm ca list --data {data}` or `iotdlm audit list --data {data}`"
+    )
+    tmp.cleanup()
+
+
+def _create_deployment(data: Path, passphrase: str, http_port: int, clock: SystemClock) -> Deployment:
+    """Step 1: root and issuing CAs, one identity per module, recorded in the store."""
+    from iotdlm.runtime import open_store, record_identities
 
     with console.status("1. creating the deployment (CAs, module identities)"):
         dep, _ = init_deployment(
@@ -104,57 +146,58 @@ async def run_demo(data: Path | None, devices: int) -> None:
         record_identities(dep, store, clock.now())
         store.close()
     console.print(f"1. deployment in {data}")
+    return dep
 
-    vendor = VendorRepository.init(work / "vendor", now=clock.now(), report_ca=dep.root / "ca" / "service.pem")
-    image = work / "firmware-7.bin"
-    image.write_bytes(os.urandom(1 << 20))
-    published = vendor.publish(DTYPE, 7, image, now=clock.now())
-    supervisor = Supervisor(dep)
-    async with RepositoryServer(vendor) as repo_server:
-        console.print(f"2. vendor repository at {repo_server.url}: {DTYPE} release 7 ({published.length} bytes)")
-        (dep.root / CM_FILE).write_bytes(
-            tomli_w.dumps(
-                {
-                    "https_port": https_port,
-                    "http_port": http_port,
-                    "egress_port": egress_port,
-                    "allow_origins": [repo_server.url],
-                }
-            ).encode()
-        )
-        sm_config.setup(
-            data,
-            repository_url=repo_server.url,
-            root=vendor.trusted_root(),
-            dtypes=[DTYPE],
-            egress_proxy=f"http://127.0.0.1:{egress_port}",
-        )
-        bench = work / "bench"
-        for i in range(devices):
-            SimulatedDevice.manufacture(bench / f"{DTYPE}-{i:04d}", f"{DTYPE}-{i:04d}", DTYPE, can_make_csr=i % 2 == 0)
-        save_config(
-            data, DTYPE, PmConfig(bench=str(bench), enroll_uri=f"https://127.0.0.1:{https_port}/.well-known/est")
-        )
-        try:
-            await _software_to_certificates(dep, supervisor, repo_server, vendor, devices)
-            await _field(dep, supervisor, bench, https_port, http_port, EstClient, aiohttp)
-            store = open_store(dep)
-            try:
-                km_key = dep.identity("km").certificate.public_key()
-                report = km_audit.verify(store, lambda _fp: km_key)  # type: ignore[arg-type,return-value]
-            finally:
-                store.close()
-            verdict = "[green]intact[/green]" if report.ok else "[red]damaged[/red]"
-            console.print(f"7. audit log: {report.records} records, {verdict}")
-        finally:
-            with console.status("stopping the services"):
-                await supervisor.stop()
-    console.print(
-        "done; the deployment was removed (use --data DIR to keep it)"
-        if data.is_relative_to(work)
-        else f"done; try `iotdlm ca list --data {data}` or `iotdlm audit list --data {data}`"
+
+def _configure(
+    dep: Deployment, work: Path, repo_url: str, vendor: VendorRepository, devices: int, ports: tuple[int, int, int]
+) -> Path:
+    """cm's ports and egress allow-list, sm's repository, pm's bench of blank simulated devices
+    (returned) and its EST URI."""
+    from iotdlm.cm.config import CM_FILE
+    from iotdlm.pm.config import PmConfig, save_config
+    from iotdlm.sm import config as sm_config
+
+    https_port, http_port, egress_port = ports
+    (dep.root / CM_FILE).write_bytes(
+        tomli_w.dumps(
+            {
+                "https_port": https_port,
+                "http_port": http_port,
+                "egress_port": egress_port,
+                "allow_origins": [repo_url],
+            }
+        ).encode()
     )
-    tmp.cleanup()
+    sm_config.setup(
+        dep.root,
+        repository_url=repo_url,
+        root=vendor.trusted_root(),
+        dtypes=[DTYPE],
+        egress_proxy=f"http://127.0.0.1:{egress_port}",
+    )
+    bench = work / "bench"
+    for i in range(devices):
+        SimulatedDevice.manufacture(bench / f"{DTYPE}-{i:04d}", f"{DTYPE}-{i:04d}", DTYPE, can_make_csr=i % 2 == 0)
+    save_config(
+        dep.root, DTYPE, PmConfig(bench=str(bench), enroll_uri=f"https://127.0.0.1:{https_port}/.well-known/est")
+    )
+    return bench
+
+
+def _verify_audit(dep: Deployment) -> None:
+    """Step 7: the audit log's hash chain and checkpoints verify."""
+    from iotdlm.km import audit as km_audit
+    from iotdlm.runtime import open_store
+
+    store = open_store(dep)
+    try:
+        km_key = dep.identity("km").certificate.public_key()
+        report = km_audit.verify(store, lambda _fp: km_key)  # type: ignore[arg-type,return-value]
+    finally:
+        store.close()
+    verdict = "[green]intact[/green]" if report.ok else "[red]damaged[/red]"
+    console.print(f"7. audit log: {report.records} records, {verdict}")
 
 
 async def _software_to_certificates(dep, supervisor, repo_server, vendor, devices: int) -> None:  # type: ignore[no-untyped-def]

@@ -2,7 +2,7 @@
 the guard services use to check the mode themselves.
 
 Light to import (services import :class:`ModeGuard`): the supervisor is
-:mod:`iotdlm.modes.supervisor`, the commands :mod:`iotdlm.modes.cli`.
+:mod:`iotdlm.modes.supervisor`, the commands :mod:`iotdlm.cli.modes`.
 """
 
 from iotdlm.modes.guard import ModeGuard, cm_running

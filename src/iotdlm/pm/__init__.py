@@ -14,7 +14,7 @@
 - :mod:`iotdlm.pm.flasher` -- the flasher plug-ins (simulated bench, vendor tool by command templates);
 - :mod:`iotdlm.pm.service` -- pm on the bus (``iotdlm.v1.pm.<dtype>.provision`` / ``.status``);
 - :mod:`iotdlm.pm.config` -- configuration in a deployment folder, wiring a Provisioner;
-- :mod:`iotdlm.pm.messages` -- requests, reports, the alarm; :mod:`iotdlm.pm.cli` -- ``iotdlm pm``.
+- :mod:`iotdlm.pm.messages` -- requests, reports, the alarm; ``iotdlm pm`` is :mod:`iotdlm.cli.pm`.
 """
 
 from iotdlm.pm.alarm import HaltedError, clear_alarm, read_alarm

@@ -7,7 +7,7 @@
   :class:`NoEgressFetcher`) that cm will own;
 - :mod:`iotdlm.sm.local` -- the local repository shared with pm;
 - :mod:`iotdlm.sm.service` -- sm on the bus (pm's API, poll schedule, notifications);
-- :mod:`iotdlm.sm.config` -- configuration in a deployment folder; :mod:`iotdlm.sm.cli` -- ``iotdlm sm``.
+- :mod:`iotdlm.sm.config` -- configuration in a deployment folder; ``iotdlm sm`` is :mod:`iotdlm.cli.sm`.
 
 pm's side of the contract (Algorithm 1, formats) is pure and lives in :mod:`iotdlm.wire.software`.
 """

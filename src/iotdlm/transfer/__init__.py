@@ -13,5 +13,5 @@ Pure (no I/O: bytes and a time in, a decision or new state and effects out):
 I/O shell around them: :mod:`~iotdlm.transfer.service` (SP1 and SP2 on their stores, CA2's
 registration, CA1's revocation), :mod:`~iotdlm.transfer.agent` (the device agent),
 :mod:`~iotdlm.transfer.identity` (the transfer signing identity in a deployment folder),
-:mod:`~iotdlm.transfer.cli` (``iotdlm transfer``).
+:mod:`~iotdlm.cli.transfer` (``iotdlm transfer``).
 """

@@ -1,23 +1,31 @@
-"""``iotdlm cm``: run the communication module (register with ``main.add_command(cm)``).
+"""``iotdlm cm``: run the communication module, and re-issue its HTTPS certificate offline.
 
-Also runnable on its own: ``python -m iotdlm.cm.cli serve --data DIR``.
+``cm certificate`` needs the CA keys, which cm itself never holds: it lives here, not in cm/.
+Also runnable on its own: ``python -m iotdlm.cli.cm serve --data DIR``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import signal
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+from rich.table import Table
 
+from iotdlm import cm_https
 from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.clock import SystemClock
 from iotdlm.cm.config import CmConfig, EgressConfig, limits_from, load_cm_file
 from iotdlm.cm.egress import parse_origin
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, IotdlmError
 from iotdlm.pki.keys import Algorithm
+
+if TYPE_CHECKING:
+    from iotdlm.store import Store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -148,6 +156,62 @@ def _ports(config: CmConfig) -> str:
     if config.egress is not None:
         ports.append(f"egress {config.egress.port}")
     return ", ".join(ports)
+
+
+def record_https_certificate(dep: Deployment, store: Store, now: dt.datetime, *, actor: str) -> bool:
+    """Record cm's issued HTTPS certificate in the store (so ``ca list`` shows it, OCSP knows it
+    and ``ca revoke`` can revoke it); False if it is already there or there is none."""
+    from iotdlm.km.records import record_for
+
+    path = dep.root / cm_https.HTTPS_CERT
+    if not path.is_file():
+        return False
+    chain, _key = cm_https.load_issued_pair(dep.root, now=now)
+    cert = chain[0]
+    profile = cm_https.https_profile(dep.profiles())
+    if store.get_certificate(profile.issuer, cert.serial_number) is not None:
+        return False
+    store.add_certificates([record_for(cert, profile.issuer, profile.name, None, actor, now)])
+    return True
+
+
+@cm.command("certificate")
+@data_option
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="A further DNS name or IP address devices reach cm by. Repeatable.",
+)
+@handle_errors
+def certificate(data: Path, names: tuple[str, ...]) -> None:
+    """Issue a new HTTPS certificate for cm with the service CA (offline: needs the CA passphrase).
+
+    It names the host of the deployment's public URL, localhost, 127.0.0.1 and every --name, and
+    replaces DIR/modules/cm/https.pem and https.key.pem. Names from an earlier certificate are not
+    carried over: give them all again. Restart cm to serve it.
+    """
+    from iotdlm.runtime import open_store
+
+    dep = Deployment.load(data)
+    cm_https.https_names(dep.config.public_url, names)  # a bad name: refused before the CA keys are opened
+    now = SystemClock().now()
+    cas = list(dep.load_cas().values())
+    cert = cm_https.issue_https_certificate(dep, cas, names=names, now=now)
+    store = open_store(dep)
+    try:
+        record_https_certificate(dep, store, now, actor="admin")
+    finally:
+        store.close()
+    dns, ips = cm_https.names_of(cert)
+    table = Table("cm HTTPS certificate", "")
+    table.add_row("names", ", ".join([*dns, *(str(ip) for ip in ips)]))
+    table.add_row("serial", format(cert.serial_number, "x"))
+    table.add_row("not after", cert.not_valid_after_utc.isoformat())
+    table.add_row("files", f"{data / cm_https.HTTPS_CERT}, {data / cm_https.HTTPS_KEY}")
+    console.print(table)
+    console.print("Restart cm (`iotdlm cm serve`, or the supervisor) to serve it.")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """``iotdlm transfer``: automated PKI trust transfer of a fleet (seed 003 VII), for the operators
-of both providers. Register with ``main.add_command(transfer)``.
+of both providers. Listed in :data:`iotdlm.cli.main.COMMANDS` (imported when it runs).
 
 SP1 (hands over)                             SP2 (takes over, runs CA2)
   transfer init --provider-id SP1              transfer init --provider-id SP2 --enroll-uri URL

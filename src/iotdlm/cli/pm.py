@@ -1,7 +1,7 @@
 """``iotdlm pm``: provision a line of blank devices, serve pm for a dtype, list the records, clear
 an alarm, and manufacture simulated devices for demos and tests.
 
-Register with ``main.add_command(pm)`` (:mod:`iotdlm.cli.main`).
+Listed in :data:`iotdlm.cli.main.COMMANDS`, which imports this module only when ``iotdlm pm`` runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``iotdlm up``, ``iotdlm mode set``, ``iotdlm status``: run a deployment and switch its modes.
 
-Wire them into :mod:`iotdlm.cli.main` with ``main.add_command(up)``, ``main.add_command(mode)``
-and ``main.add_command(status)``.
+Listed in :data:`iotdlm.cli.main.COMMANDS`, which imports this module only when one of them runs.
+Also runnable on its own: ``python -m iotdlm.cli.modes up --data DIR``.
 """
 
 from __future__ import annotations
