@@ -47,7 +47,6 @@ from iotdlm.store.transfer import (
     FACTORY_WITHDRAWN,
     FactoryCaRecord,
     FactoryRecord,
-    TransferStore,
 )
 from iotdlm.transfer.messages import decode_x5bag
 from iotdlm.transfer.trust import factory_device_id
@@ -105,7 +104,7 @@ class FactoryRegistry:
 
     def __init__(self, store: Store, clock: Clock, *, enroll_uri: str | None = None) -> None:
         self.store = store
-        self.tables = TransferStore(store)
+        self.tables = store
         self.clock = clock
         self.enroll_uri = enroll_uri
         self._cas: dict[str, tuple[x509.Certificate, bool]] | None = None

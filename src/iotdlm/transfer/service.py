@@ -33,7 +33,7 @@ from iotdlm.km.audit import entry
 from iotdlm.km.registry import Registration
 from iotdlm.km.va import Va
 from iotdlm.store import CertRecord, Store
-from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord, TransferStore
+from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord
 from iotdlm.transfer import attestation, sp1, sp2
 from iotdlm.transfer import status as st
 from iotdlm.transfer.identity import TransferIdentity
@@ -94,7 +94,7 @@ class LocalRevoker:
     """Revoke in the store with the VA of this process (batched; needs the CA keys for CRLs)."""
 
     def __init__(self, store: Store, va: Va, clock: Clock) -> None:
-        self.tables = TransferStore(store)
+        self.tables = store
         self.va = va
         self.clock = clock
 
@@ -123,7 +123,7 @@ class KmRevoker:
 
     def __init__(self, km: KmRevokeClient, store: Store) -> None:
         self.km = km
-        self.tables = TransferStore(store)
+        self.tables = store
 
     async def revoke_operational(self, device_ids: Sequence[str], *, reason: str, actor: str) -> int:
         held = await asyncio.to_thread(
@@ -151,7 +151,7 @@ def _detail(rec: TransferDeviceRecord | None) -> dict[str, Any]:
 class _Tracker:
     """Per-device statuses of one role's transfers (transfer_devices rows)."""
 
-    def __init__(self, tables: TransferStore, role: str, clock: Clock) -> None:
+    def __init__(self, tables: Store, role: str, clock: Clock) -> None:
         self.tables = tables
         self.role = role
         self.clock = clock
@@ -212,7 +212,7 @@ class Sp1Service:
         entropy: Entropy = secrets.token_bytes,
     ) -> None:
         self.store = store
-        self.tables = TransferStore(store)
+        self.tables = store
         self.identity = identity
         self.clock = clock
         self.fallback_uri = fallback_uri
@@ -396,7 +396,7 @@ class Sp2Service:
         entropy: Entropy = secrets.token_bytes,
     ) -> None:
         self.store = store
-        self.tables = TransferStore(store)
+        self.tables = store
         self.identity = identity
         self.clock = clock
         self.registrar = registrar
@@ -606,8 +606,8 @@ def counts(rows: Mapping[str, TransferDeviceRecord]) -> dict[str, int]:
 
 def revoked_certificates(store: Store, device_ids: Sequence[str]) -> dict[str, list[CertRecord]]:
     """The revoked operational certificates of the devices (what CA1's VA reports as revoked)."""
-    return TransferStore(store).certificates_of(device_ids, profile="operational", issuer="operational",
-                                                statuses=("revoked",))  # fmt: skip
+    return store.certificates_of(device_ids, profile="operational", issuer="operational",
+                                 statuses=("revoked",))  # fmt: skip
 
 
 __all__ = [
