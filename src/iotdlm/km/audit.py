@@ -21,9 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 from iotdlm.errors import BadRequestError, BadSignatureError, IotdlmError
+from iotdlm.km.storage import AuditLogStore
 from iotdlm.pki.ca import fingerprint
 from iotdlm.pki.keys import PrivateKey, check_public_key, sign_bytes, verify_bytes
-from iotdlm.store import AuditCheckpoint, AuditEntry, AuditRecord, Store
+from iotdlm.store import AuditCheckpoint, AuditEntry, AuditRecord
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import merkle
 
@@ -67,7 +68,7 @@ class Anchored:
     source: str
 
 
-def tree_head(store: Store, size: int, *, cache: merkle.CompactRange | None = None) -> str:
+def tree_head(store: AuditLogStore, size: int, *, cache: merkle.CompactRange | None = None) -> str:
     """The RFC 9162 Merkle tree head (hex) of audit records 1..``size`` as the store has them.
 
     With ``cache`` (the tree of the records read last time, which this updates) only the records
@@ -85,7 +86,7 @@ def tree_head(store: Store, size: int, *, cache: merkle.CompactRange | None = No
 
 
 def checkpoint(
-    store: Store,
+    store: AuditLogStore,
     key: PrivateKey,
     cert: x509.Certificate,
     now: dt.datetime,
@@ -155,7 +156,7 @@ def read_anchor_dir(anchor_dir: Path) -> tuple[list[Anchored], list[str]]:
 
 
 def verify(
-    store: Store,
+    store: AuditLogStore,
     signer_key: Callable[[str], CertificateIssuerPublicKeyTypes | None],
     *,
     anchors: Sequence[Anchored] = (),

@@ -86,7 +86,8 @@ from iotdlm.pki.names import check_id, device_id_of, device_subject
 from iotdlm.pki.profiles import DEVICE_PROFILES
 from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import DeviceOnBench, Flasher
-from iotdlm.store import AuditEntry, ProvisioningRecord, Store
+from iotdlm.pm.storage import PmStore
+from iotdlm.store import AuditEntry, ProvisioningRecord
 from iotdlm.store import records as rec
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as kmsg
@@ -242,7 +243,7 @@ ProgressCallback = Callable[[Progress], None]
 # --- alarm (persisted in the store) ----------------------------------------------------------------
 
 
-def read_alarm(store: Store, dtype: str) -> m.Alarm | None:
+def read_alarm(store: PmStore, dtype: str) -> m.Alarm | None:
     """The last alarm of ``dtype`` (raised or cleared), or None if there never was one."""
     raw = store.get_meta(alarm_key(dtype))
     if raw is None:
@@ -265,7 +266,7 @@ def _iso(at: dt.datetime) -> str:
     return sw.iso(at)
 
 
-def clear_alarm(store: Store, dtype: str, operator: str, now: dt.datetime) -> m.Alarm:
+def clear_alarm(store: PmStore, dtype: str, operator: str, now: dt.datetime) -> m.Alarm:
     """An operator clears the alarm of ``dtype`` (audited); pm works again. NotFoundError when no
     alarm is raised."""
     operator = check_operator(operator)
@@ -418,7 +419,7 @@ class Provisioner:
         km: KmClient,
         sm: SmClient,
         flasher: Flasher,
-        store: Store,
+        store: PmStore,
         clock: Clock,
         bus: Bus,
         anchors: Anchors,
