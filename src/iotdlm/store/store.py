@@ -45,14 +45,13 @@ from __future__ import annotations
 from iotdlm.store.audit_log import AuditRepository
 from iotdlm.store.certificates import CertificateRepository, SerialCollisionError
 from iotdlm.store.devices import DeviceRepository
-from iotdlm.store.engine import MIGRATIONS_DIR, Database, alembic_config
 from iotdlm.store.nonces import NonceRepository
 from iotdlm.store.provisioning import ProvisioningRepository
 from iotdlm.store.revocation import RevocationRepository
 from iotdlm.store.settings import SettingsRepository
 from iotdlm.store.transfer import TransferRepository
 
-__all__ = ["MIGRATIONS_DIR", "Database", "SerialCollisionError", "Store", "alembic_config"]
+__all__ = ["SerialCollisionError", "Store"]
 
 
 class Store(

@@ -164,6 +164,13 @@ _FACTORY_COLUMNS = (
     factory_registry.c.enroll_not_before,
     factory_registry.c.enroll_not_after,
 )
+_TRANSFER_COLUMNS = (
+    transfers.c.role,
+    transfers.c.transfer_id,
+    transfers.c.state,
+    transfers.c.created_at,
+    transfers.c.updated_at,
+)
 _TD_COLUMNS = (
     transfer_devices.c.role,
     transfer_devices.c.transfer_id,
@@ -336,25 +343,13 @@ class TransferRepository(Database):
     def get_transfer(self, role: str, transfer_id: str) -> TransferRecord | None:
         if not r.findable_text(transfer_id, r.FINGERPRINT_LEN):
             return None
-        stmt = select(
-            transfers.c.role, transfers.c.transfer_id, transfers.c.state, transfers.c.created_at, transfers.c.updated_at
-        ).where(transfers.c.role == role, transfers.c.transfer_id == transfer_id)
+        stmt = select(*_TRANSFER_COLUMNS).where(transfers.c.role == role, transfers.c.transfer_id == transfer_id)
         with self.transaction("reading a transfer", write=False) as conn:
             row = conn.execute(stmt).first()
         return None if row is None else TransferRecord(row[0], row[1], row[2], row[3], row[4])
 
     def list_transfers(self, role: str) -> list[TransferRecord]:
-        stmt = (
-            select(
-                transfers.c.role,
-                transfers.c.transfer_id,
-                transfers.c.state,
-                transfers.c.created_at,
-                transfers.c.updated_at,
-            )
-            .where(transfers.c.role == role)
-            .order_by(transfers.c.created_at.desc())
-        )
+        stmt = select(*_TRANSFER_COLUMNS).where(transfers.c.role == role).order_by(transfers.c.created_at.desc())
         with self.transaction("listing transfers", write=False) as conn:
             return [TransferRecord(row[0], row[1], row[2], row[3], row[4]) for row in conn.execute(stmt)]
 
