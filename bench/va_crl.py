@@ -338,9 +338,9 @@ def _is(file_suffix: str, *funcs: str) -> Any:
 #: is part of it.
 PROFILE_ROWS: list[tuple[str, Any]] = [
     ("`Va.generate_crl` (all of it)", _is("km/va.py", "generate_crl")),
-    ("-- `Store.next_crl_number` (write transaction)", _is("store/store.py", "next_crl_number")),
+    ("-- `Store.next_crl_number` (write transaction)", _is("store/revocation.py", "next_crl_number")),
     ("-- `pki.crl.build_crl` (pulls the rows, builds entries, signs)", _is("pki/crl.py", "build_crl")),
-    ("---- `Store._iter_revoked`: SQLAlchemy queries + row processing", _is("store/store.py", "_iter_revoked")),
+    ("---- `Store._iter_revoked`: SQLAlchemy queries + row processing", _is("store/revocation.py", "_iter_revoked")),
     (
         "------ `UTCDateTime.process_result_value` (revoked_at, per row)",
         _is("store/tables.py", "process_result_value"),
@@ -356,7 +356,7 @@ PROFILE_ROWS: list[tuple[str, Any]] = [
         "-- `CertificateRevocationList.public_bytes` (DER)",
         lambda filename, func: "public_bytes" in func and "CertificateRevocationList" in func,
     ),
-    ("-- `Store.save_crl` (write transaction with the DER)", _is("store/store.py", "save_crl")),
+    ("-- `Store.save_crl` (write transaction with the DER)", _is("store/revocation.py", "save_crl")),
 ]
 
 

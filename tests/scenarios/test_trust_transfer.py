@@ -44,7 +44,6 @@ from iotdlm.pki.keys import Algorithm, private_key_to_pem
 from iotdlm.pki.names import device_id_of
 from iotdlm.runtime import build_km, open_store, sealer_for
 from iotdlm.store import Store
-from iotdlm.store.transfer import TransferStore
 from iotdlm.transfer import messages as m
 from iotdlm.transfer import sp2
 from iotdlm.transfer import status as st
@@ -636,7 +635,7 @@ async def test_fr4_backward_security(world: World) -> None:
         assert der(w.old_operational[dev_id]) not in raw_payload  # no operational certificate either
     # the certificates SP2 forwards to CA2 are the factory certificates, nothing more
     w.accept(uil)
-    registered = TransferStore(w.sp2.store).list_factory()
+    registered = w.sp2.store.list_factory()
     assert {r.der for r in registered} == set(bag)
     for b in bag:
         cert = x509.load_der_x509_certificate(b)

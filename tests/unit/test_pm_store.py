@@ -118,9 +118,9 @@ def test_meta_and_its_audit_records_commit_together(store: Store) -> None:
 def test_provisioning_table_is_migrated(store: Store, store_url: str) -> None:
     from alembic.script import ScriptDirectory
 
-    from iotdlm.store.store import _alembic_config
+    from iotdlm.store.engine import alembic_config
 
-    scripts = ScriptDirectory.from_config(_alembic_config())
+    scripts = ScriptDirectory.from_config(alembic_config())
     engine = sa.create_engine(store_url)
     try:
         with engine.connect() as conn:

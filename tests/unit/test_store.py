@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from iotdlm import errors
 from iotdlm.store import CertRecord, SerialCollisionError, Store
-from iotdlm.store.store import _alembic_config
+from iotdlm.store.engine import alembic_config
 from iotdlm.store.tables import metadata
 from tests.fixtures_store import T0, make_cert
 
@@ -394,7 +394,7 @@ def test_any_device_id_round_trips_through_the_store(store: Store, device_id: st
 
 def test_downgrade_to_base_and_up_again_through_the_alembic_command_path(store: Store, store_url: str) -> None:
     """migrations/env.py without a handed-over connection (how developers run alembic)."""
-    cfg = _alembic_config()
+    cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", store_url.replace("%", "%%"))
     command.downgrade(cfg, "base")
     engine = sa.create_engine(store_url)
@@ -423,8 +423,8 @@ def _head() -> str:
     """The newest migration, read from the migration scripts themselves."""
     from alembic.script import ScriptDirectory
 
-    from iotdlm.store.store import _alembic_config
+    from iotdlm.store.engine import alembic_config
 
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head

@@ -20,7 +20,7 @@ from alembic import command
 
 from iotdlm import errors
 from iotdlm.store import AuditEntry, AuditRecord, CertRecord, CrlRecord, Store
-from iotdlm.store.store import _alembic_config
+from iotdlm.store.engine import alembic_config
 from iotdlm.wire import audit as wire_audit
 from tests.fixtures_store import T0, count_statements, make_cert
 
@@ -129,7 +129,7 @@ def test_crl_partition_round_trips(store: Store) -> None:
 
 
 def test_migration_0002_keeps_existing_certificates_with_no_partition(store_url: str) -> None:
-    cfg = _alembic_config()
+    cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", store_url.replace("%", "%%"))
     command.upgrade(cfg, "0001")
     engine = sa.create_engine(store_url)

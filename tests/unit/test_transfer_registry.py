@@ -20,7 +20,7 @@ from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.names import device_subject
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.store import Store
-from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord, TransferStore
+from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord
 from iotdlm.transfer import messages as m
 from iotdlm.wire import km as msg
 from iotdlm.wire.km import AUDIENCE
@@ -169,7 +169,7 @@ def test_ca2_enrolls_registered_devices_and_only_them(
 
 # --- store tables ---------------------------------------------------------------------------------------------
 def test_transfer_store_rows_and_bulk_revocation(store: Store, clock: FixedClock) -> None:
-    tables = TransferStore(store)
+    tables = store
     tables.save_transfer(TransferRecord("sp1", "t" * 32, "{}", NOW, NOW))
     tables.save_transfer(TransferRecord("sp1", "t" * 32, '{"a":1}', NOW, NOW + dt.timedelta(seconds=1)))
     (rec,) = tables.list_transfers("sp1")

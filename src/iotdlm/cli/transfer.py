@@ -364,13 +364,13 @@ def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None
     """Per-device status at this provider: pending, reset, attested, updated, enrolled,
     revoked-at-CA1, failed-fallback."""
     from iotdlm.runtime import open_store
-    from iotdlm.store.transfer import TransferDeviceRecord, TransferStore
+    from iotdlm.store.transfer import TransferDeviceRecord
     from iotdlm.transfer.service import counts
 
     dep = Deployment.load(data)
     store = open_store(dep)
     try:
-        tables = TransferStore(store)
+        tables = store
         roles = [role] if role else ["sp1", "sp2"]
         found = [(r, rec) for r in roles for rec in tables.list_transfers(r) if tid is None or rec.transfer_id == tid]
         if not found:

@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPub
 
 from iotdlm.bus import Bus, subjects
 from iotdlm.errors import BadRequestError, BadSignatureError, ConflictError, IotdlmError
+from iotdlm.km.storage import AuditLogStore
 from iotdlm.pki.ca import fingerprint
 from iotdlm.pki.keys import PrivateKey, check_public_key, sign_bytes, verify_bytes
-from iotdlm.store import AuditCheckpoint, AuditEntry, AuditRecord, Store
+from iotdlm.store import AuditCheckpoint, AuditEntry, AuditRecord
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import merkle
 
@@ -70,7 +71,7 @@ class Anchored:
     source: str
 
 
-def tree_head(store: Store, size: int, *, cache: merkle.CompactRange | None = None) -> str:
+def tree_head(store: AuditLogStore, size: int, *, cache: merkle.CompactRange | None = None) -> str:
     """The RFC 9162 Merkle tree head (hex) of audit records 1..``size`` as the store has them.
 
     With ``cache`` (the tree of the records read last time, which this updates) only the records
@@ -88,7 +89,7 @@ def tree_head(store: Store, size: int, *, cache: merkle.CompactRange | None = No
 
 
 def checkpoint(
-    store: Store,
+    store: AuditLogStore,
     key: PrivateKey,
     cert: x509.Certificate,
     now: dt.datetime,
@@ -135,7 +136,7 @@ def to_tree_head(cp: AuditCheckpoint, *, certificate: bytes | None = None) -> fm
     )
 
 
-def signer_certificate(store: Store, cp: AuditCheckpoint, own: x509.Certificate | None = None) -> bytes | None:
+def signer_certificate(store: AuditLogStore, cp: AuditCheckpoint, own: x509.Certificate | None = None) -> bytes | None:
     """The DER certificate whose key signed ``cp``: ``own`` (km's) when it is that one, else the
     service certificate the store recorded under that fingerprint, else None."""
     if own is not None and fingerprint(own) == cp.signer:
@@ -174,7 +175,7 @@ def read_anchor_dir(anchor_dir: Path) -> tuple[list[Anchored], list[str]]:
     return out, bad
 
 
-def consistency(store: Store, first: int, second: int) -> fmt.ConsistencyProof:
+def consistency(store: AuditLogStore, first: int, second: int) -> fmt.ConsistencyProof:
     """The RFC 9162 2.1.4.1 proof that the log's first ``first`` records are a prefix of its first
     ``second``, from the records as the store has them (``0 < first <= second <=`` the size of the
     newest signed tree head). A store that lost or rewrote records gives a proof that fails
@@ -216,7 +217,7 @@ async def read_stream_heads(bus: Bus) -> tuple[list[Anchored], list[str]]:
 
 
 def verify(
-    store: Store,
+    store: AuditLogStore,
     signer_key: Callable[[str], CertificateIssuerPublicKeyTypes | None],
     *,
     anchors: Sequence[Anchored] = (),

@@ -55,6 +55,7 @@ from iotdlm.km.ra import (
 from iotdlm.km.records import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.signers import SignerCache
+from iotdlm.km.storage import KmStore
 from iotdlm.km.va import ROOT, Va
 from iotdlm.pki import cms_envelope, crmf, est_proof
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
@@ -64,7 +65,7 @@ from iotdlm.pki.keys import PublicKey, generate_key
 from iotdlm.pki.names import check_id, device_id_of, device_subject
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.pki.requested import Requested, dropped
-from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
+from iotdlm.store import CertRecord, DeviceRecord, NonceUse
 from iotdlm.store.records import CERT_REVOKED
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
@@ -126,7 +127,7 @@ class Km:
         *,
         cas: dict[str, IssuingCA],
         profiles: dict[str, Profile],
-        store: Store,
+        store: KmStore,
         clock: Clock,
         settings: KmSettings,
         authorizer: Authorizer | None = None,

@@ -39,15 +39,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from iotdlm.clock import Clock
 from iotdlm.errors import BadRequestError, NotAuthorizedError, UntrustedError
 from iotdlm.km.ra import PresentedCredential
+from iotdlm.km.storage import RegistryStore
 from iotdlm.pki.chain import der, verify_issued_by
 from iotdlm.pki.names import check_id
-from iotdlm.store import AuditEntry, Store
+from iotdlm.store import AuditEntry
 from iotdlm.store.transfer import (
     FACTORY_REGISTERED,
     FACTORY_WITHDRAWN,
     FactoryCaRecord,
     FactoryRecord,
-    TransferStore,
 )
 from iotdlm.transfer.messages import decode_x5bag
 from iotdlm.transfer.trust import factory_device_id
@@ -103,9 +103,9 @@ def _dtype_of(cert: x509.Certificate) -> str | None:
 class FactoryRegistry:
     """The registry on one km store. Thread-safe; CA certificates are cached after first use."""
 
-    def __init__(self, store: Store, clock: Clock, *, enroll_uri: str | None = None) -> None:
+    def __init__(self, store: RegistryStore, clock: Clock, *, enroll_uri: str | None = None) -> None:
         self.store = store
-        self.tables = TransferStore(store)
+        self.tables = store
         self.clock = clock
         self.enroll_uri = enroll_uri
         self._cas: dict[str, tuple[x509.Certificate, bool]] | None = None

@@ -17,11 +17,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from iotdlm.errors import UntrustedError
 from iotdlm.km.audit import entry
 from iotdlm.km.ra import ModulePrincipal
+from iotdlm.km.storage import KmStore
 from iotdlm.pki.ca import IssuingCA
 from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.keys import check_public_key
 from iotdlm.pki.names import device_id_of, module_of
-from iotdlm.store import Store
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 
@@ -41,7 +41,7 @@ class TrustedSigner:
 class SignerCache:
     """The request signers a km worker has checked, by certificate fingerprint."""
 
-    def __init__(self, cas: dict[str, IssuingCA], store: Store) -> None:
+    def __init__(self, cas: dict[str, IssuingCA], store: KmStore) -> None:
         self.cas = cas
         self.store = store
         self._trusted: dict[str, TrustedSigner] = {}

@@ -41,12 +41,13 @@ from iotdlm.clock import Clock
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
 from iotdlm.km.audit import entry
 from iotdlm.km.records import record_for
+from iotdlm.km.storage import VaStore
 from iotdlm.pki import crl as pki_crl
 from iotdlm.pki import ocsp as pki_ocsp
 from iotdlm.pki.ca import IssuingCA, PublicUrls
 from iotdlm.pki.keys import KeySigner, generate_key
 from iotdlm.pki.profiles import Profile
-from iotdlm.store import CertRecord, CrlRecord, Store
+from iotdlm.store import CertRecord, CrlRecord
 from iotdlm.wire import audit as fmt
 from iotdlm.wire.km import RevokeRequest
 
@@ -84,7 +85,7 @@ class Va:
         *,
         cas: dict[str, IssuingCA],
         profiles: dict[str, Profile],
-        store: Store,
+        store: VaStore,
         clock: Clock,
         settings: VaSettings,
         root: IssuingCA | None = None,

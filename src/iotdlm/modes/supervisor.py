@@ -46,6 +46,7 @@ from iotdlm.modes import messages as m
 from iotdlm.modes.guard import MODE_ALARM
 from iotdlm.modes.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
 from iotdlm.modes.signed import ModeVerifier, seal_record
+from iotdlm.modes.storage import ModesStore
 from iotdlm.modes.table import (
     DEFAULT_COMMANDS,
     START_ORDER,
@@ -57,7 +58,7 @@ from iotdlm.modes.table import (
     parse_mode,
     services,
 )
-from iotdlm.store import AuditEntry, Store
+from iotdlm.store import AuditEntry
 from iotdlm.wire import audit as audit_fmt
 from iotdlm.wire.envelope import Sealer
 
@@ -140,7 +141,7 @@ class Supervisor:
         self._kv: KeyValue | None = None
         self._sealer: Sealer | None = None
         self._verifier: ModeVerifier | None = None
-        self._store: Store | None = None
+        self._store: ModesStore | None = None
         self._lock_fd: int | None = None
         self._services: dict[str, ServiceProcess] = {}
         self._current: m.SavedMode | None = None
@@ -521,7 +522,7 @@ class Supervisor:
                 f"when the CA passphrase is available (${PASSPHRASE_ENV})"
             )
 
-    def _open_store(self) -> Store:
+    def _open_store(self) -> ModesStore:
         from iotdlm.runtime import open_store
 
         return open_store(self.dep)

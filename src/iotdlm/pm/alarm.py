@@ -19,8 +19,9 @@ from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock
 from iotdlm.pm import messages as m
 from iotdlm.pm.settings import check_operator
+from iotdlm.pm.storage import PmStore
 from iotdlm.pm.workers import Workers
-from iotdlm.store import AuditEntry, Store
+from iotdlm.store import AuditEntry
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import software as sw
 
@@ -47,7 +48,7 @@ class HaltedError(errors.ConflictError):
     code = "halted"
 
 
-def read_alarm(store: Store, dtype: str) -> m.Alarm | None:
+def read_alarm(store: PmStore, dtype: str) -> m.Alarm | None:
     """The last alarm of ``dtype`` (raised or cleared), or None if there never was one."""
     raw = store.get_meta(alarm_key(dtype))
     if raw is None:
@@ -66,7 +67,7 @@ def read_alarm(store: Store, dtype: str) -> m.Alarm | None:
         )
 
 
-def clear_alarm(store: Store, dtype: str, operator: str, now: dt.datetime) -> m.Alarm:
+def clear_alarm(store: PmStore, dtype: str, operator: str, now: dt.datetime) -> m.Alarm:
     """An operator clears the alarm of ``dtype`` (audited); pm works again. NotFoundError when no
     alarm is raised."""
     operator = check_operator(operator)
@@ -117,7 +118,7 @@ class PmAlarm:
     cleared by an operator. An alarm this process could not record keeps it halted, and is
     recorded as soon as the store is back."""
 
-    def __init__(self, dtype: str, *, store: Store, bus: Bus, clock: Clock, workers: Workers) -> None:
+    def __init__(self, dtype: str, *, store: PmStore, bus: Bus, clock: Clock, workers: Workers) -> None:
         self.dtype = dtype
         self.store = store
         self.bus = bus

@@ -86,8 +86,8 @@ from iotdlm.pm.settings import (
     ProgressCallback,
     check_operator,
 )
+from iotdlm.pm.storage import PmStore
 from iotdlm.pm.workers import Workers
-from iotdlm.store import Store
 from iotdlm.wire import software as sw
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Provisioner:
         km: KmClient,
         sm: SmClient,
         flasher: Flasher,
-        store: Store,
+        store: PmStore,
         clock: Clock,
         bus: Bus,
         anchors: Anchors,

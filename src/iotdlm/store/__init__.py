@@ -1,7 +1,10 @@
 """Persistence for km and pm: the only package that talks SQL (SQLAlchemy Core + Alembic).
 
 Open with :meth:`Store.open`; the store is synchronous and thread-safe, so async code calls it
-through :func:`asyncio.to_thread`.
+through :func:`asyncio.to_thread`. :class:`Store` is one repository per record kind on one
+engine (see :mod:`iotdlm.store.store`); its users depend on Protocols of their own that name the
+methods they call (``km/storage.py``, ``pm/storage.py``, ``transfer/storage.py``,
+``modes/storage.py``).
 """
 
 from iotdlm.store.records import (

@@ -1,4 +1,4 @@
-"""Store methods of trust transfer (migration 0004), on an open :class:`~iotdlm.store.Store`.
+"""Store methods of trust transfer (migration 0004), a mixin of :class:`~iotdlm.store.Store`.
 
 - the **factory registry** of km (CA2's side of seed 003 VI-B / VII-C): CA certificates of another
   provider's permanent CA (``factory_cas``) and the external factory certificates registered from
@@ -10,7 +10,7 @@
 - bulk revocation of one profile's certificates for many devices (SP1 after SP2's
   confirmation), 500 devices per transaction, one audit record per certificate.
 
-Kept in its own module (the same conventions as :mod:`iotdlm.store.store`: SQLAlchemy Core, one
+Kept in its own module (the same conventions as the other repositories: SQLAlchemy Core, one
 transaction per call, ``ValueError`` for records the schema cannot hold, UnavailableError for the
 database failing) so the trust-transfer tables can evolve without touching the km store.
 """
@@ -22,19 +22,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Connection, Row, func, select, update
 
 from iotdlm.store import records as r
+from iotdlm.store.audit_log import append_entries, check_entries
+from iotdlm.store.certificates import CERT_COLUMNS, cert_record
+from iotdlm.store.engine import Database
+from iotdlm.store.queries import IN_CHUNK
 from iotdlm.store.records import AuditEntry, CertRecord
-from iotdlm.store.store import (
-    _CERT_COLUMNS,
-    _REVOCABLE,
-    Store,
-    _append_audit,
-    _cert_record,
-    _check_entries,
-    _revocation_entry,
-)
+from iotdlm.store.revocation import REVOCABLE, revocation_entry
 from iotdlm.store.tables import certificates, devices, factory_cas, factory_registry, transfer_devices, transfers
 
 FACTORY_REGISTERED: Final = "registered"
@@ -42,7 +38,6 @@ FACTORY_WITHDRAWN: Final = "withdrawn"
 FACTORY_STATUSES: Final = frozenset({FACTORY_REGISTERED, FACTORY_WITHDRAWN})
 ROLES: Final = frozenset({"sp1", "sp2"})
 STATUS_LEN: Final = r.AUDIT_KIND_LEN
-_CHUNK: Final = 500
 
 
 def _check_hex64(field: str, value: str) -> None:
@@ -169,6 +164,13 @@ _FACTORY_COLUMNS = (
     factory_registry.c.enroll_not_before,
     factory_registry.c.enroll_not_after,
 )
+_TRANSFER_COLUMNS = (
+    transfers.c.role,
+    transfers.c.transfer_id,
+    transfers.c.state,
+    transfers.c.created_at,
+    transfers.c.updated_at,
+)
 _TD_COLUMNS = (
     transfer_devices.c.role,
     transfer_devices.c.transfer_id,
@@ -198,11 +200,8 @@ def _page(limit: int, offset: int) -> None:
         raise ValueError("limit must be 1..100000 and offset >= 0")
 
 
-class TransferStore:
-    """Trust-transfer tables of one :class:`Store` (shares its engine and its transactions' rules)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
+class TransferRepository(Database):
+    """Trust-transfer tables: the factory registry, transfers and their devices."""
 
     # -- factory registry (km) -------------------------------------------------------------------
     def register_factory(
@@ -218,11 +217,10 @@ class TransferStore:
         certificates (a registered fingerprint is registered again: new batch, window, status),
         the devices they name (created ``active`` with their dtype when unknown) and ``audit``."""
         r.check_aware("now", now)
-        _check_entries(audit)
-        st = self.store
-        with st._guard("registering factory certificates"), st._tx(write=True) as conn:
+        check_entries(audit)
+        with self.transaction("registering factory certificates", write=True) as conn:
             if cas:
-                ins = st._insert()(factory_cas).on_conflict_do_nothing(index_elements=[factory_cas.c.fingerprint])
+                ins = self.insert()(factory_cas).on_conflict_do_nothing(index_elements=[factory_cas.c.fingerprint])
                 conn.execute(
                     ins,
                     [
@@ -255,8 +253,8 @@ class TransferStore:
                 }
                 for f in records
             ]
-            for i in range(0, len(rows), _CHUNK):
-                ins = st._insert()(factory_registry)
+            for i in range(0, len(rows), IN_CHUNK):
+                ins = self.insert()(factory_registry)
                 stmt = ins.on_conflict_do_update(
                     index_elements=[factory_registry.c.fingerprint],
                     set_={
@@ -271,27 +269,25 @@ class TransferStore:
                         )
                     },
                 )
-                conn.execute(stmt, rows[i : i + _CHUNK])
+                conn.execute(stmt, rows[i : i + IN_CHUNK])
             if devices_to_add:
                 dev_rows = [
                     {"device_id": d, "dtype": t, "status": r.DEVICE_ACTIVE, "created_at": now, "updated_at": now}
                     for d, t in devices_to_add
                 ]
-                for i in range(0, len(dev_rows), _CHUNK):
-                    ins = st._insert()(devices).on_conflict_do_nothing(index_elements=[devices.c.device_id])
-                    conn.execute(ins, dev_rows[i : i + _CHUNK])
-            _append_audit(conn, audit)
+                for i in range(0, len(dev_rows), IN_CHUNK):
+                    ins = self.insert()(devices).on_conflict_do_nothing(index_elements=[devices.c.device_id])
+                    conn.execute(ins, dev_rows[i : i + IN_CHUNK])
+            append_entries(conn, audit)
 
     def factory_cas(self) -> list[FactoryCaRecord]:
-        st = self.store
-        with st._guard("reading factory CAs"), st._tx(write=False) as conn:
+        with self.transaction("reading factory CAs", write=False) as conn:
             return [_ca(row) for row in conn.execute(select(*_CA_COLUMNS).order_by(factory_cas.c.registered_at))]
 
     def get_factory(self, fingerprint: str) -> FactoryRecord | None:
         if not r.findable_text(fingerprint, r.FINGERPRINT_LEN):
             return None
-        st = self.store
-        with st._guard("reading a registered factory certificate"), st._tx(write=False) as conn:
+        with self.transaction("reading a registered factory certificate", write=False) as conn:
             row = conn.execute(select(*_FACTORY_COLUMNS).where(factory_registry.c.fingerprint == fingerprint)).first()
         return None if row is None else _factory(row)
 
@@ -311,20 +307,18 @@ class TransferStore:
             .limit(limit)
             .offset(offset)
         )
-        st = self.store
-        with st._guard("listing registered factory certificates"), st._tx(write=False) as conn:
+        with self.transaction("listing registered factory certificates", write=False) as conn:
             return [_factory(row) for row in conn.execute(stmt)]
 
     def set_factory_status(self, fingerprints: Sequence[str], status: str) -> int:
         if status not in FACTORY_STATUSES:
             raise ValueError(f"factory registry status must be one of {sorted(FACTORY_STATUSES)}")
-        st = self.store
         n = 0
-        with st._guard("updating registered factory certificates"), st._tx(write=True) as conn:
-            for i in range(0, len(fingerprints), _CHUNK):
+        with self.transaction("updating registered factory certificates", write=True) as conn:
+            for i in range(0, len(fingerprints), IN_CHUNK):
                 stmt = (
                     update(factory_registry)
-                    .where(factory_registry.c.fingerprint.in_(list(fingerprints[i : i + _CHUNK])))
+                    .where(factory_registry.c.fingerprint.in_(list(fingerprints[i : i + IN_CHUNK])))
                     .values(status=status)
                 )
                 n += int(conn.execute(stmt).rowcount)
@@ -332,8 +326,7 @@ class TransferStore:
 
     # -- a provider's transfers ------------------------------------------------------------------
     def save_transfer(self, rec: TransferRecord) -> None:
-        st = self.store
-        ins = st._insert()(transfers).values(
+        ins = self.insert()(transfers).values(
             role=rec.role,
             transfer_id=rec.transfer_id,
             state=rec.state,
@@ -344,64 +337,49 @@ class TransferStore:
             index_elements=[transfers.c.role, transfers.c.transfer_id],
             set_={"state": ins.excluded.state, "updated_at": ins.excluded.updated_at},
         )
-        with st._guard("saving a transfer"), st._tx(write=True) as conn:
+        with self.transaction("saving a transfer", write=True) as conn:
             conn.execute(stmt)
 
     def get_transfer(self, role: str, transfer_id: str) -> TransferRecord | None:
         if not r.findable_text(transfer_id, r.FINGERPRINT_LEN):
             return None
-        st = self.store
-        stmt = select(
-            transfers.c.role, transfers.c.transfer_id, transfers.c.state, transfers.c.created_at, transfers.c.updated_at
-        ).where(transfers.c.role == role, transfers.c.transfer_id == transfer_id)
-        with st._guard("reading a transfer"), st._tx(write=False) as conn:
+        stmt = select(*_TRANSFER_COLUMNS).where(transfers.c.role == role, transfers.c.transfer_id == transfer_id)
+        with self.transaction("reading a transfer", write=False) as conn:
             row = conn.execute(stmt).first()
         return None if row is None else TransferRecord(row[0], row[1], row[2], row[3], row[4])
 
     def list_transfers(self, role: str) -> list[TransferRecord]:
-        st = self.store
-        stmt = (
-            select(
-                transfers.c.role,
-                transfers.c.transfer_id,
-                transfers.c.state,
-                transfers.c.created_at,
-                transfers.c.updated_at,
-            )
-            .where(transfers.c.role == role)
-            .order_by(transfers.c.created_at.desc())
-        )
-        with st._guard("listing transfers"), st._tx(write=False) as conn:
+        stmt = select(*_TRANSFER_COLUMNS).where(transfers.c.role == role).order_by(transfers.c.created_at.desc())
+        with self.transaction("listing transfers", write=False) as conn:
             return [TransferRecord(row[0], row[1], row[2], row[3], row[4]) for row in conn.execute(stmt)]
 
     def put_transfer_devices(self, recs: Sequence[TransferDeviceRecord]) -> None:
         """Create or replace device rows (status and detail), 500 per statement, one transaction."""
         if not recs:
             return
-        st = self.store
-        rows = [
-            {
-                "role": x.role,
-                "transfer_id": x.transfer_id,
-                "device_id": x.device_id,
-                "status": x.status,
-                "detail": x.detail,
-                "updated_at": x.updated_at,
-            }
-            for x in recs
-        ]
-        with st._guard("saving transfer devices"), st._tx(write=True) as conn:
-            for i in range(0, len(rows), _CHUNK):
-                ins = st._insert()(transfer_devices)
-                stmt = ins.on_conflict_do_update(
-                    index_elements=[
-                        transfer_devices.c.role,
-                        transfer_devices.c.transfer_id,
-                        transfer_devices.c.device_id,
-                    ],
-                    set_={k: ins.excluded[k] for k in ("status", "detail", "updated_at")},
-                )
-                conn.execute(stmt, rows[i : i + _CHUNK])
+        with self.transaction("saving transfer devices", write=True) as conn:
+            self._upsert_transfer_devices(conn, recs)
+
+    def _upsert_transfer_devices(self, conn: Connection, recs: Sequence[TransferDeviceRecord]) -> None:
+        """Create or replace the rows of ``recs`` (status, detail, updated_at), 500 per statement."""
+        for i in range(0, len(recs), IN_CHUNK):
+            ins = self.insert()(transfer_devices)
+            stmt = ins.on_conflict_do_update(
+                index_elements=[transfer_devices.c.role, transfer_devices.c.transfer_id, transfer_devices.c.device_id],
+                set_={k: ins.excluded[k] for k in ("status", "detail", "updated_at")},
+            )
+            rows = [
+                {
+                    "role": x.role,
+                    "transfer_id": x.transfer_id,
+                    "device_id": x.device_id,
+                    "status": x.status,
+                    "detail": x.detail,
+                    "updated_at": x.updated_at,
+                }
+                for x in recs[i : i + IN_CHUNK]
+            ]
+            conn.execute(stmt, rows)
 
     def update_transfer_devices(
         self,
@@ -412,74 +390,48 @@ class TransferStore:
     ) -> list[TransferDeviceRecord]:
         """Read the rows of ``device_ids`` and write back what ``change`` returns for each (None:
         leave it), in ONE write transaction (no report is lost between the read and the write)."""
-        st = self.store
         wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
         out: list[TransferDeviceRecord] = []
         base = select(*_TD_COLUMNS).where(
             transfer_devices.c.role == role, transfer_devices.c.transfer_id == transfer_id
         )
-        with st._guard("updating transfer devices"), st._tx(write=True) as conn:
-            for i in range(0, len(wanted), _CHUNK):
-                for row in conn.execute(base.where(transfer_devices.c.device_id.in_(wanted[i : i + _CHUNK]))):
+        with self.transaction("updating transfer devices", write=True) as conn:
+            for i in range(0, len(wanted), IN_CHUNK):
+                for row in conn.execute(base.where(transfer_devices.c.device_id.in_(wanted[i : i + IN_CHUNK]))):
                     new = change(_td(row))
                     if new is not None:
                         out.append(new)
-            for i in range(0, len(out), _CHUNK):
-                ins = st._insert()(transfer_devices)
-                stmt = ins.on_conflict_do_update(
-                    index_elements=[
-                        transfer_devices.c.role,
-                        transfer_devices.c.transfer_id,
-                        transfer_devices.c.device_id,
-                    ],
-                    set_={k: ins.excluded[k] for k in ("status", "detail", "updated_at")},
-                )
-                conn.execute(
-                    stmt,
-                    [
-                        {
-                            "role": x.role,
-                            "transfer_id": x.transfer_id,
-                            "device_id": x.device_id,
-                            "status": x.status,
-                            "detail": x.detail,
-                            "updated_at": x.updated_at,
-                        }
-                        for x in out[i : i + _CHUNK]
-                    ],
-                )
+            self._upsert_transfer_devices(conn, out)
         return out
 
     def get_transfer_devices(
         self, role: str, transfer_id: str, device_ids: Sequence[str] | None = None
     ) -> dict[str, TransferDeviceRecord]:
         """The device rows of a transfer (all of them, or those among ``device_ids``)."""
-        st = self.store
         base = select(*_TD_COLUMNS).where(
             transfer_devices.c.role == role, transfer_devices.c.transfer_id == transfer_id
         )
         out: dict[str, TransferDeviceRecord] = {}
-        with st._guard("reading transfer devices"), st._tx(write=False) as conn:
+        with self.transaction("reading transfer devices", write=False) as conn:
             if device_ids is None:
                 for row in conn.execute(base):
                     rec = _td(row)
                     out[rec.device_id] = rec
             else:
                 wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
-                for i in range(0, len(wanted), _CHUNK):
-                    for row in conn.execute(base.where(transfer_devices.c.device_id.in_(wanted[i : i + _CHUNK]))):
+                for i in range(0, len(wanted), IN_CHUNK):
+                    for row in conn.execute(base.where(transfer_devices.c.device_id.in_(wanted[i : i + IN_CHUNK]))):
                         rec = _td(row)
                         out[rec.device_id] = rec
         return out
 
     def count_transfer_devices(self, role: str, transfer_id: str) -> dict[str, int]:
-        st = self.store
         stmt = (
             select(transfer_devices.c.status, func.count())
             .where(transfer_devices.c.role == role, transfer_devices.c.transfer_id == transfer_id)
             .group_by(transfer_devices.c.status)
         )
-        with st._guard("counting transfer devices"), st._tx(write=False) as conn:
+        with self.transaction("counting transfer devices", write=False) as conn:
             return {str(row[0]): int(row[1]) for row in conn.execute(stmt)}
 
     # -- certificates -------------------------------------------------------------------------
@@ -487,19 +439,18 @@ class TransferStore:
         self, device_ids: Sequence[str], *, profile: str, issuer: str, statuses: Sequence[str] = (r.CERT_VALID,)
     ) -> dict[str, list[CertRecord]]:
         """The certificates of one profile and issuer that each device holds (by device id)."""
-        st = self.store
         wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
         out: dict[str, list[CertRecord]] = {}
-        with st._guard("reading device certificates"), st._tx(write=False) as conn:
-            for i in range(0, len(wanted), _CHUNK):
-                stmt = select(*_CERT_COLUMNS).where(
-                    certificates.c.device_id.in_(wanted[i : i + _CHUNK]),
+        with self.transaction("reading device certificates", write=False) as conn:
+            for i in range(0, len(wanted), IN_CHUNK):
+                stmt = select(*CERT_COLUMNS).where(
+                    certificates.c.device_id.in_(wanted[i : i + IN_CHUNK]),
                     certificates.c.profile == profile,
                     certificates.c.issuer == issuer,
                     certificates.c.status.in_(list(statuses)),
                 )
                 for row in conn.execute(stmt):
-                    rec = _cert_record(row)
+                    rec = cert_record(row)
                     assert rec.device_id is not None
                     out.setdefault(rec.device_id, []).append(rec)
         return out
@@ -514,23 +465,22 @@ class TransferStore:
             r.check_text("reason", reason, r.REASON_LEN)
         r.check_aware("at", at)
         r.check_text("actor", actor, r.ACTOR_LEN)
-        st = self.store
         wanted = sorted({d for d in device_ids if r.findable_text(d, r.DEVICE_ID_LEN)})
         out: list[CertRecord] = []
-        for i in range(0, len(wanted), _CHUNK):
+        for i in range(0, len(wanted), IN_CHUNK):
             stmt = (
                 update(certificates)
                 .where(
-                    certificates.c.device_id.in_(wanted[i : i + _CHUNK]),
+                    certificates.c.device_id.in_(wanted[i : i + IN_CHUNK]),
                     certificates.c.profile == profile,
                     certificates.c.issuer == issuer,
-                    certificates.c.status.in_(_REVOCABLE),
+                    certificates.c.status.in_(REVOCABLE),
                 )
                 .values(status=r.CERT_REVOKED, revoked_at=at, revocation_reason=reason)
-                .returning(*_CERT_COLUMNS)
+                .returning(*CERT_COLUMNS)
             )
-            with st._guard("revoking device certificates"), st._tx(write=True) as conn:
-                revoked = [_cert_record(row) for row in conn.execute(stmt)]
-                _append_audit(conn, [_revocation_entry(rec, actor=actor) for rec in revoked])
+            with self.transaction("revoking device certificates", write=True) as conn:
+                revoked = [cert_record(row) for row in conn.execute(stmt)]
+                append_entries(conn, [revocation_entry(rec, actor=actor) for rec in revoked])
             out.extend(revoked)
         return out

@@ -32,8 +32,8 @@ from iotdlm.errors import ConflictError, IotdlmError, NotFoundError, RejectedErr
 from iotdlm.km.audit import entry
 from iotdlm.km.registry import Registration
 from iotdlm.km.va import Va
-from iotdlm.store import CertRecord, Store
-from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord, TransferStore
+from iotdlm.store import CertRecord
+from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord
 from iotdlm.transfer import attestation, sp1, sp2
 from iotdlm.transfer import status as st
 from iotdlm.transfer.identity import TransferIdentity
@@ -50,6 +50,7 @@ from iotdlm.transfer.messages import (
     rejected_summary,
     transfer_id,
 )
+from iotdlm.transfer.storage import BulkRevocationStore, HeldCertificatesStore, TransferDevicesStore, TransferStore
 from iotdlm.transfer.trust import cert_der
 from iotdlm.wire import audit as fmt
 
@@ -93,8 +94,8 @@ class Revoker(Protocol):
 class LocalRevoker:
     """Revoke in the store with the VA of this process (batched; needs the CA keys for CRLs)."""
 
-    def __init__(self, store: Store, va: Va, clock: Clock) -> None:
-        self.tables = TransferStore(store)
+    def __init__(self, store: BulkRevocationStore, va: Va, clock: Clock) -> None:
+        self.tables = store
         self.va = va
         self.clock = clock
 
@@ -121,9 +122,9 @@ class KmRevokeClient(Protocol):
 class KmRevoker:
     """Revoke through a running km (the admin identity's KmClient), one certificate at a time."""
 
-    def __init__(self, km: KmRevokeClient, store: Store) -> None:
+    def __init__(self, km: KmRevokeClient, store: HeldCertificatesStore) -> None:
         self.km = km
-        self.tables = TransferStore(store)
+        self.tables = store
 
     async def revoke_operational(self, device_ids: Sequence[str], *, reason: str, actor: str) -> int:
         held = await asyncio.to_thread(
@@ -151,7 +152,7 @@ def _detail(rec: TransferDeviceRecord | None) -> dict[str, Any]:
 class _Tracker:
     """Per-device statuses of one role's transfers (transfer_devices rows)."""
 
-    def __init__(self, tables: TransferStore, role: str, clock: Clock) -> None:
+    def __init__(self, tables: TransferDevicesStore, role: str, clock: Clock) -> None:
         self.tables = tables
         self.role = role
         self.clock = clock
@@ -205,14 +206,14 @@ class Sp1Service:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TransferStore,
         identity: TransferIdentity,
         clock: Clock,
         fallback_uri: str,
         entropy: Entropy = secrets.token_bytes,
     ) -> None:
         self.store = store
-        self.tables = TransferStore(store)
+        self.tables = store
         self.identity = identity
         self.clock = clock
         self.fallback_uri = fallback_uri
@@ -389,14 +390,14 @@ class Sp2Service:
     def __init__(
         self,
         *,
-        store: Store,
+        store: TransferStore,
         identity: TransferIdentity,
         clock: Clock,
         registrar: Registrar,
         entropy: Entropy = secrets.token_bytes,
     ) -> None:
         self.store = store
-        self.tables = TransferStore(store)
+        self.tables = store
         self.identity = identity
         self.clock = clock
         self.registrar = registrar
@@ -604,10 +605,10 @@ def counts(rows: Mapping[str, TransferDeviceRecord]) -> dict[str, int]:
     return out
 
 
-def revoked_certificates(store: Store, device_ids: Sequence[str]) -> dict[str, list[CertRecord]]:
+def revoked_certificates(store: HeldCertificatesStore, device_ids: Sequence[str]) -> dict[str, list[CertRecord]]:
     """The revoked operational certificates of the devices (what CA1's VA reports as revoked)."""
-    return TransferStore(store).certificates_of(device_ids, profile="operational", issuer="operational",
-                                                statuses=("revoked",))  # fmt: skip
+    return store.certificates_of(device_ids, profile="operational", issuer="operational",
+                                 statuses=("revoked",))  # fmt: skip
 
 
 __all__ = [

@@ -54,7 +54,7 @@ def run_online() -> None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     store = Store.open(_url(), migrate=False)
     try:
-        with store._migration_connection() as connection:
+        with store.migration_connection() as connection:
             _configure(connection)
             with context.begin_transaction():
                 context.run_migrations()
