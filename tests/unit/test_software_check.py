@@ -38,6 +38,7 @@ from iotdlm.errors import (
 from iotdlm.pki.keys import Algorithm, generate_key, verify_bytes
 from iotdlm.repository import VendorRepository
 from iotdlm.wire import software as sw
+from iotdlm.wire.report import ReportBody
 
 NOW = SystemClock().now().replace(microsecond=0)
 DTYPE = "boardA"
@@ -593,7 +594,7 @@ MESSAGES: list[type[Any]] = [
     sw.LoadRequest,
     sw.LoadResponse,
     sw.NotifyMessage,
-    sw.ReportBody,
+    ReportBody,
     sw.StoredSoftware,
 ]
 

@@ -86,6 +86,14 @@ from iotdlm.pki.chain import load_certificate, load_certificates_pem, verify_iss
 from iotdlm.pki.keys import algorithm_of, check_public_key
 from iotdlm.pki.names import check_id
 from iotdlm.wire import envelope
+from iotdlm.wire.report import (
+    MAX_REPORT_BYTES,
+    OP_REPORT,
+    REPORT_AUDIENCE,
+    ReportBody,
+    decode_report_body,
+    verified_time,
+)
 
 TOP_LEVEL_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
 RELEASES: Final = "releases"
@@ -99,15 +107,10 @@ DEFAULT_EXPIRY: Final[dict[str, dt.timedelta]] = {
     "timestamp": dt.timedelta(days=1),
     RELEASES: dt.timedelta(days=90),
 }
-#: the signed report envelope (paper 4.4.5)
-REPORT_OP: Final = "repository.report"
-REPORT_AUD: Final = "repository"
-MAX_REPORT_BYTES: Final = 64 * 1024
 MAX_CA_BUNDLE_BYTES: Final = 1024 * 1024
 CHUNK: Final = 1024 * 1024
 DTYPE_ROLE_PREFIX: Final = "dtype-"
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_FILE_RE = re.compile(r"^(?P<role>[a-z]+)-(?P<index>[0-9]+)\.pem$")
 _VERSIONED_RE = re.compile(r"^(?P<version>[1-9][0-9]*)\.(?P<role>.+)\.json$")
 _SERIALIZER = JSONSerializer(compact=False)
@@ -200,21 +203,6 @@ class _ReportLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     serial: str
 
 
-class ReportBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The body of sm's ``repository.report`` envelope.
-
-    ``verified_at`` is an RFC 3339 time with a zone (``"2026-11-21T12:00:00Z"``) or unix seconds.
-    """
-
-    dtype: str
-    release_counter: int
-    target_path: str
-    sha256: str
-    length: int
-    verified_at: dt.datetime | float
-
-
-_report_body_decoder = msgspec.json.Decoder(ReportBody)
 _published_decoder = msgspec.json.Decoder(_PublishedLine)
 _report_line_decoder = msgspec.json.Decoder(_ReportLine)
 _json = msgspec.json.Encoder()
@@ -903,13 +891,9 @@ class VendorRepository:
         now = _utc(now)
         alg, leaf = envelope.peek_signer(token, max_bytes=MAX_REPORT_BYTES)
         cert, key = self._trusted_reporter(leaf, alg, now)
-        env = envelope.verify(token, cert, key, alg=alg, op=REPORT_OP, aud=REPORT_AUD, now=now)
-        body = _check_report_body(env.body)
-        verified_at = (
-            body.verified_at
-            if isinstance(body.verified_at, dt.datetime)
-            else _from_unix(body.verified_at, "verified_at")
-        )
+        env = envelope.verify(token, cert, key, alg=alg, op=OP_REPORT, aud=REPORT_AUDIENCE, now=now)
+        body = decode_report_body(env.body)
+        verified_at = verified_time(body)
         with _file_lock(self.path / ".reports.lock", self._reports_lock):
             self._sync_nonces()
             if env.nonce in self._nonces:
@@ -934,7 +918,7 @@ class VendorRepository:
                 length=body.length,
                 reporter=_cn(cert),
                 received_at=now,
-                verified_at=verified_at.astimezone(dt.UTC),
+                verified_at=verified_at,
                 nonce=env.nonce,
                 serial=format(cert.serial_number, "x"),
             )
@@ -1054,34 +1038,6 @@ def _stream_copy(image: Path, folder: Path, name: str, progress: Callable[[int],
     return length, sha256
 
 
-def _from_unix(value: float, field: str) -> dt.datetime:
-    try:
-        return dt.datetime.fromtimestamp(value, dt.UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise BadRequestError(f"{field} is not a valid time", field=field) from exc
-
-
-def _check_report_body(raw: bytes) -> ReportBody:
-    try:
-        body = _report_body_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"report body is not valid: {exc}") from exc
-    check_id(body.dtype, "dtype")
-    if body.release_counter < 1:
-        raise BadRequestError("release_counter must be >= 1", field="release_counter")
-    parent, _, name = body.target_path.partition("/")
-    if parent != body.dtype:
-        raise BadRequestError(f"target_path must be {body.dtype}/<name>", field="target_path")
-    check_id(name, "target name")
-    if not _SHA256_RE.match(body.sha256):
-        raise BadRequestError("sha256 must be 64 lowercase hex digits", field="sha256")
-    if body.length < 0:
-        raise BadRequestError("length must be >= 0", field="length")
-    if isinstance(body.verified_at, dt.datetime) and body.verified_at.tzinfo is None:
-        raise BadRequestError("verified_at must carry a time zone (RFC 3339)", field="verified_at")
-    return body
-
-
 def _report_of(line: _ReportLine) -> Report:
     return Report(
         dtype=line.dtype,
@@ -1098,28 +1054,26 @@ def _report_of(line: _ReportLine) -> Report:
 
 def report_body(target: PublishedTarget, *, verified_at: dt.datetime) -> dict[str, Any]:
     """The body sm seals (op ``repository.report``, aud ``repository``) to report ``target`` verified."""
-    return {
-        "dtype": target.dtype,
-        "release_counter": target.release_counter,
-        "target_path": target.path,
-        "sha256": target.sha256,
-        "length": target.length,
-        "verified_at": _utc(verified_at).isoformat().replace("+00:00", "Z"),
-    }
+    body = ReportBody(
+        dtype=target.dtype,
+        release_counter=target.release_counter,
+        target_path=target.path,
+        sha256=target.sha256,
+        length=target.length,
+        verified_at=_utc(verified_at),
+    )
+    out: dict[str, Any] = msgspec.to_builtins(body)
+    return out
 
 
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_EXPIRY",
     "KEY_ROLES",
-    "MAX_REPORT_BYTES",
     "RELEASES",
-    "REPORT_AUD",
-    "REPORT_OP",
     "TOP_LEVEL_ROLES",
     "PublishedTarget",
     "Report",
-    "ReportBody",
     "RoleInfo",
     "VendorRepository",
     "dtype_role",

@@ -31,6 +31,7 @@ import msgspec
 
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
 from iotdlm.wire import software as sw
+from iotdlm.wire.report import ReportBody
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class DtypeState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
 class SmState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     dtypes: dict[str, DtypeState] = {}
     #: verified downloads not yet acknowledged by the repository (retried on every check)
-    pending_reports: list[sw.ReportBody] = []
+    pending_reports: list[ReportBody] = []
 
 
 def fsync_dir(path: Path) -> None:

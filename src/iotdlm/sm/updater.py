@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -66,6 +67,7 @@ from iotdlm.sm.fetcher import Fetcher, TufFetcher
 from iotdlm.sm.local import META_ENC, SIG_SM, DtypeState, LocalRepository, StoredPaths
 from iotdlm.wire import software as sw
 from iotdlm.wire.envelope import Sealer
+from iotdlm.wire.report import OP_REPORT, REPORT_AUDIENCE, ReportBody
 
 log = logging.getLogger(__name__)
 
@@ -338,13 +340,13 @@ class SoftwareManager:
         log.info("stored %s release %d (%d bytes)", dtype, latest, target.length)
 
         # step 5: report the verified download
-        report = sw.ReportBody(
+        report = ReportBody(
             dtype=dtype,
             release_counter=latest,
             target_path=target.path,
             sha256=sha256,
             length=target.length,
-            verified_at=sw.iso(stored_at),
+            verified_at=stored_at.astimezone(dt.UTC),
         )
         state = self.local.load_state()
         state.pending_reports.append(report)
@@ -447,7 +449,7 @@ class SoftwareManager:
         state = self.local.load_state()
         if not state.pending_reports:
             return set()
-        keep: list[sw.ReportBody] = []
+        keep: list[ReportBody] = []
         delivered: set[tuple[str, str]] = set()
         unreachable = False
         for body in state.pending_reports:
@@ -465,9 +467,9 @@ class SoftwareManager:
         self.local.save_state(state)
         return delivered
 
-    def _post_report(self, body: sw.ReportBody) -> bool:
+    def _post_report(self, body: ReportBody) -> bool:
         """True when the repository accepted the report; False when it refused it (not retried)."""
-        token = self.sealer.seal(sw.OP_REPORT, msgspec.to_builtins(body), aud=sw.REPORT_AUDIENCE, now=self.clock.now())
+        token = self.sealer.seal(OP_REPORT, msgspec.to_builtins(body), aud=REPORT_AUDIENCE, now=self.clock.now())
         resp = self.fetcher.post(f"{self.repository_url}/reports", token, content_type=JOSE)
         if 200 <= resp.status < 300:
             return True

@@ -78,9 +78,6 @@ TAG_BYTES = 16
 KEY_BYTES = 32
 #: release counters are JSON integers in the repository's metadata: 0 .. 2**63 - 1
 MAX_RELEASE_COUNTER = 2**63 - 1
-#: operation and audience of the signed download report (POST {repository}/reports)
-OP_REPORT = "repository.report"
-REPORT_AUDIENCE = "repository"
 CHUNK = 1024 * 1024
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -578,17 +575,6 @@ class NotifyMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dtype: str
 
 
-class ReportBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of the signed report sm POSTs to the repository after a verified download (4.4.5)."""
-
-    dtype: str
-    release_counter: int
-    target_path: str
-    sha256: str
-    length: int
-    verified_at: str  # ISO 8601 UTC
-
-
 class SmEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     """Published by sm on ``iotdlm.v1.events.sm.<kind>`` (stored, checked, refused, failed)."""
 
@@ -630,15 +616,12 @@ def iso(t: dt.datetime) -> str:
 
 __all__ = [
     "BUNDLE_FORMAT",
-    "OP_REPORT",
-    "REPORT_AUDIENCE",
     "ListRequest",
     "ListResponse",
     "LoadRequest",
     "LoadResponse",
     "MetaBundle",
     "NotifyMessage",
-    "ReportBody",
     "SmEvent",
     "StoredSoftware",
     "VerifiedSoftware",
