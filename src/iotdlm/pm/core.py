@@ -70,7 +70,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
-from iotdlm import errors
+from iotdlm import errors, software
 from iotdlm.bus import Bus
 from iotdlm.bus import subjects as s
 from iotdlm.client.km import KmClient
@@ -220,10 +220,10 @@ class Anchors:
     def __post_init__(self) -> None:
         if (self.trusted_root is None) != (self.meta_key is None):
             raise ValueError("trusted_root and meta_key go together (both from sm's setup)")
-        if self.meta_key is not None and len(self.meta_key) != sw.KEY_BYTES:
-            raise ValueError(f"the sm-pm key must be {sw.KEY_BYTES} bytes")
+        if self.meta_key is not None and len(self.meta_key) != software.KEY_BYTES:
+            raise ValueError(f"the sm-pm key must be {software.KEY_BYTES} bytes")
         if self.trusted_root is not None:
-            sw.load_trusted_root(self.trusted_root)
+            software.load_trusted_root(self.trusted_root)
 
 
 @dataclass(frozen=True)
@@ -844,7 +844,7 @@ class Provisioner:
             with os.fdopen(fd, "wb") as dst:
                 try:
                     with source.open("rb") as src:
-                        shutil.copyfileobj(src, dst, sw.CHUNK)
+                        shutil.copyfileobj(src, dst, software.CHUNK)
                 except FileNotFoundError:
                     raise errors.NotFoundError(
                         f"the image sm names for {self.dtype}/{loaded.release_counter} does not exist: "
@@ -858,12 +858,12 @@ class Provisioner:
             raise
         return target
 
-    def _algorithm1(self, staged: Path, loaded: sw.LoadResponse) -> sw.VerifiedSoftware:
+    def _algorithm1(self, staged: Path, loaded: sw.LoadResponse) -> software.VerifiedSoftware:
         a = self.anchors
         assert a.meta_key is not None
         assert a.trusted_root is not None
-        meta = sw.decrypt_meta(loaded.meta_enc, a.meta_key, self.dtype, loaded.release_counter)
-        verified = sw.verify_software(staged, meta, loaded.sig_sm, a.pk_sm, a.trusted_root, dtype=self.dtype)
+        meta = software.decrypt_meta(loaded.meta_enc, a.meta_key, self.dtype, loaded.release_counter)
+        verified = software.verify_software(staged, meta, loaded.sig_sm, a.pk_sm, a.trusted_root, dtype=self.dtype)
         if verified.release_counter != loaded.release_counter:
             raise errors.UntrustedError(
                 f"sm loaded release {loaded.release_counter}, the repository's metadata signs it as release "
