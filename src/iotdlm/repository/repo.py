@@ -82,6 +82,7 @@ from iotdlm.errors import (
     UnsupportedError,
     UntrustedError,
 )
+from iotdlm.files import atomic_write
 from iotdlm.pki.chain import load_certificate, load_certificates_pem, verify_issued_by
 from iotdlm.pki.keys import algorithm_of, check_public_key
 from iotdlm.pki.names import check_id
@@ -213,22 +214,6 @@ def _utc(now: dt.datetime) -> dt.datetime:
     if now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
     return now.astimezone(dt.UTC)
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` all at once: temp file in the same folder, fsync, rename."""
-    tmp = path.parent / f".tmp-{secrets.token_hex(8)}-{path.name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def _complete_lines(path: Path) -> list[bytes]:
@@ -426,7 +411,7 @@ class _TufRepo(Repository):
             md.sign(signer, append=True)
         self._check_threshold(role, md)
         name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        _write_atomic(self._dir / name, md.to_bytes(_SERIALIZER))
+        atomic_write(self._dir / name, md.to_bytes(_SERIALIZER), mode=0o644)
         self._cache[role] = md
 
     @property
@@ -536,7 +521,7 @@ class VendorRepository:
             raise BadRequestError(f"{self.path / 'repo.toml'} is not valid: {exc}") from exc
 
     def _save_settings(self) -> None:
-        _write_atomic(self.path / "repo.toml", msgspec.toml.encode(self._settings))
+        atomic_write(self.path / "repo.toml", msgspec.toml.encode(self._settings), mode=0o644)
 
     @contextlib.contextmanager
     def _session(self, now: dt.datetime) -> Iterator[tuple[_TufRepo, _Keyring]]:
@@ -598,7 +583,7 @@ class VendorRepository:
             report_ca="report-ca.pem" if ca_bundle is not None else None,
         )
         if ca_bundle is not None:
-            _write_atomic(path / "report-ca.pem", ca_bundle)
+            atomic_write(path / "report-ca.pem", ca_bundle, mode=0o644)
         keyring = _Keyring(path / "keys")
         tuf = _TufRepo(path, settings, keyring, now)
         for role in KEY_ROLES:
@@ -613,7 +598,7 @@ class VendorRepository:
             pass
         tuf.do_snapshot()
         tuf.do_timestamp()
-        _write_atomic(path / "repo.toml", msgspec.toml.encode(settings))  # last: now it is a repository
+        atomic_write(path / "repo.toml", msgspec.toml.encode(settings), mode=0o644)  # last: now it is a repository
         return cls(path)
 
     # -- publishing (paper 4.4.2-4.4.3: the signed announcement and metadata of sw_j)
@@ -874,7 +859,7 @@ class VendorRepository:
             data = bundle
             if append and self._settings.report_ca is not None and (self.path / self._settings.report_ca).is_file():
                 data = (self.path / self._settings.report_ca).read_bytes().rstrip(b"\n") + b"\n" + bundle
-            _write_atomic(file, data)
+            atomic_write(file, data, mode=0o644)
             self._settings.report_ca = file.name
             self._save_settings()
         return load_certificates_pem(data) if append else certs

@@ -30,6 +30,7 @@ from pathlib import Path
 import msgspec
 
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
+from iotdlm.files import atomic_write
 from iotdlm.wire import software as sw
 from iotdlm.wire.report import ReportBody
 
@@ -62,21 +63,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 @dataclass(frozen=True)
@@ -237,4 +223,4 @@ class LocalRepository:
 
     def save_state(self, state: SmState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.root / STATE, msgspec.json.encode(state), mode=0o600)
+        atomic_write(self.root / STATE, msgspec.json.encode(state), mode=0o600)
