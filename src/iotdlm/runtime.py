@@ -17,7 +17,7 @@ from iotdlm.client.km import KmTrust
 from iotdlm.clock import Clock
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
-from iotdlm.km.records import record_for
+from iotdlm.km.cert_views import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate

@@ -53,7 +53,7 @@ from iotdlm.km.ra import (
     Principal,
     authorize_revocation,
 )
-from iotdlm.km.records import info, issued, record_for
+from iotdlm.km.cert_views import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.va import ROOT, Va
 from iotdlm.pki import crmf, est_proof
