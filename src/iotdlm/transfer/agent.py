@@ -40,7 +40,7 @@ from iotdlm.pki.chain import certs_to_pem, der, load_certificate, load_certifica
 from iotdlm.pki.keys import check_public_key, load_private_key_pem
 from iotdlm.transfer import attestation, device
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
-from iotdlm.transfer.service import Receipt, Sp1Service, Sp2Verifier, StaticUpdateServer, UpdateImage
+from iotdlm.transfer.shell import Receipt, Sp1Service, Sp2Verifier, StaticUpdateServer, UpdateImage
 
 WELL_KNOWN_EST = "/.well-known/est"
 
