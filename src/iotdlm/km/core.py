@@ -40,6 +40,7 @@ from iotdlm.errors import (
     UntrustedError,
 )
 from iotdlm.km.audit import entry
+from iotdlm.km.cert_views import info, issued, record_for
 from iotdlm.km.ra import (
     Authorizer,
     CertRequestFacts,
@@ -53,7 +54,6 @@ from iotdlm.km.ra import (
     Principal,
     authorize_revocation,
 )
-from iotdlm.km.cert_views import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.va import ROOT, Va
 from iotdlm.pki import crmf, est_proof
