@@ -23,7 +23,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NotRequired, Protocol, TypedDict, TypeVar, Unpack
 
 from cryptography import x509
 
@@ -201,6 +201,16 @@ class _Tracker:
 _T = TypeVar("_T", sp1.Sp1Transfer, sp2.Sp2Transfer)
 
 
+class Seams(TypedDict):
+    """What SP1 and SP2 are built on, besides their own seam: their store, identity and clock, and
+    the entropy of their nonces (default: the OS's)."""
+
+    store: Store
+    identity: TransferIdentity
+    clock: Clock
+    entropy: NotRequired[Entropy]
+
+
 class _Provider(Generic[_T]):
     """What SP1 and SP2 share: their tables, identity, clock and entropy, the per-device tracker,
     and loading and saving the state of their pure machine (:mod:`~iotdlm.transfer.sp1`,
@@ -208,13 +218,13 @@ class _Provider(Generic[_T]):
 
     def __init__(
         self,
-        *,
         role: str,
         parse: Callable[[str], _T],
+        *,
         store: Store,
         identity: TransferIdentity,
         clock: Clock,
-        entropy: Entropy,
+        entropy: Entropy = secrets.token_bytes,
     ) -> None:
         self.role = role
         self._parse: Callable[[str], _T] = parse
@@ -245,18 +255,8 @@ class _Provider(Generic[_T]):
 class Sp1Service(_Provider[sp1.Sp1Transfer]):
     """The provider handing its fleet over, on its own deployment (CA1 = its operational CA)."""
 
-    def __init__(
-        self,
-        *,
-        store: Store,
-        identity: TransferIdentity,
-        clock: Clock,
-        fallback_uri: str,
-        entropy: Entropy = secrets.token_bytes,
-    ) -> None:
-        super().__init__(
-            role=SP1, parse=sp1.Sp1Transfer.from_json, store=store, identity=identity, clock=clock, entropy=entropy
-        )
+    def __init__(self, *, fallback_uri: str, **seams: Unpack[Seams]) -> None:
+        super().__init__(SP1, sp1.Sp1Transfer.from_json, **seams)
         self.fallback_uri = fallback_uri
 
     def _refused(self, what: str, tid: str | None, exc: RejectedError) -> None:
@@ -411,18 +411,8 @@ class Sp1Service(_Provider[sp1.Sp1Transfer]):
 class Sp2Service(_Provider[sp2.Sp2Transfer]):
     """The provider taking the fleet over, on its own deployment (CA2 = its operational CA)."""
 
-    def __init__(
-        self,
-        *,
-        store: Store,
-        identity: TransferIdentity,
-        clock: Clock,
-        registrar: Registrar,
-        entropy: Entropy = secrets.token_bytes,
-    ) -> None:
-        super().__init__(
-            role=SP2, parse=sp2.Sp2Transfer.from_json, store=store, identity=identity, clock=clock, entropy=entropy
-        )
+    def __init__(self, *, registrar: Registrar, **seams: Unpack[Seams]) -> None:
+        super().__init__(SP2, sp2.Sp2Transfer.from_json, **seams)
         self.registrar = registrar
 
     def accept(
