@@ -313,7 +313,11 @@ class SoftwareManager:
                 field="image",
             )
 
-        # meta_repo: verify it exactly as pm will (Algorithm 1, step 2) before downloading sw
+        meta = self._meta_repo(dtype, latest, target, targets_raw, role_raw)
+        return self._store(dtype, latest, target, meta, progress)
+
+    def _meta_repo(self, dtype: str, latest: int, target: TargetFile, targets_raw: bytes, role_raw: bytes) -> bytes:
+        """meta_repo: verify it exactly as pm will (Algorithm 1, step 2) before downloading sw."""
         meta = software.encode_bundle(
             dtype=dtype, target_path=target.path, roots=self._root_chain(), targets=targets_raw, role=role_raw
         )
@@ -322,7 +326,13 @@ class SoftwareManager:
             raise UntrustedError(
                 "the metadata bundle does not describe the target ngclient verified", field="meta_repo"
             )
+        return meta
 
+    def _store(
+        self, dtype: str, latest: int, target: TargetFile, meta: bytes, progress: Progress | None
+    ) -> CheckResult:
+        """Algorithm 2 steps 3-5: download sw_{j+a}, check its hash, store it with meta.enc and sig_sm;
+        queue the report of the verified download."""
         # step 3-4: download sw_{j+a}, check its hash, store it with meta.enc and sig_sm
         with self.local.staging(dtype, latest) as stage:
             digest, sha256 = self._download(self._target_url(target), target, stage.paths.image, meta, progress)
