@@ -62,8 +62,8 @@ from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import Mode
 from iotdlm.pm import config as pmconfig
 from iotdlm.pm import messages as m
-from iotdlm.pm.core import Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
+from iotdlm.pm.provisioner import Provisioner
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer
 from iotdlm.runtime import connect_identity, sealer_for

@@ -57,11 +57,11 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("store.consume_nonce: one write transaction per request", ("consume_nonce (",)),
     ("CA: build + sign the certificate (cryptography)", ("issue (iotdlm/pki/ca.py", "ca.py:")),
     ("CSR: parse + verify signature", ("parse_csr (",)),
-    ("CRMF: parse (pyasn1)", ("parse (iotdlm/pki/crmf.py", "crmf.py:")),
+    ("CRMF: parse (pyasn1)", ("parse (iotdlm/pki/crmf/parsing.py", "pki/crmf/")),
     ("request: JWS verify + signer check", ("authenticate (", "peek_signer (")),
     ("record: DER, SHA-256 fingerprint, subject string", ("_record (",)),
     ("reply: msgspec encode", ("encode (iotdlm/wire/km.py", "wire/km.py:")),
-    ("km core: other", ("km/core.py:", "km/ra.py:")),
+    ("km core: other", ("km/core.py:", "km/signers.py:", "km/ra.py:")),
     ("NATS client + asyncio (event loop thread)", ()),
 ]
 

@@ -64,6 +64,8 @@ DEFAULT_NATS_PORT = 14222
 ISSUING_CAS = ("factory", "operational", "service")
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
+#: EST serverkeygen settings (ADR 0009): refused, key encrypted to the device, key in the clear
+SERVERKEYGEN_MODES = ("off", "encrypted", "cleartext")
 DIR_MODE = 0o700
 
 
@@ -107,9 +109,10 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     audit_anchor_dir: str | None = None
     nats: NatsSettings = NatsSettings()
     profiles: dict[str, ProfileSettings] = {}
-    #: EST serverkeygen: "off" (default) or "cleartext" -- km sends the new private key back through
-    #: cm unencrypted, so cm sees it (ADR 0008)
-    est_serverkeygen: str = "off"
+    #: EST serverkeygen: "encrypted" (default: km encrypts the new private key to the key of the
+    #: certificate the device presented, so cm relays only ciphertext; ADR 0009), "off", or
+    #: "cleartext" (km sends the key back through cm unencrypted, so cm sees it; ADR 0008)
+    est_serverkeygen: str = "encrypted"
 
     def validate(self) -> None:
         try:
@@ -149,8 +152,10 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                 raise BadRequestError(
                     f"profiles.{name}.est_proof must be 'required' or 'optional'", field=f"profiles.{name}.est_proof"
                 )
-        if self.est_serverkeygen not in ("off", "cleartext"):
-            raise BadRequestError("est_serverkeygen must be 'off' or 'cleartext'", field="est_serverkeygen")
+        if self.est_serverkeygen not in SERVERKEYGEN_MODES:
+            raise BadRequestError(
+                "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"
+            )
 
 
 @dataclass(frozen=True)
@@ -367,6 +372,67 @@ def _replace_validity(p: Profile, validity: dt.timedelta) -> Profile:
     return replace(p, validity=validity)
 
 
+def _make_folders(root: Path, passphrase: bytes | None) -> bytes:
+    """The deployment's private folders; the CA passphrase (a new one is written to
+    ``secrets/ca-passphrase`` unless the operator gave one)."""
+    root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    root.chmod(DIR_MODE)  # also when the folder existed: it holds keys and the database
+    for sub in ("ca", "modules", "db", "nats", "logs"):
+        (root / sub).mkdir(exist_ok=True, mode=DIR_MODE)
+        (root / sub).chmod(DIR_MODE)
+    if passphrase is None:
+        passphrase = secrets.token_urlsafe(32).encode()
+        _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
+    return passphrase
+
+
+def _make_cas(
+    dep: Deployment,
+    algorithm: Algorithm,
+    passphrase: bytes,
+    *,
+    now: dt.datetime,
+    progress: Callable[[str], None],
+) -> list[pki_ca.IssuingCA]:
+    """The root CA and the issuing CAs (in ISSUING_CAS order), their keys written encrypted."""
+    root = dep.root
+    organization = dep.config.organization
+    profiles = dep.profiles()
+    urls = dep.public_urls
+    progress("root CA")
+    root_key = generate_key(algorithm)
+    root_signer = KeySigner(root_key)
+    root_cert = pki_ca.make_root(
+        root_signer,
+        pki_ca.ca_name(f"{organization} Root CA", organization),
+        now=now,
+        validity=dt.timedelta(days=365 * 30),
+        urls=urls,
+    )
+    _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
+    (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))
+
+    cas: list[pki_ca.IssuingCA] = []
+    lifetimes = {"factory": 365 * 25, "operational": 365 * 10, "service": 365 * 10}
+    for name in ISSUING_CAS:
+        progress(f"{name} CA")
+        key = generate_key(algorithm)
+        cert = pki_ca.make_intermediate(
+            root_signer,
+            root_cert,
+            key.public_key(),
+            pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
+            now=now,
+            validity=dt.timedelta(days=lifetimes[name]),
+            urls=urls,
+            policies=ca_policies(profiles, name),
+        )
+        _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
+        (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
+        cas.append(pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert)))
+    return cas
+
+
 def init_deployment(
     root: Path | str,
     *,
@@ -402,49 +468,9 @@ def init_deployment(
     )
     config.validate()
     cm_https.https_names(public_url, cm_names)  # cm's HTTPS names, refused before anything is made
-    root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    root.chmod(DIR_MODE)  # also when the folder existed: it holds keys and the database
-    for sub in ("ca", "modules", "db", "nats", "logs"):
-        (root / sub).mkdir(exist_ok=True, mode=DIR_MODE)
-        (root / sub).chmod(DIR_MODE)
-    if passphrase is None:
-        passphrase = secrets.token_urlsafe(32).encode()
-        _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
+    passphrase = _make_folders(root, passphrase)
     dep = Deployment(root, config)
-    profiles = dep.profiles()
-    urls = dep.public_urls
-
-    progress("root CA")
-    root_key = generate_key(algorithm)
-    root_signer = KeySigner(root_key)
-    root_cert = pki_ca.make_root(
-        root_signer,
-        pki_ca.ca_name(f"{organization} Root CA", organization),
-        now=now,
-        validity=dt.timedelta(days=365 * 30),
-        urls=urls,
-    )
-    _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
-    (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))
-
-    cas: list[pki_ca.IssuingCA] = []
-    lifetimes = {"factory": 365 * 25, "operational": 365 * 10, "service": 365 * 10}
-    for name in ISSUING_CAS:
-        progress(f"{name} CA")
-        key = generate_key(algorithm)
-        cert = pki_ca.make_intermediate(
-            root_signer,
-            root_cert,
-            key.public_key(),
-            pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
-            now=now,
-            validity=dt.timedelta(days=lifetimes[name]),
-            urls=urls,
-            policies=ca_policies(profiles, name),
-        )
-        _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
-        (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
-        cas.append(pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert)))
+    cas = _make_cas(dep, algorithm, passphrase, now=now, progress=progress)
     service_ca = cas[ISSUING_CAS.index("service")]
 
     for module in BASE_MODULES:

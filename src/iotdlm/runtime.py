@@ -1,7 +1,8 @@
 """Wiring: from a deployment folder to running pieces (store, NATS server, bus connections, km).
 
 The CLI and the demo call these; services get their seams (Clock, Bus, Store, Signer) here and
-nowhere else.
+nowhere else. :func:`open_store` and :func:`connect_identity` live in :mod:`iotdlm.connections`
+(one copy, which pm's wiring shares: pm may not import this module, it pulls in km).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import datetime as dt
 
 from cryptography import x509
 
-from iotdlm.bus import Bus
-from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
 from iotdlm.client.km import KmTrust
 from iotdlm.clock import Clock
+from iotdlm.connections import connect_identity as connect_identity
+from iotdlm.connections import open_store as open_store
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.cert_views import record_for
@@ -24,10 +25,6 @@ from iotdlm.pki.chain import load_certificate
 from iotdlm.pki.keys import KeySigner, PrivateKey, load_private_key_pem
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
-
-
-def open_store(dep: Deployment, *, migrate: bool = True) -> Store:
-    return Store.open(dep.database_url, migrate=migrate)
 
 
 def nats_server(dep: Deployment) -> EmbeddedNatsServer:
@@ -45,20 +42,6 @@ def nats_server(dep: Deployment) -> EmbeddedNatsServer:
         **tls,  # type: ignore[arg-type]
     )
     return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf")
-
-
-async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdentity]:
-    ident = dep.identity(name)
-    bus = await connect(
-        dep.nats_url,
-        module=ident.module,
-        user=ident.nats.user,
-        password=ident.nats.password,
-        name=f"iotdlm-{name}",
-        tls=dep.client_tls(ident) if dep.config.nats.tls else None,
-        allow_plain=dep.config.nats.allow_plain,
-    )
-    return bus, ident
 
 
 def sealer_for(ident: ModuleIdentity) -> Sealer:
@@ -103,7 +86,7 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
             urls=dep.public_urls,
             window=dep.request_window,
             est_proof_optional=dep.est_proof_optional(),
-            serverkeygen_cleartext=dep.config.est_serverkeygen == "cleartext",
+            serverkeygen=dep.config.est_serverkeygen,
         ),
         va=va,
     )

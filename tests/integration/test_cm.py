@@ -136,10 +136,11 @@ async def open_site(
     cm_names: tuple[str, ...] = (),
     tls_files: tuple[Path, Path] | None = None,
     http_port: int = 0,
-    est_serverkeygen: str = "off",
+    est_serverkeygen: str | None = None,
 ) -> AsyncIterator[Site]:
     """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm;
-    ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it)."""
+    ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it; ``est_serverkeygen``:
+    None keeps the deployment's default)."""
     clock = ShiftClock()
     made, _ = init_deployment(
         tmp_path / "d",
@@ -159,7 +160,7 @@ async def open_site(
         msgspec.structs.replace(
             config,
             nats=msgspec.structs.replace(config.nats, port=nats.server.config.port),
-            est_serverkeygen=est_serverkeygen,
+            est_serverkeygen=est_serverkeygen or config.est_serverkeygen,
         ),
     )
     store = open_store(dep)
@@ -442,13 +443,24 @@ async def test_device_enrolls_reenrolls_refreshes_and_serverkeygen(site: Site) -
     assert rec is not None
     assert rec.status == "superseded"
 
-    # a device that cannot make keys: serverkeygen would show cm the key, so it is off (ADR 0008)
+    # a device that cannot make keys: the server makes it, encrypted to the factory key (ADR 0009)
     fkey_k, factory_k = await site.factory("dev-k")
     async with site.est(fkey_k, factory_k) as est:
-        with pytest.raises(NotAuthorizedError, match="serverkeygen is off"):
-            await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
-    assert site.store.get_device("dev-k") is not None
-    assert not [c for c in site.store.list_certificates(device_id="dev-k") if c.profile == "operational"]
+        key_k, cert_k = await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
+    assert cert_k.public_key() == key_k.public_key()
+    cert_k.verify_directly_issued_by(site.dep.ca_certificate("operational"))
+
+
+@pytest.mark.real_clock
+async def test_serverkeygen_off_is_refused(tmp_path: Path) -> None:
+    """est_serverkeygen = "off": a device that cannot make keys is refused, and nothing is issued."""
+    async with open_site(tmp_path, est_serverkeygen="off") as site:
+        fkey_k, factory_k = await site.factory("dev-k")
+        async with site.est(fkey_k, factory_k) as est:
+            with pytest.raises(NotAuthorizedError, match="serverkeygen is off"):
+                await est.serverkeygen(make_csr(generate_key(Algorithm.P256), "dev-k"))
+        assert site.store.get_device("dev-k") is not None
+        assert not [c for c in site.store.list_certificates(device_id="dev-k") if c.profile == "operational"]
 
 
 @pytest.mark.real_clock

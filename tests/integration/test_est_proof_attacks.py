@@ -17,8 +17,8 @@ from cryptography import x509
 
 from iotdlm.bus import subjects
 from iotdlm.client.km import KmClient
-from iotdlm.errors import NotAuthorizedError, RejectedError, ReplayError, UntrustedError
-from iotdlm.pki import est_proof
+from iotdlm.errors import BadRequestError, NotAuthorizedError, RejectedError, ReplayError, UntrustedError
+from iotdlm.pki import cms_envelope, est_proof
 from iotdlm.pki.chain import der
 from iotdlm.pki.keys import Algorithm, PrivateKey, check_public_key, generate_key
 from iotdlm.wire import audit as fmt
@@ -166,23 +166,47 @@ async def test_cm_cannot_reenroll_a_device_onto_an_attackers_key(site: Site) -> 
 
 
 async def test_cm_gets_no_server_generated_key(site: Site) -> None:
-    """Attack (c), serverkeygen: with cm's login and a device's public factory certificate, cm
-    asks km to make the device a key. Refused (km would hand the key to cm in the clear): no key,
-    no certificate, audited -- with or without a proof."""
+    """Attack (c), serverkeygen (est_serverkeygen = "encrypted", the default, ADR 0009): with cm's
+    login and a device's public factory certificate, cm asks km to make the device a key. Without
+    the device's proof: refused and audited. Relaying a genuine request (the device's proof): km
+    answers with the key encrypted to the device's factory key, which cm does not hold -- the
+    reply carries no private key, and cm's own key does not open it."""
     cm = await site.client("cm")
     fkey, factory = await site.factory("dev-k")
     sub = subjects.KM_EST_SERVERKEYGEN
     csr = make_csr(generate_key(Algorithm.P256), "dev-k")
-    await refused(
-        site, "dev-k", sub, NotAuthorizedError, "serverkeygen is off", cm.est("serverkeygen", der(factory), csr)
-    )
+    await refused(site, "dev-k", sub, NotAuthorizedError, "no proof", cm.est("serverkeygen", der(factory), csr))
+    assert operational_keys(site, "dev-k") == []
     nonce = (await cm.est_nonce(der(factory))).nonce
     proof = est_proof.make(fkey, "serverkeygen", nonce, check_public_key(x509.load_der_x509_csr(csr).public_key()))
-    await refused(
-        site, "dev-k", sub, NotAuthorizedError, "serverkeygen is off",
-        cm.est("serverkeygen", der(factory), csr, proof=proof),
-    )  # fmt: skip
-    assert operational_keys(site, "dev-k") == []
+    out = await cm.est("serverkeygen", der(factory), csr, proof=proof)
+    assert out.private_key is None
+    assert out.encrypted_key is not None
+    cm_key = site.dep.identity("cm").key
+    with pytest.raises(BadRequestError, match="not encrypted to this device's key"):
+        cms_envelope.decrypt_key(out.encrypted_key, cm_key)
+    (key_der,) = [cms_envelope.decrypt_key(out.encrypted_key, fkey)]  # only the device opens it
+    assert operational_keys(site, "dev-k") == [x509.load_der_x509_certificate(out.certificate.certificate).public_key()]
+    assert key_der not in out.encrypted_key
+
+
+async def test_with_serverkeygen_off_cm_gets_nothing(tmp_path: Path) -> None:
+    """Attack (c) where the operator turned serverkeygen off: refused with or without a proof, audited."""
+    async with open_site(tmp_path, est_serverkeygen="off") as site:
+        cm = await site.client("cm")
+        fkey, factory = await site.factory("dev-k")
+        sub = subjects.KM_EST_SERVERKEYGEN
+        csr = make_csr(generate_key(Algorithm.P256), "dev-k")
+        await refused(
+            site, "dev-k", sub, NotAuthorizedError, "serverkeygen is off", cm.est("serverkeygen", der(factory), csr)
+        )
+        nonce = (await cm.est_nonce(der(factory))).nonce
+        proof = est_proof.make(fkey, "serverkeygen", nonce, check_public_key(x509.load_der_x509_csr(csr).public_key()))
+        await refused(
+            site, "dev-k", sub, NotAuthorizedError, "serverkeygen is off",
+            cm.est("serverkeygen", der(factory), csr, proof=proof),
+        )  # fmt: skip
+        assert operational_keys(site, "dev-k") == []
 
 
 async def test_with_serverkeygen_on_cm_still_needs_the_devices_proof(tmp_path: Path) -> None:

@@ -3,8 +3,11 @@ re-enrollment with the operational one, server-side key generation, and the refu
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,15 +15,16 @@ import msgspec
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from iotdlm.bus import Bus
 from iotdlm.bus.memory import MemoryHub
 from iotdlm.client.km import KmClient
 from iotdlm.clock import FixedClock
-from iotdlm.errors import BadRequestError, NotAuthorizedError, UntrustedError
+from iotdlm.errors import BadRequestError, NotAuthorizedError, UnsupportedError, UntrustedError
 from iotdlm.km import Km, KmService, KmSettings
 from iotdlm.km.va import Va, VaSettings
-from iotdlm.pki import est_proof
+from iotdlm.pki import cms_envelope, est_proof
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.chain import der, verify_issued_by
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key
@@ -113,18 +117,101 @@ async def test_enroll_with_factory_then_reenroll_with_operational(env: Env) -> N
     assert second.certificate.device_id == "dev-1"
 
 
-async def test_serverkeygen_is_off_unless_the_operator_accepts_that_cm_sees_the_key(env: Env) -> None:
-    """km would send the new private key back through cm in the clear: refused by default (ADR 0008)."""
+def _scalar(key: object) -> bytes:
+    """The secret itself (an EC private value), whatever encoding carries it."""
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
+
+
+def _carries(body: bytes, secret: bytes) -> bool:
+    """Whether a JSON reply body carries ``secret``: raw, or in any string that is base64."""
+    if secret in body:
+        return True
+    found: list[bytes] = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str):
+            with contextlib.suppress(ValueError):
+                found.append(
+                    base64.b64decode(v + "=" * (-len(v) % 4), altchars=b"-_" if "-" in v or "_" in v else None)
+                )
+
+    walk(json.loads(body))
+    return any(secret in b for b in found)
+
+
+async def test_serverkeygen_key_reaches_cm_only_encrypted_to_the_device(env: Env) -> None:
+    """ADR 0009, by default: km encrypts the key it made to the key of the certificate the device
+    presented (the factory key to enroll, the operational key to re-enroll). A spy on cm's side of
+    the bus sees every reply body cm receives: none carries the private key, in any encoding; the
+    device decrypts it with its own key, and the certificate is for that key."""
+    replies: list[bytes] = []
+    cm = env.client("cm")
+    call = cm._call
+
+    async def spy(subject: str, request: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
+        body = await call(subject, request, timeout)
+        replies.append(body)
+        return body
+
+    cm._call = spy  # type: ignore[method-assign]
     fkey, factory = await env.factory_cert("dev-k")
+    nonce = (await cm.est_nonce(der(factory))).nonce
+    request_key = generate_key(Algorithm.P256)
+    proof = est_proof.make(fkey, "serverkeygen", nonce, request_key.public_key())  # type: ignore[arg-type]
+    out = await cm.est("serverkeygen", der(factory), make_csr(request_key, "dev-k"), proof=proof)
+    assert out.private_key is None
+    assert out.encrypted_key is not None
+    pkcs8 = cms_envelope.decrypt_key(out.encrypted_key, fkey)  # type: ignore[arg-type]
+    key = serialization.load_der_private_key(pkcs8, None)
+    cert = x509.load_der_x509_certificate(out.certificate.certificate)
+    assert cert.public_key() == key.public_key()
+    assert device_id_of(cert) == "dev-k"
+    assert replies
+    for body in replies:
+        assert not _carries(body, pkcs8)
+        assert not _carries(body, _scalar(key))
+    assert _scalar(key) not in out.encrypted_key
+
+    # re-enrollment by serverkeygen: now encrypted to the operational key, which the factory key cannot open
+    again = await env.est("serverkeygen", (key, der(cert)), generate_key(Algorithm.P256), "dev-k")  # type: ignore[arg-type]
+    assert again.encrypted_key is not None
+    with pytest.raises(BadRequestError, match="not encrypted to this device's key"):
+        cms_envelope.decrypt_key(again.encrypted_key, fkey)  # type: ignore[arg-type]
+    key2 = serialization.load_der_private_key(cms_envelope.decrypt_key(again.encrypted_key, key), None)  # type: ignore[arg-type]
+    assert x509.load_der_x509_certificate(again.certificate.certificate).public_key() == key2.public_key()
+
+
+async def test_serverkeygen_off_and_cleartext_are_the_operators_choice(env: Env) -> None:
+    """ "off": refused; "cleartext": km sends the key through cm in the clear (ADR 0008), knowingly."""
+    fkey, factory = await env.factory_cert("dev-k")
+    env.km.settings = dataclasses.replace(env.km.settings, serverkeygen="off")
     with pytest.raises(NotAuthorizedError, match="serverkeygen is off"):
         await env.est("serverkeygen", (fkey, der(factory)), generate_key(Algorithm.P256), "dev-k")
     assert env.store.count_certificates(profile="operational") == 0
-    env.km.settings = dataclasses.replace(env.km.settings, serverkeygen_cleartext=True)
+    env.km.settings = dataclasses.replace(env.km.settings, serverkeygen="cleartext")
     out = await env.est("serverkeygen", (fkey, der(factory)), generate_key(Algorithm.P256), "dev-k")
     assert out.private_key is not None
+    assert out.encrypted_key is None
     key = serialization.load_der_private_key(out.private_key, None)
     cert = x509.load_der_x509_certificate(out.certificate.certificate)
     assert cert.public_key() == key.public_key()
+
+
+async def test_serverkeygen_to_an_ed25519_credential_is_refused_before_issuing(env: Env) -> None:
+    """An Ed25519 key cannot agree a key, so km cannot encrypt to it: refused with the reason, and
+    no certificate is issued (such a deployment keeps serverkeygen off)."""
+    fkey = generate_key(Algorithm.ED25519)
+    out = await env.client("pm-boardA").issue("dev-e", "factory", csr=make_csr(fkey, "dev-e"))
+    with pytest.raises(UnsupportedError, match="signature-only key"):
+        await env.est("serverkeygen", (fkey, out.certificate), generate_key(Algorithm.P256), "dev-e")
+    assert env.store.count_certificates(profile="operational") == 0
 
 
 async def test_unregistered_factory_certificate_is_refused(env: Env) -> None:
@@ -213,6 +300,9 @@ def test_deployment_reads_the_proof_policy(tmp_path: Path) -> None:
     ok.validate()
     assert Deployment(tmp_path, ok).est_proof_optional() == frozenset({"factory"})
     assert Deployment(tmp_path, base).est_proof_optional() == frozenset()
+    assert base.est_serverkeygen == "encrypted"  # ADR 0009: the default
+    for mode in ("off", "encrypted", "cleartext"):
+        msgspec.structs.replace(base, est_serverkeygen=mode).validate()
     for bad in (
         msgspec.structs.replace(base, profiles={"factory": ProfileSettings(est_proof="sometimes")}),
         msgspec.structs.replace(base, est_serverkeygen="yes"),

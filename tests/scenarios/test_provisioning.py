@@ -49,9 +49,10 @@ from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.km import KmService
 from iotdlm.pki.keys import Algorithm, generate_key, load_private_key_pem
 from iotdlm.pm import config as pmconfig
+from iotdlm.pm.alarm import HaltedError
 from iotdlm.pm.cli import pm as pm_cli
-from iotdlm.pm.core import HaltedError, Provisioner
 from iotdlm.pm.flasher import SimulatedFlasher
+from iotdlm.pm.provisioner import Provisioner
 from iotdlm.repository import VendorRepository
 from iotdlm.repository.server import RepositoryServer
 from iotdlm.runtime import build_km, connect_identity, km_identity, nats_server, open_store, record_identities

@@ -171,14 +171,21 @@ def test_csrattrs_decode_as_rfc7030_csrattrs(alg: Algorithm | None, oids: list[o
     assert got == oids
 
 
-def test_serverkeygen_multipart_is_rfc7030_shaped() -> None:
+@pytest.mark.parametrize(
+    ("encrypted", "key_type", "smime_type"),
+    [(True, "application/pkcs7-mime", "server-generated-key"), (False, "application/pkcs8", None)],
+)
+def test_serverkeygen_multipart_is_rfc7030_shaped(encrypted: bool, key_type: str, smime_type: str | None) -> None:
+    """RFC 7030 4.4.2: the key part (encrypted to the device: application/pkcs7-mime;
+    smime-type=server-generated-key; in the clear: application/pkcs8), then certs-only."""
     key_der = b"\x30\x03\x02\x01\x00"
     certs = est.certs_only([PKI.root])
-    ctype, body = est.serverkeygen_multipart(key_der, certs, boundary="est-boundary")
+    ctype, body = est.serverkeygen_multipart(key_der, certs, encrypted=encrypted, boundary="est-boundary")
     assert ctype == 'multipart/mixed; boundary="est-boundary"'
     msg = email.message_from_bytes(b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + body, policy=email.policy.default)
     parts = list(msg.iter_parts())
-    assert [p.get_content_type() for p in parts] == ["application/pkcs8", "application/pkcs7-mime"]
+    assert [p.get_content_type() for p in parts] == [key_type, "application/pkcs7-mime"]
+    assert parts[0].get_param("smime-type") == smime_type
     assert parts[1].get_param("smime-type") == "certs-only"
     assert parts[0].get_payload(decode=True) == key_der
     certs_der = parts[1].get_payload(decode=True)
@@ -189,7 +196,7 @@ def test_serverkeygen_multipart_is_rfc7030_shaped() -> None:
 @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=30)
 @given(st.binary(min_size=1, max_size=300))
 def test_serverkeygen_boundary_is_random_and_absent_from_the_body(key: bytes) -> None:
-    ctype, body = est.serverkeygen_multipart(key, est.certs_only([PKI.root]))
+    ctype, body = est.serverkeygen_multipart(key, est.certs_only([PKI.root]), encrypted=True)
     boundary = est.media_type_params(ctype)["boundary"]
     assert body.count(b"--" + boundary.encode()) == 3
     assert body.endswith(b"--" + boundary.encode() + b"--\r\n")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from iotdlm.clock import SystemClock
 from iotdlm.cm import est
-from iotdlm.cm.server import server_tls_context
+from iotdlm.cm.tls import server_tls_context
 from iotdlm.device import est_client
 from iotdlm.device.est_client import EstClient, EstUnavailableError
 from iotdlm.errors import (
@@ -29,9 +29,9 @@ from iotdlm.errors import (
     TooLargeError,
     UntrustedError,
 )
-from iotdlm.pki import est_proof
+from iotdlm.pki import cms_envelope, est_proof
 from iotdlm.pki.chain import certs_to_pem
-from iotdlm.pki.keys import Algorithm, generate_key, private_key_to_pem
+from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import make_csr, make_pki
@@ -200,7 +200,7 @@ async def test_serverkeygen_checks_the_pair(fake: Fake) -> None:
     pkcs8 = key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    ctype, body = est.serverkeygen_multipart(pkcs8, est.certs_only([LEAF]))
+    ctype, body = est.serverkeygen_multipart(pkcs8, est.certs_only([LEAF]), encrypted=False)
     fake.handlers["serverkeygen"] = _reply(body, ctype)
     async with _client(fake) as c:
         with pytest.raises(BadRequestError, match="not for the key"):
@@ -208,7 +208,7 @@ async def test_serverkeygen_checks_the_pair(fake: Fake) -> None:
     good = KEY.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    ctype, body = est.serverkeygen_multipart(good, est.certs_only([LEAF]))
+    ctype, body = est.serverkeygen_multipart(good, est.certs_only([LEAF]), encrypted=False)
     fake.handlers["serverkeygen"] = _reply(body, ctype)
     async with _client(fake) as c:
         got_key, cert = await c.serverkeygen(make_csr(KEY, "dev-1"))
@@ -217,6 +217,49 @@ async def test_serverkeygen_checks_the_pair(fake: Fake) -> None:
     fake.handlers["serverkeygen"] = _reply(est.encode_base64_body(est.certs_only([LEAF])))
     async with _client(fake) as c:
         with pytest.raises(BadRequestError, match="multipart"):
+            await c.serverkeygen(make_csr(KEY, "dev-1"))
+
+
+def _pkcs8(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.mark.real_clock
+async def test_serverkeygen_decrypts_the_key_with_the_client_certificates_key(fake: Fake) -> None:
+    """ADR 0009: the key part is application/pkcs7-mime; smime-type=server-generated-key, a CMS
+    EnvelopedData to the client certificate's key; the client decrypts it and checks the pair."""
+    new = generate_key(Algorithm.P256)
+    cert = PKI.cas["operational"].issue(
+        DEFAULT_PROFILES["operational"], new.public_key(), device_subject("dev-1", "T", "x"), now=REAL_NOW, serial=2
+    )
+    certs = est.certs_only([cert])
+    envelope = cms_envelope.encrypt_key(_pkcs8(new), LEAF)
+    ctype, body = est.serverkeygen_multipart(envelope, certs, encrypted=True)
+    fake.handlers["serverkeygen"] = _reply(body, ctype)
+    async with _client(fake) as c:
+        got_key, got_cert = await c.serverkeygen(make_csr(KEY, "dev-1"))
+    assert got_cert == cert
+    assert _pkcs8(got_key) == _pkcs8(new)
+
+    # encrypted to another device's key: a clear refusal, not a traceback
+    other = PKI.cas["operational"].issue(
+        DEFAULT_PROFILES["operational"], generate_key(Algorithm.P256).public_key(),
+        device_subject("dev-2", "T", "x"), now=REAL_NOW, serial=3,
+    )  # fmt: skip
+    ctype, body = est.serverkeygen_multipart(cms_envelope.encrypt_key(_pkcs8(new), other), certs, encrypted=True)
+    fake.handlers["serverkeygen"] = _reply(body, ctype)
+    async with _client(fake) as c:
+        with pytest.raises(BadRequestError, match="not encrypted to this device's key"):
+            await c.serverkeygen(make_csr(KEY, "dev-1"))
+
+    # altered on the way (AES-CBC does not authenticate): refused, never taken as the device's key
+    flipped = envelope[:-20] + bytes([envelope[-20] ^ 1]) + envelope[-19:]
+    ctype, body = est.serverkeygen_multipart(flipped, certs, encrypted=True)
+    fake.handlers["serverkeygen"] = _reply(body, ctype)
+    async with _client(fake) as c:
+        with pytest.raises(BadRequestError):
             await c.serverkeygen(make_csr(KEY, "dev-1"))
 
 
@@ -246,11 +289,15 @@ def test_constructor_checks() -> None:
 # --- parsers (pure) ------------------------------------------------------------------------------
 @given(key=st.binary(min_size=1, max_size=200), cert=st.binary(min_size=1, max_size=200))
 def test_multipart_reads_what_cm_writes(key: bytes, cert: bytes) -> None:
-    ctype, body = est.serverkeygen_multipart(key, cert)
-    parts = est_client._multipart(ctype, body)
-    assert [p[0] for p in parts] == ["application/pkcs8", "application/pkcs7-mime"]
-    assert est_client._b64(parts[0][1], "k") == key
-    assert est_client._b64(parts[1][1], "c") == cert
+    for encrypted, (key_type, smime) in (
+        (True, ("application/pkcs7-mime", "server-generated-key")),
+        (False, ("application/pkcs8", None)),
+    ):
+        ctype, body = est.serverkeygen_multipart(key, cert, encrypted=encrypted)
+        parts = est_client._multipart(ctype, body)
+        assert [p[:2] for p in parts] == [(key_type, smime), ("application/pkcs7-mime", "certs-only")]
+        assert est_client._b64(parts[0][2], "k") == key
+        assert est_client._b64(parts[1][2], "c") == cert
 
 
 @given(st.binary(max_size=300), st.text(max_size=40))

@@ -11,13 +11,8 @@ import pytest
 
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.modes import messages as m
-from iotdlm.modes.supervisor import (
-    RestartPolicy,
-    SupervisorSettings,
-    load_saved_mode,
-    read_commands,
-    save_mode,
-)
+from iotdlm.modes.processes import RestartPolicy, SupervisorSettings
+from iotdlm.modes.supervisor import load_saved_mode, read_commands, save_mode
 from iotdlm.modes.table import DEFAULT_COMMANDS
 
 FAST = SupervisorSettings(backoff_initial=1.0, backoff_max=8.0, quick_crash=10.0, give_up_after=5)

@@ -37,9 +37,11 @@ from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from iotdlm.pm import messages as m
-from iotdlm.pm.core import Anchors, HaltedError, PmSettings, Progress, Provisioner, read_alarm
+from iotdlm.pm.alarm import HaltedError, read_alarm
 from iotdlm.pm.flasher import CommandFlasher, SimulatedFlasher
+from iotdlm.pm.provisioner import Provisioner
 from iotdlm.pm.service import PmClient, PmService
+from iotdlm.pm.settings import Anchors, PmSettings, Progress
 from iotdlm.repository import VendorRepository
 from iotdlm.store import Store
 from iotdlm.wire import software as sw

@@ -1,4 +1,5 @@
-"""The bus over a real NATS server (nats-py). The only module of iotdlm that imports ``nats``.
+"""The bus over a real NATS server (nats-py). With :mod:`iotdlm.bus.nats_kv` (its key-value buckets),
+the only module of iotdlm that imports ``nats``.
 
 Each module connects as its own NATS user (see :mod:`iotdlm.bus.server`), and its replies come on
 its own inbox prefix (:func:`iotdlm.bus.subjects.inbox_prefix`), which is all it may subscribe to
@@ -31,19 +32,17 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSub
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KV_DEL, KV_PURGE
 from nats.js.kv import KeyValue as _NatsKV
 
 from iotdlm import errors
 from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import subjects, urls
-from iotdlm.bus.api import EventHandler, KeyValueEntry, KeyValueHandler, Message, RequestHandler
+from iotdlm.bus.api import EventHandler, Message, RequestHandler
 from iotdlm.bus.memory import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_CONCURRENT_HANDLERS,
     call_handler,
     check_bucket,
-    check_key,
     check_subject,
     decode_reply,
     encode_error,
@@ -51,6 +50,7 @@ from iotdlm.bus.memory import (
     permission_denied,
     timeout_error,
 )
+from iotdlm.bus.nats_kv import NatsKeyValue, NatsWatch
 
 _T = TypeVar("_T")
 
@@ -184,102 +184,6 @@ def _to_message(msg: Msg) -> Message:
     return Message(subject=msg.subject, data=bytes(msg.data), headers=dict(msg.headers or {}))
 
 
-class _NatsKeyValue:
-    """:class:`iotdlm.bus.api.KeyValue` over a JetStream key-value bucket (nats-py)."""
-
-    def __init__(self, bus: NatsBus, kv: _NatsKV, bucket: str) -> None:
-        self._bus = bus
-        self._kv = kv
-        self._bucket = bucket
-        self._stream = subjects.kv_stream(bucket)
-
-    @property
-    def bucket(self) -> str:
-        return self._bucket
-
-    def _read_api(self) -> list[str]:
-        return [f"$JS.API.DIRECT.GET.{self._stream}", f"$JS.API.STREAM.MSG.GET.{self._stream}"]
-
-    async def get(self, key: str) -> KeyValueEntry | None:
-        check_key(key)
-        self._bus._check_open(new_work=False)
-
-        async def get() -> KeyValueEntry | None:
-            try:
-                e = await self._kv.get(key)
-            except nats.js.errors.KeyNotFoundError:  # never written, deleted, or purged
-                return None
-            return KeyValueEntry(key=key, value=bytes(e.value or b""), revision=int(e.revision or 0))
-
-        return await self._bus._jetstream(f"read {self._bucket}/{key}", get(), self._read_api())
-
-    async def put(self, key: str, value: bytes) -> int:
-        check_key(key)
-        self._bus._check_open(new_work=False)
-        subject = subjects.kv_subject(self._bucket, key)
-        if len(value) > self._bus.max_payload:
-            raise self._bus._too_large(subject, len(value))
-        revision = await self._bus._jetstream(f"write {self._bucket}/{key}", self._kv.put(key, bytes(value)), [subject])
-        return int(revision)
-
-    async def delete(self, key: str) -> None:
-        check_key(key)
-        self._bus._check_open(new_work=False)
-        subject = subjects.kv_subject(self._bucket, key)
-        await self._bus._jetstream(f"delete {self._bucket}/{key}", self._kv.delete(key), [subject])
-
-    async def watch(self, key: str, handler: KeyValueHandler) -> _NatsWatch:
-        check_key(key)
-        self._bus._check_open(new_work=True)
-        watcher = await self._bus._jetstream(
-            f"watch {self._bucket}/{key}",
-            self._kv.watch(key),
-            ["$JS.API.CONSUMER.", f"$JS.FC.{self._stream}"],
-        )
-        w = _NatsWatch(self._bus, watcher, handler, f"{self._bucket}/{key}")
-        self._bus._kv_watches.add(w)
-        return w
-
-
-class _NatsWatch:
-    """Feeds a nats-py key watcher's updates to a handler, one at a time, in order."""
-
-    def __init__(self, bus: NatsBus, watcher: _NatsKV.KeyWatcher, handler: KeyValueHandler, name: str) -> None:
-        self._bus = bus
-        self._watcher = watcher
-        self._handler = handler
-        self._name = name
-        self.worker = asyncio.get_running_loop().create_task(self._run(), name=f"nats-kv-{name}")
-
-    async def _run(self) -> None:
-        seen = False
-        async for e in self._watcher:
-            if e is None:  # nats-py's "initial values done" marker; alone, it means "no value"
-                if not seen:
-                    await self._call(None)
-                seen = True
-                continue
-            seen = True
-            if e.operation in (KV_DEL, KV_PURGE):
-                await self._call(None)
-            else:
-                await self._call(KeyValueEntry(key=e.key, value=bytes(e.value or b""), revision=int(e.revision or 0)))
-
-    async def _call(self, entry: KeyValueEntry | None) -> None:
-        try:
-            await self._handler(entry)
-        except Exception:
-            logger.exception("%s: watch handler for %s failed", self._bus.module, self._name)
-
-    async def unsubscribe(self) -> None:
-        self._bus._kv_watches.discard(self)
-        with contextlib.suppress(Exception):
-            await self._watcher.stop()  # type: ignore[no-untyped-call]
-        if self.worker is not asyncio.current_task():
-            self.worker.cancel()
-            await asyncio.gather(self.worker, return_exceptions=True)
-
-
 class NatsBus:
     """:class:`iotdlm.bus.api.Bus` over a connected nats-py client. Build it with :func:`connect`.
 
@@ -310,7 +214,7 @@ class NatsBus:
         self._watch = _Watch()
         self._subs: list[_NatsSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._kv_watches: set[_NatsWatch] = set()
+        self._kv_watches: set[NatsWatch] = set()
         self._js: JetStreamContext | None = None
         self._draining = False
         self._closed = False
@@ -499,7 +403,7 @@ class NatsBus:
 
     # --- key-value (JetStream) ----------------------------------------------------------------
 
-    async def key_value(self, bucket: str, *, create: bool = False) -> _NatsKeyValue:
+    async def key_value(self, bucket: str, *, create: bool = False) -> NatsKeyValue:
         check_bucket(bucket)
         self._check_open(new_work=False)
         if self._js is None:
@@ -521,7 +425,7 @@ class NatsBus:
             open_bucket(),
             [f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.CREATE.{stream}"],
         )
-        return _NatsKeyValue(self, kv, bucket)
+        return NatsKeyValue(self, kv, bucket)
 
     async def _jetstream(self, what: str, op: Awaitable[_T], refusable: Sequence[str]) -> _T:
         """Run a JetStream call, raising at once if the server refuses a publish it makes to a

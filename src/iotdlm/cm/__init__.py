@@ -5,10 +5,12 @@ and CRL distribution over HTTP(S); every request relayed to km over NATS as the 
 Egress: a forward proxy restricted to the repository origins sm may reach.
 """
 
+from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import CmConfig, EgressConfig, Limits
 from iotdlm.cm.egress import EgressProxy
-from iotdlm.cm.server import CaCerts, CmApp, KmRelay, server_tls_context, status_for
+from iotdlm.cm.server import CmApp, KmRelay, status_for
 from iotdlm.cm.service import CmService, CmTls, deployment_tls
+from iotdlm.cm.tls import server_tls_context
 
 __all__ = [
     "CaCerts",

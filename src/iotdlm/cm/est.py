@@ -11,8 +11,11 @@ What goes over the wire (RFC 7030 as clarified by RFC 8951):
 - responses: ``application/pkcs7-mime; smime-type=certs-only`` with the base64 of a certs-only CMS
   SignedData (RFC 5652 "degenerate" SignedData: no signers, only certificates), built by
   cryptography's ``pkcs7.serialize_certificates``; ``application/csrattrs`` with the base64 of a
-  DER ``CsrAttrs``; for ``serverkeygen`` a ``multipart/mixed`` of an ``application/pkcs8`` part
-  (the private key) and a certs-only part (RFC 7030 4.4.2).
+  DER ``CsrAttrs``; for ``serverkeygen`` a ``multipart/mixed`` of the private key part and a
+  certs-only part (RFC 7030 4.4.2). The key part is ``application/pkcs7-mime;
+  smime-type=server-generated-key``, a CMS EnvelopedData km encrypted to the device (ADR 0009: cm
+  never holds the key), or ``application/pkcs8`` where the operator chose ``est_serverkeygen =
+  "cleartext"``.
 
 Media types are compared case-insensitively without their parameters (RFC 9110 8.3.1).
 """
@@ -40,6 +43,8 @@ PKCS7_MIME = "application/pkcs7-mime"
 CERTS_ONLY = f"{PKCS7_MIME}; smime-type=certs-only"
 CSRATTRS = "application/csrattrs"
 PKCS8 = "application/pkcs8"
+#: RFC 7030 4.4.2: the key part of a serverkeygen response when the key is encrypted to the device
+SERVER_GENERATED_KEY = f"{PKCS7_MIME}; smime-type=server-generated-key"
 
 #: ASCII white space a base64 body may carry (RFC 8951 3: line breaks; we take blanks and tabs too)
 _WHITESPACE = b" \t\r\n\x0b\x0c"
@@ -172,15 +177,17 @@ def csrattrs_der(algorithm: Algorithm | None) -> bytes:
 
 
 def serverkeygen_multipart(
-    private_key_pkcs8: bytes, certs_only_der: bytes, *, boundary: str | None = None
+    key_der: bytes, certs_only_der: bytes, *, encrypted: bool, boundary: str | None = None
 ) -> tuple[str, bytes]:
-    """(Content-Type, body) of a serverkeygen response: the PKCS#8 private key part, then the
-    certs-only part, both base64. The key travels unencrypted inside TLS: the client asked for no
-    key encryption (it sent no DecryptKeyIdentifier / AsymmetricDecryptKeyIdentifier attribute,
-    which this server does not support)."""
+    """(Content-Type, body) of a serverkeygen response: the private key part, then the certs-only
+    part, both base64. ``encrypted``: ``key_der`` is km's CMS EnvelopedData, sent as
+    ``application/pkcs7-mime; smime-type=server-generated-key`` (RFC 7030 4.4.2; encrypted to the
+    key of the client certificate, not to a key the client named: this server reads no
+    DecryptKeyIdentifier / AsymmetricDecryptKeyIdentifier attribute); otherwise a PKCS#8 key in
+    the clear, ``application/pkcs8`` (est_serverkeygen = "cleartext")."""
     b = boundary or f"iotdlm-est-{secrets.token_hex(12)}"
     parts = [
-        (PKCS8, private_key_pkcs8),
+        (SERVER_GENERATED_KEY if encrypted else PKCS8, key_der),
         (CERTS_ONLY, certs_only_der),
     ]
     out = bytearray()
@@ -197,6 +204,7 @@ __all__ = [
     "PKCS7_MIME",
     "PKCS8",
     "PKCS10",
+    "SERVER_GENERATED_KEY",
     "WELL_KNOWN",
     "UnsupportedMediaTypeError",
     "certs_only",

@@ -25,9 +25,11 @@ from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.cm import est
+from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import CmConfig
 from iotdlm.cm.egress import EgressProxy
-from iotdlm.cm.server import EGRESS_MODES, CaCerts, CmApp, KmRelay, ModeCheck, TlsSite, server_tls_context
+from iotdlm.cm.server import EGRESS_MODES, CmApp, KmRelay, ModeCheck
+from iotdlm.cm.tls import TlsSite, server_tls_context
 from iotdlm.deployment import ISSUING_CAS, Deployment
 from iotdlm.pki.keys import private_key_to_pem
 

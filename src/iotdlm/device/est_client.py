@@ -46,7 +46,7 @@ from iotdlm.errors import (
     UnavailableError,
     UntrustedError,
 )
-from iotdlm.pki import est_proof
+from iotdlm.pki import cms_envelope, est_proof
 from iotdlm.pki.der import describe_der_problem
 from iotdlm.pki.keys import PrivateKey, check_public_key, load_private_key_pem
 
@@ -205,24 +205,37 @@ class EstClient:
 
     async def serverkeygen(self, csr_der: bytes) -> tuple[DevicePrivateKey, x509.Certificate]:
         """RFC 7030 4.4: the server makes the key pair (for devices that cannot). The CSR names the
-        device; its key only signs the request."""
+        device; its key only signs the request. The key comes back encrypted to the key of the
+        client certificate (``application/pkcs7-mime; smime-type=server-generated-key``, ADR 0009),
+        which this client decrypts, or, where the operator chose so, as ``application/pkcs8``."""
         proof = await self._proof_header("serverkeygen", _load_csr(csr_der))
         ctype, body = await self._request("POST", "serverkeygen", csr_der, headers=proof)
         if _media(ctype) != "multipart/mixed":
             raise BadRequestError(f"the serverkeygen response is {_media(ctype) or 'untyped'}, not multipart/mixed")
         key: DevicePrivateKey | None = None
         cert: x509.Certificate | None = None
-        for part_type, part_body in _multipart(ctype, body):
+        for part_type, smime_type, part_body in _multipart(ctype, body):
             if part_type == "application/pkcs8":
                 key = _private_key(_b64(part_body, "serverkeygen key"))
+            elif part_type == "application/pkcs7-mime" and smime_type == "server-generated-key":
+                key = _private_key(self._decrypt_key(_b64(part_body, "serverkeygen key")))
             elif part_type == "application/pkcs7-mime":
                 certs = _certs_only(part_body, "serverkeygen certificate")
                 cert = certs[0]
         if key is None or cert is None:
             raise BadRequestError("the serverkeygen response lacks the key or the certificate part")
         if _spki(cert.public_key()) != _spki(key.public_key()):
+            # also what catches an encrypted key altered on the way (AES-CBC does not authenticate)
             raise BadRequestError("the serverkeygen certificate is not for the key sent with it")
         return key, cert
+
+    def _decrypt_key(self, envelope: bytes) -> bytes:
+        """The PKCS#8 key inside the server's EnvelopedData, with the client certificate's key."""
+        if self._proof_key is None:
+            raise BadRequestError(
+                "the serverkeygen key is encrypted to a client certificate's key, and this client has none"
+            )
+        return cms_envelope.decrypt_key(envelope, self._proof_key)
 
     async def _enroll(self, operation: str, csr_der: bytes) -> x509.Certificate:
         csr = _load_csr(csr_der)
@@ -381,6 +394,15 @@ def _media(ctype: str) -> str:
     return ctype.split(";", 1)[0].strip().lower()
 
 
+def _param(ctype: str, wanted: str) -> str | None:
+    """A Content-Type parameter's value, lowercased, unquoted (None when absent)."""
+    for param in ctype.split(";")[1:]:
+        name, sep, value = param.partition("=")
+        if sep and name.strip().lower() == wanted:
+            return value.strip().strip('"').lower()
+    return None
+
+
 def _expect_type(ctype: str, wanted: str) -> None:
     if _media(ctype) != wanted:
         raise BadRequestError(f"the EST response is {_media(ctype) or 'untyped'}, not {wanted}")
@@ -428,8 +450,8 @@ def _spki(key: object) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _multipart(ctype: str, body: bytes) -> list[tuple[str, bytes]]:
-    """(media type, body) of each part of a multipart/mixed body (RFC 2046 5.1)."""
+def _multipart(ctype: str, body: bytes) -> list[tuple[str, str | None, bytes]]:
+    """(media type, smime-type parameter, body) of each part of a multipart/mixed body (RFC 2046 5.1)."""
     boundary = None
     for param in ctype.split(";")[1:]:
         name, _, value = param.partition("=")
@@ -441,7 +463,7 @@ def _multipart(ctype: str, body: bytes) -> list[tuple[str, bytes]]:
     chunks = body.split(delimiter)
     if len(chunks) < 3:
         raise BadRequestError("the multipart response has no parts")
-    out: list[tuple[str, bytes]] = []
+    out: list[tuple[str, str | None, bytes]] = []
     for chunk in chunks[1:]:
         if chunk.startswith(b"--"):
             break  # the close delimiter
@@ -450,10 +472,11 @@ def _multipart(ctype: str, body: bytes) -> list[tuple[str, bytes]]:
             head, sep, content = chunk.lstrip(b"\n").partition(b"\n\n")
         if not sep:
             raise BadRequestError("a multipart part has no header")
-        part_type = ""
+        part_type, smime_type = "", None
         for line in head.decode("ascii", "replace").splitlines():
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-type":
                 part_type = _media(value)
-        out.append((part_type, content))
+                smime_type = _param(value, "smime-type")
+        out.append((part_type, smime_type, content))
     return out

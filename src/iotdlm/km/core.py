@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-import threading
 import time
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
@@ -55,13 +54,14 @@ from iotdlm.km.ra import (
     authorize_revocation,
 )
 from iotdlm.km.registry import FactoryRegistry
+from iotdlm.km.signers import SignerCache
 from iotdlm.km.va import ROOT, Va
-from iotdlm.pki import crmf, est_proof
+from iotdlm.pki import cms_envelope, crmf, est_proof
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate, verify_issued_by
 from iotdlm.pki.csr import CsrRequest, parse_csr
 from iotdlm.pki.keys import PublicKey, generate_key
-from iotdlm.pki.names import check_id, device_id_of, device_subject, module_of
+from iotdlm.pki.names import check_id, device_id_of, device_subject
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.pki.requested import Requested, dropped
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse, Store
@@ -94,19 +94,10 @@ class KmSettings:
     #: EST requests without a proof of the device's key are accepted (ADR 0008; none by default).
     #: A request WITH a proof is checked whatever this says.
     est_proof_optional: frozenset[str] = frozenset()
-    #: EST serverkeygen sends the new private key back through cm in the clear (cm sees it): refused
-    #: unless the operator turns this on (ADR 0008)
-    serverkeygen_cleartext: bool = False
-
-
-@dataclass(frozen=True)
-class _TrustedSigner:
-    certificate: x509.Certificate
-    key: envelope.JoseKey
-    kind: str  # "module" | "device"
-    module: ModulePrincipal | None
-    device_id: str | None
-    issuer: str
+    #: EST serverkeygen: "encrypted" (the new private key goes back encrypted to the key of the
+    #: certificate the device presented, so cm relays ciphertext; ADR 0009), "off" (refused), or
+    #: "cleartext" (cm sees the key; ADR 0008)
+    serverkeygen: str = "encrypted"
 
 
 @dataclass(frozen=True)
@@ -155,92 +146,19 @@ class Km:
         #: external factory certificates registered from an x5bag (seed 003 VII-C: CA2 accepts
         #: enrollment only from the devices of an UpdateInfoList); consulted by :meth:`presented`
         self.registry = FactoryRegistry(store, clock)
-        self._trusted: dict[str, _TrustedSigner] = {}
-        self._lock = threading.Lock()
+        self._signers = SignerCache(cas, store)
         #: issuing CA name -> (monotonic time checked, revoked?): whether the operator revoked it
         #: (``ca revoke-ca``), read from the store at most every CA_STATUS_TTL seconds per worker
         self._ca_revoked: dict[str, tuple[float, bool]] = {}
         self._nonce_key: bytes | None = None
 
     # --- 1+2: authentication ------------------------------------------------------------
-    def _trust(self, leaf_der: bytes, now: dt.datetime) -> _TrustedSigner:
-        fp = hashlib.sha256(leaf_der).hexdigest()
-        cached = self._trusted.get(fp)
-        if cached is not None and cached.certificate.not_valid_after_utc >= now:
-            return cached
-        try:
-            trusted = self._check_signer(load_certificate(leaf_der), fp, now)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            # cryptography parses extensions lazily: a malformed one surfaces here
-            raise UntrustedError(
-                "request signer certificate is malformed (an extension or field cryptography cannot read)"
-            ) from exc
-        with self._lock:
-            if len(self._trusted) > 10_000:
-                self._trusted.clear()
-            first = fp not in self._trusted
-            self._trusted[fp] = trusted
-        if first:
-            # a principal's first authenticated request at this worker: the audit log's "login"
-            who = trusted.module.describe() if trusted.module is not None else f"device {trusted.device_id}"
-            self.store.append_audit(
-                [
-                    entry(
-                        now,
-                        fmt.LOGIN,
-                        who,
-                        trusted.certificate.subject.rfc4514_string()[:1000],
-                        fingerprint=fp,
-                        signer_kind=trusted.kind,
-                        issuer=trusted.issuer,
-                    )
-                ]
-            )
-        return trusted
-
-    def _check_signer(self, cert: x509.Certificate, fp: str, now: dt.datetime) -> _TrustedSigner:
-        trusted: _TrustedSigner | None = None
-        service = self.cas["service"]
-        if cert.issuer == service.certificate.subject:
-            verify_issued_by(cert, service.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
-            ident = module_of(cert)
-            if ident is None:
-                raise UntrustedError("service certificate names no iotdlm module")
-            module, dtype = ident
-            trusted = _TrustedSigner(
-                certificate=cert,
-                key=envelope.jose_key(_public_key(cert)),
-                kind="module",
-                module=ModulePrincipal(module=module, dtype=dtype, fingerprint=fp),
-                device_id=None,
-                issuer="service",
-            )
-        elif cert.issuer == self.cas["operational"].certificate.subject:
-            verify_issued_by(cert, self.cas["operational"].certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
-            device_id = device_id_of(cert)
-            if device_id is None:
-                raise UntrustedError("device certificate names no device id")
-            trusted = _TrustedSigner(
-                certificate=cert,
-                key=envelope.jose_key(_public_key(cert)),
-                kind="device",
-                module=None,
-                device_id=device_id,
-                issuer="operational",
-            )
-        if trusted is None:
-            raise UntrustedError(
-                f"request signer {cert.subject.rfc4514_string()} is not issued by this deployment's service "
-                "or operational CA"
-            )
-        return trusted
-
     def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal, NonceUse]:
         """Who signed ``token``, checked. The returned nonce is spent by the operation, in the
         transaction that acts on the request (or alone, if the request is refused)."""
         now = self.clock.now()
         alg, leaf = envelope.peek_signer(token, max_bytes=self.settings.max_request_bytes)
-        signer = self._trust(leaf, now)
+        signer = self._signers.trust(leaf, now)
         env = envelope.verify(
             token, signer.certificate, signer.key, alg=alg, op=op, aud=AUDIENCE, now=now, window=self.settings.window
         )
@@ -575,11 +493,11 @@ class Km:
                 req.operation == "serverkeygen" and cred.profile == "operational"
             )
             server_keygen = req.operation == "serverkeygen"
-            if server_keygen and not self.settings.serverkeygen_cleartext:
+            if server_keygen and self.settings.serverkeygen not in ("encrypted", "cleartext"):
                 raise NotAuthorizedError(
-                    "EST serverkeygen is off: km would send the device's new private key through cm in the "
-                    "clear (cm would see it); make the key on the device and use simpleenroll, or have the "
-                    "operator set est_serverkeygen = \"cleartext\" (docs/adr/0008-est-device-proof.md)",
+                    "EST serverkeygen is off in this deployment: make the key on the device and use "
+                    'simpleenroll, or have the operator set est_serverkeygen = "encrypted" '
+                    "(docs/adr/0009-encrypted-server-generated-keys.md)",
                     field="operation",
                     device_id=cred.device_id,
                 )
@@ -597,13 +515,20 @@ class Km:
             # cm relayed it; only the device's own key proves the device asked (ADR 0008)
             proof_nonce = self._check_est_proof(req, cred, csr.public_key, now)
             private_key: bytes | None = None
+            encrypted_key: bytes | None = None
             public_key = csr.public_key
             if server_keygen:
                 key = generate_key(self.cas["operational"].signer.algorithm)
                 public_key = key.public_key()
-                private_key = key.private_bytes(
+                pkcs8 = key.private_bytes(
                     serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
+                if self.settings.serverkeygen == "cleartext":
+                    private_key = pkcs8
+                else:
+                    # RFC 7030 4.4.2: to the key of the certificate the device presented (and proved
+                    # it holds, ADR 0008), before anything is issued; cm relays only ciphertext
+                    encrypted_key = self._encrypt_to_device(pkcs8, req.client_certificate, cred.device_id)
             parsed = _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop, requested=_csr_asked(csr))
             rec, left_out = self._sign(grant, parsed, principal, now)
             if proof_nonce is not None:
@@ -618,7 +543,18 @@ class Km:
             self._spend(nonce)
             raise
         (rec,) = self.commit([(grant, rec)], nonce=nonce)
-        return msg.EstResponse(certificate=_with_dropped(issued(rec), left_out), private_key=private_key)
+        return msg.EstResponse(
+            certificate=_with_dropped(issued(rec), left_out), private_key=private_key, encrypted_key=encrypted_key
+        )
+
+    @staticmethod
+    def _encrypt_to_device(pkcs8: bytes, client_certificate: bytes, device_id: str) -> bytes:
+        """The server-generated key in a CMS EnvelopedData to the presented credential's key (ADR 0009)."""
+        try:
+            return cms_envelope.encrypt_key(pkcs8, load_certificate(client_certificate))
+        except RejectedError as exc:  # an Ed25519 credential cannot receive an encrypted key
+            exc.device_id = exc.device_id or device_id
+            raise
 
     def revoke(self, token: bytes) -> msg.RevokeResponse:
         """Revoke a certificate, or all of a device's (optionally decommissioning it). Operator only."""

@@ -193,7 +193,7 @@ async def _provision(
     from iotdlm.modes.guard import ModeGuard
     from iotdlm.modes.signed import ModeVerifier
     from iotdlm.pm import config as pmconfig
-    from iotdlm.pm.core import Progress as RunProgress
+    from iotdlm.pm.settings import Progress as RunProgress
 
     dep = Deployment.load(data)
     cfg = pmconfig.load_config(data, dtype)
@@ -424,8 +424,8 @@ def records(data: Path, dtype: str | None, status: str | None, limit: int, offse
 @handle_errors
 def status(data: Path, dtype: str) -> None:
     """Whether pm-<dtype> is halted by an alarm, and its provisioning records per status."""
+    from iotdlm.pm.alarm import read_alarm
     from iotdlm.pm.config import open_store
-    from iotdlm.pm.core import read_alarm
 
     store = open_store(Deployment.load(data))
     try:
@@ -451,8 +451,8 @@ def status(data: Path, dtype: str) -> None:
 @handle_errors
 def clear_alarm_cmd(data: Path, dtype: str, operator: str) -> None:
     """Clear pm's alarm after investigating sm's local repository (audited); pm works again."""
+    from iotdlm.pm.alarm import clear_alarm
     from iotdlm.pm.config import open_store
-    from iotdlm.pm.core import clear_alarm
 
     store = open_store(Deployment.load(data))
     try:

@@ -26,6 +26,8 @@ from iotdlm.bus import Bus
 from iotdlm.client.km import KmClient, KmTrust
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import Clock
+from iotdlm.connections import connect_identity
+from iotdlm.connections import open_store as open_store  # pm's wiring, as the CLI and the benches call it
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, NotFoundError, UntrustedError
 from iotdlm.modes.guard import ModeGuard
@@ -33,8 +35,9 @@ from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.keys import PublicKey, check_public_key
 from iotdlm.pki.names import check_id, module_of
 from iotdlm.pki.profiles import DEVICE_PROFILES
-from iotdlm.pm.core import Anchors, PmSettings, Provisioner
 from iotdlm.pm.flasher import CommandFlasher, Flasher, SimulatedFlasher
+from iotdlm.pm.provisioner import Provisioner
+from iotdlm.pm.settings import Anchors, PmSettings
 from iotdlm.sm import config as smconfig
 from iotdlm.store import Store
 from iotdlm.wire.envelope import Sealer
@@ -212,25 +215,10 @@ def make_flasher(
     )
 
 
-def open_store(dep: Deployment) -> Store:
-    """The deployment's store (as :func:`iotdlm.runtime.open_store`, which pm may not import: it pulls in km)."""
-    return Store.open(dep.database_url, migrate=True)
-
-
 async def connect_as(dep: Deployment, name: str) -> Bus:
-    """A NATS connection as identity ``name`` (as :func:`iotdlm.runtime.connect_identity`)."""
-    from iotdlm.bus.nats import connect
-
-    ident = dep.identity(name)
-    return await connect(
-        dep.nats_url,
-        module=ident.module,
-        user=ident.nats.user,
-        password=ident.nats.password,
-        name=f"iotdlm-{name}",
-        tls=dep.client_tls(ident) if dep.config.nats.tls else None,
-        allow_plain=dep.config.nats.allow_plain,
-    )
+    """A NATS connection as identity ``name`` (:func:`iotdlm.connections.connect_identity`)."""
+    bus, _ident = await connect_identity(dep, name)
+    return bus
 
 
 async def connect_pm(dep: Deployment, dtype: str) -> Bus:

@@ -21,7 +21,7 @@ from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.pki.names import check_id
 from iotdlm.pm import messages as m
-from iotdlm.pm.core import Provisioner
+from iotdlm.pm.provisioner import Provisioner
 
 log = logging.getLogger(__name__)
 

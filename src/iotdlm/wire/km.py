@@ -109,7 +109,11 @@ class IssuedCertificate(msgspec.Struct, frozen=True, omit_defaults=True):
 
 class EstResponse(msgspec.Struct, frozen=True):
     certificate: IssuedCertificate
-    private_key: bytes | None = None  # PKCS#8 DER, serverkeygen only
+    #: serverkeygen with est_serverkeygen = "cleartext" only: the PKCS#8 DER key, which cm sees
+    private_key: bytes | None = None
+    #: serverkeygen (est_serverkeygen = "encrypted"): a CMS EnvelopedData (DER) holding the key,
+    #: encrypted to the key of the certificate the device presented (RFC 7030 4.4.2, ADR 0009)
+    encrypted_key: bytes | None = None
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):

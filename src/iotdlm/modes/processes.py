@@ -1,0 +1,391 @@
+"""The supervisor's process table: one service process (start, watch, restart with an exponential
+backoff, give up after quick crashes in a row, stop with SIGTERM, wait, SIGKILL) and the embedded
+NATS server, supervised alike. Every child gets a process group of its own and, on Linux, SIGTERM
+when the supervisor dies. :mod:`iotdlm.modes.supervisor` decides which run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import functools
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from iotdlm.bus.server import (
+    EmbeddedNatsServer,
+    find_nats_server,
+    foreign_server_message,
+    greeting_name,
+    instance_name,
+    render_config,
+)
+from iotdlm.clock import Clock
+from iotdlm.modes import messages as m
+from iotdlm.modes.table import ServiceSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    #: how long a service may drain after SIGTERM before it is killed (above the bus's own drain
+    #: timeout, 30 s, so a draining service finishes before it is killed)
+    stop_timeout: float = 45.0
+    #: first restart delay; doubles after each quick crash, up to ``backoff_max``
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: a process that ran less than this long crashed "quickly"
+    quick_crash: float = 10.0
+    #: quick crashes in a row after which the supervisor gives up on a service
+    give_up_after: int = 5
+    #: how often the embedded NATS server is checked (and restarted if it died)
+    nats_check_every: float = 1.0
+
+    def __post_init__(self) -> None:
+        if min(self.stop_timeout, self.backoff_initial, self.backoff_max, self.quick_crash, self.nats_check_every) <= 0:
+            raise ValueError("supervisor timings must be positive")
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        if self.give_up_after < 1:
+            raise ValueError("give_up_after must be at least 1")
+
+
+class RestartPolicy:
+    """Exponential backoff with a cap, and a give-up after too many quick crashes in a row. Pure."""
+
+    def __init__(self, settings: SupervisorSettings) -> None:
+        self._s = settings
+        self._next = settings.backoff_initial
+        self.quick_crashes = 0
+
+    def after_exit(self, ran_for: float) -> float | None:
+        """The delay before the next start, or ``None`` to give up."""
+        if ran_for >= self._s.quick_crash:  # it ran well for a while: start afresh
+            self.quick_crashes = 0
+            self._next = self._s.backoff_initial
+        else:
+            self.quick_crashes += 1
+            if self.quick_crashes >= self._s.give_up_after:
+                return None
+        delay = self._next
+        self._next = min(self._next * 2, self._s.backoff_max)
+        return delay
+
+
+# --- one service process --------------------------------------------------------------------------
+
+
+@functools.cache
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the supervisor dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+class ServiceProcess:
+    """Runs one service: start, watch, restart with backoff, stop (SIGTERM, wait, SIGKILL)."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        *,
+        log_dir: Path,
+        env: Mapping[str, str],
+        settings: SupervisorSettings,
+        clock: Clock,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.log_path = log_dir / f"{spec.name}.log"
+        self.state = "starting"
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._started_at: float | None = None
+        self._env = dict(env)
+        self._settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"service-{self.name}")
+
+    async def stop(self) -> None:
+        """Drain and stop the process (SIGTERM, wait up to ``stop_timeout``, SIGKILL); no restart."""
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        self.state = "off"
+
+    def health(self) -> m.ServiceHealth:
+        pid = self.pid
+        uptime = None
+        if pid is not None and self._started_at is not None:
+            uptime = round(self._monotonic() - self._started_at, 3)
+        return m.ServiceHealth(
+            name=self.name,
+            module=self.spec.module,
+            dtype=self.spec.dtype,
+            state=self.state,
+            pid=pid,
+            running=pid is not None,
+            restarts=self.restarts,
+            uptime=uptime,
+            last_exit=self.last_exit,
+            log=str(self.log_path),
+        )
+
+    def _note(self, text: str) -> None:
+        with contextlib.suppress(OSError), _open_log(self.log_path) as out:
+            out.write(f"--- {m.timestamp(self._clock.now())} iotdlm modes: {text}\n".encode())
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        self._note(f"starting {self.name}: {shlex.join(self.spec.argv)}")
+        with _open_log(self.log_path) as out:
+            return await asyncio.create_subprocess_exec(
+                *self.spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._env,
+                process_group=0,
+                preexec_fn=_die_with_parent(),
+            )
+
+    async def _run(self) -> None:
+        policy = RestartPolicy(self._settings)
+        try:
+            while not self._stop.is_set():
+                began = self._monotonic()
+                code: int | None = None
+                try:
+                    proc = await self._spawn()
+                except OSError as exc:
+                    log.error("%s: cannot start %s: %s", self.name, self.spec.argv[0], exc)
+                    self._note(f"cannot start: {exc}")
+                else:
+                    self._proc = proc
+                    self._started_at = began
+                    self.state = "running"
+                    log.info("%s: started, pid %d", self.name, proc.pid)
+                    exited = asyncio.ensure_future(proc.wait())
+                    stopping = asyncio.ensure_future(self._stop.wait())
+                    await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    stopping.cancel()
+                    if not exited.done():
+                        exited.cancel()
+                        await self._terminate(proc)
+                        return
+                    code = proc.returncode
+                if self._stop.is_set():
+                    return
+                ran = self._monotonic() - began
+                self.last_exit = code
+                delay = policy.after_exit(ran)
+                how = f"exited with status {code}" if code is not None else "could not start"
+                if delay is None:
+                    self.state = "failed"
+                    log.error(
+                        "%s %s; gave up after %d quick crashes in a row (see %s); `iotdlm mode set` re-arms it",
+                        self.name,
+                        how,
+                        policy.quick_crashes,
+                        self.log_path,
+                    )
+                    self._note(f"{how}; gave up after {policy.quick_crashes} quick crashes in a row")
+                    return
+                self.state = "backoff"
+                log.warning("%s %s after %.1f s; restarting in %.2f s", self.name, how, ran, delay)
+                self._note(f"{how} after {ran:.1f} s; restarting in {delay:.2f} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    return
+                self.restarts += 1
+        finally:
+            if self._stop.is_set():
+                self.state = "off"
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        self.state = "stopping"
+        if proc.returncode is None:
+            log.info(
+                "%s: SIGTERM to pid %d, waiting up to %g s for it to drain",
+                self.name,
+                proc.pid,
+                self._settings.stop_timeout,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self._settings.stop_timeout)
+            except TimeoutError:
+                log.warning(
+                    "%s did not stop within %g s of SIGTERM; killing it", self.name, self._settings.stop_timeout
+                )
+                self._note(f"did not stop within {self._settings.stop_timeout:g} s of SIGTERM; SIGKILL")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own group: helpers it started go too
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.last_exit = proc.returncode
+        self._note(f"stopped (status {proc.returncode})")
+        log.info("%s: stopped (status %s)", self.name, proc.returncode)
+
+
+# --- the embedded NATS server, supervised like a service -----------------------------------------
+
+
+class NatsProcess:
+    """The deployment's embedded nats-server (configured by :func:`iotdlm.runtime.nats_server`),
+    run with the same protections as the services: a process group of its own, so a Ctrl-C in the
+    terminal does not take NATS down while the services still drain through it, and SIGTERM when
+    the supervisor dies. (``EmbeddedNatsServer.start`` offers neither.)"""
+
+    def __init__(self, server: EmbeddedNatsServer, *, stop_timeout: float = 10.0) -> None:
+        self.server = server
+        self._stop_timeout = stop_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    async def start(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Write the configuration, spawn the server, return once it greets clients on its port."""
+        if self.running:
+            raise RuntimeError("nats-server is already running")
+        # a fresh name per start: the server on the port must greet with it before the supervisor
+        # connects (with the modes user's password) -- another server there gets no credentials
+        name = instance_name()
+        cfg = self.server.config
+        text = render_config(dataclasses.replace(cfg, server_name=name))
+        if cfg.jetstream_dir is not None:
+            cfg.jetstream_dir.mkdir(parents=True, exist_ok=True)
+        path = self.server.config_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        with _open_log(self.log_path) as out:
+            proc = await asyncio.create_subprocess_exec(
+                find_nats_server(),
+                "-c",
+                str(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                process_group=0,
+                preexec_fn=_die_with_parent(),
+            )
+        self._proc = proc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        foreign = False
+        while True:
+            greeting = await _greeting(cfg.host, cfg.port)
+            if greeting is not None and greeting_name(greeting) == name:
+                return
+            foreign = foreign or greeting is not None
+            if proc.returncode is not None:
+                self._proc = None
+                if foreign:
+                    raise RuntimeError(foreign_server_message(cfg.host, cfg.port, self.server.stderr_tail()))
+                raise RuntimeError(
+                    f"nats-server exited with status {proc.returncode} at start (config {path}); "
+                    f"its output:\n{self.server.stderr_tail()}"
+                )
+            if loop.time() > deadline:
+                await self.stop()
+                raise RuntimeError(f"nats-server did not accept connections on port {cfg.port} within {timeout:g} s")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL. Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self._stop_timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def _greeting(host: str, port: int) -> bytes | None:
+    """The first line a server on (host, port) sends -- a NATS server greets every client with
+    ``INFO {...}`` -- or ``None`` if nothing answers. Nothing is sent to it."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        line = await asyncio.wait_for(reader.readline(), 0.5)
+    except (OSError, TimeoutError, ValueError):
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return line or None

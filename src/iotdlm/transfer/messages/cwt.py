@@ -1,0 +1,344 @@
+"""The CWTs of the trust transfer (seed 003, Listing 2; Fig. 4): the registered claims every one
+carries, the TransferMessage (SP2 -> SP1) and its per-device copy (SP1 -> device), the confirmation
+(SP2 -> SP1). The claim keys and COSE ``typ`` values are tabled in :mod:`iotdlm.transfer.messages`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+
+from iotdlm.errors import BadRequestError, RejectedError, ReplayError, UntrustedError
+from iotdlm.transfer import cose
+from iotdlm.transfer.messages.primitives import (
+    AUD,
+    CTI,
+    DEFAULT_SKEW,
+    ENROLL_URI,
+    ENROLLED,
+    EXP,
+    FALLBACK_URI,
+    IAT,
+    ISS,
+    MAX_ANCHORS,
+    MAX_CONFIRMATION_BYTES,
+    MAX_CWT_BYTES,
+    MAX_DEVICES,
+    NBF,
+    RA_URI,
+    RESET_NOT_AFTER,
+    RESET_NOT_BEFORE,
+    STANDARD_CLAIMS,
+    TRANSFER_REF,
+    TRUST_ANCHORS,
+    TYP_CONFIRMATION,
+    TYP_DEVICE_TRANSFER,
+    TYP_TRANSFER_MESSAGE,
+    UPDATE_URI,
+    epoch,
+    hash32,
+    numeric_date,
+    tag_time,
+    text_value,
+    time_value,
+    uri_value,
+    x5bag_from_obj,
+    x5bag_obj,
+)
+from iotdlm.transfer.trust import cert_der, check_pinned, parse_certificates, public_key
+
+_TRANSFER = frozenset(
+    {RESET_NOT_BEFORE, RESET_NOT_AFTER, RA_URI, UPDATE_URI, ENROLL_URI, FALLBACK_URI, TRUST_ANCHORS, TRANSFER_REF}
+)
+_CONFIRMATION = frozenset({TRANSFER_REF, ENROLLED})
+
+
+@dataclass(frozen=True)
+class CwtHeader:
+    """The registered claims every transfer CWT carries."""
+
+    issuer: str
+    audience: str
+    cti: bytes
+    issued_at: dt.datetime
+    not_before: dt.datetime
+    expires: dt.datetime
+
+    def to_claims(self) -> dict[int, Any]:
+        return {
+            ISS: self.issuer,
+            AUD: self.audience,
+            CTI: self.cti,
+            IAT: epoch(self.issued_at),
+            NBF: epoch(self.not_before),
+            EXP: epoch(self.expires),
+        }
+
+    @classmethod
+    def from_claims(cls, c: Mapping[int, Any]) -> CwtHeader:
+        for key, name in ((ISS, "iss"), (AUD, "aud"), (CTI, "cti"), (IAT, "iat"), (NBF, "nbf"), (EXP, "exp")):
+            if key not in c:
+                raise BadRequestError(f"the CWT has no {name} claim", field=name)
+        cti = c[CTI]
+        if not isinstance(cti, bytes) or not 16 <= len(cti) <= 64:
+            raise BadRequestError("cti must be 16 to 64 random bytes", field="cti")
+        header = cls(
+            issuer=text_value(c[ISS], "iss"),
+            audience=text_value(c[AUD], "aud"),
+            cti=cti,
+            issued_at=numeric_date(c[IAT], "iat"),
+            not_before=numeric_date(c[NBF], "nbf"),
+            expires=numeric_date(c[EXP], "exp"),
+        )
+        if header.expires <= header.not_before:
+            raise BadRequestError("exp is not after nbf", field="exp")
+        return header
+
+    def check_time(self, now: dt.datetime, skew: dt.timedelta = DEFAULT_SKEW) -> None:
+        """FR2 (freshness): refuse a CWT that is expired, not yet valid or issued in the future."""
+        if now - skew > self.expires:
+            raise ReplayError(f"the message expired at {self.expires.isoformat()}", field="exp")
+        if now + skew < self.not_before:
+            raise ReplayError(f"the message is not valid before {self.not_before.isoformat()}", field="nbf")
+        if now + skew < self.issued_at:
+            raise ReplayError(f"the message is issued in the future ({self.issued_at.isoformat()})", field="iat")
+
+
+@dataclass(frozen=True)
+class TransferClaims:
+    """The paper's TransferMessage fields (Listing 2), plus the trust-anchor extension."""
+
+    reset_not_before: dt.datetime
+    reset_not_after: dt.datetime
+    ra_uri: str | None
+    update_uri: str
+    update_first: bool
+    enroll_uri: str
+    fallback_uri: str
+    trust_anchors: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.reset_not_after <= self.reset_not_before:
+            raise ValueError("ResetTimeNotAfter must be after ResetTimeNotBefore")
+        if self.update_first and not self.update_uri:
+            raise ValueError("update-first needs an update URI")
+        if len(self.trust_anchors) > MAX_ANCHORS:
+            raise ValueError(f"at most {MAX_ANCHORS} trust anchors")
+
+    def to_claims(self) -> dict[int, Any]:
+        out: dict[int, Any] = {
+            RESET_NOT_BEFORE: tag_time(self.reset_not_before),
+            RESET_NOT_AFTER: tag_time(self.reset_not_after),
+            RA_URI: self.ra_uri.encode() if self.ra_uri else None,
+            UPDATE_URI: [self.update_uri.encode(), self.update_first],
+            ENROLL_URI: self.enroll_uri.encode(),
+            FALLBACK_URI: self.fallback_uri.encode(),
+        }
+        if self.trust_anchors:
+            out[TRUST_ANCHORS] = x5bag_obj(self.trust_anchors)
+        return out
+
+    @classmethod
+    def from_claims(cls, c: Mapping[int, Any]) -> TransferClaims:
+        for key, name in (
+            (RESET_NOT_BEFORE, "ResetTimeNotBefore"),
+            (RESET_NOT_AFTER, "ResetTimeNotAfter"),
+            (RA_URI, "raURI"),
+            (UPDATE_URI, "updateURI"),
+            (ENROLL_URI, "enrollURI"),
+            (FALLBACK_URI, "fallbackURI"),
+        ):
+            if key not in c:
+                raise BadRequestError(f"the TransferMessage has no {name} claim", field=name)
+        update = c[UPDATE_URI]
+        if not isinstance(update, list) or len(update) != 2 or not isinstance(update[1], bool):
+            raise BadRequestError("updateURI must be [bstr, bool]", field="updateURI")
+        anchors: tuple[bytes, ...] = ()
+        if TRUST_ANCHORS in c:
+            anchors = x5bag_from_obj(c[TRUST_ANCHORS], what="trustAnchors", max_certs=MAX_ANCHORS)
+            parse_certificates(anchors, what="trust anchor")
+        ra = c[RA_URI]
+        try:
+            return cls(
+                reset_not_before=time_value(c[RESET_NOT_BEFORE], "ResetTimeNotBefore"),
+                reset_not_after=time_value(c[RESET_NOT_AFTER], "ResetTimeNotAfter"),
+                ra_uri=None if ra is None else uri_value(ra, "raURI"),
+                update_uri=uri_value(update[0], "updateURI", empty_ok=True),
+                update_first=update[1],
+                enroll_uri=uri_value(c[ENROLL_URI], "enrollURI"),
+                fallback_uri=uri_value(c[FALLBACK_URI], "fallbackURI"),
+                trust_anchors=anchors,
+            )
+        except ValueError as exc:
+            raise BadRequestError(f"the TransferMessage is inconsistent: {exc}") from exc
+
+
+def _claims(payload: bytes, *, what: str, allowed: frozenset[int], max_bytes: int = MAX_CWT_BYTES) -> dict[int, Any]:
+    obj = cose.loads(payload, what=f"{what} claims", max_bytes=max_bytes)
+    if not isinstance(obj, dict) or not all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+        raise BadRequestError(f"the {what} claims must be a map with integer keys")
+    unknown = sorted(set(obj) - allowed - STANDARD_CLAIMS)
+    if unknown:
+        raise BadRequestError(f"the {what} carries claims that are not agreed: {unknown}")
+    return dict(obj)
+
+
+def _transfer_ref(c: Mapping[int, Any]) -> bytes:
+    if TRANSFER_REF not in c:
+        raise BadRequestError("the message has no transferRef claim", field="transferRef")
+    return hash32(c[TRANSFER_REF], "transferRef")
+
+
+def _parse(token: bytes, *, what: str, typ: str) -> cose.Sign1:
+    limit = MAX_CONFIRMATION_BYTES if typ == TYP_CONFIRMATION else MAX_CWT_BYTES
+    msg = cose.parse_sign1(token, what=what, max_bytes=limit)
+    if msg.typ != typ:
+        raise BadRequestError(f"the {what} has COSE typ {msg.typ!r}, not {typ!r}", field="typ")
+    return msg
+
+
+def _verified_payload(token: bytes, *, what: str, typ: str, pinned: x509.Certificate, now: dt.datetime) -> bytes:
+    """The payload of a CWT from SP2, once its typ, its x5t (the agreed, pinned certificate) and
+    its signature are checked; nothing of the payload is trusted before."""
+    msg = _parse(token, what=what, typ=typ)
+    if msg.x5t() != cose.thumbprint(cert_der(pinned)):
+        raise UntrustedError(f"the {what} does not name the agreed certificate of the new provider (x5t)")
+    check_pinned(cert_der(pinned), pinned, now=now, what=f"the {what}")
+    cose.verify_sign1(msg, public_key(pinned), what=f"the {what}")
+    return msg.payload
+
+
+def _check_audience_and_time(
+    header: CwtHeader, *, what: str, audience: str, now: dt.datetime, skew: dt.timedelta
+) -> None:
+    if header.audience != audience:
+        raise UntrustedError(f"the {what} is for {header.audience!r}, not {audience!r}", field="aud")
+    header.check_time(now, skew)
+
+
+@dataclass(frozen=True)
+class TransferMessage:
+    """SP2's TransferMessage (Listing 2) as a CWT, or one device's copy of it made by SP1."""
+
+    header: CwtHeader
+    transfer_ref: bytes
+    claims: TransferClaims
+
+    def payload(self) -> bytes:
+        return cose.dumps({**self.header.to_claims(), TRANSFER_REF: self.transfer_ref, **self.claims.to_claims()})
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, what: str) -> TransferMessage:
+        c = _claims(payload, what=what, allowed=_TRANSFER)
+        return cls(header=CwtHeader.from_claims(c), transfer_ref=_transfer_ref(c), claims=TransferClaims.from_claims(c))
+
+
+def sign_transfer_message(tm: TransferMessage, signer: cose.CoseSigner) -> bytes:
+    return signer.sign(tm.payload(), typ=TYP_TRANSFER_MESSAGE)
+
+
+def open_transfer_message(
+    token: bytes, *, pinned: x509.Certificate, audience: str, now: dt.datetime, skew: dt.timedelta = DEFAULT_SKEW
+) -> TransferMessage:
+    """SP1's check of SP2's TransferMessage: the agreed (pinned) SP2 certificate, signature, typ,
+    claims, audience (SP1) and time. The cti is the caller's to check against those seen."""
+    payload = _verified_payload(token, what="TransferMessage", typ=TYP_TRANSFER_MESSAGE, pinned=pinned, now=now)
+    tm = TransferMessage.from_payload(payload, what="TransferMessage")
+    _check_audience_and_time(tm.header, what="TransferMessage", audience=audience, now=now, skew=skew)
+    return tm
+
+
+def sign_device_message(tm: TransferMessage, signer: cose.CoseSigner) -> bytes:
+    return signer.sign(tm.payload(), typ=TYP_DEVICE_TRANSFER)
+
+
+@dataclass(frozen=True)
+class OpenedDeviceMessage:
+    message: TransferMessage
+    signer: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+
+
+def peek_device_message(token: bytes) -> tuple[cose.Sign1, list[x509.Certificate]]:
+    """Bounded parse of a device transfer message and its x5chain (nothing verified yet)."""
+    msg = _parse(token, what="transfer message", typ=TYP_DEVICE_TRANSFER)
+    chain = parse_certificates(msg.x5chain(), what="x5chain certificate")
+    if not chain:
+        raise BadRequestError("the transfer message carries no x5chain: the device cannot tell who signed it")
+    return msg, chain
+
+
+# --- confirmation (SP2 -> SP1) ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Enrolled:
+    device_id: str
+    certificate_sha256: bytes
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    header: CwtHeader
+    transfer_ref: bytes
+    enrolled: tuple[Enrolled, ...] = field(default=())
+
+    def payload(self) -> bytes:
+        return cose.dumps(
+            {
+                **self.header.to_claims(),
+                TRANSFER_REF: self.transfer_ref,
+                ENROLLED: [[e.device_id, e.certificate_sha256] for e in self.enrolled],
+            }
+        )
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> Confirmation:
+        c = _claims(payload, what="confirmation", allowed=_CONFIRMATION, max_bytes=MAX_CONFIRMATION_BYTES)
+        items = c.get(ENROLLED)
+        if not isinstance(items, list) or not items or len(items) > MAX_DEVICES:
+            raise BadRequestError(f"enrolled must list 1 to {MAX_DEVICES} devices", field="enrolled")
+        enrolled: list[Enrolled] = []
+        seen: set[str] = set()
+        for item in items:
+            if not isinstance(item, list) or len(item) != 2:
+                raise BadRequestError("each enrolled device is [device-id, certificate-sha256]", field="enrolled")
+            device_id = text_value(item[0], "device id")
+            if device_id in seen:
+                raise BadRequestError(f"device {device_id} is confirmed twice", device_id=device_id)
+            seen.add(device_id)
+            enrolled.append(Enrolled(device_id, hash32(item[1], "certificate-sha256")))
+        return cls(header=CwtHeader.from_claims(c), transfer_ref=_transfer_ref(c), enrolled=tuple(enrolled))
+
+
+def sign_confirmation(confirmation: Confirmation, signer: cose.CoseSigner) -> bytes:
+    return signer.sign(confirmation.payload(), typ=TYP_CONFIRMATION)
+
+
+def open_confirmation(
+    token: bytes, *, pinned: x509.Certificate, audience: str, now: dt.datetime, skew: dt.timedelta = DEFAULT_SKEW
+) -> Confirmation:
+    payload = _verified_payload(token, what="confirmation", typ=TYP_CONFIRMATION, pinned=pinned, now=now)
+    conf = Confirmation.from_payload(payload)
+    _check_audience_and_time(conf.header, what="confirmation", audience=audience, now=now, skew=skew)
+    return conf
+
+
+def peek_transfer_ref(token: bytes, *, typ: str) -> bytes:
+    """The transferRef a TransferMessage or confirmation claims, NOT verified: which transfer's
+    state (and pinned peer) to verify it with."""
+    what = "TransferMessage" if typ == TYP_TRANSFER_MESSAGE else "message"
+    msg = _parse(token, what=what, typ=typ)
+    obj = cose.loads(msg.payload, what=f"{what} claims", max_bytes=len(msg.payload))
+    if not isinstance(obj, dict):
+        raise BadRequestError(f"the {what} claims must be a map")
+    return _transfer_ref(obj)
+
+
+def rejected_summary(exc: RejectedError) -> dict[str, str]:
+    """What goes into an audit record or a device log about a refused message."""
+    out = {"code": exc.code, "message": exc.message[:500]}
+    if exc.field:
+        out["field"] = exc.field
+    return out
