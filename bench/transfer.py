@@ -61,7 +61,7 @@ from iotdlm.transfer import status as st
 from iotdlm.transfer.agent import DeviceAgent, DirectDelivery, LocalAttestation, LocalFallback, RelayEnroller
 from iotdlm.transfer.attestation import measure
 from iotdlm.transfer.identity import TransferIdentity, TransferSettings, create_identity, load_identity
-from iotdlm.transfer.service import LocalRevoker, Sp1Service, Sp2Service, Sp2Verifier
+from iotdlm.transfer.shell import LocalRevoker, Sp1Service, Sp2Service, Sp2Verifier
 from iotdlm.wire import km as msg
 
 PW = b"bench"

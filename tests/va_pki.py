@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 from iotdlm.clock import FixedClock
-from iotdlm.km.records import record_for
+from iotdlm.km.cert_views import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki.keys import Algorithm, KeySigner, generate_key

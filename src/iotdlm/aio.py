@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +39,20 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]], *, within: floa
     if pending:
         log.warning("%d of the %s did not stop within %g s", len(pending), what, within)
     return len(pending)
+
+
+class _Unsubscribable(Protocol):
+    async def unsubscribe(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Unsubscribable)
+
+
+async def stop_serving(tasks: list[asyncio.Task[None]], subs: list[_S], *, what: str) -> None:
+    """Stop a bus service: cancel its background ``tasks`` (:func:`cancel_and_wait`), then drop its
+    subscriptions; both lists are left empty, so a service may be started again."""
+    await cancel_and_wait(tasks, what=what)
+    tasks.clear()
+    for sub in subs:
+        await sub.unsubscribe()
+    subs.clear()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.errors import BadRequestError, NotFoundError
+from iotdlm.files import atomic_write
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki.chain import certs_to_pem, load_certificates_pem
 from iotdlm.pki.keys import PrivateKey, generate_key, load_private_key_pem, private_key_to_pem
@@ -153,11 +153,7 @@ def write_pair(root: Path, chain_pem: bytes, key_pem: bytes) -> None:
     for rel, data, mode in ((HTTPS_KEY, key_pem, 0o600), (HTTPS_CERT, chain_pem, 0o644)):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, data, mode=mode)
 
 
 def load_server_pair(

@@ -19,7 +19,7 @@ from iotdlm.connections import open_store as open_store
 from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.audit import Anchored, read_stream_heads
-from iotdlm.km.records import record_for
+from iotdlm.km.cert_views import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate

@@ -29,8 +29,9 @@ from tuf.ngclient import Updater  # type: ignore[attr-defined]  # re-exported, n
 
 from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.pki.keys import private_key_to_pem
-from iotdlm.repository import REPORT_AUD, REPORT_OP, PublishedTarget, VendorRepository, report_body
+from iotdlm.repository import PublishedTarget, VendorRepository, report_body
 from iotdlm.repository.server import RepositoryServer
+from iotdlm.wire.report import OP_REPORT, REPORT_AUDIENCE
 from tests.helpers import NOW, make_pki, pem
 
 PKI = make_pki()
@@ -213,7 +214,7 @@ async def test_health(server: RepositoryServer) -> None:
 
 
 def _token(target: PublishedTarget, nonce: str | None = None) -> bytes:
-    return SM.sealer.seal(REPORT_OP, report_body(target, verified_at=NOW), aud=REPORT_AUD, now=NOW, nonce=nonce)
+    return SM.sealer.seal(OP_REPORT, report_body(target, verified_at=NOW), aud=REPORT_AUDIENCE, now=NOW, nonce=nonce)
 
 
 async def test_reports_over_http(server: RepositoryServer, repo: VendorRepository) -> None:
@@ -232,7 +233,7 @@ async def test_reports_over_http(server: RepositoryServer, repo: VendorRepositor
             assert resp.status == 400
             assert (await resp.json())["code"] == "bad_request"
         other = make_pki().module("sm")
-        forged = other.sealer.seal(REPORT_OP, report_body(target, verified_at=NOW), aud=REPORT_AUD, now=NOW)
+        forged = other.sealer.seal(OP_REPORT, report_body(target, verified_at=NOW), aud=REPORT_AUDIENCE, now=NOW)
         async with http.post(server.url + "/reports", data=forged, headers=headers) as resp:
             assert resp.status == 403
             assert (await resp.json())["code"] == "untrusted"

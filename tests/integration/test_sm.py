@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 from securesystemslib.signer import CryptoSigner
 from tuf.api._payload import Targets
 
+from iotdlm import software
 from iotdlm.bus import subjects as s
 from iotdlm.cli.sm import sm as sm_cli
 from iotdlm.client.sm import SmClient
@@ -34,7 +35,6 @@ from iotdlm.repository.server import RepositoryServer
 from iotdlm.sm import HttpFetcher, NoEgressFetcher, SoftwareManager
 from iotdlm.sm.fetcher import EGRESS_CLOSED
 from iotdlm.sm.service import SmService
-from iotdlm.wire import software as sw
 from tests.fixtures_nats import NatsBusFactory
 from tests.helpers import make_pki, pem
 from tests.unit.test_software_check import add_target, forge_role
@@ -106,8 +106,8 @@ async def test_newer_release_is_found_verified_stored_and_reported(served: Serve
     folder = served.tmp / "sm" / DTYPE / "3"
     assert (folder / "image").read_bytes() == data
     assert {p.name for p in folder.iterdir()} == {"image", "meta.enc", "sig_sm", "info.json"}
-    meta = sw.decrypt_meta((folder / "meta.enc").read_bytes(), KEY, DTYPE, 3)
-    out = sw.verify_software(
+    meta = software.decrypt_meta((folder / "meta.enc").read_bytes(), KEY, DTYPE, 3)
+    out = software.verify_software(
         folder / "image", meta, (folder / "sig_sm").read_bytes(), SM.key.public_key(), served.repo.trusted_root(),
         dtype=DTYPE,
     )  # fmt: skip
@@ -274,13 +274,13 @@ async def test_local_repository_alterations_are_named_by_algorithm_1(served: Ser
         (folder / "sig_sm").read_bytes(),
     )
     root, pk = served.repo.trusted_root(), SM.key.public_key()
-    meta = sw.decrypt_meta(enc, KEY, DTYPE, 3)
+    meta = software.decrypt_meta(enc, KEY, DTYPE, 3)
 
     bad_image = bytearray(image)
     bad_image[12345] ^= 0x80
     (folder / "image").write_bytes(bytes(bad_image))
     with pytest.raises(BadSignatureError) as info:
-        sw.verify_software(folder / "image", meta, sig, pk, root, dtype=DTYPE)
+        software.verify_software(folder / "image", meta, sig, pk, root, dtype=DTYPE)
     assert info.value.field == "sig_sm"
     assert "the image was altered" in info.value.message
     (folder / "image").write_bytes(image)
@@ -288,15 +288,15 @@ async def test_local_repository_alterations_are_named_by_algorithm_1(served: Ser
     bad_enc = bytearray(enc)
     bad_enc[40] ^= 1
     with pytest.raises(BadSignatureError) as info:
-        sw.decrypt_meta(bytes(bad_enc), KEY, DTYPE, 3)
+        software.decrypt_meta(bytes(bad_enc), KEY, DTYPE, 3)
     assert info.value.field == "meta_enc"
 
     bad_sig = bytearray(sig)
     bad_sig[10] ^= 1
     with pytest.raises(BadSignatureError) as info:
-        sw.verify_software(folder / "image", meta, bytes(bad_sig), pk, root, dtype=DTYPE)
+        software.verify_software(folder / "image", meta, bytes(bad_sig), pk, root, dtype=DTYPE)
     assert info.value.field == "sig_sm"
-    assert sw.verify_software(folder / "image", meta, sig, pk, root, dtype=DTYPE).release_counter == 3
+    assert software.verify_software(folder / "image", meta, sig, pk, root, dtype=DTYPE).release_counter == 3
 
 
 # --- HttpFetcher: TLS and its own length cap --------------------------------------------------------------
@@ -447,8 +447,8 @@ async def test_list_and_load_over_nats(served: Served, nats_bus_factory: NatsBus
         pm = SmClient(await nats_bus_factory("pm"))
         (v,) = await pm.list(DTYPE)
         loaded = await pm.load(DTYPE, 3)
-        meta = sw.decrypt_meta(loaded.meta_enc, KEY, DTYPE, 3)
-        out = sw.verify_software(
+        meta = software.decrypt_meta(loaded.meta_enc, KEY, DTYPE, 3)
+        out = software.verify_software(
             Path(loaded.image_path), meta, loaded.sig_sm, SM.key.public_key(), served.repo.trusted_root(), dtype=DTYPE
         )
         assert out.sha256 == v.sha256

@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from iotdlm import errors
+from iotdlm import errors, software
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.bus.api import AppendOnlyStream, EventHandler, KeyValue, RequestHandler
@@ -60,7 +60,6 @@ from iotdlm.sm import HttpFetcher
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.service import SmService
 from iotdlm.store import Store
-from iotdlm.wire import software as sw
 from iotdlm.wire.envelope import Sealer
 from tests.helpers import pem
 from tests.unit.test_pm_core import chains_to_its_truststore, nothing_flashed
@@ -338,20 +337,20 @@ def _role_rewritten_by_a_compromised_sm(folder: Path, site: Site) -> None:
     of the target, to match an image of its own), re-encrypts and re-signs (paper 5.2.3)."""
     counter = int(folder.name)
     key = smconfig.load_meta_key(site.data)
-    meta = sw.decrypt_meta((folder / "meta.enc").read_bytes(), key, DTYPE, counter)
-    bundle = sw.decode_bundle(meta)
+    meta = software.decrypt_meta((folder / "meta.enc").read_bytes(), key, DTYPE, counter)
+    bundle = software.decode_bundle(meta)
     role = json.loads(bundle.role)
     evil = os.urandom(IMAGE_BYTES)
     target = role["signed"]["targets"][bundle.target_path]
     target["hashes"] = {"sha256": hashlib.sha256(evil).hexdigest()}
-    forged = sw.encode_bundle(
+    forged = software.encode_bundle(
         dtype=DTYPE, target_path=bundle.target_path, roots=bundle.roots, targets=bundle.targets,
         role=json.dumps(role).encode(),
     )  # fmt: skip
     (folder / "image").write_bytes(evil)
-    (folder / "meta.enc").write_bytes(sw.encrypt_meta(forged, key, DTYPE, counter))
+    (folder / "meta.enc").write_bytes(software.encrypt_meta(forged, key, DTYPE, counter))
     sk_sm = load_private_key_pem((site.data / "modules" / "sm" / "key.pem").read_bytes(), None)
-    (folder / "sig_sm").write_bytes(sw.compute_sig_sm(sk_sm, forged, folder / "image"))
+    (folder / "sig_sm").write_bytes(software.compute_sig_sm(sk_sm, forged, folder / "image"))
 
 
 def _invoke(*args: str) -> Result:

@@ -57,7 +57,7 @@ from iotdlm.transfer.agent import (
 )
 from iotdlm.transfer.attestation import measure
 from iotdlm.transfer.identity import TransferIdentity, TransferSettings, create_identity
-from iotdlm.transfer.service import (
+from iotdlm.transfer.shell import (
     LocalRevoker,
     Sp1Service,
     Sp2Service,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from iotdlm.aio import cancel_and_wait
+from iotdlm.aio import cancel_and_wait, stop_serving
 
 
 async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:
@@ -54,3 +54,28 @@ async def test_failed_and_finished_tasks_are_fine() -> None:
     finished = asyncio.create_task(asyncio.sleep(0))
     await asyncio.sleep(0.01)
     assert await cancel_and_wait([failed, finished]) == 0
+
+
+async def test_stop_serving_cancels_tasks_then_unsubscribes_and_empties_both() -> None:
+    order: list[str] = []
+
+    class Sub:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def unsubscribe(self) -> None:
+            order.append(f"unsubscribe {self.name}")
+
+    async def worker() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            order.append("task stopped")
+
+    tasks = [asyncio.create_task(worker())]
+    subs = [Sub("a"), Sub("b")]
+    await asyncio.sleep(0)
+    await stop_serving(tasks, subs, what="test tasks")
+    assert order == ["task stopped", "unsubscribe a", "unsubscribe b"]
+    assert tasks == []
+    assert subs == []

@@ -23,8 +23,8 @@ from iotdlm.clock import FixedClock
 from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import Limits
+from iotdlm.cm.http_cache import MAX_AGE_CAP, crl_cache_headers, freshness_headers, ocsp_cache_headers, parse_crl_path
 from iotdlm.cm.server import ClientCertificateRequiredError, CmApp, RequestTimeoutError, status_for
-from iotdlm.cm.va import MAX_AGE_CAP, crl_cache_headers, freshness_headers, ocsp_cache_headers, parse_crl_path
 from iotdlm.errors import (
     BadRequestError,
     BadSignatureError,

@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509 import verification
 
-from iotdlm import errors
+from iotdlm import errors, software
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Message
 from iotdlm.bus.memory import MemoryBus, MemoryHub
@@ -85,8 +85,8 @@ class LocalRepo:
             os.chmod(self.image, 0o644)
             self.image.write_bytes(image)
         meta = meta if meta is not None else self.meta
-        self.meta_enc.write_bytes(sw.encrypt_meta(meta, META_KEY, DTYPE, RELEASE))
-        self.sig_sm.write_bytes(sw.compute_sig_sm(SM.key, meta, self.image))
+        self.meta_enc.write_bytes(software.encrypt_meta(meta, META_KEY, DTYPE, RELEASE))
+        self.sig_sm.write_bytes(software.compute_sig_sm(SM.key, meta, self.image))
 
     def sha256(self) -> str:
         import hashlib
@@ -424,11 +424,11 @@ def _tamper_image(local: LocalRepo) -> None:
 def _compromised_sm_rewrites_role(local: LocalRepo) -> None:
     """sm (compromised) changes the repository's role and re-signs meta || sw with sk_sm: sig_sm is
     valid, the repository's signature is not (paper 5.2.3)."""
-    bundle = sw.decode_bundle(local.meta)
+    bundle = software.decode_bundle(local.meta)
     role = json.loads(bundle.role)
     target = role["signed"]["targets"][f"{DTYPE}/fw.bin"]
     target["custom"]["release_counter"] = 99
-    forged = sw.encode_bundle(
+    forged = software.encode_bundle(
         dtype=DTYPE,
         target_path=bundle.target_path,
         roots=bundle.roots,

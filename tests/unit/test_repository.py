@@ -44,8 +44,9 @@ from iotdlm.errors import (
 from iotdlm.pki.ca import ca_name
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.profiles import DEFAULT_PROFILES
-from iotdlm.repository import REPORT_AUD, REPORT_OP, PublishedTarget, VendorRepository, report_body
+from iotdlm.repository import PublishedTarget, VendorRepository, report_body
 from iotdlm.wire.envelope import Sealer
+from iotdlm.wire.report import OP_REPORT, REPORT_AUDIENCE
 from tests.helpers import NOW, ORG, Identity, Pki, make_pki, pem
 
 PKI = make_pki()
@@ -422,8 +423,8 @@ def _seal(
     *,
     who: Identity = SM,
     now: dt.datetime = NOW,
-    op: str = REPORT_OP,
-    aud: str = REPORT_AUD,
+    op: str = OP_REPORT,
+    aud: str = REPORT_AUDIENCE,
     nonce: str | None = None,
     change: Callable[[dict[str, Any]], None] | None = None,
 ) -> bytes:
@@ -568,7 +569,7 @@ def test_report_with_a_bad_body(
 
 
 @pytest.mark.parametrize(
-    ("op", "aud"), [("km.issue", REPORT_AUD), (REPORT_OP, "km")], ids=["wrong-op", "wrong-audience"]
+    ("op", "aud"), [("km.issue", REPORT_AUDIENCE), (OP_REPORT, "km")], ids=["wrong-op", "wrong-audience"]
 )
 def test_report_for_another_operation_or_receiver(
     repo: VendorRepository, published: PublishedTarget, op: str, aud: str

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from tuf.api._payload import Targets
 
+from iotdlm import software
 from iotdlm.bus import Message
 from iotdlm.bus import subjects as s
 from iotdlm.bus.memory import MemoryHub
@@ -70,8 +71,8 @@ async def test_first_check_then_pm_lists_and_loads(
     assert (v.dtype, v.release_counter, v.target_path) == (DTYPE, 3, f"{DTYPE}/fw.bin")
     loaded = await pm.load(DTYPE)
     assert loaded.release_counter == 3
-    meta = sw.decrypt_meta(loaded.meta_enc, KEY, DTYPE, 3)
-    out = sw.verify_software(
+    meta = software.decrypt_meta(loaded.meta_enc, KEY, DTYPE, 3)
+    out = software.verify_software(
         Path(loaded.image_path), meta, loaded.sig_sm, SM.key.public_key(), env.repo.trusted_root(), dtype=DTYPE
     )
     assert out.sha256 == v.sha256

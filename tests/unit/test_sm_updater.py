@@ -25,6 +25,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api._payload import Targets
 from tuf.api.serialization import DeserializationError
 
+from iotdlm import software
 from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.errors import (
     BadRequestError,
@@ -42,7 +43,6 @@ from iotdlm.repository.server import http_status
 from iotdlm.sm import NoEgressFetcher, PostResponse, SoftwareManager, map_error
 from iotdlm.sm.fetcher import EGRESS_CLOSED, HttpStatusError
 from iotdlm.sm.local import LocalRepository
-from iotdlm.wire import software as sw
 from tests.helpers import Identity, make_pki, pem
 from tests.unit.test_software_check import add_target, forge_role
 
@@ -182,8 +182,8 @@ def test_new_release_is_verified_stored_signed_and_reported(env: SmEnv) -> None:
         "sha256": hashlib.sha256(image).hexdigest(),
         "stored_at": info["stored_at"],
     }
-    meta = sw.decrypt_meta((folder / "meta.enc").read_bytes(), KEY, DTYPE, 3)
-    out = sw.verify_software(
+    meta = software.decrypt_meta((folder / "meta.enc").read_bytes(), KEY, DTYPE, 3)
+    out = software.verify_software(
         folder / "image", meta, (folder / "sig_sm").read_bytes(), SM.key.public_key(), env.repo.trusted_root(),
         dtype=DTYPE,
     )  # fmt: skip
@@ -372,7 +372,7 @@ def test_a_delegation_that_does_not_cover_the_dtype_is_refused(env: SmEnv) -> No
     def narrow(t: Targets) -> None:
         assert t.delegations is not None
         assert t.delegations.roles is not None
-        t.delegations.roles[sw.role_name(DTYPE)].paths = [f"{DTYPE}/v2/*"]
+        t.delegations.roles[software.role_name(DTYPE)].paths = [f"{DTYPE}/v2/*"]
 
     forge_role(env.repo, None, narrow)
     with pytest.raises(UntrustedError, match=r"but not for the paths boardA/\*"):

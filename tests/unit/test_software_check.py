@@ -25,6 +25,7 @@ from tuf.api._payload import MetaFile, TargetFile, Targets
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
+from iotdlm import software
 from iotdlm.clock import SystemClock
 from iotdlm.errors import (
     BadRequestError,
@@ -38,6 +39,7 @@ from iotdlm.errors import (
 from iotdlm.pki.keys import Algorithm, generate_key, verify_bytes
 from iotdlm.repository import VendorRepository
 from iotdlm.wire import software as sw
+from iotdlm.wire.report import ReportBody
 
 NOW = SystemClock().now().replace(microsecond=0)
 DTYPE = "boardA"
@@ -76,7 +78,7 @@ def forge_role(
     key (or an attacker with another key) would serve."""
     md_dir = repo.metadata_dir
     ts, snap = _current(repo)
-    role = sw.role_name(dtype) if dtype is not None else "targets"
+    role = software.role_name(dtype) if dtype is not None else "targets"
     if signers is None:
         signers = repo_signers(repo, "releases" if dtype is not None else "targets")
     version = snap.signed.meta[f"{role}.json"].version
@@ -109,9 +111,9 @@ def bundle_of(repo: VendorRepository, dtype: str, target_path: str, *, roots_fro
     versions = sorted(int(p.name.split(".")[0]) for p in md.glob("*.root.json"))
     roots = [(md / f"{v}.root.json").read_bytes() for v in versions if v >= roots_from]
     targets = (md / f"{snap.signed.meta['targets.json'].version}.targets.json").read_bytes()
-    role = sw.role_name(dtype)
+    role = software.role_name(dtype)
     role_raw = (md / f"{snap.signed.meta[f'{role}.json'].version}.{role}.json").read_bytes()
-    return sw.encode_bundle(dtype=dtype, target_path=target_path, roots=roots, targets=targets, role=role_raw)
+    return software.encode_bundle(dtype=dtype, target_path=target_path, roots=roots, targets=targets, role=role_raw)
 
 
 def add_target(path: str, data: bytes, custom: dict[str, Any]) -> Callable[[Targets], None]:
@@ -149,7 +151,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Stored:
     image.write_bytes(IMAGE)
     repo.publish(DTYPE, 7, image, now=NOW)
     meta = bundle_of(repo, DTYPE, f"{DTYPE}/fw.bin")
-    return Stored(repo, image, meta, sw.compute_sig_sm(SK_SM, meta, image))
+    return Stored(repo, image, meta, software.compute_sig_sm(SK_SM, meta, image))
 
 
 @pytest.fixture
@@ -172,14 +174,14 @@ def _raises(field: str, cls: type[IotdlmError], fn: Callable[[], object], *words
 
 # --- the good case --------------------------------------------------------------------------------
 def test_verifies_and_reports_what_was_signed(stored: Stored) -> None:
-    out = sw.verify_software(stored.image, stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE)
+    out = software.verify_software(stored.image, stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE)
     assert (out.dtype, out.release_counter, out.target_path, out.length) == (DTYPE, 7, f"{DTYPE}/fw.bin", len(IMAGE))
     assert out.sha256 == hashlib.sha256(IMAGE).hexdigest()
     assert out.custom == {"hardware_id": DTYPE, "release_counter": 7}
 
 
 def test_image_may_be_a_file_object(stored: Stored) -> None:
-    out = sw.verify_software(io.BytesIO(IMAGE), stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE)
+    out = software.verify_software(io.BytesIO(IMAGE), stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE)
     assert out.length == len(IMAGE)
 
 
@@ -197,8 +199,8 @@ def test_expiry_is_not_checked(tmp_path: Path, fresh_repo: tuple[VendorRepositor
     repo.set_expiry("targets", dt.timedelta(seconds=-10))
     repo.refresh(now=NOW, roles=("releases", "targets"))
     meta = bundle_of(repo, DTYPE, f"{DTYPE}/fw.bin")
-    sig = sw.compute_sig_sm(SK_SM, meta, image)
-    assert sw.verify_software(image, meta, sig, PK_SM, repo.trusted_root(), dtype=DTYPE).release_counter == 7
+    sig = software.compute_sig_sm(SK_SM, meta, image)
+    assert software.verify_software(image, meta, sig, PK_SM, repo.trusted_root(), dtype=DTYPE).release_counter == 7
 
 
 def test_root_rotation_is_followed_from_the_pinned_root(fresh_repo: tuple[VendorRepository, Path]) -> None:
@@ -207,11 +209,11 @@ def test_root_rotation_is_followed_from_the_pinned_root(fresh_repo: tuple[Vendor
     repo.rotate("root", now=NOW)
     repo.rotate("targets", now=NOW)  # targets now signed by a key only root v3 knows
     meta = bundle_of(repo, DTYPE, f"{DTYPE}/fw.bin")
-    sig = sw.compute_sig_sm(SK_SM, meta, image)
-    assert sw.verify_software(image, meta, sig, PK_SM, pinned, dtype=DTYPE).release_counter == 7
+    sig = software.compute_sig_sm(SK_SM, meta, image)
+    assert software.verify_software(image, meta, sig, PK_SM, pinned, dtype=DTYPE).release_counter == 7
     # without the middle of the root history the new targets key cannot be trusted
-    bundle = sw.decode_bundle(meta)
-    gap = sw.encode_bundle(
+    bundle = software.decode_bundle(meta)
+    gap = software.encode_bundle(
         dtype=DTYPE,
         target_path=bundle.target_path,
         roots=[bundle.roots[0], bundle.roots[2]],
@@ -221,14 +223,18 @@ def test_root_rotation_is_followed_from_the_pinned_root(fresh_repo: tuple[Vendor
     _raises(
         "meta_repo",
         UntrustedError,
-        lambda: sw.verify_repo_metadata(sw.decode_bundle(gap), pinned, dtype=DTYPE),
+        lambda: software.verify_repo_metadata(software.decode_bundle(gap), pinned, dtype=DTYPE),
         "root is missing",
     )
     # and with only the pinned root, the rotated targets key is unknown
-    old = sw.encode_bundle(
+    old = software.encode_bundle(
         dtype=DTYPE, target_path=bundle.target_path, roots=[bundle.roots[0]], targets=bundle.targets, role=bundle.role
     )
-    _raises("meta_repo", BadSignatureError, lambda: sw.verify_repo_metadata(sw.decode_bundle(old), pinned, dtype=DTYPE))
+    _raises(
+        "meta_repo",
+        BadSignatureError,
+        lambda: software.verify_repo_metadata(software.decode_bundle(old), pinned, dtype=DTYPE),
+    )
 
 
 # --- step 1: sig_sm ---------------------------------------------------------------------------------
@@ -238,7 +244,9 @@ def test_altered_image_fails_sig_sm_and_says_the_image_changed(stored: Stored) -
     _raises(
         "sig_sm",
         BadSignatureError,
-        lambda: sw.verify_software(io.BytesIO(bytes(bad)), stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(
+            io.BytesIO(bytes(bad)), stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE
+        ),
         "sm's signature",
         "halt",
         "the image was altered",
@@ -251,18 +259,18 @@ def test_altered_sig_sm_fails(stored: Stored) -> None:
     _raises(
         "sig_sm",
         BadSignatureError,
-        lambda: sw.verify_software(stored.image, stored.meta, bytes(bad), PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(stored.image, stored.meta, bytes(bad), PK_SM, stored.root, dtype=DTYPE),
         "sig_sm or the metadata was altered",
     )
 
 
 def test_sig_sm_by_another_key_fails(stored: Stored) -> None:
     other = generate_key(Algorithm.P256)
-    sig = sw.compute_sig_sm(other, stored.meta, stored.image)
+    sig = software.compute_sig_sm(other, stored.meta, stored.image)
     _raises(
         "sig_sm",
         BadSignatureError,
-        lambda: sw.verify_software(stored.image, stored.meta, sig, PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(stored.image, stored.meta, sig, PK_SM, stored.root, dtype=DTYPE),
     )
 
 
@@ -272,7 +280,7 @@ def test_altered_metadata_fails_sig_sm(stored: Stored) -> None:
     _raises(
         "sig_sm",
         BadSignatureError,
-        lambda: sw.verify_software(stored.image, meta, stored.sig, PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(stored.image, meta, stored.sig, PK_SM, stored.root, dtype=DTYPE),
     )
 
 
@@ -280,13 +288,13 @@ def test_oversized_signature_is_refused(stored: Stored) -> None:
     _raises(
         "sig_sm",
         TooLargeError,
-        lambda: sw.verify_software(stored.image, stored.meta, b"x" * 5000, PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(stored.image, stored.meta, b"x" * 5000, PK_SM, stored.root, dtype=DTYPE),
     )
 
 
 # --- step 2: meta_repo with pk_repo (a compromised sm signs whatever it likes) ----------------------
 def _signed(meta: bytes, image: Path) -> bytes:
-    return sw.compute_sig_sm(SK_SM, meta, image)
+    return software.compute_sig_sm(SK_SM, meta, image)
 
 
 def test_metadata_of_another_repository_is_refused(stored: Stored, tmp_path: Path) -> None:
@@ -296,7 +304,9 @@ def test_metadata_of_another_repository_is_refused(stored: Stored, tmp_path: Pat
     _raises(
         "meta_repo",
         BadSignatureError,
-        lambda: sw.verify_software(stored.image, meta, _signed(meta, stored.image), PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(
+            stored.image, meta, _signed(meta, stored.image), PK_SM, stored.root, dtype=DTYPE
+        ),
         "not signed by the keys trusted",
     )
 
@@ -308,7 +318,7 @@ def test_role_signed_by_a_wrong_key_is_refused(fresh_repo: tuple[VendorRepositor
     _raises(
         "meta_repo",
         BadSignatureError,
-        lambda: sw.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
+        lambda: software.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
         "dtype-boardA",
     )
 
@@ -321,7 +331,7 @@ def test_wrong_hardware_id_is_refused(fresh_repo: tuple[VendorRepository, Path])
     _raises(
         "meta_repo",
         UntrustedError,
-        lambda: sw.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
+        lambda: software.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
         "hardware_id 'boardB'",
         "wrong device type",
     )
@@ -355,7 +365,7 @@ def test_custom_fields_are_required(
     _raises(
         "meta_repo",
         cls,
-        lambda: sw.verify_repo_metadata(sw.decode_bundle(meta), repo.trusted_root(), dtype=DTYPE),
+        lambda: software.verify_repo_metadata(software.decode_bundle(meta), repo.trusted_root(), dtype=DTYPE),
         words,
     )
 
@@ -369,36 +379,36 @@ def test_target_outside_the_delegated_paths_is_refused(fresh_repo: tuple[VendorR
     _raises(
         "meta_repo",
         UntrustedError,
-        lambda: sw.verify_repo_metadata(sw.decode_bundle(meta), repo.trusted_root(), dtype=DTYPE),
+        lambda: software.verify_repo_metadata(software.decode_bundle(meta), repo.trusted_root(), dtype=DTYPE),
         "outside the paths delegated",
     )
 
 
 def test_bundle_for_another_dtype_or_target_is_refused(stored: Stored) -> None:
-    bundle = sw.decode_bundle(stored.meta)
+    bundle = software.decode_bundle(stored.meta)
     _raises(
         "meta_repo",
         UntrustedError,
-        lambda: sw.verify_repo_metadata(bundle, stored.root, dtype="boardB"),
+        lambda: software.verify_repo_metadata(bundle, stored.root, dtype="boardB"),
         "for dtype 'boardA'",
     )
-    missing = sw.decode_bundle(
-        sw.encode_bundle(
+    missing = software.decode_bundle(
+        software.encode_bundle(
             dtype=DTYPE, target_path=f"{DTYPE}/nope.bin", roots=bundle.roots, targets=bundle.targets, role=bundle.role
         )
     )
-    _raises("meta_repo", NotFoundError, lambda: sw.verify_repo_metadata(missing, stored.root, dtype=DTYPE))
-    swapped = sw.decode_bundle(
-        sw.encode_bundle(
+    _raises("meta_repo", NotFoundError, lambda: software.verify_repo_metadata(missing, stored.root, dtype=DTYPE))
+    swapped = software.decode_bundle(
+        software.encode_bundle(
             dtype=DTYPE, target_path=bundle.target_path, roots=bundle.roots, targets=bundle.role, role=bundle.targets
         )
     )
-    _raises("meta_repo", BadSignatureError, lambda: sw.verify_repo_metadata(swapped, stored.root, dtype=DTYPE))
+    _raises("meta_repo", BadSignatureError, lambda: software.verify_repo_metadata(swapped, stored.root, dtype=DTYPE))
 
 
 def test_a_damaged_trusted_root_is_refused(stored: Stored) -> None:
     with pytest.raises(BadRequestError) as info:
-        sw.verify_repo_metadata(sw.decode_bundle(stored.meta), b"{}", dtype=DTYPE)
+        software.verify_repo_metadata(software.decode_bundle(stored.meta), b"{}", dtype=DTYPE)
     assert info.value.field == "trusted_root"
 
 
@@ -409,7 +419,9 @@ def test_image_signed_by_a_compromised_sm_fails_against_the_metadata(stored: Sto
     _raises(
         "image",
         BadSignatureError,
-        lambda: sw.verify_software(evil, stored.meta, _signed(stored.meta, evil), PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(
+            evil, stored.meta, _signed(stored.meta, evil), PK_SM, stored.root, dtype=DTYPE
+        ),
         "does not match the signed",
     )
     short = tmp_path / "short.bin"
@@ -417,7 +429,9 @@ def test_image_signed_by_a_compromised_sm_fails_against_the_metadata(stored: Sto
     _raises(
         "image",
         BadSignatureError,
-        lambda: sw.verify_software(short, stored.meta, _signed(stored.meta, short), PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(
+            short, stored.meta, _signed(stored.meta, short), PK_SM, stored.root, dtype=DTYPE
+        ),
         "altered or truncated",
     )
 
@@ -440,13 +454,16 @@ def test_every_signed_hash_is_checked(fresh_repo: tuple[VendorRepository, Path],
     good = {"sha256": hashlib.sha256(data).hexdigest(), "sha512": hashlib.sha512(data).hexdigest()}
     forge_role(repo, DTYPE, add(good))
     meta = bundle_of(repo, DTYPE, f"{DTYPE}/multi.bin")
-    assert sw.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE).hashes == good
+    assert (
+        software.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE).hashes
+        == good
+    )
     forge_role(repo, DTYPE, add({**good, "sha512": hashlib.sha512(b"other").hexdigest()}))
     meta = bundle_of(repo, DTYPE, f"{DTYPE}/multi.bin")
     _raises(
         "image",
         BadSignatureError,
-        lambda: sw.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
+        lambda: software.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
         "sha512",
     )
     forge_role(repo, DTYPE, add({**good, "md17": "00"}))
@@ -454,7 +471,7 @@ def test_every_signed_hash_is_checked(fresh_repo: tuple[VendorRepository, Path],
     _raises(
         "image",
         UnsupportedError,
-        lambda: sw.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
+        lambda: software.verify_software(image, meta, _signed(meta, image), PK_SM, repo.trusted_root(), dtype=DTYPE),
         "md17",
     )
 
@@ -463,7 +480,7 @@ def test_missing_image_is_not_found(stored: Stored, tmp_path: Path) -> None:
     _raises(
         "image",
         NotFoundError,
-        lambda: sw.verify_software(tmp_path / "nope", stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE),
+        lambda: software.verify_software(tmp_path / "nope", stored.meta, stored.sig, PK_SM, stored.root, dtype=DTYPE),
     )
 
 
@@ -471,7 +488,7 @@ def test_missing_image_is_not_found(stored: Stored, tmp_path: Path) -> None:
 def test_bundle_is_canonical_json_with_sorted_keys(stored: Stored) -> None:
     obj = msgspec.json.decode(stored.meta)
     assert list(obj) == ["dtype", "format", "role", "roots", "target_path", "targets"]
-    assert obj["format"] == sw.BUNDLE_FORMAT
+    assert obj["format"] == software.BUNDLE_FORMAT
     assert b" " not in stored.meta
     assert b"\n" not in stored.meta
 
@@ -482,7 +499,7 @@ def test_bundle_is_canonical_json_with_sorted_keys(stored: Stored) -> None:
         ("whitespace", lambda m: m.replace(b",", b", ", 1), BadRequestError),
         ("trailing byte", lambda m: m + b" ", BadRequestError),
         ("unknown field", lambda m: m[:-1] + b',"x":1}', BadRequestError),
-        ("other format", lambda m: m.replace(sw.BUNDLE_FORMAT.encode(), b"iotdlm.sm.meta/9"), UnsupportedError),
+        ("other format", lambda m: m.replace(software.BUNDLE_FORMAT.encode(), b"iotdlm.sm.meta/9"), UnsupportedError),
         (
             "no roots",
             lambda m: m.replace(m[m.index(b'"roots":[') : m.index(b'],"target_path"') + 1], b'"roots":[]'),
@@ -495,21 +512,21 @@ def test_bundle_is_canonical_json_with_sorted_keys(stored: Stored) -> None:
 def test_bundle_decoder_refuses(
     stored: Stored, name: str, edit: Callable[[bytes], bytes], cls: type[IotdlmError]
 ) -> None:
-    _raises("meta_repo", cls, lambda: sw.decode_bundle(edit(stored.meta)))
+    _raises("meta_repo", cls, lambda: software.decode_bundle(edit(stored.meta)))
 
 
 def test_oversized_bundle_is_refused() -> None:
-    _raises("meta_repo", TooLargeError, lambda: sw.decode_bundle(b" " * (sw.MAX_BUNDLE_BYTES + 1)))
+    _raises("meta_repo", TooLargeError, lambda: software.decode_bundle(b" " * (software.MAX_BUNDLE_BYTES + 1)))
 
 
 # --- meta.enc -----------------------------------------------------------------------------------------
 def test_meta_enc_round_trip_and_layout(stored: Stored) -> None:
-    enc = sw.encrypt_meta(stored.meta, KEY, DTYPE, 7)
+    enc = software.encrypt_meta(stored.meta, KEY, DTYPE, 7)
     assert enc[0] == 1
     assert len(enc) == 1 + 12 + len(stored.meta) + 16
     assert stored.meta[:40] not in enc
-    assert sw.decrypt_meta(enc, KEY, DTYPE, 7) == stored.meta
-    assert sw.encrypt_meta(stored.meta, KEY, DTYPE, 7) != enc  # fresh nonce each time
+    assert software.decrypt_meta(enc, KEY, DTYPE, 7) == stored.meta
+    assert software.encrypt_meta(stored.meta, KEY, DTYPE, 7) != enc  # fresh nonce each time
 
 
 @pytest.mark.parametrize(
@@ -527,13 +544,13 @@ def test_meta_enc_round_trip_and_layout(stored: Stored) -> None:
 def test_meta_enc_refuses(
     name: str, edit: Callable[[bytes], bytes], key: bytes, dtype: str, counter: int, cls: type[IotdlmError]
 ) -> None:
-    enc = sw.encrypt_meta(b'{"some":"metadata"}', KEY, DTYPE, 7)
-    _raises("meta_enc", cls, lambda: sw.decrypt_meta(edit(enc), key, dtype, counter))
+    enc = software.encrypt_meta(b'{"some":"metadata"}', KEY, DTYPE, 7)
+    _raises("meta_enc", cls, lambda: software.decrypt_meta(edit(enc), key, dtype, counter))
 
 
 def test_meta_key_must_be_32_bytes() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
-        sw.encrypt_meta(b"x", b"short", DTYPE, 1)
+        software.encrypt_meta(b"x", b"short", DTYPE, 1)
 
 
 # --- hypothesis: every parser raises iotdlm errors only ---------------------------------------------
@@ -544,14 +561,14 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @given(st.binary(max_size=400))
 def test_decrypt_meta_takes_any_bytes(data: bytes) -> None:
     with pytest.raises(IotdlmError):
-        sw.decrypt_meta(data, KEY, DTYPE, 1)
+        software.decrypt_meta(data, KEY, DTYPE, 1)
 
 
 @FUZZ
 @given(st.binary(max_size=2000))
 def test_decode_bundle_takes_any_bytes(data: bytes) -> None:
     with pytest.raises(IotdlmError) as info:
-        sw.decode_bundle(data)
+        software.decode_bundle(data)
     assert info.value.field == "meta_repo"
 
 
@@ -563,27 +580,29 @@ def test_decode_bundle_takes_any_bytes(data: bytes) -> None:
     path=st.text(max_size=30),
 )
 def test_bundle_contents_take_any_bytes(stored: Stored, role: bytes, targets: bytes, root: bytes, path: str) -> None:
-    good = sw.decode_bundle(stored.meta)
+    good = software.decode_bundle(stored.meta)
     for roots, t, r in (
         ([root], good.targets, good.role),
         (good.roots, targets, good.role),
         (good.roots, good.targets, role),
         ([*good.roots, root], good.targets, good.role),
     ):
-        bundle = sw.MetaBundle(dtype=DTYPE, format=sw.BUNDLE_FORMAT, role=r, roots=roots, target_path=path, targets=t)
+        bundle = software.MetaBundle(
+            dtype=DTYPE, format=software.BUNDLE_FORMAT, role=r, roots=roots, target_path=path, targets=t
+        )
         with pytest.raises(IotdlmError):
-            sw.verify_repo_metadata(bundle, stored.root, dtype=DTYPE)
+            software.verify_repo_metadata(bundle, stored.root, dtype=DTYPE)
 
 
 @FUZZ
 @given(meta=st.binary(max_size=500), sig=st.binary(max_size=100))
 def test_verify_software_takes_any_meta_and_signature(stored: Stored, meta: bytes, sig: bytes) -> None:
     with pytest.raises(IotdlmError):
-        sw.verify_software(io.BytesIO(b"image"), meta, sig, PK_SM, stored.root, dtype=DTYPE)
+        software.verify_software(io.BytesIO(b"image"), meta, sig, PK_SM, stored.root, dtype=DTYPE)
     # even when sm signed the garbage (a compromised sm), it is refused at step 2
-    signed = sw.compute_sig_sm(SK_SM, meta, io.BytesIO(b"image"))
+    signed = software.compute_sig_sm(SK_SM, meta, io.BytesIO(b"image"))
     with pytest.raises(IotdlmError) as info:
-        sw.verify_software(io.BytesIO(b"image"), meta, signed, PK_SM, stored.root, dtype=DTYPE)
+        software.verify_software(io.BytesIO(b"image"), meta, signed, PK_SM, stored.root, dtype=DTYPE)
     assert info.value.field == "meta_repo"
 
 
@@ -593,7 +612,7 @@ MESSAGES: list[type[Any]] = [
     sw.LoadRequest,
     sw.LoadResponse,
     sw.NotifyMessage,
-    sw.ReportBody,
+    ReportBody,
     sw.StoredSoftware,
 ]
 

@@ -161,7 +161,7 @@ def _ports(config: CmConfig) -> str:
 def record_https_certificate(dep: Deployment, store: Store, now: dt.datetime, *, actor: str) -> bool:
     """Record cm's issued HTTPS certificate in the store (so ``ca list`` shows it, OCSP knows it
     and ``ca revoke`` can revoke it); False if it is already there or there is none."""
-    from iotdlm.km.records import record_for
+    from iotdlm.km.cert_views import record_for
 
     path = dep.root / cm_https.HTTPS_CERT
     if not path.is_file():

@@ -31,7 +31,7 @@ def revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo]
     """Revoke through a running km (so every worker drops cached OCSP answers at once); if none
     answers, revoke directly in the store with the CA keys (needs the CA passphrase)."""
     from iotdlm.errors import UnavailableError
-    from iotdlm.km.records import info
+    from iotdlm.km.cert_views import info
     from iotdlm.pki.crl import revocation_reason
     from iotdlm.runtime import build_km, open_store
 

@@ -20,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from iotdlm import software
 from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
@@ -27,7 +28,6 @@ from iotdlm.errors import IotdlmError, RejectedError, UnavailableError
 from iotdlm.pki.keys import check_public_key
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.updater import CheckResult, SoftwareManager
-from iotdlm.wire import software as sw
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +209,12 @@ def show(data: Path, dtype: str, counter: int | None, no_verify: bool) -> None:
         table.add_row(k, v)
     if not no_verify:
         try:
-            meta = sw.decrypt_meta(
+            meta = software.decrypt_meta(
                 paths.meta_enc.read_bytes(), smconfig.load_meta_key(data), dtype, info.release_counter
             )
             pk_sm = check_public_key(Deployment.load(data).identity("sm").certificate.public_key())
             with console.status("verifying (Algorithm 1)"):
-                sw.verify_software(
+                software.verify_software(
                     paths.image,
                     meta,
                     paths.sig_sm.read_bytes(),

@@ -136,7 +136,7 @@ def export(
 ) -> None:
     """SP1: the signed UpdateInfoList (factory certificates, windows, versions) for SP2."""
     from iotdlm.runtime import open_store
-    from iotdlm.transfer.service import Sp1Service
+    from iotdlm.transfer.shell import Sp1Service
 
     ids = list(device_ids)
     if devices_file is not None:
@@ -213,7 +213,7 @@ def accept(
     write the TransferMessage for SP1."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
-    from iotdlm.transfer.service import Sp2Service
+    from iotdlm.transfer.shell import Sp2Service
 
     dep = Deployment.load(data)
     settings = load_settings(data)
@@ -263,7 +263,7 @@ def deliver(data: Path, src: Path, out_dir: Path) -> None:
     """SP1: validate SP2's TransferMessage and make one signed CWT per device."""
     from iotdlm.runtime import open_store
     from iotdlm.transfer.messages import TYP_TRANSFER_MESSAGE, peek_transfer_ref, transfer_id
-    from iotdlm.transfer.service import Sp1Service
+    from iotdlm.transfer.shell import Sp1Service
 
     dep = Deployment.load(data)
     settings = load_settings(data)
@@ -296,7 +296,7 @@ def confirm(data: Path, tid: str, out: Path) -> None:
     """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates)."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
-    from iotdlm.transfer.service import Sp2Service
+    from iotdlm.transfer.shell import Sp2Service
 
     dep = Deployment.load(data)
     clock = SystemClock()
@@ -321,7 +321,7 @@ def revoke_old(data: Path, src: Path) -> None:
     """SP1: on SP2's confirmation, have CA1 revoke the devices' old operational certificates
     (through a running km if one answers, else directly with the CA keys)."""
     from iotdlm.runtime import build_km, connect_identity, km_trust, open_store, sealer_for
-    from iotdlm.transfer.service import KmRevoker, LocalRevoker, Sp1Service
+    from iotdlm.transfer.shell import KmRevoker, LocalRevoker, Sp1Service
 
     dep = Deployment.load(data)
     settings = load_settings(data)
@@ -365,7 +365,7 @@ def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None
     revoked-at-CA1, failed-fallback."""
     from iotdlm.runtime import open_store
     from iotdlm.store.transfer import TransferDeviceRecord
-    from iotdlm.transfer.service import counts
+    from iotdlm.transfer.shell import counts
 
     dep = Deployment.load(data)
     store = open_store(dep)

@@ -77,7 +77,7 @@ from iotdlm.clock import Clock
 from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import Limits
-from iotdlm.cm.va import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
+from iotdlm.cm.http_cache import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
 from iotdlm.errors import (
     BadRequestError,
     ConflictError,

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from iotdlm.errors import BadRequestError, ConflictError, NotFoundError, UnsupportedError
+from iotdlm.files import atomic_write
 from iotdlm.pki.chain import certs_to_pem, load_certificate, load_certificates_pem
 from iotdlm.pki.keys import (
     Algorithm,
@@ -63,9 +64,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o644)
 
 
 class SimulatedDevice:

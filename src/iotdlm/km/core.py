@@ -39,6 +39,7 @@ from iotdlm.errors import (
     UntrustedError,
 )
 from iotdlm.km.audit import entry
+from iotdlm.km.cert_views import info, issued, record_for
 from iotdlm.km.ra import (
     Authorizer,
     CertRequestFacts,
@@ -52,7 +53,6 @@ from iotdlm.km.ra import (
     Principal,
     authorize_revocation,
 )
-from iotdlm.km.records import info, issued, record_for
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.signers import SignerCache
 from iotdlm.km.storage import KmStore

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from iotdlm.aio import cancel_and_wait
+from iotdlm.aio import stop_serving
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.bus.api import AppendOnlyStream
@@ -264,8 +264,4 @@ class KmService:
         self.km.store.purge_nonces(self.km.clock.now())
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks, what="km tasks")
-        self._tasks.clear()
-        for sub in self._subs:
-            await sub.unsubscribe()
-        self._subs.clear()
+        await stop_serving(self._tasks, self._subs, what="km tasks")

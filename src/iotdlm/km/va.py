@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from iotdlm.clock import Clock
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
 from iotdlm.km.audit import entry
-from iotdlm.km.records import record_for
+from iotdlm.km.cert_views import record_for
 from iotdlm.km.storage import VaStore
 from iotdlm.pki import crl as pki_crl
 from iotdlm.pki import ocsp as pki_ocsp

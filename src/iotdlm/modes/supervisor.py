@@ -42,6 +42,7 @@ from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, Message, Subscription
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
+from iotdlm.files import atomic_write
 from iotdlm.modes import messages as m
 from iotdlm.modes.guard import MODE_ALARM
 from iotdlm.modes.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
@@ -88,13 +89,7 @@ def load_saved_mode(root: Path) -> m.SavedMode | None:
 
 def save_mode(root: Path, saved: m.SavedMode) -> None:
     """Write ``DIR/mode.json`` atomically (a crash leaves the old or the new file, never half)."""
-    path = root / MODE_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(m.encode(saved))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(root / MODE_FILE, m.encode(saved), mode=0o644)
 
 
 def _clean_by(by: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from iotdlm import errors
+from iotdlm import errors, software
 from iotdlm.client.sm import SmClient
 from iotdlm.pm.alarm import PmAlarm
 from iotdlm.pm.settings import Anchors, PmSettings
@@ -54,7 +54,7 @@ def stage(loaded: sw.LoadResponse, staging_dir: Path, dtype: str) -> Path:
         with os.fdopen(fd, "wb") as dst:
             try:
                 with source.open("rb") as src:
-                    shutil.copyfileobj(src, dst, sw.CHUNK)
+                    shutil.copyfileobj(src, dst, software.CHUNK)
             except FileNotFoundError:
                 raise errors.NotFoundError(
                     f"the image sm names for {dtype}/{loaded.release_counter} does not exist: {loaded.image_path}",
@@ -68,13 +68,13 @@ def stage(loaded: sw.LoadResponse, staging_dir: Path, dtype: str) -> Path:
     return target
 
 
-def verify_staged(staged: Path, loaded: sw.LoadResponse, anchors: Anchors, dtype: str) -> sw.VerifiedSoftware:
+def verify_staged(staged: Path, loaded: sw.LoadResponse, anchors: Anchors, dtype: str) -> software.VerifiedSoftware:
     """Algorithm 1 on the staged copy: decrypt meta, verify sig_sm, the repository's metadata,
     the image; the release sm loaded must be the one the repository signs."""
     assert anchors.meta_key is not None
     assert anchors.trusted_root is not None
-    meta = sw.decrypt_meta(loaded.meta_enc, anchors.meta_key, dtype, loaded.release_counter)
-    verified = sw.verify_software(staged, meta, loaded.sig_sm, anchors.pk_sm, anchors.trusted_root, dtype=dtype)
+    meta = software.decrypt_meta(loaded.meta_enc, anchors.meta_key, dtype, loaded.release_counter)
+    verified = software.verify_software(staged, meta, loaded.sig_sm, anchors.pk_sm, anchors.trusted_root, dtype=dtype)
     if verified.release_counter != loaded.release_counter:
         raise errors.UntrustedError(
             f"sm loaded release {loaded.release_counter}, the repository's metadata signs it as release "

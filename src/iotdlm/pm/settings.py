@@ -19,7 +19,7 @@ from typing import Final
 
 from cryptography import x509
 
-from iotdlm import errors
+from iotdlm import errors, software
 from iotdlm.pki.keys import PublicKey
 from iotdlm.pki.names import check_id
 from iotdlm.pki.profiles import DEVICE_PROFILES
@@ -127,10 +127,10 @@ class Anchors:
     def __post_init__(self) -> None:
         if (self.trusted_root is None) != (self.meta_key is None):
             raise ValueError("trusted_root and meta_key go together (both from sm's setup)")
-        if self.meta_key is not None and len(self.meta_key) != sw.KEY_BYTES:
-            raise ValueError(f"the sm-pm key must be {sw.KEY_BYTES} bytes")
+        if self.meta_key is not None and len(self.meta_key) != software.KEY_BYTES:
+            raise ValueError(f"the sm-pm key must be {software.KEY_BYTES} bytes")
         if self.trusted_root is not None:
-            sw.load_trusted_root(self.trusted_root)
+            software.load_trusted_root(self.trusted_root)
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,10 @@ client, python-tuf's ngclient included, bootstrapped with :meth:`VendorRepositor
 
 from iotdlm.repository.repo import (
     KEY_ROLES,
-    MAX_REPORT_BYTES,
     RELEASES,
-    REPORT_AUD,
-    REPORT_OP,
     TOP_LEVEL_ROLES,
     PublishedTarget,
     Report,
-    ReportBody,
     RoleInfo,
     VendorRepository,
     dtype_role,
@@ -25,14 +21,10 @@ from iotdlm.repository.repo import (
 
 __all__ = [
     "KEY_ROLES",
-    "MAX_REPORT_BYTES",
     "RELEASES",
-    "REPORT_AUD",
-    "REPORT_OP",
     "TOP_LEVEL_ROLES",
     "PublishedTarget",
     "Report",
-    "ReportBody",
     "RoleInfo",
     "VendorRepository",
     "dtype_role",

@@ -31,130 +31,59 @@ On disk (``REPO``)::
 Writers take an exclusive file lock on ``REPO/.lock`` (reports: ``REPO/.reports.lock``), so the CLI
 may publish while ``iotdlm repo serve`` runs. Files are written whole and renamed into place, and
 ``timestamp.json`` is written last: a client never sees half an update.
+
+This module is the vendor's operations (init, publish, refresh, rotate, read); the pieces it runs
+on: :mod:`~iotdlm.repository.storage` (the folder, settings, logs, locks),
+:mod:`~iotdlm.repository.keys` (private keys), :mod:`~iotdlm.repository.metadata` (the TUF roles
+and their signing) and :mod:`~iotdlm.repository.reports` (download reports).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
-import fcntl
-import hashlib
-import os
-import re
-import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
 
 import msgspec
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# securesystemslib.signer, tuf.api.metadata and tuf.repository re-export these names without __all__,
-# which mypy --strict (no implicit re-export) does not see: the ignores below are for that alone.
+# securesystemslib.signer and tuf.api.metadata re-export these names without __all__, which mypy
+# --strict (no implicit re-export) does not see: the ignores below are for that alone.
 from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
-from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import (  # type: ignore[attr-defined]
-    DelegatedRole,
-    Delegations,
-    Metadata,
-    MetaFile,
-    Root,
-    Snapshot,
-    TargetFile,
-    Targets,
-    Timestamp,
-)
-from tuf.api.serialization.json import JSONSerializer
-from tuf.repository import Repository  # type: ignore[attr-defined]
+from tuf.api.metadata import DelegatedRole, Delegations, TargetFile, Targets  # type: ignore[attr-defined]
 
-from iotdlm.errors import (
-    BadRequestError,
-    ConflictError,
-    IotdlmError,
-    NotFoundError,
-    ReplayError,
-    UnsupportedError,
-    UntrustedError,
-)
-from iotdlm.pki.chain import load_certificate, load_certificates_pem, verify_issued_by
-from iotdlm.pki.keys import algorithm_of, check_public_key
+from iotdlm.errors import BadRequestError, ConflictError, NotFoundError, UnsupportedError
+from iotdlm.files import atomic_write
+from iotdlm.pki.chain import load_certificates_pem
 from iotdlm.pki.names import check_id
-from iotdlm.wire import envelope
-
-TOP_LEVEL_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
-RELEASES: Final = "releases"
-#: roles that own keys: the four top-level roles and "releases" (signs every dtype-<D> role)
-KEY_ROLES: Final = (*TOP_LEVEL_ROLES, RELEASES)
-ALGORITHMS: Final = ("ecdsa-p256", "ed25519")
-DEFAULT_EXPIRY: Final[dict[str, dt.timedelta]] = {
-    "root": dt.timedelta(days=365),
-    "targets": dt.timedelta(days=90),
-    "snapshot": dt.timedelta(days=7),
-    "timestamp": dt.timedelta(days=1),
-    RELEASES: dt.timedelta(days=90),
-}
-#: the signed report envelope (paper 4.4.5)
-REPORT_OP: Final = "repository.report"
-REPORT_AUD: Final = "repository"
-MAX_REPORT_BYTES: Final = 64 * 1024
-MAX_CA_BUNDLE_BYTES: Final = 1024 * 1024
-CHUNK: Final = 1024 * 1024
-DTYPE_ROLE_PREFIX: Final = "dtype-"
-
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_KEY_FILE_RE = re.compile(r"^(?P<role>[a-z]+)-(?P<index>[0-9]+)\.pem$")
-_VERSIONED_RE = re.compile(r"^(?P<version>[1-9][0-9]*)\.(?P<role>.+)\.json$")
-_SERIALIZER = JSONSerializer(compact=False)
-
-
-def dtype_role(dtype: str) -> str:
-    """The delegated targets role that signs the releases of device type ``dtype``."""
-    return DTYPE_ROLE_PREFIX + check_id(dtype, "dtype")
-
-
-def target_path(dtype: str, name: str) -> str:
-    """The TUF target path of image ``name`` of device type ``dtype``: ``<dtype>/<name>``."""
-    return f"{check_id(dtype, 'dtype')}/{check_id(name, 'target name')}"
-
-
-# --- public records -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PublishedTarget:
-    """One image as the repository signed it (paper: ``data_repo`` = version, hash, size)."""
-
-    dtype: str
-    release_counter: int
-    path: str  # TUF target path "<dtype>/<name>"
-    length: int
-    sha256: str
-    published_at: dt.datetime
-
-    @property
-    def url_path(self) -> str:
-        """Path of the image below the targets base URL: ``<dtype>/<sha256>.<name>``."""
-        parent, _, name = self.path.rpartition("/")
-        return f"{parent}/{self.sha256}.{name}"
-
-
-@dataclass(frozen=True)
-class Report:
-    """A verified download report from sm (paper 4.4.5)."""
-
-    dtype: str
-    release_counter: int
-    target_path: str
-    sha256: str
-    reporter: str  # subject CN of the certificate that signed the report
-    received_at: dt.datetime
-    nonce: str
-    verified_at: dt.datetime | None = None
-    length: int | None = None
+from iotdlm.repository.keys import Keyring
+from iotdlm.repository.metadata import TufRepo
+from iotdlm.repository.reports import Report, ReportLog, check_ca_bundle, report_body
+from iotdlm.repository.storage import (
+    ALGORITHMS,
+    DEFAULT_EXPIRY,
+    DTYPE_ROLE_PREFIX,
+    KEY_ROLES,
+    RELEASES,
+    TOP_LEVEL_ROLES,
+    PublishedLine,
+    PublishedTarget,
+    Settings,
+    append_line,
+    check_key_role,
+    complete_lines,
+    dtype_role,
+    file_lock,
+    json_encoder,
+    published_decoder,
+    role_ints,
+    stream_copy,
+    target_path,
+    utc,
+)
 
 
 @dataclass(frozen=True)
@@ -166,340 +95,6 @@ class RoleInfo:
     expires: dt.datetime
     threshold: int
     keyids: tuple[str, ...]
-
-
-# --- persisted formats --------------------------------------------------------------------------
-class _Settings(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
-    format: int = 1
-    algorithm: str
-    thresholds: dict[str, int]
-    keys_per_role: dict[str, int]
-    expiry_seconds: dict[str, int]
-    report_ca: str | None = None  # file name inside REPO
-
-
-class _PublishedLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    dtype: str
-    release_counter: int
-    path: str
-    length: int
-    sha256: str
-    published_at: dt.datetime
-
-
-class _ReportLine(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    dtype: str
-    release_counter: int
-    target_path: str
-    sha256: str
-    length: int
-    reporter: str
-    received_at: dt.datetime
-    verified_at: dt.datetime
-    nonce: str
-    serial: str
-
-
-class ReportBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The body of sm's ``repository.report`` envelope.
-
-    ``verified_at`` is an RFC 3339 time with a zone (``"2026-11-21T12:00:00Z"``) or unix seconds.
-    """
-
-    dtype: str
-    release_counter: int
-    target_path: str
-    sha256: str
-    length: int
-    verified_at: dt.datetime | float
-
-
-_report_body_decoder = msgspec.json.Decoder(ReportBody)
-_published_decoder = msgspec.json.Decoder(_PublishedLine)
-_report_line_decoder = msgspec.json.Decoder(_ReportLine)
-_json = msgspec.json.Encoder()
-
-
-# --- small file helpers -------------------------------------------------------------------------
-def _utc(now: dt.datetime) -> dt.datetime:
-    if now.tzinfo is None:
-        raise ValueError("now must be a timezone-aware datetime")
-    return now.astimezone(dt.UTC)
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` all at once: temp file in the same folder, fsync, rename."""
-    tmp = path.parent / f".tmp-{secrets.token_hex(8)}-{path.name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _complete_lines(path: Path) -> list[bytes]:
-    """The non-empty, newline-terminated lines of an append-only file (a line being appended is skipped)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return [line for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
-
-
-def _append_line(path: Path, line: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, tlock: threading.Lock) -> Iterator[None]:
-    """Exclusive between threads of this process (tlock) and between processes (flock)."""
-    with tlock:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-
-def _cn(cert: x509.Certificate) -> str:
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if cns:
-        value = cns[0].value
-        return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return cert.subject.rfc4514_string()
-
-
-def _check_ca_bundle(data: bytes) -> list[x509.Certificate]:
-    if len(data) > MAX_CA_BUNDLE_BYTES:
-        raise BadRequestError(f"CA bundle of {len(data)} bytes exceeds the limit of {MAX_CA_BUNDLE_BYTES}")
-    certs = load_certificates_pem(data)
-    if not certs:
-        raise BadRequestError("the CA bundle holds no certificate")
-    for cert in certs:
-        try:
-            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        except x509.ExtensionNotFound:
-            bc = None
-        except ValueError as exc:
-            raise BadRequestError("a certificate in the CA bundle has a malformed basicConstraints extension") from exc
-        if bc is None or not bc.ca:
-            raise BadRequestError(
-                f"{cert.subject.rfc4514_string()} in the CA bundle is not a CA certificate (basicConstraints cA)"
-            )
-    return certs
-
-
-# --- keys ---------------------------------------------------------------------------------------
-class _Keyring:
-    """Every private key in ``keys/`` (active) and ``keys/retired/``, by TUF keyid."""
-
-    def __init__(self, keys_dir: Path) -> None:
-        self.dir = keys_dir
-        self.signers: dict[str, CryptoSigner] = {}
-        self.active: dict[str, list[str]] = {role: [] for role in KEY_ROLES}
-        self.files: dict[str, Path] = {}
-        for folder, active in ((keys_dir, True), (keys_dir / "retired", False)):
-            if not folder.is_dir():
-                continue
-            for path in sorted(folder.glob("*.pem")):
-                m = _KEY_FILE_RE.match(path.name)
-                if m is None or m["role"] not in KEY_ROLES:
-                    continue
-                private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-                signer = CryptoSigner(private)
-                keyid = signer.public_key.keyid
-                self.signers[keyid] = signer
-                self.files[keyid] = path
-                if active:
-                    self.active[m["role"]].append(keyid)
-
-    def next_index(self, role: str) -> int:
-        used = [
-            int(m["index"])
-            for folder in (self.dir, self.dir / "retired")
-            if folder.is_dir()
-            for p in folder.glob(f"{role}-*.pem")
-            if (m := _KEY_FILE_RE.match(p.name)) is not None
-        ]
-        return max(used, default=-1) + 1
-
-    def generate(self, role: str, count: int, algorithm: str) -> list[CryptoSigner]:
-        """New keys for ``role``, written to ``keys/<role>-<i>.pem`` (0600) before anything uses them."""
-        out: list[CryptoSigner] = []
-        index = self.next_index(role)
-        for _ in range(count):
-            signer = CryptoSigner.generate_ed25519() if algorithm == "ed25519" else CryptoSigner.generate_ecdsa()
-            path = self.dir / f"{role}-{index}.pem"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(signer.private_bytes)
-                f.flush()
-                os.fsync(f.fileno())
-            keyid = signer.public_key.keyid
-            self.signers[keyid] = signer
-            self.files[keyid] = path
-            self.active[role].append(keyid)
-            out.append(signer)
-            index += 1
-        return out
-
-    def retire(self, role: str, keyids: Sequence[str]) -> None:
-        retired = self.dir / "retired"
-        retired.mkdir(mode=0o700, exist_ok=True)
-        for keyid in keyids:
-            path = self.files.get(keyid)
-            if path is None or path.parent != self.dir:
-                continue
-            dest = retired / path.name
-            os.replace(path, dest)
-            self.files[keyid] = dest
-            if keyid in self.active[role]:
-                self.active[role].remove(keyid)
-
-
-# --- the TUF repository (python-tuf's Repository abstraction) -----------------------------------
-class _TufRepo(Repository):
-    """python-tuf's :class:`tuf.repository.Repository` over our folder, for one operation at ``now``.
-
-    ``open`` reads the current version of a role (as referenced by timestamp -> snapshot, and the
-    highest ``N.root.json``); ``close`` bumps the version, sets the expiry, signs with the role's
-    keys (root: the previous root's keys too), checks the threshold is met and writes the file.
-    """
-
-    def __init__(self, root_dir: Path, settings: _Settings, keyring: _Keyring | None, now: dt.datetime | None) -> None:
-        """``keyring`` and ``now`` are None for a read-only view (which cannot sign)."""
-        self._dir = root_dir / "metadata"
-        self._settings = settings
-        self._keys = keyring
-        self._now = now
-        self._cache: dict[str, Metadata[Any]] = {}
-        self._load()
-
-    # -- loading
-    def _read(self, name: str) -> Metadata[Any]:
-        return Metadata.from_bytes((self._dir / name).read_bytes())
-
-    def _load(self) -> None:
-        versions = [
-            int(m["version"])
-            for p in self._dir.glob("*.root.json")
-            if (m := _VERSIONED_RE.match(p.name)) is not None and m["role"] == "root"
-        ]
-        if not versions:
-            return
-        self._cache["root"] = self._read(f"{max(versions)}.root.json")
-        if not (self._dir / "timestamp.json").exists():
-            return
-        ts = self._read("timestamp.json")
-        self._cache["timestamp"] = ts
-        snap = self._read(f"{ts.signed.snapshot_meta.version}.snapshot.json")
-        self._cache["snapshot"] = snap
-        for name, meta in snap.signed.meta.items():
-            role = name.removesuffix(".json")
-            self._cache[role] = self._read(f"{meta.version}.{role}.json")
-
-    # -- Repository interface
-    def open(self, role: str) -> Metadata[Any]:
-        md = self._cache.get(role)
-        if md is not None:
-            return copy.deepcopy(md)
-        signed: Root | Timestamp | Snapshot | Targets
-        if role == "root":
-            signed = Root()
-        elif role == "timestamp":
-            signed = Timestamp()
-        elif role == "snapshot":
-            signed = Snapshot()
-        else:
-            signed = Targets()
-        new: Metadata[Any] = Metadata(signed)
-        new.signed.version = 0  # close() bumps it to 1
-        return new
-
-    def close(self, role: str, md: Metadata[Any]) -> None:
-        if self._now is None:
-            raise RuntimeError("a read-only view of the repository cannot sign")
-        md.signed.version += 1
-        md.signed.expires = self._now + self.expiry(role)
-        md.signatures.clear()
-        for signer in self._signers_for(role, md):
-            md.sign(signer, append=True)
-        self._check_threshold(role, md)
-        name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
-        _write_atomic(self._dir / name, md.to_bytes(_SERIALIZER))
-        self._cache[role] = md
-
-    @property
-    def targets_infos(self) -> dict[str, MetaFile]:
-        return {
-            f"{role}.json": MetaFile(version=md.signed.version)
-            for role, md in self._cache.items()
-            if role == "targets" or role.startswith(DTYPE_ROLE_PREFIX)
-        }
-
-    @property
-    def snapshot_info(self) -> MetaFile:
-        return MetaFile(version=self._cache["snapshot"].signed.version)
-
-    # -- helpers
-    def expiry(self, role: str) -> dt.timedelta:
-        key = role if role in TOP_LEVEL_ROLES else RELEASES
-        return dt.timedelta(seconds=self._settings.expiry_seconds[key])
-
-    def has(self, role: str) -> bool:
-        return role in self._cache
-
-    def current(self, role: str) -> Metadata[Any]:
-        return self._cache[role]
-
-    def dtype_roles(self) -> list[str]:
-        return sorted(r for r in self._cache if r.startswith(DTYPE_ROLE_PREFIX))
-
-    def delegated_targets(self, role: str) -> Targets:
-        signed = self._cache[role].signed
-        assert isinstance(signed, Targets)
-        return signed
-
-    def _delegator(self, role: str) -> Root | Targets:
-        delegator = self._cache["root" if role in TOP_LEVEL_ROLES else "targets"].signed
-        assert isinstance(delegator, Root | Targets)
-        return delegator
-
-    def _signers_for(self, role: str, md: Metadata[Any]) -> list[CryptoSigner]:
-        if self._keys is None:
-            raise RuntimeError("a read-only view of the repository cannot sign")
-        keyids: list[str] = []
-        if role == "root":
-            keyids.extend(md.signed.roles["root"].keyids)
-            if "root" in self._cache:  # Algorithm of TUF 5.3.4: a new root is signed by the old root too
-                keyids.extend(k for k in self._cache["root"].signed.roles["root"].keyids if k not in keyids)
-        else:
-            keyids.extend(self._delegator(role).get_delegated_role(role).keyids)
-        return [self._keys.signers[k] for k in keyids if k in self._keys.signers]
-
-    def _check_threshold(self, role: str, md: Metadata[Any]) -> None:
-        payload = md.signed_bytes
-        try:
-            if role == "root":
-                md.signed.verify_delegate("root", payload, md.signatures)
-                if "root" in self._cache:
-                    self._cache["root"].signed.verify_delegate("root", payload, md.signatures)
-            else:
-                self._delegator(role).verify_delegate(role, payload, md.signatures)
-        except UnsignedMetadataError as exc:
-            raise IotdlmError(f"cannot sign {role}: {exc}; are its private keys missing from keys/?") from exc
 
 
 # --- the vendor repository ----------------------------------------------------------------------
@@ -515,9 +110,7 @@ class VendorRepository:
             )
         self._settings = self._load_settings()
         self._lock = threading.Lock()
-        self._reports_lock = threading.Lock()
-        self._nonces: set[str] = set()
-        self._reports_offset = 0
+        self._reports = ReportLog(self.reports_file, self.path / ".reports.lock")
 
     # -- folders
     @property
@@ -541,26 +134,26 @@ class VendorRepository:
         return self.path / "published.jsonl"
 
     # -- settings
-    def _load_settings(self) -> _Settings:
+    def _load_settings(self) -> Settings:
         try:
-            return msgspec.toml.decode((self.path / "repo.toml").read_bytes(), type=_Settings)
+            return msgspec.toml.decode((self.path / "repo.toml").read_bytes(), type=Settings)
         except msgspec.DecodeError as exc:
             raise BadRequestError(f"{self.path / 'repo.toml'} is not valid: {exc}") from exc
 
     def _save_settings(self) -> None:
-        _write_atomic(self.path / "repo.toml", msgspec.toml.encode(self._settings))
+        atomic_write(self.path / "repo.toml", msgspec.toml.encode(self._settings), mode=0o644)
 
     @contextlib.contextmanager
-    def _session(self, now: dt.datetime) -> Iterator[tuple[_TufRepo, _Keyring]]:
+    def _session(self, now: dt.datetime) -> Iterator[tuple[TufRepo, Keyring]]:
         """Exclusive access to the repository, with its current state loaded from disk."""
-        with _file_lock(self.path / ".lock", self._lock):
+        with file_lock(self.path / ".lock", self._lock):
             self._settings = self._load_settings()
-            keyring = _Keyring(self.keys_dir)
-            yield _TufRepo(self.path, self._settings, keyring, _utc(now)), keyring
+            keyring = Keyring(self.keys_dir)
+            yield TufRepo(self.path, self._settings, keyring, utc(now)), keyring
 
-    def _snapshot_view(self) -> _TufRepo:
+    def _snapshot_view(self) -> TufRepo:
         """A read-only view of the current state (no lock: every file is replaced atomically)."""
-        return _TufRepo(self.path, self._load_settings(), None, None)
+        return TufRepo(self.path, self._load_settings(), None, None)
 
     # -- creation
     @classmethod
@@ -577,11 +170,11 @@ class VendorRepository:
     ) -> VendorRepository:
         """Create a repository: keys for every role, root v1 (self-signed), empty targets, snapshot, timestamp."""
         path = Path(path)
-        now = _utc(now)
+        now = utc(now)
         if algorithm not in ALGORITHMS:
             raise UnsupportedError(f"key algorithm {algorithm!r} is not supported; use one of {list(ALGORITHMS)}")
-        thr = _role_ints(thresholds or {}, "threshold")
-        kpr = _role_ints(keys_per_role or {}, "keys per role")
+        thr = role_ints(thresholds or {}, "threshold")
+        kpr = role_ints(keys_per_role or {}, "keys per role")
         for role in KEY_ROLES:
             thr.setdefault(role, 1)
             kpr.setdefault(role, thr[role])
@@ -592,17 +185,17 @@ class VendorRepository:
                 )
         exp = dict(DEFAULT_EXPIRY)
         for role, delta in (expiry or {}).items():
-            exp[_check_key_role(role)] = delta
+            exp[check_key_role(role)] = delta
         ca_bundle = None
         if report_ca is not None:
             ca_bundle = Path(report_ca).read_bytes()
-            _check_ca_bundle(ca_bundle)
+            check_ca_bundle(ca_bundle)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConflictError(f"{path} already exists and is not an empty folder; choose a new one")
         for sub in ("metadata", "targets"):
             (path / sub).mkdir(parents=True, exist_ok=True)
         (path / "keys").mkdir(mode=0o700, exist_ok=True)
-        settings = _Settings(
+        settings = Settings(
             algorithm=algorithm,
             thresholds=thr,
             keys_per_role=kpr,
@@ -610,9 +203,9 @@ class VendorRepository:
             report_ca="report-ca.pem" if ca_bundle is not None else None,
         )
         if ca_bundle is not None:
-            _write_atomic(path / "report-ca.pem", ca_bundle)
-        keyring = _Keyring(path / "keys")
-        tuf = _TufRepo(path, settings, keyring, now)
+            atomic_write(path / "report-ca.pem", ca_bundle, mode=0o644)
+        keyring = Keyring(path / "keys")
+        tuf = TufRepo(path, settings, keyring, now)
         for role in KEY_ROLES:
             keyring.generate(role, kpr[role], algorithm)
         with tuf.edit_root() as root:
@@ -625,7 +218,7 @@ class VendorRepository:
             pass
         tuf.do_snapshot()
         tuf.do_timestamp()
-        _write_atomic(path / "repo.toml", msgspec.toml.encode(settings))  # last: now it is a repository
+        atomic_write(path / "repo.toml", msgspec.toml.encode(settings), mode=0o644)  # last: now it is a repository
         return cls(path)
 
     # -- publishing (paper 4.4.2-4.4.3: the signed announcement and metadata of sw_j)
@@ -649,7 +242,7 @@ class VendorRepository:
         the metadata (the older image stays on disk for clients in the middle of an update).
         ``progress`` is called with the number of bytes processed, chunk by chunk.
         """
-        now = _utc(now)
+        now = utc(now)
         check_id(dtype, "dtype")
         if isinstance(release_counter, bool) or not isinstance(release_counter, int) or release_counter < 1:
             raise BadRequestError(
@@ -666,7 +259,7 @@ class VendorRepository:
                 _check_counter(tuf.delegated_targets(role), dtype, release_counter)
             folder = self.targets_dir / dtype
             folder.mkdir(exist_ok=True)
-            length, sha256 = _stream_copy(image, folder, name, progress)
+            length, sha256 = stream_copy(image, folder, name, progress)
             target = TargetFile(
                 length=length,
                 hashes={"sha256": sha256},
@@ -689,7 +282,7 @@ class VendorRepository:
                         targets.add_key(keyring.signers[keyid].public_key, role)
             with tuf.edit_targets(role) as delegated:
                 delegated.targets[path] = target
-            published = _PublishedLine(
+            published = PublishedLine(
                 dtype=dtype,
                 release_counter=release_counter,
                 path=path,
@@ -697,7 +290,7 @@ class VendorRepository:
                 sha256=sha256,
                 published_at=now,
             )
-            _append_line(self.published_file, _json.encode(published))
+            append_line(self.published_file, json_encoder.encode(published))
             tuf.do_snapshot()
             tuf.do_timestamp()  # the commit point: clients see the release from here on
         return PublishedTarget(
@@ -746,7 +339,7 @@ class VendorRepository:
         delegations in targets list the new keys, then every dtype role, targets, snapshot and
         timestamp are signed again. Old private keys move to ``keys/retired/``.
         """
-        _check_key_role(role)
+        check_key_role(role)
         with self._session(now) as (tuf, keyring):
             old = list(keyring.active[role])
             new = keyring.generate(role, self._settings.keys_per_role[role], self._settings.algorithm)
@@ -757,7 +350,7 @@ class VendorRepository:
                 raise
             keyring.retire(role, old)
 
-    def _rotate_metadata(self, tuf: _TufRepo, role: str, new: list[CryptoSigner]) -> None:
+    def _rotate_metadata(self, tuf: TufRepo, role: str, new: list[CryptoSigner]) -> None:
         if role in TOP_LEVEL_ROLES:
             with tuf.edit_root() as root:
                 for keyid in list(root.roles[role].keyids):
@@ -796,8 +389,8 @@ class VendorRepository:
         Persisted in repo.toml. Negative periods are accepted (they make metadata expire at once:
         what tests of clients need).
         """
-        _check_key_role(role)
-        with _file_lock(self.path / ".lock", self._lock):
+        check_key_role(role)
+        with file_lock(self.path / ".lock", self._lock):
             self._settings = self._load_settings()
             self._settings.expiry_seconds[role] = int(delta.total_seconds())
             self._save_settings()
@@ -840,14 +433,14 @@ class VendorRepository:
             out.append(RoleInfo(role, md.signed.version, md.signed.expires, d.threshold, tuple(d.keyids)))
         return out
 
-    def _published_index(self) -> dict[tuple[str, str], _PublishedLine]:
-        index: dict[tuple[str, str], _PublishedLine] = {}
-        for line in _complete_lines(self.published_file):
-            entry = _published_decoder.decode(line)
+    def _published_index(self) -> dict[tuple[str, str], PublishedLine]:
+        index: dict[tuple[str, str], PublishedLine] = {}
+        for line in complete_lines(self.published_file):
+            entry = published_decoder.decode(line)
             index[(entry.path, entry.sha256)] = entry
         return index
 
-    def _published(self, view: _TufRepo, role: str) -> list[PublishedTarget]:
+    def _published(self, view: TufRepo, role: str) -> list[PublishedTarget]:
         index = self._published_index()
         out: list[PublishedTarget] = []
         for path, target in view.delegated_targets(role).targets.items():
@@ -879,139 +472,27 @@ class VendorRepository:
 
     def trust_report_ca(self, bundle: bytes, *, append: bool = False) -> list[x509.Certificate]:
         """Set (or, with ``append``, extend) the CAs trusted to issue report signers' certificates."""
-        certs = _check_ca_bundle(bundle)
-        with _file_lock(self.path / ".lock", self._lock):
+        certs = check_ca_bundle(bundle)
+        with file_lock(self.path / ".lock", self._lock):
             self._settings = self._load_settings()
             file = self.path / "report-ca.pem"
             data = bundle
             if append and self._settings.report_ca is not None and (self.path / self._settings.report_ca).is_file():
                 data = (self.path / self._settings.report_ca).read_bytes().rstrip(b"\n") + b"\n" + bundle
-            _write_atomic(file, data)
+            atomic_write(file, data, mode=0o644)
             self._settings.report_ca = file.name
             self._save_settings()
         return load_certificates_pem(data) if append else certs
 
     # -- download reports (paper 4.4.5)
     def record_report(self, token: bytes, *, now: dt.datetime) -> Report:
-        """Verify sm's signed report of a verified download and append it to ``reports.jsonl``.
-
-        Order: bounded header parse -> signer certificate issued by a trusted report CA and valid
-        -> JWS signature, op, aud, time window -> body -> nonce never seen -> the target was
-        published with that hash -> recorded. Any failure raises (BadRequestError, TooLargeError,
-        UntrustedError, BadSignatureError, ReplayError, NotFoundError) and records nothing.
-        """
-        now = _utc(now)
-        alg, leaf = envelope.peek_signer(token, max_bytes=MAX_REPORT_BYTES)
-        cert, key = self._trusted_reporter(leaf, alg, now)
-        env = envelope.verify(token, cert, key, alg=alg, op=REPORT_OP, aud=REPORT_AUD, now=now)
-        body = _check_report_body(env.body)
-        verified_at = (
-            body.verified_at
-            if isinstance(body.verified_at, dt.datetime)
-            else _from_unix(body.verified_at, "verified_at")
-        )
-        with _file_lock(self.path / ".reports.lock", self._reports_lock):
-            self._sync_nonces()
-            if env.nonce in self._nonces:
-                raise ReplayError("this report was received before (its nonce is spent)", field="nonce")
-            entry = self._published_index().get((body.target_path, body.sha256))
-            if entry is None:
-                raise NotFoundError(
-                    f"no target {body.target_path} with sha256 {body.sha256} was published here", field="target_path"
-                )
-            if (entry.dtype, entry.release_counter, entry.length) != (body.dtype, body.release_counter, body.length):
-                raise BadRequestError(
-                    f"report says {body.target_path} is release {body.release_counter} of {body.dtype} "
-                    f"({body.length} bytes); it was published as release {entry.release_counter} of "
-                    f"{entry.dtype} ({entry.length} bytes)",
-                    field="release_counter",
-                )
-            line = _ReportLine(
-                dtype=body.dtype,
-                release_counter=body.release_counter,
-                target_path=body.target_path,
-                sha256=body.sha256,
-                length=body.length,
-                reporter=_cn(cert),
-                received_at=now,
-                verified_at=verified_at.astimezone(dt.UTC),
-                nonce=env.nonce,
-                serial=format(cert.serial_number, "x"),
-            )
-            _append_line(self.reports_file, _json.encode(line))
-            self._nonces.add(env.nonce)
-            self._reports_offset = self.reports_file.stat().st_size
-        return _report_of(line)
+        """Verify sm's signed report of a verified download and append it to ``reports.jsonl``
+        (:meth:`iotdlm.repository.reports.ReportLog.record`: the order of the checks)."""
+        return self._reports.record(token, now=now, cas=self.report_cas, published=self._published_index)
 
     def reports(self) -> list[Report]:
         """Every recorded report, oldest first."""
-        return [_report_of(_report_line_decoder.decode(line)) for line in _complete_lines(self.reports_file)]
-
-    def _sync_nonces(self) -> None:
-        """Read the nonces of reports appended since last time (by any process)."""
-        if not self.reports_file.exists():
-            return
-        with self.reports_file.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < self._reports_offset:
-                self._nonces.clear()
-                self._reports_offset = 0
-            f.seek(self._reports_offset)
-            data = f.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        for line in complete.splitlines():
-            if line.strip():
-                self._nonces.add(_report_line_decoder.decode(line).nonce)
-        self._reports_offset += len(complete)
-
-    def _trusted_reporter(self, leaf: bytes, alg: str, now: dt.datetime) -> tuple[x509.Certificate, envelope.JoseKey]:
-        cas = self.report_cas()
-        if not cas:
-            raise UntrustedError(
-                "this repository trusts no CA for download reports; configure one with `iotdlm repo trust --ca FILE`"
-            )
-        cert = load_certificate(leaf)
-        try:
-            subject = cert.subject.rfc4514_string()
-            candidates = [ca for ca in cas if ca.subject == cert.issuer]
-            if not candidates:
-                raise UntrustedError(f"report signer {subject} is not issued by a CA this repository trusts")
-            failure: UntrustedError | None = None
-            for ca in candidates:
-                if not (ca.not_valid_before_utc <= now <= ca.not_valid_after_utc):
-                    failure = UntrustedError(f"report CA {ca.subject.rfc4514_string()} is not valid now")
-                    continue
-                try:
-                    verify_issued_by(cert, ca, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
-                except UntrustedError as exc:
-                    failure = exc
-                    continue
-                public = check_public_key(cert.public_key())
-                if envelope.JWS_ALG[algorithm_of(public)] != alg:
-                    raise BadRequestError(f"JWS algorithm {alg} does not match the signer's key", field="alg")
-                return cert, envelope.jose_key(public)
-            assert failure is not None
-            raise failure
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            # cryptography parses extensions and keys lazily: a malformed one surfaces here
-            raise UntrustedError("report signer certificate has a malformed extension or public key") from exc
-
-
-# --- module helpers -----------------------------------------------------------------------------
-def _check_key_role(role: str) -> str:
-    if role not in KEY_ROLES:
-        raise BadRequestError(f"unknown role {role!r}: use one of {list(KEY_ROLES)}", field="role")
-    return role
-
-
-def _role_ints(values: dict[str, int], what: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for role, n in values.items():
-        _check_key_role(role)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise BadRequestError(f"{what} of role {role} must be an integer >= 1, got {n!r}", field=what)
-        out[role] = n
-    return out
+        return self._reports.all()
 
 
 def _check_counter(existing: Targets, dtype: str, release_counter: int) -> None:
@@ -1028,98 +509,15 @@ def _check_counter(existing: Targets, dtype: str, release_counter: int) -> None:
         )
 
 
-def _stream_copy(image: Path, folder: Path, name: str, progress: Callable[[int], None] | None) -> tuple[int, str]:
-    """Hash and copy ``image`` into ``folder/<sha256>.<name>`` one chunk at a time; (length, sha256)."""
-    digest = hashlib.sha256()
-    length = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    tmp = folder / f".tmp-{secrets.token_hex(8)}"
-    try:
-        with image.open("rb") as src, open(tmp, "xb") as dst:
-            while n := src.readinto(buf):
-                digest.update(view[:n])
-                dst.write(view[:n])
-                length += n
-                if progress is not None:
-                    progress(n)
-            dst.flush()
-            os.fsync(dst.fileno())
-        sha256 = digest.hexdigest()
-        os.replace(tmp, folder / f"{sha256}.{name}")
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return length, sha256
-
-
-def _from_unix(value: float, field: str) -> dt.datetime:
-    try:
-        return dt.datetime.fromtimestamp(value, dt.UTC)
-    except (OverflowError, OSError, ValueError) as exc:
-        raise BadRequestError(f"{field} is not a valid time", field=field) from exc
-
-
-def _check_report_body(raw: bytes) -> ReportBody:
-    try:
-        body = _report_body_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"report body is not valid: {exc}") from exc
-    check_id(body.dtype, "dtype")
-    if body.release_counter < 1:
-        raise BadRequestError("release_counter must be >= 1", field="release_counter")
-    parent, _, name = body.target_path.partition("/")
-    if parent != body.dtype:
-        raise BadRequestError(f"target_path must be {body.dtype}/<name>", field="target_path")
-    check_id(name, "target name")
-    if not _SHA256_RE.match(body.sha256):
-        raise BadRequestError("sha256 must be 64 lowercase hex digits", field="sha256")
-    if body.length < 0:
-        raise BadRequestError("length must be >= 0", field="length")
-    if isinstance(body.verified_at, dt.datetime) and body.verified_at.tzinfo is None:
-        raise BadRequestError("verified_at must carry a time zone (RFC 3339)", field="verified_at")
-    return body
-
-
-def _report_of(line: _ReportLine) -> Report:
-    return Report(
-        dtype=line.dtype,
-        release_counter=line.release_counter,
-        target_path=line.target_path,
-        sha256=line.sha256,
-        reporter=line.reporter,
-        received_at=line.received_at,
-        nonce=line.nonce,
-        verified_at=line.verified_at,
-        length=line.length,
-    )
-
-
-def report_body(target: PublishedTarget, *, verified_at: dt.datetime) -> dict[str, Any]:
-    """The body sm seals (op ``repository.report``, aud ``repository``) to report ``target`` verified."""
-    return {
-        "dtype": target.dtype,
-        "release_counter": target.release_counter,
-        "target_path": target.path,
-        "sha256": target.sha256,
-        "length": target.length,
-        "verified_at": _utc(verified_at).isoformat().replace("+00:00", "Z"),
-    }
-
-
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_EXPIRY",
+    "DTYPE_ROLE_PREFIX",
     "KEY_ROLES",
-    "MAX_REPORT_BYTES",
     "RELEASES",
-    "REPORT_AUD",
-    "REPORT_OP",
     "TOP_LEVEL_ROLES",
     "PublishedTarget",
     "Report",
-    "ReportBody",
     "RoleInfo",
     "VendorRepository",
     "dtype_role",

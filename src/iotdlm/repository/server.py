@@ -43,7 +43,8 @@ from iotdlm.errors import (
     UnavailableError,
     UntrustedError,
 )
-from iotdlm.repository.repo import MAX_REPORT_BYTES, VendorRepository
+from iotdlm.repository.repo import VendorRepository
+from iotdlm.wire.report import MAX_REPORT_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
 - :mod:`iotdlm.sm.service` -- sm on the bus (pm's API, poll schedule, notifications);
 - :mod:`iotdlm.sm.config` -- configuration in a deployment folder; ``iotdlm sm`` is :mod:`iotdlm.cli.sm`.
 
-pm's side of the contract (Algorithm 1, formats) is pure and lives in :mod:`iotdlm.wire.software`.
+pm's side of the contract (Algorithm 1, formats) is pure and lives in :mod:`iotdlm.software`.
 """
 
 from iotdlm.sm.fetcher import Fetcher, HttpFetcher, NoEgressFetcher, PostResponse, TufFetcher

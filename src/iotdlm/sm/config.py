@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 import tomli_w
 
+from iotdlm import software
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, NotFoundError
@@ -92,8 +93,8 @@ def load_meta_key(data: Path) -> bytes:
     if not path.is_file():
         raise NotFoundError(f"no sm-pm key at {path}: run `iotdlm sm setup` first")
     key = path.read_bytes()
-    if len(key) != sw.KEY_BYTES:
-        raise BadRequestError(f"{path} must hold exactly {sw.KEY_BYTES} bytes", field="sm-pm key")
+    if len(key) != software.KEY_BYTES:
+        raise BadRequestError(f"{path} must hold exactly {software.KEY_BYTES} bytes", field="sm-pm key")
     return key
 
 
@@ -120,7 +121,7 @@ def setup(
     Running it again updates the configuration; a different root also clears ngclient's metadata
     cache (it was verified from the old anchor). The sm-pm key is never replaced.
     """
-    sw.load_trusted_root(root, field="root")  # parses, and is signed by its own keys
+    software.load_trusted_root(root, field="root")  # parses, and is signed by its own keys
     config = SmConfig(
         repository_url=repository_url.rstrip("/"),
         dtypes=sorted(set(dtypes)),
@@ -144,7 +145,7 @@ def setup(
         kp.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(kp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(sw.KEY_BYTES))
+            f.write(secrets.token_bytes(software.KEY_BYTES))
     return config
 
 

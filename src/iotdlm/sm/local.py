@@ -3,7 +3,7 @@
 Layout under sm's folder (``DIR/sm``)::
 
     <dtype>/<release_counter>/image       the software, as the repository signed it
-    <dtype>/<release_counter>/meta.enc    meta_repo (the bundle, iotdlm.wire.software), AES-256-GCM
+    <dtype>/<release_counter>/meta.enc    meta_repo (the bundle, iotdlm.software), AES-256-GCM
     <dtype>/<release_counter>/sig_sm      sign(sk_sm, SHA-256(meta || image))
     <dtype>/<release_counter>/info.json   unencrypted: dtype, release_counter, target_path, length,
                                           sha256, stored_at (what pm lists)
@@ -30,7 +30,9 @@ from pathlib import Path
 import msgspec
 
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError
+from iotdlm.files import atomic_write
 from iotdlm.wire import software as sw
+from iotdlm.wire.report import ReportBody
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class DtypeState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True)
 class SmState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     dtypes: dict[str, DtypeState] = {}
     #: verified downloads not yet acknowledged by the repository (retried on every check)
-    pending_reports: list[sw.ReportBody] = []
+    pending_reports: list[ReportBody] = []
 
 
 def fsync_dir(path: Path) -> None:
@@ -61,21 +63,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 @dataclass(frozen=True)
@@ -236,4 +223,4 @@ class LocalRepository:
 
     def save_state(self, state: SmState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.root / STATE, msgspec.json.encode(state), mode=0o600)
+        atomic_write(self.root / STATE, msgspec.json.encode(state), mode=0o600)

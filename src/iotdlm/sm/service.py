@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 
-from iotdlm.aio import cancel_and_wait
+from iotdlm.aio import stop_serving
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.errors import IotdlmError, RejectedError
@@ -155,11 +155,7 @@ class SmService:
             log.warning("could not publish sm event %s: %s", event.kind, exc)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks, what="sm tasks")
-        self._tasks.clear()
-        for sub in self._subs:
-            await sub.unsubscribe()
-        self._subs.clear()
+        await stop_serving(self._tasks, self._subs, what="sm tasks")
         guard, self.guard = self.guard, None
         if guard is not None:
             await guard.stop()

@@ -17,7 +17,7 @@ One :meth:`SoftwareManager.check` for a dtype D:
    hashed on the fly (the signed hashes, and SHA-256(meta || sw) for ``sig_sm``).
 4. *Store* (4.4.4, Fig. 8): ``image``, ``meta.enc`` (AES-256-GCM under the sm-pm key), ``sig_sm``,
    ``info.json``, renamed into place at once. Before storing, the bundle is verified with the very
-   function pm runs (:func:`iotdlm.wire.software.verify_repo_metadata`).
+   function pm runs (:func:`iotdlm.software.verify_repo_metadata`).
 5. *Report* (4.4.5): a JWS envelope signed by sm (op ``repository.report``) POSTed to the
    repository; if it cannot be delivered it is kept and retried after later checks.
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import fcntl
 import logging
 import os
@@ -50,6 +51,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.updater import Updater
 
+from iotdlm import software
 from iotdlm.clock import Clock
 from iotdlm.errors import (
     BadRequestError,
@@ -66,6 +68,7 @@ from iotdlm.sm.fetcher import Fetcher, TufFetcher
 from iotdlm.sm.local import META_ENC, SIG_SM, DtypeState, LocalRepository, StoredPaths
 from iotdlm.wire import software as sw
 from iotdlm.wire.envelope import Sealer
+from iotdlm.wire.report import OP_REPORT, REPORT_AUDIENCE, ReportBody
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ class _HashWorker:
     """Feeds one hash in a worker thread. hashlib releases the GIL on large updates, so the hashes
     of a chunk run beside the receiving and writing of the next ones; at most ``depth`` chunks wait."""
 
-    def __init__(self, hasher: sw.Hasher, depth: int = 4) -> None:
+    def __init__(self, hasher: software.Hasher, depth: int = 4) -> None:
         self._hasher = hasher
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="sm-hash", daemon=True)
@@ -182,12 +185,12 @@ class SoftwareManager:
         self.root = Path(root)
         self.repository_url = repository_url.rstrip("/")
         self.trusted_root = trusted_root
-        self.pinned = sw.load_trusted_root(trusted_root)  # refuse a damaged anchor at once
+        self.pinned = software.load_trusted_root(trusted_root)  # refuse a damaged anchor at once
         self.fetcher = fetcher
         self.key = key
         self.sealer = sealer
-        if len(meta_key) != sw.KEY_BYTES:
-            raise ValueError(f"the sm-pm key must be {sw.KEY_BYTES} bytes")
+        if len(meta_key) != software.KEY_BYTES:
+            raise ValueError(f"the sm-pm key must be {software.KEY_BYTES} bytes")
         self.meta_key = meta_key
         self.clock = clock
         self.max_image_bytes = max_image_bytes
@@ -256,7 +259,7 @@ class SoftwareManager:
 
     def _check(self, dtype: str, progress: Progress | None) -> CheckResult:
         now = self.clock.now()
-        role = sw.role_name(dtype)
+        role = software.role_name(dtype)
 
         # steps 1-2: TUF metadata only (timestamp, snapshot, targets, dtype-D): ngclient verifies
         updater = self._updater()
@@ -310,21 +313,31 @@ class SoftwareManager:
                 field="image",
             )
 
-        # meta_repo: verify it exactly as pm will (Algorithm 1, step 2) before downloading sw
-        meta = sw.encode_bundle(
+        meta = self._meta_repo(dtype, latest, target, targets_raw, role_raw)
+        return self._store(dtype, latest, target, meta, progress)
+
+    def _meta_repo(self, dtype: str, latest: int, target: TargetFile, targets_raw: bytes, role_raw: bytes) -> bytes:
+        """meta_repo: verify it exactly as pm will (Algorithm 1, step 2) before downloading sw."""
+        meta = software.encode_bundle(
             dtype=dtype, target_path=target.path, roots=self._root_chain(), targets=targets_raw, role=role_raw
         )
-        verified = sw.verify_repo_metadata(sw.decode_bundle(meta), self.trusted_root, dtype=dtype)
+        verified = software.verify_repo_metadata(software.decode_bundle(meta), self.trusted_root, dtype=dtype)
         if (verified.release_counter, verified.length, verified.hashes) != (latest, target.length, target.hashes):
             raise UntrustedError(
                 "the metadata bundle does not describe the target ngclient verified", field="meta_repo"
             )
+        return meta
 
+    def _store(
+        self, dtype: str, latest: int, target: TargetFile, meta: bytes, progress: Progress | None
+    ) -> CheckResult:
+        """Algorithm 2 steps 3-5: download sw_{j+a}, check its hash, store it with meta.enc and sig_sm;
+        queue the report of the verified download."""
         # step 3-4: download sw_{j+a}, check its hash, store it with meta.enc and sig_sm
         with self.local.staging(dtype, latest) as stage:
             digest, sha256 = self._download(self._target_url(target), target, stage.paths.image, meta, progress)
-            stage.write(META_ENC, sw.encrypt_meta(meta, self.meta_key, dtype, latest))
-            stage.write(SIG_SM, sw.sign_sig_sm(self.key, digest))
+            stage.write(META_ENC, software.encrypt_meta(meta, self.meta_key, dtype, latest))
+            stage.write(SIG_SM, software.sign_sig_sm(self.key, digest))
             stored_at = self.clock.now()
             info = sw.StoredSoftware(
                 dtype=dtype,
@@ -338,13 +351,13 @@ class SoftwareManager:
         log.info("stored %s release %d (%d bytes)", dtype, latest, target.length)
 
         # step 5: report the verified download
-        report = sw.ReportBody(
+        report = ReportBody(
             dtype=dtype,
             release_counter=latest,
             target_path=target.path,
             sha256=sha256,
             length=target.length,
-            verified_at=sw.iso(stored_at),
+            verified_at=stored_at.astimezone(dt.UTC),
         )
         state = self.local.load_state()
         state.pending_reports.append(report)
@@ -367,7 +380,7 @@ class SoftwareManager:
         tie = False
         for path, target in role.targets.items():
             if not delegation.is_delegated_path(path):
-                log.warning("ignoring target %s: outside the paths delegated to %s", path, sw.role_name(dtype))
+                log.warning("ignoring target %s: outside the paths delegated to %s", path, software.role_name(dtype))
                 continue
             custom = target.custom
             counter = custom.get("release_counter") if isinstance(custom, dict) else None
@@ -382,10 +395,10 @@ class SoftwareManager:
             return None
         if tie:
             raise ConflictError(
-                f"{sw.role_name(dtype)} lists several targets with release counter {best[0]}; refused",
+                f"{software.role_name(dtype)} lists several targets with release counter {best[0]}; refused",
                 field="release_counter",
             )
-        sw.custom_fields(best[1], dtype, field="hardware_id")  # wrong dtype: refused
+        software.custom_fields(best[1], dtype, field="hardware_id")  # wrong dtype: refused
         return best
 
     def _root_chain(self) -> list[bytes]:
@@ -407,10 +420,10 @@ class SoftwareManager:
     ) -> tuple[bytes, str]:
         """Stream ``url`` into ``dest``; (SHA-256(meta || sw), sha256 hex of sw) once length and every
         signed hash match. More bytes than signed: cut off and refused."""
-        hashers = {alg: sw.new_hasher(alg) for alg in target.hashes}
+        hashers = {alg: software.new_hasher(alg) for alg in target.hashes}
         if "sha256" not in hashers:
-            hashers["sha256"] = sw.new_hasher("sha256")
-        sig = sw.sig_sm_hasher(meta)
+            hashers["sha256"] = software.new_hasher("sha256")
+        sig = software.sig_sm_hasher(meta)
         # each hash in its own thread, beside the receiving and writing done here
         workers = [_HashWorker(sig), *(_HashWorker(h) for h in hashers.values())]
         received = 0
@@ -437,7 +450,7 @@ class SoftwareManager:
             for w in workers:
                 w.close()
         observed = {alg: h.hexdigest() for alg, h in hashers.items()}
-        sw.check_hashes(target.hashes, observed, target.length, received)
+        software.check_hashes(target.hashes, observed, target.length, received)
         return sig.digest(), observed["sha256"]
 
     # --- reports (4.4.5) --------------------------------------------------------------------------
@@ -447,7 +460,7 @@ class SoftwareManager:
         state = self.local.load_state()
         if not state.pending_reports:
             return set()
-        keep: list[sw.ReportBody] = []
+        keep: list[ReportBody] = []
         delivered: set[tuple[str, str]] = set()
         unreachable = False
         for body in state.pending_reports:
@@ -465,9 +478,9 @@ class SoftwareManager:
         self.local.save_state(state)
         return delivered
 
-    def _post_report(self, body: sw.ReportBody) -> bool:
+    def _post_report(self, body: ReportBody) -> bool:
         """True when the repository accepted the report; False when it refused it (not retried)."""
-        token = self.sealer.seal(sw.OP_REPORT, msgspec.to_builtins(body), aud=sw.REPORT_AUDIENCE, now=self.clock.now())
+        token = self.sealer.seal(OP_REPORT, msgspec.to_builtins(body), aud=REPORT_AUDIENCE, now=self.clock.now())
         resp = self.fetcher.post(f"{self.repository_url}/reports", token, content_type=JOSE)
         if 200 <= resp.status < 300:
             return True

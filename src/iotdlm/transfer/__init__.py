@@ -10,7 +10,7 @@ Pure (no I/O: bytes and a time in, a decision or new state and effects out):
   state machines of the old provider, the new provider and the device;
 - :mod:`~iotdlm.transfer.attestation` -- evidence and verifier; :mod:`~iotdlm.transfer.status`.
 
-I/O shell around them: :mod:`~iotdlm.transfer.service` (SP1 and SP2 on their stores, CA2's
+I/O shell around them: :mod:`~iotdlm.transfer.shell` (SP1 and SP2 on their stores, CA2's
 registration, CA1's revocation), :mod:`~iotdlm.transfer.agent` (the device agent),
 :mod:`~iotdlm.transfer.identity` (the transfer signing identity in a deployment folder),
 :mod:`~iotdlm.cli.transfer` (``iotdlm transfer``).

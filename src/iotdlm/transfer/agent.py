@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,12 +34,13 @@ from cryptography import x509
 from iotdlm.clock import Clock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError
+from iotdlm.files import atomic_write
 from iotdlm.pki import est_proof
 from iotdlm.pki.chain import certs_to_pem, der, load_certificate, load_certificates_pem
 from iotdlm.pki.keys import check_public_key, load_private_key_pem
 from iotdlm.transfer import attestation, device
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
-from iotdlm.transfer.service import Receipt, Sp1Service, Sp2Verifier, StaticUpdateServer, UpdateImage
+from iotdlm.transfer.shell import Receipt, Sp1Service, Sp2Verifier, StaticUpdateServer, UpdateImage
 
 WELL_KNOWN_EST = "/.well-known/est"
 
@@ -199,13 +199,8 @@ class LocalFallback:
 # --- the agent -------------------------------------------------------------------------------------------
 def _atomic(path: Path, data: bytes) -> None:
     """Write-then-rename (the agent is the only writer of its files, one operation at a time)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data, mode=0o644)
 
 
 class DeviceAgent:

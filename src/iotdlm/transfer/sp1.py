@@ -1,6 +1,6 @@
 """SP1, the provider that hands a fleet over (seed 003 VII-C/D, Fig. 4), as a PURE state machine.
 
-``(state, bytes, now) -> (new state, effects)``; the shell (:mod:`iotdlm.transfer.service`) loads
+``(state, bytes, now) -> (new state, effects)``; the shell (:mod:`iotdlm.transfer.shell`) loads
 and saves :class:`Sp1Transfer`, audits :class:`Refused`, revokes, signs and delivers.
 
 1. :func:`export` -- the UpdateInfoList of the devices to hand over, signed with SP1's agreed

@@ -23,7 +23,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, NotRequired, Protocol, TypedDict, TypeVar, Unpack
 
 from cryptography import x509
 
@@ -199,35 +199,66 @@ class _Tracker:
         return [r.device_id for r in moved]
 
 
-# --- SP1 ------------------------------------------------------------------------------------------------
-class Sp1Service:
-    """The provider handing its fleet over, on its own deployment (CA1 = its operational CA)."""
+_T = TypeVar("_T", sp1.Sp1Transfer, sp2.Sp2Transfer)
+
+
+class Seams(TypedDict):
+    """What SP1 and SP2 are built on, besides their own seam: their store, identity and clock, and
+    the entropy of their nonces (default: the OS's)."""
+
+    store: TransferStore
+    identity: TransferIdentity
+    clock: Clock
+    entropy: NotRequired[Entropy]
+
+
+class _Provider(Generic[_T]):
+    """What SP1 and SP2 share: their tables, identity, clock and entropy, the per-device tracker,
+    and loading and saving the state of their pure machine (:mod:`~iotdlm.transfer.sp1`,
+    :mod:`~iotdlm.transfer.sp2`) by transfer id."""
 
     def __init__(
         self,
+        role: str,
+        parse: Callable[[str], _T],
         *,
         store: TransferStore,
         identity: TransferIdentity,
         clock: Clock,
-        fallback_uri: str,
         entropy: Entropy = secrets.token_bytes,
     ) -> None:
+        self.role = role
+        self._parse: Callable[[str], _T] = parse
         self.store = store
         self.tables = store
         self.identity = identity
         self.clock = clock
-        self.fallback_uri = fallback_uri
         self.entropy = entropy
-        self.devices = _Tracker(self.tables, SP1, clock)
+        self.devices = _Tracker(self.tables, role, clock)
 
-    def _load(self, tid: str) -> sp1.Sp1Transfer:
-        rec = self.tables.get_transfer(SP1, tid)
+    def _load(self, tid: str) -> _T:
+        rec = self.tables.get_transfer(self.role, tid)
         if rec is None:
-            raise NotFoundError(f"no transfer {tid} at this provider (as SP1)", field="transfer")
-        return sp1.Sp1Transfer.from_json(rec.state)
+            raise NotFoundError(f"no transfer {tid} at this provider (as {self.role.upper()})", field="transfer")
+        return self._parse(rec.state)
 
-    def _save(self, t: sp1.Sp1Transfer) -> None:
-        self.tables.save_transfer(TransferRecord(SP1, t.transfer_id, t.to_json(), t.created_at, self.clock.now()))
+    def _save(self, t: _T) -> None:
+        self.tables.save_transfer(TransferRecord(self.role, t.transfer_id, t.to_json(), t.created_at, self.clock.now()))
+
+    def transfers(self) -> list[TransferRecord]:
+        return self.tables.list_transfers(self.role)
+
+    def status(self, tid: str) -> dict[str, TransferDeviceRecord]:
+        return self.devices.rows(tid)
+
+
+# --- SP1 ------------------------------------------------------------------------------------------------
+class Sp1Service(_Provider[sp1.Sp1Transfer]):
+    """The provider handing its fleet over, on its own deployment (CA1 = its operational CA)."""
+
+    def __init__(self, *, fallback_uri: str, **seams: Unpack[Seams]) -> None:
+        super().__init__(SP1, sp1.Sp1Transfer.from_json, **seams)
+        self.fallback_uri = fallback_uri
 
     def _refused(self, what: str, tid: str | None, exc: RejectedError) -> None:
         """FR2/FR1 refusals at SP1 go into the hash-chained audit log."""
@@ -376,42 +407,14 @@ class Sp1Service:
                 done = await asyncio.to_thread(self.devices.set, t.transfer_id, list(e.device_ids), st.REVOKED_AT_CA1)
         return done
 
-    def transfers(self) -> list[TransferRecord]:
-        return self.tables.list_transfers(SP1)
-
-    def status(self, tid: str) -> dict[str, TransferDeviceRecord]:
-        return self.devices.rows(tid)
-
 
 # --- SP2 ------------------------------------------------------------------------------------------------
-class Sp2Service:
+class Sp2Service(_Provider[sp2.Sp2Transfer]):
     """The provider taking the fleet over, on its own deployment (CA2 = its operational CA)."""
 
-    def __init__(
-        self,
-        *,
-        store: TransferStore,
-        identity: TransferIdentity,
-        clock: Clock,
-        registrar: Registrar,
-        entropy: Entropy = secrets.token_bytes,
-    ) -> None:
-        self.store = store
-        self.tables = store
-        self.identity = identity
-        self.clock = clock
+    def __init__(self, *, registrar: Registrar, **seams: Unpack[Seams]) -> None:
+        super().__init__(SP2, sp2.Sp2Transfer.from_json, **seams)
         self.registrar = registrar
-        self.entropy = entropy
-        self.devices = _Tracker(self.tables, SP2, clock)
-
-    def _load(self, tid: str) -> sp2.Sp2Transfer:
-        rec = self.tables.get_transfer(SP2, tid)
-        if rec is None:
-            raise NotFoundError(f"no transfer {tid} at this provider (as SP2)", field="transfer")
-        return sp2.Sp2Transfer.from_json(rec.state)
-
-    def _save(self, t: sp2.Sp2Transfer) -> None:
-        self.tables.save_transfer(TransferRecord(SP2, t.transfer_id, t.to_json(), t.created_at, self.clock.now()))
 
     def accept(
         self,
@@ -514,12 +517,6 @@ class Sp2Service:
         at = self.clock.now().isoformat()
         self.devices.set(tid, [e.device_id for e in enrolled], st.ENROLLED, detail={"confirmed": at})
         return token
-
-    def transfers(self) -> list[TransferRecord]:
-        return self.tables.list_transfers(SP2)
-
-    def status(self, tid: str) -> dict[str, TransferDeviceRecord]:
-        return self.devices.rows(tid)
 
 
 class Sp2Verifier:
