@@ -255,7 +255,7 @@ def decrypt_key(envelope_der: bytes, key: PrivateKey) -> bytes:
 def _decode(data: bytes, spec: _T, what: str) -> _T:
     try:
         value, rest = der_decoder.decode(data, asn1Spec=spec)
-    except (PyAsn1Error, ValueError, TypeError, IndexError, KeyError) as exc:
+    except (PyAsn1Error, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         raise BadRequestError(f"the server-generated key is not {what}") from exc
     if rest:
         raise BadRequestError(f"the server-generated key's {what} has trailing data")
