@@ -44,7 +44,10 @@ def nats_server(dep: Deployment) -> EmbeddedNatsServer:
         jetstream_dir=dep.root / "nats" / "jetstream",
         **tls,  # type: ignore[arg-type]
     )
-    return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf")
+    # with TLS the server expects the handshake first and verifies clients: its greeting is read
+    # with the supervisor's (modes) certificate
+    client_tls = dep.client_tls(dep.identity("modes")) if dep.config.nats.tls else None
+    return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf", client_tls=client_tls)
 
 
 async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdentity]:
@@ -57,6 +60,7 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
         name=f"iotdlm-{name}",
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
         allow_plain=dep.config.nats.allow_plain,
+        tls_handshake_first=dep.config.nats.tls_handshake_first,
     )
     return bus, ident
 

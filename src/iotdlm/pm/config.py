@@ -230,6 +230,7 @@ async def connect_as(dep: Deployment, name: str) -> Bus:
         name=f"iotdlm-{name}",
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
         allow_plain=dep.config.nats.allow_plain,
+        tls_handshake_first=dep.config.nats.tls_handshake_first,
     )
 
 
