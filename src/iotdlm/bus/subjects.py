@@ -110,11 +110,12 @@ def kv_read_api(bucket: str) -> tuple[str, ...]:
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.STREAM.MSG.GET.{stream}",
-        # a watch is an ordered consumer: created, checked, deleted, flow-controlled
+        # a watch is an ordered consumer: created without a name (the server picks one), checked
+        # and flow-controlled. Not deleted: it expires on its own (inactive_threshold) when its
+        # reader goes. So no reader may delete, or create by name (an update: redirect), another
+        # reader's consumer.
         f"$JS.API.CONSUMER.CREATE.{stream}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.INFO.{stream}.*",
-        f"$JS.API.CONSUMER.DELETE.{stream}.*",
         f"$JS.FC.{stream}.>",
     )
 
