@@ -60,7 +60,7 @@ from iotdlm.bus.server import (
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
 from iotdlm.modes import messages as m
-from iotdlm.modes.guard import MODE_ALARM
+from iotdlm.modes.guard import MODE_ALARM, AlarmLimiter
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import (
     DEFAULT_COMMANDS,
@@ -509,6 +509,8 @@ class Supervisor:
         self._env = base_env
         self._embedded = dep.config.nats.url is None if embedded_nats is None else embedded_nats
         self._monotonic = monotonic
+        #: a module (or a stolen login) flooding mode alarms does not flood the audit log
+        self._alarms = AlarmLimiter(monotonic=monotonic)
         self._nats: NatsProcess | None = None
         self._bus: Bus | None = None
         self._kv: KeyValue | None = None
@@ -838,8 +840,16 @@ class Supervisor:
         try:
             alarm = m.decode(msg.data, m.ModeAlarm)
             data: dict[str, object] = {"module": module, "revision": alarm.revision, "reason": alarm.reason[:500]}
+            if alarm.suppressed:
+                data["suppressed"] = alarm.suppressed
         except errors.RejectedError as exc:
             data = {"module": module, "reason": f"malformed alarm: {exc.message}"[:500]}
+        held = self._alarms.admit(f"{module}: {data['reason']}")
+        if held is None:
+            log.debug("mode alarm of %s held back (rate limit): %s", module, data["reason"])
+            return
+        if held:
+            data["held_back_by_supervisor"] = held
         log.error("%s refused the mode record: %s", module, data.get("reason"))
         try:
             await self._audit_alarm(module, "mode_record_refused", data)
