@@ -10,12 +10,12 @@ import datetime as dt
 
 from cryptography import x509
 
-from iotdlm.bus import Bus
-from iotdlm.bus.nats import connect
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
-from iotdlm.client.km import KmTrust
+from iotdlm.client.connect import connect_identity as connect_identity
+from iotdlm.client.connect import km_trust as km_trust
+from iotdlm.client.connect import sealer_for as sealer_for
 from iotdlm.clock import Clock
-from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
+from iotdlm.deployment import ISSUING_CAS, Deployment
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.records import record_for
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
@@ -23,7 +23,6 @@ from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate
 from iotdlm.pki.keys import KeySigner, PrivateKey, load_private_key_pem
 from iotdlm.store import Store
-from iotdlm.wire.envelope import Sealer
 
 
 def open_store(dep: Deployment, *, migrate: bool = True) -> Store:
@@ -50,34 +49,10 @@ def nats_server(dep: Deployment) -> EmbeddedNatsServer:
     return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf", client_tls=client_tls)
 
 
-async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdentity]:
-    ident = dep.identity(name)
-    bus = await connect(
-        dep.nats_url,
-        module=ident.module,
-        user=ident.nats.user,
-        password=ident.nats.password,
-        name=f"iotdlm-{name}",
-        tls=dep.client_tls(ident) if dep.config.nats.tls else None,
-        allow_plain=dep.config.nats.allow_plain,
-        tls_handshake_first=dep.config.nats.tls_handshake_first,
-    )
-    return bus, ident
-
-
-def sealer_for(ident: ModuleIdentity) -> Sealer:
-    return Sealer(ident.key, ident.certificate)
-
-
 def km_identity(dep: Deployment) -> tuple[PrivateKey, x509.Certificate]:
     """km's service key and certificate: they sign its replies and audit checkpoints (ADR 0006)."""
     ident = dep.identity("km")
     return ident.key, ident.certificate
-
-
-def km_trust(dep: Deployment) -> KmTrust:
-    """What km's signed replies must chain to (ADR 0006): the deployment's service CA."""
-    return KmTrust(dep.ca_certificate("service"))
 
 
 def load_root(dep: Deployment, passphrase: bytes) -> IssuingCA:

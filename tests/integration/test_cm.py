@@ -1273,3 +1273,23 @@ async def test_cm_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> No
         await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=other))
     with pytest.raises(ServerCertificateError, match="--tls-key"):
         await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=tmp_path / "missing.pem"))
+
+
+@pytest.mark.real_clock
+async def test_cm_asks_km_for_the_registered_factory_cas(site: Site) -> None:
+    """The external factory CAs registered for a trust transfer reach cm's TLS trust through km's
+    signed reply on ``km.ca.factory_cas`` (cm imports neither km nor the store: lint-imports keeps
+    it so); a CA registered after cm started needs a cm restart."""
+    from iotdlm.km.registry import FactoryRegistry
+    from tests.helpers import make_pki
+
+    external = make_pki().root
+    assert der(external) not in site.cm.tls.get_ca_certs(binary_form=True)
+    FactoryRegistry(site.store, site.clock).register_cas([external], actor="test")
+    km = await site.client("cm")
+    assert [der(c) for c in await km.factory_cas()] == [der(external)]
+    restarted = await CmService.from_deployment(site.dep, CmConfig(https_port=0, http_port=None), clock=site.clock)
+    try:
+        assert der(external) in restarted.tls.get_ca_certs(binary_form=True)
+    finally:
+        await restarted.stop()

@@ -31,6 +31,9 @@ KM_ISSUE_BATCH = f"{PREFIX}.km.certificate.issue_batch"
 KM_RENEW = f"{PREFIX}.km.certificate.renew"
 KM_GET = f"{PREFIX}.km.certificate.get"
 KM_CHAIN = f"{PREFIX}.km.ca.chain"
+#: the external factory CAs registered for a trust transfer (cm accepts device client certificates
+#: from them): cm asks km instead of reading km's database
+KM_FACTORY_CAS = f"{PREFIX}.km.ca.factory_cas"
 KM_REVOKE = f"{PREFIX}.km.certificate.revoke"
 KM_OCSP = f"{PREFIX}.km.va.ocsp"
 KM_CRL = f"{PREFIX}.km.va.crl"
@@ -166,7 +169,15 @@ PERMISSIONS: dict[str, Permissions] = {
         jetstream=_READ_MODE,
     ),
     "cm": Permissions(
-        publish=(KM_RENEW, f"{KM_EST}.>", f"{PREFIX}.km.va.>", KM_CHAIN, KM_AUDIT_CHECKPOINT, f"{EVENTS}.cm.>"),
+        publish=(
+            KM_RENEW,
+            f"{KM_EST}.>",
+            f"{PREFIX}.km.va.>",
+            KM_CHAIN,
+            KM_FACTORY_CAS,
+            KM_AUDIT_CHECKPOINT,
+            f"{EVENTS}.cm.>",
+        ),
         subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,
         jetstream=_READ_MODE,

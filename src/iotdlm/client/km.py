@@ -181,6 +181,17 @@ class KmClient:
         reply = await self._call(s.KM_CHAIN, msg.encode({"nonce": self._nonce()}), timeout=self.timeout)
         return msg.decode(reply, msg.ChainResponse, what="km reply")
 
+    async def factory_cas(self) -> list[x509.Certificate]:
+        """The external factory CAs registered with km for a trust transfer (cm's TLS trusts them)."""
+        reply = await self._call(s.KM_FACTORY_CAS, msg.encode({"nonce": self._nonce()}), timeout=self.timeout)
+        out = msg.decode(reply, msg.FactoryCasResponse, what="km reply")
+        try:
+            return [load_certificate(c) for c in out.certificates]
+        except RejectedError as exc:
+            raise UntrustedError(
+                f"km reply is not valid: a factory CA certificate is malformed ({exc.message})"
+            ) from exc
+
     async def get(self, serial: str, issuer: str | None = None) -> msg.CertificateInfo:
         reply = await self._call(
             s.KM_GET,

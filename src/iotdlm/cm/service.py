@@ -19,6 +19,7 @@ from typing import Protocol
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm import cm_https
 from iotdlm.bus import Bus, Message, Subscription
@@ -144,24 +145,27 @@ class CmService:
         ``check_mode`` (the default) cm watches the operation mode (a ModeGuard) and refuses what
         Table 1 forbids. ``config.tls_cert``/``tls_key``: an operator's HTTPS pair instead of the
         one iotdlm issued."""
-        from iotdlm.client.km import KmClient, KmTrust
+        from iotdlm.client.connect import connect_identity, km_trust, sealer_for
+        from iotdlm.client.km import KmClient
         from iotdlm.modes.guard import ModeGuard
         from iotdlm.modes.signed import ModeVerifier
-        from iotdlm.runtime import connect_identity, sealer_for
 
         clock = clock or SystemClock()
         files = (
             (config.tls_cert, config.tls_key) if config.tls_cert is not None and config.tls_key is not None else None
         )
-        tls = deployment_tls(dep, _registered_factory_cas(dep, clock), now=clock.now(), server_files=files)
+        tls = deployment_tls(dep, now=clock.now(), server_files=files)  # a bad pair fails before connecting
         bus, ident = await connect_identity(dep, "cm")
-        km = KmClient(
-            bus,
-            sealer_for(ident),
-            clock,
-            timeout=config.limits.km_timeout,
-            trust=KmTrust(dep.ca_certificate("service")),
-        )
+        km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout, trust=km_trust(dep))
+        try:
+            # the external factory CAs registered for a trust transfer: cm asks km (a signed reply),
+            # it never opens km's database; read at start (restart cm after registering a new CA)
+            registered = await km.factory_cas()
+        except BaseException:
+            await bus.close()
+            raise
+        if registered:
+            tls.context.load_verify_locations(cadata=b"".join(c.public_bytes(Encoding.DER) for c in registered))
         guard = ModeGuard(bus, ModeVerifier.for_deployment(dep, clock)) if check_mode else None
         return cls(
             config,
@@ -257,16 +261,3 @@ class CmService:
         if bus is not None:
             with contextlib.suppress(Exception):
                 await bus.close()
-
-
-def _registered_factory_cas(dep: Deployment, clock: Clock) -> list[x509.Certificate]:
-    """External factory CAs registered with km for a trust transfer (read at start: restart cm
-    after registering a new CA). km still checks every presented certificate itself."""
-    from iotdlm.km.registry import FactoryRegistry
-    from iotdlm.runtime import open_store
-
-    store = open_store(dep)
-    try:
-        return FactoryRegistry(store, clock).client_cas()
-    finally:
-        store.close()

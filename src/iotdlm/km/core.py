@@ -346,8 +346,7 @@ class Km:
             self._ca_revoked[ca.name] = seen
         if seen[1]:
             raise ConflictError(
-                f"the {ca.name} CA is revoked: it issues no more certificates; "
-                "a new issuing CA must take its place",
+                f"the {ca.name} CA is revoked: it issues no more certificates; a new issuing CA must take its place",
                 field="profile",
             )
 
@@ -579,7 +578,7 @@ class Km:
                 raise NotAuthorizedError(
                     "EST serverkeygen is off: km would send the device's new private key through cm in the "
                     "clear (cm would see it); make the key on the device and use simpleenroll, or have the "
-                    "operator set est_serverkeygen = \"cleartext\" (docs/adr/0008-est-device-proof.md)",
+                    'operator set est_serverkeygen = "cleartext" (docs/adr/0008-est-device-proof.md)',
                     field="operation",
                     device_id=cred.device_id,
                 )
@@ -654,6 +653,11 @@ class Km:
         return msg.ChainResponse(
             root=der(root), chains={name: [der(c) for c in ca.chain] for name, ca in self.cas.items()}
         )
+
+    def factory_cas(self) -> msg.FactoryCasResponse:
+        """The registered external factory CAs (seed 003 VII-C): cm's TLS accepts device client
+        certificates from them."""
+        return msg.FactoryCasResponse(certificates=[der(c) for c in self.registry.client_cas()])
 
     def get(self, req: msg.GetRequest) -> msg.CertificateInfo:
         serial = _hex_serial(req.serial)
