@@ -71,6 +71,9 @@ MODE_KEY = "mode"
 #: event name (``iotdlm.v1.events.<module>.mode_alarm``): a service refused a mode record it could
 #: not verify as signed by the supervisor; the supervisor listens and audits it (issue 11)
 MODE_ALARM = "mode_alarm"
+#: the event name of a message refused because its signer's certificate (km's, the supervisor's)
+#: is revoked; the supervisor audits it
+SIGNER_ALARM = "signer_alarm"
 
 # --- events (publish only, one branch per module) ---------------------------------------------
 EVENTS = f"{PREFIX}.events"
@@ -149,7 +152,8 @@ _READ_MODE = kv_read_api(MODE_BUCKET)
 
 PERMISSIONS: dict[str, Permissions] = {
     "km": Permissions(
-        publish=(f"{EVENTS}.km.>",),
+        # KM_CRL: km's own mode guard checks the supervisor's certificate against the service CA's CRL
+        publish=(f"{EVENTS}.km.>", KM_CRL),
         # km workers hear each other's revocations (to drop cached OCSP answers)
         subscribe=(f"{PREFIX}.km.>", _inbox("km"), f"{EVENTS}.km.>"),
         allow_responses=True,
@@ -157,13 +161,14 @@ PERMISSIONS: dict[str, Permissions] = {
     ),
     "pm": Permissions(
         # CM_PING: pm refuses to work while cm runs (defence in depth beside the mode)
-        publish=(KM_ISSUE, KM_ISSUE_BATCH, KM_CHAIN, f"{SM_PREFIX}.software.>", CM_PING, f"{EVENTS}.pm.>"),
+        # KM_CRL: the signers of km's replies and of the mode record are checked against the CRL
+        publish=(KM_ISSUE, KM_ISSUE_BATCH, KM_CHAIN, KM_CRL, f"{SM_PREFIX}.software.>", CM_PING, f"{EVENTS}.pm.>"),
         subscribe=(f"{PREFIX}.pm.>", _inbox("pm")),
         allow_responses=True,
         jetstream=_READ_MODE,
     ),
     "sm": Permissions(
-        publish=(f"{CM_EGRESS}.>", f"{EVENTS}.sm.>"),
+        publish=(f"{CM_EGRESS}.>", KM_CRL, f"{EVENTS}.sm.>"),
         subscribe=(f"{SM_PREFIX}.>", _inbox("sm")),
         allow_responses=True,
         jetstream=_READ_MODE,
@@ -192,7 +197,7 @@ PERMISSIONS: dict[str, Permissions] = {
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(
         publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
-        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}"),
+        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}", f"{EVENTS}.*.{SIGNER_ALARM}"),
         allow_responses=True,
         jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET)),
     ),

@@ -8,6 +8,7 @@ from iotdlm.bus import Bus
 from iotdlm.bus.nats import connect
 from iotdlm.client.km import KmTrust
 from iotdlm.deployment import Deployment, ModuleIdentity
+from iotdlm.pki.revocation import ServiceCrls
 from iotdlm.wire.envelope import Sealer
 
 
@@ -32,5 +33,7 @@ def sealer_for(ident: ModuleIdentity) -> Sealer:
 
 
 def km_trust(dep: Deployment) -> KmTrust:
-    """What km's signed replies must chain to (ADR 0006): the deployment's service CA."""
-    return KmTrust(dep.ca_certificate("service"))
+    """What km's signed replies must chain to (ADR 0006): the deployment's service CA; and km's
+    certificate must not be on that CA's CRL (fetched from km's VA, cached until its nextUpdate)."""
+    ca = dep.ca_certificate("service")
+    return KmTrust(ca, crls=ServiceCrls(ca, partitions=dep.config.crl_partitions))

@@ -41,8 +41,10 @@ from types import TracebackType
 from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, KeyValueEntry, Subscription
+from iotdlm.client import revocation
 from iotdlm.modes.messages import ModeAlarm, ModeRecord, encode
 from iotdlm.modes.signed import ModeVerifier
+from iotdlm.pki.revocation import RevokedSignerError
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,8 @@ class ModeGuard:
         await self._set(entry)
 
     async def _set(self, entry: KeyValueEntry | None) -> None:
+        if entry is not None and entry.value:
+            await self._verifier.refresh_revocation(entry.value, self._bus)
         try:
             record = parse_record(entry, self._verifier)
             self.problem = None
@@ -214,6 +218,8 @@ class ModeGuard:
             record = None
             self.problem = exc.message
             await self._alarm(entry.revision, exc.message)
+            if isinstance(exc, RevokedSignerError):
+                await revocation.alarm(self._bus, subjects.SUPERVISOR, exc.message)
         if record != self._record:
             log.info("%s: operation mode is now %s", self._bus.module, record.mode if record is not None else "unknown")
         self._record = record

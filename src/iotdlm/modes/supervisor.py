@@ -612,6 +612,9 @@ class Supervisor:
             self._subs.append(await self._bus.serve(subjects.MODES_SET, self._on_set))
             self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
             self._subs.append(await self._bus.subscribe(subjects.events("*", MODE_ALARM), self._on_mode_alarm))
+            self._subs.append(
+                await self._bus.subscribe(subjects.events("*", subjects.SIGNER_ALARM), self._on_signer_alarm)
+            )
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
         except BaseException:
@@ -855,6 +858,24 @@ class Supervisor:
             await self._audit_alarm(module, "mode_record_refused", data)
         except errors.IotdlmError as exc:
             log.error("could not audit the mode alarm of %s: %s", module, exc)
+
+    async def _on_signer_alarm(self, msg: Message) -> None:
+        """A module refused a message whose signer (km, the supervisor) has a revoked certificate:
+        into the audit log, rate-limited like the mode alarms."""
+        module = msg.subject.split(".")[-2]
+        try:
+            body = msgspec.json.decode(msg.data, type=dict[str, object])
+            data: dict[str, object] = {"module": module, "signer": str(body.get("signer"))[:40]}
+            data["reason"] = str(body.get("reason"))[:500]
+        except msgspec.DecodeError:
+            data = {"module": module, "reason": "malformed signer alarm"}
+        if self._alarms.admit(f"{module}: {data['reason']}") is None:
+            return
+        log.error("%s refused a message of a revoked signer: %s", module, data["reason"])
+        try:
+            await self._audit_alarm(module, "revoked_signer", data)
+        except errors.IotdlmError as exc:
+            log.error("could not audit the signer alarm of %s: %s", module, exc)
 
     async def _on_set(self, msg: Message) -> bytes:
         req = m.decode(msg.data, m.SetRequest)

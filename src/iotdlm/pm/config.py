@@ -23,7 +23,8 @@ import msgspec
 import tomli_w
 
 from iotdlm.bus import Bus
-from iotdlm.client.km import KmClient, KmTrust
+from iotdlm.client.connect import km_trust
+from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment
@@ -264,7 +265,7 @@ def build_provisioner(
             Sealer(ident.key, ident.certificate),
             clock,
             timeout=km_timeout,
-            trust=KmTrust(dep.ca_certificate("service")),
+            trust=km_trust(dep),
         ),
         sm=SmClient(bus, timeout=km_timeout),
         flasher=flasher,
