@@ -35,6 +35,7 @@ from iotdlm.cm import CmConfig, CmService, EgressConfig, Limits
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient, EstUnavailableError
 from iotdlm.errors import (
+    ModeError,
     NotAuthorizedError,
     UnavailableError,
     UntrustedError,
@@ -42,7 +43,7 @@ from iotdlm.errors import (
 from iotdlm.km import KmService
 from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.messages import ModeRecord
-from iotdlm.modes.signed import seal_record
+from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
@@ -1293,3 +1294,46 @@ async def test_cm_asks_km_for_the_registered_factory_cas(site: Site) -> None:
         assert der(external) in restarted.tls.get_ca_certs(binary_form=True)
     finally:
         await restarted.stop()
+
+
+@pytest.mark.real_clock
+async def test_attack_revoked_supervisor_and_km_certificates_are_refused(site: Site) -> None:
+    """Issue 11 leftover: the supervisor's (modes) key and km's key are stolen, and the operator
+    revokes their certificates. A service that checks the mode afterwards refuses the mode record
+    signed by the revoked supervisor certificate, and a client refuses km's replies signed by the
+    revoked km certificate: both fetch the service CA's CRLs from km's VA (full and delta of the
+    certificate's partition, verified against the service CA) and publish a signer alarm, which
+    the supervisor writes to the audit log."""
+    alarms: asyncio.Queue[tuple[str, dict[str, str]]] = asyncio.Queue()
+    listener = await site.nats.connect("admin")
+    site.buses.append(listener)
+
+    async def on_alarm(m: object) -> None:
+        alarms.put_nowait((m.subject, json.loads(m.data)))  # type: ignore[attr-defined]
+
+    await listener.subscribe(subjects.events("*", subjects.SIGNER_ALARM), on_alarm)  # type: ignore[arg-type]
+    admin = await site.client("admin")
+    supervisor = site.dep.identity(subjects.SUPERVISOR).certificate
+    await admin.revoke(serial=format(supervisor.serial_number, "x"), issuer="service", reason="keyCompromise")
+
+    bus = await site.nats.connect("cm")
+    site.buses.append(bus)
+    async with ModeGuard(bus, ModeVerifier.for_deployment(site.dep, site.clock)) as guard:
+        assert guard.mode is None
+        assert guard.problem is not None
+        assert "is revoked" in guard.problem
+        with pytest.raises(ModeError, match="cannot be trusted"):
+            guard.require({"certificate-management"}, "serving EST")
+    subject, alarm = await asyncio.wait_for(alarms.get(), 10)
+    assert subject == subjects.events("cm", subjects.SIGNER_ALARM)
+    assert alarm["signer"] == subjects.SUPERVISOR
+    assert format(supervisor.serial_number, "x") in alarm["reason"]
+
+    km_cert = site.dep.identity("km").certificate
+    await admin.revoke(serial=format(km_cert.serial_number, "x"), issuer="service", reason="keyCompromise")
+    fresh = await site.client("admin")  # a client started after the revocation (no CRL cached)
+    with pytest.raises(UntrustedError, match="is revoked"):
+        await fresh.chain()
+    subject, alarm = await asyncio.wait_for(alarms.get(), 10)
+    assert alarm["signer"] == "km"
+    assert format(km_cert.serial_number, "x") in alarm["reason"]

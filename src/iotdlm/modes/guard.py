@@ -217,16 +217,14 @@ class ModeGuard:
             assert entry is not None
             record = None
             self.problem = exc.message
-            await self._alarm(entry.revision, exc.message)
-            if isinstance(exc, RevokedSignerError):
-                await revocation.alarm(self._bus, subjects.SUPERVISOR, exc.message)
+            await self._alarm(entry.revision, exc.message, revoked=isinstance(exc, RevokedSignerError))
         if record != self._record:
             log.info("%s: operation mode is now %s", self._bus.module, record.mode if record is not None else "unknown")
         self._record = record
         self._confirmed_at = self._monotonic()
         self._changed.set()
 
-    async def _alarm(self, revision: int, reason: str) -> None:
+    async def _alarm(self, revision: int, reason: str, *, revoked: bool) -> None:
         if self._alarmed == revision:
             return
         self._alarmed = revision
@@ -248,6 +246,8 @@ class ModeGuard:
             await self._bus.publish(mode_alarm_subject(module), encode(alarm))
         except errors.IotdlmError as exc:
             log.error("%s could not publish the mode alarm: %s", module, exc)
+        if revoked:  # the supervisor's certificate is revoked: its key is the operator's worry
+            await revocation.alarm(self._bus, subjects.SUPERVISOR, reason)
 
     # --- reading ----------------------------------------------------------------------------
     @property
