@@ -32,17 +32,13 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from iotdlm.errors import BadSignatureError, UntrustedError
+from iotdlm.errors import BadSignatureError, RevokedSignerError, UntrustedError
 from iotdlm.pki.ca import crl_partition
 
 #: the CRL of a partition: full or delta (both name the full CRL's URL as their distribution point)
 _PARTITION_URL = re.compile(r"/crl/([A-Za-z0-9_-]+)/(\d+)\.(crl|delta)$")
 #: a CRL larger than this is refused (km's are far below: see iotdlm.pki.crl.max_entries_for)
 MAX_CRL_BYTES = 4 << 20
-
-
-class RevokedSignerError(UntrustedError):
-    """The signer's certificate is on the service CA's CRL (on the wire: ``untrusted``)."""
 
 
 @dataclass
