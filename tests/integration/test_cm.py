@@ -1291,7 +1291,13 @@ async def test_cm_asks_km_for_the_registered_factory_cas(site: Site) -> None:
     assert [der(c) for c in await km.factory_cas()] == [der(external)]
     restarted = await CmService.from_deployment(site.dep, CmConfig(https_port=0, http_port=None), clock=site.clock)
     try:
-        assert der(external) in restarted.tls.get_ca_certs(binary_form=True)
+        await restarted.start()
+
+        async def trusted() -> None:
+            while der(external) not in restarted.tls.get_ca_certs(binary_form=True):  # noqa: ASYNC110 - set by cm
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(trusted(), 10)
     finally:
         await restarted.stop()
 
