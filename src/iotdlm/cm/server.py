@@ -615,7 +615,9 @@ class CmApp:
             if out.private_key is None:
                 raise InternalError("km answered serverkeygen without a private key")
             ctype, multipart = est.serverkeygen_multipart(out.private_key, certs)
-            return web.Response(body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store", **dropped})
+            return web.Response(
+                body=multipart, headers={"Content-Type": ctype, "Cache-Control": "no-store", **dropped}
+            )
         return web.Response(
             body=est.encode_base64_body(certs),
             headers={"Content-Type": est.CERTS_ONLY, "Content-Transfer-Encoding": "base64", **dropped},
