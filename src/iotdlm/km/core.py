@@ -346,7 +346,8 @@ class Km:
             self._ca_revoked[ca.name] = seen
         if seen[1]:
             raise ConflictError(
-                f"the {ca.name} CA is revoked: it issues no more certificates; a new issuing CA must take its place",
+                f"the {ca.name} CA is revoked: it issues no more certificates; "
+                "a new issuing CA must take its place",
                 field="profile",
             )
 
@@ -578,7 +579,7 @@ class Km:
                 raise NotAuthorizedError(
                     "EST serverkeygen is off: km would send the device's new private key through cm in the "
                     "clear (cm would see it); make the key on the device and use simpleenroll, or have the "
-                    'operator set est_serverkeygen = "cleartext" (docs/adr/0008-est-device-proof.md)',
+                    "operator set est_serverkeygen = \"cleartext\" (docs/adr/0008-est-device-proof.md)",
                     field="operation",
                     device_id=cred.device_id,
                 )
