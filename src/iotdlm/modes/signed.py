@@ -78,9 +78,17 @@ class ModeVerifier:
     async def refresh_revocation(self, value: bytes, bus: Bus) -> None:
         """Fetch the CRLs needed to check the signer of ``value``, if they are not fresh (the
         guard calls this before :meth:`verify`)."""
-        leaf = self.signer(value) if self.crls is not None else None
-        if self.crls is not None and leaf is not None and leaf.issuer == self._ca.subject:
-            await revocation.refresh(self.crls, bus, leaf, self._clock.now())
+        if self.crls is None:
+            return
+        leaf = self.signer(value)
+        if leaf is None:
+            return
+        now = self._clock.now()
+        try:
+            verify_issued_by(leaf, self._ca, now=now)  # no fetch on behalf of a certificate not ours
+        except errors.RejectedError:
+            return
+        await revocation.refresh(self.crls, bus, leaf, now)
 
     def verify(self, value: bytes) -> ModeRecord:
         try:
