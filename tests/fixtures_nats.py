@@ -12,6 +12,7 @@ Tests that use a real server carry ``@pytest.mark.nats``.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +40,17 @@ class RunningNats:
         return await connect(self.url, module=module, user=u.user, password=u.password, **kwargs)
 
 
-def start_nats(directory: Path, users: list[NatsUser] | None = None, **config: Any) -> RunningNats:
+def start_nats(
+    directory: Path, users: list[NatsUser] | None = None, *, client_tls: ssl.SSLContext | None = None, **config: Any
+) -> RunningNats:
     """Start an embedded nats-server in ``directory`` on a free loopback port (a few tries if
-    the port was taken between picking and binding). Stop it with ``.server.stop()``."""
+    the port was taken between picking and binding). Stop it with ``.server.stop()``.
+    ``client_tls``: what reads the greeting of a TLS server that verifies clients."""
     users = users if users is not None else generate_users(subjects.MODULES)
     last: RuntimeError | None = None
     for _ in range(3):
         cfg = NatsServerConfig(port=free_port(), users=users, **config)
-        server = EmbeddedNatsServer(cfg, directory / "nats.conf")
+        server = EmbeddedNatsServer(cfg, directory / "nats.conf", client_tls=client_tls)
         try:
             server.start()
         except RuntimeError as e:

@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from iotdlm.client.km import KmTrust
 from iotdlm.km import Km
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki import est_proof
@@ -55,6 +56,15 @@ class Pki:
             )
             self.identities[name] = Identity(name, key, cert, Sealer(key, cert))
         return self.identities[name]
+
+    def km_identity(self) -> tuple[PrivateKey, x509.Certificate]:
+        """km's key and certificate: what signs its replies (ADR 0006), as ``iotdlm`` runs km."""
+        km = self.module("km")
+        return km.key, km.cert
+
+    def km_trust(self) -> KmTrust:
+        """What km's signed replies must chain to: this PKI's service CA."""
+        return KmTrust(self.cas["service"].certificate)
 
     def tls_server(self, name: str, *, now: dt.datetime = NOW) -> Identity:
         """A TLS server certificate (profile ``tls-server``: serverAuth only) for localhost / 127.0.0.1."""

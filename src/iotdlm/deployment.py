@@ -78,6 +78,10 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     #: plain nats:// to a host that is not loopback (ADR 0007): only on a network you trust; every
     #: module logs a warning at each start
     allow_plain: bool = False
+    #: over TLS, start with the TLS handshake (the embedded server expects it): an active attacker
+    #: cannot strip TLS. ``false`` only for an external server without ``handshake_first`` in its
+    #: tls block; every module logs a warning at each start
+    tls_handshake_first: bool = True
 
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

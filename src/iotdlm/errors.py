@@ -74,6 +74,12 @@ class UntrustedError(RejectedError):
     code = "untrusted"
 
 
+class RevokedSignerError(UntrustedError):
+    """The certificate that signed a message (km's reply, the mode record) is on its CA's CRL."""
+
+    code = "revoked_signer"
+
+
 class ReplayError(RejectedError):
     """A nonce was seen before, or a timestamp is outside the accepted window."""
 

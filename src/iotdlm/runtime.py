@@ -1,8 +1,9 @@
 """Wiring: from a deployment folder to running pieces (store, NATS server, bus connections, km).
 
 The CLI and the demo call these; services get their seams (Clock, Bus, Store, Signer) here and
-nowhere else. :func:`open_store` and :func:`connect_identity` live in :mod:`iotdlm.connections`
-(one copy, which pm's wiring shares: pm may not import this module, it pulls in km).
+nowhere else. :func:`open_store` lives in :mod:`iotdlm.connections` and :func:`connect_identity`
+in :mod:`iotdlm.client.connect` (one copy each, which pm's and cm's wiring share: neither may
+import this module, it pulls in km).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import datetime as dt
 from cryptography import x509
 
 from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, NatsUser
-from iotdlm.client.km import KmTrust
+from iotdlm.client.connect import connect_identity as connect_identity
+from iotdlm.client.connect import km_trust as km_trust
+from iotdlm.client.connect import sealer_for as sealer_for
 from iotdlm.clock import Clock
-from iotdlm.connections import connect_identity as connect_identity
 from iotdlm.connections import open_store as open_store
-from iotdlm.deployment import ISSUING_CAS, Deployment, ModuleIdentity
+from iotdlm.deployment import ISSUING_CAS, Deployment
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.audit import Anchored, read_stream_heads
 from iotdlm.km.cert_views import record_for
@@ -25,7 +27,6 @@ from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate
 from iotdlm.pki.keys import KeySigner, PrivateKey, load_private_key_pem
 from iotdlm.store import Store
-from iotdlm.wire.envelope import Sealer
 
 
 def nats_server(dep: Deployment) -> EmbeddedNatsServer:
@@ -42,7 +43,10 @@ def nats_server(dep: Deployment) -> EmbeddedNatsServer:
         jetstream_dir=dep.root / "nats" / "jetstream",
         **tls,  # type: ignore[arg-type]
     )
-    return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf")
+    # with TLS the server expects the handshake first and verifies clients: its greeting is read
+    # with the supervisor's (modes) certificate
+    client_tls = dep.client_tls(dep.identity("modes")) if dep.config.nats.tls else None
+    return EmbeddedNatsServer(cfg, dep.root / "nats" / "nats.conf", client_tls=client_tls)
 
 
 async def audit_stream_heads(dep: Deployment) -> tuple[list[Anchored], list[str]]:
@@ -56,19 +60,10 @@ async def audit_stream_heads(dep: Deployment) -> tuple[list[Anchored], list[str]
         await bus.close()
 
 
-def sealer_for(ident: ModuleIdentity) -> Sealer:
-    return Sealer(ident.key, ident.certificate)
-
-
 def km_identity(dep: Deployment) -> tuple[PrivateKey, x509.Certificate]:
     """km's service key and certificate: they sign its replies and audit checkpoints (ADR 0006)."""
     ident = dep.identity("km")
     return ident.key, ident.certificate
-
-
-def km_trust(dep: Deployment) -> KmTrust:
-    """What km's signed replies must chain to (ADR 0006): the deployment's service CA."""
-    return KmTrust(dep.ca_certificate("service"))
 
 
 def load_root(dep: Deployment, passphrase: bytes) -> IssuingCA:

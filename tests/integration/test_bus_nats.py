@@ -288,16 +288,17 @@ async def test_tls_client_trusting_the_ca_connects_and_others_do_not(tmp_path: P
 @pytest.mark.nats
 async def test_tls_with_client_certificates(tmp_path: Path) -> None:
     pki = _write_pki(tmp_path)
+    with_cert = ssl.create_default_context(cafile=str(pki["ca"]))
+    with_cert.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
     running = start_nats(
         tmp_path,
+        client_tls=with_cert,
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
         tls_ca=pki["ca"],
         verify_clients=True,
     )
     try:
-        with_cert = ssl.create_default_context(cafile=str(pki["ca"]))
-        with_cert.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
         bus = await running.connect("admin", tls=with_cert)
         await bus.close()
         without_cert = ssl.create_default_context(cafile=str(pki["ca"]))
@@ -305,6 +306,109 @@ async def test_tls_with_client_certificates(tmp_path: Path) -> None:
             await running.connect("admin", tls=without_cert)
     finally:
         running.server.stop()
+
+
+async def _plain_greeting(host: str, port: int) -> bytes:
+    """What a plain-text client reads from the server within a second, then after its CONNECT."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        with contextlib.suppress(TimeoutError):
+            greeting = await asyncio.wait_for(reader.read(4096), 1.0)
+            return greeting
+        writer.write(b'CONNECT {"user":"km","pass":"x"}\r\nPING\r\n')
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        try:
+            after = await asyncio.wait_for(reader.read(4096), WAIT)
+        except ConnectionError:
+            after = b""
+        return b"after CONNECT: " + after
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+@pytest.mark.real_clock
+@pytest.mark.nats
+async def test_tls_server_speaks_tls_first_and_refuses_a_plain_text_client(tmp_path: Path) -> None:
+    """With TLS the server expects the TLS handshake first (``handshake_first``): it greets no
+    plain-text client (no INFO an attacker could imitate without ``tls_required``), cuts off one that
+    sends CONNECT in clear, and a client that waits for a plain greeting before TLS cannot connect."""
+    pki = _write_pki(tmp_path)
+    running = start_nats(tmp_path, tls_cert=pki["server_cert"], tls_key=pki["server_key"])
+    try:
+        cfg = running.server.config
+        assert await _plain_greeting(cfg.host, cfg.port) == b"after CONNECT: "
+        trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+        with pytest.raises(errors.UnavailableError):
+            await running.connect("km", tls=trusting, tls_handshake_first=False, connect_timeout=1.0)
+        bus = await running.connect("km", tls=trusting)  # TLS first: the default
+        await bus.close()
+    finally:
+        running.server.stop()
+
+
+class _StrippingServer:
+    """An attacker answering on the NATS port as a plain server: its greeting does not ask for TLS
+    (``tls_required`` absent), and it records everything a client sends."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _StrippingServer:
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b'INFO {"server_id":"x","version":"2.10.0","proto":1,"max_payload":1048576,"auth_required":true}\r\n'
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            while chunk := await asyncio.wait_for(reader.read(4096), WAIT):
+                self.received += chunk
+                if b"PING" in self.received:
+                    writer.write(b"PONG\r\n")
+                    await writer.drain()
+        writer.close()
+
+
+@pytest.mark.real_clock
+@pytest.mark.nats
+@pytest.mark.parametrize("handshake_first", [True, False], ids=["tls-first", "upgrade-on-info"])
+async def test_attack_tls_stripping_server_gets_no_password(tmp_path: Path, handshake_first: bool) -> None:
+    """An active attacker answering as the NATS server with a plain greeting that does not ask for
+    TLS: a client that starts with the TLS handshake (``connect``'s default) sends it no password;
+    the control case shows that nats-py's upgrade on INFO would have sent it in clear."""
+    pki = _write_pki(tmp_path)
+    trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+    async with _StrippingServer() as attacker:
+        url = f"tls://127.0.0.1:{attacker.port}"
+        with contextlib.suppress(errors.UnavailableError):
+            bus = await connect(
+                url,
+                module="km",
+                user="km",
+                password="s3cret-pw",
+                tls=trusting,
+                tls_handshake_first=handshake_first,
+                connect_timeout=2.0,
+            )
+            await bus.close()
+    if handshake_first:
+        assert b"s3cret-pw" not in attacker.received
+        assert b"CONNECT" not in attacker.received
+    else:
+        assert b"s3cret-pw" in attacker.received
 
 
 # --- JetStream --------------------------------------------------------------------------------
@@ -544,6 +648,7 @@ def test_render_config_jetstream_and_tls(tmp_path: Path) -> None:
     assert f"store_dir: {quote(str(tmp_path / 'js'))}" in text
     assert f"cert_file: {quote(str(tmp_path / 'c.pem'))}" in text
     assert "verify: false" in text
+    assert "handshake_first: true" in text  # nothing in plain text (an attacker cannot strip TLS)
     assert 'http: "127.0.0.1:8222"' in text
     assert EmbeddedNatsServer(cfg, tmp_path / "n.conf").url == "tls://127.0.0.1:4222"
 

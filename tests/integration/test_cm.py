@@ -35,6 +35,7 @@ from iotdlm.cm import CmConfig, CmService, EgressConfig, Limits
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient, EstUnavailableError
 from iotdlm.errors import (
+    ModeError,
     NotAuthorizedError,
     UnavailableError,
     UntrustedError,
@@ -42,7 +43,7 @@ from iotdlm.errors import (
 from iotdlm.km import KmService
 from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.messages import ModeRecord
-from iotdlm.modes.signed import seal_record
+from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
@@ -1287,3 +1288,72 @@ async def test_cm_refuses_an_operator_pair_it_cannot_serve(tmp_path: Path) -> No
         await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=other))
     with pytest.raises(ServerCertificateError, match="--tls-key"):
         await CmService.from_deployment(dep, CmConfig(tls_cert=good_chain, tls_key=tmp_path / "missing.pem"))
+
+
+@pytest.mark.real_clock
+async def test_cm_asks_km_for_the_registered_factory_cas(site: Site) -> None:
+    """The external factory CAs registered for a trust transfer reach cm's TLS trust through km's
+    signed reply on ``km.ca.factory_cas`` (cm imports neither km nor the store: lint-imports keeps
+    it so); a CA registered after cm started needs a cm restart."""
+    from iotdlm.km.registry import FactoryRegistry
+    from tests.helpers import make_pki
+
+    external = make_pki().root
+    assert der(external) not in site.cm.tls.get_ca_certs(binary_form=True)
+    FactoryRegistry(site.store, site.clock).register_cas([external], actor="test")
+    km = await site.client("cm")
+    assert [der(c) for c in await km.factory_cas()] == [der(external)]
+    restarted = await CmService.from_deployment(site.dep, CmConfig(https_port=0, http_port=None), clock=site.clock)
+    try:
+        await restarted.start()
+
+        async def trusted() -> None:
+            while der(external) not in restarted.tls.get_ca_certs(binary_form=True):  # noqa: ASYNC110 - set by cm
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(trusted(), 10)
+    finally:
+        await restarted.stop()
+
+
+@pytest.mark.real_clock
+async def test_attack_revoked_supervisor_and_km_certificates_are_refused(site: Site) -> None:
+    """Issue 11 leftover: the supervisor's (modes) key and km's key are stolen, and the operator
+    revokes their certificates. A service that checks the mode afterwards refuses the mode record
+    signed by the revoked supervisor certificate, and a client refuses km's replies signed by the
+    revoked km certificate: both fetch the service CA's CRLs from km's VA (full and delta of the
+    certificate's partition, verified against the service CA) and publish a signer alarm, which
+    the supervisor writes to the audit log."""
+    alarms: asyncio.Queue[tuple[str, dict[str, str]]] = asyncio.Queue()
+    listener = await site.nats.connect("admin")
+    site.buses.append(listener)
+
+    async def on_alarm(m: object) -> None:
+        alarms.put_nowait((m.subject, json.loads(m.data)))  # type: ignore[attr-defined]
+
+    await listener.subscribe(subjects.events("*", subjects.SIGNER_ALARM), on_alarm)  # type: ignore[arg-type]
+    admin = await site.client("admin")
+    supervisor = site.dep.identity(subjects.SUPERVISOR).certificate
+    await admin.revoke(serial=format(supervisor.serial_number, "x"), issuer="service", reason="keyCompromise")
+
+    bus = await site.nats.connect("cm")
+    site.buses.append(bus)
+    async with ModeGuard(bus, ModeVerifier.for_deployment(site.dep, site.clock)) as guard:
+        assert guard.mode is None
+        assert guard.problem is not None
+        assert "is revoked" in guard.problem
+        with pytest.raises(ModeError, match="cannot be trusted"):
+            guard.require({"certificate-management"}, "serving EST")
+    subject, alarm = await asyncio.wait_for(alarms.get(), 10)
+    assert subject == subjects.events("cm", subjects.SIGNER_ALARM)
+    assert alarm["signer"] == subjects.SUPERVISOR
+    assert format(supervisor.serial_number, "x") in alarm["reason"]
+
+    km_cert = site.dep.identity("km").certificate
+    await admin.revoke(serial=format(km_cert.serial_number, "x"), issuer="service", reason="keyCompromise")
+    fresh = await site.client("admin")  # a client started after the revocation (no CRL cached)
+    with pytest.raises(UntrustedError, match="is revoked"):
+        await fresh.chain()
+    subject, alarm = await asyncio.wait_for(alarms.get(), 10)
+    assert alarm["signer"] == "km"
+    assert format(km_cert.serial_number, "x") in alarm["reason"]

@@ -83,3 +83,42 @@ async def test_deployment_nats_and_km(tmp_path, tls: bool) -> None:
     finally:
         store.close()
         server.stop()
+
+
+@pytest.mark.nats
+@pytest.mark.real_clock
+async def test_supervisor_starts_a_tls_first_server_and_reads_its_greeting_over_tls(tmp_path) -> None:
+    """`iotdlm up` with `[nats] tls = true`: the supervisor's nats-server speaks TLS first and verifies
+    clients, so its greeting (the random name of this start) is read over TLS with the modes
+    certificate; a module then connects (TLS first) and a plain-text client is cut off."""
+    import asyncio
+
+    from iotdlm.modes.supervisor import NatsProcess
+
+    clock = SystemClock()
+    dep, _ = init_deployment(
+        tmp_path / "d",
+        organization="T",
+        algorithm=Algorithm.P256,
+        dtypes=["b"],
+        passphrase=b"pw",
+        nats_port=free_port(),
+        nats_tls=True,
+        now=clock.now(),
+    )
+    dep = Deployment.load(dep.root)
+    proc = NatsProcess(nats_server(dep))
+    await proc.start()
+    try:
+        assert "handshake_first: true" in proc.server.config_path.read_text()
+        bus, _ = await connect_identity(dep, "sm")
+        await bus.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", dep.config.nats.port)
+        try:
+            writer.write(b'CONNECT {"user":"sm"}\r\nPING\r\n')
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(4096), 10) == b""  # no INFO, no PONG: closed
+        finally:
+            writer.close()
+    finally:
+        await proc.stop()

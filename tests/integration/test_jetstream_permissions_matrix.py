@@ -31,6 +31,7 @@ from tests.fixtures_nats import RunningNats, start_nats
 MODULES = [*s.MODULES, s.SUPERVISOR]
 MODE = s.kv_stream(s.MODE_BUCKET)
 HEADS = s.AUDIT_HEADS_STREAM
+MODE_KEY_SUBJECT = s.kv_subject(s.MODE_BUCKET, s.MODE_KEY)
 #: a stream an attacker would like to create (capturing km's subjects) or use
 OTHER = "CAPTURE"
 
@@ -49,6 +50,11 @@ VERBS: dict[str, str] = {
     "stream info (mode bucket)": f"$JS.API.STREAM.INFO.{MODE}",
     "stream info (other)": f"$JS.API.STREAM.INFO.{OTHER}",
     "consumer create (other)": f"$JS.API.CONSUMER.CREATE.{OTHER}",
+    "consumer create (mode bucket)": f"$JS.API.CONSUMER.CREATE.{MODE}",
+    "consumer create by name (mode bucket)": f"$JS.API.CONSUMER.CREATE.{MODE}.spy",
+    "consumer create by name and filter (mode bucket)": f"$JS.API.CONSUMER.CREATE.{MODE}.spy.{MODE_KEY_SUBJECT}",
+    "consumer info (mode bucket)": f"$JS.API.CONSUMER.INFO.{MODE}.spy",
+    "consumer delete (mode bucket)": f"$JS.API.CONSUMER.DELETE.{MODE}.spy",
     "consumer durable create (mode bucket)": f"$JS.API.CONSUMER.DURABLE.CREATE.{MODE}.spy",
     "consumer delete (other)": f"$JS.API.CONSUMER.DELETE.{OTHER}.spy",
     "consumer list (mode bucket)": f"$JS.API.CONSUMER.LIST.{MODE}",
@@ -73,9 +79,16 @@ VERBS: dict[str, str] = {
     "publish a tree head": s.AUDIT_TREE_HEAD,
 }
 
-#: what every module may do: read the mode (a watch's consumer create/delete on the mode bucket
-#: is exercised by the read path test below)
-READ_MODE = {"stream info (mode bucket)", "message get (mode bucket)", "direct get (mode bucket)"}
+#: what every module may do: read the mode, and watch it (an ordered consumer, created without a
+#: name, checked, never deleted: it expires by itself). Deleting or naming a consumer on the mode
+#: bucket is refused: a reader could otherwise delete, or update, another reader's watch.
+READ_MODE = {
+    "stream info (mode bucket)",
+    "message get (mode bucket)",
+    "direct get (mode bucket)",
+    "consumer create (mode bucket)",
+    "consumer info (mode bucket)",
+}
 #: what the supervisor alone may do besides: create the mode bucket and write it
 OWN_MODE = {"stream create (mode bucket)", "kv put/delete/purge (mode key)", "kv put/delete/purge (other key)"}
 #: the audit heads stream: km alone writes, admin (`audit verify`) alone reads, the supervisor creates
@@ -243,3 +256,44 @@ async def test_no_login_can_unmake_the_audit_heads_stream(running: RunningNats, 
         for bus in (km, admin, attacker):
             await bus.close()
     assert f"$JS.API.STREAM.UPDATE.{HEADS}" in _violations(running)
+
+
+async def test_attack_a_reader_deletes_or_takes_over_another_readers_watch(running: RunningNats) -> None:
+    """Issue 11 leftover: with cm's login, deleting admin's watch consumer on the mode bucket is
+    refused by nats-server (readers are not granted consumer delete), taking it over by name is
+    refused too (no create by name; the unnamed create refuses a name in use), and admin's watch
+    still sees the next mode record. Refused by the server itself: not in our audit log."""
+    admin = await running.connect("admin")
+    cm = await running.connect("cm")
+    owner = await running.connect(s.SUPERVISOR)
+    try:
+        seen: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def on_change(e: object) -> None:
+            await seen.put(getattr(e, "value", None))
+
+        watch = await (await admin.key_value(s.MODE_BUCKET)).watch(s.MODE_KEY, on_change)  # type: ignore[arg-type]
+        await asyncio.wait_for(seen.get(), 5)
+        # the consumer's name is the server's random choice; an attacker would have to learn it:
+        # this test hands it over to show that even knowing it is not enough
+        victim = watch._watcher._sub._consumer  # type: ignore[attr-defined]
+        with pytest.raises(errors.PermissionDeniedError):
+            await cm.request(f"$JS.API.CONSUMER.DELETE.{MODE}.{victim}", b"", timeout=2)
+        info = json.loads(await cm.request(f"$JS.API.CONSUMER.INFO.{MODE}.{victim}", b"", timeout=2))
+        hijack = dict(info["config"], name=victim, deliver_subject=f"{s.inbox_prefix('cm')}.stolen")
+        body = json.dumps({"stream_name": MODE, "config": hijack}).encode()
+        with pytest.raises(errors.PermissionDeniedError):
+            await cm.request(f"$JS.API.CONSUMER.CREATE.{MODE}.{victim}", body, timeout=2)
+        answer = json.loads(await cm.request(f"$JS.API.CONSUMER.CREATE.{MODE}", body, timeout=2))
+        assert "error" in answer, answer
+        kv = await owner.key_value(s.MODE_BUCKET)
+        before = await kv.get(s.MODE_KEY)
+        assert before is not None
+        await kv.put(s.MODE_KEY, b"next")
+        assert await asyncio.wait_for(seen.get(), 5) == b"next"
+        await kv.put(s.MODE_KEY, before.value)
+        await watch.unsubscribe()
+    finally:
+        for bus in (admin, cm, owner):
+            await bus.close()
+    assert f"$JS.API.CONSUMER.DELETE.{MODE}." in _violations(running)

@@ -47,7 +47,12 @@ class Env:
     km: Km
 
     def client(self, identity: str) -> KmClient:
-        return KmClient(self.buses[identity.split("-")[0]], PKI.module(*identity.split("-", 1)).sealer, self.clock)
+        return KmClient(
+            self.buses[identity.split("-")[0]],
+            PKI.module(*identity.split("-", 1)).sealer,
+            self.clock,
+            trust=PKI.km_trust(),
+        )
 
     async def factory_cert(self, device_id: str) -> tuple[object, x509.Certificate]:
         key = generate_key(Algorithm.P256)
@@ -85,7 +90,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     else:
         server = start_nats(tmp_path)
         buses = {m: await server.connect(m) for m in ("km", "pm", "cm", "admin")}
-    service = KmService(km, buses["km"])
+    service = KmService(km, buses["km"], identity=PKI.km_identity())
     await service.start()
     try:
         yield Env(store, clock, buses, km)

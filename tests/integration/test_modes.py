@@ -799,3 +799,35 @@ async def test_a_supervisor_killed_hard_leaves_no_orphans(deployment: Deployment
             await proc.wait()
         for pid in nats_servers(root):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_signer_alarms_are_audited_and_a_flood_is_held_back(start: Start, deployment: Deployment) -> None:
+    """A module that refused a revoked signer (km, the supervisor) publishes a signer alarm: the
+    supervisor writes it to the audit log (check ``revoked_signer``). A module (or a stolen login)
+    repeating the same alarm does not flood the audit log: the same reason is audited once per
+    minute, and the next audited one counts those held back (see the mode guard's flood test)."""
+    await start(Mode.SOFTWARE_MANAGEMENT)
+    cm, _ = await connect_identity(deployment, "cm")
+    try:
+        flood = json.dumps({"signer": "km", "reason": "km's certificate is revoked"}).encode()
+        for _ in range(20):
+            await cm.publish(subjects.events("cm", subjects.SIGNER_ALARM), flood)
+        sentinel = json.dumps({"signer": "modes", "reason": "the supervisor's certificate is revoked"}).encode()
+        await cm.publish(subjects.events("cm", subjects.SIGNER_ALARM), sentinel)
+    finally:
+        await cm.close()
+
+    def audited() -> list[str]:
+        store = open_store(deployment)
+        try:
+            return [
+                str(r.data.get("reason"))
+                for r in store.list_audit(kind="alarm")
+                if r.data.get("check") == "revoked_signer" and r.actor == "cm"
+            ]
+        finally:
+            store.close()
+
+    # events of one subscription are handled in order: once the sentinel is in, the flood was seen
+    await until(lambda: "the supervisor's certificate is revoked" in audited(), "the sentinel alarm audited")
+    assert audited().count("km's certificate is revoked") == 1

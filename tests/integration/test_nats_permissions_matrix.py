@@ -18,6 +18,7 @@ PROBES = [
     s.KM_ISSUE,
     s.KM_REVOKE,
     s.KM_OCSP,
+    s.KM_FACTORY_CAS,
     s.KM_EST_SIMPLEENROLL,
     s.SM_SOFTWARE_LOAD,
     f"{s.PREFIX}.pm.boardA.provision",

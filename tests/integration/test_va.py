@@ -58,7 +58,9 @@ class Env:
 
     def client(self, identity: str) -> KmClient:
         module = identity.split("-")[0]
-        return KmClient(self.buses[module], PKI.module(*identity.split("-", 1)).sealer, self.clock)
+        return KmClient(
+            self.buses[module], PKI.module(*identity.split("-", 1)).sealer, self.clock, trust=PKI.km_trust()
+        )
 
     async def issue(self, device_id: str, profile: str = "operational") -> x509.Certificate:
         out = await self.client("pm-boardA").issue(
@@ -83,7 +85,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         server = start_nats(tmp_path)
         km_buses = [await server.connect("km"), await server.connect("km")]
         buses = {m: await server.connect(m) for m in ("pm", "cm", "admin")}
-    services = [KmService(k, b) for k, b in zip(kms, km_buses, strict=True)]
+    services = [KmService(k, b, identity=PKI.km_identity()) for k, b in zip(kms, km_buses, strict=True)]
     for svc in services:
         await svc.start()
     try:
@@ -241,7 +243,9 @@ async def test_double_revocation_and_bad_reason_change_nothing(env: Env) -> None
 
 async def test_only_the_operator_may_revoke(env: Env) -> None:
     cert = await env.issue("dev-y")
-    client = KmClient(env.buses["admin"], PKI.module("pm", "boardA").sealer, env.clock)  # pm-signed
+    client = KmClient(
+        env.buses["admin"], PKI.module("pm", "boardA").sealer, env.clock, trust=PKI.km_trust()
+    )  # pm-signed
     with pytest.raises(NotAuthorizedError):
         await client.revoke(serial=format(cert.serial_number, "x"))
     assert env.store.get_certificate("operational", cert.serial_number).status == "valid"  # type: ignore[union-attr]
@@ -257,7 +261,7 @@ async def test_decommissioned_device_cannot_obtain_or_renew_anything(env: Env) -
     with pytest.raises(ConflictError, match="decommissioned"):
         await env.issue("dev-eol")
     old = x509.load_der_x509_certificate(first.certificate)
-    device = KmClient(env.buses["cm"], Sealer(key, old), env.clock)
+    device = KmClient(env.buses["cm"], Sealer(key, old), env.clock, trust=PKI.km_trust())
     with pytest.raises((ConflictError, NotAuthorizedError)):
         await device.renew(make_csr(generate_key(Algorithm.P256), "dev-eol"))
     assert env.store.get_device("dev-eol").status == "retired"  # type: ignore[union-attr]

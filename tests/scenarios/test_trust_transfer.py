@@ -42,7 +42,7 @@ from iotdlm.km.registry import FactoryRegistry
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, private_key_to_pem
 from iotdlm.pki.names import device_id_of
-from iotdlm.runtime import build_km, open_store, sealer_for
+from iotdlm.runtime import build_km, km_identity, km_trust, open_store, sealer_for
 from iotdlm.store import Store
 from iotdlm.transfer import messages as m
 from iotdlm.transfer import sp2
@@ -96,7 +96,8 @@ class Provider:
     clock: Clock
 
     def client(self, name: str) -> KmClient:
-        return KmClient(self.hub.bus(name.partition("-")[0]), sealer_for(self.dep.identity(name)), self.clock)
+        bus = self.hub.bus(name.partition("-")[0])
+        return KmClient(bus, sealer_for(self.dep.identity(name)), self.clock, trust=km_trust(self.dep))
 
     def ca(self, name: str) -> x509.Certificate:
         return self.dep.ca_certificate(name)
@@ -109,7 +110,7 @@ async def make_provider(root: Path, org: str, provider_id: str, clock: Clock) ->
     store = open_store(dep)
     km = build_km(dep, store, clock, passphrase=PW)
     hub = MemoryHub()
-    service = KmService(km, hub.bus("km"))
+    service = KmService(km, hub.bus("km"), identity=km_identity(dep))
     await service.start()
     service_ca = next(c for c in cas if c.name == "service")
     ident = create_identity(dep, TransferSettings(provider_id=provider_id), now=clock.now(), service_ca=service_ca)

@@ -15,6 +15,7 @@ from iotdlm.bus import subjects
 from iotdlm.bus.api import KeyValue, Message
 from iotdlm.bus.memory import MemoryBus, MemoryHub
 from iotdlm.modes import DEVICE_CERTIFICATE_MODES, ModeGuard, cm_running, modes_where
+from iotdlm.modes.guard import AlarmLimiter
 from iotdlm.modes.messages import ModeAlarm, ModeRecord, decode, encode
 from iotdlm.modes.table import Mode
 from tests.helpers import make_pki
@@ -304,3 +305,79 @@ def test_the_verifier_refuses_any_bytes_in_words(value: bytes) -> None:
     with pytest.raises(errors.RejectedError) as info:
         verifier().verify(value)
     assert info.value.message.startswith("the mode record is not signed by the supervisor: ")
+
+
+# --- the alarm flood (issue 11 leftover) ---------------------------------------------------------
+
+
+def test_alarm_limiter_admits_a_reason_once_per_window_and_counts_what_it_held_back() -> None:
+    clock = FakeMonotonic()
+    limiter = AlarmLimiter(every=60.0, monotonic=clock, max_reasons=2)
+    assert limiter.admit("forged") == 0
+    assert limiter.admit("forged") is None
+    assert limiter.admit("forged") is None
+    assert limiter.admit("unsigned") == 0  # another reason: its own limit
+    clock.now += 59.9
+    assert limiter.admit("forged") is None
+    clock.now += 0.1
+    assert limiter.admit("forged") == 3  # the next one reports the three held back
+    assert limiter.admit("forged") is None
+    # "unsigned" is forgotten (its window ended, nothing held back): "a" gets its slot; once two
+    # reasons are tracked, every new one shares one limit, so an attacker who varies the reason
+    # still gets one alarm per window
+    assert limiter.admit("signed by CN=a") == 0
+    assert limiter.admit("signed by CN=b") == 0
+    assert limiter.admit("signed by CN=c") is None
+    assert limiter.admit("signed by CN=d") is None
+    clock.now += 30.0
+    assert limiter.admit("signed by CN=e") is None
+    clock.now += 30.0
+    # "forged" (one held back) and the shared limit (three held back) are still tracked
+    assert limiter.admit("signed by CN=f") == 3
+    assert limiter.admit("forged") == 1
+    with pytest.raises(ValueError, match="positive"):
+        AlarmLimiter(every=0, monotonic=clock)
+
+
+async def test_a_flood_of_forged_mode_records_raises_one_alarm_per_window(hub: MemoryHub, owner: KeyValue) -> None:
+    """Whoever can write the bucket could write forged records without end, each one an alarm in
+    the log and the audit log. The guard reports the same reason once per ``alarm_every`` seconds
+    (on its injected clock); the next alarm says how many it held back. The service refuses work
+    all along."""
+    alarms = Alarms()
+    admin = MemoryBus(hub, "admin")
+    await admin.subscribe(f"{subjects.EVENTS}.*.{subjects.MODE_ALARM}", alarms.handler)
+    await set_mode(owner, Mode.CERTIFICATE_MANAGEMENT)
+    clock = FakeMonotonic()
+    km = MemoryBus(hub, "km")
+    cm = pki().module("cm")
+
+    async def forge(n: int) -> int:
+        revision = await owner.put(subjects.MODE_KEY, signed(Mode.PROVISIONING_CERTIFICATE, by=f"x{n}", signer=cm))
+
+        async def handled() -> None:
+            while guard.refused_revision != revision:  # noqa: ASYNC110 - the watch's handler sets it
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(handled(), 5)
+        return revision
+
+    guard = ModeGuard(km, verifier(), refresh_every=3600, max_age=3600, monotonic=clock, alarm_every=60.0)
+    async with guard:
+        first = await forge(0)
+        _, alarm = await alarms.next()
+        assert (alarm.revision, alarm.suppressed) == (first, 0)
+        for n in range(1, 6):
+            await forge(n)
+            clock.now += 1.0
+        await asyncio.sleep(0.05)
+        assert alarms.got.empty()  # five forged values, no alarm
+        with pytest.raises(errors.ModeError, match="cannot be trusted"):
+            guard.require(DEVICE_CERTIFICATE_MODES, "issuing")
+        clock.now += 60.0
+        last = await forge(6)
+        _, alarm = await alarms.next()
+        assert (alarm.revision, alarm.suppressed) == (last, 5)
+        assert "not the supervisor" in alarm.reason
+    await km.close()
+    await admin.close()

@@ -44,7 +44,7 @@ from iotdlm.pki.crl import RevokedEntry, build_crl
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.names import device_subject, hardware_modules_of, hw_type, parse_device_uri, parse_module_uri
 from iotdlm.pki.profiles import policy_oid
-from iotdlm.runtime import build_km, sealer_for
+from iotdlm.runtime import build_km, km_identity, km_trust, sealer_for
 from iotdlm.store import Store
 from tests.helpers import NOW, make_csr
 from tests.tools import attime
@@ -114,11 +114,11 @@ async def _issue_all(dep: Deployment, store: Store, alg: Algorithm, certs: dict[
     clock = FixedClock(NOW)
     km = build_km(dep, store, clock, passphrase=PASSPHRASE)
     hub = MemoryHub()
-    service = KmService(km, hub.bus("km"))
+    service = KmService(km, hub.bus("km"), identity=km_identity(dep))
     await service.start()
     try:
-        pm = KmClient(hub.bus("pm"), sealer_for(dep.identity(f"pm-{DTYPE}")), clock)
-        cm = KmClient(hub.bus("cm"), sealer_for(dep.identity("cm")), clock)
+        pm = KmClient(hub.bus("pm"), sealer_for(dep.identity(f"pm-{DTYPE}")), clock, trust=km_trust(dep))
+        cm = KmClient(hub.bus("cm"), sealer_for(dep.identity("cm")), clock, trust=km_trust(dep))
         fkey = generate_key(alg)
         factory = await pm.issue("dev-1", "factory", csr=make_csr(fkey, "dev-1"))
         certs["factory"] = x509.load_der_x509_certificate(factory.certificate)

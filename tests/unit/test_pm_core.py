@@ -171,7 +171,7 @@ class Line:
         )
         return Provisioner(
             settings,
-            km=KmClient(bus, sealer or PM.sealer, self.clock),
+            km=KmClient(bus, sealer or PM.sealer, self.clock, trust=PKI.km_trust()),
             sm=SmClient(bus),
             flasher=self.flasher,
             store=self.store,
@@ -209,7 +209,7 @@ async def line(tmp_path: Path) -> AsyncIterator[Line]:
         clock=clock,
         settings=KmSettings(organization=ORG, urls=PublicUrls("http://127.0.0.1:8080")),
     )
-    km_service = KmService(km, hub.bus("km"))
+    km_service = KmService(km, hub.bus("km"), identity=PKI.km_identity())
     await km_service.start()
     local = make_local_repo(tmp_path)
     sm_bus = hub.bus("sm")

@@ -148,7 +148,7 @@ async def test_km_answers_internal_error_over_the_bus_when_the_store_fails(world
         va=world.va,
     )
     hub = MemoryHub()
-    service = KmService(km, hub.bus("km"))
+    service = KmService(km, hub.bus("km"), identity=world.pki.km_identity())
     await service.start()
     cm = hub.bus("cm")
     try:

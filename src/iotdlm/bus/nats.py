@@ -569,8 +569,16 @@ async def connect(
     max_reconnect_attempts: int = -1,
     reconnect_time_wait: float = 2.0,
     allow_plain: bool = False,
+    tls_handshake_first: bool = True,
 ) -> NatsBus:
     """Connect ``module`` to the NATS server at ``url`` (``nats://`` or ``tls://``).
+
+    Over TLS (a ``tls://`` URL or a ``tls`` context) the client starts with the TLS handshake
+    (``tls_handshake_first``, the default) and reads nothing in plain text: nats-py otherwise
+    upgrades only when the server's plain INFO asks for it, so an active attacker answering as the
+    server could strip TLS and read the password. The server must expect it (the embedded one
+    does: ``handshake_first`` in its tls block); ``tls_handshake_first=False`` is for an external
+    server without that setting (``[nats] tls_handshake_first = false``; a warning is logged).
 
     Plain ``nats://`` is refused (:class:`~iotdlm.errors.BadRequestError`, before any connection)
     unless the host is loopback or ``allow_plain`` (then a warning is logged): see
@@ -585,6 +593,15 @@ async def connect(
         logger.warning(
             "%s connects to NATS at %s WITHOUT TLS ([nats] allow_plain = true): passwords and requests "
             "cross the network in clear",
+            module,
+            url,
+        )
+    scheme, _ = urls.nats_host(url)
+    over_tls = scheme == "tls" or (tls is not None and scheme == "nats")
+    if over_tls and not tls_handshake_first:
+        logger.warning(
+            "%s connects to NATS at %s without TLS handshake first ([nats] tls_handshake_first = false): "
+            "an active attacker answering as the server could strip TLS",
             module,
             url,
         )
@@ -607,6 +624,7 @@ async def connect(
             user=user,
             password=password,
             tls=tls,
+            tls_handshake_first=over_tls and tls_handshake_first,
             connect_timeout=connect_timeout,  # type: ignore[arg-type]
             inbox_prefix=subjects.inbox_prefix(module),
             # one attempt at first: nats-py would otherwise retry for minutes before failing

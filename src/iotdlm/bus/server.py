@@ -22,6 +22,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -88,6 +89,11 @@ class NatsServerConfig:
     tls_ca: Path | None = None
     #: require and verify client certificates (needs ``tls_ca``)
     verify_clients: bool = False
+    #: with TLS, the server expects the TLS handshake first and never speaks plain text (no plain
+    #: INFO greeting a client could be fooled by): an active attacker cannot strip TLS from a
+    #: client that connects with nats-py's ``tls_handshake_first`` (:func:`iotdlm.bus.nats.connect`
+    #: does whenever it uses TLS); a plain-text client gets nothing and is cut off
+    tls_handshake_first: bool = True
     max_payload: int = 8 * 1024 * 1024
     jetstream_dir: Path | None = None
     #: monitoring endpoint (also loopback only)
@@ -117,6 +123,21 @@ def greeting_name(line: bytes) -> str | None:
         return None
     name = info.get("server_name") if isinstance(info, dict) else None
     return name if isinstance(name, str) else None
+
+
+def greeting_tls(client_tls: ssl.SSLContext | None) -> ssl.SSLContext:
+    """The TLS context that reads the greeting of a server that speaks TLS first.
+
+    ``client_tls`` (a module's context, with its client certificate) when given -- a server that
+    verifies clients needs one; otherwise a context that checks no certificate: nothing but the TLS
+    handshake is sent, and the random server name in the greeting is what identifies the server.
+    """
+    if client_tls is not None:
+        return client_tls
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def foreign_server_message(host: str, port: int, output: str) -> str:
@@ -207,6 +228,8 @@ def render_config(cfg: NatsServerConfig) -> str:
         if cfg.tls_ca is not None:
             lines.append(f"  ca_file: {quote(str(cfg.tls_ca))}")
         lines.append(f"  verify: {'true' if cfg.verify_clients else 'false'}")
+        if cfg.tls_handshake_first:
+            lines.append("  handshake_first: true")
         lines.append("}")
     elif cfg.verify_clients or cfg.tls_ca is not None:
         raise ValueError("tls_ca / verify_clients need tls_cert and tls_key")
@@ -270,8 +293,17 @@ class EmbeddedNatsServer:
     server's log is appended to the same path plus ``.log``.
     """
 
-    def __init__(self, config: NatsServerConfig, config_path: Path, *, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        config: NatsServerConfig,
+        config_path: Path,
+        *,
+        binary: str | None = None,
+        client_tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
+        #: with TLS, the context :meth:`start` reads the server's greeting with (see :func:`greeting_tls`)
+        self.client_tls = client_tls
         self.config_path = Path(config_path)
         self.log_path = self.config_path.with_name(self.config_path.name + ".log")
         self._binary = binary
@@ -352,9 +384,14 @@ class EmbeddedNatsServer:
 
     def _greeting(self) -> bytes | None:
         """The first line a server on our port sends (a NATS server greets every client with
-        ``INFO {...}``), or ``None`` if nothing answers. Nothing is sent to it."""
+        ``INFO {...}``), or ``None`` if nothing answers. Nothing is sent to it (with TLS, which the
+        server expects first, nothing but the TLS handshake)."""
+        host = self.config.host
         try:
-            with socket.create_connection((self.config.host, self.config.port), timeout=0.5) as s:
+            with contextlib.ExitStack() as stack:
+                s = stack.enter_context(socket.create_connection((host, self.config.port), timeout=0.5))
+                if self.config.tls and self.config.tls_handshake_first:
+                    s = stack.enter_context(greeting_tls(self.client_tls).wrap_socket(s, server_hostname=host))
                 greeting = b""
                 while b"\n" not in greeting and len(greeting) < 65536:
                     chunk = s.recv(4096)
@@ -362,7 +399,7 @@ class EmbeddedNatsServer:
                         break
                     greeting += chunk
                 return greeting.split(b"\n", 1)[0] if greeting else None
-        except OSError:
+        except OSError:  # ssl.SSLError too
             return None
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -31,6 +31,9 @@ KM_ISSUE_BATCH = f"{PREFIX}.km.certificate.issue_batch"
 KM_RENEW = f"{PREFIX}.km.certificate.renew"
 KM_GET = f"{PREFIX}.km.certificate.get"
 KM_CHAIN = f"{PREFIX}.km.ca.chain"
+#: the external factory CAs registered for a trust transfer (cm accepts device client certificates
+#: from them): cm asks km instead of reading km's database
+KM_FACTORY_CAS = f"{PREFIX}.km.ca.factory_cas"
 KM_REVOKE = f"{PREFIX}.km.certificate.revoke"
 KM_OCSP = f"{PREFIX}.km.va.ocsp"
 KM_CRL = f"{PREFIX}.km.va.crl"
@@ -80,6 +83,9 @@ MODE_KEY = "mode"
 #: event name (``iotdlm.v1.events.<module>.mode_alarm``): a service refused a mode record it could
 #: not verify as signed by the supervisor; the supervisor listens and audits it (issue 11)
 MODE_ALARM = "mode_alarm"
+#: the event name of a message refused because its signer's certificate (km's, the supervisor's)
+#: is revoked; the supervisor audits it
+SIGNER_ALARM = "signer_alarm"
 
 # --- events (publish only, one branch per module) ---------------------------------------------
 EVENTS = f"{PREFIX}.events"
@@ -122,11 +128,12 @@ def kv_read_api(bucket: str) -> tuple[str, ...]:
         f"$JS.API.DIRECT.GET.{stream}",
         f"$JS.API.DIRECT.GET.{stream}.>",
         f"$JS.API.STREAM.MSG.GET.{stream}",
-        # a watch is an ordered consumer: created, checked, deleted, flow-controlled
+        # a watch is an ordered consumer: created without a name (the server picks one), checked
+        # and flow-controlled. Not deleted: it expires on its own (inactive_threshold) when its
+        # reader goes. So no reader may delete, or create by name (an update: redirect), another
+        # reader's consumer.
         f"$JS.API.CONSUMER.CREATE.{stream}",
-        f"$JS.API.CONSUMER.CREATE.{stream}.>",
         f"$JS.API.CONSUMER.INFO.{stream}.*",
-        f"$JS.API.CONSUMER.DELETE.{stream}.*",
         f"$JS.FC.{stream}.>",
     )
 
@@ -176,8 +183,9 @@ _READ_MODE = kv_read_api(MODE_BUCKET)
 
 PERMISSIONS: dict[str, Permissions] = {
     "km": Permissions(
-        # AUDIT_TREE_HEAD: km alone writes its signed tree heads into the append-only stream
-        publish=(f"{EVENTS}.km.>", AUDIT_TREE_HEAD),
+        # AUDIT_TREE_HEAD: km alone writes its signed tree heads into the append-only stream; KM_CRL: km's
+        # own mode guard checks the supervisor's certificate against the service CA's CRL
+        publish=(f"{EVENTS}.km.>", AUDIT_TREE_HEAD, KM_CRL),
         # km workers hear each other's revocations (to drop cached OCSP answers)
         subscribe=(f"{PREFIX}.km.>", _inbox("km"), f"{EVENTS}.km.>"),
         allow_responses=True,
@@ -185,13 +193,14 @@ PERMISSIONS: dict[str, Permissions] = {
     ),
     "pm": Permissions(
         # CM_PING: pm refuses to work while cm runs (defence in depth beside the mode)
-        publish=(KM_ISSUE, KM_ISSUE_BATCH, KM_CHAIN, f"{SM_PREFIX}.software.>", CM_PING, f"{EVENTS}.pm.>"),
+        # KM_CRL: the signers of km's replies and of the mode record are checked against the CRL
+        publish=(KM_ISSUE, KM_ISSUE_BATCH, KM_CHAIN, KM_CRL, f"{SM_PREFIX}.software.>", CM_PING, f"{EVENTS}.pm.>"),
         subscribe=(f"{PREFIX}.pm.>", _inbox("pm")),
         allow_responses=True,
         jetstream=_READ_MODE,
     ),
     "sm": Permissions(
-        publish=(f"{CM_EGRESS}.>", f"{EVENTS}.sm.>"),
+        publish=(f"{CM_EGRESS}.>", KM_CRL, f"{EVENTS}.sm.>"),
         subscribe=(f"{SM_PREFIX}.>", _inbox("sm")),
         allow_responses=True,
         jetstream=_READ_MODE,
@@ -202,6 +211,7 @@ PERMISSIONS: dict[str, Permissions] = {
             f"{KM_EST}.>",
             f"{PREFIX}.km.va.>",
             KM_CHAIN,
+            KM_FACTORY_CAS,
             KM_AUDIT_CHECKPOINT,
             KM_AUDIT_CONSISTENCY,
             f"{EVENTS}.cm.>",
@@ -222,7 +232,7 @@ PERMISSIONS: dict[str, Permissions] = {
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(
         publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
-        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}"),
+        subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}", f"{EVENTS}.*.{SIGNER_ALARM}"),
         allow_responses=True,
         jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET), *stream_create_api(AUDIT_HEADS_STREAM)),
     ),

@@ -3,7 +3,9 @@ verifies km's signed replies (ADR 0006).
 
 With a :class:`KmTrust` (every module as ``iotdlm`` runs it) a reply counts only if km signed it:
 the signer certificate is issued by the deployment's service CA, names module km and is valid
-now, and the reply answers this very request on this subject within the time window. Anything
+now, is not on the service CA's CRL (when the trust has :class:`~iotdlm.pki.revocation.ServiceCrls`:
+fetched from km's VA, checked against the CA's signature), and the reply answers this very request
+on this subject within the time window. Anything
 else -- a forged acknowledgement, a forged "not found", an unsigned error reply -- raises
 :class:`~iotdlm.errors.UntrustedError` ("km reply is not valid: ...") and nothing is acted on. An
 error the bus raises itself (no responder, timeout, a refused publish, a request over the size
@@ -29,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.bus import Bus
 from iotdlm.bus import subjects as s
+from iotdlm.client import revocation
 from iotdlm.clock import Clock
 from iotdlm.errors import (
     IotdlmError,
@@ -42,6 +45,7 @@ from iotdlm.errors import (
 from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.keys import check_public_key
 from iotdlm.pki.names import module_of
+from iotdlm.pki.revocation import RevokedSignerError, ServiceCrls
 from iotdlm.wire import audit as wire_audit
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
@@ -66,13 +70,18 @@ class KmTrust:
     every reply.
     """
 
-    def __init__(self, service_ca: x509.Certificate) -> None:
+    def __init__(self, service_ca: x509.Certificate, *, crls: ServiceCrls | None = None) -> None:
         self.service_ca = service_ca
+        #: the service CA's CRLs: a revoked km certificate is refused (None: not checked)
+        self.crls = crls
         self._cache: dict[str, _TrustedKm] = {}
         self._lock = threading.Lock()
 
-    def key_for(self, leaf_der: bytes, now: dt.datetime) -> envelope.JoseKey:
-        """The key of a km certificate (DER) trusted at ``now``, or UntrustedError."""
+    def certificate_for(self, leaf_der: bytes, now: dt.datetime) -> x509.Certificate:
+        """A km certificate (DER) that chains to the service CA and names km, or UntrustedError."""
+        return self._trusted(leaf_der, now).certificate
+
+    def _trusted(self, leaf_der: bytes, now: dt.datetime) -> _TrustedKm:
         fp = hashlib.sha256(leaf_der).hexdigest()
         cached = self._cache.get(fp)
         if cached is None:
@@ -81,12 +90,23 @@ class KmTrust:
                 if len(self._cache) > 64:
                     self._cache.clear()
                 self._cache[fp] = cached
+        return cached
+
+    def key_for(self, leaf_der: bytes, now: dt.datetime) -> envelope.JoseKey:
+        """The key of a km certificate (DER) trusted at ``now``, or UntrustedError
+        (:class:`~iotdlm.pki.revocation.RevokedSignerError` for a revoked one)."""
+        cached = self._trusted(leaf_der, now)
         cert = cached.certificate
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise UntrustedError(
                 f"km reply is not valid: the signer certificate is not valid at {now.isoformat()} "
                 f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})"
             )
+        if self.crls is not None:
+            try:
+                self.crls.check(cert)
+            except RevokedSignerError as exc:
+                raise RevokedSignerError(f"km reply is not valid: {exc.message}") from None
         return cached.key
 
     def _check(self, leaf_der: bytes, now: dt.datetime) -> _TrustedKm:
@@ -147,7 +167,14 @@ class KmClient:
             alg, leaf = envelope.peek_signer(token)
         except RejectedError as exc:
             raise UntrustedError(f"km reply is not valid: it is not a signed reply ({exc.message})") from exc
-        key = trust.key_for(leaf, now)
+        if trust.crls is not None:
+            # the service CA's CRLs of km's partition, when this client has none fresh
+            await revocation.refresh(trust.crls, self.bus, trust.certificate_for(leaf, now), now)
+        try:
+            key = trust.key_for(leaf, now)
+        except RevokedSignerError as exc:
+            await revocation.alarm(self.bus, "km", exc.message)
+            raise
         try:
             reply = envelope.verify_reply(token, key, alg=alg, subject=subject, request=request, now=now)
         except RejectedError as exc:
@@ -181,6 +208,17 @@ class KmClient:
         # a fresh body, so that the signed reply is bound to this request (km ignores it)
         reply = await self._call(s.KM_CHAIN, msg.encode({"nonce": self._nonce()}), timeout=self.timeout)
         return msg.decode(reply, msg.ChainResponse, what="km reply")
+
+    async def factory_cas(self) -> list[x509.Certificate]:
+        """The external factory CAs registered with km for a trust transfer (cm's TLS trusts them)."""
+        reply = await self._call(s.KM_FACTORY_CAS, msg.encode({"nonce": self._nonce()}), timeout=self.timeout)
+        out = msg.decode(reply, msg.FactoryCasResponse, what="km reply")
+        try:
+            return [load_certificate(c) for c in out.certificates]
+        except RejectedError as exc:
+            raise UntrustedError(
+                f"km reply is not valid: a factory CA certificate is malformed ({exc.message})"
+            ) from exc
 
     async def get(self, serial: str, issuer: str | None = None) -> msg.CertificateInfo:
         reply = await self._call(

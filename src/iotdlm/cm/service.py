@@ -7,20 +7,23 @@ paper's Table 1: cm is off during provisioning).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm import cm_https
+from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock, SystemClock
@@ -31,9 +34,14 @@ from iotdlm.cm.egress import EgressProxy
 from iotdlm.cm.server import EGRESS_MODES, CmApp, KmRelay, ModeCheck
 from iotdlm.cm.tls import TlsSite, server_tls_context
 from iotdlm.deployment import ISSUING_CAS, Deployment
+from iotdlm.errors import IotdlmError, UnavailableError
 from iotdlm.pki.keys import private_key_to_pem
 
 log = logging.getLogger(__name__)
+
+
+#: seconds between two requests for the registered factory CAs while km does not answer
+FACTORY_CAS_RETRY = 30.0
 
 
 class ModeGuardLike(Protocol):
@@ -112,12 +120,18 @@ class CmService:
         bus: Bus | None = None,
         mode: ModeCheck | None = None,
         guard: ModeGuardLike | None = None,
+        factory_cas: Callable[[], Awaitable[list[x509.Certificate]]] | None = None,
     ) -> None:
         """``mode`` checks the operation mode before each request (None: no check); ``guard``, if
-        given, is started and stopped with the service (a ModeGuard is both)."""
+        given, is started and stopped with the service (a ModeGuard is both). ``factory_cas``
+        asks km for the external factory CAs registered for a trust transfer (``KmClient.factory_cas``):
+        asked at start, and again every :data:`FACTORY_CAS_RETRY` seconds while km does not answer
+        (km is off in software-management); cm's TLS then trusts device certificates from them."""
         self.config = config
         self.clock = clock or SystemClock()
         self.tls = tls
+        self._factory_cas = factory_cas
+        self._factory_task: asyncio.Task[None] | None = None
         self.bus = bus  # closed by stop() when given (from_deployment connects it)
         cacerts = CaCerts(ca_certificates, fetch=km.chain, clock=self.clock, ttl=config.cacerts_ttl)
         self.app = CmApp(
@@ -146,24 +160,18 @@ class CmService:
         ``check_mode`` (the default) cm watches the operation mode (a ModeGuard) and refuses what
         Table 1 forbids. ``config.tls_cert``/``tls_key``: an operator's HTTPS pair instead of the
         one iotdlm issued."""
-        from iotdlm.client.km import KmClient, KmTrust
+        from iotdlm.client.connect import connect_identity, km_trust, sealer_for
+        from iotdlm.client.km import KmClient
         from iotdlm.modes.guard import ModeGuard
         from iotdlm.modes.signed import ModeVerifier
-        from iotdlm.runtime import connect_identity, sealer_for
 
         clock = clock or SystemClock()
         files = (
             (config.tls_cert, config.tls_key) if config.tls_cert is not None and config.tls_key is not None else None
         )
-        tls = deployment_tls(dep, _registered_factory_cas(dep, clock), now=clock.now(), server_files=files)
+        tls = deployment_tls(dep, now=clock.now(), server_files=files)  # a bad pair fails before connecting
         bus, ident = await connect_identity(dep, "cm")
-        km = KmClient(
-            bus,
-            sealer_for(ident),
-            clock,
-            timeout=config.limits.km_timeout,
-            trust=KmTrust(dep.ca_certificate("service")),
-        )
+        km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout, trust=km_trust(dep))
         guard = ModeGuard(bus, ModeVerifier.for_deployment(dep, clock)) if check_mode else None
         return cls(
             config,
@@ -174,7 +182,26 @@ class CmService:
             bus=bus,
             mode=guard,
             guard=guard,
+            # cm asks km (a signed reply); it never opens km's database
+            factory_cas=km.factory_cas,
         )
+
+    async def _load_factory_cas(self, fetch: Callable[[], Awaitable[list[x509.Certificate]]]) -> None:
+        """The registered factory CAs into cm's TLS trust, once km answers (restart cm after
+        registering a new CA)."""
+        while True:
+            try:
+                registered = await fetch()
+            except UnavailableError as exc:
+                log.info("cm: km does not answer for the registered factory CAs (%s); asking again later", exc)
+            except IotdlmError as exc:
+                log.error("cm: km's list of registered factory CAs is refused: %s", exc)
+            else:
+                if registered:
+                    self.tls.load_verify_locations(cadata=b"".join(c.public_bytes(Encoding.DER) for c in registered))
+                    log.info("cm trusts %d registered factory CAs (trust transfer)", len(registered))
+                return
+            await asyncio.sleep(FACTORY_CAS_RETRY)
 
     def _admit_egress(self) -> None:
         if self.app.mode is not None:
@@ -209,6 +236,10 @@ class CmService:
         try:
             if self.guard is not None:
                 await self.guard.start()
+            if self._factory_cas is not None:
+                self._factory_task = asyncio.get_running_loop().create_task(
+                    self._load_factory_cas(self._factory_cas), name="cm-factory-cas"
+                )
             lim = self.config.limits
             self._https = await self._listen(
                 self.app.https_app(), self.config.https_port, self.tls, lim.handshake_timeout
@@ -241,6 +272,9 @@ class CmService:
         return json.dumps({"module": "cm", "since": self._started_at, "listeners": self.urls()}).encode()
 
     async def stop(self) -> None:
+        task, self._factory_task = self._factory_task, None
+        if task is not None:
+            await cancel_and_wait([task], what="cm factory CA task")
         ping, self._ping = self._ping, None
         if ping is not None:
             with contextlib.suppress(Exception):
@@ -259,16 +293,3 @@ class CmService:
         if bus is not None:
             with contextlib.suppress(Exception):
                 await bus.close()
-
-
-def _registered_factory_cas(dep: Deployment, clock: Clock) -> list[x509.Certificate]:
-    """External factory CAs registered with km for a trust transfer (read at start: restart cm
-    after registering a new CA). km still checks every presented certificate itself."""
-    from iotdlm.km.registry import FactoryRegistry
-    from iotdlm.runtime import open_store
-
-    store = open_store(dep)
-    try:
-        return FactoryRegistry(store, clock).client_cas()
-    finally:
-        store.close()

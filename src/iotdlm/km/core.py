@@ -592,6 +592,11 @@ class Km:
             root=der(root), chains={name: [der(c) for c in ca.chain] for name, ca in self.cas.items()}
         )
 
+    def factory_cas(self) -> msg.FactoryCasResponse:
+        """The registered external factory CAs (seed 003 VII-C): cm's TLS accepts device client
+        certificates from them."""
+        return msg.FactoryCasResponse(certificates=[der(c) for c in self.registry.client_cas()])
+
     def get(self, req: msg.GetRequest) -> msg.CertificateInfo:
         serial = _hex_serial(req.serial)
         recs = (

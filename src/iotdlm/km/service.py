@@ -89,6 +89,7 @@ class KmService:
             s.KM_ISSUE_BATCH: lambda m: self.km.issue_batch(m.data),
             s.KM_RENEW: lambda m: self.km.renew(m.data),
             s.KM_CHAIN: lambda m: self.km.chain(),
+            s.KM_FACTORY_CAS: lambda m: self.km.factory_cas(),
             s.KM_AUDIT_CHECKPOINT: lambda m: self._latest_tree_head(),
             s.KM_AUDIT_CONSISTENCY: self._consistency,
             s.KM_GET: lambda m: self.km.get(msg.decode(m.data, msg.GetRequest)),

@@ -11,7 +11,10 @@ The record must be signed by the supervisor (:mod:`iotdlm.modes.signed`, issue 1
 guard's :class:`~iotdlm.modes.signed.ModeVerifier` cannot verify -- unsigned, signed by another
 module, tampered with -- is no valid mode (the service refuses work) and an alarm: logged, and
 published once per bucket revision on ``iotdlm.v1.events.<module>.mode_alarm``, which the
-supervisor writes to the audit log.
+supervisor writes to the audit log. Alarms are rate-limited (:class:`AlarmLimiter`): whoever can
+write the bucket could otherwise flood the log and the audit log with forged revisions; the same
+reason is reported at most once per ``alarm_every`` seconds, and the next report counts the ones
+held back.
 
 km::
 
@@ -38,8 +41,10 @@ from types import TracebackType
 from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, KeyValueEntry, Subscription
+from iotdlm.client import revocation
 from iotdlm.modes.messages import ModeAlarm, ModeRecord, encode
 from iotdlm.modes.signed import ModeVerifier
+from iotdlm.pki.revocation import RevokedSignerError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,44 @@ def mode_alarm_subject(module: str) -> str:
 
 #: the event name of a mode record a service refused
 MODE_ALARM = subjects.MODE_ALARM
+#: the same alarm reason at most once per this many seconds (per process)
+ALARM_EVERY = 60.0
+#: distinct reasons tracked at once; beyond, new reasons share one limit (an attacker choosing
+#: the reason -- a signer's name, a decoding error -- cannot get past the limit by varying it)
+MAX_REASONS = 16
+_OTHER_REASONS = "(other reasons)"
+
+
+class AlarmLimiter:
+    """At most one alarm per reason every ``every`` seconds; pure (``monotonic`` is injected).
+
+    :meth:`admit` returns ``None`` for an alarm to hold back, or, for one to report, how many
+    alarms of that reason were held back since the last report.
+    """
+
+    def __init__(
+        self, *, every: float = ALARM_EVERY, monotonic: Callable[[], float], max_reasons: int = MAX_REASONS
+    ) -> None:
+        if every <= 0 or max_reasons <= 0:
+            raise ValueError("every and max_reasons must be positive")
+        self._every = every
+        self._monotonic = monotonic
+        self._max_reasons = max_reasons
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, reason: str) -> int | None:
+        now = self._monotonic()
+        for key, at in list(self._last.items()):
+            if now - at >= self._every and not self._held.get(key):
+                del self._last[key]
+        key = reason if reason in self._last or len(self._last) < self._max_reasons else _OTHER_REASONS
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
 
 
 class ModeGuard:
@@ -88,6 +131,7 @@ class ModeGuard:
         refresh_every: float = 1.0,
         max_age: float = 5.0,
         monotonic: Callable[[], float] = time.monotonic,
+        alarm_every: float = ALARM_EVERY,
     ) -> None:
         if refresh_every <= 0 or max_age <= 0:
             raise ValueError("refresh_every and max_age must be positive")
@@ -95,6 +139,7 @@ class ModeGuard:
         self._verifier = verifier
         #: the bucket revision last reported as an alarm (one alarm per forged value)
         self._alarmed: int | None = None
+        self._limiter = AlarmLimiter(every=alarm_every, monotonic=monotonic)
         #: why the last value read did not verify (None: it did, or there was none)
         self.problem: str | None = None
         self._refresh_every = refresh_every
@@ -163,6 +208,8 @@ class ModeGuard:
         await self._set(entry)
 
     async def _set(self, entry: KeyValueEntry | None) -> None:
+        if entry is not None and entry.value:
+            await self._verifier.refresh_revocation(entry.value, self._bus)
         try:
             record = parse_record(entry, self._verifier)
             self.problem = None
@@ -170,26 +217,37 @@ class ModeGuard:
             assert entry is not None
             record = None
             self.problem = exc.message
-            await self._alarm(entry.revision, exc.message)
+            await self._alarm(entry.revision, exc.message, revoked=isinstance(exc, RevokedSignerError))
         if record != self._record:
             log.info("%s: operation mode is now %s", self._bus.module, record.mode if record is not None else "unknown")
         self._record = record
         self._confirmed_at = self._monotonic()
         self._changed.set()
 
-    async def _alarm(self, revision: int, reason: str) -> None:
+    async def _alarm(self, revision: int, reason: str, *, revoked: bool) -> None:
         if self._alarmed == revision:
             return
         self._alarmed = revision
         module = self._bus.module
+        held = self._limiter.admit(reason)
+        if held is None:
+            log.debug("%s refuses the mode record (revision %d), alarm held back: %s", module, revision, reason)
+            return
         log.error(
-            "%s refuses the mode record in bucket %s (revision %d): %s", module, subjects.MODE_BUCKET, revision, reason
+            "%s refuses the mode record in bucket %s (revision %d): %s%s",
+            module,
+            subjects.MODE_BUCKET,
+            revision,
+            reason,
+            f" ({held} more alarms held back)" if held else "",
         )
-        alarm = ModeAlarm(module=module, revision=revision, reason=reason)
+        alarm = ModeAlarm(module=module, revision=revision, reason=reason, suppressed=held)
         try:
             await self._bus.publish(mode_alarm_subject(module), encode(alarm))
         except errors.IotdlmError as exc:
             log.error("%s could not publish the mode alarm: %s", module, exc)
+        if revoked:  # the supervisor's certificate is revoked: its key is the operator's worry
+            await revocation.alarm(self._bus, subjects.SUPERVISOR, reason)
 
     # --- reading ----------------------------------------------------------------------------
     @property
@@ -198,6 +256,11 @@ class ModeGuard:
         if self._confirmed_at is None or self._monotonic() - self._confirmed_at > self._max_age:
             return None
         return self._record
+
+    @property
+    def refused_revision(self) -> int | None:
+        """The bucket revision of the last value that did not verify (``None``: none yet)."""
+        return self._alarmed
 
     @property
     def mode(self) -> str | None:

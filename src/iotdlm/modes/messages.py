@@ -38,6 +38,8 @@ class ModeAlarm(msgspec.Struct, frozen=True):
     #: the bucket revision of the refused value
     revision: int
     reason: str
+    #: alarms for the same reason this module held back since its last one (rate limit)
+    suppressed: int = 0
 
 
 class SavedMode(msgspec.Struct, frozen=True):

@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from iotdlm.bus.server import (
     find_nats_server,
     foreign_server_message,
     greeting_name,
+    greeting_tls,
     instance_name,
     render_config,
 )
@@ -341,7 +343,8 @@ class NatsProcess:
         deadline = loop.time() + timeout
         foreign = False
         while True:
-            greeting = await _greeting(cfg.host, cfg.port)
+            tls = greeting_tls(self.server.client_tls) if cfg.tls and cfg.tls_handshake_first else None
+            greeting = await _greeting(cfg.host, cfg.port, tls)
             if greeting is not None and greeting_name(greeting) == name:
                 return
             foreign = foreign or greeting is not None
@@ -373,11 +376,14 @@ class NatsProcess:
             await proc.wait()
 
 
-async def _greeting(host: str, port: int) -> bytes | None:
+async def _greeting(host: str, port: int, tls: ssl.SSLContext | None) -> bytes | None:
     """The first line a server on (host, port) sends -- a NATS server greets every client with
-    ``INFO {...}`` -- or ``None`` if nothing answers. Nothing is sent to it."""
+    ``INFO {...}`` -- or ``None`` if nothing answers. Nothing is sent to it (with ``tls``, for a
+    server that expects the TLS handshake first, nothing but the handshake)."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 0.5)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls is not None else None), 0.5
+        )
     except (OSError, TimeoutError):
         return None
     try:

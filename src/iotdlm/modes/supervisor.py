@@ -44,7 +44,7 @@ from iotdlm.clock import Clock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
 from iotdlm.files import atomic_write
 from iotdlm.modes import messages as m
-from iotdlm.modes.guard import MODE_ALARM
+from iotdlm.modes.guard import MODE_ALARM, AlarmLimiter
 from iotdlm.modes.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.storage import ModesStore
@@ -131,6 +131,8 @@ class Supervisor:
         self._env = base_env
         self._embedded = dep.config.nats.url is None if embedded_nats is None else embedded_nats
         self._monotonic = monotonic
+        #: a module (or a stolen login) flooding mode alarms does not flood the audit log
+        self._alarms = AlarmLimiter(monotonic=monotonic)
         self._nats: NatsProcess | None = None
         self._bus: Bus | None = None
         self._kv: KeyValue | None = None
@@ -237,6 +239,9 @@ class Supervisor:
             self._subs.append(await self._bus.serve(subjects.MODES_SET, self._on_set))
             self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
             self._subs.append(await self._bus.subscribe(subjects.events("*", MODE_ALARM), self._on_mode_alarm))
+            self._subs.append(
+                await self._bus.subscribe(subjects.events("*", subjects.SIGNER_ALARM), self._on_signer_alarm)
+            )
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
         except BaseException:
@@ -465,13 +470,39 @@ class Supervisor:
         try:
             alarm = m.decode(msg.data, m.ModeAlarm)
             data: dict[str, object] = {"module": module, "revision": alarm.revision, "reason": alarm.reason[:500]}
+            if alarm.suppressed:
+                data["suppressed"] = alarm.suppressed
         except errors.RejectedError as exc:
             data = {"module": module, "reason": f"malformed alarm: {exc.message}"[:500]}
+        held = self._alarms.admit(f"{module}: {data['reason']}")
+        if held is None:
+            log.debug("mode alarm of %s held back (rate limit): %s", module, data["reason"])
+            return
+        if held:
+            data["held_back_by_supervisor"] = held
         log.error("%s refused the mode record: %s", module, data.get("reason"))
         try:
             await self._audit_alarm(module, "mode_record_refused", data)
         except errors.IotdlmError as exc:
             log.error("could not audit the mode alarm of %s: %s", module, exc)
+
+    async def _on_signer_alarm(self, msg: Message) -> None:
+        """A module refused a message whose signer (km, the supervisor) has a revoked certificate:
+        into the audit log, rate-limited like the mode alarms."""
+        module = msg.subject.split(".")[-2]
+        try:
+            body = msgspec.json.decode(msg.data, type=dict[str, object])
+            data: dict[str, object] = {"module": module, "signer": str(body.get("signer"))[:40]}
+            data["reason"] = str(body.get("reason"))[:500]
+        except msgspec.DecodeError:
+            data = {"module": module, "reason": "malformed signer alarm"}
+        if self._alarms.admit(f"{module}: {data['reason']}") is None:
+            return
+        log.error("%s refused a message of a revoked signer: %s", module, data["reason"])
+        try:
+            await self._audit_alarm(module, "revoked_signer", data)
+        except errors.IotdlmError as exc:
+            log.error("could not audit the signer alarm of %s: %s", module, exc)
 
     async def _on_set(self, msg: Message) -> bytes:
         req = m.decode(msg.data, m.SetRequest)

@@ -23,10 +23,10 @@ import msgspec
 import tomli_w
 
 from iotdlm.bus import Bus
-from iotdlm.client.km import KmClient, KmTrust
+from iotdlm.client.connect import connect_identity, km_trust
+from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import Clock
-from iotdlm.connections import connect_identity
 from iotdlm.connections import open_store as open_store  # pm's wiring, as the CLI and the benches call it
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, NotFoundError, UntrustedError
@@ -251,7 +251,7 @@ def build_provisioner(
             Sealer(ident.key, ident.certificate),
             clock,
             timeout=km_timeout,
-            trust=KmTrust(dep.ca_certificate("service")),
+            trust=km_trust(dep),
         ),
         sm=SmClient(bus, timeout=km_timeout),
         flasher=flasher,

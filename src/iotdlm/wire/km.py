@@ -139,6 +139,12 @@ class ChainResponse(msgspec.Struct, frozen=True):
     chains: dict[str, list[bytes]]
 
 
+class FactoryCasResponse(msgspec.Struct, frozen=True):
+    """The external factory CA certificates registered for a trust transfer (DER)."""
+
+    certificates: list[bytes]
+
+
 class CertificateInfo(msgspec.Struct, frozen=True):
     serial: str
     issuer: str
