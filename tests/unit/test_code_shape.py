@@ -64,10 +64,6 @@ def test_the_checker_finds_what_is_too_long(source: str, expect: list[str]) -> N
         assert fragment in text
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 12: the restructuring is split among five helpers; passes once all are merged",
-)
 def test_no_source_file_or_function_is_too_long() -> None:
     found = tree_offences(SRC)
     print("\n".join(found))

@@ -554,6 +554,49 @@ class NatsBus:
                 logger.debug("%s: close: %s", self._module, e)
 
 
+def _check_transport(
+    url: str, *, module: str, tls: ssl.SSLContext | None, allow_plain: bool, tls_handshake_first: bool
+) -> bool:
+    """Whether ``module`` connects to ``url`` over TLS; refuses plain NATS to a host that is not
+    loopback unless ``allow_plain`` (:mod:`iotdlm.bus.urls`) and logs a warning for each setting
+    that weakens the connection."""
+    if urls.check_nats_url(url, allow_plain=allow_plain):
+        logger.warning(
+            "%s connects to NATS at %s WITHOUT TLS ([nats] allow_plain = true): passwords and requests "
+            "cross the network in clear",
+            module,
+            url,
+        )
+    scheme, _ = urls.nats_host(url)
+    over_tls = scheme == "tls" or (tls is not None and scheme == "nats")
+    if over_tls and not tls_handshake_first:
+        logger.warning(
+            "%s connects to NATS at %s without TLS handshake first ([nats] tls_handshake_first = false): "
+            "an active attacker answering as the server could strip TLS",
+            module,
+            url,
+        )
+    return over_tls
+
+
+async def _connect_failed(
+    e: Exception, client: Client, *, module: str, url: str, user: str | None, close_within: float
+) -> errors.UnavailableError:
+    """The error to raise for a first connection that failed with ``e``, in the operator's words,
+    once the half-made connection is closed."""
+    # After a failed TLS handshake asyncio has closed the socket already, and nats-py's close()
+    # would wait forever for a stream that never reports it; otherwise close it, with a bound as a
+    # safety net.
+    if not isinstance(e, ssl.SSLError):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), timeout=max(1.0, close_within))
+    detail = str(e) or type(e).__name__
+    hint = "is nats-server running there, and are the user, password and TLS settings right?"
+    if isinstance(e, nats.errors.Error) and "authorization" in detail.lower():
+        hint = f"the server refused the credentials of user {user or '(none)'!r}"
+    return errors.UnavailableError(f"cannot connect {module} to NATS at {url}: {detail}; {hint}")
+
+
 async def connect(
     url: str,
     *,
@@ -589,22 +632,9 @@ async def connect(
     reconnects after a loss (forever by default, ``max_reconnect_attempts=-1``); requests made
     meanwhile time out into :class:`~iotdlm.errors.UnavailableError`.
     """
-    if urls.check_nats_url(url, allow_plain=allow_plain):
-        logger.warning(
-            "%s connects to NATS at %s WITHOUT TLS ([nats] allow_plain = true): passwords and requests "
-            "cross the network in clear",
-            module,
-            url,
-        )
-    scheme, _ = urls.nats_host(url)
-    over_tls = scheme == "tls" or (tls is not None and scheme == "nats")
-    if over_tls and not tls_handshake_first:
-        logger.warning(
-            "%s connects to NATS at %s without TLS handshake first ([nats] tls_handshake_first = false): "
-            "an active attacker answering as the server could strip TLS",
-            module,
-            url,
-        )
+    over_tls = _check_transport(
+        url, module=module, tls=tls, allow_plain=allow_plain, tls_handshake_first=tls_handshake_first
+    )
     client = Client()
     bus = NatsBus(
         client,
@@ -634,17 +664,7 @@ async def connect(
             drain_timeout=int(max(1.0, drain_timeout)),
         )
     except (OSError, TimeoutError, nats.errors.Error) as e:
-        # After a failed TLS handshake asyncio has closed the socket already, and nats-py's
-        # close() would wait forever for a stream that never reports it; otherwise close it, with
-        # a bound as a safety net.
-        if not isinstance(e, ssl.SSLError):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), timeout=max(1.0, connect_timeout))
-        detail = str(e) or type(e).__name__
-        hint = "is nats-server running there, and are the user, password and TLS settings right?"
-        if isinstance(e, nats.errors.Error) and "authorization" in detail.lower():
-            hint = f"the server refused the credentials of user {user or '(none)'!r}"
-        raise errors.UnavailableError(f"cannot connect {module} to NATS at {url}: {detail}; {hint}") from e
+        raise await _connect_failed(e, client, module=module, url=url, user=user, close_within=connect_timeout) from e
     client.options["allow_reconnect"] = True
     client.options["max_reconnect_attempts"] = max_reconnect_attempts
     client.options["reconnect_time_wait"] = reconnect_time_wait
