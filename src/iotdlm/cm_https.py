@@ -25,7 +25,6 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -34,13 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.files import atomic_write
-from iotdlm.pki import ca as pki_ca
-from iotdlm.pki.chain import certs_to_pem, load_certificates_pem
-from iotdlm.pki.keys import PrivateKey, generate_key, load_private_key_pem, private_key_to_pem
+from iotdlm.pki.chain import load_certificates_pem
+from iotdlm.pki.keys import PrivateKey, load_private_key_pem
 from iotdlm.pki.profiles import Profile
-
-if TYPE_CHECKING:
-    from iotdlm.deployment import Deployment
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -120,32 +115,6 @@ def https_names(public_url: str, extra: Sequence[str] = ()) -> tuple[list[str], 
 def https_profile(profiles: Mapping[str, Profile]) -> Profile:
     """The profile of cm's HTTPS certificate: ``tls-server`` (serverAuth only)."""
     return profiles["tls-server"]
-
-
-def issue_https_certificate(
-    dep: Deployment, cas: Sequence[pki_ca.IssuingCA], *, names: Sequence[str] = (), now: dt.datetime
-) -> x509.Certificate:
-    """Issue cm's HTTPS certificate for ``dep`` (names: :func:`https_names`) with the issuing CA of
-    the HTTPS profile, and write it with its chain and a new key to ``DIR/modules/cm/``."""
-    dns, ips = https_names(dep.config.public_url, names)
-    profile = https_profile(dep.profiles())
-    issuer = next((ca for ca in cas if ca.name == profile.issuer), None)
-    if issuer is None:
-        raise NotFoundError(f"the {profile.issuer} CA is needed to issue cm's HTTPS certificate")
-    key = generate_key(dep.algorithm)
-    cn = dns[0] if dns and len(dns[0]) <= 64 else "cm"
-    cert = issuer.issue(
-        profile,
-        key.public_key(),
-        pki_ca.ca_name(cn, dep.config.organization),
-        now=now,
-        serial=x509.random_serial_number(),
-        dns_names=dns,
-        ip_addresses=ips,
-        urls=dep.public_urls,
-    )
-    write_pair(dep.root, certs_to_pem([cert, issuer.certificate]), private_key_to_pem(key, None))
-    return cert
 
 
 def write_pair(root: Path, chain_pem: bytes, key_pem: bytes) -> None:

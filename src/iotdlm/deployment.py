@@ -437,6 +437,32 @@ def _make_cas(
     return cas
 
 
+def issue_cm_https_certificate(
+    dep: Deployment, cas: Sequence[pki_ca.IssuingCA], *, names: Sequence[str] = (), now: dt.datetime
+) -> x509.Certificate:
+    """Issue cm's HTTPS certificate for ``dep`` (names: :func:`https_names`) with the issuing CA of
+    the HTTPS profile, and write it with its chain and a new key to ``DIR/modules/cm/``."""
+    dns, ips = cm_https.https_names(dep.config.public_url, names)
+    profile = cm_https.https_profile(dep.profiles())
+    issuer = next((ca for ca in cas if ca.name == profile.issuer), None)
+    if issuer is None:
+        raise NotFoundError(f"the {profile.issuer} CA is needed to issue cm's HTTPS certificate")
+    key = generate_key(dep.algorithm)
+    cn = dns[0] if dns and len(dns[0]) <= 64 else "cm"
+    cert = issuer.issue(
+        profile,
+        key.public_key(),
+        pki_ca.ca_name(cn, dep.config.organization),
+        now=now,
+        serial=x509.random_serial_number(),
+        dns_names=dns,
+        ip_addresses=ips,
+        urls=dep.public_urls,
+    )
+    cm_https.write_pair(dep.root, certs_to_pem([cert, issuer.certificate]), private_key_to_pem(key, None))
+    return cert
+
+
 def init_deployment(
     root: Path | str,
     *,
@@ -485,7 +511,7 @@ def init_deployment(
         dep.add_identity("pm", dtype, service_ca=service_ca, now=now)
 
     progress("cm HTTPS certificate")
-    cm_https.issue_https_certificate(dep, cas, names=cm_names, now=now)
+    issue_cm_https_certificate(dep, cas, names=cm_names, now=now)
 
     if nats_tls:
         progress("NATS server certificate")

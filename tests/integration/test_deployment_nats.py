@@ -93,7 +93,7 @@ async def test_supervisor_starts_a_tls_first_server_and_reads_its_greeting_over_
     certificate; a module then connects (TLS first) and a plain-text client is cut off."""
     import asyncio
 
-    from iotdlm.modes.supervisor import NatsProcess
+    from iotdlm.supervisor.supervisor import NatsProcess
 
     clock = SystemClock()
     dep, _ = init_deployment(

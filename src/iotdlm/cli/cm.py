@@ -20,7 +20,7 @@ from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.clock import SystemClock
 from iotdlm.cm.config import CmConfig, EgressConfig, limits_from, load_cm_file
 from iotdlm.cm.egress import parse_origin
-from iotdlm.deployment import Deployment
+from iotdlm.deployment import Deployment, issue_cm_https_certificate
 from iotdlm.errors import BadRequestError, IotdlmError
 from iotdlm.pki.keys import Algorithm
 
@@ -198,7 +198,7 @@ def certificate(data: Path, names: tuple[str, ...]) -> None:
     cm_https.https_names(dep.config.public_url, names)  # a bad name: refused before the CA keys are opened
     now = SystemClock().now()
     cas = list(dep.load_cas().values())
-    cert = cm_https.issue_https_certificate(dep, cas, names=names, now=now)
+    cert = issue_cm_https_certificate(dep, cas, names=names, now=now)
     store = open_store(dep)
     try:
         record_https_certificate(dep, store, now, actor="admin")

@@ -89,9 +89,9 @@ async def run_demo(data: Path | None, devices: int) -> None:
     import aiohttp
 
     from iotdlm.device.est_client import EstClient
-    from iotdlm.modes.supervisor import Supervisor
     from iotdlm.repository.repo import VendorRepository
     from iotdlm.repository.server import RepositoryServer
+    from iotdlm.supervisor.supervisor import Supervisor
 
     clock = SystemClock()
     tmp = tempfile.TemporaryDirectory(prefix="iotdlm-demo-")

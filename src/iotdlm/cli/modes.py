@@ -76,7 +76,7 @@ def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: P
     Each service is its own process, logging to DATA/logs/<service>.log; a crashed one is
     restarted with backoff. Stopping stops everything in reverse order.
     """
-    from iotdlm.modes.supervisor import ensure_identity, read_commands
+    from iotdlm.supervisor.supervisor import ensure_identity, read_commands
 
     dep = Deployment.load(data)
     handler = _log_to_file(data)
@@ -93,7 +93,7 @@ def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: P
 
 
 async def _up(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable) -> None:
-    from iotdlm.modes.supervisor import Supervisor
+    from iotdlm.supervisor.supervisor import Supervisor
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,7 +125,7 @@ async def _ask(dep: Deployment, subject: str, body: bytes, timeout: float) -> by
 
 
 def _no_supervisor(data: Path, exc: UnavailableError) -> None:
-    from iotdlm.modes.supervisor import load_saved_mode
+    from iotdlm.supervisor.supervisor import load_saved_mode
 
     err_console.print(f"[red]no supervisor answers[/red] for {data}: {exc.message}")
     saved = None

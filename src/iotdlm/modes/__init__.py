@@ -1,8 +1,9 @@
-"""Operation modes (the paper's Table 1): which modules run, the supervisor that runs them, and
-the guard services use to check the mode themselves.
+"""Operation modes (the paper's Table 1) as every service sees them: which modules run in each mode
+(:mod:`.table`), the mode record the supervisor signs (:mod:`.messages`, :mod:`.signed`), and the
+guard services use to check the mode themselves (:mod:`.guard`).
 
-Light to import (services import :class:`ModeGuard`): the supervisor is
-:mod:`iotdlm.modes.supervisor`, the commands :mod:`iotdlm.cli.modes`.
+Light to import, and below every service in the layers: the supervisor that runs Table 1 is
+:mod:`iotdlm.supervisor`, the commands :mod:`iotdlm.cli.modes`.
 """
 
 from iotdlm.modes.guard import ModeGuard, cm_running

@@ -4,7 +4,7 @@ Open with :meth:`Store.open`; the store is synchronous and thread-safe, so async
 through :func:`asyncio.to_thread`. :class:`Store` is one repository per record kind on one
 engine (see :mod:`iotdlm.store.store`); its users depend on Protocols of their own that name the
 methods they call (``km/storage.py``, ``pm/storage.py``, ``transfer/storage.py``,
-``modes/storage.py``).
+``supervisor/storage.py``).
 """
 
 from iotdlm.store.records import (

@@ -16,7 +16,7 @@ repository per record kind, each in its own module:
 ==========================================  =====================================================
 
 Each user depends only on a Protocol naming the methods it calls (``km/storage.py``,
-``pm/storage.py``, ``transfer/storage.py``, ``modes/storage.py``), as step-ca's ``db.AuthDB``.
+``pm/storage.py``, ``transfer/storage.py``, ``supervisor/storage.py``), as step-ca's ``db.AuthDB``.
 
 Synchronous SQLAlchemy Core on one :class:`~sqlalchemy.engine.Engine`; every method takes a
 connection from the engine's pool for one transaction, so a :class:`Store` may be shared by

@@ -45,9 +45,7 @@ from iotdlm.deployment import PASSPHRASE_ENV, Deployment
 from iotdlm.files import atomic_write
 from iotdlm.modes import messages as m
 from iotdlm.modes.guard import MODE_ALARM, AlarmLimiter
-from iotdlm.modes.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
 from iotdlm.modes.signed import ModeVerifier, seal_record
-from iotdlm.modes.storage import ModesStore
 from iotdlm.modes.table import (
     DEFAULT_COMMANDS,
     START_ORDER,
@@ -60,6 +58,8 @@ from iotdlm.modes.table import (
     services,
 )
 from iotdlm.store import AuditEntry
+from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
+from iotdlm.supervisor.storage import ModesStore
 from iotdlm.wire import audit as audit_fmt
 from iotdlm.wire.envelope import Sealer
 

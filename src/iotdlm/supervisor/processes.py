@@ -1,7 +1,7 @@
 """The supervisor's process table: one service process (start, watch, restart with an exponential
 backoff, give up after quick crashes in a row, stop with SIGTERM, wait, SIGKILL) and the embedded
 NATS server, supervised alike. Every child gets a process group of its own and, on Linux, SIGTERM
-when the supervisor dies. :mod:`iotdlm.modes.supervisor` decides which run."""
+when the supervisor dies. :mod:`iotdlm.supervisor.supervisor` decides which run."""
 
 from __future__ import annotations
 
