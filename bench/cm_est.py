@@ -183,9 +183,9 @@ async def set_mode(bd: BenchDeployment, mode: str) -> None:
     import datetime as dt
 
     from iotdlm.bus import subjects
-    from iotdlm.modes.messages import ModeRecord
     from iotdlm.modes.signed import seal_record
     from iotdlm.runtime import connect_identity, sealer_for
+    from iotdlm.wire.modes import ModeRecord
 
     bus, ident = await connect_identity(bd.dep, "modes")
     try:

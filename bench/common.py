@@ -506,9 +506,9 @@ async def publish_mode(dep: Any, mode: str) -> None:
     import datetime as _dt
 
     from iotdlm.bus import subjects
-    from iotdlm.modes.messages import ModeRecord
     from iotdlm.modes.signed import seal_record
     from iotdlm.runtime import connect_identity, sealer_for
+    from iotdlm.wire.modes import ModeRecord
 
     bus, ident = await connect_identity(dep, "modes")
     try:

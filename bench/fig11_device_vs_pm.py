@@ -43,8 +43,8 @@ from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.signed import ModeVerifier
 from iotdlm.pm import config as pmconfig
-from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import SimulatedFlasher
+from iotdlm.wire import pm as m
 from pm_provisioning import _sm, merged_timings, mode_bucket, provision_line
 
 N = 500

@@ -57,11 +57,9 @@ from iotdlm.bus.api import KeyValue
 from iotdlm.clock import SystemClock
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.modes.guard import ModeGuard
-from iotdlm.modes.messages import ModeRecord
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import Mode
 from iotdlm.pm import config as pmconfig
-from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import SimulatedFlasher
 from iotdlm.pm.provisioner import Provisioner
 from iotdlm.repository import VendorRepository
@@ -70,7 +68,9 @@ from iotdlm.runtime import connect_identity, sealer_for
 from iotdlm.sm import HttpFetcher
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.service import SmService
+from iotdlm.wire import pm as m
 from iotdlm.wire.envelope import Sealer
+from iotdlm.wire.modes import ModeRecord
 
 TARGET_DEVICES = 1000
 TARGET_SECONDS = 30.0

@@ -8,8 +8,8 @@ import functools
 from iotdlm.bus import subjects
 from iotdlm.bus.api import KeyValue
 from iotdlm.clock import FixedClock
-from iotdlm.modes.messages import ModeRecord
 from iotdlm.modes.signed import ModeVerifier, seal_record
+from iotdlm.wire.modes import ModeRecord
 from tests.helpers import NOW, Identity, Pki, make_pki
 
 

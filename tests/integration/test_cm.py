@@ -42,13 +42,13 @@ from iotdlm.errors import (
 )
 from iotdlm.km import KmService
 from iotdlm.modes.guard import ModeGuard
-from iotdlm.modes.messages import ModeRecord
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
 from iotdlm.runtime import build_km, km_identity, km_trust, open_store, record_identities, sealer_for
 from iotdlm.store import Store
+from iotdlm.wire.modes import ModeRecord
 from tests.fixtures_nats import RunningNats, start_nats
 from tests.helpers import make_csr
 from tests.tools import attime, ocsp_window

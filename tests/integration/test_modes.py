@@ -28,13 +28,13 @@ from iotdlm.bus.api import Bus
 from iotdlm.bus.server import free_port
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
-from iotdlm.modes.messages import ModeRecord, SetReply, StatusReply, decode, encode
 from iotdlm.modes.signed import ModeVerifier
 from iotdlm.modes.table import Mode, modules_on
 from iotdlm.pki.keys import Algorithm
 from iotdlm.runtime import connect_identity, open_store
 from iotdlm.supervisor.processes import SupervisorSettings
 from iotdlm.supervisor.supervisor import Supervisor, load_saved_mode
+from iotdlm.wire.modes import ModeRecord, SetReply, StatusReply, decode, encode
 from tests.integration.test_bus_nats import ImpostorNats
 
 pytestmark = pytest.mark.nats

@@ -16,8 +16,8 @@ from iotdlm.bus.api import KeyValue, Message
 from iotdlm.bus.memory import MemoryBus, MemoryHub
 from iotdlm.modes import DEVICE_CERTIFICATE_MODES, ModeGuard, cm_running, modes_where
 from iotdlm.modes.guard import AlarmLimiter
-from iotdlm.modes.messages import ModeAlarm, ModeRecord, decode, encode
 from iotdlm.modes.table import Mode
+from iotdlm.wire.modes import ModeAlarm, ModeRecord, decode, encode
 from tests.helpers import make_pki
 from tests.mode_signing import pki, put_mode, signed, verifier
 

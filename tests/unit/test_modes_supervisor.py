@@ -10,10 +10,10 @@ import msgspec
 import pytest
 
 from iotdlm.errors import BadRequestError, NotFoundError
-from iotdlm.modes import messages as m
 from iotdlm.modes.table import DEFAULT_COMMANDS
 from iotdlm.supervisor.processes import RestartPolicy, SupervisorSettings
 from iotdlm.supervisor.supervisor import load_saved_mode, read_commands, save_mode
+from iotdlm.wire import modes as m
 
 FAST = SupervisorSettings(backoff_initial=1.0, backoff_max=8.0, quick_crash=10.0, give_up_after=5)
 

@@ -36,7 +36,6 @@ from iotdlm.modes.table import Mode
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.profiles import DEFAULT_PROFILES
-from iotdlm.pm import messages as m
 from iotdlm.pm.alarm import HaltedError, read_alarm
 from iotdlm.pm.flasher import CommandFlasher, SimulatedFlasher
 from iotdlm.pm.provisioner import Provisioner
@@ -44,6 +43,7 @@ from iotdlm.pm.service import PmClient, PmService
 from iotdlm.pm.settings import Anchors, PmSettings, Progress
 from iotdlm.repository import VendorRepository
 from iotdlm.store import Store
+from iotdlm.wire import pm as m
 from iotdlm.wire import software as sw
 from iotdlm.wire.envelope import Sealer
 from tests.helpers import NOW, ORG, make_pki

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 
 from iotdlm import errors
 from iotdlm.modes.table import Mode
-from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import DeviceOnBench
 from iotdlm.pm.plan import allowed_steps, choose, chunks, plan_jobs
 from iotdlm.pm.settings import PmSettings
 from iotdlm.store import ProvisioningRecord
 from iotdlm.store import records as rec
+from iotdlm.wire import pm as m
 
 DTYPE = "boardA"
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)

@@ -19,13 +19,13 @@ from iotdlm.bus.api import Message
 from iotdlm.bus.memory import MemoryBus, MemoryHub
 from iotdlm.clock import FixedClock
 from iotdlm.modes import ModeGuard
-from iotdlm.modes.messages import ModeAlarm, decode
 from iotdlm.modes.signed import ModeVerifier
 from iotdlm.modes.table import Mode
 from iotdlm.pki import crl as pki_crl
 from iotdlm.pki.ca import IssuingCA
 from iotdlm.pki.revocation import RevokedSignerError, ServiceCrls
 from iotdlm.wire import km as msg
+from iotdlm.wire.modes import ModeAlarm, decode
 from tests.helpers import NOW, URLS, make_pki
 from tests.mode_signing import pki, put_mode, supervisor
 

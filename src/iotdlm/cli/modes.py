@@ -23,8 +23,8 @@ from iotdlm.cli.common import EXIT_UNAVAILABLE, console, data_option, err_consol
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import UnavailableError
-from iotdlm.modes import messages as m
 from iotdlm.modes.table import DEFAULT_COMMANDS, CommandTable, Mode, parse_mode
+from iotdlm.wire import modes as m
 
 log = logging.getLogger(__name__)
 

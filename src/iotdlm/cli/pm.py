@@ -23,8 +23,8 @@ from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, ConflictError
 from iotdlm.pki.keys import Algorithm
-from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import Flasher
+from iotdlm.wire import pm as m
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Operation modes (the paper's Table 1) as every service sees them: which modules run in each mode
-(:mod:`.table`), the mode record the supervisor signs (:mod:`.messages`, :mod:`.signed`), and the
+(:mod:`.table`), the mode record the supervisor signs (:mod:`iotdlm.wire.modes`, :mod:`.signed`), and the
 guard services use to check the mode themselves (:mod:`.guard`).
 
 Light to import, and below every service in the layers: the supervisor that runs Table 1 is
@@ -7,7 +7,6 @@ Light to import, and below every service in the layers: the supervisor that runs
 """
 
 from iotdlm.modes.guard import ModeGuard, cm_running
-from iotdlm.modes.messages import ModeRecord
 from iotdlm.modes.table import (
     DEFAULT_COMMANDS,
     DEVICE_CERTIFICATE_MODES,
@@ -20,6 +19,7 @@ from iotdlm.modes.table import (
     modules_on,
     parse_mode,
 )
+from iotdlm.wire.modes import ModeRecord
 
 __all__ = [
     "DEFAULT_COMMANDS",

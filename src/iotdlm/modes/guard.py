@@ -42,9 +42,9 @@ from iotdlm import errors
 from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus, KeyValue, KeyValueEntry, Subscription
 from iotdlm.client import revocation
-from iotdlm.modes.messages import ModeAlarm, ModeRecord, encode
 from iotdlm.modes.signed import ModeVerifier
 from iotdlm.pki.revocation import RevokedSignerError
+from iotdlm.wire.modes import ModeAlarm, ModeRecord, encode
 
 log = logging.getLogger(__name__)
 

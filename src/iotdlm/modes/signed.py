@@ -6,7 +6,7 @@ carries, not for where it was found: a value that reached the bucket another way
 stream, a stolen login, an old unsigned record) must not set the mode. The value of key ``mode``
 is a signed envelope (:mod:`iotdlm.wire.envelope`: a JWS with the signer's certificate in
 ``x5c``), operation ``mode``, audience ``iotdlm`` (every service), body the
-:class:`~iotdlm.modes.messages.ModeRecord`.
+:class:`~iotdlm.wire.modes.ModeRecord`.
 
 A reader accepts it only when the signer's certificate was issued by the deployment's service CA,
 is valid now, names the ``modes`` module (its URI SAN) and is not on the service CA's CRL (as far
@@ -30,12 +30,12 @@ from iotdlm.bus import subjects
 from iotdlm.bus.api import Bus
 from iotdlm.client import revocation
 from iotdlm.clock import Clock, SystemClock
-from iotdlm.modes.messages import ModeRecord
 from iotdlm.modes.table import Mode
 from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.names import module_of
 from iotdlm.pki.revocation import RevokedSignerError, ServiceCrls
 from iotdlm.wire import envelope
+from iotdlm.wire.modes import ModeRecord
 
 if TYPE_CHECKING:
     from iotdlm.deployment import Deployment

@@ -14,14 +14,14 @@
 - :mod:`iotdlm.pm.flasher` -- the flasher plug-ins (simulated bench, vendor tool by command templates);
 - :mod:`iotdlm.pm.service` -- pm on the bus (``iotdlm.v1.pm.<dtype>.provision`` / ``.status``);
 - :mod:`iotdlm.pm.config` -- configuration in a deployment folder, wiring a Provisioner;
-- :mod:`iotdlm.pm.messages` -- requests, reports, the alarm; ``iotdlm pm`` is :mod:`iotdlm.cli.pm`.
+- :mod:`iotdlm.wire.pm` -- requests, reports, the alarm; ``iotdlm pm`` is :mod:`iotdlm.cli.pm`.
 """
 
 from iotdlm.pm.alarm import HaltedError, clear_alarm, read_alarm
 from iotdlm.pm.flasher import CommandFlasher, DeviceOnBench, Flasher, SimulatedFlasher
-from iotdlm.pm.messages import Alarm, DeviceResult, ProvisionReport, ProvisionRequest
 from iotdlm.pm.provisioner import Provisioner
 from iotdlm.pm.settings import Anchors, PmSettings, Progress
+from iotdlm.wire.pm import Alarm, DeviceResult, ProvisionReport, ProvisionRequest
 
 __all__ = [
     "Alarm",

@@ -17,12 +17,12 @@ from iotdlm import errors
 from iotdlm.bus import Bus
 from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock
-from iotdlm.pm import messages as m
 from iotdlm.pm.settings import check_operator
 from iotdlm.pm.storage import PmStore
 from iotdlm.pm.workers import Workers
 from iotdlm.store import AuditEntry
 from iotdlm.wire import audit as fmt
+from iotdlm.wire import pm as m
 from iotdlm.wire import software as sw
 
 log = logging.getLogger(__name__)

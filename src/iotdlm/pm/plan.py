@@ -25,7 +25,6 @@ from iotdlm import errors
 from iotdlm.modes.table import DEVICE_CERTIFICATE_MODES, FLASH_MODES
 from iotdlm.pki.keys import PublicKey
 from iotdlm.pki.names import check_id
-from iotdlm.pm import messages as m
 from iotdlm.pm.flasher import DeviceOnBench
 from iotdlm.pm.settings import (
     CERTIFICATE_STEP_PREFIX,
@@ -39,6 +38,7 @@ from iotdlm.pm.settings import (
 )
 from iotdlm.store import ProvisioningRecord
 from iotdlm.store import records as rec
+from iotdlm.wire import pm as m
 
 _T = TypeVar("_T")
 

@@ -69,7 +69,6 @@ from iotdlm.client.sm import SmClient
 from iotdlm.clock import Clock
 from iotdlm.modes.guard import ModeGuard, cm_running
 from iotdlm.modes.table import modes_where
-from iotdlm.pm import messages as m
 from iotdlm.pm.alarm import PmAlarm, halted_error
 from iotdlm.pm.algorithm1 import StagedSoftware, load_software
 from iotdlm.pm.certificates import Certificates
@@ -88,6 +87,7 @@ from iotdlm.pm.settings import (
 )
 from iotdlm.pm.storage import PmStore
 from iotdlm.pm.workers import Workers
+from iotdlm.wire import pm as m
 from iotdlm.wire import software as sw
 
 log = logging.getLogger(__name__)

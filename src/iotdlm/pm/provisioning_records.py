@@ -13,11 +13,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 
-from iotdlm.pm import messages as m
 from iotdlm.pm.plan import Job
 from iotdlm.pm.settings import PmSettings
 from iotdlm.store import ProvisioningRecord
 from iotdlm.store import records as rec
+from iotdlm.wire import pm as m
 
 
 def status_of(settings: PmSettings, job: Job) -> str:

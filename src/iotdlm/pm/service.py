@@ -1,12 +1,12 @@
 """pm on the bus, one service per dtype (the paper: "by adding multiple pms, multiple different
 types of devices can be supported").
 
-- ``iotdlm.v1.pm.<dtype>.provision`` :class:`~iotdlm.pm.messages.ProvisionRequest` (devices: flasher
+- ``iotdlm.v1.pm.<dtype>.provision`` :class:`~iotdlm.wire.pm.ProvisionRequest` (devices: flasher
   references or device ids, or none for every device discovered; operator; force) -> the
-  :class:`~iotdlm.pm.messages.ProvisionReport`. Refusals of the whole run come back as errors:
+  :class:`~iotdlm.wire.pm.ProvisionReport`. Refusals of the whole run come back as errors:
   halted by an alarm (``halted``, a ConflictError; field = the failed check), cm running or wrong mode
   (``wrong_mode``), sm or km not answering (``unavailable``).
-- ``iotdlm.v1.pm.<dtype>.status`` (empty body) -> :class:`~iotdlm.pm.messages.StatusReply`.
+- ``iotdlm.v1.pm.<dtype>.status`` (empty body) -> :class:`~iotdlm.wire.pm.StatusReply`.
 
 Events: ``iotdlm.v1.events.pm.alarm`` when Algorithm 1 fails, ``iotdlm.v1.events.pm.provisioned``
 after every run. One run at a time per process (a second request waits its turn). Alarms are
@@ -20,8 +20,8 @@ import logging
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
 from iotdlm.pki.names import check_id
-from iotdlm.pm import messages as m
 from iotdlm.pm.provisioner import Provisioner
+from iotdlm.wire import pm as m
 
 log = logging.getLogger(__name__)
 

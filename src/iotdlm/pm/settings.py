@@ -23,8 +23,8 @@ from iotdlm import errors, software
 from iotdlm.pki.keys import PublicKey
 from iotdlm.pki.names import check_id
 from iotdlm.pki.profiles import DEVICE_PROFILES
-from iotdlm.pm import messages as m
 from iotdlm.wire import km as kmsg
+from iotdlm.wire import pm as m
 from iotdlm.wire import software as sw
 
 # --- steps ---------------------------------------------------------------------------------------

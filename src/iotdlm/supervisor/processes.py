@@ -33,8 +33,8 @@ from iotdlm.bus.server import (
     render_config,
 )
 from iotdlm.clock import Clock
-from iotdlm.modes import messages as m
 from iotdlm.modes.table import ServiceSpec
+from iotdlm.wire import modes as m
 
 log = logging.getLogger(__name__)
 

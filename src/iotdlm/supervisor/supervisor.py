@@ -43,7 +43,6 @@ from iotdlm.bus.api import Bus, KeyValue, Message, Subscription
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
 from iotdlm.files import atomic_write
-from iotdlm.modes import messages as m
 from iotdlm.modes.guard import MODE_ALARM, AlarmLimiter
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import (
@@ -61,6 +60,7 @@ from iotdlm.store import AuditEntry
 from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
 from iotdlm.supervisor.storage import ModesStore
 from iotdlm.wire import audit as audit_fmt
+from iotdlm.wire import modes as m
 from iotdlm.wire.envelope import Sealer
 
 log = logging.getLogger(__name__)

@@ -7,11 +7,13 @@ problem into a BadRequestError that names what is wrong.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 
 from iotdlm.errors import BadRequestError, TooLargeError
+from iotdlm.wire import codec
+from iotdlm.wire.codec import encode as encode
 
 #: operation names inside signed envelopes (bound by the signature) and the audience
 OP_ISSUE = "km.issue"
@@ -164,20 +166,10 @@ class RevokeResponse(msgspec.Struct, frozen=True):
 
 
 _T = TypeVar("_T")
-_encoder = msgspec.json.Encoder()
-
-
-def encode(obj: Any) -> bytes:
-    return _encoder.encode(obj)
 
 
 def decode(data: bytes, cls: type[_T], *, what: str = "request") -> _T:
-    try:
-        return msgspec.json.decode(data, type=cls)
-    except msgspec.ValidationError as exc:
-        raise BadRequestError(f"{what} is not valid: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"{what} is not valid JSON: {exc}") from exc
+    return codec.decode(data, cls, what=what)
 
 
 def check_batch(req: BatchIssueRequest, max_items: int = MAX_BATCH) -> None:

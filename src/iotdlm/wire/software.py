@@ -14,6 +14,8 @@ from typing import TypeVar
 import msgspec
 
 from iotdlm.errors import BadRequestError
+from iotdlm.wire import codec
+from iotdlm.wire.codec import encode as encode
 
 #: release counters are JSON integers in the repository's metadata: 0 .. 2**63 - 1
 MAX_RELEASE_COUNTER = 2**63 - 1
@@ -89,21 +91,11 @@ class SmEvent(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 _M = TypeVar("_M")
-_encoder = msgspec.json.Encoder()
-
-
-def encode(obj: object) -> bytes:
-    return _encoder.encode(obj)
 
 
 def decode(data: bytes, cls: type[_M], *, what: str = "request") -> _M:
     """Decode a message; schema or JSON problems become BadRequestError; dtype and counters are checked."""
-    try:
-        out = msgspec.json.decode(data, type=cls)
-    except msgspec.ValidationError as exc:
-        raise BadRequestError(f"{what} is not valid: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"{what} is not valid JSON: {exc}") from exc
+    out = codec.decode(data, cls, what=what)
     dtype = getattr(out, "dtype", None)
     if dtype is not None:
         check_dtype(dtype)

@@ -14,6 +14,8 @@ from typing import TypeVar
 import msgspec
 
 from iotdlm.errors import BadRequestError
+from iotdlm.wire import codec
+from iotdlm.wire.codec import encode as encode
 
 #: longest request accepted on pm's subjects (a list of device references)
 MAX_REQUEST = 1024 * 1024
@@ -120,23 +122,11 @@ class StatusReply(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 _M = TypeVar("_M")
-_encoder = msgspec.json.Encoder()
-
-
-def encode(obj: object) -> bytes:
-    return _encoder.encode(obj)
 
 
 def decode(data: bytes, cls: type[_M], *, what: str = "request") -> _M:
     """Decode untrusted JSON; anything malformed or too big is a BadRequestError."""
-    if len(data) > MAX_REQUEST:
-        raise BadRequestError(f"{what} of {len(data)} bytes exceeds {MAX_REQUEST}")
-    try:
-        out = msgspec.json.decode(data, type=cls)
-    except msgspec.ValidationError as exc:
-        raise BadRequestError(f"{what} is not valid: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        raise BadRequestError(f"{what} is not valid JSON: {exc}") from exc
+    out = codec.decode(data, cls, what=what, max_size=MAX_REQUEST)
     devices = getattr(out, "devices", None)
     if isinstance(out, ProvisionRequest) and devices is not None and len(devices) > MAX_DEVICES:
         raise BadRequestError(f"{len(devices)} devices in one request; at most {MAX_DEVICES}", field="devices")

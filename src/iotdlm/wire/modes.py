@@ -14,7 +14,8 @@ from typing import TypeVar
 
 import msgspec
 
-from iotdlm.errors import BadRequestError
+from iotdlm.wire import codec
+from iotdlm.wire.codec import encode as encode
 
 #: longest accepted message (these are tiny; anything bigger is hostile)
 MAX_MESSAGE = 64 * 1024
@@ -112,18 +113,9 @@ class StatusReply(msgspec.Struct, frozen=True):
 _S = TypeVar("_S", bound=msgspec.Struct)
 
 
-def encode(obj: msgspec.Struct) -> bytes:
-    return msgspec.json.encode(obj)
-
-
 def decode(data: bytes, typ: type[_S]) -> _S:
     """Decode untrusted JSON into ``typ``; anything malformed is a :class:`BadRequestError`."""
-    if len(data) > MAX_MESSAGE:
-        raise BadRequestError(f"{typ.__name__} is {len(data)} bytes, over {MAX_MESSAGE}")
-    try:
-        return msgspec.json.decode(data, type=typ)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise BadRequestError(f"malformed {typ.__name__}: {exc}") from exc
+    return codec.decode(data, typ, what=typ.__name__, max_size=MAX_MESSAGE)
 
 
 def timestamp(at: dt.datetime) -> str:
