@@ -170,7 +170,18 @@ def kill_stand_ins(root: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-async def until(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+def logs_tail(root: Path, lines: int = 15) -> str:
+    """The last lines of every log of a deployment (the supervisor's, NATS's, each service's): what
+    a timeout message shows, so a failure on a loaded machine says what happened."""
+    out: list[str] = []
+    for log in sorted([*(root / "logs").glob("*.log"), *(root / "nats").glob("*.log")]):
+        with contextlib.suppress(OSError):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
+async def until(cond: Callable[[], bool | Awaitable[bool]], what: str, *, root: Path | None = None) -> None:
     async def poll() -> None:
         while True:
             got = cond()
@@ -183,7 +194,8 @@ async def until(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
     try:
         await asyncio.wait_for(poll(), WAIT)
     except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+        logs = f"\n{logs_tail(root)}" if root is not None else ""
+        raise AssertionError(f"timed out waiting for {what}{logs}") from None
 
 
 async def answers(bus: Bus, subj: str) -> bool:
@@ -717,9 +729,9 @@ async def test_up_runs_in_the_foreground_resumes_the_last_mode_and_stops_cleanly
         # is busy -- it drains through NATS, which stops only after it
         bus, _ = await connect_identity(deployment, "admin")
         try:
-            await until(lambda: answers(bus, subject("pm-board-b", "ping")), "pm-board-b to answer")
+            await until(lambda: answers(bus, subject("pm-board-b", "ping")), "pm-board-b to answer", root=root)
             work = asyncio.ensure_future(bus.request(subject("pm-board-b", "work"), b"1.0", timeout=WAIT))
-            await until(lambda: (root / "work-pm-board-b.started").exists(), "pm-board-b to start working")
+            await until(lambda: (root / "work-pm-board-b.started").exists(), "pm-board-b to start working", root=root)
             os.killpg(proc.pid, signal.SIGINT)
             assert await work == b"done:pm-board-b"
         finally:
