@@ -42,8 +42,10 @@ _STATUS: dict[int, type[IotdlmError]] = {
 }
 
 
-def _context(anchors_pem: bytes) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=anchors_pem.decode("ascii"))
+def _context(anchors_pem: bytes | None) -> ssl.SSLContext:
+    """TLS to SP1's cm: its certificate must chain to ``anchors_pem`` (None: the system's roots)."""
+    cadata = anchors_pem.decode("ascii", "replace") if anchors_pem is not None else None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=cadata)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 
@@ -57,7 +59,7 @@ class PeerClient:
         *,
         identity: TransferIdentity,
         peer_id: str,
-        anchors_pem: bytes,
+        anchors_pem: bytes | None,
         clock: Clock,
         timeout: float = 60.0,
         entropy: Callable[[int], bytes] = secrets.token_bytes,
