@@ -11,7 +11,7 @@
 cm decides nothing: it bounds the input, relays it to the transfer handlers where the store is
 (km's workers, :mod:`iotdlm.transfer.peer_handlers`) and encodes the answer. Who may: whoever signed
 with the transfer certificate SP1 pinned for this transfer -- checked there, and refusals audited
-there. A refusal is one line of text: 400 malformed, 403 wrong signer / replay / stale / another
+there. A refusal is one line of text: 400 malformed, 403 wrong signer / bad signature / replay / stale / another
 transfer, 404 no such transfer, 409 out of order, 413 too large, 415 wrong type, 503 km away.
 """
 
@@ -24,7 +24,7 @@ from aiohttp import web
 
 from iotdlm.bus import subjects as s
 from iotdlm.cm import est
-from iotdlm.errors import BadRequestError, ReplayError, UntrustedError
+from iotdlm.errors import BadRequestError, BadSignatureError, ReplayError, UntrustedError
 from iotdlm.transfer import peer
 
 CWT = "application/cwt"
@@ -39,10 +39,11 @@ class PeerRelay(Protocol):
     async def transfer_peer(self, subject: str, body: bytes) -> bytes: ...
 
 
-class TransferReplayError(UntrustedError):
-    """A replayed message from the peer provider (403 at cm: not a relay failure)."""
+class PeerRefusedError(UntrustedError):
+    """A replayed message of the peer provider, or one whose signature does not verify: 403 at cm
+    (cm's table would make a replay a relay failure, 502, and a bad signature a 400)."""
 
-    code = "transfer_replay"
+    code = "transfer_refused"
 
 
 class PeerRoutes:
@@ -65,8 +66,8 @@ class PeerRoutes:
     async def _relay(self, subject: str, tid: str, body: bytes) -> peer.PeerReply:
         try:
             raw = await self.relay.transfer_peer(subject, peer.encode(peer.PeerRequest(transfer_id=tid, body=body)))
-        except ReplayError as exc:
-            raise TransferReplayError(exc.message, field=exc.field) from exc
+        except (ReplayError, BadSignatureError) as exc:
+            raise PeerRefusedError(exc.message, field=exc.field) from exc
         return peer.decode_reply(raw)
 
     async def update_info(self, request: web.Request) -> web.Response:
@@ -92,4 +93,4 @@ class PeerRoutes:
         return handler
 
 
-__all__ = ["CWT", "JWS", "PEER_MODES", "PeerRelay", "PeerRoutes", "TransferReplayError"]
+__all__ = ["CWT", "JWS", "PEER_MODES", "PeerRefusedError", "PeerRelay", "PeerRoutes"]
