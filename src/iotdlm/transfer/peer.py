@@ -40,6 +40,7 @@ FETCH_WINDOW = dt.timedelta(minutes=2)
 MAX_FETCH_BYTES = 1024
 #: a transfer id: the first 16 bytes of its transferRef in hex
 TID_RE = re.compile(r"[0-9a-f]{32}")
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 CLAIM_ISS, CLAIM_AUD, CLAIM_IAT, CLAIM_CTI, CLAIM_TRANSFER = 1, 3, 6, 7, -70001
 _CLAIMS = frozenset({CLAIM_ISS, CLAIM_AUD, CLAIM_IAT, CLAIM_CTI, CLAIM_TRANSFER})
 #: the largest TransferMessage / confirmation body cm relays: the confirmation lists every device
@@ -89,6 +90,8 @@ def sign_fetch(
 def _decode_header(value: str) -> bytes:
     if len(value) > MAX_FETCH_BYTES * 2:
         raise BadRequestError(f"the {FETCH_HEADER} header is too long", field=FETCH_HEADER)
+    if not _B64URL.fullmatch(value):
+        raise BadRequestError(f"the {FETCH_HEADER} header is not base64url", field=FETCH_HEADER)
     try:
         return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
     except (binascii.Error, ValueError):
