@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
-from iotdlm.bus import Bus
+from iotdlm.bus import Bus, Message, subjects
 from iotdlm.bus.server import NatsUser
 from iotdlm.cli.km import transfer_peer_routes
 from iotdlm.cli.transfer import transfer
@@ -111,7 +111,9 @@ async def open_side(tmp: Path, org: str, provider_id: str, clock: ShiftClock) ->
     )
     kmcore = build_km(dep, store, clock, passphrase=PW)
     km_bus = await nats.connect("km")
-    km = KmService(kmcore, km_bus, identity=km_identity(dep), extra_routes=transfer_peer_routes(dep, store, kmcore))
+    km = KmService(
+        kmcore, km_bus, identity=km_identity(dep), extra_routes=transfer_peer_routes(dep, store, kmcore, km_bus)
+    )
     await km.start()
     modes_bus = await nats.connect("modes")
     await set_mode(modes_bus, "certificate-management", dep)
@@ -221,8 +223,24 @@ async def test_sp2_fetches_posts_and_confirms_and_sp1_revokes(pair: Pair) -> Non
         assert sorted(msgs) == ids
         assert not skipped
         pair.enrolled_at_ca2(tid, ids)
+        # the other km workers hear of the revocations (they drop their cached OCSP answers)
+        heard: list[dict[str, str]] = []
+        admin = await pair.sp1.nats.connect("admin")
+        pair.sp1.buses.append(admin)
+
+        async def on_revoked(m: Message) -> None:
+            heard.append(json.loads(m.data))
+
+        await admin.subscribe(subjects.KM_REVOKED_EVENT, on_revoked)
         said = await sp1_cm.send_confirmation(tid, pair.sp2svc.confirm(tid))
     assert said == "3 device(s) revoked-at-CA1"
+    for _ in range(100):
+        if len(heard) == 3:
+            break
+        await asyncio.sleep(0.05)
+    olds = sorted((format(op.serial_number, "x") for _k, op in pair.devices.values()))
+    assert sorted(e["serial"] for e in heard) == olds
+    assert {e["issuer"] for e in heard} == {"operational"}
     assert {r.status for r in pair.sp1svc.status(tid).values()} == {st.REVOKED_AT_CA1}
     for _key, op in pair.devices.values():
         rec = pair.sp1.store.get_certificate("operational", op.serial_number)

@@ -14,6 +14,7 @@ from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 
 if TYPE_CHECKING:
+    from iotdlm.bus import Bus
     from iotdlm.bus.api import RequestHandler
     from iotdlm.km import Km
     from iotdlm.store import Store
@@ -43,7 +44,7 @@ async def _serve_km(dep: Deployment) -> None:
         identity=(ident.key, ident.certificate),
         schedule=Schedule(),
         anchor_dir=dep.audit_anchor_dir,
-        extra_routes=transfer_peer_routes(dep, store, kmcore),
+        extra_routes=transfer_peer_routes(dep, store, kmcore, bus),
     )
     await service.start()
     stop = asyncio.Event()
@@ -58,7 +59,7 @@ async def _serve_km(dep: Deployment) -> None:
     store.close()
 
 
-def transfer_peer_routes(dep: Deployment, store: Store, kmcore: Km) -> dict[str, RequestHandler]:
+def transfer_peer_routes(dep: Deployment, store: Store, kmcore: Km, bus: Bus) -> dict[str, RequestHandler]:
     """SP1's provider-to-provider handlers (issue 13), when this deployment has a transfer identity."""
     from iotdlm.transfer.identity import load_identity, load_settings, transfer_dir
     from iotdlm.transfer.peer_handlers import PeerHandlers
@@ -73,6 +74,7 @@ def transfer_peer_routes(dep: Deployment, store: Store, kmcore: Km) -> dict[str,
         clock=kmcore.clock,
         va=kmcore.va,
         fallback_uri=settings.fallback_uri or "",
+        publish=bus.publish,
     ).routes()
 
 

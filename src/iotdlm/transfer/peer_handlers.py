@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -40,6 +41,7 @@ from iotdlm.transfer.storage import BulkRevocationStore, TransferStore
 from iotdlm.wire import audit as fmt
 
 OUTBOX = "outbox"
+Publish = Callable[[str, bytes], Awaitable[None]]
 
 
 class PeerStore(TransferStore, BulkRevocationStore, Protocol):
@@ -60,6 +62,27 @@ def publish_update_info(root: Path, tid: str, token: bytes) -> Path:
     return path
 
 
+class AnnouncingRevoker(LocalRevoker):
+    """CA1 revokes in this km worker (:class:`LocalRevoker`) and tells the other workers, as km's
+    own revocations do (``events.km.revoked``: they drop their cached OCSP answers at once)."""
+
+    def __init__(self, store: BulkRevocationStore, va: Va, clock: Clock, publish: Publish | None) -> None:
+        super().__init__(store, va, clock)
+        self.publish = publish
+
+    async def revoke_operational(self, device_ids: Sequence[str], *, reason: str, actor: str) -> int:
+        recs = await asyncio.to_thread(
+            self.tables.revoke_for_devices, device_ids, profile="operational", issuer="operational",
+            reason=reason, at=self.clock.now(), actor=actor,
+        )  # fmt: skip
+        await asyncio.to_thread(self.va.revoked, recs)
+        if self.publish is not None:
+            for rec in recs:
+                event = {"issuer": rec.issuer, "serial": format(rec.serial, "x")}
+                await self.publish(s.KM_REVOKED_EVENT, json.dumps(event).encode())
+        return len(recs)
+
+
 class PeerHandlers:
     """SP1's transfer handlers on km's bus (see the module doc)."""
 
@@ -72,8 +95,11 @@ class PeerHandlers:
         clock: Clock,
         va: Va,
         fallback_uri: str,
+        publish: Publish | None = None,
     ) -> None:
+        """``publish``: km's bus, to announce the revocations to the other km workers."""
         self.root = root
+        self.publish = publish
         self.store = store
         self.clock = clock
         self.va = va
@@ -149,8 +175,8 @@ class PeerHandlers:
     async def confirmation(self, m: Message) -> bytes:
         req = peer.decode_request(m.data)
         await asyncio.to_thread(self._for_this_transfer, req, TYP_CONFIRMATION, "confirmation")
-        done = await self.sp1.revoke_old(req.body, LocalRevoker(self.store, self.va, self.clock))
+        done = await self.sp1.revoke_old(req.body, AnnouncingRevoker(self.store, self.va, self.clock, self.publish))
         return peer.encode(peer.PeerReply(transfer_id=req.transfer_id, summary=f"{len(done)} device(s) revoked-at-CA1"))
 
 
-__all__ = ["OUTBOX", "PeerHandlers", "PeerStore", "outbox_path", "publish_update_info"]
+__all__ = ["OUTBOX", "AnnouncingRevoker", "PeerHandlers", "PeerStore", "outbox_path", "publish_update_info"]
