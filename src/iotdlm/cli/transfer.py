@@ -381,10 +381,9 @@ def deliver(data: Path, src: Path, out_dir: Path) -> None:
 @click.option("--transfer", "tid", required=True, help="Transfer id.")
 @click.option("--out", type=_path, default=None, help="Where to write the confirmation (CWT) for SP1.")
 @click.option("--send", "send_to", default=None, help="SP1's cm (https://...): post the confirmation there.")
-@click.option("--peer-id", default="", help="With --send: SP1's provider id.")
 @_cacert_option
 @handle_errors
-def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, peer_id: str, cacert: Path | None) -> None:
+def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert: Path | None) -> None:
     """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates):
     as a file (--out) and/or posted to SP1's cm (--send)."""
     from iotdlm.km.registry import FactoryRegistry
@@ -393,7 +392,7 @@ def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, peer_id
 
     if out is None and send_to is None:
         raise BadRequestError("say where the confirmation goes: --out FILE, --send SP1's cm, or both")
-    link = _peer_link(data, send_to, tid, cacert, peer_id=peer_id) if send_to else None
+    link = _peer_link(data, send_to, tid, cacert, peer_id="") if send_to else None
     dep = Deployment.load(data)
     clock = SystemClock()
     store = open_store(dep)
