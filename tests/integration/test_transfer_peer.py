@@ -34,7 +34,7 @@ from iotdlm.client.km import KmClient
 from iotdlm.cm import CmConfig, CmService
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient
-from iotdlm.errors import BadRequestError, NotFoundError, UntrustedError
+from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError, UntrustedError
 from iotdlm.km import KmService
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.modes.guard import ModeGuard
@@ -355,3 +355,14 @@ async def test_the_cli_over_the_network(pair: Pair, tmp_path: Path) -> None:
     )  # fmt: skip
     assert "2 device(s) revoked-at-CA1" in said
     assert {r.status for r in pair.sp1svc.status(tid).values()} == {st.REVOKED_AT_CA1}
+
+
+async def test_not_in_software_management(pair: Pair) -> None:
+    """Table 1: km is off in software-management, so SP1's cm does not take the peer's messages."""
+    tid, _token = pair.export(sorted(pair.devices))
+    await set_mode(pair.sp1.buses[1], "software-management", pair.sp1.dep)
+    assert isinstance(pair.sp1.cm.app.mode, ModeGuard)
+    await pair.sp1.cm.app.mode.wait_for("software-management")
+    async with pair.peer_client() as c:
+        with pytest.raises(UnavailableError, match="503"):
+            await c.fetch_update_info(tid)
