@@ -49,6 +49,12 @@ KM_AUDIT_CHECKPOINT = f"{PREFIX}.km.audit.checkpoint"
 #: an RFC 9162 2.1.4 consistency proof between two sizes of the audit log (signed reply, ADR 0006):
 #: cm serves it read-only at /audit/consistency for outside witnesses
 KM_AUDIT_CONSISTENCY = f"{PREFIX}.km.audit.consistency"
+#: provider to provider (issue 13, docs/adr/0011): cm relays what the peer provider sends over
+#: HTTPS to the transfer handlers where the store is (served by km's workers)
+KM_TRANSFER_PEER = f"{PREFIX}.km.transfer.peer"
+KM_TRANSFER_PEER_UPDATE_INFO = f"{KM_TRANSFER_PEER}.update_info"
+KM_TRANSFER_PEER_TRANSFER_MESSAGE = f"{KM_TRANSFER_PEER}.transfer_message"
+KM_TRANSFER_PEER_CONFIRMATION = f"{KM_TRANSFER_PEER}.confirmation"
 
 # --- the audit log's append-only anchor (JetStream) ----------------------------------------------
 #: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may
@@ -215,6 +221,7 @@ PERMISSIONS: dict[str, Permissions] = {
             KM_AUDIT_CHECKPOINT,
             KM_AUDIT_CONSISTENCY,
             f"{EVENTS}.cm.>",
+            f"{KM_TRANSFER_PEER}.>",
         ),
         subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,

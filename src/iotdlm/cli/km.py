@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
+
+if TYPE_CHECKING:
+    from iotdlm.bus import Bus
+    from iotdlm.bus.api import RequestHandler
+    from iotdlm.km import Km
+    from iotdlm.store import Store
 
 
 @click.group()
@@ -32,7 +39,12 @@ async def _serve_km(dep: Deployment) -> None:
     await guard.start()
     kmcore.mode = guard
     service = KmService(
-        kmcore, bus, identity=(ident.key, ident.certificate), schedule=Schedule(), anchor_dir=dep.audit_anchor_dir
+        kmcore,
+        bus,
+        identity=(ident.key, ident.certificate),
+        schedule=Schedule(),
+        anchor_dir=dep.audit_anchor_dir,
+        extra_routes=transfer_peer_routes(dep, store, kmcore, bus),
     )
     await service.start()
     stop = asyncio.Event()
@@ -45,6 +57,25 @@ async def _serve_km(dep: Deployment) -> None:
     await guard.stop()
     await bus.drain()
     store.close()
+
+
+def transfer_peer_routes(dep: Deployment, store: Store, kmcore: Km, bus: Bus) -> dict[str, RequestHandler]:
+    """SP1's provider-to-provider handlers (issue 13), when this deployment has a transfer identity."""
+    from iotdlm.transfer.identity import load_identity, load_settings, transfer_dir
+    from iotdlm.transfer.peer_handlers import PeerHandlers
+
+    if not (transfer_dir(dep.root) / "identity" / "key.pem").is_file() or kmcore.va is None:
+        return {}
+    settings = load_settings(dep.root)
+    return PeerHandlers(
+        root=dep.root,
+        store=store,
+        identity=load_identity(dep.root),
+        clock=kmcore.clock,
+        va=kmcore.va,
+        fallback_uri=settings.fallback_uri or "",
+        publish=bus.publish,
+    ).routes()
 
 
 @km.command("serve")

@@ -11,6 +11,13 @@ SP1 (hands over)                             SP2 (takes over, runs CA2)
   transfer revoke-old --in confirm.cwt <-----
   transfer status                              transfer status
 
+Or over HTTPS between the two deployments' cm (docs/adr/0011; SP1's km and cm running):
+  transfer export ... --serve                  transfer accept --from https://sp1-cm:8443 --transfer ID \
+    (cm serves the UpdateInfoList to the         --cacert sp1-root.pem --send ...
+     SP2 named in it; km accepts the             (fetches with a signed request, posts the TransferMessage)
+     TransferMessage and, on the                 transfer confirm --transfer ID --send https://sp1-cm:8443 \
+     confirmation, revokes at CA1)                 --cacert sp1-root.pem
+
 Exit codes as everywhere: 4 refused, 3 a dependency did not answer, 1 other errors.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from cryptography import x509
@@ -33,6 +41,9 @@ from iotdlm.pki.chain import certs_to_pem, load_certificate, load_certificates_p
 from iotdlm.transfer import status as st
 from iotdlm.transfer.identity import TransferSettings, create_identity, load_identity, load_settings
 from iotdlm.transfer.messages import VersionInfo
+
+if TYPE_CHECKING:
+    from iotdlm.transfer.peer_client import PeerClient
 
 _path = click.Path(path_type=Path, dir_okay=False)
 _existing = click.Path(path_type=Path, dir_okay=False, exists=True)
@@ -57,6 +68,49 @@ def _default_enroll_uri(dep: Deployment) -> str:
 
     host = urlsplit(dep.config.public_url).hostname or "127.0.0.1"
     return f"https://{host}:8443/.well-known/est"
+
+
+_cacert_option = click.option(
+    "--cacert",
+    type=_existing,
+    default=None,
+    help="PEM root(s) that authenticate the peer's cm over HTTPS (default: the system's trust store).",
+)
+
+
+class _PeerLink:
+    """SP2's link to SP1's cm for one transfer (:class:`iotdlm.transfer.peer_client.PeerClient`)."""
+
+    def __init__(self, data: Path, url: str, tid: str, anchors: bytes | None, peer_id: str) -> None:
+        from iotdlm.transfer.peer import check_tid
+
+        self.data, self.url, self.tid, self.anchors, self.peer_id = data, url, check_tid(tid), anchors, peer_id
+
+    def _client(self) -> PeerClient:
+        from iotdlm.transfer.peer_client import PeerClient
+
+        return PeerClient(
+            self.url, identity=load_identity(self.data), peer_id=self.peer_id, anchors_pem=self.anchors,
+            clock=SystemClock(),
+        )  # fmt: skip
+
+    async def fetch(self) -> bytes:
+        async with self._client() as c:
+            return await c.fetch_update_info(self.tid)
+
+    async def send_transfer_message(self, token: bytes) -> str:
+        async with self._client() as c:
+            return await c.send_transfer_message(self.tid, token)
+
+    async def send_confirmation(self, token: bytes) -> str:
+        async with self._client() as c:
+            return await c.send_confirmation(self.tid, token)
+
+
+def _peer_link(data: Path, url: str, tid: str | None, cacert: Path | None, *, peer_id: str) -> _PeerLink:
+    if not tid:
+        raise BadRequestError("name the transfer (--transfer ID) to reach it at the peer's cm")
+    return _PeerLink(data, url, tid, cacert.read_bytes() if cacert is not None else None, peer_id)
 
 
 @click.group("transfer", context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +173,10 @@ def register_ca(data: Path, certs: tuple[Path, ...]) -> None:
     default=None,
     help="Firmware image whose SHA-256 is the attestation reference (when remote attestation is agreed).",
 )
-@click.option("--out", type=_path, required=True, help="Where to write the signed UpdateInfoList (JWS).")
+@click.option("--out", type=_path, default=None, help="Where to write the signed UpdateInfoList (JWS).")
+@click.option(
+    "--serve", is_flag=True, help="Serve it to SP2 at cm: GET /transfer/<id>/update-info, signed by SP2's key."
+)
 @handle_errors
 def export(
     data: Path,
@@ -132,9 +189,11 @@ def export(
     suit_seq: int,
     suit_uri: str,
     reference: Path | None,
-    out: Path,
+    out: Path | None,
+    serve: bool,
 ) -> None:
-    """SP1: the signed UpdateInfoList (factory certificates, windows, versions) for SP2."""
+    """SP1: the signed UpdateInfoList (factory certificates, windows, versions) for SP2, as a file
+    (--out) and/or served at cm to the SP2 named in it (--serve)."""
     from iotdlm.runtime import open_store
     from iotdlm.transfer.shell import Sp1Service
 
@@ -143,6 +202,8 @@ def export(
         ids += [line.strip() for line in devices_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise BadRequestError("name the devices to hand over (--device or --devices-file)")
+    if out is None and not serve:
+        raise BadRequestError("say where the UpdateInfoList goes: --out FILE, --serve (cm), or both")
     dep = Deployment.load(data)
     settings = load_settings(data)
     clock = SystemClock()
@@ -167,13 +228,24 @@ def export(
         )
     finally:
         store.close()
-    out.write_bytes(token)
-    console.print(f"transfer [bold]{tid}[/bold]: UpdateInfoList of {len(ids)} device(s) written to {out}")
+    console.print(f"transfer [bold]{tid}[/bold]: UpdateInfoList of {len(ids)} device(s)")
+    if out is not None:
+        out.write_bytes(token)
+        console.print(f"written to {out}")
+    if serve:
+        from iotdlm.transfer.peer_handlers import publish_update_info
+
+        publish_update_info(data, tid, token)
+        console.print(f"served by cm to {peer_id} at /transfer/{tid}/update-info")
 
 
 @transfer.command("accept")
 @data_option
-@click.option("--in", "src", type=_existing, required=True, help="The UpdateInfoList (JWS) from SP1.")
+@click.option("--in", "src", type=_existing, default=None, help="The UpdateInfoList (JWS) from SP1, as a file.")
+@click.option("--from", "from_url", default=None, help="SP1's cm (https://...): fetch the UpdateInfoList there.")
+@click.option("--transfer", "tid", default=None, help="With --from: the transfer id SP1 gave.")
+@click.option("--send", is_flag=True, help="With --from: post the TransferMessage to SP1's cm.")
+@_cacert_option
 @click.option("--peer-id", required=True, help="SP1's provider id.")
 @click.option("--peer-cert", type=_existing, required=True, help="SP1's agreed transfer certificate (PEM), pinned.")
 @click.option("--enroll-uri", default=None, help="CA2's EST URL (default: transfer.toml, else cm on port 8443).")
@@ -191,11 +263,15 @@ def export(
     help="Root(s) authenticating SP2's endpoints, installed on the devices (default: this deployment's root).",
 )
 @click.option("--dtype", default=None, help="dtype of devices whose factory certificate names none.")
-@click.option("--out", type=_path, required=True, help="Where to write the TransferMessage (CWT).")
+@click.option("--out", type=_path, default=None, help="Where to write the TransferMessage (CWT).")
 @handle_errors
 def accept(
     data: Path,
-    src: Path,
+    src: Path | None,
+    from_url: str | None,
+    tid: str | None,
+    send: bool,
+    cacert: Path | None,
     peer_id: str,
     peer_cert: Path,
     enroll_uri: str | None,
@@ -207,10 +283,10 @@ def accept(
     fallback_uri: str | None,
     anchors: tuple[Path, ...],
     dtype: str | None,
-    out: Path,
+    out: Path | None,
 ) -> None:
-    """SP2: check SP1's UpdateInfoList, register the factory certificates with CA2 (x5bag) and
-    write the TransferMessage for SP1."""
+    """SP2: check SP1's UpdateInfoList (--in a file, or --from SP1's cm), register the factory
+    certificates with CA2 (x5bag) and write the TransferMessage for SP1 (--out, and/or --send)."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
     from iotdlm.transfer.shell import Sp2Service
@@ -221,6 +297,14 @@ def accept(
     start = _time(reset_not_before, clock.now())
     uri = enroll_uri or settings.enroll_uri or _default_enroll_uri(dep)
     roots = [c for p in anchors for c in load_certificates_pem(p.read_bytes())] or [dep.ca_certificate("root")]
+    link = _peer_link(data, from_url, tid, cacert, peer_id=peer_id) if from_url else None
+    if out is None and not send:
+        raise BadRequestError("say where the TransferMessage goes: --out FILE, --send (to SP1's cm), or both")
+    if link is None and (src is None or send):
+        raise BadRequestError(
+            "give the UpdateInfoList: --in FILE, or --from SP1's cm with --transfer (--send needs it)"
+        )
+    uil = src.read_bytes() if src is not None else run(link.fetch()) if link is not None else b""
     store = open_store(dep)
     try:
         svc = Sp2Service(
@@ -230,7 +314,7 @@ def accept(
             registrar=FactoryRegistry(store, clock, enroll_uri=uri),
         )
         tid, tm = svc.accept(
-            src.read_bytes(),
+            uil,
             peer_id=peer_id,
             peer_certificate=_cert(peer_cert),
             reset_not_before=start,
@@ -245,8 +329,13 @@ def accept(
         n = len(svc.status(tid))
     finally:
         store.close()
-    out.write_bytes(tm)
-    console.print(f"transfer [bold]{tid}[/bold]: {n} device(s) registered with CA2 ({uri}); TransferMessage in {out}")
+    console.print(f"transfer [bold]{tid}[/bold]: {n} device(s) registered with CA2 ({uri})")
+    if out is not None:
+        out.write_bytes(tm)
+        console.print(f"TransferMessage in {out}")
+    if send:
+        assert link is not None
+        console.print(f"SP1: {run(link.send_transfer_message(tm))}")
 
 
 @transfer.command("deliver")
@@ -290,14 +379,20 @@ def deliver(data: Path, src: Path, out_dir: Path) -> None:
 @transfer.command("confirm")
 @data_option
 @click.option("--transfer", "tid", required=True, help="Transfer id.")
-@click.option("--out", type=_path, required=True, help="Where to write the confirmation (CWT) for SP1.")
+@click.option("--out", type=_path, default=None, help="Where to write the confirmation (CWT) for SP1.")
+@click.option("--send", "send_to", default=None, help="SP1's cm (https://...): post the confirmation there.")
+@_cacert_option
 @handle_errors
-def confirm(data: Path, tid: str, out: Path) -> None:
-    """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates)."""
+def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert: Path | None) -> None:
+    """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates):
+    as a file (--out) and/or posted to SP1's cm (--send)."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
     from iotdlm.transfer.shell import Sp2Service
 
+    if out is None and send_to is None:
+        raise BadRequestError("say where the confirmation goes: --out FILE, --send SP1's cm, or both")
+    link = _peer_link(data, send_to, tid, cacert, peer_id="") if send_to else None
     dep = Deployment.load(data)
     clock = SystemClock()
     store = open_store(dep)
@@ -309,8 +404,12 @@ def confirm(data: Path, tid: str, out: Path) -> None:
         n = sum(1 for r in svc.status(tid).values() if r.status == st.ENROLLED)
     finally:
         store.close()
-    out.write_bytes(token)
-    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed in {out}")
+    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed")
+    if out is not None:
+        out.write_bytes(token)
+        console.print(f"confirmation in {out}")
+    if link is not None:
+        console.print(f"SP1: {run(link.send_confirmation(token))}")
 
 
 @transfer.command("revoke-old")

@@ -269,6 +269,12 @@ class KmClient:
             )
         return proof
 
+    async def transfer_peer(self, subject: str, body: bytes) -> bytes:
+        """Relay what a peer provider sent in a trust transfer (cm, issue 13); km's signed reply."""
+        if not subject.startswith(s.KM_TRANSFER_PEER + "."):
+            raise ValueError(f"{subject!r} is not a transfer subject")
+        return await self._call(subject, body, timeout=self.timeout)
+
     async def est_nonce(self, client_certificate: bytes) -> msg.EstNonceResponse:
         """A proof nonce for the device that presented ``client_certificate`` (cm relays it)."""
         token = self._seal(OP_EST_NONCE, msg.EstNonceRequest(client_certificate=client_certificate))

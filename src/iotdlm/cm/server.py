@@ -78,6 +78,7 @@ from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import Limits
 from iotdlm.cm.http_cache import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
+from iotdlm.cm.transfer_peer import PeerRelay, PeerRoutes
 from iotdlm.errors import (
     BadRequestError,
     ConflictError,
@@ -262,6 +263,8 @@ class CmApp:
         self._opened: dict[int, tuple[float, str]] = {}
         self._served: set[int] = set()
         self._watching = False
+        #: the trust transfer's provider-to-provider routes relay through it (None: not served)
+        self.peer: PeerRelay | None = None
 
     # --- applications -------------------------------------------------------------------------
     def https_app(self) -> web.Application:
@@ -273,6 +276,8 @@ class CmApp:
         for op in ENROLL_OPERATIONS:
             app.router.add_post(f"{base}/{op}", self._enroll_handler(op))
         app.router.add_get(f"{base}/{NONCE_PATH}", self.proof_nonce)
+        if self.peer is not None:
+            PeerRoutes(self.peer, require=self._require, read_body=self._read_body).add(app)
         self._add_va_routes(app)
         app.on_response_prepare.append(_server_header)
         return app

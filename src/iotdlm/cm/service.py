@@ -173,7 +173,7 @@ class CmService:
         bus, ident = await connect_identity(dep, "cm")
         km = KmClient(bus, sealer_for(ident), clock, timeout=config.limits.km_timeout, trust=km_trust(dep))
         guard = ModeGuard(bus, ModeVerifier.for_deployment(dep, clock)) if check_mode else None
-        return cls(
+        svc = cls(
             config,
             km=km,
             tls=tls.context,
@@ -185,6 +185,8 @@ class CmService:
             # cm asks km (a signed reply); it never opens km's database
             factory_cas=km.factory_cas,
         )
+        svc.app.peer = km  # the trust transfer's routes between providers (cm/transfer_peer.py)
+        return svc
 
     async def _load_factory_cas(self, fetch: Callable[[], Awaitable[list[x509.Certificate]]]) -> None:
         """The registered factory CAs into cm's TLS trust, once km answers (restart cm after

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ class KmService:
         schedule: Schedule | None = None,
         anchor_dir: Path | None = None,
         heads_stream: bool = True,
+        extra_routes: Mapping[str, Callable[[Message], Awaitable[bytes]]] | None = None,
     ) -> None:
         self.km = km
         self.bus = bus
@@ -81,6 +82,8 @@ class KmService:
         self._unpublished: fmt.TreeHead | None = None  # a head the stream did not take yet
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
+        #: subjects served beside km's own, with km's signed replies (the trust transfer's handlers)
+        self.extra_routes = dict(extra_routes or {})
 
     async def start(self) -> None:
         queue = s.queue_group("km")
@@ -102,6 +105,8 @@ class KmService:
             routes[s.KM_CRL] = self._crl
         for subject, fn in routes.items():
             self._subs.append(await self.bus.serve(subject, self._wrap(subject, fn), queue=queue))
+        for subject, handler in self.extra_routes.items():
+            self._subs.append(await self.bus.serve(subject, self._signed(subject, handler), queue=queue))
         if self.km.va is not None:
             self._subs.append(await self.bus.serve(s.KM_REVOKE, self._signed(s.KM_REVOKE, self._revoke), queue=queue))
             self._subs.append(await self.bus.serve(s.KM_OCSP, self._ocsp, queue=queue))
