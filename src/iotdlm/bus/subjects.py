@@ -49,6 +49,13 @@ KM_AUDIT_CHECKPOINT = f"{PREFIX}.km.audit.checkpoint"
 #: an RFC 9162 2.1.4 consistency proof between two sizes of the audit log (signed reply, ADR 0006):
 #: cm serves it read-only at /audit/consistency for outside witnesses
 KM_AUDIT_CONSISTENCY = f"{PREFIX}.km.audit.consistency"
+#: the device-facing trust-transfer routes cm relays (issue 13): a device's transfer message and its
+#: fallback report at SP1, the attestation challenge and evidence at SP2 (iotdlm.wire.transfer_device)
+KM_TRANSFER_DEVICE = f"{PREFIX}.km.transfer.device"
+KM_TRANSFER_MESSAGE = f"{KM_TRANSFER_DEVICE}.message"
+KM_TRANSFER_FALLBACK = f"{KM_TRANSFER_DEVICE}.fallback"
+KM_TRANSFER_CHALLENGE = f"{KM_TRANSFER_DEVICE}.challenge"
+KM_TRANSFER_EVIDENCE = f"{KM_TRANSFER_DEVICE}.evidence"
 
 # --- the audit log's append-only anchor (JetStream) ----------------------------------------------
 #: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may
@@ -215,6 +222,7 @@ PERMISSIONS: dict[str, Permissions] = {
             KM_AUDIT_CHECKPOINT,
             KM_AUDIT_CONSISTENCY,
             f"{EVENTS}.cm.>",
+            f"{KM_TRANSFER_DEVICE}.>",
         ),
         subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,

@@ -274,6 +274,9 @@ class CmApp:
             app.router.add_post(f"{base}/{op}", self._enroll_handler(op))
         app.router.add_get(f"{base}/{NONCE_PATH}", self.proof_nonce)
         self._add_va_routes(app)
+        from iotdlm.cm import transfer_routes  # issue 13: the device-facing transfer routes
+
+        transfer_routes.add(app, self)
         app.on_response_prepare.append(_server_header)
         return app
 

@@ -31,6 +31,7 @@ from iotdlm.bus.api import AppendOnlyStream
 from iotdlm.errors import InternalError, IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
+from iotdlm.km.transfer_device_handlers import TransferDeviceHandlers
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as msg
@@ -100,6 +101,7 @@ class KmService:
         }
         if self.km.va is not None:
             routes[s.KM_CRL] = self._crl
+        routes.update(TransferDeviceHandlers(self.km).routes())  # issue 13: the device-facing transfer routes
         for subject, fn in routes.items():
             self._subs.append(await self.bus.serve(subject, self._wrap(subject, fn), queue=queue))
         if self.km.va is not None:
