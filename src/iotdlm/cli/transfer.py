@@ -64,10 +64,15 @@ def transfer() -> None:
     """Trust transfer: hand a fleet over to another provider (SP1) or take one over (SP2)."""
 
 
+def _default_fallback_uri(dep: Deployment) -> str:
+    """SP1's fallback route on its cm (``POST /transfer/fallback``, authenticated by the device)."""
+    return _default_enroll_uri(dep).removesuffix("/.well-known/est") + "/transfer/fallback"
+
+
 @transfer.command("init")
 @data_option
 @click.option("--provider-id", required=True, help="This provider's name in transfer messages (agreed with the peer).")
-@click.option("--fallback-uri", default=None, help="SP1: where devices that fall back report (its update server).")
+@click.option("--fallback-uri", default=None, help="SP1: fallback route (default: cm /transfer/fallback).")
 @click.option("--enroll-uri", default=None, help="SP2: CA2's EST URL handed out at registration (the CA-URI).")
 @handle_errors
 def init(data: Path, provider_id: str, fallback_uri: str | None, enroll_uri: str | None) -> None:
@@ -182,7 +187,7 @@ def export(
 @click.option("--update-first", is_flag=True, help="Devices update from SP2 before enrolling.")
 @click.option("--reset-not-before", default=None, help="ResetTimeNotBefore (ISO 8601; default now).")
 @click.option("--reset-days", type=int, default=7, show_default=True, help="ResetTimeNotAfter = not-before + days.")
-@click.option("--fallback-uri", default=None, help="fallbackURI (SP1 replaces it with its own).")
+@click.option("--fallback-uri", default=None, help="fallbackURI (SP1 puts its own fallback route in its place).")
 @click.option(
     "--anchor",
     "anchors",
@@ -235,7 +240,8 @@ def accept(
             peer_certificate=_cert(peer_cert),
             reset_not_before=start,
             reset_not_after=start + dt.timedelta(days=reset_days),
-            fallback_uri=fallback_uri or settings.fallback_uri or uri,
+            # SP1 puts its own fallback route into every per-device message (seed 003 VII-D)
+            fallback_uri=fallback_uri or settings.fallback_uri or f"https://{peer_id}.invalid/transfer/fallback",
             ra_uri=ra_uri,
             update_uri=update_uri,
             update_first=update_first,
@@ -256,33 +262,38 @@ def accept(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
-    help="Folder for the per-device messages (<device>.cwt), for cm to hand out.",
+    help="Folder for copies of the per-device messages (<device>.cwt), e.g. for air-gapped devices.",
 )
 @handle_errors
 def deliver(data: Path, src: Path, out_dir: Path) -> None:
-    """SP1: validate SP2's TransferMessage and make one signed CWT per device."""
+    """SP1: validate SP2's TransferMessage and make one signed CWT per device, kept for the devices
+    to fetch from cm (GET /transfer/message) and written to --out-dir."""
+    from iotdlm.km.transfer_device_handlers import keep_messages
     from iotdlm.runtime import open_store
     from iotdlm.transfer.messages import TYP_TRANSFER_MESSAGE, peek_transfer_ref, transfer_id
     from iotdlm.transfer.shell import Sp1Service
 
     dep = Deployment.load(data)
     settings = load_settings(data)
-    if not settings.fallback_uri:
-        raise BadRequestError("set fallback_uri in transfer.toml (`transfer init --fallback-uri`): SP1's update server")
+    fallback_uri = settings.fallback_uri or _default_fallback_uri(dep)
     clock = SystemClock()
     token = src.read_bytes()
     store = open_store(dep)
     try:
-        svc = Sp1Service(store=store, identity=load_identity(data), clock=clock, fallback_uri=settings.fallback_uri)
+        svc = Sp1Service(store=store, identity=load_identity(data), clock=clock, fallback_uri=fallback_uri)
         svc.accept(token)
         tid = transfer_id(peek_transfer_ref(token, typ=TYP_TRANSFER_MESSAGE))
         msgs, skipped = svc.device_messages(tid)
+        keep_messages(store, tid, msgs, clock.now())
     finally:
         store.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     for device_id, cwt in msgs.items():
         (out_dir / f"{device_id}.cwt").write_bytes(cwt)
-    console.print(f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) in {out_dir}")
+    console.print(
+        f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) waiting at cm (GET /transfer/message), "
+        f"copies in {out_dir}; devices that fall back report to {fallback_uri}"
+    )
     for device_id, why in sorted(skipped.items()):
         console.print(f"[yellow]skipped[/yellow] {device_id}: {why}")
 
