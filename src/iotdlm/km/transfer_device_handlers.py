@@ -176,9 +176,11 @@ class TransferDeviceHandlers:
             )
         moved = _change(store, SP1, req.transfer, [cred.device_id], self.km.clock.now(), status=st.FAILED_FALLBACK,
                         detail={"fallback": reason})  # fmt: skip
-        status = st.FAILED_FALLBACK if moved else store.get_transfer_devices(SP1, req.transfer, [cred.device_id])[
-            cred.device_id
-        ].status
+        status = (
+            st.FAILED_FALLBACK
+            if moved
+            else store.get_transfer_devices(SP1, req.transfer, [cred.device_id])[cred.device_id].status
+        )
         return w.Done(transfer=req.transfer, device=cred.device_id, status=status)
 
     # --- SP2: the raURI -----------------------------------------------------------------------------
