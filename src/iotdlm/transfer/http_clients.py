@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.parse
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -36,8 +37,8 @@ class TransferHttps:
         self,
         *,
         anchors: Sequence[x509.Certificate],
-        client_cert_pem: bytes,
-        client_key_pem: bytes,
+        client_cert_pem: bytes | None,
+        client_key_pem: bytes | None,
         timeout: float = 30.0,
     ) -> None:
         self._ssl = _client_context(certs_to_pem(list(anchors)), client_cert_pem, client_key_pem)
@@ -82,9 +83,12 @@ class TransferHttps:
         return headers, data
 
     # --- SP1 ------------------------------------------------------------------------------------
-    async def fetch_message(self, base_url: str) -> tuple[str, bytes]:
-        """(transfer id, the device's transfer message) from SP1's cm at ``base_url``."""
-        headers, data = await self._ok("GET", base_url.rstrip("/") + MESSAGE_PATH, "fetching the transfer message")
+    async def fetch_message(self, base_url: str, *, device: str = "") -> tuple[str, bytes]:
+        """(transfer id, the device's transfer message) from SP1's cm at ``base_url`` (``device``:
+        name the device; cm refuses any but the one of the client certificate)."""
+        query = "?" + urllib.parse.urlencode({"device": device}) if device else ""
+        url = base_url.rstrip("/") + MESSAGE_PATH + query
+        headers, data = await self._ok("GET", url, "fetching the transfer message")
         return headers.get(TRANSFER_HEADER, ""), data
 
     async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
