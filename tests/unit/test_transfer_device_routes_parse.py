@@ -1,0 +1,89 @@
+"""cm's parsers of the device-facing transfer routes (issue 13): named cases and Hypothesis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
+
+from iotdlm.cm.transfer_routes import parse_device_query, parse_fallback
+from iotdlm.errors import BadRequestError
+
+TID = "0f" * 32
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"", "must be JSON"),
+        (b"\xff\xfe", "must be JSON"),
+        (b"[]", "exactly"),
+        (b'{"transfer": "ab"}', "exactly"),
+        (b'{"transfer": "ab", "reason": "x", "device": "d2"}', "exactly"),
+        (b'{"transfer": "AB", "reason": "x"}', "hex id"),
+        (b'{"transfer": "", "reason": "x"}', "hex id"),
+        (json.dumps({"transfer": "a" * 65, "reason": "x"}).encode(), "hex id"),
+        (b'{"transfer": 7, "reason": "x"}', "hex id"),
+        (json.dumps({"transfer": TID, "reason": " \n "}).encode(), "why"),
+        (json.dumps({"transfer": TID, "reason": ["x"]}).encode(), "why"),
+    ],
+    ids=[
+        "empty",
+        "not-utf8",
+        "list",
+        "no-reason",
+        "extra-field",
+        "upper-hex",
+        "empty-id",
+        "long-id",
+        "int-id",
+        "blank-reason",
+        "list-reason",
+    ],
+)
+def test_bad_fallback_reports_are_refused_in_words(body: bytes, match: str) -> None:
+    with pytest.raises(BadRequestError, match=match):
+        parse_fallback(body)
+
+
+def test_a_fallback_report_is_flattened_and_bounded() -> None:
+    tid, reason = parse_fallback(json.dumps({"transfer": TID, "reason": "CA2\r\nunreachable  " + "x" * 900}).encode())
+    assert tid == TID
+    assert reason.startswith("CA2 unreachable x")
+    assert len(reason) == 500
+
+
+@given(hs.binary(max_size=300))
+def test_any_fallback_body_parses_or_is_refused(body: bytes) -> None:
+    try:
+        tid, reason = parse_fallback(body)
+    except BadRequestError:
+        return
+    assert 0 < len(tid) <= 64
+    assert 0 < len(reason) <= 500
+    assert "\n" not in reason
+
+
+@given(hs.dictionaries(hs.text(max_size=10), hs.text(max_size=300), max_size=3))
+def test_any_message_query_parses_or_is_refused(query: dict[str, str]) -> None:
+    try:
+        device = parse_device_query(query)
+    except BadRequestError:
+        assert (
+            set(query) - {"device"}
+            or len(query.get("device", "")) > 255
+            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in query.get("device", ""))
+        )
+        return
+    assert device == query.get("device", "")
+
+
+def test_message_query_cases() -> None:
+    assert parse_device_query({}) == ""
+    assert parse_device_query({"device": "d1"}) == "d1"
+    with pytest.raises(BadRequestError, match="only device="):
+        parse_device_query({"transfer": "x"})
+    with pytest.raises(BadRequestError, match="not a device id"):
+        parse_device_query({"device": "d1\n"})
