@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from iotdlm.errors import BadRequestError, NotAuthorizedError, NotFoundError, UntrustedError
-from iotdlm.km.transfer_device_handlers import keep_messages
+from iotdlm.km.transfer_device_handlers import keep_messages, publish_update
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem, sign_bytes
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, device_subject, device_uri
@@ -161,3 +161,31 @@ async def test_sp2_attestation_at_the_ra_uri(site: Site) -> None:
     assert "differs from the reference" in verdict.reason
     assert _row(site, "sp2", "d2").status == st.FAILED_FALLBACK
     assert any(s == "d2" and "differs from the reference" in m for s, m in _refusals(site))
+
+
+async def test_sp2_update_server(site: Site, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    k1, c1 = await site.factory("d1")
+    k3, c3 = await site.factory("d3")  # not part of the transfer
+    _transfer(site, "sp2", {"d1": {"factory": hashlib.sha256(der(c1)).hexdigest()}})
+    update = f"{site.https}/transfer/update"
+    async with _https(site, k1, c1) as d1:
+        # nothing published yet: 404 in words
+        with pytest.raises(NotFoundError, match="no update is published"):
+            await d1.fetch(update, "d1")
+        site.km.transfer_device.updates_dir = tmp_path / "updates"
+        publish_update(tmp_path / "updates", TID, IMAGE, "4.2")
+        got = await d1.fetch(update, "d1")
+        assert got.image == IMAGE
+        assert dict(got.info) == {"transfer": TID, "version": "4.2", "sha256": hashlib.sha256(IMAGE).hexdigest()}
+        assert _row(site, "sp2", "d1").status == st.PENDING  # fetched is not installed
+        # a report for another transfer: refused, audited
+        with pytest.raises(NotAuthorizedError, match="not its own"):
+            await d1.report_updated(update, transfer_id="cd" * 32, version="4.2")
+        await d1.report_updated(update, transfer_id=TID, version="4.2")
+    row = _row(site, "sp2", "d1")
+    assert row.status == st.UPDATED
+    assert json.loads(row.detail)["update"] == "4.2"
+    assert any(s == "d1" and "not its own" in m for s, m in _refusals(site))
+    async with _https(site, k3, c3) as d3:
+        with pytest.raises(NotFoundError, match="not being taken over here"):
+            await d3.fetch(update, "d3")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from iotdlm.cm.transfer_routes import parse_device_query, parse_fallback
+from iotdlm.cm.transfer_routes import parse_device_query, parse_fallback, parse_update_report
 from iotdlm.errors import BadRequestError
 
 TID = "0f" * 32
@@ -87,3 +87,28 @@ def test_message_query_cases() -> None:
         parse_device_query({"transfer": "x"})
     with pytest.raises(BadRequestError, match="not a device id"):
         parse_device_query({"device": "d1\n"})
+
+
+@given(hs.binary(max_size=300))
+def test_any_update_report_parses_or_is_refused(body: bytes) -> None:
+    try:
+        tid, version = parse_update_report(body)
+    except BadRequestError:
+        return
+    assert 0 < len(tid) <= 64
+    assert 0 < len(version) <= 64
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{}", b'{"transfer": "ab"}', b'{"transfer": "ab", "version": ""}', b'{"transfer": "zz", "version": "1"}',
+     json.dumps({"transfer": "ab", "version": "v" * 65}).encode(), b"null"],
+    ids=["empty", "no-version", "blank-version", "not-hex", "long-version", "null"],
+)  # fmt: skip
+def test_bad_update_reports_are_refused(body: bytes) -> None:
+    with pytest.raises(BadRequestError):
+        parse_update_report(body)
+
+
+def test_an_update_report() -> None:
+    assert parse_update_report(json.dumps({"transfer": TID, "version": " 4.2\n"}).encode()) == (TID, "4.2")

@@ -56,6 +56,8 @@ KM_TRANSFER_MESSAGE = f"{KM_TRANSFER_DEVICE}.message"
 KM_TRANSFER_FALLBACK = f"{KM_TRANSFER_DEVICE}.fallback"
 KM_TRANSFER_CHALLENGE = f"{KM_TRANSFER_DEVICE}.challenge"
 KM_TRANSFER_EVIDENCE = f"{KM_TRANSFER_DEVICE}.evidence"
+KM_TRANSFER_UPDATE = f"{KM_TRANSFER_DEVICE}.update"
+KM_TRANSFER_UPDATED = f"{KM_TRANSFER_DEVICE}.updated"
 
 # --- the audit log's append-only anchor (JetStream) ----------------------------------------------
 #: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may

@@ -32,8 +32,9 @@ async def _serve_km(dep: Deployment) -> None:
     await guard.start()
     kmcore.mode = guard
     service = KmService(
-        kmcore, bus, identity=(ident.key, ident.certificate), schedule=Schedule(), anchor_dir=dep.audit_anchor_dir
-    )
+        kmcore, bus, identity=(ident.key, ident.certificate), schedule=Schedule(), anchor_dir=dep.audit_anchor_dir,
+        transfer_updates=dep.root / "transfer" / "updates",
+    )  # fmt: skip
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

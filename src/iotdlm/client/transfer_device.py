@@ -29,6 +29,16 @@ class TransferDeviceClient(KmClient):
         reply = await self._call(s.KM_TRANSFER_EVIDENCE, self._seal(w.OP_EVIDENCE, body), timeout=self.timeout)
         return w.decode(reply, w.Verdict, what="km reply")
 
+    async def update(self, client_certificate: bytes) -> w.UpdateResponse:
+        body = w.UpdateRequest(client_certificate=client_certificate)
+        reply = await self._call(s.KM_TRANSFER_UPDATE, self._seal(w.OP_UPDATE, body), timeout=self.timeout)
+        return w.decode(reply, w.UpdateResponse, what="km reply")
+
+    async def updated(self, client_certificate: bytes, transfer: str, version: str) -> w.Done:
+        body = w.UpdatedRequest(client_certificate=client_certificate, transfer=transfer, version=version)
+        reply = await self._call(s.KM_TRANSFER_UPDATED, self._seal(w.OP_UPDATED, body), timeout=self.timeout)
+        return w.decode(reply, w.Done, what="km reply")
+
     @classmethod
     def like(cls, km: KmClient) -> TransferDeviceClient:
         """One that speaks as ``km`` does (same bus, signer, clock, trust)."""

@@ -14,7 +14,11 @@ At SP2 (the raURI is ``{public_url}/transfer/attestation``):
 
 - ``POST /transfer/attestation/challenge`` -> JSON ``{"transfer": ID, "nonce": BASE64}``;
 - ``POST /transfer/attestation/evidence`` with the COSE_Sign1 evidence
-  (``application/cose``) -> JSON ``{"device", "ok", "reason"}``; refused evidence is a 403.
+  (``application/cose``) -> JSON ``{"device", "ok", "reason"}``; refused evidence is a 403;
+- ``GET /transfer/update`` (the updateURI) -> the image SP2 published for the device's transfer
+  (``application/octet-stream``; ``Iotdlm-Transfer``, ``Iotdlm-Update-Version``,
+  ``Iotdlm-Update-Sha256``); ``POST /transfer/update/report`` with JSON
+  ``{"transfer": ID, "version": TEXT}`` -> the device installed it (updated).
 
 Refusals as in :mod:`iotdlm.cm.server`: 401 without a client certificate, 403 for a certificate or
 request km refuses (audited by km), 404 when nothing waits for the device, 400/413/415 for
@@ -45,6 +49,9 @@ CWT = "application/cwt"
 COSE = "application/cose"
 JSON = "application/json"
 TRANSFER_HEADER = "Iotdlm-Transfer"
+VERSION_HEADER = "Iotdlm-Update-Version"
+SHA256_HEADER = "Iotdlm-Update-Sha256"
+UPDATE_PATH = "/transfer/update"
 MAX_FALLBACK_BODY = 2048
 MAX_EVIDENCE_BODY = 16 * 1024
 
@@ -63,6 +70,22 @@ def parse_fallback(body: bytes) -> tuple[str, str]:
     if not isinstance(reason, str) or not reason.strip():
         raise BadRequestError("the fallback report must say why (reason)", field="reason")
     return tid, " ".join(reason.split())[: w.MAX_REASON]
+
+
+def parse_update_report(body: bytes) -> tuple[str, str]:
+    """(transfer id, version) of an update report: JSON ``{"transfer": hex id, "version": text}``."""
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError('the update report must be JSON: {"transfer": ID, "version": TEXT}') from None
+    if not isinstance(data, dict) or set(data) != {"transfer", "version"}:
+        raise BadRequestError('the update report must be exactly {"transfer": ID, "version": TEXT}')
+    tid, version = data["transfer"], data["version"]
+    if not isinstance(tid, str) or not 0 < len(tid) <= w.MAX_TRANSFER_ID or set(tid) - set("0123456789abcdef"):
+        raise BadRequestError("the transfer id must be the hex id of the transfer", field="transfer")
+    if not isinstance(version, str) or not version.strip() or len(version) > 64:
+        raise BadRequestError("the update report must name the installed version (at most 64 characters)")
+    return tid, " ".join(version.split())
 
 
 def parse_device_query(query: dict[str, str] | Any) -> str:
@@ -123,6 +146,27 @@ class TransferRoutes:
         out = await self.km.evidence(der, body)
         return web.json_response({"device": out.device, "ok": out.ok, "reason": out.reason})
 
+    async def update(self, request: web.Request) -> web.Response:
+        der = self._client_certificate(request, "fetching an update")
+        if request.query:
+            raise BadRequestError("GET /transfer/update takes no query: the device is the one of the certificate")
+        out = await self.km.update(der)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            TRANSFER_HEADER: out.transfer,
+            VERSION_HEADER: out.version,
+            SHA256_HEADER: out.sha256,
+            "Cache-Control": "no-store",
+        }
+        return web.Response(body=out.image, headers=headers)
+
+    async def update_report(self, request: web.Request) -> web.Response:
+        der = self._client_certificate(request, "reporting an update")
+        _require_type(request, JSON)
+        tid, version = parse_update_report(await self.cm._read_body(request, MAX_FALLBACK_BODY))
+        out = await self.km.updated(der, tid, version)
+        return web.json_response({"transfer": out.transfer, "device": out.device, "status": out.status})
+
 
 def _require_type(request: web.Request, expected: str) -> None:
     from iotdlm.cm.est import require_media_type
@@ -139,6 +183,18 @@ def add(app: web.Application, cm: CmApp) -> None:
     app.router.add_post(FALLBACK_PATH, routes.fallback)
     app.router.add_post(f"{RA_PATH}/challenge", routes.challenge)
     app.router.add_post(f"{RA_PATH}/evidence", routes.evidence)
+    app.router.add_get(UPDATE_PATH, routes.update)
+    app.router.add_post(f"{UPDATE_PATH}/report", routes.update_report)
 
 
-__all__ = ["FALLBACK_PATH", "MESSAGE_PATH", "RA_PATH", "TransferRoutes", "add", "parse_device_query", "parse_fallback"]
+__all__ = [
+    "FALLBACK_PATH",
+    "MESSAGE_PATH",
+    "RA_PATH",
+    "UPDATE_PATH",
+    "TransferRoutes",
+    "add",
+    "parse_device_query",
+    "parse_fallback",
+    "parse_update_report",
+]

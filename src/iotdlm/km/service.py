@@ -68,6 +68,7 @@ class KmService:
         schedule: Schedule | None = None,
         anchor_dir: Path | None = None,
         heads_stream: bool = True,
+        transfer_updates: Path | None = None,
     ) -> None:
         self.km = km
         self.bus = bus
@@ -80,6 +81,7 @@ class KmService:
         self.heads_stream = heads_stream
         self._heads: AppendOnlyStream | None = None
         self._unpublished: fmt.TreeHead | None = None  # a head the stream did not take yet
+        self.transfer_updates = transfer_updates  # SP2's published update images (issue 13)
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -101,7 +103,9 @@ class KmService:
         }
         if self.km.va is not None:
             routes[s.KM_CRL] = self._crl
-        routes.update(TransferDeviceHandlers(self.km).routes())  # issue 13: the device-facing transfer routes
+        # issue 13: the device-facing transfer routes
+        self.transfer_device = TransferDeviceHandlers(self.km, updates_dir=self.transfer_updates)
+        routes.update(self.transfer_device.routes())
         for subject, fn in routes.items():
             self._subs.append(await self.bus.serve(subject, self._wrap(subject, fn), queue=queue))
         if self.km.va is not None:

@@ -12,7 +12,10 @@ SP2 (taking over; the raURI):
 - ``challenge``: a fresh nonce for the device's attestation (one outstanding per device);
 - ``evidence``: the signed measurement, judged by :func:`iotdlm.transfer.attestation.verify`
   against the reference SP1 shared: attested, or failed-fallback and refused (audited by km's
-  service like every refusal).
+  service like every refusal);
+- ``update`` / ``updated`` (the update server): the image the operator published for the transfer
+  (:func:`publish_update`, ``DIR/transfer/updates/<transfer id>/``), and the device's report that
+  it installed it (updated).
 
 Only cm may ask (a signed envelope from the cm identity); a device asking for another device's
 message is refused. The outstanding nonces live in this worker's memory: run one km worker while
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 from iotdlm.bus import Message
@@ -87,13 +92,34 @@ def keep_messages(tables: TransferDevicesStore, tid: str, messages: Mapping[str,
     return len(_change(tables, SP1, tid, list(messages), now, per_device=per))
 
 
+#: largest update image served through km (it travels in one signed NATS reply)
+MAX_UPDATE_BYTES = 256 * 1024
+UPDATE_IMAGE, UPDATE_INFO = "image", "info.json"
+
+
+def publish_update(updates_dir: Path, tid: str, image: bytes, version: str) -> Path:
+    """SP2: the image devices of transfer ``tid`` fetch at ``GET /transfer/update``."""
+    if not image or len(image) > MAX_UPDATE_BYTES:
+        raise BadRequestError(f"an update image served through cm is 1 to {MAX_UPDATE_BYTES} bytes")
+    if not version or len(version) > 64 or any(ord(c) < 0x20 for c in version):
+        raise BadRequestError("name the update's version (at most 64 printable characters)", field="version")
+    d = updates_dir / tid
+    d.mkdir(parents=True, exist_ok=True)
+    (d / UPDATE_IMAGE).write_bytes(image)
+    info = {"version": version, "sha256": hashlib.sha256(image).hexdigest()}
+    (d / UPDATE_INFO).write_text(json.dumps(info, sort_keys=True))
+    return d
+
+
 class TransferDeviceHandlers:
     """The four relayed operations, on one km (its store, clock and certificate checks)."""
 
     def __init__(self, km: Km, tables: TransferStore | None = None, *,
                  entropy: Callable[[int], bytes] = secrets.token_bytes,
-                 ttl: dt.timedelta = attestation.DEFAULT_TTL) -> None:  # fmt: skip
+                 ttl: dt.timedelta = attestation.DEFAULT_TTL, updates_dir: Path | None = None) -> None:  # fmt: skip
         self.km = km
+        #: where SP2's operator published update images (None: this km serves no updates)
+        self.updates_dir = updates_dir
         #: the transfer tables; by default km's own store (iotdlm.store.Store serves both: the
         #: check at the end of iotdlm.transfer.storage)
         self.tables: TransferStore = tables if tables is not None else cast("TransferStore", km.store)
@@ -108,6 +134,8 @@ class TransferDeviceHandlers:
             s.KM_TRANSFER_FALLBACK: lambda m: self.fallback(m.data),
             s.KM_TRANSFER_CHALLENGE: lambda m: self.challenge(m.data),
             s.KM_TRANSFER_EVIDENCE: lambda m: self.evidence(m.data),
+            s.KM_TRANSFER_UPDATE: lambda m: self.update(m.data),
+            s.KM_TRANSFER_UPDATED: lambda m: self.updated(m.data),
         }
 
     # --- shared steps -----------------------------------------------------------------------------
@@ -232,5 +260,39 @@ class TransferDeviceHandlers:
             raise NotAuthorizedError(f"attestation refused: {verdict.reason}", device_id=cred.device_id)
         return w.Verdict(device=verdict.device_id, ok=True, reason=verdict.reason)
 
+    # --- SP2: the update server -------------------------------------------------------------------
+    def update(self, token: bytes) -> w.UpdateResponse:
+        req = w.decode(self._from_cm(token, w.OP_UPDATE), w.UpdateRequest)
+        cred = self._device(req.client_certificate)
+        row = self._sp2_row(cred.device_id)
+        d = self.updates_dir / row.transfer_id if self.updates_dir is not None else None
+        if d is None or not (d / UPDATE_IMAGE).is_file():
+            raise NotFoundError(f"no update is published for transfer {row.transfer_id}", device_id=cred.device_id)
+        image = (d / UPDATE_IMAGE).read_bytes()
+        try:
+            info = json.loads((d / UPDATE_INFO).read_text())
+            version = str(info["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise NotFoundError(f"the update of transfer {row.transfer_id} has no readable {UPDATE_INFO}") from exc
+        now = self.km.clock.now()
+        _change(self.tables, SP2, row.transfer_id, [cred.device_id], now, detail={"update_fetched": now.isoformat()})
+        return w.UpdateResponse(
+            transfer=row.transfer_id, image=image, version=version, sha256=hashlib.sha256(image).hexdigest()
+        )
 
-__all__ = ["TransferDeviceHandlers", "keep_messages"]
+    def updated(self, token: bytes) -> w.Done:
+        req = w.decode(self._from_cm(token, w.OP_UPDATED), w.UpdatedRequest)
+        cred = self._device(req.client_certificate)
+        row = self._sp2_row(cred.device_id)
+        if req.transfer != row.transfer_id:
+            raise NotAuthorizedError(
+                f"device {cred.device_id} reported an update for transfer {req.transfer[:64]}, not its own",
+                device_id=cred.device_id,
+            )
+        version = " ".join(req.version.split())[:64]
+        moved = _change(self.tables, SP2, row.transfer_id, [cred.device_id], self.km.clock.now(), status=st.UPDATED,
+                        detail={"update": version})  # fmt: skip
+        return w.Done(transfer=row.transfer_id, device=cred.device_id, status=st.UPDATED if moved else row.status)
+
+
+__all__ = ["MAX_UPDATE_BYTES", "TransferDeviceHandlers", "keep_messages", "publish_update"]

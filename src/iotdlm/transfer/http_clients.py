@@ -11,6 +11,7 @@ line of text as the message; an attestation refused (403) is a failed verdict, n
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import urllib.parse
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from iotdlm.device.est_client import _client_context, _error_for  # the EST clie
 from iotdlm.errors import BadRequestError, TooLargeError, UnavailableError
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.transfer import attestation
+from iotdlm.transfer.shell import UpdateImage
 
 MESSAGE_PATH = "/transfer/message"
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -120,6 +122,24 @@ class TransferHttps:
             raise _error_for(status, "submitting attestation evidence", data, None)
         v = _json(data, "the attestation verdict")
         return attestation.Verdict(str(v.get("device", "?")), v.get("ok") is True, str(v.get("reason", "")))
+
+    # --- SP2: the update server (the updateURI) ------------------------------------------------------
+    async def fetch(self, update_uri: str, device_id: str) -> UpdateImage:
+        """UpdateClient: the image SP2 published for the device's transfer, checked against the
+        SHA-256 cm names (``info``: transfer, version, sha256)."""
+        headers, image = await self._ok("GET", update_uri, "fetching the update")
+        sha = headers.get("Iotdlm-Update-Sha256", "")
+        if hashlib.sha256(image).hexdigest() != sha:
+            raise BadRequestError("the update image does not match the SHA-256 the update server named")
+        info = {"transfer": headers.get(TRANSFER_HEADER, ""), "version": headers.get("Iotdlm-Update-Version", ""),
+                "sha256": sha}  # fmt: skip
+        return UpdateImage(image, info)
+
+    async def report_updated(self, update_uri: str, *, transfer_id: str, version: str) -> None:
+        """Tell SP2's update server the device installed ``version`` (its status: updated)."""
+        body = json.dumps({"transfer": transfer_id, "version": version}).encode()
+        url = update_uri.rstrip("/") + "/report"
+        await self._ok("POST", url, "reporting the update", body=body, content_type="application/json")
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:

@@ -19,7 +19,9 @@ OP_MESSAGE = "km.transfer.message"
 OP_FALLBACK = "km.transfer.fallback"
 OP_CHALLENGE = "km.transfer.challenge"
 OP_EVIDENCE = "km.transfer.evidence"
-OPERATIONS = (OP_MESSAGE, OP_FALLBACK, OP_CHALLENGE, OP_EVIDENCE)
+OP_UPDATE = "km.transfer.update"
+OP_UPDATED = "km.transfer.updated"
+OPERATIONS = (OP_MESSAGE, OP_FALLBACK, OP_CHALLENGE, OP_EVIDENCE, OP_UPDATE, OP_UPDATED)
 
 #: longest fallback reason kept (a device's words, shown to SP1's operator)
 MAX_REASON = 500
@@ -69,6 +71,27 @@ class Verdict(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: str = ""
 
 
+class UpdateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """GET /transfer/update: SP2's image for the device's transfer."""
+
+    client_certificate: bytes
+
+
+class UpdateResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    transfer: str
+    image: bytes
+    version: str
+    sha256: str
+
+
+class UpdatedRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST /transfer/update/report: the device installed the update."""
+
+    client_certificate: bytes
+    transfer: str
+    version: str
+
+
 class Done(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transfer: str
     device: str
@@ -88,6 +111,8 @@ __all__ = [
     "OP_EVIDENCE",
     "OP_FALLBACK",
     "OP_MESSAGE",
+    "OP_UPDATE",
+    "OP_UPDATED",
     "ChallengeRequest",
     "ChallengeResponse",
     "Done",
@@ -95,6 +120,9 @@ __all__ = [
     "FallbackRequest",
     "MessageRequest",
     "MessageResponse",
+    "UpdateRequest",
+    "UpdateResponse",
+    "UpdatedRequest",
     "Verdict",
     "decode",
     "encode",
