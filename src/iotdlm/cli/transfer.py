@@ -405,3 +405,27 @@ def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None
                 console.print(dt_table)
     finally:
         store.close()
+
+
+@transfer.command("publish-update")
+@data_option
+@click.option("--transfer", "tid", required=True, help="Transfer id (taken over here, as SP2).")
+@click.option("--image", type=_existing, required=True, help="The image the devices install before enrolling.")
+@click.option("--version", "version", required=True, help="The image's version (the devices report it back).")
+@handle_errors
+def publish_update(data: Path, tid: str, image: Path, version: str) -> None:
+    """SP2: the image devices of a transfer fetch at cm's GET /transfer/update (the updateURI to
+    give `accept --update-uri`: https://<cm>:8443/transfer/update). km serves it from
+    DIR/transfer/updates/<transfer>/."""
+    from iotdlm.km.transfer_device_handlers import publish_update as publish
+    from iotdlm.runtime import open_store
+
+    dep = Deployment.load(data)
+    store = open_store(dep)
+    try:
+        if store.get_transfer("sp2", tid) is None:
+            raise NotFoundError(f"no transfer {tid[:64]} taken over here (as SP2)")
+    finally:
+        store.close()
+    where = publish(data / "transfer" / "updates", tid, image.read_bytes(), version)
+    console.print(f"transfer [bold]{tid}[/bold]: update {version} published in {where}")
