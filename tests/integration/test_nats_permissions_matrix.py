@@ -20,6 +20,8 @@ PROBES = [
     s.KM_OCSP,
     s.KM_FACTORY_CAS,
     s.KM_EST_SIMPLEENROLL,
+    s.KM_TRANSFER_MESSAGE,
+    s.KM_TRANSFER_EVIDENCE,
     s.SM_SOFTWARE_LOAD,
     f"{s.PREFIX}.pm.boardA.provision",
     s.CM_PING,
