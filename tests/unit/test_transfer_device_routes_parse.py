@@ -112,3 +112,19 @@ def test_bad_update_reports_are_refused(body: bytes) -> None:
 
 def test_an_update_report() -> None:
     assert parse_update_report(json.dumps({"transfer": TID, "version": " 4.2\n"}).encode()) == (TID, "4.2")
+
+
+def test_the_https_client_fits_the_agents_seams() -> None:
+    """TransferHttps is what a device agent plugs in for attestation, updates and fallback."""
+    import inspect
+
+    from iotdlm.transfer.agent import AttestationClient, FallbackClient, UpdateClient
+    from iotdlm.transfer.http_clients import TransferHttps
+
+    for seam, names in ((AttestationClient, ("challenge", "submit")), (UpdateClient, ("fetch",)),
+                        (FallbackClient, ("report",))):  # fmt: skip
+        for name in names:
+            ours, theirs = inspect.signature(getattr(TransferHttps, name)), inspect.signature(getattr(seam, name))
+            assert list(ours.parameters) == list(theirs.parameters), (seam.__name__, name)
+            assert [p.kind for p in ours.parameters.values()] == [p.kind for p in theirs.parameters.values()]
+            assert inspect.iscoroutinefunction(getattr(TransferHttps, name))
