@@ -81,6 +81,7 @@ async def test_sp1_device_fetches_its_message_and_reports_its_fallback(site: Sit
 
     async with _https(site, k1, c1) as d1:
         assert await d1.fetch_message(base) == (TID, b"\xd2cwt-of-d1")
+        assert _row(site, "sp1", "d1").status == st.FETCHED
         assert "fetched" in json.loads(_row(site, "sp1", "d1").detail)
         # a device asking for another device's message: refused (403), audited
         with pytest.raises(NotAuthorizedError, match="own message"):

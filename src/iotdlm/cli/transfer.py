@@ -372,7 +372,7 @@ def revoke_old(data: Path, src: Path) -> None:
 @click.option("--devices/--no-devices", default=False, help="List every device, not only the counts.")
 @handle_errors
 def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None:
-    """Per-device status at this provider: pending, reset, attested, updated, enrolled,
+    """Per-device status at this provider: pending, fetched, reset, attested, updated, enrolled,
     revoked-at-CA1, failed-fallback."""
     from iotdlm.runtime import open_store
     from iotdlm.store.transfer import TransferDeviceRecord

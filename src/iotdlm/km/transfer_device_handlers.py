@@ -5,7 +5,7 @@ and act where the store is.
 
 SP1 (handing over):
 - ``message``: the device's per-device transfer message, as ``iotdlm transfer deliver`` kept it
-  (:func:`keep_messages`); the row notes when it was fetched;
+  (:func:`keep_messages`); the device's status becomes fetched (a later status stays);
 - ``fallback``: the device reports a permanent failure: its row becomes failed-fallback.
 
 SP2 (taking over; the raURI):
@@ -180,7 +180,8 @@ class TransferDeviceHandlers:
             if row.status in _DONE or not isinstance(kept, str):
                 continue
             now = self.km.clock.now()
-            _change(self.tables, SP1, row.transfer_id, [cred.device_id], now, detail={"fetched": now.isoformat()})
+            _change(self.tables, SP1, row.transfer_id, [cred.device_id], now, status=st.FETCHED,
+                    detail={"fetched": now.isoformat()})  # fmt: skip
             return w.MessageResponse(transfer=row.transfer_id, message=base64.b64decode(kept))
         raise NotFoundError(
             f"no transfer message waits for device {cred.device_id} (none was delivered, or it moved already)",
