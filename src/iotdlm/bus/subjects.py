@@ -55,6 +55,15 @@ KM_TRANSFER_PEER = f"{PREFIX}.km.transfer.peer"
 KM_TRANSFER_PEER_UPDATE_INFO = f"{KM_TRANSFER_PEER}.update_info"
 KM_TRANSFER_PEER_TRANSFER_MESSAGE = f"{KM_TRANSFER_PEER}.transfer_message"
 KM_TRANSFER_PEER_CONFIRMATION = f"{KM_TRANSFER_PEER}.confirmation"
+#: the device-facing trust-transfer routes cm relays (issue 13): a device's transfer message and its
+#: fallback report at SP1, the attestation challenge and evidence at SP2 (iotdlm.wire.transfer_device)
+KM_TRANSFER_DEVICE = f"{PREFIX}.km.transfer.device"
+KM_TRANSFER_MESSAGE = f"{KM_TRANSFER_DEVICE}.message"
+KM_TRANSFER_FALLBACK = f"{KM_TRANSFER_DEVICE}.fallback"
+KM_TRANSFER_CHALLENGE = f"{KM_TRANSFER_DEVICE}.challenge"
+KM_TRANSFER_EVIDENCE = f"{KM_TRANSFER_DEVICE}.evidence"
+KM_TRANSFER_UPDATE = f"{KM_TRANSFER_DEVICE}.update"
+KM_TRANSFER_UPDATED = f"{KM_TRANSFER_DEVICE}.updated"
 
 # --- the audit log's append-only anchor (JetStream) ----------------------------------------------
 #: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may
@@ -222,6 +231,7 @@ PERMISSIONS: dict[str, Permissions] = {
             KM_AUDIT_CONSISTENCY,
             f"{EVENTS}.cm.>",
             f"{KM_TRANSFER_PEER}.>",
+            f"{KM_TRANSFER_DEVICE}.>",
         ),
         subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
         allow_responses=True,

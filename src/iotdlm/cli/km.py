@@ -45,6 +45,7 @@ async def _serve_km(dep: Deployment) -> None:
         schedule=Schedule(),
         anchor_dir=dep.audit_anchor_dir,
         extra_routes=transfer_peer_routes(dep, store, kmcore, bus),
+        transfer_updates=dep.root / "transfer" / "updates",
     )
     await service.start()
     stop = asyncio.Event()

@@ -118,10 +118,15 @@ def transfer() -> None:
     """Trust transfer: hand a fleet over to another provider (SP1) or take one over (SP2)."""
 
 
+def _default_fallback_uri(dep: Deployment) -> str:
+    """SP1's fallback route on its cm (``POST /transfer/fallback``, authenticated by the device)."""
+    return _default_enroll_uri(dep).removesuffix("/.well-known/est") + "/transfer/fallback"
+
+
 @transfer.command("init")
 @data_option
 @click.option("--provider-id", required=True, help="This provider's name in transfer messages (agreed with the peer).")
-@click.option("--fallback-uri", default=None, help="SP1: where devices that fall back report (its update server).")
+@click.option("--fallback-uri", default=None, help="SP1: fallback route (default: cm /transfer/fallback).")
 @click.option("--enroll-uri", default=None, help="SP2: CA2's EST URL handed out at registration (the CA-URI).")
 @handle_errors
 def init(data: Path, provider_id: str, fallback_uri: str | None, enroll_uri: str | None) -> None:
@@ -254,7 +259,7 @@ def export(
 @click.option("--update-first", is_flag=True, help="Devices update from SP2 before enrolling.")
 @click.option("--reset-not-before", default=None, help="ResetTimeNotBefore (ISO 8601; default now).")
 @click.option("--reset-days", type=int, default=7, show_default=True, help="ResetTimeNotAfter = not-before + days.")
-@click.option("--fallback-uri", default=None, help="fallbackURI (SP1 replaces it with its own).")
+@click.option("--fallback-uri", default=None, help="fallbackURI (SP1 puts its own fallback route in its place).")
 @click.option(
     "--anchor",
     "anchors",
@@ -319,7 +324,8 @@ def accept(
             peer_certificate=_cert(peer_cert),
             reset_not_before=start,
             reset_not_after=start + dt.timedelta(days=reset_days),
-            fallback_uri=fallback_uri or settings.fallback_uri or uri,
+            # SP1 puts its own fallback route into every per-device message (seed 003 VII-D)
+            fallback_uri=fallback_uri or settings.fallback_uri or f"https://{peer_id}.invalid/transfer/fallback",
             ra_uri=ra_uri,
             update_uri=update_uri,
             update_first=update_first,
@@ -345,33 +351,38 @@ def accept(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
-    help="Folder for the per-device messages (<device>.cwt), for cm to hand out.",
+    help="Folder for copies of the per-device messages (<device>.cwt), e.g. for air-gapped devices.",
 )
 @handle_errors
 def deliver(data: Path, src: Path, out_dir: Path) -> None:
-    """SP1: validate SP2's TransferMessage and make one signed CWT per device."""
+    """SP1: validate SP2's TransferMessage and make one signed CWT per device, kept for the devices
+    to fetch from cm (GET /transfer/message) and written to --out-dir."""
+    from iotdlm.km.transfer_device_handlers import keep_messages
     from iotdlm.runtime import open_store
     from iotdlm.transfer.messages import TYP_TRANSFER_MESSAGE, peek_transfer_ref, transfer_id
     from iotdlm.transfer.shell import Sp1Service
 
     dep = Deployment.load(data)
     settings = load_settings(data)
-    if not settings.fallback_uri:
-        raise BadRequestError("set fallback_uri in transfer.toml (`transfer init --fallback-uri`): SP1's update server")
+    fallback_uri = settings.fallback_uri or _default_fallback_uri(dep)
     clock = SystemClock()
     token = src.read_bytes()
     store = open_store(dep)
     try:
-        svc = Sp1Service(store=store, identity=load_identity(data), clock=clock, fallback_uri=settings.fallback_uri)
+        svc = Sp1Service(store=store, identity=load_identity(data), clock=clock, fallback_uri=fallback_uri)
         svc.accept(token)
         tid = transfer_id(peek_transfer_ref(token, typ=TYP_TRANSFER_MESSAGE))
         msgs, skipped = svc.device_messages(tid)
+        keep_messages(store, tid, msgs, clock.now())
     finally:
         store.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     for device_id, cwt in msgs.items():
         (out_dir / f"{device_id}.cwt").write_bytes(cwt)
-    console.print(f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) in {out_dir}")
+    console.print(
+        f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) waiting at cm (GET /transfer/message), "
+        f"copies in {out_dir}; devices that fall back report to {fallback_uri}"
+    )
     for device_id, why in sorted(skipped.items()):
         console.print(f"[yellow]skipped[/yellow] {device_id}: {why}")
 
@@ -460,7 +471,7 @@ def revoke_old(data: Path, src: Path) -> None:
 @click.option("--devices/--no-devices", default=False, help="List every device, not only the counts.")
 @handle_errors
 def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None:
-    """Per-device status at this provider: pending, reset, attested, updated, enrolled,
+    """Per-device status at this provider: pending, fetched, reset, attested, updated, enrolled,
     revoked-at-CA1, failed-fallback."""
     from iotdlm.runtime import open_store
     from iotdlm.store.transfer import TransferDeviceRecord
@@ -493,3 +504,27 @@ def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None
                 console.print(dt_table)
     finally:
         store.close()
+
+
+@transfer.command("publish-update")
+@data_option
+@click.option("--transfer", "tid", required=True, help="Transfer id (taken over here, as SP2).")
+@click.option("--image", type=_existing, required=True, help="The image the devices install before enrolling.")
+@click.option("--version", "version", required=True, help="The image's version (the devices report it back).")
+@handle_errors
+def publish_update(data: Path, tid: str, image: Path, version: str) -> None:
+    """SP2: the image devices of a transfer fetch at cm's GET /transfer/update (the updateURI to
+    give `accept --update-uri`: https://<cm>:8443/transfer/update). km serves it from
+    DIR/transfer/updates/<transfer>/."""
+    from iotdlm.km.transfer_device_handlers import publish_update as publish
+    from iotdlm.runtime import open_store
+
+    dep = Deployment.load(data)
+    store = open_store(dep)
+    try:
+        if store.get_transfer("sp2", tid) is None:
+            raise NotFoundError(f"no transfer {tid[:64]} taken over here (as SP2)")
+    finally:
+        store.close()
+    where = publish(data / "transfer" / "updates", tid, image.read_bytes(), version)
+    console.print(f"transfer [bold]{tid}[/bold]: update {version} published in {where}")

@@ -279,6 +279,9 @@ class CmApp:
         if self.peer is not None:
             PeerRoutes(self.peer, require=self._require, read_body=self._read_body).add(app)
         self._add_va_routes(app)
+        from iotdlm.cm import transfer_routes  # issue 13: the device-facing transfer routes
+
+        transfer_routes.add(app, self)
         app.on_response_prepare.append(_server_header)
         return app
 

@@ -31,6 +31,7 @@ from iotdlm.bus.api import AppendOnlyStream
 from iotdlm.errors import InternalError, IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
+from iotdlm.km.transfer_device_handlers import TransferDeviceHandlers
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as msg
@@ -68,6 +69,7 @@ class KmService:
         anchor_dir: Path | None = None,
         heads_stream: bool = True,
         extra_routes: Mapping[str, Callable[[Message], Awaitable[bytes]]] | None = None,
+        transfer_updates: Path | None = None,
     ) -> None:
         self.km = km
         self.bus = bus
@@ -80,6 +82,7 @@ class KmService:
         self.heads_stream = heads_stream
         self._heads: AppendOnlyStream | None = None
         self._unpublished: fmt.TreeHead | None = None  # a head the stream did not take yet
+        self.transfer_updates = transfer_updates  # SP2's published update images (issue 13)
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         #: subjects served beside km's own, with km's signed replies (the trust transfer's handlers)
@@ -103,6 +106,9 @@ class KmService:
         }
         if self.km.va is not None:
             routes[s.KM_CRL] = self._crl
+        # issue 13: the device-facing transfer routes
+        self.transfer_device = TransferDeviceHandlers(self.km, updates_dir=self.transfer_updates)
+        routes.update(self.transfer_device.routes())
         for subject, fn in routes.items():
             self._subs.append(await self.bus.serve(subject, self._wrap(subject, fn), queue=queue))
         for subject, handler in self.extra_routes.items():

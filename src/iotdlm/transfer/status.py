@@ -1,6 +1,6 @@
 """Per-device transfer status, as each provider tracks it (``iotdlm transfer status``), pure.
 
-pending -> reset -> [attested] -> [updated] -> enrolled -> revoked-at-CA1, or failed-fallback from
+pending -> [fetched] -> reset -> [attested] -> [updated] -> enrolled -> revoked-at-CA1, or failed-fallback from
 any step before enrolled. A provider does not see every step (SP1 does not see attestation, SP2
 does not see the reset), so a status may skip ahead; it never moves back, except that a device
 that fell back may be sent a new transfer message (failed-fallback -> pending / reset).
@@ -13,6 +13,8 @@ from typing import Final
 from iotdlm.errors import ConflictError
 
 PENDING: Final = "pending"
+#: the device fetched its transfer message from SP1's cm (GET /transfer/message)
+FETCHED: Final = "fetched"
 RESET: Final = "reset"
 ATTESTED: Final = "attested"
 UPDATED: Final = "updated"
@@ -20,16 +22,17 @@ ENROLLED: Final = "enrolled"
 REVOKED_AT_CA1: Final = "revoked-at-CA1"
 FAILED_FALLBACK: Final = "failed-fallback"
 #: in the order a device goes through them
-STATUSES: Final = (PENDING, RESET, ATTESTED, UPDATED, ENROLLED, REVOKED_AT_CA1, FAILED_FALLBACK)
+STATUSES: Final = (PENDING, FETCHED, RESET, ATTESTED, UPDATED, ENROLLED, REVOKED_AT_CA1, FAILED_FALLBACK)
 
 _NEXT: Final[dict[str, frozenset[str]]] = {
-    PENDING: frozenset({RESET, ATTESTED, UPDATED, ENROLLED, FAILED_FALLBACK}),
+    PENDING: frozenset({FETCHED, RESET, ATTESTED, UPDATED, ENROLLED, FAILED_FALLBACK}),
+    FETCHED: frozenset({RESET, ATTESTED, UPDATED, ENROLLED, FAILED_FALLBACK}),
     RESET: frozenset({ATTESTED, UPDATED, ENROLLED, FAILED_FALLBACK}),
     ATTESTED: frozenset({UPDATED, ENROLLED, FAILED_FALLBACK}),
     UPDATED: frozenset({ENROLLED, FAILED_FALLBACK}),
     ENROLLED: frozenset({REVOKED_AT_CA1}),
     REVOKED_AT_CA1: frozenset(),
-    FAILED_FALLBACK: frozenset({PENDING, RESET, ATTESTED, UPDATED, ENROLLED}),
+    FAILED_FALLBACK: frozenset({PENDING, FETCHED, RESET, ATTESTED, UPDATED, ENROLLED}),
 }
 
 

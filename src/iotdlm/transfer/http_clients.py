@@ -1,0 +1,164 @@
+"""The device agent's HTTPS clients for the transfer routes at cm (issue 13), implementing the
+agent's seams (:class:`~iotdlm.transfer.agent.AttestationClient`,
+:class:`~iotdlm.transfer.agent.FallbackClient`) and fetching the per-device transfer message.
+
+The device authenticates with a TLS client certificate (at SP1 its operational or factory
+certificate, at SP2's raURI its factory certificate: the one SP1 shared) and authenticates the
+server with ``anchors``. Refusals come back as the iotdlm error of their HTTP status, with cm's one
+line of text as the message; an attestation refused (403) is a failed verdict, not an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import urllib.parse
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+from cryptography import x509
+
+from iotdlm.device.est_client import _client_context, _error_for  # the EST client's TLS and errors
+from iotdlm.errors import BadRequestError, TooLargeError, UnavailableError
+from iotdlm.pki.chain import certs_to_pem
+from iotdlm.transfer import attestation
+from iotdlm.transfer.shell import UpdateImage
+
+MESSAGE_PATH = "/transfer/message"
+MAX_RESPONSE_BYTES = 64 * 1024
+TRANSFER_HEADER = "Iotdlm-Transfer"
+
+
+class TransferHttps:
+    """One device's HTTPS session with one provider's cm (use as an async context manager)."""
+
+    def __init__(
+        self,
+        *,
+        anchors: Sequence[x509.Certificate],
+        client_cert_pem: bytes | None,
+        client_key_pem: bytes | None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._ssl = _client_context(certs_to_pem(list(anchors)), client_cert_pem, client_key_pem)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout, connector=aiohttp.TCPConnector(ssl=self._ssl, limit=2)
+        )
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self, method: str, url: str, what: str, *, body: bytes | None = None, content_type: str | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        if not url.startswith("https://"):
+            raise BadRequestError(f"{what}: {url[:80]!r} is not an https URL")
+        if self._session is None:
+            raise RuntimeError("use TransferHttps as an async context manager")
+        headers = {"Content-Type": content_type} if content_type else {}
+        try:
+            async with self._session.request(method, url, data=body, headers=headers) as resp:
+                data = await _read_limited(resp)
+                return resp.status, dict(resp.headers), data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise UnavailableError(f"{what}: cannot reach {url[:120]} ({type(exc).__name__}: {exc})") from exc
+
+    async def _ok(
+        self, method: str, url: str, what: str, *, body: bytes | None = None, content_type: str | None = None
+    ) -> tuple[dict[str, str], bytes]:
+        status, headers, data = await self._request(method, url, what, body=body, content_type=content_type)
+        if status != 200:
+            raise _error_for(status, what, data, None)
+        return headers, data
+
+    # --- SP1 ------------------------------------------------------------------------------------
+    async def fetch_message(self, base_url: str, *, device: str = "") -> tuple[str, bytes]:
+        """(transfer id, the device's transfer message) from SP1's cm at ``base_url`` (``device``:
+        name the device; cm refuses any but the one of the client certificate)."""
+        query = "?" + urllib.parse.urlencode({"device": device}) if device else ""
+        url = base_url.rstrip("/") + MESSAGE_PATH + query
+        headers, data = await self._ok("GET", url, "fetching the transfer message")
+        return headers.get(TRANSFER_HEADER, ""), data
+
+    async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
+        """FallbackClient: tell SP1 (its fallbackURI) the device fell back (the device is the one of
+        the client certificate; ``device_id`` is not sent)."""
+        body = json.dumps({"transfer": transfer_id, "reason": reason[:500] or "unspecified"}).encode()
+        await self._ok("POST", fallback_uri, "reporting the fallback", body=body, content_type="application/json")
+
+    # --- SP2: the raURI ---------------------------------------------------------------------------
+    async def challenge(self, ra_uri: str, device_id: str) -> bytes:
+        """AttestationClient: a fresh nonce from SP2's verifier."""
+        _h, data = await self._ok("POST", ra_uri.rstrip("/") + "/challenge", "asking for an attestation challenge")
+        nonce = _json(data, "the attestation challenge").get("nonce")
+        try:
+            return base64.b64decode(str(nonce), validate=True)
+        except ValueError as exc:
+            raise BadRequestError("the attestation challenge carries no base64 nonce") from exc
+
+    async def submit(self, ra_uri: str, evidence: bytes) -> attestation.Verdict:
+        """AttestationClient: the verdict on the signed measurement (a refusal is a failed verdict)."""
+        url = ra_uri.rstrip("/") + "/evidence"
+        status, _h, data = await self._request(
+            "POST", url, "submitting attestation evidence", body=evidence, content_type="application/cose"
+        )
+        text = " ".join(data[:400].decode("utf-8", "replace").split())
+        if status == 403:
+            return attestation.Verdict("?", False, text or "attestation refused")
+        if status != 200:
+            raise _error_for(status, "submitting attestation evidence", data, None)
+        v = _json(data, "the attestation verdict")
+        return attestation.Verdict(str(v.get("device", "?")), v.get("ok") is True, str(v.get("reason", "")))
+
+    # --- SP2: the update server (the updateURI) ------------------------------------------------------
+    async def fetch(self, update_uri: str, device_id: str) -> UpdateImage:
+        """UpdateClient: the image SP2 published for the device's transfer, checked against the
+        SHA-256 cm names (``info``: transfer, version, sha256)."""
+        headers, image = await self._ok("GET", update_uri, "fetching the update")
+        sha = headers.get("Iotdlm-Update-Sha256", "")
+        if hashlib.sha256(image).hexdigest() != sha:
+            raise BadRequestError("the update image does not match the SHA-256 the update server named")
+        info = {"transfer": headers.get(TRANSFER_HEADER, ""), "version": headers.get("Iotdlm-Update-Version", ""),
+                "sha256": sha}  # fmt: skip
+        return UpdateImage(image, info)
+
+    async def report_updated(self, update_uri: str, *, transfer_id: str, version: str) -> None:
+        """Tell SP2's update server the device installed ``version`` (its status: updated)."""
+        body = json.dumps({"transfer": transfer_id, "version": version}).encode()
+        url = update_uri.rstrip("/") + "/report"
+        await self._ok("POST", url, "reporting the update", body=body, content_type="application/json")
+
+
+def _json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        out = json.loads(data)
+    except ValueError as exc:
+        raise BadRequestError(f"{what} is not JSON") from exc
+    if not isinstance(out, dict):
+        raise BadRequestError(f"{what} is not a JSON object")
+    return out
+
+
+async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(16 * 1024):
+        buf += chunk
+        if len(buf) > MAX_RESPONSE_BYTES:
+            raise TooLargeError(f"the answer exceeds {MAX_RESPONSE_BYTES} bytes")
+    return bytes(buf)
+
+
+__all__ = ["TransferHttps"]
