@@ -26,7 +26,10 @@ from tests.helpers import NOW, ORG
 from tests.unit.test_transfer_messages import SP1_ID, P, claims, transfer_identity
 
 DEV = "d1"
-TRUST = [P.pki1.root]
+#: the device holds SP1's root, and SP1's transfer certificate and its CA (the x5t names the former)
+TRUST = [P.pki1.root, *P.sp1.chain]
+#: what /cacerts at CA2's enrollURI returns (fetched unauthenticated; the message's hashes pick the anchors)
+FETCHED = [P.pki2.cas["operational"].certificate, P.pki2.root]
 CONFIG = {"device_id": DEV, "dtype": "sensor", "enroll_uri": "https://ca1/.well-known/est", "secret_sp1": "x"}
 REF = b"r" * 32
 
@@ -35,7 +38,7 @@ def device_message(
     *, signer: cose.CoseSigner | None = None, aud: str = DEV, cti: bytes = b"c" * 16, **claim_kw: Any
 ) -> bytes:
     hdr = m.CwtHeader(
-        issuer=SP1_ID,
+        issuer=None,
         audience=aud,
         cti=cti,
         issued_at=NOW,
@@ -43,11 +46,17 @@ def device_message(
         expires=NOW + dt.timedelta(days=1),
     )
     c = claims(fallback_uri="https://sp1.example/fallback", **claim_kw)
-    return m.sign_device_message(m.TransferMessage(hdr, REF, c), signer or P.sp1.signer(with_chain=True))
+    return m.sign_device_message(m.TransferMessage(hdr, REF, c), signer or P.sp1.signer(with_chain=False))
 
 
-def receive(token: bytes, state: DeviceState | None = None, now: dt.datetime = NOW) -> tuple[DeviceState, list[Any]]:
-    return device.receive(state or DeviceState(DEV), token, now, truststore=TRUST, config=CONFIG)
+def receive(
+    token: bytes,
+    state: DeviceState | None = None,
+    now: dt.datetime = NOW,
+    fetched: list[x509.Certificate] = FETCHED,
+    truststore: list[x509.Certificate] = TRUST,
+) -> tuple[DeviceState, list[Any]]:
+    return device.receive(state or DeviceState(DEV), token, now, truststore=truststore, config=CONFIG, fetched=fetched)
 
 
 def refused(effects: list[Any]) -> dict[str, Any]:
@@ -76,11 +85,14 @@ def test_accept_resets_to_the_agreed_state_and_asks_for_attestation() -> None:
 def _resign(change: Callable[[dict[int, Any]], None]) -> bytes:
     raw = cbor2.loads(cose.parse_sign1(device_message(), what="t", max_bytes=1 << 16).payload)
     change(raw)
-    return P.sp1.signer(with_chain=True).sign(cose.dumps(raw), typ=m.TYP_DEVICE_TRANSFER)
+    return P.sp1.signer(with_chain=False).sign(cose.dumps(raw), typ=m.TYP_DEVICE_TRANSFER)
 
 
-OTHER_PKI_SIGNER = transfer_identity(P.pki2, "sp2").signer(with_chain=True)
+OTHER_PKI = transfer_identity(P.pki2, "sp2")
+OTHER_PKI_SIGNER = OTHER_PKI.signer(with_chain=True)
 ADMIN_LIKE = transfer_identity(P.pki1, "x", module="admin").signer(with_chain=True)
+SP1_CA_ONLY = [P.pki1.root, P.sp1.chain[1]]  # a device that does not hold SP1's transfer certificate
+LEAF = P.sp1.certificate
 
 
 @pytest.mark.parametrize(
@@ -90,7 +102,16 @@ ADMIN_LIKE = transfer_identity(P.pki1, "x", module="admin").signer(with_chain=Tr
         ("signer outside the truststore", lambda: device_message(signer=OTHER_PKI_SIGNER), "untrusted", "root"),
         ("a service certificate that is not the transfer identity", lambda: device_message(signer=ADMIN_LIKE),
          "untrusted", "transfer signing"),
-        ("no x5chain", lambda: device_message(signer=P.sp1.signer(with_chain=False)), "bad_request", "x5chain"),
+        ("neither x5t nor x5chain", lambda: device_message(signer=cose.CoseSigner(P.sp1.key)), "bad_request",
+         "no x5t, no x5chain"),
+        ("x5t names a certificate the device does not hold", lambda: device_message(
+            signer=OTHER_PKI.signer(with_chain=False)), "untrusted", "does not hold"),
+        ("x5t names a held certificate, signed by another key", lambda: device_message(
+            signer=cose.CoseSigner(OTHER_PKI.key, P.sp1.chain)), "bad_signature", "signature"),
+        ("trust anchor not found", lambda: device_message(
+            trust_anchors=(cose.cert_hash(b"not fetched"),)), "untrusted", "/cacerts"),
+        ("trust anchor not a CA", lambda: device_message(
+            trust_anchors=(cose.cert_hash(der(LEAF)),)), "untrusted", "not a CA"),
         ("altered", lambda: _flip(device_message()), "bad_signature", "signature"),
         ("reset window over", lambda: device_message(reset_not_after=NOW - dt.timedelta(hours=1),
                                                      reset_not_before=NOW - dt.timedelta(hours=2)), "replay", "window"),
@@ -172,6 +193,10 @@ def test_steps_in_order_then_commit_retires_sp1() -> None:
     # FR3: SP1's key is retired; even with SP1's root still trusted the device refuses it
     _s, effects = device.receive(state, device_message(cti=b"e" * 16), NOW, truststore=TRUST, config=CONFIG)
     assert "former provider" in refused(effects)["message"]
+    # and its x5chain form too
+    chained = device_message(cti=b"g" * 16, signer=P.sp1.signer(with_chain=True))
+    _s, effects = device.receive(state, chained, NOW, truststore=TRUST, config=CONFIG)
+    assert "former provider" in refused(effects)["message"]
 
 
 def test_steps_skip_what_the_message_does_not_ask() -> None:
@@ -220,7 +245,7 @@ def test_enrollment_that_does_not_check_out_falls_back() -> None:
     good = _enroll_result()
     other = dataclasses.replace(good, ca_certificates=(der(P.pki1.cas["operational"].certificate),))
     wrong_root_claims = device_message(
-        ra_uri=None, update_first=False, trust_anchors=(der(P.pki1.root),), cti=b"f" * 16
+        ra_uri=None, update_first=False, trust_anchors=(cose.cert_hash(der(P.pki1.root)),), cti=b"f" * 16
     )
     s1, _ = device.step_done(state, dataclasses.replace(good, certificate=None), NOW)
     assert s1.phase is Phase.FALLBACK
@@ -228,6 +253,38 @@ def test_enrollment_that_does_not_check_out_falls_back() -> None:
     s2, _effects = device.step_done(s2, other, NOW)
     assert s2.phase is Phase.FALLBACK
     assert "not acceptable" in s2.last_outcome  # type: ignore[operator]
+
+
+def test_signer_by_x5chain_for_a_device_without_the_transfer_certificate() -> None:
+    """SP1 may send the x5chain (``deliver --with-chain``) to devices that do not hold its transfer
+    certificate; a device holding only the CA refuses the x5t form."""
+    with_chain = device_message(signer=P.sp1.signer(with_chain=True))
+    state, _ = receive(with_chain, truststore=SP1_CA_ONLY)
+    assert state.phase is Phase.RESET
+    _s, effects = receive(device_message(cti=b"h" * 16), truststore=SP1_CA_ONLY)
+    assert "does not hold" in refused(effects)["message"]
+
+
+def test_held_signer_must_still_be_valid_and_chain_in_the_truststore() -> None:
+    """A transfer certificate in the truststore is not an anchor of its own: it is checked at now
+    and up to another certificate the device holds."""
+    later = P.sp1.certificate.not_valid_after_utc + dt.timedelta(days=1)
+    _s, effects = receive(device_message(), now=later)
+    assert "not valid at" in refused(effects)["message"]
+    _s, effects = receive(device_message(), truststore=[P.sp1.certificate])
+    assert "does not chain" in refused(effects)["message"]
+
+
+def test_anchors_to_fetch_only_for_a_verified_message_naming_anchors_not_held() -> None:
+    state = DeviceState(DEV)
+    token = device_message()
+    assert device.anchors_to_fetch(state, token, NOW, truststore=TRUST) == claims().enroll_uri
+    assert device.anchors_to_fetch(state, token, NOW, truststore=[*TRUST, P.pki2.root]) is None
+    assert device.anchors_to_fetch(state, device_message(trust_anchors=()), NOW, truststore=TRUST) is None
+    assert device.anchors_to_fetch(state, _flip(token), NOW, truststore=TRUST) is None  # not verified: no fetch
+    # held anchors need no fetch
+    state2, effects = receive(token, truststore=[*TRUST, P.pki2.root], fetched=[])
+    assert state2.phase is Phase.RESET
 
 
 def test_reset_window_closing_mid_transfer_falls_back() -> None:

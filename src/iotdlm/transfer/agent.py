@@ -59,6 +59,11 @@ class Enroller(Protocol):
         certificate; ``anchors`` authenticate CA2's endpoint."""
         ...
 
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        """The CA certificates at ``enroll_uri`` (EST /cacerts), the server NOT authenticated (RFC
+        7030 4.1.1 bootstrap): the caller keeps only those a signed hash names."""
+        ...
+
 
 class AttestationClient(Protocol):
     async def challenge(self, ra_uri: str, device_id: str) -> bytes: ...
@@ -110,6 +115,46 @@ class EstEnroller:
             cacerts = await client.cacerts()
         return cert, cacerts
 
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        return await bootstrap_cacerts(enroll_uri, seconds=self.timeout)
+
+
+#: largest /cacerts body the bootstrap fetch reads
+MAX_CACERTS_BYTES = 256 * 1024
+
+
+async def bootstrap_cacerts(enroll_uri: str, *, seconds: float = 30.0) -> list[x509.Certificate]:
+    """GET {enrollURI}/cacerts with the server NOT authenticated (RFC 7030 4.1.1, bootstrap
+    distribution of CA certificates): what comes back is checked by the caller against the
+    trust-anchor hashes of the signed transfer message, nothing else is taken."""
+    import base64
+    import binascii
+    import ssl
+
+    import aiohttp
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    base = enroll_uri if enroll_uri.endswith(WELL_KNOWN_EST) else enroll_uri.rstrip("/") + WELL_KNOWN_EST
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # bootstrap: the signed SHA-256 of each anchor authenticates it
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds), trust_env=False) as session,
+            session.get(f"{base}/cacerts", ssl=ctx) as resp,
+        ):
+            if resp.status != 200:
+                raise UnavailableError(f"{base}/cacerts answered HTTP {resp.status}")
+            body = await resp.content.read(MAX_CACERTS_BYTES + 1)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise UnavailableError(f"cannot fetch {base}/cacerts: {exc}") from exc
+    if len(body) > MAX_CACERTS_BYTES:
+        raise RejectedError(f"{base}/cacerts is larger than {MAX_CACERTS_BYTES} bytes")
+    try:
+        return list(pkcs7.load_der_pkcs7_certificates(base64.b64decode(b"".join(body.split()), validate=True)))
+    except (binascii.Error, ValueError) as exc:
+        raise RejectedError(f"{base}/cacerts is not a base64 certs-only CMS: {exc}") from exc
+
 
 class EstRelay(Protocol):
     """What cm relays EST with (:class:`iotdlm.client.km.KmClient` as cm)."""
@@ -154,6 +199,14 @@ class RelayEnroller:
             cacerts = [x509.load_der_x509_certificate(c) for c in chain.chains.get("operational", [])]
             self._cacerts[enroll_uri] = cacerts
         return x509.load_der_x509_certificate(out.certificate.certificate), cacerts
+
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        relay = self.relays.get(enroll_uri)
+        if relay is None:
+            raise UnavailableError(f"cannot reach the EST server at {enroll_uri}")
+        chain = await relay.chain()
+        ders = [chain.root, *(d for name in sorted(chain.chains) for d in chain.chains[name])]
+        return [x509.load_der_x509_certificate(d) for d in dict.fromkeys(ders)]
 
 
 # --- in-process peers (tests, benches) --------------------------------------------------------------------
@@ -249,7 +302,8 @@ class DeviceAgent:
     async def handle(self, token: bytes) -> Receipt:
         """A transfer message arrived: check it, reset, and run the transfer to its end."""
         async with self._lock:
-            state, next_effect = await asyncio.to_thread(self._receive, token)
+            fetched = await self._fetch_anchors(token)
+            state, next_effect = await asyncio.to_thread(self._receive, token, fetched)
             if state.phase is not Phase.RESET:
                 refused = [e for e in self.dev.events() if e.get("event") == "transfer_refused"]
                 why = refused[-1].get("message", "refused") if refused else "refused"
@@ -263,10 +317,26 @@ class DeviceAgent:
             state = self.state
             return await self._run(state, device.next_effect(state))
 
-    def _receive(self, token: bytes) -> tuple[DeviceState, device.Effect | None]:
+    async def _fetch_anchors(self, token: bytes) -> list[x509.Certificate]:
+        """SP2's trust anchors the message names by hash and the truststore lacks: from /cacerts at
+        the enrollURI (unauthenticated; :func:`device.receive` keeps only what the hashes name)."""
+        uri = await asyncio.to_thread(
+            device.anchors_to_fetch, self.state, token, self.clock.now(), truststore=self.dev.truststore()
+        )
+        if uri is None:
+            return []
+        try:
+            return await self.enroller.cacerts(uri)
+        except IotdlmError as exc:
+            self.dev.log("trust_anchors_unavailable", enroll_uri=uri, detail=f"{exc.code}: {exc.message}")
+            return []
+
+    def _receive(
+        self, token: bytes, fetched: Sequence[x509.Certificate] = ()
+    ) -> tuple[DeviceState, device.Effect | None]:
         state = self.state
         new, effects = device.receive(
-            state, token, self.clock.now(), truststore=self.dev.truststore(), config=self.dev.config()
+            state, token, self.clock.now(), truststore=self.dev.truststore(), config=self.dev.config(), fetched=fetched
         )
         return new, self._apply_and_save(effects, new)
 
@@ -435,4 +505,5 @@ __all__ = [
     "LocalUpdates",
     "RelayEnroller",
     "UpdateClient",
+    "bootstrap_cacerts",
 ]

@@ -257,7 +257,7 @@ def device_messages(
             continue
         claims = replace(tm.claims, fallback_uri=fallback_uri, reset_not_before=start, reset_not_after=end)
         header = CwtHeader(
-            issuer=t.provider_id,
+            issuer=None,  # the device names its signer by x5t (or x5chain), not by iss
             audience=device_id,
             cti=entropy(16),
             issued_at=now,
