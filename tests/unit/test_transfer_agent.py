@@ -135,16 +135,19 @@ async def test_trust_anchors_are_fetched_once_and_only_what_the_hash_names_is_in
     assert ca2.calls == 1
 
 
-async def test_anchors_unavailable_refuses_the_message(tmp_path: Path) -> None:
+async def test_anchors_unreachable_are_retried_then_fall_back(tmp_path: Path) -> None:
     dev = make_device(tmp_path)
+    before = (dev.truststore(), dev.config(), dev.certificate("operational"))
     ca2 = FakeCa2()
     ca2.cacerts_down = True
-    receipt = await agent(dev, ca2).handle(TOKEN)
-    assert not receipt.accepted
-    assert "/cacerts" in receipt.detail
-    events = [e["event"] for e in dev.events()]
-    assert "trust_anchors_unavailable" in events
-    assert ca2.calls == 0
+    fb = Fallback()
+    receipt = await agent(dev, ca2, fb).handle(TOKEN)
+    assert receipt.accepted
+    assert receipt.phase == "idle"  # fell back and told SP1
+    assert ca2.fetches == 3
+    assert ca2.calls == 0  # never got to enroll
+    assert "anchors" in fb.reports[0][2]
+    assert (dev.truststore(), dev.config(), dev.certificate("operational")) == before
 
 
 async def test_permanent_refusal_rolls_back_exactly(tmp_path: Path) -> None:
@@ -161,7 +164,7 @@ async def test_permanent_refusal_rolls_back_exactly(tmp_path: Path) -> None:
 async def test_resume_after_a_restart_and_a_late_fallback_report(tmp_path: Path) -> None:
     dev = make_device(tmp_path)
     first = agent(dev, FakeCa2())
-    state, nxt = first._receive(TOKEN, [P.pki2.root])  # the device restarts right after the reset
+    state, nxt = first._receive(TOKEN)  # the device restarts right after the reset
     assert state.phase is Phase.RESET
     assert nxt is not None
     final = await agent(dev, FakeCa2()).resume()  # a new agent process reads the persisted state

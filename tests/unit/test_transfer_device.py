@@ -53,10 +53,15 @@ def receive(
     token: bytes,
     state: DeviceState | None = None,
     now: dt.datetime = NOW,
-    fetched: list[x509.Certificate] = FETCHED,
     truststore: list[x509.Certificate] = TRUST,
 ) -> tuple[DeviceState, list[Any]]:
-    return device.receive(state or DeviceState(DEV), token, now, truststore=truststore, config=CONFIG, fetched=fetched)
+    return device.receive(state or DeviceState(DEV), token, now, truststore=truststore, config=CONFIG)
+
+
+def fetched(state: DeviceState, certs: list[x509.Certificate] = FETCHED) -> tuple[DeviceState, list[Any]]:
+    """The agent carried out FetchAnchors: /cacerts at the enrollURI returned ``certs``."""
+    result = StepResult(Step.ANCHORS, ok=True, ca_certificates=tuple(der(c) for c in certs))
+    return device.step_done(state, result, NOW)
 
 
 def refused(effects: list[Any]) -> dict[str, Any]:
@@ -67,19 +72,53 @@ def refused(effects: list[Any]) -> dict[str, Any]:
     return dict(e.data)
 
 
-def test_accept_resets_to_the_agreed_state_and_asks_for_attestation() -> None:
+def test_accept_resets_to_the_agreed_state_fetches_anchors_and_asks_for_attestation() -> None:
     state, effects = receive(device_message())
     assert state.phase is Phase.RESET
     assert state.seen == (((b"c" * 16).hex(), m.epoch(NOW + dt.timedelta(days=1))),)
     kinds = [type(e).__name__ for e in effects]
-    assert kinds == ["Log", "Backup", "AddTrustAnchors", "WriteConfig", "Log", "Attest"]
+    assert kinds == ["Log", "Backup", "WriteConfig", "Log", "FetchAnchors"]
+    assert effects[-1] == device.FetchAnchors(claims().enroll_uri)
+    state, after = fetched(state)
+    assert [type(e).__name__ for e in after] == ["AddTrustAnchors", "Log", "Attest"]
     (config,) = [e.config for e in effects if isinstance(e, device.WriteConfig)]
     assert "secret_sp1" not in config  # only the agreed state survives the reset
     assert config["dtype"] == "sensor"
     assert config["enroll_uri"] == claims().enroll_uri
     assert config["fallback_uri"] == "https://sp1.example/fallback"
-    (anchors,) = [e.certificates for e in effects if isinstance(e, device.AddTrustAnchors)]
-    assert anchors == (der(P.pki2.root),)
+    (anchors,) = [e.certificates for e in after if isinstance(e, device.AddTrustAnchors)]
+    assert anchors == (der(P.pki2.root),)  # only what the signed hash names, of all /cacerts returned
+
+
+def test_anchors_held_already_need_no_fetch() -> None:
+    state, effects = receive(device_message(), truststore=[*TRUST, P.pki2.root])
+    kinds = [type(e).__name__ for e in effects]
+    assert kinds == ["Log", "Backup", "AddTrustAnchors", "WriteConfig", "Log", "Attest"]
+    assert state.pending is not None
+    assert state.pending.anchors == (der(P.pki2.root),)
+
+
+@pytest.mark.parametrize(
+    ("name", "certs", "match"),
+    [
+        ("none named", [P.pki1.root, P.pki2.cas["operational"].certificate], "/cacerts"),
+        ("nothing", [], "/cacerts"),
+    ],
+)
+def test_anchors_not_among_cacerts_fall_back(name: str, certs: list[x509.Certificate], match: str) -> None:
+    state, _ = receive(device_message())
+    state, effects = fetched(state, certs)
+    assert state.phase is Phase.FALLBACK
+    assert match in state.last_outcome  # type: ignore[operator]
+    assert any(isinstance(e, device.Rollback) for e in effects)
+
+
+def test_anchor_named_is_a_leaf_falls_back() -> None:
+    other_leaf = OTHER_PKI.certificate
+    state, _ = receive(device_message(trust_anchors=(cose.cert_hash(der(other_leaf)),)))
+    state, _effects = fetched(state, [other_leaf])
+    assert state.phase is Phase.FALLBACK
+    assert "not a CA" in state.last_outcome  # type: ignore[operator]
 
 
 def _resign(change: Callable[[dict[int, Any]], None]) -> bytes:
@@ -108,9 +147,7 @@ LEAF = P.sp1.certificate
             signer=OTHER_PKI.signer(with_chain=False)), "untrusted", "does not hold"),
         ("x5t names a held certificate, signed by another key", lambda: device_message(
             signer=cose.CoseSigner(OTHER_PKI.key, P.sp1.chain)), "bad_signature", "signature"),
-        ("trust anchor not found", lambda: device_message(
-            trust_anchors=(cose.cert_hash(b"not fetched"),)), "untrusted", "/cacerts"),
-        ("trust anchor not a CA", lambda: device_message(
+        ("a held trust anchor that is not a CA", lambda: device_message(
             trust_anchors=(cose.cert_hash(der(LEAF)),)), "untrusted", "not a CA"),
         ("altered", lambda: _flip(device_message()), "bad_signature", "signature"),
         ("reset window over", lambda: device_message(reset_not_after=NOW - dt.timedelta(hours=1),
@@ -173,7 +210,8 @@ def _enroll_result() -> StepResult:
 
 
 def test_steps_in_order_then_commit_retires_sp1() -> None:
-    state, effects = receive(device_message())
+    state, _ = receive(device_message())
+    state, effects = fetched(state)
     assert isinstance(effects[-1], device.Attest)
     state, effects = device.step_done(state, StepResult(Step.ATTEST, ok=True), NOW)
     assert state.phase is Phase.ATTESTED
@@ -200,14 +238,14 @@ def test_steps_in_order_then_commit_retires_sp1() -> None:
 
 
 def test_steps_skip_what_the_message_does_not_ask() -> None:
-    state, effects = receive(device_message(ra_uri=None, update_first=False))
+    state, effects = receive(device_message(ra_uri=None, update_first=False, trust_anchors=()))
     assert isinstance(effects[-1], device.Enroll)
     with pytest.raises(ConflictError, match="enroll is the step"):
         device.step_done(state, StepResult(Step.ATTEST, ok=True), NOW)
 
 
 def test_transient_failures_are_retried_then_fall_back() -> None:
-    state, _ = receive(device_message(ra_uri=None, update_first=False))
+    state, _ = fetched(receive(device_message(ra_uri=None, update_first=False))[0])
     fail = StepResult(Step.ENROLL, ok=False, detail="unavailable: connection refused")
     state, effects = device.step_done(state, fail, NOW)
     assert [type(e).__name__ for e in effects] == ["Log", "Enroll"]
@@ -234,14 +272,14 @@ def test_transient_failures_are_retried_then_fall_back() -> None:
     ],
 )
 def test_permanent_failure_falls_back_at_once(result: StepResult) -> None:
-    state, _ = receive(device_message())
+    state, _ = fetched(receive(device_message())[0])
     state, effects = device.step_done(state, result, NOW)
     assert state.phase is Phase.FALLBACK
     assert any(isinstance(e, device.Rollback) for e in effects)
 
 
 def test_enrollment_that_does_not_check_out_falls_back() -> None:
-    state, _ = receive(device_message(ra_uri=None, update_first=False))
+    state, _ = fetched(receive(device_message(ra_uri=None, update_first=False))[0])
     good = _enroll_result()
     other = dataclasses.replace(good, ca_certificates=(der(P.pki1.cas["operational"].certificate),))
     wrong_root_claims = device_message(
@@ -249,7 +287,7 @@ def test_enrollment_that_does_not_check_out_falls_back() -> None:
     )
     s1, _ = device.step_done(state, dataclasses.replace(good, certificate=None), NOW)
     assert s1.phase is Phase.FALLBACK
-    s2, _ = receive(wrong_root_claims)
+    s2, _ = receive(wrong_root_claims)  # SP1's root, held: no fetch
     s2, _effects = device.step_done(s2, other, NOW)
     assert s2.phase is Phase.FALLBACK
     assert "not acceptable" in s2.last_outcome  # type: ignore[operator]
@@ -275,20 +313,8 @@ def test_held_signer_must_still_be_valid_and_chain_in_the_truststore() -> None:
     assert "does not chain" in refused(effects)["message"]
 
 
-def test_anchors_to_fetch_only_for_a_verified_message_naming_anchors_not_held() -> None:
-    state = DeviceState(DEV)
-    token = device_message()
-    assert device.anchors_to_fetch(state, token, NOW, truststore=TRUST) == claims().enroll_uri
-    assert device.anchors_to_fetch(state, token, NOW, truststore=[*TRUST, P.pki2.root]) is None
-    assert device.anchors_to_fetch(state, device_message(trust_anchors=()), NOW, truststore=TRUST) is None
-    assert device.anchors_to_fetch(state, _flip(token), NOW, truststore=TRUST) is None  # not verified: no fetch
-    # held anchors need no fetch
-    state2, effects = receive(token, truststore=[*TRUST, P.pki2.root], fetched=[])
-    assert state2.phase is Phase.RESET
-
-
 def test_reset_window_closing_mid_transfer_falls_back() -> None:
-    state, _ = receive(device_message())
+    state, _ = fetched(receive(device_message())[0])
     later = NOW + dt.timedelta(days=2)
     state, _effects = device.step_done(state, StepResult(Step.ATTEST, ok=True), later)
     assert state.phase is Phase.FALLBACK
@@ -297,6 +323,8 @@ def test_reset_window_closing_mid_transfer_falls_back() -> None:
 
 def test_state_round_trips_through_json() -> None:
     state, _ = receive(device_message())
+    assert DeviceState.from_json(state.to_json()) == state
+    state, _ = fetched(state)
     state, _ = device.step_done(state, StepResult(Step.ATTEST, ok=True), NOW)
     assert DeviceState.from_json(state.to_json()) == state
     fb, _ = device.step_done(state, StepResult(Step.UPDATE, ok=False, permanent=True), NOW)

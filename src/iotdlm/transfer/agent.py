@@ -302,8 +302,7 @@ class DeviceAgent:
     async def handle(self, token: bytes) -> Receipt:
         """A transfer message arrived: check it, reset, and run the transfer to its end."""
         async with self._lock:
-            fetched = await self._fetch_anchors(token)
-            state, next_effect = await asyncio.to_thread(self._receive, token, fetched)
+            state, next_effect = await asyncio.to_thread(self._receive, token)
             if state.phase is not Phase.RESET:
                 refused = [e for e in self.dev.events() if e.get("event") == "transfer_refused"]
                 why = refused[-1].get("message", "refused") if refused else "refused"
@@ -317,26 +316,10 @@ class DeviceAgent:
             state = self.state
             return await self._run(state, device.next_effect(state))
 
-    async def _fetch_anchors(self, token: bytes) -> list[x509.Certificate]:
-        """SP2's trust anchors the message names by hash and the truststore lacks: from /cacerts at
-        the enrollURI (unauthenticated; :func:`device.receive` keeps only what the hashes name)."""
-        uri = await asyncio.to_thread(
-            device.anchors_to_fetch, self.state, token, self.clock.now(), truststore=self.dev.truststore()
-        )
-        if uri is None:
-            return []
-        try:
-            return await self.enroller.cacerts(uri)
-        except IotdlmError as exc:
-            self.dev.log("trust_anchors_unavailable", enroll_uri=uri, detail=f"{exc.code}: {exc.message}")
-            return []
-
-    def _receive(
-        self, token: bytes, fetched: Sequence[x509.Certificate] = ()
-    ) -> tuple[DeviceState, device.Effect | None]:
+    def _receive(self, token: bytes) -> tuple[DeviceState, device.Effect | None]:
         state = self.state
         new, effects = device.receive(
-            state, token, self.clock.now(), truststore=self.dev.truststore(), config=self.dev.config(), fetched=fetched
+            state, token, self.clock.now(), truststore=self.dev.truststore(), config=self.dev.config()
         )
         return new, self._apply_and_save(effects, new)
 
@@ -369,7 +352,9 @@ class DeviceAgent:
 
     # --- steps (network) ----------------------------------------------------------------------------
     async def _step(self, effect: device.Effect) -> StepResult:
-        if isinstance(effect, device.Attest):
+        if isinstance(effect, device.FetchAnchors):
+            step = Step.ANCHORS
+        elif isinstance(effect, device.Attest):
             step = Step.ATTEST
         elif isinstance(effect, device.Update):
             step = Step.UPDATE
@@ -378,6 +363,9 @@ class DeviceAgent:
         else:
             raise RuntimeError(f"not a network step: {effect!r}")
         try:
+            if isinstance(effect, device.FetchAnchors):
+                cacerts = await self.enroller.cacerts(effect.enroll_uri)
+                return StepResult(Step.ANCHORS, ok=True, ca_certificates=tuple(der(c) for c in cacerts))
             if isinstance(effect, device.Attest):
                 return await self._attest(effect)
             if isinstance(effect, device.Update):

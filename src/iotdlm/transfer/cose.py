@@ -235,7 +235,8 @@ class CoseSigner:
         self.public_key: PublicKey = key.public_key()
 
     def sign(self, payload: bytes, *, typ: str | int) -> bytes:
-        protected = {**self._header, TYP: typ}
+        # deterministic (RFC 8949 4.2.1) label order: the same header encodes to the same bytes
+        protected = dict(sorted({**self._header, TYP: typ}.items(), key=lambda kv: dumps(kv[0])))
         out = self._cose.encode_and_sign(payload, self._key, protected=protected, unprotected={})
         assert isinstance(out, bytes)
         return out

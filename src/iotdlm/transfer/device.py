@@ -23,9 +23,10 @@ Checks on a transfer message, in this order (verify the bytes received, then dec
 5. the ``cti`` was never seen (persisted set of ``(cti, exp)``; an entry is dropped once its
    message would be refused as expired anyway, so the set stays bounded) -- FR2, replay;
 6. no transfer is already running;
-7. every trust anchor the message names (SHA-256 of a CA certificate) is resolved: in the
-   truststore, or among the CA certificates the agent fetched from ``/cacerts`` at enrollURI
-   (:func:`anchors_to_fetch`; RFC 7030 4.1.1's bootstrap, authenticated here by the signed hash).
+7. trust anchors the message names (SHA-256 of a CA certificate) and the truststore holds are
+   taken at once; otherwise the first step (:class:`FetchAnchors`) gets ``/cacerts`` at enrollURI
+   unauthenticated (RFC 7030 4.1.1's bootstrap) and keeps only CA certificates whose SHA-256 the
+   signed message names -- none found is a permanent failure (fallback), unreachable is retried.
 
 Any refusal is one ``transfer_refused`` entry in the device log and changes nothing else.
 
@@ -95,6 +96,7 @@ RUNNING = frozenset({Phase.RESET, Phase.ATTESTED, Phase.UPDATED})
 
 
 class Step(enum.StrEnum):
+    ANCHORS = "anchors"  # fetch SP2's trust anchors the message names by hash (/cacerts at enrollURI)
     ATTEST = "attest"
     UPDATE = "update"
     ENROLL = "enroll"
@@ -253,6 +255,14 @@ class Update:
 
 
 @dataclass(frozen=True)
+class FetchAnchors:
+    """GET /cacerts at ``enroll_uri`` without authenticating the server (RFC 7030 4.1.1 bootstrap):
+    the signed hashes of the transfer message pick the anchors from what comes back."""
+
+    enroll_uri: str
+
+
+@dataclass(frozen=True)
 class Enroll:
     enroll_uri: str
     #: roots to authenticate CA2's endpoint with: SP2's anchors; empty: the device's truststore
@@ -278,7 +288,19 @@ class ReportFallback:
     reason: str
 
 
-Effect = Log | Backup | AddTrustAnchors | WriteConfig | Attest | Update | Enroll | Commit | Rollback | ReportFallback
+Effect = (
+    Log
+    | Backup
+    | AddTrustAnchors
+    | WriteConfig
+    | FetchAnchors
+    | Attest
+    | Update
+    | Enroll
+    | Commit
+    | Rollback
+    | ReportFallback
+)
 
 
 @dataclass(frozen=True)
@@ -333,26 +355,6 @@ def _resolve_anchors(refs: Sequence[bytes], candidates: Sequence[x509.Certificat
     return tuple(out)
 
 
-def anchors_to_fetch(
-    state: DeviceState,
-    token: bytes,
-    now: dt.datetime,
-    *,
-    truststore: Sequence[x509.Certificate],
-    skew: dt.timedelta = DEFAULT_SKEW,
-) -> str | None:
-    """The enrollURI whose ``/cacerts`` the device should fetch (RFC 7030 4.1.1, bootstrap: the
-    signed hashes authenticate what comes back) before :func:`receive`: only when the message
-    verifies and names trust anchors the truststore does not hold. None otherwise (a message that
-    does not verify is refused by :func:`receive`, which logs why)."""
-    try:
-        tm, _signer, _spki = _verified(state, token, now, truststore, skew)
-    except RejectedError:
-        return None
-    held = {cose.cert_hash(cert_der(c)) for c in truststore}
-    return tm.claims.enroll_uri if any(r not in held for r in tm.claims.trust_anchors) else None
-
-
 def receive(
     state: DeviceState,
     token: bytes,
@@ -360,12 +362,9 @@ def receive(
     *,
     truststore: Sequence[x509.Certificate],
     config: Mapping[str, Any],
-    fetched: Sequence[x509.Certificate] = (),
     skew: dt.timedelta = DEFAULT_SKEW,
 ) -> tuple[DeviceState, list[Effect]]:
-    """A transfer message arrived (from SP1, through cm or any other way: it is verified here).
-    ``fetched``: CA certificates from the enrollURI's ``/cacerts`` (:func:`anchors_to_fetch`),
-    unauthenticated: only those whose SHA-256 the message names are taken."""
+    """A transfer message arrived (from SP1, through cm or any other way: it is verified here)."""
     state = _purge_seen(state, now, skew)
     try:
         tm, signer, spki = _verified(state, token, now, truststore, skew)
@@ -380,7 +379,9 @@ def receive(
             raise ReplayError("this transfer message was received before (its cti was seen)", field="cti")
         if state.phase in RUNNING or state.phase is Phase.FALLBACK:
             raise ConflictError(f"a transfer is already running on this device (phase {state.phase.value})")
-        anchors = _resolve_anchors(c.trust_anchors, [*truststore, *fetched])
+        held = {cose.cert_hash(cert_der(t)) for t in truststore}
+        # anchors the device holds already are taken now; the others are fetched (Step.ANCHORS)
+        anchors = _resolve_anchors(c.trust_anchors, truststore) if all(r in held for r in c.trust_anchors) else ()
     except RejectedError as exc:
         return state, [Log("transfer_refused", rejected_summary(exc))]
     agreed = tuple((k, str(config[k])) for k in AGREED_CONFIG_KEYS if k in config)
@@ -421,6 +422,8 @@ def _endpoints(c: TransferClaims, tid: str) -> dict[str, Any]:
 
 
 def _next_step(p: Pending) -> Step:
+    if p.claims.trust_anchors and not p.anchors:
+        return Step.ANCHORS
     if p.claims.ra_uri and Step.ATTEST not in p.done:
         return Step.ATTEST
     if p.claims.update_first and Step.UPDATE not in p.done:
@@ -429,6 +432,8 @@ def _next_step(p: Pending) -> Step:
 
 
 def _step_effect(p: Pending, step: Step) -> Effect:
+    if step is Step.ANCHORS:
+        return FetchAnchors(p.claims.enroll_uri)
     if step is Step.ATTEST:
         assert p.claims.ra_uri is not None
         return Attest(p.claims.ra_uri)
@@ -478,11 +483,29 @@ def step_done(
         ]
     if result.step is Step.ENROLL:
         return _commit(state, p, result, now)
+    if result.step is Step.ANCHORS:
+        return _anchors_fetched(state, p, result)
     done = replace(p, done=(*p.done, result.step), attempts=0)
     phase = Phase.ATTESTED if result.step is Step.ATTEST else Phase.UPDATED
     new = replace(state, phase=phase, pending=done)
     return new, [
         Log(f"transfer_{phase.value}", {"transfer": tid, "detail": result.detail}),
+        _step_effect(done, _next_step(done)),
+    ]
+
+
+def _anchors_fetched(state: DeviceState, p: Pending, result: StepResult) -> tuple[DeviceState, list[Effect]]:
+    """Step 7 of the checks: the fetched CA certificates the signed hashes name become anchors."""
+    try:
+        fetched = parse_certificates(result.ca_certificates, what="/cacerts certificate")
+        anchors = _resolve_anchors(p.claims.trust_anchors, fetched)
+    except RejectedError as exc:
+        return _fail(state, f"anchors: {exc.message}")
+    done = replace(p, anchors=anchors, attempts=0)
+    new = replace(state, pending=done)
+    return new, [
+        AddTrustAnchors(anchors),
+        Log("transfer_anchors", {"transfer": p.transfer_id, "count": len(anchors)}),
         _step_effect(done, _next_step(done)),
     ]
 
@@ -572,6 +595,7 @@ __all__ = [
     "DeviceState",
     "Effect",
     "Enroll",
+    "FetchAnchors",
     "Log",
     "Pending",
     "Phase",
@@ -581,7 +605,6 @@ __all__ = [
     "StepResult",
     "Update",
     "WriteConfig",
-    "anchors_to_fetch",
     "fallback_done",
     "next_effect",
     "receive",

@@ -29,6 +29,7 @@ from iotdlm.transfer.messages.primitives import (
     STANDARD_CLAIMS,
     TRANSFER,
     TRANSFER_REF,
+    TRANSFER_REF_BYTES,
     TYP_CONFIRMATION,
     TYP_DEVICE_TRANSFER,
     TYP_TRANSFER_MESSAGE,
@@ -198,7 +199,17 @@ def _claims(payload: bytes, *, what: str, allowed: frozenset[int], max_bytes: in
 def _transfer_ref(c: Mapping[int, Any]) -> bytes:
     if TRANSFER_REF not in c:
         raise BadRequestError("the message has no transferRef claim", field="transferRef")
-    return hash32(c[TRANSFER_REF], "transferRef")
+    ref = c[TRANSFER_REF]
+    if not isinstance(ref, bytes) or len(ref) != TRANSFER_REF_BYTES:
+        raise BadRequestError(f"transferRef must be the {TRANSFER_REF_BYTES}-byte transfer id", field="transferRef")
+    return ref
+
+
+def _wire_ref(ref: bytes) -> bytes:
+    """A transfer's SHA-256 (32 bytes) or its id (16): the id, as messages carry it."""
+    if len(ref) not in (TRANSFER_REF_BYTES, 32):
+        raise ValueError("transferRef is the SHA-256 of the UpdateInfoList JWS or its first 16 bytes")
+    return bytes(ref[:TRANSFER_REF_BYTES])
 
 
 def _parse(token: bytes, *, what: str, typ: int) -> cose.Sign1:
@@ -233,8 +244,12 @@ class TransferMessage:
     """SP2's TransferMessage (Listing 2) as a CWT, or one device's copy of it made by SP1."""
 
     header: CwtHeader
+    #: the transfer id (16 bytes; a 32-byte transferRef given is cut to it)
     transfer_ref: bytes
     claims: TransferClaims
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transfer_ref", _wire_ref(self.transfer_ref))
 
     def payload(self) -> bytes:
         return cose.dumps({**self.header.to_claims(), TRANSFER_REF: self.transfer_ref, **self.claims.to_claims()})
@@ -303,8 +318,12 @@ class Enrolled:
 @dataclass(frozen=True)
 class Confirmation:
     header: CwtHeader
+    #: the transfer id (16 bytes; a 32-byte transferRef given is cut to it)
     transfer_ref: bytes
     enrolled: tuple[Enrolled, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transfer_ref", _wire_ref(self.transfer_ref))
 
     def payload(self) -> bytes:
         return cose.dumps(

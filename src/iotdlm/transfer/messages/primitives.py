@@ -35,6 +35,9 @@ ISS, AUD, EXP, NBF, IAT, CTI = 1, 3, 4, 5, 6, 7
 #: the paper's TransferMessage (Listing 2) as ONE private claim: the group as an array
 TRANSFER = -70001
 TRANSFER_REF = -70008
+#: transferRef on the wire: the transfer id, the first 16 bytes of the SHA-256 of the UpdateInfoList
+#: JWS (a name, not a commitment: every message that carries it is signed)
+TRANSFER_REF_BYTES = 16
 ENROLLED = -70009
 
 #: COSE typ (RFC 9596) as a CoAP Content-Format from the experimental range (RFC 7252 12.3:
