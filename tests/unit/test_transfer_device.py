@@ -23,7 +23,7 @@ from iotdlm.transfer import cose, device
 from iotdlm.transfer import messages as m
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
 from tests.helpers import NOW, ORG
-from tests.unit.test_transfer_messages import SP1_ID, P, claims, transfer_identity
+from tests.unit.test_transfer_messages import P, claims, transfer_identity
 
 DEV = "d1"
 #: the device holds SP1's root, and SP1's transfer certificate and its CA (the x5t names the former)
