@@ -419,3 +419,28 @@ def test_depth_and_size_limits() -> None:
         cose.loads(deep, what="x", max_bytes=1000)
     with pytest.raises(RejectedError, match="exceeds"):
         m.open_transfer_message(b"\x00" * (m.MAX_CWT_BYTES + 1), pinned=P.sp2.certificate, audience=SP1_ID, now=NOW)
+
+
+_cbor_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64) + 1, 2**64 - 1)
+    | st.binary(max_size=40)
+    | st.text(max_size=20)
+    | st.builds(cbor2.CBORTag, st.just(1), st.integers(-5, 2**41))
+)
+_cbor = st.recursive(_cbor_leaf, lambda inner: st.lists(inner, max_size=9), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(group=st.lists(_cbor, max_size=9), ref=_cbor)
+def test_listing_2_claim_takes_arbitrary_cbor(group: list[Any], ref: Any) -> None:
+    """The TransferMessage claim (Listing 2 as an array) and transferRef hold any CBOR: the codec
+    returns a checked message or refuses with an iotdlm error, nothing else."""
+    raw = {**header().to_claims(), m.TRANSFER: group, m.TRANSFER_REF: ref}
+    try:
+        tm = m.TransferMessage.from_payload(cose.dumps(raw), what="t")
+    except RejectedError:
+        return
+    assert len(tm.transfer_ref) == m.TRANSFER_REF_BYTES
+    assert tm.claims.reset_not_before < tm.claims.reset_not_after
