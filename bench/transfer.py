@@ -2,12 +2,13 @@
 of checking its transfer message (beside raw ECDSA verification, same run), and the end-to-end
 transfer of a simulated fleet from SP1/CA1 to SP2/CA2.
 
-- **Sizes**: DeviceUpdateInfo (Listing 1), the factory certificate, the TransferMessage (Listing 2
-  as a COSE_Sign1 CWT), the per-device message, the UpdateInfoList JWS per device, the x5bag.
+- **Sizes** (also ``bench/transfer_sizes.py``, on its own): DeviceUpdateInfo (Listing 1), the
+  factory certificate, the TransferMessage (Listing 2 as a COSE_Sign1 CWT), the per-device
+  message, the UpdateInfoList JWS per device, the x5bag.
   The paper's column is "CoAP size, DTLS/X.509" (lower bounds: ">400", ">320", ">216").
-- **Verification**: what a device does per message: bounded parse, x5chain up to its truststore
-  (two certificate signatures), the COSE signature, the claims -- against cwt's COSE signature check
-  alone and cryptography's raw ECDSA P-256 verify.
+- **Verification**: what a device does per message: bounded parse, the signer its x5t names in
+  its truststore, checked up to the CA there (one certificate signature), the COSE signature, the
+  claims -- against cwt's COSE signature check alone and cryptography's raw ECDSA P-256 verify.
 - **End to end**: two deployments made by ``init_deployment``. SP1's km runs in-process
   (KmService on an in-memory bus); CA2's km runs as its own process (``iotdlm km serve``) behind
   the embedded nats-server by default (``--sp2-km inprocess``: in-process too). The JWS request
@@ -163,8 +164,8 @@ def sizes(
     with_ref = m.DeviceUpdateInfo(info.factory_tbs, info.not_before, info.not_after, info.version, measure(FIRMWARE))
     tm_msg = cose.parse_sign1(tm, what="tm", max_bytes=1 << 20)
     dev = cose.parse_sign1(dev_msg, what="dev", max_bytes=1 << 20)
-    x5t_signer = cose.CoseSigner(sp1.identity.key, sp1.identity.chain, with_chain=False)
-    dev_x5t = x5t_signer.sign(dev.payload, typ=m.TYP_DEVICE_TRANSFER)
+    chain_signer = cose.CoseSigner(sp1.identity.key, sp1.identity.chain, with_chain=True)
+    dev_chain = chain_signer.sign(dev.payload, typ=m.TYP_DEVICE_TRANSFER)
     claims = m.TransferMessage.from_payload(tm_msg.payload, what="tm").claims
     bare = m.TransferClaims(
         claims.reset_not_before, claims.reset_not_after, claims.ra_uri, claims.update_uri, claims.update_first,
@@ -178,10 +179,10 @@ def sizes(
         ["Factory certificate (DER)", len(der(factory)), TABLE_I["Factory certificate"]],
         ["  its TBSCertificate", len(factory.tbs_certificate_bytes), ""],
         ["TransferMessage CWT, paper's claims only (x5t header)", len(tm_bare), TABLE_I["TransferMessage"]],
-        ["TransferMessage CWT as sent here (+ trustAnchors: SP2's root, + transferRef)", len(tm), ""],
+        ["TransferMessage CWT as sent here (+ trustAnchors: SHA-256 of SP2's root, + transferRef)", len(tm), ""],
         ["  its claims payload", len(tm_msg.payload), ""],
-        ["Per-device message (x5chain: SP1's transfer certificate + service CA)", len(dev_msg), ""],
-        ["Per-device message, if devices pinned SP1's certificate (x5t)", len(dev_x5t), ""],
+        ["Per-device message (x5t: SP1's transfer certificate, held by the device)", len(dev_msg), ""],
+        ["Per-device message with x5chain (SP1's transfer certificate + service CA)", len(dev_chain), ""],
         [f"UpdateInfoList JWS per device ({n} devices, with x5bag, base64url)", f"{len(uil) / n:,.0f}", ""],
     ]
     return md_table(["message", "bytes here", "Table I (DTLS, X.509)"], rows)
@@ -191,7 +192,7 @@ def sizes(
 def verify_costs(dev_msg: bytes, device_id: str, truststore: list[x509.Certificate], iterations: int) -> str:
     now = dt.datetime.now(dt.UTC)
     state = device.DeviceState(device_id)
-    msg_, chain = m.peek_device_message(dev_msg)
+    msg_, chain = m.peek_device_message(dev_msg, truststore)
 
     def full() -> None:
         new, effects = device.receive(state, dev_msg, now, truststore=truststore, config={})
@@ -300,7 +301,7 @@ async def provision(sp1: Provider, root: Path, n: int, devices_dir: Path) -> dic
                 assert res.certificate is not None, res.error
                 dev.write_certificate(profile, x509.load_der_x509_certificate(res.certificate.certificate))
         for dev in batch:
-            dev.write_truststore([sp1_root])
+            dev.write_truststore([sp1_root, *sp1.identity.chain])  # + SP1's transfer certificate (x5t)
             dev.write_image("slot-a", img, {"version": "1"})
             dev.write_config({"device_id": dev.device_id, "dtype": DTYPE, "enroll_uri": "https://ca1.example/est"})
         if start % 2000 == 0:
@@ -470,7 +471,7 @@ async def main(args: argparse.Namespace) -> None:
         size_table = sizes(sp1, sp2, factory, tm, dev_msg, uil, n)
         verify_table = verify_costs(dev_msg, m.TransferMessage.from_payload(
             cose.parse_sign1(dev_msg, what="d", max_bytes=1 << 16).payload, what="d").header.audience,
-            [sp1.ca("root")], 200 if args.quick else 2000)  # fmt: skip
+            [sp1.ca("root"), *sp1.identity.chain], 200 if args.quick else 2000)  # fmt: skip
         for p in (sp1, sp2):
             p.store.close()
     section = "\n\n".join(

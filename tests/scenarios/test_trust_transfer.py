@@ -160,7 +160,7 @@ class World:
         factory = await self.sp1.client(f"pm-{DTYPE}").issue(device_id, "factory", csr=dev.make_csr())
         fcert = x509.load_der_x509_certificate(factory.certificate)
         dev.write_certificate("factory", fcert)
-        dev.write_truststore([self.sp1.ca("root")])
+        dev.write_truststore([self.sp1.ca("root"), *self.sp1.identity.chain])  # + SP1's transfer certificate (x5t)
         img = self.tmp / "fw.bin"
         img.write_bytes(FIRMWARE)
         dev.write_image("slot-a", img, {"version": "1"})
@@ -586,6 +586,11 @@ async def test_fr3_forward_security(world: World) -> None:
     w.sp1svc.accept(tm2)
     msgs, _ = w.sp1svc.device_messages(tid2)
     receipt = await w.agent(d).handle(msgs[d])
+    assert not receipt.accepted
+    assert "does not hold" in receipt.detail  # x5t: SP1's transfer certificate left with the truststore
+    # and with the x5chain sent along: SP1's key is retired
+    chained, _ = w.sp1svc.device_messages(tid2, with_chain=True)
+    receipt = await w.agent(d).handle(chained[d])
     assert not receipt.accepted
     assert "former provider" in receipt.detail or "trusted root" in receipt.detail
     dev = w.devices[d]

@@ -30,6 +30,8 @@ class FakeCa2:
     def __init__(self, failures: Sequence[Exception] = ()) -> None:
         self.failures = list(failures)
         self.calls = 0
+        self.fetches = 0
+        self.cacerts_down = False
 
     async def enroll(
         self,
@@ -54,6 +56,13 @@ class FakeCa2:
             uris=[device_uri(DEV, enterprise_number=DEFAULT_ENTERPRISE_NUMBER)],
         )
         return cert, [P.pki2.cas["operational"].certificate, P.pki2.root]
+
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        """/cacerts at the enrollURI (bootstrap: the device checks what it gets against the hashes)."""
+        self.fetches += 1
+        if self.cacerts_down:
+            raise UnavailableError("CA2 is down")
+        return [P.pki2.cas["operational"].certificate, P.pki2.root, P.pki1.root]
 
 
 class Fallback:
@@ -88,7 +97,7 @@ def make_device(tmp_path: Path) -> SimulatedDevice:
     )
     dev.write_certificate("factory", factory)
     dev.write_certificate("operational", op)
-    dev.write_truststore([P.pki1.root])
+    dev.write_truststore([P.pki1.root, *P.sp1.chain])  # SP1's root, its transfer certificate and CA
     dev.write_config({"device_id": DEV, "dtype": "sensor", "enroll_uri": "https://ca1/.well-known/est", "x": 1})
     return dev
 
@@ -114,6 +123,31 @@ async def test_commit_writes_the_new_identity_and_drops_the_backup(tmp_path: Pat
     assert not (dev.path / "flash" / "transfer" / "backup.json").exists()
     events = [e["event"] for e in dev.events()]
     assert events[-1] == "transfer_committed"
+
+
+async def test_trust_anchors_are_fetched_once_and_only_what_the_hash_names_is_installed(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    ca2 = FakeCa2([NotAuthorizedError("stop before the commit")])
+    await agent(dev, ca2).handle(device_message(ra_uri=None, update_first=False, cti=b"k" * 16))
+    assert ca2.fetches == 1
+    # rolled back, but the anchor the message named (SP2's root) was the one offered to CA2's TLS,
+    # not the other certificates /cacerts returned (FakeCa2.enroll asserts it)
+    assert ca2.calls == 1
+
+
+async def test_anchors_unreachable_are_retried_then_fall_back(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    before = (dev.truststore(), dev.config(), dev.certificate("operational"))
+    ca2 = FakeCa2()
+    ca2.cacerts_down = True
+    fb = Fallback()
+    receipt = await agent(dev, ca2, fb).handle(TOKEN)
+    assert receipt.accepted
+    assert receipt.phase == "idle"  # fell back and told SP1
+    assert ca2.fetches == 3
+    assert ca2.calls == 0  # never got to enroll
+    assert "anchors" in fb.reports[0][2]
+    assert (dev.truststore(), dev.config(), dev.certificate("operational")) == before
 
 
 async def test_permanent_refusal_rolls_back_exactly(tmp_path: Path) -> None:

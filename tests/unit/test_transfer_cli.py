@@ -123,8 +123,10 @@ def test_transfer_commands_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     msgs = tmp_path / "msgs"
     ok("deliver", "--data", str(sp1.root), "--in", str(tm), "--out-dir", str(msgs))
     assert sorted(p.name for p in msgs.iterdir()) == ["d1.cwt", "d2.cwt"]
-    _m, chain = m.peek_device_message((msgs / "d1.cwt").read_bytes())
-    assert chain[0].subject == x509.load_pem_x509_certificate(sp1_cert.read_bytes()).subject
+    sp1_transfer = x509.load_pem_x509_certificate(sp1_cert.read_bytes())
+    # the message names SP1's transfer certificate by x5t: a device holding it finds it
+    _m, chain = m.peek_device_message((msgs / "d1.cwt").read_bytes(), [sp1_transfer])
+    assert chain[0].subject == sp1_transfer.subject
 
     key, factory = devs["d1"]
     _enroll_at(sp2, key, factory, "d1")  # d1 re-enrolls with CA2 (as cm would relay it)

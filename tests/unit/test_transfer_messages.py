@@ -118,7 +118,7 @@ def claims(**kw: Any) -> m.TransferClaims:
         "update_first": True,
         "enroll_uri": "https://ca2.sp2.example:8443/.well-known/est",
         "fallback_uri": "https://sp2.example/fallback",
-        "trust_anchors": (der(P.pki2.root),),
+        "trust_anchors": (cose.cert_hash(der(P.pki2.root)),),
     }
     args.update(kw)
     return m.TransferClaims(**args)
@@ -243,15 +243,17 @@ def test_transfer_message_round_trip_and_claim_keys() -> None:
     token = make_tm()
     tm = m.open_transfer_message(token, pinned=P.sp2.certificate, audience=SP1_ID, now=NOW)
     assert tm.claims == claims()
-    assert tm.transfer_ref == REF
+    assert tm.transfer_ref == REF[: m.TRANSFER_REF_BYTES]  # the transfer id travels, not the whole hash
     msg = cose.parse_sign1(token, what="t", max_bytes=1 << 16)
     assert msg.typ == m.TYP_TRANSFER_MESSAGE
-    assert msg.x5t() == cose.thumbprint(der(P.sp2.certificate))
+    assert msg.x5t() == (cose.SHA256_64_ALG, cose.cert_hash(der(P.sp2.certificate), cose.SHA256_64_ALG))
     raw = cbor2.loads(msg.payload)
-    assert set(raw) == {1, 3, 4, 5, 6, 7, -70001, -70002, -70003, -70004, -70005, -70006, -70007, -70008}
-    assert raw[m.UPDATE_URI] == [b"https://updates.sp2.example/x", True]
-    assert raw[m.RA_URI] == b"https://ra.sp2.example/x"
-    assert isinstance(raw[m.RESET_NOT_BEFORE], dt.datetime)
+    assert set(raw) == {1, 3, 4, 5, 6, 7, m.TRANSFER, m.TRANSFER_REF}
+    group = raw[m.TRANSFER]  # Listing 2, in order, updateURI's (bstr, bool) flattened into it
+    assert group[2] == b"https://ra.sp2.example/x"
+    assert group[3:5] == [b"https://updates.sp2.example/x", True]
+    assert group[7] == [[-16, cose.cert_hash(der(P.pki2.root))]]
+    assert isinstance(group[0], dt.datetime)
 
 
 def test_transfer_message_ra_uri_null_and_update_uri_empty() -> None:
@@ -259,7 +261,9 @@ def test_transfer_message_ra_uri_null_and_update_uri_empty() -> None:
     token = m.sign_transfer_message(m.TransferMessage(header(), REF, c), P.sp2.signer(with_chain=False))
     tm = m.open_transfer_message(token, pinned=P.sp2.certificate, audience=SP1_ID, now=NOW)
     assert tm.claims.ra_uri is None
-    assert cbor2.loads(cose.parse_sign1(token, what="t", max_bytes=1 << 16).payload)[m.RA_URI] is None
+    group = cbor2.loads(cose.parse_sign1(token, what="t", max_bytes=1 << 16).payload)[m.TRANSFER]
+    assert group[2] is None
+    assert len(group) == 7  # no trustAnchors: the optional trailing item is left out
 
 
 def _resign_claims(change: Callable[[dict[int, Any]], None]) -> bytes:
@@ -285,13 +289,22 @@ def _resign_claims(change: Callable[[dict[int, Any]], None]) -> bytes:
         ("names another certificate", lambda: make_tm(P.sp1.signer(with_chain=False)), UntrustedError, "agreed"),
         ("altered", lambda: _flip(make_tm(), -70), BadSignatureError, "signature"),
         ("unknown claim", lambda: _resign_claims(lambda c: c.__setitem__(-70099, 1)), BadRequestError, "not agreed"),
-        ("missing enrollURI", lambda: _resign_claims(lambda c: c.pop(m.ENROLL_URI)), BadRequestError, "enrollURI"),
-        ("updateURI not a pair", lambda: _resign_claims(lambda c: c.__setitem__(m.UPDATE_URI, b"x")),
+        ("missing enrollURI (items shift)", lambda: _resign_claims(lambda c: c[m.TRANSFER].pop(5)), BadRequestError,
+         "must be"),
+        ("too short", lambda: _resign_claims(lambda c: c.__setitem__(m.TRANSFER, c[m.TRANSFER][:6])), BadRequestError,
+         "TransferMessage claim must be"),
+        ("no TransferMessage claim", lambda: _resign_claims(lambda c: c.pop(m.TRANSFER)), BadRequestError,
+         "TransferMessage"),
+        ("updateURI flag not a bool", lambda: _resign_claims(lambda c: c[m.TRANSFER].__setitem__(4, b"x")),
          BadRequestError, "updateURI"),
-        ("window reversed", lambda: _resign_claims(lambda c: c.__setitem__(m.RESET_NOT_AFTER, cbor2.CBORTag(1, 0))),
+        ("window reversed", lambda: _resign_claims(lambda c: c[m.TRANSFER].__setitem__(1, cbor2.CBORTag(1, 0))),
          BadRequestError, "inconsistent"),
-        ("URI not http", lambda: _resign_claims(lambda c: c.__setitem__(m.ENROLL_URI, b"file:///etc")),
+        ("URI not http", lambda: _resign_claims(lambda c: c[m.TRANSFER].__setitem__(5, b"file:///etc")),
          BadRequestError, "URI"),
+        ("anchor hash short", lambda: _resign_claims(lambda c: c[m.TRANSFER].__setitem__(7, [[-16, b"h" * 8]])),
+         BadRequestError, "SHA-256"),
+        ("anchor hash alg", lambda: _resign_claims(lambda c: c[m.TRANSFER].__setitem__(7, [[-15, b"h" * 32]])),
+         BadRequestError, "trust anchor"),
         ("short cti", lambda: make_tm(cti=b"x"), BadRequestError, "cti"),
         ("a device message", lambda: m.sign_device_message(m.TransferMessage(header(), REF, claims()),
                                                           P.sp2.signer(with_chain=False)), BadRequestError, "typ"),
@@ -307,7 +320,7 @@ def test_confirmation_round_trip_and_refusals() -> None:
     token = m.sign_confirmation(conf, P.sp2.signer(with_chain=False))
     got = m.open_confirmation(token, pinned=P.sp2.certificate, audience=SP1_ID, now=NOW)
     assert got.enrolled == conf.enrolled
-    assert m.peek_transfer_ref(token, typ=m.TYP_CONFIRMATION) == REF
+    assert m.peek_transfer_ref(token, typ=m.TYP_CONFIRMATION) == REF[: m.TRANSFER_REF_BYTES]
     with pytest.raises(BadRequestError, match="typ"):
         m.open_transfer_message(token, pinned=P.sp2.certificate, audience=SP1_ID, now=NOW)
     dup = m.Confirmation(header(), REF, (m.Enrolled("d1", b"h" * 32), m.Enrolled("d1", b"h" * 32)))
@@ -406,3 +419,28 @@ def test_depth_and_size_limits() -> None:
         cose.loads(deep, what="x", max_bytes=1000)
     with pytest.raises(RejectedError, match="exceeds"):
         m.open_transfer_message(b"\x00" * (m.MAX_CWT_BYTES + 1), pinned=P.sp2.certificate, audience=SP1_ID, now=NOW)
+
+
+_cbor_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64) + 1, 2**64 - 1)
+    | st.binary(max_size=40)
+    | st.text(max_size=20)
+    | st.builds(cbor2.CBORTag, st.just(1), st.integers(-5, 2**41))
+)
+_cbor = st.recursive(_cbor_leaf, lambda inner: st.lists(inner, max_size=9), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(group=st.lists(_cbor, max_size=9), ref=_cbor)
+def test_listing_2_claim_takes_arbitrary_cbor(group: list[Any], ref: Any) -> None:
+    """The TransferMessage claim (Listing 2 as an array) and transferRef hold any CBOR: the codec
+    returns a checked message or refuses with an iotdlm error, nothing else."""
+    raw = {**header().to_claims(), m.TRANSFER: group, m.TRANSFER_REF: ref}
+    try:
+        tm = m.TransferMessage.from_payload(cose.dumps(raw), what="t")
+    except RejectedError:
+        return
+    assert len(tm.transfer_ref) == m.TRANSFER_REF_BYTES
+    assert tm.claims.reset_not_before < tm.claims.reset_not_after

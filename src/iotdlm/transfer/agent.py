@@ -59,6 +59,11 @@ class Enroller(Protocol):
         certificate; ``anchors`` authenticate CA2's endpoint."""
         ...
 
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        """The CA certificates at ``enroll_uri`` (EST /cacerts), the server NOT authenticated (RFC
+        7030 4.1.1 bootstrap): the caller keeps only those a signed hash names."""
+        ...
+
 
 class AttestationClient(Protocol):
     async def challenge(self, ra_uri: str, device_id: str) -> bytes: ...
@@ -110,6 +115,46 @@ class EstEnroller:
             cacerts = await client.cacerts()
         return cert, cacerts
 
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        return await bootstrap_cacerts(enroll_uri, seconds=self.timeout)
+
+
+#: largest /cacerts body the bootstrap fetch reads
+MAX_CACERTS_BYTES = 256 * 1024
+
+
+async def bootstrap_cacerts(enroll_uri: str, *, seconds: float = 30.0) -> list[x509.Certificate]:
+    """GET {enrollURI}/cacerts with the server NOT authenticated (RFC 7030 4.1.1, bootstrap
+    distribution of CA certificates): what comes back is checked by the caller against the
+    trust-anchor hashes of the signed transfer message, nothing else is taken."""
+    import base64
+    import binascii
+    import ssl
+
+    import aiohttp
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    base = enroll_uri if enroll_uri.endswith(WELL_KNOWN_EST) else enroll_uri.rstrip("/") + WELL_KNOWN_EST
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # bootstrap: the signed SHA-256 of each anchor authenticates it
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds), trust_env=False) as session,
+            session.get(f"{base}/cacerts", ssl=ctx) as resp,
+        ):
+            if resp.status != 200:
+                raise UnavailableError(f"{base}/cacerts answered HTTP {resp.status}")
+            body = await resp.content.read(MAX_CACERTS_BYTES + 1)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise UnavailableError(f"cannot fetch {base}/cacerts: {exc}") from exc
+    if len(body) > MAX_CACERTS_BYTES:
+        raise RejectedError(f"{base}/cacerts is larger than {MAX_CACERTS_BYTES} bytes")
+    try:
+        return list(pkcs7.load_der_pkcs7_certificates(base64.b64decode(b"".join(body.split()), validate=True)))
+    except (binascii.Error, ValueError) as exc:
+        raise RejectedError(f"{base}/cacerts is not a base64 certs-only CMS: {exc}") from exc
+
 
 class EstRelay(Protocol):
     """What cm relays EST with (:class:`iotdlm.client.km.KmClient` as cm)."""
@@ -154,6 +199,14 @@ class RelayEnroller:
             cacerts = [x509.load_der_x509_certificate(c) for c in chain.chains.get("operational", [])]
             self._cacerts[enroll_uri] = cacerts
         return x509.load_der_x509_certificate(out.certificate.certificate), cacerts
+
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        relay = self.relays.get(enroll_uri)
+        if relay is None:
+            raise UnavailableError(f"cannot reach the EST server at {enroll_uri}")
+        chain = await relay.chain()
+        ders = [chain.root, *(d for name in sorted(chain.chains) for d in chain.chains[name])]
+        return [x509.load_der_x509_certificate(d) for d in dict.fromkeys(ders)]
 
 
 # --- in-process peers (tests, benches) --------------------------------------------------------------------
@@ -299,7 +352,9 @@ class DeviceAgent:
 
     # --- steps (network) ----------------------------------------------------------------------------
     async def _step(self, effect: device.Effect) -> StepResult:
-        if isinstance(effect, device.Attest):
+        if isinstance(effect, device.FetchAnchors):
+            step = Step.ANCHORS
+        elif isinstance(effect, device.Attest):
             step = Step.ATTEST
         elif isinstance(effect, device.Update):
             step = Step.UPDATE
@@ -308,6 +363,9 @@ class DeviceAgent:
         else:
             raise RuntimeError(f"not a network step: {effect!r}")
         try:
+            if isinstance(effect, device.FetchAnchors):
+                cacerts = await self.enroller.cacerts(effect.enroll_uri)
+                return StepResult(Step.ANCHORS, ok=True, ca_certificates=tuple(der(c) for c in cacerts))
             if isinstance(effect, device.Attest):
                 return await self._attest(effect)
             if isinstance(effect, device.Update):
@@ -435,4 +493,5 @@ __all__ = [
     "LocalUpdates",
     "RelayEnroller",
     "UpdateClient",
+    "bootstrap_cacerts",
 ]

@@ -44,6 +44,10 @@ ES256 = -7
 ES384 = -35
 EDDSA = -8
 SHA256_ALG = -16
+#: SHA-256 truncated to 64 bits (RFC 9053 / RFC 9360): enough for x5t, a hint naming a certificate
+#: the receiver already holds (the signature, checked with that certificate's key, is what counts)
+SHA256_64_ALG = -15
+X5T_LENGTHS = {SHA256_ALG: 32, SHA256_64_ALG: 8}
 COSE_ALG: dict[Algorithm, int] = {Algorithm.P256: ES256, Algorithm.P384: ES384, Algorithm.ED25519: EDDSA}
 
 TAG_SIGN1 = 18
@@ -96,9 +100,10 @@ class Sign1:
         return alg if isinstance(alg, int) and not isinstance(alg, bool) else None
 
     @property
-    def typ(self) -> str | None:
+    def typ(self) -> str | int | None:
+        """RFC 9596: a media type (tstr) or a CoAP Content-Format (uint)."""
         typ = self.protected.get(TYP)
-        return typ if isinstance(typ, str) else None
+        return typ if isinstance(typ, str) or (isinstance(typ, int) and not isinstance(typ, bool)) else None
 
     def x5chain(self) -> tuple[bytes, ...]:
         """The x5chain of the protected header (RFC 9360: one bstr, or an array of bstr), leaf first."""
@@ -111,20 +116,26 @@ class Sign1:
             return tuple(value)
         raise BadRequestError("COSE x5chain must be a certificate (bstr) or an array of at most 4 of them")
 
-    def x5t(self) -> bytes | None:
-        """The SHA-256 certificate thumbprint of the protected header's x5t, or None."""
+    def x5t(self) -> tuple[int, bytes] | None:
+        """The protected header's x5t (RFC 9360 COSE_CertHash) as (hash alg, hash), or None:
+        [-16 (SHA-256), 32 bytes] or [-15 (SHA-256/64), 8 bytes]."""
         value = self.protected.get(X5T)
         if value is None:
             return None
         if (
             isinstance(value, list)
             and len(value) == 2
-            and value[0] == SHA256_ALG
+            and value[0] in X5T_LENGTHS
             and isinstance(value[1], bytes)
-            and len(value[1]) == 32
+            and len(value[1]) == X5T_LENGTHS[value[0]]
         ):
-            return bytes(value[1])
-        raise BadRequestError("COSE x5t must be [-16 (SHA-256), 32-byte hash]")
+            return int(value[0]), bytes(value[1])
+        raise BadRequestError("COSE x5t must be [-16 (SHA-256), 32-byte hash] or [-15 (SHA-256/64), 8-byte hash]")
+
+    def names(self, cert_der: bytes) -> bool:
+        """Whether the x5t names the certificate ``cert_der`` (DER)."""
+        x5t = self.x5t()
+        return x5t is not None and cert_hash(cert_der, x5t[0]) == x5t[1]
 
 
 def parse_sign1(data: bytes, *, what: str, max_bytes: int) -> Sign1:
@@ -194,10 +205,18 @@ def thumbprint(cert_der: bytes) -> bytes:
     return hashlib.sha256(cert_der).digest()
 
 
+def cert_hash(cert_der: bytes, alg: int = SHA256_ALG) -> bytes:
+    """COSE_CertHash's hashValue (RFC 9360) of a DER certificate with ``alg`` (-16 or -15)."""
+    if alg not in X5T_LENGTHS:
+        raise ValueError(f"COSE hash algorithm {alg} is not SHA-256 (-16) or SHA-256/64 (-15)")
+    return hashlib.sha256(cert_der).digest()[: X5T_LENGTHS[alg]]
+
+
 class CoseSigner:
     """Signs COSE_Sign1 messages with one private key (``cwt``). ``chain`` (leaf first) goes into
     the protected header as x5chain when ``with_chain``; otherwise, when a chain is given, the
-    leaf's SHA-256 thumbprint goes in as x5t (for receivers that pinned the certificate)."""
+    leaf's thumbprint goes in as x5t (SHA-256/64: for receivers that hold the certificate -- a
+    pinned peer, a device's truststore -- and look it up by that hash)."""
 
     def __init__(self, key: PrivateKey, chain: Sequence[x509.Certificate] = (), *, with_chain: bool = False) -> None:
         self.alg = cose_alg(key)
@@ -212,18 +231,19 @@ class CoseSigner:
         if ders and with_chain:
             self._header[X5CHAIN] = ders[0] if len(ders) == 1 else ders
         elif ders:
-            self._header[X5T] = [SHA256_ALG, thumbprint(ders[0])]
+            self._header[X5T] = [SHA256_64_ALG, cert_hash(ders[0], SHA256_64_ALG)]
         self.public_key: PublicKey = key.public_key()
 
-    def sign(self, payload: bytes, *, typ: str) -> bytes:
-        protected = {**self._header, TYP: typ}
+    def sign(self, payload: bytes, *, typ: str | int) -> bytes:
+        # deterministic (RFC 8949 4.2.1) label order: the same header encodes to the same bytes
+        protected = dict(sorted({**self._header, TYP: typ}.items(), key=lambda kv: dumps(kv[0])))
         out = self._cose.encode_and_sign(payload, self._key, protected=protected, unprotected={})
         assert isinstance(out, bytes)
         return out
 
 
 def sign1_with(
-    sign: Callable[[bytes], bytes], key: PublicKey, payload: bytes, *, typ: str, x5chain: Sequence[bytes] = ()
+    sign: Callable[[bytes], bytes], key: PublicKey, payload: bytes, *, typ: str | int, x5chain: Sequence[bytes] = ()
 ) -> bytes:
     """A COSE_Sign1 whose signature is made by ``sign`` (DER ECDSA, as cryptography and our
     devices make them, or raw Ed25519) over the Sig_structure; ``key`` is the signer's public key."""

@@ -11,16 +11,22 @@
 
 Checks on a transfer message, in this order (verify the bytes received, then decode):
 
-1. bounded COSE_Sign1 parse, ``typ`` = device transfer message, an ``x5chain``;
+1. bounded COSE_Sign1 parse, ``typ`` = device transfer message; the signer is the certificate of
+   the device's truststore that the ``x5t`` names (SP1's transfer certificate, held by the device:
+   RFC 9360's thumbprint instead of sending the chain), or else the ``x5chain`` it carries;
 2. the signer is a provider's *transfer identity* (URI SAN ``urn:dev:org:<PEN>-module:transfer``), its key
-   is not one the device retired at an earlier commit (FR3), and its chain ends at a root of the
-   device's truststore -- the device trusts its current provider through its truststore, as
-   in the paper (no key pinned on the device);
+   is not one the device retired at an earlier commit (FR3), and it chains to another certificate
+   of the device's truststore -- the device trusts its current provider through its truststore, as
+   in the paper;
 3. the COSE signature (``cwt``);
 4. the claims: ``aud`` is this device, the CWT times (FR2), now within the agreed reset window;
 5. the ``cti`` was never seen (persisted set of ``(cti, exp)``; an entry is dropped once its
    message would be refused as expired anyway, so the set stays bounded) -- FR2, replay;
-6. no transfer is already running.
+6. no transfer is already running;
+7. trust anchors the message names (SHA-256 of a CA certificate) and the truststore holds are
+   taken at once; otherwise the first step (:class:`FetchAnchors`) gets ``/cacerts`` at enrollURI
+   unauthenticated (RFC 7030 4.1.1's bootstrap) and keeps only CA certificates whose SHA-256 the
+   signed message names -- none found is a permanent failure (fallback), unreachable is retried.
 
 Any refusal is one ``transfer_refused`` entry in the device log and changes nothing else.
 
@@ -65,6 +71,7 @@ from iotdlm.transfer.messages import (
 from iotdlm.transfer.trust import (
     cert_der,
     check_transfer_signer,
+    is_ca,
     parse_certificates,
     public_key,
     spki_sha256,
@@ -89,6 +96,7 @@ RUNNING = frozenset({Phase.RESET, Phase.ATTESTED, Phase.UPDATED})
 
 
 class Step(enum.StrEnum):
+    ANCHORS = "anchors"  # fetch SP2's trust anchors the message names by hash (/cacerts at enrollURI)
     ATTEST = "attest"
     UPDATE = "update"
     ENROLL = "enroll"
@@ -107,6 +115,8 @@ class Pending:
     attempts: int = 0
     #: the configuration kept through the reset (AGREED_CONFIG_KEYS), restated at the commit
     agreed: tuple[tuple[str, str], ...] = ()
+    #: SP2's trust anchors (DER) the message names by hash, as the device resolved them
+    anchors: tuple[bytes, ...] = ()
 
     @property
     def transfer_id(self) -> str:
@@ -180,6 +190,7 @@ def _state_obj(s: DeviceState) -> dict[str, Any]:
             "done": [d.value for d in p.done],
             "attempts": p.attempts,
             "agreed": [list(kv) for kv in p.agreed],
+            "anchors": [base64.b64encode(a).decode() for a in p.anchors],
         },
         "fallback": list(s.fallback) if s.fallback else None,
         "last_outcome": s.last_outcome,
@@ -204,6 +215,7 @@ def _state_from(o: Mapping[str, Any]) -> DeviceState:
             done=tuple(Step(d) for d in p["done"]),
             attempts=int(p["attempts"]),
             agreed=tuple((str(k), str(v)) for k, v in p.get("agreed", [])),
+            anchors=tuple(base64.b64decode(a) for a in p.get("anchors", [])),
         ),
         fallback=(str(fb[0]), str(fb[1]), str(fb[2])) if fb else None,
         last_outcome=o.get("last_outcome"),
@@ -243,6 +255,14 @@ class Update:
 
 
 @dataclass(frozen=True)
+class FetchAnchors:
+    """GET /cacerts at ``enroll_uri`` without authenticating the server (RFC 7030 4.1.1 bootstrap):
+    the signed hashes of the transfer message pick the anchors from what comes back."""
+
+    enroll_uri: str
+
+
+@dataclass(frozen=True)
 class Enroll:
     enroll_uri: str
     #: roots to authenticate CA2's endpoint with: SP2's anchors; empty: the device's truststore
@@ -268,7 +288,19 @@ class ReportFallback:
     reason: str
 
 
-Effect = Log | Backup | AddTrustAnchors | WriteConfig | Attest | Update | Enroll | Commit | Rollback | ReportFallback
+Effect = (
+    Log
+    | Backup
+    | AddTrustAnchors
+    | WriteConfig
+    | FetchAnchors
+    | Attest
+    | Update
+    | Enroll
+    | Commit
+    | Rollback
+    | ReportFallback
+)
 
 
 @dataclass(frozen=True)
@@ -284,6 +316,45 @@ class StepResult:
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
+def _verified(
+    state: DeviceState, token: bytes, now: dt.datetime, truststore: Sequence[x509.Certificate], skew: dt.timedelta
+) -> tuple[TransferMessage, x509.Certificate, str]:
+    """Steps 1-4 of the checks (module docstring): the message, its signer and the signer's SPKI hash."""
+    msg, chain = peek_device_message(token, truststore)
+    signer = chain[0]
+    spki = spki_sha256(signer)
+    if spki in state.retired_signers:
+        raise UntrustedError("the transfer message is signed by a former provider's key, retired at a commit")
+    check_transfer_signer(signer)
+    # a signer named by x5t is one of the truststore's certificates: it must still chain to another one
+    held = [c for c in truststore if c is not signer]
+    verify_chain(signer, [*chain[1:], *held], held, now=now)
+    cose.verify_sign1(msg, public_key(signer), what="the transfer message")
+    tm = TransferMessage.from_payload(msg.payload, what="transfer message")
+    if tm.header.audience != state.device_id:
+        raise UntrustedError(f"the transfer message is for {tm.header.audience!r}, not this device", field="aud")
+    tm.header.check_time(now, skew)
+    return tm, signer, spki
+
+
+def _resolve_anchors(refs: Sequence[bytes], candidates: Sequence[x509.Certificate]) -> tuple[bytes, ...]:
+    """The certificates (DER) the trustAnchors hashes name, each a CA certificate."""
+    by_hash = {cose.cert_hash(cert_der(c)): c for c in candidates}
+    out: list[bytes] = []
+    for ref in refs:
+        cert = by_hash.get(ref)
+        if cert is None:
+            raise UntrustedError(
+                f"trust anchor {ref.hex()[:16]}... is neither in the truststore nor among the CA certificates of "
+                "the enrollURI's /cacerts",
+                field="trustAnchors",
+            )
+        if not is_ca(cert):
+            raise UntrustedError(f"trust anchor {ref.hex()[:16]}... is not a CA certificate", field="trustAnchors")
+        out.append(cert_der(cert))
+    return tuple(out)
+
+
 def receive(
     state: DeviceState,
     token: bytes,
@@ -296,18 +367,7 @@ def receive(
     """A transfer message arrived (from SP1, through cm or any other way: it is verified here)."""
     state = _purge_seen(state, now, skew)
     try:
-        msg, chain = peek_device_message(token)
-        signer = chain[0]
-        spki = spki_sha256(signer)
-        if spki in state.retired_signers:
-            raise UntrustedError("the transfer message is signed by a former provider's key, retired at a commit")
-        check_transfer_signer(signer)
-        verify_chain(signer, chain[1:], truststore, now=now)
-        cose.verify_sign1(msg, public_key(signer), what="the transfer message")
-        tm = TransferMessage.from_payload(msg.payload, what="transfer message")
-        if tm.header.audience != state.device_id:
-            raise UntrustedError(f"the transfer message is for {tm.header.audience!r}, not this device", field="aud")
-        tm.header.check_time(now, skew)
+        tm, signer, spki = _verified(state, token, now, truststore, skew)
         c = tm.claims
         if not (c.reset_not_before - skew <= now <= c.reset_not_after + skew):
             raise ReplayError(
@@ -319,12 +379,15 @@ def receive(
             raise ReplayError("this transfer message was received before (its cti was seen)", field="cti")
         if state.phase in RUNNING or state.phase is Phase.FALLBACK:
             raise ConflictError(f"a transfer is already running on this device (phase {state.phase.value})")
-        if c.trust_anchors:
-            parse_certificates(c.trust_anchors, what="trust anchor")
+        held = {cose.cert_hash(cert_der(t)) for t in truststore}
+        # anchors the device holds already are taken now; the others are fetched (Step.ANCHORS)
+        anchors = _resolve_anchors(c.trust_anchors, truststore) if all(r in held for r in c.trust_anchors) else ()
     except RejectedError as exc:
         return state, [Log("transfer_refused", rejected_summary(exc))]
     agreed = tuple((k, str(config[k])) for k in AGREED_CONFIG_KEYS if k in config)
-    pending = Pending(transfer_ref=tm.transfer_ref, cti=tm.header.cti, signer_spki=spki, claims=c, agreed=agreed)
+    pending = Pending(
+        transfer_ref=tm.transfer_ref, cti=tm.header.cti, signer_spki=spki, claims=c, agreed=agreed, anchors=anchors
+    )
     new = replace(
         state,
         phase=Phase.RESET,
@@ -341,8 +404,8 @@ def receive(
         ),
         Backup(),
     ]
-    if c.trust_anchors:
-        effects.append(AddTrustAnchors(c.trust_anchors))
+    if anchors:
+        effects.append(AddTrustAnchors(anchors))
     effects.append(WriteConfig(reset_config))
     effects.append(Log("transfer_reset", {"transfer": pending.transfer_id}))
     effects.append(_step_effect(pending, _next_step(pending)))
@@ -359,6 +422,8 @@ def _endpoints(c: TransferClaims, tid: str) -> dict[str, Any]:
 
 
 def _next_step(p: Pending) -> Step:
+    if p.claims.trust_anchors and not p.anchors:
+        return Step.ANCHORS
     if p.claims.ra_uri and Step.ATTEST not in p.done:
         return Step.ATTEST
     if p.claims.update_first and Step.UPDATE not in p.done:
@@ -367,12 +432,14 @@ def _next_step(p: Pending) -> Step:
 
 
 def _step_effect(p: Pending, step: Step) -> Effect:
+    if step is Step.ANCHORS:
+        return FetchAnchors(p.claims.enroll_uri)
     if step is Step.ATTEST:
         assert p.claims.ra_uri is not None
         return Attest(p.claims.ra_uri)
     if step is Step.UPDATE:
         return Update(p.claims.update_uri)
-    return Enroll(p.claims.enroll_uri, p.claims.trust_anchors)
+    return Enroll(p.claims.enroll_uri, p.anchors)
 
 
 def next_effect(state: DeviceState) -> Effect | None:
@@ -416,11 +483,29 @@ def step_done(
         ]
     if result.step is Step.ENROLL:
         return _commit(state, p, result, now)
+    if result.step is Step.ANCHORS:
+        return _anchors_fetched(state, p, result)
     done = replace(p, done=(*p.done, result.step), attempts=0)
     phase = Phase.ATTESTED if result.step is Step.ATTEST else Phase.UPDATED
     new = replace(state, phase=phase, pending=done)
     return new, [
         Log(f"transfer_{phase.value}", {"transfer": tid, "detail": result.detail}),
+        _step_effect(done, _next_step(done)),
+    ]
+
+
+def _anchors_fetched(state: DeviceState, p: Pending, result: StepResult) -> tuple[DeviceState, list[Effect]]:
+    """Step 7 of the checks: the fetched CA certificates the signed hashes name become anchors."""
+    try:
+        fetched = parse_certificates(result.ca_certificates, what="/cacerts certificate")
+        anchors = _resolve_anchors(p.claims.trust_anchors, fetched)
+    except RejectedError as exc:
+        return _fail(state, f"anchors: {exc.message}")
+    done = replace(p, anchors=anchors, attempts=0)
+    new = replace(state, pending=done)
+    return new, [
+        AddTrustAnchors(anchors),
+        Log("transfer_anchors", {"transfer": p.transfer_id, "count": len(anchors)}),
         _step_effect(done, _next_step(done)),
     ]
 
@@ -431,7 +516,7 @@ def _commit(state: DeviceState, p: Pending, result: StepResult, now: dt.datetime
             raise BadRequestError("the enrollment returned no certificate")
         (cert,) = parse_certificates([result.certificate], what="new operational certificate")
         ca_certs = parse_certificates(result.ca_certificates, what="CA certificate")
-        anchors = parse_certificates(p.claims.trust_anchors, what="trust anchor") if p.claims.trust_anchors else []
+        anchors = parse_certificates(p.anchors, what="trust anchor") if p.anchors else []
         if device_id_of(cert) != state.device_id:
             raise UntrustedError("the new operational certificate names another device")
         roots = anchors or [c for c in ca_certs if c.issuer == c.subject]
@@ -510,6 +595,7 @@ __all__ = [
     "DeviceState",
     "Effect",
     "Enroll",
+    "FetchAnchors",
     "Log",
     "Pending",
     "Phase",

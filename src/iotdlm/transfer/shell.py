@@ -330,8 +330,10 @@ class Sp1Service(_Provider[sp1.Sp1Transfer]):
         assert new.accepted is not None
         return new.accepted
 
-    def device_messages(self, tid: str) -> tuple[dict[str, bytes], dict[str, str]]:
-        """One signed CWT per device still to move (pending, reset, failed-fallback)."""
+    def device_messages(self, tid: str, *, with_chain: bool = False) -> tuple[dict[str, bytes], dict[str, str]]:
+        """One signed CWT per device still to move (pending, reset, failed-fallback). The signer is
+        named by x5t: devices hold SP1's transfer certificate and its CA in their truststore;
+        ``with_chain`` sends the x5chain instead (about 1 KB more) for devices that do not."""
         t = self._load(tid)
         rows = self.devices.rows(tid)
         windows: dict[str, tuple[dt.datetime, dt.datetime]] = {}
@@ -345,7 +347,7 @@ class Sp1Service(_Provider[sp1.Sp1Transfer]):
             t,
             windows,
             self.clock.now(),
-            signer=self.identity.signer(with_chain=True),
+            signer=self.identity.signer(with_chain=with_chain),
             fallback_uri=self.fallback_uri,
             entropy=self.entropy,
         )
@@ -475,7 +477,7 @@ class Sp2Service(_Provider[sp2.Sp2Transfer]):
             update_first=update_first,
             enroll_uri=enroll_uri,
             fallback_uri=fallback_uri,
-            trust_anchors=tuple(cert_der(a) for a in trust_anchors),
+            trust_anchors=tuple(hashlib.sha256(cert_der(a)).digest() for a in trust_anchors),
         )
         state, tm = sp2.transfer_message(
             state, now, claims=claims, signer=self.identity.signer(with_chain=False), entropy=self.entropy

@@ -33,6 +33,7 @@ from iotdlm.errors import ConflictError, RejectedError, ReplayError, UntrustedEr
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.transfer import cose
 from iotdlm.transfer.messages import (
+    TRANSFER_REF_BYTES,
     CwtHeader,
     DeviceUpdateInfo,
     TransferMessage,
@@ -210,7 +211,7 @@ def _seen(t: Sp1Transfer, cti: bytes) -> bool:
 def on_transfer_message(t: Sp1Transfer, token: bytes, now: dt.datetime) -> tuple[Sp1Transfer, list[Effect]]:
     try:
         tm = open_transfer_message(token, pinned=t.peer, audience=t.provider_id, now=now)
-        if tm.transfer_ref != t.transfer_ref:
+        if tm.transfer_ref != t.transfer_ref[:TRANSFER_REF_BYTES]:
             raise UntrustedError(
                 "the TransferMessage answers another UpdateInfoList (transferRef)", field="transferRef"
             )
@@ -257,7 +258,7 @@ def device_messages(
             continue
         claims = replace(tm.claims, fallback_uri=fallback_uri, reset_not_before=start, reset_not_after=end)
         header = CwtHeader(
-            issuer=t.provider_id,
+            issuer=None,  # the device names its signer by x5t (or x5chain), not by iss
             audience=device_id,
             cti=entropy(16),
             issued_at=now,
@@ -277,7 +278,7 @@ def on_confirmation(
     known = frozenset(devices)
     try:
         conf = open_confirmation(token, pinned=t.peer, audience=t.provider_id, now=now)
-        if conf.transfer_ref != t.transfer_ref:
+        if conf.transfer_ref != t.transfer_ref[:TRANSFER_REF_BYTES]:
             raise UntrustedError("the confirmation is for another transfer (transferRef)", field="transferRef")
         if conf.header.issuer != t.peer_id:
             raise UntrustedError(f"the confirmation is issued by {conf.header.issuer!r}, not {t.peer_id!r}")

@@ -75,7 +75,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _is_ca(cert: x509.Certificate) -> bool:
+def is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
     except (x509.ExtensionNotFound, ValueError):
@@ -101,7 +101,7 @@ def verify_chain(
             if _issued_by(current, anchor):
                 _valid_at(anchor, now)
                 return anchor
-        step = next((c for c in intermediates if _is_ca(c) and _issued_by(current, c)), None)
+        step = next((c for c in intermediates if is_ca(c) and _issued_by(current, c)), None)
         if step is None:
             raise UntrustedError(f"certificate {_name(current)} does not chain to a trusted root")
         current = step

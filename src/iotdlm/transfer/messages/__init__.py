@@ -33,34 +33,32 @@ issuer's signature is outside it), so the full certificates travel alongside in 
 decoder checks that each entry's TBSCertificate is exactly the TBS of the certificate at the same
 index. SP2 forwards that x5bag unchanged to CA2.
 
-CWTs (COSE_Sign1, RFC 8392 / RFC 9052, signed with ``cwt``). Standard claims: iss 1, aud 3,
+CWTs (COSE_Sign1, RFC 8392 / RFC 9052, signed with ``cwt``); the full CDDL is ``transfer.cddl``
+beside this file, its mapping to the paper ``docs/transfer-cddl.md``. Standard claims: iss 1, aud 3,
 exp 4, nbf 5, iat 6, cti 7 (16 random bytes). The paper's fields use private claim keys (RFC 8392
 9.1: below -65536 is private use):
 
 =========  ========================  =================================================
 key        claim                     value
 =========  ========================  =================================================
--70001     ResetTimeNotBefore        #6.1(int)
--70002     ResetTimeNotAfter         #6.1(int)
--70003     raURI                     bstr (UTF-8 URI) / null
--70004     updateURI                 [bstr (UTF-8 URI, may be empty), bool update-first]
--70005     enrollURI                 bstr (UTF-8 URI: CA2's EST base, the CA-URI)
--70006     fallbackURI               bstr (UTF-8 URI)
--70007     trustAnchors              x5bag (extension: roots that authenticate SP2's endpoints,
-                                     installed before the reset and not rolled back by it, VII-D)
--70008     transferRef               bstr .size 32: SHA-256 of the UpdateInfoList JWS answered
--70009     enrolled                  [* [device-id: tstr, certificate-sha256: bstr .size 32]]
+-70001     TransferMessage           Listing 2's group as an array: [ResetTimeNotBefore,
+                                     ResetTimeNotAfter, raURI / null, updateURI, update-first,
+                                     enrollURI, fallbackURI, ? trustAnchors: [1*8 [-16, SHA-256]]]
+-70008     transferRef               bstr .size 16: the transfer id (SHA-256 of the
+                                     UpdateInfoList JWS answered, first 16 bytes)
+-70009     enrolled                  [+ [device-id: tstr, certificate-sha256: bstr .size 32]]
 =========  ========================  =================================================
 
-- TransferMessage (SP2 -> SP1): iss, aud (SP1's provider id), exp, nbf, iat, cti, -70001..-70008.
-  COSE ``typ`` (label 16) ``application/iotdlm-transfer-message+cwt``; ``x5t`` (label 34) names
-  SP2's pinned transfer certificate.
+COSE ``typ`` (label 16) is a CoAP Content-Format of the experimental range (RFC 9596 uint, RFC 7252
+12.3): 65301 TransferMessage, 65302 device transfer message, 65303 confirmation.
+
+- TransferMessage (SP2 -> SP1): iss, aud (SP1's provider id), exp, nbf, iat, cti, -70001, -70008;
+  ``x5t`` (label 34, SHA-256/64) names SP2's pinned transfer certificate; fallbackURI may be empty.
 - Device transfer message (SP1 -> one device): the same claims, copied, with ``aud`` = the device
-  id, a new ``cti``, fallbackURI = SP1's update server; ``typ``
-  ``application/iotdlm-device-transfer+cwt``; ``x5chain`` (label 33) = SP1's transfer certificate and
-  its issuing CA, which the device checks up to a root of its truststore.
-- Confirmation (SP2 -> SP1): iss, aud, exp, nbf, iat, cti, -70008, -70009; ``typ``
-  ``application/iotdlm-transfer-confirmation+cwt``.
+  id, no ``iss``, a new ``cti``, fallbackURI = SP1's update server; ``x5t`` names SP1's transfer
+  certificate, which the device holds in its truststore (or ``x5chain``, label 33, for a device that
+  does not).
+- Confirmation (SP2 -> SP1): iss, aud, exp, nbf, iat, cti, -70008, -70009; ``x5t`` as above.
 """
 
 from __future__ import annotations
@@ -86,10 +84,8 @@ from iotdlm.transfer.messages.primitives import (
     AUD,
     CTI,
     DEFAULT_SKEW,
-    ENROLL_URI,
     ENROLLED,
     EXP,
-    FALLBACK_URI,
     IAT,
     ISS,
     JWS_TYP,
@@ -102,15 +98,12 @@ from iotdlm.transfer.messages.primitives import (
     MAX_URI,
     MAX_X5BAG_BYTES,
     NBF,
-    RA_URI,
-    RESET_NOT_AFTER,
-    RESET_NOT_BEFORE,
+    TRANSFER,
     TRANSFER_REF,
-    TRUST_ANCHORS,
+    TRANSFER_REF_BYTES,
     TYP_CONFIRMATION,
     TYP_DEVICE_TRANSFER,
     TYP_TRANSFER_MESSAGE,
-    UPDATE_URI,
     check_uri,
     decode_x5bag,
     encode_x5bag,
@@ -138,9 +131,7 @@ __all__ = [
     "CTI",
     "DEFAULT_SKEW",
     "ENROLLED",
-    "ENROLL_URI",
     "EXP",
-    "FALLBACK_URI",
     "IAT",
     "ISS",
     "JWS_TYP",
@@ -153,15 +144,12 @@ __all__ = [
     "MAX_URI",
     "MAX_X5BAG_BYTES",
     "NBF",
-    "RA_URI",
-    "RESET_NOT_AFTER",
-    "RESET_NOT_BEFORE",
+    "TRANSFER",
     "TRANSFER_REF",
-    "TRUST_ANCHORS",
+    "TRANSFER_REF_BYTES",
     "TYP_CONFIRMATION",
     "TYP_DEVICE_TRANSFER",
     "TYP_TRANSFER_MESSAGE",
-    "UPDATE_URI",
     "Confirmation",
     "CwtHeader",
     "DeviceUpdateInfo",

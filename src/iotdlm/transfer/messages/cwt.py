@@ -5,7 +5,7 @@ carries, the TransferMessage (SP2 -> SP1) and its per-device copy (SP1 -> device
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +17,8 @@ from iotdlm.transfer.messages.primitives import (
     AUD,
     CTI,
     DEFAULT_SKEW,
-    ENROLL_URI,
     ENROLLED,
     EXP,
-    FALLBACK_URI,
     IAT,
     ISS,
     MAX_ANCHORS,
@@ -28,16 +26,13 @@ from iotdlm.transfer.messages.primitives import (
     MAX_CWT_BYTES,
     MAX_DEVICES,
     NBF,
-    RA_URI,
-    RESET_NOT_AFTER,
-    RESET_NOT_BEFORE,
     STANDARD_CLAIMS,
+    TRANSFER,
     TRANSFER_REF,
-    TRUST_ANCHORS,
+    TRANSFER_REF_BYTES,
     TYP_CONFIRMATION,
     TYP_DEVICE_TRANSFER,
     TYP_TRANSFER_MESSAGE,
-    UPDATE_URI,
     epoch,
     hash32,
     numeric_date,
@@ -45,14 +40,10 @@ from iotdlm.transfer.messages.primitives import (
     text_value,
     time_value,
     uri_value,
-    x5bag_from_obj,
-    x5bag_obj,
 )
 from iotdlm.transfer.trust import cert_der, check_pinned, parse_certificates, public_key
 
-_TRANSFER = frozenset(
-    {RESET_NOT_BEFORE, RESET_NOT_AFTER, RA_URI, UPDATE_URI, ENROLL_URI, FALLBACK_URI, TRUST_ANCHORS, TRANSFER_REF}
-)
+_TRANSFER = frozenset({TRANSFER, TRANSFER_REF})
 _CONFIRMATION = frozenset({TRANSFER_REF, ENROLLED})
 
 
@@ -60,7 +51,8 @@ _CONFIRMATION = frozenset({TRANSFER_REF, ENROLLED})
 class CwtHeader:
     """The registered claims every transfer CWT carries."""
 
-    issuer: str
+    #: None: no iss claim (a device's copy: the device names its signer by x5t, not by iss)
+    issuer: str | None
     audience: str
     cti: bytes
     issued_at: dt.datetime
@@ -68,8 +60,8 @@ class CwtHeader:
     expires: dt.datetime
 
     def to_claims(self) -> dict[int, Any]:
-        return {
-            ISS: self.issuer,
+        out: dict[int, Any] = {} if self.issuer is None else {ISS: self.issuer}
+        return out | {
             AUD: self.audience,
             CTI: self.cti,
             IAT: epoch(self.issued_at),
@@ -79,14 +71,14 @@ class CwtHeader:
 
     @classmethod
     def from_claims(cls, c: Mapping[int, Any]) -> CwtHeader:
-        for key, name in ((ISS, "iss"), (AUD, "aud"), (CTI, "cti"), (IAT, "iat"), (NBF, "nbf"), (EXP, "exp")):
+        for key, name in ((AUD, "aud"), (CTI, "cti"), (IAT, "iat"), (NBF, "nbf"), (EXP, "exp")):
             if key not in c:
                 raise BadRequestError(f"the CWT has no {name} claim", field=name)
         cti = c[CTI]
         if not isinstance(cti, bytes) or not 16 <= len(cti) <= 64:
             raise BadRequestError("cti must be 16 to 64 random bytes", field="cti")
         header = cls(
-            issuer=text_value(c[ISS], "iss"),
+            issuer=text_value(c[ISS], "iss") if ISS in c else None,
             audience=text_value(c[AUD], "aud"),
             cti=cti,
             issued_at=numeric_date(c[IAT], "iat"),
@@ -109,7 +101,9 @@ class CwtHeader:
 
 @dataclass(frozen=True)
 class TransferClaims:
-    """The paper's TransferMessage fields (Listing 2), plus the trust-anchor extension."""
+    """The paper's TransferMessage fields (Listing 2), plus the trust-anchor extension: the SHA-256
+    of each root certificate (DER) that authenticates SP2's endpoints -- a reference the device
+    resolves among the certificates it holds or fetches from ``/cacerts`` at enrollURI."""
 
     reset_not_before: dt.datetime
     reset_not_after: dt.datetime
@@ -127,53 +121,69 @@ class TransferClaims:
             raise ValueError("update-first needs an update URI")
         if len(self.trust_anchors) > MAX_ANCHORS:
             raise ValueError(f"at most {MAX_ANCHORS} trust anchors")
+        if any(len(h) != 32 for h in self.trust_anchors):
+            raise ValueError("a trust anchor is named by the 32-byte SHA-256 of its certificate")
 
-    def to_claims(self) -> dict[int, Any]:
-        out: dict[int, Any] = {
-            RESET_NOT_BEFORE: tag_time(self.reset_not_before),
-            RESET_NOT_AFTER: tag_time(self.reset_not_after),
-            RA_URI: self.ra_uri.encode() if self.ra_uri else None,
-            UPDATE_URI: [self.update_uri.encode(), self.update_first],
-            ENROLL_URI: self.enroll_uri.encode(),
-            FALLBACK_URI: self.fallback_uri.encode(),
-        }
+    def to_obj(self) -> list[Any]:
+        """Listing 2's group as an array (the updateURI group flattened into it, as CDDL does)."""
+        out: list[Any] = [
+            tag_time(self.reset_not_before),
+            tag_time(self.reset_not_after),
+            self.ra_uri.encode() if self.ra_uri else None,
+            self.update_uri.encode(),
+            self.update_first,
+            self.enroll_uri.encode(),
+            self.fallback_uri.encode(),
+        ]
         if self.trust_anchors:
-            out[TRUST_ANCHORS] = x5bag_obj(self.trust_anchors)
+            out.append([[cose.SHA256_ALG, h] for h in self.trust_anchors])
         return out
 
+    def to_claims(self) -> dict[int, Any]:
+        return {TRANSFER: self.to_obj()}
+
     @classmethod
-    def from_claims(cls, c: Mapping[int, Any]) -> TransferClaims:
-        for key, name in (
-            (RESET_NOT_BEFORE, "ResetTimeNotBefore"),
-            (RESET_NOT_AFTER, "ResetTimeNotAfter"),
-            (RA_URI, "raURI"),
-            (UPDATE_URI, "updateURI"),
-            (ENROLL_URI, "enrollURI"),
-            (FALLBACK_URI, "fallbackURI"),
-        ):
-            if key not in c:
-                raise BadRequestError(f"the TransferMessage has no {name} claim", field=name)
-        update = c[UPDATE_URI]
-        if not isinstance(update, list) or len(update) != 2 or not isinstance(update[1], bool):
-            raise BadRequestError("updateURI must be [bstr, bool]", field="updateURI")
-        anchors: tuple[bytes, ...] = ()
-        if TRUST_ANCHORS in c:
-            anchors = x5bag_from_obj(c[TRUST_ANCHORS], what="trustAnchors", max_certs=MAX_ANCHORS)
-            parse_certificates(anchors, what="trust anchor")
-        ra = c[RA_URI]
+    def from_claims(cls, c: Mapping[int, Any], *, fallback_optional: bool = False) -> TransferClaims:
+        """``fallback_optional``: SP2's TransferMessage may leave fallbackURI empty (SP1 sets its
+        own in every device's copy, VII-D); a device's copy may not."""
+        if TRANSFER not in c:
+            raise BadRequestError("the message has no TransferMessage claim (Listing 2)", field="TransferMessage")
+        obj = c[TRANSFER]
+        if not isinstance(obj, list) or len(obj) not in (7, 8):
+            raise BadRequestError(
+                "the TransferMessage claim must be [ResetTimeNotBefore, ResetTimeNotAfter, raURI, updateURI, "
+                "update-first, enrollURI, fallbackURI, ? trustAnchors]",
+                field="TransferMessage",
+            )
+        nb, na, ra, update, first, enroll, fallback = obj[:7]
+        if not isinstance(first, bool):
+            raise BadRequestError("updateURI's flag must be a bool", field="updateURI")
+        anchors = _anchor_refs(obj[7]) if len(obj) == 8 else ()
         try:
             return cls(
-                reset_not_before=time_value(c[RESET_NOT_BEFORE], "ResetTimeNotBefore"),
-                reset_not_after=time_value(c[RESET_NOT_AFTER], "ResetTimeNotAfter"),
+                reset_not_before=time_value(nb, "ResetTimeNotBefore"),
+                reset_not_after=time_value(na, "ResetTimeNotAfter"),
                 ra_uri=None if ra is None else uri_value(ra, "raURI"),
-                update_uri=uri_value(update[0], "updateURI", empty_ok=True),
-                update_first=update[1],
-                enroll_uri=uri_value(c[ENROLL_URI], "enrollURI"),
-                fallback_uri=uri_value(c[FALLBACK_URI], "fallbackURI"),
+                update_uri=uri_value(update, "updateURI", empty_ok=True),
+                update_first=first,
+                enroll_uri=uri_value(enroll, "enrollURI"),
+                fallback_uri=uri_value(fallback, "fallbackURI", empty_ok=fallback_optional),
                 trust_anchors=anchors,
             )
         except ValueError as exc:
             raise BadRequestError(f"the TransferMessage is inconsistent: {exc}") from exc
+
+
+def _anchor_refs(obj: Any) -> tuple[bytes, ...]:
+    """trustAnchors = [1*8 COSE_CertHash], each [-16 (SHA-256), 32-byte hash]."""
+    if not isinstance(obj, list) or not 1 <= len(obj) <= MAX_ANCHORS:
+        raise BadRequestError(f"trustAnchors must list 1 to {MAX_ANCHORS} certificate hashes", field="trustAnchors")
+    out: list[bytes] = []
+    for item in obj:
+        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and item[0] == cose.SHA256_ALG):
+            raise BadRequestError("each trust anchor must be [-16 (SHA-256), 32-byte hash]", field="trustAnchors")
+        out.append(hash32(item[1], "trustAnchors"))
+    return tuple(out)
 
 
 def _claims(payload: bytes, *, what: str, allowed: frozenset[int], max_bytes: int = MAX_CWT_BYTES) -> dict[int, Any]:
@@ -189,10 +199,20 @@ def _claims(payload: bytes, *, what: str, allowed: frozenset[int], max_bytes: in
 def _transfer_ref(c: Mapping[int, Any]) -> bytes:
     if TRANSFER_REF not in c:
         raise BadRequestError("the message has no transferRef claim", field="transferRef")
-    return hash32(c[TRANSFER_REF], "transferRef")
+    ref = c[TRANSFER_REF]
+    if not isinstance(ref, bytes) or len(ref) != TRANSFER_REF_BYTES:
+        raise BadRequestError(f"transferRef must be the {TRANSFER_REF_BYTES}-byte transfer id", field="transferRef")
+    return ref
 
 
-def _parse(token: bytes, *, what: str, typ: str) -> cose.Sign1:
+def _wire_ref(ref: bytes) -> bytes:
+    """A transfer's SHA-256 (32 bytes) or its id (16): the id, as messages carry it."""
+    if len(ref) not in (TRANSFER_REF_BYTES, 32):
+        raise ValueError("transferRef is the SHA-256 of the UpdateInfoList JWS or its first 16 bytes")
+    return bytes(ref[:TRANSFER_REF_BYTES])
+
+
+def _parse(token: bytes, *, what: str, typ: int) -> cose.Sign1:
     limit = MAX_CONFIRMATION_BYTES if typ == TYP_CONFIRMATION else MAX_CWT_BYTES
     msg = cose.parse_sign1(token, what=what, max_bytes=limit)
     if msg.typ != typ:
@@ -200,11 +220,11 @@ def _parse(token: bytes, *, what: str, typ: str) -> cose.Sign1:
     return msg
 
 
-def _verified_payload(token: bytes, *, what: str, typ: str, pinned: x509.Certificate, now: dt.datetime) -> bytes:
+def _verified_payload(token: bytes, *, what: str, typ: int, pinned: x509.Certificate, now: dt.datetime) -> bytes:
     """The payload of a CWT from SP2, once its typ, its x5t (the agreed, pinned certificate) and
     its signature are checked; nothing of the payload is trusted before."""
     msg = _parse(token, what=what, typ=typ)
-    if msg.x5t() != cose.thumbprint(cert_der(pinned)):
+    if not msg.names(cert_der(pinned)):
         raise UntrustedError(f"the {what} does not name the agreed certificate of the new provider (x5t)")
     check_pinned(cert_der(pinned), pinned, now=now, what=f"the {what}")
     cose.verify_sign1(msg, public_key(pinned), what=f"the {what}")
@@ -224,16 +244,21 @@ class TransferMessage:
     """SP2's TransferMessage (Listing 2) as a CWT, or one device's copy of it made by SP1."""
 
     header: CwtHeader
+    #: the transfer id (16 bytes; a 32-byte transferRef given is cut to it)
     transfer_ref: bytes
     claims: TransferClaims
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transfer_ref", _wire_ref(self.transfer_ref))
 
     def payload(self) -> bytes:
         return cose.dumps({**self.header.to_claims(), TRANSFER_REF: self.transfer_ref, **self.claims.to_claims()})
 
     @classmethod
-    def from_payload(cls, payload: bytes, *, what: str) -> TransferMessage:
+    def from_payload(cls, payload: bytes, *, what: str, fallback_optional: bool = False) -> TransferMessage:
         c = _claims(payload, what=what, allowed=_TRANSFER)
-        return cls(header=CwtHeader.from_claims(c), transfer_ref=_transfer_ref(c), claims=TransferClaims.from_claims(c))
+        claims = TransferClaims.from_claims(c, fallback_optional=fallback_optional)
+        return cls(header=CwtHeader.from_claims(c), transfer_ref=_transfer_ref(c), claims=claims)
 
 
 def sign_transfer_message(tm: TransferMessage, signer: cose.CoseSigner) -> bytes:
@@ -246,7 +271,7 @@ def open_transfer_message(
     """SP1's check of SP2's TransferMessage: the agreed (pinned) SP2 certificate, signature, typ,
     claims, audience (SP1) and time. The cti is the caller's to check against those seen."""
     payload = _verified_payload(token, what="TransferMessage", typ=TYP_TRANSFER_MESSAGE, pinned=pinned, now=now)
-    tm = TransferMessage.from_payload(payload, what="TransferMessage")
+    tm = TransferMessage.from_payload(payload, what="TransferMessage", fallback_optional=True)
     _check_audience_and_time(tm.header, what="TransferMessage", audience=audience, now=now, skew=skew)
     return tm
 
@@ -262,13 +287,25 @@ class OpenedDeviceMessage:
     chain: tuple[x509.Certificate, ...]
 
 
-def peek_device_message(token: bytes) -> tuple[cose.Sign1, list[x509.Certificate]]:
-    """Bounded parse of a device transfer message and its x5chain (nothing verified yet)."""
+def peek_device_message(
+    token: bytes, held: Sequence[x509.Certificate] = ()
+) -> tuple[cose.Sign1, list[x509.Certificate]]:
+    """Bounded parse of a device transfer message and its signer (nothing verified yet): the
+    certificate of ``held`` (the device's truststore) its x5t names, or else its x5chain."""
     msg = _parse(token, what="transfer message", typ=TYP_DEVICE_TRANSFER)
     chain = parse_certificates(msg.x5chain(), what="x5chain certificate")
-    if not chain:
-        raise BadRequestError("the transfer message carries no x5chain: the device cannot tell who signed it")
-    return msg, chain
+    if chain:
+        return msg, chain
+    if msg.x5t() is None:
+        raise BadRequestError("the transfer message names no signer (no x5t, no x5chain)", field="x5t")
+    signer = next((c for c in held if msg.names(cert_der(c))), None)
+    if signer is None:
+        raise UntrustedError(
+            "the transfer message is signed by a certificate this device does not hold (x5t names none of "
+            "its truststore)",
+            field="x5t",
+        )
+    return msg, [signer]
 
 
 # --- confirmation (SP2 -> SP1) ------------------------------------------------------------------------------
@@ -281,8 +318,12 @@ class Enrolled:
 @dataclass(frozen=True)
 class Confirmation:
     header: CwtHeader
+    #: the transfer id (16 bytes; a 32-byte transferRef given is cut to it)
     transfer_ref: bytes
     enrolled: tuple[Enrolled, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "transfer_ref", _wire_ref(self.transfer_ref))
 
     def payload(self) -> bytes:
         return cose.dumps(
@@ -325,7 +366,7 @@ def open_confirmation(
     return conf
 
 
-def peek_transfer_ref(token: bytes, *, typ: str) -> bytes:
+def peek_transfer_ref(token: bytes, *, typ: int) -> bytes:
     """The transferRef a TransferMessage or confirmation claims, NOT verified: which transfer's
     state (and pinned peer) to verify it with."""
     what = "TransferMessage" if typ == TYP_TRANSFER_MESSAGE else "message"

@@ -32,19 +32,19 @@ DEFAULT_SKEW = dt.timedelta(minutes=5)
 
 # --- claim keys ---------------------------------------------------------------------------------------
 ISS, AUD, EXP, NBF, IAT, CTI = 1, 3, 4, 5, 6, 7
-RESET_NOT_BEFORE = -70001
-RESET_NOT_AFTER = -70002
-RA_URI = -70003
-UPDATE_URI = -70004
-ENROLL_URI = -70005
-FALLBACK_URI = -70006
-TRUST_ANCHORS = -70007
+#: the paper's TransferMessage (Listing 2) as ONE private claim: the group as an array
+TRANSFER = -70001
 TRANSFER_REF = -70008
+#: transferRef on the wire: the transfer id, the first 16 bytes of the SHA-256 of the UpdateInfoList
+#: JWS (a name, not a commitment: every message that carries it is signed)
+TRANSFER_REF_BYTES = 16
 ENROLLED = -70009
 
-TYP_TRANSFER_MESSAGE = "application/iotdlm-transfer-message+cwt"
-TYP_DEVICE_TRANSFER = "application/iotdlm-device-transfer+cwt"
-TYP_CONFIRMATION = "application/iotdlm-transfer-confirmation+cwt"
+#: COSE typ (RFC 9596) as a CoAP Content-Format from the experimental range (RFC 7252 12.3:
+#: 65000-65535), 3 bytes on the wire instead of a 40-byte media type
+TYP_TRANSFER_MESSAGE = 65301
+TYP_DEVICE_TRANSFER = 65302
+TYP_CONFIRMATION = 65303
 JWS_TYP = "iotdlm-update-info+cbor"
 
 STANDARD_CLAIMS = frozenset({ISS, AUD, EXP, NBF, IAT, CTI})
