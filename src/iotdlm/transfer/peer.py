@@ -129,7 +129,7 @@ def verify_fetch(
     in the export (x5t, signature, validity), for this provider and this transfer, fresh. The
     caller spends its cti (replay)."""
     msg, req = parse_fetch(value)
-    if msg.x5t() != cose.thumbprint(cert_der(pinned)):
+    if not msg.names(cert_der(pinned)):
         raise UntrustedError("the fetch request is not signed with the certificate agreed for this transfer (x5t)")
     check_pinned(cert_der(pinned), pinned, now=now, what="the fetch request")
     cose.verify_sign1(msg, public_key(pinned), what="the fetch request")

@@ -155,7 +155,7 @@ class PeerHandlers:
         return peer.encode(peer.PeerReply(transfer_id=tid, body=token, summary="UpdateInfoList"))
 
     # --- SP2's signed CWTs ----------------------------------------------------------------------
-    def _for_this_transfer(self, req: peer.PeerRequest, typ: str, what: str) -> None:
+    def _for_this_transfer(self, req: peer.PeerRequest, typ: int, what: str) -> None:
         """The CWT posted at /transfer/{tid}/... must answer transfer {tid} (audited if not)."""
         try:
             named = transfer_id(peek_transfer_ref(req.body, typ=typ))
