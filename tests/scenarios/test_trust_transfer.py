@@ -40,7 +40,8 @@ from iotdlm.errors import NotAuthorizedError, RejectedError, ReplayError, Untrus
 from iotdlm.km import Km, KmService
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.pki.chain import certs_to_pem, der
-from iotdlm.pki.keys import Algorithm, private_key_to_pem
+from iotdlm.pki import est_proof
+from iotdlm.pki.keys import Algorithm, check_public_key, private_key_to_pem
 from iotdlm.pki.names import device_id_of
 from iotdlm.runtime import build_km, km_identity, km_trust, open_store, sealer_for
 from iotdlm.store import Store
@@ -592,6 +593,15 @@ async def test_fr3_forward_security(world: World) -> None:
     op = dev.certificate("operational")
     assert op is not None
     assert op.issuer == w.sp2.ca("operational").subject
+    # seed 003 IX-C: "a new key-pair" -- CA2 certified a key made on the device for it, none of the
+    # SP1 era (the factory certificate's, SP1's operational certificate's), now its operational key
+    spki = est_proof.spki_sha256
+    factory = dev.certificate("factory")
+    assert factory is not None
+    sp1_era = {spki(check_public_key(c.public_key())) for c in (factory, w.old_operational[d])}
+    assert spki(check_public_key(op.public_key())) not in sp1_era
+    assert spki(dev.public_key("operational")) == spki(check_public_key(op.public_key()))
+    assert not dev.has_key("pending")
     assert all(c.subject != w.sp1.ca("root").subject for c in dev.truststore())
     old = w.old_operational[d]
     assert w.ocsp_status(old) == ocsp.OCSPCertStatus.REVOKED
