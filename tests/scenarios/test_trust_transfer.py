@@ -39,8 +39,8 @@ from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import NotAuthorizedError, RejectedError, ReplayError, UntrustedError
 from iotdlm.km import Km, KmService
 from iotdlm.km.registry import FactoryRegistry
-from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki import est_proof
+from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, check_public_key, private_key_to_pem
 from iotdlm.pki.names import device_id_of
 from iotdlm.runtime import build_km, km_identity, km_trust, open_store, sealer_for

@@ -184,7 +184,7 @@ async def test_fr3_ca2_certifies_a_new_key_installed_at_commit(tmp_path: Path) -
     assert _spki(dev.public_key("operational")) == _spki(new.public_key())
     assert _spki(dev.public_key("device")) in sp1_era
     assert not dev.has_key("pending")
-    cert_pem, key_pem = dev.tls_identity("operational")
+    _cert_pem, key_pem = dev.tls_identity("operational")
     from iotdlm.pki.keys import load_private_key_pem
 
     assert _spki(load_private_key_pem(key_pem, None).public_key()) == _spki(new.public_key())

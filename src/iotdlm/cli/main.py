@@ -29,6 +29,10 @@ COMMANDS: dict[str, Lazy] = {
         "iotdlm.cli.device:device",
         "Device lifecycle: revoke all of a device's certificates, or decommission it (End-of-Life).",
     ),
+    "fleet": Lazy(
+        "iotdlm.cli.fleet:fleet",
+        "A fleet of simulated devices on the network: enrollment, re-enrollment, trust transfer.",
+    ),
     "va": Lazy("iotdlm.cli.va:va", "Validation authority: ask for a certificate's status as a relying party would."),
     "audit": Lazy(
         "iotdlm.cli.audit:audit_group",

@@ -40,8 +40,8 @@ from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError, UntrustedError
 from iotdlm.files import atomic_write
 from iotdlm.pki import est_proof
-from iotdlm.pki.est_proof import spki_sha256 as spki_of
 from iotdlm.pki.chain import certs_to_pem, der, load_certificate, load_certificates_pem
+from iotdlm.pki.est_proof import spki_sha256 as spki_of
 from iotdlm.pki.keys import check_public_key, load_private_key_pem
 from iotdlm.transfer import attestation, device
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
