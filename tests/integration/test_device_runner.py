@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,15 @@ from iotdlm.device.runner import DeviceRunner, HttpsMessages
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.pki.est_proof import spki_sha256
 from iotdlm.pki.keys import check_public_key
-from tests.integration.test_cm import DTYPE, PASSPHRASE, Site, site  # noqa: F401 -- the fixture
+from tests.integration.test_cm import DTYPE, PASSPHRASE, Site, open_site
 
 pytestmark = [pytest.mark.nats, pytest.mark.real_clock]
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    async with open_site(tmp_path) as s:
+        yield s
 
 
 def spki(cert: x509.Certificate) -> str:
@@ -47,14 +54,16 @@ async def test_device_run_enrolls_over_est_with_a_key_of_its_own(site: Site, tmp
     assert summary["counts"] == {"enrolled": 1}
     dev = SimulatedDevice(folder)
     factory, op = dev.certificate("factory"), dev.certificate("operational")
-    assert factory is not None and op is not None
+    assert factory is not None
+    assert op is not None
     assert op.issuer == site.dep.ca_certificate("operational").subject
     assert summary["certificates"]["dev-run-1"]["serial"] == format(op.serial_number, "x")
     # the operational key is made on the device for this certificate, apart from the factory key
     assert spki(op) != spki(factory)
     assert spki_sha256(dev.public_key("operational")) == spki(op)
     rec = site.store.get_certificate("operational", op.serial_number)
-    assert rec is not None and rec.device_id == "dev-run-1"
+    assert rec is not None
+    assert rec.device_id == "dev-run-1"
     # cm has no transfer route here: the step is skipped, said once in the device log
     assert "transfer_message_none" in [e["event"] for e in dev.events()]
     # a second pass has nothing to do: the certificate is far from its renewal
@@ -86,7 +95,8 @@ async def test_fleet_run_enrolls_five_devices(site: Site, tmp_path: Path) -> Non
     for i in range(5):
         dev = SimulatedDevice(tmp_path / "fleet" / f"sim-{i:04d}")
         op, factory = dev.certificate("operational"), dev.certificate("factory")
-        assert op is not None and factory is not None
+        assert op is not None
+        assert factory is not None
         assert dev.device_id in op.subject.rfc4514_string()
         keys |= {spki(op), spki(factory)}
         assert site.store.get_certificate("operational", op.serial_number) is not None
@@ -143,7 +153,8 @@ async def test_a_refused_reenrollment_destroys_the_new_key_and_keeps_the_old_cre
     assert runner.needs(runner_time) == "simplereenroll"
     report = await runner.tick()
     assert report.actions == []
-    assert report.errors and "simplereenroll" in report.errors[0]
+    assert report.errors
+    assert "simplereenroll" in report.errors[0]
     assert dev.certificate("operational") == op
     assert not dev.has_key("pending")
     assert "key_destroyed" in [e["event"] for e in dev.events()]
