@@ -120,3 +120,21 @@ def test_base_url_of_any_text_strips_only_the_est_path(text: str) -> None:
     base = base_url_of(text)
     assert text.rstrip("/").startswith(base)
     assert base_url_of(text.rstrip("/") + "/.well-known/est") == text.rstrip("/")
+
+
+async def test_a_device_without_truststore_or_ca_uri_reports_in_words(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    dev.write_truststore([])
+    runner = DeviceRunner(dev, clock=FixedClock(NOW))
+    report = await runner.tick()  # not due: nothing asked of the network
+    assert report.errors == []
+    op = dev.certificate("operational")
+    assert op is not None
+    report = await DeviceRunner(dev, clock=FixedClock(op.not_valid_after_utc)).tick()
+    assert report.errors[0] == (
+        "simpleenroll: not_found: device d1 has an empty truststore: it cannot authenticate its cm"
+    )
+    assert not dev.has_key("pending")
+    dev.write_config({"device_id": dev.device_id})
+    report = await DeviceRunner(dev, clock=FixedClock(op.not_valid_after_utc)).tick()
+    assert "give --cm URL" in report.errors[0]

@@ -82,6 +82,13 @@ def _credential(dev: SimulatedDevice) -> tuple[bytes, bytes]:
     return dev.tls_identity(kind)
 
 
+def truststore_pem(dev: SimulatedDevice) -> bytes:
+    certs = dev.truststore()
+    if not certs:
+        raise NotFoundError(f"device {dev.device_id} has an empty truststore: it cannot authenticate its cm")
+    return certs_to_pem(certs)
+
+
 class HttpsMessages:
     """``GET <cm>/transfer/message`` over HTTPS, authenticated by the device's certificate; cm's
     certificate is checked against the device's truststore."""
@@ -92,7 +99,7 @@ class HttpsMessages:
     async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
         cert_pem, key_pem = _credential(dev)
         try:
-            ctx = _client_context(certs_to_pem(dev.truststore()), cert_pem, key_pem)
+            ctx = _client_context(truststore_pem(dev), cert_pem, key_pem)
         except ValueError as exc:
             raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
         url = base_url.rstrip("/") + TRANSFER_MESSAGE_PATH
@@ -193,28 +200,36 @@ class DeviceRunner:
     async def _guard(self, report: TickReport, what: str, step: Awaitable[object]) -> None:
         try:
             await step
-        except IotdlmError as exc:
-            report.errors.append(f"{what}: {exc.code}: {exc.message}")
-            self.dev.log("runner_step_failed", step=what, code=exc.code, message=exc.message)
-            log.warning("device %s: %s failed: %s", self.dev.device_id, what, exc.message)
+        except (IotdlmError, ValueError) as exc:  # ValueError: a truststore or URL the EST client cannot use
+            code, message = (exc.code, exc.message) if isinstance(exc, IotdlmError) else ("bad_request", str(exc))
+            report.errors.append(f"{what}: {code}: {message}")
+            self.dev.log("runner_step_failed", step=what, code=code, message=message)
+            log.warning("device %s: %s failed: %s", self.dev.device_id, what, message)
 
     def base_url(self) -> str:
         uri = self.dev.config().get("enroll_uri")
         if not isinstance(uri, str) or not uri.startswith("https://"):
-            raise NotFoundError(f"device {self.dev.device_id} has no https enroll_uri in its configuration")
+            raise NotFoundError(
+                f"device {self.dev.device_id} has no https enroll_uri in its configuration: give --cm URL"
+            )
         return base_url_of(uri)
+
+    def anchors_pem(self) -> bytes:
+        """The device's truststore (PEM): what authenticates its cm."""
+        return truststore_pem(self.dev)
 
     async def enroll(self, operation: str, report: TickReport) -> None:
         """EST ``simpleenroll`` (factory certificate) or ``simplereenroll`` (operational), for a new
         key pair made on the device; installed with its certificate, destroyed on a failure."""
         kind = "factory" if operation == "simpleenroll" else "operational"
         cert_pem, key_pem = self.dev.tls_identity(kind)
+        base, anchors = self.base_url(), self.anchors_pem()
         await asyncio.to_thread(self.dev.generate_pending_key)
         try:
             csr = await asyncio.to_thread(self.dev.make_csr, "pending")
             client = EstClient(
-                self.base_url(),
-                trust_anchor_pem=certs_to_pem(self.dev.truststore()),
+                base,
+                trust_anchor_pem=anchors,
                 client_cert_pem=cert_pem,
                 client_key_pem=key_pem,
                 timeout=self.timeout,
