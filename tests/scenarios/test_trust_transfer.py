@@ -168,12 +168,13 @@ class World:
         dev.write_config(
             {"device_id": device_id, "dtype": DTYPE, "enroll_uri": "https://ca1.sp1.example/.well-known/est"}
         )
-        csr = dev.make_csr()
+        dev.generate_pending_key()  # the operational key: made on the device, apart from the device key
+        csr = dev.make_csr("pending")
         cm = self.sp1.client("cm")
         nonce = (await cm.est_nonce(der(fcert))).nonce
         out = await cm.est("simpleenroll", der(fcert), csr, proof=dev.est_proof("simpleenroll", nonce, csr))
         op = x509.load_der_x509_certificate(out.certificate.certificate)
-        dev.write_certificate("operational", op)
+        dev.install_operational(op)
         self.devices[device_id] = dev
         self.old_operational[device_id] = op
         return dev
@@ -599,6 +600,7 @@ async def test_fr3_forward_security(world: World) -> None:
     factory = dev.certificate("factory")
     assert factory is not None
     sp1_era = {spki(check_public_key(c.public_key())) for c in (factory, w.old_operational[d])}
+    assert len(sp1_era) == 2  # SP1's operational key was apart from the factory key already
     assert spki(check_public_key(op.public_key())) not in sp1_era
     assert spki(dev.public_key("operational")) == spki(check_public_key(op.public_key()))
     assert not dev.has_key("pending")
