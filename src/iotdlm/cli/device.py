@@ -15,7 +15,7 @@ from iotdlm.deployment import Deployment
 
 @click.group()
 def device() -> None:
-    """Device lifecycle: revoke all of a device's certificates, or decommission it (End-of-Life)."""
+    """Device lifecycle: revoke a device's certificates, decommission it, or run a simulated device."""
 
 
 @device.command("revoke")

@@ -228,7 +228,7 @@ def loop_options(f: Any) -> Any:
                 "--renew-at",
                 type=click.FloatRange(0.01, 0.99),
                 default=DEFAULT_RENEW_AT,
-                show_default=True,
+                show_default="2/3",
                 help="Re-enroll once this fraction of the operational certificate's lifetime has passed.",
             ),
             click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),

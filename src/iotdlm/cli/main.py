@@ -27,7 +27,7 @@ COMMANDS: dict[str, Lazy] = {
     "ca": Lazy("iotdlm.cli.ca:ca", "Operate the CA directly from the data folder (the operator's tools)."),
     "device": Lazy(
         "iotdlm.cli.device:device",
-        "Device lifecycle: revoke all of a device's certificates, or decommission it (End-of-Life).",
+        "Device lifecycle: revoke a device's certificates, decommission it, or run a simulated device.",
     ),
     "fleet": Lazy(
         "iotdlm.cli.fleet:fleet",
