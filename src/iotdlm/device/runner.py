@@ -183,13 +183,13 @@ class DeviceRunner:
     async def tick(self) -> TickReport:
         report = TickReport(self.dev.device_id)
         if self.transfers is not None:
-            await self._guard(report, "transfer", self.transfers.resume())
+            await self._run_step(report, "transfer", self.transfers.resume())
         now = self.clock.now()
         operation = self.needs(now)
         if operation is not None:
-            await self._guard(report, operation, self.enroll(operation, report))
+            await self._run_step(report, operation, self.enroll(operation, report))
         if self.messages is not None:
-            await self._guard(report, "transfer message", self.poll(report))
+            await self._run_step(report, "transfer message", self.poll(report))
         op = self.dev.certificate("operational")
         if op is not None:
             report.serial = format(op.serial_number, "x")
@@ -197,7 +197,7 @@ class DeviceRunner:
             report.issuer = op.issuer.rfc4514_string()
         return report
 
-    async def _guard(self, report: TickReport, what: str, step: Awaitable[object]) -> None:
+    async def _run_step(self, report: TickReport, what: str, step: Awaitable[object]) -> None:
         try:
             await step
         except (IotdlmError, ValueError) as exc:  # ValueError: a truststore or URL the EST client cannot use
