@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -158,3 +161,31 @@ async def test_a_refused_reenrollment_destroys_the_new_key_and_keeps_the_old_cre
     assert dev.certificate("operational") == op
     assert not dev.has_key("pending")
     assert "key_destroyed" in [e["event"] for e in dev.events()]
+
+
+async def test_device_run_keeps_running_until_sigterm_then_sums_up(site: Site, tmp_path: Path) -> None:
+    """Without --once the device lives on the network until the operator stops it (its own process)."""
+    folder = tmp_path / "daemon"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iotdlm.cli.main", "device", "run", "--device", str(folder), "--dtype", DTYPE,
+        "--data", str(site.dep.root), "--cm", site.https, "--interval", "0.2", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, PASSPHRASE_ENV: PASSPHRASE.decode()},
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # the first pass enrolls; later passes have nothing to do
+            if (folder / "flash" / "certs" / "operational.pem").is_file() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert proc.returncode is None, "device run stopped by itself"
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    summary = json.loads(out)
+    assert summary["counts"] == {"enrolled": 1}
+    assert summary["with_operational_certificate"] == 1
