@@ -39,8 +39,9 @@ from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import NotAuthorizedError, RejectedError, ReplayError, UntrustedError
 from iotdlm.km import Km, KmService
 from iotdlm.km.registry import FactoryRegistry
+from iotdlm.pki import est_proof
 from iotdlm.pki.chain import certs_to_pem, der
-from iotdlm.pki.keys import Algorithm, private_key_to_pem
+from iotdlm.pki.keys import Algorithm, check_public_key, private_key_to_pem
 from iotdlm.pki.names import device_id_of
 from iotdlm.runtime import build_km, km_identity, km_trust, open_store, sealer_for
 from iotdlm.store import Store
@@ -167,12 +168,13 @@ class World:
         dev.write_config(
             {"device_id": device_id, "dtype": DTYPE, "enroll_uri": "https://ca1.sp1.example/.well-known/est"}
         )
-        csr = dev.make_csr()
+        dev.generate_pending_key()  # the operational key: made on the device, apart from the device key
+        csr = dev.make_csr("pending")
         cm = self.sp1.client("cm")
         nonce = (await cm.est_nonce(der(fcert))).nonce
         out = await cm.est("simpleenroll", der(fcert), csr, proof=dev.est_proof("simpleenroll", nonce, csr))
         op = x509.load_der_x509_certificate(out.certificate.certificate)
-        dev.write_certificate("operational", op)
+        dev.install_operational(op)
         self.devices[device_id] = dev
         self.old_operational[device_id] = op
         return dev
@@ -597,6 +599,16 @@ async def test_fr3_forward_security(world: World) -> None:
     op = dev.certificate("operational")
     assert op is not None
     assert op.issuer == w.sp2.ca("operational").subject
+    # seed 003 IX-C: "a new key-pair" -- CA2 certified a key made on the device for it, none of the
+    # SP1 era (the factory certificate's, SP1's operational certificate's), now its operational key
+    spki = est_proof.spki_sha256
+    factory = dev.certificate("factory")
+    assert factory is not None
+    sp1_era = {spki(check_public_key(c.public_key())) for c in (factory, w.old_operational[d])}
+    assert len(sp1_era) == 2  # SP1's operational key was apart from the factory key already
+    assert spki(check_public_key(op.public_key())) not in sp1_era
+    assert spki(dev.public_key("operational")) == spki(check_public_key(op.public_key()))
+    assert not dev.has_key("pending")
     assert all(c.subject != w.sp1.ca("root").subject for c in dev.truststore())
     old = w.old_operational[d]
     assert w.ocsp_status(old) == ocsp.OCSPCertStatus.REVOKED

@@ -196,3 +196,60 @@ async def test_a_message_for_a_closed_window_leaves_the_device_alone(tmp_path: P
     assert not receipt.accepted
     assert dev.certificate("operational") is not None
     assert dev.config()["x"] == 1
+
+
+def _spki(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_fr3_ca2_certifies_a_new_key_installed_at_commit(tmp_path: Path) -> None:
+    """FR3: CA2's certificate certifies a key pair made on the device for it -- neither the key of
+    the factory certificate nor that of SP1's operational certificate -- and that key is the
+    device's operational key after the commit; the device key still answers for the factory one."""
+    dev = make_device(tmp_path)
+    sp1_era = {_spki(c.public_key()) for c in (dev.certificate("factory"), dev.certificate("operational")) if c}
+    receipt = await agent(dev, FakeCa2()).handle(TOKEN)
+    assert receipt.phase == "committed"
+    new = dev.certificate("operational")
+    assert new is not None
+    assert _spki(new.public_key()) not in sp1_era
+    assert _spki(dev.public_key("operational")) == _spki(new.public_key())
+    assert _spki(dev.public_key("device")) in sp1_era
+    assert not dev.has_key("pending")
+    _cert_pem, key_pem = dev.tls_identity("operational")
+    from iotdlm.pki.keys import load_private_key_pem
+
+    assert _spki(load_private_key_pem(key_pem, None).public_key()) == _spki(new.public_key())
+
+
+async def test_fr3_rollback_destroys_the_key_meant_for_ca2(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    receipt = await agent(dev, FakeCa2([NotAuthorizedError("not registered")])).handle(TOKEN)
+    assert receipt.phase == "idle"
+    assert not dev.has_key("pending")
+    assert not dev.has_key("operational")  # SP1's operational certificate keeps the key it certifies
+    assert "key_destroyed" in [e["event"] for e in dev.events()]
+
+
+class WrongKeyCa2(FakeCa2):
+    """A CA2 (or whoever answers for it) that certifies another key than the one asked for."""
+
+    async def enroll(self, enroll_uri: str, **kwargs: object) -> tuple[x509.Certificate, list[x509.Certificate]]:  # type: ignore[override]
+        from iotdlm.pki.keys import Algorithm, generate_key
+        from tests.helpers import make_csr
+
+        kwargs["csr"] = make_csr(generate_key(Algorithm.P256), DEV)
+        return await super().enroll(enroll_uri, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_fr3_a_certificate_for_another_key_is_refused_and_rolled_back(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    before = dev.certificate("operational")
+    fb = Fallback()
+    receipt = await agent(dev, WrongKeyCa2(), fb).handle(TOKEN)
+    assert receipt.phase == "idle"
+    assert dev.certificate("operational") == before
+    assert "new key pair" in fb.reports[0][2]
+    assert not dev.has_key("pending")

@@ -27,7 +27,11 @@ COMMANDS: dict[str, Lazy] = {
     "ca": Lazy("iotdlm.cli.ca:ca", "Operate the CA directly from the data folder (the operator's tools)."),
     "device": Lazy(
         "iotdlm.cli.device:device",
-        "Device lifecycle: revoke all of a device's certificates, or decommission it (End-of-Life).",
+        "Device lifecycle: revoke a device's certificates, decommission it, or run a simulated device.",
+    ),
+    "fleet": Lazy(
+        "iotdlm.cli.fleet:fleet",
+        "A fleet of simulated devices on the network: enrollment, re-enrollment, trust transfer.",
     ),
     "va": Lazy("iotdlm.cli.va:va", "Validation authority: ask for a certificate's status as a relying party would."),
     "audit": Lazy(

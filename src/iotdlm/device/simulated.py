@@ -8,11 +8,24 @@ Layout of a device folder::
     DEV/flash/truststore/     CA certificates (PEM), installed by provisioning
     DEV/flash/certs/          the device's certificates: factory.pem, operational.pem
     DEV/flash/config.json     device id, dtype, enroll URI (CA-URI), update URI, ...
-    DEV/secure/key.pem        the device's private key: generated ON the device, never read out
+    DEV/secure/key.pem        the device key (its factory certificate certifies it): generated ON
+                              the device, never read out
+    DEV/secure/operational.pem  the operational key, separate from the device key: made on the
+                              device at enrollment (EST) and at each re-enrollment, never read out
+    DEV/secure/pending.pem    a new key pair waiting for its certificate (re-enrollment, or CA2's
+                              in trust transfer): installed as the operational key with that
+                              certificate, destroyed when the request fails or the transfer rolls back
     DEV/log.jsonl             what happened to the device, one JSON object per line
 
-The private key lives in ``secure/``; nothing in this class returns it. A device "not capable of
-generating a CSR" (the paper's Fig. 5) only exports its public key.
+Private keys live in ``secure/``; nothing in this class returns one, except to the device's own
+TLS stack (:meth:`SimulatedDevice.tls_identity`). A certificate is used with the key it certifies
+(found by comparing public keys), so a device provisioned with one key for both certificates (pm
+does so) works as before. A device "not capable of generating a CSR" (the paper's Fig. 5) only
+exports its public key.
+
+FR3 (seed 003 IX-C, forward secrecy): "After the re-enrollment with CA2, IoT devices will protect
+their onward communication using a new key-pair" -- :meth:`SimulatedDevice.generate_pending_key`
+makes it, :meth:`SimulatedDevice.install_operational` installs it with CA2's certificate.
 """
 
 from __future__ import annotations
@@ -45,6 +58,9 @@ from iotdlm.pki.keys import (
 from iotdlm.pki.names import check_id
 
 SLOTS = ("slot-a", "slot-b")
+#: the device's key files (``secure/<name>.pem``): the device key, the operational key, a new key
+#: waiting for its certificate
+KEY_FILES = {"device": "key", "operational": "operational", "pending": "pending"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,13 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _spki(key: object) -> bytes:
+    out: bytes = key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return out
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -114,11 +137,11 @@ class SimulatedDevice:
         return self.hardware.dtype
 
     # --- keys: made here, kept here -------------------------------------------------------
-    def _key_path(self) -> Path:
-        return self.path / "secure" / "key.pem"
+    def _key_path(self, name: str = "device") -> Path:
+        return self.path / "secure" / f"{KEY_FILES[name]}.pem"
 
-    def has_key(self) -> bool:
-        return self._key_path().is_file()
+    def has_key(self, name: str = "device") -> bool:
+        return self._key_path(name).is_file()
 
     def generate_key(self) -> PublicKey:
         """Generate the device key pair ON the device (once); return the public key."""
@@ -129,23 +152,79 @@ class SimulatedDevice:
         self.log("key_generated", algorithm=self.hardware.algorithm)
         return key.public_key()
 
-    def _key(self) -> PrivateKey:
-        if not self.has_key():
-            raise NotFoundError(f"device {self.device_id} has no key pair yet")
-        return load_private_key_pem(self._key_path().read_bytes(), None)
+    def _key(self, name: str = "device") -> PrivateKey:
+        if not self.has_key(name):
+            what = "key pair" if name == "device" else f"{name} key"
+            raise NotFoundError(f"device {self.device_id} has no {what} yet")
+        return load_private_key_pem(self._key_path(name).read_bytes(), None)
 
-    def public_key(self) -> PublicKey:
-        """The device public key, exported out of band (the paper's Fig. 5)."""
-        return self._key().public_key()
+    def public_key(self, name: str = "device") -> PublicKey:
+        """A public key of the device (the device key unless ``name`` says otherwise), exported
+        out of band (the paper's Fig. 5)."""
+        return self._key(name).public_key()
 
-    def make_csr(self) -> bytes:
-        """A PKCS#10 CSR (DER) signed on the device (the paper's Fig. 4)."""
+    def generate_pending_key(self) -> PublicKey:
+        """A NEW key pair, made on the device, for a certificate not issued yet (re-enrollment;
+        CA2 in trust transfer: FR3). Replaces (destroys) a pending key left over."""
+        if self.has_key("pending"):
+            self.destroy_pending_key()
+        key = generate_key(Algorithm(self.hardware.algorithm))
+        _write_private(self._key_path("pending"), private_key_to_pem(key, None))
+        self.log("key_generated", algorithm=self.hardware.algorithm, purpose="pending")
+        return key.public_key()
+
+    def destroy_pending_key(self) -> None:
+        """The pending key is gone (its request failed, or the transfer rolled back)."""
+        path = self._key_path("pending")
+        if path.is_file():
+            size = path.stat().st_size
+            with open(path, "r+b") as f:  # overwrite before unlinking: what a device zeroizes
+                f.write(b"\0" * size)
+            path.unlink()
+            self.log("key_destroyed", purpose="pending")
+
+    def install_operational(self, cert: x509.Certificate) -> None:
+        """Install ``cert`` as the operational certificate with the key it certifies: the pending
+        key becomes the operational key (the old operational key is gone). The certificate is
+        written first, so a crash in between leaves a device whose certificate finds its key;
+        repeating the call after a crash finishes the job."""
+        wanted = _spki(cert.public_key())
+        pending = self.has_key("pending") and _spki(self.public_key("pending")) == wanted
+        if not pending and self._matching_key(cert) is None:
+            raise ConflictError(
+                f"device {self.device_id} holds no key for the certificate {format(cert.serial_number, 'x')}"
+            )
+        self.write_certificate("operational", cert)
+        if pending:
+            os.replace(self._key_path("pending"), self._key_path("operational"))
+            self.log("key_installed", purpose="operational", serial=format(cert.serial_number, "x"))
+
+    def _matching_key(self, cert: x509.Certificate) -> str | None:
+        """Which of the device's keys ``cert`` certifies (None: none of them)."""
+        wanted = _spki(cert.public_key())
+        for name in ("operational", "device", "pending"):
+            if self.has_key(name) and _spki(self.public_key(name)) == wanted:
+                return name
+        return None
+
+    def _credential_key(self, kind: str) -> str:
+        cert = self.certificate(kind)
+        if cert is None:
+            raise NotFoundError(f"device {self.device_id} has no {kind} certificate")
+        name = self._matching_key(cert)
+        if name is None:
+            raise NotFoundError(f"device {self.device_id} holds no key for its {kind} certificate")
+        return name
+
+    def make_csr(self, key: str = "device") -> bytes:
+        """A PKCS#10 CSR (DER) signed on the device (the paper's Fig. 4) by its ``key``
+        (``device``, or ``pending`` for a new key pair)."""
         if not self.hardware.can_make_csr:
             raise UnsupportedError(f"device {self.device_id} cannot generate a CSR; export its public key instead")
-        key = self._key()
+        private = self._key(key)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.device_id)])
-        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hash_for(key))
-        self.log("csr_made")
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(private, hash_for(private))
+        self.log("csr_made", key=key)
         return csr.public_bytes(serialization.Encoding.DER)
 
     def sign(self, data: bytes) -> bytes:
@@ -154,23 +233,26 @@ class SimulatedDevice:
 
         return sign_bytes(self._key(), data)
 
-    def est_proof(self, operation: str, nonce: str, csr_der: bytes) -> str:
-        """The ``Iotdlm-Est-Proof`` header value (ADR 0008): the device key signs km's ``nonce``,
-        the EST ``operation`` and the public key of the CSR it sends."""
+    def est_proof(self, operation: str, nonce: str, csr_der: bytes, *, credential: str | None = None) -> str:
+        """The ``Iotdlm-Est-Proof`` header value (ADR 0008): the key of the ``credential`` the
+        device presents (default: factory to enroll, operational to re-enroll) signs km's
+        ``nonce``, the EST ``operation`` and the public key of the CSR it sends."""
         from iotdlm.pki import est_proof
         from iotdlm.pki.keys import check_public_key
 
+        kind = credential or ("operational" if operation == "simplereenroll" else "factory")
         new_key = check_public_key(x509.load_der_x509_csr(csr_der).public_key())
-        self.log("est_proof_made", operation=operation)
-        return est_proof.make(self._key(), operation, nonce, new_key)
+        self.log("est_proof_made", operation=operation, credential=kind)
+        return est_proof.make(self._key(self._credential_key(kind)), operation, nonce, new_key)
 
     def tls_identity(self, kind: str = "operational") -> tuple[bytes, bytes]:
-        """(certificate PEM, key PEM) for the device's own TLS client (EST): the device uses its key
-        itself; this is how the simulated device hands it to its TLS stack."""
+        """(certificate PEM, key PEM) for the device's own TLS client (EST): the certificate and the
+        key it certifies. The device uses its key itself; this is how the simulated device hands it
+        to its TLS stack."""
         cert = self.certificate(kind)
         if cert is None:
             raise NotFoundError(f"device {self.device_id} has no {kind} certificate")
-        return certs_to_pem([cert]), self._key_path().read_bytes()
+        return certs_to_pem([cert]), self._key_path(self._credential_key(kind)).read_bytes()
 
     # --- flash ------------------------------------------------------------------------------
     def write_image(self, slot: str, image: Path, info: dict[str, Any]) -> str:

@@ -14,9 +14,13 @@ Clients (seams): :class:`Enroller` (EST with CA2: :class:`EstEnroller` over HTTP
 :class:`~iotdlm.errors.UnavailableError` is transient (retried up to ``max_attempts``), a
 refusal (:class:`~iotdlm.errors.RejectedError`) is permanent (fallback).
 
-The simulated device has ONE key pair (made on the device, never read out): it signs the CSR for
-CA2 and the attestation evidence; re-enrollment with CA2 certifies that key (as SP1's enrollment
-did). A device with a separate operational key would make a new key pair for CA2 here.
+FR3 (seed 003 IX-C, forward secrecy): re-enrollment with CA2 certifies a NEW key pair made on the
+device for it (:meth:`~iotdlm.device.simulated.SimulatedDevice.generate_pending_key`), never a key
+of the SP1 era. The new key signs the CSR; the factory key proves the credential the device
+presents (the TLS client certificate and km's proof, ADR 0008); the certificate CA2 sends must
+certify the new key. At commit the new key becomes the operational key with CA2's certificate; a
+rollback destroys it. The device key still signs the attestation evidence (its factory
+certificate certifies it).
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from cryptography import x509
 
 from iotdlm.clock import Clock
 from iotdlm.device.simulated import SimulatedDevice
-from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError
+from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError, UntrustedError
 from iotdlm.files import atomic_write
 from iotdlm.pki import est_proof
 from iotdlm.pki.chain import certs_to_pem, der, load_certificate, load_certificates_pem
+from iotdlm.pki.est_proof import spki_sha256 as spki_of
 from iotdlm.pki.keys import check_public_key, load_private_key_pem
 from iotdlm.transfer import attestation, device
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
@@ -414,11 +419,19 @@ class DeviceAgent:
             [x509.load_der_x509_certificate(a) for a in effect.anchors] if effect.anchors else self.dev.truststore()
         )
         cert_pem, key_pem = self.dev.tls_identity("factory")
-        csr = await asyncio.to_thread(self.dev.make_csr)
+        csr = await asyncio.to_thread(self._new_key_csr)
         cert, cacerts = await self.enroller.enroll(
             effect.enroll_uri, anchors=anchors, client_cert_pem=cert_pem, client_key_pem=key_pem, csr=csr
         )
+        if spki_of(check_public_key(cert.public_key())) != spki_of(self.dev.public_key("pending")):
+            raise UntrustedError("CA2's certificate does not certify the new key pair the device asked for (FR3)")
         return StepResult(Step.ENROLL, ok=True, certificate=der(cert), ca_certificates=tuple(der(c) for c in cacerts))
+
+    def _new_key_csr(self) -> bytes:
+        """FR3: a new key pair for CA2, made on the device (kept across a retry of this step)."""
+        if not self.dev.has_key("pending"):
+            self.dev.generate_pending_key()
+        return self.dev.make_csr("pending")
 
     # --- local effects (flash) -----------------------------------------------------------------------
     def _apply(self, effects: Sequence[device.Effect]) -> device.Effect | None:
@@ -436,7 +449,7 @@ class DeviceAgent:
             elif isinstance(e, device.WriteConfig):
                 self.dev.write_config(dict(e.config))
             elif isinstance(e, device.Commit):
-                self.dev.write_certificate("operational", x509.load_der_x509_certificate(e.certificate))
+                self.dev.install_operational(x509.load_der_x509_certificate(e.certificate))
                 self.dev.write_truststore([x509.load_der_x509_certificate(c) for c in e.truststore])
                 self.dev.write_config(dict(e.config))
                 (self._dir / "backup.json").unlink(missing_ok=True)
@@ -456,6 +469,7 @@ class DeviceAgent:
         _atomic(self._dir / "backup.json", json.dumps(data).encode())
 
     def _rollback(self) -> None:
+        self.dev.destroy_pending_key()  # FR3: the key meant for CA2 dies with the transfer
         path = self._dir / "backup.json"
         if not path.is_file():
             self.dev.log("rollback_without_backup")

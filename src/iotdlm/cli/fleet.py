@@ -1,0 +1,276 @@
+"""``iotdlm fleet run``: many simulated devices in one process, each with its own keys and state on
+disk, each speaking HTTPS to cm (EST enrollment, re-enrollment on schedule, trust transfer).
+
+Also the pieces ``iotdlm device run`` shares: making a device ready (manufactured, a factory
+certificate from the deployment's factory CA when it has none, its CA-URI), wiring its loop
+(:class:`iotdlm.device.runner.DeviceRunner` with the transfer agent), and the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from iotdlm.cli.common import console, handle_errors, run
+from iotdlm.clock import Clock, SystemClock
+from iotdlm.device.runner import DEFAULT_RENEW_AT, DeviceRunner, HttpsMessages, TickReport, run_fleet
+from iotdlm.device.simulated import SimulatedDevice
+from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
+from iotdlm.pki.names import check_id
+
+EXIT_FAILED = 4
+
+
+# --- a device made ready ----------------------------------------------------------------------------------
+def ready_devices(
+    paths: Sequence[Path], *, dtype: str | None, data: Path | None, cm: str | None, clock: Clock
+) -> list[SimulatedDevice]:
+    """Each folder a device: manufactured (id = folder name) if blank, a key made on it, a factory
+    certificate from the deployment ``data`` when it has none, ``cm`` as its CA-URI when given."""
+    devices = []
+    for path in paths:
+        if not (path / "hardware.json").is_file():
+            if dtype is None:
+                raise BadRequestError(f"{path} holds no device: give --dtype to manufacture one there")
+            check_id(path.name)
+            SimulatedDevice.manufacture(path, path.name, dtype)
+        dev = SimulatedDevice(path)
+        if not dev.has_key():
+            dev.generate_key()
+        devices.append(dev)
+    blank = [d for d in devices if d.certificate("factory") is None]
+    if blank:
+        if data is None:
+            raise NotFoundError(
+                f"device {blank[0].device_id} has no factory certificate: give --data DIR to have the "
+                "deployment's factory CA issue one (the factory line), or provision it with pm"
+            )
+        factory_line(data, blank, clock)
+    for dev in devices:
+        if cm is not None:
+            if not cm.startswith("https://"):
+                raise BadRequestError(f"--cm {cm!r}: cm's URL must start with https://")
+            config = dev.config()
+            config.update(
+                {"device_id": dev.device_id, "dtype": dev.dtype, "enroll_uri": cm.rstrip("/") + "/.well-known/est"}
+            )
+            dev.write_config(config)
+    return devices
+
+
+def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -> None:
+    """The factory: each device's CSR (its device key, made on it) gets a factory certificate from
+    the deployment's factory CA (RA rule ``operator``, as ``iotdlm ca issue``), all in one
+    transaction; the truststore (root and issuing CAs) is flashed beside it."""
+    from iotdlm.deployment import ISSUING_CAS, Deployment
+    from iotdlm.km.ra import ModulePrincipal
+    from iotdlm.pki.ca import fingerprint
+    from iotdlm.pki.chain import load_certificate
+    from iotdlm.runtime import build_km, open_store
+    from iotdlm.wire import km as msg
+
+    dep = Deployment.load(data)
+    truststore = [dep.ca_certificate("root"), *(dep.ca_certificate(n) for n in ISSUING_CAS)]
+    store = open_store(dep)
+    try:
+        km = build_km(dep, store, clock)
+        principal = ModulePrincipal("admin", None, fingerprint(dep.identity("admin").certificate))
+        pairs = []
+        for dev in devices:
+            item = msg.IssueItem(device_id=dev.device_id, profile="factory", csr=dev.make_csr())
+            grant, rec, _left_out = km.prepare(principal, item, "issue")
+            pairs.append((dataclasses.replace(grant, dtype=dev.dtype), rec))
+        records = km.commit(pairs)
+    finally:
+        store.close()
+    for dev, rec in zip(devices, records, strict=True):
+        dev.write_certificate("factory", load_certificate(rec.der))
+        dev.write_truststore(truststore)
+
+
+# --- the loop, wired ---------------------------------------------------------------------------------------
+class _Unwired:
+    """A transfer step whose HTTPS client this build does not have: the step fails as unavailable
+    (retried, then the transfer falls back), in words."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def _fail(self) -> UnavailableError:
+        return UnavailableError(f"this device agent has no HTTPS client for {self.what} yet")
+
+    async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
+        raise self._fail()
+
+    async def challenge(self, ra_uri: str, device_id: str) -> bytes:
+        raise self._fail()
+
+    async def submit(self, ra_uri: str, evidence: bytes) -> Any:
+        raise self._fail()
+
+    async def fetch(self, update_uri: str, device_id: str) -> Any:
+        raise self._fail()
+
+
+def runner_for(dev: SimulatedDevice, clock: Clock, *, renew_at: float, timeout: float = 30.0) -> DeviceRunner:
+    """The device's loop with its transfer agent (EST with CA2 over HTTPS)."""
+    from iotdlm.transfer.agent import DeviceAgent, EstEnroller
+
+    agent = DeviceAgent(
+        dev,
+        clock=clock,
+        enroller=EstEnroller(timeout=timeout),
+        fallback=_Unwired("the fallback report"),
+        attestation_client=_Unwired("remote attestation"),
+        updates=_Unwired("the update server"),
+    )
+    return DeviceRunner(dev, clock=clock, transfers=agent, messages=HttpsMessages(timeout=timeout), renew_at=renew_at)
+
+
+@dataclasses.dataclass
+class Summary:
+    devices: dict[str, TickReport] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, r: TickReport) -> None:
+        self.devices[r.device_id] = r
+        for a in r.actions:
+            self.counts[a] = self.counts.get(a, 0) + 1
+        if r.errors:
+            self.counts["failed"] = self.counts.get("failed", 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "devices": len(self.devices),
+            "with_operational_certificate": sum(1 for r in self.devices.values() if r.serial),
+            "counts": dict(sorted(self.counts.items())),
+            "failed": {d: r.errors for d, r in sorted(self.devices.items()) if r.errors},
+            "certificates": {
+                d: {"serial": r.serial, "not_after": r.not_after, "issuer": r.issuer}
+                for d, r in sorted(self.devices.items())
+            },
+        }
+
+
+async def drive(runners: Sequence[DeviceRunner], *, once: bool, interval: float, progress: bool) -> Summary:
+    """Run the loops (until Ctrl-C / SIGTERM unless ``once``), with a progress bar of first passes."""
+    summary = Summary()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not progress, transient=False,
+    )  # fmt: skip
+    seen: set[str] = set()
+    with bar:
+        task = bar.add_task("devices on the network", total=len(runners))
+
+        def on_tick(r: TickReport) -> None:
+            summary.add(r)
+            if r.device_id not in seen:
+                seen.add(r.device_id)
+                bar.advance(task)
+
+        try:
+            await run_fleet(runners, once=once, interval=interval, stop=stop, on_tick=on_tick)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+    return summary
+
+
+def finish(summary: Summary, *, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary.to_json(), indent=2, sort_keys=True))
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items())) or "nothing to do"
+        console.print(f"{len(summary.devices)} device(s): {counts}")
+        for device_id, r in sorted(summary.devices.items()):
+            for e in r.errors:
+                console.print(f"[red]{device_id}[/red]: {e}", soft_wrap=True)
+    if any(r.errors for r in summary.devices.values()):
+        raise SystemExit(EXIT_FAILED)
+
+
+def loop_options(f: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--cm", default=None, help="cm's HTTPS URL (https://host:port): the device's CA-URI."),
+            click.option(
+                "--data",
+                type=click.Path(path_type=Path, file_okay=False),
+                default=None,
+                help="A deployment folder: its factory CA issues factory certificates to devices that have none.",
+            ),
+            click.option("--dtype", default=None, help="Device type of devices manufactured here."),
+            click.option("--once", is_flag=True, help="One pass per device, then a summary (else until Ctrl-C)."),
+            click.option(
+                "--interval",
+                type=click.FloatRange(min=0.1),
+                default=60.0,
+                show_default=True,
+                help="Seconds between passes.",
+            ),
+            click.option(
+                "--renew-at",
+                type=click.FloatRange(0.01, 0.99),
+                default=DEFAULT_RENEW_AT,
+                show_default="2/3",
+                help="Re-enroll once this fraction of the operational certificate's lifetime has passed.",
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@click.group("fleet", context_settings={"help_option_names": ["-h", "--help"]})
+def fleet() -> None:
+    """A fleet of simulated devices on the network: enrollment, re-enrollment, trust transfer."""
+
+
+@fleet.command("run")
+@click.option("--count", type=click.IntRange(1, 100_000), required=True, help="How many devices.")
+@click.option(
+    "--fleet",
+    "fleet_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("fleet"),
+    show_default=True,
+    help="Folder of the devices (one sub-folder each, made when missing).",
+)
+@click.option("--prefix", default="sim", show_default=True, help="Device ids are PREFIX-0000, PREFIX-0001, ...")
+@loop_options
+@handle_errors
+def fleet_run(
+    count: int, fleet_dir: Path, prefix: str, cm: str | None, data: Path | None, dtype: str | None, once: bool,
+    interval: float, renew_at: float, as_json: bool,
+) -> None:  # fmt: skip
+    """Run COUNT simulated devices in one process, each speaking HTTPS to cm."""
+    clock = SystemClock()
+    if dtype is None and data is not None:
+        from iotdlm.deployment import Deployment
+
+        dtype = Deployment.load(data).config.dtypes[0]
+    paths = [fleet_dir / f"{prefix}-{i:04d}" for i in range(count)]
+    devices = ready_devices(paths, dtype=dtype, data=data, cm=cm, clock=clock)
+    runners = [runner_for(d, clock, renew_at=renew_at) for d in devices]
+    summary = run(drive(runners, once=once, interval=interval, progress=not as_json))
+    finish(summary, as_json=as_json)
+
+
+__all__ = ["drive", "finish", "fleet", "loop_options", "ready_devices", "runner_for"]

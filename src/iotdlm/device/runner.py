@@ -1,0 +1,322 @@
+"""A simulated device on the network: the loop ``iotdlm device run`` and ``iotdlm fleet run`` drive.
+
+Each pass (:meth:`DeviceRunner.tick`), in this order (seed 003 VI-C, VI-D, VII-D):
+
+1. a trust transfer that was running (or a fallback still to report) carries on
+   (:class:`TransferHandler`, the transfer agent :class:`iotdlm.transfer.agent.DeviceAgent`);
+2. a device without a usable operational certificate enrolls over EST with its factory
+   certificate ("Upon startup the IoT device contacts the CA1 to do initial enrollment");
+   one whose operational certificate reached ``renew_at`` of its lifetime re-enrolls with it
+   ("Before the operational certificate expires the device will do re-enrollment"). Either way
+   the device makes a NEW key pair for the certificate (the CSR's key); the key of the credential
+   it presents proves the request (ADR 0008, :class:`~iotdlm.device.est_client.EstClient`); the
+   new key becomes the operational key only with its certificate, and is destroyed on a failure;
+3. it asks its provider's cm for a transfer message (:class:`MessageSource`, ``GET
+   /transfer/message``) and hands a new one to the transfer agent. A 404 (no message for this
+   device, or a cm without that route) skips the step with one log line.
+
+Where the device's cm is: its configuration's ``enroll_uri`` (the CA-URI), which a transfer
+rewrites at commit. Time comes from the injected clock: the schedule is decided on it (TLS and
+km check certificates on theirs). Failures are logged (device log and ``logging``) and reported
+in :class:`TickReport`; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+from cryptography import x509
+
+from iotdlm.clock import Clock
+from iotdlm.device.est_client import WELL_KNOWN, EstClient, _client_context
+from iotdlm.device.simulated import SimulatedDevice
+from iotdlm.errors import IotdlmError, NotFoundError, TooLargeError, UnavailableError
+from iotdlm.files import atomic_write
+from iotdlm.pki.chain import certs_to_pem
+
+log = logging.getLogger(__name__)
+
+#: re-enroll once this fraction of the operational certificate's lifetime has passed
+DEFAULT_RENEW_AT = 2 / 3
+#: the largest transfer message read (a per-device message is a few hundred bytes to a few KiB)
+MAX_MESSAGE_BYTES = 64 * 1024
+TRANSFER_MESSAGE_PATH = "/transfer/message"
+
+
+class TransferReceipt(Protocol):
+    @property
+    def accepted(self) -> bool: ...
+
+    @property
+    def phase(self) -> str: ...
+
+    @property
+    def detail(self) -> str: ...
+
+
+class TransferHandler(Protocol):
+    """The device's transfer agent (:class:`iotdlm.transfer.agent.DeviceAgent`)."""
+
+    async def handle(self, token: bytes) -> TransferReceipt: ...
+
+    async def resume(self) -> object: ...
+
+
+class MessageSource(Protocol):
+    async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
+        """The device's transfer message from its provider's cm; None when there is none (404)."""
+        ...
+
+
+def _credential(dev: SimulatedDevice) -> tuple[bytes, bytes]:
+    """The certificate the device shows on TLS: operational when it has one, else factory."""
+    kind = "operational" if dev.certificate("operational") is not None else "factory"
+    return dev.tls_identity(kind)
+
+
+def truststore_pem(dev: SimulatedDevice) -> bytes:
+    certs = dev.truststore()
+    if not certs:
+        raise NotFoundError(f"device {dev.device_id} has an empty truststore: it cannot authenticate its cm")
+    return certs_to_pem(certs)
+
+
+class HttpsMessages:
+    """``GET <cm>/transfer/message`` over HTTPS, authenticated by the device's certificate; cm's
+    certificate is checked against the device's truststore."""
+
+    def __init__(self, *, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+
+    async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
+        cert_pem, key_pem = _credential(dev)
+        try:
+            ctx = _client_context(truststore_pem(dev), cert_pem, key_pem)
+        except ValueError as exc:
+            raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
+        url = base_url.rstrip("/") + TRANSFER_MESSAGE_PATH
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=ctx, limit=1),
+                    timeout=aiohttp.ClientTimeout(total=self.timeout),
+                    trust_env=False,
+                ) as session,
+                session.get(url) as resp,
+            ):
+                if resp.status == 404:
+                    return None
+                if resp.status != 200:
+                    text = " ".join((await resp.content.read(400)).decode("utf-8", "replace").split())
+                    raise UnavailableError(f"GET {url}: HTTP {resp.status}: {text}")
+                body = await resp.content.read(MAX_MESSAGE_BYTES + 1)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UnavailableError(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise TooLargeError(f"the transfer message at {url} exceeds {MAX_MESSAGE_BYTES} bytes")
+        return body
+
+
+@dataclass
+class TickReport:
+    """What one pass did (``actions``: enrolled, reenrolled, transfer-<phase>; ``errors``: why a
+    step failed, in words)."""
+
+    device_id: str
+    actions: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    serial: str | None = None
+    not_after: str | None = None
+    issuer: str | None = None
+
+
+def base_url_of(enroll_uri: str) -> str:
+    """cm's base URL from an EST URI (``https://host:port/.well-known/est`` -> ``https://host:port``)."""
+    uri = enroll_uri.rstrip("/")
+    return uri[: -len(WELL_KNOWN)] if uri.endswith(WELL_KNOWN) else uri
+
+
+class DeviceRunner:
+    def __init__(
+        self,
+        dev: SimulatedDevice,
+        *,
+        clock: Clock,
+        transfers: TransferHandler | None = None,
+        messages: MessageSource | None = None,
+        renew_at: float = DEFAULT_RENEW_AT,
+        timeout: float = 30.0,
+    ) -> None:
+        if not 0 < renew_at < 1:
+            raise ValueError("renew_at is a fraction of the certificate's lifetime, between 0 and 1")
+        self.dev = dev
+        self.clock = clock
+        self.transfers = transfers
+        self.messages = messages
+        self.renew_at = renew_at
+        self.timeout = timeout
+        self._state_path = dev.path / "flash" / "runner.json"
+        self._told_404 = False
+
+    # --- the schedule (pure given the certificate and the time) -------------------------------------
+    def renewal_due(self, cert: x509.Certificate) -> dt.datetime:
+        """When ``cert`` is to be replaced: ``renew_at`` of its lifetime after notBefore."""
+        life = cert.not_valid_after_utc - cert.not_valid_before_utc
+        return cert.not_valid_before_utc + life * self.renew_at
+
+    def needs(self, now: dt.datetime) -> str | None:
+        """``simpleenroll`` (no usable operational certificate), ``simplereenroll`` (due), or None."""
+        op = self.dev.certificate("operational")
+        if op is None or now >= op.not_valid_after_utc or now < op.not_valid_before_utc:
+            return "simpleenroll"
+        return "simplereenroll" if now >= self.renewal_due(op) else None
+
+    # --- one pass ------------------------------------------------------------------------------------
+    async def tick(self) -> TickReport:
+        report = TickReport(self.dev.device_id)
+        if self.transfers is not None:
+            await self._run_step(report, "transfer", self.transfers.resume())
+        now = self.clock.now()
+        operation = self.needs(now)
+        if operation is not None:
+            await self._run_step(report, operation, self.enroll(operation, report))
+        if self.messages is not None:
+            await self._run_step(report, "transfer message", self.poll(report))
+        op = self.dev.certificate("operational")
+        if op is not None:
+            report.serial = format(op.serial_number, "x")
+            report.not_after = op.not_valid_after_utc.isoformat()
+            report.issuer = op.issuer.rfc4514_string()
+        return report
+
+    async def _run_step(self, report: TickReport, what: str, step: Awaitable[object]) -> None:
+        try:
+            await step
+        except (IotdlmError, ValueError) as exc:  # ValueError: a truststore or URL the EST client cannot use
+            code, message = (exc.code, exc.message) if isinstance(exc, IotdlmError) else ("bad_request", str(exc))
+            report.errors.append(f"{what}: {code}: {message}")
+            self.dev.log("runner_step_failed", step=what, code=code, message=message)
+            log.warning("device %s: %s failed: %s", self.dev.device_id, what, message)
+
+    def base_url(self) -> str:
+        uri = self.dev.config().get("enroll_uri")
+        if not isinstance(uri, str) or not uri.startswith("https://"):
+            raise NotFoundError(
+                f"device {self.dev.device_id} has no https enroll_uri in its configuration: give --cm URL"
+            )
+        return base_url_of(uri)
+
+    def anchors_pem(self) -> bytes:
+        """The device's truststore (PEM): what authenticates its cm."""
+        return truststore_pem(self.dev)
+
+    async def enroll(self, operation: str, report: TickReport) -> None:
+        """EST ``simpleenroll`` (factory certificate) or ``simplereenroll`` (operational), for a new
+        key pair made on the device; installed with its certificate, destroyed on a failure."""
+        kind = "factory" if operation == "simpleenroll" else "operational"
+        cert_pem, key_pem = self.dev.tls_identity(kind)
+        base, anchors = self.base_url(), self.anchors_pem()
+        await asyncio.to_thread(self.dev.generate_pending_key)
+        try:
+            csr = await asyncio.to_thread(self.dev.make_csr, "pending")
+            client = EstClient(
+                base,
+                trust_anchor_pem=anchors,
+                client_cert_pem=cert_pem,
+                client_key_pem=key_pem,
+                timeout=self.timeout,
+                connections=1,
+            )
+            async with client:
+                cert = await (client.simpleenroll(csr) if kind == "factory" else client.simplereenroll(csr))
+            await asyncio.to_thread(self.dev.install_operational, cert)
+        except BaseException:
+            await asyncio.to_thread(self.dev.destroy_pending_key)
+            raise
+        action = "enrolled" if kind == "factory" else "reenrolled"
+        self.dev.log(action, serial=format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc.isoformat())
+        report.actions.append(action)
+
+    async def poll(self, report: TickReport) -> None:
+        """Ask cm for this device's transfer message; hand a new one to the transfer agent."""
+        assert self.messages is not None
+        base = self.base_url()
+        token = await self.messages.fetch(self.dev, base)
+        if token is None:
+            if not self._told_404:
+                self._told_404 = True
+                log.info(
+                    "device %s: skipping the transfer step: %s%s answered 404 (no transfer message for "
+                    "this device, or a cm without the transfer route)",
+                    self.dev.device_id, base, TRANSFER_MESSAGE_PATH,
+                )  # fmt: skip
+                self.dev.log("transfer_message_none", url=base + TRANSFER_MESSAGE_PATH)
+            return
+        digest = hashlib.sha256(token).hexdigest()
+        state = self._state()
+        if digest in state.get("messages", []):
+            return  # handed over already (the transfer agent would refuse it as a replay anyway)
+        state["messages"] = [*state.get("messages", []), digest][-32:]
+        atomic_write(self._state_path, json.dumps(state).encode(), mode=0o644)
+        if self.transfers is None:
+            return
+        receipt = await self.transfers.handle(token)
+        report.actions.append(f"transfer-{receipt.phase}")
+        if not receipt.accepted:
+            report.errors.append(f"transfer message refused: {receipt.detail}")
+
+    def _state(self) -> dict[str, list[str]]:
+        if not self._state_path.is_file():
+            return {}
+        data = json.loads(self._state_path.read_text())
+        return data if isinstance(data, dict) else {}
+
+
+async def run_fleet(
+    runners: Sequence[DeviceRunner],
+    *,
+    once: bool,
+    interval: float,
+    stop: asyncio.Event,
+    on_tick: Callable[[TickReport], None],
+    concurrency: int = 32,
+) -> None:
+    """Devices in one process, pass after pass ``interval`` seconds apart until ``stop`` is set
+    (one pass each with ``once``): each its own keys and state on disk, its own HTTPS
+    connections. ``concurrency`` bounds the passes running at once."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(r: DeviceRunner) -> None:
+        while True:
+            async with sem:
+                on_tick(await r.tick())
+            if once or stop.is_set():
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            except TimeoutError:
+                pass
+
+    await asyncio.gather(*(one(r) for r in runners))
+
+
+__all__ = [
+    "DEFAULT_RENEW_AT",
+    "DeviceRunner",
+    "HttpsMessages",
+    "MessageSource",
+    "TickReport",
+    "TransferHandler",
+    "TransferReceipt",
+    "base_url_of",
+    "run_fleet",
+]
