@@ -152,6 +152,7 @@ async def _witness(site: Site, state: Path) -> Result:
     )  # fmt: skip
 
 
+@pytest.mark.real_clock  # the witness checks cm's HTTPS certificate with OpenSSL, at the real time
 async def test_a_witness_follows_a_growing_log_and_catches_truncation(site: Site, tmp_path: Path) -> None:
     state = tmp_path / "witness"
     await _grow(site, 1, "a")
@@ -184,6 +185,7 @@ async def test_a_witness_follows_a_growing_log_and_catches_truncation(site: Site
     assert "Traceback" not in r.output
 
 
+@pytest.mark.real_clock  # the witness checks cm's HTTPS certificate with OpenSSL, at the real time
 async def test_a_witness_catches_a_rewritten_log(site: Site, tmp_path: Path) -> None:
     """Record #2 rewritten in the database, the chain recomputed and the checkpoints after it
     dropped; km (restarted: it no longer holds the tree it had read) signs the rewritten log. The
@@ -222,6 +224,7 @@ async def test_a_witness_catches_a_rewritten_log(site: Site, tmp_path: Path) -> 
     assert len(list(state.iterdir())) == 1  # nothing kept from a rewritten log
 
 
+@pytest.mark.real_clock  # the witness checks cm's HTTPS certificate with OpenSSL, at the real time
 async def test_a_witness_refuses_a_head_not_signed_under_the_service_ca_given(site: Site, tmp_path: Path) -> None:
     await _grow(site, 1, "a")
     await site.km.checkpoint_now()
