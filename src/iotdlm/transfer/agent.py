@@ -158,7 +158,13 @@ async def bootstrap_cacerts(enroll_uri: str, *, seconds: float = 30.0) -> list[x
         ):
             if resp.status != 200:
                 raise UnavailableError(f"{base}/cacerts answered HTTP {resp.status}")
-            body = await resp.content.read(MAX_CACERTS_BYTES + 1)
+            # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
+            body = b""
+            while len(body) <= MAX_CACERTS_BYTES:
+                chunk = await resp.content.read(MAX_CACERTS_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise UnavailableError(f"cannot fetch {base}/cacerts: {exc}") from exc
     if len(body) > MAX_CACERTS_BYTES:
