@@ -55,9 +55,8 @@ from iotdlm.transfer import status as st
 from iotdlm.transfer.agent import DeviceAgent
 from iotdlm.transfer.http_clients import DeviceMessages
 from iotdlm.transfer.identity import TransferIdentity, TransferSettings, create_identity
-from iotdlm.transfer.messages import CwtHeader, TransferMessage
+from iotdlm.transfer.messages import CwtHeader, TransferMessage, sign_device_message
 from iotdlm.transfer.shell import Sp1Service
-from iotdlm.transfer.sp1 import sign_device_message
 from tests.fixtures_nats import RunningNats, start_nats
 from tests.integration.test_cm import LIMITS, ShiftClock, set_mode
 
