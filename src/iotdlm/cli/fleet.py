@@ -70,16 +70,20 @@ def ready_devices(
 def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -> None:
     """The factory: each device's CSR (its device key, made on it) gets a factory certificate from
     the deployment's factory CA (RA rule ``operator``, as ``iotdlm ca issue``), all in one
-    transaction; the truststore (root and issuing CAs) is flashed beside it."""
+    transaction; the truststore (root and issuing CAs, and the deployment's transfer certificate
+    and its CA once ``transfer init`` made them) is flashed beside it."""
     from iotdlm.deployment import ISSUING_CAS, Deployment
     from iotdlm.km.ra import ModulePrincipal
     from iotdlm.pki.ca import fingerprint
-    from iotdlm.pki.chain import load_certificate
+    from iotdlm.pki.chain import load_certificate, load_certificates_pem
     from iotdlm.runtime import build_km, open_store
     from iotdlm.wire import km as msg
 
     dep = Deployment.load(data)
     truststore = [dep.ca_certificate("root"), *(dep.ca_certificate(n) for n in ISSUING_CAS)]
+    transfer_chain = data / "transfer" / "identity" / "chain.pem"
+    if transfer_chain.is_file():  # `transfer init` made one: the per-device messages name it by x5t
+        truststore += [c for c in load_certificates_pem(transfer_chain.read_bytes()) if c not in truststore]
     store = open_store(dep)
     try:
         km = build_km(dep, store, clock)
