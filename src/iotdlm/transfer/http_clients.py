@@ -157,12 +157,12 @@ class DeviceHttps:
         self.timeout = timeout
 
     def _client(self, kind: str) -> TransferHttps:
-        if kind == "sp1":
-            kind = "operational" if self.dev.certificate("operational") is not None else "factory"
-        cert_pem, key_pem = self.dev.tls_identity(kind)
         anchors = self.dev.truststore()
         if not anchors:
             raise NotFoundError(f"device {self.dev.device_id} has an empty truststore: it cannot authenticate cm")
+        if kind == "sp1":
+            kind = "operational" if self.dev.certificate("operational") is not None else "factory"
+        cert_pem, key_pem = self.dev.tls_identity(kind)
         try:
             return TransferHttps(
                 anchors=anchors, client_cert_pem=cert_pem, client_key_pem=key_pem, timeout=self.timeout
@@ -170,12 +170,13 @@ class DeviceHttps:
         except ValueError as exc:
             raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
 
-    async def messages(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
+    async def messages(self, base_url: str) -> bytes | None:
         """MessageSource.fetch: the device's transfer message at its cm; None when there is none."""
+        client = self._client("sp1")  # a device that cannot speak TLS is told so, not taken for a 404
         try:
-            async with self._client("sp1") as c:
+            async with client as c:
                 _tid, token = await c.fetch_message(base_url)
-        except NotFoundError:
+        except NotFoundError:  # cm: no message waits for this device (or no transfer route)
             return None
         if len(token) > MAX_RESPONSE_BYTES:
             raise TooLargeError(f"the transfer message exceeds {MAX_RESPONSE_BYTES} bytes")
@@ -210,7 +211,7 @@ class DeviceMessages:
         self.timeout = timeout
 
     async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
-        return await DeviceHttps(dev, timeout=self.timeout).messages(dev, base_url)
+        return await DeviceHttps(dev, timeout=self.timeout).messages(base_url)
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
