@@ -21,10 +21,11 @@ from cryptography import x509
 from iotdlm.cli.main import main
 from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV
-from iotdlm.device.runner import DeviceRunner, HttpsMessages
+from iotdlm.device.runner import DeviceRunner
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.pki.est_proof import spki_sha256
 from iotdlm.pki.keys import check_public_key
+from iotdlm.transfer.http_clients import DeviceMessages
 from tests.integration.test_cm import DTYPE, PASSPHRASE, Site, open_site
 
 pytestmark = [pytest.mark.nats, pytest.mark.real_clock]
@@ -117,7 +118,7 @@ async def test_reenrollment_on_schedule_on_an_injected_clock(site: Site, tmp_pat
     first = dev.certificate("operational")
     assert first is not None
     clock = FixedClock(SystemClock().now())
-    runner = DeviceRunner(dev, clock=clock, messages=HttpsMessages(timeout=10.0), renew_at=0.5)
+    runner = DeviceRunner(dev, clock=clock, messages=DeviceMessages(timeout=10.0), renew_at=0.5)
     due = runner.renewal_due(first)
     assert due == first.not_valid_before_utc + (first.not_valid_after_utc - first.not_valid_before_utc) / 2
     assert (await runner.tick()).actions == []  # not due yet

@@ -127,6 +127,20 @@ def test_transfer_commands_end_to_end(tmp_path: Path, monkeypatch: pytest.Monkey
     # the message names SP1's transfer certificate by x5t: a device holding it finds it
     _m, chain = m.peek_device_message((msgs / "d1.cwt").read_bytes(), [sp1_transfer])
     assert chain[0].subject == sp1_transfer.subject
+    # a TransferMessage SP1 took already (here by file, as over the network by accept --send) is
+    # delivered again by its transfer id: new messages, kept for cm, no file needed
+    out = ok("deliver", "--data", str(sp1.root), "--transfer", tid)
+    assert "2 device message(s) waiting at cm" in out
+    for args, words in (
+        ([], "--in FILE, or --transfer ID"),
+        (["--in", str(tm), "--transfer", tid], "--in FILE, or --transfer ID"),
+        (["--transfer", "NOT-AN-ID"], "a transfer id is 32 lower-case hex digits"),
+        (["--transfer", "0" * 32], "no transfer"),
+    ):
+        r = cli.invoke(transfer, ["deliver", "--data", str(sp1.root), *args])
+        assert r.exit_code == 4, r.output
+        assert words in " ".join(r.output.split()), r.output
+        assert "Traceback" not in r.output
 
     key, factory = devs["d1"]
     _enroll_at(sp2, key, factory, "d1")  # d1 re-enrolls with CA2 (as cm would relay it)

@@ -128,3 +128,56 @@ def test_the_https_client_fits_the_agents_seams() -> None:
             assert list(ours.parameters) == list(theirs.parameters), (seam.__name__, name)
             assert [p.kind for p in ours.parameters.values()] == [p.kind for p in theirs.parameters.values()]
             assert inspect.iscoroutinefunction(getattr(TransferHttps, name))
+
+
+def test_the_devices_https_clients_fit_the_seams_and_report_updated() -> None:
+    """DeviceHttps (what device run / fleet run plug in) has the seams' signatures, and the agent
+    sees it as an update client that reports the installed version."""
+    import inspect
+
+    from iotdlm.transfer.agent import AttestationClient, FallbackClient, UpdateClient, UpdateReporter
+    from iotdlm.transfer.http_clients import DeviceHttps, TransferHttps
+
+    for seam, names in ((AttestationClient, ("challenge", "submit")), (UpdateClient, ("fetch",)),
+                        (FallbackClient, ("report",)), (UpdateReporter, ("report_updated",))):  # fmt: skip
+        for name in names:
+            ours, theirs = inspect.signature(getattr(DeviceHttps, name)), inspect.signature(getattr(seam, name))
+            assert list(ours.parameters) == list(theirs.parameters), (seam.__name__, name)
+            assert [p.kind for p in ours.parameters.values()] == [p.kind for p in theirs.parameters.values()]
+    assert issubclass(DeviceHttps, UpdateReporter)
+    assert issubclass(TransferHttps, UpdateReporter)
+
+
+async def test_a_device_without_truststore_or_certificate_is_told_so(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from iotdlm.device.simulated import SimulatedDevice
+    from iotdlm.errors import NotFoundError
+    from iotdlm.transfer.http_clients import DeviceHttps, DeviceMessages
+
+    dev = SimulatedDevice.manufacture(tmp_path / "d", "d-1", "sensor")
+    with pytest.raises(NotFoundError, match="empty truststore: it cannot authenticate cm"):
+        await DeviceMessages(timeout=1.0).fetch(dev, "https://127.0.0.1:1")
+    dev.write_truststore([_some_ca()])
+    with pytest.raises(NotFoundError, match="has no factory certificate"):
+        await DeviceHttps(dev, timeout=1.0).challenge("https://127.0.0.1:1/transfer/attestation", "d-1")
+    with pytest.raises(NotFoundError, match="has no factory certificate"):
+        await DeviceHttps(dev, timeout=1.0).report("https://127.0.0.1:1/transfer/fallback", transfer_id=TID,
+                                                   device_id="d-1", reason="x")  # fmt: skip
+
+
+def _some_ca():  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a root")])
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip

@@ -22,9 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from iotdlm.cli.common import console, handle_errors, run
 from iotdlm.clock import Clock, SystemClock
-from iotdlm.device.runner import DEFAULT_RENEW_AT, DeviceRunner, HttpsMessages, TickReport, run_fleet
+from iotdlm.device.runner import DEFAULT_RENEW_AT, DeviceRunner, TickReport, run_fleet
 from iotdlm.device.simulated import SimulatedDevice
-from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
+from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.pki.names import check_id
 
 EXIT_FAILED = 4
@@ -70,16 +70,20 @@ def ready_devices(
 def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -> None:
     """The factory: each device's CSR (its device key, made on it) gets a factory certificate from
     the deployment's factory CA (RA rule ``operator``, as ``iotdlm ca issue``), all in one
-    transaction; the truststore (root and issuing CAs) is flashed beside it."""
+    transaction; the truststore (root and issuing CAs, and the deployment's transfer certificate
+    and its CA once ``transfer init`` made them) is flashed beside it."""
     from iotdlm.deployment import ISSUING_CAS, Deployment
     from iotdlm.km.ra import ModulePrincipal
     from iotdlm.pki.ca import fingerprint
-    from iotdlm.pki.chain import load_certificate
+    from iotdlm.pki.chain import load_certificate, load_certificates_pem
     from iotdlm.runtime import build_km, open_store
     from iotdlm.wire import km as msg
 
     dep = Deployment.load(data)
     truststore = [dep.ca_certificate("root"), *(dep.ca_certificate(n) for n in ISSUING_CAS)]
+    transfer_chain = data / "transfer" / "identity" / "chain.pem"
+    if transfer_chain.is_file():  # `transfer init` made one: the per-device messages name it by x5t
+        truststore += [c for c in load_certificates_pem(transfer_chain.read_bytes()) if c not in truststore]
     store = open_store(dep)
     try:
         km = build_km(dep, store, clock)
@@ -98,42 +102,23 @@ def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -
 
 
 # --- the loop, wired ---------------------------------------------------------------------------------------
-class _Unwired:
-    """A transfer step whose HTTPS client this build does not have: the step fails as unavailable
-    (retried, then the transfer falls back), in words."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def _fail(self) -> UnavailableError:
-        return UnavailableError(f"this device agent has no HTTPS client for {self.what} yet")
-
-    async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
-        raise self._fail()
-
-    async def challenge(self, ra_uri: str, device_id: str) -> bytes:
-        raise self._fail()
-
-    async def submit(self, ra_uri: str, evidence: bytes) -> Any:
-        raise self._fail()
-
-    async def fetch(self, update_uri: str, device_id: str) -> Any:
-        raise self._fail()
-
-
 def runner_for(dev: SimulatedDevice, clock: Clock, *, renew_at: float, timeout: float = 30.0) -> DeviceRunner:
-    """The device's loop with its transfer agent (EST with CA2 over HTTPS)."""
+    """The device's loop with its transfer agent, every step over HTTPS: the transfer message and
+    the fallback report at SP1's cm, attestation and the update at SP2's cm (raURI, updateURI),
+    SP2's anchors (/cacerts) and EST with CA2 at the enrollURI."""
     from iotdlm.transfer.agent import DeviceAgent, EstEnroller
+    from iotdlm.transfer.http_clients import DeviceHttps, DeviceMessages
 
+    https = DeviceHttps(dev, timeout=timeout)
     agent = DeviceAgent(
         dev,
         clock=clock,
         enroller=EstEnroller(timeout=timeout),
-        fallback=_Unwired("the fallback report"),
-        attestation_client=_Unwired("remote attestation"),
-        updates=_Unwired("the update server"),
+        fallback=https,
+        attestation_client=https,
+        updates=https,
     )
-    return DeviceRunner(dev, clock=clock, transfers=agent, messages=HttpsMessages(timeout=timeout), renew_at=renew_at)
+    return DeviceRunner(dev, clock=clock, transfers=agent, messages=DeviceMessages(timeout=timeout), renew_at=renew_at)
 
 
 @dataclasses.dataclass

@@ -346,42 +346,60 @@ def accept(
 
 @transfer.command("deliver")
 @data_option
-@click.option("--in", "src", type=_existing, required=True, help="SP2's TransferMessage (CWT).")
+@click.option("--in", "src", type=_existing, default=None, help="SP2's TransferMessage (CWT), as a file.")
+@click.option(
+    "--transfer",
+    "tid",
+    default=None,
+    help="Instead of --in: the transfer whose TransferMessage SP2 posted to cm (accept --send).",
+)
 @click.option(
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    required=True,
+    default=None,
     help="Folder for copies of the per-device messages (<device>.cwt), e.g. for air-gapped devices.",
 )
 @handle_errors
-def deliver(data: Path, src: Path, out_dir: Path) -> None:
-    """SP1: validate SP2's TransferMessage and make one signed CWT per device, kept for the devices
-    to fetch from cm (GET /transfer/message) and written to --out-dir."""
+def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None) -> None:
+    """SP1: validate SP2's TransferMessage (--in) or take the one SP2 posted to cm (--transfer), and
+    make one signed CWT per device, kept for the devices to fetch from cm (GET /transfer/message)
+    and, with --out-dir, written there."""
     from iotdlm.km.transfer_device_handlers import keep_messages
     from iotdlm.runtime import open_store
     from iotdlm.transfer.messages import TYP_TRANSFER_MESSAGE, peek_transfer_ref, transfer_id
+    from iotdlm.transfer.peer import TID_RE
     from iotdlm.transfer.shell import Sp1Service
 
+    if (src is None) == (tid is None):
+        raise BadRequestError(
+            "name SP2's TransferMessage: --in FILE, or --transfer ID for one SP2 posted to cm (accept --send)"
+        )
+    if tid is not None and not TID_RE.fullmatch(tid):
+        raise BadRequestError(f"--transfer {tid[:80]!r}: a transfer id is 32 lower-case hex digits")
     dep = Deployment.load(data)
     settings = load_settings(data)
     fallback_uri = settings.fallback_uri or _default_fallback_uri(dep)
     clock = SystemClock()
-    token = src.read_bytes()
     store = open_store(dep)
     try:
         svc = Sp1Service(store=store, identity=load_identity(data), clock=clock, fallback_uri=fallback_uri)
-        svc.accept(token)
-        tid = transfer_id(peek_transfer_ref(token, typ=TYP_TRANSFER_MESSAGE))
+        if src is not None:
+            token = src.read_bytes()
+            svc.accept(token)
+            tid = transfer_id(peek_transfer_ref(token, typ=TYP_TRANSFER_MESSAGE))
+        assert tid is not None
         msgs, skipped = svc.device_messages(tid)
         keep_messages(store, tid, msgs, clock.now())
     finally:
         store.close()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for device_id, cwt in msgs.items():
-        (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for device_id, cwt in msgs.items():
+            (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+    copies = f", copies in {out_dir}" if out_dir is not None else ""
     console.print(
-        f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) waiting at cm (GET /transfer/message), "
-        f"copies in {out_dir}; devices that fall back report to {fallback_uri}"
+        f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) waiting at cm (GET /transfer/message)"
+        f"{copies}; devices that fall back report to {fallback_uri}"
     )
     for device_id, why in sorted(skipped.items()):
         console.print(f"[yellow]skipped[/yellow] {device_id}: {why}")

@@ -12,7 +12,8 @@ Each pass (:meth:`DeviceRunner.tick`), in this order (seed 003 VI-C, VI-D, VII-D
    it presents proves the request (ADR 0008, :class:`~iotdlm.device.est_client.EstClient`); the
    new key becomes the operational key only with its certificate, and is destroyed on a failure;
 3. it asks its provider's cm for a transfer message (:class:`MessageSource`, ``GET
-   /transfer/message``) and hands a new one to the transfer agent. A 404 (no message for this
+   /transfer/message``, :class:`iotdlm.transfer.http_clients.DeviceMessages` over HTTPS) and hands
+   a new one to the transfer agent. A 404 (no message for this
    device, or a cm without that route) skips the step with one log line.
 
 Where the device's cm is: its configuration's ``enroll_uri`` (the CA-URI), which a transfer
@@ -32,13 +33,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiohttp
 from cryptography import x509
 
 from iotdlm.clock import Clock
-from iotdlm.device.est_client import WELL_KNOWN, EstClient, _client_context
+from iotdlm.device.est_client import WELL_KNOWN, EstClient
 from iotdlm.device.simulated import SimulatedDevice
-from iotdlm.errors import IotdlmError, NotFoundError, TooLargeError, UnavailableError
+from iotdlm.errors import IotdlmError, NotFoundError
 from iotdlm.files import atomic_write
 from iotdlm.pki.chain import certs_to_pem
 
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 
 #: re-enroll once this fraction of the operational certificate's lifetime has passed
 DEFAULT_RENEW_AT = 2 / 3
-#: the largest transfer message read (a per-device message is a few hundred bytes to a few KiB)
-MAX_MESSAGE_BYTES = 64 * 1024
 TRANSFER_MESSAGE_PATH = "/transfer/message"
 
 
@@ -76,53 +74,11 @@ class MessageSource(Protocol):
         ...
 
 
-def _credential(dev: SimulatedDevice) -> tuple[bytes, bytes]:
-    """The certificate the device shows on TLS: operational when it has one, else factory."""
-    kind = "operational" if dev.certificate("operational") is not None else "factory"
-    return dev.tls_identity(kind)
-
-
 def truststore_pem(dev: SimulatedDevice) -> bytes:
     certs = dev.truststore()
     if not certs:
         raise NotFoundError(f"device {dev.device_id} has an empty truststore: it cannot authenticate its cm")
     return certs_to_pem(certs)
-
-
-class HttpsMessages:
-    """``GET <cm>/transfer/message`` over HTTPS, authenticated by the device's certificate; cm's
-    certificate is checked against the device's truststore."""
-
-    def __init__(self, *, timeout: float = 30.0) -> None:
-        self.timeout = timeout
-
-    async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
-        cert_pem, key_pem = _credential(dev)
-        try:
-            ctx = _client_context(truststore_pem(dev), cert_pem, key_pem)
-        except ValueError as exc:
-            raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
-        url = base_url.rstrip("/") + TRANSFER_MESSAGE_PATH
-        try:
-            async with (
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(ssl=ctx, limit=1),
-                    timeout=aiohttp.ClientTimeout(total=self.timeout),
-                    trust_env=False,
-                ) as session,
-                session.get(url) as resp,
-            ):
-                if resp.status == 404:
-                    return None
-                if resp.status != 200:
-                    text = " ".join((await resp.content.read(400)).decode("utf-8", "replace").split())
-                    raise UnavailableError(f"GET {url}: HTTP {resp.status}: {text}")
-                body = await resp.content.read(MAX_MESSAGE_BYTES + 1)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UnavailableError(f"cannot reach {url}: {exc or type(exc).__name__}") from exc
-        if len(body) > MAX_MESSAGE_BYTES:
-            raise TooLargeError(f"the transfer message at {url} exceeds {MAX_MESSAGE_BYTES} bytes")
-        return body
 
 
 @dataclass
@@ -312,7 +268,6 @@ async def run_fleet(
 __all__ = [
     "DEFAULT_RENEW_AT",
     "DeviceRunner",
-    "HttpsMessages",
     "MessageSource",
     "TickReport",
     "TransferHandler",

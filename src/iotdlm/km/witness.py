@@ -140,7 +140,13 @@ def tls_context(tls_ca: Path | None) -> ssl.SSLContext:
 async def _get(session: aiohttp.ClientSession, url: str, what: str) -> bytes:
     try:
         async with session.get(url) as resp:
-            body = await resp.content.read(MAX_ANSWER + 1)
+            # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
+            body = b""
+            while len(body) <= MAX_ANSWER:
+                chunk = await resp.content.read(MAX_ANSWER + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             if len(body) > MAX_ANSWER:
                 raise UnavailableError(f"{what} from {url} is over {MAX_ANSWER} bytes")
             if resp.status == 409:  # km: the store lacks records the proof needs

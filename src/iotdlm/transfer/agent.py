@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from cryptography import x509
 
@@ -78,6 +78,14 @@ class AttestationClient(Protocol):
 
 class UpdateClient(Protocol):
     async def fetch(self, update_uri: str, device_id: str) -> UpdateImage: ...
+
+
+@runtime_checkable
+class UpdateReporter(Protocol):
+    """An update client that also tells SP2's update server the device installed the image
+    (:meth:`iotdlm.transfer.http_clients.TransferHttps.report_updated`: SP2's status updated)."""
+
+    async def report_updated(self, update_uri: str, *, transfer_id: str, version: str) -> None: ...
 
 
 class FallbackClient(Protocol):
@@ -150,7 +158,13 @@ async def bootstrap_cacerts(enroll_uri: str, *, seconds: float = 30.0) -> list[x
         ):
             if resp.status != 200:
                 raise UnavailableError(f"{base}/cacerts answered HTTP {resp.status}")
-            body = await resp.content.read(MAX_CACERTS_BYTES + 1)
+            # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
+            body = b""
+            while len(body) <= MAX_CACERTS_BYTES:
+                chunk = await resp.content.read(MAX_CACERTS_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise UnavailableError(f"cannot fetch {base}/cacerts: {exc}") from exc
     if len(body) > MAX_CACERTS_BYTES:
@@ -412,6 +426,15 @@ class DeviceAgent:
                 self.dev.write_image("slot-b", p, dict(image.info))
 
         await asyncio.to_thread(write)
+        version = str(image.info.get("version", ""))
+        if isinstance(self.updates, UpdateReporter):
+            # the image is installed whatever the report's fate: a failed report is logged, not retried
+            try:
+                await self.updates.report_updated(
+                    effect.update_uri, transfer_id=str(image.info.get("transfer", "")), version=version
+                )
+            except IotdlmError as exc:
+                self.dev.log("update_report_failed", code=exc.code, message=exc.message)
         return StepResult(Step.UPDATE, ok=True, detail=str(image.info.get("version", "")))
 
     async def _enroll(self, effect: device.Enroll) -> StepResult:
@@ -507,5 +530,6 @@ __all__ = [
     "LocalUpdates",
     "RelayEnroller",
     "UpdateClient",
+    "UpdateReporter",
     "bootstrap_cacerts",
 ]

@@ -22,7 +22,8 @@ import aiohttp
 from cryptography import x509
 
 from iotdlm.device.est_client import _client_context, _error_for  # the EST client's TLS and errors
-from iotdlm.errors import BadRequestError, TooLargeError, UnavailableError
+from iotdlm.device.simulated import SimulatedDevice
+from iotdlm.errors import BadRequestError, NotFoundError, TooLargeError, UnavailableError
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.transfer import attestation
 from iotdlm.transfer.shell import UpdateImage
@@ -142,6 +143,77 @@ class TransferHttps:
         await self._ok("POST", url, "reporting the update", body=body, content_type="application/json")
 
 
+class DeviceHttps:
+    """A simulated device's transfer clients over HTTPS (the agent's
+    :class:`~iotdlm.transfer.agent.AttestationClient`, :class:`~iotdlm.transfer.agent.UpdateClient`
+    and :class:`~iotdlm.transfer.agent.FallbackClient`, and the runner's
+    :class:`~iotdlm.device.runner.MessageSource`): each call opens a :class:`TransferHttps` with the
+    device's truststore as it is then (SP2's anchors join it before the raURI is asked) and the
+    credential the route takes: at SP1 (message, fallback) the operational certificate, else the
+    factory one; at SP2 (raURI, updateURI) the factory certificate, the one SP1 shared."""
+
+    def __init__(self, dev: SimulatedDevice, *, timeout: float = 30.0) -> None:
+        self.dev = dev
+        self.timeout = timeout
+
+    def _client(self, kind: str) -> TransferHttps:
+        anchors = self.dev.truststore()
+        if not anchors:
+            raise NotFoundError(f"device {self.dev.device_id} has an empty truststore: it cannot authenticate cm")
+        if kind == "sp1":
+            kind = "operational" if self.dev.certificate("operational") is not None else "factory"
+        cert_pem, key_pem = self.dev.tls_identity(kind)
+        try:
+            return TransferHttps(
+                anchors=anchors, client_cert_pem=cert_pem, client_key_pem=key_pem, timeout=self.timeout
+            )
+        except ValueError as exc:
+            raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
+
+    async def messages(self, base_url: str) -> bytes | None:
+        """MessageSource.fetch: the device's transfer message at its cm; None when there is none."""
+        client = self._client("sp1")  # a device that cannot speak TLS is told so, not taken for a 404
+        try:
+            async with client as c:
+                _tid, token = await c.fetch_message(base_url)
+        except NotFoundError:  # cm: no message waits for this device (or no transfer route)
+            return None
+        if len(token) > MAX_RESPONSE_BYTES:
+            raise TooLargeError(f"the transfer message exceeds {MAX_RESPONSE_BYTES} bytes")
+        return token
+
+    async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
+        async with self._client("sp1") as c:
+            await c.report(fallback_uri, transfer_id=transfer_id, device_id=device_id, reason=reason)
+
+    async def challenge(self, ra_uri: str, device_id: str) -> bytes:
+        async with self._client("factory") as c:
+            return await c.challenge(ra_uri, device_id)
+
+    async def submit(self, ra_uri: str, evidence: bytes) -> attestation.Verdict:
+        async with self._client("factory") as c:
+            return await c.submit(ra_uri, evidence)
+
+    async def fetch(self, update_uri: str, device_id: str) -> UpdateImage:
+        async with self._client("factory") as c:
+            return await c.fetch(update_uri, device_id)
+
+    async def report_updated(self, update_uri: str, *, transfer_id: str, version: str) -> None:
+        async with self._client("factory") as c:
+            await c.report_updated(update_uri, transfer_id=transfer_id, version=version)
+
+
+class DeviceMessages:
+    """The runner's :class:`~iotdlm.device.runner.MessageSource` over :class:`DeviceHttps`
+    (``GET <cm>/transfer/message`` with the device's certificate)."""
+
+    def __init__(self, *, timeout: float = 30.0) -> None:
+        self.timeout = timeout
+
+    async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
+        return await DeviceHttps(dev, timeout=self.timeout).messages(base_url)
+
+
 def _json(data: bytes, what: str) -> dict[str, Any]:
     try:
         out = json.loads(data)
@@ -161,4 +233,4 @@ async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
     return bytes(buf)
 
 
-__all__ = ["TransferHttps"]
+__all__ = ["DeviceHttps", "DeviceMessages", "TransferHttps"]

@@ -92,7 +92,13 @@ class PeerClient:
             raise RuntimeError("use PeerClient in `async with`")
         try:
             async with self._session.request(method, url, ssl=self._ssl, **kw) as resp:
-                body = await resp.content.read(limit + 1)
+                # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
+                body = b""
+                while len(body) <= limit:
+                    chunk = await resp.content.read(limit + 1 - len(body))
+                    if not chunk:
+                        break
+                    body += chunk
                 if len(body) > limit:
                     raise TooLargeError(f"{url} answered more than {limit} bytes")
                 if resp.status == 200:
