@@ -43,14 +43,8 @@ from transfer import verify_costs
 
 sys.path.insert(0, str(REPO))  # the scenario's two-deployment setup lives with the tests
 
-from iotdlm.cli.fleet import drive, ready_devices, runner_for  # noqa: E402
-from iotdlm.clock import SystemClock  # noqa: E402
-from iotdlm.deployment import PASSPHRASE_ENV  # noqa: E402
-from iotdlm.pki.chain import certs_to_pem  # noqa: E402
-from iotdlm.transfer import status as st  # noqa: E402
-from iotdlm.transfer.agent import DeviceAgent  # noqa: E402
-from tests.integration.test_cm import ShiftClock  # noqa: E402
-from tests.scenarios.test_transfer_network import (  # noqa: E402
+from tests.integration.test_cm import ShiftClock
+from tests.scenarios.test_transfer_network import (
     FIRMWARE,
     PW,
     SP1_ID,
@@ -58,6 +52,13 @@ from tests.scenarios.test_transfer_network import (  # noqa: E402
     cli,
     open_side,
 )
+
+from iotdlm.cli.fleet import drive, ready_devices, runner_for
+from iotdlm.clock import SystemClock
+from iotdlm.deployment import PASSPHRASE_ENV
+from iotdlm.pki.chain import certs_to_pem
+from iotdlm.transfer import status as st
+from iotdlm.transfer.agent import DeviceAgent
 
 
 async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, list[Headline]]:
@@ -103,8 +104,10 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
             return now
 
         start = t = time.perf_counter()
-        said = await cli("transfer", "export", "--data", str(sp1.dep.root), "--peer-id", SP2_ID, "--peer-cert",
-                         str(sp2_cert), "--devices-file", str(fleet_file), "--reference", str(fw), "--serve")  # fmt: skip
+        said = await cli(
+            "transfer", "export", "--data", str(sp1.dep.root), "--peer-id", SP2_ID, "--peer-cert", str(sp2_cert),
+            "--devices-file", str(fleet_file), "--reference", str(fw), "--serve",
+        )  # fmt: skip
         tid = said.split("transfer ")[1].split(":")[0].strip()
         t = mark("SP1 `export --serve`: sign the UpdateInfoList, keep it at SP1's cm", t)
         ra = ["--ra-uri", f"{sp2.url}/transfer/attestation"] if attest else []
@@ -147,7 +150,9 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
         per = sec / n
         extra = ""
         if name.startswith("devices"):
-            extra = f"{per / cert_ms:.0f}x a raw cert sign; {per / verify_ms:.0f}x a raw CWT verify" if verify_ms else ""
+            extra = (
+                f"{per / cert_ms:.0f}x a raw cert sign; {per / verify_ms:.0f}x a raw CWT verify" if verify_ms else ""
+            )
         table_rows.append([name, f"{sec:.2f}", f"{per * 1000:.2f}", extra])
     table_rows.append([f"**total, {n} devices**", f"**{total:.1f}**", f"{total / n * 1000:.2f}",
                        f"{total / n / cert_ms:.0f}x a raw cert sign"])  # fmt: skip
@@ -193,8 +198,11 @@ async def main(args: argparse.Namespace) -> None:
         table, heads = await run(Path(d), n, attest=not args.no_attest, profile=args.profile)
     machine = ", ".join(f"{k}: {v}" for k, v in info.items())
     section = "\n\n".join(
-        [f"### Trust transfer of {n} devices over the network (HTTPS between cm's, NATS inside each)",
-         f"Machine: {machine}.", table]  # fmt: skip
+        [
+            f"### Trust transfer of {n} devices over the network (HTTPS between cm's, NATS inside each)",
+            f"Machine: {machine}.",
+            table,
+        ]
     )
     emit(section, args, heads)
 
