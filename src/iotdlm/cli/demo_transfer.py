@@ -15,20 +15,22 @@ revokes. Both ``transfer status`` tables and a one-line summary are printed.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import tomli_w
-from rich.text import Text
+from rich.table import Table
 
 from iotdlm.bus.server import free_port
 from iotdlm.cli.common import console
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.simulated import SimulatedDevice
-from iotdlm.errors import IotdlmError
+from iotdlm.errors import IotdlmError, UnavailableError, UntrustedError
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.est_proof import spki_sha256
 from iotdlm.pki.keys import Algorithm, check_public_key
@@ -107,7 +109,7 @@ def _create_sp2(root: Path, passphrase: str, sp1: Deployment, clock: Clock) -> t
     return dep, url
 
 
-async def transfer_fleet(  # noqa: PLR0915 -- one story, told in order
+async def transfer_fleet(
     sp1: Deployment,
     sp1_url: str,
     devices: Sequence[SimulatedDevice],
@@ -129,6 +131,15 @@ async def transfer_fleet(  # noqa: PLR0915 -- one story, told in order
         await supervisor.start(Mode.CERTIFICATE_MANAGEMENT, by="demo")
     try:
         console.print(f"8. SP2 deployment in {sp2.root}: cm at {sp2_url}; SP1's root and factory CA registered")
+        stay = [d for d in devices if not d.hardware.can_make_csr]
+        devices = [d for d in devices if d.hardware.can_make_csr]
+        if len(devices) < 2:
+            raise DemoStepError("the trust transfer needs two devices that can make a CSR: give --devices 3 or more")
+        if stay:
+            console.print(
+                f"   {len(stay)} device(s) cannot make a CSR (FR3: a new key pair made on the device with CA2) "
+                f"and stay with SP1; {len(devices)} are handed over"
+            )
         files = work / "transfer"
         files.mkdir(exist_ok=True)
         sp1_cert, sp2_cert, sp1_root = files / "sp1.pem", files / "sp2.pem", files / "sp1-root.pem"
@@ -170,9 +181,11 @@ async def transfer_fleet(  # noqa: PLR0915 -- one story, told in order
             f"it and sent the TransferMessage back; SP1 delivered {len(ids)} per-device message(s) at its cm"
         )
 
+        with console.status("   SP2's cm takes SP1's factory CA once its km answers"):
+            await _until_cm_trusts(sp2_url, devices[0], certs_to_pem([sp2.ca_certificate("root")]))
         with console.status("   the devices fetch, attest at SP2, update and re-enroll with CA2"):
             runners = [runner_for(d, clock, renew_at=2 / 3, timeout=60.0) for d in devices]
-            summary = await drive(runners, once=True, interval=1.0, progress=False)
+            await drive(runners, once=True, interval=1.0, progress=False)
         moved = [
             d for d in devices if (c := d.certificate("operational")) is not None
             and c.issuer == sp2.ca_certificate("operational").subject
@@ -180,44 +193,93 @@ async def transfer_fleet(  # noqa: PLR0915 -- one story, told in order
         new_keys = sum(1 for d in moved if key_of(d, "operational") != old_keys[d.device_id])
         console.print(
             f"   {len(moved)} device(s) attested at SP2, installed release 8 and re-enrolled with CA2 "
-            f"({new_keys} with a new key pair, FR3); {summary.to_json().get('counts', {})}"
+            f"({new_keys} with a new key pair, FR3)"
         )
+        reasons = await _fallback_reasons(sp1, tid, ids)
+        for device_id, why in reasons.items():
+            if device_id != bad.device_id:
+                console.print(f"   [red]{device_id} fell back too: {why}[/red]")
         back = bad.certificate("operational")
         with_sp1 = back is not None and back.issuer == sp1.ca_certificate("operational").subject
         console.print(
-            f"   {bad.device_id} runs other firmware: attestation at SP2 failed and it fell back to SP1"
-            + (" (still on its CA1 certificate)" if with_sp1 else " [red](but it left CA1: this is a bug)[/red]")
+            f"   {bad.device_id} runs other firmware: attestation at SP2 failed and it fell back to SP1 "
+            + ("(still on its CA1 certificate)" if with_sp1 else "[red](but it left CA1: this is a bug)[/red]")
+            + f": {reasons.get(bad.device_id, 'no fallback reported')}"
         )
 
         with console.status("   SP2 confirms --send; CA1 revokes the moved devices' certificates"):
             said = await iotdlm("transfer", "confirm", "--data", str(sp2.root), "--transfer", tid,
                                 "--send", sp1_url, "--cacert", str(sp1_root))  # fmt: skip
         console.print(f"   SP2 confirms to SP1: {said.strip().splitlines()[-1] if said.strip() else ''}")
-        for who, root in (("SP1", sp1.root), ("SP2", sp2.root)):
-            table = await iotdlm("transfer", "status", "--data", str(root), "--transfer", tid)
-            console.print(f"   transfer status at {who}:")
-            console.print(Text(table.rstrip("\n")))
-        revoked = await _count(sp1, tid, "sp1", ids, st.REVOKED_AT_CA1)
-        fell_back = await _count(sp1, tid, "sp1", ids, st.FAILED_FALLBACK)
-        enrolled = await _count(sp2, tid, "sp2", ids, st.ENROLLED)
+        rows1, rows2 = await _rows(sp1, tid, "sp1", ids), await _rows(sp2, tid, "sp2", ids)
+        table = Table("device", "at SP1 (CA1)", "at SP2 (CA2)", title=f"transfer status {tid}")
+        for device_id in ids:
+            table.add_row(device_id, rows1.get(device_id, "-"), rows2.get(device_id, "-"))
+        console.print(table)
+        revoked = sum(1 for v in rows1.values() if v == st.REVOKED_AT_CA1)
+        fell_back = sum(1 for v in rows1.values() if v == st.FAILED_FALLBACK)
+        enrolled = sum(1 for v in rows2.values() if v == st.ENROLLED)
         console.print(
-            f"8. trust transfer over the network: {enrolled} of {len(ids)} device(s) enrolled with CA2, "
-            f"{revoked} revoked-at-CA1, {fell_back} failed-fallback (back with SP1)"
+            f"8. trust transfer over the network: {enrolled} of {len(ids)} device(s) enrolled with CA2 "
+            f"(new keys), {revoked} revoked-at-CA1, {fell_back} failed-fallback (back with SP1)"
         )
     finally:
         with console.status("stopping SP2"):
             await supervisor.stop()
 
 
-async def _count(dep: Deployment, tid: str, role: str, ids: Sequence[str], status: str) -> int:
+async def _rows(dep: Deployment, tid: str, role: str, ids: Sequence[str]) -> dict[str, str]:
+    """The per-device status this provider records (what ``transfer status --devices`` lists)."""
     from iotdlm.runtime import open_store
 
-    def count() -> int:
+    def read() -> dict[str, str]:
         store = open_store(dep)
         try:
-            rows = store.get_transfer_devices(role, tid, list(ids))
-            return sum(1 for r in rows.values() if r.status == status)
+            return {d: r.status for d, r in store.get_transfer_devices(role, tid, list(ids)).items()}
         finally:
             store.close()
 
-    return await asyncio.to_thread(count)
+    return await asyncio.to_thread(read)
+
+
+async def _fallback_reasons(dep: Deployment, tid: str, ids: Sequence[str]) -> dict[str, str]:
+    """SP1's rows: why each device that fell back says it did."""
+    from iotdlm.runtime import open_store
+
+    def read() -> dict[str, str]:
+        store = open_store(dep)
+        try:
+            rows = store.get_transfer_devices("sp1", tid, list(ids))
+        finally:
+            store.close()
+        out = {}
+        for device_id, row in rows.items():
+            try:
+                why = json.loads(row.detail or "{}").get("fallback")
+            except ValueError:
+                why = None
+            if why:
+                out[device_id] = str(why)
+        return out
+
+    return await asyncio.to_thread(read)
+
+
+async def _until_cm_trusts(url: str, dev: SimulatedDevice, anchor_pem: bytes, wait: float = 90.0) -> None:
+    """Until SP2's cm accepts the device's factory certificate in the TLS handshake (cm loads the
+    registered factory CAs from km after it starts; a device that came earlier would be refused)."""
+    from iotdlm.device.est_client import EstClient
+
+    cert_pem, key_pem = dev.tls_identity("factory")
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            async with EstClient(
+                url, trust_anchor_pem=anchor_pem, client_cert_pem=cert_pem, client_key_pem=key_pem, timeout=10.0
+            ) as est:
+                await est.cacerts()
+            return
+        except (UnavailableError, UntrustedError):  # UntrustedError: the TLS handshake refused the certificate
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
