@@ -4,6 +4,7 @@ fleet's trust transfer to a second deployment (its own NATS, km, cm) over the ne
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     data = tmp_path / "site"
     env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):  # a worktree's sources, as the suite runs them
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     out = subprocess.run(
         [sys.executable, "-m", "iotdlm.cli.main", "demo", "--data", str(data), "--devices", "5"],
         capture_output=True,
@@ -52,13 +55,16 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     assert "the measured firmware differs from the reference agreed with SP1" in text
     assert "fell back too" not in text
     assert "SP1: 2 device(s) revoked-at-CA1" in text
-    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("│ polarfire-soc-000")}
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if "at SP1 (CA1)" in line)
+    table = lines[head - 2 : head + 6]  # the title, the box and its header, three rows, the bottom
+    rows = {line.split()[1]: line for line in table if line.startswith("│ polarfire-soc-000")}
     assert set(rows) >= {"polarfire-soc-0000", "polarfire-soc-0002", "polarfire-soc-0004"}, text
     for moved in ("polarfire-soc-0000", "polarfire-soc-0002"):
         assert "revoked-at-CA1" in rows[moved]
         assert "enrolled" in rows[moved]
     assert rows["polarfire-soc-0004"].count("failed-fallback") == 2
-    table = [*rows.values(), *(line for line in text.splitlines() if "at SP1 (CA1)" in line)]
+    assert table[-1].startswith("└"), table
     assert max(len(line) for line in table) <= 80  # the transfer's table fits 80 columns
     assert (
         "8. trust transfer over the network: 2 of 3 device(s) enrolled with CA2 (new keys), 2 revoked-at-CA1, "

@@ -204,8 +204,8 @@ async def transfer_fleet(
         console.print(
             f"   {bad.device_id} runs other firmware: attestation at SP2 failed and it fell back to SP1 "
             + ("(still on its CA1 certificate)" if with_sp1 else "[red](but it left CA1: this is a bug)[/red]")
-            + f": {reasons.get(bad.device_id, 'no fallback reported')}"
         )
+        console.print(f"   its report to SP1's fallback route: {reasons.get(bad.device_id, 'none came')}")
 
         with console.status("   SP2 confirms --send; CA1 revokes the moved devices' certificates"):
             said = await iotdlm("transfer", "confirm", "--data", str(sp2.root), "--transfer", tid,
