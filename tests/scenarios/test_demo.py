@@ -47,7 +47,10 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     assert "2 device(s) cannot make a CSR" in text
     assert "SP1 exported 3 device(s)" in text
     assert "SP1 delivered 3 per-device message(s) at its cm" in text
-    assert "2 device(s) attested at SP2, installed release 8 and re-enrolled with CA2 (2 with a new key pair" in text
+    assert (
+        "2 device(s) attested at SP2 and re-enrolled with CA2 (2 with a new key pair, FR3; 2 with SP2's release 8 "
+        "installed first)" in text
+    )
     assert (
         "polarfire-soc-0004 runs other firmware: attestation at SP2 failed and it fell back to SP1 "
         "(still on its CA1 certificate)" in text

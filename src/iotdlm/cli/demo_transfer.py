@@ -9,12 +9,14 @@ ports, under its own supervisor) registers SP1's permanent CA; SP1 exports --ser
 --from --send and publishes its update; SP1 delivers; each device fetches its message at SP1's cm,
 attests at SP2 -- one runs other firmware than the reference, fails attestation and falls back to
 SP1 -- the rest update and re-enroll with CA2 for a NEW key (FR3); SP2 confirms --send; CA1
-revokes. Both ``transfer status`` tables and a one-line summary are printed.
+revokes. A table of each device's status at both providers (what ``transfer status --devices``
+lists at each) and a one-line summary close it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sys
@@ -191,9 +193,10 @@ async def transfer_fleet(
             and c.issuer == sp2.ca_certificate("operational").subject
         ]  # fmt: skip
         new_keys = sum(1 for d in moved if key_of(d, "operational") != old_keys[d.device_id])
+        updated = sum(1 for d in moved if d.image_sha256("slot-b") == hashlib.sha256(UPDATE).hexdigest())
         console.print(
-            f"   {len(moved)} device(s) attested at SP2, installed release 8 and re-enrolled with CA2 "
-            f"({new_keys} with a new key pair, FR3)"
+            f"   {len(moved)} device(s) attested at SP2 and re-enrolled with CA2 ({new_keys} with a new key "
+            f"pair, FR3; {updated} with SP2's release 8 installed first)"
         )
         reasons = await _fallback_reasons(sp1, tid, ids)
         for device_id, why in reasons.items():
