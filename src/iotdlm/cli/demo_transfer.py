@@ -125,7 +125,6 @@ async def transfer_fleet(
     from iotdlm.modes.table import Mode
     from iotdlm.supervisor.supervisor import Supervisor
     from iotdlm.transfer import status as st
-    from iotdlm.transfer.identity import load_identity
 
     with console.status("8. trust transfer: starting SP2 (its own NATS, km and cm)"):
         sp2, sp2_url = await asyncio.to_thread(_create_sp2, sp1.root / "sp2", passphrase, sp1, clock)
@@ -144,44 +143,13 @@ async def transfer_fleet(
             )
         files = work / "transfer"
         files.mkdir(exist_ok=True)
-        sp1_cert, sp2_cert, sp1_root = files / "sp1.pem", files / "sp2.pem", files / "sp1-root.pem"
-        sp1_cert.write_bytes(certs_to_pem([load_identity(sp1.root).certificate]))
-        sp2_cert.write_bytes(certs_to_pem([load_identity(sp2.root).certificate]))
-        sp1_root.write_bytes(certs_to_pem([sp1.ca_certificate("root")]))
-        update, other = files / "release-8.bin", files / "other.bin"
-        update.write_bytes(UPDATE)
+        other = files / "other.bin"
         other.write_bytes(OTHER_FIRMWARE)
         ids = [d.device_id for d in devices]
-        fleet_file = files / "fleet.txt"
-        fleet_file.write_text("\n".join(ids) + "\n")
         bad = devices[-1]
         bad.write_image("slot-a", other, {"version": "7"})  # not what SP1 flashed: attestation will tell
         old_keys = {d.device_id: key_of(d, "operational") for d in devices}
-        # pm flashed km's chain; SP1's transfer certificate and its CA go beside it, as `fleet run`'s
-        # factory line flashes them once `transfer init` made them (the messages name it by x5t)
-        chain = load_identity(sp1.root).chain
-        for d in devices:
-            d.write_truststore([*d.truststore(), *(c for c in chain if c not in d.truststore())])
-
-        with console.status("   SP1 exports --serve; SP2 accepts --from --send; SP1 delivers"):
-            said = await iotdlm(
-                "transfer", "export", "--data", str(sp1.root), "--peer-id", SP2_ID, "--peer-cert", str(sp2_cert),
-                "--devices-file", str(fleet_file), "--reference", str(reference), "--serve",
-            )  # fmt: skip
-            tid = said.split("transfer ")[1].split(":")[0].strip()
-            await iotdlm(
-                "transfer", "accept", "--data", str(sp2.root), "--from", sp1_url, "--transfer", tid,
-                "--cacert", str(sp1_root), "--peer-id", SP1_ID, "--peer-cert", str(sp1_cert),
-                "--ra-uri", f"{sp2_url}/transfer/attestation", "--update-uri", f"{sp2_url}/transfer/update",
-                "--update-first", "--send",
-            )  # fmt: skip
-            await iotdlm("transfer", "publish-update", "--data", str(sp2.root), "--transfer", tid,
-                         "--image", str(update), "--version", "8")  # fmt: skip
-            await iotdlm("transfer", "deliver", "--data", str(sp1.root), "--transfer", tid)
-        console.print(
-            f"   transfer {tid}: SP1 exported {len(ids)} device(s) and served the UpdateInfoList; SP2 accepted "
-            f"it and sent the TransferMessage back; SP1 delivered {len(ids)} per-device message(s) at its cm"
-        )
+        tid, sp1_root = await _hand_over(sp1, sp1_url, sp2, sp2_url, devices, reference, files)
 
         with console.status("   SP2's cm takes SP1's factory CA once its km answers"):
             await _until_cm_trusts(sp2_url, devices[0], certs_to_pem([sp2.ca_certificate("root")]))
@@ -286,3 +254,53 @@ async def _until_cm_trusts(url: str, dev: SimulatedDevice, anchor_pem: bytes, wa
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+async def _hand_over(
+    sp1: Deployment,
+    sp1_url: str,
+    sp2: Deployment,
+    sp2_url: str,
+    devices: Sequence[SimulatedDevice],
+    reference: Path,
+    files: Path,
+) -> tuple[str, Path]:
+    """The operators: SP1 export --serve, SP2 accept --from --send and publish-update, SP1 deliver.
+    Returns the transfer id and SP1's root (PEM file)."""
+    from iotdlm.transfer.identity import load_identity
+
+    sp1_cert, sp2_cert, sp1_root = files / "sp1.pem", files / "sp2.pem", files / "sp1-root.pem"
+    sp1_cert.write_bytes(certs_to_pem([load_identity(sp1.root).certificate]))
+    sp2_cert.write_bytes(certs_to_pem([load_identity(sp2.root).certificate]))
+    sp1_root.write_bytes(certs_to_pem([sp1.ca_certificate("root")]))
+    update = files / "release-8.bin"
+    update.write_bytes(UPDATE)
+    ids = [d.device_id for d in devices]
+    fleet_file = files / "fleet.txt"
+    fleet_file.write_text("\n".join(ids) + "\n")
+    # pm flashed km's chain; SP1's transfer certificate and its CA go beside it, as `fleet run`'s
+    # factory line flashes them once `transfer init` made them (the messages name it by x5t)
+    chain = load_identity(sp1.root).chain
+    for d in devices:
+        d.write_truststore([*d.truststore(), *(c for c in chain if c not in d.truststore())])
+
+    with console.status("   SP1 exports --serve; SP2 accepts --from --send; SP1 delivers"):
+        said = await iotdlm(
+            "transfer", "export", "--data", str(sp1.root), "--peer-id", SP2_ID, "--peer-cert", str(sp2_cert),
+            "--devices-file", str(fleet_file), "--reference", str(reference), "--serve",
+        )  # fmt: skip
+        tid = said.split("transfer ")[1].split(":")[0].strip()
+        await iotdlm(
+            "transfer", "accept", "--data", str(sp2.root), "--from", sp1_url, "--transfer", tid,
+            "--cacert", str(sp1_root), "--peer-id", SP1_ID, "--peer-cert", str(sp1_cert),
+            "--ra-uri", f"{sp2_url}/transfer/attestation", "--update-uri", f"{sp2_url}/transfer/update",
+            "--update-first", "--send",
+        )  # fmt: skip
+        await iotdlm("transfer", "publish-update", "--data", str(sp2.root), "--transfer", tid,
+                     "--image", str(update), "--version", "8")  # fmt: skip
+        await iotdlm("transfer", "deliver", "--data", str(sp1.root), "--transfer", tid)
+    console.print(
+        f"   transfer {tid}: SP1 exported {len(ids)} device(s) and served the UpdateInfoList; SP2 accepted "
+        f"it and sent the TransferMessage back; SP1 delivered {len(ids)} per-device message(s) at its cm"
+    )
+    return tid, sp1_root
