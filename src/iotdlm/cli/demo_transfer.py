@@ -124,7 +124,6 @@ async def transfer_fleet(
     from iotdlm.cli.fleet import drive, runner_for
     from iotdlm.modes.table import Mode
     from iotdlm.supervisor.supervisor import Supervisor
-    from iotdlm.transfer import status as st
 
     with console.status("8. trust transfer: starting SP2 (its own NATS, km and cm)"):
         sp2, sp2_url = await asyncio.to_thread(_create_sp2, sp1.root / "sp2", passphrase, sp1, clock)
@@ -182,18 +181,7 @@ async def transfer_fleet(
             said = await iotdlm("transfer", "confirm", "--data", str(sp2.root), "--transfer", tid,
                                 "--send", sp1_url, "--cacert", str(sp1_root))  # fmt: skip
         console.print(f"   SP2 confirms to SP1: {said.strip().splitlines()[-1] if said.strip() else ''}")
-        rows1, rows2 = await _rows(sp1, tid, "sp1", ids), await _rows(sp2, tid, "sp2", ids)
-        table = Table("device", "at SP1 (CA1)", "at SP2 (CA2)", title=f"transfer status {tid}")
-        for device_id in ids:
-            table.add_row(device_id, rows1.get(device_id, "-"), rows2.get(device_id, "-"))
-        console.print(table)
-        revoked = sum(1 for v in rows1.values() if v == st.REVOKED_AT_CA1)
-        fell_back = sum(1 for v in rows1.values() if v == st.FAILED_FALLBACK)
-        enrolled = sum(1 for v in rows2.values() if v == st.ENROLLED)
-        console.print(
-            f"8. trust transfer over the network: {enrolled} of {len(ids)} device(s) enrolled with CA2 "
-            f"(new keys), {revoked} revoked-at-CA1, {fell_back} failed-fallback (back with SP1)"
-        )
+        await _report(sp1, sp2, tid, ids)
     finally:
         with console.status("stopping SP2"):
             await supervisor.stop()
@@ -304,3 +292,21 @@ async def _hand_over(
         f"it and sent the TransferMessage back; SP1 delivered {len(ids)} per-device message(s) at its cm"
     )
     return tid, sp1_root
+
+
+async def _report(sp1: Deployment, sp2: Deployment, tid: str, ids: Sequence[str]) -> None:
+    """Each device's status at both providers (a table that fits 80 columns) and the one-line summary."""
+    from iotdlm.transfer import status as st
+
+    rows1, rows2 = await _rows(sp1, tid, "sp1", ids), await _rows(sp2, tid, "sp2", ids)
+    table = Table("device", "at SP1 (CA1)", "at SP2 (CA2)", title=f"transfer status {tid}")
+    for device_id in ids:
+        table.add_row(device_id, rows1.get(device_id, "-"), rows2.get(device_id, "-"))
+    console.print(table)
+    revoked = sum(1 for v in rows1.values() if v == st.REVOKED_AT_CA1)
+    fell_back = sum(1 for v in rows1.values() if v == st.FAILED_FALLBACK)
+    enrolled = sum(1 for v in rows2.values() if v == st.ENROLLED)
+    console.print(
+        f"8. trust transfer over the network: {enrolled} of {len(ids)} device(s) enrolled with CA2 "
+        f"(new keys), {revoked} revoked-at-CA1, {fell_back} failed-fallback (back with SP1)"
+    )
