@@ -1,8 +1,10 @@
 """`iotdlm demo` end to end, as a user runs it: a real process tree under the modes supervisor
-(NATS, km, sm, pm, cm), a vendor repository, simulated devices, EST and OCSP over HTTP."""
+(NATS, km, sm, pm, cm), a vendor repository, simulated devices, EST and OCSP over HTTP, then the
+fleet's trust transfer to a second deployment (its own NATS, km, cm) over the network."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +12,17 @@ from pathlib import Path
 import pytest
 
 
+# real_clock: the demo verifies cm's TLS certificates with OpenSSL, at the machine's clock; its
+# processes get no IOTDLM_CLOCK_OFFSET (env below), so make test-future would only repeat this run
 @pytest.mark.nats
+@pytest.mark.real_clock
 def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     data = tmp_path / "site"
     env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):  # a worktree's sources, as the suite runs them
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     out = subprocess.run(
-        [sys.executable, "-m", "iotdlm.cli.main", "demo", "--data", str(data), "--devices", "4"],
+        [sys.executable, "-m", "iotdlm.cli.main", "demo", "--data", str(data), "--devices", "5"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -25,8 +32,8 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "3. sm stored polarfire-soc release 7" in text
-    assert "4. software flashed into 4 devices" in text
-    assert text.count("complete") == 4
+    assert "4. software flashed into 5 devices" in text
+    assert text.count("complete") == 5
     assert "CSR made on the device" in text
     assert "CRMF raVerified by pm" in text
     assert "a cm-signed request for a device certificate: refused" in text
@@ -34,6 +41,38 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     assert "OCSP through cm at once: revoked" in text
     assert "audit log:" in text
     assert "intact" in text
+    # 8. the trust transfer over the network: devices 0000, 0002, 0004 make CSRs and are handed over;
+    # 0004 runs other firmware and falls back; the other two move to CA2 with new keys
+    assert "SP1's root and factory CA registered" in text
+    assert "2 device(s) cannot make a CSR" in text
+    assert "SP1 exported 3 device(s)" in text
+    assert "SP1 delivered 3 per-device message(s) at its cm" in text
+    assert (
+        "2 device(s) attested at SP2 and re-enrolled with CA2 (2 with a new key pair, FR3; 2 with SP2's release 8 "
+        "installed first)" in text
+    )
+    assert (
+        "polarfire-soc-0004 runs other firmware: attestation at SP2 failed and it fell back to SP1 "
+        "(still on its CA1 certificate)" in text
+    )
+    assert "the measured firmware differs from the reference agreed with SP1" in text
+    assert "fell back too" not in text
+    assert "SP1: 2 device(s) revoked-at-CA1" in text
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if "at SP1 (CA1)" in line)
+    table = lines[head - 2 : head + 6]  # the title, the box and its header, three rows, the bottom
+    rows = {line.split()[1]: line for line in table if line.startswith("│ polarfire-soc-000")}
+    assert set(rows) >= {"polarfire-soc-0000", "polarfire-soc-0002", "polarfire-soc-0004"}, text
+    for moved in ("polarfire-soc-0000", "polarfire-soc-0002"):
+        assert "revoked-at-CA1" in rows[moved]
+        assert "enrolled" in rows[moved]
+    assert rows["polarfire-soc-0004"].count("failed-fallback") == 2
+    assert table[-1].startswith("└"), table
+    assert max(len(line) for line in table) <= 80  # the transfer's table fits 80 columns
+    assert (
+        "8. trust transfer over the network: 2 of 3 device(s) enrolled with CA2 (new keys), 2 revoked-at-CA1, "
+        "1 failed-fallback (back with SP1)" in text
+    )
     # the deployment was kept: the CLI reads what the demo recorded
     listed = subprocess.run(
         [sys.executable, "-m", "iotdlm.cli.main", "ca", "list", "--data", str(data), "--profile", "factory"],
@@ -44,4 +83,16 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
         env=env,
     )
     assert listed.returncode == 0, listed.stderr
-    assert "4 of 4 shown" in listed.stdout
+    assert "5 of 5 shown" in listed.stdout
+    for folder, expected in ((data, "revoked-at-CA1"), (data / "sp2", "enrolled")):
+        status = subprocess.run(
+            [sys.executable, "-m", "iotdlm.cli.main", "transfer", "status", "--data", str(folder), "--devices"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert expected in status.stdout
+        assert "failed-fallback" in status.stdout

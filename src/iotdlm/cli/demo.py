@@ -11,6 +11,9 @@
 6. certificate-management (cm + km): a device re-enrolls over EST through cm; OCSP through cm says
    good, then revoked after the operator revokes it.
 7. The audit log verifies.
+8. Trust transfer over the network (issue 13): the fleet moves to a second deployment (SP2, its own
+   NATS, km and cm); one device with other firmware fails attestation and falls back to SP1
+   (:mod:`iotdlm.cli.demo_transfer`).
 Every service is its own OS process under the modes supervisor.
 """
 
@@ -33,6 +36,7 @@ from rich.table import Table
 
 from iotdlm.bus.server import free_port
 from iotdlm.cli.common import console, handle_errors, run
+from iotdlm.cli.demo_transfer import init_sp1, transfer_fleet
 from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import SystemClock
@@ -103,6 +107,7 @@ async def run_demo(data: Path | None, devices: int) -> None:
     console.rule("[bold]iotdlm demo[/bold]: the device lifecycle, end to end")
 
     dep = _create_deployment(data, passphrase, http_port, clock)
+    init_sp1(dep, f"https://127.0.0.1:{https_port}", clock, passphrase.encode())  # before km starts
 
     vendor = VendorRepository.init(work / "vendor", now=clock.now(), report_ca=dep.root / "ca" / "service.pem")
     image = work / "firmware-7.bin"
@@ -116,6 +121,15 @@ async def run_demo(data: Path | None, devices: int) -> None:
             await _software_to_certificates(dep, supervisor, repo_server, vendor, devices)
             await _field(dep, supervisor, bench, https_port, http_port, EstClient, aiohttp)
             _verify_audit(dep)
+            await transfer_fleet(
+                dep,
+                f"https://127.0.0.1:{https_port}",
+                [SimulatedDevice(bench / f"{DTYPE}-{i:04d}") for i in range(devices)],
+                image,
+                work,
+                passphrase,
+                clock,
+            )
         finally:
             with console.status("stopping the services"):
                 await supervisor.stop()
