@@ -22,7 +22,7 @@ COMMANDS: dict[str, Lazy] = {
     "nats": Lazy("iotdlm.cli.nats_server:nats", "The embedded NATS server (loopback only, one user per module)."),
     "km": Lazy(
         "iotdlm.cli.km:km",
-        "km: certificate authority, registration authority and (later) validation authority.",
+        "km: certificate, registration and validation authority (issue, refuse, revoke; CRLs and OCSP).",
     ),
     "ca": Lazy("iotdlm.cli.ca:ca", "Operate the CA directly from the data folder (the operator's tools)."),
     "device": Lazy(
@@ -48,23 +48,26 @@ COMMANDS: dict[str, Lazy] = {
     ),
     "sm": Lazy(
         "iotdlm.cli.sm:sm",
-        "sm: software management (Algorithm 2): check the vendor repository, verify, store for pm.",
+        "sm: software management: check the vendor repository, verify what it offers, store it for pm.",
     ),
     "cm": Lazy("iotdlm.cli.cm:cm", "cm: the only door to the outside -- EST, OCSP and CRLs in, sm's downloads out."),
     "pm": Lazy(
         "iotdlm.cli.pm:pm",
         "pm: the provisioning module -- flash verified software, truststore, config and device certificates "
-        "into blank devices of one device type (Algorithm 1; Figs 3-5).",
+        "into blank devices of one device type.",
     ),
     "transfer": Lazy(
         "iotdlm.cli.transfer:transfer",
-        "Trust transfer: hand a fleet over to another provider (SP1) or take one over (SP2).",
+        "Trust transfer: hand your fleet over to a new provider (you are SP1) or take one over (you are SP2).",
     ),
     "up": Lazy(
         "iotdlm.cli.modes:up",
-        "Start NATS and the services of a mode (Table 1); supervise them until Ctrl-C / SIGTERM.",
+        "Start NATS and the services a mode runs; supervise them until Ctrl-C / SIGTERM.",
     ),
-    "mode": Lazy("iotdlm.cli.modes:mode", "The operation mode (the paper's Table 1): which modules run."),
+    "mode": Lazy(
+        "iotdlm.cli.modes:mode",
+        "The operation mode: which modules run (provisioning, software or certificate management).",
+    ),
     "status": Lazy(
         "iotdlm.cli.modes:status", "The operation mode and each service's health (pid, running, restarts, uptime)."
     ),

@@ -59,7 +59,7 @@ def _log_to_file(data: Path) -> logging.Handler:
 @click.option(
     "--with-sm/--without-sm",
     default=None,
-    help="Run sm in provisioning-software (Table 1: optional). Default: as last time, else without.",
+    help="Run sm in provisioning-software (optional there). Default: as last time, else without.",
 )
 @click.option(
     "--commands",
@@ -71,7 +71,7 @@ def _log_to_file(data: Path) -> logging.Handler:
 )
 @handle_errors
 def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: Path | None) -> None:
-    """Start NATS and the services of a mode (Table 1); supervise them until Ctrl-C / SIGTERM.
+    """Start NATS and the services a mode runs; supervise them until Ctrl-C / SIGTERM.
 
     Each service is its own process, logging to DATA/logs/<service>.log; a crashed one is
     restarted with backoff. Stopping stops everything in reverse order.
@@ -139,7 +139,7 @@ def _no_supervisor(data: Path, exc: UnavailableError) -> None:
 
 @click.group("mode")
 def mode() -> None:
-    """The operation mode (the paper's Table 1): which modules run."""
+    """The operation mode: which modules run (provisioning, software or certificate management)."""
 
 
 @mode.command("set")

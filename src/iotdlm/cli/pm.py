@@ -52,10 +52,10 @@ def _profiles(text: str | None) -> list[str] | None:
 @click.group("pm", context_settings={"help_option_names": ["-h", "--help"]})
 def pm() -> None:
     """pm: the provisioning module -- flash verified software, truststore, config and device
-    certificates into blank devices of one device type (Algorithm 1; Figs 3-5)."""
+    certificates into blank devices of one device type."""
 
 
-_dtype_option = click.option("--dtype", required=True, help="Device type (one pm per dtype).")
+_dtype_option = click.option("--dtype", required=True, help="Device type (one pm per device type).")
 _bench_option = click.option(
     "--bench",
     type=click.Path(path_type=Path, file_okay=False),
@@ -75,7 +75,7 @@ _flasher_option = click.option(
 @data_option
 @_dtype_option
 @click.option("--profiles", default=None, help="Certificates to issue: factory, operational or both (comma-separated).")
-@click.option("--enroll-uri", default=None, help="CA-URI flashed into devices: cm's EST URL.")
+@click.option("--enroll-uri", default=None, help="cm's EST URL, flashed into devices (where they enroll).")
 @click.option("--update-uri", default=None, help="Where devices ask for software updates.")
 @_bench_option
 @_flasher_option
@@ -91,7 +91,7 @@ def setup(
     flasher_config: Path | None,
     release_counter: int | None,
 ) -> None:
-    """Write pm's configuration for a dtype (DATA/pm/<dtype>/config.toml); unchanged fields are kept."""
+    """Write pm's configuration for a device type (DATA/pm/TYPE/config.toml); unchanged fields are kept."""
     import msgspec
 
     from iotdlm.pm import config as pmconfig
@@ -260,8 +260,8 @@ def provision(
     force: bool,
     profiles: str | None,
 ) -> None:
-    """Provision blank devices on the bench, in this process as pm-<dtype>: verified software
-    (Algorithm 1), truststore, config, device certificates from km; then read back and verify.
+    """Provision blank devices on the bench, in this process as pm-TYPE: verified software
+    (checked again before flashing), truststore, config, device certificates from km; then read back and verify.
 
     Needs NATS, km and sm running, and cm off. Exit code 4 when any device failed or was refused.
     """
@@ -293,7 +293,7 @@ def provision(
 def request(
     data: Path, dtype: str, devices: tuple[str, ...], operator: str | None, force: bool, timeout: float
 ) -> None:
-    """Ask the running pm service of a dtype (`iotdlm up`) to provision, as the operator (admin).
+    """Ask the running pm service of a device type (`iotdlm up`) to provision, as the operator (admin).
 
     Exit code 4 when any device failed or was refused."""
     from iotdlm.pm import config as pmconfig
@@ -373,7 +373,7 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
 @_flasher_option
 @handle_errors
 def serve(data: Path, dtype: str, bench: Path | None, flasher_config: Path | None) -> None:
-    """Run pm for one dtype on NATS (iotdlm.v1.pm.<dtype>.provision / .status), held to the operation mode."""
+    """Run pm for one device type on NATS (iotdlm.v1.pm.TYPE.provision / .status), held to the operation mode."""
     run(_serve(data, dtype, bench, flasher_config))
 
 
@@ -423,7 +423,7 @@ def records(data: Path, dtype: str | None, status: str | None, limit: int, offse
 @_dtype_option
 @handle_errors
 def status(data: Path, dtype: str) -> None:
-    """Whether pm-<dtype> is halted by an alarm, and its provisioning records per status."""
+    """Whether pm-TYPE is halted by an alarm, and its provisioning records per status."""
     from iotdlm.pm.alarm import read_alarm
     from iotdlm.pm.config import open_store
 
@@ -481,7 +481,7 @@ def bench_group() -> None:
     show_default=True,
     help="Every K-th device cannot make a CSR (it hands over its public key; pm builds CRMF). 0: none.",
 )
-@click.option("--prefix", default=None, help="Device id prefix (default: the dtype).")
+@click.option("--prefix", default=None, help="Device id prefix (default: the device type).")
 @click.option("--start", type=click.IntRange(0), default=1, show_default=True, help="First device number.")
 @click.option(
     "--algorithm",

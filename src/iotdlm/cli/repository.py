@@ -262,7 +262,7 @@ def status(repo_dir: Path) -> None:
 @_dir_option
 @handle_errors
 def reports(repo_dir: Path) -> None:
-    """Download reports received from sm (paper 4.4.5)."""
+    """Download reports received from sm: which deployment verified and stored which release."""
     table = Table(title="reports")
     for col in ("received", "reporter", "dtype", "release counter", "target", "sha256"):
         table.add_column(col)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def sm() -> None:
-    """sm: software management (Algorithm 2): check the vendor repository, verify, store for pm."""
+    """sm: software management: check the vendor repository, verify what it offers, store it for pm."""
 
 
 def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
@@ -53,7 +53,10 @@ def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
     help="The repository's root metadata (1.root.json), obtained out of band: the trust anchor (pk_repo).",
 )
 @click.option(
-    "--dtype", "dtypes", multiple=True, help="A device type to manage. Repeatable. Default: the deployment's dtypes."
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    help="A device type to manage. Repeatable. Default: the deployment's device types.",
 )
 @click.option(
     "--ca-bundle",
@@ -68,7 +71,11 @@ def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
     "Default: connect directly.",
 )
 @click.option(
-    "--poll-interval", type=int, default=3600, show_default=True, help="Seconds between checks of each dtype (serve)."
+    "--poll-interval",
+    type=int,
+    default=3600,
+    show_default=True,
+    help="Seconds between checks of each device type (serve).",
 )
 @click.option("--max-image-bytes", type=int, default=None, help="Refuse images larger than this many bytes.")
 @handle_errors
@@ -82,7 +89,7 @@ def setup(
     poll_interval: int,
     max_image_bytes: int | None,
 ) -> None:
-    """Configure sm: repository URL, pinned root, dtypes; create the sm-pm key (DIR/secrets/sm-pm.key)."""
+    """Configure sm: repository URL, pinned root, device types; create the sm-pm key (DIR/secrets/sm-pm.key)."""
     dep = Deployment.load(data)
     chosen = list(dtypes) or list(dep.config.dtypes)
     cfg = smconfig.setup(
@@ -119,7 +126,7 @@ def _describe(r: CheckResult) -> tuple[str, str]:
 
 @sm.command("check")
 @data_option
-@click.option("--dtype", "dtypes", multiple=True, help="Check only this dtype. Repeatable. Default: all managed.")
+@click.option("--dtype", "dtypes", multiple=True, help="Check only this device type. Repeatable. Default: all managed.")
 @handle_errors
 def check(data: Path, dtypes: tuple[str, ...]) -> None:
     """Check the repository now; download, verify and store any newer release (progress bar)."""
@@ -167,7 +174,7 @@ def check(data: Path, dtypes: tuple[str, ...]) -> None:
 
 @sm.command("list")
 @data_option
-@click.option("--dtype", default=None, help="Only this dtype.")
+@click.option("--dtype", default=None, help="Only this device type.")
 @handle_errors
 def list_cmd(data: Path, dtype: str | None) -> None:
     """List the software stored in the local repository."""
@@ -187,10 +194,10 @@ def list_cmd(data: Path, dtype: str | None) -> None:
 @data_option
 @click.argument("dtype")
 @click.argument("counter", type=int, required=False)
-@click.option("--no-verify", is_flag=True, help="Do not run Algorithm 1 on the stored files.")
+@click.option("--no-verify", is_flag=True, help="Do not verify the stored files.")
 @handle_errors
 def show(data: Path, dtype: str, counter: int | None, no_verify: bool) -> None:
-    """Show one stored version (default: the latest) and verify it as pm will (Algorithm 1)."""
+    """Show one stored version (default: the latest) and verify it as pm will before flashing it."""
     from iotdlm.sm.local import LocalRepository
 
     local = LocalRepository(smconfig.sm_dir(data))
