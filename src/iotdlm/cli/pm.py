@@ -495,13 +495,13 @@ def bench_make(
     folder: Path, dtype: str, count: int, no_csr_every: int, prefix: str | None, start: int, algorithm: str
 ) -> None:
     """Manufacture simulated blank devices (an id on the sticker, empty flash) for demos and tests."""
-    from iotdlm.device.simulated import SimulatedDevice
+    from iotdlm.device.simulated import SimulatedDevice, bench_device_id
 
     prefix = prefix or dtype
     made = 0
     without_csr = 0
     for i in range(start, start + count):
-        device_id = f"{prefix}-{i:05d}"
+        device_id = bench_device_id(prefix, i)
         can_csr = not (no_csr_every and (i - start + 1) % no_csr_every == 0)
         try:
             SimulatedDevice.manufacture(
