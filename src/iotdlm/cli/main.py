@@ -8,6 +8,7 @@ click. Run as ``iotdlm`` or ``python -m iotdlm.cli.main`` (how the modes supervi
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -37,6 +38,9 @@ COMMANDS: dict[str, Lazy] = {
     "audit": Lazy(
         "iotdlm.cli.audit:audit_group",
         "The tamper-evident audit log: who issued, revoked and refused what, and when.",
+    ),
+    "config": Lazy(
+        "iotdlm.cli.config:config", "Configuration files: every key, its type and default (docs/configuration.md)."
     ),
     "demo": Lazy(
         "iotdlm.cli.demo:demo", "Run the whole system end to end on the embedded default and print what happened."
@@ -81,14 +85,27 @@ COMMANDS: dict[str, Lazy] = {
 )
 @click.version_option(__version__, prog_name="iotdlm")
 @click.option("-v", "--verbose", is_flag=True, help="Log more (to stderr).")
-def main(verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="IOTDLM_LOG_FORMAT",  # iotdlm.cli.logformat.LOG_FORMAT_ENV (imported only when a command runs)
+    show_envvar=True,
+    help="Log lines as text or as one JSON object per line (the services `up` starts follow it).",
+)
+def main(verbose: bool, log_format: str) -> None:
     """iotdlm: device-lifecycle security for IoT and industrial fleets.
 
     Start with `iotdlm demo`, or `iotdlm init --data DIR` for a deployment of your own.
+    Shell completion: see docs/operations.md ("Shell completion").
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    from iotdlm.cli.logformat import LOG_FORMAT_ENV, formatter
+
+    os.environ[LOG_FORMAT_ENV] = log_format  # the services `iotdlm up` starts inherit it
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
 if __name__ == "__main__":

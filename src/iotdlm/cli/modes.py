@@ -20,6 +20,7 @@ from rich.table import Table
 
 from iotdlm.bus import subjects
 from iotdlm.cli.common import EXIT_UNAVAILABLE, console, data_option, err_console, handle_errors, run
+from iotdlm.cli.logformat import formatter
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import UnavailableError
@@ -43,7 +44,7 @@ def operator() -> str:
 def _log_to_file(data: Path) -> logging.Handler:
     (data / "logs").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(data / "logs" / "modes.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(formatter())  # text, or JSON lines with `iotdlm --log-format json`
     handler.setLevel(logging.INFO)
     top = logging.getLogger("iotdlm")
     top.addHandler(handler)
