@@ -28,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 import iotdlm
 
@@ -83,6 +85,13 @@ def test_the_parser_reads_commands_not_comments() -> None:
         Step("iotdlm up --data d", True),
         Step("iotdlm b && openssl c", False),
     ]
+
+
+@given(st.text(max_size=200))
+def test_comment_stripping_keeps_a_prefix(line: str) -> None:
+    stripped = _strip_comment(line)
+    assert line.startswith(stripped)
+    assert _strip_comment(stripped) == stripped
 
 
 def _free(port: int) -> bool:

@@ -530,3 +530,13 @@ def test_http_status_error_does_not_shadow_unavailable_on_the_wire() -> None:
     back = from_wire(HttpStatusError("HTTP 503 for /metadata/timestamp.json", status=503).to_wire())
     assert type(back) is HttpStatusError
     assert isinstance(back, UnavailableError)
+
+
+@given(text=st.text(max_size=300) | st.sampled_from(['{"message": "no", "code": "untrusted"}', '{"message": 3}', "[]"]))
+def test_the_repositorys_refusal_is_read_whatever_it_says(text: str) -> None:
+    from iotdlm.sm.updater import _report_message
+
+    said = _report_message(text)
+    assert isinstance(said, str)
+    if text == '{"message": "no", "code": "untrusted"}':
+        assert said == "no (untrusted)"
