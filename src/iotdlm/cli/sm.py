@@ -54,7 +54,7 @@ def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
     "root_file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     required=True,
-    help="The repository's root metadata (1.root.json), obtained out of band: the trust anchor (pk_repo).",
+    help="The repository's root metadata (1.root.json), obtained out of band: sm trusts the repository through it.",
 )
 @click.option(
     "--dtype",
