@@ -14,6 +14,9 @@ Rules (each is a small function; the first that matches decides, none matching i
    profile for the same device and profile, with the same key or a new one (signature POP); the
    old certificate is superseded.
 
+Every grant is also held to the profile's name rule, if the operator set one
+(``device_id_pattern``, :mod:`iotdlm.pki.profile_config`).
+
 Authorizing returns a :class:`Grant`: the constraints the CA applies (profile, device id, dtype,
 validity cap). The CA never takes subject or extensions from the request itself.
 """
@@ -21,7 +24,8 @@ validity cap). The CA never takes subject or extensions from the request itself.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -234,8 +238,13 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 
 
 class Authorizer:
-    def __init__(self, rules: tuple[Rule, ...] = DEFAULT_RULES) -> None:
+    def __init__(
+        self, rules: tuple[Rule, ...] = DEFAULT_RULES, *, name_rules: Mapping[str, re.Pattern[str]] | None = None
+    ) -> None:
+        """``name_rules``: per profile, the pattern every device id of that profile must match in
+        full (``device_id_pattern`` in iotdlm.toml), whichever rule grants the request."""
         self._rules = rules
+        self._name_rules = dict(name_rules or {})
 
     def authorize(self, principal: Principal, facts: CertRequestFacts) -> Grant:
         """Return the grant of the first rule that allows the request; raise NotAuthorizedError otherwise."""
@@ -250,12 +259,23 @@ class Authorizer:
         for rule in self._rules:
             grant = rule(principal, facts)
             if grant is not None:
+                self._check_name(grant)
                 return grant
         raise NotAuthorizedError(
             f"{principal.describe()} may not {facts.operation} {facts.profile} certificates for "
             f"device {facts.device_id}",
             device_id=facts.device_id,
         )
+
+    def _check_name(self, grant: Grant) -> None:
+        pattern = self._name_rules.get(grant.profile)
+        if pattern is not None and pattern.fullmatch(grant.device_id) is None:
+            raise NotAuthorizedError(
+                f"device id {grant.device_id!r} does not match the {grant.profile} profile's name rule "
+                f"({pattern.pattern}, device_id_pattern in iotdlm.toml)",
+                field="device_id",
+                device_id=grant.device_id,
+            )
 
 
 def authorize_revocation(principal: Principal) -> None:
