@@ -325,3 +325,31 @@ def test_gzip_bomb_guard_manifest_size(tmp_path: Path) -> None:
         tar.addfile(info, io.BytesIO(b" " * info.size))
     with pytest.raises(BadRequestError, match="too large"):
         arc.extract_verified(bad, tmp_path / "out")
+
+
+def test_restore_refuses_while_the_deployment_runs(site: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "b.tar.gz"
+    assert _cli("backup", "--data", str(site), "--out", str(archive))[0] == 0
+    (site / "nats" / "nats-server.pid").write_text(f"{os.getpid()}\n")  # a live process
+    code, out = _cli("restore", "--data", str(site), str(archive), "--force")
+    assert code == 4
+    assert "is running" in out
+    (site / "nats" / "nats-server.pid").unlink()
+
+
+@pytest.mark.postgres
+def test_postgresql_is_left_to_its_own_tools(tmp_path: Path, postgres_url: str) -> None:
+    data = tmp_path / "data"
+    code, out = _cli("init", "--data", str(data), "--dtype", "boardA", "--database-url", postgres_url)
+    assert code == 0, out
+    done = _iotdlm("backup", "--data", str(data), "--out", str(tmp_path / "b.tar.gz"))
+    assert done.returncode == 0, done.stderr
+    assert "back it up with pg_dump" in done.stdout
+    with tarfile.open(tmp_path / "b.tar.gz", "r:gz") as tar:
+        names = tar.getnames()
+    assert arc.DATABASE_MEMBER not in names
+    assert "data/ca/root.key.pem" in names
+    code, out = _cli("restore", "--data", str(tmp_path / "copy"), str(tmp_path / "b.tar.gz"))
+    assert code == 0, out
+    assert "pg_restore" in out
+    assert (tmp_path / "copy" / "ca" / "root.key.pem").read_bytes() == (data / "ca" / "root.key.pem").read_bytes()
