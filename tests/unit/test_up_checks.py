@@ -340,3 +340,36 @@ def test_readme_two_commands_says_how_to_get_iotdlm_on_path() -> None:
     section = readme.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     assert "source .venv/bin/activate" in section
     assert "pipx install ." in section
+
+
+# --- `iotdlm down` on the wire --------------------------------------------------------------------
+
+
+def test_stop_messages_round_trip() -> None:
+    from iotdlm.wire import modes as m
+
+    req = m.StopRequest(by="ops@host")
+    assert m.decode(m.encode(req), m.StopRequest) == req
+    assert m.decode(b"{}", m.StopRequest) == m.StopRequest(by="admin")
+    reply = m.StopReply(supervisor_pid=12, stopping=["cm", "km"], embedded_nats=False)
+    assert m.decode(m.encode(reply), m.StopReply) == reply
+
+
+@given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+def test_a_stop_request_of_any_bytes_is_decoded_or_refused(data: bytes) -> None:
+    from iotdlm.errors import BadRequestError
+    from iotdlm.wire import modes as m
+
+    try:
+        req = m.decode(data, m.StopRequest)
+    except BadRequestError:
+        return
+    assert isinstance(req.by, str)
+
+
+def test_a_stop_request_with_unknown_fields_is_refused() -> None:
+    from iotdlm.errors import BadRequestError
+    from iotdlm.wire import modes as m
+
+    with pytest.raises(BadRequestError):
+        m.decode(b'{"by": "x", "force": true}', m.StopRequest)

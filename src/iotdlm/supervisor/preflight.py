@@ -56,8 +56,10 @@ def lock_holder(root: Path) -> int | None:
     does (nobody holds ``DIR/modes.lock``). 0 when one does but its pid cannot be read."""
     try:
         fd = os.open(root / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return None  # no supervisor ever ran here
     except OSError:
-        return None
+        return 0  # not ours to read (another user's supervisor?): asking it over NATS will tell
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
