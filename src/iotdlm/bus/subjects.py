@@ -90,6 +90,8 @@ MODES_PREFIX = f"{PREFIX}.modes"
 MODES_SET = f"{MODES_PREFIX}.set"
 #: the mode and each service's health
 MODES_STATUS = f"{MODES_PREFIX}.status"
+#: stop the supervisor and everything it runs (admin only; ``iotdlm down``)
+MODES_STOP = f"{MODES_PREFIX}.stop"
 #: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, a JWS
 #: signed by the supervisor with body ``{"mode", "since", "by"}`` (:mod:`iotdlm.modes.signed`).
 #: Only modes may write it; every module may read and watch it.

@@ -107,6 +107,12 @@ def setup(
     if update_uri is not None:
         changes["update_uri"] = update_uri
     if bench is not None:
+        if not bench.is_dir():
+            raise BadRequestError(
+                f"bench folder {bench} does not exist: make blank devices there first with "
+                f"`iotdlm pm bench make --dir {bench} --dtype {dtype} --count N`, or give the folder they are in",
+                field="bench",
+            )
         changes["bench"], changes["flasher_config"] = str(bench.resolve()), None
     if flasher_config is not None:
         changes["flasher_config"], changes["bench"] = str(flasher_config.resolve()), None
@@ -128,7 +134,7 @@ def setup(
 
 
 # --- provision ------------------------------------------------------------------------------------
-def _summary(report: m.ProvisionReport, elapsed: float) -> None:
+def _summary(report: m.ProvisionReport, elapsed: float, data: Path) -> None:
     done = report.count(m.COMPLETE)
     n = len(report.devices)
     head = Table(show_header=False, title=f"pm-{report.dtype}: provisioning by {escape(report.operator)}")
@@ -153,7 +159,7 @@ def _summary(report: m.ProvisionReport, elapsed: float) -> None:
         nxt = "provisioning-certificate" if report.mode == "provisioning-software" else "provisioning-software"
         console.print(
             f"{report.count(m.IN_PROGRESS)} device(s) wait for steps mode {report.mode} does not allow: "
-            f"`iotdlm mode set {nxt}`, then provision again (they resume where they stopped)"
+            f"`iotdlm mode set --data {data} {nxt}`, then provision again (they resume where they stopped)"
         )
     shown = [d for d in report.devices if d.status not in (m.COMPLETE, m.SKIPPED)]
     if n <= 20:
@@ -227,7 +233,7 @@ async def _provision(
                             bar.update(task, total=p.total, completed=p.done, description=f"pm-{dtype}: {p.phase}")
 
                         report = await provisioner.provision_batch(devices, operator, force=force, progress=update)
-                    _summary(report, loop.time() - start)
+                    _summary(report, loop.time() - start, data)
                     return report
         finally:
             await bus.drain()
@@ -313,7 +319,7 @@ def request(
             await bus.close()
 
     report, elapsed = run(ask())
-    _summary(report, elapsed)
+    _summary(report, elapsed, data)
     if report.failures:
         err_console.print(f"[red]{len(report.failures)} device(s) not provisioned[/red]; listed above")
         raise SystemExit(EXIT_FAILED)
