@@ -6,7 +6,11 @@ and act where the store is.
 SP1 (handing over):
 - ``message``: the device's per-device transfer message, as ``iotdlm transfer deliver`` kept it
   (:func:`keep_messages`); the device's status becomes fetched (a later status stays);
-- ``fallback``: the device reports a permanent failure: its row becomes failed-fallback.
+- ``fallback``: the device reports a permanent failure: its row becomes failed-fallback;
+- ``refusal``: the device refused a transfer message (replayed, expired, altered, wrong signer,
+  ...): one ``device_refusal`` audit record, and the refusal in the device's row of the transfer
+  whose message it refused (else its newest unfinished one) for ``transfer status``; the status
+  stays.
 
 SP2 (taking over; the raURI):
 - ``challenge``: a fresh nonce for the device's attestation (one outstanding per device);
@@ -38,12 +42,14 @@ from typing import Any, cast
 from iotdlm.bus import Message
 from iotdlm.bus import subjects as s
 from iotdlm.errors import BadRequestError, NotAuthorizedError, NotFoundError, UntrustedError
+from iotdlm.km.audit import entry
 from iotdlm.km.core import Km
 from iotdlm.km.ra import ModulePrincipal, PresentedCredential
 from iotdlm.store.transfer import TransferDeviceRecord
 from iotdlm.transfer import attestation
 from iotdlm.transfer import status as st
 from iotdlm.transfer.storage import TransferDevicesStore, TransferStore
+from iotdlm.wire import audit as fmt
 from iotdlm.wire import transfer_device as w
 
 SP1, SP2 = "sp1", "sp2"
@@ -83,6 +89,12 @@ def _change(
         return TransferDeviceRecord(role, tid, rec.device_id, new, json.dumps(merged, sort_keys=True), now)
 
     return [r.device_id for r in tables.update_transfer_devices(role, tid, device_ids, change)]
+
+
+def _kept_sha256(rec: TransferDeviceRecord) -> str:
+    """SHA-256 (hex) of the transfer message kept in the row for the device to fetch, or ``""``."""
+    kept = _detail(rec).get("message")
+    return hashlib.sha256(base64.b64decode(kept)).hexdigest() if isinstance(kept, str) else ""
 
 
 def keep_messages(tables: TransferDevicesStore, tid: str, messages: Mapping[str, bytes], now: dt.datetime) -> int:
@@ -132,6 +144,7 @@ class TransferDeviceHandlers:
         return {
             s.KM_TRANSFER_MESSAGE: lambda m: self.message(m.data),
             s.KM_TRANSFER_FALLBACK: lambda m: self.fallback(m.data),
+            s.KM_TRANSFER_REFUSAL: lambda m: self.refusal(m.data),
             s.KM_TRANSFER_CHALLENGE: lambda m: self.challenge(m.data),
             s.KM_TRANSFER_EVIDENCE: lambda m: self.evidence(m.data),
             s.KM_TRANSFER_UPDATE: lambda m: self.update(m.data),
@@ -211,6 +224,35 @@ class TransferDeviceHandlers:
             else store.get_transfer_devices(SP1, req.transfer, [cred.device_id])[cred.device_id].status
         )
         return w.Done(transfer=req.transfer, device=cred.device_id, status=status)
+
+    def refusal(self, token: bytes) -> w.Done:
+        req = w.decode(self._from_cm(token, w.OP_REFUSAL), w.RefusalRequest)
+        cred = self._device(req.client_certificate)
+        if req.reason not in w.REFUSAL_REASONS:
+            raise BadRequestError(f"unknown refusal reason {req.reason[:40]!r}", field="reason")
+        if req.message and (len(req.message) != 64 or set(req.message) - set("0123456789abcdef")):
+            raise BadRequestError("the refused message is named by its SHA-256 in lowercase hex", field="message")
+        text = " ".join(req.detail.split())[: w.MAX_REFUSAL_DETAIL]
+        rows = self._rows_of(SP1, cred.device_id)
+        ours = [r for r in rows if req.message and _kept_sha256(r) == req.message]
+        candidates = ours or [r for r in rows if r.status not in _DONE]
+        row = candidates[0] if candidates else None
+        now = self.km.clock.now()
+        tid = row.transfer_id if row is not None else None
+        self.tables.append_audit([
+            entry(now, fmt.DEVICE_REFUSAL, "device", cred.device_id, reason=req.reason, detail=text,
+                  message=req.message or None, transfer=tid, ours=bool(ours))
+        ])  # fmt: skip
+        if row is None:
+            return w.Done(transfer="", device=cred.device_id, status="")
+
+        def note(rec: TransferDeviceRecord) -> TransferDeviceRecord:
+            d = st.with_refusal(_detail(rec), reason=req.reason, text=text, at=now.isoformat(), message=req.message)
+            detail = json.dumps(d, sort_keys=True)
+            return TransferDeviceRecord(SP1, rec.transfer_id, rec.device_id, rec.status, detail, now)
+
+        done = self.tables.update_transfer_devices(SP1, row.transfer_id, [cred.device_id], note)
+        return w.Done(transfer=row.transfer_id, device=cred.device_id, status=done[0].status if done else row.status)
 
     # --- SP2: the raURI -----------------------------------------------------------------------------
     def _sp2_row(self, device_id: str) -> TransferDeviceRecord:
