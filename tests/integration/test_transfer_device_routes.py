@@ -4,6 +4,7 @@ message, reports a fallback) and SP2 (the raURI: challenge and evidence); each r
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -241,3 +242,46 @@ async def test_sp1_hears_of_refused_messages_audits_and_limits_them(site: Site) 
         with pytest.raises(NotAuthorizedError, match="not registered"):
             await rogue.report_refusal(base, reason="expired", detail="x", message="")
     assert len([1 for s, _d in reports() if s == "d1"]) == REFUSALS_PER_WINDOW
+
+
+async def test_a_challenge_from_one_km_worker_is_answered_at_another_after_a_restart(site: Site) -> None:
+    """The challenge lives in the store: km worker 1 issues it and stops; worker 2 (its own store
+    connection, started afresh on the same database) judges the evidence. Single use, expiring."""
+    from iotdlm.km import KmService
+    from iotdlm.runtime import build_km, km_identity, open_store
+
+    k1, c1 = await site.factory("d1")
+    k2, c2 = await site.factory("d2")
+    ref = attestation.measure(IMAGE).hex()
+    _transfer(site, "sp2", {d: {"factory": hashlib.sha256(der(c)).hexdigest(), "reference": ref}
+                            for d, c in (("d1", c1), ("d2", c2))})  # fmt: skip
+    ra = f"{site.https}/transfer/attestation"
+    async with _https(site, k1, c1) as d1, _https(site, k2, c2) as d2:
+        nonce = await d1.challenge(ra, "d1")
+        n2 = await d2.challenge(ra, "d2")
+        await site.km.stop()  # worker 1 is gone (a restart, or another worker takes the request)
+        store2 = open_store(site.dep)
+        bus2 = await site.nats.connect("km")
+        site.buses.append(bus2)
+        worker2 = KmService(build_km(site.dep, store2, site.clock, passphrase=PASSPHRASE), bus2,
+                            identity=km_identity(site.dep))  # fmt: skip
+        await worker2.start()
+        try:
+            evidence = _evidence(k1, c1, "d1", nonce, IMAGE)
+            verdict = await d1.submit(ra, evidence)
+            assert verdict.ok, verdict
+            assert _row(site, "sp2", "d1").status == st.ATTESTED
+            # single use: the same answer again is refused, at any worker
+            again = await d1.submit(ra, evidence)
+            assert not again.ok
+            assert "no challenge is outstanding" in again.reason
+            # expiry: d2 answers after its challenge's time ran out
+            site.clock.offset += attestation.DEFAULT_TTL + dt.timedelta(seconds=1)
+            late = await d2.submit(ra, _evidence(k2, c2, "d2", n2, IMAGE))
+            assert not late.ok
+            assert "expired" in late.reason
+            assert site.store.count_challenges("d2") == 0  # spent all the same
+        finally:
+            site.clock.offset = dt.timedelta()
+            await worker2.stop()
+            store2.close()

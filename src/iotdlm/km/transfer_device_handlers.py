@@ -13,7 +13,9 @@ SP1 (handing over):
   stays.
 
 SP2 (taking over; the raURI):
-- ``challenge``: a fresh nonce for the device's attestation (one outstanding per device);
+- ``challenge``: a fresh nonce for the device's attestation, kept in the store (at most
+  :data:`~iotdlm.transfer.attestation.MAX_CHALLENGES_PER_DEVICE` outstanding per device, single
+  use, expiring after ``ttl``), so any km worker judges the answer, after a km restart too;
 - ``evidence``: the signed measurement, judged by :func:`iotdlm.transfer.attestation.verify`
   against the reference SP1 shared: attested, or failed-fallback and refused (audited by km's
   service like every refusal);
@@ -22,9 +24,7 @@ SP2 (taking over; the raURI):
   it installed it (updated).
 
 Only cm may ask (a signed envelope from the cm identity); a device asking for another device's
-message is refused. The outstanding nonces live in this worker's memory: run one km worker while
-a transfer's attestations are under way, or the evidence may reach a worker that did not issue the
-challenge (it is then refused and the device may ask again).
+message is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import datetime as dt
 import hashlib
 import json
 import secrets
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -45,10 +44,11 @@ from iotdlm.errors import BadRequestError, NotAuthorizedError, NotFoundError, Un
 from iotdlm.km.audit import entry
 from iotdlm.km.core import Km
 from iotdlm.km.ra import ModulePrincipal, PresentedCredential
+from iotdlm.store.challenges import ChallengeRecord
 from iotdlm.store.transfer import TransferDeviceRecord
 from iotdlm.transfer import attestation
 from iotdlm.transfer import status as st
-from iotdlm.transfer.storage import TransferDevicesStore, TransferStore
+from iotdlm.transfer.storage import ChallengeStore, TransferDevicesStore, TransferStore
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import transfer_device as w
 
@@ -128,17 +128,18 @@ class TransferDeviceHandlers:
 
     def __init__(self, km: Km, tables: TransferStore | None = None, *,
                  entropy: Callable[[int], bytes] = secrets.token_bytes,
-                 ttl: dt.timedelta = attestation.DEFAULT_TTL, updates_dir: Path | None = None) -> None:  # fmt: skip
+                 ttl: dt.timedelta = attestation.DEFAULT_TTL, updates_dir: Path | None = None,
+                 challenges: ChallengeStore | None = None) -> None:  # fmt: skip
         self.km = km
         #: where SP2's operator published update images (None: this km serves no updates)
         self.updates_dir = updates_dir
         #: the transfer tables; by default km's own store (iotdlm.store.Store serves both: the
         #: check at the end of iotdlm.transfer.storage)
         self.tables: TransferStore = tables if tables is not None else cast("TransferStore", km.store)
+        #: the outstanding attestation challenges; by default km's own store
+        self.challenges: ChallengeStore = challenges if challenges is not None else cast("ChallengeStore", km.store)
         self.entropy = entropy
         self.ttl = ttl
-        self._challenges: dict[str, attestation.Challenge] = {}
-        self._lock = threading.Lock()
 
     def routes(self) -> dict[str, Callable[[Message], Any]]:
         return {
@@ -266,19 +267,20 @@ class TransferDeviceHandlers:
         cred = self._device(req.client_certificate)
         row = self._sp2_row(cred.device_id)
         nonce = self.entropy(16)
-        with self._lock:
-            self._challenges[cred.device_id] = attestation.challenge(
-                cred.device_id, nonce, self.km.clock.now(), ttl=self.ttl
-            )
+        now = self.km.clock.now()
+        c = attestation.challenge(cred.device_id, nonce, now, ttl=self.ttl)
+        self.challenges.put_challenge(
+            ChallengeRecord(c.device_id, c.nonce, now, c.expires), keep=attestation.MAX_CHALLENGES_PER_DEVICE
+        )
         return w.ChallengeResponse(transfer=row.transfer_id, nonce=nonce)
 
     def evidence(self, token: bytes) -> w.Verdict:
         req = w.decode(self._from_cm(token, w.OP_EVIDENCE), w.EvidenceRequest)
         cred = self._device(req.client_certificate)
-        claimed = attestation.peek_evidence(req.evidence).device_id
-        if claimed != cred.device_id:
+        claimed = attestation.peek_evidence(req.evidence)
+        if claimed.device_id != cred.device_id:
             raise NotAuthorizedError(
-                f"device {cred.device_id} sent evidence in the name of device {claimed[:80]!r}",
+                f"device {cred.device_id} sent evidence in the name of device {claimed.device_id[:80]!r}",
                 device_id=cred.device_id,
             )
         row = self._sp2_row(cred.device_id)
@@ -287,14 +289,10 @@ class TransferDeviceHandlers:
         if isinstance(x.get("reference"), str) and isinstance(x.get("factory"), str):
             reference = attestation.Reference(cred.device_id, x["factory"], bytes.fromhex(x["reference"]))
         now = self.km.clock.now()
-        with self._lock:
-            state, verdict = attestation.verify(
-                self._challenges.get(cred.device_id), req.evidence, now, reference=reference
-            )
-            if state is None:
-                self._challenges.pop(cred.device_id, None)
-            else:
-                self._challenges[cred.device_id] = state
+        # single use: the challenge the evidence answers is taken (deleted) whatever the verdict
+        taken = self.challenges.take_challenge(cred.device_id, claimed.nonce)
+        state = attestation.Challenge(cred.device_id, taken.nonce, taken.expires_at) if taken else None
+        _spent, verdict = attestation.verify(state, req.evidence, now, reference=reference)
         if reference is not None:
             status = st.ATTESTED if verdict.ok else st.FAILED_FALLBACK
             _change(self.tables, SP2, row.transfer_id, [cred.device_id], now, status=status,
