@@ -64,6 +64,7 @@ KM_TRANSFER_CHALLENGE = f"{KM_TRANSFER_DEVICE}.challenge"
 KM_TRANSFER_EVIDENCE = f"{KM_TRANSFER_DEVICE}.evidence"
 KM_TRANSFER_UPDATE = f"{KM_TRANSFER_DEVICE}.update"
 KM_TRANSFER_UPDATED = f"{KM_TRANSFER_DEVICE}.updated"
+KM_TRANSFER_REFUSAL = f"{KM_TRANSFER_DEVICE}.refusal"
 
 # --- the audit log's append-only anchor (JetStream) ----------------------------------------------
 #: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may

@@ -18,6 +18,7 @@ body too slow                                          408 (the connection is cl
 wrong Content-Type                                     415
 no such CRL / resource                                 404
 device decommissioned and the like                     409
+a device reporting more often than its limit           429 with ``Retry-After``
 km unavailable, or the operation mode forbids it       503 with ``Retry-After``
 cm <-> km relay failed (km internal error, replay,     502
 NATS permission)
@@ -88,6 +89,7 @@ from iotdlm.errors import (
     NotAuthorizedError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitedError,
     RejectedError,
     ReplayError,
     TooLargeError,
@@ -194,6 +196,7 @@ def status_for(exc: IotdlmError) -> int:
         (UntrustedError, 403),
         (NotAuthorizedError, 403),
         (RejectedError, 400),
+        (RateLimitedError, 429),
         (UnavailableError, 503),
         (InternalError, 502),
     )
@@ -391,7 +394,7 @@ class CmApp:
             headers: dict[str, str] = {}
             if status == 401:
                 headers["WWW-Authenticate"] = 'Certificate realm="est"'
-            if status == 503:
+            if status in (429, 503):
                 headers.update(self._retry)
             resp = text_response(status, exc.message if status != 500 else "internal error", headers)
             if status in (408, 413):
