@@ -29,7 +29,7 @@ from iotdlm.wire import modes as m
 #: seconds between refreshes
 REFRESH = 2.0
 #: seconds each process may take to say how it is
-HEALTH_TIMEOUT = 1.0
+HEALTH_TIMEOUT = 2.0
 
 
 async def _health(bus: Bus, svc: m.ServiceHealth) -> dict[str, Any]:

@@ -217,8 +217,10 @@ def mode_ready(bus: Bus, mode: ModeReader, module: str) -> ReadyCheck:
     return check
 
 
-def km_answering(bus: Bus, base: ReadyCheck, mode: ModeReader, *, timeout: float = 1.0) -> ReadyCheck:
-    """``base``, and km answers its health subject when the mode in force runs km (cm's /ready)."""
+def km_answering(bus: Bus, base: ReadyCheck, mode: ModeReader, *, timeout: float = 0.5) -> ReadyCheck:
+    """``base``, and km answers its health subject when the mode in force runs km (cm's /ready).
+    ``timeout`` stays well under what askers of cm's own health wait (2 s for ``status --watch``),
+    so a stopped km makes cm say "not ready" rather than not answer."""
     km_modes = modes_where("km")
 
     async def check() -> tuple[bool, str]:
