@@ -43,7 +43,9 @@ DTYPE = "board-a"
 
 async def until(cond: Callable[[], Awaitable[bool]], what: str) -> None:
     async def poll() -> None:
-        while not await cond():
+        while True:
+            if await cond():
+                return
             await asyncio.sleep(0.2)
 
     try:
@@ -53,7 +55,7 @@ async def until(cond: Callable[[], Awaitable[bool]], what: str) -> None:
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     return {
         (smp.name, tuple(sorted(smp.labels.items()))): smp.value
@@ -63,7 +65,9 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+    return sum(
+        v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items())
+    )
 
 
 async def watch_json(data: Path) -> dict[str, Any]:
@@ -144,9 +148,11 @@ async def test_metrics_and_status_watch_with_the_real_km_and_cm(running: tuple[D
         after = await asyncio.to_thread(scrape, port)
         refused = "iotdlm_refusals_total"
         km_instance = f"km-{pids['km']}"
-        assert value(after, refused, instance=km_instance, code="wrong_mode") - value(
-            first, refused, instance=km_instance, code="wrong_mode"
-        ) == 1
+        assert (
+            value(after, refused, instance=km_instance, code="wrong_mode")
+            - value(first, refused, instance=km_instance, code="wrong_mode")
+            == 1
+        )
         assert value(after, "iotdlm_request_seconds_count", instance=km_instance) >= 1
 
         snap = await watch_json(dep.root)
