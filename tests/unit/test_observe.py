@@ -98,11 +98,15 @@ def test_merge_keeps_every_instance_under_one_family() -> None:
     ("parts", "needle"),
     [
         ([b"# TYPE x counter\nx_total 1\n", b"# TYPE x gauge\nx 1\n"], "is a counter in one part and a gauge"),
-        ([b"not { a metric"], "part 1 is not a Prometheus text exposition"),
-        ([b"# TYPE ok gauge\nok 1\n", b"\xff\xfe"], "part 2 is not a Prometheus text exposition"),
+        ([b"not { a metric"], "part 1, line 1: not a sample line"),
+        ([b"# TYPE ok gauge\nok 1\n", b"\xff\xfe"], "part 2 is not UTF-8"),
+        ([b"# TYPE ok gauge\nok 1\n", b"# TYPE ok gauge\nok one\n"], "part 2, line 2: 'one' is not a number"),
+        ([b"# TYPE ok sometimes\n"], "unknown metric type"),
+        ([b"# HELP 9lives x\n"], "is not a metric name"),
+        ([b'ok{a="unterminated} 1\n'], "not a sample line"),
         ([b"x" * (1024 * 1024 + 1)], "over"),
     ],
-    ids=["type-clash", "garbage", "not-utf8", "too-big"],
+    ids=["type-clash", "garbage", "not-utf8", "not-a-number", "bad-type", "bad-name", "bad-label", "too-big"],
 )
 def test_merge_refuses_what_is_not_an_exposition(parts: list[bytes], needle: str) -> None:
     with pytest.raises(BadRequestError, match=needle):
@@ -120,6 +124,30 @@ def test_merge_of_any_bytes_is_an_exposition_or_a_clear_refusal(parts: list[byte
         list(text_string_to_metric_families(out.decode()))  # what it serves parses again
         return
     assert field == "metrics"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(st.text(min_size=1, max_size=12), st.integers(min_value=1, max_value=5), max_size=4),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_merge_keeps_every_sample_whatever_the_label_values(refusals: list[dict[str, int]]) -> None:
+    """Label values with quotes, backslashes, line breaks, any Unicode: every sample of every
+    process comes out once, with its value, and Prometheus's own parser reads the result."""
+    parts = []
+    for pid, codes in enumerate(refusals):
+        m = ModuleMetrics("pm", pid=pid)
+        for code, times in codes.items():
+            for _ in range(times):
+                m.refused(code)
+        parts.append(m.exposition())
+    merged = merge_expositions(parts)
+    got = {(dict(k)["instance"], dict(k)["code"]): v for k, v in samples(merged, "iotdlm_refusals_total").items()}
+    want = {(f"pm-{pid}", code): times for pid, codes in enumerate(refusals) for code, times in codes.items()}
+    assert got == want
 
 
 # --- the health reply ------------------------------------------------------------------------------

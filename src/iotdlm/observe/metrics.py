@@ -9,12 +9,13 @@ so the supervisor's ``/metrics`` tells the workers apart without a port per work
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from iotdlm.errors import BadRequestError
@@ -127,46 +128,88 @@ class ModuleMetrics:
 
     def exposition(self) -> bytes:
         """The text exposition of this process, every sample labelled with module and instance."""
-        labelled = CollectorRegistry(auto_describe=False)
-        labelled.register(_Labelled(self.registry, {"module": self.module, "instance": self.instance}))
-        return generate_latest(labelled)
+        return generate_latest(_Labelled(self.registry, {"module": self.module, "instance": self.instance}))
 
 
-class _Merged(Collector):
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+#: one sample line of the text format: name, optional {labels}, value, optional timestamp
+_SAMPLE = re.compile(
+    r"([a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r'(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*\})?'
+    r" ([^ ]+)( -?[0-9]+)?\Z"
+)
+_TYPES = frozenset({"counter", "gauge", "histogram", "summary", "untyped", "info", "stateset", "gaugehistogram"})
 
-    def collect(self) -> Iterator[Metric]:
-        yield from self._families
+
+@dataclass
+class _Family:
+    help: str | None = None
+    type: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+def _refuse(part: int, line: int, what: str) -> BadRequestError:
+    return BadRequestError(f"metrics part {part}, line {line}: {what}", field="metrics")
+
+
+def _read_part(families: dict[str, _Family], text: str, part: int) -> None:
+    current: str | None = None
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            words = line.split(None, 3)
+            if len(words) < 3 or words[1] not in ("HELP", "TYPE"):
+                continue  # a comment
+            name = words[2]
+            if not _NAME.match(name):
+                raise _refuse(part, n, f"{name[:60]!r} is not a metric name")
+            fam = families.setdefault(name, _Family())
+            rest = words[3] if len(words) > 3 else ""
+            if words[1] == "TYPE":
+                if rest.strip() not in _TYPES:
+                    raise _refuse(part, n, f"unknown metric type {rest.strip()[:30]!r}")
+                if fam.type is not None and fam.type != rest.strip():
+                    raise _refuse(part, n, f"metric {name} is a {fam.type} in one part and a {rest.strip()} in another")
+                fam.type = rest.strip()
+            elif fam.help is None:
+                fam.help = rest
+            current = name
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            raise _refuse(part, n, "not a sample line (name{labels} value)")
+        try:
+            float(m.group(3))
+        except ValueError:
+            raise _refuse(part, n, f"{m.group(3)[:30]!r} is not a number") from None
+        if current is None or not m.group(1).startswith(current):
+            current = m.group(1)
+        families.setdefault(current, _Family()).lines.append(line)
 
 
 def merge_expositions(texts: Sequence[bytes]) -> bytes:
     """One exposition from several processes': the samples of each metric family together,
-    under one HELP and TYPE line (Prometheus refuses a family declared twice).
+    under one HELP and TYPE line (Prometheus refuses a family declared twice). Line by line, with
+    every line checked against the text format (parsing each sample fully costs ~10x more).
 
-    Raises :class:`BadRequestError` naming the part that is not a text exposition, or whose
-    families disagree on a type.
+    Raises :class:`BadRequestError` naming the part and line that is not the text format, or
+    the metric whose parts disagree on its type.
     """
-    families: dict[str, Metric] = {}
-    for i, raw in enumerate(texts):
+    families: dict[str, _Family] = {}
+    for i, raw in enumerate(texts, 1):
         if len(raw) > MAX_EXPOSITION:
-            raise BadRequestError(f"metrics part {i + 1} is over {MAX_EXPOSITION} bytes", field="metrics")
+            raise BadRequestError(f"metrics part {i} is over {MAX_EXPOSITION} bytes", field="metrics")
         try:
-            parsed = list(text_string_to_metric_families(raw.decode("utf-8")))
-        except (ValueError, IndexError, KeyError, TypeError) as exc:
-            raise BadRequestError(
-                f"metrics part {i + 1} is not a Prometheus text exposition: {exc}", field="metrics"
-            ) from None
-        for family in parsed:
-            have = families.get(family.name)
-            if have is None:
-                families[family.name] = family
-            elif have.type != family.type:
-                raise BadRequestError(
-                    f"metric {family.name} is a {have.type} in one part and a {family.type} in another", field="metrics"
-                )
-            else:
-                have.samples.extend(family.samples)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(families.values()))
-    return generate_latest(registry)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequestError(f"metrics part {i} is not UTF-8 text", field="metrics") from None
+        _read_part(families, text, i)
+    out: list[str] = []
+    for name, fam in families.items():
+        if fam.help is not None:
+            out.append(f"# HELP {name} {fam.help}")
+        if fam.type is not None:
+            out.append(f"# TYPE {name} {fam.type}")
+        out.extend(fam.lines)
+    return ("\n".join(out) + "\n").encode() if out else b""
