@@ -1,7 +1,7 @@
 """The supervisor with the real km and cm processes (issue 14, docs/adr/0098): its loopback
 /metrics gathers each process over the bus, km's counters move after an issuance, and
 `iotdlm status --watch --json` (the real entry point, as its own process) says km is not ready
-while km's process is stopped, and cm's readiness says why."""
+while km's process is stopped, and cm's readiness says why; after a mode switch pm is scraped in cm's place."""
 
 from __future__ import annotations
 
@@ -177,5 +177,14 @@ async def test_metrics_and_status_watch_with_the_real_km_and_cm(running: tuple[D
         finally:
             os.kill(pids["km"], signal.SIGCONT)
         await until(lambda: ready("cm"), "cm is ready again once km answers")
+
+        # another mode: cm stops, pm starts; the same /metrics follows without a new target
+        await sup.switch(Mode.PROVISIONING_CERTIFICATE, by="test")
+        await until(lambda: ready("pm"), "pm says it is ready")
+        pm_pid = sup.services()[f"pm-{DTYPE}"].pid
+        switched = await asyncio.to_thread(scrape, port)
+        assert value(switched, "iotdlm_scrape_ok", instance=f"pm-{pm_pid}") == 1
+        assert value(switched, "iotdlm_service_up", service="cm") == 0
+        assert value(switched, "iotdlm_mode", module="pm", mode="provisioning-certificate") == 1
     finally:
         await admin.close()
