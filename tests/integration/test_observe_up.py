@@ -1,7 +1,8 @@
 """The supervisor with the real km and cm processes (issue 14, docs/adr/0098): its loopback
-/metrics gathers each process over the bus, km's counters move after an issuance, and
+/metrics gathers each process over the bus, km's counters move when km answers pm, and
 `iotdlm status --watch --json` (the real entry point, as its own process) says km is not ready
-while km's process is stopped, and cm's readiness says why; after a mode switch pm is scraped in cm's place."""
+while km's process is stopped, and cm's readiness says why; after a mode switch the same /metrics
+scrapes pm in cm's place."""
 
 from __future__ import annotations
 
