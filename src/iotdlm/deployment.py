@@ -63,6 +63,8 @@ PASSPHRASE_ENV = "IOTDLM_CA_PASSPHRASE"  # noqa: S105 -- the name of a variable,
 CONFIG_FILE = "iotdlm.toml"
 #: embedded NATS listens here by default (not 4222, which a system NATS may hold)
 DEFAULT_NATS_PORT = 14222
+#: the supervisor's /metrics listens here by default (loopback only)
+DEFAULT_METRICS_PORT = 14290
 ISSUING_CAS = ("factory", "operational", "service")
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
@@ -127,6 +129,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     #: certificate the device presented, so cm relays only ciphertext; ADR 0009), "off", or
     #: "cleartext" (km sends the key back through cm unencrypted, so cm sees it; ADR 0008)
     est_serverkeygen: str = "encrypted"
+    #: the supervisor's Prometheus /metrics, on 127.0.0.1 only (docs/adr/0018); 0 turns it off
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     def validate(self) -> None:
         try:
@@ -168,6 +172,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                 raise BadRequestError(
                     f"profiles.{name}.est_proof must be 'required' or 'optional'", field=f"profiles.{name}.est_proof"
                 )
+        if not 0 <= self.metrics_port <= 65535:
+            raise BadRequestError("metrics_port must be between 0 (off) and 65535", field="metrics_port")
         if self.est_serverkeygen not in SERVERKEYGEN_MODES:
             raise BadRequestError(
                 "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"

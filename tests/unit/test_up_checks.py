@@ -162,6 +162,9 @@ def test_default_ports_do_not_collide() -> None:
     assert ports["cm serve --egress-port"] == EgressConfig(()).port
     assert ports["init --nats-port"] == DEFAULT_NATS_PORT
     assert "repo serve --port" in ports
+    from iotdlm.deployment import DEFAULT_METRICS_PORT
+
+    ports["the supervisor's /metrics (iotdlm.toml metrics_port)"] = DEFAULT_METRICS_PORT
     by_port: dict[int, list[str]] = {}
     for where, port in ports.items():
         by_port.setdefault(port, []).append(where)

@@ -307,11 +307,20 @@ def _print_status(st: m.StatusReply, data: Path | None = None) -> None:
 @click.command("status")
 @data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the supervisor's JSON answer.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Refresh every 2 s: each service's readiness, requests in flight, latency and counters "
+    "(Ctrl-C leaves). With --json: print that once.",
+)
 @handle_errors
-def status(data: Path, as_json: bool) -> None:
+def status(data: Path, as_json: bool, watch: bool) -> None:
     """The operation mode and each service's health, and why a service that is not running stopped."""
     dep = Deployment.load(data)
     _require_supervisor(data)
+    if watch:
+        _watch(data, dep, as_json)
+        return
     try:
         raw = run(_ask(dep, subjects.MODES_STATUS, b"", 5.0))
     except UnavailableError as exc:
@@ -365,6 +374,17 @@ def down(data: Path, timeout: float) -> None:
                 raise SystemExit(EXIT_UNAVAILABLE)
             time.sleep(0.1)
     console.print(f"[green]stopped[/green] {what} (supervisor pid {reply.supervisor_pid}) for {data}")
+
+
+def _watch(data: Path, dep: Deployment, as_json: bool) -> None:
+    """``status --watch`` (docs/adr/0018)."""
+    from iotdlm.cli.watch import watch_status
+
+    try:
+        watch_status(dep, as_json=as_json)
+    except UnavailableError as exc:
+        _no_supervisor(data, exc)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -342,7 +342,11 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
         err_console.print(f"[yellow]warning[/yellow]: {exc.message}")
         flasher = pmconfig.UnconfiguredFlasher(dtype, data)
     store = pmconfig.open_store(dep)
-    bus = await pmconfig.connect_pm(dep, dtype)
+    from iotdlm.observe import ModuleMetrics, Observer
+    from iotdlm.observe.serve import InstrumentedBus
+
+    metrics = ModuleMetrics("pm")
+    bus = InstrumentedBus(await pmconfig.connect_pm(dep, dtype), metrics)  # requests timed (docs/adr/0018)
     try:
         async with ModeGuard(bus, ModeVerifier.for_deployment(dep)) as guard:
             # a service (started by the supervisor) is held to the mode: unknown -> refused
@@ -360,12 +364,15 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
             async with provisioner:
                 service = PmService(provisioner, bus)
                 await service.start()
+                observer = Observer(bus, metrics, mode=guard)
+                await observer.start()
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, stop.set)
                 console.print(f"pm-{dtype} serving on {provision_subject(dtype)}")
                 await stop.wait()
+                await observer.stop()
                 await service.stop()
     finally:
         await bus.drain()

@@ -56,6 +56,7 @@ from iotdlm.modes.table import (
     parse_mode,
     services,
 )
+from iotdlm.observe.gather import MetricsListener, Target, start_listener
 from iotdlm.store import AuditEntry
 from iotdlm.supervisor.preflight import LOCK_FILE, NATS_PID_FILE
 from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
@@ -148,6 +149,7 @@ class Supervisor:
         self._started = False
         #: set when an operator asks the supervisor to stop (``iotdlm down``); ``iotdlm up`` waits on it
         self.stop_requested = asyncio.Event()
+        self._metrics: MetricsListener | None = None  # the /metrics of ADR 0018
         all_specs = self._plan(START_ORDER)
         self._order = {spec.name: i for i, spec in enumerate(all_specs)}
 
@@ -163,6 +165,9 @@ class Supervisor:
     def services(self) -> dict[str, ServiceProcess]:
         """The services the current mode turned on, by name (a copy)."""
         return dict(self._services)
+
+    def _targets(self) -> list[Target]:
+        return [Target(r.name, r.module, r.pid, r.restarts) for r in self.status().services]
 
     def status(self) -> m.StatusReply:
         rows = []
@@ -245,6 +250,7 @@ class Supervisor:
             )
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
+            self._metrics = await start_listener(self._bus, self._targets, port=self.dep.config.metrics_port)
         except BaseException:
             await self.stop()
             raise
@@ -258,6 +264,8 @@ class Supervisor:
             with contextlib.suppress(errors.IotdlmError):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self._metrics is not None:
+            await self._metrics.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
