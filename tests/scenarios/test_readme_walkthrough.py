@@ -94,6 +94,18 @@ def test_comment_stripping_keeps_a_prefix(line: str) -> None:
     assert _strip_comment(stripped) == stripped
 
 
+def _port_of(words: list[str]) -> int:
+    """The port a background command listens on: its --port, else the default of `repo serve`."""
+    if "--port" in words:
+        return int(words[words.index("--port") + 1])
+    assert words[:3] == ["iotdlm", "repo", "serve"], f"which port does `{' '.join(words)}` answer on?"
+    from iotdlm.cli.repository import serve
+
+    (default,) = [p.default for p in serve.params if p.name == "port"]
+    assert isinstance(default, int)
+    return default
+
+
 def _free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
@@ -179,7 +191,7 @@ class Reader:
                 )
                 if probe.returncode == 0:
                     return
-            elif "--port" in words and _answers(int(words[words.index("--port") + 1])):
+            elif _answers(_port_of(words)):
                 return
             time.sleep(0.5)
         raise AssertionError(f"`{step.command}` did not answer within 120 s:\n{self.logs()}")
@@ -207,9 +219,8 @@ def test_using_it_as_written(tmp_path: Path) -> None:
     steps = readme_steps(README.read_text(encoding="utf-8"))
     ports = [*PORTS]
     for step in steps:
-        words = shlex.split(step.command.split("&&")[0])
-        if "--port" in words:
-            ports.append(int(words[words.index("--port") + 1]))
+        if step.background and not step.command.startswith("iotdlm up "):
+            ports.append(_port_of(shlex.split(step.command)))
     busy = [p for p in ports if not _free(p)]
     if busy:
         pytest.skip(f"the README's commands use fixed ports and {busy} are taken on this machine")

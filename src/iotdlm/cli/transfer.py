@@ -498,7 +498,8 @@ def revoke_old(data: Path, src: Path) -> None:
 @handle_errors
 def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None:
     """Per-device status at this provider: pending, fetched, reset, attested, updated, enrolled,
-    revoked-at-CA1, failed-fallback."""
+    revoked-at-CA1, failed-fallback; and how many devices refused a transfer message (replayed,
+    expired, altered, wrong signer: `iotdlm audit list --kind device_refusal` has each report)."""
     from iotdlm.runtime import open_store
     from iotdlm.store.transfer import TransferDeviceRecord
     from iotdlm.transfer.shell import counts
@@ -511,22 +512,24 @@ def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None
         found = [(r, rec) for r in roles for rec in tables.list_transfers(r) if tid is None or rec.transfer_id == tid]
         if not found:
             raise NotFoundError("no transfer here" + (f" with id {tid}" if tid else ""))
-        table = Table("transfer", "role", "devices", *st.STATUSES, "updated")
+        table = Table("transfer", "role", "devices", *st.STATUSES, "refused", "updated")
         rows_by: dict[tuple[str, str], dict[str, TransferDeviceRecord]] = {}
         for r, rec in found:
             rows = tables.get_transfer_devices(r, rec.transfer_id)
             rows_by[(r, rec.transfer_id)] = dict(rows)
             c = counts(rows)
+            refused = sum(1 for row in rows.values() if st.last_refusal(row.detail))
             table.add_row(
-                rec.transfer_id, r, str(len(rows)), *(str(c[s]) for s in st.STATUSES), rec.updated_at.isoformat()
-            )
+                rec.transfer_id, r, str(len(rows)), *(str(c[s]) for s in st.STATUSES), str(refused),
+                rec.updated_at.isoformat(),
+            )  # fmt: skip
         console.print(table)
         if devices:
             for (r, t), rows in rows_by.items():
-                dt_table = Table("device", "status", "updated", title=f"{t} ({r})")
+                dt_table = Table("device", "status", "updated", "last refused message", title=f"{t} ({r})")
                 for d in sorted(rows):
                     row = rows[d]
-                    dt_table.add_row(d, row.status, row.updated_at.isoformat())
+                    dt_table.add_row(d, row.status, row.updated_at.isoformat(), st.last_refusal(row.detail) or "-")
                 console.print(dt_table)
     finally:
         store.close()
