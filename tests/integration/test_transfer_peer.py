@@ -48,6 +48,7 @@ from iotdlm.transfer.identity import TransferIdentity, TransferSettings, create_
 from iotdlm.transfer.messages import VersionInfo
 from iotdlm.transfer.peer_client import PeerClient
 from iotdlm.transfer.peer_handlers import publish_update_info
+from iotdlm.transfer.peer_parts import PeerLimits
 from iotdlm.transfer.shell import Sp1Service, Sp2Service
 from iotdlm.wire import audit as fmt
 from tests.fixtures_nats import RunningNats, start_nats
@@ -91,7 +92,9 @@ class Side:
 
 
 @contextlib.asynccontextmanager
-async def open_side(tmp: Path, org: str, provider_id: str, clock: ShiftClock) -> AsyncIterator[Side]:
+async def open_side(
+    tmp: Path, org: str, provider_id: str, clock: ShiftClock, limits: PeerLimits | None = None
+) -> AsyncIterator[Side]:
     made, _ = init_deployment(
         tmp / "d", organization=org, algorithm=Algorithm.P256, dtypes=[DTYPE], passphrase=PW, now=clock.now(),
         public_url="http://127.0.0.1:8080",
@@ -112,7 +115,7 @@ async def open_side(tmp: Path, org: str, provider_id: str, clock: ShiftClock) ->
     kmcore = build_km(dep, store, clock, passphrase=PW)
     km_bus = await nats.connect("km")
     km = KmService(
-        kmcore, km_bus, identity=km_identity(dep), extra_routes=transfer_peer_routes(dep, store, kmcore, km_bus)
+        kmcore, km_bus, identity=km_identity(dep), extra_routes=transfer_peer_routes(dep, store, kmcore, km_bus, limits)
     )
     await km.start()
     modes_bus = await nats.connect("modes")

@@ -246,7 +246,7 @@ _header_decoder = msgspec.json.Decoder(_Header)
 def peek_signer(token: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> tuple[str, bytes]:
     """(alg, DER of the x5c leaf) from the protected header, WITHOUT verifying anything yet."""
     if len(token) > max_bytes:
-        raise TooLargeError(f"request of {len(token)} bytes exceeds the limit of {max_bytes}")
+        raise TooLargeError(f"signed message of {len(token)} bytes exceeds the limit of {max_bytes}")
     parts = token.split(b".")
     if len(parts) != 3:
         raise BadRequestError("request is not a JWS in compact serialisation (expected 3 dot-separated parts)")
