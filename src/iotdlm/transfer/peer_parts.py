@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from iotdlm.errors import BadRequestError, TooLargeError, UntrustedError
 
@@ -108,24 +108,39 @@ def parse_content_range(value: str) -> Part:
 
 
 # --- SP2 puts the parts together ------------------------------------------------------------------------------
-@dataclass
 class Assembly:
-    """The UpdateInfoList of transfer ``transfer_id`` from its parts (see the module doc)."""
+    """The UpdateInfoList of transfer ``transfer_id`` from its parts (see the module doc). Memory:
+    one buffer of the announced size (at most ``max_bytes``) and the list of byte runs held."""
 
-    transfer_id: str
-    max_bytes: int
-    total: int | None = None
-    _parts: dict[int, bytes] = field(default_factory=dict)
-    _held: int = 0
+    def __init__(self, transfer_id: str, max_bytes: int) -> None:
+        self.transfer_id = transfer_id
+        self.max_bytes = max_bytes
+        self.total: int | None = None
+        self.parts = 0
+        self._buf = bytearray()
+        #: the byte runs held, [lo, hi), sorted and merged
+        self._runs: list[tuple[int, int]] = []
 
     def next_offset(self) -> int | None:
-        """The first byte not held yet (None: all held). Parts may overlap; gaps are asked again."""
-        at = 0
-        for start in sorted(self._parts):
-            if start > at:
-                return at
-            at = max(at, start + len(self._parts[start]))
+        """The first byte not held yet (None: all held). A gap is asked for again, never skipped."""
+        at = self._runs[0][1] if self._runs and self._runs[0][0] == 0 else 0
         return None if self.total is not None and at >= self.total else at
+
+    def _take_total(self, total: int) -> None:
+        if self.total is None:
+            if total > self.max_bytes:
+                raise TooLargeError(
+                    f"the UpdateInfoList of transfer {self.transfer_id} is {megabytes(total)}; this provider "
+                    f"reads at most {megabytes(self.max_bytes)} (PeerLimits.max_update_info_bytes): ask SP1 to "
+                    "hand the fleet over in several transfers"
+                )
+            self.total = total
+            self._buf = bytearray(total)
+        elif total != self.total:
+            raise UntrustedError(
+                f"SP1's cm announced {total} bytes for the UpdateInfoList, {self.total} before: "
+                "not parts of one message"
+            )
 
     def add(self, part: Part, body: bytes) -> None:
         if not 0 <= part.start <= part.end < part.total:
@@ -134,50 +149,35 @@ class Assembly:
             raise BadRequestError(
                 f"SP1's cm sent {len(body)} bytes for bytes {part.start}-{part.end} ({part.length} bytes)"
             )
-        if self.total is None:
-            if part.total > self.max_bytes:
-                raise TooLargeError(
-                    f"the UpdateInfoList of transfer {self.transfer_id} is {megabytes(part.total)}; this provider "
-                    f"reads at most {megabytes(self.max_bytes)} (PeerLimits.max_update_info_bytes): ask SP1 to "
-                    "hand the fleet over in several transfers"
-                )
-            self.total = part.total
-        elif part.total != self.total:
-            raise UntrustedError(
-                f"SP1's cm announced {part.total} bytes for the UpdateInfoList, {self.total} before: "
-                "not parts of one message"
-            )
-        held = self._parts.get(part.start)
-        if held is not None:
-            if held != body:
-                raise UntrustedError(f"SP1's cm sent bytes {part.start}-{part.end} twice, and they differ")
-            return
-        for start, data in self._parts.items():  # an overlapping part must agree on the bytes it shares
-            lo, hi = max(start, part.start), min(start + len(data), part.end + 1)
-            if lo < hi and data[lo - start : hi - start] != body[lo - part.start : hi - part.start]:
-                raise UntrustedError(f"SP1's cm sent bytes {lo}-{hi - 1} twice, and they differ")
-        if self._held + len(body) > 2 * self.max_bytes:
-            raise TooLargeError("SP1's cm keeps sending the same bytes: over twice the limit received")
-        self._parts[part.start] = body
-        self._held += len(body)
+        self._take_total(part.total)
+        lo, hi = part.start, part.end + 1
+        for a, b in self._runs:  # bytes received twice must be the same bytes
+            x, y = max(a, lo), min(b, hi)
+            if x < y and self._buf[x:y] != body[x - lo : y - lo]:
+                raise UntrustedError(f"SP1's cm sent bytes {x}-{y - 1} twice, and they differ")
+        self._buf[lo:hi] = body
+        self.parts += 1
+        runs = sorted([*self._runs, (lo, hi)])
+        merged = [runs[0]]
+        for a, b in runs[1:]:
+            if a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self._runs = merged
 
     def result(self) -> bytes:
         """The whole UpdateInfoList, checked against the transfer id (UntrustedError if it is not
         the message the transfer names, BadRequestError if parts are missing)."""
-        if self.total is None or self.next_offset() is not None:
+        missing = self.next_offset()
+        if self.total is None or missing is not None:
             raise BadRequestError(
-                f"the UpdateInfoList of transfer {self.transfer_id} is incomplete: bytes from "
-                f"{self.next_offset()} on are missing"
+                f"the UpdateInfoList of transfer {self.transfer_id} is incomplete: bytes from {missing} on are missing"
             )
-        out = bytearray()
-        for start in sorted(self._parts):
-            data = self._parts[start]
-            if start + len(data) > len(out):
-                out += data[len(out) - start :]
-        whole = bytes(out[: self.total])
+        whole = bytes(self._buf)
         if hashlib.sha256(whole).digest()[:16].hex() != self.transfer_id:
             raise UntrustedError(
-                f"the UpdateInfoList put together from {len(self._parts)} part(s) is not the one transfer "
+                f"the UpdateInfoList put together from {self.parts} part(s) is not the one transfer "
                 f"{self.transfer_id} names (its SHA-256 differs)"
             )
         return whole
