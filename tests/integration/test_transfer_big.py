@@ -106,9 +106,9 @@ async def test_parts_of_a_small_km_reply_make_the_list_and_the_confirmation_goes
             _, tm = pair.accept(token)
             assert "accepted" in await c.send_transfer_message(tid, tm)
             pair.enrolled_at_ca2(tid, ids)
-            parts = pair.sp2svc.confirm_parts(tid, max_bytes=1024)
-            assert len(parts) >= 2
-            assert all(len(p) <= 1024 for p in parts)
+            parts = pair.sp2svc.confirm_parts(tid, max_bytes=4096, max_devices=10)
+            assert len(parts) == 3  # 10 + 10 + 4 devices
+            assert all(len(p) <= 1024 for p in parts)  # ~45 B a device
             said = await c.send_confirmations(tid, parts)
         assert sum(int(s.split()[0]) for s in said) == len(ids)
         assert {r.status for r in pair.sp1svc.status(tid).values()} == {st.REVOKED_AT_CA1}

@@ -210,8 +210,14 @@ def test_relay_offsets_round_trip_and_are_bounded() -> None:
 
 # --- a confirmation in parts ----------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
-@given(ids=st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=120, unique=True), budget=st.integers(1, 6))
-def test_confirmation_parts_stay_under_the_limit_and_name_every_device_once(ids: list[str], budget: int) -> None:
+@given(
+    ids=st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=120, unique=True),
+    budget=st.integers(1, 6),
+    most=st.integers(1, 200),
+)
+def test_confirmation_parts_stay_under_the_limits_and_name_every_device_once(
+    ids: list[str], budget: int, most: int
+) -> None:
     limit = 1024 + budget * 600
     enrolled = [Enrolled(d, hashlib.sha256(d.encode()).digest()) for d in ids]
     state = sp2.Sp2Transfer(
@@ -219,7 +225,8 @@ def test_confirmation_parts_stay_under_the_limit_and_name_every_device_once(ids:
         peer_certificate=cert_der(SP1.certificate), created_at=NOW,
     )  # fmt: skip
     named: list[str] = []
-    for batch in _batches(enrolled, limit - 1024):
+    for batch in _batches(enrolled, limit - 1024, most):
+        assert 1 <= len(batch) <= most
         token = sp2.confirmation(state, batch, NOW, signer=SP2.signer(with_chain=False))
         assert len(token) <= limit
         conf = open_confirmation(token, pinned=SP2.certificate, audience=SP1_ID, now=NOW)

@@ -414,8 +414,9 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
 @handle_errors
 def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert: Path | None) -> None:
     """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates):
-    as a file (--out) and/or posted to SP1's cm (--send). A large fleet's confirmation is sent in
-    parts that each fit SP1's cm (about 11,000 devices a part); with --out too, each part is a file."""
+    as a file (--out) and/or posted to SP1's cm (--send). Over the network the confirmation goes in
+    parts of 1,000 devices (SP1 revokes each part before it answers); with --out too, each part is
+    a file."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
     from iotdlm.transfer.messages import MAX_CONFIRMATION_BYTES
@@ -432,8 +433,11 @@ def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert:
         svc = Sp2Service(
             store=store, identity=load_identity(data), clock=clock, registrar=FactoryRegistry(store, clock)
         )
-        limit = PeerLimits().max_body_bytes if link is not None else MAX_CONFIRMATION_BYTES
-        tokens = svc.confirm_parts(tid, max_bytes=limit)
+        limits = PeerLimits()
+        if link is not None:  # each part one request to SP1's cm, answered once CA1 has revoked
+            tokens = svc.confirm_parts(tid, max_bytes=limits.max_body_bytes, max_devices=limits.confirmation_devices)
+        else:
+            tokens = svc.confirm_parts(tid, max_bytes=MAX_CONFIRMATION_BYTES)
         n = sum(1 for r in svc.status(tid).values() if r.status == st.ENROLLED)
     finally:
         store.close()

@@ -517,16 +517,17 @@ class Sp2Service(_Provider[sp2.Sp2Transfer]):
             raise RuntimeError(f"the confirmation needs {len(parts)} parts: use confirm_parts")
         return parts[0]
 
-    def confirm_parts(self, tid: str, *, max_bytes: int) -> list[bytes]:
+    def confirm_parts(self, tid: str, *, max_bytes: int, max_devices: int = MAX_DEVICES) -> list[bytes]:
         """The confirmation for SP1 of the enrolled devices not confirmed before, as signed
-        confirmations of at most ``max_bytes`` each (SP1's cm takes one NATS message at a time:
-        docs/adr/0099). Each has its own cti; SP1 takes them in any order."""
+        confirmations of at most ``max_bytes`` and ``max_devices`` each (SP1's cm takes one NATS
+        message at a time, and waits for km's revocations a bounded time: docs/adr/0099). Each has
+        its own cti; SP1 takes them in any order."""
         t = self._load(tid)
         rows = self.devices.rows(tid)
         enrolled = [e for e in self.refresh_enrolled(tid) if not _detail(rows.get(e.device_id)).get("confirmed")]
         now, signer = self.clock.now(), self.identity.signer(with_chain=False)
         tokens: list[bytes] = []
-        for batch in _batches(enrolled, max_bytes - _CONFIRMATION_OVERHEAD):
+        for batch in _batches(enrolled, max_bytes - _CONFIRMATION_OVERHEAD, min(max_devices, MAX_DEVICES)):
             token = sp2.confirmation(t, batch, now, signer=signer, entropy=self.entropy)
             if len(token) > max_bytes:  # the estimate is an upper bound: never taken
                 raise ValueError(f"a confirmation part of {len(token)} bytes is over {max_bytes}")
@@ -617,15 +618,15 @@ class StaticUpdateServer:
 _CONFIRMATION_OVERHEAD = 1024
 
 
-def _batches(enrolled: Sequence[Enrolled], budget: int) -> list[list[Enrolled]]:
-    """``enrolled`` cut into runs whose entries take at most ``budget`` bytes of CBOR each (an
-    entry: the device id, a 32-byte hash, at most 13 bytes of array and string heads)."""
+def _batches(enrolled: Sequence[Enrolled], budget: int, most: int = MAX_DEVICES) -> list[list[Enrolled]]:
+    """``enrolled`` cut into runs of at most ``most`` whose entries take at most ``budget`` bytes of
+    CBOR each (an entry: the device id, a 32-byte hash, at most 13 bytes of array and string heads)."""
     out: list[list[Enrolled]] = []
     run: list[Enrolled] = []
     used = 0
     for e in enrolled:
         cost = len(e.device_id.encode()) + len(e.certificate_sha256) + 13
-        if run and (used + cost > budget or len(run) >= MAX_DEVICES):
+        if run and (used + cost > budget or len(run) >= most):
             out.append(run)
             run, used = [], 0
         run.append(e)
