@@ -8,7 +8,9 @@ batches over NATS (one key for every device: the key is not what this file tests
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import ssl
@@ -18,9 +20,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from iotdlm.cli.transfer import transfer
+from iotdlm.cm.config import Limits
 from iotdlm.errors import TooLargeError, UntrustedError
 from iotdlm.km.registry import FactoryRegistry
+from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.transfer import peer
 from iotdlm.transfer import status as st
@@ -30,7 +36,7 @@ from iotdlm.transfer.peer_parts import PeerLimits, parse_content_range
 from iotdlm.transfer.shell import Sp1Service, Sp2Service
 from iotdlm.wire import km as kmsg
 from tests.helpers import make_csr
-from tests.integration.test_cm import ShiftClock
+from tests.integration.test_cm import LIMITS, ShiftClock
 from tests.integration.test_transfer_peer import DTYPE, SP1_FALLBACK, SP1_ID, SP2_ID, Pair, Side, open_side
 
 pytestmark = [pytest.mark.nats, pytest.mark.real_clock]
@@ -49,10 +55,12 @@ async def mint(side: Side, ids: list[str], profile: str = "factory") -> None:
 
 
 @contextlib.asynccontextmanager
-async def big_pair(tmp: Path, n: int, limits: PeerLimits | None = None) -> AsyncIterator[tuple[Pair, list[str]]]:
+async def big_pair(
+    tmp: Path, n: int, limits: PeerLimits | None = None, cm_limits: Limits = LIMITS
+) -> AsyncIterator[tuple[Pair, list[str]]]:
     clock = ShiftClock()
     async with (
-        open_side(tmp / "sp1", "SP1", SP1_ID, clock, limits) as sp1,
+        open_side(tmp / "sp1", "SP1", SP1_ID, clock, limits, cm_limits) as sp1,
         open_side(tmp / "sp2", "SP2", SP2_ID, clock) as sp2,
     ):
         registrar = FactoryRegistry(sp2.store, clock, enroll_uri=f"{sp2.url}/.well-known/est")
@@ -168,3 +176,27 @@ async def test_a_list_over_the_old_4_mib_relay_limit_goes_through(tmp_path: Path
         got, _ = pair.accept(uil)
         assert got == tid
         assert len(pair.sp2svc.status(tid)) == 1200
+
+
+async def test_the_cli_says_what_is_too_large_and_exits_4(tmp_path: Path) -> None:
+    """SP1's cm takes 1 KiB bodies here: `confirm --send` is refused with 413 and the operator reads
+    which message, its size, the limit and what to do -- exit 4, never "km reply is not valid"."""
+    small_cm = dataclasses.replace(LIMITS, max_transfer_body_bytes=1024)
+    async with big_pair(tmp_path, 40, cm_limits=small_cm) as (pair, ids):
+        tid, token = pair.export(ids)
+        _, tm = pair.accept(token)
+        pair.sp1svc.accept(tm)
+        pair.enrolled_at_ca2(tid, ids)
+        root = tmp_path / "sp1-root.pem"
+        root.write_bytes(pair.sp1.root_pem)
+        (pair.sp2.dep.root / "transfer" / "identity" / "certificate.pem").write_bytes(
+            certs_to_pem([pair.sp2.identity.certificate])
+        )
+        args = ["confirm", "--data", str(pair.sp2.dep.root), "--transfer", tid, "--send", pair.sp1.url,
+                "--cacert", str(root)]  # fmt: skip
+        out = await asyncio.to_thread(CliRunner().invoke, transfer, args)
+    said = " ".join(out.output.split())
+    assert out.exit_code == 4, said
+    assert "413" in said
+    assert "the confirmation is 2.0 KB; the limit is 1.0 KB: send the confirmation in parts" in said
+    assert "not valid" not in said

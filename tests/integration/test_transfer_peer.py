@@ -32,6 +32,7 @@ from iotdlm.cli.km import transfer_peer_routes
 from iotdlm.cli.transfer import transfer
 from iotdlm.client.km import KmClient
 from iotdlm.cm import CmConfig, CmService
+from iotdlm.cm.config import Limits
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError, UntrustedError
@@ -93,7 +94,12 @@ class Side:
 
 @contextlib.asynccontextmanager
 async def open_side(
-    tmp: Path, org: str, provider_id: str, clock: ShiftClock, limits: PeerLimits | None = None
+    tmp: Path,
+    org: str,
+    provider_id: str,
+    clock: ShiftClock,
+    limits: PeerLimits | None = None,
+    cm_limits: Limits = LIMITS,
 ) -> AsyncIterator[Side]:
     made, _ = init_deployment(
         tmp / "d", organization=org, algorithm=Algorithm.P256, dtypes=[DTYPE], passphrase=PW, now=clock.now(),
@@ -120,7 +126,7 @@ async def open_side(
     await km.start()
     modes_bus = await nats.connect("modes")
     await set_mode(modes_bus, "certificate-management", dep)
-    cm = await CmService.from_deployment(dep, CmConfig(https_port=0, http_port=None, limits=LIMITS), clock=clock)
+    cm = await CmService.from_deployment(dep, CmConfig(https_port=0, http_port=None, limits=cm_limits), clock=clock)
     await cm.start()
     assert isinstance(cm.app.mode, ModeGuard)
     await cm.app.mode.wait_for("certificate-management")
