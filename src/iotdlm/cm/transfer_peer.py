@@ -116,14 +116,19 @@ class PeerRoutes:
         return handler
 
     async def _read_message(self, request: web.Request, subject: str) -> bytes:
-        what = "confirmation" if subject == s.KM_TRANSFER_PEER_CONFIRMATION else "TransferMessage"
+        confirmation = subject == s.KM_TRANSFER_PEER_CONFIRMATION
         try:
             return await self.read_body(request, self.max_body)
         except TooLargeError:
             size = f"is {megabytes(request.content_length)}" if request.content_length else "is larger"
+            what, todo = (
+                ("confirmation", "send the confirmation in parts (iotdlm transfer confirm --send does), or ")
+                if confirmation
+                else ("TransferMessage", "")
+            )
             raise TooLargeError(
-                f"the {what} {size}; the limit is {megabytes(self.max_body)}: send the confirmation in parts "
-                "(iotdlm transfer confirm --send does), or raise max_transfer_body_bytes in SP1's cm.toml"
+                f"the {what} {size}; the limit is {megabytes(self.max_body)}: {todo}raise "
+                "max_transfer_body_bytes in SP1's cm.toml"
             ) from None
 
 

@@ -102,14 +102,15 @@ class PeerClient:
         try:
             async with self._session.request(method, url, ssl=self._ssl, **kw) as resp:
                 # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
-                body = b""
-                while len(body) <= limit:
-                    chunk = await resp.content.read(limit + 1 - len(body))
+                buf = bytearray()
+                while len(buf) <= limit:
+                    chunk = await resp.content.read(limit + 1 - len(buf))
                     if not chunk:
                         break
-                    body += chunk
-                if len(body) > limit:
+                    buf += chunk
+                if len(buf) > limit:
                     raise TooLargeError(f"{url} answered more than {limit} bytes")
+                body = bytes(buf)
                 if resp.status in (200, 206):
                     return resp.status, resp.headers.get("Content-Range"), body
                 line = body.decode("utf-8", "replace").strip()[:300]
@@ -138,7 +139,7 @@ class PeerClient:
                 offset=offset,
             )
             status, crange, body = await self._exchange(
-                "GET", self._url(tid, "update-info"), limit=self.limits.max_update_info_bytes,
+                "GET", self._url(tid, "update-info"), limit=self.limits.max_update_info_bytes - offset,
                 headers={peer.FETCH_HEADER: header, "Range": f"bytes={offset}-"},
             )  # fmt: skip
             if status == 200:  # the whole of it (a cm that ignores Range)
