@@ -109,7 +109,7 @@ async def network(sp1: Side, sp2: Side, files: dict[str, Path], ids: list[str], 
     size = (sp1.dep.root / "transfer" / "outbox" / f"{tid}.jws").stat().st_size
     revoked = sum(1 for r in sp1.store.get_transfer_devices("sp1", tid, ids).values() if r.status == st.REVOKED_AT_CA1)
     parts = -(-size // PeerLimits().part_bytes)
-    return {"tid": tid, "uil": megabytes(size), "parts": str(parts), "confirm": " ".join(said.split()),
+    return {"tid": tid, "uil": megabytes(size), "parts": str(parts), "confirm": " ".join(said.split("SP1:")[0].split()),
             "revoked": f"{revoked}/{len(ids)}"}  # fmt: skip
 
 
