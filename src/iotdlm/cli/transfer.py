@@ -102,9 +102,9 @@ class _PeerLink:
         async with self._client() as c:
             return await c.send_transfer_message(self.tid, token)
 
-    async def send_confirmation(self, token: bytes) -> str:
+    async def send_confirmations(self, tokens: list[bytes]) -> list[str]:
         async with self._client() as c:
-            return await c.send_confirmation(self.tid, token)
+            return await c.send_confirmations(self.tid, tokens)
 
 
 def _peer_link(data: Path, url: str, tid: str | None, cacert: Path | None, *, peer_id: str) -> _PeerLink:
@@ -414,9 +414,13 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
 @handle_errors
 def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert: Path | None) -> None:
     """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates):
-    as a file (--out) and/or posted to SP1's cm (--send)."""
+    as a file (--out) and/or posted to SP1's cm (--send). Over the network the confirmation goes in
+    parts of 1,000 devices (SP1 revokes each part before it answers); with --out too, each part is
+    a file."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
+    from iotdlm.transfer.messages import MAX_CONFIRMATION_BYTES
+    from iotdlm.transfer.peer_parts import PeerLimits
     from iotdlm.transfer.shell import Sp2Service
 
     if out is None and send_to is None:
@@ -429,23 +433,38 @@ def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert:
         svc = Sp2Service(
             store=store, identity=load_identity(data), clock=clock, registrar=FactoryRegistry(store, clock)
         )
-        token = svc.confirm(tid)
+        limits = PeerLimits()
+        if link is not None:  # each part one request to SP1's cm, answered once CA1 has revoked
+            tokens = svc.confirm_parts(tid, max_bytes=limits.max_body_bytes, max_devices=limits.confirmation_devices)
+        else:
+            tokens = svc.confirm_parts(tid, max_bytes=MAX_CONFIRMATION_BYTES)
         n = sum(1 for r in svc.status(tid).values() if r.status == st.ENROLLED)
     finally:
         store.close()
-    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed")
+    parts = f" in {len(tokens)} parts" if len(tokens) > 1 else ""
+    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed{parts}")
     if out is not None:
-        out.write_bytes(token)
-        console.print(f"confirmation in {out}")
+        names = (
+            [out]
+            if len(tokens) == 1
+            else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(tokens) + 1)]
+        )
+        for name, token in zip(names, tokens, strict=True):
+            name.write_bytes(token)
+        console.print(f"confirmation in {', '.join(map(str, names))}")
     if link is not None:
-        console.print(f"SP1: {run(link.send_confirmation(token))}")
+        for said in run(link.send_confirmations(tokens)):
+            console.print(f"SP1: {said}")
 
 
 @transfer.command("revoke-old")
 @data_option
-@click.option("--in", "src", type=_existing, required=True, help="SP2's confirmation (CWT).")
+@click.option(
+    "--in", "srcs", type=_existing, required=True, multiple=True,
+    help="SP2's confirmation (CWT); repeat it for a confirmation in parts.",
+)  # fmt: skip
 @handle_errors
-def revoke_old(data: Path, src: Path) -> None:
+def revoke_old(data: Path, srcs: tuple[Path, ...]) -> None:
     """SP1: on SP2's confirmation, have CA1 revoke the devices' old operational certificates
     (through a running km if one answers, else directly with the CA keys)."""
     from iotdlm.runtime import build_km, connect_identity, km_trust, open_store, sealer_for
@@ -454,7 +473,7 @@ def revoke_old(data: Path, src: Path) -> None:
     dep = Deployment.load(data)
     settings = load_settings(data)
     clock = SystemClock()
-    token = src.read_bytes()
+    tokens = [src.read_bytes() for src in srcs]
     store = open_store(dep)
     try:
         svc = Sp1Service(
@@ -467,16 +486,19 @@ def revoke_old(data: Path, src: Path) -> None:
             bus, ident = await connect_identity(dep, "admin")
             try:
                 km = KmClient(bus, sealer_for(ident), clock, trust=km_trust(dep))
-                return await svc.revoke_old(token, KmRevoker(km, store))
+                return [d for token in tokens for d in await svc.revoke_old(token, KmRevoker(km, store))]
             finally:
                 await bus.close()
+
+        async def directly() -> list[str]:
+            kmcore = build_km(dep, store, clock)
+            assert kmcore.va is not None
+            return [d for t in tokens for d in await svc.revoke_old(t, LocalRevoker(store, kmcore.va, clock))]
 
         try:
             done, how = run(through_km()), "through km"
         except UnavailableError:
-            kmcore = build_km(dep, store, clock)
-            assert kmcore.va is not None
-            done, how = run(svc.revoke_old(token, LocalRevoker(store, kmcore.va, clock))), "directly in the store"
+            done, how = run(directly()), "directly in the store"
     finally:
         store.close()
     console.print(f"{len(done)} device(s) revoked-at-CA1 ({how})")
