@@ -249,10 +249,14 @@ class SimulatedDevice:
         """(certificate PEM, key PEM) for the device's own TLS client (EST): the certificate and the
         key it certifies. The device uses its key itself; this is how the simulated device hands it
         to its TLS stack."""
-        cert = self.certificate(kind)
-        if cert is None:
-            raise NotFoundError(f"device {self.device_id} has no {kind} certificate")
-        return certs_to_pem([cert]), self._key_path(self._credential_key(kind)).read_bytes()
+        cert_path, key_path = self.tls_identity_files(kind)
+        return cert_path.read_bytes(), key_path.read_bytes()
+
+    def tls_identity_files(self, kind: str = "operational") -> tuple[Path, Path]:
+        """Where the certificate of :meth:`tls_identity` and the key it certifies are (the device's
+        own TLS stack loads them from there, with no copy)."""
+        name = self._credential_key(kind)  # the certificate is there and the device holds its key
+        return self.path / "flash" / "certs" / f"{kind}.pem", self._key_path(name)
 
     # --- flash ------------------------------------------------------------------------------
     def write_image(self, slot: str, image: Path, info: dict[str, Any]) -> str:
