@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import fleet_profile
 from common import REPO, Headline, emit, log, machine_info, md_table, ms, parse_args, raw_cert_rate
 from transfer import verify_costs
 
@@ -72,7 +73,7 @@ PROFILE_OUT = Path(tempfile.gettempdir())
 
 
 async def run(
-    tmp: Path, fleet_dir: Path, n: int, *, attest: bool, profile: bool, workers: int
+    tmp: Path, fleet_dir: Path, n: int, *, attest: bool, profile: bool, workers: int, spy_on: bool
 ) -> tuple[str, list[Headline]]:
     os.environ[PASSPHRASE_ENV] = PW
     clock, real = ShiftClock(), SystemClock()
@@ -105,6 +106,7 @@ async def run(
         fleet_file.write_text("\n".join(ids) + "\n")
 
         phases: list[tuple[str, float]] = []
+        spy_table = ""
 
         def mark(name: str, since: float) -> float:
             now = time.perf_counter()
@@ -112,7 +114,7 @@ async def run(
             log(f"{name}: {now - since:.2f}s")
             return now
 
-        start = t = time.perf_counter()
+        t = time.perf_counter()
         said = await cli(
             "transfer", "export", "--data", str(sp1.dep.root), "--peer-id", SP2_ID, "--peer-cert", str(sp2_cert),
             "--devices-file", str(fleet_file), "--reference", str(fw), "--serve",
@@ -129,6 +131,8 @@ async def run(
         prof = cProfile.Profile() if profile else None
         if prof is not None:
             prof.enable()
+        spy = fleet_profile.spy_start(tmp / "spy.txt") if spy_on else None
+        t = time.perf_counter()  # (py-spy attached: not part of the pass)
         cpu0 = _cpu_seconds()
         if profile:
             (tmp / "prof").mkdir()
@@ -138,6 +142,11 @@ async def run(
         if worker_profiles:
             pstats.Stats(*map(str, worker_profiles)).dump_stats(str(PROFILE_OUT / "devices.prof"))
         cpu_parent, cpu_workers = (b - a for a, b in zip(cpu0, _cpu_seconds(), strict=True))
+        t_end = time.perf_counter()
+        pass_seconds = t_end - t
+        if spy is not None:
+            fleet_profile.spy_stop(spy)
+            spy_table = fleet_profile.breakdown(tmp / "spy.txt", n, pass_seconds)
         if prof is not None:
             prof.disable()
         committed = summary.counts.get("transfer-committed", 0)
@@ -147,11 +156,12 @@ async def run(
         what = "attest at SP2's raURI, " if attest else ""
         where = f"{workers} worker processes" if workers > 1 else "in the servers' process"
         steps = f"fetch + verify, reset, {what}re-enroll with CA2 (new key), commit"
-        t = mark(f"devices (HTTPS, {where}, 32 at once each): {steps}", t)
+        mark(f"devices (HTTPS, {where}, 32 at once each): {steps}", t + (time.perf_counter() - t_end))
+        t = time.perf_counter()
         said = await cli("transfer", "confirm", "--data", str(sp2.dep.root), "--transfer", tid, "--send", sp1.url,
                          "--cacert", str(sp1_root))  # fmt: skip
         t = mark("SP2 `confirm --send`; CA1 revokes the old operational certificates", t)
-        total = t - start
+        total = sum(sec for _name, sec in phases)
         rows = sp1.store.get_transfer_devices("sp1", tid, ids)
         revoked = sum(1 for r in rows.values() if r.status == st.REVOKED_AT_CA1)
         kept = json.loads(rows[ids[0]].detail)
@@ -165,6 +175,7 @@ async def run(
         verify_table = verify_costs(dev_msg, ids[0], [sp1.dep.ca_certificate("root"), *sp1.identity.chain], iterations)
     cert_rates = sorted(raw_cert_rate(0.5) for _ in range(3))
     cert_ms = 1.0 / cert_rates[1]
+    tls_ms = sorted(fleet_profile.raw_tls_handshake_ms(100) for _ in range(3))[1] / 1000
     verify_ms = _cose_median(verify_table)
 
     table_rows = []
@@ -172,8 +183,8 @@ async def run(
         per = sec / n
         extra = ""
         if name.startswith("devices ("):
-            extra = (
-                f"{per / cert_ms:.0f}x a raw cert sign; {per / verify_ms:.0f}x a raw CWT verify" if verify_ms else ""
+            extra = f"{per / cert_ms:.0f}x a raw cert sign; {per / tls_ms:.1f}x a raw mutual-TLS handshake" + (
+                f"; {per / verify_ms:.0f}x a raw CWT verify" if verify_ms else ""
             )
         table_rows.append([name, f"{sec:.2f}", f"{per * 1000:.2f}", extra])
     table_rows.append([f"**total, {n} devices**", f"**{total:.1f}**", f"{total / n * 1000:.2f}",
@@ -181,7 +192,8 @@ async def run(
     table = md_table(["phase", "seconds", "ms per device", "per device / raw library (same run)"], table_rows)
     table += (
         f"\n\nRaw library, same run: `CertificateBuilder.sign` (km-like certificate, one thread) "
-        f"{ms(cert_ms)} ms ({cert_rates[1]:,.0f}/s, median of 3); COSE_Sign1 verify of a per-device message "
+        f"{ms(cert_ms)} ms ({cert_rates[1]:,.0f}/s, median of 3); a mutual-TLS handshake (P-256, TLS 1.3, both "
+        f"ends in memory, bench/fleet_profile.py) {tls_ms * 1000:.2f} ms; COSE_Sign1 verify of a per-device message "
         f"{verify_ms * 1000:.2f} ms (table below). Setup (not in the total): {n} devices manufactured and "
         f"enrolled with CA1 over EST in {setup:.1f} s. Committed at CA2: {committed}/{n}; revoked-at-CA1 at SP1: "
         f"{revoked}/{n}. CPU during the devices' pass: servers' process (both km, both cm) {cpu_parent:.1f} s "
@@ -191,6 +203,8 @@ async def run(
     )
     if verify_table:
         table += "\n\n" + verify_table
+    if spy_table:
+        table += "\n\nWhere the CPU of the devices' pass goes:\n\n" + spy_table
     if prof is not None:
         prof.dump_stats(str(PROFILE_OUT / "servers.prof"))
         out = io.StringIO()
@@ -242,7 +256,7 @@ async def main(args: argparse.Namespace) -> None:
         tempfile.TemporaryDirectory(prefix="iotdlm-bench-fleet-", dir=shm) as f,
     ):
         table, heads = await run(Path(d), Path(f), n, attest=not args.no_attest, profile=args.profile,
-                                 workers=workers)  # fmt: skip
+                                 workers=workers, spy_on=args.spy)  # fmt: skip
     machine = ", ".join(f"{k}: {v}" for k, v in info.items())
     section = "\n\n".join(
         [
@@ -258,6 +272,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=None, help="fleet size (default 10000, 200 with --quick)")
     p.add_argument("--no-attest", action="store_true", help="no remote attestation (accept without --ra-uri)")
     p.add_argument("--profile", action="store_true", help="cProfile the device phase (slower)")
+    p.add_argument("--spy", action="store_true", help="py-spy every process during the devices' pass")
     p.add_argument("--workers", type=int, default=None, help="device worker processes (default: fleet run's)")
 
 
