@@ -10,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iotdlm.cli.fleet_workers import DEVICES_PER_WORKER, default_workers, share
+from iotdlm.errors import NotFoundError
+from iotdlm.pki.keys import Algorithm, generate_key, private_key_to_pem
 from iotdlm.transfer.http_clients import DeviceHttps
 from tests.unit.test_transfer_agent import make_device
 
@@ -61,3 +63,13 @@ async def test_a_pass_keeps_one_session_per_credential_and_drops_them_at_its_end
     assert again is not s1
     assert not again.closed
     await https.close()
+
+
+def test_the_key_a_certificate_uses_is_asked_again_when_a_key_file_changes(tmp_path: Path) -> None:
+    dev = make_device(tmp_path)
+    cert_path, key_path = dev.tls_identity_files("factory")
+    assert key_path == dev.path / "secure" / "key.pem"
+    assert dev.tls_identity_files("factory") == (cert_path, key_path)  # remembered: same files, same answer
+    key_path.write_bytes(private_key_to_pem(generate_key(Algorithm.P256), None))  # the key is not that one now
+    with pytest.raises(NotFoundError, match="holds no key for its factory certificate"):
+        dev.tls_identity_files("factory")
