@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from rich.table import Table
 
-from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.cli.common import EXIT_ERROR, console, data_option, err_console, handle_errors, run
+from iotdlm.cli.output import Column, check_out_file, iso_utc, json_option, print_json, print_table, write_after_work
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
@@ -43,6 +43,7 @@ from iotdlm.transfer.identity import TransferSettings, create_identity, load_ide
 from iotdlm.transfer.messages import VersionInfo
 
 if TYPE_CHECKING:
+    from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord
     from iotdlm.transfer.peer_client import PeerClient
 
 _path = click.Path(path_type=Path, dir_okay=False)
@@ -209,6 +210,8 @@ def export(
         raise BadRequestError("name the devices to hand over (--device or --devices-file)")
     if out is None and not serve:
         raise BadRequestError("say where the UpdateInfoList goes: --out FILE, --serve (cm), or both")
+    if out is not None:
+        check_out_file(out)  # before the transfer is made
     dep = Deployment.load(data)
     settings = load_settings(data)
     clock = SystemClock()
@@ -234,14 +237,23 @@ def export(
     finally:
         store.close()
     console.print(f"transfer [bold]{tid}[/bold]: UpdateInfoList of {len(ids)} device(s)")
-    if out is not None:
-        out.write_bytes(token)
-        console.print(f"written to {out}")
     if serve:
         from iotdlm.transfer.peer_handlers import publish_update_info
 
         publish_update_info(data, tid, token)
         console.print(f"served by cm to {peer_id} at /transfer/{tid}/update-info")
+    if out is not None:
+        problem = write_after_work(out, token, done=f"transfer {tid} was made")
+        if problem is None:
+            console.print(f"written to {out}")
+            return
+        kept = data / "transfer" / "exports" / f"{tid}.jws"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(token)
+        err_console.print(
+            f"[red]error[/red] (write_failed): {problem}; the UpdateInfoList is kept in {kept}: copy it from there"
+        )
+        raise SystemExit(EXIT_ERROR)
 
 
 @transfer.command("accept")
@@ -487,41 +499,72 @@ def revoke_old(data: Path, src: Path) -> None:
 @click.option("--transfer", "tid", default=None, help="One transfer (default: list the transfers).")
 @click.option("--role", type=click.Choice(["sp1", "sp2"]), default=None, help="This provider's role in it.")
 @click.option("--devices/--no-devices", default=False, help="List every device, not only the counts.")
+@json_option
 @handle_errors
-def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None:
+def status(data: Path, tid: str | None, role: str | None, devices: bool, as_json: bool) -> None:
     """Per-device status at this provider: pending, fetched, reset, attested, updated, enrolled,
     revoked-at-CA1, failed-fallback."""
     from iotdlm.runtime import open_store
-    from iotdlm.store.transfer import TransferDeviceRecord
     from iotdlm.transfer.shell import counts
 
     dep = Deployment.load(data)
     store = open_store(dep)
     try:
-        tables = store
         roles = [role] if role else ["sp1", "sp2"]
-        found = [(r, rec) for r in roles for rec in tables.list_transfers(r) if tid is None or rec.transfer_id == tid]
+        found = [(r, rec) for r in roles for rec in store.list_transfers(r) if tid is None or rec.transfer_id == tid]
         if not found:
             raise NotFoundError("no transfer here" + (f" with id {tid}" if tid else ""))
-        table = Table("transfer", "role", "devices", *st.STATUSES, "updated")
-        rows_by: dict[tuple[str, str], dict[str, TransferDeviceRecord]] = {}
-        for r, rec in found:
-            rows = tables.get_transfer_devices(r, rec.transfer_id)
-            rows_by[(r, rec.transfer_id)] = dict(rows)
-            c = counts(rows)
-            table.add_row(
-                rec.transfer_id, r, str(len(rows)), *(str(c[s]) for s in st.STATUSES), rec.updated_at.isoformat()
-            )
-        console.print(table)
-        if devices:
-            for (r, t), rows in rows_by.items():
-                dt_table = Table("device", "status", "updated", title=f"{t} ({r})")
-                for d in sorted(rows):
-                    row = rows[d]
-                    dt_table.add_row(d, row.status, row.updated_at.isoformat())
-                console.print(dt_table)
+        rows = [(r, rec, store.get_transfer_devices(r, rec.transfer_id)) for r, rec in found]
     finally:
         store.close()
+    if as_json:
+        print_json({"transfers": [_transfer_json(r, rec, devs, devices=devices) for r, rec, devs in rows]})
+        return
+    columns = (
+        Column("transfer", whole=True),
+        Column("role"),
+        Column("devices", whole=True),
+        Column("by status", min=16),
+        Column("last change (UTC)", whole=True, drop=1),
+    )
+    table_rows = []
+    for r, rec, devs in rows:
+        c = counts(devs)
+        by_status = "\n".join(f"{s} {c[s]}" for s in st.STATUSES if c[s]) or "-"
+        table_rows.append([rec.transfer_id, r, str(len(devs)), by_status, _when(rec.updated_at)])
+    print_table(console, columns, table_rows)
+    if devices:
+        device_columns = (Column("device", whole=True), Column("status"), Column("last change (UTC)", whole=True))
+        for r, rec, devs in rows:
+            device_rows = [[d, devs[d].status, _when(devs[d].updated_at)] for d in sorted(devs)]
+            print_table(console, device_columns, device_rows, title=f"{rec.transfer_id} ({r})")
+
+
+def _when(t: dt.datetime) -> str:
+    return (iso_utc(t) or "").replace("T", " ").rstrip("Z")
+
+
+def _transfer_json(
+    role: str, rec: TransferRecord, rows: dict[str, TransferDeviceRecord], *, devices: bool
+) -> dict[str, object]:
+    """One transfer as `transfer status --json` gives it (keys in docs/operations.md)."""
+    from iotdlm.transfer.shell import counts
+
+    c = counts(rows)
+    out: dict[str, object] = {
+        "transfer_id": rec.transfer_id,
+        "role": role,
+        "state": rec.state,
+        "devices": len(rows),
+        "counts": {s: c[s] for s in st.STATUSES},
+        "created_at": iso_utc(rec.created_at),
+        "updated_at": iso_utc(rec.updated_at),
+    }
+    if devices:
+        out["device_status"] = [
+            {"device_id": d, "status": rows[d].status, "updated_at": iso_utc(rows[d].updated_at)} for d in sorted(rows)
+        ]
+    return out
 
 
 @transfer.command("publish-update")
