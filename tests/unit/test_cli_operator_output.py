@@ -138,11 +138,12 @@ def test_ca_revoke_takes_the_colon_form(site: tuple[Path, dict[str, x509.Certifi
 
 
 def test_audit_list_fits_80_columns_piped(site: tuple[Path, dict[str, x509.Certificate]]) -> None:
-    data, _certs = site
-    r = iotdlm("audit", "list", "--data", str(data))
+    data, certs = site
+    r = iotdlm("audit", "list", "--data", str(data), "--limit", "100")
     assert r.returncode == 0, r.stderr
     assert max(len(line) for line in r.stdout.splitlines()) <= 80
     assert "issuance" in r.stdout
+    assert _serial(certs[DEVICES[0]]) in r.stdout  # the subject's serial, whole
 
 
 # --- stumble 11: reasons, CRL partition, retired devices -----------------------------------------
@@ -235,6 +236,7 @@ def test_a_write_that_fails_after_issuing_names_the_serial(
     assert r.exit_code == 1, r.output
     assert r.exc_info is None or r.exc_info[0] is SystemExit
     code, listed = invoke("ca", "list", "--data", str(data), "--device-id", DEVICES[0], "--limit", "1", "--json")
+    assert code == 0, listed
     newest = json.loads(listed)["certificates"][0]["serial"]
     flat = " ".join(r.output.split())
     assert f"certificate {newest} for {DEVICES[0]} was issued" in flat
@@ -254,6 +256,7 @@ def test_ca_list_and_show_json(site: tuple[Path, dict[str, x509.Certificate]]) -
     assert first["serial"] == _serial(certs[DEVICES[0]])  # whole, however narrow the terminal
     assert ISO_UTC.fullmatch(first["not_after"])
     code, output = invoke("ca", "show", "--data", str(data), _serial(certs[DEVICES[2]]), "--json")
+    assert code == 0, output
     shown = json.loads(output)
     assert set(shown) == CERT_KEYS | {"crl_url", "pem"}
     assert shown["status"] == "revoked"

@@ -52,18 +52,25 @@ def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offs
     columns = (
         Column("seq", whole=True),
         Column("at (UTC)", whole=True),
-        Column("kind"),
-        Column("actor", drop=2),
-        Column("subject", min=12),
+        Column("kind / actor", min=12),
+        Column("subject", whole=True),
         Column("details", drop=1, min=16),
     )
     rows = [
-        [str(r.seq), (iso_utc(r.at) or "").replace("T", " ").rstrip("Z"), r.kind, escape(r.actor),
-         escape(r.subject or "-"), escape(_short(r.data_json, 160))]
+        [str(r.seq), (iso_utc(r.at) or "").replace("T", "\n").rstrip("Z"), escape(f"{r.kind}\n{r.actor}"),
+         escape(_subject_cell(r.subject)), escape(_short(r.data_json, 160))]
         for r in recs
     ]  # fmt: skip
     print_table(console, columns, rows)
     console.print(f"{len(recs)} of {total} records shown")
+
+
+def _subject_cell(subject: str | None) -> str:
+    """A subject such as ``operational:<serial>`` on two lines, so the serial is printed whole."""
+    if subject is None:
+        return "-"
+    head, sep, tail = subject.partition(":")
+    return f"{head}{sep}\n{tail}" if sep and len(subject) > 30 else subject
 
 
 def _short(text: str, n: int) -> str:
