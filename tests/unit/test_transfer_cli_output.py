@@ -77,6 +77,14 @@ def test_transfer_export_out_and_status(tmp_path: Path, monkeypatch: pytest.Monk
     cas = ["--cert", str(sp1.root / "ca" / "root.pem"), "--cert", str(sp1.root / "ca" / "factory.pem")]
     r = runner.invoke(main, ["transfer", "register-ca", "--data", str(sp2.root), *cas])
     assert r.exit_code == 0, r.output
+    accept = ["transfer", "accept", "--data", str(sp2.root), "--in", str(kept), "--peer-id", "sp1",
+              "--peer-cert", str(sp1_cert)]  # fmt: skip
+    r = runner.invoke(main, [*accept, "--out", str(tmp_path / "no" / "tm.cwt")])  # refused before accepting
+    assert r.exit_code == 4, r.output
+    assert "does not exist" in r.output
+    r = runner.invoke(main, ["transfer", "status", "--data", str(sp2.root)])
+    assert r.exit_code == 4
+    assert "no transfer here" in r.output
     r = runner.invoke(main, ["transfer", "accept", "--data", str(sp2.root), "--in", str(kept), "--peer-id", "sp1",
                              "--peer-cert", str(sp1_cert), "--out", str(tmp_path / "tm.cwt")])  # fmt: skip
     assert r.exit_code == 0, r.output

@@ -33,7 +33,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm.cli.common import EXIT_ERROR, console, data_option, err_console, handle_errors, run
-from iotdlm.cli.output import Column, check_out_file, iso_utc, json_option, print_json, print_table, write_after_work
+from iotdlm.cli.output import (
+    Column,
+    check_out_dir,
+    check_out_file,
+    iso_utc,
+    json_option,
+    print_json,
+    print_table,
+    write_after_work,
+)
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
@@ -122,6 +131,19 @@ def transfer() -> None:
 def _default_fallback_uri(dep: Deployment) -> str:
     """SP1's fallback route on its cm (``POST /transfer/fallback``, authenticated by the device)."""
     return _default_enroll_uri(dep).removesuffix("/.well-known/est") + "/transfer/fallback"
+
+
+def _write_or_keep(data: Path, out: Path, token: bytes, *, done: str, what: str, name: str) -> None:
+    """Write ``token`` to ``out`` (checked before the work); if that fails now that the work is
+    done, keep it in DIR/transfer/exports/ and say where, exit code 1: nothing is left orphaned."""
+    problem = write_after_work(out, token, done=done)
+    if problem is None:
+        return
+    kept = data / "transfer" / "exports" / name
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(token)
+    err_console.print(f"[red]error[/red] (write_failed): {problem}; the {what} is kept in {kept}: copy it from there")
+    raise SystemExit(EXIT_ERROR)
 
 
 @transfer.command("init")
@@ -243,17 +265,8 @@ def export(
         publish_update_info(data, tid, token)
         console.print(f"served by cm to {peer_id} at /transfer/{tid}/update-info")
     if out is not None:
-        problem = write_after_work(out, token, done=f"transfer {tid} was made")
-        if problem is None:
-            console.print(f"written to {out}")
-            return
-        kept = data / "transfer" / "exports" / f"{tid}.jws"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        kept.write_bytes(token)
-        err_console.print(
-            f"[red]error[/red] (write_failed): {problem}; the UpdateInfoList is kept in {kept}: copy it from there"
-        )
-        raise SystemExit(EXIT_ERROR)
+        _write_or_keep(data, out, token, done=f"transfer {tid} was made", what="UpdateInfoList", name=f"{tid}.jws")
+        console.print(f"written to {out}")
 
 
 @transfer.command("accept")
@@ -317,6 +330,8 @@ def accept(
     link = _peer_link(data, from_url, tid, cacert, peer_id=peer_id) if from_url else None
     if out is None and not send:
         raise BadRequestError("say where the TransferMessage goes: --out FILE, --send (to SP1's cm), or both")
+    if out is not None:
+        check_out_file(out)  # before the transfer is accepted
     if link is None and (src is None or send):
         raise BadRequestError(
             "give the UpdateInfoList: --in FILE, or --from SP1's cm with --transfer (--send needs it)"
@@ -349,7 +364,7 @@ def accept(
         store.close()
     console.print(f"transfer [bold]{tid}[/bold]: {n} device(s) registered with CA2 ({uri})")
     if out is not None:
-        out.write_bytes(tm)
+        _write_or_keep(data, out, tm, done=f"transfer {tid} was accepted", what="TransferMessage", name=f"{tid}.cwt")
         console.print(f"TransferMessage in {out}")
     if send:
         assert link is not None
@@ -388,6 +403,8 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
         )
     if tid is not None and not TID_RE.fullmatch(tid):
         raise BadRequestError(f"--transfer {tid[:80]!r}: a transfer id is 32 lower-case hex digits")
+    if out_dir is not None:
+        check_out_dir(out_dir, option="--out-dir")  # before the messages are made
     dep = Deployment.load(data)
     settings = load_settings(data)
     fallback_uri = settings.fallback_uri or _default_fallback_uri(dep)
@@ -405,9 +422,17 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
     finally:
         store.close()
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for device_id, cwt in msgs.items():
-            (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for device_id, cwt in msgs.items():
+                (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+        except OSError as exc:
+            err_console.print(
+                f"[red]error[/red] (write_failed): transfer {tid}: {len(msgs)} device message(s) wait at cm "
+                f"(GET /transfer/message), but copying them to {out_dir} failed ({exc.strerror or exc}); "
+                f"`iotdlm transfer deliver --transfer {tid} --out-dir DIR` makes them again"
+            )
+            raise SystemExit(EXIT_ERROR) from None
     copies = f", copies in {out_dir}" if out_dir is not None else ""
     console.print(
         f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) waiting at cm (GET /transfer/message)"
@@ -433,6 +458,8 @@ def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert:
 
     if out is None and send_to is None:
         raise BadRequestError("say where the confirmation goes: --out FILE, --send SP1's cm, or both")
+    if out is not None:
+        check_out_file(out)  # before the confirmation is made
     link = _peer_link(data, send_to, tid, cacert, peer_id="") if send_to else None
     dep = Deployment.load(data)
     clock = SystemClock()
@@ -447,7 +474,8 @@ def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert:
         store.close()
     console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed")
     if out is not None:
-        out.write_bytes(token)
+        done = f"transfer {tid}: {n} enrolled device(s) confirmed"
+        _write_or_keep(data, out, token, done=done, what="confirmation", name=f"{tid}.confirm.cwt")
         console.print(f"confirmation in {out}")
     if link is not None:
         console.print(f"SP1: {run(link.send_confirmation(token))}")
