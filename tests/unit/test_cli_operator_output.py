@@ -353,3 +353,36 @@ def test_sm_list_and_show_json(site: tuple[Path, dict[str, x509.Certificate]]) -
     shown = json.loads(output)
     assert shown["verified"] is False
     assert set(shown["verify_error"]) == {"code", "field", "message"}
+
+
+def test_pm_request_report_fits_80_columns_with_whole_serials(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from iotdlm.cli import pm as pm_cli
+    from iotdlm.wire import pm as wire_pm
+
+    serials = [format((0x5A << 152) + i * 0x1234567, "x") for i in range(4)]
+    devices = [
+        wire_pm.DeviceResult(device_id="boardA-00001", status=wire_pm.COMPLETE, request="crmf",
+                             steps_done=["software", "truststore", "config", "certificates", "verify"],
+                             certificates={"factory": serials[0], "operational": serials[1]}),
+        wire_pm.DeviceResult(device_id="boardA-00002", status=wire_pm.FAILED, failed_step="flash_software",
+                             code="unavailable", message="the flasher did not answer within 30 s"),
+        wire_pm.DeviceResult(device_id="boardA-00003", status=wire_pm.IN_PROGRESS, request="csr",
+                             steps_pending=["certificates"], certificates={"factory": serials[2]}),
+    ]  # fmt: skip
+    report = wire_pm.ProvisionReport(
+        dtype="boardA", operator="ops@line-3", started_at="2026-12-05T03:00:00Z", finished_at="2026-12-05T03:00:09Z",
+        devices=devices, release_counter=7, image_sha256="ab" * 32, mode="provisioning-certificate",
+    )  # fmt: skip
+    out = io.StringIO()
+    monkeypatch.setattr(pm_cli, "console", Console(file=out, width=80, color_system=None))
+    pm_cli._summary(report, 9.0)
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for sn in serials[:3]:
+        assert sn in text
+    assert "flash_software" in text
+    assert "crmf" in text

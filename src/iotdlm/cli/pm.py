@@ -7,6 +7,7 @@ Listed in :data:`iotdlm.cli.main.COMMANDS`, which imports this module only when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import signal
@@ -177,9 +178,10 @@ def _summary(report: m.ProvisionReport, elapsed: float) -> None:
         else:
             where = f"at {d.failed_step}: " if d.failed_step else ""
             detail = f"{where}({d.code}) {d.message or ''}"
+        asked = f" ({d.request} request)" if d.request else ""
         rows.append(
-            [d.device_id, f"[{color}]{d.status}[/{color}]", _certificates_cell(d.certificates.items()),
-             d.request or "-", escape(detail)]
+            [d.device_id, f"[{color}]{d.status}[/{color}]{asked}\n{escape(detail)}",
+             _certificates_cell(d.certificates.items())]
         )  # fmt: skip
     print_table(console, _REPORT_COLUMNS, rows)
     if n > 20 and len(shown) < n:
@@ -188,10 +190,8 @@ def _summary(report: m.ProvisionReport, elapsed: float) -> None:
 
 _REPORT_COLUMNS = (
     Column("device", whole=True),
-    Column("status"),
+    Column("status / detail", min=14),
     Column("certificates (serial)", whole=True),
-    Column("request", drop=2),
-    Column("steps / failure", drop=1, min=14),
 )
 
 
@@ -311,9 +311,10 @@ def provision(
 @click.option("--operator", default=None, help="Who runs the line (default: user@host).")
 @click.option("--force", is_flag=True, help="Provision again devices already provisioned (new certificates).")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the report.")
+@json_option
 @handle_errors
 def request(
-    data: Path, dtype: str, devices: tuple[str, ...], operator: str | None, force: bool, timeout: float
+    data: Path, dtype: str, devices: tuple[str, ...], operator: str | None, force: bool, timeout: float, as_json: bool
 ) -> None:
     """Ask the running pm service of a dtype (`iotdlm up`) to provision, as the operator (admin).
 
@@ -326,7 +327,7 @@ def request(
         try:
             loop = asyncio.get_running_loop()
             start = loop.time()
-            with console.status(f"pm-{dtype} is provisioning"):
+            with console.status(f"pm-{dtype} is provisioning") if not as_json else contextlib.nullcontext():
                 report = await PmClient(bus, dtype, timeout=timeout).provision(
                     list(devices) or None, operator=operator or current_operator(), force=force
                 )
@@ -335,7 +336,12 @@ def request(
             await bus.close()
 
     report, elapsed = run(ask())
-    _summary(report, elapsed)
+    if as_json:
+        import msgspec
+
+        print_json(msgspec.to_builtins(report))
+    else:
+        _summary(report, elapsed)
     if report.failures:
         err_console.print(f"[red]{len(report.failures)} device(s) not provisioned[/red]; listed above")
         raise SystemExit(EXIT_FAILED)
