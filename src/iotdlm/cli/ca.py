@@ -113,7 +113,7 @@ def ca_issue(
             issue.one(dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None)
             progress.advance(task)
     store.close()
-    print_table(console, _ISSUED_COLUMNS, issue.rows)
+    print_table(console, _ISSUED_COLUMNS, issue.rows, has_json=False)
     for note in issue.notes:
         console.print(escape(note), soft_wrap=True)
     if csr_dir is not None:

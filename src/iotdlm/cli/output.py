@@ -149,12 +149,15 @@ def print_table(
     rows: Sequence[Sequence[str]],
     *,
     title: str | None = None,
+    has_json: bool = True,
 ) -> None:
-    """Print a :func:`fit_table` at the console's width, and name the columns left out."""
+    """Print a :func:`fit_table` at the console's width, and name the columns left out (and
+    where to see them: ``--json`` if the command has it, else a wider terminal)."""
     table, hidden = fit_table(columns, rows, console.width, title=title)
     console.print(table)
     if hidden:
-        console.print(f"(hidden at this width: {', '.join(hidden)}; --json shows all)")
+        where = "--json shows all" if has_json else "a wider terminal shows them"
+        console.print(f"(hidden at this width: {', '.join(hidden)}; {where})")
 
 
 # --- output paths ---------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def print_revoked(revoked: list[msg.CertificateInfo], how: str) -> None:
         [r.serial, r.device_id or "-", r.revocation_reason or "-", r.revoked_at or "-", r.profile, r.issuer]
         for r in revoked
     ]
-    print_table(console, columns, rows)
+    print_table(console, columns, rows, has_json=False)
     console.print(f"{len(revoked)} certificate(s) revoked {how}")
 
 
