@@ -107,12 +107,16 @@ def ca_issue(
     issue = _Issuer(store, kmcore, ModulePrincipal("admin", None, fingerprint(dep.identity("admin").certificate)))
     if csr_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
-    with _progress() as progress:
-        task = progress.add_task("issuing", total=len(jobs))
-        for dev, src, item in jobs:
-            issue.one(dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None)
-            progress.advance(task)
-    store.close()
+    try:
+        with _progress() as progress:
+            task = progress.add_task("issuing", total=len(jobs))
+            for dev, src, item in jobs:
+                issue.one(
+                    dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None
+                )
+                progress.advance(task)
+    finally:
+        store.close()
     print_table(console, _ISSUED_COLUMNS, issue.rows, has_json=False)
     for note in issue.notes:
         console.print(escape(note), soft_wrap=True)
@@ -134,7 +138,7 @@ def ca_issue(
 _ISSUED_COLUMNS = (
     Column("device", whole=True),
     Column("serial", whole=True),
-    Column("not after", whole=True),
+    Column("not after / why", min=20),
     Column("file", drop=1),
 )
 
@@ -164,7 +168,7 @@ class _Issuer:
                         device_id=dev,
                     )
                 self.skipped += 1
-                self.rows.append([dev, "[yellow]skipped[/yellow]", f"holds valid {profile} certificate {holder}", ""])
+                self.rows.append([dev, holder, f"[yellow]skipped[/yellow]: holds this valid {profile} certificate", ""])
                 return
             grant, rec, left_out = kmcore.prepare(self.principal, item, "issue")
             if dtype:
@@ -176,7 +180,7 @@ class _Issuer:
                     raise type(exc)(f"{src.name}: {exc.message}", field=exc.field, device_id=exc.device_id) from exc
                 raise
             self.failures += 1
-            self.rows.append([dev, f"[red]{exc.code}[/red]", f"{src.name}: {exc.message}", ""])
+            self.rows.append([dev, "-", f"[red]{exc.code}[/red] {escape(src.name)}: {escape(exc.message)}", ""])
             return
         serial = serial_hex(rec.serial)
         target = out / f"{dev}.pem" if folder else out
