@@ -265,7 +265,8 @@ class Km:
             self._ca_revoked[ca.name] = seen
         if seen[1]:
             raise ConflictError(
-                f"the {ca.name} CA is revoked: it issues no more certificates; a new issuing CA must take its place",
+                f"the {ca.name} CA is revoked: it issues no more certificates; "
+                "a new issuing CA must take its place",
                 field="profile",
             )
 

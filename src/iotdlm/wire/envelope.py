@@ -175,6 +175,8 @@ class Reply:
     body: bytes  # raw JSON: the result, or the error's wire form (errors.from_wire)
 
 
+
+
 def _within_window(iat_seconds: float, now: dt.datetime, window: dt.timedelta, *, what: str) -> dt.datetime:
     """The ``iat`` of a signed request or reply as a time, refused unless within ``window`` of ``now``."""
     try:
@@ -188,7 +190,6 @@ def _within_window(iat_seconds: float, now: dt.datetime, window: dt.timedelta, *
         )
     return iat
 
-
 def _verified_payload(token: str | bytes, key: Any, alg: str, decoder: msgspec.json.Decoder[_T], *, what: str) -> _T:
     """The decoded payload of a compact JWS whose signature ``key`` verifies (``what`` words the errors)."""
     try:
@@ -201,7 +202,6 @@ def _verified_payload(token: str | bytes, key: Any, alg: str, decoder: msgspec.j
         return decoder.decode(obj.payload)
     except msgspec.DecodeError as exc:
         raise BadRequestError(f"{what} payload is not valid: {exc}") from exc
-
 
 def verify_reply(
     token: bytes,
