@@ -31,6 +31,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import secrets
 import ssl
 from collections.abc import Callable, Sequence
@@ -45,6 +46,7 @@ from iotdlm import cm_https
 from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.pki import ca as pki_ca
+from iotdlm.pki import profile_config
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.pki.keys import (
     Algorithm,
@@ -61,6 +63,8 @@ PASSPHRASE_ENV = "IOTDLM_CA_PASSPHRASE"  # noqa: S105 -- the name of a variable,
 CONFIG_FILE = "iotdlm.toml"
 #: embedded NATS listens here by default (not 4222, which a system NATS may hold)
 DEFAULT_NATS_PORT = 14222
+#: the supervisor's /metrics listens here by default (loopback only)
+DEFAULT_METRICS_PORT = 14290
 ISSUING_CAS = ("factory", "operational", "service")
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
@@ -90,6 +94,14 @@ class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     #: (default) -- the device proves it holds the credential's key (ADR 0008) -- or "optional":
     #: a request without the proof (plain curl) is accepted too; one with a bad proof never is
     est_proof: str = "required"
+    #: RFC 5280 names (digitalSignature, keyEncipherment, keyAgreement); default: the built-in profile's
+    key_usage: list[str] | None = None
+    #: clientAuth, serverAuth, OCSPSigning; default: the built-in profile's
+    extended_key_usage: list[str] | None = None
+    #: let a profile other than tls-server carry serverAuth (refused unless set)
+    allow_server_auth: bool = False
+    #: a regular expression every device id of the profile must match in full (checked by the RA)
+    device_id_pattern: str | None = None
 
 
 class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -117,6 +129,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     #: certificate the device presented, so cm relays only ciphertext; ADR 0009), "off", or
     #: "cleartext" (km sends the key back through cm unencrypted, so cm sees it; ADR 0008)
     est_serverkeygen: str = "encrypted"
+    #: the supervisor's Prometheus /metrics, on 127.0.0.1 only (docs/adr/0018); 0 turns it off
+    metrics_port: int = DEFAULT_METRICS_PORT
 
     def validate(self) -> None:
         try:
@@ -149,13 +163,17 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             check_nats_url(self.nats.url, allow_plain=self.nats.allow_plain)
         for name, p in self.profiles.items():
             if name not in DEFAULT_PROFILES:
-                raise BadRequestError(f"profiles.{name}: unknown profile", field=f"profiles.{name}")
-            if p.validity_days is not None and p.validity_days <= 0:
-                raise BadRequestError(f"profiles.{name}.validity_days must be positive", field=f"profiles.{name}")
+                known = ", ".join(DEFAULT_PROFILES)
+                raise BadRequestError(f"profiles.{name}: unknown profile; use {known}", field=f"profiles.{name}")
+            _configured_profile(DEFAULT_PROFILES[name], p)
+            if p.device_id_pattern is not None:
+                profile_config.device_id_rule(name, p.device_id_pattern)
             if p.est_proof not in ("required", "optional"):
                 raise BadRequestError(
                     f"profiles.{name}.est_proof must be 'required' or 'optional'", field=f"profiles.{name}.est_proof"
                 )
+        if not 0 <= self.metrics_port <= 65535:
+            raise BadRequestError("metrics_port must be between 0 (off) and 65535", field="metrics_port")
         if self.est_serverkeygen not in SERVERKEYGEN_MODES:
             raise BadRequestError(
                 "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"
@@ -238,11 +256,19 @@ class Deployment:
         return dt.timedelta(seconds=self.config.request_window_seconds)
 
     def profiles(self) -> dict[str, Profile]:
+        """The built-in profiles under the operator's PEN, with the settings of ``[profiles.*]``."""
         out = profiles_for(self.config.enterprise_number)
         for name, p in self.config.profiles.items():
-            if p.validity_days is not None:
-                out[name] = _replace_validity(out[name], dt.timedelta(days=p.validity_days))
+            out[name] = _configured_profile(out[name], p)
         return out
+
+    def name_rules(self) -> dict[str, re.Pattern[str]]:
+        """Per profile, the pattern its device ids must match (``device_id_pattern``), for the RA."""
+        return {
+            name: profile_config.device_id_rule(name, p.device_id_pattern)
+            for name, p in self.config.profiles.items()
+            if p.device_id_pattern is not None
+        }
 
     def est_proof_optional(self) -> frozenset[str]:
         """Profiles whose EST requests may come without the device's proof (ADR 0008)."""
@@ -370,10 +396,14 @@ class Deployment:
         return ModuleIdentity(name=name, module=module, dtype=dtype, key=key, certificate=cert, nats=creds)
 
 
-def _replace_validity(p: Profile, validity: dt.timedelta) -> Profile:
-    from dataclasses import replace
-
-    return replace(p, validity=validity)
+def _configured_profile(base: Profile, p: ProfileSettings) -> Profile:
+    return profile_config.configure(
+        base,
+        validity_days=p.validity_days,
+        key_usage_names=p.key_usage,
+        extended_key_usage_names=p.extended_key_usage,
+        allow_server_auth=p.allow_server_auth,
+    )
 
 
 def _make_folders(root: Path, passphrase: bytes | None) -> bytes:

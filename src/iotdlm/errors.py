@@ -122,6 +122,12 @@ class UnavailableError(IotdlmError):
     code = "unavailable"
 
 
+class RateLimitedError(UnavailableError):
+    """A client asked more often than its limit allows; retryable after a while (HTTP 429)."""
+
+    code = "rate_limited"
+
+
 class InternalError(IotdlmError):
     """A peer failed in a way it did not expect. Details are in that peer's log, not on the wire."""
 

@@ -22,6 +22,7 @@ from iotdlm.deployment import ISSUING_CAS, Deployment
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.audit import Anchored, read_stream_heads
 from iotdlm.km.cert_views import record_for
+from iotdlm.km.ra import Authorizer
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate
@@ -96,6 +97,7 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
             serverkeygen=dep.config.est_serverkeygen,
         ),
         va=va,
+        authorizer=Authorizer(name_rules=dep.name_rules()),
     )
 
 

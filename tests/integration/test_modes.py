@@ -664,7 +664,7 @@ async def test_up_runs_in_the_foreground_resumes_the_last_mode_and_stops_cleanly
 
     code, out = await cli("status", "--data", str(root))
     assert code == 3
-    assert "no supervisor answers" in out
+    assert f"no supervisor runs for {root}" in out
     assert f"iotdlm up --data {root} --mode MODE" in " ".join(out.split())
 
     async def up(*extra: str) -> asyncio.subprocess.Process:

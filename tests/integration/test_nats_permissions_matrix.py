@@ -26,6 +26,12 @@ PROBES = [
     s.SM_SOFTWARE_LOAD,
     f"{s.PREFIX}.pm.boardA.provision",
     s.CM_PING,
+    # health and metrics (issue 14): each module answers its own only; the supervisor asks all
+    s.health_subject("km"),
+    f"{s.health_subject('cm')}.4242",
+    s.metrics_subject("sm"),
+    f"{s.metrics_subject('pm')}.77",
+    s.metrics_subject("cm"),
     f"{s.PREFIX}.modes.set",
     s.events("km", "revoked"),
     s.events("pm", "alarm"),

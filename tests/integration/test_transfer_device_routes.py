@@ -4,6 +4,7 @@ message, reports a fallback) and SP2 (the raURI: challenge and evidence); each r
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -11,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from cryptography import x509
 
-from iotdlm.errors import BadRequestError, NotAuthorizedError, NotFoundError, UntrustedError
+from iotdlm.errors import BadRequestError, NotAuthorizedError, NotFoundError, UnavailableError, UntrustedError
 from iotdlm.km.transfer_device_handlers import keep_messages, publish_update
 from iotdlm.pki.chain import certs_to_pem, der
 from iotdlm.pki.keys import Algorithm, PrivateKey, generate_key, private_key_to_pem, sign_bytes
@@ -190,3 +191,97 @@ async def test_sp2_update_server(site: Site, tmp_path) -> None:  # type: ignore[
     async with _https(site, k3, c3) as d3:
         with pytest.raises(NotFoundError, match="not being taken over here"):
             await d3.fetch(update, "d3")
+
+
+async def test_sp1_hears_of_refused_messages_audits_and_limits_them(site: Site) -> None:
+    from iotdlm.cm.transfer_routes import REFUSALS_PER_WINDOW
+
+    k1, c1 = await site.factory("d1")
+    k3, c3 = await site.factory("d3")  # not part of the transfer
+    _transfer(site, "sp1", {"d1": {"window": [0, 1]}})
+    kept = b"\xd2cwt-of-d1"
+    keep_messages(site.store, TID, {"d1": kept}, site.clock.now())
+    base = site.https
+
+    def reports() -> list[tuple[str | None, dict[str, object]]]:
+        return [(r.subject, dict(r.data)) for r in site.store.list_audit(kind="device_refusal", limit=50)]
+
+    async with _https(site, k1, c1) as d1:
+        # the message SP1 kept, refused as expired: the report names it by hash
+        await d1.report_refusal(base, reason="expired", detail="the message expired at 2030-01-01",
+                                message=hashlib.sha256(kept).hexdigest())  # fmt: skip
+        # an unknown reason: 400 in words, nothing audited
+        with pytest.raises(BadRequestError, match="one of replayed, expired"):
+            await d1.report_refusal(base, reason="bored", detail="x", message="")
+        assert len(reports()) == 1
+        await d1.report_refusal(base, reason="altered", detail="the signature does not verify", message="")
+        for _ in range(REFUSALS_PER_WINDOW - 2):
+            await d1.report_refusal(base, reason="replayed", detail="cti seen", message="")
+        # over the per-device limit: 429 (retry later), not audited
+        with pytest.raises(UnavailableError, match="report again later"):
+            await d1.report_refusal(base, reason="replayed", detail="once too often", message="")
+    got = reports()
+    assert len(got) == REFUSALS_PER_WINDOW
+    [(subject, first)] = [(s, d) for s, d in got if d["reason"] == "expired"]
+    assert subject == "d1"
+    assert first == {"reason": "expired", "detail": "the message expired at 2030-01-01", "transfer": TID,
+                     "message": hashlib.sha256(kept).hexdigest(), "ours": True}  # fmt: skip
+    row = _row(site, "sp1", "d1")
+    assert row.status == st.PENDING  # a refused message moves nothing
+    detail = json.loads(row.detail)
+    assert detail["refused"] == REFUSALS_PER_WINDOW
+    assert st.last_refusal(row.detail) == "replayed: cti seen"
+
+    # a device in no transfer: audited all the same
+    async with _https(site, k3, c3) as d3:
+        await d3.report_refusal(base, reason="wrong-signer", detail="not a transfer identity", message="")
+    assert any(s == "d3" and d["reason"] == "wrong-signer" and d["transfer"] is None for s, d in reports())
+    # a certificate km does not know: 403, audited as a refusal of the report itself
+    rk, rc = _rogue(site, "d1")
+    async with _https(site, rk, rc) as rogue:
+        with pytest.raises(NotAuthorizedError, match="not registered"):
+            await rogue.report_refusal(base, reason="expired", detail="x", message="")
+    assert len([1 for s, _d in reports() if s == "d1"]) == REFUSALS_PER_WINDOW
+
+
+async def test_a_challenge_from_one_km_worker_is_answered_at_another_after_a_restart(site: Site) -> None:
+    """The challenge lives in the store: km worker 1 issues it and stops; worker 2 (its own store
+    connection, started afresh on the same database) judges the evidence. Single use, expiring."""
+    from iotdlm.km import KmService
+    from iotdlm.runtime import build_km, km_identity, open_store
+
+    k1, c1 = await site.factory("d1")
+    k2, c2 = await site.factory("d2")
+    ref = attestation.measure(IMAGE).hex()
+    _transfer(site, "sp2", {d: {"factory": hashlib.sha256(der(c)).hexdigest(), "reference": ref}
+                            for d, c in (("d1", c1), ("d2", c2))})  # fmt: skip
+    ra = f"{site.https}/transfer/attestation"
+    async with _https(site, k1, c1) as d1, _https(site, k2, c2) as d2:
+        nonce = await d1.challenge(ra, "d1")
+        n2 = await d2.challenge(ra, "d2")
+        await site.km.stop()  # worker 1 is gone (a restart, or another worker takes the request)
+        store2 = open_store(site.dep)
+        bus2 = await site.nats.connect("km")
+        site.buses.append(bus2)
+        worker2 = KmService(build_km(site.dep, store2, site.clock, passphrase=PASSPHRASE), bus2,
+                            identity=km_identity(site.dep))  # fmt: skip
+        await worker2.start()
+        try:
+            evidence = _evidence(k1, c1, "d1", nonce, IMAGE)
+            verdict = await d1.submit(ra, evidence)
+            assert verdict.ok, verdict
+            assert _row(site, "sp2", "d1").status == st.ATTESTED
+            # single use: the same answer again is refused, at any worker
+            again = await d1.submit(ra, evidence)
+            assert not again.ok
+            assert "no challenge is outstanding" in again.reason
+            # expiry: d2 answers after its challenge's time ran out
+            site.clock.offset += attestation.DEFAULT_TTL + dt.timedelta(seconds=1)
+            late = await d2.submit(ra, _evidence(k2, c2, "d2", n2, IMAGE))
+            assert not late.ok
+            assert "expired" in late.reason
+            assert site.store.count_challenges("d2") == 0  # spent all the same
+        finally:
+            site.clock.offset = dt.timedelta()
+            await worker2.stop()
+            store2.close()

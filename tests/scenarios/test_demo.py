@@ -73,6 +73,10 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
         "8. trust transfer over the network: 2 of 3 device(s) enrolled with CA2 (new keys), 2 revoked-at-CA1, "
         "1 failed-fallback (back with SP1)" in text
     )
+    # iotdlm is not on this PATH (as after `make demo` in a fresh shell): the last lines say how to get it
+    hint = " ".join(text.split()[-60:])
+    assert "`iotdlm` is not on your PATH" in hint
+    assert "pipx install ." in hint
     # the deployment was kept: the CLI reads what the demo recorded
     listed = subprocess.run(
         [sys.executable, "-m", "iotdlm.cli.main", "ca", "list", "--data", str(data), "--profile", "factory"],

@@ -13,7 +13,8 @@ SP2's raURI, updates from SP2's update server and reports it, re-enrolls with CA
 (FR3); one device runs other firmware than SP1's reference: attestation fails, it falls back and
 reports to SP1 (failed-fallback); SP2 confirms --send; CA1 revokes (revoked-at-CA1, OCSP says
 revoked); both ``transfer status`` tables agree. Then a replayed, an altered, a wrongly signed and
-an expired per-device message, served by SP1's cm, are refused by the device and logged there.
+an expired per-device message, served by SP1's cm, are refused by the device, logged there, and
+reported to SP1's cm (POST /transfer/refusal): each is in SP1's audit log and its status table.
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ async def test_a_fleet_moves_to_sp2_over_the_network(tmp_path: Path, monkeypatch
         agent = bad_runner.transfers
         assert isinstance(agent, DeviceAgent)
 
-        def message(*, impostor: bool = False, expired: bool = False) -> bytes:
+        def message(*, impostor: bool = False, expired: bool = False, signer: TransferIdentity | None = None) -> bytes:
             """A per-device message as SP1 makes it (sp1.device_messages), or one made wrong."""
             assert t_accepted is not None
             now = clock.now()
@@ -316,6 +317,8 @@ async def test_a_fleet_moves_to_sp2_over_the_network(tmp_path: Path, monkeypatch
             header = CwtHeader(issuer=None, audience=bad.device_id, cti=os.urandom(16), issued_at=start,
                                not_before=start, expires=end)  # fmt: skip
             ident = dataclasses.replace(sp1.identity, key=generate_key(Algorithm.P256)) if impostor else sp1.identity
+            if signer is not None:  # another provider's transfer identity, its chain in the message
+                return sign_device_message(TransferMessage(header, t_ref, claims), signer.signer(with_chain=True))
             return sign_device_message(TransferMessage(header, t_ref, claims), ident.signer(with_chain=False))
 
         async def refused(token: bytes) -> str:
@@ -343,10 +346,25 @@ async def test_a_fleet_moves_to_sp2_over_the_network(tmp_path: Path, monkeypatch
             "altered": await refused(altered),
             "impostor": await refused(message(impostor=True)),
             "expired": await refused(message(expired=True)),
+            "wrong-signer": await refused(message(signer=sp2.identity)),
         }
         assert why["altered"] == "the signature of the transfer message does not verify", why
         assert why["impostor"] == "the signature of the transfer message does not verify", why
         assert why["expired"].startswith("the message expired at "), why
+        assert why["wrong-signer"].endswith("does not chain to a trusted root"), why
+        # ... and each reached SP1 over the network: audited, and in SP1's status table
+        audited = [
+            (r.data["reason"], r.data["ours"])
+            for r in sp1.store.list_audit(kind="device_refusal", limit=50)
+            if r.subject == bad.device_id
+        ]
+        # all five were served by SP1's cm (kept by it): the reports name them by hash ("ours")
+        assert sorted(audited) == [(r, True) for r in ("altered", "altered", "expired", "replayed", "wrong-signer")]
+        row = sp1.store.get_transfer_devices("sp1", tid, [bad.device_id])[bad.device_id]
+        assert row.status == st.FETCHED  # it fetched the messages; refusing them moved it no further
+        assert json.loads(row.detail)["refused"] == 5
+        table1 = await cli("transfer", "status", "--data", str(sp1_dir), "--transfer", tid, "--devices")
+        assert "wrong-signer:" in table1, table1
         # none of it moved the device: still with SP1, its old credential, no new key
         assert bad.certificate("operational") == sp1_ops[bad.device_id]
         assert not bad.has_key("pending")

@@ -379,7 +379,7 @@ def test_pm_request_report_fits_80_columns_with_whole_serials(monkeypatch: pytes
     )  # fmt: skip
     out = io.StringIO()
     monkeypatch.setattr(pm_cli, "console", Console(file=out, width=80, color_system=None))
-    pm_cli._summary(report, 9.0)
+    pm_cli._summary(report, 9.0, Path("/srv/iotdlm"))
     text = out.getvalue()
     assert max(len(line) for line in text.splitlines()) <= 80
     for sn in serials[:3]:

@@ -253,3 +253,47 @@ async def test_fr3_a_certificate_for_another_key_is_refused_and_rolled_back(tmp_
     assert dev.certificate("operational") == before
     assert "new key pair" in fb.reports[0][2]
     assert not dev.has_key("pending")
+
+
+class Refusals:
+    """The device's provider's cm as the agent's RefusalReporter sees it (up or down)."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = up
+        self.reports: list[tuple[str, str, str, str]] = []
+
+    async def report_refusal(self, cm_url: str, *, reason: str, detail: str, message: str) -> None:
+        if not self.up:
+            raise UnavailableError("SP1's cm is down")
+        self.reports.append((cm_url, reason, detail, message))
+
+
+async def test_refused_messages_are_reported_to_the_current_providers_cm(tmp_path: Path) -> None:
+    import hashlib
+
+    dev = make_device(tmp_path)
+    seen = Refusals()
+    a = DeviceAgent(dev, clock=FixedClock(NOW), enroller=FakeCa2(), fallback=Fallback(), retry_delay=0.0,
+                    refusals=seen)  # fmt: skip
+    fresh = device_message(ra_uri=None, update_first=False, cti=b"r" * 16)
+    altered = fresh[:-1] + bytes([fresh[-1] ^ 1])
+    other = device_message(ra_uri=None, update_first=False, cti=b"o" * 16, aud="d2")
+    for token in (altered, other):
+        assert not (await a.handle(token)).accepted
+    late = DeviceAgent(dev, clock=FixedClock(NOW + dt.timedelta(days=2)), enroller=FakeCa2(), fallback=Fallback(),
+                       retry_delay=0.0, refusals=seen)  # fmt: skip
+    assert not (await late.handle(fresh)).accepted
+    assert [(u, r, m) for u, r, _d, m in seen.reports] == [
+        ("https://ca1", "altered", hashlib.sha256(altered).hexdigest()),
+        ("https://ca1", "wrong-device", hashlib.sha256(other).hexdigest()),
+        ("https://ca1", "expired", hashlib.sha256(fresh).hexdigest()),
+    ]
+    assert seen.reports[0][2] == "the signature of the transfer message does not verify"
+    # cm unreachable: the refusal stands, the failed report is logged on the device, nothing raised
+    down = DeviceAgent(dev, clock=FixedClock(NOW), enroller=FakeCa2(), fallback=Fallback(), retry_delay=0.0,
+                       refusals=Refusals(up=False))  # fmt: skip
+    assert not (await down.handle(altered)).accepted
+    failed = [e for e in dev.events() if e.get("event") == "refusal_report_failed"]
+    assert [(e["reason"], e["code"]) for e in failed] == [("altered", "unavailable")]
+    assert dev.certificate("operational") is not None
+    assert dev.config()["x"] == 1

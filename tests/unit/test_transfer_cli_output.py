@@ -104,10 +104,16 @@ def test_transfer_export_out_and_status(tmp_path: Path, monkeypatch: pytest.Monk
     r = iotdlm("transfer", "status", "--data", str(sp1.root), "--devices", "--json")
     assert r.returncode == 0, r.stderr
     (t,) = json.loads(r.stdout)["transfers"]
-    assert set(t) == {"transfer_id", "role", "state", "devices", "counts", "created_at", "updated_at", "device_status"}
+    assert set(t) == {
+        "transfer_id", "role", "state", "devices", "counts", "refused", "created_at", "updated_at", "device_status",
+    }  # fmt: skip
+    assert t["refused"] == 0
     assert (t["transfer_id"], t["role"], t["devices"]) == (tid, "sp1", 2)
     assert set(t["counts"]) == set(st.STATUSES)
     assert t["counts"]["pending"] == 2
     assert ISO_UTC.fullmatch(t["updated_at"])
     assert [d["device_id"] for d in t["device_status"]] == ["sensor-00001", "sensor-00002"]
-    assert set(t["device_status"][0]) == {"device_id", "status", "updated_at"}
+    assert t["device_status"][0] == {
+        "device_id": "sensor-00001", "status": "pending", "updated_at": t["device_status"][0]["updated_at"],
+        "last_refused_message": None,
+    }  # fmt: skip

@@ -64,6 +64,7 @@ KM_TRANSFER_CHALLENGE = f"{KM_TRANSFER_DEVICE}.challenge"
 KM_TRANSFER_EVIDENCE = f"{KM_TRANSFER_DEVICE}.evidence"
 KM_TRANSFER_UPDATE = f"{KM_TRANSFER_DEVICE}.update"
 KM_TRANSFER_UPDATED = f"{KM_TRANSFER_DEVICE}.updated"
+KM_TRANSFER_REFUSAL = f"{KM_TRANSFER_DEVICE}.refusal"
 
 # --- the audit log's append-only anchor (JetStream) ----------------------------------------------
 #: km publishes (JetStream publish with ack) every signed tree head it makes here: only km may
@@ -84,12 +85,30 @@ CM_EGRESS = f"{PREFIX}.cm.egress"
 #: cm answers it while it runs; pm asks it to refuse work while cm (the door to the outside) is up
 CM_PING = f"{PREFIX}.cm.ping"
 
+# --- every module: health and metrics (issue 14, docs/adr/0018) ---------------------------------
+HEALTH = "health"
+METRICS = "metrics"
+
+
+def health_subject(module: str) -> str:
+    """``iotdlm.v1.<module>.health``: any process of ``module`` answers (queue group); with
+    ``.<pid>`` appended, that process alone. JSON :class:`iotdlm.wire.health.Health`."""
+    return f"{PREFIX}.{module}.{HEALTH}"
+
+
+def metrics_subject(module: str) -> str:
+    """``iotdlm.v1.<module>.metrics`` (``.<pid>``: one process): its Prometheus text exposition."""
+    return f"{PREFIX}.{module}.{METRICS}"
+
+
 # --- modes: the supervisor (the paper's Table 1) ------------------------------------------------
 MODES_PREFIX = f"{PREFIX}.modes"
 #: switch the operation mode (admin only); the supervisor answers with what changed
 MODES_SET = f"{MODES_PREFIX}.set"
 #: the mode and each service's health
 MODES_STATUS = f"{MODES_PREFIX}.status"
+#: stop the supervisor and everything it runs (admin only; ``iotdlm down``)
+MODES_STOP = f"{MODES_PREFIX}.stop"
 #: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, a JWS
 #: signed by the supervisor with body ``{"mode", "since", "by"}`` (:mod:`iotdlm.modes.signed`).
 #: Only modes may write it; every module may read and watch it.
@@ -193,6 +212,16 @@ def _inbox(module: str) -> str:
     return f"{inbox_prefix(module)}.>"
 
 
+def _observed(module: str) -> tuple[str, ...]:
+    """The health and metrics subjects ``module`` answers (any process, or one by pid)."""
+    return tuple(f"{PREFIX}.{module}.{kind}{tail}" for kind in (HEALTH, METRICS) for tail in ("", ".*"))
+
+
+def _observe_all() -> tuple[str, ...]:
+    """Asking any module's processes for their health and metrics."""
+    return _observed("*")
+
+
 #: every module reads (and watches) the operation mode: services check it themselves
 _READ_MODE = kv_read_api(MODE_BUCKET)
 
@@ -232,8 +261,11 @@ PERMISSIONS: dict[str, Permissions] = {
             f"{EVENTS}.cm.>",
             f"{KM_TRANSFER_PEER}.>",
             f"{KM_TRANSFER_DEVICE}.>",
+            # cm's readiness: km answers
+            f"{PREFIX}.km.{HEALTH}",
         ),
-        subscribe=(f"{CM_EGRESS}.>", CM_PING, _inbox("cm")),
+        # its own health and metrics (any process, or one by pid); nothing of another module's
+        subscribe=(f"{CM_EGRESS}.>", CM_PING, *_observed("cm"), _inbox("cm")),
         allow_responses=True,
         jetstream=_READ_MODE,
     ),
@@ -248,7 +280,8 @@ PERMISSIONS: dict[str, Permissions] = {
     ),
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(
-        publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>"),
+        # and asks each process it started for its health and metrics (its /metrics, ADR 0018)
+        publish=(kv_subject(MODE_BUCKET), f"{EVENTS}.{SUPERVISOR}.>", *_observe_all()),
         subscribe=(f"{MODES_PREFIX}.>", _inbox(SUPERVISOR), f"{EVENTS}.*.{MODE_ALARM}", f"{EVENTS}.*.{SIGNER_ALARM}"),
         allow_responses=True,
         jetstream=(*_READ_MODE, *kv_admin_api(MODE_BUCKET), *stream_create_api(AUDIT_HEADS_STREAM)),

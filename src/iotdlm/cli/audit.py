@@ -23,7 +23,11 @@ def audit_group() -> None:
 
 @audit_group.command("list")
 @data_option
-@click.option("--kind", default=None, help="issuance, revocation, decommission, crl, mode_switch, login, refused")
+@click.option(
+    "--kind",
+    default=None,
+    help="issuance, revocation, decommission, crl, mode_switch, login, refused, device_refusal",
+)
 @click.option("--actor", default=None)
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--offset", type=int, default=0, show_default=True)

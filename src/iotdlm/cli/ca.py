@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from iotdlm.cli.common import EXIT_ERROR, console, data_option, err_console, handle_errors
+from iotdlm.cli.lazy import Lazy, LazyGroup
 from iotdlm.cli.output import (
     Column,
     check_out_dir,
@@ -41,7 +42,19 @@ if TYPE_CHECKING:
     from iotdlm.store import CertRecord, Store
 
 
-@click.group()
+@click.group(
+    cls=LazyGroup,
+    lazy_subcommands={
+        "renew": Lazy(
+            "iotdlm.cli.ca_extra:ca_renew",
+            "Renew a valid certificate: same device and profile, new validity; the old one is superseded.",
+        ),
+        "certificate": Lazy(
+            "iotdlm.cli.ca_extra:ca_certificate",
+            "Make a new key and its certificate in one step (for operators and tests).",
+        ),
+    },
+)
 def ca() -> None:
     """Operate the CA directly from the data folder (the operator's tools)."""
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,3 +68,26 @@ T = TypeVar("T")
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+#: loggers whose warnings a one-shot command's user does not need (their error message says it)
+LIBRARY_LOGGERS = ("iotdlm.bus", "nats")
+
+
+@contextlib.contextmanager
+def quiet_library_logs(names: tuple[str, ...] = LIBRARY_LOGGERS) -> Iterator[None]:
+    """Keep the bus's connection warnings (``iotdlm.bus.nats WARNING ... Connect call failed``) from
+    the user of a one-shot command, whose own message says what failed and what to do; ``iotdlm
+    -v`` (the root logger at DEBUG) shows them."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)

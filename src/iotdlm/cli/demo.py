@@ -20,7 +20,10 @@ Every service is its own OS process under the modes supervisor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -138,7 +141,26 @@ async def run_demo(data: Path | None, devices: int) -> None:
         if data.is_relative_to(work)
         else f"done; try `iotdlm ca list --data {data}` or `iotdlm audit list --data {data}`"
     )
+    hint = path_hint(sys.executable, os.environ.get("PATH", ""))
+    if hint is not None:
+        console.print(hint)
     tmp.cleanup()
+
+
+def path_hint(executable: str, path: str) -> str | None:
+    """How to get ``iotdlm`` on PATH after ``make demo`` (which runs it as .venv/bin/iotdlm), or
+    ``None`` when ``iotdlm`` already is on ``path``."""
+    if shutil.which("iotdlm", path=path) is not None:
+        return None
+    bindir = Path(os.path.abspath(executable)).parent  # the venv's bin, not where its python links to
+    with contextlib.suppress(ValueError):
+        bindir = bindir.relative_to(Path.cwd())
+    if (bindir / "activate").is_file():
+        return (
+            f"`iotdlm` is not on your PATH: run `source {bindir}/activate` (the environment `make demo` made) "
+            "for the commands in the README, or install it for your user with `pipx install .`"
+        )
+    return "`iotdlm` is not on your PATH: install it for your user with `pipx install .` (in the source folder)"
 
 
 def _create_deployment(data: Path, passphrase: str, http_port: int, clock: SystemClock) -> Deployment:

@@ -117,6 +117,7 @@ def runner_for(dev: SimulatedDevice, clock: Clock, *, renew_at: float, timeout: 
         fallback=https,
         attestation_client=https,
         updates=https,
+        refusals=https,
     )
     return DeviceRunner(dev, clock=clock, transfers=agent, messages=DeviceMessages(timeout=timeout), renew_at=renew_at)
 

@@ -114,6 +114,14 @@ def init(
     if passphrase is None:
         console.print(
             f"[yellow]The CA passphrase was generated into {data / 'secrets' / 'ca-passphrase'}.[/yellow] "
-            f"Move it offline and supply it through ${PASSPHRASE_ENV} when starting km."
+            f"Move it offline and supply it through ${PASSPHRASE_ENV} when you run `iotdlm up`."
         )
-    console.print(f"Next: `iotdlm nats serve --data {data}` and `iotdlm km serve --data {data}`.")
+    console.print(next_step(data))
+
+
+def next_step(data: Path) -> str:
+    """What to run after ``init``: the README's next step (the supervisor, in a mode)."""
+    return (
+        f"Next: `iotdlm up --data {data} --mode provisioning-certificate` starts NATS and the services "
+        f"that mode runs; `iotdlm status --data {data}` shows them, `iotdlm down --data {data}` stops them."
+    )

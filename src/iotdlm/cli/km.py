@@ -30,11 +30,15 @@ async def _serve_km(dep: Deployment) -> None:
     from iotdlm.km.service import Schedule
     from iotdlm.modes.guard import ModeGuard
     from iotdlm.modes.signed import ModeVerifier
+    from iotdlm.observe import ModuleMetrics, Observer
+    from iotdlm.observe.serve import InstrumentedBus
     from iotdlm.runtime import build_km, connect_identity, open_store
 
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
-    bus, ident = await connect_identity(dep, "km")
+    metrics = ModuleMetrics("km")
+    nats_bus, ident = await connect_identity(dep, "km")
+    bus = InstrumentedBus(nats_bus, metrics)  # every request timed, refusals counted (docs/adr/0018)
     guard = ModeGuard(bus, ModeVerifier.for_deployment(dep))
     await guard.start()
     kmcore.mode = guard
@@ -46,14 +50,18 @@ async def _serve_km(dep: Deployment) -> None:
         anchor_dir=dep.audit_anchor_dir,
         extra_routes=transfer_peer_routes(dep, store, kmcore, bus),
         transfer_updates=dep.root / "transfer" / "updates",
+        metrics=metrics,
     )
     await service.start()
+    observer = Observer(bus, metrics, mode=guard)
+    await observer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     console.print(f"km serving on {dep.nats_url}")
     await stop.wait()
+    await observer.stop()
     await service.stop()
     await guard.stop()
     await bus.drain()

@@ -64,9 +64,22 @@ COMMANDS: dict[str, Lazy] = {
         "iotdlm.cli.modes:up",
         "Start NATS and the services of a mode (Table 1); supervise them until Ctrl-C / SIGTERM.",
     ),
+    "down": Lazy(
+        "iotdlm.cli.modes:down",
+        "Stop the running supervisor of a deployment: every service in reverse order, then NATS.",
+    ),
     "mode": Lazy("iotdlm.cli.modes:mode", "The operation mode (the paper's Table 1): which modules run."),
+    "backup": Lazy(
+        "iotdlm.cli.backup:backup",
+        "Back up the data folder and its database into one archive (services may keep running).",
+    ),
+    "restore": Lazy(
+        "iotdlm.cli.backup:restore",
+        "Restore a data folder and its database from an archive made by `iotdlm backup`.",
+    ),
     "status": Lazy(
-        "iotdlm.cli.modes:status", "The operation mode and each service's health (pid, running, restarts, uptime)."
+        "iotdlm.cli.modes:status",
+        "The operation mode and each service's health, and why a service that is not running stopped.",
     ),
 }
 

@@ -1,4 +1,5 @@
-"""``iotdlm up``, ``iotdlm mode set``, ``iotdlm status``: run a deployment and switch its modes.
+"""``iotdlm up``, ``iotdlm down``, ``iotdlm mode set``, ``iotdlm status``: run a deployment and
+switch its modes.
 
 Listed in :data:`iotdlm.cli.main.COMMANDS`, which imports this module only when one of them runs.
 Also runnable on its own: ``python -m iotdlm.cli.modes up --data DIR``.
@@ -12,6 +13,8 @@ import getpass
 import logging
 import signal
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -19,7 +22,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from iotdlm.bus import subjects
-from iotdlm.cli.common import EXIT_UNAVAILABLE, console, data_option, err_console, handle_errors, run
+from iotdlm.cli.common import (
+    EXIT_REJECTED,
+    EXIT_UNAVAILABLE,
+    console,
+    data_option,
+    err_console,
+    handle_errors,
+    quiet_library_logs,
+    run,
+)
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import UnavailableError
@@ -74,22 +86,47 @@ def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: P
     """Start NATS and the services of a mode (Table 1); supervise them until Ctrl-C / SIGTERM.
 
     Each service is its own process, logging to DATA/logs/<service>.log; a crashed one is
-    restarted with backoff. Stopping stops everything in reverse order.
+    restarted with backoff. Before starting anything, `up` checks what it can (another
+    supervisor, folders, the CA passphrase, free ports, the modules' settings) and stops with
+    what to fix. `iotdlm down` (or Ctrl-C) stops everything in reverse order.
     """
     from iotdlm.supervisor.supervisor import ensure_identity, read_commands
 
     dep = Deployment.load(data)
+    commands: CommandTable = read_commands(commands_file) if commands_file is not None else DEFAULT_COMMANDS
+    mode = parse_mode(mode_name) if mode_name is not None else None
+    _preflight(dep, mode, with_sm, commands)
     handler = _log_to_file(data)
     try:
         if ensure_identity(dep, SystemClock()):
             console.print(f"created the supervisor's identity in {data / 'modules' / subjects.SUPERVISOR}")
             dep = Deployment.load(data)
-        commands: CommandTable = read_commands(commands_file) if commands_file is not None else DEFAULT_COMMANDS
-        mode = parse_mode(mode_name) if mode_name is not None else None
         run(_up(dep, mode, with_sm, commands))
     finally:
         logging.getLogger("iotdlm").removeHandler(handler)
         handler.close()
+
+
+def _preflight(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable) -> None:
+    """Print every problem :func:`~iotdlm.supervisor.preflight.preflight` finds and exit: 4 when
+    the configuration is wrong, 3 when only something outside it is in the way (a port taken)."""
+    from iotdlm.supervisor.preflight import preflight
+    from iotdlm.supervisor.supervisor import load_saved_mode
+
+    saved = load_saved_mode(dep.root)
+    if mode is None:
+        if saved is None:
+            return  # the supervisor says what to do (give --mode the first time)
+        mode = parse_mode(saved.mode)
+    if with_sm is None:
+        with_sm = saved.with_sm if saved is not None else False
+    problems = preflight(dep, mode, with_sm=with_sm, commands=commands)
+    if not problems:
+        return
+    err_console.print(f"[red]not starting[/red] {mode.value} for {dep.root}: nothing was started")
+    for p in problems:
+        err_console.print(f"- {escape(p.message)}")
+    raise SystemExit(EXIT_REJECTED if not all(p.unavailable for p in problems) else EXIT_UNAVAILABLE)
 
 
 async def _up(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable) -> None:
@@ -102,9 +139,13 @@ async def _up(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands
     sup = Supervisor(dep, commands=commands)
     try:
         await sup.start(mode, with_sm=with_sm, by=operator())
-        _print_status(sup.status())
-        console.print(f"supervising on {sup.nats_url}; Ctrl-C stops everything")
-        await stop.wait()
+        _print_status(sup.status(), dep.root)
+        console.print(f"supervising on {sup.nats_url}; Ctrl-C or `iotdlm down --data {dep.root}` stops everything")
+        asked = asyncio.ensure_future(sup.stop_requested.wait())
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({asked, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        asked.cancel()
+        signalled.cancel()
         console.print("stopping (services drain first; this can take a moment)")
     finally:
         await sup.stop()
@@ -117,24 +158,42 @@ async def _up(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands
 async def _ask(dep: Deployment, subject: str, body: bytes, timeout: float) -> bytes:  # noqa: ASYNC109
     from iotdlm.runtime import connect_identity
 
-    bus, _ = await connect_identity(dep, "admin")
-    try:
-        return await bus.request(subject, body, timeout=timeout)
-    finally:
-        await bus.close()
+    with quiet_library_logs():
+        bus, _ = await connect_identity(dep, "admin")
+        try:
+            return await bus.request(subject, body, timeout=timeout)
+        finally:
+            await bus.close()
+
+
+def _start_hint(data: Path) -> str:
+    """``start one with `iotdlm up --data DIR` (last mode: ...)``: what to run when nothing runs."""
+    from iotdlm.supervisor.supervisor import load_saved_mode
+
+    saved = None
+    with contextlib.suppress(Exception):  # only a hint
+        saved = load_saved_mode(data)
+    if saved is None:
+        return f"start one with `iotdlm up --data {data} --mode MODE`"
+    return f"start one with `iotdlm up --data {data}` (it resumes the last mode, {saved.mode})"
+
+
+def _require_supervisor(data: Path) -> int:
+    """The running supervisor's pid; exit 3 with one line when none runs for ``data``."""
+    from iotdlm.supervisor.preflight import lock_holder
+
+    pid = lock_holder(data)
+    if pid is None:
+        err_console.print(f"no supervisor runs for {data}: {_start_hint(data)}")
+        raise SystemExit(EXIT_UNAVAILABLE)
+    return pid
 
 
 def _no_supervisor(data: Path, exc: UnavailableError) -> None:
-    from iotdlm.supervisor.supervisor import load_saved_mode
-
-    err_console.print(f"[red]no supervisor answers[/red] for {data}: {exc.message}")
-    saved = None
-    with contextlib.suppress(Exception):  # only a hint; the error above is the message
-        saved = load_saved_mode(data)
-    if saved is not None:
-        err_console.print(f"The last mode was {saved.mode} (since {saved.since}, by {saved.by}).")
-    hint = f"iotdlm up --data {data}" + ("" if saved else " --mode MODE")
-    err_console.print(f"Start one with `{hint}`.")
+    err_console.print(
+        f"[red]the supervisor of {data} does not answer[/red] ({escape(exc.message)}): "
+        f"its log is {data / 'logs' / 'modes.log'}"
+    )
 
 
 @click.group("mode")
@@ -157,6 +216,7 @@ def mode() -> None:
 def mode_set(mode_name: str, data: Path, with_sm: bool | None, timeout: float) -> None:
     """Switch the running supervisor to MODE: drain and stop what turns off, start what turns on."""
     dep = Deployment.load(data)
+    _require_supervisor(data)
     req = m.SetRequest(mode=mode_name, with_sm=with_sm, by=operator())
     with console.status(f"switching to {mode_name} (draining what turns off)"):
         try:
@@ -200,7 +260,21 @@ def _uptime(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _print_status(st: m.StatusReply) -> None:
+_COLORS = {"running": "green", "failed": "red", "backoff": "yellow", "stopping": "yellow", "off": "dim"}
+
+#: the service table, one (header, cell) per column: a column (readiness, when the services
+#: answer it) is one more entry here
+COLUMNS: tuple[tuple[str, Callable[[m.ServiceHealth], str]], ...] = (
+    ("service", lambda s: s.name),
+    ("state", lambda s: f"[{_COLORS.get(s.state, 'white')}]{s.state}[/{_COLORS.get(s.state, 'white')}]"),
+    ("pid", lambda s: str(s.pid) if s.pid is not None else "-"),
+    ("restarts", lambda s: str(s.restarts)),
+    ("uptime", lambda s: _uptime(s.uptime)),
+    ("last exit", lambda s: str(s.last_exit) if s.last_exit is not None else "-"),
+)
+
+
+def _print_status(st: m.StatusReply, data: Path | None = None) -> None:
     head = f"mode [bold]{st.mode or 'none'}[/bold]"
     if st.since:
         head += f" since {st.since} by {st.by}"
@@ -209,37 +283,44 @@ def _print_status(st: m.StatusReply) -> None:
     if st.switching:
         head += f" [yellow]switching {st.switching}[/yellow]"
     console.print(head)
+    where = f"--data {data} " if data is not None else ""
     if st.record == "verified":
         console.print("mode record: [green]verified[/green] (signed by the supervisor)")
     else:
         console.print(
             f"mode record: [red]NOT VERIFIED[/red]: {escape(st.record)} "
-            f"(`iotdlm mode set {st.mode or '<mode>'}` re-asserts it)"
+            f"(`iotdlm mode set {where}{st.mode or '<mode>'}` re-asserts it)"
         )
     console.print(f"supervisor pid {st.supervisor_pid}, NATS {st.nats_url}")
-    table = Table("service", "state", "pid", "running", "restarts", "uptime", "last exit")
-    colors = {"running": "green", "failed": "red", "backoff": "yellow", "stopping": "yellow", "off": "dim"}
+    table = Table(*(header for header, _ in COLUMNS))
     for s in st.services:
-        color = colors.get(s.state, "white")
-        table.add_row(
-            s.name,
-            f"[{color}]{s.state}[/{color}]",
-            str(s.pid) if s.pid is not None else "-",
-            "yes" if s.running else "no",
-            str(s.restarts),
-            _uptime(s.uptime),
-            str(s.last_exit) if s.last_exit is not None else "-",
-        )
+        table.add_row(*(cell(s) for _, cell in COLUMNS))
     console.print(table)
+    for s in st.services:
+        if not s.running and s.state != "off" and (s.last_error or s.last_exit is not None):
+            why = escape(s.last_error) if s.last_error else "(it wrote nothing)"
+            console.print(f"[red]{s.name}[/red] {s.state}, last exit {s.last_exit}: {why}  (log: {s.log})")
+    if any(s.state == "failed" for s in st.services):
+        console.print(f"Fix what the log says, then `iotdlm mode set {where}{st.mode or 'MODE'}` starts it again.")
 
 
 @click.command("status")
 @data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the supervisor's JSON answer.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Refresh every 2 s: each service's readiness, requests in flight, latency and counters "
+    "(Ctrl-C leaves). With --json: print that once.",
+)
 @handle_errors
-def status(data: Path, as_json: bool) -> None:
-    """The operation mode and each service's health (pid, running, restarts, uptime)."""
+def status(data: Path, as_json: bool, watch: bool) -> None:
+    """The operation mode and each service's health, and why a service that is not running stopped."""
     dep = Deployment.load(data)
+    _require_supervisor(data)
+    if watch:
+        _watch(data, dep, as_json)
+        return
     try:
         raw = run(_ask(dep, subjects.MODES_STATUS, b"", 5.0))
     except UnavailableError as exc:
@@ -249,7 +330,61 @@ def status(data: Path, as_json: bool) -> None:
     if as_json:
         click.echo(raw.decode())
         return
-    _print_status(st)
+    _print_status(st, data)
+
+
+# --- down -------------------------------------------------------------------------------------
+@click.command("down")
+@data_option
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for everything to stop (services drain their in-flight work first).",
+)
+@handle_errors
+def down(data: Path, timeout: float) -> None:
+    """Stop the running supervisor of a deployment: every service in reverse order, then NATS."""
+    from iotdlm.supervisor.preflight import lock_holder
+
+    dep = Deployment.load(data)
+    if lock_holder(data) is None:
+        console.print(f"nothing is running for {data} (no supervisor); nothing to stop")
+        return
+    req = m.StopRequest(by=operator())
+    try:
+        reply = m.decode(run(_ask(dep, subjects.MODES_STOP, m.encode(req), 10.0)), m.StopReply)
+    except UnavailableError as exc:
+        _no_supervisor(data, exc)
+        pid = lock_holder(data)
+        if pid:
+            err_console.print(f"Stop it by its pid: `kill {pid}` (SIGTERM: it stops everything in order).")
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+    what = ", ".join([*reply.stopping, *(["NATS"] if reply.embedded_nats else [])]) or "nothing but itself"
+    with console.status(f"stopping {what} (services drain first)"):
+        deadline = time.monotonic() + timeout
+        while lock_holder(data) is not None:
+            if time.monotonic() > deadline:
+                err_console.print(
+                    f"[yellow]the supervisor (pid {reply.supervisor_pid}) is still stopping after "
+                    f"{timeout:g} s[/yellow]; "
+                    f"`iotdlm status --data {data}` shows what is left, its log is {data / 'logs' / 'modes.log'}"
+                )
+                raise SystemExit(EXIT_UNAVAILABLE)
+            time.sleep(0.1)
+    console.print(f"[green]stopped[/green] {what} (supervisor pid {reply.supervisor_pid}) for {data}")
+
+
+def _watch(data: Path, dep: Deployment, as_json: bool) -> None:
+    """``status --watch`` (docs/adr/0018)."""
+    from iotdlm.cli.watch import watch_status
+
+    try:
+        watch_status(dep, as_json=as_json)
+    except UnavailableError as exc:
+        _no_supervisor(data, exc)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -258,6 +393,7 @@ def cli() -> None:
 
 
 cli.add_command(up)
+cli.add_command(down)
 cli.add_command(mode)
 cli.add_command(status)
 

@@ -114,6 +114,12 @@ def setup(
     if update_uri is not None:
         changes["update_uri"] = update_uri
     if bench is not None:
+        if not bench.is_dir():
+            raise BadRequestError(
+                f"bench folder {bench} does not exist: make blank devices there first with "
+                f"`iotdlm pm bench make --dir {bench} --dtype {dtype} --count N`, or give the folder they are in",
+                field="bench",
+            )
         changes["bench"], changes["flasher_config"] = str(bench.resolve()), None
     if flasher_config is not None:
         changes["flasher_config"], changes["bench"] = str(flasher_config.resolve()), None
@@ -135,7 +141,7 @@ def setup(
 
 
 # --- provision ------------------------------------------------------------------------------------
-def _summary(report: m.ProvisionReport, elapsed: float) -> None:
+def _summary(report: m.ProvisionReport, elapsed: float, data: Path) -> None:
     done = report.count(m.COMPLETE)
     n = len(report.devices)
     head = Table(show_header=False, title=f"pm-{report.dtype}: provisioning by {escape(report.operator)}")
@@ -160,7 +166,7 @@ def _summary(report: m.ProvisionReport, elapsed: float) -> None:
         nxt = "provisioning-certificate" if report.mode == "provisioning-software" else "provisioning-software"
         console.print(
             f"{report.count(m.IN_PROGRESS)} device(s) wait for steps mode {report.mode} does not allow: "
-            f"`iotdlm mode set {nxt}`, then provision again (they resume where they stopped)"
+            f"`iotdlm mode set --data {data} {nxt}`, then provision again (they resume where they stopped)"
         )
     shown = [d for d in report.devices if d.status not in (m.COMPLETE, m.SKIPPED)]
     if n <= 20:
@@ -249,7 +255,7 @@ async def _provision(
                             bar.update(task, total=p.total, completed=p.done, description=f"pm-{dtype}: {p.phase}")
 
                         report = await provisioner.provision_batch(devices, operator, force=force, progress=update)
-                    _summary(report, loop.time() - start)
+                    _summary(report, loop.time() - start, data)
                     return report
         finally:
             await bus.drain()
@@ -341,7 +347,7 @@ def request(
 
         print_json(msgspec.to_builtins(report))
     else:
-        _summary(report, elapsed)
+        _summary(report, elapsed, data)
     if report.failures:
         err_console.print(f"[red]{len(report.failures)} device(s) not provisioned[/red]; listed above")
         raise SystemExit(EXIT_FAILED)
@@ -364,7 +370,11 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
         err_console.print(f"[yellow]warning[/yellow]: {exc.message}")
         flasher = pmconfig.UnconfiguredFlasher(dtype, data)
     store = pmconfig.open_store(dep)
-    bus = await pmconfig.connect_pm(dep, dtype)
+    from iotdlm.observe import ModuleMetrics, Observer
+    from iotdlm.observe.serve import InstrumentedBus
+
+    metrics = ModuleMetrics("pm")
+    bus = InstrumentedBus(await pmconfig.connect_pm(dep, dtype), metrics)  # requests timed (docs/adr/0018)
     try:
         async with ModeGuard(bus, ModeVerifier.for_deployment(dep)) as guard:
             # a service (started by the supervisor) is held to the mode: unknown -> refused
@@ -382,12 +392,15 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
             async with provisioner:
                 service = PmService(provisioner, bus)
                 await service.start()
+                observer = Observer(bus, metrics, mode=guard)
+                await observer.start()
                 stop = asyncio.Event()
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.add_signal_handler(sig, stop.set)
                 console.print(f"pm-{dtype} serving on {provision_subject(dtype)}")
                 await stop.wait()
+                await observer.stop()
                 await service.stop()
     finally:
         await bus.drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import signal
 import ssl
 from collections.abc import Callable
@@ -11,15 +12,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from iotdlm.cli.common import console, handle_errors, run
+from iotdlm.cli.common import EXIT_UNAVAILABLE, console, err_console, handle_errors, run
 from iotdlm.clock import SystemClock
-from iotdlm.errors import BadRequestError
+from iotdlm.errors import BadRequestError, UnavailableError
 from iotdlm.repository.repo import ALGORITHMS, DTYPE_ROLE_PREFIX, KEY_ROLES, VendorRepository
 
 REPO_ENV = "IOTDLM_REPO"
+#: where `repo serve` listens by default: a port no other iotdlm default uses (cm has 8443, 8080
+#: and 3128, embedded NATS 14222), so the README's commands run side by side on one machine
+DEFAULT_PORT = 8700
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -151,7 +156,13 @@ async def _serve(r: VendorRepository, port: int, ssl_context: ssl.SSLContext | N
 
 @repo.command()
 @_dir_option
-@click.option("--port", type=int, default=8443, show_default=True, help="TCP port on 127.0.0.1.")
+@click.option(
+    "--port",
+    type=int,
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="TCP port on 127.0.0.1 (the default is none of cm's: 8443, 8080, 3128).",
+)
 @click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="PEM certificate chain.")
 @click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False, exists=True), help="PEM private key.")
 @handle_errors
@@ -167,7 +178,18 @@ def serve(repo_dir: Path, port: int, tls_cert: Path | None, tls_key: Path | None
             ssl_context.load_cert_chain(tls_cert, tls_key)
         except (ssl.SSLError, OSError) as exc:
             raise BadRequestError(f"cannot load the TLS certificate and key: {exc}", field="tls") from exc
-    run(_serve(r, port, ssl_context))
+    try:
+        run(_serve(r, port, ssl_context))
+    except UnavailableError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno != errno.EADDRINUSE:
+            raise
+        from iotdlm.supervisor.preflight import port_in_use_message
+
+        err_console.print(
+            f"[red]error[/red]: {escape(port_in_use_message(port, 'repository', 'give another with --port'))}"
+        )
+        raise SystemExit(EXIT_UNAVAILABLE) from None
 
 
 @repo.command()

@@ -279,22 +279,29 @@ def _verify_stored(data: Path, dtype: str, paths: StoredPaths, info: StoredSoftw
 async def _serve(data: Path) -> None:
     from iotdlm.modes.guard import ModeGuard
     from iotdlm.modes.signed import ModeVerifier
+    from iotdlm.observe import ModuleMetrics, Observer
+    from iotdlm.observe.serve import InstrumentedBus
     from iotdlm.runtime import connect_identity
     from iotdlm.sm.service import SmService
 
     manager, config = _manager(data)
     dep = Deployment.load(data)
-    bus, _ident = await connect_identity(dep, "sm")
+    metrics = ModuleMetrics("sm")
+    nats_bus, _ident = await connect_identity(dep, "sm")
+    bus = InstrumentedBus(nats_bus, metrics)  # every request timed, refusals counted (docs/adr/0018)
     guard = ModeGuard(bus, ModeVerifier.for_deployment(dep))
     interval = float(config.poll_interval_seconds)
     service = SmService(manager, bus, dtypes=config.dtypes, poll_interval=interval, guard=guard)
     await service.start()
+    observer = Observer(bus, metrics, mode=guard)
+    await observer.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     console.print(f"sm serving; checking {', '.join(config.dtypes)} every {config.poll_interval_seconds} s")
     await stop.wait()
+    await observer.stop()
     await service.stop()
     await bus.drain()
 

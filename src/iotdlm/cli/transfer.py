@@ -531,7 +531,8 @@ def revoke_old(data: Path, src: Path) -> None:
 @handle_errors
 def status(data: Path, tid: str | None, role: str | None, devices: bool, as_json: bool) -> None:
     """Per-device status at this provider: pending, fetched, reset, attested, updated, enrolled,
-    revoked-at-CA1, failed-fallback."""
+    revoked-at-CA1, failed-fallback; and how many devices refused a transfer message (replayed,
+    expired, altered, wrong signer: `iotdlm audit list --kind device_refusal` has each report)."""
     from iotdlm.runtime import open_store
     from iotdlm.transfer.shell import counts
 
@@ -558,14 +559,30 @@ def status(data: Path, tid: str | None, role: str | None, devices: bool, as_json
     table_rows = []
     for r, rec, devs in rows:
         c = counts(devs)
-        by_status = "\n".join(f"{s} {c[s]}" for s in st.STATUSES if c[s]) or "-"
-        table_rows.append([rec.transfer_id, r, str(len(devs)), by_status, _when(rec.updated_at)])
+        lines = [f"{s} {c[s]}" for s in st.STATUSES if c[s]]
+        refused = _refused(devs)
+        if refused:
+            lines.append(f"refused a message: {refused}")
+        table_rows.append([rec.transfer_id, r, str(len(devs)), "\n".join(lines) or "-", _when(rec.updated_at)])
     print_table(console, columns, table_rows)
     if devices:
-        device_columns = (Column("device", whole=True), Column("status"), Column("last change (UTC)", whole=True))
+        device_columns = (
+            Column("device", whole=True),
+            Column("status"),
+            Column("last change (UTC)", whole=True, drop=2),
+            Column("last refused message", drop=1, min=16),
+        )
         for r, rec, devs in rows:
-            device_rows = [[d, devs[d].status, _when(devs[d].updated_at)] for d in sorted(devs)]
+            device_rows = [
+                [d, devs[d].status, _when(devs[d].updated_at), st.last_refusal(devs[d].detail) or "-"]
+                for d in sorted(devs)
+            ]
             print_table(console, device_columns, device_rows, title=f"{rec.transfer_id} ({r})")
+
+
+def _refused(rows: dict[str, TransferDeviceRecord]) -> int:
+    """How many devices of a transfer refused a transfer message (their last report is kept)."""
+    return sum(1 for row in rows.values() if st.last_refusal(row.detail))
 
 
 def _when(t: dt.datetime) -> str:
@@ -585,12 +602,19 @@ def _transfer_json(
         "state": rec.state,
         "devices": len(rows),
         "counts": {s: c[s] for s in st.STATUSES},
+        "refused": _refused(rows),
         "created_at": iso_utc(rec.created_at),
         "updated_at": iso_utc(rec.updated_at),
     }
     if devices:
         out["device_status"] = [
-            {"device_id": d, "status": rows[d].status, "updated_at": iso_utc(rows[d].updated_at)} for d in sorted(rows)
+            {
+                "device_id": d,
+                "status": rows[d].status,
+                "updated_at": iso_utc(rows[d].updated_at),
+                "last_refused_message": st.last_refusal(rows[d].detail) or None,
+            }
+            for d in sorted(rows)
         ]
     return out
 

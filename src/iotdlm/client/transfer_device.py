@@ -19,6 +19,11 @@ class TransferDeviceClient(KmClient):
         reply = await self._call(s.KM_TRANSFER_FALLBACK, self._seal(w.OP_FALLBACK, body), timeout=self.timeout)
         return w.decode(reply, w.Done, what="km reply")
 
+    async def refusal(self, client_certificate: bytes, reason: str, detail: str, message: str = "") -> w.Done:
+        body = w.RefusalRequest(client_certificate=client_certificate, reason=reason, detail=detail, message=message)
+        reply = await self._call(s.KM_TRANSFER_REFUSAL, self._seal(w.OP_REFUSAL, body), timeout=self.timeout)
+        return w.decode(reply, w.Done, what="km reply")
+
     async def challenge(self, client_certificate: bytes) -> w.ChallengeResponse:
         body = w.ChallengeRequest(client_certificate=client_certificate)
         reply = await self._call(s.KM_TRANSFER_CHALLENGE, self._seal(w.OP_CHALLENGE, body), timeout=self.timeout)

@@ -18,6 +18,7 @@ body too slow                                          408 (the connection is cl
 wrong Content-Type                                     415
 no such CRL / resource                                 404
 device decommissioned and the like                     409
+a device reporting more often than its limit           429 with ``Retry-After``
 km unavailable, or the operation mode forbids it       503 with ``Retry-After``
 cm <-> km relay failed (km internal error, replay,     502
 NATS permission)
@@ -74,7 +75,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from cryptography import x509
 
 from iotdlm.clock import Clock
-from iotdlm.cm import est
+from iotdlm.cm import est, health_routes
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import Limits
 from iotdlm.cm.http_cache import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
@@ -88,12 +89,14 @@ from iotdlm.errors import (
     NotAuthorizedError,
     NotFoundError,
     PermissionDeniedError,
+    RateLimitedError,
     RejectedError,
     ReplayError,
     TooLargeError,
     UnavailableError,
     UntrustedError,
 )
+from iotdlm.observe import ModuleMetrics, Observer
 from iotdlm.pki import est_proof
 from iotdlm.pki.csr import MAX_CSR_BYTES, load_csr
 from iotdlm.pki.ocsp import ErrorKind, decode_get_path, error_response
@@ -194,6 +197,7 @@ def status_for(exc: IotdlmError) -> int:
         (UntrustedError, 403),
         (NotAuthorizedError, 403),
         (RejectedError, 400),
+        (RateLimitedError, 429),
         (UnavailableError, 503),
         (InternalError, 502),
     )
@@ -265,11 +269,16 @@ class CmApp:
         self._watching = False
         #: the trust transfer's provider-to-provider routes relay through it (None: not served)
         self.peer: PeerRelay | None = None
+        #: request counters and the readiness behind /ready (docs/adr/0018); None: not kept
+        self.metrics: ModuleMetrics | None = None
+        self.observer: Observer | None = None
 
     # --- applications -------------------------------------------------------------------------
     def https_app(self) -> web.Application:
         """EST, OCSP and CRLs (the HTTPS listener)."""
-        app = web.Application(middlewares=[self._errors], client_max_size=self.limits.max_body_bytes)
+        mws = [*health_routes.middlewares(self), self._errors]
+        app = web.Application(middlewares=mws, client_max_size=self.limits.max_body_bytes)
+        health_routes.add(app, self)
         base = est.WELL_KNOWN
         app.router.add_get(f"{base}/cacerts", self.cacerts)
         app.router.add_get(f"{base}/csrattrs", self.csrattrs)
@@ -287,7 +296,8 @@ class CmApp:
 
     def http_app(self) -> web.Application:
         """OCSP and CRLs only (the optional plain-HTTP listener); EST paths answer 403."""
-        app = web.Application(middlewares=[self._errors], client_max_size=self.limits.max_body_bytes)
+        mws = [*health_routes.middlewares(self), self._errors]
+        app = web.Application(middlewares=mws, client_max_size=self.limits.max_body_bytes)
         self._add_va_routes(app)
         app.router.add_route("*", est.WELL_KNOWN + "/{tail:.*}", self._https_only)
         app.on_response_prepare.append(_server_header)
@@ -388,10 +398,12 @@ class CmApp:
         except IotdlmError as exc:
             status = status_for(exc)
             self._log_refusal(request, status, exc.code, exc.message)
+            if self.metrics is not None:
+                self.metrics.refused(exc.code)
             headers: dict[str, str] = {}
             if status == 401:
                 headers["WWW-Authenticate"] = 'Certificate realm="est"'
-            if status == 503:
+            if status in (429, 503):
                 headers.update(self._retry)
             resp = text_response(status, exc.message if status != 500 else "internal error", headers)
             if status in (408, 413):

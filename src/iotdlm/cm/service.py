@@ -35,6 +35,8 @@ from iotdlm.cm.server import EGRESS_MODES, CmApp, KmRelay, ModeCheck
 from iotdlm.cm.tls import TlsSite, server_tls_context
 from iotdlm.deployment import ISSUING_CAS, Deployment
 from iotdlm.errors import IotdlmError, UnavailableError
+from iotdlm.observe import ModuleMetrics, Observer
+from iotdlm.observe.serve import ModeReader, km_answering, mode_ready
 from iotdlm.pki.keys import private_key_to_pem
 
 log = logging.getLogger(__name__)
@@ -186,7 +188,16 @@ class CmService:
             factory_cas=km.factory_cas,
         )
         svc.app.peer = km  # the trust transfer's routes between providers (cm/transfer_peer.py)
+        svc.observe(bus, guard)
         return svc
+
+    def observe(self, bus: Bus, guard: ModeReader | None) -> None:
+        """Keep cm's metrics and answer its health on ``bus`` and at /ready (docs/adr/0018): ready
+        when connected, the mode runs cm and, where the mode runs km, km answers."""
+        metrics = ModuleMetrics("cm")
+        ready = km_answering(bus, mode_ready(bus, guard, "cm"), guard) if guard is not None else None
+        self.app.metrics = metrics
+        self.app.observer = Observer(bus, metrics, mode=guard, ready=ready)
 
     async def _load_factory_cas(self, fetch: Callable[[], Awaitable[list[x509.Certificate]]]) -> None:
         """The registered factory CAs into cm's TLS trust, once km answers (restart cm after
@@ -254,6 +265,8 @@ class CmService:
             if self.bus is not None:
                 # pm asks this to refuse work while the door to the outside is open
                 self._ping = await self.bus.serve(s.CM_PING, self._answer_ping)
+            if self.app.observer is not None:
+                await self.app.observer.start()
         except BaseException:
             await self.stop()
             raise
@@ -277,6 +290,8 @@ class CmService:
         task, self._factory_task = self._factory_task, None
         if task is not None:
             await cancel_and_wait([task], what="cm factory CA task")
+        if self.app.observer is not None:
+            await self.app.observer.stop()
         ping, self._ping = self._ping, None
         if ping is not None:
             with contextlib.suppress(Exception):

@@ -8,7 +8,12 @@ At SP1 (the fallbackURI is ``{public_url}/transfer/fallback``):
 
 - ``GET /transfer/message`` -> the device's per-device transfer message (``application/cwt``, the
   transfer id in ``Iotdlm-Transfer``); ``?device=ID`` may name the device, and must name itself;
-- ``POST /transfer/fallback`` with JSON ``{"transfer": ID, "reason": TEXT}`` -> JSON status.
+- ``POST /transfer/fallback`` with JSON ``{"transfer": ID, "reason": TEXT}`` -> JSON status;
+- ``POST /transfer/refusal`` with JSON ``{"reason": CODE, "detail": TEXT, "message": SHA-256 hex}``
+  (``message`` optional) -> JSON status: the device refused a transfer message (replayed, expired,
+  altered, wrong signer, ...: :data:`iotdlm.wire.transfer_device.REFUSAL_REASONS`); km audits it
+  and SP1's ``transfer status`` shows it. At most :data:`REFUSALS_PER_WINDOW` reports per device
+  certificate per :data:`REFUSAL_WINDOW` per cm process (then 429 with ``Retry-After``).
 
 At SP2 (the raURI is ``{public_url}/transfer/attestation``):
 
@@ -28,6 +33,9 @@ malformed requests.
 from __future__ import annotations
 
 import base64
+import collections
+import datetime as dt
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +43,9 @@ from aiohttp import web
 
 from iotdlm.client.km import KmClient
 from iotdlm.client.transfer_device import TransferDeviceClient
+from iotdlm.clock import Clock
 from iotdlm.cm.server import ENROLL_MODES, ClientCertificateRequiredError, peer_certificate
-from iotdlm.errors import BadRequestError
+from iotdlm.errors import BadRequestError, RateLimitedError
 from iotdlm.wire import transfer_device as w
 
 if TYPE_CHECKING:
@@ -44,6 +53,7 @@ if TYPE_CHECKING:
 
 MESSAGE_PATH = "/transfer/message"
 FALLBACK_PATH = "/transfer/fallback"
+REFUSAL_PATH = "/transfer/refusal"
 RA_PATH = "/transfer/attestation"
 CWT = "application/cwt"
 COSE = "application/cose"
@@ -54,6 +64,11 @@ SHA256_HEADER = "Iotdlm-Update-Sha256"
 UPDATE_PATH = "/transfer/update"
 MAX_FALLBACK_BODY = 2048
 MAX_EVIDENCE_BODY = 16 * 1024
+MAX_REFUSAL_BODY = 1024
+#: refusal reports one device certificate may send per window, per cm process
+REFUSALS_PER_WINDOW = 5
+REFUSAL_WINDOW = dt.timedelta(minutes=10)
+_HEX = frozenset("0123456789abcdef")
 
 
 def parse_fallback(body: bytes) -> tuple[str, str]:
@@ -70,6 +85,56 @@ def parse_fallback(body: bytes) -> tuple[str, str]:
     if not isinstance(reason, str) or not reason.strip():
         raise BadRequestError("the fallback report must say why (reason)", field="reason")
     return tid, " ".join(reason.split())[: w.MAX_REASON]
+
+
+def parse_refusal(body: bytes) -> tuple[str, str, str]:
+    """(reason, detail, message hash) of a refusal report: JSON ``{"reason": one of
+    REFUSAL_REASONS, "detail": text, "message": 64 hex}`` (``message`` may be left out)."""
+    usage = '{"reason": CODE, "detail": TEXT, "message": SHA-256 HEX}'
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError(f"the refusal report must be JSON: {usage}") from None
+    if not isinstance(data, dict) or not {"reason", "detail"} <= set(data) <= {"reason", "detail", "message"}:
+        raise BadRequestError(f"the refusal report must be {usage} (message optional)")
+    reason, detail, message = data["reason"], data["detail"], data.get("message", "")
+    if not isinstance(reason, str) or reason not in w.REFUSAL_REASONS:
+        raise BadRequestError(f"the refusal reason must be one of {', '.join(w.REFUSAL_REASONS)}", field="reason")
+    if not isinstance(detail, str) or len(detail) > 4 * w.MAX_REFUSAL_DETAIL:
+        raise BadRequestError(f"the refusal detail must be text of at most {w.MAX_REFUSAL_DETAIL} characters",
+                              field="detail")  # fmt: skip
+    if not isinstance(message, str) or (message and (len(message) != 64 or set(message) - _HEX)):
+        raise BadRequestError("the refused message is named by its SHA-256 in lowercase hex", field="message")
+    clean = "".join(c if c.isprintable() else " " for c in detail)
+    return reason, " ".join(clean.split())[: w.MAX_REFUSAL_DETAIL], message
+
+
+class RefusalLimiter:
+    """At most ``limit`` reports per ``window`` per key (the SHA-256 of the device's certificate),
+    remembering at most ``max_keys`` devices (the oldest forgotten first)."""
+
+    def __init__(self, clock: Clock, *, limit: int = REFUSALS_PER_WINDOW, window: dt.timedelta = REFUSAL_WINDOW,
+                 max_keys: int = 100_000) -> None:  # fmt: skip
+        if limit < 1 or window <= dt.timedelta(0) or max_keys < 1:
+            raise ValueError("a refusal limit needs limit >= 1, a positive window and max_keys >= 1")
+        self.clock, self.limit, self.window, self.max_keys = clock, limit, window, max_keys
+        self._seen: collections.OrderedDict[str, collections.deque[dt.datetime]] = collections.OrderedDict()
+
+    def check(self, key: str) -> None:
+        """Count one report of ``key``; RateLimitedError when it is over the limit (not counted)."""
+        now = self.clock.now()
+        times = self._seen.pop(key, None) or collections.deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        self._seen[key] = times
+        if len(times) >= self.limit:
+            raise RateLimitedError(
+                f"this device reported {len(times)} refused transfer messages in the last "
+                f"{int(self.window.total_seconds() // 60)} minutes; report again later"
+            )
+        times.append(now)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
 
 
 def parse_update_report(body: bytes) -> tuple[str, str]:
@@ -103,6 +168,7 @@ class TransferRoutes:
     def __init__(self, cm: CmApp, km: TransferDeviceClient) -> None:
         self.cm = cm
         self.km = km
+        self.refusal_limit = RefusalLimiter(cm.clock)
 
     def _client_certificate(self, request: web.Request, what: str) -> bytes:
         der = peer_certificate(request)
@@ -127,6 +193,14 @@ class TransferRoutes:
         _require_type(request, JSON)
         tid, reason = parse_fallback(await self.cm._read_body(request, MAX_FALLBACK_BODY))
         out = await self.km.fallback(der, tid, reason)
+        return web.json_response({"transfer": out.transfer, "device": out.device, "status": out.status})
+
+    async def refusal(self, request: web.Request) -> web.Response:
+        der = self._client_certificate(request, "reporting a refused transfer message")
+        _require_type(request, JSON)
+        reason, detail, message = parse_refusal(await self.cm._read_body(request, MAX_REFUSAL_BODY))
+        self.refusal_limit.check(hashlib.sha256(der).hexdigest())
+        out = await self.km.refusal(der, reason, detail, message)
         return web.json_response({"transfer": out.transfer, "device": out.device, "status": out.status})
 
     async def challenge(self, request: web.Request) -> web.Response:
@@ -181,6 +255,7 @@ def add(app: web.Application, cm: CmApp) -> None:
     routes = TransferRoutes(cm, TransferDeviceClient.like(cm.km))
     app.router.add_get(MESSAGE_PATH, routes.message)
     app.router.add_post(FALLBACK_PATH, routes.fallback)
+    app.router.add_post(REFUSAL_PATH, routes.refusal)
     app.router.add_post(f"{RA_PATH}/challenge", routes.challenge)
     app.router.add_post(f"{RA_PATH}/evidence", routes.evidence)
     app.router.add_get(UPDATE_PATH, routes.update)
@@ -191,10 +266,13 @@ __all__ = [
     "FALLBACK_PATH",
     "MESSAGE_PATH",
     "RA_PATH",
+    "REFUSAL_PATH",
     "UPDATE_PATH",
+    "RefusalLimiter",
     "TransferRoutes",
     "add",
     "parse_device_query",
     "parse_fallback",
+    "parse_refusal",
     "parse_update_report",
 ]

@@ -265,8 +265,7 @@ class Km:
             self._ca_revoked[ca.name] = seen
         if seen[1]:
             raise ConflictError(
-                f"the {ca.name} CA is revoked: it issues no more certificates; "
-                "a new issuing CA must take its place",
+                f"the {ca.name} CA is revoked: it issues no more certificates; a new issuing CA must take its place",
                 field="profile",
             )
 
@@ -295,6 +294,32 @@ class Km:
         rec, left_out = self._sign(grant, parsed, principal, now)
         return grant, rec, left_out
 
+    def prepare_renewal(
+        self, principal: Principal, old: CertRecord, csr: bytes | None
+    ) -> tuple[Grant, CertRecord, tuple[str, ...]]:
+        """Authorize and sign the renewal of ``old`` (nothing stored yet): the same device and
+        profile, for the key ``old`` certifies or for the new key of ``csr`` (its signature proves
+        possession). The grant supersedes ``old`` when committed."""
+        if old.device_id is None:
+            raise BadRequestError(f"certificate {old.serial:x} names no device; it cannot be renewed", field="serial")
+        if csr is None:
+            parsed = _Parsed(public_key=_public_key(load_certificate(old.der)), subject=None, pop="signature")
+        else:
+            parsed = self._parse_item(msg.IssueItem(device_id=old.device_id, profile=old.profile, csr=csr))
+        replaces = PresentedCredential(old.profile, old.device_id, old.status, old.issuer, old.serial)
+        facts = CertRequestFacts(
+            operation="renew",
+            profile=old.profile,
+            device_id=old.device_id,
+            pop=parsed.pop,
+            device=self._device_state(old.device_id, None),
+            replaces=replaces,
+            renewable=get_profile(self.profiles, old.profile).renewable,
+        )
+        grant = self.authorizer.authorize(principal, facts)
+        rec, left_out = self._sign(grant, parsed, principal, self.clock.now())
+        return grant, rec, left_out
+
     # --- 4: record ----------------------------------------------------------------------
     def commit(self, pairs: list[tuple[Grant, CertRecord]], *, nonce: NonceUse | None = None) -> list[CertRecord]:
         """Record certificates, their audit records, new devices and the request's nonce in ONE
@@ -315,6 +340,7 @@ class Km:
                 rule=grant.rule,
                 not_after=rec.not_after.isoformat(),
                 fingerprint=rec.fingerprint,
+                **_supersedes(grant),
             )
             for grant, rec in pairs
         ]
@@ -617,6 +643,11 @@ def _hex_serial(text: str) -> int:
     if not 0 < serial < 2**160:
         raise BadRequestError(f"serial {text!r} is out of range", field="serial")
     return serial
+
+
+def _supersedes(grant: Grant) -> dict[str, str]:
+    """The audit field naming the certificate a renewal replaces (none for a first issuance)."""
+    return {} if grant.supersedes is None else {"supersedes": "{}:{:x}".format(*grant.supersedes)}
 
 
 def _public_key(cert: x509.Certificate) -> PublicKey:

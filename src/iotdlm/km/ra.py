@@ -10,6 +10,12 @@ Rules (each is a small function; the first that matches decides, none matching i
    it for itself (new key, signature POP only).
 3. **operator** -- the admin identity (operator tools) may request any profile, signature POP
    only (a raVerified stamp is pm's alone).
+4. **operator renewal** -- the admin identity may renew a valid certificate of a renewable
+   profile for the same device and profile, with the same key or a new one (signature POP); the
+   old certificate is superseded.
+
+Every grant is also held to the profile's name rule, if the operator set one
+(``device_id_pattern``, :mod:`iotdlm.pki.profile_config`).
 
 Authorizing returns a :class:`Grant`: the constraints the CA applies (profile, device id, dtype,
 validity cap). The CA never takes subject or extensions from the request itself.
@@ -18,7 +24,8 @@ validity cap). The CA never takes subject or extensions from the request itself.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -82,6 +89,10 @@ class CertRequestFacts:
     pop: Pop
     device: DeviceState
     presented: PresentedCredential | None = None
+    #: the certificate a renewal replaces, as km's store knows it (operator renewal)
+    replaces: PresentedCredential | None = None
+    #: whether the profile asked for may be renewed (:attr:`iotdlm.pki.profiles.Profile.renewable`)
+    renewable: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,36 @@ def rule_operator(p: Principal, f: CertRequestFacts) -> Grant | None:
     return Grant(profile=f.profile, device_id=f.device_id, dtype=f.device.dtype, validity=None, rule="operator")
 
 
+def rule_operator_renewal(p: Principal, f: CertRequestFacts) -> Grant | None:
+    """The operator renews a certificate (``iotdlm ca renew``): same device, same profile; the
+    old certificate must be valid and is superseded (it stays good for the superseded grace)."""
+    if not isinstance(p, ModulePrincipal) or p.module != "admin" or f.operation != "renew":
+        return None
+    old = f.replaces
+    if old is None:
+        raise NotAuthorizedError("a renewal names the certificate it replaces")
+    if f.pop != "signature":
+        raise NotAuthorizedError("a new key must be proven by the signature of its request")
+    if old.status != "valid":
+        raise NotAuthorizedError(f"certificate {old.serial:x} is {old.status}; only a valid certificate is renewed")
+    if (old.profile, old.device_id) != (f.profile, f.device_id):
+        raise NotAuthorizedError("a renewal keeps the device and profile of the certificate it replaces")
+    if not f.renewable:
+        raise NotAuthorizedError(
+            f"{f.profile} certificates are not renewable; issue a new one with `iotdlm ca issue --force`",
+            field="profile",
+        )
+    _check_device_usable(f)
+    return Grant(
+        profile=f.profile,
+        device_id=f.device_id,
+        dtype=f.device.dtype,
+        validity=None,
+        rule="operator-renewal",
+        supersedes=(old.issuer, old.serial),
+    )
+
+
 def rule_est_enrollment(p: Principal, f: CertRequestFacts) -> Grant | None:
     """EST through cm (RFC 7030; seed 003 VI-C and VI-D): a device that authenticated with its
     registered factory certificate enrolls for an operational certificate; one holding a valid
@@ -187,12 +228,23 @@ def rule_est_enrollment(p: Principal, f: CertRequestFacts) -> Grant | None:
     )
 
 
-DEFAULT_RULES: tuple[Rule, ...] = (rule_pm_provisioning, rule_device_renewal, rule_est_enrollment, rule_operator)
+DEFAULT_RULES: tuple[Rule, ...] = (
+    rule_pm_provisioning,
+    rule_device_renewal,
+    rule_est_enrollment,
+    rule_operator,
+    rule_operator_renewal,
+)
 
 
 class Authorizer:
-    def __init__(self, rules: tuple[Rule, ...] = DEFAULT_RULES) -> None:
+    def __init__(
+        self, rules: tuple[Rule, ...] = DEFAULT_RULES, *, name_rules: Mapping[str, re.Pattern[str]] | None = None
+    ) -> None:
+        """``name_rules``: per profile, the pattern every device id of that profile must match in
+        full (``device_id_pattern`` in iotdlm.toml), whichever rule grants the request."""
         self._rules = rules
+        self._name_rules = dict(name_rules or {})
 
     def authorize(self, principal: Principal, facts: CertRequestFacts) -> Grant:
         """Return the grant of the first rule that allows the request; raise NotAuthorizedError otherwise."""
@@ -207,12 +259,23 @@ class Authorizer:
         for rule in self._rules:
             grant = rule(principal, facts)
             if grant is not None:
+                self._check_name(grant)
                 return grant
         raise NotAuthorizedError(
             f"{principal.describe()} may not {facts.operation} {facts.profile} certificates for "
             f"device {facts.device_id}",
             device_id=facts.device_id,
         )
+
+    def _check_name(self, grant: Grant) -> None:
+        pattern = self._name_rules.get(grant.profile)
+        if pattern is not None and pattern.fullmatch(grant.device_id) is None:
+            raise NotAuthorizedError(
+                f"device id {grant.device_id!r} does not match the {grant.profile} profile's name rule "
+                f"({pattern.pattern}, device_id_pattern in iotdlm.toml)",
+                field="device_id",
+                device_id=grant.device_id,
+            )
 
 
 def authorize_revocation(principal: Principal) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from iotdlm.errors import InternalError, IotdlmError, NotFoundError, RejectedErr
 from iotdlm.km import audit
 from iotdlm.km.core import Km
 from iotdlm.km.transfer_device_handlers import TransferDeviceHandlers
+from iotdlm.observe.metrics import ModuleMetrics
 from iotdlm.pki.keys import PrivateKey
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import km as msg
@@ -70,6 +72,7 @@ class KmService:
         heads_stream: bool = True,
         extra_routes: Mapping[str, Callable[[Message], Awaitable[bytes]]] | None = None,
         transfer_updates: Path | None = None,
+        metrics: ModuleMetrics | None = None,
     ) -> None:
         self.km = km
         self.bus = bus
@@ -87,6 +90,8 @@ class KmService:
         self._tasks: list[asyncio.Task[None]] = []
         #: subjects served beside km's own, with km's signed replies (the trust transfer's handlers)
         self.extra_routes = dict(extra_routes or {})
+        #: issuance by profile, refusals by code, OCSP answers, CRL generations (docs/adr/0018)
+        self.metrics = metrics
 
     async def start(self) -> None:
         queue = s.queue_group("km")
@@ -128,11 +133,14 @@ class KmService:
     # --- handlers -------------------------------------------------------------------------
     def _wrap(self, subject: str, fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
         async def handler(m: Message) -> bytes:
+            start = time.perf_counter()
             try:
                 result = await asyncio.to_thread(fn, m)
             except RejectedError as exc:
                 await asyncio.to_thread(self._audit_refusal, subject, exc)
                 raise
+            if self.metrics is not None:
+                self.metrics.issued_from(result, time.perf_counter() - start)
             return result if isinstance(result, bytes) else msg.encode(result)
 
         # a CRL is signed by its CA already, and its consumers verify that (ADR 0006)
@@ -150,6 +158,8 @@ class KmService:
                 body, error = await handler(m), False
             except IotdlmError as exc:
                 body, error = msgspec.json.encode(exc.to_wire()), True
+                if self.metrics is not None:  # sealed, so the bus never sees it raised
+                    self.metrics.refused(exc.code)
             except Exception:
                 # the bus would log and hide it the same way; signed, so the client believes it
                 log.exception("km handler for %s failed", subject)
@@ -193,6 +203,8 @@ class KmService:
         va = self.km.va
         assert va is not None
         first = va.ocsp_cached(m.data)
+        if self.metrics is not None:
+            self.metrics.ocsp.labels("cache" if isinstance(first, bytes) else "signed").inc()
         if isinstance(first, bytes):
             return first
         return await asyncio.to_thread(va.answer, first)
@@ -222,7 +234,9 @@ class KmService:
 
     def _refresh_crls(self) -> None:
         if self.km.va is not None:
-            self.km.va.refresh_due()
+            made = self.km.va.refresh_due()
+            if self.metrics is not None:
+                self.metrics.crls.inc(made)
 
     async def checkpoint_now(self) -> None:
         """Sign a tree head when the log has grown (the database, the anchor folder), then append

@@ -6,10 +6,16 @@ and act where the store is.
 SP1 (handing over):
 - ``message``: the device's per-device transfer message, as ``iotdlm transfer deliver`` kept it
   (:func:`keep_messages`); the device's status becomes fetched (a later status stays);
-- ``fallback``: the device reports a permanent failure: its row becomes failed-fallback.
+- ``fallback``: the device reports a permanent failure: its row becomes failed-fallback;
+- ``refusal``: the device refused a transfer message (replayed, expired, altered, wrong signer,
+  ...): one ``device_refusal`` audit record, and the refusal in the device's row of the transfer
+  whose message it refused (else its newest unfinished one) for ``transfer status``; the status
+  stays.
 
 SP2 (taking over; the raURI):
-- ``challenge``: a fresh nonce for the device's attestation (one outstanding per device);
+- ``challenge``: a fresh nonce for the device's attestation, kept in the store (at most
+  :data:`~iotdlm.transfer.attestation.MAX_CHALLENGES_PER_DEVICE` outstanding per device, single
+  use, expiring after ``ttl``), so any km worker judges the answer, after a km restart too;
 - ``evidence``: the signed measurement, judged by :func:`iotdlm.transfer.attestation.verify`
   against the reference SP1 shared: attested, or failed-fallback and refused (audited by km's
   service like every refusal);
@@ -18,9 +24,7 @@ SP2 (taking over; the raURI):
   it installed it (updated).
 
 Only cm may ask (a signed envelope from the cm identity); a device asking for another device's
-message is refused. The outstanding nonces live in this worker's memory: run one km worker while
-a transfer's attestations are under way, or the evidence may reach a worker that did not issue the
-challenge (it is then refused and the device may ask again).
+message is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import datetime as dt
 import hashlib
 import json
 import secrets
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -38,12 +41,15 @@ from typing import Any, cast
 from iotdlm.bus import Message
 from iotdlm.bus import subjects as s
 from iotdlm.errors import BadRequestError, NotAuthorizedError, NotFoundError, UntrustedError
+from iotdlm.km.audit import entry
 from iotdlm.km.core import Km
 from iotdlm.km.ra import ModulePrincipal, PresentedCredential
+from iotdlm.store.challenges import ChallengeRecord
 from iotdlm.store.transfer import TransferDeviceRecord
 from iotdlm.transfer import attestation
 from iotdlm.transfer import status as st
-from iotdlm.transfer.storage import TransferDevicesStore, TransferStore
+from iotdlm.transfer.storage import ChallengeStore, TransferDevicesStore, TransferStore
+from iotdlm.wire import audit as fmt
 from iotdlm.wire import transfer_device as w
 
 SP1, SP2 = "sp1", "sp2"
@@ -85,6 +91,12 @@ def _change(
     return [r.device_id for r in tables.update_transfer_devices(role, tid, device_ids, change)]
 
 
+def _kept_sha256(rec: TransferDeviceRecord) -> str:
+    """SHA-256 (hex) of the transfer message kept in the row for the device to fetch, or ``""``."""
+    kept = _detail(rec).get("message")
+    return hashlib.sha256(base64.b64decode(kept)).hexdigest() if isinstance(kept, str) else ""
+
+
 def keep_messages(tables: TransferDevicesStore, tid: str, messages: Mapping[str, bytes], now: dt.datetime) -> int:
     """SP1: keep each device's transfer message (``transfer deliver``) for the device to fetch at
     ``GET /transfer/message``; a newer message replaces an older one. Returns how many were kept."""
@@ -116,22 +128,24 @@ class TransferDeviceHandlers:
 
     def __init__(self, km: Km, tables: TransferStore | None = None, *,
                  entropy: Callable[[int], bytes] = secrets.token_bytes,
-                 ttl: dt.timedelta = attestation.DEFAULT_TTL, updates_dir: Path | None = None) -> None:  # fmt: skip
+                 ttl: dt.timedelta = attestation.DEFAULT_TTL, updates_dir: Path | None = None,
+                 challenges: ChallengeStore | None = None) -> None:  # fmt: skip
         self.km = km
         #: where SP2's operator published update images (None: this km serves no updates)
         self.updates_dir = updates_dir
         #: the transfer tables; by default km's own store (iotdlm.store.Store serves both: the
         #: check at the end of iotdlm.transfer.storage)
         self.tables: TransferStore = tables if tables is not None else cast("TransferStore", km.store)
+        #: the outstanding attestation challenges; by default km's own store
+        self.challenges: ChallengeStore = challenges if challenges is not None else cast("ChallengeStore", km.store)
         self.entropy = entropy
         self.ttl = ttl
-        self._challenges: dict[str, attestation.Challenge] = {}
-        self._lock = threading.Lock()
 
     def routes(self) -> dict[str, Callable[[Message], Any]]:
         return {
             s.KM_TRANSFER_MESSAGE: lambda m: self.message(m.data),
             s.KM_TRANSFER_FALLBACK: lambda m: self.fallback(m.data),
+            s.KM_TRANSFER_REFUSAL: lambda m: self.refusal(m.data),
             s.KM_TRANSFER_CHALLENGE: lambda m: self.challenge(m.data),
             s.KM_TRANSFER_EVIDENCE: lambda m: self.evidence(m.data),
             s.KM_TRANSFER_UPDATE: lambda m: self.update(m.data),
@@ -212,6 +226,35 @@ class TransferDeviceHandlers:
         )
         return w.Done(transfer=req.transfer, device=cred.device_id, status=status)
 
+    def refusal(self, token: bytes) -> w.Done:
+        req = w.decode(self._from_cm(token, w.OP_REFUSAL), w.RefusalRequest)
+        cred = self._device(req.client_certificate)
+        if req.reason not in w.REFUSAL_REASONS:
+            raise BadRequestError(f"unknown refusal reason {req.reason[:40]!r}", field="reason")
+        if req.message and (len(req.message) != 64 or set(req.message) - set("0123456789abcdef")):
+            raise BadRequestError("the refused message is named by its SHA-256 in lowercase hex", field="message")
+        text = " ".join(req.detail.split())[: w.MAX_REFUSAL_DETAIL]
+        rows = self._rows_of(SP1, cred.device_id)
+        ours = [r for r in rows if req.message and _kept_sha256(r) == req.message]
+        candidates = ours or [r for r in rows if r.status not in _DONE]
+        row = candidates[0] if candidates else None
+        now = self.km.clock.now()
+        tid = row.transfer_id if row is not None else None
+        self.tables.append_audit([
+            entry(now, fmt.DEVICE_REFUSAL, "device", cred.device_id, reason=req.reason, detail=text,
+                  message=req.message or None, transfer=tid, ours=bool(ours))
+        ])  # fmt: skip
+        if row is None:
+            return w.Done(transfer="", device=cred.device_id, status="")
+
+        def note(rec: TransferDeviceRecord) -> TransferDeviceRecord:
+            d = st.with_refusal(_detail(rec), reason=req.reason, text=text, at=now.isoformat(), message=req.message)
+            detail = json.dumps(d, sort_keys=True)
+            return TransferDeviceRecord(SP1, rec.transfer_id, rec.device_id, rec.status, detail, now)
+
+        done = self.tables.update_transfer_devices(SP1, row.transfer_id, [cred.device_id], note)
+        return w.Done(transfer=row.transfer_id, device=cred.device_id, status=done[0].status if done else row.status)
+
     # --- SP2: the raURI -----------------------------------------------------------------------------
     def _sp2_row(self, device_id: str) -> TransferDeviceRecord:
         for row in self._rows_of(SP2, device_id):
@@ -224,19 +267,20 @@ class TransferDeviceHandlers:
         cred = self._device(req.client_certificate)
         row = self._sp2_row(cred.device_id)
         nonce = self.entropy(16)
-        with self._lock:
-            self._challenges[cred.device_id] = attestation.challenge(
-                cred.device_id, nonce, self.km.clock.now(), ttl=self.ttl
-            )
+        now = self.km.clock.now()
+        c = attestation.challenge(cred.device_id, nonce, now, ttl=self.ttl)
+        self.challenges.put_challenge(
+            ChallengeRecord(c.device_id, c.nonce, now, c.expires), keep=attestation.MAX_CHALLENGES_PER_DEVICE
+        )
         return w.ChallengeResponse(transfer=row.transfer_id, nonce=nonce)
 
     def evidence(self, token: bytes) -> w.Verdict:
         req = w.decode(self._from_cm(token, w.OP_EVIDENCE), w.EvidenceRequest)
         cred = self._device(req.client_certificate)
-        claimed = attestation.peek_evidence(req.evidence).device_id
-        if claimed != cred.device_id:
+        claimed = attestation.peek_evidence(req.evidence)
+        if claimed.device_id != cred.device_id:
             raise NotAuthorizedError(
-                f"device {cred.device_id} sent evidence in the name of device {claimed[:80]!r}",
+                f"device {cred.device_id} sent evidence in the name of device {claimed.device_id[:80]!r}",
                 device_id=cred.device_id,
             )
         row = self._sp2_row(cred.device_id)
@@ -245,14 +289,10 @@ class TransferDeviceHandlers:
         if isinstance(x.get("reference"), str) and isinstance(x.get("factory"), str):
             reference = attestation.Reference(cred.device_id, x["factory"], bytes.fromhex(x["reference"]))
         now = self.km.clock.now()
-        with self._lock:
-            state, verdict = attestation.verify(
-                self._challenges.get(cred.device_id), req.evidence, now, reference=reference
-            )
-            if state is None:
-                self._challenges.pop(cred.device_id, None)
-            else:
-                self._challenges[cred.device_id] = state
+        # single use: the challenge the evidence answers is taken (deleted) whatever the verdict
+        taken = self.challenges.take_challenge(cred.device_id, claimed.nonce)
+        state = attestation.Challenge(cred.device_id, taken.nonce, taken.expires_at) if taken else None
+        _spent, verdict = attestation.verify(state, req.evidence, now, reference=reference)
         if reference is not None:
             status = st.ATTESTED if verdict.ok else st.FAILED_FALLBACK
             _change(self.tables, SP2, row.transfer_id, [cred.device_id], now, status=status,

@@ -13,6 +13,7 @@ repository per record kind, each in its own module:
 :mod:`~iotdlm.store.audit_log`              the hash-chained audit log and its checkpoints
 :mod:`~iotdlm.store.provisioning`           pm's provisioning records
 :mod:`~iotdlm.store.transfer`               trust transfer: factory registry, transfers
+:mod:`~iotdlm.store.challenges`             trust transfer: SP2's attestation challenges
 ==========================================  =====================================================
 
 Each user depends only on a Protocol naming the methods it calls (``km/storage.py``,
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 from iotdlm.store.audit_log import AuditRepository
 from iotdlm.store.certificates import CertificateRepository, SerialCollisionError
+from iotdlm.store.challenges import ChallengeRepository
 from iotdlm.store.devices import DeviceRepository
 from iotdlm.store.nonces import NonceRepository
 from iotdlm.store.provisioning import ProvisioningRepository
@@ -63,5 +65,6 @@ class Store(
     AuditRepository,
     ProvisioningRepository,
     TransferRepository,
+    ChallengeRepository,
 ):
     """Persistent state of km (and pm's records, and trust transfer's). Create with :meth:`open`."""

@@ -262,3 +262,16 @@ transfer_devices = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
     Index(None, "role", "transfer_id", "status"),
 )
+
+# --- trust transfer (migration 0007): SP2's outstanding attestation challenges (the raURI), so a
+# challenge one km worker issued is answered at another, and survives a km restart.
+attestation_challenges = Table(
+    "attestation_challenges",
+    metadata,
+    Column("device_id", String(r.DEVICE_ID_LEN), primary_key=True),
+    # hex of the 16..64 random bytes
+    Column("nonce", String(128), primary_key=True),
+    Column("issued_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index(None, "expires_at"),
+)

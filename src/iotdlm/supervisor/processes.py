@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import shlex
 import signal
 import ssl
@@ -85,6 +86,51 @@ class RestartPolicy:
         return delay
 
 
+# --- what a service said last -----------------------------------------------------------------------
+
+#: the supervisor's own lines in a service's log (``--- <time> iotdlm modes: ...``)
+_NOTE = "--- "
+#: a line that names a failure: the CLI's one-line errors (``refused (code): ...``, ``error (code):
+#: ...``), a log record at ERROR or CRITICAL, the last line of a traceback (``SomeError: ...``)
+_ERROR_LINE = re.compile(
+    r"^(refused|error|warning) \(|\b(ERROR|CRITICAL)\b|^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*:|\berror:"
+)
+#: a log tail this long holds the last run's failure (a traceback included)
+TAIL_BYTES = 16 * 1024
+LAST_ERROR_MAX = 300
+
+
+def last_error_line(text: str) -> str | None:
+    """The line of a service's log that says why its last run ended: among the lines it wrote since
+    the supervisor last started it, the last one naming a failure, else the last one; ``None`` when
+    it wrote nothing. Pure; the text may be anything (a log tail cut mid-line, binary noise)."""
+    lines = text.splitlines()
+    start = 0
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(_NOTE) and " starting " in lines[i]:
+            start = i + 1
+            break
+    own = [line.strip() for line in lines[start:] if line.strip() and not line.startswith(_NOTE)]
+    own = ["".join(ch for ch in line if ch.isprintable()) for line in own]
+    own = [line for line in own if line]
+    if not own:
+        return None
+    errors_ = [line for line in own if _ERROR_LINE.search(line)]
+    line = errors_[-1] if errors_ else own[-1]
+    return line if len(line) <= LAST_ERROR_MAX else line[: LAST_ERROR_MAX - 3] + "..."
+
+
+def read_last_error(path: Path) -> str | None:
+    """:func:`last_error_line` of the end of the log at ``path`` (``None`` if it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - TAIL_BYTES))
+            tail = f.read(TAIL_BYTES)
+    except OSError:
+        return None
+    return last_error_line(tail.decode("utf-8", "replace"))
+
+
 # --- one service process --------------------------------------------------------------------------
 
 
@@ -134,6 +180,7 @@ class ServiceProcess:
         self.state = "starting"
         self.restarts = 0
         self.last_exit: int | None = None
+        self.last_error: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._started_at: float | None = None
         self._env = dict(env)
@@ -179,6 +226,7 @@ class ServiceProcess:
             uptime=uptime,
             last_exit=self.last_exit,
             log=str(self.log_path),
+            last_error=self.last_error if pid is None else None,
         )
 
     def _note(self, text: str) -> None:
@@ -209,6 +257,7 @@ class ServiceProcess:
                 except OSError as exc:
                     log.error("%s: cannot start %s: %s", self.name, self.spec.argv[0], exc)
                     self._note(f"cannot start: {exc}")
+                    self.last_error = f"cannot start {self.spec.argv[0]}: {exc}"
                 else:
                     self._proc = proc
                     self._started_at = began
@@ -223,6 +272,7 @@ class ServiceProcess:
                         await self._terminate(proc)
                         return
                     code = proc.returncode
+                    self.last_error = await asyncio.to_thread(read_last_error, self.log_path)
                 if self._stop.is_set():
                     return
                 ran = self._monotonic() - began
@@ -232,11 +282,13 @@ class ServiceProcess:
                 if delay is None:
                     self.state = "failed"
                     log.error(
-                        "%s %s; gave up after %d quick crashes in a row (see %s); `iotdlm mode set` re-arms it",
+                        "%s %s; gave up after %d quick crashes in a row (see %s); "
+                        "`iotdlm mode set --data %s MODE` re-arms it",
                         self.name,
                         how,
                         policy.quick_crashes,
                         self.log_path,
+                        self.log_path.parent.parent,
                     )
                     self._note(f"{how}; gave up after {policy.quick_crashes} quick crashes in a row")
                     return

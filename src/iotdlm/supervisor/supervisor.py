@@ -56,7 +56,9 @@ from iotdlm.modes.table import (
     parse_mode,
     services,
 )
+from iotdlm.observe.gather import MetricsListener, Target, start_listener
 from iotdlm.store import AuditEntry
+from iotdlm.supervisor.preflight import LOCK_FILE, NATS_PID_FILE
 from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
 from iotdlm.supervisor.storage import ModesStore
 from iotdlm.wire import audit as audit_fmt
@@ -66,9 +68,6 @@ from iotdlm.wire.envelope import Sealer
 log = logging.getLogger(__name__)
 
 MODE_FILE = "mode.json"
-LOCK_FILE = "modes.lock"
-#: pid of the NATS server this supervisor started (a supervisor killed hard leaves it running)
-NATS_PID_FILE = "nats/nats-server.pid"
 _BY_MAX = 128
 
 
@@ -148,6 +147,9 @@ class Supervisor:
         self._switch_lock = asyncio.Lock()
         self._stopping = False
         self._started = False
+        #: set when an operator asks the supervisor to stop (``iotdlm down``); ``iotdlm up`` waits on it
+        self.stop_requested = asyncio.Event()
+        self._metrics: MetricsListener | None = None  # the /metrics of ADR 0018
         all_specs = self._plan(START_ORDER)
         self._order = {spec.name: i for i, spec in enumerate(all_specs)}
 
@@ -163,6 +165,9 @@ class Supervisor:
     def services(self) -> dict[str, ServiceProcess]:
         """The services the current mode turned on, by name (a copy)."""
         return dict(self._services)
+
+    def _targets(self) -> list[Target]:
+        return [Target(r.name, r.module, r.pid, r.restarts) for r in self.status().services]
 
     def status(self) -> m.StatusReply:
         rows = []
@@ -238,12 +243,14 @@ class Supervisor:
                 await self._apply(mode, with_sm, by=_clean_by(by), actor=subjects.SUPERVISOR, reason="up")
             self._subs.append(await self._bus.serve(subjects.MODES_SET, self._on_set))
             self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
+            self._subs.append(await self._bus.serve(subjects.MODES_STOP, self._on_stop))
             self._subs.append(await self._bus.subscribe(subjects.events("*", MODE_ALARM), self._on_mode_alarm))
             self._subs.append(
                 await self._bus.subscribe(subjects.events("*", subjects.SIGNER_ALARM), self._on_signer_alarm)
             )
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
+            self._metrics = await start_listener(self._bus, self._targets, port=self.dep.config.metrics_port)
         except BaseException:
             await self.stop()
             raise
@@ -257,6 +264,8 @@ class Supervisor:
             with contextlib.suppress(errors.IotdlmError):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self._metrics is not None:
+            await self._metrics.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
@@ -514,6 +523,14 @@ class Supervisor:
         problem = await self.record_problem()
         return m.encode(msgspec.structs.replace(self.status(), record=problem or "verified"))
 
+    async def _on_stop(self, msg: Message) -> bytes:
+        """``iotdlm down``: answer with what stops, then let whoever runs the supervisor stop it."""
+        req = m.decode(msg.data, m.StopRequest)
+        log.warning("asked to stop by %s", _clean_by(req.by))
+        order = sorted(self._services, key=self._order.__getitem__, reverse=True)
+        self.stop_requested.set()
+        return m.encode(m.StopReply(supervisor_pid=os.getpid(), stopping=order, embedded_nats=self._nats is not None))
+
     # --- plumbing -------------------------------------------------------------------------------
     def _take_lock(self) -> None:
         path = self.dep.root / LOCK_FILE
@@ -525,8 +542,8 @@ class Supervisor:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise errors.ConflictError(
-                    f"another supervisor (pid {other}) runs for {self.dep.root}; "
-                    f"use `iotdlm mode set` / `iotdlm status --data {self.dep.root}` instead"
+                    f"another supervisor (pid {other}) runs for {self.dep.root}; use "
+                    f"`iotdlm mode set --data {self.dep.root} MODE` / `iotdlm status --data {self.dep.root}` instead"
                 ) from None
             raise
         os.ftruncate(fd, 0)
@@ -544,8 +561,8 @@ class Supervisor:
         if subjects.SUPERVISOR not in self.dep.identity_names():
             raise errors.NotFoundError(
                 f"the deployment in {self.dep.root} has no identity for the supervisor "
-                f"(modules/{subjects.SUPERVISOR}): it was created before modes existed. `iotdlm up` creates it "
-                f"when the CA passphrase is available (${PASSPHRASE_ENV})"
+                f"(modules/{subjects.SUPERVISOR}): it was created before modes existed. "
+                f"`iotdlm up --data {self.dep.root}` creates it when the CA passphrase is available (${PASSPHRASE_ENV})"
             )
 
     def _open_store(self) -> ModesStore:

@@ -10,7 +10,7 @@ Files it keeps on the device::
 
 Clients (seams): :class:`Enroller` (EST with CA2: :class:`EstEnroller` over HTTPS through cm, or
 :class:`RelayEnroller` in-process as cm relays it to km), :class:`AttestationClient`,
-:class:`UpdateClient`, :class:`FallbackClient`. Failures are classified for the machine: an
+:class:`UpdateClient`, :class:`FallbackClient`, :class:`RefusalReporter`. Failures are classified for the machine: an
 :class:`~iotdlm.errors.UnavailableError` is transient (retried up to ``max_attempts``), a
 refusal (:class:`~iotdlm.errors.RejectedError`) is permanent (fallback).
 
@@ -26,6 +26,7 @@ certificate certifies it).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ from iotdlm.pki.keys import check_public_key, load_private_key_pem
 from iotdlm.transfer import attestation, device
 from iotdlm.transfer.device import DeviceState, Phase, Step, StepResult
 from iotdlm.transfer.shell import Receipt, Sp1Service, Sp2Verifier, StaticUpdateServer, UpdateImage
+from iotdlm.wire.transfer_device import MAX_REFUSAL_DETAIL, refusal_reason
 
 WELL_KNOWN_EST = "/.well-known/est"
 
@@ -90,6 +92,14 @@ class UpdateReporter(Protocol):
 
 class FallbackClient(Protocol):
     async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None: ...
+
+
+class RefusalReporter(Protocol):
+    """Tells the device's current provider's cm that the device refused a transfer message (its
+    ``POST /transfer/refusal``): ``reason`` from :data:`iotdlm.wire.transfer_device.REFUSAL_REASONS`,
+    ``message`` the SHA-256 (hex) of the refused bytes."""
+
+    async def report_refusal(self, cm_url: str, *, reason: str, detail: str, message: str) -> None: ...
 
 
 # --- real EST through cm ------------------------------------------------------------------------------
@@ -289,9 +299,11 @@ class DeviceAgent:
         updates: UpdateClient | None = None,
         max_attempts: int = device.DEFAULT_MAX_ATTEMPTS,
         retry_delay: float = 2.0,
+        refusals: RefusalReporter | None = None,
     ) -> None:
         """``retry_delay``: seconds before the first retry of a step that failed transiently,
-        doubled at each further attempt."""
+        doubled at each further attempt. ``refusals``: where a refused transfer message is reported
+        (the cm of the device's ``enroll_uri``, its current provider); None: logged only."""
         self.dev = dev
         self.clock = clock
         self.enroller = enroller
@@ -300,6 +312,7 @@ class DeviceAgent:
         self.updates = updates
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
+        self.refusals = refusals
         self._dir = dev.path / "flash" / "transfer"
         self._lock = asyncio.Lock()
         self._saved: bytes | None = None
@@ -327,9 +340,30 @@ class DeviceAgent:
             if state.phase is not Phase.RESET:
                 refused = [e for e in self.dev.events() if e.get("event") == "transfer_refused"]
                 why = refused[-1].get("message", "refused") if refused else "refused"
+                if refused:
+                    await self._report_refusal(token, refused[-1])
                 return Receipt(self.dev.device_id, False, state.phase.value, str(why))
             final = await self._run(state, next_effect)
             return Receipt(self.dev.device_id, True, final.phase.value, final.last_outcome or "")
+
+    async def _report_refusal(self, token: bytes, event: Mapping[str, Any]) -> None:
+        """Tell the current provider's cm (its enroll_uri's) why the message was refused; a report
+        that fails is logged on the device, never retried (the refusal stands either way)."""
+        uri = self.dev.config().get("enroll_uri")
+        if self.refusals is None or not isinstance(uri, str) or not uri.startswith("https://"):
+            return
+        base = uri.rstrip("/")
+        base = base[: -len(WELL_KNOWN_EST)] if base.endswith(WELL_KNOWN_EST) else base
+        field = event.get("field")
+        reason = refusal_reason(str(event.get("code", "")), field if isinstance(field, str) else None)
+        detail = str(event.get("message", ""))[:MAX_REFUSAL_DETAIL]
+        try:
+            await self.refusals.report_refusal(
+                base, reason=reason, detail=detail, message=hashlib.sha256(token).hexdigest()
+            )
+            self.dev.log("refusal_reported", reason=reason, cm=base)
+        except IotdlmError as exc:
+            self.dev.log("refusal_report_failed", reason=reason, code=exc.code, message=exc.message[:200])
 
     async def resume(self) -> DeviceState:
         """After a restart: carry on with a transfer that was running (or a fallback to report)."""
@@ -530,6 +564,7 @@ __all__ = [
     "LocalAttestation",
     "LocalFallback",
     "LocalUpdates",
+    "RefusalReporter",
     "RelayEnroller",
     "UpdateClient",
     "UpdateReporter",

@@ -12,8 +12,9 @@ device's factory certificate), payload::
 
     Evidence = { 1: nonce bstr (16..64), 2: device-id tstr, 3: measurement bstr .size 32 }
 
-The verifier keeps one outstanding nonce per device (single use, short-lived): the state per
-device is :class:`Challenge`, so a fleet of any size is one small record per device.
+The verifier keeps a few outstanding nonces per device (single use, short-lived, at most
+:data:`MAX_CHALLENGES_PER_DEVICE`): each is a :class:`Challenge`, kept in the store by km
+(:mod:`iotdlm.store.challenges`), so any km worker judges the answer, across a restart too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ TYP_EVIDENCE = "application/iotdlm-attestation-evidence+cose"
 NONCE, DEVICE, MEASUREMENT = 1, 2, 3
 MAX_EVIDENCE_BYTES = 16 * 1024
 DEFAULT_TTL = dt.timedelta(minutes=5)
+#: challenges a device may have outstanding at once (the newest; a retried request does not void
+#: the answer to the one before it)
+MAX_CHALLENGES_PER_DEVICE = 4
 
 
 def measure(image: bytes) -> bytes:

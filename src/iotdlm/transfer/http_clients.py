@@ -29,6 +29,7 @@ from iotdlm.transfer import attestation
 from iotdlm.transfer.shell import UpdateImage
 
 MESSAGE_PATH = "/transfer/message"
+REFUSAL_PATH = "/transfer/refusal"
 MAX_RESPONSE_BYTES = 64 * 1024
 TRANSFER_HEADER = "Iotdlm-Transfer"
 
@@ -99,6 +100,12 @@ class TransferHttps:
         the client certificate; ``device_id`` is not sent)."""
         body = json.dumps({"transfer": transfer_id, "reason": reason[:500] or "unspecified"}).encode()
         await self._ok("POST", fallback_uri, "reporting the fallback", body=body, content_type="application/json")
+
+    async def report_refusal(self, cm_url: str, *, reason: str, detail: str, message: str) -> None:
+        """RefusalReporter: tell the provider's cm at ``cm_url`` the device refused a transfer message."""
+        body = json.dumps({"reason": reason, "detail": detail[:200], "message": message}).encode()
+        url = cm_url.rstrip("/") + REFUSAL_PATH
+        await self._ok("POST", url, "reporting a refused transfer message", body=body, content_type="application/json")
 
     # --- SP2: the raURI ---------------------------------------------------------------------------
     async def challenge(self, ra_uri: str, device_id: str) -> bytes:
@@ -185,6 +192,10 @@ class DeviceHttps:
     async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
         async with self._client("sp1") as c:
             await c.report(fallback_uri, transfer_id=transfer_id, device_id=device_id, reason=reason)
+
+    async def report_refusal(self, cm_url: str, *, reason: str, detail: str, message: str) -> None:
+        async with self._client("sp1") as c:
+            await c.report_refusal(cm_url, reason=reason, detail=detail, message=message)
 
     async def challenge(self, ra_uri: str, device_id: str) -> bytes:
         async with self._client("factory") as c:

@@ -8,7 +8,9 @@ that fell back may be sent a new transfer message (failed-fallback -> pending / 
 
 from __future__ import annotations
 
-from typing import Final
+import json
+from collections.abc import Mapping
+from typing import Any, Final
 
 from iotdlm.errors import ConflictError
 
@@ -50,3 +52,33 @@ def advance(current: str, new: str, *, device_id: str | None = None) -> str:
 
 def can_advance(current: str, new: str) -> bool:
     return current == new or new in _NEXT.get(current, frozenset())
+
+
+#: refusals a provider keeps in a device's row (the newest; every one is in the audit log)
+KEEP_REFUSALS: Final = 5
+
+
+def with_refusal(detail: Mapping[str, Any], *, reason: str, text: str, at: str, message: str) -> dict[str, Any]:
+    """A device row's detail after the device reported refusing a transfer message: the newest
+    :data:`KEEP_REFUSALS` under ``refusals``, and how many in all under ``refused``. The status
+    does not change (the device stays where it was: a refused message moves nothing)."""
+    out = dict(detail)
+    kept = [r for r in out.get("refusals", []) if isinstance(r, dict)] if isinstance(out.get("refusals"), list) else []
+    kept.append({"reason": reason, "detail": text, "at": at, "message": message})
+    out["refusals"] = kept[-KEEP_REFUSALS:]
+    count = out.get("refused")
+    out["refused"] = (count if isinstance(count, int) and count >= 0 else 0) + 1
+    return out
+
+
+def last_refusal(detail_json: str) -> str:
+    """``reason: detail`` of the newest refusal in a row's detail (JSON), or ``""``."""
+    try:
+        detail = json.loads(detail_json)
+    except ValueError:
+        return ""
+    kept = detail.get("refusals") if isinstance(detail, dict) else None
+    if not isinstance(kept, list) or not kept or not isinstance(kept[-1], dict):
+        return ""
+    last = kept[-1]
+    return f"{last.get('reason', '?')}: {last.get('detail', '')}".rstrip(": ")

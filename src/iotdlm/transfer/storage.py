@@ -1,7 +1,8 @@
 """What the trust-transfer shell needs from the store (as step-ca's ``db.AuthDB``): each provider's
-transfers and per-device rows, the certificates the devices hold, bulk revocation at CA1, and the
-audit log. :class:`iotdlm.store.Store` implements every Protocol here (mypy checks it below); the
-pure state machines (:mod:`~iotdlm.transfer.sp1`, :mod:`~iotdlm.transfer.sp2`) need none of it.
+transfers and per-device rows, the certificates the devices hold, bulk revocation at CA1, the
+outstanding attestation challenges, and the audit log. :class:`iotdlm.store.Store` implements
+every Protocol here (mypy checks it below); the pure state machines (:mod:`~iotdlm.transfer.sp1`,
+:mod:`~iotdlm.transfer.sp2`) need none of it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from iotdlm.store.challenges import ChallengeRecord
 from iotdlm.store.records import AuditEntry, AuditRecord, CertRecord
 from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord
 
@@ -64,7 +66,15 @@ class TransferStore(TransferDevicesStore, HeldCertificatesStore, Protocol):
     def append_audit(self, entries: Sequence[AuditEntry]) -> list[AuditRecord]: ...
 
 
+class ChallengeStore(Protocol):
+    """SP2's outstanding attestation challenges (the raURI's verifier), shared by km's workers."""
+
+    def put_challenge(self, rec: ChallengeRecord, *, keep: int) -> None: ...
+
+    def take_challenge(self, device_id: str, nonce: bytes) -> ChallengeRecord | None: ...
+
+
 if TYPE_CHECKING:
 
-    def _store_serves_transfer(store: Store) -> tuple[TransferStore, BulkRevocationStore]:
-        return store, store
+    def _store_serves_transfer(store: Store) -> tuple[TransferStore, BulkRevocationStore, ChallengeStore]:
+        return store, store, store

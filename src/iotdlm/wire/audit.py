@@ -34,9 +34,12 @@ CHECKPOINT = "checkpoint"
 REGISTRATION = "registration"
 #: pm halted (Algorithm 1 failed: sig_sm, the repository metadata or the image) or an operator cleared it
 ALARM = "alarm"
+#: a device refused a trust-transfer message and told its provider (cm's POST /transfer/refusal)
+DEVICE_REFUSAL = "device_refusal"
 KINDS = frozenset(
-    {ISSUANCE, REVOCATION, DECOMMISSION, CRL, MODE_SWITCH, LOGIN, REFUSED, CHECKPOINT, ALARM, REGISTRATION}
-)
+    {ISSUANCE, REVOCATION, DECOMMISSION, CRL, MODE_SWITCH, LOGIN, REFUSED, CHECKPOINT, ALARM, REGISTRATION,
+     DEVICE_REFUSAL}
+)  # fmt: skip
 
 
 def canonical_data(data: dict[str, Any]) -> str:

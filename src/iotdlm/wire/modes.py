@@ -5,6 +5,7 @@ and its answer, the status. Pure.
 - :class:`SavedMode` -- ``DIR/mode.json``, so ``iotdlm up`` without ``--mode`` resumes the last mode
 - :class:`SetRequest` / :class:`SetReply` -- ``iotdlm.v1.modes.set``
 - :class:`StatusReply` -- ``iotdlm.v1.modes.status`` (the request body is empty)
+- :class:`StopRequest` / :class:`StopReply` -- ``iotdlm.v1.modes.stop`` (``iotdlm down``)
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class ServiceHealth(msgspec.Struct, frozen=True):
     #: exit status of the last process that ended on its own (negative: killed by that signal)
     last_exit: int | None
     log: str
+    #: the last meaningful line the last process that ended wrote to its log (its error, usually)
+    last_error: str | None = None
 
 
 class StatusReply(msgspec.Struct, frozen=True):
@@ -108,6 +111,19 @@ class StatusReply(msgspec.Struct, frozen=True):
     #: whether the mode record in the bucket verifies as the supervisor's and matches its mode:
     #: ``verified``, or why not (issue 11)
     record: str = "verified"
+
+
+class StopRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: the operator asking (informational: only the admin identity may send this request at all)
+    by: str = "admin"
+
+
+class StopReply(msgspec.Struct, frozen=True):
+    supervisor_pid: int
+    #: the services it is stopping (in this order), NATS after them
+    stopping: list[str] = []
+    #: whether it runs the NATS server itself (and stops it last)
+    embedded_nats: bool = True
 
 
 _S = TypeVar("_S", bound=msgspec.Struct)

@@ -21,13 +21,49 @@ OP_CHALLENGE = "km.transfer.challenge"
 OP_EVIDENCE = "km.transfer.evidence"
 OP_UPDATE = "km.transfer.update"
 OP_UPDATED = "km.transfer.updated"
-OPERATIONS = (OP_MESSAGE, OP_FALLBACK, OP_CHALLENGE, OP_EVIDENCE, OP_UPDATE, OP_UPDATED)
+OP_REFUSAL = "km.transfer.refusal"
+OPERATIONS = (OP_MESSAGE, OP_FALLBACK, OP_CHALLENGE, OP_EVIDENCE, OP_UPDATE, OP_UPDATED, OP_REFUSAL)
 
 #: longest fallback reason kept (a device's words, shown to SP1's operator)
 MAX_REASON = 500
 #: longest transfer id (hex SHA-256)
 MAX_TRANSFER_ID = 64
 MAX_DEVICE_ID = 255
+
+#: why a device refused a transfer message (a closed list: the device's own words go in the
+#: report's ``detail``). The device derives it from the check that failed (:func:`refusal_reason`).
+REFUSAL_REASONS = (
+    "replayed",  # its cti was seen: the message was received before
+    "expired",  # the CWT's exp is past
+    "not-yet-valid",  # nbf or iat in the future
+    "outside-reset-window",  # now is outside ResetTimeNotBefore..ResetTimeNotAfter
+    "altered",  # the signature does not verify over the bytes received
+    "wrong-signer",  # not a transfer identity the device's truststore vouches for (or a retired one)
+    "wrong-device",  # aud names another device
+    "bad-anchors",  # the trust anchors it names are not CA certificates
+    "busy",  # a transfer is already running on the device
+    "malformed",  # not a transfer message (CBOR, COSE, claims)
+    "other",
+)
+#: longest detail kept from a refusal report
+MAX_REFUSAL_DETAIL = 200
+
+
+def refusal_reason(code: str, field: str | None) -> str:
+    """The :data:`REFUSAL_REASONS` entry of a refusal, from its error ``code`` and ``field`` (as
+    :func:`iotdlm.transfer.messages.rejected_summary` gives them)."""
+    if code == "replay":
+        by_field = {"cti": "replayed", "exp": "expired", "nbf": "not-yet-valid", "iat": "not-yet-valid"}
+        return by_field.get(field or "", "outside-reset-window" if field == "ResetTimeNotBefore" else "replayed")
+    if code == "bad_signature":
+        return "altered"
+    if code in ("untrusted", "revoked_signer"):
+        return {"aud": "wrong-device", "trustAnchors": "bad-anchors"}.get(field or "", "wrong-signer")
+    if code == "conflict":
+        return "busy"
+    if code in ("bad_request", "too_large", "unsupported"):
+        return "malformed"
+    return "other"
 
 
 class MessageRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -92,6 +128,16 @@ class UpdatedRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     version: str
 
 
+class RefusalRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """POST /transfer/refusal: the device refused a transfer message (it stays with SP1).
+    ``message``: SHA-256 (hex) of the refused bytes, empty when the device did not keep them."""
+
+    client_certificate: bytes
+    reason: str
+    detail: str
+    message: str = ""
+
+
 class Done(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transfer: str
     device: str
@@ -111,8 +157,10 @@ __all__ = [
     "OP_EVIDENCE",
     "OP_FALLBACK",
     "OP_MESSAGE",
+    "OP_REFUSAL",
     "OP_UPDATE",
     "OP_UPDATED",
+    "REFUSAL_REASONS",
     "ChallengeRequest",
     "ChallengeResponse",
     "Done",
@@ -120,10 +168,12 @@ __all__ = [
     "FallbackRequest",
     "MessageRequest",
     "MessageResponse",
+    "RefusalRequest",
     "UpdateRequest",
     "UpdateResponse",
     "UpdatedRequest",
     "Verdict",
     "decode",
     "encode",
+    "refusal_reason",
 ]
