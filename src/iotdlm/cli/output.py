@@ -44,7 +44,7 @@ def parse_serial(text: str) -> int:
     if not _HEX.fullmatch(body):
         shown = raw if len(raw) <= 80 else raw[:77] + "..."
         raise BadRequestError(
-            f"{shown!r} is not hexadecimal, so not a certificate serial: give it as `iotdlm ca list` prints "
+            f"{shown!r} is not a certificate serial (not hexadecimal): give it as `iotdlm ca list` prints "
             "it (colons between bytes, a 0x prefix and upper case are fine, e.g. 67:FD:15:F3 as "
             "`openssl x509 -text` prints it)",
             field="serial",
