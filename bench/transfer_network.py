@@ -29,20 +29,24 @@ import argparse
 import asyncio
 import base64
 import cProfile
+import dataclasses
 import io
 import json
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import fleet_profile
 from common import REPO, Headline, emit, log, machine_info, md_table, ms, parse_args, raw_cert_rate
 from transfer import verify_costs
 
 sys.path.insert(0, str(REPO))  # the scenario's two-deployment setup lives with the tests
 
+import tests.scenarios.test_transfer_network as scenario
 from tests.integration.test_cm import ShiftClock
 from tests.scenarios.test_transfer_network import (
     FIRMWARE,
@@ -53,15 +57,24 @@ from tests.scenarios.test_transfer_network import (
     open_side,
 )
 
-from iotdlm.cli.fleet import drive, ready_devices, runner_for
+from iotdlm.cli.fleet import ready_devices
+from iotdlm.cli.fleet_workers import FleetPlan, default_workers, run_devices
 from iotdlm.clock import SystemClock
+from iotdlm.cm.config import Limits
 from iotdlm.deployment import PASSPHRASE_ENV
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.transfer import status as st
-from iotdlm.transfer.agent import DeviceAgent
+
+#: cm with its default limits: the scenario's short test limits (keep-alive 0.5 s, TLS handshake
+#: 2 s) close the devices' kept-open connections and refuse handshakes queued behind a busy loop
+scenario.LIMITS = Limits()
+#: where ``--profile`` leaves the cProfile files (servers.prof, devices.prof) for pstats/snakeviz
+PROFILE_OUT = Path(tempfile.gettempdir())
 
 
-async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, list[Headline]]:
+async def run(
+    tmp: Path, fleet_dir: Path, n: int, *, attest: bool, profile: bool, workers: int, spy_on: bool
+) -> tuple[str, list[Headline]]:
     os.environ[PASSPHRASE_ENV] = PW
     clock, real = ShiftClock(), SystemClock()
     async with (
@@ -77,16 +90,13 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
 
         # --- setup, not timed: the fleet manufactured and enrolled with CA1 over EST (fleet run) ----------
         t0 = time.perf_counter()
-        paths = [tmp / "fleet" / f"sim-{i:05d}" for i in range(n)]
+        paths = [fleet_dir / f"sim-{i:05d}" for i in range(n)]
         devices = await asyncio.to_thread(ready_devices, paths, dtype="sensor", data=sp1.dep.root, cm=sp1.url,
                                           clock=real)  # fmt: skip
         for dev in devices:
             dev.write_image("slot-a", fw, {"version": "4.1"})
-        runners = [runner_for(d, real, renew_at=2 / 3, timeout=120.0) for d in devices]
-        for r in runners:
-            assert isinstance(r.transfers, DeviceAgent)
-            r.transfers.retry_delay = 0.2
-        summary = await drive(runners, once=True, interval=1.0, progress=False)
+        plan = FleetPlan(renew_at=2 / 3, timeout=120.0, once=True, interval=1.0, retry_delay=0.2)
+        summary = await run_devices(paths, plan, workers=workers, progress=False)
         if summary.counts != {"enrolled": n}:
             raise RuntimeError(f"setup: not every device enrolled with CA1: {summary.counts}")
         setup = time.perf_counter() - t0
@@ -96,6 +106,7 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
         fleet_file.write_text("\n".join(ids) + "\n")
 
         phases: list[tuple[str, float]] = []
+        spy_table = ""
 
         def mark(name: str, since: float) -> float:
             now = time.perf_counter()
@@ -103,7 +114,7 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
             log(f"{name}: {now - since:.2f}s")
             return now
 
-        start = t = time.perf_counter()
+        t = time.perf_counter()
         said = await cli(
             "transfer", "export", "--data", str(sp1.dep.root), "--peer-id", SP2_ID, "--peer-cert", str(sp2_cert),
             "--devices-file", str(fleet_file), "--reference", str(fw), "--serve",
@@ -120,16 +131,37 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
         prof = cProfile.Profile() if profile else None
         if prof is not None:
             prof.enable()
-        summary = await drive(runners, once=True, interval=1.0, progress=False)
+        spy = fleet_profile.spy_start(tmp / "spy.txt") if spy_on else None
+        t = time.perf_counter()  # (py-spy attached: not part of the pass)
+        cpu0 = _cpu_seconds()
+        if profile:
+            (tmp / "prof").mkdir()
+            plan = dataclasses.replace(plan, profile_dir=tmp / "prof")
+        summary = await run_devices(paths, plan, workers=workers, progress=False)
+        worker_profiles = sorted((tmp / "prof").glob("*.prof")) if profile else []
+        if worker_profiles:
+            pstats.Stats(*map(str, worker_profiles)).dump_stats(str(PROFILE_OUT / "devices.prof"))
+        cpu_parent, cpu_workers = (b - a for a, b in zip(cpu0, _cpu_seconds(), strict=True))
+        t_end = time.perf_counter()
+        pass_seconds = t_end - t
+        if spy is not None:
+            fleet_profile.spy_stop(spy)
+            spy_table = fleet_profile.breakdown(tmp / "spy.txt", n, pass_seconds)
         if prof is not None:
             prof.disable()
         committed = summary.counts.get("transfer-committed", 0)
+        for device_id, report in sorted(summary.devices.items()):
+            for e in report.errors:
+                log(f"device {device_id}: {e}")
         what = "attest at SP2's raURI, " if attest else ""
-        t = mark(f"devices (HTTPS, 32 at once): fetch + verify, reset, {what}re-enroll with CA2 (new key), commit", t)
+        where = f"{workers} worker processes" if workers > 1 else "in the servers' process"
+        steps = f"fetch + verify, reset, {what}re-enroll with CA2 (new key), commit"
+        mark(f"devices (HTTPS, {where}, 32 at once each): {steps}", t + (time.perf_counter() - t_end))
+        t = time.perf_counter()
         said = await cli("transfer", "confirm", "--data", str(sp2.dep.root), "--transfer", tid, "--send", sp1.url,
                          "--cacert", str(sp1_root))  # fmt: skip
         t = mark("SP2 `confirm --send`; CA1 revokes the old operational certificates", t)
-        total = t - start
+        total = sum(sec for _name, sec in phases)
         rows = sp1.store.get_transfer_devices("sp1", tid, ids)
         revoked = sum(1 for r in rows.values() if r.status == st.REVOKED_AT_CA1)
         kept = json.loads(rows[ids[0]].detail)
@@ -143,15 +175,16 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
         verify_table = verify_costs(dev_msg, ids[0], [sp1.dep.ca_certificate("root"), *sp1.identity.chain], iterations)
     cert_rates = sorted(raw_cert_rate(0.5) for _ in range(3))
     cert_ms = 1.0 / cert_rates[1]
+    tls_ms = sorted(fleet_profile.raw_tls_handshake_ms(100) for _ in range(3))[1] / 1000
     verify_ms = _cose_median(verify_table)
 
     table_rows = []
     for name, sec in phases:
         per = sec / n
         extra = ""
-        if name.startswith("devices"):
-            extra = (
-                f"{per / cert_ms:.0f}x a raw cert sign; {per / verify_ms:.0f}x a raw CWT verify" if verify_ms else ""
+        if name.startswith("devices ("):
+            extra = f"{per / cert_ms:.0f}x a raw cert sign; {per / tls_ms:.1f}x a raw mutual-TLS handshake" + (
+                f"; {per / verify_ms:.0f}x a raw CWT verify" if verify_ms else ""
             )
         table_rows.append([name, f"{sec:.2f}", f"{per * 1000:.2f}", extra])
     table_rows.append([f"**total, {n} devices**", f"**{total:.1f}**", f"{total / n * 1000:.2f}",
@@ -159,14 +192,21 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
     table = md_table(["phase", "seconds", "ms per device", "per device / raw library (same run)"], table_rows)
     table += (
         f"\n\nRaw library, same run: `CertificateBuilder.sign` (km-like certificate, one thread) "
-        f"{ms(cert_ms)} ms ({cert_rates[1]:,.0f}/s, median of 3); COSE_Sign1 verify of a per-device message "
+        f"{ms(cert_ms)} ms ({cert_rates[1]:,.0f}/s, median of 3); a mutual-TLS handshake (P-256, TLS 1.3, both "
+        f"ends in memory, bench/fleet_profile.py) {tls_ms * 1000:.2f} ms; COSE_Sign1 verify of a per-device message "
         f"{verify_ms * 1000:.2f} ms (table below). Setup (not in the total): {n} devices manufactured and "
         f"enrolled with CA1 over EST in {setup:.1f} s. Committed at CA2: {committed}/{n}; revoked-at-CA1 at SP1: "
-        f"{revoked}/{n}. Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}."
+        f"{revoked}/{n}. CPU during the devices' pass: servers' process (both km, both cm) {cpu_parent:.1f} s "
+        f"({cpu_parent / n * 1000:.1f} ms per device), device workers {cpu_workers:.1f} s "
+        f"({cpu_workers / n * 1000:.1f} ms per device). "
+        f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}."
     )
     if verify_table:
         table += "\n\n" + verify_table
+    if spy_table:
+        table += "\n\nWhere the CPU of the devices' pass goes:\n\n" + spy_table
     if prof is not None:
+        prof.dump_stats(str(PROFILE_OUT / "servers.prof"))
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(25)
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
@@ -185,6 +225,19 @@ async def run(tmp: Path, n: int, *, attest: bool, profile: bool) -> tuple[str, l
     return table, head
 
 
+def _flash_root() -> str | None:
+    """Each simulated device's flash in memory where the machine has /dev/shm (it is not this
+    machine's disk); the providers' stores stay on disk."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of this process, of its children waited for) so far; the worker processes are
+    children (the nats-servers are too, but they run until the end)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def _cose_median(verify_table: str) -> float:
     """The median seconds of the COSE-signature-only row of :func:`transfer.verify_costs`'s table."""
     for line in verify_table.splitlines():
@@ -196,8 +249,14 @@ def _cose_median(verify_table: str) -> float:
 async def main(args: argparse.Namespace) -> None:
     n = args.devices or (200 if args.quick else 10_000)
     info = machine_info()
-    with tempfile.TemporaryDirectory(prefix="iotdlm-bench-xfer-net-") as d:
-        table, heads = await run(Path(d), n, attest=not args.no_attest, profile=args.profile)
+    workers = args.workers if args.workers is not None else default_workers(n)
+    shm = _flash_root()
+    with (
+        tempfile.TemporaryDirectory(prefix="iotdlm-bench-xfer-net-") as d,
+        tempfile.TemporaryDirectory(prefix="iotdlm-bench-fleet-", dir=shm) as f,
+    ):
+        table, heads = await run(Path(d), Path(f), n, attest=not args.no_attest, profile=args.profile,
+                                 workers=workers, spy_on=args.spy)  # fmt: skip
     machine = ", ".join(f"{k}: {v}" for k, v in info.items())
     section = "\n\n".join(
         [
@@ -213,6 +272,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=None, help="fleet size (default 10000, 200 with --quick)")
     p.add_argument("--no-attest", action="store_true", help="no remote attestation (accept without --ra-uri)")
     p.add_argument("--profile", action="store_true", help="cProfile the device phase (slower)")
+    p.add_argument("--spy", action="store_true", help="py-spy every process during the devices' pass")
+    p.add_argument("--workers", type=int, default=None, help="device worker processes (default: fleet run's)")
 
 
 if __name__ == "__main__":

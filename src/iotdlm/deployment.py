@@ -506,6 +506,7 @@ def init_deployment(
     nats_tls: bool = False,
     cm_names: Sequence[str] = (),
     enterprise_number: int = DEFAULT_ENTERPRISE_NUMBER,
+    metrics_port: int = DEFAULT_METRICS_PORT,
     now: dt.datetime,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Deployment, list[pki_ca.IssuingCA]]:
@@ -525,6 +526,7 @@ def init_deployment(
         enterprise_number=enterprise_number,
         database_url=database_url,
         nats=NatsSettings(port=nats_port, tls=nats_tls),
+        metrics_port=metrics_port,
     )
     config.validate()
     cm_https.https_names(public_url, cm_names)  # cm's HTTPS names, refused before anything is made

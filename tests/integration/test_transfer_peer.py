@@ -32,6 +32,7 @@ from iotdlm.cli.km import transfer_peer_routes
 from iotdlm.cli.transfer import transfer
 from iotdlm.client.km import KmClient
 from iotdlm.cm import CmConfig, CmService
+from iotdlm.cm.config import Limits
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError, UntrustedError
@@ -48,6 +49,7 @@ from iotdlm.transfer.identity import TransferIdentity, TransferSettings, create_
 from iotdlm.transfer.messages import VersionInfo
 from iotdlm.transfer.peer_client import PeerClient
 from iotdlm.transfer.peer_handlers import publish_update_info
+from iotdlm.transfer.peer_parts import PeerLimits
 from iotdlm.transfer.shell import Sp1Service, Sp2Service
 from iotdlm.wire import audit as fmt
 from tests.fixtures_nats import RunningNats, start_nats
@@ -91,7 +93,14 @@ class Side:
 
 
 @contextlib.asynccontextmanager
-async def open_side(tmp: Path, org: str, provider_id: str, clock: ShiftClock) -> AsyncIterator[Side]:
+async def open_side(
+    tmp: Path,
+    org: str,
+    provider_id: str,
+    clock: ShiftClock,
+    limits: PeerLimits | None = None,
+    cm_limits: Limits = LIMITS,
+) -> AsyncIterator[Side]:
     made, _ = init_deployment(
         tmp / "d", organization=org, algorithm=Algorithm.P256, dtypes=[DTYPE], passphrase=PW, now=clock.now(),
         public_url="http://127.0.0.1:8080",
@@ -112,12 +121,12 @@ async def open_side(tmp: Path, org: str, provider_id: str, clock: ShiftClock) ->
     kmcore = build_km(dep, store, clock, passphrase=PW)
     km_bus = await nats.connect("km")
     km = KmService(
-        kmcore, km_bus, identity=km_identity(dep), extra_routes=transfer_peer_routes(dep, store, kmcore, km_bus)
+        kmcore, km_bus, identity=km_identity(dep), extra_routes=transfer_peer_routes(dep, store, kmcore, km_bus, limits)
     )
     await km.start()
     modes_bus = await nats.connect("modes")
     await set_mode(modes_bus, "certificate-management", dep)
-    cm = await CmService.from_deployment(dep, CmConfig(https_port=0, http_port=None, limits=LIMITS), clock=clock)
+    cm = await CmService.from_deployment(dep, CmConfig(https_port=0, http_port=None, limits=cm_limits), clock=clock)
     await cm.start()
     assert isinstance(cm.app.mode, ModeGuard)
     await cm.app.mode.wait_for("certificate-management")

@@ -349,6 +349,6 @@ def test_status_watch_without_a_supervisor_says_what_to_do(tmp_path: Path) -> No
         check=False,
     )
     assert r.returncode == 3, r.stdout + r.stderr
-    assert "no supervisor answers" in r.stderr
-    assert "iotdlm up" in r.stderr
+    assert "no supervisor runs" in r.stderr
+    assert "iotdlm up --data" in r.stderr
     assert "Traceback" not in r.stdout + r.stderr

@@ -140,3 +140,28 @@ def test_every_production_km_client_verifies_replies() -> None:
                     calls.append((path.relative_to(root), node.lineno, any(k.arg == "trust" for k in node.keywords)))
     assert len(calls) >= 7
     assert [c for c in calls if not c[2]] == []
+
+
+async def test_a_km_reply_over_the_envelope_limit_is_too_large_not_untrusted() -> None:
+    """Issue 13: a km reply over the 4 MiB envelope was 'km reply is not valid' (a 403 at cm); it is
+    km saying too much at once, a 413 in words. The reply here is a real one, signed by km."""
+    from iotdlm.bus import subjects as s
+    from iotdlm.bus.memory import MemoryHub
+    from iotdlm.client.km import KmClient
+    from iotdlm.clock import FixedClock
+    from iotdlm.errors import TooLargeError
+    from iotdlm.wire import envelope
+
+    hub = MemoryHub(permissions=None, max_payload=16 * 2**20)
+    subject = s.KM_TRANSFER_PEER_UPDATE_INFO
+    big = json.dumps({"body": "A" * envelope.MAX_ENVELOPE_BYTES}).encode()
+
+    async def answer(m):  # type: ignore[no-untyped-def]
+        return KM.sealer.seal_reply(subject, m.data, big if m.data == b"big" else b"{}", error=False, now=NOW)
+
+    await hub.bus("km").serve(subject, answer)
+    client = KmClient(hub.bus("cm"), CM.sealer, FixedClock(NOW), trust=TRUST)
+    assert await client.transfer_peer(subject, b"small") == b"{}"
+    with pytest.raises(TooLargeError, match=r"km's reply on .* is 5\.3 MB; the limit is 4\.0 MB") as caught:
+        await client.transfer_peer(subject, b"big")
+    assert "not valid" not in caught.value.message

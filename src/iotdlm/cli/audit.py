@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 from rich.markup import escape
-from rich.table import Table
 
 from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.cli.output import Column, iso_utc, json_option, print_json, print_table
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, IotdlmError
@@ -31,9 +31,12 @@ def audit_group() -> None:
 @click.option("--actor", default=None)
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--offset", type=int, default=0, show_default=True)
+@json_option
 @handle_errors
-def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offset: int) -> None:
+def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offset: int, as_json: bool) -> None:
     """List audit records, newest first."""
+    import json
+
     from iotdlm.runtime import open_store
 
     store = open_store(Deployment.load(data))
@@ -42,13 +45,40 @@ def audit_list(data: Path, kind: str | None, actor: str | None, limit: int, offs
         total = store.count_audit()
     finally:
         store.close()
-    table = Table("seq", "at", "kind", "actor", "subject", "details")
-    for r in recs:
-        table.add_row(
-            str(r.seq), r.at.isoformat(timespec="seconds"), r.kind, r.actor, r.subject or "-", r.data_json[:80]
-        )
-    console.print(table)
+    if as_json:
+        records = [
+            {"seq": r.seq, "at": iso_utc(r.at), "kind": r.kind, "actor": r.actor, "subject": r.subject,
+             "details": json.loads(r.data_json), "hash": r.hash}
+            for r in recs
+        ]  # fmt: skip
+        print_json({"records": records, "total": total, "offset": offset})
+        return
+    columns = (
+        Column("seq", whole=True),
+        Column("at (UTC)", whole=True),
+        Column("kind / actor", min=12),
+        Column("subject", whole=True),
+        Column("details", drop=1, min=16),
+    )
+    rows = [
+        [str(r.seq), (iso_utc(r.at) or "").replace("T", "\n").rstrip("Z"), escape(f"{r.kind}\n{r.actor}"),
+         escape(_subject_cell(r.subject)), escape(_short(r.data_json, 160))]
+        for r in recs
+    ]  # fmt: skip
+    print_table(console, columns, rows)
     console.print(f"{len(recs)} of {total} records shown")
+
+
+def _subject_cell(subject: str | None) -> str:
+    """A subject such as ``operational:<serial>`` on two lines, so the serial is printed whole."""
+    if subject is None:
+        return "-"
+    head, sep, tail = subject.partition(":")
+    return f"{head}{sep}\n{tail}" if sep and len(subject) > 30 else subject
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 @audit_group.command("verify")

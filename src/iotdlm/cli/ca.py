@@ -12,17 +12,34 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from iotdlm.cli.common import console, data_option, handle_errors
+from iotdlm.cli.common import EXIT_ERROR, console, data_option, err_console, handle_errors
 from iotdlm.cli.lazy import Lazy, LazyGroup
-from iotdlm.cli.revoke import REASONS_HELP, is_hex, print_revoked, revoke
+from iotdlm.cli.output import (
+    Column,
+    check_out_dir,
+    check_out_file,
+    iso_utc,
+    json_option,
+    parse_serial,
+    print_json,
+    print_table,
+    serial_hex,
+    write_after_work,
+)
+from iotdlm.cli.revoke import REASONS_HELP, print_revoked, revoke
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, ConflictError, IotdlmError, NotFoundError, RejectedError
+from iotdlm.pki.ca import crl_partition
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.wire import km as msg
 
 if TYPE_CHECKING:
-    from iotdlm.store import Store
+    from cryptography import x509
+
+    from iotdlm.km import Km
+    from iotdlm.km.ra import ModulePrincipal
+    from iotdlm.store import CertRecord, Store
 
 
 @click.group(
@@ -85,68 +102,113 @@ def ca_issue(
     not carry (subject attributes, SANs, extensions) is printed as "dropped from the request".
     """
     from iotdlm.km.ra import ModulePrincipal
+    from iotdlm.pki.ca import fingerprint
     from iotdlm.runtime import build_km, open_store
 
     if sum(x is not None for x in (csr, crmf, csr_dir)) != 1:
         raise BadRequestError("give exactly one of --csr, --crmf or --csr-dir")
     if csr_dir is None and not device_id:
         raise BadRequestError("--device-id is required with --csr or --crmf")
+    if csr_dir is not None:  # checked before anything is issued
+        check_out_dir(out)
+    else:
+        check_out_file(out)
     jobs = _issue_jobs(csr, crmf, csr_dir, profile, device_id)
     dep = Deployment.load(data)
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
-    admin = dep.identity("admin")
-    from iotdlm.pki.ca import fingerprint
-
-    principal = ModulePrincipal("admin", None, fingerprint(admin.certificate))
+    issue = _Issuer(store, kmcore, ModulePrincipal("admin", None, fingerprint(dep.identity("admin").certificate)))
     if csr_dir is not None:
         out.mkdir(parents=True, exist_ok=True)
-    table = Table("device", "serial", "not after", "file")
-    failures, skipped, notes = 0, 0, []
-    with _progress() as progress:
-        task = progress.add_task("issuing", total=len(jobs))
-        for dev, src, item in jobs:
-            try:
-                holder = None if force else _valid_certificate(store, dev, profile, kmcore.clock.now())
-                if holder is not None:
-                    if csr_dir is None:
-                        raise ConflictError(
-                            f"device {dev} already holds a valid {profile} certificate (serial {holder}); "
-                            "give --force to issue another",
-                            device_id=dev,
-                        )
-                    skipped += 1
-                    table.add_row(dev, "[yellow]skipped[/yellow]", f"holds valid {profile} certificate {holder}", "")
-                    progress.advance(task)
-                    continue
-                grant, rec, left_out = kmcore.prepare(principal, item, "issue")
-                if dtype:
-                    grant = dataclasses.replace(grant, dtype=dtype)
-                (rec,) = kmcore.commit([(grant, rec)])
-                target = out / f"{dev}.pem" if csr_dir is not None else out
-                target.write_bytes(certs_to_pem([load_certificate(rec.der)]))
-                table.add_row(dev, format(rec.serial, "x"), rec.not_after.isoformat(), str(target))
-                if left_out:
-                    notes.append(f"{dev}: dropped from the request: {'; '.join(left_out)}")
-            except IotdlmError as exc:
-                if csr_dir is None:
-                    if isinstance(exc, RejectedError) and exc.field in ("csr", "crmf"):
-                        raise type(exc)(f"{src.name}: {exc.message}", field=exc.field, device_id=exc.device_id) from exc
-                    raise
-                failures += 1
-                table.add_row(dev, f"[red]{exc.code}[/red]", f"{src.name}: {exc.message}", "")
-            progress.advance(task)
-    store.close()
-    console.print(table)
-    for note in notes:
+    try:
+        with _progress() as progress:
+            task = progress.add_task("issuing", total=len(jobs))
+            for dev, src, item in jobs:
+                issue.one(
+                    dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None
+                )
+                progress.advance(task)
+    finally:
+        store.close()
+    print_table(console, _ISSUED_COLUMNS, issue.rows, has_json=False)
+    for note in issue.notes:
         console.print(escape(note), soft_wrap=True)
     if csr_dir is not None:
-        summary = f"issued {len(jobs) - skipped - failures}, failed {failures}, skipped {skipped}"
-        if skipped:
+        summary = (
+            f"issued {len(jobs) - issue.skipped - issue.failures}, failed {issue.failures}, skipped {issue.skipped}"
+        )
+        if issue.skipped:
             summary += f" (they already hold a valid {profile} certificate; --force issues anyway)"
         console.print(summary)
-    if failures:
+    for problem in issue.unwritten:
+        err_console.print(f"[red]error[/red] (write_failed): {escape(problem)}")
+    if issue.unwritten:
+        raise SystemExit(EXIT_ERROR)
+    if issue.failures:
         raise SystemExit(4)
+
+
+_ISSUED_COLUMNS = (
+    Column("device", whole=True),
+    Column("serial", whole=True),
+    Column("not after / why", min=20),
+    Column("file", drop=1),
+)
+
+
+class _Issuer:
+    """Issue one request after another as the operator, collecting the rows to print."""
+
+    def __init__(self, store: Store, kmcore: Km, principal: ModulePrincipal) -> None:
+        self.store, self.kmcore, self.principal = store, kmcore, principal
+        self.rows: list[list[str]] = []
+        self.notes: list[str] = []
+        self.unwritten: list[str] = []
+        self.failures = self.skipped = 0
+
+    def one(
+        self, dev: str, src: Path, item: msg.IssueItem, *, profile: str, dtype: str | None, force: bool, out: Path,
+        folder: bool,
+    ) -> None:  # fmt: skip
+        kmcore = self.kmcore
+        try:
+            holder = None if force else _valid_certificate(self.store, dev, profile, kmcore.clock.now())
+            if holder is not None:
+                if not folder:
+                    raise ConflictError(
+                        f"device {dev} already holds a valid {profile} certificate (serial {holder}); "
+                        "give --force to issue another",
+                        device_id=dev,
+                    )
+                self.skipped += 1
+                self.rows.append([dev, holder, f"[yellow]skipped[/yellow]: holds this valid {profile} certificate", ""])
+                return
+            grant, rec, left_out = kmcore.prepare(self.principal, item, "issue")
+            if dtype:
+                grant = dataclasses.replace(grant, dtype=dtype)
+            (rec,) = kmcore.commit([(grant, rec)])
+        except IotdlmError as exc:
+            if not folder:
+                if isinstance(exc, RejectedError) and exc.field in ("csr", "crmf"):
+                    raise type(exc)(f"{src.name}: {exc.message}", field=exc.field, device_id=exc.device_id) from exc
+                raise
+            self.failures += 1
+            self.rows.append([dev, "-", f"[red]{exc.code}[/red] {escape(src.name)}: {escape(exc.message)}", ""])
+            return
+        serial = serial_hex(rec.serial)
+        target = out / f"{dev}.pem" if folder else out
+        problem = write_after_work(
+            target, certs_to_pem([load_certificate(rec.der)]), done=f"certificate {serial} for {dev} was issued"
+        )
+        if problem is not None:
+            self.unwritten.append(
+                f"{problem}. It is kept in the database: `iotdlm ca show {serial} --pem` prints it again."
+            )
+        self.rows.append(
+            [dev, serial, iso_utc(rec.not_after) or "", "[red]not written[/red]" if problem else str(target)]
+        )
+        if left_out:
+            self.notes.append(f"{dev}: dropped from the request: {'; '.join(left_out)}")
 
 
 def _issue_jobs(
@@ -204,58 +266,111 @@ def _progress() -> Progress:
 @click.option("--status", type=click.Choice(["valid", "revoked", "superseded"]), help="Only this status.")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--offset", type=int, default=0, show_default=True)
+@json_option
 @handle_errors
 def ca_list(
-    data: Path, device_id: str | None, profile: str | None, status: str | None, limit: int, offset: int
+    data: Path, device_id: str | None, profile: str | None, status: str | None, limit: int, offset: int, as_json: bool
 ) -> None:
-    """List issued certificates, newest first."""
+    """List issued certificates, newest first (serials whole, as `ca show` and `ca revoke` take them)."""
     from iotdlm.runtime import open_store
 
     store = open_store(Deployment.load(data))
     recs = store.list_certificates(device_id=device_id, profile=profile, status=status, limit=limit, offset=offset)
     total = store.count_certificates(device_id=device_id, profile=profile, status=status)
     store.close()
-    table = Table("serial", "issuer", "profile", "device", "status", "not after", "requested by")
-    for r in recs:
-        table.add_row(
-            format(r.serial, "x"),
-            r.issuer,
-            r.profile,
-            r.device_id or "-",
-            r.status,
-            r.not_after.date().isoformat(),
-            r.requested_by,
-        )
-    console.print(table)
+    if as_json:
+        print_json({"certificates": [_cert_json(r) for r in recs], "total": total, "offset": offset})
+        return
+    columns = (
+        Column("serial", whole=True),
+        Column("device", whole=True),
+        Column("profile", drop=2),
+        Column("status"),
+        Column("not after", whole=True),
+        Column("issuer", drop=3),
+        Column("requested by", drop=4),
+    )
+    rows = [
+        [serial_hex(r.serial), r.device_id or "-", r.profile, r.status, r.not_after.date().isoformat(), r.issuer,
+         r.requested_by]
+        for r in recs
+    ]  # fmt: skip
+    print_table(console, columns, rows)
     console.print(f"{len(recs)} of {total} shown")
+
+
+def _cert_json(r: CertRecord) -> dict[str, object]:
+    """One certificate as every --json answer gives it (keys in docs/operations.md)."""
+    return {
+        "serial": serial_hex(r.serial),
+        "issuer": r.issuer,
+        "subject": r.subject,
+        "device_id": r.device_id,
+        "profile": r.profile,
+        "status": r.status,
+        "not_before": iso_utc(r.not_before),
+        "not_after": iso_utc(r.not_after),
+        "requested_by": r.requested_by,
+        "issued_at": iso_utc(r.created_at),
+        "revoked_at": iso_utc(r.revoked_at),
+        "revocation_reason": r.revocation_reason,
+        "sha256": r.fingerprint,
+        "crl_partition": r.crl_partition,
+    }
+
+
+def _crl_location(dep: Deployment, rec: CertRecord, cert: x509.Certificate) -> tuple[int, str]:
+    """The CRL partition that lists ``rec`` once revoked, and that CRL's URL (the certificate's own
+    CRL distribution point when it names one)."""
+    from cryptography import x509 as x
+
+    partition = rec.crl_partition
+    if partition is None:
+        partition = 0 if rec.issuer == "root" else crl_partition(rec.serial, dep.config.crl_partitions)
+    url = dep.public_urls.crl(rec.issuer, partition)
+    try:
+        cdp = cert.extensions.get_extension_for_class(x.CRLDistributionPoints).value
+    except x.ExtensionNotFound:
+        return partition, url
+    for point in cdp:
+        for name in point.full_name or ():
+            if isinstance(name, x.UniformResourceIdentifier):
+                return partition, name.value
+    return partition, url
 
 
 @ca.command("show")
 @data_option
 @click.argument("serial")
 @click.option("--pem", "as_pem", is_flag=True, help="Print only the certificate in PEM.")
+@json_option
 @handle_errors
-def ca_show(data: Path, serial: str, as_pem: bool) -> None:
-    """Show one certificate by serial (hex)."""
+def ca_show(data: Path, serial: str, as_pem: bool, as_json: bool) -> None:
+    """Show one certificate by serial: hex as `ca list` prints it, or as openssl does (67:FD:15:...).
+
+    Also says which CRL (partition and URL) lists it once revoked."""
     from iotdlm.runtime import open_store
 
-    try:
-        value = int(serial, 16)
-    except ValueError:
-        raise BadRequestError(f"serial {serial!r} is not hexadecimal (copy it from `iotdlm ca list`)") from None
-    store = open_store(Deployment.load(data))
+    value = parse_serial(serial)
+    dep = Deployment.load(data)
+    store = open_store(dep)
     recs = store.find_by_serial(value)
     store.close()
     if not recs:
-        raise NotFoundError(f"no certificate with serial {serial}")
+        raise NotFoundError(f"no certificate with serial {serial_hex(value)} (`iotdlm ca list` lists them)")
     rec = recs[0]
-    pem = certs_to_pem([load_certificate(rec.der)]).decode()
+    cert = load_certificate(rec.der)
+    pem = certs_to_pem([cert]).decode()
     if as_pem:
         click.echo(pem, nl=False)
         return
+    partition, url = _crl_location(dep, rec, cert)
+    if as_json:
+        print_json({**_cert_json(rec), "crl_partition": partition, "crl_url": url, "pem": pem})
+        return
     table = Table(show_header=False)
     for k, v in [
-        ("serial", format(rec.serial, "x")),
+        ("serial", serial_hex(rec.serial)),
         ("issuer CA", rec.issuer),
         ("subject", rec.subject),
         ("device", rec.device_id or "-"),
@@ -265,9 +380,17 @@ def ca_show(data: Path, serial: str, as_pem: bool) -> None:
         ("not after", rec.not_after.isoformat()),
         ("requested by", rec.requested_by),
         ("issued at", rec.created_at.isoformat()),
+        *(
+            [("revoked at", iso_utc(rec.revoked_at) or "-"), ("reason", rec.revocation_reason or "-")]
+            if rec.revoked_at
+            else []
+        ),
+        ("CRL partition", f"{partition} of the {rec.issuer} CA"),
+        ("CRL", url),
         ("sha256", rec.fingerprint),
     ]:
         table.add_row(k, v)
+    table.columns[1].overflow = "fold"
     console.print(table)
     click.echo(pem, nl=False)
 
@@ -284,15 +407,19 @@ def ca_show(data: Path, serial: str, as_pem: bool) -> None:
 @handle_errors
 def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
     """Print CA certificates in PEM (for truststores and `openssl verify -CAfile`)."""
+    if out is not None:
+        check_out_file(out)
     dep = Deployment.load(data)
     names = ["factory", "operational", "service"] if issuer is None else [issuer]
     certs = [dep.ca_certificate(n) for n in names if n != "root"] + [dep.ca_certificate("root")]
     pem = certs_to_pem(certs)
-    if out is not None:
-        out.write_bytes(pem)
-        console.print(f"wrote {len(certs)} certificates to {out}")
-    else:
+    if out is None:
         click.echo(pem.decode(), nl=False)
+        return
+    problem = write_after_work(out, pem, done=f"the chain of {len(certs)} certificates was read")
+    if problem is not None:
+        raise BadRequestError(f"{problem}; `iotdlm ca chain` without --out prints it", field="out")
+    console.print(f"wrote {len(certs)} certificates to {out}")
 
 
 @ca.command("revoke")
@@ -302,11 +429,11 @@ def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
 @click.option("--reason", default=None, help=REASONS_HELP)
 @handle_errors
 def ca_revoke(data: Path, serial: str, issuer: str | None, reason: str | None) -> None:
-    """Revoke one certificate by serial (hex). OCSP shows it at once; the next CRL lists it."""
-    if not is_hex(serial):
-        raise BadRequestError(f"serial {serial!r} is not hexadecimal (copy it from `iotdlm ca list`)", field="serial")
+    """Revoke one certificate by serial (hex, as `ca list` or openssl prints it). OCSP shows it at
+    once; the next CRL lists it."""
+    value = parse_serial(serial)
     dep = Deployment.load(data)
-    revoked, how = revoke(dep, serial=serial, issuer=issuer, reason=reason)
+    revoked, how = revoke(dep, serial=serial_hex(value), issuer=issuer, reason=reason)
     print_revoked(revoked, how)
 
 
@@ -348,14 +475,21 @@ def ca_crl(data: Path, issuer: str, partition: int | None, delta: bool, out: Pat
     """Generate CRLs now (DER): one partition to a file, or every partition of a CA to a folder."""
     from iotdlm.runtime import build_km, open_store
 
+    if partition is not None:  # checked before any CRL is signed
+        check_out_file(out)
+    else:
+        check_out_dir(out)
     dep = Deployment.load(data)
     store = open_store(dep)
+    kept = "kept in the database: cm serves it, `iotdlm ca crl` writes it again"
     try:
         kmcore = build_km(dep, store, SystemClock())
         assert kmcore.va is not None
         if partition is not None:
             rec = kmcore.va.generate_crl(issuer, partition, delta=delta)
-            out.write_bytes(rec.der)
+            problem = write_after_work(out, rec.der, done=f"CRL {issuer}/{partition} number {rec.number} was signed")
+            if problem is not None:
+                raise BadRequestError(f"{problem}; it is {kept}", field="out")
             console.print(f"CRL {issuer}/{partition} number {rec.number} ({len(rec.der)} bytes) written to {out}")
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +499,10 @@ def ca_crl(data: Path, issuer: str, partition: int | None, delta: bool, out: Pat
             task = progress.add_task(f"{issuer} CRLs", total=parts)
             for p in range(parts):
                 rec = kmcore.va.generate_crl(issuer, p, delta=delta)
-                (out / f"{issuer}-{p}.{'delta' if delta else 'crl'}").write_bytes(rec.der)
+                target = out / f"{issuer}-{p}.{'delta' if delta else 'crl'}"
+                problem = write_after_work(target, rec.der, done=f"CRL {issuer}/{p} number {rec.number} was signed")
+                if problem is not None:
+                    raise BadRequestError(f"{problem}; it and the {p} before it are {kept}", field="out")
                 total += len(rec.der)
                 progress.advance(task)
         console.print(f"{parts} CRLs of the {issuer} CA ({total} bytes in all) written to {out}")

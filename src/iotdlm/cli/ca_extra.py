@@ -15,6 +15,7 @@ import click
 from rich.table import Table
 
 from iotdlm.cli.common import console, data_option, handle_errors
+from iotdlm.cli.output import parse_serial as parse_serial  # one parser for every command (ADR 0020)
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, ConflictError, NotFoundError
@@ -28,18 +29,6 @@ if TYPE_CHECKING:
     from iotdlm.store import CertRecord, Store
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-3072")
-
-
-def parse_serial(text: str) -> int:
-    """A serial as ``ca list`` prints it (hex) or as ``openssl x509 -text`` does (hex pairs with colons)."""
-    cleaned = text.strip().replace(":", "").lower().removeprefix("0x")
-    if not cleaned or len(cleaned) > 40 or any(c not in "0123456789abcdef" for c in cleaned):
-        raise BadRequestError(
-            f"serial {text!r} is not a certificate serial: give it in hex as `iotdlm ca list` prints it "
-            "(the colon form of `openssl x509 -text` works too)",
-            field="serial",
-        )
-    return int(cleaned, 16)
 
 
 def check_output(path: Path, force: bool, what: str) -> None:

@@ -175,6 +175,7 @@ def _create_deployment(data: Path, passphrase: str, http_port: int, clock: Syste
             dtypes=[DTYPE],
             passphrase=passphrase.encode(),
             nats_port=free_port(),
+            metrics_port=free_port(),  # never the default: another deployment may hold it
             public_url=f"http://127.0.0.1:{http_port}",
             now=clock.now(),
         )

@@ -91,7 +91,7 @@ def _create_sp2(root: Path, passphrase: str, sp1: Deployment, clock: Clock) -> t
     dep, _ = init_deployment(
         root, organization="Demo Operator Two", algorithm=Algorithm.P256, dtypes=[sp1.config.dtypes[0]],
         passphrase=passphrase.encode(), nats_port=free_port(), public_url=f"http://127.0.0.1:{http_port}",
-        now=clock.now(),
+        metrics_port=free_port(), now=clock.now(),
     )  # fmt: skip
     (dep.root / CM_FILE).write_bytes(
         tomli_w.dumps({"https_port": https_port, "http_port": http_port, "egress_port": egress_port}).encode()

@@ -9,8 +9,10 @@ import click
 
 from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.cli.fleet import drive, finish, loop_options, ready_devices, runner_for
+from iotdlm.cli.output import Column, iso_utc, json_option, print_json, print_table
 from iotdlm.cli.revoke import REASONS_HELP, print_revoked, revoke
 from iotdlm.deployment import Deployment
+from iotdlm.errors import ConflictError, NotFoundError
 
 
 @click.group()
@@ -25,8 +27,35 @@ def device() -> None:
 @handle_errors
 def device_revoke(data: Path, device_id: str, reason: str | None) -> None:
     """Revoke every certificate the device holds (it may still be provisioned again)."""
-    revoked, how = revoke(Deployment.load(data), device_id=device_id, reason=reason)
+    dep = Deployment.load(data)
+    revoked, how = revoke(dep, device_id=device_id, reason=reason)
+    if not revoked:
+        _nothing_revoked(dep, device_id, "revoke")
+        return
     print_revoked(revoked, how)
+
+
+def _nothing_revoked(dep: Deployment, device_id: str, what: str) -> None:
+    """Say why nothing was revoked: a retired device (exit 4), an unknown one (exit 4), or a device
+    that holds no valid certificate (said, exit 0)."""
+    from iotdlm.runtime import open_store
+
+    store = open_store(dep)
+    try:
+        rec = store.get_device(device_id)
+    finally:
+        store.close()
+    if rec is None:
+        raise NotFoundError(
+            f"no device {device_id!r} here (`iotdlm device list` lists them); nothing revoked", device_id=device_id
+        )
+    if rec.status == "retired":
+        raise ConflictError(
+            f"device {device_id} is retired (decommissioned {iso_utc(rec.updated_at)}): its certificates were "
+            f"revoked then, nothing is left to {what}; `iotdlm ca list --device-id {device_id}` lists them",
+            device_id=device_id,
+        )
+    console.print(f"device {device_id} holds no valid certificate: nothing to revoke")
 
 
 @device.command("decommission")
@@ -36,9 +65,45 @@ def device_revoke(data: Path, device_id: str, reason: str | None) -> None:
 @handle_errors
 def device_decommission(data: Path, device_id: str, reason: str) -> None:
     """End-of-Life: revoke everything the device holds and retire it; km refuses it from then on."""
-    revoked, how = revoke(Deployment.load(data), device_id=device_id, reason=reason, decommission=True)
-    print_revoked(revoked, how)
+    dep = Deployment.load(data)
+    revoked, how = revoke(dep, device_id=device_id, reason=reason, decommission=True)
+    if revoked:
+        print_revoked(revoked, how)
     console.print(f"device {device_id} is retired")
+
+
+@device.command("list")
+@data_option
+@click.option("--dtype", default=None, help="Only this device type.")
+@click.option("--status", type=click.Choice(["active", "retired"]), default=None, help="Only active or retired ones.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@json_option
+@handle_errors
+def device_list(data: Path, dtype: str | None, status: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """List the devices km knows (registered when first certified), by id."""
+    from iotdlm.runtime import open_store
+
+    store = open_store(Deployment.load(data))
+    try:
+        recs = store.list_devices(dtype=dtype, status=status, limit=limit, offset=offset)
+    finally:
+        store.close()
+    if as_json:
+        devices = [
+            {"device_id": r.device_id, "dtype": r.dtype, "status": r.status, "registered_at": iso_utc(r.created_at),
+             "updated_at": iso_utc(r.updated_at)}
+            for r in recs
+        ]  # fmt: skip
+        print_json({"devices": devices, "offset": offset})
+        return
+    columns = (
+        Column("device", whole=True), Column("dtype"), Column("status"),
+        Column("registered", whole=True, drop=2), Column("last change", whole=True, drop=1),
+    )  # fmt: skip
+    rows = [[r.device_id, r.dtype, r.status, iso_utc(r.created_at) or "", iso_utc(r.updated_at) or ""] for r in recs]
+    print_table(console, columns, rows)
+    console.print(f"{len(recs)} device(s) shown")
 
 
 @device.command("run")

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,21 +105,26 @@ def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -
 def runner_for(dev: SimulatedDevice, clock: Clock, *, renew_at: float, timeout: float = 30.0) -> DeviceRunner:
     """The device's loop with its transfer agent, every step over HTTPS: the transfer message and
     the fallback report at SP1's cm, attestation and the update at SP2's cm (raURI, updateURI),
-    SP2's anchors (/cacerts) and EST with CA2 at the enrollURI."""
-    from iotdlm.transfer.agent import DeviceAgent, EstEnroller
+    SP2's anchors (/cacerts) and EST with CA2 at the enrollURI -- all on the device's own
+    :class:`~iotdlm.transfer.http_clients.DeviceHttps` (its TLS contexts and keep-alive connections
+    of the pass, closed at the pass's end)."""
+    from iotdlm.transfer.agent import DeviceAgent
     from iotdlm.transfer.http_clients import DeviceHttps, DeviceMessages
 
     https = DeviceHttps(dev, timeout=timeout)
     agent = DeviceAgent(
         dev,
         clock=clock,
-        enroller=EstEnroller(timeout=timeout),
+        enroller=https,
         fallback=https,
         attestation_client=https,
         updates=https,
         refusals=https,
     )
-    return DeviceRunner(dev, clock=clock, transfers=agent, messages=DeviceMessages(timeout=timeout), renew_at=renew_at)
+    return DeviceRunner(
+        dev, clock=clock, transfers=agent, messages=DeviceMessages(timeout=timeout, https=https), renew_at=renew_at,
+        timeout=timeout, connections=https,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -147,34 +152,51 @@ class Summary:
         }
 
 
-async def drive(runners: Sequence[DeviceRunner], *, once: bool, interval: float, progress: bool) -> Summary:
-    """Run the loops (until Ctrl-C / SIGTERM unless ``once``), with a progress bar of first passes."""
-    summary = Summary()
-    stop = asyncio.Event()
+@contextlib.contextmanager
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM call ``stop`` (the loops finish the passes under way) while inside."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stop)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+
+@contextlib.contextmanager
+def progress_bar(shown: bool, total: int, label: str) -> Iterator[Callable[[], None]]:
+    """A bar of devices through their first pass; yields what advances it by one."""
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not progress, transient=False,
+        console=console, disable=not shown, transient=False,
     )  # fmt: skip
-    seen: set[str] = set()
     with bar:
-        task = bar.add_task("devices on the network", total=len(runners))
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+async def drive(
+    runners: Sequence[DeviceRunner], *, once: bool, interval: float, progress: bool, concurrency: int = 32,
+    label: str = "devices on the network",
+) -> Summary:  # fmt: skip
+    """Run the loops in this process (until Ctrl-C / SIGTERM unless ``once``), with a progress bar
+    of first passes."""
+    summary = Summary()
+    stop = asyncio.Event()
+    seen: set[str] = set()
+    with stop_on_signals(stop.set), progress_bar(progress, len(runners), label) as advance:
 
         def on_tick(r: TickReport) -> None:
             summary.add(r)
             if r.device_id not in seen:
                 seen.add(r.device_id)
-                bar.advance(task)
+                advance()
 
-        try:
-            await run_fleet(runners, once=once, interval=interval, stop=stop, on_tick=on_tick)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.remove_signal_handler(sig)
+        await run_fleet(runners, once=once, interval=interval, stop=stop, on_tick=on_tick, concurrency=concurrency)
     return summary
 
 
@@ -240,23 +262,43 @@ def fleet() -> None:
     help="Folder of the devices (one sub-folder each, made when missing).",
 )
 @click.option("--prefix", default="sim", show_default=True, help="Device ids are PREFIX-0000, PREFIX-0001, ...")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Processes the devices run in, each with its own share of them (default: one per 100 devices, "
+    "at most one per CPU core; 1 runs them all in this process).",
+)
 @loop_options
 @handle_errors
 def fleet_run(
-    count: int, fleet_dir: Path, prefix: str, cm: str | None, data: Path | None, dtype: str | None, once: bool,
-    interval: float, renew_at: float, as_json: bool,
+    count: int, fleet_dir: Path, prefix: str, workers: int | None, cm: str | None, data: Path | None,
+    dtype: str | None, once: bool, interval: float, renew_at: float, as_json: bool,
 ) -> None:  # fmt: skip
-    """Run COUNT simulated devices in one process, each speaking HTTPS to cm."""
+    """Run COUNT simulated devices, each speaking HTTPS to cm (spread over worker processes)."""
+    from iotdlm.cli.fleet_workers import FleetPlan, default_workers, run_devices
+
     clock = SystemClock()
     if dtype is None and data is not None:
         from iotdlm.deployment import Deployment
 
         dtype = Deployment.load(data).config.dtypes[0]
     paths = [fleet_dir / f"{prefix}-{i:04d}" for i in range(count)]
-    devices = ready_devices(paths, dtype=dtype, data=data, cm=cm, clock=clock)
-    runners = [runner_for(d, clock, renew_at=renew_at) for d in devices]
-    summary = run(drive(runners, once=once, interval=interval, progress=not as_json))
+    ready_devices(paths, dtype=dtype, data=data, cm=cm, clock=clock)
+    plan = FleetPlan(renew_at=renew_at, once=once, interval=interval)
+    n = workers if workers is not None else default_workers(count)
+    summary = run(run_devices(paths, plan, workers=n, progress=not as_json))
     finish(summary, as_json=as_json)
 
 
-__all__ = ["drive", "finish", "fleet", "loop_options", "ready_devices", "runner_for"]
+__all__ = [
+    "Summary",
+    "drive",
+    "finish",
+    "fleet",
+    "loop_options",
+    "progress_bar",
+    "ready_devices",
+    "runner_for",
+    "stop_on_signals",
+]

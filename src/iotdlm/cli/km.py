@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from iotdlm.bus.api import RequestHandler
     from iotdlm.km import Km
     from iotdlm.store import Store
+    from iotdlm.transfer.peer_parts import PeerLimits
 
 
 @click.group()
@@ -68,8 +69,11 @@ async def _serve_km(dep: Deployment) -> None:
     store.close()
 
 
-def transfer_peer_routes(dep: Deployment, store: Store, kmcore: Km, bus: Bus) -> dict[str, RequestHandler]:
-    """SP1's provider-to-provider handlers (issue 13), when this deployment has a transfer identity."""
+def transfer_peer_routes(
+    dep: Deployment, store: Store, kmcore: Km, bus: Bus, limits: PeerLimits | None = None
+) -> dict[str, RequestHandler]:
+    """SP1's provider-to-provider handlers (issue 13), when this deployment has a transfer identity;
+    ``limits``: how much of an UpdateInfoList one reply carries (docs/adr/0019)."""
     from iotdlm.transfer.identity import load_identity, load_settings, transfer_dir
     from iotdlm.transfer.peer_handlers import PeerHandlers
 
@@ -84,6 +88,7 @@ def transfer_peer_routes(dep: Deployment, store: Store, kmcore: Km, bus: Bus) ->
         va=kmcore.va,
         fallback_uri=settings.fallback_uri or "",
         publish=bus.publish,
+        limits=limits,
     ).routes()
 
 

@@ -7,11 +7,14 @@ Listed in :data:`iotdlm.cli.main.COMMANDS`, which imports this module only when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import signal
 import socket
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -19,12 +22,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from iotdlm.cli.common import console, data_option, err_console, handle_errors, run
+from iotdlm.cli.output import Column, iso_utc, json_option, print_json, print_table
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, ConflictError
 from iotdlm.pki.keys import Algorithm
 from iotdlm.pm.flasher import Flasher
 from iotdlm.wire import pm as m
+
+if TYPE_CHECKING:
+    from iotdlm.store import ProvisioningRecord
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +173,10 @@ def _summary(report: m.ProvisionReport, elapsed: float, data: Path) -> None:
         shown = [d for d in report.devices if d.status != m.SKIPPED]
     if not shown:
         return
-    table = Table("device", "status", "request", "certificates", "steps / failure")
     colors = {m.COMPLETE: "green", m.FAILED: "red", m.REFUSED: "red", m.IN_PROGRESS: "yellow"}
+    rows = []
     for d in shown:
         color = colors.get(d.status, "white")
-        certs = ", ".join(f"{p} {sn[:12]}" for p, sn in d.certificates.items()) or "-"
         if d.status == m.COMPLETE:
             detail = ", ".join(d.steps_done)
         elif d.status == m.IN_PROGRESS:
@@ -178,10 +184,26 @@ def _summary(report: m.ProvisionReport, elapsed: float, data: Path) -> None:
         else:
             where = f"at {d.failed_step}: " if d.failed_step else ""
             detail = f"{where}({d.code}) {d.message or ''}"
-        table.add_row(d.device_id, f"[{color}]{d.status}[/{color}]", d.request or "-", certs, escape(detail))
-    console.print(table)
+        asked = f" ({d.request} request)" if d.request else ""
+        rows.append(
+            [d.device_id, f"[{color}]{d.status}[/{color}]{asked}\n{escape(detail)}",
+             _certificates_cell(d.certificates.items())]
+        )  # fmt: skip
+    print_table(console, _REPORT_COLUMNS, rows)
     if n > 20 and len(shown) < n:
         console.print(f"({n - len(shown)} complete devices not listed: `iotdlm pm records --dtype {report.dtype}`)")
+
+
+_REPORT_COLUMNS = (
+    Column("device", whole=True),
+    Column("status / detail", min=14),
+    Column("certificates (serial)", whole=True),
+)
+
+
+def _certificates_cell(certs: Iterable[tuple[str, str]]) -> str:
+    """Each certificate on two lines (its profile, then its whole serial), "-" for none."""
+    return "\n".join(f"{p}:\n{sn}" for p, sn in certs) or "-"
 
 
 async def _provision(
@@ -295,9 +317,10 @@ def provision(
 @click.option("--operator", default=None, help="Who runs the line (default: user@host).")
 @click.option("--force", is_flag=True, help="Provision again devices already provisioned (new certificates).")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="Seconds to wait for the report.")
+@json_option
 @handle_errors
 def request(
-    data: Path, dtype: str, devices: tuple[str, ...], operator: str | None, force: bool, timeout: float
+    data: Path, dtype: str, devices: tuple[str, ...], operator: str | None, force: bool, timeout: float, as_json: bool
 ) -> None:
     """Ask the running pm service of a device type (`iotdlm up`) to provision, as the operator (admin).
 
@@ -310,7 +333,7 @@ def request(
         try:
             loop = asyncio.get_running_loop()
             start = loop.time()
-            with console.status(f"pm-{dtype} is provisioning"):
+            with console.status(f"pm-{dtype} is provisioning") if not as_json else contextlib.nullcontext():
                 report = await PmClient(bus, dtype, timeout=timeout).provision(
                     list(devices) or None, operator=operator or current_operator(), force=force
                 )
@@ -319,7 +342,12 @@ def request(
             await bus.close()
 
     report, elapsed = run(ask())
-    _summary(report, elapsed, data)
+    if as_json:
+        import msgspec
+
+        print_json(msgspec.to_builtins(report))
+    else:
+        _summary(report, elapsed, data)
     if report.failures:
         err_console.print(f"[red]{len(report.failures)} device(s) not provisioned[/red]; listed above")
         raise SystemExit(EXIT_FAILED)
@@ -397,8 +425,9 @@ def serve(data: Path, dtype: str, bench: Path | None, flasher_config: Path | Non
 @click.option("--status", type=click.Choice(["complete", "failed", "in-progress"]), default=None)
 @click.option("--limit", type=int, default=100, show_default=True)
 @click.option("--offset", type=int, default=0, show_default=True)
+@json_option
 @handle_errors
-def records(data: Path, dtype: str | None, status: str | None, limit: int, offset: int) -> None:
+def records(data: Path, dtype: str | None, status: str | None, limit: int, offset: int, as_json: bool) -> None:
     """List provisioning records: who provisioned which device, when, with what software and certificates."""
     from iotdlm.pm.config import open_store
 
@@ -407,8 +436,21 @@ def records(data: Path, dtype: str | None, status: str | None, limit: int, offse
         rows = store.list_provisioning(dtype=dtype, status=status, limit=limit, offset=offset)
     finally:
         store.close()
-    table = Table("device", "dtype", "status", "operator", "updated", "release", "sha256", "certificates", "detail")
+    if as_json:
+        print_json({"records": [_record_json(r) for r in rows], "offset": offset})
+        return
+    columns = (
+        Column("device", whole=True),
+        Column("status / detail", min=14),
+        Column("certificates (serial)", whole=True),
+        Column("updated (UTC)", whole=True, drop=2),
+        Column("release", drop=3),
+        Column("operator", drop=4),
+        Column("dtype", drop=5),
+        Column("sha256 (start)", drop=6),
+    )
     colors = {"complete": "green", "failed": "red", "in-progress": "yellow"}
+    table_rows = []
     for r in rows:
         if r.status == "failed":
             detail = f"at {r.failed_step}: {r.message or ''}"
@@ -416,26 +458,44 @@ def records(data: Path, dtype: str | None, status: str | None, limit: int, offse
             detail = "done: " + (", ".join(r.steps_done) or "-")
         else:
             detail = r.message or ""
-        table.add_row(
-            r.device_id,
-            r.dtype,
-            f"[{colors[r.status]}]{r.status}[/{colors[r.status]}]",
-            escape(r.operator),
-            r.updated_at.isoformat(timespec="seconds"),
-            str(r.release_counter) if r.release_counter is not None else "-",
-            (r.image_sha256 or "-")[:16],
-            ", ".join(f"{p} {sn[:12]}" for p, sn in r.certificates) or "-",
-            escape(detail),
-        )
-    console.print(table)
+        state = f"[{colors[r.status]}]{r.status}[/{colors[r.status]}]" + (f"\n{escape(detail)}" if detail else "")
+        table_rows.append(
+            [r.device_id, state, _certificates_cell(r.certificates),
+             (iso_utc(r.updated_at) or "").replace("T", " ").rstrip("Z"),
+             str(r.release_counter) if r.release_counter is not None else "-", escape(r.operator), r.dtype,
+             (r.image_sha256 or "-")[:16]]
+        )  # fmt: skip
+    print_table(console, columns, table_rows)
     console.print(f"{len(rows)} record(s)")
+
+
+def _record_json(r: ProvisioningRecord) -> dict[str, object]:
+    """One provisioning record as `pm records --json` gives it (keys in docs/operations.md)."""
+    return {
+        "device_id": r.device_id,
+        "dtype": r.dtype,
+        "status": r.status,
+        "operator": r.operator,
+        "started_at": iso_utc(r.started_at),
+        "updated_at": iso_utc(r.updated_at),
+        "completed_at": iso_utc(r.completed_at),
+        "flasher_ref": r.ref,
+        "steps_done": list(r.steps_done),
+        "release_counter": r.release_counter,
+        "image_sha256": r.image_sha256,
+        "certificates": dict(r.certificates),
+        "failed_step": r.failed_step,
+        "message": r.message,
+        "attempts": r.attempts,
+    }
 
 
 @pm.command("status")
 @data_option
 @_dtype_option
+@json_option
 @handle_errors
-def status(data: Path, dtype: str) -> None:
+def status(data: Path, dtype: str, as_json: bool) -> None:
     """Whether pm-TYPE is halted by an alarm, and its provisioning records per status."""
     from iotdlm.pm.alarm import read_alarm
     from iotdlm.pm.config import open_store
@@ -446,6 +506,19 @@ def status(data: Path, dtype: str) -> None:
         counts = store.count_provisioning(dtype=dtype)
     finally:
         store.close()
+    if as_json:
+        active = alarm is not None and alarm.active
+        print_json(
+            {
+                "dtype": dtype,
+                "state": "halted" if active else "ready",
+                "alarm": None
+                if not active or alarm is None
+                else {"raised_at": iso_utc(alarm.raised_at), "check": alarm.check, "message": alarm.message},
+                "records": {st: counts.get(st, 0) for st in ("complete", "failed", "in-progress")},
+            }
+        )
+        return
     table = Table(show_header=False, title=f"pm-{dtype}")
     if alarm is not None and alarm.active:
         table.add_row("state", f"[red]HALTED[/red] since {alarm.raised_at}: {alarm.check} failed")

@@ -3,17 +3,43 @@ running km if one answers, else directly in the store with the CA keys."""
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from iotdlm.cli.common import console, run
+from iotdlm.cli.output import Column, parse_serial, print_table
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
+from iotdlm.errors import BadRequestError
+from iotdlm.pki import crl as pki_crl
 from iotdlm.wire import km as msg
 
-REASONS_HELP = (
-    "RFC 5280 reason: keyCompromise, cACompromise, affiliationChanged, superseded, cessationOfOperation, "
-    "privilegeWithdrawn, aACompromise (removeFromCRL and certificateHold are refused)"
-)
+
+def _accepted(name: str) -> bool:
+    try:
+        pki_crl.revocation_reason(name)
+    except BadRequestError:
+        return False
+    return True
+
+
+#: the reasons a revocation may give: RFC 5280's, less those the CA refuses (one source of truth
+#: for --help and the refusal alike: iotdlm.pki.crl)
+REVOCATION_REASONS: tuple[str, ...] = tuple(r for r in pki_crl.REASONS if _accepted(r))
+REFUSED_REASONS: tuple[str, ...] = tuple(r for r in pki_crl.REASONS if r not in REVOCATION_REASONS)
+
+REASONS_HELP = f"Why (RFC 5280 reason): {', '.join(REVOCATION_REASONS)}. Refused: {', '.join(REFUSED_REASONS)}."
+
+
+def check_reason(reason: str | None) -> None:
+    """Refuse a reason the CA will not take, listing the same reasons as --help."""
+    if reason is None:
+        return
+    try:
+        pki_crl.parse_reason(reason)
+    except BadRequestError:
+        shown = reason if len(reason) <= 40 else reason[:37] + "..."
+        raise BadRequestError(
+            f"unknown revocation reason {shown!r}; give one of: {', '.join(REVOCATION_REASONS)}.", field="reason"
+        ) from None
+    pki_crl.revocation_reason(reason)  # removeFromCRL, certificateHold: refused, saying why
 
 
 async def _revoke_remote(dep: Deployment, **kwargs: object) -> list[msg.CertificateInfo]:
@@ -32,12 +58,11 @@ def revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo]
     answers, revoke directly in the store with the CA keys (needs the CA passphrase)."""
     from iotdlm.errors import UnavailableError
     from iotdlm.km.cert_views import info
-    from iotdlm.pki.crl import revocation_reason
     from iotdlm.runtime import build_km, open_store
 
     reason = kwargs.get("reason")
     assert reason is None or isinstance(reason, str)
-    revocation_reason(reason)  # refused here, before km is asked (km refuses it too)
+    check_reason(reason)  # refused here, before km is asked (km refuses it too)
     try:
         return run(_revoke_remote(dep, **kwargs)), "through km"
     except UnavailableError:
@@ -51,7 +76,7 @@ def revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo]
         if kwargs.get("ca") is not None:
             recs = [va.revoke_ca(str(kwargs["ca"]), reason=reason, actor=actor)]
         elif kwargs.get("serial") is not None:
-            serial = int(str(kwargs["serial"]), 16)
+            serial = parse_serial(str(kwargs["serial"]))
             issuer = kwargs.get("issuer")
             recs = [va.revoke(serial, issuer=issuer if isinstance(issuer, str) else None, reason=reason, actor=actor)]
         elif kwargs.get("decommission"):
@@ -64,18 +89,26 @@ def revoke(dep: Deployment, **kwargs: object) -> tuple[list[msg.CertificateInfo]
 
 
 def print_revoked(revoked: list[msg.CertificateInfo], how: str) -> None:
-    table = Table("serial", "issuer", "profile", "device", "revoked at", "reason")
-    for r in revoked:
-        table.add_row(
-            r.serial, r.issuer, r.profile, r.device_id or "-", r.revoked_at or "-", r.revocation_reason or "-"
-        )
-    console.print(table)
+    columns = (
+        Column("serial", whole=True),
+        Column("device", whole=True),
+        Column("reason"),
+        Column("revoked at", drop=1),
+        Column("profile", drop=2),
+        Column("issuer", drop=3),
+    )
+    rows = [
+        [r.serial, r.device_id or "-", r.revocation_reason or "-", r.revoked_at or "-", r.profile, r.issuer]
+        for r in revoked
+    ]
+    print_table(console, columns, rows, has_json=False)
     console.print(f"{len(revoked)} certificate(s) revoked {how}")
 
 
 def is_hex(text: str) -> bool:
+    """Whether ``text`` is a serial as :func:`iotdlm.cli.output.parse_serial` reads it."""
     try:
-        int(text, 16)
-    except ValueError:
+        parse_serial(text)
+    except BadRequestError:
         return False
     return True

@@ -8,6 +8,7 @@ import logging
 import signal
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -24,14 +25,19 @@ from rich.table import Table
 
 from iotdlm import software
 from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.cli.output import Column, iso_utc, json_option, print_json, print_table
 from iotdlm.clock import SystemClock
 from iotdlm.cm.config import CM_FILE
 from iotdlm.deployment import Deployment
-from iotdlm.errors import BadRequestError, IotdlmError, RejectedError, UnavailableError
+from iotdlm.errors import BadRequestError, IotdlmError, NotFoundError, RejectedError, UnavailableError
 from iotdlm.files import atomic_write
 from iotdlm.pki.keys import check_public_key
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.updater import CheckResult, SoftwareManager
+
+if TYPE_CHECKING:
+    from iotdlm.sm.local import StoredPaths
+    from iotdlm.wire.software import StoredSoftware
 
 log = logging.getLogger(__name__)
 
@@ -240,19 +246,43 @@ def check(data: Path, dtypes: tuple[str, ...]) -> None:
 @sm.command("list")
 @data_option
 @click.option("--dtype", default=None, help="Only this device type.")
+@json_option
 @handle_errors
-def list_cmd(data: Path, dtype: str | None) -> None:
+def list_cmd(data: Path, dtype: str | None, as_json: bool) -> None:
     """List the software stored in the local repository."""
     from iotdlm.sm.local import LocalRepository
 
     versions = LocalRepository(smconfig.sm_dir(data)).list(dtype)
-    table = Table("dtype", "release", "target", "bytes", "sha256", "stored at")
-    for v in versions:
-        table.add_row(
-            v.dtype, str(v.release_counter), v.target_path, f"{v.length:,}", v.sha256[:16] + "...", v.stored_at
-        )
-    console.print(table)
+    if as_json:
+        print_json({"versions": [_version_json(v) for v in versions]})
+        return
+    columns = (
+        Column("dtype", whole=True),
+        Column("release", whole=True),
+        Column("target"),
+        Column("bytes", whole=True, drop=2),
+        Column("sha256 (start)", drop=3),
+        Column("stored at (UTC)", whole=True, drop=1),
+    )
+    rows = [
+        [v.dtype, str(v.release_counter), v.target_path, f"{v.length:,}", v.sha256[:16] + "...",
+         (iso_utc(v.stored_at) or "").replace("T", " ").rstrip("Z")]
+        for v in versions
+    ]  # fmt: skip
+    print_table(console, columns, rows)
     console.print(f"{len(versions)} stored")
+
+
+def _version_json(v: StoredSoftware) -> dict[str, object]:
+    """One stored version as `sm list --json` / `sm show --json` give it (keys in docs/operations.md)."""
+    return {
+        "dtype": v.dtype,
+        "release_counter": v.release_counter,
+        "target_path": v.target_path,
+        "length": v.length,
+        "sha256": v.sha256,
+        "stored_at": iso_utc(v.stored_at),
+    }
 
 
 @sm.command("show")
@@ -260,46 +290,61 @@ def list_cmd(data: Path, dtype: str | None) -> None:
 @click.argument("dtype")
 @click.argument("counter", type=int, required=False)
 @click.option("--no-verify", is_flag=True, help="Do not verify the stored files.")
+@json_option
 @handle_errors
-def show(data: Path, dtype: str, counter: int | None, no_verify: bool) -> None:
+def show(data: Path, dtype: str, counter: int | None, no_verify: bool, as_json: bool) -> None:
     """Show one stored version (default: the latest) and verify it as pm will before flashing it."""
     from iotdlm.sm.local import LocalRepository
 
     local = LocalRepository(smconfig.sm_dir(data))
     paths = local.paths(dtype, counter)
     info = local.info(dtype, int(paths.folder.name))
-    table = Table(show_header=False)
-    for k, v in [
-        ("dtype", info.dtype),
-        ("release counter", str(info.release_counter)),
-        ("target", info.target_path),
-        ("length", f"{info.length:,} bytes"),
-        ("sha256", info.sha256),
-        ("stored at", info.stored_at),
-        ("folder", str(paths.folder)),
-    ]:
-        table.add_row(k, v)
+    failed: IotdlmError | None = None
     if not no_verify:
-        try:
-            meta = software.decrypt_meta(
-                paths.meta_enc.read_bytes(), smconfig.load_meta_key(data), dtype, info.release_counter
+        with console.status("verifying (Algorithm 1)") if not as_json else contextlib.nullcontext():
+            failed = _verify_stored(data, dtype, paths, info)
+    if as_json:
+        why = None if failed is None else {"code": failed.code, "field": failed.field, "message": failed.message}
+        verified = None if no_verify else failed is None
+        print_json({**_version_json(info), "folder": str(paths.folder), "verified": verified, "verify_error": why})
+    else:
+        table = Table(show_header=False)
+        for k, v in [
+            ("dtype", info.dtype),
+            ("release counter", str(info.release_counter)),
+            ("target", info.target_path),
+            ("length", f"{info.length:,} bytes"),
+            ("sha256", info.sha256),
+            ("stored at", info.stored_at),
+            ("folder", str(paths.folder)),
+        ]:
+            table.add_row(k, v)
+        if failed is not None:
+            table.add_row(
+                "Algorithm 1", f"[red]FAILED[/red] ({failed.code}, field {failed.field}): {escape(failed.message)}"
             )
-            pk_sm = check_public_key(Deployment.load(data).identity("sm").certificate.public_key())
-            with console.status("verifying (Algorithm 1)"):
-                software.verify_software(
-                    paths.image,
-                    meta,
-                    paths.sig_sm.read_bytes(),
-                    pk_sm,
-                    smconfig.load_trusted_root(data),
-                    dtype=dtype,
-                )
+        elif not no_verify:
             table.add_row("Algorithm 1", "[green]sig_sm, meta_repo and image verify[/green]")
-        except IotdlmError as exc:
-            table.add_row("Algorithm 1", f"[red]FAILED[/red] ({exc.code}, field {exc.field}): {escape(exc.message)}")
-            console.print(table)
-            raise SystemExit(4) from None
-    console.print(table)
+        console.print(table)
+    if failed is not None:
+        raise SystemExit(4)
+
+
+def _verify_stored(data: Path, dtype: str, paths: StoredPaths, info: StoredSoftware) -> IotdlmError | None:
+    """Verify a stored version as pm will (Algorithm 1); the error if it does not verify."""
+    try:
+        meta = software.decrypt_meta(
+            paths.meta_enc.read_bytes(), smconfig.load_meta_key(data), dtype, info.release_counter
+        )
+        pk_sm = check_public_key(Deployment.load(data).identity("sm").certificate.public_key())
+        software.verify_software(
+            paths.image, meta, paths.sig_sm.read_bytes(), pk_sm, smconfig.load_trusted_root(data), dtype=dtype
+        )
+    except IotdlmError as exc:
+        return exc
+    except OSError as exc:  # a file of the stored version (or sm's key) is missing or unreadable
+        return NotFoundError(f"cannot read {exc.filename}: {exc.strerror} (the stored version is incomplete)")
+    return None
 
 
 async def _serve(data: Path) -> None:

@@ -31,9 +31,18 @@ from typing import TYPE_CHECKING
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from rich.table import Table
 
-from iotdlm.cli.common import console, data_option, handle_errors, run
+from iotdlm.cli.common import EXIT_ERROR, console, data_option, err_console, handle_errors, run
+from iotdlm.cli.output import (
+    Column,
+    check_out_dir,
+    check_out_file,
+    iso_utc,
+    json_option,
+    print_json,
+    print_table,
+    write_after_work,
+)
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
@@ -43,6 +52,7 @@ from iotdlm.transfer.identity import TransferSettings, create_identity, load_ide
 from iotdlm.transfer.messages import VersionInfo
 
 if TYPE_CHECKING:
+    from iotdlm.store.transfer import TransferDeviceRecord, TransferRecord
     from iotdlm.transfer.peer_client import PeerClient
 
 _path = click.Path(path_type=Path, dir_okay=False)
@@ -102,9 +112,9 @@ class _PeerLink:
         async with self._client() as c:
             return await c.send_transfer_message(self.tid, token)
 
-    async def send_confirmation(self, token: bytes) -> str:
+    async def send_confirmations(self, tokens: list[bytes]) -> list[str]:
         async with self._client() as c:
-            return await c.send_confirmation(self.tid, token)
+            return await c.send_confirmations(self.tid, tokens)
 
 
 def _peer_link(data: Path, url: str, tid: str | None, cacert: Path | None, *, peer_id: str) -> _PeerLink:
@@ -129,6 +139,19 @@ def transfer() -> None:
 def _default_fallback_uri(dep: Deployment) -> str:
     """SP1's fallback route on its cm (``POST /transfer/fallback``, authenticated by the device)."""
     return _default_enroll_uri(dep).removesuffix("/.well-known/est") + "/transfer/fallback"
+
+
+def _write_or_keep(data: Path, out: Path, token: bytes, *, done: str, what: str, name: str) -> None:
+    """Write ``token`` to ``out`` (checked before the work); if that fails now that the work is
+    done, keep it in DIR/transfer/exports/ and say where, exit code 1: nothing is left orphaned."""
+    problem = write_after_work(out, token, done=done)
+    if problem is None:
+        return
+    kept = data / "transfer" / "exports" / name
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(token)
+    err_console.print(f"[red]error[/red] (write_failed): {problem}; the {what} is kept in {kept}: copy it from there")
+    raise SystemExit(EXIT_ERROR)
 
 
 @transfer.command("init")
@@ -217,6 +240,8 @@ def export(
         raise BadRequestError("name the devices to hand over (--device or --devices-file)")
     if out is None and not serve:
         raise BadRequestError("say where the UpdateInfoList goes: --out FILE, --serve (cm), or both")
+    if out is not None:
+        check_out_file(out)  # before the transfer is made
     dep = Deployment.load(data)
     settings = load_settings(data)
     clock = SystemClock()
@@ -242,14 +267,14 @@ def export(
     finally:
         store.close()
     console.print(f"transfer [bold]{tid}[/bold]: UpdateInfoList of {len(ids)} device(s)")
-    if out is not None:
-        out.write_bytes(token)
-        console.print(f"written to {out}")
     if serve:
         from iotdlm.transfer.peer_handlers import publish_update_info
 
         publish_update_info(data, tid, token)
         console.print(f"served by cm to {peer_id} at /transfer/{tid}/update-info")
+    if out is not None:
+        _write_or_keep(data, out, token, done=f"transfer {tid} was made", what="UpdateInfoList", name=f"{tid}.jws")
+        console.print(f"written to {out}")
 
 
 @transfer.command("accept")
@@ -313,6 +338,8 @@ def accept(
     link = _peer_link(data, from_url, tid, cacert, peer_id=peer_id) if from_url else None
     if out is None and not send:
         raise BadRequestError("say where the TransferMessage goes: --out FILE, --send (to SP1's cm), or both")
+    if out is not None:
+        check_out_file(out)  # before the transfer is accepted
     if link is None and (src is None or send):
         raise BadRequestError(
             "give the UpdateInfoList: --in FILE, or --from SP1's cm with --transfer (--send needs it)"
@@ -345,7 +372,7 @@ def accept(
         store.close()
     console.print(f"transfer [bold]{tid}[/bold]: {n} device(s) registered with CA2 ({uri})")
     if out is not None:
-        out.write_bytes(tm)
+        _write_or_keep(data, out, tm, done=f"transfer {tid} was accepted", what="TransferMessage", name=f"{tid}.cwt")
         console.print(f"TransferMessage in {out}")
     if send:
         assert link is not None
@@ -384,6 +411,8 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
         )
     if tid is not None and not TID_RE.fullmatch(tid):
         raise BadRequestError(f"--transfer {tid[:80]!r}: a transfer id is 32 lower-case hex digits")
+    if out_dir is not None:
+        check_out_dir(out_dir, option="--out-dir")  # before the messages are made
     dep = Deployment.load(data)
     settings = load_settings(data)
     fallback_uri = settings.fallback_uri or _default_fallback_uri(dep)
@@ -401,9 +430,17 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
     finally:
         store.close()
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for device_id, cwt in msgs.items():
-            (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for device_id, cwt in msgs.items():
+                (out_dir / f"{device_id}.cwt").write_bytes(cwt)
+        except OSError as exc:
+            err_console.print(
+                f"[red]error[/red] (write_failed): transfer {tid}: {len(msgs)} device message(s) wait at cm "
+                f"(GET /transfer/message), but copying them to {out_dir} failed ({exc.strerror or exc}); "
+                f"`iotdlm transfer deliver --transfer {tid} --out-dir DIR` makes them again"
+            )
+            raise SystemExit(EXIT_ERROR) from None
     copies = f", copies in {out_dir}" if out_dir is not None else ""
     console.print(
         f"transfer [bold]{tid}[/bold]: {len(msgs)} device message(s) waiting at cm (GET /transfer/message)"
@@ -422,13 +459,19 @@ def deliver(data: Path, src: Path | None, tid: str | None, out_dir: Path | None)
 @handle_errors
 def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert: Path | None) -> None:
     """SP2: confirm to SP1 the devices CA2 has enrolled (SP1 then revokes their old certificates):
-    as a file (--out) and/or posted to SP1's cm (--send)."""
+    as a file (--out) and/or posted to SP1's cm (--send). Over the network the confirmation goes in
+    parts of 1,000 devices (SP1 revokes each part before it answers); with --out too, each part is
+    a file."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
+    from iotdlm.transfer.messages import MAX_CONFIRMATION_BYTES
+    from iotdlm.transfer.peer_parts import PeerLimits
     from iotdlm.transfer.shell import Sp2Service
 
     if out is None and send_to is None:
         raise BadRequestError("say where the confirmation goes: --out FILE, --send SP1's cm, or both")
+    if out is not None:
+        check_out_file(out)  # before the confirmation is made
     link = _peer_link(data, send_to, tid, cacert, peer_id="") if send_to else None
     dep = Deployment.load(data)
     clock = SystemClock()
@@ -437,23 +480,40 @@ def confirm(data: Path, tid: str, out: Path | None, send_to: str | None, cacert:
         svc = Sp2Service(
             store=store, identity=load_identity(data), clock=clock, registrar=FactoryRegistry(store, clock)
         )
-        token = svc.confirm(tid)
+        limits = PeerLimits()
+        if link is not None:  # each part one request to SP1's cm, answered once CA1 has revoked
+            tokens = svc.confirm_parts(tid, max_bytes=limits.max_body_bytes, max_devices=limits.confirmation_devices)
+        else:
+            tokens = svc.confirm_parts(tid, max_bytes=MAX_CONFIRMATION_BYTES)
         n = sum(1 for r in svc.status(tid).values() if r.status == st.ENROLLED)
     finally:
         store.close()
-    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed")
+    parts = f" in {len(tokens)} parts" if len(tokens) > 1 else ""
+    console.print(f"transfer [bold]{tid}[/bold]: {n} enrolled device(s) confirmed{parts}")
     if out is not None:
-        out.write_bytes(token)
-        console.print(f"confirmation in {out}")
+        names = (
+            [out]
+            if len(tokens) == 1
+            else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(tokens) + 1)]
+        )
+        done = f"transfer {tid}: {n} enrolled device(s) confirmed{parts}"
+        for i, (name, token) in enumerate(zip(names, tokens, strict=True), start=1):
+            kept = f"{tid}.confirm.cwt" if len(tokens) == 1 else f"{tid}.confirm-{i}.cwt"
+            _write_or_keep(data, name, token, done=done, what="confirmation", name=kept)
+        console.print(f"confirmation in {', '.join(map(str, names))}")
     if link is not None:
-        console.print(f"SP1: {run(link.send_confirmation(token))}")
+        for said in run(link.send_confirmations(tokens)):
+            console.print(f"SP1: {said}")
 
 
 @transfer.command("revoke-old")
 @data_option
-@click.option("--in", "src", type=_existing, required=True, help="SP2's confirmation (CWT).")
+@click.option(
+    "--in", "srcs", type=_existing, required=True, multiple=True,
+    help="SP2's confirmation (CWT); repeat it for a confirmation in parts.",
+)  # fmt: skip
 @handle_errors
-def revoke_old(data: Path, src: Path) -> None:
+def revoke_old(data: Path, srcs: tuple[Path, ...]) -> None:
     """SP1: on SP2's confirmation, have CA1 revoke the devices' old operational certificates
     (through a running km if one answers, else directly with the CA keys)."""
     from iotdlm.runtime import build_km, connect_identity, km_trust, open_store, sealer_for
@@ -462,7 +522,7 @@ def revoke_old(data: Path, src: Path) -> None:
     dep = Deployment.load(data)
     settings = load_settings(data)
     clock = SystemClock()
-    token = src.read_bytes()
+    tokens = [src.read_bytes() for src in srcs]
     store = open_store(dep)
     try:
         svc = Sp1Service(
@@ -475,16 +535,19 @@ def revoke_old(data: Path, src: Path) -> None:
             bus, ident = await connect_identity(dep, "admin")
             try:
                 km = KmClient(bus, sealer_for(ident), clock, trust=km_trust(dep))
-                return await svc.revoke_old(token, KmRevoker(km, store))
+                return [d for token in tokens for d in await svc.revoke_old(token, KmRevoker(km, store))]
             finally:
                 await bus.close()
+
+        async def directly() -> list[str]:
+            kmcore = build_km(dep, store, clock)
+            assert kmcore.va is not None
+            return [d for t in tokens for d in await svc.revoke_old(t, LocalRevoker(store, kmcore.va, clock))]
 
         try:
             done, how = run(through_km()), "through km"
         except UnavailableError:
-            kmcore = build_km(dep, store, clock)
-            assert kmcore.va is not None
-            done, how = run(svc.revoke_old(token, LocalRevoker(store, kmcore.va, clock))), "directly in the store"
+            done, how = run(directly()), "directly in the store"
     finally:
         store.close()
     console.print(f"{len(done)} device(s) revoked-at-CA1 ({how})")
@@ -495,44 +558,96 @@ def revoke_old(data: Path, src: Path) -> None:
 @click.option("--transfer", "tid", default=None, help="One transfer (default: list the transfers).")
 @click.option("--role", type=click.Choice(["sp1", "sp2"]), default=None, help="This provider's role in it.")
 @click.option("--devices/--no-devices", default=False, help="List every device, not only the counts.")
+@json_option
 @handle_errors
-def status(data: Path, tid: str | None, role: str | None, devices: bool) -> None:
+def status(data: Path, tid: str | None, role: str | None, devices: bool, as_json: bool) -> None:
     """Per-device status at this provider: pending, fetched, reset, attested, updated, enrolled,
     revoked-at-CA1, failed-fallback; and how many devices refused a transfer message (replayed,
     expired, altered, wrong signer: `iotdlm audit list --kind device_refusal` has each report)."""
     from iotdlm.runtime import open_store
-    from iotdlm.store.transfer import TransferDeviceRecord
     from iotdlm.transfer.shell import counts
 
     dep = Deployment.load(data)
     store = open_store(dep)
     try:
-        tables = store
         roles = [role] if role else ["sp1", "sp2"]
-        found = [(r, rec) for r in roles for rec in tables.list_transfers(r) if tid is None or rec.transfer_id == tid]
+        found = [(r, rec) for r in roles for rec in store.list_transfers(r) if tid is None or rec.transfer_id == tid]
         if not found:
             raise NotFoundError("no transfer here" + (f" with id {tid}" if tid else ""))
-        table = Table("transfer", "role", "devices", *st.STATUSES, "refused", "updated")
-        rows_by: dict[tuple[str, str], dict[str, TransferDeviceRecord]] = {}
-        for r, rec in found:
-            rows = tables.get_transfer_devices(r, rec.transfer_id)
-            rows_by[(r, rec.transfer_id)] = dict(rows)
-            c = counts(rows)
-            refused = sum(1 for row in rows.values() if st.last_refusal(row.detail))
-            table.add_row(
-                rec.transfer_id, r, str(len(rows)), *(str(c[s]) for s in st.STATUSES), str(refused),
-                rec.updated_at.isoformat(),
-            )  # fmt: skip
-        console.print(table)
-        if devices:
-            for (r, t), rows in rows_by.items():
-                dt_table = Table("device", "status", "updated", "last refused message", title=f"{t} ({r})")
-                for d in sorted(rows):
-                    row = rows[d]
-                    dt_table.add_row(d, row.status, row.updated_at.isoformat(), st.last_refusal(row.detail) or "-")
-                console.print(dt_table)
+        rows = [(r, rec, store.get_transfer_devices(r, rec.transfer_id)) for r, rec in found]
     finally:
         store.close()
+    if as_json:
+        print_json({"transfers": [_transfer_json(r, rec, devs, devices=devices) for r, rec, devs in rows]})
+        return
+    columns = (
+        Column("transfer", whole=True),
+        Column("role"),
+        Column("devices", whole=True),
+        Column("by status", min=16),
+        Column("last change (UTC)", whole=True, drop=1),
+    )
+    table_rows = []
+    for r, rec, devs in rows:
+        c = counts(devs)
+        lines = [f"{s} {c[s]}" for s in st.STATUSES if c[s]]
+        refused = _refused(devs)
+        if refused:
+            lines.append(f"refused a message: {refused}")
+        table_rows.append([rec.transfer_id, r, str(len(devs)), "\n".join(lines) or "-", _when(rec.updated_at)])
+    print_table(console, columns, table_rows)
+    if devices:
+        device_columns = (
+            Column("device", whole=True),
+            Column("status"),
+            Column("last change (UTC)", whole=True, drop=2),
+            Column("last refused message", drop=1, min=16),
+        )
+        for r, rec, devs in rows:
+            device_rows = [
+                [d, devs[d].status, _when(devs[d].updated_at), st.last_refusal(devs[d].detail) or "-"]
+                for d in sorted(devs)
+            ]
+            print_table(console, device_columns, device_rows, title=f"{rec.transfer_id} ({r})")
+
+
+def _refused(rows: dict[str, TransferDeviceRecord]) -> int:
+    """How many devices of a transfer refused a transfer message (their last report is kept)."""
+    return sum(1 for row in rows.values() if st.last_refusal(row.detail))
+
+
+def _when(t: dt.datetime) -> str:
+    return (iso_utc(t) or "").replace("T", " ").rstrip("Z")
+
+
+def _transfer_json(
+    role: str, rec: TransferRecord, rows: dict[str, TransferDeviceRecord], *, devices: bool
+) -> dict[str, object]:
+    """One transfer as `transfer status --json` gives it (keys in docs/operations.md)."""
+    from iotdlm.transfer.shell import counts
+
+    c = counts(rows)
+    out: dict[str, object] = {
+        "transfer_id": rec.transfer_id,
+        "role": role,
+        "state": rec.state,
+        "devices": len(rows),
+        "counts": {s: c[s] for s in st.STATUSES},
+        "refused": _refused(rows),
+        "created_at": iso_utc(rec.created_at),
+        "updated_at": iso_utc(rec.updated_at),
+    }
+    if devices:
+        out["device_status"] = [
+            {
+                "device_id": d,
+                "status": rows[d].status,
+                "updated_at": iso_utc(rows[d].updated_at),
+                "last_refused_message": st.last_refusal(rows[d].detail) or None,
+            }
+            for d in sorted(rows)
+        ]
+    return out
 
 
 @transfer.command("publish-update")

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from rich.table import Table
 
 from iotdlm.cli.common import console, data_option, handle_errors, run
-from iotdlm.cli.revoke import is_hex
+from iotdlm.cli.output import parse_serial
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import NotFoundError
@@ -24,7 +24,9 @@ def va() -> None:
 
 @va.command("ocsp")
 @data_option
-@click.option("--serial", required=True, help="Serial (hex) of the certificate to check.")
+@click.option(
+    "--serial", required=True, help="Serial of the certificate to check (hex, as `ca list` or openssl prints it)."
+)
 @click.option("--issuer", type=click.Choice(["factory", "operational", "service"]), default=None)
 @click.option("--nonce/--no-nonce", default=True, show_default=True, help="Send a nonce (then the answer is fresh).")
 @handle_errors
@@ -41,7 +43,7 @@ def va_ocsp(data: Path, serial: str, issuer: str | None, nonce: bool) -> None:
     dep = Deployment.load(data)
     store = open_store(dep)
     try:
-        recs = store.find_by_serial(int(serial, 16)) if is_hex(serial) else []
+        recs = store.find_by_serial(parse_serial(serial))
         recs = [r for r in recs if issuer is None or r.issuer == issuer]
         if not recs:
             raise NotFoundError(f"no certificate with serial {serial} (see `iotdlm ca list`)")

@@ -163,6 +163,12 @@ class KmClient:
                 f"km reply is not valid: an unsigned error reply ({exc.code}: {exc.message[:200]}) did not come from km"
             ) from exc
         now = self.clock.now()
+        if len(token) > envelope.MAX_ENVELOPE_BYTES:
+            # not a forgery: km said more than one reply may carry (ADR 0019: large answers go in parts)
+            raise TooLargeError(
+                f"km's reply on {subject} is {len(token) / 2**20:.1f} MB; the limit is "
+                f"{envelope.MAX_ENVELOPE_BYTES / 2**20:.1f} MB: ask for less at once"
+            )
         try:
             alg, leaf = envelope.peek_signer(token)
         except RejectedError as exc:

@@ -20,6 +20,9 @@ class Limits:
     max_body_bytes: int = 64 * 1024
     #: largest OCSP request (RFC 5019 requests are about 100 bytes)
     max_ocsp_request_bytes: int = 8 * 1024
+    #: largest TransferMessage or confirmation a peer provider posts (one NATS message to km;
+    #: SP2 confirms a large fleet in parts below it, docs/adr/0019)
+    max_transfer_body_bytes: int = 512 * 1024
     #: a connection must send a complete request head within this many seconds of opening (or of
     #: its previous response), else it is closed: the slowloris guard. Also the keep-alive timeout.
     idle_timeout: float = 15.0
@@ -39,7 +42,10 @@ class Limits:
     max_headers: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_ocsp_request_bytes", "max_line_size", "max_field_size", "max_headers"):
+        for name in (
+            "max_body_bytes", "max_ocsp_request_bytes", "max_transfer_body_bytes", "max_line_size",
+            "max_field_size", "max_headers",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive")
         for name in ("idle_timeout", "body_timeout", "handshake_timeout", "km_timeout"):

@@ -286,7 +286,10 @@ class CmApp:
             app.router.add_post(f"{base}/{op}", self._enroll_handler(op))
         app.router.add_get(f"{base}/{NONCE_PATH}", self.proof_nonce)
         if self.peer is not None:
-            PeerRoutes(self.peer, require=self._require, read_body=self._read_body).add(app)
+            PeerRoutes(
+                self.peer, require=self._require, read_body=self._read_body,
+                max_body=self.limits.max_transfer_body_bytes,
+            ).add(app)  # fmt: skip
         self._add_va_routes(app)
         from iotdlm.cm import transfer_routes  # issue 13: the device-facing transfer routes
 

@@ -42,6 +42,7 @@ from iotdlm.errors import (
     IotdlmError,
     NotAuthorizedError,
     NotFoundError,
+    RejectedError,
     TooLargeError,
     UnavailableError,
     UntrustedError,
@@ -98,7 +99,11 @@ class EstClient:
         timeout: float = 30.0,
         label: str | None = None,
         connections: int = 4,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
+        """``session``: the caller's HTTPS session (its connector carries this very TLS client
+        context: anchors and client certificate), kept open across calls and closed by the
+        caller; without it the client builds its own context and session."""
         if not base_url.startswith("https://"):
             raise ValueError("EST runs over HTTPS: base_url must start with https://")
         if (client_cert_pem is None) != (client_key_pem is None):
@@ -106,15 +111,16 @@ class EstClient:
         self.base_url = base_url.rstrip("/")
         self.label = label
         self.timeout = timeout
-        self._ssl = _client_context(trust_anchor_pem, client_cert_pem, client_key_pem)
-        self._anonymous_ssl = _client_context(trust_anchor_pem, None, None)
+        self._anchor_pem = trust_anchor_pem
+        self._ssl = _client_context(trust_anchor_pem, client_cert_pem, client_key_pem) if session is None else None
         self._has_client_cert = client_cert_pem is not None
         #: the current credential's key: signs the proof km asks for (ADR 0008)
         self._proof_key: PrivateKey | None = (
             load_private_key_pem(client_key_pem, None) if client_key_pem is not None else None
         )
         self._connections = connections
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = session
+        self._borrowed = session is not None
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def __aenter__(self) -> EstClient:
@@ -127,12 +133,16 @@ class EstClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._borrowed:
+            return  # the caller's session: the caller closes it
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self._session is None:
+            if self._ssl is None:  # a borrowed session is never replaced (nor its TLS checks)
+                raise RuntimeError("the session this EST client was given is gone")
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self._connections),
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
@@ -254,7 +264,7 @@ class EstClient:
         try:
             async with (
                 aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(ssl=self._anonymous_ssl, limit=1),
+                    connector=aiohttp.TCPConnector(ssl=_client_context(self._anchor_pem, None, None), limit=1),
                     timeout=aiohttp.ClientTimeout(total=min(self.timeout, 10.0)),
                     trust_env=False,
                 ) as session,
@@ -310,6 +320,45 @@ class EstClient:
         raise _error_for(status, operation, body, retry_after)
 
 
+# --- RFC 7030 4.1.1: the bootstrap ----------------------------------------------------------------
+#: largest /cacerts body the bootstrap fetch reads
+MAX_CACERTS_BYTES = 256 * 1024
+
+
+async def bootstrap_cacerts(enroll_uri: str, *, seconds: float = 30.0) -> list[x509.Certificate]:
+    """GET {enrollURI}/cacerts with the server NOT authenticated (RFC 7030 4.1.1, bootstrap
+    distribution of CA certificates): what comes back is checked by the caller against the
+    trust-anchor hashes of the signed transfer message, nothing else is taken."""
+    base = enroll_uri if enroll_uri.endswith(WELL_KNOWN) else enroll_uri.rstrip("/") + WELL_KNOWN
+    # bootstrap: the signed SHA-256 of each anchor authenticates it, so no CA store is loaded (the
+    # system bundle cost ~23 ms per device, to be switched off at once)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds), trust_env=False) as session,
+            session.get(f"{base}/cacerts", ssl=ctx) as resp,
+        ):
+            if resp.status != 200:
+                raise UnavailableError(f"{base}/cacerts answered HTTP {resp.status}")
+            # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
+            body = b""
+            while len(body) <= MAX_CACERTS_BYTES:
+                chunk = await resp.content.read(MAX_CACERTS_BYTES + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise UnavailableError(f"cannot fetch {base}/cacerts: {exc}") from exc
+    if len(body) > MAX_CACERTS_BYTES:
+        raise RejectedError(f"{base}/cacerts is larger than {MAX_CACERTS_BYTES} bytes")
+    try:
+        return list(pkcs7.load_der_pkcs7_certificates(base64.b64decode(b"".join(body.split()), validate=True)))
+    except (binascii.Error, ValueError) as exc:
+        raise RejectedError(f"{base}/cacerts is not a base64 certs-only CMS: {exc}") from exc
+
+
 # --- helpers (pure) -------------------------------------------------------------------------------
 def _load_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
     try:
@@ -319,22 +368,30 @@ def _load_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
 
 
 def _client_context(anchor_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
+    if cert_pem is None or key_pem is None:
+        return _client_context_files(anchor_pem, None)
+    # ssl loads a client certificate and key from files only: a private folder, gone at once
+    with tempfile.TemporaryDirectory(prefix="iotdlm-est-") as d:
+        cert_path, key_path = Path(d) / "cert.pem", Path(d) / "key.pem"
+        cert_path.write_bytes(cert_pem)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key_pem)
+        return _client_context_files(anchor_pem, (cert_path, key_path))
+
+
+def _client_context_files(anchor_pem: bytes, identity: tuple[Path, Path] | None) -> ssl.SSLContext:
+    """A TLS client context: the server checked against ``anchor_pem`` (and its host name), the
+    client certificate and key loaded from the ``identity`` files (certificate, key) when given."""
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=anchor_pem.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"trust_anchor_pem is not a PEM certificate bundle: {exc}") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert_pem is not None and key_pem is not None:
-        # ssl loads a client certificate and key from files only: a private folder, gone at once
-        with tempfile.TemporaryDirectory(prefix="iotdlm-est-") as d:
-            cert_path, key_path = Path(d) / "cert.pem", Path(d) / "key.pem"
-            cert_path.write_bytes(cert_pem)
-            key_path.touch(mode=0o600)
-            key_path.write_bytes(key_pem)
-            try:
-                ctx.load_cert_chain(str(cert_path), str(key_path))
-            except ssl.SSLError as exc:
-                raise ValueError(f"the client certificate and key do not load or do not match: {exc}") from exc
+    if identity is not None:
+        try:
+            ctx.load_cert_chain(str(identity[0]), str(identity[1]))
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"the client certificate and key do not load or do not match: {exc}") from exc
     return ctx
 
 

@@ -68,6 +68,13 @@ class TransferHandler(Protocol):
     async def resume(self) -> object: ...
 
 
+class PassConnections(Protocol):
+    """The device's HTTPS connections and TLS contexts of a pass
+    (:class:`iotdlm.transfer.http_clients.DeviceHttps`), closed when the pass ends."""
+
+    async def close(self) -> None: ...
+
+
 class MessageSource(Protocol):
     async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
         """The device's transfer message from its provider's cm; None when there is none (404)."""
@@ -110,7 +117,10 @@ class DeviceRunner:
         messages: MessageSource | None = None,
         renew_at: float = DEFAULT_RENEW_AT,
         timeout: float = 30.0,
+        connections: PassConnections | None = None,
     ) -> None:
+        """``connections``: what the transfer steps and the message fetch keep open during a pass
+        (one TLS context and keep-alive connection per credential and host), closed at its end."""
         if not 0 < renew_at < 1:
             raise ValueError("renew_at is a fraction of the certificate's lifetime, between 0 and 1")
         self.dev = dev
@@ -119,6 +129,7 @@ class DeviceRunner:
         self.messages = messages
         self.renew_at = renew_at
         self.timeout = timeout
+        self.connections = connections
         self._state_path = dev.path / "flash" / "runner.json"
         self._told_404 = False
 
@@ -137,6 +148,13 @@ class DeviceRunner:
 
     # --- one pass ------------------------------------------------------------------------------------
     async def tick(self) -> TickReport:
+        try:
+            return await self._tick()
+        finally:
+            if self.connections is not None:
+                await self.connections.close()
+
+    async def _tick(self) -> TickReport:
         report = TickReport(self.dev.device_id)
         if self.transfers is not None:
             await self._run_step(report, "transfer", self.transfers.resume())
@@ -269,6 +287,7 @@ __all__ = [
     "DEFAULT_RENEW_AT",
     "DeviceRunner",
     "MessageSource",
+    "PassConnections",
     "TickReport",
     "TransferHandler",
     "TransferReceipt",

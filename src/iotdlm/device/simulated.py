@@ -108,6 +108,8 @@ class SimulatedDevice:
             can_make_csr=data["can_make_csr"],
             algorithm=data["algorithm"],
         )
+        #: which key certifies a certificate, per (certificate, key files): see _matching_key
+        self._matches: dict[tuple[bytes, tuple[bytes, ...]], str | None] = {}
 
     # --- manufacturing ----------------------------------------------------------------------
     @classmethod
@@ -205,12 +207,24 @@ class SimulatedDevice:
             self.log("key_installed", purpose="operational", serial=format(cert.serial_number, "x"))
 
     def _matching_key(self, cert: x509.Certificate) -> str | None:
-        """Which of the device's keys ``cert`` certifies (None: none of them)."""
+        """Which of the device's keys ``cert`` certifies (None: none of them). Remembered for the
+        very same certificate and key files (their bytes), so a device presenting its credential
+        on every request parses its keys once, and any change to a key file asks again."""
+        names = ("operational", "device", "pending")
+        files = tuple(p.read_bytes() if p.is_file() else b"" for p in map(self._key_path, names))
+        memo = (cert.public_bytes(serialization.Encoding.DER), files)
+        if memo in self._matches:
+            return self._matches[memo]
         wanted = _spki(cert.public_key())
-        for name in ("operational", "device", "pending"):
-            if self.has_key(name) and _spki(self.public_key(name)) == wanted:
-                return name
-        return None
+        found = None
+        for name, pem in zip(names, files, strict=True):
+            if pem and _spki(load_private_key_pem(pem, None).public_key()) == wanted:
+                found = name
+                break
+        if len(self._matches) >= 8:
+            self._matches.clear()  # a handful of credentials at a time: never grows
+        self._matches[memo] = found
+        return found
 
     def _credential_key(self, kind: str) -> str:
         cert = self.certificate(kind)
@@ -254,10 +268,14 @@ class SimulatedDevice:
         """(certificate PEM, key PEM) for the device's own TLS client (EST): the certificate and the
         key it certifies. The device uses its key itself; this is how the simulated device hands it
         to its TLS stack."""
-        cert = self.certificate(kind)
-        if cert is None:
-            raise NotFoundError(f"device {self.device_id} has no {kind} certificate")
-        return certs_to_pem([cert]), self._key_path(self._credential_key(kind)).read_bytes()
+        cert_path, key_path = self.tls_identity_files(kind)
+        return cert_path.read_bytes(), key_path.read_bytes()
+
+    def tls_identity_files(self, kind: str = "operational") -> tuple[Path, Path]:
+        """Where the certificate of :meth:`tls_identity` and the key it certifies are (the device's
+        own TLS stack loads them from there, with no copy)."""
+        name = self._credential_key(kind)  # the certificate is there and the device holds its key
+        return self.path / "flash" / "certs" / f"{kind}.pem", self._key_path(name)
 
     # --- flash ------------------------------------------------------------------------------
     def write_image(self, slot: str, image: Path, info: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 from cryptography import x509
 
 from iotdlm.clock import Clock
+from iotdlm.device.est_client import bootstrap_cacerts  # re-exported: the bootstrap lives with EST
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError, UntrustedError
 from iotdlm.files import atomic_write
@@ -140,51 +141,6 @@ class EstEnroller:
 
     async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
         return await bootstrap_cacerts(enroll_uri, seconds=self.timeout)
-
-
-#: largest /cacerts body the bootstrap fetch reads
-MAX_CACERTS_BYTES = 256 * 1024
-
-
-async def bootstrap_cacerts(enroll_uri: str, *, seconds: float = 30.0) -> list[x509.Certificate]:
-    """GET {enrollURI}/cacerts with the server NOT authenticated (RFC 7030 4.1.1, bootstrap
-    distribution of CA certificates): what comes back is checked by the caller against the
-    trust-anchor hashes of the signed transfer message, nothing else is taken."""
-    import base64
-    import binascii
-    import ssl
-
-    import aiohttp
-    from cryptography.hazmat.primitives.serialization import pkcs7
-
-    base = enroll_uri if enroll_uri.endswith(WELL_KNOWN_EST) else enroll_uri.rstrip("/") + WELL_KNOWN_EST
-    # bootstrap: the signed SHA-256 of each anchor authenticates it, so no CA store is loaded (the
-    # system bundle cost ~23 ms per device, to be switched off at once)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds), trust_env=False) as session,
-            session.get(f"{base}/cacerts", ssl=ctx) as resp,
-        ):
-            if resp.status != 200:
-                raise UnavailableError(f"{base}/cacerts answered HTTP {resp.status}")
-            # read() returns what has arrived so far, not the whole body: read until EOF or over the limit
-            body = b""
-            while len(body) <= MAX_CACERTS_BYTES:
-                chunk = await resp.content.read(MAX_CACERTS_BYTES + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise UnavailableError(f"cannot fetch {base}/cacerts: {exc}") from exc
-    if len(body) > MAX_CACERTS_BYTES:
-        raise RejectedError(f"{base}/cacerts is larger than {MAX_CACERTS_BYTES} bytes")
-    try:
-        return list(pkcs7.load_der_pkcs7_certificates(base64.b64decode(b"".join(body.split()), validate=True)))
-    except (binascii.Error, ValueError) as exc:
-        raise RejectedError(f"{base}/cacerts is not a base64 certs-only CMS: {exc}") from exc
 
 
 class EstRelay(Protocol):

@@ -11,19 +11,28 @@ line of text as the message; an attestation refused (403) is a failed verdict, n
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import ssl
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
 from cryptography import x509
 
-from iotdlm.device.est_client import _client_context, _error_for  # the EST client's TLS and errors
+from iotdlm.device.est_client import (  # the EST client's TLS, errors and bootstrap
+    WELL_KNOWN,
+    _client_context,
+    _client_context_files,
+    _error_for,
+    bootstrap_cacerts,
+)
 from iotdlm.device.simulated import SimulatedDevice
-from iotdlm.errors import BadRequestError, NotFoundError, TooLargeError, UnavailableError
+from iotdlm.errors import BadRequestError, NotFoundError, RejectedError, TooLargeError, UnavailableError
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.transfer import attestation
 from iotdlm.transfer.shell import UpdateImage
@@ -45,21 +54,32 @@ class TransferHttps:
         client_key_pem: bytes | None,
         timeout: float = 30.0,
     ) -> None:
-        self._ssl = _client_context(certs_to_pem(list(anchors)), client_cert_pem, client_key_pem)
+        self._ssl: ssl.SSLContext | None = _client_context(certs_to_pem(list(anchors)), client_cert_pem, client_key_pem)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._borrowed = False
+
+    @classmethod
+    def over(cls, session: aiohttp.ClientSession) -> TransferHttps:
+        """A client on a session the caller keeps (and closes): its connector's TLS context is the
+        device's credential and anchors (:class:`DeviceHttps` builds them)."""
+        self = cls.__new__(cls)
+        self._ssl = None
+        self._timeout = aiohttp.ClientTimeout()
+        self._session, self._borrowed = session, True
+        return self
 
     async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(
-            timeout=self._timeout, connector=aiohttp.TCPConnector(ssl=self._ssl, limit=2)
-        )
+        if not self._borrowed:
+            assert self._ssl is not None  # built in __init__ when the session is not borrowed
+            self._session = _session(self._ssl, self._timeout)
         return self
 
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
+        if self._session is not None and not self._borrowed:
             await self._session.close()
             self._session = None
 
@@ -151,17 +171,51 @@ class TransferHttps:
 
 
 class DeviceHttps:
-    """A simulated device's transfer clients over HTTPS (the agent's
-    :class:`~iotdlm.transfer.agent.AttestationClient`, :class:`~iotdlm.transfer.agent.UpdateClient`
-    and :class:`~iotdlm.transfer.agent.FallbackClient`, and the runner's
-    :class:`~iotdlm.device.runner.MessageSource`): each call opens a :class:`TransferHttps` with the
-    device's truststore as it is then (SP2's anchors join it before the raURI is asked) and the
-    credential the route takes: at SP1 (message, fallback) the operational certificate, else the
-    factory one; at SP2 (raURI, updateURI) the factory certificate, the one SP1 shared."""
+    """A simulated device's HTTPS clients for one pass of its loop: the transfer agent's
+    :class:`~iotdlm.transfer.agent.AttestationClient`, :class:`~iotdlm.transfer.agent.UpdateClient`,
+    :class:`~iotdlm.transfer.agent.FallbackClient` and :class:`~iotdlm.transfer.agent.Enroller`
+    (EST with CA2), and the runner's message fetch.
+
+    Each call presents the credential its route takes -- at SP1 (message, fallback) the operational
+    certificate, else the factory one; at SP2 (raURI, updateURI, enrollURI) the factory
+    certificate, the one SP1 shared -- and authenticates the server with the device's truststore
+    as it is then (SP2's anchors join it before the raURI is asked), or for EST with the anchors the
+    transfer message named.
+
+    One TLS context and one keep-alive session per (credential, anchors) for the pass: the
+    attestation challenge and evidence share a connection, as do EST's nonce, simpleenroll and
+    cacerts. Nothing is shared between devices (each device its own ``DeviceHttps``), and a new
+    credential or truststore makes a new context and connection. :meth:`close` (the runner calls
+    it at the end of each pass) closes the connections and drops the contexts."""
 
     def __init__(self, dev: SimulatedDevice, *, timeout: float = 30.0) -> None:
         self.dev = dev
         self.timeout = timeout
+        self._sessions: dict[tuple[bytes, bytes], aiohttp.ClientSession] = {}
+
+    def _session_for(
+        self,
+        anchors: Sequence[x509.Certificate],
+        cert_pem: bytes,
+        key_pem: bytes,
+        files: tuple[Path, Path] | None = None,
+    ) -> aiohttp.ClientSession:
+        """The pass's session for this credential and these anchors (made on first use). ``files``:
+        where the device keeps that certificate and key (loaded from there, not copied)."""
+        anchors_pem = certs_to_pem(list(anchors))
+        key = (hashlib.sha256(cert_pem + b"\0" + key_pem).digest(), hashlib.sha256(anchors_pem).digest())
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            try:
+                ctx = (
+                    _client_context_files(anchors_pem, files)
+                    if files is not None
+                    else _client_context(anchors_pem, cert_pem, key_pem)
+                )
+            except ValueError as exc:
+                raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
+            session = self._sessions[key] = _session(ctx, aiohttp.ClientTimeout(total=self.timeout))
+        return session
 
     def _client(self, kind: str) -> TransferHttps:
         anchors = self.dev.truststore()
@@ -169,20 +223,24 @@ class DeviceHttps:
             raise NotFoundError(f"device {self.dev.device_id} has an empty truststore: it cannot authenticate cm")
         if kind == "sp1":
             kind = "operational" if self.dev.certificate("operational") is not None else "factory"
-        cert_pem, key_pem = self.dev.tls_identity(kind)
-        try:
-            return TransferHttps(
-                anchors=anchors, client_cert_pem=cert_pem, client_key_pem=key_pem, timeout=self.timeout
-            )
-        except ValueError as exc:
-            raise NotFoundError(f"the device's truststore or credential does not load: {exc}") from exc
+        return TransferHttps.over(self._session_for(anchors, *self._identity(kind)))
+
+    def _identity(self, kind: str) -> tuple[bytes, bytes, tuple[Path, Path]]:
+        """(certificate PEM, key PEM, their files) of the device's ``kind`` credential."""
+        files = self.dev.tls_identity_files(kind)
+        return files[0].read_bytes(), files[1].read_bytes(), files
+
+    async def close(self) -> None:
+        """The end of the pass: close the connections, drop the TLS contexts."""
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def messages(self, base_url: str) -> bytes | None:
         """MessageSource.fetch: the device's transfer message at its cm; None when there is none."""
         client = self._client("sp1")  # a device that cannot speak TLS is told so, not taken for a 404
         try:
-            async with client as c:
-                _tid, token = await c.fetch_message(base_url)
+            _tid, token = await client.fetch_message(base_url)
         except NotFoundError:  # cm: no message waits for this device (or no transfer route)
             return None
         if len(token) > MAX_RESPONSE_BYTES:
@@ -190,39 +248,82 @@ class DeviceHttps:
         return token
 
     async def report(self, fallback_uri: str, *, transfer_id: str, device_id: str, reason: str) -> None:
-        async with self._client("sp1") as c:
-            await c.report(fallback_uri, transfer_id=transfer_id, device_id=device_id, reason=reason)
+        await self._client("sp1").report(fallback_uri, transfer_id=transfer_id, device_id=device_id, reason=reason)
 
     async def report_refusal(self, cm_url: str, *, reason: str, detail: str, message: str) -> None:
         async with self._client("sp1") as c:
             await c.report_refusal(cm_url, reason=reason, detail=detail, message=message)
 
     async def challenge(self, ra_uri: str, device_id: str) -> bytes:
-        async with self._client("factory") as c:
-            return await c.challenge(ra_uri, device_id)
+        return await self._client("factory").challenge(ra_uri, device_id)
 
     async def submit(self, ra_uri: str, evidence: bytes) -> attestation.Verdict:
-        async with self._client("factory") as c:
-            return await c.submit(ra_uri, evidence)
+        return await self._client("factory").submit(ra_uri, evidence)
 
     async def fetch(self, update_uri: str, device_id: str) -> UpdateImage:
-        async with self._client("factory") as c:
-            return await c.fetch(update_uri, device_id)
+        return await self._client("factory").fetch(update_uri, device_id)
 
     async def report_updated(self, update_uri: str, *, transfer_id: str, version: str) -> None:
-        async with self._client("factory") as c:
-            await c.report_updated(update_uri, transfer_id=transfer_id, version=version)
+        await self._client("factory").report_updated(update_uri, transfer_id=transfer_id, version=version)
+
+    # --- Enroller: EST with CA2 at the enrollURI ------------------------------------------------------
+    async def enroll(
+        self,
+        enroll_uri: str,
+        *,
+        anchors: Sequence[x509.Certificate],
+        client_cert_pem: bytes,
+        client_key_pem: bytes,
+        csr: bytes,
+    ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        """EST simpleenroll then cacerts, on one connection authenticated by ``anchors``, with the
+        credential the agent names (the factory certificate)."""
+        from iotdlm.device.est_client import EstClient
+
+        base = enroll_uri[: -len(WELL_KNOWN)] if enroll_uri.endswith(WELL_KNOWN) else enroll_uri
+        if not anchors:
+            raise RejectedError("no anchors to authenticate the enrollment URI with")
+        files = None
+        with contextlib.suppress(NotFoundError):
+            cert_pem, key_pem, factory = self._identity("factory")
+            files = factory if (cert_pem, key_pem) == (client_cert_pem, client_key_pem) else None
+        try:
+            session = self._session_for(anchors, client_cert_pem, client_key_pem, files)
+            client = EstClient(
+                base, trust_anchor_pem=certs_to_pem(list(anchors)), client_cert_pem=client_cert_pem,
+                client_key_pem=client_key_pem, timeout=self.timeout, session=session,
+            )  # fmt: skip
+        except (ValueError, NotFoundError) as exc:
+            raise RejectedError(f"cannot use the enrollment URI or anchors: {exc}") from exc
+        cert = await client.simpleenroll(csr)
+        return cert, await client.cacerts()
+
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        """Enroller.cacerts: the RFC 7030 4.1.1 bootstrap (the server not authenticated)."""
+        return await bootstrap_cacerts(enroll_uri, seconds=self.timeout)
 
 
 class DeviceMessages:
-    """The runner's :class:`~iotdlm.device.runner.MessageSource` over :class:`DeviceHttps`
-    (``GET <cm>/transfer/message`` with the device's certificate)."""
+    """The runner's :class:`~iotdlm.device.runner.MessageSource` (``GET <cm>/transfer/message``
+    with the device's certificate): on the device's :class:`DeviceHttps` of the pass when given
+    (``https``), else on one of its own for the call."""
 
-    def __init__(self, *, timeout: float = 30.0) -> None:
+    def __init__(self, *, timeout: float = 30.0, https: DeviceHttps | None = None) -> None:
         self.timeout = timeout
+        self.https = https
 
     async def fetch(self, dev: SimulatedDevice, base_url: str) -> bytes | None:
-        return await DeviceHttps(dev, timeout=self.timeout).messages(base_url)
+        if self.https is not None and self.https.dev is dev:
+            return await self.https.messages(base_url)
+        https = DeviceHttps(dev, timeout=self.timeout)
+        try:
+            return await https.messages(base_url)
+        finally:
+            await https.close()
+
+
+def _session(ctx: ssl.SSLContext, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ctx, limit=2), trust_env=False)
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:

@@ -6,7 +6,8 @@ The fetch request is a COSE_Sign1 (typ :data:`TYP_FETCH`) signed with SP2's agre
 its protected header naming that certificate by thumbprint (x5t), its payload a CBOR map::
 
     { 1 (iss): SP2's provider id, 3 (aud): SP1's provider id, 6 (iat): epoch seconds,
-      7 (cti): 16 random bytes, -70001 (transfer): the transfer id }
+      7 (cti): 16 random bytes, -70001 (transfer): the transfer id,
+      ? -70002 (offset): the first byte asked for, when not 0 (docs/adr/0019) }
 
 SP1 accepts it only from the certificate it pinned for this transfer at export, for this very
 transfer, within :data:`FETCH_WINDOW` of its clock, and once (the cti is a replay nonce). The
@@ -41,11 +42,10 @@ MAX_FETCH_BYTES = 1024
 #: a transfer id: the first 16 bytes of its transferRef in hex
 TID_RE = re.compile(r"[0-9a-f]{32}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
-CLAIM_ISS, CLAIM_AUD, CLAIM_IAT, CLAIM_CTI, CLAIM_TRANSFER = 1, 3, 6, 7, -70001
+CLAIM_ISS, CLAIM_AUD, CLAIM_IAT, CLAIM_CTI, CLAIM_TRANSFER, CLAIM_OFFSET = 1, 3, 6, 7, -70001, -70002
 _CLAIMS = frozenset({CLAIM_ISS, CLAIM_AUD, CLAIM_IAT, CLAIM_CTI, CLAIM_TRANSFER})
-#: the largest TransferMessage / confirmation body cm relays: the confirmation lists every device
-#: (about 60 B each) and travels in one NATS message (1 MiB by default), base64 inside JSON
-MAX_PEER_BODY = 512 * 1024
+#: the largest byte offset a fetch request may name (the UpdateInfoList's own limit is 96 MiB)
+MAX_OFFSET = 2**40
 
 
 def check_tid(text: str) -> str:
@@ -62,6 +62,8 @@ class FetchRequest:
     issued_at: dt.datetime
     cti: bytes
     transfer_id: str
+    #: the first byte of the UpdateInfoList asked for (docs/adr/0019: it travels in parts)
+    offset: int = 0
 
 
 def sign_fetch(
@@ -72,17 +74,22 @@ def sign_fetch(
     now: dt.datetime,
     signer: cose.CoseSigner,
     entropy: Callable[[int], bytes] = secrets.token_bytes,
+    offset: int = 0,
 ) -> str:
-    """SP2's fetch request for ``transfer_id``, as the value of :data:`FETCH_HEADER`."""
-    payload = cose.dumps(
-        {
-            CLAIM_ISS: issuer,
-            CLAIM_AUD: audience,
-            CLAIM_IAT: epoch(now),
-            CLAIM_CTI: entropy(16),
-            CLAIM_TRANSFER: check_tid(transfer_id),
-        }
-    )
+    """SP2's fetch request for ``transfer_id`` from byte ``offset`` on, as the value of
+    :data:`FETCH_HEADER`."""
+    if not 0 <= offset < MAX_OFFSET:
+        raise ValueError(f"offset {offset} out of range")
+    claims: dict[int, object] = {
+        CLAIM_ISS: issuer,
+        CLAIM_AUD: audience,
+        CLAIM_IAT: epoch(now),
+        CLAIM_CTI: entropy(16),
+        CLAIM_TRANSFER: check_tid(transfer_id),
+    }
+    if offset:
+        claims[CLAIM_OFFSET] = offset
+    payload = cose.dumps(claims)
     token = signer.sign(payload, typ=TYP_FETCH)
     return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
 
@@ -104,16 +111,21 @@ def parse_fetch(value: str) -> tuple[cose.Sign1, FetchRequest]:
     if msg.typ != TYP_FETCH:
         raise BadRequestError(f"the fetch request has COSE typ {msg.typ!r}, not {TYP_FETCH!r}", field="typ")
     claims = cose.loads(msg.payload, what="the fetch request's claims", max_bytes=MAX_FETCH_BYTES)
-    if not isinstance(claims, dict) or set(claims) != _CLAIMS:
-        raise BadRequestError("the fetch request's claims must be exactly iss, aud, iat, cti and the transfer id")
+    if not isinstance(claims, dict) or set(claims) - {CLAIM_OFFSET} != _CLAIMS:
+        raise BadRequestError(
+            "the fetch request's claims must be exactly iss, aud, iat, cti, the transfer id and an optional offset"
+        )
     iss, aud, iat, cti, tid = (claims[k] for k in (CLAIM_ISS, CLAIM_AUD, CLAIM_IAT, CLAIM_CTI, CLAIM_TRANSFER))
+    offset = claims.get(CLAIM_OFFSET, 0)
+    if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < MAX_OFFSET:
+        raise BadRequestError("the fetch request's offset must be a byte offset", field="offset")
     if not (isinstance(iss, str) and isinstance(aud, str) and isinstance(tid, str)):
         raise BadRequestError("the fetch request's iss, aud and transfer id must be text")
     if not isinstance(iat, int) or isinstance(iat, bool) or not 0 <= iat < 2**40:
         raise BadRequestError("the fetch request's iat must be epoch seconds", field="iat")
     if not isinstance(cti, bytes) or not 8 <= len(cti) <= 64:
         raise BadRequestError("the fetch request's cti must be 8 to 64 bytes", field="cti")
-    return msg, FetchRequest(iss, aud, from_epoch(iat), bytes(cti), check_tid(tid))
+    return msg, FetchRequest(iss, aud, from_epoch(iat), bytes(cti), check_tid(tid), offset)
 
 
 def verify_fetch(
@@ -153,6 +165,8 @@ class PeerRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transfer_id: str
     #: the fetch request header (update-info) or the signed CWT (transfer-message, confirmation)
     body: bytes
+    #: update-info: the first byte asked for (the HTTP Range; the signed fetch request must name it)
+    offset: int = 0
 
 
 class PeerReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -161,6 +175,9 @@ class PeerReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     body: bytes = b""
     #: what SP1 did, in words (devices revoked, messages made)
     summary: str = ""
+    #: update-info: where ``body`` starts in the UpdateInfoList, and the UpdateInfoList's size
+    offset: int = 0
+    total: int = 0
 
 
 def encode(obj: PeerRequest | PeerReply) -> bytes:
@@ -173,6 +190,8 @@ def decode_request(data: bytes) -> PeerRequest:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadRequestError(f"malformed transfer relay request: {exc}") from None
     check_tid(req.transfer_id)
+    if not 0 <= req.offset < MAX_OFFSET:
+        raise BadRequestError("malformed transfer relay request: offset out of range", field="offset")
     return req
 
 
@@ -186,7 +205,7 @@ def decode_reply(data: bytes) -> PeerReply:
 __all__ = [
     "FETCH_HEADER",
     "FETCH_WINDOW",
-    "MAX_PEER_BODY",
+    "MAX_OFFSET",
     "TYP_FETCH",
     "FetchRequest",
     "PeerReply",

@@ -4,8 +4,10 @@ relays to, run by km's workers where the store is (:class:`iotdlm.km.service.KmS
 -> encode. Every refusal is audited (kind ``refused``, actor ``transfer``).
 
 - ``update_info``: SP2's signed fetch request (:func:`iotdlm.transfer.peer.verify_fetch`: the
-  certificate pinned at export, this transfer, fresh, its cti spent once) -> the UpdateInfoList
-  that ``transfer export --serve`` left in ``DIR/transfer/outbox/<tid>.jws``;
+  certificate pinned at export, this transfer, fresh, its cti spent once, the offset cm relays)
+  -> at most :attr:`~iotdlm.transfer.peer_parts.PeerLimits.part_bytes` of the UpdateInfoList that
+  ``transfer export --serve`` left in ``DIR/transfer/outbox/<tid>.jws``, from that offset, and its
+  size (docs/adr/0019: SP2 fetches a large one in parts);
 - ``transfer_message``: SP2's TransferMessage -> :meth:`Sp1Service.accept`;
 - ``confirmation``: SP2's confirmation -> :meth:`Sp1Service.revoke_old` with CA1 in this process
   (:class:`~iotdlm.transfer.shell.LocalRevoker`), devices revoked-at-CA1.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +26,7 @@ from typing import Protocol
 from iotdlm.bus import Message
 from iotdlm.bus import subjects as s
 from iotdlm.clock import Clock
-from iotdlm.errors import NotFoundError, RejectedError, UntrustedError
+from iotdlm.errors import BadRequestError, NotFoundError, RejectedError, UntrustedError
 from iotdlm.km.audit import entry
 from iotdlm.km.va import Va
 from iotdlm.transfer import peer
@@ -35,6 +38,7 @@ from iotdlm.transfer.messages import (
     rejected_summary,
     transfer_id,
 )
+from iotdlm.transfer.peer_parts import PeerLimits
 from iotdlm.transfer.shell import SP1, LocalRevoker, Sp1Service
 from iotdlm.transfer.sp1 import Sp1Transfer
 from iotdlm.transfer.storage import BulkRevocationStore, TransferStore
@@ -96,9 +100,11 @@ class PeerHandlers:
         va: Va,
         fallback_uri: str,
         publish: Publish | None = None,
+        limits: PeerLimits | None = None,
     ) -> None:
         """``publish``: km's bus, to announce the revocations to the other km workers."""
         self.root = root
+        self.limits = limits or PeerLimits()
         self.publish = publish
         self.store = store
         self.clock = clock
@@ -139,20 +145,40 @@ class PeerHandlers:
                 pinned=t.peer,
                 now=now,
             )
+            if fetch.offset != req.offset:
+                raise UntrustedError(
+                    f"the fetch request asks for byte {fetch.offset} on, the relay for byte {req.offset} on",
+                    field="offset",
+                )
             self.store.consume_nonce(
                 f"transfer:{t.peer_id}"[:64], fetch.cti.hex(), expires_at=fetch.issued_at + peer.FETCH_WINDOW
             )
-            path = outbox_path(self.root, tid)
-            if not path.is_file():
-                raise NotFoundError(
-                    f"transfer {tid}'s UpdateInfoList is not served here: SP1 exports it with --serve",
-                    field="transfer",
-                )
-            token = path.read_bytes()
+            total, part = self._part(tid, req.offset)
         except RejectedError as exc:
             self._refused("update-info request", tid, exc)
             raise
-        return peer.encode(peer.PeerReply(transfer_id=tid, body=token, summary="UpdateInfoList"))
+        return peer.encode(
+            peer.PeerReply(transfer_id=tid, body=part, summary="UpdateInfoList", offset=req.offset, total=total)
+        )
+
+    def _part(self, tid: str, offset: int) -> tuple[int, bytes]:
+        """(size of the UpdateInfoList, at most ``part_bytes`` of it from ``offset``): memory and
+        the reply stay bounded however large the fleet (docs/adr/0019)."""
+        path = outbox_path(self.root, tid)
+        try:
+            with path.open("rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                if offset >= total:
+                    raise BadRequestError(
+                        f"byte {offset} is past the end of transfer {tid}'s UpdateInfoList ({total} bytes)",
+                        field="offset",
+                    )
+                f.seek(offset)
+                return total, f.read(self.limits.part_bytes)
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"transfer {tid}'s UpdateInfoList is not served here: SP1 exports it with --serve", field="transfer"
+            ) from None
 
     # --- SP2's signed CWTs ----------------------------------------------------------------------
     def _for_this_transfer(self, req: peer.PeerRequest, typ: int, what: str) -> None:

@@ -38,6 +38,8 @@ from iotdlm.transfer import attestation, sp1, sp2
 from iotdlm.transfer import status as st
 from iotdlm.transfer.identity import TransferIdentity
 from iotdlm.transfer.messages import (
+    MAX_CONFIRMATION_BYTES,
+    MAX_DEVICES,
     TYP_CONFIRMATION,
     TYP_TRANSFER_MESSAGE,
     Enrolled,
@@ -509,16 +511,31 @@ class Sp2Service(_Provider[sp2.Sp2Transfer]):
         return out
 
     def confirm(self, tid: str) -> bytes:
-        """The confirmation for SP1 of the enrolled devices not confirmed before."""
+        """The confirmation for SP1 of the enrolled devices not confirmed before (one message)."""
+        parts = self.confirm_parts(tid, max_bytes=MAX_CONFIRMATION_BYTES)
+        if len(parts) != 1:  # only ids of hundreds of characters, by the hundred thousand
+            raise RuntimeError(f"the confirmation needs {len(parts)} parts: use confirm_parts")
+        return parts[0]
+
+    def confirm_parts(self, tid: str, *, max_bytes: int, max_devices: int = MAX_DEVICES) -> list[bytes]:
+        """The confirmation for SP1 of the enrolled devices not confirmed before, as signed
+        confirmations of at most ``max_bytes`` and ``max_devices`` each (SP1's cm takes one NATS
+        message at a time, and waits for km's revocations a bounded time: docs/adr/0019). Each has
+        its own cti; SP1 takes them in any order."""
         t = self._load(tid)
         rows = self.devices.rows(tid)
         enrolled = [e for e in self.refresh_enrolled(tid) if not _detail(rows.get(e.device_id)).get("confirmed")]
-        token = sp2.confirmation(
-            t, enrolled, self.clock.now(), signer=self.identity.signer(with_chain=False), entropy=self.entropy
-        )
-        at = self.clock.now().isoformat()
-        self.devices.set(tid, [e.device_id for e in enrolled], st.ENROLLED, detail={"confirmed": at})
-        return token
+        now, signer = self.clock.now(), self.identity.signer(with_chain=False)
+        tokens: list[bytes] = []
+        for batch in _batches(enrolled, max_bytes - _CONFIRMATION_OVERHEAD, min(max_devices, MAX_DEVICES)):
+            token = sp2.confirmation(t, batch, now, signer=signer, entropy=self.entropy)
+            if len(token) > max_bytes:  # the estimate is an upper bound: never taken
+                raise ValueError(f"a confirmation part of {len(token)} bytes is over {max_bytes}")
+            tokens.append(token)
+        if not tokens:
+            sp2.confirmation(t, [], now, signer=signer)  # ConflictError: nothing to confirm
+        self.devices.set(tid, [e.device_id for e in enrolled], st.ENROLLED, detail={"confirmed": now.isoformat()})
+        return tokens
 
 
 class Sp2Verifier:
@@ -595,6 +612,28 @@ class StaticUpdateServer:
             raise NotFoundError(f"device {device_id} is not part of this transfer", device_id=device_id)
         self.service.mark(self.tid, [device_id], st.UPDATED, {"update": dict(self.image.info)})
         return self.image
+
+
+#: a confirmation without its devices: CWT claims, COSE header, signature (P-384/RSA included), CBOR heads
+_CONFIRMATION_OVERHEAD = 1024
+
+
+def _batches(enrolled: Sequence[Enrolled], budget: int, most: int = MAX_DEVICES) -> list[list[Enrolled]]:
+    """``enrolled`` cut into runs of at most ``most`` whose entries take at most ``budget`` bytes of
+    CBOR each (an entry: the device id, a 32-byte hash, at most 13 bytes of array and string heads)."""
+    out: list[list[Enrolled]] = []
+    run: list[Enrolled] = []
+    used = 0
+    for e in enrolled:
+        cost = len(e.device_id.encode()) + len(e.certificate_sha256) + 13
+        if run and (used + cost > budget or len(run) >= most):
+            out.append(run)
+            run, used = [], 0
+        run.append(e)
+        used += cost
+    if run:
+        out.append(run)
+    return out
 
 
 def counts(rows: Mapping[str, TransferDeviceRecord]) -> dict[str, int]:

@@ -175,8 +175,6 @@ class Reply:
     body: bytes  # raw JSON: the result, or the error's wire form (errors.from_wire)
 
 
-
-
 def _within_window(iat_seconds: float, now: dt.datetime, window: dt.timedelta, *, what: str) -> dt.datetime:
     """The ``iat`` of a signed request or reply as a time, refused unless within ``window`` of ``now``."""
     try:
@@ -190,6 +188,7 @@ def _within_window(iat_seconds: float, now: dt.datetime, window: dt.timedelta, *
         )
     return iat
 
+
 def _verified_payload(token: str | bytes, key: Any, alg: str, decoder: msgspec.json.Decoder[_T], *, what: str) -> _T:
     """The decoded payload of a compact JWS whose signature ``key`` verifies (``what`` words the errors)."""
     try:
@@ -202,6 +201,7 @@ def _verified_payload(token: str | bytes, key: Any, alg: str, decoder: msgspec.j
         return decoder.decode(obj.payload)
     except msgspec.DecodeError as exc:
         raise BadRequestError(f"{what} payload is not valid: {exc}") from exc
+
 
 def verify_reply(
     token: bytes,
@@ -246,7 +246,7 @@ _header_decoder = msgspec.json.Decoder(_Header)
 def peek_signer(token: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> tuple[str, bytes]:
     """(alg, DER of the x5c leaf) from the protected header, WITHOUT verifying anything yet."""
     if len(token) > max_bytes:
-        raise TooLargeError(f"request of {len(token)} bytes exceeds the limit of {max_bytes}")
+        raise TooLargeError(f"signed message of {len(token)} bytes exceeds the limit of {max_bytes}")
     parts = token.split(b".")
     if len(parts) != 3:
         raise BadRequestError("request is not a JWS in compact serialisation (expected 3 dot-separated parts)")
