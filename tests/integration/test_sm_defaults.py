@@ -153,7 +153,7 @@ async def test_sm_check_keeps_a_refused_report_and_says_what_to_do(tmp_path: Pat
         assert [r.release_counter for r in vendor.reports()] == [3]
 
 
-async def test_sm_check_through_cm_when_cm_is_not_up_says_unavailable(tmp_path: Path, site: Path) -> None:
+async def test_sm_check_through_cm_when_cm_is_not_up_waits_then_says_unavailable(tmp_path: Path, site: Path) -> None:
     vendor = _vendor(tmp_path, site)
     (site / "cm.toml").write_text("egress_port = 9\n")  # nothing listens there
     root = str(vendor / "metadata" / "1.root.json")
@@ -161,7 +161,9 @@ async def test_sm_check_through_cm_when_cm_is_not_up_says_unavailable(tmp_path: 
         iotdlm, "sm", "setup", "--data", "site", "--repository", "http://127.0.0.1:18443", "--root", root, cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
-    done = await asyncio.to_thread(iotdlm, "sm", "check", "--data", "site", cwd=tmp_path)
+    done = await asyncio.to_thread(iotdlm, "sm", "check", "--data", "site", "--wait", "2", cwd=tmp_path)
     assert done.returncode == 3, done.stdout + done.stderr
+    flat = " ".join(done.stdout.split())
+    assert "does not answer through cm's proxy yet; again in 1 s" in flat  # cm may still be starting
     assert "unavailable" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -198,8 +200,16 @@ def _describe(r: CheckResult) -> tuple[str, str]:
 @sm.command("check")
 @data_option
 @click.option("--dtype", "dtypes", multiple=True, help="Check only this device type. Repeatable. Default: all managed.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0),
+    default=15.0,
+    show_default=True,
+    help="Seconds to keep trying while cm's egress proxy does not answer (cm may still be starting after a "
+    "mode switch).",
+)
 @handle_errors
-def check(data: Path, dtypes: tuple[str, ...]) -> None:
+def check(data: Path, dtypes: tuple[str, ...], wait: float) -> None:
     """Check the repository now; download, verify and store any newer release (progress bar)."""
     manager, config = _manager(data)
     chosen = list(dtypes) or config.dtypes
@@ -224,7 +234,7 @@ def check(data: Path, dtypes: tuple[str, ...]) -> None:
                 progress.update(task, completed=done, total=total)
 
             try:
-                result = manager.check(dtype, progress=update)
+                result = _check_patiently(manager, dtype, update, wait if config.egress_proxy else 0.0)
             except RejectedError as exc:
                 refused += 1
                 field = f" [field: {exc.field}]" if exc.field else ""
@@ -241,6 +251,26 @@ def check(data: Path, dtypes: tuple[str, ...]) -> None:
         raise SystemExit(4)
     if unavailable:
         raise SystemExit(3)
+
+
+def _check_patiently(
+    manager: SoftwareManager, dtype: str, progress: Callable[[int, int], None], wait: float
+) -> CheckResult:
+    """``manager.check``, tried again after 1, 2, 4... s while the repository cannot be reached,
+    for ``wait`` seconds at most (cm's egress proxy opens a moment after cm starts)."""
+    deadline = time.monotonic() + wait
+    delay = 1.0
+    while True:
+        try:
+            return manager.check(dtype, progress=progress)
+        except UnavailableError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            pause = min(delay, left)
+            console.print(f"{dtype}: the repository does not answer through cm's proxy yet; again in {pause:.0f} s")
+            time.sleep(pause)
+            delay *= 2
 
 
 @sm.command("list")
