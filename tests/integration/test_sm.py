@@ -481,7 +481,7 @@ async def test_cli_setup_check_list_show(tmp_path: Path, deployment: Deployment)
     repo.publish(DTYPE, 11, image, now=NOW)
     data = str(deployment.root)
     async with RepositoryServer(repo) as server:
-        r = _invoke("setup", "--data", data, "--repository", server.url, "--root", str(root_file))
+        r = _invoke("setup", "--data", data, "--repository", server.url, "--root", str(root_file), "--direct")
         assert r.exit_code == 0, r.output
         assert "sm set up" in r.output
         key = deployment.root / "secrets" / "sm-pm.key"

@@ -150,7 +150,7 @@ def test_up_with_a_port_in_use_names_the_port_and_its_holder(site: Path) -> None
 
 def test_repo_serve_on_a_port_in_use_says_so(tmp_path: Path) -> None:
     vendor = tmp_path / "vendor"
-    assert iotdlm("repo", "init", "--dir", str(vendor)).returncode == 0
+    assert iotdlm("repo", "init", "--dir", str(vendor), "--no-reports").returncode == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

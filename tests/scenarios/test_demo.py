@@ -41,8 +41,9 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     assert "OCSP through cm at once: revoked" in text
     assert "audit log:" in text
     assert "intact" in text
-    # 8. the trust transfer over the network: devices 0000, 0002, 0004 make CSRs and are handed over;
-    # 0004 runs other firmware and falls back; the other two move to CA2 with new keys
+    # 8. the trust transfer over the network: devices 00001, 00003, 00005 (the ids `pm bench make`
+    # gives) make CSRs and are handed over;
+    # 00005 runs other firmware and falls back; the other two move to CA2 with new keys
     assert "SP1's root and factory CA registered" in text
     assert "2 device(s) cannot make a CSR" in text
     assert "SP1 exported 3 device(s)" in text
@@ -52,7 +53,7 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
         "installed first)" in text
     )
     assert (
-        "polarfire-soc-0004 runs other firmware: attestation at SP2 failed and it fell back to SP1 "
+        "polarfire-soc-00005 runs other firmware: attestation at SP2 failed and it fell back to SP1 "
         "(still on its CA1 certificate)" in text
     )
     assert "the measured firmware differs from the reference agreed with SP1" in text
@@ -61,12 +62,12 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
     lines = text.splitlines()
     head = next(i for i, line in enumerate(lines) if "at SP1 (CA1)" in line)
     table = lines[head - 2 : head + 6]  # the title, the box and its header, three rows, the bottom
-    rows = {line.split()[1]: line for line in table if line.startswith("│ polarfire-soc-000")}
-    assert set(rows) >= {"polarfire-soc-0000", "polarfire-soc-0002", "polarfire-soc-0004"}, text
-    for moved in ("polarfire-soc-0000", "polarfire-soc-0002"):
+    rows = {line.split()[1]: line for line in table if line.startswith("│ polarfire-soc-0000")}
+    assert set(rows) >= {"polarfire-soc-00001", "polarfire-soc-00003", "polarfire-soc-00005"}, text
+    for moved in ("polarfire-soc-00001", "polarfire-soc-00003"):
         assert "revoked-at-CA1" in rows[moved]
         assert "enrolled" in rows[moved]
-    assert rows["polarfire-soc-0004"].count("failed-fallback") == 2
+    assert rows["polarfire-soc-00005"].count("failed-fallback") == 2
     assert table[-1].startswith("└"), table
     assert max(len(line) for line in table) <= 80  # the transfer's table fits 80 columns
     assert (

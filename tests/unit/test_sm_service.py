@@ -112,6 +112,46 @@ async def test_unreachable_repository_is_a_failed_event(tmp_path: Path, memory_h
         await service.stop()
 
 
+async def test_sm_started_before_the_repository_is_reachable_tries_again_soon(
+    tmp_path: Path, memory_hub: MemoryHub
+) -> None:
+    """Issue 14, stumble 6: sm started before cm's egress proxy was up waited a whole poll interval
+    (an hour). Now an unreachable repository is tried again after a short, doubling delay."""
+    env = make_env(tmp_path)
+    env.fetcher.down = True
+    events = Events()
+    await memory_hub.bus("admin").subscribe(f"{s.EVENTS}.sm.>", events.handler)
+    service = SmService(env.manager(), memory_hub.bus("sm"), dtypes=[DTYPE], poll_interval=3600.0, retry_after=0.05)
+    await service.start()
+    try:
+        assert (await events.next()).kind == "failed"
+        assert (await events.next()).kind == "failed"  # tried again, long before the poll interval
+        env.publish(3)
+        env.fetcher.down = False  # the proxy is up now
+        kinds = []
+        while not kinds or kinds[-1] == "failed":
+            kinds.append((await events.next()).kind)
+        assert kinds[-1] == "stored"
+    finally:
+        await service.stop()
+
+
+async def test_a_reachable_repository_is_not_checked_again_before_the_poll_interval(
+    tmp_path: Path, memory_hub: MemoryHub
+) -> None:
+    env = make_env(tmp_path)
+    events = Events()
+    await memory_hub.bus("admin").subscribe(f"{s.EVENTS}.sm.>", events.handler)
+    service = SmService(env.manager(), memory_hub.bus("sm"), dtypes=[DTYPE], poll_interval=3600.0, retry_after=0.01)
+    await service.start()
+    try:
+        assert (await events.next()).kind == "checked"
+        await asyncio.sleep(0.3)  # thirty retry delays: a retry would have come
+        assert events.got.empty()
+    finally:
+        await service.stop()
+
+
 async def test_bad_requests_are_refused(running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub) -> None:
     pm = memory_hub.bus("pm")
     with pytest.raises(BadRequestError):

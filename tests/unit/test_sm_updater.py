@@ -342,13 +342,35 @@ def test_report_is_kept_until_the_repository_takes_it(env: SmEnv) -> None:
     assert env.fetcher.posts[0] != env.fetcher.posts[1]  # each attempt sealed afresh (new nonce)
 
 
-def test_report_refused_by_the_repository_is_not_retried(tmp_path: Path) -> None:
+def test_report_refused_by_the_repository_is_kept_and_resent_once_trusted(tmp_path: Path) -> None:
+    """Issue 14, stumble 6: a repository set up without a report CA refuses every report (403
+    untrusted); sm keeps them, says what the vendor must do, and they go through after `repo trust`."""
     env = make_env(tmp_path, report_ca=False)  # the repository trusts no report CA
     env.publish(3)
     result = env.manager().check(DTYPE)
     assert (result.outcome, result.reported) == ("stored", False)
-    assert env.local.load_state().pending_reports == []
+    assert result.report_refused is not None
+    assert "HTTP 403" in result.report_refused
+    assert "(untrusted)" in result.report_refused
+    assert "iotdlm repo trust" in result.report_refused
+    assert [r.release_counter for r in env.local.load_state().pending_reports] == [3]
     assert env.manager().flush_reports() == 0
+    assert env.manager().pending_reports() == 1
+    env.repo.trust_report_ca(pem(PKI.cas["service"].certificate))
+    assert env.manager().flush_reports() == 1
+    assert env.manager().pending_reports() == 0
+    assert [r.release_counter for r in env.repo.reports()] == [3]
+
+
+def test_kept_reports_are_bounded_the_oldest_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iotdlm.sm import updater
+
+    monkeypatch.setattr(updater, "MAX_PENDING_REPORTS", 2)
+    env = make_env(tmp_path, report_ca=False)
+    for counter in (3, 4, 5):
+        env.publish(counter)
+        assert env.manager().check(DTYPE).outcome == "stored"
+    assert [r.release_counter for r in env.local.load_state().pending_reports] == [4, 5]
 
 
 def test_image_over_the_configured_limit_is_refused(env: SmEnv) -> None:
@@ -508,3 +530,13 @@ def test_http_status_error_does_not_shadow_unavailable_on_the_wire() -> None:
     back = from_wire(HttpStatusError("HTTP 503 for /metadata/timestamp.json", status=503).to_wire())
     assert type(back) is HttpStatusError
     assert isinstance(back, UnavailableError)
+
+
+@given(text=st.text(max_size=300) | st.sampled_from(['{"message": "no", "code": "untrusted"}', '{"message": 3}', "[]"]))
+def test_the_repositorys_refusal_is_read_whatever_it_says(text: str) -> None:
+    from iotdlm.sm.updater import _report_message
+
+    said = _report_message(text)
+    assert isinstance(said, str)
+    if text == '{"message": "no", "code": "untrusted"}':
+        assert said == "no (untrusted)"

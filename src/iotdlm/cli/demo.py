@@ -44,7 +44,7 @@ from iotdlm.client.km import KmClient
 from iotdlm.client.sm import SmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
-from iotdlm.device.simulated import SimulatedDevice
+from iotdlm.device.simulated import SimulatedDevice, bench_device_id
 from iotdlm.errors import IotdlmError, UnavailableError
 from iotdlm.pki.chain import certs_to_pem, verify_issued_by
 from iotdlm.pki.keys import Algorithm, generate_key, hash_for
@@ -127,7 +127,7 @@ async def run_demo(data: Path | None, devices: int) -> None:
             await transfer_fleet(
                 dep,
                 f"https://127.0.0.1:{https_port}",
-                [SimulatedDevice(bench / f"{DTYPE}-{i:04d}") for i in range(devices)],
+                [SimulatedDevice(bench / bench_device_id(DTYPE, i)) for i in range(1, devices + 1)],
                 image,
                 work,
                 passphrase,
@@ -214,8 +214,10 @@ def _configure(
         egress_proxy=f"http://127.0.0.1:{egress_port}",
     )
     bench = work / "bench"
-    for i in range(devices):
-        SimulatedDevice.manufacture(bench / f"{DTYPE}-{i:04d}", f"{DTYPE}-{i:04d}", DTYPE, can_make_csr=i % 2 == 0)
+    for i in range(1, devices + 1):
+        # the same ids as `iotdlm pm bench make --no-csr-every 2`: every second device cannot make a CSR
+        device_id = bench_device_id(DTYPE, i)
+        SimulatedDevice.manufacture(bench / device_id, device_id, DTYPE, can_make_csr=i % 2 == 1)
     save_config(
         dep.root, DTYPE, PmConfig(bench=str(bench), enroll_uri=f"https://127.0.0.1:{https_port}/.well-known/est")
     )
@@ -313,7 +315,7 @@ async def _field(dep, supervisor, bench: Path, https_port: int, http_port: int, 
 
     with console.status("6. certificate-management (cm + km): a device re-enrolls over EST"):
         await supervisor.switch(Mode.CERTIFICATE_MANAGEMENT, by="demo")
-        device = SimulatedDevice(bench / f"{DTYPE}-0000")
+        device = SimulatedDevice(bench / bench_device_id(DTYPE, 1))
         cert_pem, key_pem = device.tls_identity("operational")
         anchor = certs_to_pem([dep.ca_certificate("root")])
         new_key = generate_key(Algorithm.P256)

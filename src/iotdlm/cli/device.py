@@ -112,7 +112,7 @@ def device_list(data: Path, dtype: str | None, status: str | None, limit: int, o
     "device_dir",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
-    help="The device's folder (its flash); a blank device is manufactured there with --dtype.",
+    help="The device's folder (its flash); a blank device of --dtype is manufactured there when it holds none.",
 )
 @loop_options
 @handle_errors

@@ -216,7 +216,7 @@ def finish(summary: Summary, *, as_json: bool) -> None:
 def loop_options(f: Any) -> Any:
     for option in reversed(
         [
-            click.option("--cm", default=None, help="cm's HTTPS URL (https://host:port): the device's CA-URI."),
+            click.option("--cm", default=None, help="cm's HTTPS URL (https://host:port): where the devices enroll."),
             click.option(
                 "--data",
                 type=click.Path(path_type=Path, file_okay=False),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 @click.group()
 def km() -> None:
-    """km: certificate authority, registration authority and (later) validation authority."""
+    """km: certificate, registration and validation authority (issue, refuse, revoke; CRLs and OCSP)."""
 
 
 async def _serve_km(dep: Deployment) -> None:

@@ -8,6 +8,7 @@ click. Run as ``iotdlm`` or ``python -m iotdlm.cli.main`` (how the modes supervi
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -22,7 +23,7 @@ COMMANDS: dict[str, Lazy] = {
     "nats": Lazy("iotdlm.cli.nats_server:nats", "The embedded NATS server (loopback only, one user per module)."),
     "km": Lazy(
         "iotdlm.cli.km:km",
-        "km: certificate authority, registration authority and (later) validation authority.",
+        "km: certificate, registration and validation authority (issue, refuse, revoke; CRLs and OCSP).",
     ),
     "ca": Lazy("iotdlm.cli.ca:ca", "Operate the CA directly from the data folder (the operator's tools)."),
     "device": Lazy(
@@ -38,6 +39,9 @@ COMMANDS: dict[str, Lazy] = {
         "iotdlm.cli.audit:audit_group",
         "The tamper-evident audit log: who issued, revoked and refused what, and when.",
     ),
+    "config": Lazy(
+        "iotdlm.cli.config:config", "Configuration files: every key, its type and default (docs/configuration.md)."
+    ),
     "demo": Lazy(
         "iotdlm.cli.demo:demo", "Run the whole system end to end on the embedded default and print what happened."
     ),
@@ -48,27 +52,30 @@ COMMANDS: dict[str, Lazy] = {
     ),
     "sm": Lazy(
         "iotdlm.cli.sm:sm",
-        "sm: software management (Algorithm 2): check the vendor repository, verify, store for pm.",
+        "sm: software management: check the vendor repository, verify what it offers, store it for pm.",
     ),
     "cm": Lazy("iotdlm.cli.cm:cm", "cm: the only door to the outside -- EST, OCSP and CRLs in, sm's downloads out."),
     "pm": Lazy(
         "iotdlm.cli.pm:pm",
         "pm: the provisioning module -- flash verified software, truststore, config and device certificates "
-        "into blank devices of one device type (Algorithm 1; Figs 3-5).",
+        "into blank devices of one device type.",
     ),
     "transfer": Lazy(
         "iotdlm.cli.transfer:transfer",
-        "Trust transfer: hand a fleet over to another provider (SP1) or take one over (SP2).",
+        "Trust transfer: hand your fleet over to a new provider (you are SP1) or take one over (you are SP2).",
     ),
     "up": Lazy(
         "iotdlm.cli.modes:up",
-        "Start NATS and the services of a mode (Table 1); supervise them until Ctrl-C / SIGTERM.",
+        "Start NATS and the services a mode runs; supervise them until Ctrl-C / SIGTERM.",
+    ),
+    "mode": Lazy(
+        "iotdlm.cli.modes:mode",
+        "The operation mode: which modules run (provisioning, software or certificate management).",
     ),
     "down": Lazy(
         "iotdlm.cli.modes:down",
         "Stop the running supervisor of a deployment: every service in reverse order, then NATS.",
     ),
-    "mode": Lazy("iotdlm.cli.modes:mode", "The operation mode (the paper's Table 1): which modules run."),
     "backup": Lazy(
         "iotdlm.cli.backup:backup",
         "Back up the data folder and its database into one archive (services may keep running).",
@@ -91,14 +98,27 @@ COMMANDS: dict[str, Lazy] = {
 )
 @click.version_option(__version__, prog_name="iotdlm")
 @click.option("-v", "--verbose", is_flag=True, help="Log more (to stderr).")
-def main(verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="IOTDLM_LOG_FORMAT",  # iotdlm.cli.logformat.LOG_FORMAT_ENV (imported only when a command runs)
+    show_envvar=True,
+    help="Log lines as text or as one JSON object per line (the services `up` starts follow it).",
+)
+def main(verbose: bool, log_format: str) -> None:
     """iotdlm: device-lifecycle security for IoT and industrial fleets.
 
     Start with `iotdlm demo`, or `iotdlm init --data DIR` for a deployment of your own.
+    Shell completion: see docs/operations.md ("Shell completion").
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    from iotdlm.cli.logformat import LOG_FORMAT_ENV, formatter
+
+    os.environ[LOG_FORMAT_ENV] = log_format  # the services `iotdlm up` starts inherit it
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
 if __name__ == "__main__":

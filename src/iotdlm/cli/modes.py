@@ -32,6 +32,7 @@ from iotdlm.cli.common import (
     quiet_library_logs,
     run,
 )
+from iotdlm.cli.logformat import formatter
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import UnavailableError
@@ -55,7 +56,7 @@ def operator() -> str:
 def _log_to_file(data: Path) -> logging.Handler:
     (data / "logs").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(data / "logs" / "modes.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setFormatter(formatter())  # text, or JSON lines with `iotdlm --log-format json`
     handler.setLevel(logging.INFO)
     top = logging.getLogger("iotdlm")
     top.addHandler(handler)
@@ -71,7 +72,7 @@ def _log_to_file(data: Path) -> logging.Handler:
 @click.option(
     "--with-sm/--without-sm",
     default=None,
-    help="Run sm in provisioning-software (Table 1: optional). Default: as last time, else without.",
+    help="Run sm in provisioning-software (optional there). Default: as last time, else without.",
 )
 @click.option(
     "--commands",
@@ -83,7 +84,7 @@ def _log_to_file(data: Path) -> logging.Handler:
 )
 @handle_errors
 def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: Path | None) -> None:
-    """Start NATS and the services of a mode (Table 1); supervise them until Ctrl-C / SIGTERM.
+    """Start NATS and the services a mode runs; supervise them until Ctrl-C / SIGTERM.
 
     Each service is its own process, logging to DATA/logs/<service>.log; a crashed one is
     restarted with backoff. Before starting anything, `up` checks what it can (another
@@ -198,7 +199,7 @@ def _no_supervisor(data: Path, exc: UnavailableError) -> None:
 
 @click.group("mode")
 def mode() -> None:
-    """The operation mode (the paper's Table 1): which modules run."""
+    """The operation mode: which modules run (provisioning, software or certificate management)."""
 
 
 @mode.command("set")

@@ -59,10 +59,10 @@ def _profiles(text: str | None) -> list[str] | None:
 @click.group("pm", context_settings={"help_option_names": ["-h", "--help"]})
 def pm() -> None:
     """pm: the provisioning module -- flash verified software, truststore, config and device
-    certificates into blank devices of one device type (Algorithm 1; Figs 3-5)."""
+    certificates into blank devices of one device type."""
 
 
-_dtype_option = click.option("--dtype", required=True, help="Device type (one pm per dtype).")
+_dtype_option = click.option("--dtype", required=True, help="Device type (one pm per device type).")
 _bench_option = click.option(
     "--bench",
     type=click.Path(path_type=Path, file_okay=False),
@@ -82,7 +82,7 @@ _flasher_option = click.option(
 @data_option
 @_dtype_option
 @click.option("--profiles", default=None, help="Certificates to issue: factory, operational or both (comma-separated).")
-@click.option("--enroll-uri", default=None, help="CA-URI flashed into devices: cm's EST URL.")
+@click.option("--enroll-uri", default=None, help="cm's EST URL, flashed into devices (where they enroll).")
 @click.option("--update-uri", default=None, help="Where devices ask for software updates.")
 @_bench_option
 @_flasher_option
@@ -98,7 +98,7 @@ def setup(
     flasher_config: Path | None,
     release_counter: int | None,
 ) -> None:
-    """Write pm's configuration for a dtype (DATA/pm/<dtype>/config.toml); unchanged fields are kept."""
+    """Write pm's configuration for a device type (DATA/pm/TYPE/config.toml); unchanged fields are kept."""
     import msgspec
 
     from iotdlm.pm import config as pmconfig
@@ -288,8 +288,8 @@ def provision(
     force: bool,
     profiles: str | None,
 ) -> None:
-    """Provision blank devices on the bench, in this process as pm-<dtype>: verified software
-    (Algorithm 1), truststore, config, device certificates from km; then read back and verify.
+    """Provision blank devices on the bench, in this process as pm-TYPE: verified software
+    (checked again before flashing), truststore, config, device certificates from km; then read back and verify.
 
     Needs NATS, km and sm running, and cm off. Exit code 4 when any device failed or was refused.
     """
@@ -322,7 +322,7 @@ def provision(
 def request(
     data: Path, dtype: str, devices: tuple[str, ...], operator: str | None, force: bool, timeout: float, as_json: bool
 ) -> None:
-    """Ask the running pm service of a dtype (`iotdlm up`) to provision, as the operator (admin).
+    """Ask the running pm service of a device type (`iotdlm up`) to provision, as the operator (admin).
 
     Exit code 4 when any device failed or was refused."""
     from iotdlm.pm import config as pmconfig
@@ -414,7 +414,7 @@ async def _serve(data: Path, dtype: str, bench: Path | None, flasher_config: Pat
 @_flasher_option
 @handle_errors
 def serve(data: Path, dtype: str, bench: Path | None, flasher_config: Path | None) -> None:
-    """Run pm for one dtype on NATS (iotdlm.v1.pm.<dtype>.provision / .status), held to the operation mode."""
+    """Run pm for one device type on NATS (iotdlm.v1.pm.TYPE.provision / .status), held to the operation mode."""
     run(_serve(data, dtype, bench, flasher_config))
 
 
@@ -496,7 +496,7 @@ def _record_json(r: ProvisioningRecord) -> dict[str, object]:
 @json_option
 @handle_errors
 def status(data: Path, dtype: str, as_json: bool) -> None:
-    """Whether pm-<dtype> is halted by an alarm, and its provisioning records per status."""
+    """Whether pm-TYPE is halted by an alarm, and its provisioning records per status."""
     from iotdlm.pm.alarm import read_alarm
     from iotdlm.pm.config import open_store
 
@@ -567,7 +567,7 @@ def bench_group() -> None:
     show_default=True,
     help="Every K-th device cannot make a CSR (it hands over its public key; pm builds CRMF). 0: none.",
 )
-@click.option("--prefix", default=None, help="Device id prefix (default: the dtype).")
+@click.option("--prefix", default=None, help="Device id prefix (default: the device type).")
 @click.option("--start", type=click.IntRange(0), default=1, show_default=True, help="First device number.")
 @click.option(
     "--algorithm",
@@ -581,13 +581,13 @@ def bench_make(
     folder: Path, dtype: str, count: int, no_csr_every: int, prefix: str | None, start: int, algorithm: str
 ) -> None:
     """Manufacture simulated blank devices (an id on the sticker, empty flash) for demos and tests."""
-    from iotdlm.device.simulated import SimulatedDevice
+    from iotdlm.device.simulated import SimulatedDevice, bench_device_id
 
     prefix = prefix or dtype
     made = 0
     without_csr = 0
     for i in range(start, start + count):
-        device_id = f"{prefix}-{i:05d}"
+        device_id = bench_device_id(prefix, i)
         can_csr = not (no_csr_every and (i - start + 1) % no_csr_every == 0)
         try:
             SimulatedDevice.manufacture(

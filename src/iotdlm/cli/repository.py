@@ -83,13 +83,33 @@ def repo() -> None:
     "--report-ca",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     default=None,
-    help="PEM bundle of the CAs whose certificates may sign sm's download reports.",
+    help="PEM bundle of the CAs whose certificates may sign sm's download reports: the service CA of each "
+    "deployment whose sm reports here (DATA/ca/service.pem, written by `iotdlm init`).",
+)
+@click.option(
+    "--no-reports",
+    is_flag=True,
+    help="Trust no one's download reports for now (they are refused until `iotdlm repo trust --ca FILE`).",
 )
 @handle_errors
 def init(
-    repo_dir: Path, algorithm: str, thresholds: tuple[str, ...], keys: tuple[str, ...], report_ca: Path | None
+    repo_dir: Path,
+    algorithm: str,
+    thresholds: tuple[str, ...],
+    keys: tuple[str, ...],
+    report_ca: Path | None,
+    no_reports: bool,
 ) -> None:
     """Create a repository: keys for every role, root, targets, snapshot and timestamp metadata."""
+    if report_ca is None and not no_reports:
+        raise BadRequestError(
+            "say whose download reports this repository accepts: --report-ca DATA/ca/service.pem (the service CA "
+            "of the deployment whose sm reports here), or --no-reports and `iotdlm repo trust --ca FILE` later; "
+            "otherwise the repository refuses every report sm sends",
+            field="report-ca",
+        )
+    if report_ca is not None and no_reports:
+        raise BadRequestError("give --report-ca or --no-reports, not both", field="report-ca")
     r = VendorRepository.init(
         repo_dir,
         now=SystemClock().now(),
@@ -104,7 +124,9 @@ def init(
     console.print(f"Trust anchor for clients (sm): {r.metadata_dir / '1.root.json'}")
     console.print(f"Private keys are in {r.keys_dir} (mode 0600): keep the root keys offline.")
     if report_ca is None:
-        console.print("No report CA yet: sm's reports are refused until `iotdlm repo trust --ca FILE`.")
+        console.print(
+            "[yellow]No report CA yet[/yellow]: sm's reports are refused until `iotdlm repo trust --ca FILE`."
+        )
 
 
 @repo.command()
@@ -151,6 +173,11 @@ async def _serve(r: VendorRepository, port: int, ssl_context: ssl.SSLContext | N
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         console.print(f"repository serving on {server.url} (metadata: /metadata/, images: /targets/); Ctrl-C stops")
+        if not r.report_cas():
+            console.print(
+                "[yellow]no report CA[/yellow]: sm's download reports are refused (403) until "
+                f"`iotdlm repo trust --dir {r.path} --ca DATA/ca/service.pem`"
+            )
         await stop.wait()
 
 
@@ -284,7 +311,7 @@ def status(repo_dir: Path) -> None:
 @_dir_option
 @handle_errors
 def reports(repo_dir: Path) -> None:
-    """Download reports received from sm (paper 4.4.5)."""
+    """Download reports received from sm: which deployment verified and stored which release."""
     table = Table(title="reports")
     for col in ("received", "reporter", "dtype", "release counter", "target", "sha256"):
         table.add_column(col)

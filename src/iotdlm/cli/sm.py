@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +29,10 @@ from iotdlm import software
 from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.cli.output import Column, iso_utc, json_option, print_json, print_table
 from iotdlm.clock import SystemClock
+from iotdlm.cm.config import CM_FILE
 from iotdlm.deployment import Deployment
-from iotdlm.errors import IotdlmError, NotFoundError, RejectedError, UnavailableError
+from iotdlm.errors import BadRequestError, IotdlmError, NotFoundError, RejectedError, UnavailableError
+from iotdlm.files import atomic_write
 from iotdlm.pki.keys import check_public_key
 from iotdlm.sm import config as smconfig
 from iotdlm.sm.updater import CheckResult, SoftwareManager
@@ -41,7 +46,7 @@ log = logging.getLogger(__name__)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def sm() -> None:
-    """sm: software management (Algorithm 2): check the vendor repository, verify, store for pm."""
+    """sm: software management: check the vendor repository, verify what it offers, store it for pm."""
 
 
 def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
@@ -57,10 +62,13 @@ def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
     "root_file",
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     required=True,
-    help="The repository's root metadata (1.root.json), obtained out of band: the trust anchor (pk_repo).",
+    help="The repository's root metadata (1.root.json), obtained out of band: sm trusts the repository through it.",
 )
 @click.option(
-    "--dtype", "dtypes", multiple=True, help="A device type to manage. Repeatable. Default: the deployment's dtypes."
+    "--dtype",
+    "dtypes",
+    multiple=True,
+    help="A device type to manage. Repeatable. Default: the deployment's device types.",
 )
 @click.option(
     "--ca-bundle",
@@ -71,11 +79,21 @@ def _manager(data: Path) -> tuple[SoftwareManager, smconfig.SmConfig]:
 @click.option(
     "--egress-proxy",
     default=None,
-    help="Reach the repository only through this forward proxy: cm's egress proxy (e.g. http://127.0.0.1:3128). "
-    "Default: connect directly.",
+    help="Reach the repository through this forward proxy instead of cm's (http://host:port). "
+    "Default: cm's egress proxy, as cm.toml configures it (127.0.0.1:3128 unless changed).",
 )
 @click.option(
-    "--poll-interval", type=int, default=3600, show_default=True, help="Seconds between checks of each dtype (serve)."
+    "--direct",
+    is_flag=True,
+    help="Connect to the repository directly, not through cm (a bench or test setup; the deployment then has "
+    "a second way out).",
+)
+@click.option(
+    "--poll-interval",
+    type=int,
+    default=3600,
+    show_default=True,
+    help="Seconds between checks of each device type (serve).",
 )
 @click.option("--max-image-bytes", type=int, default=None, help="Refuse images larger than this many bytes.")
 @handle_errors
@@ -86,12 +104,23 @@ def setup(
     dtypes: tuple[str, ...],
     ca_bundle: Path | None,
     egress_proxy: str | None,
+    direct: bool,
     poll_interval: int,
     max_image_bytes: int | None,
 ) -> None:
-    """Configure sm: repository URL, pinned root, dtypes; create the sm-pm key (DIR/secrets/sm-pm.key)."""
+    """Configure sm: repository URL, pinned root, device types; create the sm-pm key (DIR/secrets/sm-pm.key).
+
+    sm reaches the repository through cm's egress proxy: unless you give --egress-proxy or
+    --direct, setup points sm at it and adds the repository's origin to cm's allow-list
+    (DIR/cm.toml), which cm reads when it starts.
+    """
+    if direct and egress_proxy is not None:
+        raise BadRequestError("give --egress-proxy or --direct, not both", field="egress-proxy")
     dep = Deployment.load(data)
     chosen = list(dtypes) or list(dep.config.dtypes)
+    opened: str | None = None
+    if not direct and egress_proxy is None:
+        egress_proxy, opened = _through_cm(data, repository_url)
     cfg = smconfig.setup(
         data,
         repository_url=repository_url,
@@ -105,30 +134,82 @@ def setup(
     console.print(f"[green]sm set up[/green] in {smconfig.sm_dir(data)}")
     table = Table(show_header=False)
     table.add_row("repository", cfg.repository_url)
-    table.add_row("egress", f"through cm's proxy {cfg.egress_proxy}" if cfg.egress_proxy else "direct")
+    table.add_row("egress", f"through cm's proxy {cfg.egress_proxy}" if cfg.egress_proxy else "direct (--direct)")
     table.add_row("trusted root", str(smconfig.trusted_root_path(data)))
-    table.add_row("dtypes", ", ".join(cfg.dtypes) or "[yellow]none[/yellow] (give --dtype)")
+    table.add_row("device types", ", ".join(cfg.dtypes) or "[yellow]none[/yellow] (give --dtype)")
     table.add_row("sm-pm key", str(smconfig.key_path(data)))
     table.add_row("poll interval", f"{cfg.poll_interval_seconds} s")
     console.print(table)
-    console.print(f"Next: `iotdlm sm check --data {data}` or `iotdlm sm serve --data {data}`.")
+    if opened is not None:
+        console.print(
+            f"cm's egress proxy now allows {opened} ({data / CM_FILE}); cm reads it when it starts, and opens "
+            "the proxy in software-management only."
+        )
+    console.print(
+        f"Next: `iotdlm mode set --data {data} software-management` (sm checks on its own), "
+        f"or `iotdlm sm check --data {data}` while cm runs in that mode."
+    )
+
+
+def _through_cm(data: Path, repository_url: str) -> tuple[str, str | None]:
+    """cm's egress proxy URL from DIR/cm.toml, with the repository's origin added to cm's allow-list
+    if it is not there yet; returns the proxy and the origin added (None: it was allowed already)."""
+    import tomllib
+
+    import tomli_w
+
+    from iotdlm.cm.config import load_cm_file
+    from iotdlm.cm.egress import parse_origin
+
+    parts = urllib.parse.urlsplit(repository_url.strip())
+    origin_url = f"{parts.scheme}://{parts.netloc}"
+    try:
+        origin = parse_origin(origin_url)
+    except ValueError as exc:
+        raise BadRequestError(f"--repository: {exc}", field="repository") from None
+    file = load_cm_file(data)  # checks the file as cm will
+    proxy = f"http://{file.egress_host or '127.0.0.1'}:{file.egress_port or 3128}"
+    allowed = set()
+    for entry in file.allow_origins:
+        with contextlib.suppress(ValueError):
+            allowed.add(parse_origin(entry))
+    if origin in allowed:
+        return proxy, None
+    path = data / CM_FILE
+    settings = tomllib.loads(path.read_text()) if path.is_file() else {}
+    settings["allow_origins"] = [*settings.get("allow_origins", []), origin_url]
+    atomic_write(path, tomli_w.dumps(settings).encode(), mode=0o644)
+    return proxy, origin_url
 
 
 def _describe(r: CheckResult) -> tuple[str, str]:
     if r.outcome == "stored":
         assert r.stored is not None
-        note = "reported to the repository" if r.reported else "report pending (retried after the next check)"
+        if r.reported:
+            note = "reported to the repository"
+        elif r.report_refused is not None:
+            note = f"report refused, kept and resent at the next check ({r.report_refused})"
+        else:
+            note = "report pending (retried after the next check)"
         return "[green]stored[/green]", f"release {r.stored.release_counter}, {r.stored.length} bytes; {note}"
     if r.outcome == "up_to_date":
         return "up to date", f"latest {r.latest}, stored {r.current}"
-    return "no release", "the repository has published nothing for this dtype"
+    return "no release", "the repository has published nothing for this device type"
 
 
 @sm.command("check")
 @data_option
-@click.option("--dtype", "dtypes", multiple=True, help="Check only this dtype. Repeatable. Default: all managed.")
+@click.option("--dtype", "dtypes", multiple=True, help="Check only this device type. Repeatable. Default: all managed.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0),
+    default=15.0,
+    show_default=True,
+    help="Seconds to keep trying while cm's egress proxy does not answer (cm may still be starting after a "
+    "mode switch).",
+)
 @handle_errors
-def check(data: Path, dtypes: tuple[str, ...]) -> None:
+def check(data: Path, dtypes: tuple[str, ...], wait: float) -> None:
     """Check the repository now; download, verify and store any newer release (progress bar)."""
     manager, config = _manager(data)
     chosen = list(dtypes) or config.dtypes
@@ -153,7 +234,7 @@ def check(data: Path, dtypes: tuple[str, ...]) -> None:
                 progress.update(task, completed=done, total=total)
 
             try:
-                result = manager.check(dtype, progress=update)
+                result = _check_patiently(manager, dtype, update, wait if config.egress_proxy else 0.0)
             except RejectedError as exc:
                 refused += 1
                 field = f" [field: {exc.field}]" if exc.field else ""
@@ -164,12 +245,32 @@ def check(data: Path, dtypes: tuple[str, ...]) -> None:
                 table.add_row(dtype, f"[yellow]unavailable[/yellow] ({exc.code})", escape(exc.message))
                 continue
         outcome, details = _describe(result)
-        table.add_row(dtype, outcome, details)
+        table.add_row(dtype, outcome, escape(details))
     console.print(table)
     if refused:
         raise SystemExit(4)
     if unavailable:
         raise SystemExit(3)
+
+
+def _check_patiently(
+    manager: SoftwareManager, dtype: str, progress: Callable[[int, int], None], wait: float
+) -> CheckResult:
+    """``manager.check``, tried again after 1, 2, 4... s while the repository cannot be reached,
+    for ``wait`` seconds at most (cm's egress proxy opens a moment after cm starts)."""
+    deadline = time.monotonic() + wait
+    delay = 1.0
+    while True:
+        try:
+            return manager.check(dtype, progress=progress)
+        except UnavailableError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            pause = min(delay, left)
+            console.print(f"{dtype}: the repository does not answer through cm's proxy yet; again in {pause:.0f} s")
+            time.sleep(pause)
+            delay *= 2
 
 
 @sm.command("list")
@@ -218,11 +319,11 @@ def _version_json(v: StoredSoftware) -> dict[str, object]:
 @data_option
 @click.argument("dtype")
 @click.argument("counter", type=int, required=False)
-@click.option("--no-verify", is_flag=True, help="Do not run Algorithm 1 on the stored files.")
+@click.option("--no-verify", is_flag=True, help="Do not verify the stored files.")
 @json_option
 @handle_errors
 def show(data: Path, dtype: str, counter: int | None, no_verify: bool, as_json: bool) -> None:
-    """Show one stored version (default: the latest) and verify it as pm will (Algorithm 1)."""
+    """Show one stored version (default: the latest) and verify it as pm will before flashing it."""
     from iotdlm.sm.local import LocalRepository
 
     local = LocalRepository(smconfig.sm_dir(data))

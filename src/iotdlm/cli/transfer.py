@@ -125,7 +125,15 @@ def _peer_link(data: Path, url: str, tid: str | None, cacert: Path | None, *, pe
 
 @click.group("transfer", context_settings={"help_option_names": ["-h", "--help"]})
 def transfer() -> None:
-    """Trust transfer: hand a fleet over to another provider (SP1) or take one over (SP2)."""
+    """Trust transfer: hand your fleet over to a new provider (you are SP1) or take one over (you are SP2).
+
+    \b
+    both providers:     init (once: --provider-id, this deployment's transfer identity)
+    SP2 (taking over):  register-ca, then accept, publish-update, confirm
+    SP1 (handing over): export, then deliver, revoke-old
+    either:             status
+    Every option of each command is in docs/operations.md (trust transfer).
+    """
 
 
 def _default_fallback_uri(dep: Deployment) -> str:
@@ -150,7 +158,7 @@ def _write_or_keep(data: Path, out: Path, token: bytes, *, done: str, what: str,
 @data_option
 @click.option("--provider-id", required=True, help="This provider's name in transfer messages (agreed with the peer).")
 @click.option("--fallback-uri", default=None, help="SP1: fallback route (default: cm /transfer/fallback).")
-@click.option("--enroll-uri", default=None, help="SP2: CA2's EST URL handed out at registration (the CA-URI).")
+@click.option("--enroll-uri", default=None, help="SP2: CA2's EST URL, handed to the devices at registration.")
 @handle_errors
 def init(data: Path, provider_id: str, fallback_uri: str | None, enroll_uri: str | None) -> None:
     """Create this provider's transfer signing identity (needs the CA passphrase once)."""
@@ -292,7 +300,7 @@ def export(
     multiple=True,
     help="Root(s) authenticating SP2's endpoints, installed on the devices (default: this deployment's root).",
 )
-@click.option("--dtype", default=None, help="dtype of devices whose factory certificate names none.")
+@click.option("--dtype", default=None, help="Device type of devices whose factory certificate names none.")
 @click.option("--out", type=_path, default=None, help="Where to write the TransferMessage (CWT).")
 @handle_errors
 def accept(
@@ -316,7 +324,7 @@ def accept(
     out: Path | None,
 ) -> None:
     """SP2: check SP1's UpdateInfoList (--in a file, or --from SP1's cm), register the factory
-    certificates with CA2 (x5bag) and write the TransferMessage for SP1 (--out, and/or --send)."""
+    certificates with CA2 and write the TransferMessage for SP1 (--out, and/or --send)."""
     from iotdlm.km.registry import FactoryRegistry
     from iotdlm.runtime import open_store
     from iotdlm.transfer.shell import Sp2Service

@@ -63,6 +63,11 @@ SLOTS = ("slot-a", "slot-b")
 KEY_FILES = {"device": "key", "operational": "operational", "pending": "pending"}
 
 
+def bench_device_id(prefix: str, number: int) -> str:
+    """The id a device manufactured on the bench gets (``pm bench make``, the demo): PREFIX-00001..."""
+    return f"{prefix}-{number:05d}"
+
+
 @dataclass(frozen=True)
 class Hardware:
     device_id: str

@@ -106,7 +106,8 @@ class VendorRepository:
         settings_file = self.path / "repo.toml"
         if not settings_file.is_file():
             raise NotFoundError(
-                f"{self.path} is not a repository: create one with `iotdlm repo init --dir {self.path}`"
+                f"{self.path} is not a repository: create one with "
+                f"`iotdlm repo init --dir {self.path} --report-ca DATA/ca/service.pem`"
             )
         self._settings = self._load_settings()
         self._lock = threading.Lock()

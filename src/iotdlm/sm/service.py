@@ -4,7 +4,9 @@
 - ``SM_SOFTWARE_LOAD`` {"dtype", "release_counter"?} -> image path (pm and sm share the local
   repository folder: images are too big for the bus), meta.enc and sig_sm;
 - ``SM_NOTIFY`` {"dtype"} (cm relays the repository's webhook): check that dtype now;
-- every ``poll_interval`` seconds, per dtype: check.
+- every ``poll_interval`` seconds, per dtype: check. A check that could not reach the repository
+  (cm's egress proxy not up yet, the repository down) is tried again soon: after ``retry_after``
+  seconds, doubling each time up to the poll interval.
 
 A check runs in a worker thread (the event loop keeps answering pm meanwhile). Its outcome is
 published on ``iotdlm.v1.events.sm.<kind>``: ``stored`` (a new release), ``checked`` (nothing new;
@@ -59,6 +61,7 @@ class SmService:
         dtypes: list[str],
         poll_interval: float | None = 3600.0,
         guard: ModeGuard | None = None,
+        retry_after: float = 5.0,
     ) -> None:
         """``guard`` (started and stopped with the service) checks the operation mode before
         every request and check; ``None``: no mode check (tests of sm alone)."""
@@ -67,6 +70,7 @@ class SmService:
         self.bus = bus
         self.dtypes = [sw.check_dtype(d) for d in dtypes]
         self.poll_interval = poll_interval
+        self.retry_after = retry_after
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: dict[str, asyncio.Event] = {}
@@ -118,17 +122,29 @@ class SmService:
 
     async def _poll(self, dtype: str) -> None:
         wake = self._wake[dtype]
+        retry = self.retry_after
         while True:
             wake.clear()
-            await self.check(dtype)
-            if self.poll_interval is None:
+            _result, unreachable = await self._check(dtype)
+            delay = self.poll_interval
+            if unreachable:
+                delay = retry if delay is None else min(retry, delay)
+                retry = min(retry * 2, self.poll_interval or retry * 2)
+                log.info("sm checks %s again in %.0f s", dtype, delay)
+            else:
+                retry = self.retry_after
+            if delay is None:
                 await wake.wait()
             else:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.poll_interval)
+                    await asyncio.wait_for(wake.wait(), delay)
 
     async def check(self, dtype: str) -> CheckResult | None:
         """One check of ``dtype``; its outcome becomes an event, never an exception."""
+        return (await self._check(dtype))[0]
+
+    async def _check(self, dtype: str) -> tuple[CheckResult | None, bool]:
+        """The check's result, and whether the repository could not be reached."""
         try:
             self._require(CHECK_MODES, f"checking the repository for {dtype}")
             result = await asyncio.to_thread(self.sm.check, dtype)
@@ -137,16 +153,16 @@ class SmService:
             await self._event(
                 sw.SmEvent(kind="refused", dtype=dtype, code=exc.code, message=exc.message, field=exc.field)
             )
-            return None
+            return None, False
         except IotdlmError as exc:
             log.warning("sm check of %s failed: %s", dtype, exc)
             await self._event(sw.SmEvent(kind="failed", dtype=dtype, code=exc.code, message=exc.message))
-            return None
+            return None, True
         if result.stored is not None:
             await self._event(sw.SmEvent(kind="stored", dtype=dtype, release_counter=result.stored.release_counter))
         else:
             await self._event(sw.SmEvent(kind="checked", dtype=dtype, release_counter=result.latest))
-        return result
+        return result, False
 
     async def _event(self, event: sw.SmEvent) -> None:
         try:

@@ -78,6 +78,8 @@ LOCK = "_lock"
 #: never sent anywhere (ngclient requests roles by name, not targets by path)
 PROBE = "iotdlm-sm-probe"
 JOSE = "application/jose"
+#: reports kept for resending at most (refused or undelivered); the oldest go first beyond it
+MAX_PENDING_REPORTS = 64
 
 Progress = Callable[[int, int], None]
 Outcome = Literal["stored", "up_to_date", "no_release"]
@@ -93,6 +95,8 @@ class CheckResult:
     current: int | None
     stored: sw.StoredSoftware | None = None
     reported: bool = False
+    #: why the repository refused this check's report, if it did (the report is kept and resent)
+    report_refused: str | None = None
 
 
 def map_error(exc: BaseException) -> IotdlmError:
@@ -230,10 +234,10 @@ class SoftwareManager:
                 raise
             except (tuf_exc.RepositoryError, tuf_exc.DownloadError, OSError) as exc:
                 raise map_error(exc) from exc
-            delivered = self._flush_reports()
+            delivered, refused = self._deliver_reports()
             if result.stored is not None:
                 key = (result.stored.target_path, result.stored.sha256)
-                result = dataclasses.replace(result, reported=key in delivered)
+                result = dataclasses.replace(result, reported=key in delivered, report_refused=refused.get(key))
             return result
 
     def _updater(self) -> Updater:
@@ -454,46 +458,73 @@ class SoftwareManager:
         return sig.digest(), observed["sha256"]
 
     # --- reports (4.4.5) --------------------------------------------------------------------------
-    def _flush_reports(self) -> set[tuple[str, str]]:
-        """POST every pending report; keep those that could not be delivered (the repository
-        unreachable or busy) for the next check. Returns (target_path, sha256) of those it accepted."""
+    def _deliver_reports(self) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
+        """POST every pending report. Those the repository accepted leave the queue; the others stay
+        for the next check -- undelivered (the repository unreachable or busy) and refused alike (a
+        repository that does not trust sm's CA yet accepts them once the vendor runs `repo trust`),
+        the oldest dropped beyond MAX_PENDING_REPORTS. Returns the (target_path, sha256) accepted,
+        and why each refused one was refused."""
         state = self.local.load_state()
         if not state.pending_reports:
-            return set()
+            return set(), {}
         keep: list[ReportBody] = []
         delivered: set[tuple[str, str]] = set()
+        refused: dict[tuple[str, str], str] = {}
         unreachable = False
         for body in state.pending_reports:
             if unreachable:
                 keep.append(body)
                 continue
             try:
-                if self._post_report(body):
-                    delivered.add((body.target_path, body.sha256))
+                problem = self._post_report(body)
             except IotdlmError as exc:
                 log.warning("report of %s not delivered (kept for later): %s", body.target_path, exc)
                 keep.append(body)
                 unreachable = True
+                continue
+            if problem is None:
+                delivered.add((body.target_path, body.sha256))
+            else:
+                refused[(body.target_path, body.sha256)] = problem
+                keep.append(body)
+        if len(keep) > MAX_PENDING_REPORTS:
+            dropped = keep[: len(keep) - MAX_PENDING_REPORTS]
+            log.error(
+                "dropping the %d oldest unsent download reports (more than %d kept)", len(dropped), MAX_PENDING_REPORTS
+            )
+            keep = keep[len(dropped) :]
         state.pending_reports = keep
         self.local.save_state(state)
-        return delivered
+        return delivered, refused
 
-    def _post_report(self, body: ReportBody) -> bool:
-        """True when the repository accepted the report; False when it refused it (not retried)."""
+    def _post_report(self, body: ReportBody) -> str | None:
+        """None when the repository accepted the report; why, when it refused it (kept and resent)."""
         token = self.sealer.seal(OP_REPORT, msgspec.to_builtins(body), aud=REPORT_AUDIENCE, now=self.clock.now())
         resp = self.fetcher.post(f"{self.repository_url}/reports", token, content_type=JOSE)
         if 200 <= resp.status < 300:
-            return True
+            return None
         text = resp.body[:300].decode("utf-8", "replace")
         if resp.status >= 500 or resp.status in (408, 429):
             raise UnavailableError(f"the repository could not take the report now (HTTP {resp.status}): {text}")
-        log.warning("the repository refused the report of %s (HTTP %d): %s", body.target_path, resp.status, text)
-        return False
+        problem = f"HTTP {resp.status}: {_report_message(text)}"
+        if resp.status == 403:
+            problem += (
+                "; the vendor must trust the CA of sm's certificate: "
+                "`iotdlm repo trust --dir REPO --ca DATA/ca/service.pem`"
+            )
+        log.error(
+            "the repository refused the report of %s (kept, resent at the next check): %s", body.target_path, problem
+        )
+        return problem
 
     def flush_reports(self) -> int:
         """Deliver pending reports now; how many the repository accepted."""
         with self.locked():
-            return len(self._flush_reports())
+            return len(self._deliver_reports()[0])
+
+    def pending_reports(self) -> int:
+        """How many download reports wait to be resent."""
+        return len(self.local.load_state().pending_reports)
 
     # --- the local repository, for pm ---------------------------------------------------------------
     def list(self, dtype: str | None = None) -> list[sw.StoredSoftware]:
@@ -510,3 +541,15 @@ class SoftwareManager:
             meta_enc=paths.meta_enc.read_bytes(),
             sig_sm=paths.sig_sm.read_bytes(),
         )
+
+
+def _report_message(text: str) -> str:
+    """The ``message`` of the repository's JSON refusal, else the body as it came."""
+    try:
+        body = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        code = body.get("code")
+        return f"{body['message']} ({code})" if isinstance(code, str) else str(body["message"])
+    return text
