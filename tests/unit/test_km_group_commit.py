@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from iotdlm.errors import ReplayError
+from iotdlm.errors import ReplayError, UnavailableError
 from iotdlm.km.groupcommit import GroupCommit
 from iotdlm.store import AuditEntry, NonceUse, SerialCollisionError, Store
 from iotdlm.store.records import CertWrite
@@ -166,3 +166,39 @@ def test_an_error_that_is_not_the_store_s_reaches_its_caller() -> None:
         gc.submit(13)
     with pytest.raises(ValueError, match="max_group"):
         GroupCommit(write, max_group=0)
+
+
+def test_a_database_failure_is_every_member_s_without_writing_each_again() -> None:
+    calls: list[list[int]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def write(items: Sequence[int]) -> None:
+        calls.append(list(items))
+        if len(calls) == 1:
+            first_started.set()
+            assert release.wait(30)
+            return
+        raise UnavailableError("the database did not answer")
+
+    gc: GroupCommit[int] = GroupCommit(write, shared=lambda exc: isinstance(exc, UnavailableError))
+    out: dict[int, object] = {}
+
+    def submit(i: int) -> None:
+        try:
+            out[i] = gc.submit(i)
+        except UnavailableError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(0,))]
+    threads[0].start()
+    assert first_started.wait(30)
+    threads += [threading.Thread(target=submit, args=(i,)) for i in (1, 2, 3)]
+    for t in threads[1:]:
+        t.start()
+    _wait_until(lambda: gc.waiting == 3)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert out[0] == 1
+    assert all(isinstance(out[i], UnavailableError) for i in (1, 2, 3))
+    assert calls == [[0], [1, 2, 3]]  # not written again one by one

@@ -36,6 +36,7 @@ from iotdlm.errors import (
     NotAuthorizedError,
     NotFoundError,
     RejectedError,
+    UnavailableError,
     UntrustedError,
 )
 from iotdlm.km.audit import entry
@@ -155,7 +156,9 @@ class Km:
         self._nonce_key: bytes | None = None
         #: every request's certificates, audit records, devices and nonce, written together with
         #: those of the requests that reach their commit at the same time (ADR 0097)
-        self._group: GroupCommit[CertWrite] = GroupCommit(store.add_certificate_writes)
+        self._group: GroupCommit[CertWrite] = GroupCommit(
+            store.add_certificate_writes, shared=lambda exc: isinstance(exc, UnavailableError)
+        )
 
     # --- 1+2: authentication ------------------------------------------------------------
     def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal, NonceUse]:

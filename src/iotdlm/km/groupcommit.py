@@ -10,7 +10,8 @@ running wait for it, then writes all of them in one transaction (ADR 0097):
 - each caller returns only after the transaction holding its records committed, and raises what
   its own records raised: if the shared transaction fails (a replayed nonce, a serial collision,
   a duplicate), nothing of it is stored and every member is written again alone, so one bad
-  request never takes the others down and never stores anything itself.
+  request never takes the others down and never stores anything itself; a failure of the
+  database itself (``shared``) is every member's at once.
 
 Synchronous and thread-safe: km's handlers run in worker threads (``asyncio.to_thread``).
 """
@@ -37,12 +38,21 @@ class GroupCommit(Generic[T]):
     """Runs ``write(items)`` for groups of items submitted concurrently; see the module docstring.
 
     ``write`` must be all-or-nothing (one transaction). ``max_group`` bounds one transaction.
+    ``shared(exc)``: the group's failure is every member's (the database is down, say: writing each
+    member again would only wait N more times), not a reason to write them again one by one.
     """
 
-    def __init__(self, write: Callable[[Sequence[T]], None], *, max_group: int = 256) -> None:
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], None],
+        *,
+        max_group: int = 256,
+        shared: Callable[[BaseException], bool] = lambda _exc: False,
+    ) -> None:
         if max_group < 1:
             raise ValueError("max_group must be at least 1")
         self._write = write
+        self._shared = shared
         self._max_group = max_group
         self._cv = threading.Condition()
         self._queue: list[_Job[T]] = []
@@ -84,8 +94,8 @@ class GroupCommit(Generic[T]):
         try:
             self._write([j.item for j in group])
         except BaseException as exc:
-            if len(group) == 1:
-                self._finish(group, 1, exc)
+            if len(group) == 1 or self._shared(exc):
+                self._finish(group, len(group), exc)
                 return
             # the shared transaction stored nothing: each member alone, with its own outcome
             for job in group:
