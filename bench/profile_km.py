@@ -13,7 +13,8 @@ py-spy``) and pass ``--py-spy /tmp/pyspy/bin/py-spy``, or have it on PATH. py-sp
 worker itself (attaching to a running process needs ptrace rights a sandbox may not give).
 
 Without py-spy, ``--inproc`` profiles the km core (``Km.issue_batch``, real SQLite store, no bus)
-in this process with cProfile.
+in this process with cProfile; ``--cpu`` times single ``Km.issue`` requests the same way without a
+profiler (CPU per certificate beside the raw build+sign of the same run).
 
 Run: ``.venv/bin/python bench/profile_km.py [--workers 2] [--batch 100] [--duration 10] [--idle]``.
 """
@@ -32,7 +33,9 @@ import signal
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from common import (
     BenchDeployment,
@@ -43,6 +46,7 @@ from common import (
     log,
     md_table,
     parse_args,
+    raw_cert_rate,
 )
 from iotdlm.client.km import KmClient
 from iotdlm.wire import km as msg
@@ -197,13 +201,13 @@ async def run_pyspy(args: argparse.Namespace) -> str:
     )
 
 
-def run_inproc(args: argparse.Namespace) -> str:
+@contextlib.contextmanager
+def _inproc_km() -> Iterator[tuple[Any, Any, Any]]:
+    """(km, pm's sealer, clock): km's core on a real SQLite store in a temporary deployment, no bus."""
     from iotdlm.clock import SystemClock
     from iotdlm.deployment import init_deployment
     from iotdlm.pki.keys import Algorithm
     from iotdlm.runtime import build_km, open_store, record_identities, sealer_for
-    from iotdlm.wire import km as msg
-    from iotdlm.wire.km import AUDIENCE, OP_ISSUE_BATCH
 
     clock = SystemClock()
     with tempfile.TemporaryDirectory(prefix="iotdlm-prof-") as tmp:
@@ -218,8 +222,16 @@ def run_inproc(args: argparse.Namespace) -> str:
         )
         store = open_store(dep)
         record_identities(dep, store, clock.now())
-        km = build_km(dep, store, clock, passphrase=b"bench")
-        sealer = sealer_for(dep.identity("pm-polarfire-soc"))
+        try:
+            yield build_km(dep, store, clock, passphrase=b"bench"), sealer_for(dep.identity("pm-polarfire-soc")), clock
+        finally:
+            store.close()
+
+
+def run_inproc(args: argparse.Namespace) -> str:
+    from iotdlm.wire.km import AUDIENCE, OP_ISSUE_BATCH
+
+    with _inproc_km() as (km, sealer, clock):
         keys = device_keys(64)
         n = max(1, int(args.duration * 800 / args.batch))
 
@@ -241,7 +253,6 @@ def run_inproc(args: argparse.Namespace) -> str:
             km.issue_batch(t)
         prof.disable()
         elapsed = time.perf_counter() - t0
-        store.close()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(args.top)
     return "\n".join(
@@ -258,6 +269,46 @@ def run_inproc(args: argparse.Namespace) -> str:
     )
 
 
+def run_cpu(args: argparse.Namespace) -> str:
+    """CPU per certificate of single ``Km.issue`` requests in this process (no profiler, no bus),
+    beside the raw build+sign rate measured just before and after."""
+    from iotdlm.wire.km import AUDIENCE, OP_ISSUE
+
+    n = max(50, int(args.duration * 400))
+    raw_before = raw_cert_rate()
+    with _inproc_km() as (km, sealer, clock):
+        keys = device_keys(64)
+        tokens = [
+            sealer.seal(
+                OP_ISSUE,
+                msg.IssueItem(device_id=f"dev-{i:07d}", profile="factory", csr=csr_der(keys[i % 64], f"dev-{i:07d}")),
+                aud=AUDIENCE,
+                now=clock.now(),
+            )
+            for i in range(n + 1)
+        ]
+        km.issue(tokens[0])
+        wall, cpu = time.perf_counter(), time.process_time()
+        for t in tokens[1:]:
+            km.issue(t)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    raw_after = raw_cert_rate()
+    raw_ms = 1000 / max(raw_before, raw_after)
+    km_ms = cpu * 1000 / n
+    return "\n".join(
+        [
+            "## km core in-process: CPU per single `issue` request (no bus, no profiler)",
+            "",
+            md_table(
+                ["requests", "km CPU ms/cert", "wall ms/cert", "raw build+sign ms (best of before/after)", "raw / km"],
+                [[n, f"{km_ms:.3f}", f"{wall * 1000 / n:.3f}", f"{raw_ms:.3f}", f"{raw_ms / km_ms:.2f}x"]],
+            ),
+            "",
+            f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        ]
+    )
+
+
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=100)
@@ -270,6 +321,9 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--py-spy", default=shutil.which("py-spy"), help="path of the py-spy binary")
     p.add_argument("--keep-raw", action="store_true", help="keep py-spy's raw stack files (path is logged)")
     p.add_argument("--inproc", action="store_true", help="cProfile the km core in this process instead")
+    p.add_argument(
+        "--cpu", action="store_true", help="CPU per single request of the km core in this process, no profiler"
+    )
 
 
 def main() -> None:
@@ -278,7 +332,9 @@ def main() -> None:
         args.duration = 2.0
     if args.loops is None:
         args.loops = 8 if args.batch == 1 else 1
-    if args.inproc:
+    if args.cpu:
+        section = run_cpu(args)
+    elif args.inproc:
         section = run_inproc(args)
     elif not args.py_spy:
         raise SystemExit("py-spy not found: pass --py-spy PATH, or use --inproc for cProfile of the km core")

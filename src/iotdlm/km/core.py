@@ -36,10 +36,12 @@ from iotdlm.errors import (
     NotAuthorizedError,
     NotFoundError,
     RejectedError,
+    UnavailableError,
     UntrustedError,
 )
 from iotdlm.km.audit import entry
 from iotdlm.km.cert_views import info, issued, record_for
+from iotdlm.km.groupcommit import GroupCommit
 from iotdlm.km.ra import (
     Authorizer,
     CertRequestFacts,
@@ -66,7 +68,7 @@ from iotdlm.pki.names import check_id, device_id_of, device_subject
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.pki.requested import Requested, dropped
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse
-from iotdlm.store.records import CERT_REVOKED
+from iotdlm.store.records import CERT_REVOKED, CertWrite
 from iotdlm.wire import audit as fmt
 from iotdlm.wire import envelope
 from iotdlm.wire import km as msg
@@ -152,6 +154,11 @@ class Km:
         #: (``ca revoke-ca``), read from the store at most every CA_STATUS_TTL seconds per worker
         self._ca_revoked: dict[str, tuple[float, bool]] = {}
         self._nonce_key: bytes | None = None
+        #: every request's certificates, audit records, devices and nonce, written together with
+        #: those of the requests that reach their commit at the same time (ADR 0097)
+        self._group: GroupCommit[CertWrite] = GroupCommit(
+            store.add_certificate_writes, shared=lambda exc: isinstance(exc, UnavailableError)
+        )
 
     # --- 1+2: authentication ------------------------------------------------------------
     def authenticate(self, token: bytes, op: str | Sequence[str]) -> tuple[envelope.Envelope, Principal, NonceUse]:
@@ -347,7 +354,9 @@ class Km:
         # serials are 159 random bits; the store's unique (issuer, serial) refuses a collision
         # across workers outright (SerialCollisionError), so no serial is ever issued twice.
         # Certificates and their audit records commit together or not at all.
-        self.store.add_certificates(records, audit=audit, devices=devices, nonce=nonce, now=now)
+        # Concurrent requests' writes share one transaction (group commit, ADR 0097); this returns
+        # once ours is committed, and raises what ours alone raises.
+        self._group.submit(CertWrite(tuple(records), audit=tuple(audit), devices=tuple(devices), nonce=nonce, now=now))
         for grant, rec in pairs:
             if grant.supersedes is not None:
                 issuer, serial = grant.supersedes

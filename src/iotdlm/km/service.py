@@ -132,23 +132,36 @@ class KmService:
 
     # --- handlers -------------------------------------------------------------------------
     def _wrap(self, subject: str, fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
-        async def handler(m: Message) -> bytes:
+        """``fn`` run in a worker thread; its result encoded and, on the signed subjects, sealed by
+        km in the same thread (one hop off the event loop per request, issue 15)."""
+        sealer = None if subject in UNSIGNED_SUBJECTS else self._sealer
+
+        def work(m: Message) -> bytes:
             start = time.perf_counter()
             try:
-                result = await asyncio.to_thread(fn, m)
+                result = fn(m)
             except RejectedError as exc:
-                await asyncio.to_thread(self._audit_refusal, subject, exc)
+                self._audit_refusal(subject, exc)
                 raise
             if self.metrics is not None:
                 self.metrics.issued_from(result, time.perf_counter() - start)
-            return result if isinstance(result, bytes) else msg.encode(result)
+            body = result if isinstance(result, bytes) else msg.encode(result)
+            if sealer is None:
+                return body
+            return sealer.seal_reply(subject, m.data, body, error=False, now=self.km.clock.now())
+
+        async def handler(m: Message) -> bytes:
+            return await asyncio.to_thread(work, m)
 
         # a CRL is signed by its CA already, and its consumers verify that (ADR 0006)
-        return handler if subject in UNSIGNED_SUBJECTS else self._signed(subject, handler)
+        return handler if sealer is None else self._signed(subject, handler, sealed=True)
 
-    def _signed(self, subject: str, handler: Callable[[Message], Any]) -> Callable[[Message], Any]:
+    def _signed(
+        self, subject: str, handler: Callable[[Message], Any], *, sealed: bool = False
+    ) -> Callable[[Message], Any]:
         """``handler`` with its result and its errors sealed by km (ADR 0006); as is without an
-        identity. One signature per reply, in a worker thread."""
+        identity. One signature per reply, in a worker thread. ``sealed``: the handler seals its
+        results itself, only its errors are sealed here."""
         sealer = self._sealer
         if sealer is None:
             return handler
@@ -156,6 +169,9 @@ class KmService:
         async def signed(m: Message) -> bytes:
             try:
                 body, error = await handler(m), False
+                if sealed:
+                    assert isinstance(body, bytes)
+                    return body
             except IotdlmError as exc:
                 body, error = msgspec.json.encode(exc.to_wire()), True
                 if self.metrics is not None:  # sealed, so the bus never sees it raised

@@ -21,6 +21,7 @@ from iotdlm.store.records import (
     AuditEntry,
     AuditRecord,
     CertRecord,
+    CertWrite,
     CrlRecord,
     DeviceRecord,
     NonceUse,
@@ -83,6 +84,8 @@ class _Certificates(Protocol):
         nonce: NonceUse | None = ...,
         now: dt.datetime | None = ...,
     ) -> None: ...
+
+    def add_certificate_writes(self, writes: Sequence[CertWrite]) -> None: ...
 
     def get_certificate(self, issuer: str, serial: int) -> CertRecord | None: ...
 

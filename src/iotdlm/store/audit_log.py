@@ -73,6 +73,11 @@ def check_entries(entries: Sequence[AuditEntry]) -> None:
             raise ValueError(f"audit entries must be AuditEntry, got {type(entry).__name__}")
 
 
+#: the newest record's seq and hash; built once (issue 15: building it cost more than running it)
+_HEAD = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT = audit_log.insert()
+
+
 def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
     """Append ``entries`` to the audit log inside the caller's write transaction.
 
@@ -85,7 +90,7 @@ def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> list[Audi
     check_entries(entries)
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
-    head = conn.execute(select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)).first()
+    head = conn.execute(_HEAD).first()
     seq, prev_hash = (0, wire_audit.GENESIS_HASH) if head is None else (int(head[0]), str(head[1]))
     out: list[AuditRecord] = []
     for entry in entries:
@@ -107,7 +112,7 @@ def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> list[Audi
         )
         prev_hash = hash_
     conn.execute(
-        audit_log.insert(),
+        _INSERT,
         [
             {
                 "seq": rec.seq,

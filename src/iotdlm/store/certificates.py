@@ -18,20 +18,27 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Row, bindparam, func, select, update
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 
 from iotdlm import errors
 from iotdlm.store import records as r
 from iotdlm.store.audit_log import append_entries, check_entries
 from iotdlm.store.engine import Database
-from iotdlm.store.nonces import check_nonce, insert_nonce
+from iotdlm.store.nonces import check_nonce, insert_nonces
 from iotdlm.store.queries import IN_CHUNK, check_page, equal_filters, quote
-from iotdlm.store.records import AuditEntry, CertRecord, NonceUse
+from iotdlm.store.records import AuditEntry, CertRecord, CertWrite, NonceUse
 from iotdlm.store.tables import certificates
 from iotdlm.store.tables import devices as devices_table  # ``devices`` is also a parameter name below
 
 _STATUS_QUERY = select(certificates.c.status, certificates.c.revoked_at, certificates.c.revocation_reason).where(
     certificates.c.serial_hex == bindparam("serial_hex"), certificates.c.issuer == bindparam("issuer")
 )
+
+#: devices created by an issuance, known ones left as they are; built once per dialect (issue 15)
+_NEW_DEVICES = {
+    "sqlite": sqlite.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id]),
+    "postgresql": postgresql.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id]),
+}
 
 CERT_COLUMNS = (
     certificates.c.serial_hex,
@@ -155,40 +162,49 @@ class CertificateRepository(Database):
         twice in the batch, and :class:`~iotdlm.errors.ConflictError` for a duplicate fingerprint;
         then neither the certificates nor the audit records are stored.
         """
-        if not records and not audit and not devices and nonce is None:
+        self.add_certificate_writes(
+            [CertWrite(tuple(records), audit=tuple(audit), devices=tuple(devices), nonce=nonce, now=now)]
+        )
+
+    def add_certificate_writes(self, writes: Sequence[CertWrite]) -> None:
+        """What several requests record (see :meth:`add_certificates`), in ONE transaction: all
+        of it or none (km's group commit, ADR 0097). A replayed nonce, a duplicate serial or
+        fingerprint anywhere fails the whole transaction."""
+        records = [rec for w in writes for rec in w.records]
+        audit = [e for w in writes for e in w.audit]
+        nonces = [w.nonce for w in writes if w.nonce is not None]
+        if not records and not audit and not nonces and not any(w.devices for w in writes):
             return
         rows = [_cert_row(rec) for rec in records]
         self._check_batch(records)
         check_entries(audit)
-        device_rows = []
-        if devices:
-            if now is None:
+        device_rows: dict[str, dict[str, Any]] = {}
+        for w in writes:
+            if not w.devices:
+                continue
+            if w.now is None:
                 raise ValueError("add_certificates needs now= to create devices")
-            r.check_aware("now", now)
-            for device_id, dtype in dict(devices).items():
+            r.check_aware("now", w.now)
+            for device_id, dtype in w.devices:
                 r.check_text("device_id", device_id, r.DEVICE_ID_LEN)
                 r.check_text("dtype", dtype, r.DTYPE_LEN)
-                device_rows.append(
-                    {
-                        "device_id": device_id,
-                        "dtype": dtype,
-                        "status": r.DEVICE_ACTIVE,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
-        if nonce is not None:
+                device_rows[device_id] = {
+                    "device_id": device_id,
+                    "dtype": dtype,
+                    "status": r.DEVICE_ACTIVE,
+                    "created_at": w.now,
+                    "updated_at": w.now,
+                }
+        for nonce in nonces:
             check_nonce(nonce.sender, nonce.nonce, nonce.expires_at)
 
         def explain(_exc: sa_exc.IntegrityError) -> errors.ConflictError:
             return self._explain_conflict(records)
 
         with self.transaction("adding certificates", write=True, conflict=explain) as conn:
-            if nonce is not None:
-                insert_nonce(conn, nonce.sender, nonce.nonce, nonce.expires_at)
+            insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in nonces])
             if device_rows:
-                ins = self.insert()(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id])
-                conn.execute(ins, device_rows)
+                conn.execute(_NEW_DEVICES[conn.dialect.name], list(device_rows.values()))
             if rows:
                 conn.execute(certificates.insert(), rows)
             append_entries(conn, audit)

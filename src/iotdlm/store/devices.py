@@ -10,7 +10,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, update
+from sqlalchemy import Connection, Row, bindparam, select, update
 
 from iotdlm import errors
 from iotdlm.store import records as r
@@ -26,6 +26,8 @@ DEVICE_COLUMNS = (
     devices.c.created_at,
     devices.c.updated_at,
 )
+#: built once (issue 15: building the statement per request cost more than running it)
+_GET_DEVICE = select(*DEVICE_COLUMNS).where(devices.c.device_id == bindparam("device_id"))
 
 
 def device_record(row: Row[*tuple[Any, ...]]) -> DeviceRecord:
@@ -72,9 +74,8 @@ class DeviceRepository(Database):
         """The device, or None if unknown."""
         if not r.findable_text(device_id, r.DEVICE_ID_LEN):
             return None
-        stmt = select(*DEVICE_COLUMNS).where(devices.c.device_id == device_id)
         with self.transaction("reading a device", write=False) as conn:
-            row = conn.execute(stmt).first()
+            row = conn.execute(_GET_DEVICE, {"device_id": device_id}).first()
         return None if row is None else device_record(row)
 
     def set_device_status(self, device_id: str, status: str, *, now: dt.datetime) -> DeviceRecord:

@@ -481,3 +481,16 @@ class NonceUse:
     sender: str
     nonce: str
     expires_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CertWrite:
+    """What one km request records: its certificates, their audit entries, the devices they name
+    (``(device_id, dtype)``, created as active at ``now`` if unknown) and its replay nonce. Several
+    are written in one transaction (``CertificateRepository.add_certificate_writes``, km's group commit)."""
+
+    records: tuple[CertRecord, ...]
+    audit: tuple[AuditEntry, ...] = ()
+    devices: tuple[tuple[str, str], ...] = ()
+    nonce: NonceUse | None = None
+    now: dt.datetime | None = None

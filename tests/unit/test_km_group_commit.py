@@ -1,0 +1,204 @@
+"""Group commit (ADR 0097): concurrent requests' records in one transaction, each caller answered
+only after its own records committed, and one bad request failing alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from iotdlm.errors import ReplayError, UnavailableError
+from iotdlm.km.groupcommit import GroupCommit
+from iotdlm.store import AuditEntry, NonceUse, SerialCollisionError, Store
+from iotdlm.store.records import CertWrite
+from iotdlm.wire import audit as wire_audit
+from tests.fixtures_store import make_cert
+
+NOW = dt.datetime(2026, 11, 21, 12, tzinfo=dt.UTC)
+
+
+def _write(serial: int, nonce: str, device: str | None = None) -> CertWrite:
+    device_id = device or f"d{serial}"
+    return CertWrite(
+        (make_cert(serial, device_id=device_id),),
+        audit=(AuditEntry(at=NOW, kind="issuance", actor="pm[a]", subject=f"s{serial}", data={"n": serial}),),
+        devices=((device_id, "boardA"),),
+        nonce=NonceUse("fp-pm", nonce, NOW + dt.timedelta(minutes=5)),
+        now=NOW,
+    )
+
+
+def _wait_until(cond: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if cond():
+            return
+        time.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
+class _Gated:
+    """``write`` that holds its first call until released, so that the others queue behind it."""
+
+    def __init__(self, write: Callable[[Sequence[CertWrite]], None]) -> None:
+        self.inner = write
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.calls: list[int] = []
+
+    def __call__(self, items: Sequence[CertWrite]) -> None:
+        first = not self.calls
+        self.calls.append(len(items))
+        if first:
+            self.started.set()
+            assert self.release.wait(30)
+        self.inner(items)
+
+
+def _run_group(gc: GroupCommit[CertWrite], gated: _Gated, first: CertWrite, rest: list[CertWrite]) -> list[object]:
+    """Submit ``first``, then ``rest`` while ``first`` is being written; each thread's outcome."""
+    out: list[object] = [None] * (1 + len(rest))
+
+    def submit(i: int, w: CertWrite) -> None:
+        try:
+            out[i] = gc.submit(w)
+        except Exception as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(0, first))]
+    threads[0].start()
+    assert gated.started.wait(30)
+    for i, w in enumerate(rest, start=1):
+        threads.append(threading.Thread(target=submit, args=(i, w)))
+        threads[-1].start()
+    _wait_until(lambda: gc.waiting == len(rest))
+    gated.release.set()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def _chain_ok(store: Store) -> int:
+    prev, n = wire_audit.GENESIS_HASH, 0
+    for rec in store.iter_audit():
+        n += 1
+        assert (rec.seq, rec.prev_hash) == (n, prev)
+        assert rec.hash == wire_audit.record_hash(
+            prev, rec.seq, rec.at, rec.kind, rec.actor, rec.subject, rec.data_json
+        )
+        prev = rec.hash
+    return n
+
+
+def test_requests_queued_behind_a_commit_share_the_next_transaction(store: Store) -> None:
+    gated = _Gated(store.add_certificate_writes)
+    gc: GroupCommit[CertWrite] = GroupCommit(gated)
+    out = _run_group(gc, gated, _write(1, "n-1"), [_write(i, f"n-{i}") for i in range(2, 7)])
+    assert out == [1, 5, 5, 5, 5, 5]  # the first alone, the five that waited in one transaction
+    assert gated.calls == [1, 5]
+    assert (gc.transactions, gc.items) == (2, 6)
+    assert store.count_certificates() == 6
+    assert sorted(store.get_devices([f"d{i}" for i in range(1, 7)])) == [f"d{i}" for i in range(1, 7)]
+    assert _chain_ok(store) == 6
+
+
+def test_a_replay_in_a_group_fails_alone_and_stores_nothing(store: Store) -> None:
+    store.consume_nonce("fp-pm", "used", expires_at=NOW + dt.timedelta(minutes=5))
+    gated = _Gated(store.add_certificate_writes)
+    gc: GroupCommit[CertWrite] = GroupCommit(gated)
+    rest = [_write(2, "n-2"), _write(3, "used"), _write(4, "n-4")]
+    out = _run_group(gc, gated, _write(1, "n-1"), rest)
+    assert out[0] == 1
+    assert out[1] == 1
+    assert out[3] == 1
+    assert isinstance(out[2], ReplayError)
+    assert gated.calls == [1, 3, 1, 1, 1]
+    assert store.get_certificate(make_cert(3).issuer, 3) is None
+    assert store.get_device("d3") is None
+    assert store.count_certificates() == 3
+    assert _chain_ok(store) == 3
+
+
+def test_a_serial_collision_in_a_group_fails_alone(store: Store) -> None:
+    gated = _Gated(store.add_certificate_writes)
+    gc: GroupCommit[CertWrite] = GroupCommit(gated)
+    out = _run_group(gc, gated, _write(1, "n-1"), [_write(2, "n-2"), _write(1, "n-3", device="dx")])
+    assert out[:2] == [1, 1]
+    assert isinstance(out[2], SerialCollisionError)
+    assert store.get_device("dx") is None
+    store.consume_nonce("fp-pm", "n-3", expires_at=NOW)  # the refused request did not spend it
+    assert _chain_ok(store) == 2
+
+
+def test_many_threads_all_stored_once_with_an_unbroken_chain(store: Store) -> None:
+    gc: GroupCommit[CertWrite] = GroupCommit(store.add_certificate_writes, max_group=8)
+    start = threading.Barrier(16)
+    sizes: list[int] = []
+
+    def worker(k: int) -> None:
+        start.wait()
+        for j in range(10):
+            n = 1000 + k * 10 + j
+            sizes.append(gc.submit(_write(n, f"n-{n}")))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(sizes) == 160
+    assert max(sizes) <= 8
+    assert gc.items == 160
+    assert store.count_certificates() == 160
+    assert _chain_ok(store) == 160
+
+
+def test_an_error_that_is_not_the_store_s_reaches_its_caller() -> None:
+    def write(items: Sequence[int]) -> None:
+        if 13 in items:
+            raise RuntimeError("unlucky")
+
+    gc: GroupCommit[int] = GroupCommit(write)
+    assert gc.submit(1) == 1
+    with pytest.raises(RuntimeError, match="unlucky"):
+        gc.submit(13)
+    with pytest.raises(ValueError, match="max_group"):
+        GroupCommit(write, max_group=0)
+
+
+def test_a_database_failure_is_every_member_s_without_writing_each_again() -> None:
+    calls: list[list[int]] = []
+    first_started, release = threading.Event(), threading.Event()
+
+    def write(items: Sequence[int]) -> None:
+        calls.append(list(items))
+        if len(calls) == 1:
+            first_started.set()
+            assert release.wait(30)
+            return
+        raise UnavailableError("the database did not answer")
+
+    gc: GroupCommit[int] = GroupCommit(write, shared=lambda exc: isinstance(exc, UnavailableError))
+    out: dict[int, object] = {}
+
+    def submit(i: int) -> None:
+        try:
+            out[i] = gc.submit(i)
+        except UnavailableError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(0,))]
+    threads[0].start()
+    assert first_started.wait(30)
+    threads += [threading.Thread(target=submit, args=(i,)) for i in (1, 2, 3)]
+    for t in threads[1:]:
+        t.start()
+    _wait_until(lambda: gc.waiting == 3)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert out[0] == 1
+    assert all(isinstance(out[i], UnavailableError) for i in (1, 2, 3))
+    assert calls == [[0], [1, 2, 3]]  # not written again one by one
