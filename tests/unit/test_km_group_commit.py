@@ -1,4 +1,4 @@
-"""Group commit (ADR 0097): concurrent requests' records in one transaction, each caller answered
+"""Group commit (ADR 0021): concurrent requests' records in one transaction, each caller answered
 only after its own records committed, and one bad request failing alone."""
 
 from __future__ import annotations

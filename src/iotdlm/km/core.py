@@ -155,7 +155,7 @@ class Km:
         self._ca_revoked: dict[str, tuple[float, bool]] = {}
         self._nonce_key: bytes | None = None
         #: every request's certificates, audit records, devices and nonce, written together with
-        #: those of the requests that reach their commit at the same time (ADR 0097)
+        #: those of the requests that reach their commit at the same time (ADR 0021)
         self._group: GroupCommit[CertWrite] = GroupCommit(
             store.add_certificate_writes, shared=lambda exc: isinstance(exc, UnavailableError)
         )
@@ -354,7 +354,7 @@ class Km:
         # serials are 159 random bits; the store's unique (issuer, serial) refuses a collision
         # across workers outright (SerialCollisionError), so no serial is ever issued twice.
         # Certificates and their audit records commit together or not at all.
-        # Concurrent requests' writes share one transaction (group commit, ADR 0097); this returns
+        # Concurrent requests' writes share one transaction (group commit, ADR 0021); this returns
         # once ours is committed, and raises what ours alone raises.
         self._group.submit(CertWrite(tuple(records), audit=tuple(audit), devices=tuple(devices), nonce=nonce, now=now))
         for grant, rec in pairs:

@@ -4,7 +4,7 @@ Every issuance ends in one write transaction (ADR 0003). On SQLite those transac
 serialised by the database's single write lock, so with many single-certificate requests in
 flight the workers spend most of their time taking that lock, not signing (docs/benchmarks.md,
 issue 15). :class:`GroupCommit` lets the requests that reach their commit while another commit is
-running wait for it, then writes all of them in one transaction (ADR 0097):
+running wait for it, then writes all of them in one transaction (ADR 0021):
 
 - a request alone commits at once (no timer, no added latency when nothing else is going on);
 - each caller returns only after the transaction holding its records committed, and raises what

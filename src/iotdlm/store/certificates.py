@@ -168,7 +168,7 @@ class CertificateRepository(Database):
 
     def add_certificate_writes(self, writes: Sequence[CertWrite]) -> None:
         """What several requests record (see :meth:`add_certificates`), in ONE transaction: all
-        of it or none (km's group commit, ADR 0097). A replayed nonce, a duplicate serial or
+        of it or none (km's group commit, ADR 0021). A replayed nonce, a duplicate serial or
         fingerprint anywhere fails the whole transaction."""
         records = [rec for w in writes for rec in w.records]
         audit = [e for w in writes for e in w.audit]
