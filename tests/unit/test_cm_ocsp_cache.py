@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from cryptography import x509
@@ -11,7 +12,7 @@ from cryptography.x509 import ocsp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotdlm.cm.ocsp_cache import OcspCache, cacheable
+from iotdlm.cm.ocsp_cache import OcspCache, cacheable, revoked_serial
 from iotdlm.pki import ocsp as pki_ocsp
 from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import NOW, make_pki
@@ -158,3 +159,39 @@ def test_cacheable_takes_any_truncation_of_a_real_answer(cut: int) -> None:
     der = _answer(_request(7))
     facts = cacheable(der[:cut])
     assert facts is None or der[:cut] == der
+
+
+@pytest.mark.parametrize(
+    ("event", "serial"),
+    [
+        (b'{"issuer": "operational", "serial": "1f"}', 0x1F),
+        (b'{"issuer":"operational","serial":"' + b"a" * 40 + b'"}', int("a" * 40, 16)),
+        (b'{"serial": "' + b"a" * 41 + b'"}', None),
+        (b'{"serial": ""}', None),
+        (b'{"serial": 31}', None),
+        (b'{"serial": "xyz"}', None),
+        (b'{"serial": "-1f"}', None),
+        (b'{"serial": " 1f"}', None),
+        (b'{"serial": "0x1f"}', None),
+        (b'{"issuer": "operational"}', None),
+        (b'["serial"]', None),
+        (b'"serial"', None),
+        (b"\xff\xfe", None),
+        (b"", None),
+    ],
+)
+def test_revocation_events_are_read_or_refused(event: bytes, serial: int | None) -> None:
+    assert revoked_serial(event) == serial
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=80),
+        st.dictionaries(st.sampled_from(["serial", "issuer", "x"]), st.text(max_size=50)).map(
+            lambda d: json.dumps(d).encode()
+        ),
+    )
+)
+def test_revoked_serial_takes_any_bytes(event: bytes) -> None:
+    serial = revoked_serial(event)
+    assert serial is None or 0 <= serial < 16**40

@@ -22,6 +22,8 @@ The key is the request's DER: two askers who spell the same question the same wa
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,6 +34,8 @@ from cryptography.x509 import ocsp
 DEFAULT_SIZE = 100_000
 #: serials whose revocation cm heard of, remembered at most (the oldest heard is forgotten first)
 REVOKED_MEMORY = 100_000
+#: a serial in an event: hex, at most 20 octets (RFC 5280 4.1.2.2)
+_HEX = re.compile(r"[0-9a-fA-F]{1,40}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,18 @@ def cacheable(der: bytes) -> tuple[int, bool, dt.datetime, dt.datetime] | None:
         revoked = status is ocsp.OCSPCertStatus.REVOKED
         return resp.serial_number, revoked, resp.this_update_utc, next_update
     except ValueError:
+        return None
+
+
+def revoked_serial(event: bytes) -> int | None:
+    """The serial of km's revocation event (``{"issuer": ..., "serial": "<hex>"}``), None when it
+    does not read (the caller then drops everything: never keep what may be stale)."""
+    try:
+        serial = json.loads(event)["serial"]
+        if not isinstance(serial, str) or _HEX.fullmatch(serial) is None:
+            return None
+        return int(serial, 16)
+    except (ValueError, TypeError, KeyError, IndexError):
         return None
 
 
@@ -137,4 +153,4 @@ class OcspCache:
                 del self._by_serial[entry.serial]
 
 
-__all__ = ["DEFAULT_SIZE", "OcspCache", "cacheable"]
+__all__ = ["DEFAULT_SIZE", "OcspCache", "cacheable", "revoked_serial"]

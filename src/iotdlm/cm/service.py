@@ -31,7 +31,7 @@ from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import CmConfig
 from iotdlm.cm.egress import EgressProxy
-from iotdlm.cm.ocsp_cache import OcspCache
+from iotdlm.cm.ocsp_cache import OcspCache, revoked_serial
 from iotdlm.cm.server import EGRESS_MODES, CmApp, KmRelay, ModeCheck
 from iotdlm.cm.tls import TlsSite, server_tls_context
 from iotdlm.deployment import ISSUING_CAS, Deployment
@@ -302,11 +302,9 @@ class CmService:
         cache = self.app.ocsp_cache
         if cache is None:
             return
-        try:
-            event = json.loads(m.data)
-            serial = int(event["serial"], 16)
-        except (ValueError, TypeError, KeyError) as exc:
-            log.warning("cm: a revocation event from km does not read (%s); dropping every kept OCSP answer", exc)
+        serial = revoked_serial(m.data)
+        if serial is None:
+            log.warning("cm: a revocation event from km does not read; dropping every kept OCSP answer")
             cache.clear()
             return
         cache.revoked(serial)
