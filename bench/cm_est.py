@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import json
 import multiprocessing as mp
 import socket
 import ssl
@@ -67,6 +68,7 @@ from common import (
     rate,
 )
 from iotdlm.errors import IotdlmError
+from iotdlm.pki import est_proof
 from iotdlm.wire import km as msg
 
 _T = TypeVar("_T")
@@ -320,11 +322,26 @@ async def _client(cfg: ClientConfig, conn: Connection) -> None:
     headers = {"Content-Type": "application/pkcs10"}
     res = ClientResult()
     perf = time.perf_counter
+    nonce_url = cfg.url.rsplit("/", 1)[0] + "/iotdlm-nonce"
+    operation = cfg.url.rsplit("/", 1)[1]
+    proof_keys = [serialization.load_pem_private_key(d.key_pem, None) for d in cfg.devices]
+    new_keys = [[serialization.load_der_public_key(s) for s in d.keys_spki] for d in cfg.devices]
+
+    async def proof(k: int, n: int) -> dict[str, str]:
+        """ADR 0008: km's nonce for this client certificate, signed with the factory key (an EST
+        enrollment is these two requests: the device's real flow)."""
+        async with sessions[k].get(nonce_url) as resp:
+            nonce = json.loads(await resp.read())["nonce"]
+        key = proof_keys[k]
+        return {
+            est_proof.HEADER: est_proof.make(key, operation, nonce, new_keys[k][n % CSRS_PER_DEVICE])  # type: ignore[arg-type]
+        }
 
     async def once(k: int, n: int) -> tuple[bool, str]:
         d = cfg.devices[k]
         body = d.csrs[n % CSRS_PER_DEVICE]
-        async with sessions[k].post(cfg.url, data=body, headers=headers) as resp:
+        extra = await proof(k, n) if cfg.check else {}
+        async with sessions[k].post(cfg.url, data=body, headers={**headers, **extra}) as resp:
             data = await resp.read()
             if resp.status != 200:
                 return False, f"HTTP {resp.status}: {data[:200]!r}"

@@ -86,6 +86,7 @@ def _emit(world: World) -> Emitted:
     revoked = world.issue(device_id="dev-revoked")
     plain = world.issue(device_id="dev-plain")
     superseded = world.issue(device_id="dev-old")
+    never_asked = world.issue(device_id="dev-never-asked")  # the VA keeps status rows it has read
     va.revoke(revoked.serial_number, issuer="operational", reason="keyCompromise", actor="test")
     va.revoke(plain.serial_number, issuer="operational", reason=None, actor="test")
     world.store.update_certificate_status(
@@ -122,7 +123,7 @@ def _emit(world: World) -> Emitted:
 
     world.store.certificate_status = down  # type: ignore[method-assign,assignment]
     try:
-        answers["internalError"] = va.ocsp(world.ocsp_request(good, nonce=True))
+        answers["internalError"] = va.ocsp(world.ocsp_request(never_asked, nonce=True))
     finally:
         world.store.certificate_status = original  # type: ignore[method-assign]
     expected = {

@@ -139,6 +139,7 @@ async def test_km_answers_internal_error_over_the_bus_when_the_store_fails(world
     from tests.helpers import ORG
 
     cert = world.issue()
+    other = world.issue()
     km = Km(
         cas=world.pki.cas,
         profiles=DEFAULT_PROFILES,
@@ -159,7 +160,8 @@ async def test_km_answers_internal_error_over_the_bus_when_the_store_fails(world
             raise UnavailableError("database unreachable")
 
         world.store.certificate_status = down  # type: ignore[method-assign,assignment]
-        der = await cm.request(s.KM_OCSP, world.ocsp_request(cert, nonce=True))
+        # a certificate never asked about (the VA keeps the status rows it read)
+        der = await cm.request(s.KM_OCSP, world.ocsp_request(other, nonce=True))
         assert ocsp.load_der_ocsp_response(der).response_status == ocsp.OCSPResponseStatus.INTERNAL_ERROR
     finally:
         await service.stop()
@@ -399,3 +401,36 @@ def test_revocation_reason_takes_any_text_and_never_lets_remove_from_crl_or_hold
         assert out is None or out in REASONS
     assert field == "reason"
     assert out not in ("removeFromCRL", "certificateHold", "unspecified")
+
+
+def test_answers_with_a_nonce_reuse_the_status_row_until_a_revocation(world: World) -> None:
+    """The VA keeps the status rows it read (nonce answers are signed each time, without reading
+    the database each time); a revocation, here or announced by another worker, drops the row."""
+    cert = world.issue(device_id="dev-rows")
+    reads: list[int] = []
+    original = world.store.certificate_status
+
+    def counting(issuer: str, serial: int) -> tuple[str, dt.datetime | None, str | None] | None:
+        reads.append(serial)
+        return original(issuer, serial)
+
+    world.store.certificate_status = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        assert world.status(cert, nonce=True).certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert reads == [cert.serial_number]
+    world.va.revoke(cert.serial_number, issuer="operational", reason="keyCompromise", actor="admin")
+    assert world.status(cert, nonce=True).certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert len(reads) == 2
+    # another worker revoked it (the store changed under this one): the event drops the row
+    other = world.issue(device_id="dev-rows-2")
+    assert world.status(other, nonce=True).certificate_status == ocsp.OCSPCertStatus.GOOD
+    world.store.revoke_certificate(
+        "operational", other.serial_number, reason="keyCompromise", at=world.clock.now(), actor="admin"
+    )
+    world.va.invalidate("operational", other.serial_number)
+    assert world.status(other, nonce=True).certificate_status == ocsp.OCSPCertStatus.REVOKED
+    # a row is kept no longer than the superseded grace
+    world.clock.advance(world.va.settings.superseded_grace)
+    before = len(reads)
+    world.status(other, nonce=True)
+    assert len(reads) == before + 1

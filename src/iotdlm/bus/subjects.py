@@ -265,7 +265,8 @@ PERMISSIONS: dict[str, Permissions] = {
             f"{PREFIX}.km.{HEALTH}",
         ),
         # its own health and metrics (any process, or one by pid); nothing of another module's
-        subscribe=(f"{CM_EGRESS}.>", CM_PING, *_observed("cm"), _inbox("cm")),
+        # km's revocations: cm drops the OCSP answers it keeps for them
+        subscribe=(f"{CM_EGRESS}.>", CM_PING, KM_REVOKED_EVENT, *_observed("cm"), _inbox("cm")),
         allow_responses=True,
         jetstream=_READ_MODE,
     ),

@@ -79,6 +79,7 @@ from iotdlm.cm import est, health_routes
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import Limits
 from iotdlm.cm.http_cache import crl_cache_headers, etag, ocsp_cache_headers, parse_crl_path
+from iotdlm.cm.ocsp_cache import OcspCache
 from iotdlm.cm.transfer_peer import PeerRelay, PeerRoutes
 from iotdlm.errors import (
     BadRequestError,
@@ -272,6 +273,9 @@ class CmApp:
         #: request counters and the readiness behind /ready (docs/adr/0018); None: not kept
         self.metrics: ModuleMetrics | None = None
         self.observer: Observer | None = None
+        #: km's pre-signed OCSP answers kept until their nextUpdate; only where revocation events
+        #: reach it (CmService subscribes when it has a bus): None, every request goes to km
+        self.ocsp_cache: OcspCache | None = None
 
     # --- applications -------------------------------------------------------------------------
     def https_app(self) -> web.Application:
@@ -596,9 +600,14 @@ class CmApp:
         return _Refused(resp, f"{kind}: {reason}")
 
     async def _ocsp(self, request_der: bytes, request: web.Request, *, get: bool) -> web.Response:
+        cache = self.ocsp_cache
         try:
             self._require(CM_MODES, "relaying OCSP")
-            answer = await self.km.ocsp(request_der)
+            answer = cache.get(request_der, self.clock.now()) if cache is not None else None
+            if answer is None:
+                answer = await self.km.ocsp(request_der)
+                if cache is not None:
+                    cache.put(request_der, answer, self.clock.now())
         except (UnavailableError, ModeError, TimeoutError) as exc:
             raise self._ocsp_refused("try_later", exc) from exc
         except IotdlmError as exc:

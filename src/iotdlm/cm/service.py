@@ -31,6 +31,7 @@ from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import CmConfig
 from iotdlm.cm.egress import EgressProxy
+from iotdlm.cm.ocsp_cache import OcspCache, revoked_serial
 from iotdlm.cm.server import EGRESS_MODES, CmApp, KmRelay, ModeCheck
 from iotdlm.cm.tls import TlsSite, server_tls_context
 from iotdlm.deployment import ISSUING_CAS, Deployment
@@ -123,12 +124,16 @@ class CmService:
         mode: ModeCheck | None = None,
         guard: ModeGuardLike | None = None,
         factory_cas: Callable[[], Awaitable[list[x509.Certificate]]] | None = None,
+        superseded_grace: dt.timedelta = dt.timedelta(0),
     ) -> None:
         """``mode`` checks the operation mode before each request (None: no check); ``guard``, if
         given, is started and stopped with the service (a ModeGuard is both). ``factory_cas``
         asks km for the external factory CAs registered for a trust transfer (``KmClient.factory_cas``):
         asked at start, and again every :data:`FACTORY_CAS_RETRY` seconds while km does not answer
-        (km is off in software-management); cm's TLS then trusts device certificates from them."""
+        (km is off in software-management); cm's TLS then trusts device certificates from them.
+        ``superseded_grace`` (the deployment's ``superseded_grace_seconds``): how long after its
+        thisUpdate cm may keep a good OCSP answer (with a ``bus``: see :mod:`iotdlm.cm.ocsp_cache`)."""
+        self._superseded_grace = superseded_grace
         self.config = config
         self.clock = clock or SystemClock()
         self.tls = tls
@@ -152,6 +157,7 @@ class CmService:
         self._https: TlsSite | None = None
         self._http: TlsSite | None = None
         self._ping: Subscription | None = None
+        self._revocations: Subscription | None = None
         self._started_at = ""
 
     @classmethod
@@ -186,6 +192,7 @@ class CmService:
             guard=guard,
             # cm asks km (a signed reply); it never opens km's database
             factory_cas=km.factory_cas,
+            superseded_grace=dt.timedelta(seconds=dep.config.superseded_grace_seconds),
         )
         svc.app.peer = km  # the trust transfer's routes between providers (cm/transfer_peer.py)
         svc.observe(bus, guard)
@@ -265,6 +272,9 @@ class CmService:
             if self.bus is not None:
                 # pm asks this to refuse work while the door to the outside is open
                 self._ping = await self.bus.serve(s.CM_PING, self._answer_ping)
+                # km's revocations drop cm's kept OCSP answers at once: only then does cm keep any
+                self._revocations = await self.bus.subscribe(s.KM_REVOKED_EVENT, self._on_revoked)
+                self.app.ocsp_cache = OcspCache(good_for=self._superseded_grace)
             if self.app.observer is not None:
                 await self.app.observer.start()
         except BaseException:
@@ -286,16 +296,31 @@ class CmService:
     async def _answer_ping(self, m: Message) -> bytes:
         return json.dumps({"module": "cm", "since": self._started_at, "listeners": self.urls()}).encode()
 
+    async def _on_revoked(self, m: Message) -> None:
+        """km revoked a certificate (``{"issuer": ..., "serial": "<hex>"}``): drop cm's answers for it;
+        an event that does not read empties the whole cache (never keep what may be stale)."""
+        cache = self.app.ocsp_cache
+        if cache is None:
+            return
+        serial = revoked_serial(m.data)
+        if serial is None:
+            log.warning("cm: a revocation event from km does not read; dropping every kept OCSP answer")
+            cache.clear()
+            return
+        cache.revoked(serial)
+
     async def stop(self) -> None:
         task, self._factory_task = self._factory_task, None
         if task is not None:
             await cancel_and_wait([task], what="cm factory CA task")
         if self.app.observer is not None:
             await self.app.observer.stop()
-        ping, self._ping = self._ping, None
-        if ping is not None:
-            with contextlib.suppress(Exception):
-                await ping.unsubscribe()
+        for sub in (self._ping, self._revocations):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._ping = self._revocations = None
+        self.app.ocsp_cache = None
         if self.egress is not None:
             await self.egress.stop()
         guard, self.guard = self.guard, None

@@ -100,7 +100,12 @@ class Va:
         self.settings = settings
         self._responders: dict[str, pki_ocsp.Responder] = {}
         self._cache: OrderedDict[tuple[str, int, str], tuple[bytes, dt.datetime]] = OrderedDict()
+        #: (issuer, serial) -> (the store's status row, kept until): answers with a nonce are signed
+        #: on demand but need not read the database each time; dropped with the cached answers
+        self._status: OrderedDict[tuple[str, int], tuple[_Status, dt.datetime]] = OrderedDict()
         self._lock = threading.Lock()
+        #: bumped by every invalidation: what was read before one is not kept after it
+        self._generation = 0
 
     # --- revocation ---------------------------------------------------------------------------
     def find(self, serial: int, issuer: str | None = None) -> CertRecord:
@@ -192,6 +197,8 @@ class Va:
         with self._lock:
             for alg in ("sha1", "sha256"):
                 self._cache.pop((issuer, serial, alg), None)
+            self._status.pop((issuer, serial), None)
+            self._generation += 1
 
     # --- CRLs ---------------------------------------------------------------------------------
     def _ca(self, issuer: str) -> IssuingCA:
@@ -411,10 +418,13 @@ class Va:
 
     def _sign_response(self, issuer: str, query: pki_ocsp.OcspQuery) -> bytes:
         now = self.clock.now()
-        rec = self.store.certificate_status(issuer, query.serial)
+        rec, read_until = self._certificate_status(issuer, query.serial, now)
         next_update = now + self.settings.ocsp_validity
         # a good answer may be cached only as long as no supersession can have taken effect
         cache_until = min(next_update, now + self.settings.superseded_grace)
+        if read_until is not None:  # a kept row: a supersession since it was read takes effect no sooner
+            next_update = min(next_update, read_until)
+            cache_until = min(cache_until, read_until)
         if rec is None:
             status = pki_ocsp.CertStatus("unknown")
         elif rec[0] == "revoked":
@@ -445,6 +455,37 @@ class Va:
                 if len(self._cache) > self.settings.cache_size:
                     self._cache.popitem(last=False)
         return der
+
+    def _certificate_status(
+        self, issuer: str, serial: int, now: dt.datetime
+    ) -> tuple[_Status | None, dt.datetime | None]:
+        """The store's status row, kept as long as a pre-signed answer from it would be: dropped at
+        once by a revocation (:meth:`invalidate`), and no longer than the superseded grace (a
+        supersession changes the row without an event, and takes effect only after the grace).
+        Unknown certificates are always read again (one may be issued a moment later). Returns the
+        row and, when it was kept, until when: a good answer from it says nextUpdate no later (a
+        supersession after the read takes effect a grace after it, no sooner)."""
+        key = (issuer, serial)
+        with self._lock:
+            hit = self._status.get(key)
+            generation = self._generation
+        if hit is not None and hit[1] > now:
+            return hit
+        rec = self.store.certificate_status(issuer, serial)
+        keep = min(self.settings.ocsp_validity, self.settings.superseded_grace)
+        if rec is not None and keep > dt.timedelta(0):
+            with self._lock:
+                if generation != self._generation:  # revoked meanwhile: read again next time
+                    return rec, None
+                self._status[key] = (rec, now + keep)
+                self._status.move_to_end(key)
+                if len(self._status) > self.settings.cache_size:
+                    self._status.popitem(last=False)
+        return rec, None
+
+
+#: (status, revoked_at, revocation reason) of a certificate, as the store reads it
+_Status = tuple[str, dt.datetime | None, str | None]
 
 
 def ca_record(cert: x509.Certificate, actor: str, now: dt.datetime) -> CertRecord:
