@@ -125,7 +125,8 @@ _RATIO = re.compile(r"(\d+(?:\.\d+)?)\s*x\b")
 
 
 #: "741 certificates/s (raw cert-build 1,766/s per thread)", "0/s (aiohttp hello, same TLS: 1,016/s)"
-_RATE_BESIDE = re.compile(r"^([\d,.]+)\s*[\w ]*/s\s*\((.+?):?\s+([\d,.]+)/s")
+_NUM = r"(\d[\d,]*(?:\.\d+)?)"
+_RATE_BESIDE = re.compile(rf"^{_NUM}\s*[\w ]*/s\s*\((.+?):?\s+{_NUM}/s")
 
 
 def _number(text: str) -> float:

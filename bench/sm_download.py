@@ -310,8 +310,8 @@ def main() -> None:
             ),
             "",
             "- sm hashes every byte twice (the SHA-256 the repository signed, and SHA-256(meta || sw) for "
-            "`sig_sm`; each in its own thread beside the receiving and writing), writes it once and fsyncs it "
-            "before the atomic rename; the repository (this process, another thread) serves it from the page "
+            "`sig_sm`) and writes it once, each of the three in its own thread beside the receiving, then fsyncs "
+            "it before the atomic rename; the repository (this process, another thread) serves it from the page "
             "cache. `openssl dgst` only reads and hashes once.",
             "- Memory does not grow with the image: sm streams bounded chunks (a few queued per hash thread) "
             "into the local repository's staging folder.",
