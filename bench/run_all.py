@@ -17,10 +17,12 @@ minute; its figures are a smoke run, not for the record, so it leaves docs/bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -167,11 +169,7 @@ def run_section(s: Section, args: argparse.Namespace, tmp: Path) -> Result:
         cmd += ["--py-spy", args.py_spy]
     log(f"run_all: {s.key} ({s.script}.py)")
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, check=False, timeout=args.timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        code = -9
+    code = run_timed(cmd, args.timeout)
     took = time.monotonic() - t0
     load = loadavg()
     log(f"run_all: {s.key} finished in {took:.0f} s (exit {code}, load {load})")
@@ -181,6 +179,29 @@ def run_section(s: Section, args: argparse.Namespace, tmp: Path) -> Result:
         heads = tuple(h if h.load else replace(h, load=load) for h in heads)
     text = md.read_text(encoding="utf-8").rstrip() if code == 0 and md.exists() else ""
     return Result(s, took, code, load, text, heads)
+
+
+def run_timed(cmd: list[str], timeout: float) -> int:
+    """Run ``cmd`` in a session of its own; past ``timeout`` (or on Ctrl-C) stop it and everything it
+    started (its km workers, its nats-server); -9 when it timed out."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        return -9
+    except BaseException:
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+            return
 
 
 def summary_rows(results: list[Result]) -> list[list[str]]:
