@@ -241,8 +241,18 @@ def issue15_rows(results: list[Result]) -> list[list[str]]:
         key, h = match
         ratio = yardstick_of(h)[1]
         shown = f"{ratio:.2f}x" if ratio is not None else h.measured
-        rows.append([t.figure, t.target, f"{shown} ({key}: {h.what})", verdict_of(h), h.load])
+        rows.append([t.figure, t.target, f"{shown} ({key}: {h.what})", judge(ratio, t.target), h.load])
     return rows
+
+
+def judge(ratio: float | None, target: str) -> str:
+    """'met' or 'missed' for a ratio against a target written '>= 0.6x' or '<= 3x'; '-' without a ratio."""
+    found = re.fullmatch(r"([<>]=)\s*(\d+(?:\.\d+)?)x", target.strip())
+    if ratio is None or found is None:
+        return "-"
+    bound = float(found.group(2))
+    ok = ratio >= bound if found.group(1) == ">=" else ratio <= bound
+    return "met" if ok else "missed"
 
 
 def summary_markdown(results: list[Result], args: argparse.Namespace, total: float, info: dict[str, str]) -> str:

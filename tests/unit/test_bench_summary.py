@@ -91,3 +91,20 @@ def test_every_figure_and_every_failure_is_a_row_and_issue_15_is_checked(run_all
     issue = {r[0]: r for r in run_all.issue15_rows(results)}
     assert issue["sm verified download + store / openssl dgst -sha256"][2].startswith("0.50x")
     assert issue["EST simpleenroll through cm / aiohttp hello, same TLS"][2] == "not measured by this run"
+
+
+@pytest.mark.parametrize(
+    ("ratio", "target", "verdict"),
+    [
+        (0.5, ">= 0.8x", "missed"),
+        (0.8, ">= 0.8x", "met"),
+        (2.0, "<= 3x", "met"),
+        (3.5, "<= 3x", "missed"),
+        (None, ">= 0.8x", "-"),
+        (1.0, "1,000 in <= 30 s", "-"),
+    ],
+)
+def test_issue_15_verdicts_come_from_the_ratio_and_the_target(
+    run_all: Any, ratio: float | None, target: str, verdict: str
+) -> None:
+    assert run_all.judge(ratio, target) == verdict
