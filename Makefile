@@ -39,8 +39,11 @@ test-future: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
+# Every benchmark section, then one summary table (figure, yardstick, ratio, target, verdict) written
+# into docs/benchmarks.md between its markers. `make bench QUICK=1`: every section as a smoke run
+# (under a minute; the figures go to bench/out/ only).
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -75,13 +75,21 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
 
 @dataclass(frozen=True)
 class Headline:
-    """One line of the summary table in docs/benchmarks.md."""
+    """One line of the summary table in docs/benchmarks.md (``run_all.py`` collects them as JSON).
+
+    ``yardstick`` names what the figure is divided by (measured in the same run) and ``ratio`` is the
+    quotient, so the summary can compare runs on a machine whose speed varies; ``load`` is the load
+    average when the figure was taken (``run_all.py`` fills it in when a script leaves it empty).
+    """
 
     what: str
     paper: str
     target: str
     measured: str
     verdict: str
+    yardstick: str = ""
+    ratio: float | None = None
+    load: str = ""
 
 
 def emit(section: str, args: argparse.Namespace, headlines: Sequence[Headline] = ()) -> None:

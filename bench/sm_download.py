@@ -1,14 +1,16 @@
-"""sm's verified download + store of one image, against `sha256sum` of the same file, and sm's peak memory.
+"""sm's verified download + store of one image, against `openssl dgst -sha256` of the same file, and sm's peak memory.
 
-Targets: throughput >= 80 % of `sha256sum`'s on the same file in the same run; peak RSS of the sm
-process <= 100 MB whatever the image size.
+Targets (issue 15): throughput >= 0.8x that of `openssl dgst -sha256` on the same cached file in the
+same run; peak RSS of the sm process <= 100 MB whatever the image size. (coreutils' `sha256sum` is
+shown beside it, but it is no yardstick: here it runs without the CPU's SHA extensions, ~3x slower.)
 
 Setup (not timed): a deployment in a temporary folder (CAs, sm's identity), a VendorRepository
 that publishes the image (1 GiB, or 64 MiB with ``--quick``; generated once from os.urandom and
 cached under bench/out/, which git ignores), served by RepositoryServer on a loopback port from a
 thread of this process. Then, per run:
 
-- ``sha256sum`` (coreutils) of the published file (page cache warm: read once before);
+- ``openssl dgst -sha256`` of the published file (page cache warm: read once before), and
+  ``sha256sum`` and Python's hashlib for reference;
 - sm as its own OS process (``python bench/sm_download.py --child ...``), wired exactly as
   ``iotdlm sm check`` is (``iotdlm.sm.config.build`` with an HttpFetcher): one ``check`` of the
   dtype = TUF metadata refresh, streamed download with the signed length as cap, the signed
@@ -16,7 +18,7 @@ thread of this process. Then, per run:
   report. The child times ``check`` alone and reports ``ru_maxrss`` (its peak resident set);
   each run starts from an empty local repository.
 
-Run: ``.venv/bin/python bench/sm_download.py [--quick] [--runs N]``. Nothing asserts on time.
+Run: ``.venv/bin/python bench/sm_download.py [--quick] [--runs N] [--mib N]``. Nothing asserts on time.
 """
 
 from __future__ import annotations
@@ -153,16 +155,28 @@ def hashlib_seconds(path: Path) -> float:
     return time.perf_counter() - start
 
 
+def spy_prefix(py_spy: str | None, run: int) -> list[str]:
+    """py-spy in front of the sm child (``--py-spy``): raw stacks of every thread, idle included."""
+    if py_spy is None:
+        return []
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = OUT / f"sm-profile-{run}.txt"
+    print(f"py-spy stacks of run {run + 1}: {out}", file=sys.stderr)
+    return [py_spy, "record", "--rate", "1000", "--idle", "--threads", "--format", "raw", "-o", str(out), "--"]
+
+
 def mbps(size: int, seconds: float) -> str:
     return f"{size / seconds / 1e6:,.0f}"
 
 
 def main() -> None:
     # the sm child must not pay for what the parent imports (common pulls in the bus, km, SQL...)
-    from common import Headline, emit, log, machine_info, md_table, parse_args
+    from common import Headline, emit, loadavg, log, machine_info, md_table, parse_args
 
     def extra(p: argparse.ArgumentParser) -> None:
         p.add_argument("--runs", type=int, default=None, help="timed runs of each (default 3; 1 with --quick)")
+        p.add_argument("--mib", type=int, default=None, help="image size in MiB (default 1024; 64 with --quick)")
+        p.add_argument("--py-spy", default=None, help="profile the sm process with this py-spy (raw stacks, logged)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     from iotdlm.deployment import init_deployment
@@ -171,11 +185,12 @@ def main() -> None:
     from iotdlm.repository import VendorRepository
     from iotdlm.sm import config as smconfig
 
-    size = (64 if args.quick else 1024) * MIB
+    size = (args.mib or (64 if args.quick else 1024)) * MIB
     runs = args.runs or (1 if args.quick else 3)
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise SystemExit("openssl (the command) is needed for the yardstick: apt-get install openssl")
     sha256sum = shutil.which("sha256sum")
-    if sha256sum is None:
-        raise SystemExit("sha256sum (coreutils) is needed for the baseline")
     image = cached_image(size)
     info = machine_info()
 
@@ -200,6 +215,7 @@ def main() -> None:
         root = tmp / "1.root.json"
         root.write_bytes(repo.trusted_root())
 
+        ossl: list[float] = []
         sums: list[float] = []
         pys: list[float] = []
         sm_runs: list[dict[str, float]] = []
@@ -207,11 +223,13 @@ def main() -> None:
             smconfig.setup(tmp / "data", repository_url=url, root=root.read_bytes(), dtypes=[DTYPE])
             hashlib_seconds(served)  # warm the page cache for everyone
             for i in range(runs):
-                log(f"run {i + 1}/{runs}: sha256sum")
-                seconds, out = timed([sha256sum, str(served)])
-                if not out.startswith(published.sha256):
-                    raise SystemExit(f"sha256sum disagrees with the repository: {out}")
-                sums.append(seconds)
+                log(f"run {i + 1}/{runs}: openssl dgst -sha256")
+                seconds, out = timed([openssl, "dgst", "-sha256", str(served)])
+                if not out.strip().endswith(published.sha256):
+                    raise SystemExit(f"openssl disagrees with the repository: {out}")
+                ossl.append(seconds)
+                if sha256sum is not None:
+                    sums.append(timed([sha256sum, str(served)])[0])
                 pys.append(hashlib_seconds(served))
                 log(f"run {i + 1}/{runs}: sm check (child process)")
                 shutil.rmtree(tmp / "data" / "sm" / DTYPE, ignore_errors=True)
@@ -226,6 +244,7 @@ def main() -> None:
                         "-c",
                         '"$@"; exit $?',
                         "sh",
+                        *spy_prefix(args.py_spy, i),
                         sys.executable,
                         str(Path(__file__).resolve()),
                         "--child",
@@ -237,47 +256,42 @@ def main() -> None:
                 )
                 if proc.returncode != 0:
                     raise SystemExit(f"sm child failed:\n{proc.stderr}")
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
                 if res["outcome"] != "stored" or res["length"] != size:
                     raise SystemExit(f"sm did not store the image: {res}")
                 sm_runs.append(res)
         reports = len(repo.reports())
 
-    sum_s = statistics.median(sums)
+    ossl_s = statistics.median(ossl)
     py_s = statistics.median(pys)
     sm_s = statistics.median(r["seconds"] for r in sm_runs)
     rss_mb = max(r["peak_rss_kib"] for r in sm_runs) / 1024
     rss_before_mb = max(r["rss_before_check_kib"] for r in sm_runs) / 1024
     hwm_mb = max(r["vm_hwm_kib"] for r in sm_runs) / 1024
-    ratio = sum_s / sm_s
+    ratio = ossl_s / sm_s
     label = f"{size // MIB} MiB"
-    rows = [
-        ["`sha256sum` (coreutils) of the served file", label, f"{sum_s:.2f}", mbps(size, sum_s), "1.00x"],
-        [
-            "Python `hashlib.sha256`, one pass (reference)",
-            label,
-            f"{py_s:.2f}",
-            mbps(size, py_s),
-            f"{sum_s / py_s:.2f}x",
-        ],
-        [
-            "sm `check`: TUF refresh + download over loopback HTTP + 2 hashes + fsync + store + signed report",
-            label,
-            f"{sm_s:.2f}",
-            mbps(size, sm_s),
-            f"{ratio:.2f}x",
-        ],
+    load = loadavg()
+
+    def row(what: str, seconds: float) -> list[str]:
+        return [what, label, f"{seconds:.2f}", mbps(size, seconds), f"{ossl_s / seconds:.2f}x"]
+
+    rows = [row("`openssl dgst -sha256` of the served file (yardstick)", ossl_s)]
+    if sums:
+        rows.append(row("`sha256sum` (coreutils; no SHA extensions here), reference", statistics.median(sums)))
+    rows += [
+        row("Python `hashlib.sha256`, one pass, reference", py_s),
+        row("sm `check`: TUF refresh + download over loopback HTTP + 2 hashes + fsync + store + signed report", sm_s),
     ]
-    verdict_speed = "**met**" if ratio >= TARGET_RATIO else "missed"
-    verdict_rss = "**met**" if rss_mb <= TARGET_RSS_MB else "missed"
+    verdict_speed = "met" if ratio >= TARGET_RATIO else "missed"
+    verdict_rss = "met" if rss_mb <= TARGET_RSS_MB else "missed"
     section = "\n".join(
         [
             f"## sm: verified download and store of a {label} image",
             "",
-            f"{runs} run(s) each, median seconds. Machine: {info['cpu']}, {info['nproc']} CPU(s), "
-            f"python {info['python']}, {info['cryptography']}; commit {info['iotdlm commit']}.",
+            f"{runs} run(s) each, median seconds; load average {load}. Machine: {info['cpu']}, {info['nproc']} "
+            f"CPU(s), python {info['python']}, {info['cryptography']}; commit {info['iotdlm commit']}.",
             "",
-            md_table(["what", "image", "seconds", "MB/s", "throughput vs sha256sum"], rows),
+            md_table(["what", "image", "seconds", "MB/s", "throughput vs openssl"], rows),
             "",
             md_table(
                 ["sm process", "measured", "target", "verdict"],
@@ -290,27 +304,29 @@ def main() -> None:
                     ],
                     ["peak RSS, cross-check (/proc VmHWM)", f"{hwm_mb:.1f} MB", "-", "-"],
                     ["peak RSS before the check (interpreter, imports, keys)", f"{rss_before_mb:.1f} MB", "-", "-"],
-                    ["throughput vs `sha256sum`", f"{ratio:.2f}x", f">= {TARGET_RATIO:.2f}x", verdict_speed],
+                    ["throughput vs `openssl dgst -sha256`", f"{ratio:.2f}x", f">= {TARGET_RATIO:.2f}x", verdict_speed],
                     ["download reports recorded by the repository", str(reports), str(runs), "-"],
                 ],
             ),
             "",
             "- sm hashes every byte twice (the SHA-256 the repository signed, and SHA-256(meta || sw) for "
-            "`sig_sm`; each in its own thread beside the receiving and writing), writes it once and fsyncs it "
-            "before the atomic rename; the repository (this process, another thread) serves it from the page "
-            "cache. `sha256sum` only reads and hashes once; coreutils' SHA-256 here does not use the CPU's SHA "
-            "extensions, which OpenSSL (behind Python's hashlib) does.",
-            "- Memory does not grow with the image: sm streams 1 MiB chunks (at most 4 queued per hash thread) "
+            "`sig_sm`) and writes it once, each of the three in its own thread beside the receiving, then fsyncs "
+            "it before the atomic rename; the repository (this process, another thread) serves it from the page "
+            "cache. `openssl dgst` only reads and hashes once.",
+            "- Memory does not grow with the image: sm streams bounded chunks (a few queued per hash thread) "
             "into the local repository's staging folder.",
         ]
     )
     heads = [
         Headline(
-            what=f"sm verified download + store, {label}, vs `sha256sum` of the same file",
+            what=f"sm verified download + store, {label}",
             paper="-",
-            target=f">= {TARGET_RATIO:.0%} of sha256sum",
-            measured=f"{mbps(size, sm_s)} MB/s vs {mbps(size, sum_s)} MB/s ({ratio:.2f}x)",
+            target=f">= {TARGET_RATIO:.1f}x",
+            measured=f"{mbps(size, sm_s)} MB/s vs {mbps(size, ossl_s)} MB/s",
             verdict=verdict_speed,
+            yardstick="`openssl dgst -sha256` of the same cached file",
+            ratio=round(ratio, 3),
+            load=load,
         ),
         Headline(
             what=f"sm peak RSS, {label} image",
@@ -318,6 +334,7 @@ def main() -> None:
             target=f"<= {TARGET_RSS_MB:.0f} MB",
             measured=f"{rss_mb:.1f} MB",
             verdict=verdict_rss,
+            load=load,
         ),
     ]
     emit(section, args, heads)

@@ -25,6 +25,9 @@ We do not use ngclient's ``download_target``: it writes a temporary file in the 
 reads it back to hash it and copies it again (three passes over a 1 GiB image, outside the local
 repository). The download here is one pass into the local repository's own staging folder, with the
 same checks (length cap, every signed hash) and the same URL (consistent-snapshot hash prefix).
+The receiving thread only receives: each hash and the write run in a thread of their own (hashlib and
+file writes release the GIL), and the pages written are handed to the disk as the download goes, so
+the fsync before the rename is short (docs/benchmarks.md, "sm: verified download and store").
 """
 
 from __future__ import annotations
@@ -140,28 +143,75 @@ def map_error(exc: BaseException) -> IotdlmError:
     return IotdlmError(f"software check failed: {exc}")
 
 
-class _HashWorker:
-    """Feeds one hash in a worker thread. hashlib releases the GIL on large updates, so the hashes
-    of a chunk run beside the receiving and writing of the next ones; at most ``depth`` chunks wait."""
+class _SinkWorker:
+    """Feeds chunks to one sink (a hash's ``update``, a file's ``write``) in a worker thread. hashlib
+    and file writes release the GIL on large buffers, so the hashes and the write of a chunk run beside
+    the receiving of the next ones; at most ``depth`` chunks wait. An error of the sink is kept, the
+    rest of the chunks are dropped (the receiver never blocks on a dead worker), and :meth:`close`
+    raises it."""
 
-    def __init__(self, hasher: software.Hasher, depth: int = 4) -> None:
-        self._hasher = hasher
+    def __init__(self, sink: Callable[[bytes], object], depth: int = 8) -> None:
+        self._sink = sink
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._run, name="sm-hash", daemon=True)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sm-sink", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (chunk := self._queue.get()) is not None:
-            self._hasher.update(chunk)
+            if self.error is None:
+                try:
+                    self._sink(chunk)
+                except BaseException as exc:  # kept for close(), which raises it in the caller's thread
+                    self.error = exc
 
     def feed(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
         self._queue.put(chunk)
 
     def close(self) -> None:
-        """Wait until every chunk fed is hashed (the worker ends)."""
+        """Wait until every chunk fed has gone to the sink (the worker ends); raise the sink's error."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _close_all(workers: list[_SinkWorker]) -> None:
+    """Close every worker (none is left waiting), then raise the first error one of them kept."""
+    errors: list[BaseException] = []
+    for w in workers:
+        try:
+            w.close()
+        except BaseException as exc:  # every worker is closed first; the first error is raised below
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+#: the image's pages are handed to the disk every this many bytes while the download goes on
+WRITE_BEHIND = 64 * 1024 * 1024
+
+
+def _write_behind(f: Any) -> Callable[[bytes], None]:
+    """``f.write``, and every WRITE_BEHIND bytes a hint that starts writing the pages behind to the disk
+    (POSIX_FADV_DONTNEED starts the writeback of dirty pages without waiting for it), so the final
+    fsync finds little left to do instead of the whole image."""
+    fd = f.fileno()
+    done = 0
+    flushed = 0
+
+    def write(chunk: bytes) -> None:
+        nonlocal done, flushed
+        f.write(chunk)
+        done += len(chunk)
+        if done - flushed >= WRITE_BEHIND and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, flushed, done - flushed, os.POSIX_FADV_DONTNEED)
+            flushed = done
+
+    return write
 
 
 class SoftwareManager:
@@ -428,31 +478,36 @@ class SoftwareManager:
         if "sha256" not in hashers:
             hashers["sha256"] = software.new_hasher("sha256")
         sig = software.sig_sm_hasher(meta)
-        # each hash in its own thread, beside the receiving and writing done here
-        workers = [_HashWorker(sig), *(_HashWorker(h) for h in hashers.values())]
         received = 0
         try:
             with self.fetcher.stream(url, max_length=target.length) as chunks, open(dest, "xb") as f:
-                for chunk in chunks:
-                    received += len(chunk)
-                    if received > target.length:
-                        raise TooLargeError(
-                            f"the repository sent more than the {target.length} bytes signed for {target.path}; "
-                            "cut off and refused",
-                            field="image",
-                        )
-                    for w in workers:
-                        w.feed(chunk)
-                    f.write(chunk)
-                    if progress is not None:
-                        progress(received, target.length)
+                with contextlib.suppress(OSError, AttributeError):  # a hint: all the blocks at once, where it can
+                    os.posix_fallocate(f.fileno(), 0, target.length)
+                # each hash and the write in its own thread, beside the receiving done here
+                workers = [_SinkWorker(sig.update), *(_SinkWorker(h.update) for h in hashers.values())]
+                workers.append(_SinkWorker(_write_behind(f)))
+                try:
+                    for chunk in chunks:
+                        received += len(chunk)
+                        if received > target.length:
+                            raise TooLargeError(
+                                f"the repository sent more than the {target.length} bytes signed for "
+                                f"{target.path}; cut off and refused",
+                                field="image",
+                            )
+                        for w in workers:
+                            w.feed(chunk)
+                        if progress is not None:
+                            progress(received, target.length)
+                except BaseException:
+                    with contextlib.suppress(BaseException):  # the first error is the one to report
+                        _close_all(workers)
+                    raise
+                _close_all(workers)  # every chunk hashed and written (or the sink's error raised)
                 f.flush()
                 os.fsync(f.fileno())
         except TooLargeError as exc:
             raise TooLargeError(exc.message, field="image") from exc
-        finally:
-            for w in workers:
-                w.close()
         observed = {alg: h.hexdigest() for alg, h in hashers.items()}
         software.check_hashes(target.hashes, observed, target.length, received)
         return sig.digest(), observed["sha256"]
