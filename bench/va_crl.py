@@ -89,7 +89,7 @@ from iotdlm.client.km import KmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.pki.keys import Algorithm
-from iotdlm.runtime import build_km, connect_identity, nats_server, open_store, sealer_for
+from iotdlm.runtime import build_km, connect_identity, km_trust, nats_server, open_store, sealer_for
 from iotdlm.store import CertRecord, Store, fingerprint_of
 
 ISSUER = "operational"
@@ -556,7 +556,7 @@ async def serve_over_nats(site: Site, partitions: list[int]) -> Served:
         await bd.set_workers(1, wait=300)
         bus, ident = await connect_identity(site.dep, "cm")
         bd.buses.append(bus)
-        cm = KmClient(bus, sealer_for(ident), bd.clock, timeout=60)
+        cm = KmClient(bus, sealer_for(ident), bd.clock, timeout=60, trust=km_trust(bd.dep))
         store = open_store(site.dep, migrate=False)
         times, sizes, same = [], [], True
         try:

@@ -84,7 +84,7 @@ from iotdlm.client.km import KmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import IotdlmError
-from iotdlm.runtime import build_km, connect_identity, open_store, sealer_for
+from iotdlm.runtime import build_km, connect_identity, km_trust, open_store, sealer_for
 from iotdlm.wire import km as msg
 
 TARGET = 10_000.0
@@ -223,7 +223,7 @@ async def module_client(bd: BenchDeployment, name: str, *, wait: float = 30.0) -
     """A NATS connection as module identity ``name`` (admin, cm, ...) and a KmClient signing as it."""
     bus, ident = await connect_identity(bd.dep, name)
     bd.buses.append(bus)
-    return KmClient(bus, sealer_for(ident), bd.clock, timeout=wait)
+    return KmClient(bus, sealer_for(ident), bd.clock, timeout=wait, trust=km_trust(bd.dep))
 
 
 def _nonce_template(cert: x509.Certificate, ca: x509.Certificate) -> tuple[bytes, int]:
