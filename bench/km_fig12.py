@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -179,11 +182,50 @@ def _cpu_per_cert(s: Series) -> tuple[str, str]:
     return ms(s.km_cpu / s.certs), ms(s.pm_cpu / s.certs)
 
 
+async def yardstick(devices: Devices, quick: bool) -> tuple[float, float]:
+    """Issue 15's floor for one certificate, measured in this run: the p50 of a bare NATS echo round
+    trip (nats-py, its own nats-server on loopback, no iotdlm code) and of a raw CSR load + signature
+    check (cryptography). The raw sign is the baseline's certificate build + sign."""
+    import nats
+    from cryptography import x509
+
+    from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, free_port
+
+    n = 200 if quick else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = NatsServerConfig(port=free_port())
+        with EmbeddedNatsServer(cfg, Path(tmp) / "nats.conf") as srv:
+            nc = await nats.connect(srv.url)
+            try:
+
+                async def echo(m: Any) -> None:
+                    await m.respond(m.data)
+
+                await nc.subscribe("echo", cb=echo)
+                await nc.flush()
+                rtt = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    await nc.request("echo", b"x" * 512, timeout=5)
+                    rtt.append(time.perf_counter() - t0)
+            finally:
+                await nc.close()
+    ders = [it.csr for it in devices.csrs(devices.ids(32)) if it.csr is not None]
+    verify = []
+    for der in itertools.islice(itertools.cycle(ders), n):
+        t0 = time.perf_counter()
+        if not x509.load_der_x509_csr(der).is_signature_valid:
+            raise SystemExit("a device CSR does not verify")
+        verify.append(time.perf_counter() - t0)
+    return Summary.of(rtt).p50, Summary.of(verify).p50
+
+
 async def run(quick: bool) -> tuple[str, list[Headline]]:
     reps_single, reps_batch, reps_seq, reps_conc = (20, 3, 1, 2) if quick else (200, 20, 5, 10)
     log(f"fig12: baseline (load {loadavg()})")
     base_start = measure_baseline(quick)
     devices = Devices(device_keys(64))
+    echo_p50, verify_p50 = await yardstick(devices, quick)
     one: dict[tuple[int, str], Series] = {}
     hundred: dict[tuple[int, str, str], Series] = {}
     async with bench_deployment(workers=1) as bd:
@@ -201,7 +243,24 @@ async def run(quick: bool) -> tuple[str, list[Headline]]:
         stored = bd.count_certificates(profile=PROFILE)
         issued = sum(s.certs for s in one.values()) + sum(s.certs for s in hundred.values())
     base_end = measure_baseline(quick)
-    return render(quick, base_start, base_end, one, hundred, stored, issued)
+    section, heads = render(quick, base_start, base_end, one, hundred, stored, issued)
+    return section, [*heads, floor_headline(one, base_start, echo_p50, verify_p50)]
+
+
+def floor_headline(one: dict[tuple[int, str], Series], base: Baseline, echo: float, verify: float) -> Headline:
+    """Issue 15: one certificate, pm's wait p50 / (NATS echo + raw CSR verify + raw sign), same run."""
+    wait = Summary.of(one[1, "CSR"].total).p50
+    floor = echo + verify + 1 / base.cert_per_s.p50
+    ratio = wait / floor
+    return Headline(
+        what="1 certificate, CSR, 1 km worker: pm's wait p50 / (NATS echo + raw CSR verify + raw sign)",
+        paper="-",
+        target="<= 3x",
+        measured=f"{ms(wait)} ms / ({ms(echo)} + {ms(verify)} + {ms(1 / base.cert_per_s.p50)} ms) = {ratio:.1f}x",
+        verdict="met" if ratio <= 3 else "missed",
+        yardstick="NATS echo + raw CSR verify + raw sign",
+        ratio=ratio,
+    )
 
 
 def _met(value: float, target: float) -> str:
