@@ -79,23 +79,28 @@ def freshness_headers(
     return freshness(body, this_update=this_update, next_update=next_update).headers(now)
 
 
-@functools.lru_cache(maxsize=4096)
-def _ocsp_freshness(der: bytes) -> Freshness:
-    """km answers from its cache with the same bytes each time: parse each distinct answer once."""
-    untagged = Freshness(etag=etag(der), next_update=None, last_modified=None, expires=None)
+def reusable_ocsp_answer(der: bytes) -> ocsp.OCSPResponse | None:
+    """The parsed answer when it may be served again (successful, no nonce: a nonce answers one
+    request only), None when it may not or does not parse."""
     try:
         resp = ocsp.load_der_ocsp_response(der)
         if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
-            return untagged
-        try:
-            resp.extensions.get_extension_for_class(x509.OCSPNonce)
-        except x509.ExtensionNotFound:
-            pass
-        else:
-            return untagged  # it answers one request only
-        return freshness(der, this_update=resp.this_update_utc, next_update=resp.next_update_utc)
+            return None
+        resp.extensions.get_extension_for_class(x509.OCSPNonce)
+    except x509.ExtensionNotFound:
+        return resp
     except ValueError:
-        return untagged
+        return None
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _ocsp_freshness(der: bytes) -> Freshness:
+    """km answers from its cache with the same bytes each time: parse each distinct answer once."""
+    resp = reusable_ocsp_answer(der)
+    if resp is None:
+        return Freshness(etag=etag(der), next_update=None, last_modified=None, expires=None)
+    return freshness(der, this_update=resp.this_update_utc, next_update=resp.next_update_utc)
 
 
 def ocsp_cache_headers(der: bytes, now: dt.datetime) -> dict[str, str]:

@@ -27,8 +27,9 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from cryptography import x509
 from cryptography.x509 import ocsp
+
+from iotdlm.cm.http_cache import reusable_ocsp_answer
 
 #: answers kept at most (the oldest used is dropped first)
 DEFAULT_SIZE = 100_000
@@ -47,16 +48,10 @@ class _Entry:
 
 def cacheable(der: bytes) -> tuple[int, bool, dt.datetime, dt.datetime] | None:
     """(serial, revoked?, thisUpdate, nextUpdate) of an answer cm may keep, None for one it must not."""
+    resp = reusable_ocsp_answer(der)
+    if resp is None:
+        return None
     try:
-        resp = ocsp.load_der_ocsp_response(der)
-        if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
-            return None
-        try:
-            resp.extensions.get_extension_for_class(x509.OCSPNonce)
-        except x509.ExtensionNotFound:
-            pass
-        else:
-            return None  # it answers one request only
         status = resp.certificate_status  # raises ValueError when it holds several answers
         next_update = resp.next_update_utc
         if next_update is None or status is ocsp.OCSPCertStatus.UNKNOWN:
