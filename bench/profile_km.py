@@ -339,7 +339,8 @@ EST_STEPS = [
 
 
 def _timed(steps: list[tuple[str, str, str]], km: Any, spent: Counter[str]) -> contextlib.ExitStack:
-    """Wrap each step's functions to add their CPU time (this thread's: no waiting for the machine's other tenants) to ``spent``."""
+    """Wrap each step's functions to add their CPU time to ``spent`` (this thread's CPU: time spent
+    waiting for the machine's other tenants is not counted)."""
     import importlib
     import importlib.util
     from unittest import mock
