@@ -61,6 +61,7 @@ CERT_COLUMNS = (
 
 #: built once (issue 15): km reads the signer's or the presented certificate by fingerprint per request
 CERT_BY_FINGERPRINT = select(*CERT_COLUMNS).where(certificates.c.fingerprint == bindparam("fp"))
+_INSERT_CERTIFICATES = certificates.insert()
 
 
 class SerialCollisionError(errors.ConflictError):
@@ -211,7 +212,7 @@ class CertificateRepository(Database):
             if device_rows:
                 conn.execute(_NEW_DEVICES[conn.dialect.name], list(device_rows.values()))
             if rows:
-                conn.execute(certificates.insert(), rows)
+                conn.execute(_INSERT_CERTIFICATES, rows)
             append_entries(conn, audit)
 
     @staticmethod
