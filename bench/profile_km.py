@@ -223,7 +223,9 @@ def _inproc_km() -> Iterator[tuple[Any, Any, Any]]:
         store = open_store(dep)
         record_identities(dep, store, clock.now())
         try:
-            yield build_km(dep, store, clock, passphrase=b"bench"), sealer_for(dep.identity("pm-polarfire-soc")), clock
+            km = build_km(dep, store, clock, passphrase=b"bench")
+            km.bench_dep = dep  # for sealers of other modules (run_breakdown)
+            yield km, sealer_for(dep.identity("pm-polarfire-soc")), clock
         finally:
             store.close()
 
@@ -309,6 +311,172 @@ def run_cpu(args: argparse.Namespace) -> str:
     )
 
 
+#: (label, dotted owner, attribute): the leaf steps of one request, timed exclusively (none calls another)
+ISSUE_STEPS = [
+    ("JWS envelope: verify (joserfc, ECDSA)", "iotdlm.wire.envelope", "verify"),
+    ("request signer: chain check or cache hit", "iotdlm.km.signers.SignerCache", "trust"),
+    ("CSR: parse + verify (cryptography)", "iotdlm.km.core", "parse_csr"),
+    ("store: device read (own transaction)", "store", "get_device"),
+    ("CA: build + sign the certificate (incl. SAN)", "iotdlm.pki.ca.IssuingCA", "issue"),
+    ("record: DER, SHA-256, subject string", "iotdlm.km.core", "record_for"),
+    ("store: write certificate + audit + device + nonce (one transaction)", "store", "add_certificate_writes"),
+]
+EST_STEPS = [
+    ("JWS envelopes (2 requests): verify", "iotdlm.wire.envelope", "verify"),
+    ("request signer (cm): cache hit", "iotdlm.km.signers.SignerCache", "trust"),
+    ("presented certificate: chain check (ECDSA) or cache hit", "CHAIN", "verify_issued_by"),
+    (
+        "store: reads (presented certificate, registration, device)",
+        "store",
+        "get_factory|get_by_fingerprint|get_device|presented_rows",
+    ),
+    ("store: writes (nonce spends, proof nonce, issuance)", "store", "consume_nonce|add_certificate_writes"),
+    ("EST proof: nonce MAC + ECDSA verify", "iotdlm.pki.est_proof", "verify|nonce_expiry|issue_nonce"),
+    ("CSR: parse + verify (cryptography)", "iotdlm.km.core", "parse_csr"),
+    ("CA: build + sign the certificate", "iotdlm.pki.ca.IssuingCA", "issue"),
+    ("record: DER, SHA-256, subject string", "iotdlm.km.core", "record_for"),
+]
+
+
+def _timed(steps: list[tuple[str, str, str]], km: Any, spent: Counter[str]) -> contextlib.ExitStack:
+    """Wrap each step's functions to add their CPU time to ``spent`` (this thread's CPU: time spent
+    waiting for the machine's other tenants is not counted)."""
+    import importlib
+    import importlib.util
+    from unittest import mock
+
+    stack = contextlib.ExitStack()
+
+    def wrap(label: str, fn: Any) -> Any:
+        def timed(*a: Any, **kw: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[label] += time.thread_time() - t0
+
+        return timed
+
+    for label, owner, names in steps:
+        for name in names.split("|"):
+            if owner == "store":
+                targets = [km.store]
+            elif owner == "CHAIN":  # wherever km's EST path checks a presented certificate's chain
+                targets = [
+                    importlib.import_module(m)
+                    for m in ("iotdlm.km.core", "iotdlm.km.presented")
+                    if importlib.util.find_spec(m) is not None
+                ]
+            else:
+                try:
+                    targets = [importlib.import_module(owner)]
+                except ModuleNotFoundError:
+                    mod, _, cls = owner.rpartition(".")
+                    targets = [getattr(importlib.import_module(mod), cls)]
+            for target in targets:
+                if hasattr(target, name):
+                    stack.enter_context(mock.patch.object(target, name, wrap(label, getattr(target, name))))
+            if name == "add_certificate_writes":  # the group commit holds the store's method
+                stack.enter_context(mock.patch.object(km._group, "_write", wrap(label, km._group._write)))
+    return stack
+
+
+def _breakdown_rows(steps: list[tuple[str, str, str]], spent: Counter[str], total: float, n: int) -> list[list[Any]]:
+    rows = [[label, f"{spent[label] * 1000 / n:.3f}", f"{spent[label] / total:.0%}"] for label, _o, _n in steps]
+    rest = total - sum(spent.values())
+    rows.append(
+        [
+            "km's own Python (authorize, audit entries, group commit, reply)",
+            f"{rest * 1000 / n:.3f}",
+            f"{rest / total:.0%}",
+        ]
+    )
+    rows.append(["**total**", f"**{total * 1000 / n:.3f}**", "100%"])
+    return rows
+
+
+def run_breakdown(args: argparse.Namespace) -> str:
+    """Where the CPU of one single ``issue`` request and of one EST enrollment (nonce + simpleenroll)
+    goes, in this process (no bus), each step timed around its call."""
+    from iotdlm.pki import est_proof
+    from iotdlm.runtime import sealer_for
+    from iotdlm.wire.km import AUDIENCE, OP_EST, OP_EST_NONCE, OP_ISSUE, OP_ISSUE_BATCH
+
+    n = max(100, int(args.duration * 150))
+    with _inproc_km() as (km, pm, clock):
+        cm = sealer_for(km.bench_dep.identity("cm"))
+        keys, new_keys = device_keys(n + 1), device_keys(n + 1)
+        issue_tokens = [
+            pm.seal(
+                OP_ISSUE,
+                msg.IssueItem(device_id=f"iss-{i:07d}", profile="factory", csr=csr_der(keys[i], f"iss-{i:07d}")),
+                aud=AUDIENCE,
+                now=clock.now(),
+            )
+            for i in range(n + 1)
+        ]
+        km.issue(issue_tokens[0])
+        spent: Counter[str] = Counter()
+        with _timed(ISSUE_STEPS, km, spent):
+            t0 = time.thread_time()
+            for t in issue_tokens[1:]:
+                km.issue(t)
+            issue_total = time.thread_time() - t0
+        factory: list[bytes] = []
+        for off in range(0, n + 1, 100):
+            items = [
+                msg.IssueItem(device_id=f"est-{i:07d}", profile="factory", csr=csr_der(keys[i], f"est-{i:07d}"))
+                for i in range(off, min(n + 1, off + 100))
+            ]
+            res = km.issue_batch(
+                pm.seal(OP_ISSUE_BATCH, msg.BatchIssueRequest(items=items), aud=AUDIENCE, now=clock.now())
+            )
+            factory += [r.certificate.certificate for r in res.results]
+
+        def enroll(i: int) -> float:
+            asked = cm.seal(
+                OP_EST_NONCE, msg.EstNonceRequest(client_certificate=factory[i]), aud=AUDIENCE, now=clock.now()
+            )
+            t0 = time.thread_time()
+            nonce = km.est_nonce(asked).nonce
+            took = time.thread_time() - t0
+            proof = est_proof.make(keys[i], "simpleenroll", nonce, new_keys[i].public_key())
+            body = msg.EstRequest(
+                operation="simpleenroll",
+                client_certificate=factory[i],
+                csr=csr_der(new_keys[i], f"est-{i:07d}"),
+                proof=proof,
+            )
+            token = cm.seal(OP_EST, body, aud=AUDIENCE, now=clock.now())
+            t0 = time.thread_time()
+            km.est(token)
+            return took + time.thread_time() - t0
+
+        enroll(0)
+        est_spent: Counter[str] = Counter()
+        # the steps' own time only: the device's proof and cm's sealing happen outside km's calls
+        with _timed(EST_STEPS, km, est_spent):
+            est_total = sum(enroll(i) for i in range(1, n + 1))
+    return "\n".join(
+        [
+            "## km core in-process: where one single request's CPU goes (no bus)",
+            "",
+            f"{n} single `issue` requests (pm, CSR, profile factory) and {n} EST enrollments (cm relays `est_nonce`, "
+            "then `simpleenroll` with the device's proof) on a real SQLite store, one thread; each step timed around "
+            "its call (ms per request, then its share).",
+            "",
+            md_table(["single `issue`: step", "ms", "share"], _breakdown_rows(ISSUE_STEPS, spent, issue_total, n)),
+            "",
+            md_table(
+                ["EST enrollment (nonce + simpleenroll): step", "ms", "share"],
+                _breakdown_rows(EST_STEPS, est_spent, est_total, n),
+            ),
+            "",
+            f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        ]
+    )
+
+
 def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=100)
@@ -324,6 +492,9 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu", action="store_true", help="CPU per single request of the km core in this process, no profiler"
     )
+    p.add_argument(
+        "--breakdown", action="store_true", help="where one single issue and one EST enrollment spend km's CPU"
+    )
 
 
 def main() -> None:
@@ -332,7 +503,9 @@ def main() -> None:
         args.duration = 2.0
     if args.loops is None:
         args.loops = 8 if args.batch == 1 else 1
-    if args.cpu:
+    if args.breakdown:
+        section = run_breakdown(args)
+    elif args.cpu:
         section = run_cpu(args)
     elif args.inproc:
         section = run_inproc(args)

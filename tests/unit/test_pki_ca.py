@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iotdlm.errors import BadRequestError
@@ -249,6 +249,27 @@ def test_hardware_module_name_round_trip_and_rfc4108_der() -> None:
     assert names.parse_hardware_module_name(other.value) == (hw, b"dev-1")
     assert names.hw_type(32473, "boardA") != names.hw_type(32473, "boardB")
     assert names.hw_type(32473, None).dotted_string == "1.3.6.1.4.1.32473.2.0"
+
+
+@given(
+    serial=st.binary(max_size=70_000),
+    arc=st.integers(min_value=0, max_value=2**64),
+    pen=st.integers(min_value=1, max_value=2**32 - 1),
+)
+@settings(max_examples=300)
+def test_hardware_module_name_is_pyasn1s_rfc4108_encoding_byte_for_byte(serial: bytes, arc: int, pen: int) -> None:
+    """Issue 15 composes the two DER headers itself: the bytes must be what pyasn1's DER encoder
+    makes of rfc4108.HardwareModuleName, for short and long (1-3 octet) lengths alike."""
+    from cryptography.x509 import ObjectIdentifier
+    from pyasn1.codec.der import encoder
+    from pyasn1.type import univ
+    from pyasn1_modules import rfc4108
+
+    hw = ObjectIdentifier(f"1.3.6.1.4.1.{pen}.2.{arc}")
+    value = rfc4108.HardwareModuleName()
+    value["hwType"] = univ.ObjectIdentifier(hw.dotted_string)
+    value["hwSerialNum"] = univ.OctetString(serial)
+    assert names.hardware_module_name(hw, serial).value == encoder.encode(value)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2**32, True, "1"])

@@ -24,9 +24,8 @@ from typing import Protocol
 
 import msgspec
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from iotdlm.clock import Clock
 from iotdlm.errors import (
@@ -36,12 +35,14 @@ from iotdlm.errors import (
     NotAuthorizedError,
     NotFoundError,
     RejectedError,
+    ReplayError,
     UnavailableError,
     UntrustedError,
 )
 from iotdlm.km.audit import entry
 from iotdlm.km.cert_views import info, issued, record_for
 from iotdlm.km.groupcommit import GroupCommit
+from iotdlm.km.presented import PresentedCheck
 from iotdlm.km.ra import (
     Authorizer,
     CertRequestFacts,
@@ -61,10 +62,10 @@ from iotdlm.km.storage import KmStore
 from iotdlm.km.va import ROOT, Va
 from iotdlm.pki import cms_envelope, crmf, est_proof
 from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
-from iotdlm.pki.chain import der, load_certificate, verify_issued_by
+from iotdlm.pki.chain import der, load_certificate
 from iotdlm.pki.csr import CsrRequest, parse_csr
 from iotdlm.pki.keys import PublicKey, generate_key
-from iotdlm.pki.names import check_id, device_id_of, device_subject
+from iotdlm.pki.names import check_id, device_subject
 from iotdlm.pki.profiles import Profile, get_profile
 from iotdlm.pki.requested import Requested, dropped
 from iotdlm.store import CertRecord, DeviceRecord, NonceUse
@@ -150,6 +151,7 @@ class Km:
         #: enrollment only from the devices of an UpdateInfoList); consulted by :meth:`presented`
         self.registry = FactoryRegistry(store, clock)
         self._signers = SignerCache(cas, store)
+        self._presented = PresentedCheck(cas, store, self.registry)
         #: issuing CA name -> (monotonic time checked, revoked?): whether the operator revoked it
         #: (``ca revoke-ca``), read from the store at most every CA_STATUS_TTL seconds per worker
         self._ca_revoked: dict[str, tuple[float, bool]] = {}
@@ -204,8 +206,9 @@ class Km:
             self.mode.require(CERTIFICATE_MANAGEMENT, what)
 
     def _spend(self, nonce: NonceUse) -> None:
-        """Spend the nonce of a request that stores nothing (a replay of it raises ReplayError)."""
-        self.store.consume_nonce(nonce.sender, nonce.nonce, expires_at=nonce.expires_at)
+        """Spend the nonce of a request that stores nothing (a replay of it raises ReplayError);
+        written with whatever other requests commit at the same time (ADR 0021)."""
+        self._group.submit(CertWrite((), nonce=nonce))
 
     # --- 3: parse, authorize, sign ------------------------------------------------------
     def _parse_item(self, item: msg.IssueItem) -> _Parsed:
@@ -328,9 +331,16 @@ class Km:
         return grant, rec, left_out
 
     # --- 4: record ----------------------------------------------------------------------
-    def commit(self, pairs: list[tuple[Grant, CertRecord]], *, nonce: NonceUse | None = None) -> list[CertRecord]:
-        """Record certificates, their audit records, new devices and the request's nonce in ONE
-        write transaction (what keeps a provisioning line fast, and a replay from storing anything)."""
+    def commit(
+        self,
+        pairs: list[tuple[Grant, CertRecord]],
+        *,
+        nonce: NonceUse | None = None,
+        extra_nonces: tuple[NonceUse, ...] = (),
+    ) -> list[CertRecord]:
+        """Record certificates, their audit records, new devices and the request's nonce (and
+        ``extra_nonces``: an EST proof's) in ONE write transaction (what keeps a provisioning line
+        fast, and a replay from storing anything)."""
         now = self.clock.now()
         devices = [(g.device_id, g.dtype) for g, _r in pairs if g.dtype is not None]
         records = [rec for _g, rec in pairs]
@@ -356,7 +366,16 @@ class Km:
         # Certificates and their audit records commit together or not at all.
         # Concurrent requests' writes share one transaction (group commit, ADR 0021); this returns
         # once ours is committed, and raises what ours alone raises.
-        self._group.submit(CertWrite(tuple(records), audit=tuple(audit), devices=tuple(devices), nonce=nonce, now=now))
+        self._group.submit(
+            CertWrite(
+                tuple(records),
+                audit=tuple(audit),
+                devices=tuple(devices),
+                nonce=nonce,
+                now=now,
+                extra_nonces=extra_nonces,
+            )
+        )
         for grant, rec in pairs:
             if grant.supersedes is not None:
                 issuer, serial = grant.supersedes
@@ -431,39 +450,7 @@ class Km:
         """Check, independently of cm, the certificate a device presented at the TLS edge: issued by
         our factory or operational CA, valid now, known to km (recorded), and its status -- or an
         external factory certificate registered in :attr:`registry` (nothing else from outside)."""
-        now = self.clock.now()
-        try:
-            cert = load_certificate(der_cert)
-            external = self.registry.lookup(cert)
-            if external is not None:
-                return self.registry.presented(cert, now, record=external)
-            for name in ("factory", "operational"):
-                ca = self.cas[name]
-                if cert.issuer == ca.certificate.subject:
-                    verify_issued_by(cert, ca.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
-                    device_id = device_id_of(cert)
-                    break
-            else:
-                raise UntrustedError(
-                    f"client certificate {cert.subject.rfc4514_string()} is not from this deployment's factory "
-                    "or operational CA, nor a factory certificate registered with it (shared in an UpdateInfoList)"
-                )
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-            raise UntrustedError(
-                "client certificate is malformed (an extension or field cryptography cannot read)"
-            ) from exc
-        if device_id is None:
-            raise UntrustedError("client certificate names no device id")
-        record = self.store.get_by_fingerprint(fingerprint(cert))
-        if record is None:
-            raise UntrustedError(f"the {name} certificate of device {device_id} is not registered with km")
-        return PresentedCredential(
-            profile=record.profile,
-            device_id=device_id,
-            status=record.status,
-            issuer=record.issuer,
-            serial=record.serial,
-        )
+        return self._presented.check(der_cert, self.clock.now())[0]
 
     # --- EST: the device's proof of its current key (ADR 0008) --------------------------------
     def _est_nonce_key(self) -> bytes:
@@ -524,7 +511,7 @@ class Km:
             req = msg.decode(env.body, msg.EstRequest)
             if req.operation not in ("simpleenroll", "simplereenroll", "serverkeygen"):
                 raise BadRequestError(f"unknown EST operation {req.operation!r}", field="operation")
-            cred = self.presented(req.client_certificate)
+            cred, device = self._presented.check(req.client_certificate, now)
             reenroll = req.operation == "simplereenroll" or (
                 req.operation == "serverkeygen" and cred.profile == "operational"
             )
@@ -544,7 +531,7 @@ class Km:
                 profile="operational",
                 device_id=cred.device_id,
                 pop="server_generated" if server_keygen else "signature",
-                device=self._device_state(cred.device_id, None),
+                device=self._device_state(cred.device_id, {} if device is None else {device.device_id: device}),
                 presented=cred,
             )
             grant = self.authorizer.authorize(principal, facts)
@@ -567,18 +554,22 @@ class Km:
                     encrypted_key = self._encrypt_to_device(pkcs8, req.client_certificate, cred.device_id)
             parsed = _Parsed(public_key=public_key, subject=csr.subject, pop=facts.pop, requested=_csr_asked(csr))
             rec, left_out = self._sign(grant, parsed, principal, now)
-            if proof_nonce is not None:
-                # single use: spent before the issuance commits (a concurrent replay loses the race
-                # on the store's primary key); a failed commit costs the device a new nonce
-                try:
-                    self.store.consume_nonce(proof_nonce.sender, proof_nonce.nonce, expires_at=proof_nonce.expires_at)
-                except RejectedError as exc:
-                    exc.device_id = exc.device_id or cred.device_id
-                    raise
         except RejectedError:
             self._spend(nonce)
             raise
-        (rec,) = self.commit([(grant, rec)], nonce=nonce)
+        # the proof nonce is single use: spent in the issuance's own transaction (a concurrent
+        # replay loses the race on the store's primary key, and stores nothing)
+        proofs = () if proof_nonce is None else (proof_nonce,)
+        try:
+            (rec,) = self.commit([(grant, rec)], nonce=nonce, extra_nonces=proofs)
+        except ReplayError as exc:
+            if not proofs:
+                raise
+            # the transaction stored nothing, this request's nonce neither; spending it alone
+            # tells whose nonce was replayed (raising ReplayError if it was the request's)
+            self._spend(nonce)
+            exc.device_id = exc.device_id or cred.device_id  # the audit record names the device
+            raise
         return msg.EstResponse(
             certificate=_with_dropped(issued(rec), left_out), private_key=private_key, encrypted_key=encrypted_key
         )

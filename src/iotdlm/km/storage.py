@@ -26,7 +26,7 @@ from iotdlm.store.records import (
     DeviceRecord,
     NonceUse,
 )
-from iotdlm.store.transfer import FactoryCaRecord, FactoryRecord
+from iotdlm.store.transfer import FactoryCaRecord, FactoryRecord, PresentedRows
 
 if TYPE_CHECKING:
     from iotdlm.store import Store
@@ -151,6 +151,8 @@ class KmStore(_Certificates, RegistryStore, AuditLogStore, Protocol):
     def get_device(self, device_id: str) -> DeviceRecord | None: ...
 
     def get_devices(self, device_ids: Sequence[str]) -> dict[str, DeviceRecord]: ...
+
+    def presented_rows(self, fingerprint: str, device_id: str | None) -> PresentedRows: ...
 
     def consume_nonce(self, sender: str, nonce: str, *, expires_at: dt.datetime) -> None: ...
 

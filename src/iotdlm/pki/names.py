@@ -25,6 +25,7 @@ the operator's arc naming the device type, ``hwSerialNum`` the device id).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -183,11 +184,34 @@ def hw_type(enterprise_number: int, dtype: str | None) -> ObjectIdentifier:
 
 
 def hardware_module_name(hw_type_oid: ObjectIdentifier, serial: bytes) -> x509.OtherName:
-    """RFC 4108 hardwareModuleName as a SAN other name."""
-    value = rfc4108.HardwareModuleName()
-    value["hwType"] = univ.ObjectIdentifier(hw_type_oid.dotted_string)
-    value["hwSerialNum"] = univ.OctetString(serial)
-    return x509.OtherName(HARDWARE_MODULE_NAME, der_encoder.encode(value))
+    """RFC 4108 hardwareModuleName as a SAN other name:
+    ``SEQUENCE { hwType OBJECT IDENTIFIER, hwSerialNum OCTET STRING }``.
+
+    The hwType's DER is pyasn1's, once per type; the serial's OCTET STRING and the SEQUENCE around
+    both are two definite-length headers put in front of the bytes (issue 15: pyasn1's encoder for
+    every device certificate was 5% of km's CPU per certificate). tests/unit/test_pki_ca.py checks
+    the bytes equal pyasn1's encoding of the whole structure for any serial and type.
+    """
+    value = _hw_type_der(hw_type_oid) + _der_tlv(_OCTET_STRING, serial)
+    return x509.OtherName(HARDWARE_MODULE_NAME, _der_tlv(_SEQUENCE, value))
+
+
+_SEQUENCE = 0x30
+_OCTET_STRING = 0x04
+
+
+@functools.lru_cache(maxsize=256)
+def _hw_type_der(hw_type_oid: ObjectIdentifier) -> bytes:
+    return bytes(der_encoder.encode(univ.ObjectIdentifier(hw_type_oid.dotted_string)))
+
+
+def _der_tlv(tag: int, value: bytes) -> bytes:
+    """A universal DER element: tag, definite length (short form below 128, else long form), value."""
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + value
 
 
 def parse_hardware_module_name(value: bytes) -> tuple[ObjectIdentifier, bytes]:

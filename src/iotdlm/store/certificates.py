@@ -59,6 +59,10 @@ CERT_COLUMNS = (
     certificates.c.crl_partition,
 )
 
+#: built once (issue 15): km reads the signer's or the presented certificate by fingerprint per request
+CERT_BY_FINGERPRINT = select(*CERT_COLUMNS).where(certificates.c.fingerprint == bindparam("fp"))
+_INSERT_CERTIFICATES = certificates.insert()
+
 
 class SerialCollisionError(errors.ConflictError):
     """A certificate with this serial already exists for this issuer. Pick a new serial and retry."""
@@ -173,7 +177,8 @@ class CertificateRepository(Database):
         records = [rec for w in writes for rec in w.records]
         audit = [e for w in writes for e in w.audit]
         nonces = [w.nonce for w in writes if w.nonce is not None]
-        if not records and not audit and not nonces and not any(w.devices for w in writes):
+        extra = [n for w in writes for n in w.extra_nonces]
+        if not records and not audit and not nonces and not extra and not any(w.devices for w in writes):
             return
         rows = [_cert_row(rec) for rec in records]
         self._check_batch(records)
@@ -195,7 +200,7 @@ class CertificateRepository(Database):
                     "created_at": w.now,
                     "updated_at": w.now,
                 }
-        for nonce in nonces:
+        for nonce in (*nonces, *extra):
             check_nonce(nonce.sender, nonce.nonce, nonce.expires_at)
 
         def explain(_exc: sa_exc.IntegrityError) -> errors.ConflictError:
@@ -203,10 +208,11 @@ class CertificateRepository(Database):
 
         with self.transaction("adding certificates", write=True, conflict=explain) as conn:
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in nonces])
+            insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in extra])
             if device_rows:
                 conn.execute(_NEW_DEVICES[conn.dialect.name], list(device_rows.values()))
             if rows:
-                conn.execute(certificates.insert(), rows)
+                conn.execute(_INSERT_CERTIFICATES, rows)
             append_entries(conn, audit)
 
     @staticmethod
@@ -300,9 +306,8 @@ class CertificateRepository(Database):
         """The certificate whose SHA-256 DER fingerprint (hex, any case) is ``fp``, or None."""
         if not r.findable_text(fp, r.FINGERPRINT_LEN):
             return None
-        stmt = select(*CERT_COLUMNS).where(certificates.c.fingerprint == fp.lower())
         with self.transaction("reading a certificate by fingerprint", write=False) as conn:
-            row = conn.execute(stmt).first()
+            row = conn.execute(CERT_BY_FINGERPRINT, {"fp": fp.lower()}).first()
         return None if row is None else cert_record(row)
 
     def list_certificates(

@@ -27,7 +27,7 @@ DEVICE_COLUMNS = (
     devices.c.updated_at,
 )
 #: built once (issue 15: building the statement per request cost more than running it)
-_GET_DEVICE = select(*DEVICE_COLUMNS).where(devices.c.device_id == bindparam("device_id"))
+GET_DEVICE = select(*DEVICE_COLUMNS).where(devices.c.device_id == bindparam("device_id"))
 
 
 def device_record(row: Row[*tuple[Any, ...]]) -> DeviceRecord:
@@ -75,7 +75,7 @@ class DeviceRepository(Database):
         if not r.findable_text(device_id, r.DEVICE_ID_LEN):
             return None
         with self.transaction("reading a device", write=False) as conn:
-            row = conn.execute(_GET_DEVICE, {"device_id": device_id}).first()
+            row = conn.execute(GET_DEVICE, {"device_id": device_id}).first()
         return None if row is None else device_record(row)
 
     def set_device_status(self, device_id: str, status: str, *, now: dt.datetime) -> DeviceRecord:

@@ -494,3 +494,6 @@ class CertWrite:
     devices: tuple[tuple[str, str], ...] = ()
     nonce: NonceUse | None = None
     now: dt.datetime | None = None
+    #: other single-use nonces the request spends with its records (an EST proof's, ADR 0008),
+    #: inserted apart from the requests' own nonces so a replay names the nonce it reused
+    extra_nonces: tuple[NonceUse, ...] = ()
