@@ -233,11 +233,21 @@ class DeviceRunner:
 
     # --- the truststore from EST /cacerts (CA rotation, ADR 0026) ------------------------------------
     def cacerts_due(self, now: dt.datetime) -> bool:
+        """Whether ``cacerts_every`` passed since the last /cacerts answer. A device that never
+        asked starts counting now (its truststore was flashed at provisioning)."""
         last = self._state().get("cacerts_at")
+        if last is None:
+            self._remember_cacerts(now)
+            return False
         try:
             return not isinstance(last, str) or now - dt.datetime.fromisoformat(last) >= self.cacerts_every
         except (ValueError, TypeError):  # a damaged state file: ask again
             return True
+
+    def _remember_cacerts(self, now: dt.datetime) -> None:
+        state = self._state()
+        state["cacerts_at"] = now.isoformat()
+        atomic_write(self._state_path, json.dumps(state).encode(), mode=0o644)
 
     async def refresh_truststore(self, report: TickReport) -> None:
         """Ask cm's /cacerts with the device's current credential; install what it says."""
@@ -259,9 +269,7 @@ class DeviceRunner:
         if not same_truststore(current, new):
             await asyncio.to_thread(self.dev.write_truststore, new)
             report.actions.append("truststore-updated")
-        state = self._state()
-        state["cacerts_at"] = now.isoformat()
-        atomic_write(self._state_path, json.dumps(state).encode(), mode=0o644)
+        self._remember_cacerts(now)
 
     async def _quietly(
         self, report: TickReport, what: str, step: Awaitable[list[x509.Certificate]]
