@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -417,6 +418,22 @@ def ca_show(data: Path, serial: str, as_pem: bool, as_json: bool) -> None:
     click.echo(pem, nl=False)
 
 
+#: an issuing CA by name: a role, or a generation of it after `ca rotate` (ADR 0026); or the root
+_ISSUER_NAME = re.compile(r"(factory|operational|service)(-[1-9][0-9]{0,2})?|root")
+
+
+def _issuer_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An issuing CA's name (``ca crl`` also takes root; `ca revoke-ca` revokes an issuing CA)."""
+    if value is None or (_ISSUER_NAME.fullmatch(value) and (value != "root" or ctx.info_name == "crl")):
+        return value
+    shown = value if len(value) <= 40 else value[:37] + "..."
+    raise click.BadParameter(
+        f"{shown!r} is not an issuing CA: give factory, operational, service or a rotated one such as "
+        f"operational-2 (`iotdlm ca list --cas` lists them){', or root' if ctx.info_name == 'crl' else ''}",
+        param=param,
+    )
+
+
 @ca.command("chain")
 @data_option
 @click.option(
@@ -448,7 +465,11 @@ def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
 @ca.command("revoke")
 @data_option
 @click.argument("serial")
-@click.option("--issuer", type=click.Choice(["factory", "operational", "service"]), help="If the serial is ambiguous.")
+@click.option(
+    "--issuer",
+    callback=_issuer_name,
+    help="If the serial is ambiguous: factory, operational, service, or a rotated one such as operational-2.",
+)
 @click.option("--reason", default=None, help=REASONS_HELP)
 @handle_errors
 def ca_revoke(data: Path, serial: str, issuer: str | None, reason: str | None) -> None:
@@ -485,10 +506,11 @@ def ca_revoke_ca(data: Path, name: str, reason: str | None, yes: bool) -> None:
 @data_option
 @click.option(
     "--issuer",
-    type=click.Choice(["factory", "operational", "service", "root"]),
+    callback=_issuer_name,
     default="operational",
     show_default=True,
-    help="An issuing CA, or root: the root's one CRL (partition 0, no delta) of issuing-CA certificates.",
+    help="An issuing CA (factory, operational, service, or a rotated one such as operational-2), or root: "
+    "the root's one CRL (partition 0, no delta) of issuing-CA certificates.",
 )
 @click.option("--partition", type=int, default=None, help="One partition (default: all, written to --out as a folder).")
 @click.option("--delta", is_flag=True, help="Delta CRLs instead of full ones.")
