@@ -207,3 +207,13 @@ def test_the_cli_rotates_and_shows_the_state(site: Site) -> None:
     assert refused.exit_code == 4
     assert "still in its overlap" in refused.output
     assert "Traceback" not in refused.output
+
+
+async def test_pkilint_finds_no_error_in_the_new_ca_and_what_it_issues(site: Site) -> None:
+    from tests.unit.test_pkilint_certs import _allowed, _findings
+
+    site.rotate()
+    await site.start_km()
+    for cert in (site.dep.ca_certificate("operational-2"), await site.issue("dev-lint")):
+        real = [f for f in _findings(cert) if not _allowed(f[1], f[2])]
+        assert real == [], f"{cert.subject.rfc4514_string()}: {real}"
