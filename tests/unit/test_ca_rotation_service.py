@@ -159,8 +159,13 @@ async def test_rotation_new_issuance_from_the_new_ca_the_old_one_checkable_until
     assert new_ca in listed
     assert "operational" in CaCerts.named_from_chain(chain)  # still served by name (AIA caIssuers)
     assert _state(site, "operational") == "rotated-out"  # its certificates have not expired yet
+    assert site.km.km.va is not None
+    assert "operational" in {issuer for issuer, _p in site.km.km.va._crl_scopes()}  # CRLs still refreshed
     site.clock.advance(other_old.not_valid_after_utc - site.clock.now())
     assert _state(site, "operational") == "retired"
+    scopes = {issuer for issuer, _p in site.km.km.va._crl_scopes()}
+    assert "operational" not in scopes  # no one needs its CRLs any more
+    assert "operational-2" in scopes
 
     # audited, in the hash chain
     (audit,) = site.store.list_audit(kind=fmt.CA_ROTATION)
