@@ -169,6 +169,7 @@ async def test_rotation_new_issuance_from_the_new_ca_the_old_one_checkable_until
 
     # audited, in the hash chain
     (audit,) = site.store.list_audit(kind=fmt.CA_ROTATION)
+    assert max(c.seq for c in site.store.list_audit_checkpoints()) >= audit.seq  # under a signed tree head at once
     assert audit.data["new"] == "operational-2"
     assert audit.data["old"] == "operational"
 
@@ -208,6 +209,8 @@ def test_the_cli_rotates_and_shows_the_state(site: Site) -> None:
     one = runner.invoke(main, ["ca", "show", "--data", data, "operational-2"])
     assert one.exit_code == 0, one.output
     assert "active" in one.output
+    verified = runner.invoke(main, ["audit", "verify", "--data", data, "--no-bus"])
+    assert verified.exit_code == 0, verified.output
     refused = runner.invoke(main, ["ca", "rotate", "--data", data, "operational"])
     assert refused.exit_code == 4
     assert "still in its overlap" in refused.output

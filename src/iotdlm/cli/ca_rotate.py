@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 class Rotated:
     new: IssuingCA
     old: rotation.Generation  # as it is after the rotation (rotated_at, overlap_until set)
+    checkpoint: int | None  # the audit record up to which km's key signed a tree head at once
 
 
 def rotate_ca(
@@ -45,6 +46,7 @@ def rotate_ca(
     """Rotate issuing CA ``role``: a new generation (new key, signed by the root) becomes active
     now; the old one is rotated out, in /cacerts until ``now + overlap``. Audited."""
     from iotdlm.deployment import new_issuing_ca
+    from iotdlm.km import audit as km_audit
     from iotdlm.km.va import ca_record
     from iotdlm.runtime import load_root
     from iotdlm.store import AuditEntry
@@ -82,7 +84,10 @@ def rotate_ca(
     )
     store.add_certificates([ca_record(new.certificate, actor, now)], audit=[audit])
     dep.write_ca_generations(after)
-    return Rotated(new=new, old=old_gen)
+    # the rotation's record under a tree head signed with km's key now, not at km's next minute
+    ident = dep.identity("km")
+    cp = km_audit.checkpoint(store, ident.key, ident.certificate, now, anchor_dir=dep.audit_anchor_dir)
+    return Rotated(new=new, old=old_gen, checkpoint=None if cp is None else cp.seq)
 
 
 def _sha256(cert: x509.Certificate) -> str:
@@ -221,13 +226,15 @@ def ca_rotate(data: Path, issuing_ca: str, overlap_days: int, as_json: bool) -> 
         "new_sha256": _sha256(new.certificate),
         "old": done.old.name,
         "overlap_until": iso_utc(done.old.overlap_until),
+        "audit_checkpoint": done.checkpoint,
     }
     if as_json:
         print_json(out)
         return
     console.print(
         f"the {issuing_ca} CA is rotated: {new.name} ({out['new_subject']}) issues from now on; "
-        f"{done.old.name} is rotated out and stays in /cacerts until {out['overlap_until']}.\n"
+        f"{done.old.name} is rotated out and stays in /cacerts until {out['overlap_until']}. "
+        f"Audited (record {done.checkpoint}, under a tree head signed with km's key).\n"
         f"Next: restart km and cm (`iotdlm down --data {data}`, then `iotdlm up`) so they load {new.name}."
     )
 
