@@ -193,7 +193,7 @@ def _day(value: object) -> str:
 def ca_rotate(data: Path, issuing_ca: str, overlap_days: int, as_json: bool) -> None:
     """Replace an issuing CA with a new one, keeping the old one trusted for an overlap.
 
-    The new CA has a new key and is signed by the root.
+    ISSUING-CA is operational or factory. The new CA has a new key and is signed by the root.
 
     From now on the new CA issues every new certificate and renewal. For --overlap-days,
     EST /cacerts lists both CAs, so devices add the new one to their truststore when they fetch
