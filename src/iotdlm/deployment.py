@@ -6,6 +6,8 @@ Layout (``iotdlm init --data DIR`` creates it)::
     DIR/iotdlm.toml                 configuration (validated on load)
     DIR/ca/<name>.pem               CA certificates: root, factory, operational, service
     DIR/ca/<name>.key.pem           CA private keys, encrypted at rest (PKCS#8, passphrase)
+    DIR/ca/generations.json         after `ca rotate`: each issuing CA's generations (operational,
+                                    operational-2, ...) and their overlap (iotdlm.pki.rotation)
     DIR/modules/<name>/cert.pem     service certificate of a module (km, sm, cm, admin, pm-<dtype>)
     DIR/modules/<name>/key.pem      its private key (mode 0600)
     DIR/modules/<name>/nats.json    its NATS credentials (mode 0600)
@@ -45,13 +47,16 @@ from cryptography import x509
 from iotdlm import cm_https
 from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
+from iotdlm.files import atomic_write
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki import profile_config
+from iotdlm.pki import rotation as pki_rotation
 from iotdlm.pki.chain import certs_to_pem, load_certificate
 from iotdlm.pki.keys import (
     Algorithm,
     KeySigner,
     PrivateKey,
+    Signer,
     generate_key,
     load_private_key_pem,
     private_key_to_pem,
@@ -66,6 +71,7 @@ DEFAULT_NATS_PORT = 14222
 #: the supervisor's /metrics listens here by default (loopback only)
 DEFAULT_METRICS_PORT = 14290
 ISSUING_CAS = ("factory", "operational", "service")
+GENERATIONS_FILE = "generations.json"
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
 #: EST serverkeygen settings (ADR 0009): refused, key encrypted to the device, key in the clear
@@ -297,15 +303,36 @@ class Deployment:
         return load_certificate(path.read_bytes())
 
     def load_cas(self, passphrase: bytes | None = None) -> dict[str, pki_ca.IssuingCA]:
-        """The issuing CAs with their signers (decrypts the CA keys)."""
+        """The issuing CAs with their signers (decrypts the CA keys): every generation of each
+        (``operational``, and after ``ca rotate`` ``operational-2`` ...), by name."""
         pw = passphrase if passphrase is not None else self.passphrase()
         root = self.ca_certificate("root")
         out: dict[str, pki_ca.IssuingCA] = {}
-        for name in ISSUING_CAS:
+        for gen in self.ca_generations():
+            name = gen.name
             cert = self.ca_certificate(name)
             key = load_private_key_pem((self.root / "ca" / f"{name}.key.pem").read_bytes(), pw)
-            out[name] = pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root))
+            out[name] = pki_ca.IssuingCA(
+                name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root), generation=gen
+            )
         return out
+
+    def ca_generations(self) -> list[pki_rotation.Generation]:
+        """Every generation of every issuing CA (one each until a rotation), from ``ca/generations.json``."""
+        path = self.root / "ca" / GENERATIONS_FILE
+        if not path.is_file():
+            return pki_rotation.complete([], ISSUING_CAS)
+        try:
+            return pki_rotation.decode_generations(path.read_bytes(), ISSUING_CAS)
+        except BadRequestError as exc:
+            raise BadRequestError(f"{path}: {exc.message}; restore it from a backup") from exc
+
+    def write_ca_generations(self, generations: Sequence[pki_rotation.Generation]) -> None:
+        atomic_write(self.root / "ca" / GENERATIONS_FILE, pki_rotation.encode_generations(generations), mode=0o644)
+
+    def issuing_ca_certificates(self, now: dt.datetime | None = None) -> dict[str, x509.Certificate]:
+        """Issuing CA certificates by name, every generation (or, given ``now``, those /cacerts lists)."""
+        return {g.name: self.ca_certificate(g.name) for g in self.ca_generations() if now is None or g.in_cacerts(now)}
 
     def identity_names(self) -> list[str]:
         d = self.root / "modules"
@@ -431,7 +458,6 @@ def _make_cas(
     """The root CA and the issuing CAs (in ISSUING_CAS order), their keys written encrypted."""
     root = dep.root
     organization = dep.config.organization
-    profiles = dep.profiles()
     urls = dep.public_urls
     progress("root CA")
     root_key = generate_key(algorithm)
@@ -450,21 +476,44 @@ def _make_cas(
     lifetimes = {"factory": 365 * 25, "operational": 365 * 10, "service": 365 * 10}
     for name in ISSUING_CAS:
         progress(f"{name} CA")
-        key = generate_key(algorithm)
-        cert = pki_ca.make_intermediate(
-            root_signer,
-            root_cert,
-            key.public_key(),
-            pki_ca.ca_name(f"{organization} {name.capitalize()} CA", organization),
-            now=now,
-            validity=dt.timedelta(days=lifetimes[name]),
-            urls=urls,
-            policies=ca_policies(profiles, name),
-        )
-        _write_secret(root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
-        (root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
-        cas.append(pki_ca.IssuingCA(name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert)))
+        first = pki_rotation.Generation(name, 1)
+        life = dt.timedelta(days=lifetimes[name])
+        cas.append(new_issuing_ca(dep, name, first, root_signer, root_cert, passphrase, now=now, validity=life))
     return cas
+
+
+def new_issuing_ca(
+    dep: Deployment,
+    role: str,
+    generation: pki_rotation.Generation,
+    root_signer: Signer,
+    root_cert: x509.Certificate,
+    passphrase: bytes,
+    *,
+    now: dt.datetime,
+    validity: dt.timedelta,
+) -> pki_ca.IssuingCA:
+    """A new issuing CA of ``role`` (``init``, ``ca rotate``): a new key, its certificate signed by
+    the root, both written to ``ca/<generation name>``. The one place CA keys are made."""
+    organization = dep.config.organization
+    name = generation.name
+    suffix = "" if generation.number == 1 else f" {generation.number}"
+    key = generate_key(dep.algorithm)
+    cert = pki_ca.make_intermediate(
+        root_signer,
+        root_cert,
+        key.public_key(),
+        pki_ca.ca_name(f"{organization} {role.capitalize()} CA{suffix}", organization),
+        now=now,
+        validity=validity,
+        urls=dep.public_urls,
+        policies=ca_policies(dep.profiles(), role),
+    )
+    _write_secret(dep.root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
+    (dep.root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
+    return pki_ca.IssuingCA(
+        name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert), generation=generation
+    )
 
 
 def issue_cm_https_certificate(

@@ -18,7 +18,7 @@ from iotdlm.client.connect import km_trust as km_trust
 from iotdlm.client.connect import sealer_for as sealer_for
 from iotdlm.clock import Clock
 from iotdlm.connections import open_store as open_store
-from iotdlm.deployment import ISSUING_CAS, Deployment
+from iotdlm.deployment import Deployment
 from iotdlm.km import Km, KmSettings
 from iotdlm.km.audit import Anchored, read_stream_heads
 from iotdlm.km.cert_views import record_for
@@ -115,8 +115,7 @@ def record_identities(dep: Deployment, store: Store, now: dt.datetime) -> int:
         if store.get_certificate("service", cert.serial_number) is None:
             partition = crl_partition(cert.serial_number, dep.config.crl_partitions) if _has_cdp(cert) else None
             records.append(record_for(cert, "service", profile, None, "init", now, crl_partition=partition))
-    for name in ISSUING_CAS:
-        cert = dep.ca_certificate(name)
+    for cert in dep.issuing_ca_certificates().values():  # every generation (ADR 0026)
         if store.get_certificate(ROOT, cert.serial_number) is None:
             records.append(ca_record(cert, "init", now))
     store.add_certificates(records)

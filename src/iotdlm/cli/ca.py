@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
         "certificate": Lazy(
             "iotdlm.cli.ca_extra:ca_certificate",
             "Make a new key and its certificate in one step (for operators and tests).",
+        ),
+        "rotate": Lazy(
+            "iotdlm.cli.ca_rotate:ca_rotate",
+            "Replace an issuing CA with a new one, keeping the old one trusted for an overlap.",
         ),
     },
 )
@@ -266,14 +271,27 @@ def _progress() -> Progress:
 @click.option("--status", type=click.Choice(["valid", "revoked", "superseded"]), help="Only this status.")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--offset", type=int, default=0, show_default=True)
+@click.option("--cas", "cas", is_flag=True, help="List the issuing CAs and their state (active, rotated-out, retired).")
 @json_option
 @handle_errors
 def ca_list(
-    data: Path, device_id: str | None, profile: str | None, status: str | None, limit: int, offset: int, as_json: bool
+    data: Path,
+    device_id: str | None,
+    profile: str | None,
+    status: str | None,
+    limit: int,
+    offset: int,
+    cas: bool,
+    as_json: bool,
 ) -> None:
     """List issued certificates, newest first (serials whole, as `ca show` and `ca revoke` take them)."""
     from iotdlm.runtime import open_store
 
+    if cas:
+        from iotdlm.cli.ca_rotate import list_cas
+
+        list_cas(Deployment.load(data), as_json)
+        return
     store = open_store(Deployment.load(data))
     recs = store.list_certificates(device_id=device_id, profile=profile, status=status, limit=limit, offset=offset)
     total = store.count_certificates(device_id=device_id, profile=profile, status=status)
@@ -348,11 +366,16 @@ def _crl_location(dep: Deployment, rec: CertRecord, cert: x509.Certificate) -> t
 def ca_show(data: Path, serial: str, as_pem: bool, as_json: bool) -> None:
     """Show one certificate by serial: hex as `ca list` prints it, or as openssl does (67:FD:15:...).
 
-    Also says which CRL (partition and URL) lists it once revoked."""
+    Also says which CRL (partition and URL) lists it once revoked. Given an issuing CA's name
+    (operational, operational-2, ...), shows that CA and its state instead."""
+    from iotdlm.cli.ca_rotate import is_ca_name, show_ca
     from iotdlm.runtime import open_store
 
-    value = parse_serial(serial)
     dep = Deployment.load(data)
+    if is_ca_name(dep, serial):
+        show_ca(dep, serial, as_json)
+        return
+    value = parse_serial(serial)
     store = open_store(dep)
     recs = store.find_by_serial(value)
     store.close()
@@ -395,6 +418,22 @@ def ca_show(data: Path, serial: str, as_pem: bool, as_json: bool) -> None:
     click.echo(pem, nl=False)
 
 
+#: an issuing CA by name: a role, or a generation of it after `ca rotate` (ADR 0026); or the root
+_ISSUER_NAME = re.compile(r"(factory|operational|service)(-[1-9][0-9]{0,2})?|root")
+
+
+def _issuer_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An issuing CA's name (``ca crl`` also takes root; `ca revoke-ca` revokes an issuing CA)."""
+    if value is None or (_ISSUER_NAME.fullmatch(value) and (value != "root" or ctx.info_name == "crl")):
+        return value
+    shown = value if len(value) <= 40 else value[:37] + "..."
+    raise click.BadParameter(
+        f"{shown!r} is not an issuing CA: give factory, operational, service or a rotated one such as "
+        f"operational-2 (`iotdlm ca list --cas` lists them){', or root' if ctx.info_name == 'crl' else ''}",
+        param=param,
+    )
+
+
 @ca.command("chain")
 @data_option
 @click.option(
@@ -410,8 +449,9 @@ def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
     if out is not None:
         check_out_file(out)
     dep = Deployment.load(data)
-    names = ["factory", "operational", "service"] if issuer is None else [issuer]
-    certs = [dep.ca_certificate(n) for n in names if n != "root"] + [dep.ca_certificate("root")]
+    listed = dep.issuing_ca_certificates(SystemClock().now())  # after a rotation: those /cacerts lists
+    names = list(listed) if issuer is None else [issuer]
+    certs = [listed.get(n) or dep.ca_certificate(n) for n in names if n != "root"] + [dep.ca_certificate("root")]
     pem = certs_to_pem(certs)
     if out is None:
         click.echo(pem.decode(), nl=False)
@@ -425,7 +465,11 @@ def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
 @ca.command("revoke")
 @data_option
 @click.argument("serial")
-@click.option("--issuer", type=click.Choice(["factory", "operational", "service"]), help="If the serial is ambiguous.")
+@click.option(
+    "--issuer",
+    callback=_issuer_name,
+    help="If the serial is ambiguous: factory, operational, service, or a rotated one such as operational-2.",
+)
 @click.option("--reason", default=None, help=REASONS_HELP)
 @handle_errors
 def ca_revoke(data: Path, serial: str, issuer: str | None, reason: str | None) -> None:
@@ -462,10 +506,11 @@ def ca_revoke_ca(data: Path, name: str, reason: str | None, yes: bool) -> None:
 @data_option
 @click.option(
     "--issuer",
-    type=click.Choice(["factory", "operational", "service", "root"]),
+    callback=_issuer_name,
     default="operational",
     show_default=True,
-    help="An issuing CA, or root: the root's one CRL (partition 0, no delta) of issuing-CA certificates.",
+    help="An issuing CA (factory, operational, service, or a rotated one such as operational-2), or root: "
+    "the root's one CRL (partition 0, no delta) of issuing-CA certificates.",
 )
 @click.option("--partition", type=int, default=None, help="One partition (default: all, written to --out as a folder).")
 @click.option("--delta", is_flag=True, help="Delta CRLs instead of full ones.")

@@ -72,7 +72,7 @@ def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -
     the deployment's factory CA (RA rule ``operator``, as ``iotdlm ca issue``), all in one
     transaction; the truststore (root and issuing CAs, and the deployment's transfer certificate
     and its CA once ``transfer init`` made them) is flashed beside it."""
-    from iotdlm.deployment import ISSUING_CAS, Deployment
+    from iotdlm.deployment import Deployment
     from iotdlm.km.ra import ModulePrincipal
     from iotdlm.pki.ca import fingerprint
     from iotdlm.pki.chain import load_certificate, load_certificates_pem
@@ -80,7 +80,8 @@ def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -
     from iotdlm.wire import km as msg
 
     dep = Deployment.load(data)
-    truststore = [dep.ca_certificate("root"), *(dep.ca_certificate(n) for n in ISSUING_CAS)]
+    # the issuing CAs /cacerts lists now (after a rotation: both during the overlap; ADR 0026)
+    truststore = [dep.ca_certificate("root"), *dep.issuing_ca_certificates(clock.now()).values()]
     transfer_chain = data / "transfer" / "identity" / "chain.pem"
     if transfer_chain.is_file():  # `transfer init` made one: the per-device messages name it by x5t
         truststore += [c for c in load_certificates_pem(transfer_chain.read_bytes()) if c not in truststore]

@@ -52,6 +52,8 @@ class CaCerts:
         out: list[x509.Certificate] = []
         seen: set[bytes] = {chain.root}
         for name in sorted(chain.chains):
+            if name in chain.not_in_cacerts:  # rotated out, past its overlap (ADR 0026)
+                continue
             for d in chain.chains[name]:
                 if d not in seen:
                     seen.add(d)

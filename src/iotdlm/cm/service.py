@@ -34,7 +34,7 @@ from iotdlm.cm.egress import EgressProxy
 from iotdlm.cm.ocsp_cache import OcspCache, revoked_serial
 from iotdlm.cm.server import EGRESS_MODES, CmApp, KmRelay, ModeCheck
 from iotdlm.cm.tls import TlsSite, server_tls_context
-from iotdlm.deployment import ISSUING_CAS, Deployment
+from iotdlm.deployment import Deployment
 from iotdlm.errors import IotdlmError, UnavailableError
 from iotdlm.observe import ModuleMetrics, Observer
 from iotdlm.observe.serve import ModeReader, km_answering, mode_ready
@@ -92,13 +92,18 @@ def deployment_tls(
             dep.config.public_url,
         )
     root = dep.ca_certificate("root")
-    issuing = {name: dep.ca_certificate(name) for name in ISSUING_CAS}
+    # every generation of the factory and operational CAs: a rotated-out one's devices still
+    # present its certificates until they expire; /cacerts starts with those in it now (ADR 0026)
+    generations = dep.ca_generations()
+    issuing = dep.issuing_ca_certificates()
+    device_cas = [issuing[g.name] for g in generations if g.role in ("factory", "operational")]
     ctx = server_tls_context(
         certificate_chain=chain,
         key_pem=private_key_to_pem(key, None),
-        client_cas=[root, issuing["factory"], issuing["operational"], *extra_client_cas],
+        client_cas=[root, *device_cas, *extra_client_cas],
     )
-    return CmTls(context=ctx, ca_certificates={**{n: issuing[n] for n in sorted(issuing)}, "root": root})
+    listed = sorted(g.name for g in generations if g.in_cacerts(now))
+    return CmTls(context=ctx, ca_certificates={**{n: issuing[n] for n in listed}, "root": root})
 
 
 def _read_file(path: Path, what: str) -> bytes:

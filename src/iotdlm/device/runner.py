@@ -31,13 +31,14 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from iotdlm.clock import Clock
 from iotdlm.device.est_client import WELL_KNOWN, EstClient
 from iotdlm.device.simulated import SimulatedDevice
+from iotdlm.device.truststore import same_truststore, updated_truststore
 from iotdlm.errors import IotdlmError, NotFoundError
 from iotdlm.files import atomic_write
 from iotdlm.pki.chain import certs_to_pem
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: re-enroll once this fraction of the operational certificate's lifetime has passed
 DEFAULT_RENEW_AT = 2 / 3
+#: fetch EST /cacerts (and update the truststore) at each enrollment and at least this often
+DEFAULT_CACERTS_EVERY = dt.timedelta(days=1)
 TRANSFER_MESSAGE_PATH = "/transfer/message"
 
 
@@ -118,9 +121,11 @@ class DeviceRunner:
         renew_at: float = DEFAULT_RENEW_AT,
         timeout: float = 30.0,
         connections: PassConnections | None = None,
+        cacerts_every: dt.timedelta = DEFAULT_CACERTS_EVERY,
     ) -> None:
         """``connections``: what the transfer steps and the message fetch keep open during a pass
-        (one TLS context and keep-alive connection per credential and host), closed at its end."""
+        (one TLS context and keep-alive connection per credential and host), closed at its end.
+        ``cacerts_every``: how often the device asks /cacerts when it does not enroll (ADR 0026)."""
         if not 0 < renew_at < 1:
             raise ValueError("renew_at is a fraction of the certificate's lifetime, between 0 and 1")
         self.dev = dev
@@ -130,6 +135,7 @@ class DeviceRunner:
         self.renew_at = renew_at
         self.timeout = timeout
         self.connections = connections
+        self.cacerts_every = cacerts_every
         self._state_path = dev.path / "flash" / "runner.json"
         self._told_404 = False
 
@@ -162,6 +168,8 @@ class DeviceRunner:
         operation = self.needs(now)
         if operation is not None:
             await self._run_step(report, operation, self.enroll(operation, report))
+        elif self.cacerts_due(now):
+            await self._run_step(report, "cacerts", self.refresh_truststore(report))
         if self.messages is not None:
             await self._run_step(report, "transfer message", self.poll(report))
         op = self.dev.certificate("operational")
@@ -211,6 +219,8 @@ class DeviceRunner:
             )
             async with client:
                 cert = await (client.simpleenroll(csr) if kind == "factory" else client.simplereenroll(csr))
+                # RFC 7030 4.1: the current CA certificates, on the same connection (ADR 0026)
+                cacerts = await self._quietly(report, "cacerts", client.cacerts())
             await asyncio.to_thread(self.dev.install_operational, cert)
         except BaseException:
             await asyncio.to_thread(self.dev.destroy_pending_key)
@@ -218,6 +228,57 @@ class DeviceRunner:
         action = "enrolled" if kind == "factory" else "reenrolled"
         self.dev.log(action, serial=format(cert.serial_number, "x"), not_after=cert.not_valid_after_utc.isoformat())
         report.actions.append(action)
+        if cacerts is not None:
+            await self._run_step(report, "cacerts", self.install_cacerts(cacerts, report))
+
+    # --- the truststore from EST /cacerts (CA rotation, ADR 0026) ------------------------------------
+    def cacerts_due(self, now: dt.datetime) -> bool:
+        """Whether ``cacerts_every`` passed since the last /cacerts answer. A device that never
+        asked starts counting now (its truststore was flashed at provisioning)."""
+        last = self._state().get("cacerts_at")
+        if last is None:
+            self._remember_cacerts(now)
+            return False
+        try:
+            return not isinstance(last, str) or now - dt.datetime.fromisoformat(last) >= self.cacerts_every
+        except (ValueError, TypeError):  # a damaged state file: ask again
+            return True
+
+    def _remember_cacerts(self, now: dt.datetime) -> None:
+        state = self._state()
+        state["cacerts_at"] = now.isoformat()
+        atomic_write(self._state_path, json.dumps(state).encode(), mode=0o644)
+
+    async def refresh_truststore(self, report: TickReport) -> None:
+        """Ask cm's /cacerts with the device's current credential; install what it says."""
+        kind = "operational" if self.dev.certificate("operational") is not None else "factory"
+        cert_pem, key_pem = self.dev.tls_identity(kind)
+        client = EstClient(
+            self.base_url(), trust_anchor_pem=self.anchors_pem(), client_cert_pem=cert_pem, client_key_pem=key_pem,
+            timeout=self.timeout, connections=1,
+        )  # fmt: skip
+        async with client:
+            cacerts = await client.cacerts()
+        await self.install_cacerts(cacerts, report)
+
+    async def install_cacerts(self, cacerts: list[x509.Certificate], report: TickReport) -> None:
+        """The truststore the /cacerts answer makes (:func:`updated_truststore`), written when it changed."""
+        now = self.clock.now()
+        current = self.dev.truststore()
+        new = updated_truststore(current, cacerts, now)
+        if not same_truststore(current, new):
+            await asyncio.to_thread(self.dev.write_truststore, new)
+            report.actions.append("truststore-updated")
+        self._remember_cacerts(now)
+
+    async def _quietly(
+        self, report: TickReport, what: str, step: Awaitable[list[x509.Certificate]]
+    ) -> list[x509.Certificate] | None:
+        try:
+            return await step
+        except (IotdlmError, ValueError) as exc:
+            report.errors.append(f"{what}: {exc.message if isinstance(exc, IotdlmError) else exc}")
+            return None
 
     async def poll(self, report: TickReport) -> None:
         """Ask cm for this device's transfer message; hand a new one to the transfer agent."""
@@ -247,7 +308,7 @@ class DeviceRunner:
         if not receipt.accepted:
             report.errors.append(f"transfer message refused: {receipt.detail}")
 
-    def _state(self) -> dict[str, list[str]]:
+    def _state(self) -> dict[str, Any]:
         if not self._state_path.is_file():
             return {}
         data = json.loads(self._state_path.read_text())

@@ -61,7 +61,7 @@ from iotdlm.km.signers import SignerCache
 from iotdlm.km.storage import KmStore
 from iotdlm.km.va import ROOT, Va
 from iotdlm.pki import cms_envelope, crmf, est_proof
-from iotdlm.pki.ca import IssuingCA, PublicUrls, crl_partition, fingerprint
+from iotdlm.pki.ca import IssuingCA, PublicUrls, active_ca, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate
 from iotdlm.pki.csr import CsrRequest, parse_csr
 from iotdlm.pki.keys import PublicKey, generate_key
@@ -240,7 +240,7 @@ class Km:
         """The certificate's record, and what the request asked for that the certificate does not carry."""
         _check_requested_name(parsed.subject, grant.device_id)
         profile = get_profile(self.profiles, grant.profile)
-        ca = self.cas[profile.issuer]
+        ca = active_ca(self.cas, profile.issuer)  # after a rotation: the new generation (ADR 0026)
         self._refuse_revoked_ca(ca)
         unit = grant.dtype or profile.name
         cert = ca.issue(
@@ -614,8 +614,10 @@ class Km:
 
     def chain(self) -> msg.ChainResponse:
         root = next(iter(self.cas.values())).root
+        chains = {name: [der(c) for c in ca.chain] for name, ca in self.cas.items()}
+        now = self.clock.now()  # past its overlap, a rotated-out CA leaves /cacerts (ADR 0026)
         return msg.ChainResponse(
-            root=der(root), chains={name: [der(c) for c in ca.chain] for name, ca in self.cas.items()}
+            root=der(root), chains=chains, not_in_cacerts=[n for n, ca in self.cas.items() if not ca.in_cacerts(now)]
         )
 
     def factory_cas(self) -> msg.FactoryCasResponse:

@@ -24,7 +24,7 @@ from iotdlm.errors import UntrustedError
 from iotdlm.km.ra import PresentedCredential
 from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.storage import KmStore
-from iotdlm.pki.ca import IssuingCA, fingerprint
+from iotdlm.pki.ca import IssuingCA, cas_of, fingerprint
 from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.names import device_id_of
 from iotdlm.store import DeviceRecord
@@ -89,11 +89,10 @@ class PresentedCheck:
         return cred, device
 
     def _verify(self, cert: x509.Certificate, fp: str, now: dt.datetime) -> _Checked:
-        for name in _OWN_CAS:
-            ca = self.cas[name]
+        for ca in cas_of(self.cas, _OWN_CAS):  # rotated-out generations too (ADR 0026)
             if cert.issuer == ca.certificate.subject:
                 verify_issued_by(cert, ca.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
-                checked = _Checked(name, device_id_of(cert), cert.not_valid_before_utc, cert.not_valid_after_utc)
+                checked = _Checked(ca.role, device_id_of(cert), cert.not_valid_before_utc, cert.not_valid_after_utc)
                 with self._lock:
                     if len(self._checked) >= MAX_REMEMBERED:
                         self._checked.clear()

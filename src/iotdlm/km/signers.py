@@ -18,7 +18,7 @@ from iotdlm.errors import UntrustedError
 from iotdlm.km.audit import entry
 from iotdlm.km.ra import ModulePrincipal
 from iotdlm.km.storage import KmStore
-from iotdlm.pki.ca import IssuingCA
+from iotdlm.pki.ca import IssuingCA, cas_of
 from iotdlm.pki.chain import load_certificate, verify_issued_by
 from iotdlm.pki.keys import check_public_key
 from iotdlm.pki.names import device_id_of, module_of
@@ -84,8 +84,12 @@ class SignerCache:
 
     def _check_signer(self, cert: x509.Certificate, fp: str, now: dt.datetime) -> TrustedSigner:
         trusted: TrustedSigner | None = None
-        service = self.cas["service"]
-        if cert.issuer == service.certificate.subject:
+        # every generation of a CA (ADR 0026): certificates of one rotated out stay good until they expire
+        service = next((ca for ca in cas_of(self.cas, ("service",)) if cert.issuer == ca.certificate.subject), None)
+        operational = next(
+            (ca for ca in cas_of(self.cas, ("operational",)) if cert.issuer == ca.certificate.subject), None
+        )
+        if service is not None:
             verify_issued_by(cert, service.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
             ident = module_of(cert)
             if ident is None:
@@ -99,8 +103,8 @@ class SignerCache:
                 device_id=None,
                 issuer="service",
             )
-        elif cert.issuer == self.cas["operational"].certificate.subject:
-            verify_issued_by(cert, self.cas["operational"].certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
+        elif operational is not None:
+            verify_issued_by(cert, operational.certificate, now=now, eku=ExtendedKeyUsageOID.CLIENT_AUTH)
             device_id = device_id_of(cert)
             if device_id is None:
                 raise UntrustedError("device certificate names no device id")

@@ -131,6 +131,8 @@ class VaStore(_Certificates, Protocol):
 
     def list_crls(self, issuer: str | None = ...) -> list[CrlRecord]: ...
 
+    def last_expiry(self, issuer: str, *, except_profile: str | None = ...) -> dt.datetime | None: ...
+
 
 class KmStore(_Certificates, RegistryStore, AuditLogStore, Protocol):
     """What km's core and its NATS service use: issuance, devices, nonces, settings, checkpoints."""

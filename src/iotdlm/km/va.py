@@ -47,6 +47,7 @@ from iotdlm.pki import ocsp as pki_ocsp
 from iotdlm.pki.ca import IssuingCA, PublicUrls
 from iotdlm.pki.keys import KeySigner, generate_key
 from iotdlm.pki.profiles import Profile
+from iotdlm.pki.rotation import CaState
 from iotdlm.store import CertRecord, CrlRecord
 from iotdlm.wire import audit as fmt
 from iotdlm.wire.km import RevokeRequest
@@ -213,11 +214,22 @@ class Va:
     def _crl_scopes(self) -> Iterator[tuple[str, int]]:
         """Every (issuer, partition) with a full CRL: each partition of each issuing CA, and the
         root's one CRL when this km holds the root key."""
-        for issuer in self.cas:
+        for issuer, ca in self.cas.items():
+            if self._retired(ca):
+                continue
             for partition in range(self.settings.urls.crl_partitions):
                 yield issuer, partition
         if self.root is not None:
             yield ROOT, 0
+
+    def _retired(self, ca: IssuingCA) -> bool:
+        """A CA rotated out whose overlap is over and whose last certificate expired: no one can
+        still need its CRLs, the schedule stops making them (ADR 0026)."""
+        gen = ca.generation
+        if gen is None or gen.active:
+            return False
+        last = self.store.last_expiry(ca.name, except_profile="ocsp")
+        return gen.state(self.clock.now(), last) == CaState.RETIRED
 
     def _check_partition(self, partition: int, issuer: str = "", *, delta: bool = False) -> None:
         if issuer == ROOT:

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID, ObjectIdentifier
 
+from iotdlm.errors import NotFoundError
 from iotdlm.pki.keys import PublicKey, Signer
 from iotdlm.pki.profiles import KeyUsageSpec, Profile, key_usage_for
+from iotdlm.pki.rotation import Generation
 
 #: how far back a new certificate's notBefore is set, for devices whose clocks lag
 BACKDATE = dt.timedelta(minutes=1)
@@ -173,6 +175,8 @@ class IssuingCA:
     certificate: x509.Certificate
     signer: Signer
     chain: tuple[x509.Certificate, ...]  # [this CA, ..., root]
+    #: which generation of its role it is (:mod:`iotdlm.pki.rotation`); None: generation 1, active
+    generation: Generation | None = None
     _aki: x509.AuthorityKeyIdentifier = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -182,6 +186,20 @@ class IssuingCA:
     @property
     def root(self) -> x509.Certificate:
         return self.chain[-1]
+
+    @property
+    def role(self) -> str:
+        """What profiles name as their issuer: ``operational`` for every generation of it."""
+        return self.generation.role if self.generation is not None else self.name
+
+    @property
+    def active(self) -> bool:
+        """Whether it issues its role's certificates (not rotated out)."""
+        return self.generation is None or self.generation.active
+
+    def in_cacerts(self, now: dt.datetime) -> bool:
+        """Whether EST ``/cacerts`` lists it: active, or rotated out and still in its overlap."""
+        return self.generation is None or self.generation.in_cacerts(now)
 
     def issue(
         self,
@@ -203,7 +221,7 @@ class IssuingCA:
         Validity is the profile's (or the shorter ``validity`` an authorizer chose), cut at the
         issuer's own notAfter.
         """
-        if profile.issuer != self.name:
+        if profile.issuer not in (self.name, self.role):
             raise ValueError(f"profile {profile.name} is issued by {profile.issuer}, not {self.name}")
         life = profile.validity if validity is None else min(validity, profile.validity)
         not_after = min(now + life, self.certificate.not_valid_after_utc)
@@ -252,3 +270,16 @@ class IssuingCA:
         if profile.ocsp_no_check:
             builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
         return self.signer.sign_certificate(builder)
+
+
+def active_ca(cas: Mapping[str, IssuingCA], role: str) -> IssuingCA:
+    """The generation of ``role`` that issues (after a rotation, not the CA named ``role``)."""
+    for ca in cas.values():
+        if ca.role == role and ca.active:
+            return ca
+    raise NotFoundError(f"no active {role[:40]} CA here; issuing CAs: {', '.join(sorted(cas))}", field="ca")
+
+
+def cas_of(cas: Mapping[str, IssuingCA], roles: Sequence[str]) -> list[IssuingCA]:
+    """Every generation of ``roles``, active or rotated out (certificates of both are checked)."""
+    return [ca for ca in cas.values() if ca.role in roles]

@@ -352,6 +352,17 @@ class CertificateRepository(Database):
         with self.transaction("counting certificates", write=False) as conn:
             return int(conn.execute(stmt).scalar_one())
 
+    def last_expiry(self, issuer: str, *, except_profile: str | None = None) -> dt.datetime | None:
+        """The latest notAfter of the certificates ``issuer`` issued (None: none), leaving out
+        ``except_profile`` (an OCSP responder's certificates, renewed as long as it answers)."""
+        where = [certificates.c.issuer == issuer]
+        if except_profile is not None:
+            where.append(certificates.c.profile != except_profile)
+        stmt = select(func.max(certificates.c.not_after)).where(*where)
+        with self.transaction("reading when an issuer's last certificate expires", write=False) as conn:
+            value = conn.execute(stmt).scalar_one()
+        return value  # type: ignore[no-any-return]  # func.max keeps the column type (UTCDateTime)
+
     def update_certificate_status(
         self,
         issuer: str,

@@ -36,9 +36,11 @@ REGISTRATION = "registration"
 ALARM = "alarm"
 #: a device refused a trust-transfer message and told its provider (cm's POST /transfer/refusal)
 DEVICE_REFUSAL = "device_refusal"
+#: an issuing CA rotated: a new generation issues, the old one is rotated out (ADR 0026)
+CA_ROTATION = "ca_rotation"
 KINDS = frozenset(
     {ISSUANCE, REVOCATION, DECOMMISSION, CRL, MODE_SWITCH, LOGIN, REFUSED, CHECKPOINT, ALARM, REGISTRATION,
-     DEVICE_REFUSAL}
+     DEVICE_REFUSAL, CA_ROTATION}
 )  # fmt: skip
 
 

@@ -139,6 +139,9 @@ class ChainResponse(msgspec.Struct, frozen=True):
 
     root: bytes
     chains: dict[str, list[bytes]]
+    #: issuing CAs rotated out and past their overlap (ADR 0026): still served by name
+    #: (``/ca/{name}.crt``, for the certificates they issued) but no longer in EST ``/cacerts``
+    not_in_cacerts: list[str] = []
 
 
 class FactoryCasResponse(msgspec.Struct, frozen=True):
