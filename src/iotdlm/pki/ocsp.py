@@ -42,7 +42,7 @@ from iotdlm.errors import BadRequestError, TooLargeError
 from iotdlm.pki.ca import IssuingCA
 from iotdlm.pki.crl import parse_reason
 from iotdlm.pki.der import describe_der_problem
-from iotdlm.pki.keys import KeySigner, Signer, hash_for
+from iotdlm.pki.keys import Signer
 
 MAX_OCSP_REQUEST_BYTES = 8 * 1024
 #: RFC 9654 2.1: Nonce ::= OCTET STRING(SIZE(1..128))
@@ -286,13 +286,9 @@ def build_response(
     )
     if include_nonce and q.nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(q.nonce), critical=False)
-    # OCSPResponseBuilder.sign needs the private key object; only KeySigner has one. An HSM
-    # signer needs a different path: sign the tbsResponseData bytes with Signer.sign and assemble
-    # the BasicOCSPResponse, which cryptography offers no API for today.
-    if not isinstance(responder.signer, KeySigner):
-        raise NotImplementedError(f"OCSP signing with a {type(responder.signer).__name__} is not supported")
-    key = responder.signer.private_key
-    response = builder.sign(key, hash_for(key))
+    # a KeySigner signs with its key object; an HSM signer signs the tbsResponseData and assembles
+    # the BasicOCSPResponse itself (pki/signed_der.py, ADR 0025)
+    response = responder.signer.sign_ocsp(builder)
     return response.public_bytes(serialization.Encoding.DER)
 
 

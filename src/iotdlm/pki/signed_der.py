@@ -1,0 +1,116 @@
+"""Certificates, CRLs and OCSP responses signed by a key cryptography does not hold (an HSM).
+
+cryptography's builders sign only with a private key object of its own (``builder.sign(key, hash)``);
+there is no API that hands out the to-be-signed bytes and takes a signature back (ADR 0025). So:
+
+1. the builder signs once with a *template* key of the same kind (an in-memory key of the same
+   algorithm and hash, made by :func:`template_key`): cryptography writes the whole structure, its
+   signatureAlgorithm included, which depends on the key type and hash only, never on the key;
+2. the to-be-signed part of that result (``tbs_certificate_bytes``, ``tbs_certlist_bytes``,
+   ``tbs_response_bytes``), byte for byte what cryptography wrote, is signed by the :class:`Signer`;
+3. the template's signature BIT STRING is replaced by the Signer's, with pyasn1 (the outer
+   SEQUENCE read as raw TLVs: the tbs and the algorithm identifier are copied untouched);
+4. the result is parsed again by cryptography and its signature checked against the Signer's public
+   key: a Signer that signed the wrong thing, or a mistake here, raises instead of shipping.
+
+This module is pure: no I/O. The Signer may do I/O (a PKCS#11 session) inside ``sign``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import ocsp
+from pyasn1.codec.der import decoder, encoder
+from pyasn1.type import univ
+from pyasn1_modules import rfc6960
+
+from iotdlm.pki.keys import Algorithm, PrivateKey, PublicKey, hash_for, verify_bytes
+
+if TYPE_CHECKING:
+    from iotdlm.pki.keys import Signer
+
+__all__ = ["sign_certificate", "sign_crl", "sign_ocsp_response", "template_key"]
+
+#: a template RSA key only fixes the signatureAlgorithm (sha256WithRSAEncryption): its size does not
+#: matter, and 2048 bits are made ten times faster than 3072
+_TEMPLATE_RSA_BITS = 2048
+
+
+def template_key(alg: Algorithm) -> PrivateKey:
+    """An in-memory key whose signatures carry the same signatureAlgorithm as a key of ``alg``."""
+    if alg is Algorithm.P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg is Algorithm.P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if alg is Algorithm.RSA3072:
+        return rsa.generate_private_key(public_exponent=65537, key_size=_TEMPLATE_RSA_BITS)
+    raise ValueError(f"no external signing for {alg.value}: use ecdsa-p256, ecdsa-p384 or rsa-3072")
+
+
+def _raw_sequence() -> univ.SequenceOf:
+    return univ.SequenceOf(componentType=univ.Any())
+
+
+def _replace_signature(signed_der: bytes, tbs: bytes, signature: bytes) -> bytes:
+    """``signed_der`` (SEQUENCE { tbs, signatureAlgorithm, signature BIT STRING, ... }) with its
+    signature replaced; the other elements are copied byte for byte."""
+    parts, rest = decoder.decode(signed_der, asn1Spec=_raw_sequence())
+    if rest or len(parts) < 3 or bytes(parts[0]) != tbs:
+        raise ValueError("the template structure is not SEQUENCE { tbs, algorithm, signature, ... }")
+    out = _raw_sequence()
+    out.append(parts[0])
+    out.append(parts[1])
+    out.append(univ.Any(encoder.encode(univ.BitString.fromOctetString(signature))))
+    for extra in list(parts)[3:]:
+        out.append(extra)
+    return bytes(encoder.encode(out))
+
+
+def _checked(public_key: PublicKey, signature: bytes, tbs: bytes, expected_tbs: bytes) -> None:
+    if tbs != expected_tbs:
+        raise ValueError("assembling the signed structure changed its to-be-signed bytes")
+    verify_bytes(public_key, signature, tbs)  # BadSignatureError: the Signer signed something else
+
+
+def sign_certificate(builder: x509.CertificateBuilder, signer: Signer, template: PrivateKey) -> x509.Certificate:
+    """``builder`` signed by ``signer`` (see the module docstring)."""
+    draft = builder.sign(template, hash_for(template))
+    tbs = draft.tbs_certificate_bytes
+    der = _replace_signature(draft.public_bytes(serialization.Encoding.DER), tbs, signer.sign(tbs))
+    cert = x509.load_der_x509_certificate(der)
+    _checked(signer.public_key, cert.signature, cert.tbs_certificate_bytes, tbs)
+    return cert
+
+
+def sign_crl(
+    builder: x509.CertificateRevocationListBuilder, signer: Signer, template: PrivateKey
+) -> x509.CertificateRevocationList:
+    """``builder`` signed by ``signer`` (see the module docstring)."""
+    draft = builder.sign(template, hash_for(template))
+    tbs = draft.tbs_certlist_bytes
+    der = _replace_signature(draft.public_bytes(serialization.Encoding.DER), tbs, signer.sign(tbs))
+    crl = x509.load_der_x509_crl(der)
+    _checked(signer.public_key, crl.signature, crl.tbs_certlist_bytes, tbs)
+    return crl
+
+
+def sign_ocsp_response(builder: ocsp.OCSPResponseBuilder, signer: Signer, template: PrivateKey) -> ocsp.OCSPResponse:
+    """A successful OCSPResponse from ``builder``, its BasicOCSPResponse signed by ``signer``.
+
+    OCSPResponse ::= SEQUENCE { responseStatus, responseBytes [0] EXPLICIT SEQUENCE { responseType,
+    response OCTET STRING (the DER of the BasicOCSPResponse) } } (RFC 6960 4.2.1): the signature is
+    replaced inside the OCTET STRING."""
+    draft = builder.sign(template, hash_for(template))
+    tbs = draft.tbs_response_bytes
+    outer, rest = decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc6960.OCSPResponse())
+    if rest:
+        raise ValueError("the template OCSP response has trailing bytes")
+    basic = bytes(outer["responseBytes"]["response"])
+    outer["responseBytes"]["response"] = univ.OctetString(_replace_signature(basic, tbs, signer.sign(tbs)))
+    response = ocsp.load_der_ocsp_response(bytes(encoder.encode(outer)))
+    _checked(signer.public_key, response.signature, response.tbs_response_bytes, tbs)
+    return response
