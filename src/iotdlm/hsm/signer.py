@@ -80,5 +80,5 @@ class Pkcs11Signer:
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
         return signed_der.sign_crl(builder, self, self._template)
 
-    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder) -> ocsp.OCSPResponse:
-        return signed_der.sign_ocsp_response(builder, self, self._template)
+    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate) -> ocsp.OCSPResponse:
+        return signed_der.sign_ocsp_response(builder, responder, self, self._template)

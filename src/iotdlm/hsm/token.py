@@ -20,13 +20,13 @@ from pkcs11 import exceptions as p11
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from iotdlm.errors import BadRequestError, ConflictError, NotFoundError, UnavailableError
-from iotdlm.hsm.uri import Pkcs11Uri
+from iotdlm.hsm.uri import PIN_ENV_NAME, Pkcs11Uri
 from iotdlm.pki.keys import Algorithm
 
 __all__ = ["PIN_ENV", "KeyPair", "Token", "open_token", "read_pin"]
 
 #: the user PIN of the token, when not in a file
-PIN_ENV: Final = "IOTDLM_HSM_PIN"
+PIN_ENV: Final = PIN_ENV_NAME
 _CURVES: Final = {Algorithm.P256: "secp256r1", Algorithm.P384: "secp384r1"}
 _MAX_PIN_BYTES: Final = 256
 
@@ -60,7 +60,7 @@ def read_pin(uri: Pkcs11Uri, pin_file: str | None) -> str:
 class KeyPair:
     """A private key in the token and its public half (python-pkcs11 objects)."""
 
-    private: pkcs11.PrivateKey
+    private: pkcs11.SignMixin
     public: pkcs11.PublicKey
 
 
@@ -93,7 +93,8 @@ class Token:
                     f"the key {what} in {self.description} can be exported (CKA_EXTRACTABLE true or CKA_SENSITIVE "
                     "false): a CA key must never leave the HSM; make a new one with `iotdlm init --ca-key`"
                 )
-        assert isinstance(private, pkcs11.PrivateKey) and isinstance(public, pkcs11.PublicKey)
+        assert isinstance(private, pkcs11.SignMixin)
+        assert isinstance(public, pkcs11.PublicKey)
         return KeyPair(private=private, public=public)
 
     def generate(self, alg: Algorithm, label: str, key_id: bytes) -> None:
@@ -109,7 +110,9 @@ class Token:
         public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True, Attribute.ID: key_id}
         with self.lock:
             if list(self._session.get_objects({Attribute.LABEL: label})):
-                raise ConflictError(f"{self.description} already holds an object labelled {label!r}; choose another object=")
+                raise ConflictError(
+                    f"{self.description} already holds an object labelled {label!r}; choose another object="
+                )
             try:
                 if alg is Algorithm.RSA3072:
                     self._session.generate_keypair(
@@ -119,7 +122,9 @@ class Token:
                     return
                 curve = _CURVES.get(alg)
                 if curve is None:
-                    raise BadRequestError(f"no CA keys of {alg.value} in an HSM: use ecdsa-p256, ecdsa-p384 or rsa-3072")
+                    raise BadRequestError(
+                        f"no CA keys of {alg.value} in an HSM: use ecdsa-p256, ecdsa-p384 or rsa-3072"
+                    )
                 params = self._session.create_domain_parameters(
                     KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(curve)}, local=True
                 )
@@ -127,7 +132,9 @@ class Token:
                     store=True, label=label, public_template=public_template, private_template=private_template
                 )
             except p11.PKCS11Error as exc:
-                raise UnavailableError(f"{self.description} did not make the {alg.value} key {label!r}: {exc!r}") from exc
+                raise UnavailableError(
+                    f"{self.description} did not make the {alg.value} key {label!r}: {exc!r}"
+                ) from exc
 
     def close(self) -> None:
         with self.lock:
@@ -138,7 +145,9 @@ def open_token(uri: Pkcs11Uri, *, module_path: str | None, pin: str) -> Token:
     """Log in to the token the URI names, through the PKCS#11 library ``module-path=`` (or ``module_path``)."""
     path = uri.module_path or module_path
     if path is None:
-        raise BadRequestError("no PKCS#11 library: set module_path in [hsm] of iotdlm.toml or add module-path= to the URI")
+        raise BadRequestError(
+            "no PKCS#11 library: set module_path in [hsm] of iotdlm.toml or add module-path= to the URI"
+        )
     try:
         lib = pkcs11.lib(path)
     except (RuntimeError, OSError, p11.PKCS11Error) as exc:
@@ -147,7 +156,9 @@ def open_token(uri: Pkcs11Uri, *, module_path: str | None, pin: str) -> Token:
     try:
         tokens = [
             t
-            for t in lib.get_tokens(token_label=uri.token, token_serial=uri.serial)
+            for t in lib.get_tokens(
+                token_label=uri.token, token_serial=None if uri.serial is None else uri.serial.encode()
+            )
             if (uri.manufacturer is None or t.manufacturer_id == uri.manufacturer)
             and (uri.model is None or t.model == uri.model)
         ]
@@ -155,10 +166,17 @@ def open_token(uri: Pkcs11Uri, *, module_path: str | None, pin: str) -> Token:
         raise UnavailableError(f"the PKCS#11 library {path} cannot list its tokens: {exc!r}") from exc
     if len(tokens) != 1:
         found = "no token" if not tokens else f"{len(tokens)} tokens"
-        raise NotFoundError(f"{found} with {name} in {path}; `softhsm2-util --show-slots` (or your HSM's tool) lists them")
+        raise NotFoundError(
+            f"{found} with {name} in {path}; `softhsm2-util --show-slots` (or your HSM's tool) lists them"
+        )
     description = f"the HSM token {tokens[0].label!r}"
     try:
-        session = tokens[0].open(rw=True, user_pin=pin)
+        try:
+            session = tokens[0].open(rw=True, user_pin=pin)
+        except p11.UserAlreadyLoggedIn:
+            # PKCS#11 logs in the application, not the session: another session of this process
+            # on the token already did (a second Deployment object, a test)
+            session = tokens[0].open(rw=True)
     except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange) as exc:
         raise BadRequestError(f"the HSM PIN does not open {description}: check ${PIN_ENV} or the PIN file") from exc
     except p11.PinLocked as exc:

@@ -21,6 +21,8 @@ from iotdlm.errors import BadRequestError
 __all__ = ["Pkcs11Uri", "parse_pkcs11_uri"]
 
 MAX_URI_CHARS: Final = 4096
+#: the environment variable the PIN may come from (read by :func:`iotdlm.hsm.token.read_pin`)
+PIN_ENV_NAME: Final = "IOTDLM_HSM_PIN"
 _SCHEME: Final = "pkcs11:"
 _PATH_ATTRS: Final = frozenset({"token", "manufacturer", "serial", "model", "object", "id", "type"})
 _QUERY_ATTRS: Final = frozenset({"pin-source", "pin-value", "module-path"})
@@ -113,8 +115,11 @@ def _text(attrs: dict[str, bytes], name: str) -> str | None:
     return value
 
 
-def parse_pkcs11_uri(text: str) -> Pkcs11Uri:
-    """Parse ``text`` (see the module docstring); raise BadRequestError naming what is wrong."""
+def parse_pkcs11_uri(text: str, *, allow_pin_value: bool = False) -> Pkcs11Uri:
+    """Parse ``text`` (see the module docstring); raise BadRequestError naming what is wrong.
+
+    ``pin-value=`` is refused unless ``allow_pin_value`` (a URI typed on the command line shows its
+    PIN to every user of the machine, in ``ps`` and the shell's history)."""
     if not isinstance(text, str):
         raise BadRequestError("PKCS#11 URI must be text")
     if len(text) > MAX_URI_CHARS:
@@ -143,6 +148,11 @@ def parse_pkcs11_uri(text: str) -> Pkcs11Uri:
     )
     if uri.token is None and uri.serial is None:
         raise BadRequestError("PKCS#11 URI: name the token with token=LABEL (or serial=)")
+    if uri.pin_value is not None and not allow_pin_value:
+        raise BadRequestError(
+            f"PKCS#11 URI: no pin-value= here: a PIN on the command line is visible to every user of this machine; "
+            f"put it in a file (mode 0600) and add ?pin-source=/path/to/file, or set ${PIN_ENV_NAME}"
+        )
     if uri.pin_source is not None and uri.pin_value is not None:
         raise BadRequestError("PKCS#11 URI: give pin-source or pin-value, not both")
     return uri

@@ -268,27 +268,22 @@ def build_response(
     elif status.revoked_at is not None or status.reason is not None:
         raise ValueError(f"a {status.status} status has no revocation time or reason")
 
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(
-            issuer_name_hash=q.issuer_name_hash,
-            issuer_key_hash=q.issuer_key_hash,
-            serial_number=q.serial,
-            algorithm=_HASHES[q.hash_algorithm](),
-            cert_status=cert_status,
-            this_update=this_update,
-            next_update=next_update,
-            revocation_time=revoked_at,
-            revocation_reason=reason,
-        )
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
-        .certificates([responder.certificate])
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        issuer_name_hash=q.issuer_name_hash,
+        issuer_key_hash=q.issuer_key_hash,
+        serial_number=q.serial,
+        algorithm=_HASHES[q.hash_algorithm](),
+        cert_status=cert_status,
+        this_update=this_update,
+        next_update=next_update,
+        revocation_time=revoked_at,
+        revocation_reason=reason,
     )
     if include_nonce and q.nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(q.nonce), critical=False)
     # a KeySigner signs with its key object; an HSM signer signs the tbsResponseData and assembles
     # the BasicOCSPResponse itself (pki/signed_der.py, ADR 0025)
-    response = responder.signer.sign_ocsp(builder)
+    response = responder.signer.sign_ocsp(builder, responder.certificate)
     return response.public_bytes(serialization.Encoding.DER)
 
 

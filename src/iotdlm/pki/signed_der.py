@@ -18,6 +18,7 @@ This module is pure: no I/O. The Signer may do I/O (a PKCS#11 session) inside ``
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from pyasn1.codec.der import decoder, encoder
-from pyasn1.type import univ
+from pyasn1.type import tag, univ
 from pyasn1_modules import rfc6960
 
 from iotdlm.pki.keys import Algorithm, PrivateKey, PublicKey, hash_for, verify_bytes
@@ -38,6 +39,7 @@ __all__ = ["sign_certificate", "sign_crl", "sign_ocsp_response", "template_key"]
 #: a template RSA key only fixes the signatureAlgorithm (sha256WithRSAEncryption): its size does not
 #: matter, and 2048 bits are made ten times faster than 3072
 _TEMPLATE_RSA_BITS = 2048
+_STAND_IN_FROM = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
 
 def template_key(alg: Algorithm) -> PrivateKey:
@@ -98,19 +100,68 @@ def sign_crl(
     return crl
 
 
-def sign_ocsp_response(builder: ocsp.OCSPResponseBuilder, signer: Signer, template: PrivateKey) -> ocsp.OCSPResponse:
-    """A successful OCSPResponse from ``builder``, its BasicOCSPResponse signed by ``signer``.
+def _stand_in_certificate(template: PrivateKey) -> x509.Certificate:
+    """A self-signed certificate of the template key: cryptography's OCSP builder takes the
+    responder's certificate only together with its key, so the draft names this one, and
+    :func:`sign_ocsp_response` puts the real responder's key hash and certificate in its place.
+    Never emitted; its dates do not matter."""
+    stand_in = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "template")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(stand_in)
+        .issuer_name(stand_in)
+        .public_key(template.public_key())
+        .serial_number(1)
+        .not_valid_before(_STAND_IN_FROM)
+        .not_valid_after(_STAND_IN_FROM + dt.timedelta(days=1))
+        .sign(template, hash_for(template))
+    )
+
+
+def _explicit_certs(certificate: x509.Certificate) -> univ.Any:
+    """``certs [0] EXPLICIT SEQUENCE OF Certificate`` holding ``certificate`` (RFC 6960 4.2.1)."""
+    seq = univ.SequenceOf(componentType=univ.Any()).subtype(
+        explicitTag=tag.Tag(tag.tagClassContext, tag.tagFormatConstructed, 0)
+    )
+    seq.append(univ.Any(certificate.public_bytes(serialization.Encoding.DER)))
+    return univ.Any(encoder.encode(seq))
+
+
+def sign_ocsp_response(
+    builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate, signer: Signer, template: PrivateKey
+) -> ocsp.OCSPResponse:
+    """A successful OCSPResponse from ``builder`` (its single response and extensions, no responder
+    id yet), responder id by key hash and ``responder`` included, signed by ``signer``.
 
     OCSPResponse ::= SEQUENCE { responseStatus, responseBytes [0] EXPLICIT SEQUENCE { responseType,
-    response OCTET STRING (the DER of the BasicOCSPResponse) } } (RFC 6960 4.2.1): the signature is
-    replaced inside the OCTET STRING."""
-    draft = builder.sign(template, hash_for(template))
-    tbs = draft.tbs_response_bytes
+    response OCTET STRING (the DER of the BasicOCSPResponse) } } (RFC 6960 4.2.1). The draft names a
+    stand-in responder (see :func:`_stand_in_certificate`); its tbsResponseData gets the real
+    responder's key hash, is signed, and the BasicOCSPResponse is put together again with the real
+    certificate."""
+    stand_in = _stand_in_certificate(template)
+    draft = (
+        builder.responder_id(ocsp.OCSPResponderEncoding.HASH, stand_in)
+        .certificates([stand_in])
+        .sign(template, hash_for(template))
+    )
     outer, rest = decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc6960.OCSPResponse())
     if rest:
         raise ValueError("the template OCSP response has trailing bytes")
-    basic = bytes(outer["responseBytes"]["response"])
-    outer["responseBytes"]["response"] = univ.OctetString(_replace_signature(basic, tbs, signer.sign(tbs)))
+    parts, rest = decoder.decode(bytes(outer["responseBytes"]["response"]), asn1Spec=_raw_sequence())
+    if rest or len(parts) != 4 or bytes(parts[0]) != draft.tbs_response_bytes:
+        raise ValueError("the template BasicOCSPResponse is not SEQUENCE { tbs, algorithm, signature, certs }")
+    data, _ = decoder.decode(bytes(parts[0]), asn1Spec=rfc6960.ResponseData())
+    key_hash = x509.SubjectKeyIdentifier.from_public_key(responder.public_key()).digest  # type: ignore[arg-type]
+    data["responderID"]["byKey"] = key_hash  # RFC 6960 4.2.1: SHA-1 of the responder's key
+    tbs = bytes(encoder.encode(data))
+    basic = _raw_sequence()
+    basic.append(univ.Any(tbs))
+    basic.append(parts[1])
+    basic.append(univ.Any(encoder.encode(univ.BitString.fromOctetString(signer.sign(tbs)))))
+    basic.append(_explicit_certs(responder))
+    outer["responseBytes"]["response"] = univ.OctetString(bytes(encoder.encode(basic)))
     response = ocsp.load_der_ocsp_response(bytes(encoder.encode(outer)))
+    if response.responder_key_hash != key_hash or response.certificates != [responder]:
+        raise ValueError("assembling the OCSP response lost its responder")
     _checked(signer.public_key, response.signature, response.tbs_response_bytes, tbs)
     return response
