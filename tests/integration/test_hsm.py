@@ -34,7 +34,7 @@ from iotdlm.pki.ca import crl_partition
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.runtime import build_km, connect_identity, km_identity, km_trust, nats_server, open_store, sealer_for
-from tests.fixtures_hsm import PIN, SoftHsm, needs_softhsm, softhsm  # noqa: F401 -- the fixture
+from tests.fixtures_hsm import PIN, SoftHsm, needs_softhsm
 from tests.helpers import make_csr
 from tests.tools import attime
 from tests.unit.test_pkilint_certs import _allowed, _findings
@@ -150,7 +150,8 @@ async def test_deployment_with_ca_keys_in_the_token(softhsm: SoftHsm, tmp_path: 
     assert not list((made.root / "ca").glob("*.key.pem")), "no CA key may be written to a file"
     assert not (made.root / "secrets" / "ca-passphrase").exists()
     dep = Deployment.load(made.root)  # a km worker's view: URIs from iotdlm.toml, the PIN from its file
-    assert dep.config.hsm is not None and set(dep.config.hsm.ca_keys) == set(CA_NAMES)
+    assert dep.config.hsm is not None
+    assert set(dep.config.hsm.ca_keys) == set(CA_NAMES)
     server = nats_server(dep)
     server.start()
     store = open_store(dep)
@@ -207,7 +208,8 @@ async def test_deployment_with_ca_keys_in_the_token(softhsm: SoftHsm, tmp_path: 
         issuer = tmp_path / "ca.pem"
         issuer.write_bytes(certs_to_pem([ca.certificate]))
         done = _openssl("crl", "-in", str(crl_pem), "-CAfile", str(issuer), "-noout")
-        assert done.returncode == 0 and "verify OK" in done.stderr + done.stdout, done.stderr
+        assert done.returncode == 0, done.stderr
+        assert "verify OK" in done.stderr + done.stdout
     finally:
         store.close()
         server.stop()

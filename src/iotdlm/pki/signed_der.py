@@ -151,7 +151,7 @@ def sign_ocsp_response(
     if rest or len(parts) != 4 or bytes(parts[0]) != draft.tbs_response_bytes:
         raise ValueError("the template BasicOCSPResponse is not SEQUENCE { tbs, algorithm, signature, certs }")
     data, _ = decoder.decode(bytes(parts[0]), asn1Spec=rfc6960.ResponseData())
-    key_hash = x509.SubjectKeyIdentifier.from_public_key(responder.public_key()).digest  # type: ignore[arg-type]
+    key_hash = x509.SubjectKeyIdentifier.from_public_key(responder.public_key()).digest
     data["responderID"]["byKey"] = key_hash  # RFC 6960 4.2.1: SHA-1 of the responder's key
     tbs = bytes(encoder.encode(data))
     basic = _raw_sequence()
