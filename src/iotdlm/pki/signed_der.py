@@ -19,6 +19,7 @@ This module is pure: no I/O. The Signer may do I/O (a PKCS#11 session) inside ``
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -34,23 +35,41 @@ from iotdlm.pki.keys import Algorithm, PrivateKey, PublicKey, hash_for, verify_b
 if TYPE_CHECKING:
     from iotdlm.pki.keys import Signer
 
-__all__ = ["sign_certificate", "sign_crl", "sign_ocsp_response", "template_key"]
+__all__ = ["Template", "sign_certificate", "sign_crl", "sign_ocsp_response", "template_key"]
 
 #: a template RSA key only fixes the signatureAlgorithm (sha256WithRSAEncryption): its size does not
 #: matter, and 2048 bits are made ten times faster than 3072
 _TEMPLATE_RSA_BITS = 2048
 _STAND_IN_FROM = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+#: ResponderID byKey: [2] EXPLICIT (constructed, 22 bytes) OCTET STRING (20 bytes)
+_BY_KEY = bytes([0xA2, 0x16, 0x04, 0x14])
 
 
-def template_key(alg: Algorithm) -> PrivateKey:
+@dataclass(frozen=True)
+class Template:
+    """A signer's template key and the stand-in responder certificate of that key (made once)."""
+
+    key: PrivateKey
+    stand_in: x509.Certificate
+
+    @property
+    def stand_in_key_hash(self) -> bytes:
+        """RFC 6960 4.2.1 KeyHash: SHA-1 of the stand-in's public key BIT STRING."""
+        return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
+
+
+def template_key(alg: Algorithm) -> Template:
     """An in-memory key whose signatures carry the same signatureAlgorithm as a key of ``alg``."""
+    key: PrivateKey
     if alg is Algorithm.P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    if alg is Algorithm.P384:
-        return ec.generate_private_key(ec.SECP384R1())
-    if alg is Algorithm.RSA3072:
-        return rsa.generate_private_key(public_exponent=65537, key_size=_TEMPLATE_RSA_BITS)
-    raise ValueError(f"no external signing for {alg.value}: use ecdsa-p256, ecdsa-p384 or rsa-3072")
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif alg is Algorithm.P384:
+        key = ec.generate_private_key(ec.SECP384R1())
+    elif alg is Algorithm.RSA3072:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=_TEMPLATE_RSA_BITS)
+    else:
+        raise ValueError(f"no external signing for {alg.value}: use ecdsa-p256, ecdsa-p384 or rsa-3072")
+    return Template(key=key, stand_in=_stand_in_certificate(key))
 
 
 def _raw_sequence() -> univ.SequenceOf:
@@ -78,9 +97,9 @@ def _checked(public_key: PublicKey, signature: bytes, tbs: bytes, expected_tbs: 
     verify_bytes(public_key, signature, tbs)  # BadSignatureError: the Signer signed something else
 
 
-def sign_certificate(builder: x509.CertificateBuilder, signer: Signer, template: PrivateKey) -> x509.Certificate:
+def sign_certificate(builder: x509.CertificateBuilder, signer: Signer, template: Template) -> x509.Certificate:
     """``builder`` signed by ``signer`` (see the module docstring)."""
-    draft = builder.sign(template, hash_for(template))
+    draft = builder.sign(template.key, hash_for(template.key))
     tbs = draft.tbs_certificate_bytes
     der = _replace_signature(draft.public_bytes(serialization.Encoding.DER), tbs, signer.sign(tbs))
     cert = x509.load_der_x509_certificate(der)
@@ -89,10 +108,10 @@ def sign_certificate(builder: x509.CertificateBuilder, signer: Signer, template:
 
 
 def sign_crl(
-    builder: x509.CertificateRevocationListBuilder, signer: Signer, template: PrivateKey
+    builder: x509.CertificateRevocationListBuilder, signer: Signer, template: Template
 ) -> x509.CertificateRevocationList:
     """``builder`` signed by ``signer`` (see the module docstring)."""
-    draft = builder.sign(template, hash_for(template))
+    draft = builder.sign(template.key, hash_for(template.key))
     tbs = draft.tbs_certlist_bytes
     der = _replace_signature(draft.public_bytes(serialization.Encoding.DER), tbs, signer.sign(tbs))
     crl = x509.load_der_x509_crl(der)
@@ -128,7 +147,7 @@ def _explicit_certs(certificate: x509.Certificate) -> univ.Any:
 
 
 def sign_ocsp_response(
-    builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate, signer: Signer, template: PrivateKey
+    builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate, signer: Signer, template: Template
 ) -> ocsp.OCSPResponse:
     """A successful OCSPResponse from ``builder`` (its single response and extensions, no responder
     id yet), responder id by key hash and ``responder`` included, signed by ``signer``.
@@ -138,11 +157,10 @@ def sign_ocsp_response(
     stand-in responder (see :func:`_stand_in_certificate`); its tbsResponseData gets the real
     responder's key hash, is signed, and the BasicOCSPResponse is put together again with the real
     certificate."""
-    stand_in = _stand_in_certificate(template)
     draft = (
-        builder.responder_id(ocsp.OCSPResponderEncoding.HASH, stand_in)
-        .certificates([stand_in])
-        .sign(template, hash_for(template))
+        builder.responder_id(ocsp.OCSPResponderEncoding.HASH, template.stand_in)
+        .certificates([template.stand_in])
+        .sign(template.key, hash_for(template.key))
     )
     outer, rest = decoder.decode(draft.public_bytes(serialization.Encoding.DER), asn1Spec=rfc6960.OCSPResponse())
     if rest:
@@ -150,10 +168,14 @@ def sign_ocsp_response(
     parts, rest = decoder.decode(bytes(outer["responseBytes"]["response"]), asn1Spec=_raw_sequence())
     if rest or len(parts) != 4 or bytes(parts[0]) != draft.tbs_response_bytes:
         raise ValueError("the template BasicOCSPResponse is not SEQUENCE { tbs, algorithm, signature, certs }")
-    data, _ = decoder.decode(bytes(parts[0]), asn1Spec=rfc6960.ResponseData())
+    # responderID byKey [2] EXPLICIT KeyHash (OCTET STRING of 20 bytes): the stand-in's hash, found
+    # once, is replaced by the real responder's, same length, so no length around it changes
+    # (decoding ResponseData with pyasn1 instead costs ten times the token's signature)
     key_hash = x509.SubjectKeyIdentifier.from_public_key(responder.public_key()).digest
-    data["responderID"]["byKey"] = key_hash  # RFC 6960 4.2.1: SHA-1 of the responder's key
-    tbs = bytes(encoder.encode(data))
+    stand_in_id = _BY_KEY + template.stand_in_key_hash
+    if bytes(parts[0]).count(stand_in_id) != 1:
+        raise ValueError("the template tbsResponseData does not name the stand-in responder once")
+    tbs = bytes(parts[0]).replace(stand_in_id, _BY_KEY + key_hash)
     basic = _raw_sequence()
     basic.append(univ.Any(tbs))
     basic.append(parts[1])
