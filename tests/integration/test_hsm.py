@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pkcs11
 import pytest
 from cryptography import x509
@@ -34,6 +35,7 @@ from iotdlm.pki.ca import crl_partition
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.runtime import build_km, connect_identity, km_identity, km_trust, nats_server, open_store, sealer_for
+from iotdlm.supervisor.preflight import _check_passphrase
 from tests.fixtures_hsm import PIN, SoftHsm, needs_softhsm
 from tests.helpers import make_csr
 from tests.tools import attime
@@ -210,6 +212,16 @@ async def test_deployment_with_ca_keys_in_the_token(softhsm: SoftHsm, tmp_path: 
         done = _openssl("crl", "-in", str(crl_pem), "-CAfile", str(issuer), "-noout")
         assert done.returncode == 0, done.stderr
         assert "verify OK" in done.stderr + done.stdout
+
+        # `iotdlm up` looks before it starts km: the token holds every CA key; a key it lacks is named
+        assert _check_passphrase(dep, km_runs=True) == []
+        keys = dict(dep.config.hsm.ca_keys, service=dep.config.hsm.ca_keys["service"].replace("site1-", "gone-"))
+        broken = Deployment(dep.root, msgspec.structs.replace(dep.config, hsm=msgspec.structs.replace(
+            dep.config.hsm, ca_keys=keys)))  # fmt: skip
+        problems = _check_passphrase(broken, km_runs=True)
+        assert [p.what for p in problems] == ["CA keys in the HSM"]
+        assert "object=gone-service" in problems[0].message
+        assert _check_passphrase(broken, km_runs=False) == []
     finally:
         store.close()
         server.stop()

@@ -4,11 +4,14 @@ the same thing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iotdlm.errors import BadRequestError
+from iotdlm.errors import BadRequestError, NotFoundError
+from iotdlm.hsm.token import PIN_ENV, read_pin
 from iotdlm.hsm.uri import Pkcs11Uri, parse_pkcs11_uri
 
 GOOD = [
@@ -110,3 +113,35 @@ def test_written_out_parses_back(
 ) -> None:
     uri = Pkcs11Uri(token=token, object=obj, id=key_id, module_path=module, pin_source=pin_source)
     assert parse_pkcs11_uri(uri.to_string()) == uri
+
+
+# --- the PIN: never from the command line -----------------------------------------------------------
+
+
+def test_pin_from_env_then_uri_file_then_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri_file, config_file = tmp_path / "uri-pin", tmp_path / "config-pin"
+    uri_file.write_text("1111\n")
+    config_file.write_text("2222\n")
+    uri = parse_pkcs11_uri(f"pkcs11:token=t?pin-source=file:{uri_file}")
+    monkeypatch.setenv(PIN_ENV, "0000")
+    assert read_pin(uri, str(config_file)) == "0000"
+    monkeypatch.delenv(PIN_ENV)
+    assert read_pin(uri, str(config_file)) == "1111"
+    assert read_pin(parse_pkcs11_uri("pkcs11:token=t"), str(config_file)) == "2222"
+    with pytest.raises(NotFoundError, match=f"no HSM PIN: set \\${PIN_ENV}, or put the PIN in a file"):
+        read_pin(parse_pkcs11_uri("pkcs11:token=t"), None)
+
+
+@pytest.mark.parametrize(("content", "words"), [(b"", "is empty"), (b"x" * 300, "longer than 256")])
+def test_a_bad_pin_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, words: str) -> None:
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    pin = tmp_path / "pin"
+    pin.write_bytes(content)
+    with pytest.raises(BadRequestError, match=words):
+        read_pin(parse_pkcs11_uri("pkcs11:token=t"), str(pin))
+
+
+def test_a_missing_pin_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    with pytest.raises(NotFoundError, match=r"cannot read the HSM PIN file .*nope"):
+        read_pin(parse_pkcs11_uri("pkcs11:token=t"), str(tmp_path / "nope"))
