@@ -78,16 +78,20 @@ def _raw_sequence() -> univ.SequenceOf:
 
 def _replace_signature(signed_der: bytes, tbs: bytes, signature: bytes) -> bytes:
     """``signed_der`` (SEQUENCE { tbs, signatureAlgorithm, signature BIT STRING, ... }) with its
-    signature replaced; the other elements are copied byte for byte."""
-    parts, rest = decoder.decode(signed_der, asn1Spec=_raw_sequence())
-    if rest or len(parts) < 3 or bytes(parts[0]) != tbs:
+    signature replaced; the other elements are copied byte for byte.
+
+    The TBS is known, so it is found right after the outer header (2 to 6 bytes), and only the short
+    tail after it (algorithm identifier, signature, anything else) is read, as raw TLVs: a CRL's
+    TBS of many entries is never walked."""
+    start = next((k for k in range(2, 7) if signed_der.startswith(tbs, k)), None)
+    if start is None or signed_der[0] != 0x30:
         raise ValueError("the template structure is not SEQUENCE { tbs, algorithm, signature, ... }")
+    algorithm, after = decoder.decode(signed_der[start + len(tbs) :], asn1Spec=univ.Any())
+    old_signature, extra = decoder.decode(after, asn1Spec=univ.Any())
+    if bytes(old_signature)[:1] != b"\x03":
+        raise ValueError("the template's signature is not a BIT STRING")
     out = _raw_sequence()
-    out.append(parts[0])
-    out.append(parts[1])
-    out.append(univ.Any(encoder.encode(univ.BitString.fromOctetString(signature))))
-    for extra in list(parts)[3:]:
-        out.append(extra)
+    out.append(univ.Any(tbs + bytes(algorithm) + encoder.encode(univ.BitString.fromOctetString(signature)) + extra))
     return bytes(encoder.encode(out))
 
 
