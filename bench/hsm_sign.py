@@ -130,7 +130,9 @@ def _kinds(
 
 
 def _measure(alg: Algorithm, repeats: int, seconds: float) -> dict[str, Kind]:
-    from iotdlm.hsm import Pkcs11Signer, open_token, parse_pkcs11_uri
+    from iotdlm.hsm.signer import Pkcs11Signer
+    from iotdlm.hsm.token import open_token
+    from iotdlm.hsm.uri import parse_pkcs11_uri
 
     token = open_token(parse_pkcs11_uri("pkcs11:token=bench"), module_path=MODULE, pin=PIN)
     label = f"bench-{alg.value}"

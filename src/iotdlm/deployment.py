@@ -38,6 +38,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import tomli_w
@@ -46,7 +47,7 @@ from cryptography import x509
 from iotdlm import cm_https
 from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
-from iotdlm.hsm.ca_keys import CaKeyRing, HsmSettings, settings_for_init
+from iotdlm.hsm.settings import HsmSettings, settings_for_init
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki import profile_config
 from iotdlm.pki.chain import certs_to_pem, load_certificate
@@ -61,6 +62,9 @@ from iotdlm.pki.keys import (
 )
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, check_enterprise_number, check_id, module_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES, Profile, ca_policies, profiles_for
+
+if TYPE_CHECKING:
+    from iotdlm.hsm import ca_keys
 
 PASSPHRASE_ENV = "IOTDLM_CA_PASSPHRASE"  # noqa: S105 -- the name of a variable, not a secret
 CONFIG_FILE = "iotdlm.toml"
@@ -222,7 +226,7 @@ class Deployment:
     def __init__(self, root: Path, config: DeploymentConfig) -> None:
         self.root = root
         self.config = config
-        self._key_ring: CaKeyRing | None = None
+        self._key_ring: ca_keys.CaKeyRing | None = None
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -309,9 +313,11 @@ class Deployment:
         return load_certificate(path.read_bytes())
 
     @property
-    def key_ring(self) -> CaKeyRing | None:
+    def key_ring(self) -> ca_keys.CaKeyRing | None:
         """The CA keys in an HSM (tokens opened once per Deployment object), or None: files."""
         if self.config.hsm is not None and self._key_ring is None:
+            from iotdlm.hsm.ca_keys import CaKeyRing  # python-pkcs11: only where a CA key is used
+
             self._key_ring = CaKeyRing(self.config.hsm)
         return self._key_ring
 

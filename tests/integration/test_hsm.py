@@ -26,9 +26,10 @@ from iotdlm.client.km import KmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import CA_NAMES, Deployment, hsm_settings, init_deployment
 from iotdlm.errors import BadRequestError, ConflictError, NotFoundError
-from iotdlm.hsm import PIN_ENV, Pkcs11Signer, open_token, parse_pkcs11_uri
 from iotdlm.hsm.ca_keys import CaKeyRing
-from iotdlm.hsm.token import Token
+from iotdlm.hsm.signer import Pkcs11Signer
+from iotdlm.hsm.token import PIN_ENV, Token, open_token
+from iotdlm.hsm.uri import parse_pkcs11_uri
 from iotdlm.km import KmService
 from iotdlm.pki import ocsp as pki_ocsp
 from iotdlm.pki.ca import crl_partition
