@@ -137,6 +137,33 @@ def test_init_cli_refuses_a_pin_on_the_command_line_and_a_wrong_pin(softhsm: Sof
     assert "Traceback" not in done.stderr
 
 
+def test_init_and_issue_through_the_cli(softhsm: SoftHsm, tmp_path: Path) -> None:
+    """The operator's path: `init --ca-key` with a PIN file, then `ca issue` (km in process, the PIN
+    read from the file iotdlm.toml names), in processes of their own; the PIN never on a command line."""
+    data = tmp_path / "site"
+    done = _iotdlm(
+        "init", "--data", str(data), "--dtype", "b", "--algorithm", "ecdsa-p384",
+        "--ca-key", f"pkcs11:token={softhsm.token};object=clisite",
+        "--hsm-module", softhsm.module, "--hsm-pin-file", str(softhsm.pin_file),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "object=clisite-root" in done.stdout
+    assert not list((data / "ca").glob("*.key.pem"))
+    csr = tmp_path / "dev.csr"
+    csr.write_bytes(make_csr(generate_key(Algorithm.P256), "dev-9"))
+    out = tmp_path / "dev.pem"
+    done = _iotdlm(
+        "ca", "issue", "--data", str(data), "--csr", str(csr), "--device-id", "dev-9",
+        "--profile", "operational", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    device = x509.load_pem_x509_certificate(out.read_bytes())
+    issuer = x509.load_pem_x509_certificate((data / "ca" / "operational.pem").read_bytes())
+    device.verify_directly_issued_by(issuer)
+    assert device.signature_hash_algorithm is not None
+    assert device.signature_hash_algorithm.name == "sha384"  # P-384: hashed on the host with SHA-384
+
+
 def _openssl(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["openssl", *argv], capture_output=True, text=True, check=False)
 
