@@ -100,6 +100,8 @@ def init(
 
     hsm = None
     if ca_key is not None:
+        if passphrase_file is not None:
+            raise BadRequestError("--passphrase-file has no use with --ca-key: the CA keys are in the HSM")
         pin_file = str(hsm_pin_file.resolve()) if hsm_pin_file is not None else None
         hsm = hsm_settings(ca_key, module_path=hsm_module, pin_file=pin_file)
     elif hsm_module is not None or hsm_pin_file is not None:
