@@ -75,6 +75,7 @@ SECTIONS: tuple[Section, ...] = (
         quick_seconds=20,
     ),
     Section("va-ocsp", "va_ocsp", "VA: OCSP over NATS"),
+    Section("hsm", "hsm_sign", "CA keys in an HSM: SoftHSM2 beside file keys", quick_seconds=8),
     Section(
         "va-crl",
         "va_crl",

@@ -8,7 +8,7 @@ import pytest
 
 from iotdlm.clock import OFFSET_ENV, offset_from_env
 
-pytest_plugins = ["tests.fixtures_nats", "tests.fixtures_store"]
+pytest_plugins = ["tests.fixtures_nats", "tests.fixtures_store", "tests.fixtures_hsm"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

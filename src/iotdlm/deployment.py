@@ -5,7 +5,8 @@ Layout (``iotdlm init --data DIR`` creates it)::
     DIR/                            the data folder: mode 0700, like every folder init creates
     DIR/iotdlm.toml                 configuration (validated on load)
     DIR/ca/<name>.pem               CA certificates: root, factory, operational, service
-    DIR/ca/<name>.key.pem           CA private keys, encrypted at rest (PKCS#8, passphrase)
+    DIR/ca/<name>.key.pem           CA private keys, encrypted at rest (PKCS#8, passphrase); none when
+                                    the CA keys are in an HSM ([hsm] ca_keys: PKCS#11 URIs, ADR 0025)
     DIR/ca/generations.json         after `ca rotate`: each issuing CA's generations (operational,
                                     operational-2, ...) and their overlap (iotdlm.pki.rotation)
     DIR/modules/<name>/cert.pem     service certificate of a module (km, sm, cm, admin, pm-<dtype>)
@@ -39,6 +40,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import tomli_w
@@ -48,6 +50,7 @@ from iotdlm import cm_https
 from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.files import atomic_write
+from iotdlm.hsm.settings import HsmSettings, settings_for_init
 from iotdlm.pki import ca as pki_ca
 from iotdlm.pki import profile_config
 from iotdlm.pki import rotation as pki_rotation
@@ -64,6 +67,9 @@ from iotdlm.pki.keys import (
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER, check_enterprise_number, check_id, module_uri
 from iotdlm.pki.profiles import DEFAULT_PROFILES, Profile, ca_policies, profiles_for
 
+if TYPE_CHECKING:
+    from iotdlm.hsm import ca_keys
+
 PASSPHRASE_ENV = "IOTDLM_CA_PASSPHRASE"  # noqa: S105 -- the name of a variable, not a secret
 CONFIG_FILE = "iotdlm.toml"
 #: embedded NATS listens here by default (not 4222, which a system NATS may hold)
@@ -72,6 +78,7 @@ DEFAULT_NATS_PORT = 14222
 DEFAULT_METRICS_PORT = 14290
 ISSUING_CAS = ("factory", "operational", "service")
 GENERATIONS_FILE = "generations.json"
+CA_NAMES = ("root", *ISSUING_CAS)
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
 #: EST serverkeygen settings (ADR 0009): refused, key encrypted to the device, key in the clear
@@ -137,6 +144,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     est_serverkeygen: str = "encrypted"
     #: the supervisor's Prometheus /metrics, on 127.0.0.1 only (docs/adr/0018); 0 turns it off
     metrics_port: int = DEFAULT_METRICS_PORT
+    #: CA keys in an HSM over PKCS#11 (ADR 0025; docs/operations.md, "CA keys in an HSM"): absent,
+    #: the CA keys are the encrypted files under ca/
+    hsm: HsmSettings | None = None
 
     def validate(self) -> None:
         try:
@@ -184,6 +194,10 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             raise BadRequestError(
                 "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"
             )
+        if self.hsm is not None:
+            if self.algorithm == Algorithm.ED25519.value:
+                raise BadRequestError("CA keys in an HSM: use ecdsa-p256, ecdsa-p384 or rsa-3072", field="algorithm")
+            self.hsm.validate(CA_NAMES)
 
 
 @dataclass(frozen=True)
@@ -217,6 +231,7 @@ class Deployment:
     def __init__(self, root: Path, config: DeploymentConfig) -> None:
         self.root = root
         self.config = config
+        self._key_ring: ca_keys.CaKeyRing | None = None
 
     # --- loading --------------------------------------------------------------------------
     @classmethod
@@ -302,18 +317,36 @@ class Deployment:
             raise NotFoundError(f"CA certificate {path} is missing")
         return load_certificate(path.read_bytes())
 
-    def load_cas(self, passphrase: bytes | None = None) -> dict[str, pki_ca.IssuingCA]:
-        """The issuing CAs with their signers (decrypts the CA keys): every generation of each
-        (``operational``, and after ``ca rotate`` ``operational-2`` ...), by name."""
+    @property
+    def key_ring(self) -> ca_keys.CaKeyRing | None:
+        """The CA keys in an HSM (tokens opened once per Deployment object), or None: files."""
+        if self.config.hsm is not None and self._key_ring is None:
+            from iotdlm.hsm.ca_keys import CaKeyRing  # python-pkcs11: only where a CA key is used
+
+            self._key_ring = CaKeyRing(self.config.hsm)
+        return self._key_ring
+
+    def ca_signer(self, name: str, passphrase: bytes | None = None) -> Signer:
+        """CA ``name``'s signer: its key in the HSM, or its file decrypted with the passphrase
+        (``passphrase`` or :meth:`passphrase`)."""
+        ring = self.key_ring
+        if ring is not None:
+            return ring.signer(name)
         pw = passphrase if passphrase is not None else self.passphrase()
+        return KeySigner(load_private_key_pem((self.root / "ca" / f"{name}.key.pem").read_bytes(), pw))
+
+    def load_cas(self, passphrase: bytes | None = None) -> dict[str, pki_ca.IssuingCA]:
+        """The issuing CAs with their signers (decrypts the CA keys, or finds them in the HSM)."""
+        if passphrase is None and self.key_ring is None:
+            passphrase = self.passphrase()
         root = self.ca_certificate("root")
         out: dict[str, pki_ca.IssuingCA] = {}
         for gen in self.ca_generations():
             name = gen.name
             cert = self.ca_certificate(name)
-            key = load_private_key_pem((self.root / "ca" / f"{name}.key.pem").read_bytes(), pw)
+            signer = self.ca_signer(name, passphrase)
             out[name] = pki_ca.IssuingCA(
-                name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root), generation=gen
+                name=name, certificate=cert, signer=signer, chain=(cert, root), generation=gen
             )
         return out
 
@@ -433,18 +466,30 @@ def _configured_profile(base: Profile, p: ProfileSettings) -> Profile:
     )
 
 
-def _make_folders(root: Path, passphrase: bytes | None) -> bytes:
+def _make_folders(root: Path, passphrase: bytes | None, *, hsm: bool = False) -> bytes:
     """The deployment's private folders; the CA passphrase (a new one is written to
-    ``secrets/ca-passphrase`` unless the operator gave one)."""
+    ``secrets/ca-passphrase`` unless the operator gave one, or the CA keys go into an HSM)."""
     root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     root.chmod(DIR_MODE)  # also when the folder existed: it holds keys and the database
     for sub in ("ca", "modules", "db", "nats", "logs"):
         (root / sub).mkdir(exist_ok=True, mode=DIR_MODE)
         (root / sub).chmod(DIR_MODE)
+    if hsm:
+        return b""
     if passphrase is None:
         passphrase = secrets.token_urlsafe(32).encode()
         _write_secret(root / "secrets" / "ca-passphrase", passphrase + b"\n")
     return passphrase
+
+
+def _new_ca_key(dep: Deployment, name: str, algorithm: Algorithm, passphrase: bytes) -> Signer:
+    """A new key for CA ``name``: made in the HSM, or in memory and written encrypted to ``ca/``."""
+    ring = dep.key_ring
+    if ring is not None:
+        return ring.generate(name, algorithm)
+    key = generate_key(algorithm)
+    _write_secret(dep.root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
+    return KeySigner(key)
 
 
 def _make_cas(
@@ -460,8 +505,7 @@ def _make_cas(
     organization = dep.config.organization
     urls = dep.public_urls
     progress("root CA")
-    root_key = generate_key(algorithm)
-    root_signer = KeySigner(root_key)
+    root_signer = _new_ca_key(dep, "root", algorithm, passphrase)
     root_cert = pki_ca.make_root(
         root_signer,
         pki_ca.ca_name(f"{organization} Root CA", organization),
@@ -469,7 +513,6 @@ def _make_cas(
         validity=dt.timedelta(days=365 * 30),
         urls=urls,
     )
-    _write_secret(root / "ca" / "root.key.pem", private_key_to_pem(root_key, passphrase))
     (root / "ca" / "root.pem").write_bytes(certs_to_pem([root_cert]))
 
     cas: list[pki_ca.IssuingCA] = []
@@ -498,22 +541,26 @@ def new_issuing_ca(
     organization = dep.config.organization
     name = generation.name
     suffix = "" if generation.number == 1 else f" {generation.number}"
-    key = generate_key(dep.algorithm)
+    ring = dep.key_ring
+    if ring is not None and name not in ring.settings.ca_keys:
+        raise BadRequestError(
+            f"the {name} CA's key goes into the HSM: add its PKCS#11 URI as [hsm] ca_keys.{name} in "
+            f"iotdlm.toml (for example the {role} key's URI with another object=), then run this again",
+            field=f"hsm.ca_keys.{name}",
+        )
+    signer = _new_ca_key(dep, name, dep.algorithm, passphrase)
     cert = pki_ca.make_intermediate(
         root_signer,
         root_cert,
-        key.public_key(),
+        signer.public_key,
         pki_ca.ca_name(f"{organization} {role.capitalize()} CA{suffix}", organization),
         now=now,
         validity=validity,
         urls=dep.public_urls,
         policies=ca_policies(dep.profiles(), role),
     )
-    _write_secret(dep.root / "ca" / f"{name}.key.pem", private_key_to_pem(key, passphrase))
     (dep.root / "ca" / f"{name}.pem").write_bytes(certs_to_pem([cert]))
-    return pki_ca.IssuingCA(
-        name=name, certificate=cert, signer=KeySigner(key), chain=(cert, root_cert), generation=generation
-    )
+    return pki_ca.IssuingCA(name=name, certificate=cert, signer=signer, chain=(cert, root_cert), generation=generation)
 
 
 def issue_cm_https_certificate(
@@ -556,13 +603,15 @@ def init_deployment(
     cm_names: Sequence[str] = (),
     enterprise_number: int = DEFAULT_ENTERPRISE_NUMBER,
     metrics_port: int = DEFAULT_METRICS_PORT,
+    hsm: HsmSettings | None = None,
     now: dt.datetime,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Deployment, list[pki_ca.IssuingCA]]:
     """Create a deployment: root + issuing CAs, module identities, configuration.
 
     Returns the deployment and the issuing CAs (so the caller can record the service
-    certificates it just issued). Refuses to overwrite an existing deployment.
+    certificates it just issued). Refuses to overwrite an existing deployment. With ``hsm``
+    (:func:`hsm_settings`) the CA keys are made in the token, and no passphrase is used.
     """
     root = Path(root)
     if (root / CONFIG_FILE).exists():
@@ -576,10 +625,11 @@ def init_deployment(
         database_url=database_url,
         nats=NatsSettings(port=nats_port, tls=nats_tls),
         metrics_port=metrics_port,
+        hsm=hsm,
     )
     config.validate()
     cm_https.https_names(public_url, cm_names)  # cm's HTTPS names, refused before anything is made
-    passphrase = _make_folders(root, passphrase)
+    passphrase = _make_folders(root, passphrase, hsm=hsm is not None)
     dep = Deployment(root, config)
     cas = _make_cas(dep, algorithm, passphrase, now=now, progress=progress)
     service_ca = cas[ISSUING_CAS.index("service")]
@@ -602,3 +652,8 @@ def init_deployment(
     written["enterprise_number"] = config.enterprise_number  # spelled out even when it is the default
     (root / CONFIG_FILE).write_bytes(tomli_w.dumps(written).encode())
     return dep, cas
+
+
+def hsm_settings(ca_key: str, *, module_path: str | None = None, pin_file: str | None = None) -> HsmSettings:
+    """``[hsm]`` for :func:`init_deployment` from ``iotdlm init --ca-key URI`` (ADR 0025)."""
+    return settings_for_init(ca_key, CA_NAMES, module_path=module_path, pin_file=pin_file)

@@ -26,7 +26,7 @@ from iotdlm.km.ra import Authorizer
 from iotdlm.km.va import ROOT, Va, VaSettings, ca_record
 from iotdlm.pki.ca import IssuingCA, crl_partition
 from iotdlm.pki.chain import load_certificate
-from iotdlm.pki.keys import KeySigner, PrivateKey, load_private_key_pem
+from iotdlm.pki.keys import PrivateKey
 from iotdlm.store import Store
 
 
@@ -67,17 +67,17 @@ def km_identity(dep: Deployment) -> tuple[PrivateKey, x509.Certificate]:
     return ident.key, ident.certificate
 
 
-def load_root(dep: Deployment, passphrase: bytes) -> IssuingCA:
-    """The root CA with its signer (decrypts ``ca/root.key.pem``): it signs the root's CRL."""
+def load_root(dep: Deployment, passphrase: bytes | None) -> IssuingCA:
+    """The root CA with its signer (decrypts ``ca/root.key.pem``, or finds it in the HSM): it signs
+    the root's CRL."""
     cert = dep.ca_certificate("root")
-    key = load_private_key_pem((dep.root / "ca" / "root.key.pem").read_bytes(), passphrase)
-    return IssuingCA(name=ROOT, certificate=cert, signer=KeySigner(key), chain=(cert,))
+    return IssuingCA(name=ROOT, certificate=cert, signer=dep.ca_signer(ROOT, passphrase), chain=(cert,))
 
 
 def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes | None = None) -> Km:
     """km's core with its validation authority, from a deployment (decrypts the CA keys, the
     root's included: km signs the root's CRL of issuing-CA certificates)."""
-    pw = passphrase if passphrase is not None else dep.passphrase()
+    pw = passphrase if passphrase is not None or dep.key_ring is not None else dep.passphrase()
     cas = dep.load_cas(pw)
     profiles = dep.profiles()
     settings = VaSettings(

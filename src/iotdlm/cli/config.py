@@ -54,6 +54,7 @@ FILES: tuple[ConfigFile, ...] = (
                 "iotdlm.deployment:ProfileSettings",
                 "per certificate profile (factory, operational, service, ocsp, tls-server)",
             ),
+            Section("hsm", "iotdlm.hsm.settings:HsmSettings", "CA keys in an HSM over PKCS#11 (`init --ca-key`)"),
         ),
     ),
     ConfigFile(

@@ -10,6 +10,7 @@ from rich.table import Table
 from iotdlm.cli.common import console, data_option, handle_errors
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, init_deployment
+from iotdlm.errors import BadRequestError
 from iotdlm.pki.keys import Algorithm
 from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER
 
@@ -55,6 +56,26 @@ from iotdlm.pki.names import DEFAULT_ENTERPRISE_NUMBER
     help="Your IANA Private Enterprise Number: roots certificate policy OIDs and device URNs "
     "(urn:dev:org:<PEN>-<id>). The default is RFC 5612's documentation number: replace it with your own.",
 )
+@click.option(
+    "--ca-key",
+    metavar="PKCS11-URI",
+    default=None,
+    help="Make the CA keys in an HSM token instead of encrypted files: an RFC 7512 URI such as "
+    "'pkcs11:token=iotdlm;object=site1' (object= prefixes the key labels). The PIN comes from "
+    "$IOTDLM_HSM_PIN or a file (--hsm-pin-file, or ?pin-source=FILE in the URI), never from the command line.",
+)
+@click.option(
+    "--hsm-module",
+    default=None,
+    metavar="PATH",
+    help="The HSM's PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so (or module-path= in the URI).",
+)
+@click.option(
+    "--hsm-pin-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="File holding the HSM token's user PIN (else $IOTDLM_HSM_PIN).",
+)
 @handle_errors
 def init(
     data: Path,
@@ -68,10 +89,23 @@ def init(
     nats_tls: bool,
     cm_names: tuple[str, ...],
     enterprise_number: int,
+    ca_key: str | None,
+    hsm_module: str | None,
+    hsm_pin_file: Path | None,
 ) -> None:
     """Create a deployment: root and issuing CAs, module identities, NATS credentials."""
     import os
 
+    from iotdlm.deployment import hsm_settings
+
+    hsm = None
+    if ca_key is not None:
+        if passphrase_file is not None:
+            raise BadRequestError("--passphrase-file has no use with --ca-key: the CA keys are in the HSM")
+        pin_file = str(hsm_pin_file.resolve()) if hsm_pin_file is not None else None
+        hsm = hsm_settings(ca_key, module_path=hsm_module, pin_file=pin_file)
+    elif hsm_module is not None or hsm_pin_file is not None:
+        raise BadRequestError("--hsm-module and --hsm-pin-file go with --ca-key pkcs11:...")
     passphrase: bytes | None = None
     if passphrase_file is not None:
         passphrase = passphrase_file.read_bytes().strip()
@@ -91,6 +125,7 @@ def init(
             nats_tls=nats_tls,
             cm_names=cm_names,
             enterprise_number=enterprise_number,
+            hsm=hsm,
             now=clock.now(),
             progress=lambda m: status.update(f"creating {m}"),
         )
@@ -111,7 +146,9 @@ def init(
             name, ident.certificate.subject.rfc4514_string(), ident.certificate.not_valid_after_utc.date().isoformat()
         )
     console.print(table)
-    if passphrase is None:
+    if hsm is not None:
+        console.print(f"The CA keys are in the HSM token: {', '.join(hsm.ca_keys.values())}")
+    elif passphrase is None:
         console.print(
             f"[yellow]The CA passphrase was generated into {data / 'secrets' / 'ca-passphrase'}.[/yellow] "
             f"Move it offline and supply it through ${PASSPHRASE_ENV} when you run `iotdlm up`."

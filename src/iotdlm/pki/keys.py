@@ -2,7 +2,7 @@
 
 A CA key never needs to be an in-memory object outside this file: everything that signs X.509
 structures goes through a :class:`Signer`. :class:`KeySigner` holds a key loaded from an encrypted
-PEM file; a PKCS#11 HSM implements the same protocol later.
+PEM file; :class:`iotdlm.hsm.Pkcs11Signer` holds a key in a PKCS#11 token (ADR 0025).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509 import ocsp
 
 from iotdlm.errors import BadRequestError, BadSignatureError, UnsupportedError
 
@@ -166,6 +167,10 @@ class Signer(Protocol):
 
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList: ...
 
+    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate) -> ocsp.OCSPResponse:
+        """Sign a response whose responder id (by key hash) and only certificate are ``responder``."""
+        ...
+
 
 class KeySigner:
     """A :class:`Signer` over a private key held in memory (loaded from an encrypted file)."""
@@ -196,4 +201,8 @@ class KeySigner:
         return builder.sign(self._key, self._hash)
 
     def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
+        return builder.sign(self._key, self._hash)
+
+    def sign_ocsp(self, builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate) -> ocsp.OCSPResponse:
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder).certificates([responder])
         return builder.sign(self._key, self._hash)

@@ -42,7 +42,7 @@ from iotdlm.errors import BadRequestError, TooLargeError
 from iotdlm.pki.ca import IssuingCA
 from iotdlm.pki.crl import parse_reason
 from iotdlm.pki.der import describe_der_problem
-from iotdlm.pki.keys import KeySigner, Signer, hash_for
+from iotdlm.pki.keys import Signer
 
 MAX_OCSP_REQUEST_BYTES = 8 * 1024
 #: RFC 9654 2.1: Nonce ::= OCTET STRING(SIZE(1..128))
@@ -268,31 +268,22 @@ def build_response(
     elif status.revoked_at is not None or status.reason is not None:
         raise ValueError(f"a {status.status} status has no revocation time or reason")
 
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(
-            issuer_name_hash=q.issuer_name_hash,
-            issuer_key_hash=q.issuer_key_hash,
-            serial_number=q.serial,
-            algorithm=_HASHES[q.hash_algorithm](),
-            cert_status=cert_status,
-            this_update=this_update,
-            next_update=next_update,
-            revocation_time=revoked_at,
-            revocation_reason=reason,
-        )
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder.certificate)
-        .certificates([responder.certificate])
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        issuer_name_hash=q.issuer_name_hash,
+        issuer_key_hash=q.issuer_key_hash,
+        serial_number=q.serial,
+        algorithm=_HASHES[q.hash_algorithm](),
+        cert_status=cert_status,
+        this_update=this_update,
+        next_update=next_update,
+        revocation_time=revoked_at,
+        revocation_reason=reason,
     )
     if include_nonce and q.nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(q.nonce), critical=False)
-    # OCSPResponseBuilder.sign needs the private key object; only KeySigner has one. An HSM
-    # signer needs a different path: sign the tbsResponseData bytes with Signer.sign and assemble
-    # the BasicOCSPResponse, which cryptography offers no API for today.
-    if not isinstance(responder.signer, KeySigner):
-        raise NotImplementedError(f"OCSP signing with a {type(responder.signer).__name__} is not supported")
-    key = responder.signer.private_key
-    response = builder.sign(key, hash_for(key))
+    # a KeySigner signs with its key object; an HSM signer signs the tbsResponseData and assembles
+    # the BasicOCSPResponse itself (pki/signed_der.py, ADR 0025)
+    response = responder.signer.sign_ocsp(builder, responder.certificate)
     return response.public_bytes(serialization.Encoding.DER)
 
 

@@ -198,7 +198,20 @@ def _check_folders(dep: Deployment) -> list[Problem]:
     return out
 
 
+def _check_hsm(dep: Deployment, km_runs: bool) -> list[Problem]:
+    """With the CA keys in an HSM: the token opens with the PIN and holds every CA key."""
+    if not km_runs:
+        return []
+    try:
+        dep.load_cas()
+    except errors.IotdlmError as exc:
+        return [Problem("CA keys in the HSM", f"km signs with the CA keys in the HSM and {exc.message}")]
+    return []
+
+
 def _check_passphrase(dep: Deployment, km_runs: bool) -> list[Problem]:
+    if dep.config.hsm is not None:
+        return _check_hsm(dep, km_runs)
     from_env = bool(os.environ.get(PASSPHRASE_ENV))
     try:
         passphrase = dep.passphrase()
