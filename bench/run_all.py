@@ -74,6 +74,7 @@ SECTIONS: tuple[Section, ...] = (
         needs_pyspy=True,
         quick_seconds=20,
     ),
+    Section("cfssl", "cfssl_peer", "km beside cfssl: single-request issuance", quick_seconds=13),
     Section("va-ocsp", "va_ocsp", "VA: OCSP over NATS"),
     Section(
         "va-crl",

@@ -92,9 +92,9 @@ def test_format_2_over_an_altered_image_or_metadata_fails(published: tuple[Path,
 
 def test_format_1_without_its_digest_is_a_misuse() -> None:
     sk = generate_key(Algorithm.P256)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="format-1"):
         verify_sig_sm(sk.public_key(), b"\x30\x00", meta=b"{}", image_sha256=bytes(32), v1_digest=None)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="32-byte"):
         sig_sm_digest(b"{}", b"short")
 
 

@@ -69,7 +69,9 @@ def is_v2(sig_sm: bytes) -> bool:
     return sig_sm.startswith(V2_TAG)
 
 
-def verify_sig_sm(pk_sm: PublicKey, sig_sm: bytes, *, meta: bytes, image_sha256: bytes, v1_digest: bytes | None) -> None:
+def verify_sig_sm(
+    pk_sm: PublicKey, sig_sm: bytes, *, meta: bytes, image_sha256: bytes, v1_digest: bytes | None
+) -> None:
     """Verify either format; ``v1_digest`` (SHA-256(meta || sw)) is needed only for format 1.
     Raises BadSignatureError (or ValueError when a format-1 file comes without ``v1_digest``)."""
     if is_v2(sig_sm):
