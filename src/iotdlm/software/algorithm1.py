@@ -6,6 +6,7 @@ then the image against the signed target; the image is read once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -108,7 +109,7 @@ def verify_software(
     # format 2 signs over the image's SHA-256, computed anyway for step 3; format 1 needs a second hash
     sig_h = None if is_v2(sig_sm) else sig_sm_hasher(meta)
     hashers = {alg: new_hasher(alg) for alg in sorted(_peek_algorithms(meta))}
-    sinks = [h.update for h in hashers.values()]
+    sinks: list[Callable[[bytes], object]] = [h.update for h in hashers.values()]
     length = stream_image(image, sinks if sig_h is None else [sig_h.update, *sinks])
 
     # step 1: sm's signature over meta and sw
