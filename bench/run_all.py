@@ -85,7 +85,7 @@ SECTIONS: tuple[Section, ...] = (
         "va-ocsp",
         "va_ocsp",
         "VA: OCSP over NATS",
-        quick=("--quick", "--duration", "0.5", "--certs", "100"),
+        quick=("--quick", "--duration", "0.5", "--certs", "40"),
         quick_seconds=38,
     ),
     Section(
@@ -107,7 +107,7 @@ SECTIONS: tuple[Section, ...] = (
         "cm-ocsp",
         "cm_ocsp",
         "cm: OCSP GET",
-        quick=("--quick", "--duration", "0.5", "--certs", "50"),
+        quick=("--quick", "--duration", "0.5", "--certs", "20"),
         quick_seconds=60,
     ),
     Section("sm", "sm_download", "sm: verified download and store", quick=("--quick", "--mib", "32"), quick_seconds=12),
