@@ -29,7 +29,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import multiprocessing as mp
 import socket
 import ssl
 import subprocess
@@ -57,6 +56,7 @@ from common import (
     csr_der,
     device_keys,
     emit,
+    load_client_context,
     loadavg,
     log,
     machine_info,
@@ -421,7 +421,7 @@ async def run_load(
     server_pid: int,
     check: bool,
 ) -> LoadRun:
-    ctx = mp.get_context("spawn")
+    ctx = load_client_context()
     root_pem = (bd.dep.root / "ca" / "root.pem").read_bytes()
     per = len(devices) // clients
     procs, conns = [], []

@@ -32,7 +32,6 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -62,6 +61,7 @@ from common import (
     csr_der,
     device_keys,
     emit,
+    load_client_context,
     loadavg,
     log,
     machine_info,
@@ -540,7 +540,7 @@ async def run_aiohttp(
     connections: int,
     seconds: float,
 ) -> LoadRun:
-    ctx = mp.get_context("spawn")
+    ctx = load_client_context()
     procs, conns = [], []
     per = max(1, connections // clients)
     for k in range(clients):

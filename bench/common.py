@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import multiprocessing as mp
+import multiprocessing.context
 import os
 import platform
 import shutil
@@ -58,6 +60,15 @@ REPO = Path(__file__).resolve().parent.parent
 def log(text: str) -> None:
     """Progress goes to stderr; stdout carries only the Markdown result."""
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def load_client_context() -> multiprocessing.context.BaseContext:
+    """Where load-generator processes come from: a fork server that imported the benchmark script
+    once (not ``fork``: this process runs threads and an event loop; not ``spawn``: each client would
+    import the script and iotdlm again, a CPU-second apiece on this machine)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__"])
+    return ctx
 
 
 # ------------------------------------------------------------------------------------ arguments

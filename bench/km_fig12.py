@@ -191,7 +191,7 @@ async def yardstick(devices: Devices, quick: bool) -> tuple[float, float]:
 
     from iotdlm.bus.server import EmbeddedNatsServer, NatsServerConfig, free_port
 
-    n = 200 if quick else 2000
+    n = 100 if quick else 2000
     with tempfile.TemporaryDirectory() as tmp:
         cfg = NatsServerConfig(port=free_port())
         with EmbeddedNatsServer(cfg, Path(tmp) / "nats.conf") as srv:
@@ -221,7 +221,7 @@ async def yardstick(devices: Devices, quick: bool) -> tuple[float, float]:
 
 
 async def run(quick: bool) -> tuple[str, list[Headline]]:
-    reps_single, reps_batch, reps_seq, reps_conc = (20, 3, 1, 2) if quick else (200, 20, 5, 10)
+    reps_single, reps_batch, reps_seq, reps_conc = (10, 2, 1, 1) if quick else (200, 20, 5, 10)
     log(f"fig12: baseline (load {loadavg()})")
     base_start = measure_baseline(quick)
     devices = Devices(device_keys(64))

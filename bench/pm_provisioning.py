@@ -23,7 +23,7 @@ provisioning, on the device). The mode is published as the supervisor does; km a
 through both passes (the supervisor would stop km in pass 1 and sm in pass 2: pm does not ask them).
 
 Run: ``.venv/bin/python bench/pm_provisioning.py [--quick] [--devices N] [--workers N] [--concurrency N]``.
-``--quick``: 100 devices.
+``--quick``: 40 devices.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ PHASES = (
 
 
 def _extra(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=int, default=TARGET_DEVICES, help="devices on the line (--quick: 100)")
+    p.add_argument("--devices", type=int, default=TARGET_DEVICES, help="devices on the line (--quick: 40)")
     p.add_argument("--workers", type=int, default=1, help="km worker processes")
     p.add_argument("--concurrency", type=int, default=4, help="devices pm flashes at once (threads)")
     p.add_argument("--batch", type=int, default=100, help="devices per chunk (one km request per profile)")
@@ -167,7 +167,7 @@ def _manufacture(bench: Path, n: int) -> None:
 
 
 async def run(args: argparse.Namespace) -> tuple[str, list[Headline]]:
-    n = 100 if args.quick else args.devices
+    n = 40 if args.quick else args.devices
     log(f"pm_provisioning: baseline (load {loadavg()})")
     base_start = measure_baseline(args.quick)
     with tempfile.TemporaryDirectory(prefix="iotdlm-bench-pm-") as tmp_name:

@@ -48,7 +48,7 @@ class Section:
     full: tuple[str, ...] = ()
     quick: tuple[str, ...] = ("--quick",)
     needs_pyspy: bool = False
-    #: seconds its --quick run takes about: with --jobs > 1 the longest start first
+    #: seconds its --quick run took (load 12-15, 2026-12-05): with --jobs > 1 the longest start first
     quick_seconds: float = 5.0
 
 
@@ -56,45 +56,70 @@ SECTIONS: tuple[Section, ...] = (
     Section("cli", "cli_startup", "CLI start-up", (), ("--quick",)),
     Section("transfer-sizes", "transfer_sizes", "Trust-transfer message sizes"),
     Section("fig11", "fig11_csr_vs_crmf", "km: CSR vs CRMF request generation (Fig. 11)"),
-    Section("km-fig12", "km_fig12", "km: pm gets 1 and 100 certificates over NATS (Fig. 12)", quick_seconds=20),
+    Section("km-fig12", "km_fig12", "km: pm gets 1 and 100 certificates over NATS (Fig. 12)", quick_seconds=32),
     Section(
         "km-throughput",
         "km_throughput",
         "km: sustained issuance, persisted",
         (),
-        ("--quick", "--workers", "2", "--batches", "1", "100", "--duration", "1"),
-        quick_seconds=12,
+        ("--quick", "--workers", "2", "--batches", "1", "100", "--duration", "0.5"),
+        quick_seconds=31,
     ),
     Section(
         "km-profile",
         "profile_km",
         "km: worker profile, single requests",
         ("--workers", "2", "--batch", "1", "--duration", "8", "--idle", "--top", "15"),
-        ("--quick", "--workers", "2", "--batch", "1", "--duration", "1", "--idle", "--top", "10"),
+        ("--quick", "--workers", "2", "--batch", "1", "--duration", "0.5", "--idle", "--top", "10"),
         needs_pyspy=True,
-        quick_seconds=20,
+        quick_seconds=15,
     ),
-    Section("va-ocsp", "va_ocsp", "VA: OCSP over NATS"),
+    Section(
+        "cfssl",
+        "cfssl_peer",
+        "km beside cfssl: single-request issuance",
+        quick=("--quick", "--duration", "0.4"),
+        quick_seconds=26,
+    ),
+    Section(
+        "va-ocsp",
+        "va_ocsp",
+        "VA: OCSP over NATS",
+        quick=("--quick", "--duration", "0.5", "--certs", "40"),
+        quick_seconds=38,
+    ),
     Section("hsm", "hsm_sign", "CA keys in an HSM: SoftHSM2 beside file keys", quick_seconds=8),
     Section(
         "va-crl",
         "va_crl",
         "VA: CRL generation",
         (),
-        ("--quick", "--sizes", "5000", "--traced-partitions", "2"),
-        quick_seconds=25,
+        ("--quick", "--sizes", "2000", "--traced-partitions", "2"),
+        quick_seconds=51,
     ),
-    Section("cm-est", "cm_est", "cm: EST simpleenroll over mutual TLS", quick_seconds=30),
-    Section("cm-ocsp", "cm_ocsp", "cm: OCSP GET"),
-    Section("sm", "sm_download", "sm: verified download and store"),
-    Section("pm", "pm_provisioning", "pm: provisioning a line", quick_seconds=15),
+    Section(
+        "cm-est",
+        "cm_est",
+        "cm: EST simpleenroll over mutual TLS",
+        quick=("--quick", "--duration", "0.5"),
+        quick_seconds=43,
+    ),
+    Section(
+        "cm-ocsp",
+        "cm_ocsp",
+        "cm: OCSP GET",
+        quick=("--quick", "--duration", "0.5", "--certs", "20"),
+        quick_seconds=60,
+    ),
+    Section("sm", "sm_download", "sm: verified download and store", quick=("--quick", "--mib", "32"), quick_seconds=12),
+    Section("pm", "pm_provisioning", "pm: provisioning a line", quick_seconds=22),
     Section(
         "transfer-network",
         "transfer_network",
         "Trust transfer over the network, a small fleet",
         ("--devices", "200"),
-        ("--quick", "--devices", "50"),
-        quick_seconds=35,
+        ("--quick", "--devices", "20"),
+        quick_seconds=20,
     ),
 )
 

@@ -76,6 +76,7 @@ from common import (
     Headline,
     Summary,
     emit,
+    load_client_context,
     loadavg,
     log,
     md_table,
@@ -374,7 +375,7 @@ def _profile_rows(prof: cProfile.Profile) -> list[tuple[str, float, float]]:
 
 def run_jobs(jobs: list[Job]) -> list[dict[str, Any]]:
     """Start one process per job, wait until all are ready, start them together, collect results."""
-    ctx = mp.get_context("spawn")
+    ctx = load_client_context()
     procs, conns = [], []
     for job in jobs:
         parent, child = ctx.Pipe()

@@ -43,7 +43,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -70,6 +69,7 @@ from common import (
     csr_der,
     device_keys,
     emit,
+    load_client_context,
     loadavg,
     log,
     md_table,
@@ -488,7 +488,7 @@ async def run_load(
     seconds: float,
     seed: int,
 ) -> LoadRun:
-    ctx = mp.get_context("spawn")
+    ctx = load_client_context()
     good = [i for i, c in enumerate(setup.certs) if not c.revoked][:SAMPLES_PER_KIND]
     bad = [i for i, c in enumerate(setup.certs) if c.revoked][:SAMPLES_PER_KIND]
     procs = []

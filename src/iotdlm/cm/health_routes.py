@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -34,7 +34,10 @@ def _route(request: web.Request) -> str:
 
 
 def middlewares(cm: CmApp) -> list[Middleware]:
-    """The counting middleware (outermost, so it sees the status the error middleware chose)."""
+    """The counting middleware (outermost, so it sees the status the error middleware chose). The
+    counter of each (route, status) is looked up once and kept (prometheus' ``labels()`` costs more
+    than the request's own work on the OCSP path); the routes and statuses are fixed sets."""
+    children: dict[tuple[object, str, int], Any] = {}
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -47,8 +50,14 @@ def middlewares(cm: CmApp) -> list[Middleware]:
             status = exc.status
             raise
         finally:
-            if cm.metrics is not None:
-                cm.metrics.http.labels(_route(request), str(status)).inc()
+            metrics = cm.metrics
+            if metrics is not None:
+                route = _route(request)
+                key = (metrics, route, status)  # a new ModuleMetrics (tests) gets counters of its own
+                child = children.get(key)
+                if child is None:
+                    child = children[key] = metrics.http.labels(route, str(status))
+                child.inc()
 
     return [count]
 

@@ -601,13 +601,15 @@ class CmApp:
 
     async def _ocsp(self, request_der: bytes, request: web.Request, *, get: bool) -> web.Response:
         cache = self.ocsp_cache
+        now = self.clock.now()
         try:
             self._require(CM_MODES, "relaying OCSP")
-            answer = cache.get(request_der, self.clock.now()) if cache is not None else None
+            answer = cache.get(request_der, now) if cache is not None else None
             if answer is None:
                 answer = await self.km.ocsp(request_der)
+                now = self.clock.now()
                 if cache is not None:
-                    cache.put(request_der, answer, self.clock.now())
+                    cache.put(request_der, answer, now)
         except (UnavailableError, ModeError, TimeoutError) as exc:
             raise self._ocsp_refused("try_later", exc) from exc
         except IotdlmError as exc:
@@ -615,7 +617,7 @@ class CmApp:
         except Exception as exc:  # a relay bug must not become an HTTP 500 on the OCSP path
             log.exception("OCSP relay failed for %s", _describe_peer(request))
             raise self._ocsp_refused("internal_error", exc) from exc
-        headers = ocsp_cache_headers(answer, self.clock.now()) if get else {"Cache-Control": "no-cache"}
+        headers = ocsp_cache_headers(answer, now) if get else {"Cache-Control": "no-cache"}
         return self._conditional(request, answer, OCSP_RESPONSE, headers)
 
     # --- CRLs -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Layout under sm's folder (``DIR/sm``)::
 
     <dtype>/<release_counter>/image       the software, as the repository signed it
     <dtype>/<release_counter>/meta.enc    meta_repo (the bundle, iotdlm.software), AES-256-GCM
-    <dtype>/<release_counter>/sig_sm      sign(sk_sm, SHA-256(meta || image))
+    <dtype>/<release_counter>/sig_sm      sm's signature over meta and image (iotdlm.software.sig_sm)
     <dtype>/<release_counter>/info.json   unencrypted: dtype, release_counter, target_path, length,
                                           sha256, stored_at (what pm lists)
     _tmp/                                 staging: a version is written here, then renamed into place

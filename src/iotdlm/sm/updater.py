@@ -14,8 +14,8 @@ One :meth:`SoftwareManager.check` for a dtype D:
    lower than the one stored locally: nothing to do.
 3. *Download* ``meta_repo`` (already verified) and ``sw_{j+a}``: streamed into a staging folder of
    the local repository with the signed length as a hard cap (a server sending more is cut off),
-   hashed on the fly (the signed hashes, and SHA-256(meta || sw) for ``sig_sm``).
-4. *Store* (4.4.4, Fig. 8): ``image``, ``meta.enc`` (AES-256-GCM under the sm-pm key), ``sig_sm``,
+   hashed on the fly, once: the signed hashes (the SHA-256 among them is what ``sig_sm`` signs, ADR 0024).
+4. *Store* (4.4.4, Fig. 8): ``image``, ``meta.enc`` (AES-256-GCM under the sm-pm key), ``sig_sm`` (format 2),
    ``info.json``, renamed into place at once. Before storing, the bundle is verified with the very
    function pm runs (:func:`iotdlm.software.verify_repo_metadata`).
 5. *Report* (4.4.5): a JWS envelope signed by sm (op ``repository.report``) POSTed to the
@@ -389,9 +389,9 @@ class SoftwareManager:
         queue the report of the verified download."""
         # step 3-4: download sw_{j+a}, check its hash, store it with meta.enc and sig_sm
         with self.local.staging(dtype, latest) as stage:
-            digest, sha256 = self._download(self._target_url(target), target, stage.paths.image, meta, progress)
+            digest, sha256 = self._download(self._target_url(target), target, stage.paths.image, progress)
             stage.write(META_ENC, software.encrypt_meta(meta, self.meta_key, dtype, latest))
-            stage.write(SIG_SM, software.sign_sig_sm(self.key, digest))
+            stage.write(SIG_SM, software.sign_sig_sm_v2(self.key, meta, digest))
             stored_at = self.clock.now()
             info = sw.StoredSoftware(
                 dtype=dtype,
@@ -469,22 +469,20 @@ class SoftwareManager:
             path = f"{dirname}{sep}{next(iter(target.hashes.values()))}.{basename}"
         return f"{self.repository_url}/targets/{path}"
 
-    def _download(
-        self, url: str, target: TargetFile, dest: Path, meta: bytes, progress: Progress | None
-    ) -> tuple[bytes, str]:
-        """Stream ``url`` into ``dest``; (SHA-256(meta || sw), sha256 hex of sw) once length and every
-        signed hash match. More bytes than signed: cut off and refused."""
+    def _download(self, url: str, target: TargetFile, dest: Path, progress: Progress | None) -> tuple[bytes, str]:
+        """Stream ``url`` into ``dest``; (SHA-256 of sw, its hex) once length and every signed hash match.
+        One hash pass: the SHA-256 checked here is the one ``sig_sm`` signs (format 2, ADR 0024). More
+        bytes than signed: cut off and refused."""
         hashers = {alg: software.new_hasher(alg) for alg in target.hashes}
         if "sha256" not in hashers:
             hashers["sha256"] = software.new_hasher("sha256")
-        sig = software.sig_sm_hasher(meta)
         received = 0
         try:
             with self.fetcher.stream(url, max_length=target.length) as chunks, open(dest, "xb") as f:
                 with contextlib.suppress(OSError, AttributeError):  # a hint: all the blocks at once, where it can
                     os.posix_fallocate(f.fileno(), 0, target.length)
                 # each hash and the write in its own thread, beside the receiving done here
-                workers = [_SinkWorker(sig.update), *(_SinkWorker(h.update) for h in hashers.values())]
+                workers = [_SinkWorker(h.update) for h in hashers.values()]
                 workers.append(_SinkWorker(_write_behind(f)))
                 try:
                     for chunk in chunks:
@@ -510,7 +508,7 @@ class SoftwareManager:
             raise TooLargeError(exc.message, field="image") from exc
         observed = {alg: h.hexdigest() for alg, h in hashers.items()}
         software.check_hashes(target.hashes, observed, target.length, received)
-        return sig.digest(), observed["sha256"]
+        return hashers["sha256"].digest(), observed["sha256"]
 
     # --- reports (4.4.5) --------------------------------------------------------------------------
     def _deliver_reports(self) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:

@@ -24,7 +24,14 @@ from iotdlm.software.repo_metadata import (
     role_name,
     verify_repo_metadata,
 )
-from iotdlm.software.sig_sm import MAX_SIG_BYTES, compute_sig_sm, sig_sm_hasher, sign_sig_sm
+from iotdlm.software.sig_sm import (
+    MAX_SIG_BYTES,
+    compute_sig_sm,
+    compute_sig_sm_v2,
+    sig_sm_hasher,
+    sign_sig_sm,
+    sign_sig_sm_v2,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -39,6 +46,7 @@ __all__ = [
     "VerifiedTarget",
     "check_hashes",
     "compute_sig_sm",
+    "compute_sig_sm_v2",
     "custom_fields",
     "decode_bundle",
     "decrypt_meta",
@@ -50,6 +58,7 @@ __all__ = [
     "role_name",
     "sig_sm_hasher",
     "sign_sig_sm",
+    "sign_sig_sm_v2",
     "stream_image",
     "verify_repo_metadata",
     "verify_software",

@@ -6,6 +6,7 @@ then the image against the signed target; the image is read once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -15,11 +16,11 @@ from tuf.api._payload import TargetFile, Targets
 from tuf.api.metadata import Metadata
 
 from iotdlm.errors import BadSignatureError, IotdlmError, TooLargeError
-from iotdlm.pki.keys import PublicKey, verify_bytes
+from iotdlm.pki.keys import PublicKey
 from iotdlm.software.bundle import MAX_BUNDLE_BYTES, MetaBundle, decode_bundle
 from iotdlm.software.hashing import Hasher, check_hashes, new_hasher, stream_image
 from iotdlm.software.repo_metadata import verify_repo_metadata
-from iotdlm.software.sig_sm import MAX_SIG_BYTES, sig_sm_hasher
+from iotdlm.software.sig_sm import MAX_SIG_BYTES, is_v2, sig_sm_hasher, verify_sig_sm
 from iotdlm.wire.software import check_dtype
 
 
@@ -84,7 +85,7 @@ def verify_software(
 ) -> VerifiedSoftware:
     """Algorithm 1: verify software from the local repository before flashing it, in the paper's order.
 
-    1. ``sig_sm`` with ``pk_sm`` over SHA-256(meta || sw) (module docstring). Failure raises
+    1. ``sig_sm`` with ``pk_sm`` over meta and sw (either format of :mod:`.sig_sm`). Failure raises
        BadSignatureError with ``field="sig_sm"``: sm's signature failed -- the local repository was
        altered or sm is compromised; pm must halt and raise an alarm.
     2. ``meta`` (the plaintext bundle) with ``pk_repo``: the pinned ``trusted_root`` (rotations
@@ -105,13 +106,21 @@ def verify_software(
         raise TooLargeError(f"sig_sm of {len(sig_sm)} bytes is not a signature", field="sig_sm")
     if len(meta) > MAX_BUNDLE_BYTES:
         raise TooLargeError(f"metadata bundle of {len(meta)} bytes exceeds {MAX_BUNDLE_BYTES}", field="meta_repo")
-    sig_h = sig_sm_hasher(meta)
+    # format 2 signs over the image's SHA-256, computed anyway for step 3; format 1 needs a second hash
+    sig_h = None if is_v2(sig_sm) else sig_sm_hasher(meta)
     hashers = {alg: new_hasher(alg) for alg in sorted(_peek_algorithms(meta))}
-    length = stream_image(image, [sig_h.update, *(h.update for h in hashers.values())])
+    sinks: list[Callable[[bytes], object]] = [h.update for h in hashers.values()]
+    length = stream_image(image, sinks if sig_h is None else [sig_h.update, *sinks])
 
-    # step 1: sm's signature over meta || sw
+    # step 1: sm's signature over meta and sw
     try:
-        verify_bytes(pk_sm, sig_sm, sig_h.digest())
+        verify_sig_sm(
+            pk_sm,
+            sig_sm,
+            meta=meta,
+            image_sha256=hashers["sha256"].digest(),
+            v1_digest=None if sig_h is None else sig_h.digest(),
+        )
     except BadSignatureError:
         raise BadSignatureError(
             "sm's signature sig_sm over the metadata and image does not verify with pk_sm: the local repository "
