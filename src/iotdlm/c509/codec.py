@@ -263,9 +263,9 @@ def _decode_fields(f: list[Any]) -> bytes:
     if not isinstance(f[1], bytes):
         raise DerError("certificateSerialNumber must be a byte string")
     sig_alg = _decode_algorithm(f[2], registry.SIGNATURE_ALGORITHMS)
-    subject = names.decode_name(f[6])
     if f[6] is None:
         raise DerError("subject must not be null")
+    subject = names.decode_name(f[6])
     issuer = subject if f[3] is None else names.decode_name(f[3])
     validity = _der.tlv(_der.SEQUENCE, _decode_time(f[4], not_after=False) + _decode_time(f[5], not_after=True))
     key = _decode_public_key(f[7], f[8])
