@@ -15,7 +15,9 @@ from iotdlm.pki.profiles import DEFAULT_PROFILES
 from tests.helpers import ORG, URLS, make_pki
 
 
-def issued_kinds(alg: Algorithm, *, now: dt.datetime, device_id: str = "dev-0001", serial: int = 0x1F50D) -> dict[str, x509.Certificate]:
+def issued_kinds(
+    alg: Algorithm, *, now: dt.datetime, device_id: str = "dev-0001", serial: int = 0x1F50D
+) -> dict[str, x509.Certificate]:
     """root, the three issuing CAs, and factory / operational / service / tls-server / ocsp."""
     pki = make_pki(alg, now=now)
     out: dict[str, x509.Certificate] = {"root": pki.root}

@@ -74,7 +74,8 @@ def test_rfc7925_example_is_140_bytes_without_the_array_head() -> None:
     """The draft's 141 B are the 0x8B array head and the 140 B of its elements (the 140 B that
     the CBOR Sequence form of earlier revisions gave)."""
     c509 = _hex("c509_rfc7925.c509.hex")
-    assert c509[0] == 0x80 | 11 and len(c509[1:]) == 140
+    assert c509[0] == 0x80 | 11
+    assert len(c509[1:]) == 140
     assert cbor2.loads(c509)[0] == C509_REENCODED == 3
 
 
@@ -112,8 +113,8 @@ def test_factory_certificate_uses_the_specific_encodings() -> None:
     ids = [e for e in exts[::2]]
     assert ids == [-4, -2, 8, 1, 7, 6, 3, 9, 5, 29], "every extension of the profile has its C509 int form"
     san = exts[exts.index(3) + 1]
-    assert san[0] == 6 and san[2] == -1, "the device URN and the hardwareModuleName (-1)"
-    assert fields[7] == 1 and fields[8][0] in (0xFE, 0xFD), "P-256, point-compressed"
+    assert (san[0], san[2]) == (6, -1), "the device URN and the hardwareModuleName (-1)"
+    assert (fields[7], fields[8][0] in (0xFE, 0xFD)) == (1, True), "P-256, point-compressed"
 
 
 # --- Hypothesis: names, serials, validity ----------------------------------------------------------------
@@ -147,7 +148,9 @@ def _names(draw: st.DrawFn) -> x509.Name:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=_names(), issuer=_names(), serial=st.integers(1, 2**159 - 1), times=st.lists(_TIMES, min_size=2, max_size=2))
+@given(
+    name=_names(), issuer=_names(), serial=st.integers(1, 2**159 - 1), times=st.lists(_TIMES, min_size=2, max_size=2)
+)
 def test_round_trip_over_names_serials_and_validity(
     name: x509.Name, issuer: x509.Name, serial: int, times: list[dt.datetime]
 ) -> None:
@@ -169,7 +172,7 @@ def test_no_expiry_is_null_and_mac_addresses_are_tag_48() -> None:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "00-11-22-33-44-55-66-77")])
     der = _self_signed(name, not_after=dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC))
     fields = cbor2.loads(encode_c509(der))
-    assert fields[5] is None and fields[3] is None, "99991231235959Z and a self-signed issuer are null"
+    assert (fields[5], fields[3]) == (None, None), "99991231235959Z and a self-signed issuer are null"
     assert fields[6] == cbor2.CBORTag(48, bytes.fromhex("0011223344556677"))
     assert decode_c509(cbor2.dumps(fields)) == der
 
@@ -179,11 +182,23 @@ def test_unknown_extensions_travel_as_oid_and_bytes_critical_or_not() -> None:
     exts = (
         (x509.UnrecognizedExtension(oid, b"\x04\x02hi"), False),
         (x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.32473.7.2"), b"\x05\x00"), True),
-        (x509.CRLDistributionPoints([x509.DistributionPoint([x509.UniformResourceIdentifier("http://a/c")], None, frozenset({x509.ReasonFlags.key_compromise}), None)]), False),
+        (
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        [x509.UniformResourceIdentifier("http://a/c")],
+                        None,
+                        frozenset({x509.ReasonFlags.key_compromise}),
+                        None,
+                    )
+                ]
+            ),
+            False,
+        ),
     )
     der = _self_signed(x509.Name([]), extensions=exts)
     fields = cbor2.loads(encode_c509(der))
-    assert fields[9][1] == b"\x04\x02hi" and fields[9][3] == [b"\x05\x00"]
+    assert (fields[9][1], fields[9][3]) == (b"\x04\x02hi", [b"\x05\x00"])
     assert isinstance(fields[9][4], bytes), "CRL DP with reasons: no specific form here, so OID + bytes"
     assert decode_c509(cbor2.dumps(fields)) == der
 
@@ -199,7 +214,7 @@ def test_refuses_a_multi_valued_rdn() -> None:
 
 
 def test_refuses_what_is_not_a_der_certificate() -> None:
-    with pytest.raises(BadRequestError, match="not a DER X.509 certificate"):
+    with pytest.raises(BadRequestError, match=r"not a DER X\.509 certificate"):
         encode_c509(b"-----BEGIN CERTIFICATE-----")
 
 
@@ -235,7 +250,9 @@ def test_decoder_says_what_is_wrong(index: int, value: object, phrase: str) -> N
 # --- Hypothesis: hostile input to the decoder -------------------------------------------------------------
 _CBOR = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.binary(max_size=40) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=6) | st.builds(cbor2.CBORTag, st.sampled_from([48, 1, 2, 99]), children),
+    lambda children: (
+        st.lists(children, max_size=6) | st.builds(cbor2.CBORTag, st.sampled_from([48, 1, 2, 99]), children)
+    ),
     max_leaves=20,
 )
 
@@ -263,13 +280,21 @@ def test_decoder_survives_every_single_byte_corruption(pos: int, byte: int) -> N
 
 
 def _decode_or_reject(data: bytes) -> None:
+    """Either valid DER comes out, or a RejectedError with a code and a plain message."""
+    refusal: RejectedError | None = None
     try:
-        der = decode_c509(data)
+        x509.load_der_x509_certificate(decode_c509(data))
     except RejectedError as exc:
-        assert exc.code in ("bad_request", "unsupported", "too_large") and exc.message
-        assert "Traceback" not in exc.message and "ParseError" not in exc.message
-        return
-    x509.load_der_x509_certificate(der)
+        refusal = exc
+    _check_refusal(refusal)
+
+
+def _check_refusal(refusal: RejectedError | None) -> None:
+    if refusal is not None:
+        assert refusal.code in ("bad_request", "unsupported", "too_large")
+        assert refusal.message
+        assert "Traceback" not in refusal.message
+        assert "ParseError" not in refusal.message
 
 
 # --- truststores: COSE_C509 --------------------------------------------------------------------------------
@@ -285,7 +310,9 @@ def test_truststore_bag_one_and_many() -> None:
 @settings(max_examples=200, deadline=None)
 @given(item=_CBOR)
 def test_truststore_bag_rejects_hostile_input(item: object) -> None:
+    refusal: RejectedError | None = None
     try:
         decode_c509_bag(cbor2.dumps(item))
     except RejectedError as exc:
-        assert exc.code in ("bad_request", "unsupported", "too_large")
+        refusal = exc
+    _check_refusal(refusal)

@@ -111,7 +111,7 @@ def oid_dotted(content: bytes) -> str:
 
 
 def integer(value: int) -> bytes:
-    return der_encoder.encode(univ.Integer(value))
+    return bytes(der_encoder.encode(univ.Integer(value)))
 
 
 def read_integer(content: bytes) -> int:
@@ -129,7 +129,7 @@ def unsigned_bytes(value: int) -> bytes:
 def text_string(tag: int, text: str) -> bytes:
     """A UTF8String, PrintableString or IA5String holding ``text`` (pyasn1 checks the alphabet)."""
     try:
-        return der_encoder.encode(_STRINGS[tag](text))
+        return bytes(der_encoder.encode(_STRINGS[tag](text)))
     except (PyAsn1Error, UnicodeError) as exc:
         raise DerError(f"{text!r} does not fit that string type") from exc
 
@@ -146,7 +146,7 @@ def read_text(tag: int, content: bytes) -> str:
 
 
 def bit_string(bits: tuple[int, ...]) -> bytes:
-    return der_encoder.encode(univ.BitString(bits))
+    return bytes(der_encoder.encode(univ.BitString(bits)))
 
 
 def read_bits(content: bytes) -> tuple[int, ...]:

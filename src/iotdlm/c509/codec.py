@@ -172,7 +172,9 @@ def _tbs_parts(tbs: bytes) -> dict[str, bytes]:
         raise UnsupportedError("only X.509 v3 certificates have a C509 form", field="certificate")
     if len(elements) < 7 or any(e[0] in (0xA1, 0xA2) for e in elements[7:]):
         raise UnsupportedError("issuerUniqueID and subjectUniqueID have no C509 form", field="certificate")
-    named = dict(zip(("version", "serial", "signature", "issuer", "validity", "subject", "spki"), elements, strict=False))
+    named = dict(
+        zip(("version", "serial", "signature", "issuer", "validity", "subject", "spki"), elements, strict=False)
+    )
     rest = elements[7:]
     if len(rest) > 1 or (rest and rest[0][0] != 0xA3):
         raise DerError("unexpected elements after subjectPublicKeyInfo")
@@ -245,11 +247,15 @@ def _load_array(data: bytes) -> list[Any]:
     try:
         item = cbor2.CBORDecoder(stream).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-        raise BadRequestError("not a C509 certificate: the bytes are not well-formed CBOR", field="certificate") from exc
+        raise BadRequestError(
+            "not a C509 certificate: the bytes are not well-formed CBOR", field="certificate"
+        ) from exc
     if stream.tell() != len(data):
         raise BadRequestError("not a C509 certificate: bytes follow the CBOR array", field="certificate")
     if not isinstance(item, list) or len(item) != _FIELDS:
-        raise BadRequestError(f"not a C509 certificate: expected a CBOR array of {_FIELDS} elements", field="certificate")
+        raise BadRequestError(
+            f"not a C509 certificate: expected a CBOR array of {_FIELDS} elements", field="certificate"
+        )
     if item[0] != C509_REENCODED or not names.is_int(item[0]):
         raise UnsupportedError(
             f"C509 certificate type {item[0]!r} is not supported: only type {C509_REENCODED} "
@@ -269,7 +275,9 @@ def _decode_fields(f: list[Any]) -> bytes:
     issuer = subject if f[3] is None else names.decode_name(f[3])
     validity = _der.tlv(_der.SEQUENCE, _decode_time(f[4], not_after=False) + _decode_time(f[5], not_after=True))
     key = _decode_public_key(f[7], f[8])
-    spki = _der.tlv(_der.SEQUENCE, _decode_algorithm(f[7], registry.PUBLIC_KEY_ALGORITHMS) + _der.tlv(_der.BIT_STRING, b"\0" + key))
+    spki = _der.tlv(
+        _der.SEQUENCE, _decode_algorithm(f[7], registry.PUBLIC_KEY_ALGORITHMS) + _der.tlv(_der.BIT_STRING, b"\0" + key)
+    )
     exts = extensions.decode_extensions(f[9])
     tbs = _der.tlv(
         _der.SEQUENCE,
@@ -302,7 +310,9 @@ def decode_c509(data: bytes) -> bytes:
     try:
         x509.load_der_x509_certificate(der)
     except ValueError as exc:
-        raise BadRequestError("not a valid C509 certificate: it does not rebuild a valid X.509 certificate", field="certificate") from exc
+        raise BadRequestError(
+            "not a valid C509 certificate: it does not rebuild a valid X.509 certificate", field="certificate"
+        ) from exc
     return der
 
 

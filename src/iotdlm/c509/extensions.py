@@ -92,7 +92,9 @@ def _decode_general_name(kind: object, value: object) -> bytes:
     if kind in (-1, 0):
         first, second = _as(list, value)
         if kind == -1:
-            inner = _der.tlv(_der.SEQUENCE, _der.tlv(_der.OID, _oid_from(first, {})) + _der.tlv(0x04, _as(bytes, second)))
+            inner = _der.tlv(
+                _der.SEQUENCE, _der.tlv(_der.OID, _oid_from(first, {})) + _der.tlv(0x04, _as(bytes, second))
+            )
             oid = _der.oid_content(_HW_MODULE_NAME)
         else:
             oid, inner = _oid_from(first, {}), _as(bytes, second)
@@ -202,7 +204,7 @@ def _enc_policies(value: bytes) -> list[Any]:
         qualifiers: list[Any] = []
         for _, q in _der.read_all(quals[0][1]) if quals else []:
             (t_q, q_oid), (t_v, text) = _der.read_all(q)
-            if t_v != _der.IA5_STRING or _der.oid_dotted(q_oid) not in _PQ_BY_OID:
+            if t_q != _der.OID or t_v != _der.IA5_STRING or _der.oid_dotted(q_oid) not in _PQ_BY_OID:
                 raise DerError("only CPS qualifiers have a C509 form here")
             qualifiers += [_PQ_BY_OID[_der.oid_dotted(q_oid)], _der.read_text(t_v, text)]
         flat += [_oid_or_int(oid, _CP_BY_OID), qualifiers]
@@ -244,14 +246,16 @@ def _enc_eku(value: bytes) -> Any:
 
 def _dec_eku(item: object) -> bytes:
     ids = item if isinstance(item, list) else [item]
-    return _der.tlv(_der.SEQUENCE, b"".join(_der.tlv(_der.OID, _oid_from(i, registry.EXTENDED_KEY_USAGES)) for i in ids))
+    return _der.tlv(
+        _der.SEQUENCE, b"".join(_der.tlv(_der.OID, _oid_from(i, registry.EXTENDED_KEY_USAGES)) for i in ids)
+    )
 
 
 def _enc_aia(value: bytes) -> list[Any]:
     flat: list[Any] = []
     for _, desc in _der.read_all(_der.read_one(value, _der.SEQUENCE)):
         (t_oid, oid), (t_gn, uri) = _der.read_all(desc)
-        if t_gn != _URI:
+        if t_oid != _der.OID or t_gn != _URI:
             raise DerError("only URI access locations have a C509 form")
         flat += [_oid_or_int(oid, _IA_BY_OID), _der.read_text(_der.IA5_STRING, uri)]
     return flat
@@ -266,7 +270,8 @@ def _dec_aia(item: object) -> bytes:
         b"".join(
             _der.tlv(
                 _der.SEQUENCE,
-                _der.tlv(_der.OID, _oid_from(flat[i], registry.INFORMATION_ACCESS)) + _decode_general_name(6, flat[i + 1]),
+                _der.tlv(_der.OID, _oid_from(flat[i], registry.INFORMATION_ACCESS))
+                + _decode_general_name(6, flat[i + 1]),
             )
             for i in range(0, len(flat), 2)
         ),

@@ -122,7 +122,5 @@ def decode_name(item: object) -> bytes:
         item = [COMMON_NAME, item]
     if not isinstance(item, list) or len(item) % 2:
         raise DerError("a name must be an array of (type, value) pairs or a single text")
-    rdns = b"".join(
-        _der.tlv(_der.SET, _decode_attribute(item[i], item[i + 1])) for i in range(0, len(item), 2)
-    )
+    rdns = b"".join(_der.tlv(_der.SET, _decode_attribute(item[i], item[i + 1])) for i in range(0, len(item), 2))
     return _der.tlv(_der.SEQUENCE, rdns)
