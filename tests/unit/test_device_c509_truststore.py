@@ -28,7 +28,8 @@ def test_a_c509_device_writes_one_bag_and_reads_it_back_as_certificates(tmp_path
     assert files == [C509_TRUSTSTORE], "no PEM beside the C509 bag"
     certs = [P.pki1.root, *P.sp1.chain]
     assert dev.truststore() == certs
-    assert [x509.load_der_x509_certificate(d) for d in decode_c509_bag((_store(dev) / C509_TRUSTSTORE).read_bytes())] == certs
+    bag = decode_c509_bag((_store(dev) / C509_TRUSTSTORE).read_bytes())
+    assert [x509.load_der_x509_certificate(d) for d in bag] == certs
     assert load_certificates_pem(truststore_pem(dev)) == certs, "the EST client gets the same anchors"
 
 
