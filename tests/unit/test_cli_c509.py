@@ -5,33 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm.c509 import decode_c509, decode_c509_bag
-from iotdlm.cli.main import main
 from iotdlm.deployment import Deployment
 from iotdlm.pki.chain import load_certificates_pem
 from iotdlm.pki.keys import Algorithm, generate_key
 from tests.helpers import make_csr
+from tests.unit.test_cli_ca_renew import _cli, site  # one deployment folder per module, as there
 
-PASS = {"IOTDLM_CA_PASSPHRASE": "correct horse battery staple"}
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("site") / "data"
-    r = CliRunner().invoke(main, ["init", "--data", str(data), "--dtype", "boardA"], env=PASS)
-    assert r.exit_code == 0, r.output
-    return data
-
-
-def _cli(*args: str) -> tuple[int, str]:
-    r = CliRunner().invoke(main, list(args), env=PASS)
-    assert "Traceback" not in r.output
-    return r.exit_code, r.output
+__all__ = ["site"]  # the fixture, used by name
 
 
 def test_ca_certificate_writes_a_c509_bag_of_the_certificate_and_its_ca(site: Path, tmp_path: Path) -> None:
