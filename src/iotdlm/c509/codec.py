@@ -308,8 +308,9 @@ def decode_c509(data: bytes) -> bytes:
     except (DerError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         raise BadRequestError(f"not a valid C509 certificate: {_reason(exc)}", field="certificate") from exc
     try:
-        x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+        cert = x509.load_der_x509_certificate(der)
+        _ = (cert.subject, cert.issuer, cert.extensions)  # parsed lazily: parse them here
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise BadRequestError(
             "not a valid C509 certificate: it does not rebuild a valid X.509 certificate", field="certificate"
         ) from exc
