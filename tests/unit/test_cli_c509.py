@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm.c509 import decode_c509, decode_c509_bag
 from iotdlm.deployment import Deployment
+from iotdlm.errors import UnsupportedError
 from iotdlm.pki.chain import load_certificates_pem
 from iotdlm.pki.keys import Algorithm, generate_key
 from tests.helpers import make_csr
@@ -70,3 +72,24 @@ def test_ca_chain_c509_to_the_terminal_says_to_give_out(site: Path) -> None:
     code, text = _cli("ca", "chain", "--data", str(site), "--format", "c509")
     assert code != 0
     assert "give --out" in text
+
+
+def test_a_certificate_without_a_c509_form_is_issued_kept_and_named(
+    site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import iotdlm.c509
+
+    def refuse(der: bytes) -> bytes:
+        raise UnsupportedError("a relative distinguished name with more than one attribute has no C509 form")
+
+    monkeypatch.setattr(iotdlm.c509, "encode_c509", refuse)
+    csr = tmp_path / "dev-c4.csr"
+    csr.write_bytes(make_csr(generate_key(Algorithm.P256), "dev-c4"))
+    code, text = _cli(
+        "ca", "issue", "--data", str(site), "--csr", str(csr), "--device-id", "dev-c4",
+        "--profile", "operational", "--out", str(tmp_path / "dev-c4.c509"), "--format", "c509",
+    )  # fmt: skip
+    assert code == 1, text
+    assert "was issued but not written" in " ".join(text.split())
+    assert "ca show" in text
+    assert not (tmp_path / "dev-c4.c509").exists()
