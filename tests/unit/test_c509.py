@@ -324,3 +324,95 @@ def test_truststore_bag_rejects_hostile_input(item: object) -> None:
     except RejectedError as exc:
         refusal = exc
     _check_refusal(refusal)
+
+
+# --- Hypothesis: extensions of every shape our codec has a specific form for ---------------------------
+_URIS = st.sampled_from(["http://ca.example/c", "https://127.0.0.1:8443/ocsp", "urn:dev:org:32473-d1"])
+_GENERAL_NAMES = st.one_of(
+    st.builds(x509.DNSName, st.sampled_from(["localhost", "a.example", "*.b.example"])),
+    st.builds(x509.RFC822Name, st.sampled_from(["ops@example.com"])),
+    st.builds(x509.UniformResourceIdentifier, _URIS),
+    st.builds(x509.IPAddress, st.ip_addresses()),
+    st.builds(x509.RegisteredID, st.just(ObjectIdentifier("1.3.6.1.4.1.32473.5"))),
+    st.builds(x509.DirectoryName, _names()),
+    # hardwareModuleName (hwType 1.2.3.4, hwSerialNum de ad be ef), and another other name (a UTF8String)
+    st.just(x509.OtherName(ObjectIdentifier("1.3.6.1.5.5.7.8.4"), bytes.fromhex("300b06032a03040404deadbeef"))),
+    st.just(x509.OtherName(ObjectIdentifier("1.3.6.1.4.1.32473.8"), bytes.fromhex("0c0178"))),
+)
+_KEY_USAGE = st.builds(
+    lambda b: x509.KeyUsage(*b[:7], encipher_only=b[4] and b[7], decipher_only=b[4] and b[8]),
+    st.lists(st.booleans(), min_size=9, max_size=9).filter(lambda b: any(b[:7])),
+)
+_EXTENSIONS = st.one_of(
+    st.builds(x509.SubjectAlternativeName, st.lists(_GENERAL_NAMES, min_size=1, max_size=4)),
+    st.builds(x509.BasicConstraints, st.just(True), st.none() | st.integers(0, 300)),
+    st.just(x509.BasicConstraints(ca=False, path_length=None)),
+    _KEY_USAGE,
+    st.builds(
+        x509.ExtendedKeyUsage,
+        st.lists(
+            st.sampled_from(
+                [
+                    ObjectIdentifier("1.3.6.1.5.5.7.3.2"),
+                    ObjectIdentifier("1.3.6.1.5.5.7.3.9"),
+                    ObjectIdentifier("1.3.6.1.4.1.32473.6"),
+                ]
+            ),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        ),
+    ),
+    st.builds(
+        x509.CertificatePolicies,
+        st.lists(
+            st.builds(
+                x509.PolicyInformation,
+                st.sampled_from([ObjectIdentifier("2.5.29.32.0"), ObjectIdentifier("1.3.6.1.4.1.32473.1.1")]),
+                st.none() | st.just(["https://cps.example/"]),
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+    ),
+    st.builds(
+        x509.AuthorityInformationAccess,
+        st.lists(
+            st.builds(
+                x509.AccessDescription,
+                st.sampled_from(
+                    [x509.AuthorityInformationAccessOID.OCSP, x509.AuthorityInformationAccessOID.CA_ISSUERS]
+                ),
+                st.builds(x509.UniformResourceIdentifier, _URIS),
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+    ),
+    st.builds(
+        x509.CRLDistributionPoints,
+        st.lists(
+            st.builds(
+                lambda uris: x509.DistributionPoint(
+                    [x509.UniformResourceIdentifier(u) for u in uris], None, None, None
+                ),
+                st.lists(_URIS, min_size=1, max_size=2),
+            ),
+            min_size=1,
+            max_size=2,
+        ),
+    ),
+    st.builds(lambda k: x509.AuthorityKeyIdentifier(k, None, None), st.binary(min_size=1, max_size=32)),
+    st.builds(x509.SubjectKeyIdentifier, st.binary(min_size=1, max_size=32)),
+    st.just(x509.OCSPNoCheck()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(exts=st.lists(st.tuples(_EXTENSIONS, st.booleans()), max_size=6, unique_by=lambda e: e[0].oid))
+def test_round_trip_over_extensions(exts: list[tuple[x509.ExtensionType, bool]]) -> None:
+    der = _self_signed(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]), extensions=tuple(exts))
+    fields = cbor2.loads(encode_c509(der))
+    assert decode_c509(encode_c509(der)) == der
+    ids = fields[9][::2] if isinstance(fields[9], list) else [fields[9]]
+    assert all(not isinstance(i, bytes) for i in ids), "each of these has a specific C509 form"
