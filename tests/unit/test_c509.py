@@ -214,8 +214,11 @@ def test_refuses_a_multi_valued_rdn() -> None:
 
 
 def test_refuses_what_is_not_a_der_certificate() -> None:
-    with pytest.raises(BadRequestError, match=r"not a DER X\.509 certificate"):
+    with pytest.raises(BadRequestError, match=r"not a valid DER X\.509 certificate"):
         encode_c509(b"-----BEGIN CERTIFICATE-----")
+    bad_key_usage = x509.UnrecognizedExtension(x509.ExtensionOID.KEY_USAGE, b"\x05\x00")
+    with pytest.raises(BadRequestError, match=r"not a valid DER X\.509 certificate"):
+        encode_c509(_self_signed(x509.Name([]), extensions=((bad_key_usage, True),)))
 
 
 def test_refuses_natively_signed_type_2() -> None:

@@ -220,13 +220,13 @@ def encode_c509(der: bytes) -> bytes:
     if not isinstance(der, bytes) or len(der) > MAX_CERTIFICATE_BYTES:
         raise TooLargeError(f"a certificate to re-encode must be at most {MAX_CERTIFICATE_BYTES} bytes of DER")
     try:
-        x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise BadRequestError("not a DER X.509 certificate", field="certificate") from exc
+        _parse_whole(der)
+    except _NOT_A_CERTIFICATE as exc:
+        raise BadRequestError("not a valid DER X.509 certificate", field="certificate") from exc
     try:
         encoded = cbor2.dumps(_encode_fields(der))
     except (ValueError, TypeError, IndexError, KeyError) as exc:  # DerError is a ValueError
-        raise UnsupportedError(f"this certificate has no C509 form: {exc}", field="certificate") from exc
+        raise UnsupportedError(f"this certificate has no C509 form: {_reason(exc)}", field="certificate") from exc
     try:
         same = decode_c509(encoded) == der
     except RejectedError:
@@ -308,13 +308,22 @@ def decode_c509(data: bytes) -> bytes:
     except (DerError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         raise BadRequestError(f"not a valid C509 certificate: {_reason(exc)}", field="certificate") from exc
     try:
-        cert = x509.load_der_x509_certificate(der)
-        _ = (cert.subject, cert.issuer, cert.extensions)  # parsed lazily: parse them here
-    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        _parse_whole(der)
+    except _NOT_A_CERTIFICATE as exc:
         raise BadRequestError(
             "not a valid C509 certificate: it does not rebuild a valid X.509 certificate", field="certificate"
         ) from exc
     return der
+
+
+#: what cryptography raises for bytes that are not a whole, valid certificate
+_NOT_A_CERTIFICATE: Final = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def _parse_whole(der: bytes) -> None:
+    """Parse all of a DER certificate (cryptography parses names and extensions lazily)."""
+    cert = x509.load_der_x509_certificate(der)
+    _ = (cert.subject, cert.issuer, cert.extensions)
 
 
 def _reason(exc: Exception) -> str:
