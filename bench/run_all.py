@@ -55,6 +55,7 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section("cli", "cli_startup", "CLI start-up", (), ("--quick",)),
     Section("transfer-sizes", "transfer_sizes", "Trust-transfer message sizes"),
+    Section("c509-sizes", "c509_sizes", "C509 certificate sizes"),
     Section("fig11", "fig11_csr_vs_crmf", "km: CSR vs CRMF request generation (Fig. 11)"),
     Section("km-fig12", "km_fig12", "km: pm gets 1 and 100 certificates over NATS (Fig. 12)", quick_seconds=32),
     Section(

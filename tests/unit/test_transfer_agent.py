@@ -76,8 +76,8 @@ class Fallback:
         self.reports.append((fallback_uri, device_id, reason))
 
 
-def make_device(tmp_path: Path) -> SimulatedDevice:
-    dev = SimulatedDevice.manufacture(tmp_path / DEV, DEV, "sensor")
+def make_device(tmp_path: Path, truststore_format: str = "pem") -> SimulatedDevice:
+    dev = SimulatedDevice.manufacture(tmp_path / DEV, DEV, "sensor", truststore_format=truststore_format)
     dev.generate_key()
     factory = P.pki1.cas["factory"].issue(
         DEFAULT_PROFILES["factory"],

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
+from cryptography.hazmat.primitives.serialization import Encoding
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from iotdlm.cli.cert_format import SUFFIX, encode_certificates, format_option
 from iotdlm.cli.common import EXIT_ERROR, console, data_option, err_console, handle_errors
 from iotdlm.cli.lazy import Lazy, LazyGroup
 from iotdlm.cli.output import (
@@ -81,13 +83,14 @@ def ca() -> None:
 @click.option("--device-id", help="Device id (with --csr/--crmf).")
 @click.option("--dtype", help="Register the device as this device type.")
 @click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Output PEM file (or folder with --csr-dir)."
+    "--out", type=click.Path(path_type=Path), required=True, help="Output file (or folder with --csr-dir)."
 )
 @click.option(
     "--force",
     is_flag=True,
     help="Issue even to a device that already holds a valid certificate of this profile (else it is skipped).",
 )
+@format_option("the certificate (a folder gets <device>.pem or <device>.c509)")
 @handle_errors
 def ca_issue(
     data: Path,
@@ -99,6 +102,7 @@ def ca_issue(
     dtype: str | None,
     out: Path,
     force: bool,
+    fmt: str,
 ) -> None:
     """Issue certificates as the operator (RA rule `operator`: signature proof of possession only).
 
@@ -130,7 +134,8 @@ def ca_issue(
             task = progress.add_task("issuing", total=len(jobs))
             for dev, src, item in jobs:
                 issue.one(
-                    dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None
+                    dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None,
+                    fmt=fmt,
                 )
                 progress.advance(task)
     finally:
@@ -173,7 +178,7 @@ class _Issuer:
 
     def one(
         self, dev: str, src: Path, item: msg.IssueItem, *, profile: str, dtype: str | None, force: bool, out: Path,
-        folder: bool,
+        folder: bool, fmt: str = "pem",
     ) -> None:  # fmt: skip
         kmcore = self.kmcore
         try:
@@ -201,10 +206,12 @@ class _Issuer:
             self.rows.append([dev, "-", f"[red]{exc.code}[/red] {escape(src.name)}: {escape(exc.message)}", ""])
             return
         serial = serial_hex(rec.serial)
-        target = out / f"{dev}.pem" if folder else out
-        problem = write_after_work(
-            target, certs_to_pem([load_certificate(rec.der)]), done=f"certificate {serial} for {dev} was issued"
-        )
+        target = out / f"{dev}{SUFFIX[fmt]}" if folder else out
+        try:
+            body = encode_certificates([rec.der], fmt, bag=False)
+            problem = write_after_work(target, body, done=f"certificate {serial} for {dev} was issued")
+        except RejectedError as exc:  # issued, but it has no C509 form
+            problem = f"certificate {serial} for {dev} was issued but not written: {exc.message}"
         if problem is not None:
             self.unwritten.append(
                 f"{problem}. It is kept in the database: `iotdlm ca show {serial} --pem` prints it again."
@@ -442,17 +449,21 @@ def _issuer_name(ctx: click.Context, param: click.Parameter, value: str | None) 
     default=None,
     help="One issuing CA's chain (default: every CA, root last).",
 )
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write PEM here.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the chain here.")
+@format_option("the chain (C509: one COSE_C509 bag, a constrained device's truststore; needs --out)")
 @handle_errors
-def ca_chain(data: Path, issuer: str | None, out: Path | None) -> None:
-    """Print CA certificates in PEM (for truststores and `openssl verify -CAfile`)."""
+def ca_chain(data: Path, issuer: str | None, out: Path | None, fmt: str) -> None:
+    """Print CA certificates in PEM (for truststores and `openssl verify -CAfile`), or write them
+    as a C509 truststore."""
     if out is not None:
         check_out_file(out)
+    elif fmt != "pem":
+        raise BadRequestError("C509 is binary: give --out FILE to write it", field="out")
     dep = Deployment.load(data)
     listed = dep.issuing_ca_certificates(SystemClock().now())  # after a rotation: those /cacerts lists
     names = list(listed) if issuer is None else [issuer]
     certs = [listed.get(n) or dep.ca_certificate(n) for n in names if n != "root"] + [dep.ca_certificate("root")]
-    pem = certs_to_pem(certs)
+    pem = encode_certificates([c.public_bytes(Encoding.DER) for c in certs], fmt, bag=True)
     if out is None:
         click.echo(pem.decode(), nl=False)
         return

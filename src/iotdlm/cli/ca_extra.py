@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
+from iotdlm.cli.cert_format import encode_certificates, format_option
 from iotdlm.cli.common import console, data_option, handle_errors
 from iotdlm.cli.output import parse_serial as parse_serial  # one parser for every command (ADR 0020)
 from iotdlm.clock import SystemClock
@@ -153,8 +154,9 @@ def ca_renew(
     help="Write the new private key here (PEM, mode 0600, unencrypted).",
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Write the certificate and its CA here (PEM)."
+    "--out", type=click.Path(path_type=Path), required=True, help="Write the certificate and its CA here."
 )
+@format_option("the certificate and its CA (C509: one COSE_C509 bag)")
 @click.option("--key-type", type=click.Choice(KEY_TYPES), help="Key type (default: the deployment's algorithm).")
 @click.option("--dtype", help="Register the device as this device type.")
 @click.option(
@@ -174,6 +176,7 @@ def ca_certificate(
     dtype: str | None,
     force: bool,
     as_json: bool,
+    fmt: str = "pem",
 ) -> None:
     """Make a new key and its certificate in one step (for operators and tests).
 
@@ -191,7 +194,7 @@ def ca_certificate(
     check_output(out, force, "--out")
     dep = Deployment.load(data)
     key = generate_key(Algorithm(key_type or dep.config.algorithm))
-    rec, pem = _issue_for_key(dep, key, device_id, profile, dtype, force)
+    rec, pem = _issue_for_key(dep, key, device_id, profile, dtype, force, fmt)
     from iotdlm.files import atomic_write
 
     atomic_write(key_out, private_key_to_pem(key, None), mode=0o600)
@@ -200,7 +203,7 @@ def ca_certificate(
 
 
 def _issue_for_key(
-    dep: Deployment, key: PrivateKey, device_id: str, profile: str, dtype: str | None, force: bool
+    dep: Deployment, key: PrivateKey, device_id: str, profile: str, dtype: str | None, force: bool, fmt: str = "pem"
 ) -> tuple[CertRecord, bytes]:
     """Issue a certificate of ``profile`` for ``key`` (a CSR signed with it proves possession)."""
     import dataclasses
@@ -225,7 +228,10 @@ def _issue_for_key(
         if dtype:
             grant = dataclasses.replace(grant, dtype=dtype)
         (rec,) = kmcore.commit([(grant, rec)])
-        return rec, _pem_bundle(kmcore, rec)
+        if fmt == "pem":
+            return rec, _pem_bundle(kmcore, rec)
+        ca_der = kmcore.cas[rec.issuer].certificate.public_bytes(serialization.Encoding.DER)
+        return rec, encode_certificates([rec.der, ca_der], fmt, bag=True, serial=f"{rec.serial:x}")
     finally:
         store.close()
 

@@ -5,7 +5,9 @@ Layout of a device folder::
     DEV/hardware.json         what the hardware is (device id from the "sticker", dtype, capabilities)
     DEV/flash/slot-a/         boot image slots: image + image.json
     DEV/flash/slot-b/
-    DEV/flash/truststore/     CA certificates (PEM), installed by provisioning
+    DEV/flash/truststore/     CA certificates (PEM), installed by provisioning; a constrained device
+                              (hardware ``truststore_format`` "c509") keeps them in one C509 bag,
+                              truststore.c509 (COSE_C509), decoded to DER when they are used
     DEV/flash/certs/          the device's certificates: factory.pem, operational.pem
     DEV/flash/config.json     device id, dtype, enroll URI (CA-URI), update URI, ...
     DEV/secure/key.pem        the device key (its factory certificate certifies it): generated ON
@@ -43,7 +45,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from iotdlm.errors import BadRequestError, ConflictError, NotFoundError, UnsupportedError
+from iotdlm.c509 import decode_c509_bag, encode_c509, encode_c509_bag
+from iotdlm.errors import BadRequestError, ConflictError, NotFoundError, RejectedError, UnsupportedError
 from iotdlm.files import atomic_write
 from iotdlm.pki.chain import certs_to_pem, load_certificate, load_certificates_pem
 from iotdlm.pki.keys import (
@@ -68,12 +71,18 @@ def bench_device_id(prefix: str, number: int) -> str:
     return f"{prefix}-{number:05d}"
 
 
+#: how a device stores its truststore: PEM files, or one C509 bag (a constrained device)
+TRUSTSTORE_FORMATS = ("pem", "c509")
+C509_TRUSTSTORE = "truststore.c509"
+
+
 @dataclass(frozen=True)
 class Hardware:
     device_id: str
     dtype: str
     can_make_csr: bool
     algorithm: str
+    truststore_format: str = "pem"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -88,6 +97,23 @@ def _spki(key: object) -> bytes:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return out
+
+
+def _split_by_format(certs: list[x509.Certificate], fmt: str) -> tuple[list[x509.Certificate], list[bytes]]:
+    """(the certificates kept in PEM, the DER of those kept in C509) for a truststore in ``fmt``."""
+    if fmt != "c509":
+        return list(certs), []
+    pem: list[x509.Certificate] = []
+    c509: list[bytes] = []
+    for cert in certs:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        try:
+            encode_c509(der)
+        except RejectedError:
+            pem.append(cert)
+        else:
+            c509.append(der)
+    return pem, c509
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -107,7 +133,10 @@ class SimulatedDevice:
             dtype=data["dtype"],
             can_make_csr=data["can_make_csr"],
             algorithm=data["algorithm"],
+            truststore_format=data.get("truststore_format", "pem"),
         )
+        if self.hardware.truststore_format not in TRUSTSTORE_FORMATS:
+            raise BadRequestError(f"{hw}: truststore_format must be one of {', '.join(TRUSTSTORE_FORMATS)}")
         #: which key certifies a certificate, per (certificate, key files): see _matching_key
         self._matches: dict[tuple[bytes, tuple[bytes, ...]], str | None] = {}
 
@@ -121,15 +150,21 @@ class SimulatedDevice:
         *,
         can_make_csr: bool = True,
         algorithm: Algorithm = Algorithm.P256,
+        truststore_format: str = "pem",
     ) -> SimulatedDevice:
-        """A blank device off the line: an id on its sticker, empty flash."""
+        """A blank device off the line: an id on its sticker, empty flash (``truststore_format``
+        "c509": a constrained device that keeps its truststore in C509)."""
         check_id(device_id)
         check_id(dtype, "dtype")
         path = Path(path)
         if (path / "hardware.json").exists():
             raise ConflictError(f"{path} already holds a device")
         (path / "flash").mkdir(parents=True, exist_ok=True)
+        if truststore_format not in TRUSTSTORE_FORMATS:
+            raise BadRequestError(f"truststore format must be one of {', '.join(TRUSTSTORE_FORMATS)}")
         hw = {"device_id": device_id, "dtype": dtype, "can_make_csr": can_make_csr, "algorithm": algorithm.value}
+        if truststore_format != "pem":
+            hw["truststore_format"] = truststore_format
         _atomic_write(path / "hardware.json", json.dumps(hw, indent=2).encode())
         dev = cls(path)
         dev.log("manufactured", dtype=dtype)
@@ -315,17 +350,26 @@ class SimulatedDevice:
         return h.hexdigest()
 
     def write_truststore(self, certs: list[x509.Certificate]) -> None:
+        """Install ``certs`` as the truststore: PEM files, or (a C509 device) one C509 bag -- with
+        any certificate that has no C509 form kept beside it in PEM."""
         d = self.path / "flash" / "truststore"
         d.mkdir(parents=True, exist_ok=True)
-        for old in d.glob("*.pem"):
+        for old in [*d.glob("*.pem"), *d.glob(C509_TRUSTSTORE)]:
             old.unlink()
-        for i, cert in enumerate(certs):
+        pem, c509 = _split_by_format(certs, self.hardware.truststore_format)
+        if c509:
+            _atomic_write(d / C509_TRUSTSTORE, encode_c509_bag(c509))
+        for i, cert in enumerate(pem):
             _atomic_write(d / f"{i:02d}.pem", certs_to_pem([cert]))
-        self.log("truststore_written", count=len(certs))
+        self.log("truststore_written", count=len(certs), c509=len(c509))
 
     def truststore(self) -> list[x509.Certificate]:
+        """The truststore as certificates (a C509 bag decoded to DER here, at the boundary: the
+        device verifies chains with them exactly as with PEM)."""
         d = self.path / "flash" / "truststore"
         out: list[x509.Certificate] = []
+        if (d / C509_TRUSTSTORE).is_file():
+            out.extend(x509.load_der_x509_certificate(c) for c in decode_c509_bag((d / C509_TRUSTSTORE).read_bytes()))
         for p in sorted(d.glob("*.pem")) if d.is_dir() else []:
             out.extend(load_certificates_pem(p.read_bytes()))
         return out
