@@ -43,6 +43,7 @@ import tomli_w
 from cryptography import x509
 
 from iotdlm import cm_https
+from iotdlm.bus.cluster import check_replicas, server_urls
 from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.pki import ca as pki_ca
@@ -74,7 +75,8 @@ DIR_MODE = 0o700
 
 
 class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    #: an existing NATS server to use instead of the embedded one
+    #: an existing NATS server to use instead of the embedded one; a cluster: its nodes' URLs,
+    #: separated by commas (ADR 0027)
     url: str | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_NATS_PORT
@@ -86,6 +88,9 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     #: cannot strip TLS. ``false`` only for an external server without ``handshake_first`` in its
     #: tls block; every module logs a warning at each start
     tls_handshake_first: bool = True
+    #: replicas of what the deployment keeps in JetStream (the mode bucket, the audit heads
+    #: stream) when they are first made: 0 = 3 on a cluster of 3 or more nodes, else 1 (ADR 0027)
+    jetstream_replicas: int = 0
 
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -160,7 +165,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             if host != "localhost":
                 raise BadRequestError(f"nats.host {host!r} is not an IP address", field="nats.host") from None
         if self.nats.url is not None:
-            check_nats_url(self.nats.url, allow_plain=self.nats.allow_plain)
+            for url in server_urls(self.nats.url):
+                check_nats_url(url, allow_plain=self.nats.allow_plain)
+        check_replicas(self.nats.jetstream_replicas)
         for name, p in self.profiles.items():
             if name not in DEFAULT_PROFILES:
                 known = ", ".join(DEFAULT_PROFILES)
