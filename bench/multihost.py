@@ -1,0 +1,138 @@
+"""Issuance through km workers on 2 hosts beside 1 host (issue 16, ADR 0027).
+
+The set-up of tests/scenarios/test_multihost.py: a 3-node NATS cluster with JetStream on
+127.0.0.2-4, a PostgreSQL of the bench's own, one deployment copied to each host folder. First one
+host runs ``iotdlm up --services km``, then a second one joins; each time admin's signed requests
+(``KmClient.issue``, single certificates, CSRs made before the clock starts) run from
+``--clients`` loops for ``--duration`` seconds, spread over the workers by their queue group. The
+figure is the 2-host rate as a ratio to the 1-host rate measured in the same run. Both hosts share
+this machine's cores: on 2 cores the ratio says what the second worker adds beside the database and
+NATS, not what a second machine would.
+
+Run: ``.venv/bin/python bench/multihost.py [--duration S] [--clients N]`` (as root: PostgreSQL
+runs as the postgres user). Prints Markdown on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.scenarios import multihost_parts as mh
+
+from iotdlm.client.connect import connect_identity, km_trust, sealer_for
+from iotdlm.client.km import KmClient
+from iotdlm.clock import SystemClock
+from iotdlm.deployment import Deployment
+from iotdlm.errors import IotdlmError
+
+#: CSRs made per second of a measurement (more than km issues here)
+POOL_PER_SECOND = 600
+
+
+def csrs(tag: str, n: int) -> list[tuple[str, bytes]]:
+    """``n`` device ids and their CSRs (the subject CN is the device id), made before the clock starts."""
+    out = []
+    for i in range(n):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, f"{tag}-{i}")])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        out.append((f"{tag}-{i}", csr.public_bytes(serialization.Encoding.DER)))
+    return out
+
+
+async def measure(client: KmClient, tag: str, clients: int, duration: float) -> float:
+    done = 0
+    errors: list[str] = []
+    pool = iter(csrs(tag, int(POOL_PER_SECOND * duration)))
+    stop = time.monotonic() + duration
+
+    async def loop() -> None:
+        nonlocal done
+        for device_id, csr in pool:
+            if time.monotonic() >= stop:
+                return
+            try:
+                await client.issue(device_id, "operational", csr=csr)
+            except IotdlmError as exc:
+                errors.append(exc.message)
+                continue
+            done += 1
+
+    began = time.monotonic()
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    if errors:
+        print(f"{tag}: {len(errors)} refused or failed, e.g. {errors[0]}", file=sys.stderr)
+    return done / (time.monotonic() - began)
+
+
+async def until_workers(client: KmClient) -> None:
+    for _ in range(400):
+        try:
+            await client.chain()
+            return
+        except IotdlmError:
+            await asyncio.sleep(0.25)
+    raise SystemExit("km did not answer")
+
+
+async def run(args: argparse.Namespace, site: mh.Site) -> tuple[float, float]:
+    dep = Deployment.load(site.hosts[0])
+    bus, ident = await connect_identity(dep, "admin")
+    client = KmClient(bus, sealer_for(ident), SystemClock(), timeout=10.0, trust=km_trust(dep))
+    hosts = [mh.up(site.hosts[0], "km")]
+    try:
+        await until_workers(client)
+        await measure(client, "warm", args.clients, 2.0)
+        one = await measure(client, "one", args.clients, args.duration)
+        hosts.append(mh.up(site.hosts[1], "km"))
+        await asyncio.sleep(8.0)  # the second host's km joins the queue group
+        two = await measure(client, "two", args.clients, args.duration)
+    finally:
+        await bus.close()
+        for proc in reversed(hosts):
+            mh.stop_host(proc)
+    return one, two
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--clients", type=int, default=8)
+    args = p.parse_args()
+    load = os.getloadavg()
+    pg = mh.Postgres()
+    pg.start()
+    cluster = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="iotdlm-bench-mh-"))
+        site, users = mh.make_site(tmp, pg)
+        cluster = mh.Cluster(tmp / "nats", users)
+        cluster.start()
+        mh.place_hosts(site, cluster.url)
+        one, two = asyncio.run(run(args, site))
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        pg.stop()
+    print("| figure | measured | yardstick | ratio | load |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| issuance, km on 2 hosts (3-node NATS cluster, PostgreSQL, {args.clients} clients, single requests) "
+        f"| {two:,.0f} certificates/s | km on 1 host: {one:,.0f}/s | {two / one:.2f}x "
+        f"| {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
