@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import tempfile
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -86,7 +90,41 @@ async def until_workers(client: KmClient) -> None:
     raise SystemExit("km did not answer")
 
 
-async def run(args: argparse.Namespace, site: mh.Site) -> tuple[float, float]:
+def nats_bytes(cluster: mh.Cluster) -> int:
+    """Bytes in and out of every node of the cluster so far (nats-server's /varz)."""
+    total = 0
+    for host, port in zip(mh.HOSTS, cluster.http, strict=True):
+        with urllib.request.urlopen(f"http://{host}:{port}/varz", timeout=5) as r:
+            varz = json.loads(r.read())
+        total += int(varz["in_bytes"]) + int(varz["out_bytes"])
+    return total
+
+
+def database_figures(pg: mh.Postgres) -> tuple[int, int, int]:
+    """(database bytes, certificates, audit records) of the bench's PostgreSQL."""
+    with psycopg.connect(f"host=127.0.0.1 port={pg.port} user=postgres dbname=postgres") as conn:
+        rows = [
+            conn.execute(sql).fetchone()
+            for sql in (
+                "SELECT pg_database_size('postgres')",
+                "SELECT count(*) FROM certificates",
+                "SELECT count(*) FROM audit_log",
+            )
+        ]
+    size, certs, audit = (int(row[0]) if row else 0 for row in rows)
+    return size, certs, audit
+
+
+@dataclass
+class Figures:
+    one: float = 0.0
+    two: float = 0.0
+    nats_per_cert: float = 0.0
+    db_per_cert: float = 0.0
+    audit_per_cert: float = 0.0
+
+
+async def run(args: argparse.Namespace, site: mh.Site, cluster: mh.Cluster, pg: mh.Postgres) -> Figures:
     dep = Deployment.load(site.hosts[0])
     bus, ident = await connect_identity(dep, "admin")
     client = KmClient(bus, sealer_for(ident), SystemClock(), timeout=10.0, trust=km_trust(dep))
@@ -94,15 +132,22 @@ async def run(args: argparse.Namespace, site: mh.Site) -> tuple[float, float]:
     try:
         await until_workers(client)
         await measure(client, "warm", args.clients, 2.0)
-        one = await measure(client, "one", args.clients, args.duration)
+        size0, certs0, audit0 = database_figures(pg)
+        bytes0 = nats_bytes(cluster)
+        out = Figures(one=await measure(client, "one", args.clients, args.duration))
+        size1, certs1, audit1 = database_figures(pg)
+        issued = max(1, certs1 - certs0)
+        out.nats_per_cert = (nats_bytes(cluster) - bytes0) / issued
+        out.db_per_cert = (size1 - size0) / issued
+        out.audit_per_cert = (audit1 - audit0) / issued
         hosts.append(mh.up(site.hosts[1], "km"))
         await asyncio.sleep(8.0)  # the second host's km joins the queue group
-        two = await measure(client, "two", args.clients, args.duration)
+        out.two = await measure(client, "two", args.clients, args.duration)
     finally:
         await bus.close()
         for proc in reversed(hosts):
             mh.stop_host(proc)
-    return one, two
+    return out
 
 
 def main() -> None:
@@ -120,17 +165,25 @@ def main() -> None:
         cluster = mh.Cluster(tmp / "nats", users)
         cluster.start()
         mh.place_hosts(site, cluster.url)
-        one, two = asyncio.run(run(args, site))
+        got = asyncio.run(run(args, site, cluster, pg))
     finally:
         if cluster is not None:
             cluster.stop()
         pg.stop()
     print("| figure | measured | yardstick | ratio | load |")
     print("|---|---|---|---|---|")
+    loads = f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     print(
         f"| issuance, km on 2 hosts (3-node NATS cluster, PostgreSQL, {args.clients} clients, single requests) "
-        f"| {two:,.0f} certificates/s | km on 1 host: {one:,.0f}/s | {two / one:.2f}x "
-        f"| {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} |"
+        f"| {got.two:,.0f} certificates/s | km on 1 host: {got.one:,.0f}/s | {got.two / got.one:.2f}x | {loads} |"
+    )
+    print(
+        "| NATS bytes in + out of all 3 nodes per certificate issued (1 host) "
+        f"| {got.nats_per_cert:,.0f} B | - | - | {loads} |"
+    )
+    print(
+        f"| PostgreSQL growth per certificate issued (1 host; {got.audit_per_cert:.2f} audit records each) "
+        f"| {got.db_per_cert:,.0f} B | - | - | {loads} |"
     )
 
 
