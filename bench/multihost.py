@@ -161,8 +161,8 @@ def main() -> None:
     cluster = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix="iotdlm-bench-mh-"))
-        site, users = mh.make_site(tmp, pg)
-        cluster = mh.Cluster(tmp / "nats", users)
+        site = mh.make_site(tmp, pg)
+        cluster = mh.Cluster(tmp / "nats", site.dep)
         cluster.start()
         mh.place_hosts(site, cluster.url)
         got = asyncio.run(run(args, site, cluster, pg))

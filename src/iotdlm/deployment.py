@@ -350,9 +350,12 @@ class Deployment:
         d = self.root / "nats"
         return d / "server.pem", d / "server.key.pem", d / "client-ca.pem"
 
-    def issue_nats_server_certificate(self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime) -> x509.Certificate:
+    def issue_nats_server_certificate(
+        self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime, addresses: Sequence[str] = ()
+    ) -> x509.Certificate:
         """A loopback server certificate for NATS (profile ``tls-server``); clients must present
-        their module certificates."""
+        their module certificates. ``addresses``: more IP addresses it names (the nodes of a
+        cluster on loopback addresses, ADR 0027)."""
         key = generate_key(self.algorithm)
         cert = service_ca.issue(
             self.profiles()["tls-server"],
@@ -362,7 +365,7 @@ class Deployment:
             serial=x509.random_serial_number(),
             uris=[module_uri("nats", enterprise_number=self.config.enterprise_number)],
             dns_names=["localhost"],
-            ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+            ip_addresses=[ipaddress.ip_address(a) for a in ("127.0.0.1", *addresses)],
             urls=self.public_urls,
         )
         cert_path, key_path, ca_path = self.nats_tls_files

@@ -22,6 +22,7 @@ import msgspec
 import pytest
 import tomli_w
 
+from iotdlm.bus import subjects
 from iotdlm.bus.server import ClusterConfig, EmbeddedNatsServer, NatsServerConfig, NatsUser, free_port
 from iotdlm.clock import SystemClock
 from iotdlm.cm.config import CM_FILE
@@ -81,9 +82,14 @@ class Postgres:
 
 class Cluster:
     """Three nats-server nodes, one per host address, routed to each other, JetStream on each in
-    its own store folder, every module's login and permissions rendered as for the embedded one."""
+    its own store folder, every module's login and permissions rendered as for the embedded one,
+    and the deployment's TLS on the client port: the server certificate names the three addresses,
+    clients present their module certificates, TLS handshake first (routes between the nodes are
+    plain, on loopback, with a route password)."""
 
-    def __init__(self, root: Path, users: list[NatsUser]) -> None:
+    def __init__(self, root: Path, dep: Deployment) -> None:
+        users = [NatsUser(module=module, user=c.user, password=c.password) for module, c in dep.nats_users()]
+        cert, key, client_ca = dep.nats_tls_files
         self.port = free_port()
         cluster_port = free_port()
         self.http = [free_port() for _ in HOSTS]
@@ -92,17 +98,18 @@ class Cluster:
         for i, host in enumerate(HOSTS):
             cfg = NatsServerConfig(
                 port=self.port, host=host, users=users, jetstream_dir=root / f"node{i}" / "jetstream",
-                http_port=self.http[i],
+                http_port=self.http[i], tls_cert=cert, tls_key=key, tls_ca=client_ca, verify_clients=True,
                 cluster=ClusterConfig(
                     name="iotdlm", node=f"node{i}", host=host, port=cluster_port,
                     routes=[f"{other}:{cluster_port}" for other in HOSTS if other != host], route_password=password,
                 ),
             )  # fmt: skip
-            self.nodes.append(EmbeddedNatsServer(cfg, root / f"node{i}" / "nats.conf"))
+            tls = dep.client_tls(dep.identity(subjects.SUPERVISOR))
+            self.nodes.append(EmbeddedNatsServer(cfg, root / f"node{i}" / "nats.conf", client_tls=tls))
 
     @property
     def url(self) -> str:
-        return ",".join(f"nats://{host}:{self.port}" for host in HOSTS)
+        return ",".join(f"tls://{host}:{self.port}" for host in HOSTS)
 
     def start(self, timeout: float = 60.0) -> None:
         for node in self.nodes:
@@ -132,23 +139,24 @@ class Site:
     cm_http: str
 
 
-def make_site(tmp: Path, pg: Postgres) -> tuple[Site, list[NatsUser]]:
-    """One deployment on PostgreSQL, copied to three host folders (km, km, cm); cm listens on the
-    third host's address. Returns it and the NATS logins for the cluster's configuration."""
+def make_site(tmp: Path, pg: Postgres) -> Site:
+    """One deployment on PostgreSQL with NATS over TLS (the server certificate names the three
+    host addresses); cm listens on the third host's address."""
     clock = SystemClock()
     http_port = free_port()
     cm_http = f"http://{HOSTS[2]}:{http_port}"
     dep, _ = init_deployment(
         tmp / "site", organization="Multi", algorithm=Algorithm.P256, dtypes=["board"], passphrase=PW.encode(),
-        database_url=pg.url, public_url=cm_http, metrics_port=0, now=clock.now(),
+        database_url=pg.url, public_url=cm_http, metrics_port=0, nats_tls=True, now=clock.now(),
     )  # fmt: skip
+    service_ca = dep.load_cas(PW.encode())["service"]
+    dep.issue_nats_server_certificate(service_ca, now=clock.now(), addresses=HOSTS)
     store = open_store(dep)
     try:
         record_identities(dep, store, clock.now())
     finally:
         store.close()
-    users = [NatsUser(module=module, user=c.user, password=c.password) for module, c in dep.nats_users()]
-    return Site(dep, [], cm_http), users
+    return Site(dep, [], cm_http)
 
 
 def place_hosts(site: Site, cluster_url: str) -> None:

@@ -168,8 +168,8 @@ async def test_three_hosts_survive_a_nats_node_a_km_host_and_a_database_restart(
     pg.start()
     cluster: mh.Cluster | None = None
     try:
-        site, users = await asyncio.to_thread(mh.make_site, tmp_path, pg)
-        cluster = mh.Cluster(tmp_path / "nats", users)
+        site = await asyncio.to_thread(mh.make_site, tmp_path, pg)
+        cluster = mh.Cluster(tmp_path / "nats", site.dep)
         await asyncio.to_thread(cluster.start)
         await asyncio.to_thread(mh.place_hosts, site, cluster.url)
         hosts = [mh.up(site.hosts[0], "km"), mh.up(site.hosts[1], "km"), mh.up(site.hosts[2], "cm")]
