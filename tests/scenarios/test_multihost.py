@@ -47,7 +47,7 @@ ISSUERS = 3  # concurrent issuance clients
 OCSP_CLIENTS = 2
 #: a fault's effect must be over within this long (generous: a slow, loaded CI machine)
 RESUME_BOUND = 60.0
-STEADY = 4.0  # seconds of load before each fault and at the end
+STEADY = 3.0  # seconds of load before each fault and at the end
 
 
 @dataclass
@@ -190,7 +190,7 @@ async def run_scenario(
     load = Load()
     try:
         await mh.until(lambda: ready(client), 90, "km on the two hosts to answer")
-        await bus.key_value(subjects.MODE_BUCKET)  # made by the hosts' supervisors
+        mode_kv = await bus.key_value(subjects.MODE_BUCKET)  # made by the hosts' supervisors
         js = bus._js_context()  # type: ignore[attr-defined]
         for stream in (subjects.kv_stream(subjects.MODE_BUCKET), subjects.AUDIT_HEADS_STREAM):
             info = await js.stream_info(stream)
@@ -202,7 +202,9 @@ async def run_scenario(
             tasks = [asyncio.ensure_future(issuer(client, n, load)) for n in range(ISSUERS)]
             tasks += [asyncio.ensure_future(ocsp_client(http, site.cm_http, ca, load)) for _ in range(OCSP_CLIENTS)]
             try:
-                await faults(cluster, pg, hosts, load)
+                await faults(cluster, pg, site, hosts, load)
+                entry = await mode_kv.get(subjects.MODE_KEY)
+                assert entry is not None, "a --services host that stopped took the mode away from the others"
             finally:
                 load.stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -231,15 +233,29 @@ async def ready(client: KmClient) -> bool:
     return True
 
 
-async def faults(cluster: mh.Cluster, pg: mh.Postgres, hosts: list[subprocess.Popen[bytes]], load: Load) -> None:
-    """kill -9 a NATS node, then a km host, then restart PostgreSQL; each time, wait until service
-    is back (a call completed after the fault) and print how long it took."""
+def bounce(hosts: list[subprocess.Popen[bytes]], i: int, folder: Path) -> None:
+    """Start host ``i``'s ``up --services km`` again, let its km join, then stop it with SIGTERM
+    (exit 0 expected)."""
+    hosts[i] = mh.up(folder, "km")
+    time.sleep(STEADY * 2)
+    mh.stop_host(hosts[i])
+    assert hosts[i].returncode == 0, (folder / "up.out").read_text()[-2000:]
+
+
+async def faults(
+    cluster: mh.Cluster, pg: mh.Postgres, site: mh.Site, hosts: list[subprocess.Popen[bytes]], load: Load
+) -> None:
+    """kill -9 a NATS node, then a km host, then restart PostgreSQL, then bring the km host back
+    and stop it with SIGTERM; each time, wait until service is back (certificates issued after
+    the fault) and print how long issuance stalled."""
     await mh.until(lambda: len(load.issued) >= 5, 60, "the first issued certificates")
     await asyncio.sleep(STEADY)
     steps = [
         ("kill -9 NATS node 1", lambda: cluster.nodes[1].kill()),
         ("kill -9 km host 0 (supervisor and km)", lambda: mh.kill_host(hosts[0])),
         ("restart PostgreSQL", pg.restart),
+        # a km host back, then stopped as an operator stops it: the mode stays for the others
+        ("km host 0 up again, then SIGTERM", lambda: bounce(hosts, 0, site.hosts[0])),
     ]
     for what, act in steps:
         at = time.monotonic()
