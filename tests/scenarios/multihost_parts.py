@@ -179,12 +179,12 @@ def place_hosts(site: Site, cluster_url: str) -> None:
 
 def up(folder: Path, services: str) -> subprocess.Popen[bytes]:
     """``iotdlm up --services SERVICES`` for one host, as its own process (its own session)."""
-    out = (folder / "up.out").open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "iotdlm.cli.main", "up", "--data", str(folder), "--mode", "certificate-management",
-         "--services", services],
-        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, PASSPHRASE_ENV: PW}, start_new_session=True,
-    )  # fmt: skip
+    with (folder / "up.out").open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "iotdlm.cli.main", "up", "--data", str(folder), "--mode", "certificate-management",
+             "--services", services],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, PASSPHRASE_ENV: PW}, start_new_session=True,
+        )  # fmt: skip
 
 
 def descendants(pid: int) -> list[int]:
