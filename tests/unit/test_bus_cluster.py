@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,19 @@ def test_services_name_known_modules_and_need_a_shared_nats(tmp_path: Path) -> N
         parse_services("km", dep)
     with pytest.raises(BadRequestError, match="unknown module"):
         parse_services("km,va", dep)
+
+
+def test_up_with_services_but_no_shared_nats_refuses_in_words(tmp_path: Path) -> None:
+    dep, _ = init_deployment(
+        tmp_path / "site", organization="T", algorithm=Algorithm.P256, dtypes=["b"], passphrase=b"pw",
+        now=SystemClock().now(),
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "iotdlm.cli.main", "up", "--data", str(dep.root), "--mode", "certificate-management",
+         "--services", "km"],
+        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "COLUMNS": "250"},
+    )  # fmt: skip
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "set [nats] url" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+    assert not (dep.root / "logs" / "km.log").exists()  # nothing was started
