@@ -47,6 +47,7 @@ import tomli_w
 from cryptography import x509
 
 from iotdlm import cm_https
+from iotdlm.bus.cluster import check_replicas, server_urls
 from iotdlm.bus.urls import check_nats_url
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.files import atomic_write
@@ -87,7 +88,8 @@ DIR_MODE = 0o700
 
 
 class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
-    #: an existing NATS server to use instead of the embedded one
+    #: an existing NATS server to use instead of the embedded one; a cluster: its nodes' URLs,
+    #: separated by commas (ADR 0027)
     url: str | None = None
     host: str = "127.0.0.1"
     port: int = DEFAULT_NATS_PORT
@@ -99,6 +101,9 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     #: cannot strip TLS. ``false`` only for an external server without ``handshake_first`` in its
     #: tls block; every module logs a warning at each start
     tls_handshake_first: bool = True
+    #: replicas of what the deployment keeps in JetStream (the mode bucket, the audit heads
+    #: stream) when they are first made: 0 = 3 on a cluster of 3 or more nodes, else 1 (ADR 0027)
+    jetstream_replicas: int = 0
 
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -176,7 +181,9 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
             if host != "localhost":
                 raise BadRequestError(f"nats.host {host!r} is not an IP address", field="nats.host") from None
         if self.nats.url is not None:
-            check_nats_url(self.nats.url, allow_plain=self.nats.allow_plain)
+            for url in server_urls(self.nats.url):
+                check_nats_url(url, allow_plain=self.nats.allow_plain)
+        check_replicas(self.nats.jetstream_replicas)
         for name, p in self.profiles.items():
             if name not in DEFAULT_PROFILES:
                 known = ", ".join(DEFAULT_PROFILES)
@@ -403,9 +410,12 @@ class Deployment:
         d = self.root / "nats"
         return d / "server.pem", d / "server.key.pem", d / "client-ca.pem"
 
-    def issue_nats_server_certificate(self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime) -> x509.Certificate:
+    def issue_nats_server_certificate(
+        self, service_ca: pki_ca.IssuingCA, *, now: dt.datetime, addresses: Sequence[str] = ()
+    ) -> x509.Certificate:
         """A loopback server certificate for NATS (profile ``tls-server``); clients must present
-        their module certificates."""
+        their module certificates. ``addresses``: more IP addresses it names (the nodes of a
+        cluster on loopback addresses, ADR 0027)."""
         key = generate_key(self.algorithm)
         cert = service_ca.issue(
             self.profiles()["tls-server"],
@@ -415,7 +425,7 @@ class Deployment:
             serial=x509.random_serial_number(),
             uris=[module_uri("nats", enterprise_number=self.config.enterprise_number)],
             dns_names=["localhost"],
-            ip_addresses=[ipaddress.ip_address("127.0.0.1")],
+            ip_addresses=[ipaddress.ip_address(a) for a in ("127.0.0.1", *addresses)],
             urls=self.public_urls,
         )
         cert_path, key_path, ca_path = self.nats_tls_files

@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue as _NatsKV
 
 from iotdlm import errors
 from iotdlm.aio import cancel_and_wait
-from iotdlm.bus import subjects, urls
+from iotdlm.bus import cluster, subjects, urls
 from iotdlm.bus.api import EventHandler, Message, RequestHandler
 from iotdlm.bus.memory import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -203,7 +203,9 @@ class NatsBus:
         max_concurrent_handlers: int = DEFAULT_MAX_CONCURRENT_HANDLERS,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         confirm_publish: bool = True,
+        jetstream_replicas: int = 0,
     ) -> None:
+        cluster.check_replicas(jetstream_replicas)
         if max_concurrent_handlers < 1:
             raise ValueError("max_concurrent_handlers must be at least 1")
         self._nc = client
@@ -212,6 +214,7 @@ class NatsBus:
         self._sem = asyncio.Semaphore(max_concurrent_handlers)
         self._drain_timeout = drain_timeout
         self._confirm_publish = confirm_publish
+        self._replicas = jetstream_replicas
         self._watch = _Watch()
         self._subs: list[_NatsSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -239,6 +242,13 @@ class NatsBus:
     @property
     def max_payload(self) -> int:
         return int(self._nc.max_payload)
+
+    def replicas(self) -> int:
+        """Replicas of a bucket or stream made now (``[nats] jetstream_replicas``, ADR 0027):
+        automatic counts the cluster's nodes the server announces (its ``connect_urls``)."""
+        info = getattr(self._nc, "_server_info", None) or {}
+        nodes = len(set(info.get("connect_urls") or []))
+        return cluster.replicas_for(self._replicas, nodes)
 
     # --- callbacks given to nats-py -----------------------------------------------------------
 
@@ -417,7 +427,8 @@ class NatsBus:
                 if not create:
                     raise
             # one value per key, on disk (the mode must survive a restart of the server)
-            return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+            config = KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=self.replicas())
+            return await js.create_key_value(config)
 
         kv = await self._jetstream(
             f"open bucket {bucket}",
@@ -437,7 +448,7 @@ class NatsBus:
         check_bucket(name)
         check_subject(subject, wildcards=False)
         self._check_open(new_work=False)
-        stream = NatsStream(self, name, subject)
+        stream = NatsStream(self, name, subject, replicas=self.replicas())
         if create:
             api = [f"$JS.API.STREAM.INFO.{name}", f"$JS.API.STREAM.CREATE.{name}"]
             await self._jetstream(f"create stream {name}", stream.create(), api)
@@ -609,12 +620,14 @@ async def connect(
     max_concurrent_handlers: int = DEFAULT_MAX_CONCURRENT_HANDLERS,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     confirm_publish: bool = True,
+    jetstream_replicas: int = 0,
     max_reconnect_attempts: int = -1,
     reconnect_time_wait: float = 2.0,
     allow_plain: bool = False,
     tls_handshake_first: bool = True,
 ) -> NatsBus:
-    """Connect ``module`` to the NATS server at ``url`` (``nats://`` or ``tls://``).
+    """Connect ``module`` to the NATS server at ``url`` (``nats://`` or ``tls://``), or to a cluster:
+    several URLs separated by commas (:func:`iotdlm.bus.cluster.server_urls`), each checked alike.
 
     Over TLS (a ``tls://`` URL or a ``tls`` context) the client starts with the TLS handshake
     (``tls_handshake_first``, the default) and reads nothing in plain text: nats-py otherwise
@@ -632,9 +645,14 @@ async def connect(
     reconnects after a loss (forever by default, ``max_reconnect_attempts=-1``); requests made
     meanwhile time out into :class:`~iotdlm.errors.UnavailableError`.
     """
-    over_tls = _check_transport(
-        url, module=module, tls=tls, allow_plain=allow_plain, tls_handshake_first=tls_handshake_first
-    )
+    servers = cluster.server_urls(url)
+    transports = {
+        _check_transport(u, module=module, tls=tls, allow_plain=allow_plain, tls_handshake_first=tls_handshake_first)
+        for u in servers
+    }
+    if len(transports) > 1:
+        raise errors.BadRequestError(f"the NATS URLs {url!r} mix TLS and plain servers: use tls:// for every node")
+    over_tls = transports.pop()
     client = Client()
     bus = NatsBus(
         client,
@@ -643,10 +661,11 @@ async def connect(
         max_concurrent_handlers=max_concurrent_handlers,
         drain_timeout=drain_timeout,
         confirm_publish=confirm_publish,
+        jetstream_replicas=jetstream_replicas,
     )
     try:
         await client.connect(
-            servers=[url],
+            servers=servers,
             error_cb=bus._on_error,
             disconnected_cb=bus._on_disconnected,
             reconnected_cb=bus._on_reconnected,

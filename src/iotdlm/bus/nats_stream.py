@@ -24,8 +24,9 @@ _READ_WINDOW = 64
 class NatsStream:
     """:class:`iotdlm.bus.api.AppendOnlyStream` as a JetStream stream (see :meth:`config`)."""
 
-    def __init__(self, bus: NatsBus, name: str, subject: str) -> None:
+    def __init__(self, bus: NatsBus, name: str, subject: str, *, replicas: int = 1) -> None:
         self._bus = bus
+        self._replicas = replicas
         self._name = name
         self._subject = subject
 
@@ -45,7 +46,7 @@ class NatsStream:
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
-            num_replicas=1,
+            num_replicas=self._replicas,
         )
 
     async def create(self) -> None:

@@ -101,10 +101,51 @@ class NatsServerConfig:
     #: the server's name, announced in the INFO greeting; :class:`EmbeddedNatsServer` sets a fresh
     #: random one at every start, so it can tell its own server from another one on the port
     server_name: str | None = None
+    #: one node of a NATS cluster (several hosts, ADR 0027); ``None``: a lone server
+    cluster: ClusterConfig | None = None
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+@dataclass
+class ClusterConfig:
+    """This node's place in a NATS cluster with JetStream (ADR 0027).
+
+    ``node`` is the node's stable server name (JetStream's peers are named by it, so it must not
+    change across restarts, unlike a lone server's random name); ``routes`` are the other nodes'
+    route addresses (``host:port``), which this node dials with ``route_user`` / ``route_password``
+    and accepts only with them.
+    """
+
+    name: str
+    node: str
+    host: str
+    port: int
+    routes: list[str] = field(default_factory=list)
+    route_user: str = "route"
+    route_password: str = field(default="", repr=False)
+
+    def render(self) -> list[str]:
+        for what, value in (("cluster name", self.name), ("node name", self.node)):
+            if not value or not all(c.isalnum() or c in "-_" for c in value):
+                raise ValueError(f"the {what} must be letters, digits, '-' and '_'")
+        _check_port("cluster port", self.port)
+        if not self.route_password:
+            raise ValueError("a cluster needs a route password (nodes accept routes only with it)")
+        auth = f"{self.route_user}:{self.route_password}"
+        lines = [
+            "cluster {",
+            f"  name: {quote(self.name)}",
+            f"  listen: {quote(_host_port(self.host, self.port))}",
+            f"  authorization {{ user: {quote(self.route_user)}, password: {quote(self.route_password)} }}",
+        ]
+        if self.routes:
+            urls = [f"nats-route://{auth}@{route}" for route in self.routes]
+            lines.append(f"  routes: {_str_list(urls)}")
+        lines.append("}")
+        return lines
 
 
 def instance_name() -> str:
@@ -234,6 +275,8 @@ def render_config(cfg: NatsServerConfig) -> str:
     elif cfg.verify_clients or cfg.tls_ca is not None:
         raise ValueError("tls_ca / verify_clients need tls_cert and tls_key")
 
+    if cfg.cluster is not None:
+        lines.extend(cfg.cluster.render())
     if cfg.jetstream_dir is not None:
         lines.append("jetstream {")
         lines.append(f"  store_dir: {quote(str(cfg.jetstream_dir))}")
@@ -339,7 +382,7 @@ class EmbeddedNatsServer:
         binary = self._binary or find_nats_server()
         # a fresh name per start: the greeting on the port must carry it before anyone connects
         # (another server already on the port would otherwise receive the modules' credentials)
-        self._name = instance_name()
+        self._name = self.config.cluster.node if self.config.cluster is not None else instance_name()
         text = render_config(replace(self.config, server_name=self._name))
         if self.config.jetstream_dir is not None:
             self.config.jetstream_dir.mkdir(parents=True, exist_ok=True)

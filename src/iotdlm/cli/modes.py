@@ -35,7 +35,7 @@ from iotdlm.cli.common import (
 from iotdlm.cli.logformat import formatter
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
-from iotdlm.errors import UnavailableError
+from iotdlm.errors import BadRequestError, UnavailableError
 from iotdlm.modes.table import DEFAULT_COMMANDS, CommandTable, Mode, parse_mode
 from iotdlm.wire import modes as m
 
@@ -82,8 +82,18 @@ def _log_to_file(data: Path) -> logging.Handler:
     help='JSON {"km": ["{python}", "-m", ...], ...} replacing how services start '
     "(placeholders {python} {data} {name} {module} {dtype}).",
 )
+@click.option(
+    "--services",
+    "services_list",
+    default=None,
+    metavar="km,cm,...",
+    help="Run only these modules of the mode on this host (one host of several sharing a NATS cluster "
+    "and a database; needs [nats] url). Default: all of them, with NATS on this host.",
+)
 @handle_errors
-def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: Path | None) -> None:
+def up(
+    data: Path, mode_name: str | None, with_sm: bool | None, commands_file: Path | None, services_list: str | None
+) -> None:
     """Start NATS and the services a mode runs; supervise them until Ctrl-C / SIGTERM.
 
     Each service is its own process, logging to DATA/logs/<service>.log; a crashed one is
@@ -96,19 +106,38 @@ def up(data: Path, mode_name: str | None, with_sm: bool | None, commands_file: P
     dep = Deployment.load(data)
     commands: CommandTable = read_commands(commands_file) if commands_file is not None else DEFAULT_COMMANDS
     mode = parse_mode(mode_name) if mode_name is not None else None
-    _preflight(dep, mode, with_sm, commands)
+    only = parse_services(services_list, dep) if services_list is not None else None
+    _preflight(dep, mode, with_sm, commands, only)
     handler = _log_to_file(data)
     try:
         if ensure_identity(dep, SystemClock()):
             console.print(f"created the supervisor's identity in {data / 'modules' / subjects.SUPERVISOR}")
             dep = Deployment.load(data)
-        run(_up(dep, mode, with_sm, commands))
+        run(_up(dep, mode, with_sm, commands, only))
     finally:
         logging.getLogger("iotdlm").removeHandler(handler)
         handler.close()
 
 
-def _preflight(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable) -> None:
+def parse_services(text: str, dep: Deployment) -> frozenset[str]:
+    """``--services km,cm``: known modules of Table 1, at least one; this host needs a shared NATS."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in DEFAULT_COMMANDS]
+    if not names or unknown:
+        what = f"unknown module(s) {', '.join(unknown)}" if unknown else "no module"
+        raise BadRequestError(f"--services names {what}; choose among {', '.join(DEFAULT_COMMANDS)}", field="services")
+    if dep.config.nats.url is None:
+        raise BadRequestError(
+            f"--services runs part of a deployment that other hosts share, over one NATS: set [nats] url in "
+            f"{dep.root / 'iotdlm.toml'} to the NATS cluster's URLs (comma-separated), then run it again",
+            field="nats.url",
+        )
+    return frozenset(names)
+
+
+def _preflight(
+    dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable, only: frozenset[str] | None
+) -> None:
     """Print every problem :func:`~iotdlm.supervisor.preflight.preflight` finds and exit: 4 when
     the configuration is wrong, 3 when only something outside it is in the way (a port taken)."""
     from iotdlm.supervisor.preflight import preflight
@@ -121,7 +150,7 @@ def _preflight(dep: Deployment, mode: Mode | None, with_sm: bool | None, command
         mode = parse_mode(saved.mode)
     if with_sm is None:
         with_sm = saved.with_sm if saved is not None else False
-    problems = preflight(dep, mode, with_sm=with_sm, commands=commands)
+    problems = preflight(dep, mode, with_sm=with_sm, commands=commands, only=only)
     if not problems:
         return
     err_console.print(f"[red]not starting[/red] {mode.value} for {dep.root}: nothing was started")
@@ -130,14 +159,16 @@ def _preflight(dep: Deployment, mode: Mode | None, with_sm: bool | None, command
     raise SystemExit(EXIT_REJECTED if not all(p.unavailable for p in problems) else EXIT_UNAVAILABLE)
 
 
-async def _up(dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable) -> None:
+async def _up(
+    dep: Deployment, mode: Mode | None, with_sm: bool | None, commands: CommandTable, only: frozenset[str] | None
+) -> None:
     from iotdlm.supervisor.supervisor import Supervisor
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    sup = Supervisor(dep, commands=commands)
+    sup = Supervisor(dep, commands=commands, only=only)
     try:
         await sup.start(mode, with_sm=with_sm, by=operator())
         _print_status(sup.status(), dep.root)

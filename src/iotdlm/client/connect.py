@@ -25,6 +25,7 @@ async def connect_identity(dep: Deployment, name: str) -> tuple[Bus, ModuleIdent
         tls=dep.client_tls(ident) if dep.config.nats.tls else None,
         allow_plain=dep.config.nats.allow_plain,
         tls_handshake_first=dep.config.nats.tls_handshake_first,
+        jetstream_replicas=dep.config.nats.jetstream_replicas,
     )
     return bus, ident
 

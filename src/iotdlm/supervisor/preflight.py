@@ -274,8 +274,10 @@ def preflight(
     with_sm: bool,
     commands: CommandTable = DEFAULT_COMMANDS,
     embedded_nats: bool | None = None,
+    only: frozenset[str] | None = None,
 ) -> list[Problem]:
-    """Every reason ``iotdlm up --mode MODE`` would fail or crash-loop, found before anything starts."""
+    """Every reason ``iotdlm up --mode MODE`` would fail or crash-loop, found before anything starts
+    (of the modules in ``only`` alone, when given: ``up --services``)."""
     other = lock_holder(dep.root)
     if other is not None:
         pid = f"pid {other}" if other else "its pid unknown"
@@ -286,7 +288,7 @@ def preflight(
                 f"`iotdlm down --data {dep.root}` stops it",
             )
         ]
-    on = modules_on(mode, with_sm=with_sm)
+    on = tuple(name for name in modules_on(mode, with_sm=with_sm) if only is None or name in only)
     ours = {module for module in on if _is_default(commands, module)}
     out = _check_folders(dep)
     out += _check_passphrase(dep, km_runs="km" in ours)

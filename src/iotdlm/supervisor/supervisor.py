@@ -104,7 +104,10 @@ class Supervisor:
 
     ``commands`` (default :data:`~iotdlm.modes.table.DEFAULT_COMMANDS`) says how each module is
     started; ``embedded_nats`` (default: when the deployment names no external NATS ``url``)
-    whether the supervisor runs the NATS server itself.
+    whether the supervisor runs the NATS server itself; ``only`` (``iotdlm up --services``) the
+    modules this host runs of each mode -- one host of several sharing a NATS cluster (ADR 0027):
+    it needs an external NATS, leaves the mode in the bucket when it stops (the other hosts run
+    on) and answers ``mode set`` (each host switches its own part) but not ``status`` or ``down``.
     """
 
     def __init__(
@@ -118,8 +121,10 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         embedded_nats: bool | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        only: frozenset[str] | None = None,
     ) -> None:
         check_commands(commands)
+        self._only = only
         self.dep = dep
         self._commands = commands
         self._settings = settings or SupervisorSettings()
@@ -229,6 +234,12 @@ class Supervisor:
             ident = self.dep.identity(subjects.SUPERVISOR)
             self._sealer = Sealer(ident.key, ident.certificate)
             self._verifier = ModeVerifier.for_deployment(self.dep, self._clock)
+            if self._embedded and self._only is not None:
+                raise errors.BadRequestError(
+                    "--services runs part of a deployment that other hosts share: set [nats] url in "
+                    f"{self.dep.root / 'iotdlm.toml'} to the NATS cluster's URLs",
+                    field="nats.url",
+                )
             if self._embedded:
                 await self._start_nats()
             self._bus = await self._connect()
@@ -242,8 +253,9 @@ class Supervisor:
             async with self._switch_lock:
                 await self._apply(mode, with_sm, by=_clean_by(by), actor=subjects.SUPERVISOR, reason="up")
             self._subs.append(await self._bus.serve(subjects.MODES_SET, self._on_set))
-            self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
-            self._subs.append(await self._bus.serve(subjects.MODES_STOP, self._on_stop))
+            if self._only is None:  # one host of several: `status` and `down` are for one supervisor
+                self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
+                self._subs.append(await self._bus.serve(subjects.MODES_STOP, self._on_stop))
             self._subs.append(await self._bus.subscribe(subjects.events("*", MODE_ALARM), self._on_mode_alarm))
             self._subs.append(
                 await self._bus.subscribe(subjects.events("*", subjects.SIGNER_ALARM), self._on_signer_alarm)
@@ -289,7 +301,7 @@ class Supervisor:
                     )
                 except errors.IotdlmError as exc:
                     log.error("could not audit the shutdown: %s", exc)
-            if self._kv is not None:
+            if self._kv is not None and self._only is None:
                 try:  # no supervisor, no mode: a service left running refuses (ModeGuard)
                     await self._kv.delete(subjects.MODE_KEY)
                 except errors.IotdlmError as exc:
@@ -315,7 +327,7 @@ class Supervisor:
 
     def _plan(self, modules: tuple[str, ...]) -> list[ServiceSpec]:
         return services(
-            modules,
+            [name for name in modules if self._only is None or name in self._only],
             dtypes=self.dep.config.dtypes,
             commands=self._commands,
             data=str(self.dep.root),
