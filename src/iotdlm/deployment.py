@@ -65,6 +65,8 @@ CONFIG_FILE = "iotdlm.toml"
 DEFAULT_NATS_PORT = 14222
 #: the supervisor's /metrics listens here by default (loopback only)
 DEFAULT_METRICS_PORT = 14290
+#: the operator console listens here by default (loopback only unless [console] host says otherwise)
+DEFAULT_CONSOLE_PORT = 8444
 ISSUING_CAS = ("factory", "operational", "service")
 BASE_MODULES = ("km", "sm", "cm", "admin", "modes")
 #: folders and secrets are the owner's alone
@@ -86,6 +88,17 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     #: cannot strip TLS. ``false`` only for an external server without ``handshake_first`` in its
     #: tls block; every module logs a warning at each start
     tls_handshake_first: bool = True
+
+
+class ConsoleSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    #: the operator console (HTTPS, the admin client certificate logs in; docs/adr/0030): the
+    #: supervisor starts it in every mode unless this is false
+    enabled: bool = True
+    #: where it listens: loopback by default (reach it over an SSH tunnel); another address only on
+    #: a network you trust -- the admin certificate is still required
+    host: str = "127.0.0.1"
+    #: its HTTPS port (`iotdlm console url` prints the address)
+    port: int = DEFAULT_CONSOLE_PORT
 
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -131,6 +144,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     est_serverkeygen: str = "encrypted"
     #: the supervisor's Prometheus /metrics, on 127.0.0.1 only (docs/adr/0018); 0 turns it off
     metrics_port: int = DEFAULT_METRICS_PORT
+    #: the `[console]` table below
+    console: ConsoleSettings = ConsoleSettings()
 
     def validate(self) -> None:
         try:
@@ -174,6 +189,12 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                 )
         if not 0 <= self.metrics_port <= 65535:
             raise BadRequestError("metrics_port must be between 0 (off) and 65535", field="metrics_port")
+        if not 1 <= self.console.port <= 65535:
+            raise BadRequestError("console.port must be between 1 and 65535", field="console.port")
+        try:
+            ipaddress.ip_address(self.console.host)
+        except ValueError:
+            raise BadRequestError(f"console.host {self.console.host[:80]!r} is not an IP address", field="console.host") from None
         if self.est_serverkeygen not in SERVERKEYGEN_MODES:
             raise BadRequestError(
                 "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"
