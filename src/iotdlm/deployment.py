@@ -194,7 +194,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
         try:
             ipaddress.ip_address(self.console.host)
         except ValueError:
-            raise BadRequestError(f"console.host {self.console.host[:80]!r} is not an IP address", field="console.host") from None
+            shown = self.console.host[:80]
+            raise BadRequestError(f"console.host {shown!r} is not an IP address", field="console.host") from None
         if self.est_serverkeygen not in SERVERKEYGEN_MODES:
             raise BadRequestError(
                 "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"

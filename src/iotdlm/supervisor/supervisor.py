@@ -46,6 +46,7 @@ from iotdlm.files import atomic_write
 from iotdlm.modes.guard import MODE_ALARM, AlarmLimiter
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import (
+    CONSOLE,
     DEFAULT_COMMANDS,
     START_ORDER,
     CommandTable,
@@ -54,6 +55,7 @@ from iotdlm.modes.table import (
     check_commands,
     modules_on,
     parse_mode,
+    render_command,
     services,
 )
 from iotdlm.observe.gather import MetricsListener, Target, start_listener
@@ -150,6 +152,7 @@ class Supervisor:
         #: set when an operator asks the supervisor to stop (``iotdlm down``); ``iotdlm up`` waits on it
         self.stop_requested = asyncio.Event()
         self._metrics: MetricsListener | None = None  # the /metrics of ADR 0018
+        self._console: ServiceProcess | None = None  # the operator console of ADR 0030, in every mode
         all_specs = self._plan(START_ORDER)
         self._order = {spec.name: i for i, spec in enumerate(all_specs)}
 
@@ -251,6 +254,7 @@ class Supervisor:
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
             self._metrics = await start_listener(self._bus, self._targets, port=self.dep.config.metrics_port)
+            self._console = self._spawn_console()
         except BaseException:
             await self.stop()
             raise
@@ -264,6 +268,8 @@ class Supervisor:
             with contextlib.suppress(errors.IotdlmError):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self._console is not None:
+            await self._console.stop()
         if self._metrics is not None:
             await self._metrics.stop()
         if self._monitor is not None:
@@ -400,6 +406,17 @@ class Supervisor:
             kept=kept,
             restarted=restarted,
         )
+
+    def _spawn_console(self) -> ServiceProcess | None:
+        """Start the operator console (every mode) unless turned off or not in the command table."""
+        if not self.dep.config.console.enabled or CONSOLE not in self._commands:
+            return None
+        values = {"python": self._python, "data": str(self.dep.root), "name": CONSOLE, "module": CONSOLE}
+        spec = ServiceSpec(CONSOLE, CONSOLE, None, render_command(self._commands[CONSOLE], values))
+        svc = ServiceProcess(spec, log_dir=self.dep.root / "logs", env=self._env, settings=self._settings,
+                             clock=self._clock, monotonic=self._monotonic)  # fmt: skip
+        svc.start()
+        return svc
 
     async def _publish(self, record: m.SavedMode) -> None:
         """The new mode, where services read it (the bucket) and where ``up`` resumes it (mode.json)."""
