@@ -163,6 +163,7 @@ def verify_log(
     """Check the whole hash chain and every signed checkpoint of ``dep``'s audit log against the
     tree heads kept outside the database (``anchors``): what ``audit verify`` and the console's
     audit page report."""
+    from iotdlm.km import audit as km_audit
     from iotdlm.km.service import Schedule
     from iotdlm.pki.chain import verify_issued_by
     from iotdlm.runtime import open_store

@@ -126,6 +126,14 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except IotdlmError as exc:
         response = _error_page(request, 500, "Failed", f"{exc.message} ({exc.code})", None)
+    except web.HTTPException:
+        raise  # redirects after a form, and aiohttp's own answers
+    except Exception:
+        log.exception("console: %s %s failed", request.method, request.path)
+        response = _error_page(
+            request, 500, "Failed", "something unexpected failed",
+            "The console's log (DIR/logs/console.log) says what; tell whoever runs iotdlm.",
+        )  # fmt: skip
     for name, value in HEADERS.items():
         response.headers.setdefault(name, value)
     return response

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from iotdlm.cli.revoke import REVOCATION_REASONS, check_reason
 from iotdlm.console.app import console_of, render
-from iotdlm.errors import BadRequestError, UnavailableError
+from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
 from iotdlm.modes.table import Mode, modules_on, parse_mode
 
 PAGE = 50
@@ -92,7 +92,7 @@ async def device(request: web.Request) -> web.Response:
     device_id = request.match_info["device_id"]
     view = await con.backend.device(device_id)
     if view.device is None and not view.certificates:
-        raise web.HTTPNotFound(text=f"no device {device_id!r}")
+        raise NotFoundError(f"no device {device_id!r} and no certificate names it: search the fleet for it")
     ocsp: dict[int, str] = {}
     ocsp_note = None
     for cert in view.certificates:
@@ -139,7 +139,14 @@ async def revoke_do(request: web.Request) -> web.Response:
     device_id, reason, decommission = _revocation(request, fields)
     if fields.get("confirm") != "yes":
         raise BadRequestError("tick the confirmation box to revoke", field="confirm")
-    revoked = await console_of(request).backend.revoke(device_id, reason, decommission=decommission)
+    backend = console_of(request).backend
+    view = await backend.device(device_id)
+    if view.device is not None or decommission:
+        revoked = await backend.revoke(device_id, reason, decommission=decommission)
+    else:  # certificates issued outside provisioning (`ca issue`): km has no device record to revoke by
+        revoked = []
+        for cert in (c for c in view.certificates if c.status == "valid"):
+            revoked += await backend.revoke_certificate(cert, reason)
     what = "decommissioned" if decommission else "revoked"
     done = f"{len(revoked)} certificate(s) {what} by km (signed as admin, audited)"
     return _redirect(f"/devices/{device_id}?{urlencode({'done': done})}")
