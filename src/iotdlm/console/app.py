@@ -38,7 +38,7 @@ HEADERS: Mapping[str, str] = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self'; frame-ancestors 'none'; form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: chromium then sends "Origin: null" with our forms
     "Cache-Control": "no-store",
 }
 
