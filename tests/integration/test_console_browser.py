@@ -32,8 +32,8 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 
 from iotdlm.bus.server import free_port
-from iotdlm.cm.config import CM_FILE
 from iotdlm.clock import SystemClock
+from iotdlm.cm.config import CM_FILE
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
 from iotdlm.pki.keys import Algorithm
 from iotdlm.runtime import open_store, record_identities

@@ -126,8 +126,12 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     except IotdlmError as exc:
         response = _error_page(request, 500, "Failed", f"{exc.message} ({exc.code})", None)
-    except web.HTTPException:
-        raise  # redirects after a form, and aiohttp's own answers
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise  # the redirect after a form
+        response = _error_page(
+            request, exc.status, exc.reason, f"{request.method} {request.path[:200]}: {exc.reason}", None
+        )
     except Exception:
         log.exception("console: %s %s failed", request.method, request.path)
         response = _error_page(
