@@ -18,6 +18,7 @@ from iotdlm.console.app import make_app
 from iotdlm.console.backend import LiveBackend
 from iotdlm.console.tls import issue_server_pair, server_context, server_pair_ok
 from iotdlm.deployment import Deployment
+from iotdlm.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,15 @@ async def serve(dep: Deployment, clock: Clock, *, stop: asyncio.Event | None = N
         app = make_app(LiveBackend(dep, store, bus, km, clock), ident.certificate, clock)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, dep.config.console.host, dep.config.console.port, ssl_context=server_context(dep))
-        await site.start()
+        host, port = dep.config.console.host, dep.config.console.port
+        site = web.TCPSite(runner, host, port, ssl_context=server_context(dep))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise UnavailableError(
+                f"the console cannot listen on {host}:{port} ({exc.strerror}): another program holds it? "
+                "Set another port in iotdlm.toml's [console] table"
+            ) from None
         print(f"console: serving {url_of(dep)} (only the admin client certificate logs in)", flush=True)
         await stop.wait()
     finally:
