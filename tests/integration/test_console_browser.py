@@ -216,6 +216,12 @@ async def test_the_3am_path_in_a_browser(tmp_path: Path) -> None:
             await page.get_by_role("button", name="Verify the whole log").click()
             await expect(page.locator("#verdict")).to_have_text("Audit log intact.")
             await _shot(page, tmp_path, "audit-verified")
+            # the other pages answer from the live deployment (store, supervisor, /metrics)
+            for link, heading in (("CAs", "Certificate authorities"), ("Provisioning", "Provisioning runs"),
+                                  ("Transfers", "Trust transfers"), ("Health", "Health and metrics")):  # fmt: skip
+                await page.get_by_role("link", name=link, exact=True).click()
+                await expect(page.locator("h1")).to_have_text(heading)
+            await expect(page.locator("pre")).to_contain_text("iotdlm_")  # the supervisor's Prometheus lines
         finally:
             await browser.close()
     assert "console:" in _iotdlm("audit", "list", "--data", str(dep.root), "--kind", "mode_switch", "--json")

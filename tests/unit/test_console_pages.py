@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 
 from iotdlm.clock import FixedClock
 from iotdlm.console.app import make_app
-from iotdlm.console.backend import CaView, DeviceView, FleetPage, VerifyView
+from iotdlm.console.backend import CaView, DeviceView, FleetPage, PmView, TransferView, VerifyView
 from iotdlm.console.tls import NotAdminError, check_admin
 from iotdlm.errors import BadRequestError, UnavailableError
 from iotdlm.km.audit import AuditReport
-from iotdlm.store.records import CertRecord, DeviceRecord, fingerprint_of
+from iotdlm.store.records import CertRecord, DeviceRecord, ProvisioningRecord, fingerprint_of
 from iotdlm.wire import km as msg
 from iotdlm.wire import modes as m
+from iotdlm.wire import pm as wire_pm
 from tests.helpers import NOW, make_pki
 
 PKI = make_pki()
@@ -99,6 +100,23 @@ class FakeBackend:
     async def metrics(self) -> str:
         raise UnavailableError("the supervisor's /metrics did not answer")
 
+    async def provisioning(self) -> list[PmView]:
+        alarm = wire_pm.Alarm(
+            dtype="board-a", check="sig_sm", code="untrusted", message="sig_sm does not verify",
+            raised_at="2026-11-21T12:00:00Z", raised_by="pm-board-a",
+        )  # fmt: skip
+        failed = ProvisioningRecord(
+            device_id="board-a-00002", dtype="board-a", status="failed", operator="line 1", started_at=NOW,
+            updated_at=NOW, failed_step="software", message="image hash differs",
+        )  # fmt: skip
+        return [PmView("board-a", alarm, {"complete": 3, "failed": 1}, [failed])]
+
+    async def clear_alarm(self, dtype: str, operator: str) -> None:
+        self.calls.append(("clear_alarm", dtype, operator))
+
+    async def transfers(self) -> list[TransferView]:
+        return []
+
 
 def _peer(request: web.Request) -> bytes | None:
     who = request.headers.get("X-Test-Peer")
@@ -158,7 +176,9 @@ def test_check_admin_refuses_an_expired_admin_certificate() -> None:
 
 async def test_every_page_carries_the_security_headers(env: Env) -> None:
     client, _ = env
-    for path in ("/fleet", "/devices/dev-1", "/mode", "/audit", "/audit/verify", "/cas", "/health"):
+    pages = ("/fleet", "/devices/dev-1", "/mode", "/audit", "/audit/verify", "/cas", "/health", "/provisioning",
+             "/transfers", "/provisioning/clear-alarm?dtype=board-a")  # fmt: skip
+    for path in pages:
         resp = await client.get(path, headers=AS_ADMIN)
         assert resp.status == 200, (path, await resp.text())
         assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
@@ -222,6 +242,24 @@ async def test_a_mode_switch_is_confirmed_and_names_the_console_operator(env: En
     bad = await client.get("/mode/switch?to=party", headers=AS_ADMIN)
     assert bad.status == 400
     assert "certificate-management" in await bad.text()
+
+
+async def test_a_pm_alarm_is_shown_and_cleared_after_a_confirmation(env: Env) -> None:
+    client, backend = env
+    page = await (await client.get("/provisioning", headers=AS_ADMIN)).text()
+    assert "HALTED" in page
+    assert "sig_sm does not verify" in page
+    assert "image hash differs" in page
+    token = await _csrf(client, "/provisioning/clear-alarm?dtype=board-a")
+    form = {"csrf": token, "dtype": "board-a"}
+    assert (await client.post("/provisioning/clear-alarm", data=form, headers=AS_ADMIN)).status == 400
+    assert (await client.post("/provisioning/clear-alarm", data={**form, "confirm": "yes"})).status == 403
+    resp = await client.post(
+        "/provisioning/clear-alarm", data={**form, "confirm": "yes"}, headers=AS_ADMIN, allow_redirects=False
+    )
+    assert resp.status == 303
+    assert backend.calls[-1][:2] == ("clear_alarm", "board-a")
+    assert backend.calls[-1][2].startswith("console:admin@")
 
 
 # --- what pages say ---------------------------------------------------------------------------------

@@ -28,12 +28,22 @@ from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, IotdlmError, UnavailableError
 from iotdlm.km import audit as km_audit
 from iotdlm.store import Store
-from iotdlm.store.records import AuditRecord, CertRecord, CrlRecord, DeviceRecord
+from iotdlm.store.records import (
+    AuditRecord,
+    CertRecord,
+    CrlRecord,
+    DeviceRecord,
+    ProvisioningRecord,
+)
+from iotdlm.store.transfer import TransferRecord
 from iotdlm.wire import km as msg
 from iotdlm.wire import modes as m
+from iotdlm.wire import pm as wire_pm
 
 #: how far back a device page looks for the device's audit records
 TRAIL_SCAN = 2000
+#: provisioning records shown per status (failed, in progress) and device type
+PAGE_RECORDS = 50
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,24 @@ class CaView:
     crls: list[CrlRecord]
 
 
+@dataclass(frozen=True)
+class PmView:
+    """One device type's provisioning: pm's alarm, its records per status, the ones to look at."""
+
+    dtype: str
+    alarm: wire_pm.Alarm | None
+    counts: dict[str, int]
+    records: list[ProvisioningRecord]
+
+
+@dataclass(frozen=True)
+class TransferView:
+    role: str
+    record: TransferRecord
+    counts: dict[str, int]
+    refused: int
+
+
 class Backend(Protocol):
     async def admin_revoked(self, fingerprint: str) -> bool: ...
     async def fleet(
@@ -81,6 +109,9 @@ class Backend(Protocol):
     async def audit_verify(self) -> VerifyView: ...
     async def cas(self) -> list[CaView]: ...
     async def metrics(self) -> str: ...
+    async def provisioning(self) -> list[PmView]: ...
+    async def clear_alarm(self, dtype: str, operator: str) -> None: ...
+    async def transfers(self) -> list[TransferView]: ...
 
 
 def _involves(rec: AuditRecord, device_id: str, serials: set[str]) -> bool:
@@ -210,3 +241,42 @@ class LiveBackend:
                 return await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UnavailableError(f"the supervisor's /metrics on 127.0.0.1:{port} did not answer ({exc})") from exc
+
+    async def provisioning(self) -> list[PmView]:
+        from iotdlm.pm.alarm import read_alarm
+
+        def read() -> list[PmView]:
+            out = []
+            for dtype in self.dep.config.dtypes:
+                look = [
+                    *self.store.list_provisioning(dtype=dtype, status="failed", limit=PAGE_RECORDS),
+                    *self.store.list_provisioning(dtype=dtype, status="in-progress", limit=PAGE_RECORDS),
+                ]
+                counts = self.store.count_provisioning(dtype=dtype)
+                out.append(PmView(dtype, read_alarm(self.store, dtype), counts, look))
+            return out
+
+        return await asyncio.to_thread(read)
+
+    async def clear_alarm(self, dtype: str, operator: str) -> None:
+        """As ``iotdlm pm clear-alarm`` does it (audited by pm's alarm code)."""
+        from iotdlm.pm.alarm import clear_alarm
+
+        if dtype not in self.dep.config.dtypes:
+            raise BadRequestError(f"no device type {dtype!r} here", field="dtype")
+        await asyncio.to_thread(clear_alarm, self.store, dtype, operator, self.clock.now())
+
+    async def transfers(self) -> list[TransferView]:
+        from iotdlm.transfer.shell import counts
+        from iotdlm.transfer.status import last_refusal
+
+        def read() -> list[TransferView]:
+            out = []
+            for role in ("sp1", "sp2"):
+                for rec in self.store.list_transfers(role):
+                    devs = self.store.get_transfer_devices(role, rec.transfer_id)
+                    refused = sum(1 for d in devs.values() if last_refusal(d.detail))
+                    out.append(TransferView(role, rec, counts(devs), refused))
+            return out
+
+        return await asyncio.to_thread(read)

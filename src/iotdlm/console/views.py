@@ -15,6 +15,7 @@ from aiohttp import web
 from cryptography.x509.oid import NameOID
 
 from iotdlm.cli.revoke import REVOCATION_REASONS, check_reason
+from iotdlm.console import pages_ops
 from iotdlm.console.app import console_of, render
 from iotdlm.errors import BadRequestError, NotFoundError, UnavailableError
 from iotdlm.modes.table import Mode, modules_on, parse_mode
@@ -37,6 +38,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/cas", cas)
     app.router.add_get("/health", health)
     app.router.add_static("/static", STATIC)
+    pages_ops.add_routes(app)
 
 
 def _redirect(location: str) -> web.Response:
@@ -152,7 +154,7 @@ async def revoke_do(request: web.Request) -> web.Response:
     return _redirect(f"/devices/{device_id}?{urlencode({'done': done})}")
 
 
-def _operator(request: web.Request) -> str:
+def operator_name(request: web.Request) -> str:
     """Who switches, as the audit log names them: the admin certificate's name, from the console."""
     names = console_of(request).admin.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = str(names[0].value) if names else "admin"
@@ -181,7 +183,7 @@ async def mode_do(request: web.Request) -> web.Response:
     target = parse_mode(str(form.get("to", "")))
     if form.get("confirm") != "yes":
         raise BadRequestError("tick the confirmation box to switch the mode", field="confirm")
-    reply = await console_of(request).backend.switch_mode(target.value, _operator(request))
+    reply = await console_of(request).backend.switch_mode(target.value, operator_name(request))
     if reply.changed:
         started, stopped = ", ".join(reply.started) or "none", ", ".join(reply.stopped) or "none"
         done = f"switched {reply.from_mode or 'off'} -> {reply.to}: started {started}, stopped {stopped}"
