@@ -11,6 +11,7 @@ it), an audit verification :func:`iotdlm.cli.audit.verify_log`.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,6 +19,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.bus import Bus, subjects
 from iotdlm.cli.audit import verify_log
@@ -25,8 +27,10 @@ from iotdlm.cli.output import parse_serial
 from iotdlm.client.km import KmClient
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment
-from iotdlm.errors import BadRequestError, IotdlmError, UnavailableError
+from iotdlm.errors import BadRequestError, IotdlmError, RejectedError, UnavailableError, UntrustedError
 from iotdlm.km import audit as km_audit
+from iotdlm.pki.chain import verify_issued_by
+from iotdlm.pki.keys import check_public_key, verify_bytes
 from iotdlm.store import Store
 from iotdlm.store.records import (
     AuditRecord,
@@ -121,6 +125,19 @@ def _involves(rec: AuditRecord, device_id: str, serials: set[str]) -> bool:
     return f'"{device_id}"' in data or any(f'"{s}"' in data for s in serials)
 
 
+def verify_ocsp_answer(
+    answer: ocsp.OCSPResponse, leaf: x509.Certificate, issuer: x509.Certificate, now: dt.datetime
+) -> None:
+    """Raise a RejectedError unless ``answer`` speaks of ``leaf`` and is signed by its ``issuer`` or
+    by a responder certificate the issuer made for OCSP signing (RFC 6960 4.2.2.2), valid ``now``."""
+    if answer.serial_number != leaf.serial_number:
+        raise UntrustedError("the answer is about another certificate")
+    signer = answer.certificates[0] if answer.certificates else issuer
+    if signer != issuer:
+        verify_issued_by(signer, issuer, now=now, eku=ExtendedKeyUsageOID.OCSP_SIGNING)
+    verify_bytes(check_public_key(signer.public_key()), answer.signature, answer.tbs_response_bytes)
+
+
 class LiveBackend:
     """The console process's backend: the deployment's store, and its bus as the admin identity."""
 
@@ -180,9 +197,16 @@ class LiveBackend:
         issuer = self.dep.ca_certificate(cert.issuer)
         req = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA256()).build()
         der = await self.km.ocsp(req.public_bytes(serialization.Encoding.DER))
-        answer = ocsp.load_der_ocsp_response(der)
+        try:
+            answer = ocsp.load_der_ocsp_response(der)
+        except ValueError:
+            return "no answer (not an OCSP response)"
         if answer.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
             return f"no answer ({answer.response_status.name.lower()})"
+        try:
+            verify_ocsp_answer(answer, leaf, issuer, self.clock.now())
+        except RejectedError as exc:
+            return f"not trusted: {exc.message}"
         return answer.certificate_status.name.lower()
 
     async def revoke(self, device_id: str, reason: str | None, *, decommission: bool) -> list[msg.CertificateInfo]:
