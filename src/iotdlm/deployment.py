@@ -77,6 +77,8 @@ CONFIG_FILE = "iotdlm.toml"
 DEFAULT_NATS_PORT = 14222
 #: the supervisor's /metrics listens here by default (loopback only)
 DEFAULT_METRICS_PORT = 14290
+#: the operator console listens here by default (loopback only unless [console] host says otherwise)
+DEFAULT_CONSOLE_PORT = 8444
 ISSUING_CAS = ("factory", "operational", "service")
 GENERATIONS_FILE = "generations.json"
 CA_NAMES = ("root", *ISSUING_CAS)
@@ -104,6 +106,17 @@ class NatsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit
     #: replicas of what the deployment keeps in JetStream (the mode bucket, the audit heads
     #: stream) when they are first made: 0 = 3 on a cluster of 3 or more nodes, else 1 (ADR 0027)
     jetstream_replicas: int = 0
+
+
+class ConsoleSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    #: the operator console (HTTPS, the admin client certificate logs in; docs/adr/0030): the
+    #: supervisor starts it in every mode unless this is false
+    enabled: bool = True
+    #: where it listens: loopback by default (reach it over an SSH tunnel); another address only on
+    #: a network you trust -- the admin certificate is still required
+    host: str = "127.0.0.1"
+    #: its HTTPS port (`iotdlm console url` prints the address)
+    port: int = DEFAULT_CONSOLE_PORT
 
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -152,6 +165,8 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     #: CA keys in an HSM over PKCS#11 (ADR 0025; docs/operations.md, "CA keys in an HSM"): absent,
     #: the CA keys are the encrypted files under ca/
     hsm: HsmSettings | None = None
+    #: the `[console]` table below
+    console: ConsoleSettings = ConsoleSettings()
 
     def validate(self) -> None:
         try:
@@ -197,6 +212,13 @@ class DeploymentConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                 )
         if not 0 <= self.metrics_port <= 65535:
             raise BadRequestError("metrics_port must be between 0 (off) and 65535", field="metrics_port")
+        if not 1 <= self.console.port <= 65535:
+            raise BadRequestError("console.port must be between 1 and 65535", field="console.port")
+        try:
+            ipaddress.ip_address(self.console.host)
+        except ValueError:
+            shown = self.console.host[:80]
+            raise BadRequestError(f"console.host {shown!r} is not an IP address", field="console.host") from None
         if self.est_serverkeygen not in SERVERKEYGEN_MODES:
             raise BadRequestError(
                 "est_serverkeygen must be 'off', 'encrypted' or 'cleartext'", field="est_serverkeygen"

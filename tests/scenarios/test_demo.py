@@ -101,3 +101,16 @@ def test_demo_runs_the_lifecycle(tmp_path: Path) -> None:
         assert status.returncode == 0, status.stdout + status.stderr
         assert expected in status.stdout
         assert "failed-fallback" in status.stdout
+    # `iotdlm up` and the console open the kept deployment at once: the CA passphrase is where `up`
+    # (and the console, for its HTTPS certificate) look for it, without $IOTDLM_CA_PASSPHRASE
+    from iotdlm.deployment import PASSPHRASE_ENV, Deployment
+
+    assert PASSPHRASE_ENV not in env
+    Deployment.load(data).load_cas()  # decrypts the CA keys with DIR/secrets/ca-passphrase
+    assert f"iotdlm up --data {data}" in " ".join(text.split())
+    url = subprocess.run(
+        [sys.executable, "-m", "iotdlm.cli.main", "console", "url", "--data", str(data), "--json"],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    assert url.returncode == 0, url.stderr
+    assert '"url": "https://127.0.0.1:8444/"' in url.stdout

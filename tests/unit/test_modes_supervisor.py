@@ -12,7 +12,8 @@ import pytest
 from iotdlm.errors import BadRequestError, NotFoundError
 from iotdlm.modes.table import DEFAULT_COMMANDS
 from iotdlm.supervisor.processes import RestartPolicy, SupervisorSettings
-from iotdlm.supervisor.supervisor import load_saved_mode, read_commands, save_mode
+from iotdlm.supervisor.setup import read_commands
+from iotdlm.supervisor.supervisor import load_saved_mode, save_mode
 from iotdlm.wire import modes as m
 
 FAST = SupervisorSettings(backoff_initial=1.0, backoff_max=8.0, quick_crash=10.0, give_up_after=5)
@@ -192,7 +193,7 @@ def test_ensure_identity_upgrades_a_deployment_made_before_modes(
     from iotdlm.clock import SystemClock
     from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
     from iotdlm.pki.keys import Algorithm
-    from iotdlm.supervisor.supervisor import ensure_identity
+    from iotdlm.supervisor.setup import ensure_identity
 
     clock = SystemClock()
     made, _ = init_deployment(

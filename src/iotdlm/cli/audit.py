@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -14,6 +16,9 @@ from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, IotdlmError
 from iotdlm.pki.chain import load_certificate
+
+if TYPE_CHECKING:
+    from iotdlm.km import audit as km_audit
 
 
 @click.group("audit")
@@ -107,13 +112,10 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
     it (the anchor folder, the append-only NATS stream, --checkpoint files); name the first bad or
     missing record."""
     from iotdlm.km import audit as km_audit
-    from iotdlm.km.service import Schedule
-    from iotdlm.pki.chain import verify_issued_by
-    from iotdlm.runtime import audit_stream_heads, open_store
+    from iotdlm.runtime import audit_stream_heads
     from iotdlm.wire import audit as wire_audit
 
     dep = Deployment.load(data)
-    service_ca = dep.ca_certificate("service")
     anchors: list[km_audit.Anchored] = []
     unreadable: list[str] = []
     anchor_dir = anchor_dir or dep.audit_anchor_dir
@@ -135,32 +137,8 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
         except IotdlmError as exc:
             unreadable.append(f"the append-only NATS stream was not read ({exc.message}); is the deployment up?")
     anchors += streamed
-    store = open_store(dep)
-
-    def signer_key(fp: str) -> object | None:
-        rec = store.get_by_fingerprint(fp)
-        if rec is None or rec.status != "valid" or rec.issuer != "service":
-            return None
-        cert = load_certificate(rec.der)
-        try:
-            verify_issued_by(cert, service_ca, now=cert.not_valid_before_utc, eku=None)
-        except IotdlmError:
-            return None
-        return cert.public_key()
-
-    every = dt.timedelta(seconds=Schedule().checkpoint_every)
-    try:
-        with console.status("verifying the audit chain") as status:
-            report = km_audit.verify(
-                store,
-                signer_key,  # type: ignore[arg-type]
-                anchors=anchors,
-                now=SystemClock().now(),
-                checkpoint_every=every,
-                progress=lambda n: status.update(f"verified {n} records"),
-            )
-    finally:
-        store.close()
+    with console.status("verifying the audit chain") as status:
+        report = verify_log(dep, anchors, progress=lambda n: status.update(f"verified {n} records"))
     console.print(
         f"{report.records} records, {report.checkpoints} signed checkpoints in the database, "
         f"{len(anchors)} kept outside it ({len(streamed)} in the append-only NATS stream), "
@@ -177,6 +155,45 @@ def audit_verify(data: Path, anchor_dir: Path | None, checkpoint_files: tuple[Pa
         f"audit log damaged: {len(report.problems)} problem(s), first at record {report.first_bad_seq}: "
         f"{report.problems[0]}"
     )
+
+
+def verify_log(
+    dep: Deployment, anchors: list[km_audit.Anchored], *, progress: Callable[[int], None] | None = None
+) -> km_audit.AuditReport:
+    """Check the whole hash chain and every signed checkpoint of ``dep``'s audit log against the
+    tree heads kept outside the database (``anchors``): what ``audit verify`` and the console's
+    audit page report."""
+    from iotdlm.km import audit as km_audit
+    from iotdlm.km.service import Schedule
+    from iotdlm.pki.chain import verify_issued_by
+    from iotdlm.runtime import open_store
+
+    service_ca = dep.ca_certificate("service")
+    store = open_store(dep)
+
+    def signer_key(fp: str) -> object | None:
+        rec = store.get_by_fingerprint(fp)
+        if rec is None or rec.status != "valid" or rec.issuer != "service":
+            return None
+        cert = load_certificate(rec.der)
+        try:
+            verify_issued_by(cert, service_ca, now=cert.not_valid_before_utc, eku=None)
+        except IotdlmError:
+            return None
+        return cert.public_key()
+
+    every = dt.timedelta(seconds=Schedule().checkpoint_every)
+    try:
+        return km_audit.verify(
+            store,
+            signer_key,  # type: ignore[arg-type]
+            anchors=anchors,
+            now=SystemClock().now(),
+            checkpoint_every=every,
+            progress=progress or (lambda _n: None),
+        )
+    finally:
+        store.close()
 
 
 @audit_group.command("witness")

@@ -49,6 +49,7 @@ FILES: tuple[ConfigFile, ...] = (
         (
             Section("", "iotdlm.deployment:DeploymentConfig"),
             Section("nats", "iotdlm.deployment:NatsSettings", "how the modules reach NATS"),
+            Section("console", "iotdlm.deployment:ConsoleSettings", "the operator console in a browser"),
             Section(
                 "profiles.NAME",
                 "iotdlm.deployment:ProfileSettings",

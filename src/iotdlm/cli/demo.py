@@ -46,6 +46,7 @@ from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
 from iotdlm.device.simulated import SimulatedDevice, bench_device_id
 from iotdlm.errors import IotdlmError, UnavailableError
+from iotdlm.modes.table import WITHOUT_CONSOLE
 from iotdlm.pki.chain import certs_to_pem, verify_issued_by
 from iotdlm.pki.keys import Algorithm, generate_key, hash_for
 
@@ -116,7 +117,7 @@ async def run_demo(data: Path | None, devices: int) -> None:
     image = work / "firmware-7.bin"
     image.write_bytes(os.urandom(1 << 20))
     published = vendor.publish(DTYPE, 7, image, now=clock.now())
-    supervisor = Supervisor(dep)
+    supervisor = Supervisor(dep, commands=WITHOUT_CONSOLE)
     async with RepositoryServer(vendor) as repo_server:
         console.print(f"2. vendor repository at {repo_server.url}: {DTYPE} release 7 ({published.length} bytes)")
         bench = _configure(dep, work, repo_server.url, vendor, devices, (https_port, http_port, egress_port))
@@ -136,11 +137,14 @@ async def run_demo(data: Path | None, devices: int) -> None:
         finally:
             with console.status("stopping the services"):
                 await supervisor.stop()
-    console.print(
-        "done; the deployment was removed (use --data DIR to keep it)"
-        if data.is_relative_to(work)
-        else f"done; try `iotdlm ca list --data {data}` or `iotdlm audit list --data {data}`"
-    )
+    if data.is_relative_to(work):
+        console.print("done; the deployment was removed (use --data DIR to keep it)")
+    else:
+        _leave_ready(dep, passphrase)
+        console.print(f"done; try `iotdlm ca list --data {data}` or `iotdlm audit list --data {data}`")
+        console.print(
+            f"the console: `iotdlm up --data {data}` (resumes the last mode), then `iotdlm console url --data {data}`"
+        )
     hint = path_hint(sys.executable, os.environ.get("PATH", ""))
     if hint is not None:
         console.print(hint)
@@ -184,6 +188,16 @@ def _create_deployment(data: Path, passphrase: str, http_port: int, clock: Syste
         store.close()
     console.print(f"1. deployment in {data}")
     return dep
+
+
+def _leave_ready(dep: Deployment, passphrase: str) -> None:
+    """A kept deployment opens at once: ``iotdlm up`` (and the console, which issues its HTTPS
+    certificate when it first starts) find the CA passphrase where ``init`` keeps one it generated
+    (DIR/secrets/ca-passphrase, 0600: move it offline for real use)."""
+    from iotdlm.files import atomic_write
+
+    (dep.root / "secrets").mkdir(mode=0o700, exist_ok=True)
+    atomic_write(dep.root / "secrets" / "ca-passphrase", passphrase.encode() + b"\n", mode=0o600)
 
 
 def _configure(

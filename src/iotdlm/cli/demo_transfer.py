@@ -33,6 +33,7 @@ from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import IotdlmError, UnavailableError, UntrustedError
+from iotdlm.modes.table import WITHOUT_CONSOLE
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.est_proof import spki_sha256
 from iotdlm.pki.keys import Algorithm, check_public_key
@@ -127,7 +128,7 @@ async def transfer_fleet(
 
     with console.status("8. trust transfer: starting SP2 (its own NATS, km and cm)"):
         sp2, sp2_url = await asyncio.to_thread(_create_sp2, sp1.root / "sp2", passphrase, sp1, clock)
-        supervisor = Supervisor(sp2)
+        supervisor = Supervisor(sp2, commands=WITHOUT_CONSOLE)
         await supervisor.start(Mode.CERTIFICATE_MANAGEMENT, by="demo")
     try:
         console.print(f"8. SP2 deployment in {sp2.root}: cm at {sp2_url}; SP1's root and factory CA registered")

@@ -64,6 +64,10 @@ COMMANDS: dict[str, Lazy] = {
         "iotdlm.cli.transfer:transfer",
         "Trust transfer: hand your fleet over to a new provider (you are SP1) or take one over (you are SP2).",
     ),
+    "console": Lazy(
+        "iotdlm.console.command:console",
+        "The operator console in a browser: where it is, its HTTPS certificate, and the process itself.",
+    ),
     "up": Lazy(
         "iotdlm.cli.modes:up",
         "Start NATS and the services a mode runs; supervise them until Ctrl-C / SIGTERM.",

@@ -101,7 +101,7 @@ def up(
     supervisor, folders, the CA passphrase, free ports, the modules' settings) and stops with
     what to fix. `iotdlm down` (or Ctrl-C) stops everything in reverse order.
     """
-    from iotdlm.supervisor.supervisor import ensure_identity, read_commands
+    from iotdlm.supervisor.setup import ensure_identity, read_commands
 
     dep = Deployment.load(data)
     commands: CommandTable = read_commands(commands_file) if commands_file is not None else DEFAULT_COMMANDS

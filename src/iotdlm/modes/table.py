@@ -105,12 +105,17 @@ def modules_on(mode: Mode, *, with_sm: bool) -> tuple[str, ...]:
 CommandTable = Mapping[str, Sequence[str]]
 
 _SERVE = ("{python}", "-m", "iotdlm.cli.main")
+#: the command table's entry for the operator console
+CONSOLE: Final = "console"
 DEFAULT_COMMANDS: Final[CommandTable] = MappingProxyType(
     {
         "km": (*_SERVE, "km", "serve", "--data", "{data}"),
         "sm": (*_SERVE, "sm", "serve", "--data", "{data}"),
         "cm": (*_SERVE, "cm", "serve", "--data", "{data}"),
         "pm": (*_SERVE, "pm", "serve", "--data", "{data}", "--dtype", "{dtype}"),
+        # not a module of Table 1: the operator console runs in every mode (docs/adr/0030); a
+        # table without it (tests, the demo) starts no console
+        CONSOLE: (*_SERVE, "console", "serve", "--data", "{data}"),
     }
 )
 
@@ -168,3 +173,7 @@ def services(
                 values["dtype"] = dtype
             out.append(ServiceSpec(name, module, dtype, render_command(commands[module], values)))
     return out
+
+
+#: the default commands less the console: for a supervisor that needs no operator (the demo's run)
+WITHOUT_CONSOLE: Final[CommandTable] = MappingProxyType({k: v for k, v in DEFAULT_COMMANDS.items() if k != CONSOLE})

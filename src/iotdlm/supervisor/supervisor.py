@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -46,6 +45,7 @@ from iotdlm.files import atomic_write
 from iotdlm.modes.guard import MODE_ALARM, AlarmLimiter
 from iotdlm.modes.signed import ModeVerifier, seal_record
 from iotdlm.modes.table import (
+    CONSOLE,
     DEFAULT_COMMANDS,
     START_ORDER,
     CommandTable,
@@ -54,6 +54,7 @@ from iotdlm.modes.table import (
     check_commands,
     modules_on,
     parse_mode,
+    render_command,
     services,
 )
 from iotdlm.observe.gather import MetricsListener, Target, start_listener
@@ -155,6 +156,7 @@ class Supervisor:
         #: set when an operator asks the supervisor to stop (``iotdlm down``); ``iotdlm up`` waits on it
         self.stop_requested = asyncio.Event()
         self._metrics: MetricsListener | None = None  # the /metrics of ADR 0018
+        self._console: ServiceProcess | None = None  # the operator console of ADR 0030, in every mode
         all_specs = self._plan(START_ORDER)
         self._order = {spec.name: i for i, spec in enumerate(all_specs)}
 
@@ -263,6 +265,7 @@ class Supervisor:
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
             self._metrics = await start_listener(self._bus, self._targets, port=self.dep.config.metrics_port)
+            self._console = self._spawn_console()
         except BaseException:
             await self.stop()
             raise
@@ -276,6 +279,8 @@ class Supervisor:
             with contextlib.suppress(errors.IotdlmError):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self._console is not None:
+            await self._console.stop()
         if self._metrics is not None:
             await self._metrics.stop()
         if self._monitor is not None:
@@ -412,6 +417,17 @@ class Supervisor:
             kept=kept,
             restarted=restarted,
         )
+
+    def _spawn_console(self) -> ServiceProcess | None:
+        """Start the operator console (every mode) unless turned off or not in the command table."""
+        if not self.dep.config.console.enabled or CONSOLE not in self._commands:
+            return None
+        values = {"python": self._python, "data": str(self.dep.root), "name": CONSOLE, "module": CONSOLE}
+        spec = ServiceSpec(CONSOLE, CONSOLE, None, render_command(self._commands[CONSOLE], values))
+        svc = ServiceProcess(spec, log_dir=self.dep.root / "logs", env=self._env, settings=self._settings,
+                             clock=self._clock, monotonic=self._monotonic)  # fmt: skip
+        svc.start()
+        return svc
 
     async def _publish(self, record: m.SavedMode) -> None:
         """The new mode, where services read it (the bucket) and where ``up`` resumes it (mode.json)."""
@@ -653,38 +669,3 @@ class Supervisor:
                 log.warning("NATS restarted (pid %s)", server.pid)
             except (RuntimeError, OSError) as exc:
                 log.error("cannot restart NATS: %s", exc)
-
-
-def ensure_identity(dep: Deployment, clock: Clock) -> bool:
-    """Give a deployment made before modes existed its supervisor identity (certificate from the
-    service CA, NATS user). Needs the CA passphrase. Returns whether it created one."""
-    if subjects.SUPERVISOR in dep.identity_names():
-        return False
-    from iotdlm.runtime import open_store, record_identities
-
-    service_ca = dep.load_cas()["service"]
-    dep.add_identity(subjects.SUPERVISOR, None, service_ca=service_ca, now=clock.now())
-    store = open_store(dep)
-    try:
-        record_identities(dep, store, clock.now())
-    finally:
-        store.close()
-    return True
-
-
-def read_commands(path: Path) -> dict[str, list[str]]:
-    """A command table from a JSON file: ``{"km": ["{python}", "-m", ...], ...}`` (merged over the defaults)."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise errors.BadRequestError(f"cannot read the command table {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise errors.BadRequestError(f"{path}: the command table must be a JSON object (module -> list of strings)")
-    table: dict[str, list[str]] = {k: list(v) for k, v in DEFAULT_COMMANDS.items()}
-    for module, argv in raw.items():
-        if module not in table:
-            raise errors.BadRequestError(f"{path}: unknown module {module!r}; Table 1 has {', '.join(table)}")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise errors.BadRequestError(f"{path}: the command of {module} must be a non-empty list of strings")
-        table[module] = argv
-    return table
