@@ -1,0 +1,231 @@
+"""A constrained device's enrollment client: CoAP, EDHOC and OSCORE (issue 17, ADR 0029).
+
+The device runs EDHOC (lakers, cipher suite 2, method 3: static DH keys) as the initiator with the
+key of its current certificate (the factory certificate to enroll, the operational one to re-enroll),
+its credential sent by value as a CCS of that key; it authenticates cm by the CCS it was given
+(pinned, as the EST client is given its trust anchors). The EDHOC session's OSCORE context then
+protects every request: km's proof nonce (``pn``), ``sen`` and ``sren``. Message 3 rides in the
+first OSCORE request (RFC 9668's combined request), so an enrollment costs three round trips:
+EDHOC message 1/2, then the nonce (with message 3), then the enrollment.
+
+One client per credential: after an enrollment the device re-enrolls with a new client holding the
+certificate it just got and its key (cm sees a new EDHOC session for the new key).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from types import TracebackType
+
+import aiocoap
+import cbor2
+import lakers
+from aiocoap import edhoc, oscore
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from iotdlm.errors import (
+    BadRequestError,
+    IotdlmError,
+    RejectedError,
+    UnavailableError,
+    UntrustedError,
+    from_wire,
+)
+from iotdlm.pki import est_proof
+from iotdlm.pki.keys import check_public_key
+from iotdlm.wire import coap_est as wire
+
+log = logging.getLogger(__name__)
+
+_EDHOC_PATH = "/.well-known/edhoc"
+_EST_PATH = "/" + "/".join(wire.WELL_KNOWN)
+
+
+class CoapUnavailableError(UnavailableError):
+    """cm answered 5.03 (km away, or the operation mode does not let devices enroll now)."""
+
+    code = "coap_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CoapEstClient:
+    """``async with CoapEstClient(uri, responder_credential=..., key=..., certificate=...) as c:``"""
+
+    def __init__(
+        self,
+        base_uri: str,
+        *,
+        responder_credential: bytes,
+        key: ec.EllipticCurvePrivateKey,
+        certificate: x509.Certificate,
+        timeout: float = 30.0,
+    ) -> None:
+        """``responder_credential``: cm's EDHOC credential (its CCS, deterministic CBOR), pinned;
+        ``key`` and ``certificate``: the device's current credential (P-256)."""
+        if not base_uri.startswith("coap://"):
+            raise ValueError("enrollment over CoAP: base_uri must start with coap://")
+        if not wire.same_key(key.public_key(), certificate.public_key()):
+            raise ValueError("the key is not the certificate's")
+        wire.ccs_public_key(cbor2.loads(responder_credential))  # a CCS with a P-256 key, or BadRequestError
+        self.base_uri = base_uri.rstrip("/")
+        self.timeout = timeout
+        self._cred_r = responder_credential
+        self._key = key
+        self._cert_der = certificate.public_bytes(serialization.Encoding.DER)
+        subject = certificate.subject.rfc4514_string()[:64]
+        self._cred_i = wire.ccs_bytes(wire.ccs_for(key.public_key(), subject, wire.certificate_kid(self._cert_der)))
+        self._context: aiocoap.Context | None = None
+        self._oscore: edhoc.EdhocInitiatorContext | None = None
+
+    async def __aenter__(self) -> CoapEstClient:
+        self._context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        ctx, self._context = self._context, None
+        self._oscore = None
+        if ctx is not None:
+            await ctx.shutdown()
+
+    # --- operations -------------------------------------------------------------------------------
+    async def crts(self) -> list[x509.Certificate]:
+        """The CA certificates (check them against what the device already trusts)."""
+        out = await self._request(aiocoap.GET, "crts", expect=wire.CERTS_ONLY)
+        try:
+            return pkcs7.load_der_pkcs7_certificates(out)
+        except ValueError as exc:
+            raise BadRequestError("the crts answer is not a certs-only CMS message") from exc
+
+    async def nonce(self) -> str:
+        """km's proof nonce for this certificate (ADR 0008), over OSCORE."""
+        await self._session()
+        out = await self._request(aiocoap.POST, "pn", self._cert_der, wire.PKIX_CERT, expect=wire.TEXT_PLAIN)
+        try:
+            text = out.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise BadRequestError("the pn answer is not a nonce km issues") from exc
+        if len(text) != est_proof.NONCE_CHARS:
+            raise BadRequestError("the pn answer is not a nonce km issues")
+        return text
+
+    async def simpleenroll(self, csr_der: bytes) -> x509.Certificate:
+        """Initial enrollment with the factory credential (``sen``)."""
+        return await self._enroll("sen", "simpleenroll", csr_der)
+
+    async def simplereenroll(self, csr_der: bytes) -> x509.Certificate:
+        """Re-enrollment with the operational credential (``sren``)."""
+        return await self._enroll("sren", "simplereenroll", csr_der)
+
+    async def _enroll(self, resource: str, operation: str, csr_der: bytes) -> x509.Certificate:
+        try:
+            csr = x509.load_der_x509_csr(csr_der)
+        except ValueError as exc:
+            raise BadRequestError("the CSR is not a DER PKCS#10 request") from exc
+        nonce = await self.nonce()
+        proof = est_proof.make(self._key, operation, nonce, check_public_key(csr.public_key()))
+        payload = wire.encode_enroll(csr_der, self._cert_der, proof)
+        out = await self._request(aiocoap.POST, resource, payload, wire.MULTIPART_CORE, expect=wire.PKIX_CERT)
+        cert = wire.load_certificate(out, f"the {resource} answer")
+        if _spki(cert.public_key()) != _spki(csr.public_key()):
+            raise BadRequestError(f"the {resource} answer is not a certificate for the requested key")
+        return cert
+
+    # --- EDHOC ------------------------------------------------------------------------------------
+    async def _session(self) -> None:
+        """Run EDHOC (message 1 and 2; message 3 goes with the next request) once per client."""
+        if self._oscore is not None:
+            return
+        ctx = self._ctx()
+        initiator = lakers.EdhocInitiator()
+        c_i = bytes([secrets.randbelow(24)])  # a one-byte connection identifier (CBOR 0..23)
+        message_1 = initiator.prepare_message_1(c_i, None)
+        request = aiocoap.Message(
+            code=aiocoap.POST, uri=self.base_uri + _EDHOC_PATH, payload=cbor2.dumps(True) + message_1
+        )
+        answer = await _send(ctx, request)
+        if answer.code != aiocoap.CHANGED:
+            raise _error_for(answer, "EDHOC")
+        try:
+            c_r, _id_cred_r, ead_2 = initiator.parse_message_2(answer.payload)
+            if any(e.is_critical() for e in ead_2):
+                raise UntrustedError("cm's EDHOC message 2 carries a critical EAD item this device does not know")
+            d = self._key.private_numbers().private_value.to_bytes(32, "big")
+            initiator.verify_message_2(d, self._cred_i, self._cred_r)
+        except IotdlmError:
+            raise
+        except Exception as exc:  # lakers raises plain exceptions with its own error names
+            raise UntrustedError(
+                "cm's EDHOC message 2 does not verify under the credential this device pins for cm"
+            ) from exc
+        secctx = edhoc.EdhocInitiatorContext(initiator, c_i, c_r, edhoc.OwnCredStyle.ByValue, log)
+        secctx.complete_without_message_4()
+        ctx.client_credentials[self.base_uri + "/*"] = secctx
+        self._oscore = secctx
+
+    def _ctx(self) -> aiocoap.Context:
+        if self._context is None:
+            raise RuntimeError("use the client inside 'async with'")
+        return self._context
+
+    async def _request(
+        self, code: aiocoap.Code, resource: str, payload: bytes = b"", fmt: int | None = None, *, expect: int
+    ) -> bytes:
+        request = aiocoap.Message(code=code, uri=f"{self.base_uri}{_EST_PATH}/{resource}", payload=payload)
+        if fmt is not None:
+            request.opt.content_format = fmt
+        answer = await _send(self._ctx(), request)
+        if not answer.code.is_successful():
+            raise _error_for(answer, resource)
+        got = answer.opt.content_format
+        if got is None or int(got) != expect:
+            raise BadRequestError(f"the {resource} answer has Content-Format {got}, not {expect}")
+        return bytes(answer.payload)
+
+
+async def _send(ctx: aiocoap.Context, request: aiocoap.Message) -> aiocoap.Message:
+    """cm's answer; an unprotected refusal of an OSCORE request (cm had no context for it: EDHOC
+    refused) is returned as the answer; no answer at all is an UnavailableError."""
+    try:
+        answer: aiocoap.Message = await ctx.request(request).response
+    except oscore.NotAProtectedMessage as exc:
+        plain = getattr(exc, "plain_message", None)
+        if not isinstance(plain, aiocoap.Message):
+            raise UntrustedError("cm answered an OSCORE request without protection") from exc
+        return plain
+    except aiocoap.error.Error as exc:
+        raise UnavailableError(f"cm's CoAP door did not answer at {request.get_request_uri()}: {exc}") from exc
+    return answer
+
+
+def _spki(key: object) -> bytes:
+    return check_public_key(key).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _error_for(answer: aiocoap.Message, what: str) -> IotdlmError:
+    """The error a refusal from cm stands for (its diagnostic payload is ``code: message``)."""
+    text = bytes(answer.payload[:300]).decode("utf-8", "replace")
+    code, sep, message = text.partition(": ")
+    shown = message if sep else text or str(answer.code)
+    if answer.code == aiocoap.SERVICE_UNAVAILABLE:
+        return CoapUnavailableError(f"{what}: {shown}", retry_after=answer.opt.max_age)
+    err = from_wire({"code": code, "message": f"{what}: {shown}"}) if sep else None
+    if err is None or not isinstance(err, RejectedError):
+        return RejectedError(f"{what}: cm answered {answer.code}: {shown}")
+    return err
+
+
+__all__ = ["CoapEstClient", "CoapUnavailableError"]
