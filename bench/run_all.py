@@ -85,6 +85,9 @@ SECTIONS: tuple[Section, ...] = (
     ),
     Section("cm-est", "cm_est", "cm: EST simpleenroll over mutual TLS", quick_seconds=30),
     Section("cm-ocsp", "cm_ocsp", "cm: OCSP GET"),
+    Section(
+        "coap-bytes", "coap_bytes", "cm: enrollment bytes on the wire, CoAP/EDHOC/OSCORE vs EST/HTTPS", quick_seconds=12
+    ),
     Section("sm", "sm_download", "sm: verified download and store"),
     Section("pm", "pm_provisioning", "pm: provisioning a line", quick_seconds=15),
     Section(

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import warnings
 from types import TracebackType
 
 import aiocoap
 import cbor2
 import lakers
 from aiocoap import edhoc, oscore
+from aiocoap.optiontypes import BlockOption
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,6 +44,12 @@ from iotdlm.wire import coap_est as wire
 log = logging.getLogger(__name__)
 
 _EDHOC_PATH = "/.well-known/edhoc"
+#: Block1 size exponent for OSCORE requests: 2**(5+4) = 512 bytes per block
+_BLOCK_SZX = 5
+_BLOCK_BYTES = 2 ** (_BLOCK_SZX + 4)
+# aiocoap deprecates passing the block size this way (its replacement, the remote's
+# maximum_block_size_exp, is fixed per address class), but it is the one per-request knob it has
+warnings.filterwarnings("ignore", message="Setting a block1 option", category=DeprecationWarning)
 _EST_PATH = "/" + "/".join(wire.WELL_KNOWN)
 
 
@@ -185,6 +193,11 @@ class CoapEstClient:
         request = aiocoap.Message(code=code, uri=f"{self.base_uri}{_EST_PATH}/{resource}", payload=payload)
         if fmt is not None:
             request.opt.content_format = fmt
+        if len(payload) > _BLOCK_BYTES:
+            # inner blocks of 512 bytes: each protected block (with EDHOC message 3 on the first)
+            # still fits one datagram; aiocoap's 1024 would need outer blockwise, which its OSCORE
+            # server side does not reassemble
+            request.opt.block1 = BlockOption.BlockwiseTuple(0, False, _BLOCK_SZX)
         answer = await _send(self._ctx(), request)
         if not answer.code.is_successful():
             raise _error_for(answer, resource)
