@@ -155,8 +155,10 @@ class CmFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: an operator-supplied HTTPS chain and key (PEM files; relative to the deployment folder)
     tls_cert: str | None = None
     tls_key: str | None = None
-    #: the CoAP door (UDP) for constrained devices; absent: off
+    #: the CoAP door (UDP) for constrained devices, EDHOC + OSCORE enrollment (ADR 0029); absent: off
     coap_port: int | None = None
+    #: cm's EDHOC key (PEM, P-256; relative to the deployment folder); absent:
+    #: modules/cm/coap-edhoc-key.pem, made at the first start
     coap_edhoc_key: str | None = None
     limits: dict[str, float] = {}
 
