@@ -29,7 +29,7 @@ from iotdlm.wire import coap_est as wire
 from tests.helpers import make_csr
 from tests.integration.test_cm import Site, open_site
 
-pytestmark = pytest.mark.nats
+pytestmark = [pytest.mark.nats, pytest.mark.filterwarnings("ignore:Setting a block1 option:DeprecationWarning")]
 
 
 @contextlib.asynccontextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import warnings
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 
 import aiocoap
@@ -110,11 +111,7 @@ class CoapEstClient:
     # --- operations -------------------------------------------------------------------------------
     async def crts(self) -> list[x509.Certificate]:
         """The CA certificates (check them against what the device already trusts)."""
-        out = await self._request(aiocoap.GET, "crts", expect=wire.CERTS_ONLY)
-        try:
-            return pkcs7.load_der_pkcs7_certificates(out)
-        except ValueError as exc:
-            raise BadRequestError("the crts answer is not a certs-only CMS message") from exc
+        return _certs_only(await self._request(aiocoap.GET, "crts", expect=wire.CERTS_ONLY))
 
     async def nonce(self) -> str:
         """km's proof nonce for this certificate (ADR 0008), over OSCORE."""
@@ -207,6 +204,71 @@ class CoapEstClient:
         return bytes(answer.payload)
 
 
+class CoapEnroller:
+    """The trust transfer's re-enrollment with CA2 in constrained form (the transfer agent's
+    ``Enroller``): ``simpleenroll`` with the factory credential over CoAP/EDHOC/OSCORE to a
+    ``coap://`` enrollURI, whose cm the device authenticates by the EDHOC credential it holds for
+    that URI (``credentials``), then the CA certificates (``crts``) inside the same session.
+
+    Not yet carried by the transfer itself: SP2's cm credential reaches the device out of band
+    (here: the mapping); a TransferMessage claim for it is future work (ADR 0029)."""
+
+    def __init__(self, credentials: Mapping[str, bytes], *, timeout: float = 30.0) -> None:
+        self.credentials = dict(credentials)
+        self.timeout = timeout
+
+    def _credential(self, enroll_uri: str) -> bytes:
+        cred = self.credentials.get(enroll_uri.rstrip("/"))
+        if cred is None:
+            raise UntrustedError(f"this device holds no EDHOC credential for {enroll_uri}: it cannot enroll there")
+        return cred
+
+    async def enroll(
+        self,
+        enroll_uri: str,
+        *,
+        anchors: Sequence[x509.Certificate],
+        client_cert_pem: bytes,
+        client_key_pem: bytes,
+        csr: bytes,
+    ) -> tuple[x509.Certificate, list[x509.Certificate]]:
+        key = serialization.load_pem_private_key(client_key_pem, None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise UntrustedError("enrollment over CoAP needs a P-256 factory key (EDHOC cipher suite 2)")
+        cert = x509.load_pem_x509_certificate(client_cert_pem)
+        client = CoapEstClient(
+            enroll_uri,
+            responder_credential=self._credential(enroll_uri),
+            key=key,
+            certificate=cert,
+            timeout=self.timeout,
+        )
+        async with client:
+            issued = await client.simpleenroll(csr)
+            cacerts = await client.crts()
+        return issued, cacerts
+
+    async def cacerts(self, enroll_uri: str) -> list[x509.Certificate]:
+        """The CA certificates at ``enroll_uri`` over plain CoAP (not authenticated: the caller
+        keeps only those a signed hash names, as with EST's bootstrap)."""
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        try:
+            uri = enroll_uri.rstrip("/") + _EST_PATH + "/crts"
+            answer = await _send(ctx, aiocoap.Message(code=aiocoap.GET, uri=uri))
+        finally:
+            await ctx.shutdown()
+        if not answer.code.is_successful():
+            raise _error_for(answer, "crts")
+        return _certs_only(bytes(answer.payload))
+
+
+def _certs_only(payload: bytes) -> list[x509.Certificate]:
+    try:
+        return pkcs7.load_der_pkcs7_certificates(payload)
+    except ValueError as exc:
+        raise BadRequestError("the crts answer is not a certs-only CMS message") from exc
+
+
 async def _send(ctx: aiocoap.Context, request: aiocoap.Message) -> aiocoap.Message:
     """cm's answer; an unprotected refusal of an OSCORE request (cm had no context for it: EDHOC
     refused) is returned as the answer; no answer at all is an UnavailableError."""
@@ -241,4 +303,4 @@ def _error_for(answer: aiocoap.Message, what: str) -> IotdlmError:
     return err
 
 
-__all__ = ["CoapEstClient", "CoapUnavailableError"]
+__all__ = ["CoapEnroller", "CoapEstClient", "CoapUnavailableError"]
