@@ -12,6 +12,7 @@ Resources (payloads: :mod:`iotdlm.wire.coap_est`):
 ``/.well-known/est/crts``           plain, OSCORE the CA certificates (certs-only, DER)
 ``/.well-known/est/pn``             OSCORE only   a proof nonce from km for the certificate sent
 ``/.well-known/est/sen``, ``sren``  OSCORE only   simpleenroll, simplereenroll relayed to km
+``/transfer/tm``                    OSCORE only   the device's per-device transfer message (CWT)
 ==================================  ============  ================================================
 
 What cm vouches for, and what it cannot do: the certificate a device sends must hold the key that
@@ -34,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiocoap
 import aiocoap.resource as resource
@@ -54,6 +55,7 @@ from iotdlm.errors import (
 )
 from iotdlm.pki.csr import MAX_CSR_BYTES, load_csr
 from iotdlm.wire import coap_est as wire
+from iotdlm.wire import transfer_device as wire_transfer
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,12 @@ def coap_error(exc: IotdlmError, retry_after: int) -> aiocoap.Message:
 Handler = Callable[[aiocoap.Message], Awaitable[aiocoap.Message]]
 
 
+class TransferMessages(Protocol):
+    """What the ``/transfer/tm`` resource needs (:class:`iotdlm.client.transfer_device.TransferDeviceClient`)."""
+
+    async def message(self, client_certificate: bytes, device: str = "") -> wire_transfer.MessageResponse: ...
+
+
 class _Route(resource.Resource):  # type: ignore[misc]  # aiocoap ships no types
     """One resource: GET or POST answered by ``handler``, refusals as :func:`coap_error`."""
 
@@ -189,8 +197,12 @@ class CoapDoor:
         mode: ModeCheck | None = None,
         subject: str = "cm",
         retry_after: int = 30,
+        transfer: TransferMessages | None = None,
     ) -> None:
+        """``transfer``: km's device-facing transfer handlers (SP1's per-device messages); None:
+        no ``/transfer/tm`` resource."""
         self.config = config
+        self.transfer = transfer
         self.km = km
         self.cacerts = cacerts
         self.mode = mode
@@ -221,6 +233,8 @@ class CoapDoor:
         root.add_resource([*wire.WELL_KNOWN, "pn"], _Route(self.nonce, "post", ra, wire.TEXT_PLAIN))
         for name, operation in OPERATIONS.items():
             root.add_resource([*wire.WELL_KNOWN, name], _Route(self._enroll_for(operation), "post", ra, wire.PKIX_CERT))
+        if self.transfer is not None:
+            root.add_resource(list(wire.TRANSFER_MESSAGE), _Route(self.transfer_message, "post", ra, wire.CWT))
         return oscore_sitewrapper.OscoreSiteWrapper(root, self.credentials)
 
     async def start(self) -> None:
@@ -269,6 +283,18 @@ class CoapDoor:
         _bind(peer, cert_der)
         out = await self.km.est_nonce(cert_der)
         return aiocoap.Message(code=aiocoap.CONTENT, payload=out.nonce.encode("ascii"), content_format=wire.TEXT_PLAIN)
+
+    async def transfer_message(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Seed 003 VII-D over CoAP: the device's per-device transfer message (a CWT), for the
+        certificate whose key ran EDHOC (km decides, as for ``GET /transfer/message``)."""
+        peer = _peer(request)
+        self._require(ENROLL_MODES, "fetching a transfer message over CoAP")
+        _require_format(request, wire.PKIX_CERT)
+        cert_der = bytes(request.payload)
+        _bind(peer, cert_der)
+        assert self.transfer is not None  # the resource exists only with it
+        out = await self.transfer.message(cert_der, "")
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=out.message, content_format=wire.CWT)
 
     def _enroll_for(self, operation: str) -> Handler:
         async def handler(request: aiocoap.Message) -> aiocoap.Message:

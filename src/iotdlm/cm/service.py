@@ -27,6 +27,8 @@ from iotdlm import cm_https
 from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
+from iotdlm.client.km import KmClient
+from iotdlm.client.transfer_device import TransferDeviceClient
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
@@ -174,7 +176,13 @@ class CmService:
             if coap_key is None:
                 raise ValueError("the CoAP door needs cm's EDHOC key")
             self.coap = CoapDoor(
-                config.coap, km=km, cacerts=cacerts, key=coap_key, mode=mode, retry_after=config.limits.retry_after
+                config.coap,
+                km=km,
+                cacerts=cacerts,
+                key=coap_key,
+                mode=mode,
+                retry_after=config.limits.retry_after,
+                transfer=TransferDeviceClient.like(km) if isinstance(km, KmClient) else None,
             )
         self._runners: list[web.AppRunner] = []
         self._https: TlsSite | None = None

@@ -125,6 +125,13 @@ class CoapEstClient:
             raise BadRequestError("the pn answer is not a nonce km issues")
         return text
 
+    async def transfer_message(self) -> bytes:
+        """Seed 003 VII-D over CoAP: this device's per-device transfer message (a CWT the transfer
+        agent checks), from its current provider's cm."""
+        await self._session()
+        uri = f"{self.base_uri}/{'/'.join(wire.TRANSFER_MESSAGE)}"
+        return await self._request(aiocoap.POST, "tm", self._cert_der, wire.PKIX_CERT, expect=wire.CWT, uri=uri)
+
     async def simpleenroll(self, csr_der: bytes) -> x509.Certificate:
         """Initial enrollment with the factory credential (``sen``)."""
         return await self._enroll("sen", "simpleenroll", csr_der)
@@ -185,9 +192,18 @@ class CoapEstClient:
         return self._context
 
     async def _request(
-        self, code: aiocoap.Code, resource: str, payload: bytes = b"", fmt: int | None = None, *, expect: int
+        self,
+        code: aiocoap.Code,
+        resource: str,
+        payload: bytes = b"",
+        fmt: int | None = None,
+        *,
+        expect: int,
+        uri: str | None = None,
     ) -> bytes:
-        request = aiocoap.Message(code=code, uri=f"{self.base_uri}{_EST_PATH}/{resource}", payload=payload)
+        """``resource`` below /.well-known/est, or at ``uri``."""
+        target = uri or f"{self.base_uri}{_EST_PATH}/{resource}"
+        request = aiocoap.Message(code=code, uri=target, payload=payload)
         if fmt is not None:
             request.opt.content_format = fmt
         if len(payload) > _BLOCK_BYTES:

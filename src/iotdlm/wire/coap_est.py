@@ -33,8 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from iotdlm.errors import BadRequestError, TooLargeError, UnsupportedError
 
 WELL_KNOWN = (".well-known", "est")
+#: the trust transfer's per-device message over CoAP (POST the certificate, OSCORE only)
+TRANSFER_MESSAGE = ("transfer", "tm")
 #: CoAP Content-Formats (IANA registry; RFC 7252, RFC 8710, RFC 9148)
 TEXT_PLAIN = 0
+CWT = 61
 MULTIPART_CORE = 62
 CERTS_ONLY = 281
 PKCS10 = 286
@@ -162,11 +165,13 @@ def load_certificate(der: bytes, what: str) -> x509.Certificate:
 
 __all__ = [
     "CERTS_ONLY",
+    "CWT",
     "KCCS",
     "MULTIPART_CORE",
     "PKCS10",
     "PKIX_CERT",
     "TEXT_PLAIN",
+    "TRANSFER_MESSAGE",
     "WELL_KNOWN",
     "ccs_bytes",
     "ccs_for",
