@@ -15,6 +15,7 @@ import aiocoap
 import cbor2
 import pytest
 from aiocoap import edhoc, oscore
+from aiocoap.optiontypes import BlockOption
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -116,6 +117,9 @@ async def test_cm_cannot_mint_and_a_foreign_certificate_is_refused(door_site: tu
         assert b"bad_request" in bad.payload
         bad = await _oscore_post(c, "sren", b"", wire.PKCS10)
         assert bad.code == aiocoap.UNSUPPORTED_CONTENT_FORMAT
+        # a request beyond the largest one cm takes: refused while its blocks arrive (4.13)
+        bad = await _oscore_post(c, "sen", b"\x00" * (wire.MAX_ENROLL_BYTES + 2048), wire.MULTIPART_CORE)
+        assert bad.code == aiocoap.REQUEST_ENTITY_TOO_LARGE
 
 
 async def test_enrollment_needs_oscore(door_site: tuple[Site, CoapDoor]) -> None:
@@ -180,5 +184,7 @@ async def _oscore_post(c: CoapEstClient, name: str, payload: bytes, fmt: int) ->
     ctx = c._ctx()
     req = aiocoap.Message(code=aiocoap.POST, uri=f"{c.base_uri}/.well-known/est/{name}", payload=payload)
     req.opt.content_format = fmt
+    if len(payload) > 512:
+        req.opt.block1 = BlockOption.BlockwiseTuple(0, False, 5)
     answer: aiocoap.Message = await ctx.request(req).response
     return answer

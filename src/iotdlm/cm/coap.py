@@ -176,6 +176,15 @@ class _Route(resource.Resource):  # type: ignore[misc]  # aiocoap ships no types
             self.ct = content_format  # advertised in /.well-known/core
         setattr(self, f"render_{method}", self._render)
 
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        # aiocoap assembles Block1 requests without a bound: refuse a block past our largest request
+        block1, size1 = request.opt.block1, request.opt.size1
+        if (size1 is not None and size1 > wire.MAX_ENROLL_BYTES) or (
+            block1 is not None and block1.start + block1.size > wire.MAX_ENROLL_BYTES
+        ):
+            raise aiocoap.error.RequestEntityTooLarge(f"requests here are at most {wire.MAX_ENROLL_BYTES} bytes")
+        return True
+
     async def _render(self, request: aiocoap.Message) -> aiocoap.Message:
         try:
             return await self._handler(request)
