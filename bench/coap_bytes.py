@@ -23,19 +23,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
+import io
+import re
 import socket
 import statistics
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiocoap
+import cbor2
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cm_est import set_mode, until_mode_seen
 from common import DTYPE, Headline, bench_deployment, csr_der, emit, log, machine_info, md_table, parse_args
+from iotdlm.clock import SystemClock
 from iotdlm.cm.config import CmConfig, CoapConfig
 from iotdlm.cm.service import CmService
 from iotdlm.device.coap_client import CoapEstClient
@@ -75,7 +82,9 @@ def describe(direction: str, datagram: bytes) -> str:
     if m.opt.oscore is not None:
         parts.append("OSCORE")
     if m.opt.edhoc:
-        parts.append("+ EDHOC message_3")
+        stream = io.BytesIO(m.payload)
+        cbor2.load(stream)  # message_3 is one CBOR byte string in front of the OSCORE ciphertext
+        parts.append(f"+ EDHOC message_3 ({stream.tell()} B of it)")
     if m.opt.uri_path == (".well-known", "edhoc"):
         parts.append("(message_1)" if m.payload[:1] == b"\xf5" else "(message_3)")
     return " ".join(parts)
@@ -242,6 +251,104 @@ async def measure(n: int) -> dict[str, object]:
     return {"est": est_sizes, "coap": coap_runs, "factory_der": factory_der}
 
 
+def handshake_bytes(datagrams: list[tuple[str, int]]) -> int:
+    """EDHOC's share of a session: message_1's datagram, the answer after it (message_2), and
+    message_3 (inside the first OSCORE request)."""
+    first = next(i for i, (d, _) in enumerate(datagrams) if "(message_1)" in d)
+    m3 = sum(int(x) for d, _ in datagrams for x in re.findall(r"message_3 \((\d+) B", d))
+    return datagrams[first][1] + datagrams[first + 1][1] + m3
+
+
+async def measure_transfer(n: int, tmp: Path) -> dict[str, object]:
+    """The transfer in constrained form, per device: its transfer message from SP1's cm over CoAP
+    (operational credential), then re-enrollment with CA2 through SP2's cm over CoAP (factory
+    credential). Two providers with km in-process (bench/transfer.py's), a CoAP door each."""
+    import transfer as tr
+    from iotdlm.client.transfer_device import TransferDeviceClient
+    from iotdlm.cm.cacerts import CaCerts
+    from iotdlm.cm.coap import CoapDoor
+    from iotdlm.device.coap_client import CoapEnroller
+    from iotdlm.km.registry import FactoryRegistry
+    from iotdlm.km.transfer_device_handlers import keep_messages
+    from iotdlm.transfer.agent import DeviceAgent, LocalFallback
+    from iotdlm.transfer.shell import Sp1Service, Sp2Service
+
+    clock = SystemClock()
+    sp1, sp2 = tr.Provider(tmp / "sp1", "SP1", tr.SP1_ID, clock), tr.Provider(tmp / "sp2", "SP2", tr.SP2_ID, clock)
+    await sp1.start()
+    await sp2.start()
+    doors = []
+    for p, transfer in ((sp1, True), (sp2, False)):
+        cm = p.client("cm")
+        cas = CaCerts([p.ca("operational"), p.ca("root")], fetch=None, clock=clock)
+        tdc = TransferDeviceClient.like(cm) if transfer else None
+        door = CoapDoor(
+            CoapConfig(port=0), km=cm, cacerts=cas, key=ec.generate_private_key(ec.SECP256R1()), transfer=tdc
+        )
+        await door.start()
+        doors.append(door)
+    udp1, udp2 = Tally(), Tally()
+    out: dict[str, object] = {}
+    try:
+        async with udp_proxy(doors[0].port, udp1) as p1, udp_proxy(doors[1].port, udp2) as p2:
+            uri2 = f"coap://127.0.0.1:{p2}"
+            registrar = FactoryRegistry(sp2.store, clock, enroll_uri=uri2)
+            registrar.register_cas([sp1.ca("root"), sp1.ca("factory")], actor="bench")
+            sp1svc = Sp1Service(store=sp1.store, identity=sp1.identity, clock=clock, fallback_uri=tr.SP1_UPDATE)
+            sp2svc = Sp2Service(store=sp2.store, identity=sp2.identity, clock=clock, registrar=registrar)
+            devices = await tr.provision(sp1, tmp, n, tmp / "devices")
+            ids = sorted(devices)
+            now = clock.now()
+            _tid, uil = sp1svc.export(
+                ids, peer_id=tr.SP2_ID, peer_certificate=sp2.identity.certificate,
+                not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(days=7),
+                version=lambda d: tr.m.VersionInfo(1, f"https://sp1.example/suit/{tr.DTYPE}/1"),
+                references=dict.fromkeys(ids, tr.measure(tr.FIRMWARE)),
+            )  # fmt: skip
+            tid, tm = sp2svc.accept(
+                uil, peer_id=tr.SP1_ID, peer_certificate=sp1.identity.certificate,
+                reset_not_before=now - dt.timedelta(minutes=1), reset_not_after=now + dt.timedelta(days=2),
+                fallback_uri=tr.SP1_UPDATE, trust_anchors=[sp2.ca("root")],
+            )  # fmt: skip
+            sp1svc.accept(tm)
+            msgs, _ = sp1svc.device_messages(tid)
+            keep_messages(sp1.store, tid, msgs, clock.now())
+            enroller = CoapEnroller({uri2: doors[1].credential_bytes})
+            runs = []
+            for d in ids:
+                dev = devices[d]
+                cert_pem, key_pem = dev.tls_identity("operational")
+                key = serialization.load_pem_private_key(key_pem, None)
+                assert isinstance(key, ec.EllipticCurvePrivateKey)
+                cert = x509.load_pem_x509_certificate(cert_pem)
+                creds = doors[0].credential_bytes
+                async with CoapEstClient(
+                    f"coap://127.0.0.1:{p1}", responder_credential=creds, key=key, certificate=cert
+                ) as c:
+                    token = await c.transfer_message()
+                await asyncio.sleep(0.02)
+                agent = DeviceAgent(
+                    dev,
+                    clock=clock,
+                    enroller=enroller,
+                    fallback=LocalFallback({tr.SP1_UPDATE: sp1svc}),
+                    retry_delay=0.0,
+                )
+                receipt = await agent.handle(token)
+                assert receipt.phase == "committed", receipt
+                await asyncio.sleep(0.02)
+                runs.append((udp1.take(), udp2.take()))
+            out = {"runs": runs, "message": len(msgs[ids[0]]), "transfer_message": len(tm)}
+    finally:
+        for door in doors:
+            await door.stop()
+        await sp1.stop()
+        await sp2.stop()
+        sp1.store.close()
+        sp2.store.close()
+    return out
+
+
 def markdown(res: dict[str, object], n: int, seconds: float) -> tuple[str, list[Headline]]:
     est: list[tuple[int, int]] = res["est"]  # type: ignore[assignment]
     coap: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = res["coap"]  # type: ignore[assignment]
@@ -292,11 +399,12 @@ def markdown(res: dict[str, object], n: int, seconds: float) -> tuple[str, list[
                 [
                     "DeviceUpdateInfo",
                     TABLE_I["DeviceUpdateInfo"],
-                    "not sent over CoAP yet (transfer over CoAP: not done)",
+                    "provider to provider (in the UpdateInfoList), never to a device: `bench/transfer_sizes.py`",
                 ],
             ],
         ),
     ]
+    lines += ["", *transfer_markdown(res["transfer"], coap[0][0])]  # type: ignore[arg-type]
     heads = [
         Headline(
             what="CoAP/EDHOC/OSCORE enrollment, bytes on the wire",
@@ -311,6 +419,48 @@ def markdown(res: dict[str, object], n: int, seconds: float) -> tuple[str, list[
     return "\n".join(lines), heads
 
 
+def transfer_markdown(tr_res: dict[str, object], enrollment: list[tuple[str, int]]) -> list[str]:
+    """The transfer in constrained form beside Table I's EDHOC/C509 column (medians per device)."""
+    runs: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = tr_res["runs"]  # type: ignore[assignment]
+    med = statistics.median
+    tm_total = med(sum(b for _, b in r[0]) for r in runs)
+    tm_hs = med(handshake_bytes(r[0]) for r in runs)
+    re_total = med(sum(b for _, b in r[1]) for r in runs)
+    re_hs = med(handshake_bytes(r[1]) for r in runs)
+    hs = handshake_bytes(enrollment)
+    enroll = sum(b for _, b in enrollment) - hs
+    return [
+        "### The transfer in constrained form, per device, beside Table I (EDHOC, C509 column)",
+        "",
+        f"{len(runs)} device(s) of SP1 fetch their per-device transfer message from SP1's cm (`/transfer/tm`, "
+        "operational credential), then re-enroll with CA2 through SP2's cm (`sen` with the factory credential, "
+        "then `crts`), each over a new EDHOC session; attestation and the update are left out. Handshake = "
+        "EDHOC message_1 + message_2 + message_3; enrollment = the rest of the session.",
+        "",
+        md_table(
+            ["message / operation", "Table I, EDHOC/C509", "here (CoAP/EDHOC/OSCORE, DER)"],
+            [
+                ["TransferMessage (the per-device CWT a device gets)", "> 216", f"{tr_res['message']} B"],
+                [
+                    "  fetched over CoAP: EDHOC + OSCORE request (certificate) + answer",
+                    "",
+                    f"{tm_total:,.0f} B (handshake {tm_hs:,.0f} B)",
+                ],
+                ["Handshake (EDHOC)", "> 575", f"{hs:,.0f} B"],
+                ["Enrollment (nonce + sen, after the handshake)", "> 550", f"{enroll:,.0f} B"],
+                [
+                    "re-enrollment with CA2 (EDHOC + pn + sen + crts)",
+                    "",
+                    f"{re_total:,.0f} B (handshake {re_hs:,.0f} B)",
+                ],
+                ["Total size for an IoT device (message + re-enrollment)", "> 1340", f"{tm_total + re_total:,.0f} B"],
+            ],
+        ),
+        "",
+        f"(the TransferMessage SP2 signs for SP1, provider to provider: {tr_res['transfer_message']} B)",
+    ]
+
+
 def main() -> None:
     def extra(p: argparse.ArgumentParser) -> None:
         p.add_argument("--devices", type=int, default=None, help="devices measured (default 5; 1 with --quick)")
@@ -319,6 +469,8 @@ def main() -> None:
     n = args.devices or (1 if args.quick else 5)
     t0 = time.perf_counter()
     res = asyncio.run(measure(n))
+    with tempfile.TemporaryDirectory(prefix="iotdlm-coap-transfer-") as tmp:
+        res["transfer"] = asyncio.run(measure_transfer(n, Path(tmp)))
     text, heads = markdown(res, n, time.perf_counter() - t0)
     emit(text, args, heads)
 

@@ -88,8 +88,9 @@ class CoapEstClient:
         self._cred_r = responder_credential
         self._key = key
         self._cert_der = certificate.public_bytes(serialization.Encoding.DER)
-        subject = certificate.subject.rfc4514_string()[:64]
-        self._cred_i = wire.ccs_bytes(wire.ccs_for(key.public_key(), subject, wire.certificate_kid(self._cert_der)))
+        # no subject in the CCS: the certificate (sent inside OSCORE) names the device, the kid names
+        # the certificate; every byte of message_3 counts on a constrained link
+        self._cred_i = wire.ccs_bytes(wire.ccs_for(key.public_key(), "", wire.certificate_kid(self._cert_der)))
         self._context: aiocoap.Context | None = None
         self._oscore: edhoc.EdhocInitiatorContext | None = None
 
