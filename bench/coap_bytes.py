@@ -33,6 +33,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 import cbor2
@@ -40,15 +41,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import transfer as tr
 from cm_est import set_mode, until_mode_seen
 from common import DTYPE, Headline, bench_deployment, csr_der, emit, log, machine_info, md_table, parse_args
+from iotdlm.client.transfer_device import TransferDeviceClient
 from iotdlm.clock import SystemClock
+from iotdlm.cm.cacerts import CaCerts
+from iotdlm.cm.coap import CoapDoor
 from iotdlm.cm.config import CmConfig, CoapConfig
 from iotdlm.cm.service import CmService
-from iotdlm.device.coap_client import CoapEstClient
+from iotdlm.device.coap_client import CoapEnroller, CoapEstClient
 from iotdlm.device.est_client import EstClient
+from iotdlm.km.registry import FactoryRegistry
+from iotdlm.km.transfer_device_handlers import keep_messages
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import private_key_to_pem
+from iotdlm.transfer.agent import DeviceAgent, LocalFallback
+from iotdlm.transfer.shell import Sp1Service, Sp2Service
 
 #: seed 003 Table I, EDHOC/C509 column (bytes; the paper gives lower bounds)
 TABLE_I = {"factory certificate": "> 150 (C509)", "DeviceUpdateInfo": "> 230"}
@@ -259,36 +268,59 @@ def handshake_bytes(datagrams: list[tuple[str, int]]) -> int:
     return datagrams[first][1] + datagrams[first + 1][1] + m3
 
 
+async def _door(p: Any, clock: SystemClock, *, transfer: bool) -> CoapDoor:
+    """A provider's CoAP door, relaying to its in-process km as cm (``transfer``: with /transfer/tm)."""
+    cm = p.client("cm")
+    cas = CaCerts([p.ca("operational"), p.ca("root")], fetch=None, clock=clock)
+    tdc = TransferDeviceClient.like(cm) if transfer else None
+    door = CoapDoor(CoapConfig(port=0), km=cm, cacerts=cas, key=ec.generate_private_key(ec.SECP256R1()), transfer=tdc)
+    await door.start()
+    return door
+
+
+def _messages(
+    sp1: Any, sp2: Any, sp1svc: Sp1Service, sp2svc: Sp2Service, ids: list[str]
+) -> tuple[dict[str, bytes], bytes]:
+    """SP1 exports, SP2 accepts (no attestation, no update), SP1 signs the per-device messages and
+    keeps them for the devices to fetch (``transfer deliver``)."""
+    now = SystemClock().now()
+    _tid, uil = sp1svc.export(
+        ids, peer_id=tr.SP2_ID, peer_certificate=sp2.identity.certificate,
+        not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(days=7),
+        version=lambda d: tr.m.VersionInfo(1, f"https://sp1.example/suit/{tr.DTYPE}/1"),
+        references=dict.fromkeys(ids, tr.measure(tr.FIRMWARE)),
+    )  # fmt: skip
+    tid, tm = sp2svc.accept(
+        uil, peer_id=tr.SP1_ID, peer_certificate=sp1.identity.certificate,
+        reset_not_before=now - dt.timedelta(minutes=1), reset_not_after=now + dt.timedelta(days=2),
+        fallback_uri=tr.SP1_UPDATE, trust_anchors=[sp2.ca("root")],
+    )  # fmt: skip
+    sp1svc.accept(tm)
+    msgs, _ = sp1svc.device_messages(tid)
+    keep_messages(sp1.store, tid, msgs, now)
+    return msgs, tm
+
+
+async def _fetch_message(uri: str, door: CoapDoor, dev: Any) -> bytes:
+    """The device asks SP1's cm for its transfer message with its operational credential."""
+    cert_pem, key_pem = dev.tls_identity("operational")
+    key = serialization.load_pem_private_key(key_pem, None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    async with CoapEstClient(uri, responder_credential=door.credential_bytes, key=key, certificate=cert) as c:
+        return await c.transfer_message()
+
+
 async def measure_transfer(n: int, tmp: Path) -> dict[str, object]:
     """The transfer in constrained form, per device: its transfer message from SP1's cm over CoAP
     (operational credential), then re-enrollment with CA2 through SP2's cm over CoAP (factory
     credential). Two providers with km in-process (bench/transfer.py's), a CoAP door each."""
-    import transfer as tr
-    from iotdlm.client.transfer_device import TransferDeviceClient
-    from iotdlm.cm.cacerts import CaCerts
-    from iotdlm.cm.coap import CoapDoor
-    from iotdlm.device.coap_client import CoapEnroller
-    from iotdlm.km.registry import FactoryRegistry
-    from iotdlm.km.transfer_device_handlers import keep_messages
-    from iotdlm.transfer.agent import DeviceAgent, LocalFallback
-    from iotdlm.transfer.shell import Sp1Service, Sp2Service
-
     clock = SystemClock()
     sp1, sp2 = tr.Provider(tmp / "sp1", "SP1", tr.SP1_ID, clock), tr.Provider(tmp / "sp2", "SP2", tr.SP2_ID, clock)
     await sp1.start()
     await sp2.start()
-    doors = []
-    for p, transfer in ((sp1, True), (sp2, False)):
-        cm = p.client("cm")
-        cas = CaCerts([p.ca("operational"), p.ca("root")], fetch=None, clock=clock)
-        tdc = TransferDeviceClient.like(cm) if transfer else None
-        door = CoapDoor(
-            CoapConfig(port=0), km=cm, cacerts=cas, key=ec.generate_private_key(ec.SECP256R1()), transfer=tdc
-        )
-        await door.start()
-        doors.append(door)
+    doors = [await _door(sp1, clock, transfer=True), await _door(sp2, clock, transfer=False)]
     udp1, udp2 = Tally(), Tally()
-    out: dict[str, object] = {}
     try:
         async with udp_proxy(doors[0].port, udp1) as p1, udp_proxy(doors[1].port, udp2) as p2:
             uri2 = f"coap://127.0.0.1:{p2}"
@@ -297,56 +329,25 @@ async def measure_transfer(n: int, tmp: Path) -> dict[str, object]:
             sp1svc = Sp1Service(store=sp1.store, identity=sp1.identity, clock=clock, fallback_uri=tr.SP1_UPDATE)
             sp2svc = Sp2Service(store=sp2.store, identity=sp2.identity, clock=clock, registrar=registrar)
             devices = await tr.provision(sp1, tmp, n, tmp / "devices")
-            ids = sorted(devices)
-            now = clock.now()
-            _tid, uil = sp1svc.export(
-                ids, peer_id=tr.SP2_ID, peer_certificate=sp2.identity.certificate,
-                not_before=now - dt.timedelta(minutes=1), not_after=now + dt.timedelta(days=7),
-                version=lambda d: tr.m.VersionInfo(1, f"https://sp1.example/suit/{tr.DTYPE}/1"),
-                references=dict.fromkeys(ids, tr.measure(tr.FIRMWARE)),
-            )  # fmt: skip
-            tid, tm = sp2svc.accept(
-                uil, peer_id=tr.SP1_ID, peer_certificate=sp1.identity.certificate,
-                reset_not_before=now - dt.timedelta(minutes=1), reset_not_after=now + dt.timedelta(days=2),
-                fallback_uri=tr.SP1_UPDATE, trust_anchors=[sp2.ca("root")],
-            )  # fmt: skip
-            sp1svc.accept(tm)
-            msgs, _ = sp1svc.device_messages(tid)
-            keep_messages(sp1.store, tid, msgs, clock.now())
+            msgs, tm = _messages(sp1, sp2, sp1svc, sp2svc, sorted(devices))
             enroller = CoapEnroller({uri2: doors[1].credential_bytes})
+            fallback = LocalFallback({tr.SP1_UPDATE: sp1svc})
             runs = []
-            for d in ids:
-                dev = devices[d]
-                cert_pem, key_pem = dev.tls_identity("operational")
-                key = serialization.load_pem_private_key(key_pem, None)
-                assert isinstance(key, ec.EllipticCurvePrivateKey)
-                cert = x509.load_pem_x509_certificate(cert_pem)
-                creds = doors[0].credential_bytes
-                async with CoapEstClient(
-                    f"coap://127.0.0.1:{p1}", responder_credential=creds, key=key, certificate=cert
-                ) as c:
-                    token = await c.transfer_message()
+            for d in sorted(devices):
+                token = await _fetch_message(f"coap://127.0.0.1:{p1}", doors[0], devices[d])
                 await asyncio.sleep(0.02)
-                agent = DeviceAgent(
-                    dev,
-                    clock=clock,
-                    enroller=enroller,
-                    fallback=LocalFallback({tr.SP1_UPDATE: sp1svc}),
-                    retry_delay=0.0,
-                )
+                agent = DeviceAgent(devices[d], clock=clock, enroller=enroller, fallback=fallback, retry_delay=0.0)
                 receipt = await agent.handle(token)
                 assert receipt.phase == "committed", receipt
                 await asyncio.sleep(0.02)
                 runs.append((udp1.take(), udp2.take()))
-            out = {"runs": runs, "message": len(msgs[ids[0]]), "transfer_message": len(tm)}
     finally:
         for door in doors:
             await door.stop()
-        await sp1.stop()
-        await sp2.stop()
-        sp1.store.close()
-        sp2.store.close()
-    return out
+        for p in (sp1, sp2):
+            await p.stop()
+            p.store.close()
+    return {"runs": runs, "message": len(next(iter(msgs.values()))), "transfer_message": len(tm)}
 
 
 def markdown(res: dict[str, object], n: int, seconds: float) -> tuple[str, list[Headline]]:
