@@ -20,15 +20,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.cm.coap import CoapDoor
 from iotdlm.cm.config import CoapConfig
 from iotdlm.device.coap_client import CoapEstClient
+from iotdlm.device.runner import DeviceRunner
+from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import NotAuthorizedError, RejectedError, UntrustedError
 from iotdlm.pki.keys import Algorithm, generate_key
 from iotdlm.pki.names import device_id_of
 from iotdlm.wire import coap_est as wire
 from tests.helpers import make_csr
-from tests.integration.test_cm import Site, open_site
+from tests.integration.test_cm import DTYPE, Site, open_site
 
 pytestmark = [pytest.mark.nats, pytest.mark.filterwarnings("ignore:Setting a block1 option:DeprecationWarning")]
 
@@ -188,3 +191,32 @@ async def _oscore_post(c: CoapEstClient, name: str, payload: bytes, fmt: int) ->
         req.opt.block1 = BlockOption.BlockwiseTuple(0, False, 5)
     answer: aiocoap.Message = await ctx.request(req).response
     return answer
+
+
+async def test_device_runner_enrolls_and_reenrolls_over_coap(door_site: tuple[Site, CoapDoor], tmp_path: Path) -> None:
+    """The device loop (``DeviceRunner``) as a constrained device: its enroll_uri is cm's CoAP door."""
+    site, door = door_site
+    uri = f"coap://127.0.0.1:{door.port}"
+    dev = SimulatedDevice.manufacture(tmp_path / "dev", "dev-run-c", DTYPE)
+    dev.generate_key()
+    pm = await site.client(f"pm-{DTYPE}")
+    out = await pm.issue("dev-run-c", "factory", csr=dev.make_csr())
+    dev.write_certificate("factory", x509.load_der_x509_certificate(out.certificate))
+    dev.write_config({"device_id": "dev-run-c", "dtype": DTYPE, "enroll_uri": uri})
+    clock = FixedClock(SystemClock().now())
+    runner = DeviceRunner(dev, clock=clock, renew_at=0.5, cm_credentials={uri: door.credential_bytes})
+    report = await runner.tick()
+    assert report.actions == ["enrolled"], report
+    first = dev.certificate("operational")
+    assert first is not None
+    clock.advance(runner.renewal_due(first) - clock.now())
+    report = await runner.tick()
+    assert report.actions == ["reenrolled"], report
+    second = dev.certificate("operational")
+    assert second is not None
+    assert second.serial_number != first.serial_number
+    assert not dev.has_key("pending")
+    # without cm's EDHOC credential the device says what it lacks
+    bare = DeviceRunner(dev, clock=FixedClock(second.not_valid_after_utc))
+    report = await bare.tick()
+    assert any("no EDHOC credential" in e for e in report.errors), report

@@ -19,6 +19,7 @@ import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 import aiocoap
 import cbor2
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from iotdlm.errors import (
     BadRequestError,
     IotdlmError,
+    NotFoundError,
     RejectedError,
     UnavailableError,
     UntrustedError,
@@ -221,6 +223,39 @@ class CoapEstClient:
         return bytes(answer.payload)
 
 
+def coap_client_for(
+    base_uri: str, responder_credential: bytes, cert_pem: bytes, key_pem: bytes, *, timeout: float = 30.0
+) -> CoapEstClient:
+    """A client for a device credential given as PEM (a certificate and its unencrypted P-256 key)."""
+    key = serialization.load_pem_private_key(key_pem, None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UntrustedError("enrollment over CoAP needs a P-256 key (EDHOC cipher suite 2)")
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return CoapEstClient(
+        base_uri, responder_credential=responder_credential, key=key, certificate=cert, timeout=timeout
+    )
+
+
+class CoapMessages:
+    """The runner's transfer-message source over CoAP (``/transfer/tm`` at the device's cm, with its
+    operational credential): the bytes, or None when nothing waits (4.04)."""
+
+    def __init__(self, credentials: Mapping[str, bytes], *, timeout: float = 30.0) -> None:
+        self.credentials = dict(credentials)
+        self.timeout = timeout
+
+    async def fetch(self, dev: Any, base_url: str) -> bytes | None:
+        cred = self.credentials.get(base_url)
+        if cred is None:
+            raise UntrustedError(f"this device holds no EDHOC credential for {base_url}")
+        cert_pem, key_pem = dev.tls_identity("operational")
+        try:
+            async with coap_client_for(base_url, cred, cert_pem, key_pem, timeout=self.timeout) as c:
+                return await c.transfer_message()
+        except NotFoundError:
+            return None
+
+
 class CoapEnroller:
     """The trust transfer's re-enrollment with CA2 in constrained form (the transfer agent's
     ``Enroller``): ``simpleenroll`` with the factory credential over CoAP/EDHOC/OSCORE to a
@@ -249,17 +284,8 @@ class CoapEnroller:
         client_key_pem: bytes,
         csr: bytes,
     ) -> tuple[x509.Certificate, list[x509.Certificate]]:
-        key = serialization.load_pem_private_key(client_key_pem, None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise UntrustedError("enrollment over CoAP needs a P-256 factory key (EDHOC cipher suite 2)")
-        cert = x509.load_pem_x509_certificate(client_cert_pem)
-        client = CoapEstClient(
-            enroll_uri,
-            responder_credential=self._credential(enroll_uri),
-            key=key,
-            certificate=cert,
-            timeout=self.timeout,
-        )
+        cred = self._credential(enroll_uri)
+        client = coap_client_for(enroll_uri, cred, client_cert_pem, client_key_pem, timeout=self.timeout)
         async with client:
             issued = await client.simpleenroll(csr)
             cacerts = await client.crts()
@@ -320,4 +346,4 @@ def _error_for(answer: aiocoap.Message, what: str) -> IotdlmError:
     return err
 
 
-__all__ = ["CoapEnroller", "CoapEstClient", "CoapUnavailableError"]
+__all__ = ["CoapEnroller", "CoapEstClient", "CoapMessages", "CoapUnavailableError", "coap_client_for"]
