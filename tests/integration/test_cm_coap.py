@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -17,10 +18,12 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 
 from iotdlm.cm.coap import CREDENTIAL_FILE, DEFAULT_KEY_FILE
 from iotdlm.cm.config import CoapConfig
+from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.wire import coap_est as wire
-from tests.integration.test_cm import Site, open_site, set_mode
+from tests.integration.test_cm import DTYPE, Site, open_site, set_mode
+from tests.integration.test_device_runner import cli
 
-pytestmark = pytest.mark.nats
+pytestmark = [pytest.mark.nats, pytest.mark.filterwarnings("ignore:Setting a block1 option:DeprecationWarning")]
 COAP_CLIENT = shutil.which("coap-client-notls")
 needs_libcoap = pytest.mark.skipif(COAP_CLIENT is None, reason="libcoap3-bin (coap-client-notls) not installed")
 
@@ -89,3 +92,28 @@ async def test_crts_refused_outside_cm_modes(site: Site) -> None:
     assert answer.code == aiocoap.SERVICE_UNAVAILABLE
     assert b"wrong_mode" in answer.payload
     assert answer.opt.max_age is not None
+
+
+async def test_device_run_as_a_constrained_device(site: Site, tmp_path: Path) -> None:
+    """``iotdlm device run --cm coap://... --cm-credential FILE``: the device enrolls over CoAP."""
+    assert site.cm.coap is not None
+    cred = site.dep.root / "modules" / "cm" / CREDENTIAL_FILE
+    folder = tmp_path / "dev-c"
+    uri = _uri(site, "")
+    out = await cli(
+        "device", "run", "--device", str(folder), "--dtype", DTYPE, "--data", str(site.dep.root),
+        "--cm", uri, "--cm-credential", str(cred), "--once", "--json",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["counts"].get("enrolled") == 1, summary
+    op = SimulatedDevice(folder).certificate("operational")
+    assert op is not None
+    assert op.issuer == site.dep.ca_certificate("operational").subject
+    # a file that is not cm's credential is refused in words
+    bogus = tmp_path / "bogus.cbor"
+    bogus.write_bytes(b"\xa0")
+    out = await cli("device", "run", "--device", str(folder), "--cm", uri, "--cm-credential", str(bogus), "--once")
+    assert out.exit_code != 0
+    assert "EDHOC credential" in out.output
+    assert "Traceback" not in out.output
