@@ -61,8 +61,15 @@ class CoapUnavailableError(UnavailableError):
 
     code = "coap_unavailable"
 
-    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        field: str | None = None,
+        device_id: str | None = None,
+    ) -> None:
+        super().__init__(message, field=field, device_id=device_id)
         self.retry_after = retry_after
 
 
