@@ -112,6 +112,9 @@ SECTIONS: tuple[Section, ...] = (
         quick=("--quick", "--duration", "0.5", "--certs", "20"),
         quick_seconds=60,
     ),
+    Section(
+        "coap-bytes", "coap_bytes", "cm: enrollment bytes on the wire, CoAP/EDHOC/OSCORE vs EST/HTTPS", quick_seconds=12
+    ),
     Section("sm", "sm_download", "sm: verified download and store", quick=("--quick", "--mib", "32"), quick_seconds=12),
     Section("pm", "pm_provisioning", "pm: provisioning a line", quick_seconds=22),
     Section(

@@ -32,6 +32,7 @@ from iotdlm.bus.server import NatsUser
 from iotdlm.client.km import KmClient
 from iotdlm.clock import SystemClock
 from iotdlm.cm import CmConfig, CmService, EgressConfig, Limits
+from iotdlm.cm.config import CoapConfig
 from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.device.est_client import EstClient, EstUnavailableError
 from iotdlm.errors import (
@@ -139,6 +140,7 @@ async def open_site(
     tls_files: tuple[Path, Path] | None = None,
     http_port: int = 0,
     est_serverkeygen: str | None = None,
+    coap: CoapConfig | None = None,
 ) -> AsyncIterator[Site]:
     """A deployment, nats-server, km and cm (``tls_files``: an operator's HTTPS pair for cm;
     ``http_port``: cm's plain-HTTP port, for a ``public_url`` that names it; ``est_serverkeygen``:
@@ -180,6 +182,7 @@ async def open_site(
         egress=EgressConfig(("http://127.0.0.1:1",), port=0),
         tls_cert=tls_files[0] if tls_files else None,
         tls_key=tls_files[1] if tls_files else None,
+        coap=coap,
     )
     cm = await CmService.from_deployment(dep, config, clock=clock)
     await cm.start()

@@ -495,7 +495,9 @@ def test_ca_certs_from_chain_dedups_and_ends_with_the_root() -> None:
 
 def test_every_error_class_has_its_own_wire_code() -> None:
     """cm's and the EST client's error classes must not shadow another class in from_wire."""
+    import iotdlm.cm.coap
     import iotdlm.cm.server
+    import iotdlm.device.coap_client
     import iotdlm.device.est_client
     from iotdlm.errors import _all_subclasses, from_wire
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from iotdlm import cm_https
 from iotdlm.cli.common import console, data_option, handle_errors, run
 from iotdlm.clock import SystemClock
-from iotdlm.cm.config import CmConfig, EgressConfig, limits_from, load_cm_file
+from iotdlm.cm.config import CmConfig, CmFile, CoapConfig, EgressConfig, limits_from, load_cm_file
 from iotdlm.cm.egress import parse_origin
 from iotdlm.deployment import Deployment, issue_cm_https_certificate
 from iotdlm.errors import BadRequestError, IotdlmError
@@ -110,8 +110,17 @@ def serve(
         csr_algorithm=Algorithm(dep.config.algorithm),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        coap=_coap_from(file, data, host),
     )
     run(_serve(dep, config))
+
+
+def _coap_from(file: CmFile, data: Path, host: str | None) -> CoapConfig | None:
+    """The CoAP door from cm.toml's ``coap_port`` (absent: off)."""
+    if file.coap_port is None:
+        return None
+    key = data / file.coap_edhoc_key if file.coap_edhoc_key is not None else None
+    return CoapConfig(host=_first(host, file.host, "127.0.0.1"), port=file.coap_port, edhoc_key=key)
 
 
 _T = TypeVar("_T")

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,11 @@ def ready_devices(
         factory_line(data, blank, clock)
     for dev in devices:
         if cm is not None:
-            if not cm.startswith("https://"):
-                raise BadRequestError(f"--cm {cm!r}: cm's URL must start with https://")
+            if not cm.startswith(("https://", "coap://")):
+                raise BadRequestError(f"--cm {cm!r}: cm's URL must start with https:// (or coap:// for CoAP)")
+            uri = cm.rstrip("/") if cm.startswith("coap://") else cm.rstrip("/") + "/.well-known/est"
             config = dev.config()
-            config.update(
-                {"device_id": dev.device_id, "dtype": dev.dtype, "enroll_uri": cm.rstrip("/") + "/.well-known/est"}
-            )
+            config.update({"device_id": dev.device_id, "dtype": dev.dtype, "enroll_uri": uri})
             dev.write_config(config)
     return devices
 
@@ -103,28 +102,44 @@ def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -
 
 
 # --- the loop, wired ---------------------------------------------------------------------------------------
-def runner_for(dev: SimulatedDevice, clock: Clock, *, renew_at: float, timeout: float = 30.0) -> DeviceRunner:
+def runner_for(
+    dev: SimulatedDevice,
+    clock: Clock,
+    *,
+    renew_at: float,
+    timeout: float = 30.0,
+    cm_credentials: Mapping[str, bytes] | None = None,
+) -> DeviceRunner:
     """The device's loop with its transfer agent, every step over HTTPS: the transfer message and
     the fallback report at SP1's cm, attestation and the update at SP2's cm (raURI, updateURI),
     SP2's anchors (/cacerts) and EST with CA2 at the enrollURI -- all on the device's own
     :class:`~iotdlm.transfer.http_clients.DeviceHttps` (its TLS contexts and keep-alive connections
-    of the pass, closed at the pass's end)."""
-    from iotdlm.transfer.agent import DeviceAgent
+    of the pass, closed at the pass's end). With ``cm_credentials`` (a constrained device, ADR
+    0029) enrollment, the transfer message and re-enrollment with CA2 go over CoAP/EDHOC/OSCORE to
+    the cms whose EDHOC credential it holds; the other transfer steps stay on HTTPS."""
+    from iotdlm.device.coap_client import CoapEnroller, CoapMessages
+    from iotdlm.device.runner import MessageSource
+    from iotdlm.transfer.agent import DeviceAgent, Enroller
     from iotdlm.transfer.http_clients import DeviceHttps, DeviceMessages
 
     https = DeviceHttps(dev, timeout=timeout)
+    enroller: Enroller = https
+    messages: MessageSource = DeviceMessages(timeout=timeout, https=https)
+    if cm_credentials:
+        enroller = CoapEnroller(cm_credentials, timeout=timeout)
+        messages = CoapMessages(cm_credentials, timeout=timeout)
     agent = DeviceAgent(
         dev,
         clock=clock,
-        enroller=https,
+        enroller=enroller,
         fallback=https,
         attestation_client=https,
         updates=https,
         refusals=https,
     )
     return DeviceRunner(
-        dev, clock=clock, transfers=agent, messages=DeviceMessages(timeout=timeout, https=https), renew_at=renew_at,
-        timeout=timeout, connections=https,
+        dev, clock=clock, transfers=agent, messages=messages, renew_at=renew_at, timeout=timeout,
+        connections=https, cm_credentials=cm_credentials,
     )  # fmt: skip
 
 

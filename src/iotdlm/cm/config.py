@@ -84,6 +84,24 @@ class EgressConfig:
 
 
 @dataclass(frozen=True)
+class CoapConfig:
+    """cm's CoAP door (UDP; enrollment with EDHOC and OSCORE, ADR 0029). Port 0 picks a free port."""
+
+    host: str = "127.0.0.1"
+    port: int = 5683
+    #: cm's EDHOC key (PEM, P-256); None: DIR/modules/cm/coap-edhoc-key.pem, made at the first start
+    edhoc_key: Path | None = None
+    #: EDHOC sessions kept at once; the oldest is dropped (aiocoap has 48 one-byte identifiers)
+    max_sessions: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise BadRequestError(f"coap_port {self.port} is not a UDP port", field="coap_port")
+        if not 1 <= self.max_sessions <= 40:
+            raise BadRequestError("coap max_sessions must be between 1 and 40", field="coap_max_sessions")
+
+
+@dataclass(frozen=True)
 class CmConfig:
     """cm's listeners. ``https_port`` serves EST, OCSP and CRLs; ``http_port`` (optional, None:
     off) serves OCSP and CRLs only, for relying parties that use the http:// URLs written into
@@ -102,6 +120,8 @@ class CmConfig:
     #: certificate iotdlm issued (DIR/modules/cm/https.pem)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: the CoAP door for constrained devices (None: off)
+    coap: CoapConfig | None = None
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -135,6 +155,11 @@ class CmFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: an operator-supplied HTTPS chain and key (PEM files; relative to the deployment folder)
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: the CoAP door (UDP) for constrained devices, EDHOC + OSCORE enrollment (ADR 0029); absent: off
+    coap_port: int | None = None
+    #: cm's EDHOC key (PEM, P-256; relative to the deployment folder); absent:
+    #: modules/cm/coap-edhoc-key.pem, made at the first start
+    coap_edhoc_key: str | None = None
     limits: dict[str, float] = {}
 
 

@@ -20,15 +20,19 @@ from typing import Protocol
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from iotdlm import cm_https
 from iotdlm.aio import cancel_and_wait
 from iotdlm.bus import Bus, Message, Subscription
 from iotdlm.bus import subjects as s
+from iotdlm.client.km import KmClient
+from iotdlm.client.transfer_device import TransferDeviceClient
 from iotdlm.clock import Clock, SystemClock
 from iotdlm.cm import est
 from iotdlm.cm.cacerts import CaCerts
+from iotdlm.cm.coap import CREDENTIAL_FILE, DEFAULT_KEY_FILE, CoapDoor, load_or_make_key, responder_ccs
 from iotdlm.cm.config import CmConfig
 from iotdlm.cm.egress import EgressProxy
 from iotdlm.cm.ocsp_cache import OcspCache, revoked_serial
@@ -39,6 +43,7 @@ from iotdlm.errors import IotdlmError, UnavailableError
 from iotdlm.observe import ModuleMetrics, Observer
 from iotdlm.observe.serve import ModeReader, km_answering, mode_ready
 from iotdlm.pki.keys import private_key_to_pem
+from iotdlm.wire.coap_est import ccs_bytes
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,17 @@ def deployment_tls(
     return CmTls(context=ctx, ca_certificates={**{n: issuing[n] for n in listed}, "root": root})
 
 
+def _coap_key(dep: Deployment, config: CmConfig) -> ec.EllipticCurvePrivateKey | None:
+    """cm's EDHOC key when the CoAP door is on (made at the first start); its credential, the CCS
+    devices pin, is written beside it for the operator to hand to devices (ADR 0029)."""
+    if config.coap is None:
+        return None
+    folder = dep.root / "modules" / "cm"
+    key = load_or_make_key(config.coap.edhoc_key or folder / DEFAULT_KEY_FILE)
+    (folder / CREDENTIAL_FILE).write_bytes(ccs_bytes(responder_ccs(key, "cm")))
+    return key
+
+
 def _read_file(path: Path, what: str) -> bytes:
     try:
         with path.open("rb") as f:
@@ -130,6 +146,7 @@ class CmService:
         guard: ModeGuardLike | None = None,
         factory_cas: Callable[[], Awaitable[list[x509.Certificate]]] | None = None,
         superseded_grace: dt.timedelta = dt.timedelta(0),
+        coap_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         """``mode`` checks the operation mode before each request (None: no check); ``guard``, if
         given, is started and stopped with the service (a ModeGuard is both). ``factory_cas``
@@ -137,7 +154,8 @@ class CmService:
         asked at start, and again every :data:`FACTORY_CAS_RETRY` seconds while km does not answer
         (km is off in software-management); cm's TLS then trusts device certificates from them.
         ``superseded_grace`` (the deployment's ``superseded_grace_seconds``): how long after its
-        thisUpdate cm may keep a good OCSP answer (with a ``bus``: see :mod:`iotdlm.cm.ocsp_cache`)."""
+        thisUpdate cm may keep a good OCSP answer (with a ``bus``: see :mod:`iotdlm.cm.ocsp_cache`).
+        ``coap_key``: cm's EDHOC key, needed when ``config.coap`` turns the CoAP door on (ADR 0029)."""
         self._superseded_grace = superseded_grace
         self.config = config
         self.clock = clock or SystemClock()
@@ -158,6 +176,19 @@ class CmService:
         self.egress: EgressProxy | None = (
             EgressProxy(config.egress, admit=self._admit_egress) if config.egress is not None else None
         )
+        self.coap: CoapDoor | None = None
+        if config.coap is not None:
+            if coap_key is None:
+                raise ValueError("the CoAP door needs cm's EDHOC key")
+            self.coap = CoapDoor(
+                config.coap,
+                km=km,
+                cacerts=cacerts,
+                key=coap_key,
+                mode=mode,
+                retry_after=config.limits.retry_after,
+                transfer=TransferDeviceClient.like(km) if isinstance(km, KmClient) else None,
+            )
         self._runners: list[web.AppRunner] = []
         self._https: TlsSite | None = None
         self._http: TlsSite | None = None
@@ -198,6 +229,7 @@ class CmService:
             # cm asks km (a signed reply); it never opens km's database
             factory_cas=km.factory_cas,
             superseded_grace=dt.timedelta(seconds=dep.config.superseded_grace_seconds),
+            coap_key=_coap_key(dep, config),
         )
         svc.app.peer = km  # the trust transfer's routes between providers (cm/transfer_peer.py)
         svc.observe(bus, guard)
@@ -254,6 +286,8 @@ class CmService:
             out["http"] = f"http://{host}:{self._http.port}"
         if self.egress is not None:
             out["egress"] = self.egress.url
+        if self.coap is not None and self._https is not None:
+            out["coap"] = f"coap://{host}:{self.coap.port}"
         return out
 
     # --- life ---------------------------------------------------------------------------------------
@@ -273,6 +307,8 @@ class CmService:
                 self._http = await self._listen(self.app.http_app(), self.config.http_port, None, lim.handshake_timeout)
             if self.egress is not None:
                 await self.egress.start()
+            if self.coap is not None:
+                await self.coap.start()
             self._started_at = self.clock.now().isoformat()
             if self.bus is not None:
                 # pm asks this to refuse work while the door to the outside is open
@@ -328,6 +364,9 @@ class CmService:
         self.app.ocsp_cache = None
         if self.egress is not None:
             await self.egress.stop()
+        if self.coap is not None:
+            with contextlib.suppress(Exception):
+                await self.coap.stop()
         guard, self.guard = self.guard, None
         if guard is not None:
             await guard.stop()

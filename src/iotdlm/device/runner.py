@@ -29,13 +29,14 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
 
 from iotdlm.clock import Clock
+from iotdlm.device.coap_client import CoapEstClient, coap_client_for
 from iotdlm.device.est_client import WELL_KNOWN, EstClient
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.device.truststore import same_truststore, updated_truststore
@@ -122,10 +123,13 @@ class DeviceRunner:
         timeout: float = 30.0,
         connections: PassConnections | None = None,
         cacerts_every: dt.timedelta = DEFAULT_CACERTS_EVERY,
+        cm_credentials: Mapping[str, bytes] | None = None,
     ) -> None:
         """``connections``: what the transfer steps and the message fetch keep open during a pass
         (one TLS context and keep-alive connection per credential and host), closed at its end.
-        ``cacerts_every``: how often the device asks /cacerts when it does not enroll (ADR 0026)."""
+        ``cacerts_every``: how often the device asks /cacerts when it does not enroll (ADR 0026).
+        ``cm_credentials``: for a constrained device, the EDHOC credential of each cm it enrolls
+        with over CoAP (``coap://`` enroll_uri; ADR 0029), by base URI."""
         if not 0 < renew_at < 1:
             raise ValueError("renew_at is a fraction of the certificate's lifetime, between 0 and 1")
         self.dev = dev
@@ -136,6 +140,7 @@ class DeviceRunner:
         self.timeout = timeout
         self.connections = connections
         self.cacerts_every = cacerts_every
+        self.cm_credentials = dict(cm_credentials or {})
         self._state_path = dev.path / "flash" / "runner.json"
         self._told_404 = False
 
@@ -190,9 +195,9 @@ class DeviceRunner:
 
     def base_url(self) -> str:
         uri = self.dev.config().get("enroll_uri")
-        if not isinstance(uri, str) or not uri.startswith("https://"):
+        if not isinstance(uri, str) or not uri.startswith(("https://", "coap://")):
             raise NotFoundError(
-                f"device {self.dev.device_id} has no https enroll_uri in its configuration: give --cm URL"
+                f"device {self.dev.device_id} has no https or coap enroll_uri in its configuration: give --cm URL"
             )
         return base_url_of(uri)
 
@@ -205,18 +210,24 @@ class DeviceRunner:
         key pair made on the device; installed with its certificate, destroyed on a failure."""
         kind = "factory" if operation == "simpleenroll" else "operational"
         cert_pem, key_pem = self.dev.tls_identity(kind)
-        base, anchors = self.base_url(), self.anchors_pem()
+        base = self.base_url()
+        # over CoAP the device authenticates cm by the EDHOC credential it pins, not by anchors
+        anchors = b"" if base.startswith("coap://") else self.anchors_pem()
         await asyncio.to_thread(self.dev.generate_pending_key)
         try:
             csr = await asyncio.to_thread(self.dev.make_csr, "pending")
-            client = EstClient(
-                base,
-                trust_anchor_pem=anchors,
-                client_cert_pem=cert_pem,
-                client_key_pem=key_pem,
-                timeout=self.timeout,
-                connections=1,
-            )
+            client: EstClient | CoapEstClient
+            if base.startswith("coap://"):
+                client = self._coap_client(base, cert_pem, key_pem)
+            else:
+                client = EstClient(
+                    base,
+                    trust_anchor_pem=anchors,
+                    client_cert_pem=cert_pem,
+                    client_key_pem=key_pem,
+                    timeout=self.timeout,
+                    connections=1,
+                )
             async with client:
                 cert = await (client.simpleenroll(csr) if kind == "factory" else client.simplereenroll(csr))
                 # RFC 7030 4.1: the current CA certificates, on the same connection (ADR 0026)
@@ -279,6 +290,16 @@ class DeviceRunner:
         except (IotdlmError, ValueError) as exc:
             report.errors.append(f"{what}: {exc.message if isinstance(exc, IotdlmError) else exc}")
             return None
+
+    def _coap_client(self, base: str, cert_pem: bytes, key_pem: bytes) -> CoapEstClient:
+        """Enrollment over CoAP/EDHOC/OSCORE with the cm whose EDHOC credential the device holds."""
+        cred = self.cm_credentials.get(base)
+        if cred is None:
+            raise NotFoundError(
+                f"device {self.dev.device_id} holds no EDHOC credential for {base}: give the cm's "
+                "coap-edhoc-cred.cbor (--cm-credential)"
+            )
+        return coap_client_for(base, cred, cert_pem, key_pem, timeout=self.timeout)
 
     async def poll(self, report: TickReport) -> None:
         """Ask cm for this device's transfer message; hand a new one to the transfer agent."""
