@@ -126,8 +126,9 @@ def runner_for(
     enroller: Enroller = https
     messages: MessageSource = DeviceMessages(timeout=timeout, https=https)
     if cm_credentials:
-        enroller = CoapEnroller(cm_credentials, timeout=timeout)
-        messages = CoapMessages(cm_credentials, timeout=timeout)
+        c509 = dev.hardware.truststore_format == "c509"  # a constrained device: C509 on the wire
+        enroller = CoapEnroller(cm_credentials, timeout=timeout, c509=c509)
+        messages = CoapMessages(cm_credentials, timeout=timeout, c509=c509)
     agent = DeviceAgent(
         dev,
         clock=clock,

@@ -299,7 +299,8 @@ class DeviceRunner:
                 f"device {self.dev.device_id} holds no EDHOC credential for {base}: give the cm's "
                 "coap-edhoc-cred.cbor (--cm-credential)"
             )
-        return coap_client_for(base, cred, cert_pem, key_pem, timeout=self.timeout)
+        c509 = self.dev.hardware.truststore_format == "c509"  # a constrained device: C509 on the wire
+        return coap_client_for(base, cred, cert_pem, key_pem, timeout=self.timeout, c509=c509)
 
     async def poll(self, report: TickReport) -> None:
         """Ask cm for this device's transfer message; hand a new one to the transfer agent."""
