@@ -117,3 +117,27 @@ async def test_device_run_as_a_constrained_device(site: Site, tmp_path: Path) ->
     assert out.exit_code != 0
     assert "EDHOC credential" in out.output
     assert "Traceback" not in out.output
+
+
+async def test_fleet_run_as_constrained_c509_devices(site: Site, tmp_path: Path) -> None:
+    """``iotdlm fleet run --c509 --cm coap://... --cm-credential FILE``: three constrained devices
+    (C509 certificates and truststore) enroll over CoAP/EDHOC/OSCORE, in one worker process."""
+    cred = site.dep.root / "modules" / "cm" / CREDENTIAL_FILE
+    fleet = tmp_path / "cfleet"
+    out = await cli(
+        "fleet", "run", "--count", "3", "--fleet", str(fleet), "--prefix", "cf", "--workers", "1", "--c509",
+        "--data", str(site.dep.root), "--cm", _uri(site, ""), "--cm-credential", str(cred), "--once", "--json",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["counts"] == {"enrolled": 3}, summary
+    for i in range(3):
+        dev = SimulatedDevice(fleet / f"cf-{i:04d}")
+        op = dev.certificate("operational")
+        assert op is not None and op.issuer == site.dep.ca_certificate("operational").subject
+        assert (dev.path / "flash" / "certs" / "operational.c509").is_file()
+        assert not (dev.path / "flash" / "certs" / "operational.pem").exists()
+    # --cm-credential without a coap:// cm: said in words
+    out = await cli("fleet", "run", "--count", "1", "--fleet", str(fleet), "--prefix", "cf", "--workers", "1",
+                    "--cm", "https://127.0.0.1:1", "--cm-credential", str(cred), "--once")  # fmt: skip
+    assert out.exit_code != 0 and "coap://" in out.output and "Traceback" not in out.output
