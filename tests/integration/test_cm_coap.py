@@ -134,10 +134,13 @@ async def test_fleet_run_as_constrained_c509_devices(site: Site, tmp_path: Path)
     for i in range(3):
         dev = SimulatedDevice(fleet / f"cf-{i:04d}")
         op = dev.certificate("operational")
-        assert op is not None and op.issuer == site.dep.ca_certificate("operational").subject
+        assert op is not None
+        assert op.issuer == site.dep.ca_certificate("operational").subject
         assert (dev.path / "flash" / "certs" / "operational.c509").is_file()
         assert not (dev.path / "flash" / "certs" / "operational.pem").exists()
     # --cm-credential without a coap:// cm: said in words
     out = await cli("fleet", "run", "--count", "1", "--fleet", str(fleet), "--prefix", "cf", "--workers", "1",
                     "--cm", "https://127.0.0.1:1", "--cm-credential", str(cred), "--once")  # fmt: skip
-    assert out.exit_code != 0 and "coap://" in out.output and "Traceback" not in out.output
+    assert out.exit_code != 0
+    assert "coap://" in out.output
+    assert "Traceback" not in out.output

@@ -202,7 +202,8 @@ async def test_c509_on_the_wire_and_the_compact_request(door_site: tuple[Site, C
         csr = make_csr(okey, "dev-c5")
         await c._session()  # EDHOC, but no pn yet
         bad = await _oscore_post(c, "sen", wire.encode_enroll_compact(csr, "x y"), wire.MULTIPART_CORE)
-        assert bad.code == aiocoap.BAD_REQUEST and b"ask pn first" in bad.payload  # pn not asked yet
+        assert bad.code == aiocoap.BAD_REQUEST
+        assert b"ask pn first" in bad.payload
         nonce = await c.nonce()  # binds the C509 certificate to this EDHOC key
         forged = f"{nonce} {'A' * 96}"
         bad = await _oscore_post(c, "sen", wire.encode_enroll_compact(csr, forged), wire.MULTIPART_CORE)
@@ -216,7 +217,8 @@ async def test_c509_on_the_wire_and_the_compact_request(door_site: tuple[Site, C
         answer = await _oscore_post(
             c, "sen", wire.encode_enroll_compact(csr, proof), wire.MULTIPART_CORE, accept=wire.C509_CERT
         )
-        assert answer.code == aiocoap.CHANGED and answer.opt.content_format == wire.C509_CERT
+        assert answer.code == aiocoap.CHANGED
+        assert answer.opt.content_format == wire.C509_CERT
         op1 = x509.load_der_x509_certificate(decode_c509(answer.payload))
         assert len(answer.payload) < len(op1.public_bytes(serialization.Encoding.DER))
         assert device_id_of(op1) == "dev-c5"
@@ -225,7 +227,8 @@ async def test_c509_on_the_wire_and_the_compact_request(door_site: tuple[Site, C
     assert isinstance(okey, ec.EllipticCurvePrivateKey)
     async with _client(door, okey, op1, c509=True) as c:  # re-enrollment, C509 both ways
         op2 = await c.simplereenroll(make_csr(generate_key(Algorithm.P256), "dev-c5"))
-    assert device_id_of(op2) == "dev-c5" and op2.serial_number != op1.serial_number
+    assert device_id_of(op2) == "dev-c5"
+    assert op2.serial_number != op1.serial_number
 
 
 async def _oscore_post(

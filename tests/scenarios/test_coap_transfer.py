@@ -119,7 +119,8 @@ async def test_c509_device_enrolls_reenrolls_and_moves_to_ca2_over_coap(world: W
         uri1, uri2 = f"coap://127.0.0.1:{sp1_door.port}", f"coap://127.0.0.1:{sp2_door.port}"
         w.registrar.enroll_uri = uri2
         creds = {uri1: sp1_door.credential_bytes, uri2: sp2_door.credential_bytes}
-        dev = SimulatedDevice.manufacture(w.tmp / "devices" / "c509-000", "c509-000", tt.DTYPE, truststore_format="c509")
+        folder = w.tmp / "devices" / "c509-000"
+        dev = SimulatedDevice.manufacture(folder, "c509-000", tt.DTYPE, truststore_format="c509")
         dev.generate_key()
         factory = await w.sp1.client(f"pm-{tt.DTYPE}").issue(dev.device_id, "factory", csr=dev.make_csr())
         dev.write_certificate("factory", x509.load_der_x509_certificate(factory.certificate))
@@ -135,10 +136,14 @@ async def test_c509_device_enrolls_reenrolls_and_moves_to_ca2_over_coap(world: W
         first = dev.certificate("operational")
         await runner.enroll("simplereenroll", report)
         op = dev.certificate("operational")
-        assert report.actions[:1] == ["enrolled"] and "reenrolled" in report.actions, report
-        assert first is not None and op is not None and op.serial_number != first.serial_number
+        assert report.actions[:1] == ["enrolled"], report
+        assert "reenrolled" in report.actions, report
+        assert first is not None
+        assert op is not None
+        assert op.serial_number != first.serial_number
         assert op.issuer == w.sp1.ca("operational").subject
-        assert (certs / "operational.c509").is_file() and not (certs / "operational.pem").exists()
+        assert (certs / "operational.c509").is_file()
+        assert not (certs / "operational.pem").exists()
         assert decode_c509((certs / "operational.c509").read_bytes()) == op.public_bytes(serialization.Encoding.DER)
         w.devices[dev.device_id], w.old_operational[dev.device_id] = dev, op
         _tid, uil = w.export([dev.device_id])
@@ -151,6 +156,8 @@ async def test_c509_device_enrolls_reenrolls_and_moves_to_ca2_over_coap(world: W
         receipt = await w.agent(dev.device_id, enroller=CoapEnroller(creds, timeout=10.0, c509=True)).handle(token)
         assert receipt.phase == "committed", receipt
         moved = dev.certificate("operational")
-        assert moved is not None and moved.issuer == w.sp2.ca("operational").subject
-        assert (certs / "operational.c509").is_file() and not (certs / "operational.pem").exists()
+        assert moved is not None
+        assert moved.issuer == w.sp2.ca("operational").subject
+        assert (certs / "operational.c509").is_file()
+        assert not (certs / "operational.pem").exists()
         assert dev.config()["enroll_uri"] == uri2

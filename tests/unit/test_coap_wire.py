@@ -165,7 +165,9 @@ def test_decode_enroll_request_never_crashes(data: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.one_of(st.binary(max_size=300), _cbor.map(cbor2.dumps), st.binary(max_size=40).map(lambda b: RFC7925_DER[:-40] + b)),
+    st.one_of(
+        st.binary(max_size=300), _cbor.map(cbor2.dumps), st.binary(max_size=40).map(lambda b: RFC7925_DER[:-40] + b)
+    ),
     st.sampled_from([wire.PKIX_CERT, wire.C509_CERT, wire.C509_BAG, wire.CERTS_ONLY]),
 )
 def test_certificate_and_crts_decoders_never_crash(data: bytes, fmt: int) -> None:

@@ -138,4 +138,3 @@ def device_run(
     runner = runner_for(dev, clock, renew_at=renew_at, cm_credentials=creds)
     summary = run(drive([runner], once=once, interval=interval, progress=False))
     finish(summary, as_json=as_json)
-

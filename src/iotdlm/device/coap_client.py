@@ -179,7 +179,8 @@ class CoapEstClient:
         fmt = self._cert_fmt
         accept = fmt if self.c509 else None
         out = await self._request(aiocoap.POST, resource, payload, wire.MULTIPART_CORE, expect=fmt, accept=accept)
-        cert = wire.load_certificate(wire.decode_certificate(out, fmt, f"the {resource} answer"), f"the {resource} answer")
+        what = f"the {resource} answer"
+        cert = wire.load_certificate(wire.decode_certificate(out, fmt, what), what)
         if _spki(cert.public_key()) != _spki(csr.public_key()):
             raise BadRequestError(f"the {resource} answer is not a certificate for the requested key")
         return cert
