@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from iotdlm.c509 import decode_c509_bag
 from iotdlm.cm.coap import CREDENTIAL_FILE, DEFAULT_KEY_FILE
 from iotdlm.cm.config import CoapConfig
 from iotdlm.device.simulated import SimulatedDevice
@@ -58,6 +59,14 @@ async def test_libcoap_reads_core_and_crts(site: Site, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     certs = pkcs7.load_der_pkcs7_certificates(out.read_bytes())
     assert x509.load_pem_x509_certificate(site.root_pem) in certs
+    # Accept: the C509 bag (COSE_C509), the same certificates decoded back to DER
+    bag = tmp_path / "crts.c509"
+    r = await _coap_client("-m", "get", "-A", str(wire.C509_BAG), "-o", str(bag), _uri(site, "/.well-known/est/crts"))
+    assert r.returncode == 0, r.stderr
+    ders = decode_c509_bag(bag.read_bytes())
+    assert [x509.load_der_x509_certificate(d) for d in ders] == certs
+    r = await _coap_client("-m", "get", "-A", "50", _uri(site, "/.well-known/est/crts"))  # JSON: not offered
+    assert b"4.06" in r.stdout + r.stderr
 
 
 @needs_libcoap
