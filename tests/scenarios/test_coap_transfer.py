@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from iotdlm.c509 import decode_c509
 from iotdlm.cli.fleet import runner_for
 from iotdlm.client.transfer_device import TransferDeviceClient
+from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.coap import CoapDoor
 from iotdlm.cm.config import CoapConfig
 from iotdlm.device.coap_client import CoapEnroller, CoapEstClient, CoapMessages
@@ -41,11 +42,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Setting a block1 option:Deprecat
 
 @contextlib.asynccontextmanager
 async def door(w: World, provider: tt.Provider, *, transfer: bool) -> AsyncIterator[CoapDoor]:
-    cm = provider.client("cm")
+    cm, clock = provider.client("cm"), w.clock
     d = CoapDoor(
         CoapConfig(port=0),
         km=cm,
-        cacerts=w.cm2.app.cacerts_source,
+        # the provider's own CAs, and the CA of its transfer certificate (devices trust it: x5t)
+        cacerts=CaCerts(
+            [provider.ca("operational"), *provider.identity.chain, provider.ca("root")], fetch=None, clock=clock
+        ),
         key=ec.generate_private_key(ec.SECP256R1()),
         transfer=TransferDeviceClient.like(cm) if transfer else None,
     )
@@ -145,6 +149,11 @@ async def test_c509_device_enrolls_reenrolls_and_moves_to_ca2_over_coap(world: W
         assert (certs / "operational.c509").is_file()
         assert not (certs / "operational.pem").exists()
         assert decode_c509((certs / "operational.c509").read_bytes()) == op.public_bytes(serialization.Encoding.DER)
+        # the rotation check (ADR 0026) over CoAP: crts as a C509 bag, the truststore kept in C509
+        await runner.refresh_truststore(report)
+        assert not report.errors, report
+        assert (dev.path / "flash" / "truststore" / "truststore.c509").is_file()
+        assert w.sp1.ca("root") in dev.truststore()
         w.devices[dev.device_id], w.old_operational[dev.device_id] = dev, op
         _tid, uil = w.export([dev.device_id])
         tid, tm = w.accept(uil)

@@ -261,13 +261,18 @@ class DeviceRunner:
         atomic_write(self._state_path, json.dumps(state).encode(), mode=0o644)
 
     async def refresh_truststore(self, report: TickReport) -> None:
-        """Ask cm's /cacerts with the device's current credential; install what it says."""
+        """Ask cm's /cacerts (``crts`` over CoAP) with the device's current credential; install what it says."""
         kind = "operational" if self.dev.certificate("operational") is not None else "factory"
         cert_pem, key_pem = self.dev.tls_identity(kind)
-        client = EstClient(
-            self.base_url(), trust_anchor_pem=self.anchors_pem(), client_cert_pem=cert_pem, client_key_pem=key_pem,
-            timeout=self.timeout, connections=1,
-        )  # fmt: skip
+        base = self.base_url()
+        client: EstClient | CoapEstClient
+        if base.startswith("coap://"):
+            client = self._coap_client(base, cert_pem, key_pem)
+        else:
+            client = EstClient(
+                base, trust_anchor_pem=self.anchors_pem(), client_cert_pem=cert_pem, client_key_pem=key_pem,
+                timeout=self.timeout, connections=1,
+            )  # fmt: skip
         async with client:
             cacerts = await client.cacerts()
         await self.install_cacerts(cacerts, report)
