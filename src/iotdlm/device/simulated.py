@@ -311,7 +311,8 @@ class SimulatedDevice:
 
     def tls_identity_files(self, kind: str = "operational") -> tuple[Path, Path]:
         """Where the certificate of :meth:`tls_identity` and the key it certifies are (the device's
-        own TLS stack loads them from there, with no copy)."""
+        own TLS stack loads them from there, with no copy; a certificate kept in C509 is written
+        once as PEM to ``DEV/ram/``, the TLS stack taking PEM only)."""
         name = self._credential_key(kind)  # the certificate is there and the device holds its key
         pem = self.path / "flash" / "certs" / f"{kind}.pem"
         if not pem.is_file():  # kept in C509: the TLS stack gets a PEM copy in RAM
