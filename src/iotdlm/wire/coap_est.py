@@ -10,9 +10,9 @@ Resources (RFC 9148's short names, below ``/.well-known/est``):
 - ``sen`` / ``sren`` POST, OSCORE only: simpleenroll / simplereenroll. Request: an
   ``application/multipart-core`` (62, RFC 8710) array ``[286, csr, 287, certificate, 0, proof]``:
   the PKCS#10 request (DER), the certificate whose key ran EDHOC (the factory certificate to enroll,
-  the operational one to re-enroll: DER; C509 plugs in here once ``iotdlm.c509`` exists, as
-  content format TBD6 with x5t/c5t naming it in EDHOC), and the proof km checks (the text of the
-  ``Iotdlm-Est-Proof`` header). Answer: the certificate (``application/pkix-cert``, 287), DER.
+  the operational one to re-enroll: DER, or C509 below), and the proof km checks (the text of the
+  ``Iotdlm-Est-Proof`` header). Answer: the certificate (``application/pkix-cert``, 287), DER, or
+  C509 when asked.
 
 EDHOC credentials are CWT Claims Sets (CCS, RFC 8392 with a ``cnf`` COSE_Key), the only kind
 lakers takes: ``{2: subject, 8: {1: {1: 2, -1: 1, -2: x, -3: y, 2: kid}}}`` for a P-256 key
