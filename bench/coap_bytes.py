@@ -11,9 +11,10 @@ HTTP inside). IP and UDP/TCP headers are not counted on either side.
 
 Per device, each way: a fresh session (EST: a new TLS connection with the client certificate, the
 nonce GET, the simpleenroll POST; CoAP: EDHOC message 1/2, the nonce request carrying message 3,
-the sen request), then the same for re-enrollment with the operational credential. Certificates
-are DER on both sides: C509 (``iotdlm.c509``, another helper's work) is not plugged in yet, so the
-certificate-bearing messages are larger than Table I's EDHOC/C509 column assumes.
+the sen request), then the same for re-enrollment with the operational credential. CoAP runs twice:
+with DER certificates (the certificate in pn and again in sen), and as a constrained C509 device
+(the certificate as C509 in pn only, the compact sen, the issued certificate and crts asked in
+C509; ADR 0029). EST is DER (TLS 1.3 has RFC 8879 compression, not C509; neither side uses it).
 
 Run: ``PYTHONPATH=src .venv/bin/python bench/coap_bytes.py [--quick] [--devices N]``.
 """
@@ -44,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import transfer as tr
 from cm_est import set_mode, until_mode_seen
 from common import DTYPE, Headline, bench_deployment, csr_der, emit, log, machine_info, md_table, parse_args
+from iotdlm.c509 import encode_c509
 from iotdlm.client.transfer_device import TransferDeviceClient
 from iotdlm.clock import SystemClock
 from iotdlm.cm.cacerts import CaCerts
@@ -200,13 +202,15 @@ async def est_round(url: str, anchor: bytes, dev: Device, tally: Tally) -> tuple
 
 
 async def coap_round(
-    uri: str, cred_r: bytes, dev: Device, tally: Tally
+    uri: str, cred_r: bytes, dev: Device, tally: Tally, *, c509: bool = False
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]], Device]:
-    """(enroll datagrams, re-enroll datagrams, the device after) over CoAP/EDHOC/OSCORE."""
+    """(enroll datagrams, re-enroll datagrams, the device after) over CoAP/EDHOC/OSCORE (``c509``:
+    as a constrained C509 device)."""
     out: list[list[tuple[str, int]]] = []
     for op in ("sen", "sren"):
         new_key = ec.generate_private_key(ec.SECP256R1())
-        async with CoapEstClient(uri, responder_credential=cred_r, key=dev.key, certificate=dev.certificate) as c:
+        client = CoapEstClient(uri, responder_credential=cred_r, key=dev.key, certificate=dev.certificate, c509=c509)
+        async with client as c:
             csr = csr_der(new_key, dev.device_id)
             cert = await (c.simpleenroll(csr) if op == "sen" else c.simplereenroll(csr))
         await asyncio.sleep(0.02)
@@ -244,6 +248,7 @@ async def measure(n: int) -> dict[str, object]:
         udp, tcp = Tally(), Tally()
         est_sizes: list[tuple[int, int]] = []
         coap_runs: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = []
+        c509_runs: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = []
         try:
             async with udp_proxy(cm.coap.port, udp) as uport, tcp_proxy(cm.https_port, tcp) as tport:
                 for i, dev in enumerate(devices):
@@ -254,10 +259,17 @@ async def measure(n: int) -> dict[str, object]:
                     est_sizes.append((e1, e2))
                     c1, c2, _ = await coap_round(f"coap://127.0.0.1:{uport}", cm.coap.credential_bytes, dev, udp)
                     coap_runs.append((c1, c2))
+                    k1, k2, _ = await coap_round(
+                        f"coap://127.0.0.1:{uport}", cm.coap.credential_bytes, dev, udp, c509=True
+                    )
+                    c509_runs.append((k1, k2))
         finally:
             await cm.stop()
-        factory_der = len(devices[0].certificate.public_bytes(serialization.Encoding.DER))
-    return {"est": est_sizes, "coap": coap_runs, "factory_der": factory_der}
+        factory = devices[0].certificate.public_bytes(serialization.Encoding.DER)
+    return {
+        "est": est_sizes, "coap": coap_runs, "c509": c509_runs,
+        "factory_der": len(factory), "factory_c509": len(encode_c509(factory)),
+    }  # fmt: skip
 
 
 def handshake_bytes(datagrams: list[tuple[str, int]]) -> int:
@@ -301,20 +313,22 @@ def _messages(
     return msgs, tm
 
 
-async def _fetch_message(uri: str, door: CoapDoor, dev: Any) -> bytes:
+async def _fetch_message(uri: str, door: CoapDoor, dev: Any, *, c509: bool) -> bytes:
     """The device asks SP1's cm for its transfer message with its operational credential."""
     cert_pem, key_pem = dev.tls_identity("operational")
     key = serialization.load_pem_private_key(key_pem, None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     cert = x509.load_pem_x509_certificate(cert_pem)
-    async with CoapEstClient(uri, responder_credential=door.credential_bytes, key=key, certificate=cert) as c:
+    client = CoapEstClient(uri, responder_credential=door.credential_bytes, key=key, certificate=cert, c509=c509)
+    async with client as c:
         return await c.transfer_message()
 
 
-async def measure_transfer(n: int, tmp: Path) -> dict[str, object]:
+async def measure_transfer(n: int, tmp: Path, *, c509: bool) -> dict[str, object]:
     """The transfer in constrained form, per device: its transfer message from SP1's cm over CoAP
     (operational credential), then re-enrollment with CA2 through SP2's cm over CoAP (factory
-    credential). Two providers with km in-process (bench/transfer.py's), a CoAP door each."""
+    credential). Two providers with km in-process (bench/transfer.py's), a CoAP door each.
+    ``c509``: the devices speak C509 (certificates, the compact sen, crts as a C509 bag)."""
     clock = SystemClock()
     sp1, sp2 = tr.Provider(tmp / "sp1", "SP1", tr.SP1_ID, clock), tr.Provider(tmp / "sp2", "SP2", tr.SP2_ID, clock)
     await sp1.start()
@@ -330,11 +344,11 @@ async def measure_transfer(n: int, tmp: Path) -> dict[str, object]:
             sp2svc = Sp2Service(store=sp2.store, identity=sp2.identity, clock=clock, registrar=registrar)
             devices = await tr.provision(sp1, tmp, n, tmp / "devices")
             msgs, tm = _messages(sp1, sp2, sp1svc, sp2svc, sorted(devices))
-            enroller = CoapEnroller({uri2: doors[1].credential_bytes})
+            enroller = CoapEnroller({uri2: doors[1].credential_bytes}, c509=c509)
             fallback = LocalFallback({tr.SP1_UPDATE: sp1svc})
             runs = []
             for d in sorted(devices):
-                token = await _fetch_message(f"coap://127.0.0.1:{p1}", doors[0], devices[d])
+                token = await _fetch_message(f"coap://127.0.0.1:{p1}", doors[0], devices[d], c509=c509)
                 await asyncio.sleep(0.02)
                 agent = DeviceAgent(devices[d], clock=clock, enroller=enroller, fallback=fallback, retry_delay=0.0)
                 receipt = await agent.handle(token)
@@ -350,53 +364,79 @@ async def measure_transfer(n: int, tmp: Path) -> dict[str, object]:
     return {"runs": runs, "message": len(next(iter(msgs.values()))), "transfer_message": len(tm)}
 
 
+Runs = list[tuple[list[tuple[str, int]], list[tuple[str, int]]]]
+
+
+def _medians(runs: Runs) -> tuple[float, float]:
+    """(enrollment, re-enrollment) bytes, medians over the devices."""
+    med = statistics.median
+    return med(sum(b for _, b in r[0]) for r in runs), med(sum(b for _, b in r[1]) for r in runs)
+
+
 def markdown(res: dict[str, object], n: int, seconds: float) -> tuple[str, list[Headline]]:
     est: list[tuple[int, int]] = res["est"]  # type: ignore[assignment]
-    coap: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = res["coap"]  # type: ignore[assignment]
+    coap: Runs = res["coap"]  # type: ignore[assignment]
+    c509: Runs = res["c509"]  # type: ignore[assignment]
     med = statistics.median
     est_enroll, est_re = med(e[0] for e in est), med(e[1] for e in est)
-    coap_enroll = med(sum(b for _, b in c[0]) for c in coap)
-    coap_re = med(sum(b for _, b in c[1]) for c in coap)
-    steps = [[i + 1, d, b] for i, (d, b) in enumerate(coap[0][0])]
+    coap_enroll, coap_re = _medians(coap)
+    c509_enroll, c509_re = _medians(c509)
     info = machine_info()
     lines = [
-        "## Enrollment bytes on the wire: CoAP/EDHOC/OSCORE against EST over HTTPS (issue 17)",
+        "## Enrollment bytes on the wire: CoAP/EDHOC/OSCORE (DER, C509) against EST over HTTPS (issue 17)",
         "",
-        f"{n} device(s), each enrolling then re-enrolling both ways on fresh sessions; medians. Counted: UDP "
+        f"{n} device(s), each enrolling then re-enrolling each way on fresh sessions; medians. Counted: UDP "
         "payloads (whole CoAP messages) and TLS stream bytes (handshake and records), no IP/UDP/TCP headers. "
-        "Certificates are DER on both sides (C509 not plugged in yet). "
+        "EST is DER; CoAP runs with DER certificates (sent in pn and again in sen) and as a C509 device (the "
+        "certificate as C509 in pn only, the compact sen, the issued certificate in C509; ADR 0029). "
         f"{info['nproc']} cores; run took {seconds:.0f} s.",
         "",
         md_table(
-            ["exchange", "EST / HTTPS / TLS 1.3 / DER", "CoAP / EDHOC / OSCORE / DER", "ratio CoAP / EST"],
+            [
+                "exchange",
+                "EST / HTTPS / TLS 1.3 / DER",
+                "CoAP / EDHOC / OSCORE / DER",
+                "CoAP / EDHOC / OSCORE / C509",
+                "ratio C509 / EST",
+                "ratio C509 / CoAP DER",
+            ],
             [
                 [
                     "enrollment (simpleenroll / sen)",
                     f"{est_enroll:,.0f} B",
                     f"{coap_enroll:,.0f} B",
-                    f"{coap_enroll / est_enroll:.2f}x",
+                    f"{c509_enroll:,.0f} B",
+                    f"{c509_enroll / est_enroll:.2f}x",
+                    f"{c509_enroll / coap_enroll:.2f}x",
                 ],
                 [
                     "re-enrollment (simplereenroll / sren)",
                     f"{est_re:,.0f} B",
                     f"{coap_re:,.0f} B",
-                    f"{coap_re / est_re:.2f}x",
+                    f"{c509_re:,.0f} B",
+                    f"{c509_re / est_re:.2f}x",
+                    f"{c509_re / coap_re:.2f}x",
                 ],
             ],
         ),
         "",
-        "Every CoAP datagram of one enrollment:",
+        "Every CoAP datagram of one enrollment, DER then C509:",
         "",
-        md_table(["datagram", "what the path sees", "bytes"], steps),
+        md_table(["datagram", "what the path sees", "bytes"], [[i + 1, d, b] for i, (d, b) in enumerate(coap[0][0])]),
+        "",
+        md_table(["datagram", "what the path sees", "bytes"], [[i + 1, d, b] for i, (d, b) in enumerate(c509[0][0])]),
         "",
         "EDHOC message_2 is the answer to message_1; OSCORE requests larger than 512 bytes go in inner "
-        "Block1 blocks (each answered 2.31 Continue, inside OSCORE), so the pn and sen requests take "
-        "several datagrams.",
+        "Block1 blocks (each answered 2.31 Continue, inside OSCORE), so large requests take several datagrams.",
         "",
         md_table(
             ["Table I (seed 003), EDHOC/C509 column", "paper", "here"],
             [
-                ["factory certificate", TABLE_I["factory certificate"], f"{res['factory_der']} B (DER, P-256)"],
+                [
+                    "factory certificate",
+                    TABLE_I["factory certificate"],
+                    f"{res['factory_c509']} B C509 ({res['factory_der']} B DER, P-256)",
+                ],
                 [
                     "DeviceUpdateInfo",
                     TABLE_I["DeviceUpdateInfo"],
@@ -405,31 +445,56 @@ def markdown(res: dict[str, object], n: int, seconds: float) -> tuple[str, list[
             ],
         ),
     ]
-    lines += ["", *transfer_markdown(res["transfer"], coap[0][0])]  # type: ignore[arg-type]
+    lines += ["", *transfer_markdown(res, coap[0][0], c509[0][0])]
     heads = [
         Headline(
-            what="CoAP/EDHOC/OSCORE enrollment, bytes on the wire",
+            what="CoAP/EDHOC/OSCORE/C509 enrollment, bytes on the wire",
             paper="seed 003 Table I (EDHOC/C509)",
             target="<= 1x",
-            measured=f"{coap_enroll:,.0f} B",
-            verdict="met" if coap_enroll <= est_enroll else "missed",
-            yardstick=f"EST over HTTPS/TLS 1.3: {est_enroll:,.0f} B",
-            ratio=round(coap_enroll / est_enroll, 3),
+            measured=f"{c509_enroll:,.0f} B",
+            verdict="met" if c509_enroll <= est_enroll else "missed",
+            yardstick=f"EST over HTTPS/TLS 1.3/DER: {est_enroll:,.0f} B",
+            ratio=round(c509_enroll / est_enroll, 3),
         )
     ]
     return "\n".join(lines), heads
 
 
-def transfer_markdown(tr_res: dict[str, object], enrollment: list[tuple[str, int]]) -> list[str]:
-    """The transfer in constrained form beside Table I's EDHOC/C509 column (medians per device)."""
-    runs: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = tr_res["runs"]  # type: ignore[assignment]
+def _transfer_figures(tr_res: dict[str, object], enrollment: list[tuple[str, int]]) -> list[str]:
+    """The column of one run: message, its fetch, handshake, enrollment, re-enrollment with CA2, total."""
+    runs: Runs = tr_res["runs"]  # type: ignore[assignment]
     med = statistics.median
-    tm_total = med(sum(b for _, b in r[0]) for r in runs)
+    tm_total, re_total = _medians(runs)
     tm_hs = med(handshake_bytes(r[0]) for r in runs)
-    re_total = med(sum(b for _, b in r[1]) for r in runs)
     re_hs = med(handshake_bytes(r[1]) for r in runs)
     hs = handshake_bytes(enrollment)
-    enroll = sum(b for _, b in enrollment) - hs
+    return [
+        f"{tr_res['message']} B",
+        f"{tm_total:,.0f} B (handshake {tm_hs:,.0f} B)",
+        f"{hs:,.0f} B",
+        f"{sum(b for _, b in enrollment) - hs:,.0f} B",
+        f"{re_total:,.0f} B (handshake {re_hs:,.0f} B)",
+        f"{tm_total + re_total:,.0f} B",
+    ]
+
+
+def transfer_markdown(
+    res: dict[str, object], enrollment: list[tuple[str, int]], enrollment_c509: list[tuple[str, int]]
+) -> list[str]:
+    """The transfer in constrained form beside Table I's EDHOC/C509 column (medians per device)."""
+    der: dict[str, object] = res["transfer"]  # type: ignore[assignment]
+    c509: dict[str, object] = res["transfer_c509"]  # type: ignore[assignment]
+    names = [
+        ("TransferMessage (the per-device CWT a device gets)", "> 216"),
+        ("  fetched over CoAP: EDHOC + OSCORE request (certificate) + answer", ""),
+        ("Handshake (EDHOC)", "> 575"),
+        ("Enrollment (nonce + sen, after the handshake)", "> 550"),
+        ("re-enrollment with CA2 (EDHOC + pn + sen + crts)", ""),
+        ("Total size for an IoT device (message + re-enrollment)", "> 1340"),
+    ]
+    cols = zip(_transfer_figures(der, enrollment), _transfer_figures(c509, enrollment_c509), strict=True)
+    rows = [[name, paper, a, b] for (name, paper), (a, b) in zip(names, cols, strict=True)]
+    runs: Runs = der["runs"]  # type: ignore[assignment]
     return [
         "### The transfer in constrained form, per device, beside Table I (EDHOC, C509 column)",
         "",
@@ -439,26 +504,16 @@ def transfer_markdown(tr_res: dict[str, object], enrollment: list[tuple[str, int
         "EDHOC message_1 + message_2 + message_3; enrollment = the rest of the session.",
         "",
         md_table(
-            ["message / operation", "Table I, EDHOC/C509", "here (CoAP/EDHOC/OSCORE, DER)"],
             [
-                ["TransferMessage (the per-device CWT a device gets)", "> 216", f"{tr_res['message']} B"],
-                [
-                    "  fetched over CoAP: EDHOC + OSCORE request (certificate) + answer",
-                    "",
-                    f"{tm_total:,.0f} B (handshake {tm_hs:,.0f} B)",
-                ],
-                ["Handshake (EDHOC)", "> 575", f"{hs:,.0f} B"],
-                ["Enrollment (nonce + sen, after the handshake)", "> 550", f"{enroll:,.0f} B"],
-                [
-                    "re-enrollment with CA2 (EDHOC + pn + sen + crts)",
-                    "",
-                    f"{re_total:,.0f} B (handshake {re_hs:,.0f} B)",
-                ],
-                ["Total size for an IoT device (message + re-enrollment)", "> 1340", f"{tm_total + re_total:,.0f} B"],
+                "message / operation",
+                "Table I, EDHOC/C509",
+                "here: CoAP/EDHOC/OSCORE, DER",
+                "here: CoAP/EDHOC/OSCORE, C509",
             ],
+            rows,
         ),
         "",
-        f"(the TransferMessage SP2 signs for SP1, provider to provider: {tr_res['transfer_message']} B)",
+        f"(the TransferMessage SP2 signs for SP1, provider to provider: {der['transfer_message']} B)",
     ]
 
 
@@ -470,8 +525,9 @@ def main() -> None:
     n = args.devices or (1 if args.quick else 5)
     t0 = time.perf_counter()
     res = asyncio.run(measure(n))
-    with tempfile.TemporaryDirectory(prefix="iotdlm-coap-transfer-") as tmp:
-        res["transfer"] = asyncio.run(measure_transfer(n, Path(tmp)))
+    for key, c509 in (("transfer", False), ("transfer_c509", True)):
+        with tempfile.TemporaryDirectory(prefix="iotdlm-coap-transfer-") as tmp:
+            res[key] = asyncio.run(measure_transfer(n, Path(tmp), c509=c509))
     text, heads = markdown(res, n, time.perf_counter() - t0)
     emit(text, args, heads)
 

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs7
 
+from iotdlm.c509 import decode_c509_bag
 from iotdlm.cm.coap import CREDENTIAL_FILE, DEFAULT_KEY_FILE
 from iotdlm.cm.config import CoapConfig
 from iotdlm.device.simulated import SimulatedDevice
@@ -58,6 +59,14 @@ async def test_libcoap_reads_core_and_crts(site: Site, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     certs = pkcs7.load_der_pkcs7_certificates(out.read_bytes())
     assert x509.load_pem_x509_certificate(site.root_pem) in certs
+    # Accept: the C509 bag (COSE_C509), the same certificates decoded back to DER
+    bag = tmp_path / "crts.c509"
+    r = await _coap_client("-m", "get", "-A", str(wire.C509_BAG), "-o", str(bag), _uri(site, "/.well-known/est/crts"))
+    assert r.returncode == 0, r.stderr
+    ders = decode_c509_bag(bag.read_bytes())
+    assert [x509.load_der_x509_certificate(d) for d in ders] == certs
+    r = await _coap_client("-m", "get", "-A", "50", _uri(site, "/.well-known/est/crts"))  # JSON: not offered
+    assert b"4.06" in r.stdout + r.stderr
 
 
 @needs_libcoap
@@ -116,4 +125,31 @@ async def test_device_run_as_a_constrained_device(site: Site, tmp_path: Path) ->
     out = await cli("device", "run", "--device", str(folder), "--cm", uri, "--cm-credential", str(bogus), "--once")
     assert out.exit_code != 0
     assert "EDHOC credential" in out.output
+    assert "Traceback" not in out.output
+
+
+async def test_fleet_run_as_constrained_c509_devices(site: Site, tmp_path: Path) -> None:
+    """``iotdlm fleet run --c509 --cm coap://... --cm-credential FILE``: three constrained devices
+    (C509 certificates and truststore) enroll over CoAP/EDHOC/OSCORE, in one worker process."""
+    cred = site.dep.root / "modules" / "cm" / CREDENTIAL_FILE
+    fleet = tmp_path / "cfleet"
+    out = await cli(
+        "fleet", "run", "--count", "3", "--fleet", str(fleet), "--prefix", "cf", "--workers", "1", "--c509",
+        "--data", str(site.dep.root), "--cm", _uri(site, ""), "--cm-credential", str(cred), "--once", "--json",
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.output)
+    assert summary["counts"] == {"enrolled": 3}, summary
+    for i in range(3):
+        dev = SimulatedDevice(fleet / f"cf-{i:04d}")
+        op = dev.certificate("operational")
+        assert op is not None
+        assert op.issuer == site.dep.ca_certificate("operational").subject
+        assert (dev.path / "flash" / "certs" / "operational.c509").is_file()
+        assert not (dev.path / "flash" / "certs" / "operational.pem").exists()
+    # --cm-credential without a coap:// cm: said in words
+    out = await cli("fleet", "run", "--count", "1", "--fleet", str(fleet), "--prefix", "cf", "--workers", "1",
+                    "--cm", "https://127.0.0.1:1", "--cm-credential", str(cred), "--once")  # fmt: skip
+    assert out.exit_code != 0
+    assert "coap://" in out.output
     assert "Traceback" not in out.output

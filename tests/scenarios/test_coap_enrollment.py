@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from iotdlm.c509 import decode_c509
 from iotdlm.clock import FixedClock, SystemClock
 from iotdlm.cm.coap import CoapDoor
 from iotdlm.cm.config import CoapConfig
@@ -27,7 +28,8 @@ from iotdlm.device.coap_client import CoapEstClient
 from iotdlm.device.runner import DeviceRunner
 from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import NotAuthorizedError, RejectedError, UntrustedError
-from iotdlm.pki.keys import Algorithm, generate_key
+from iotdlm.pki import est_proof
+from iotdlm.pki.keys import Algorithm, check_public_key, generate_key
 from iotdlm.pki.names import device_id_of
 from iotdlm.wire import coap_est as wire
 from tests.helpers import make_csr
@@ -59,10 +61,13 @@ async def door_site(tmp_path: Path) -> AsyncIterator[tuple[Site, CoapDoor]]:
         yield s, door
 
 
-def _client(door: CoapDoor, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> CoapEstClient:
+def _client(
+    door: CoapDoor, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, *, c509: bool = False
+) -> CoapEstClient:
     return CoapEstClient(
-        f"coap://127.0.0.1:{door.port}", responder_credential=door.credential_bytes, key=key, certificate=cert
-    )
+        f"coap://127.0.0.1:{door.port}", responder_credential=door.credential_bytes, key=key, certificate=cert,
+        c509=c509,
+    )  # fmt: skip
 
 
 async def test_enroll_then_reenroll_over_coap_edhoc_oscore(door_site: tuple[Site, CoapDoor]) -> None:
@@ -183,10 +188,57 @@ async def test_wrong_pinned_credential_fails_edhoc(door_site: tuple[Site, CoapDo
             await c.nonce()
 
 
-async def _oscore_post(c: CoapEstClient, name: str, payload: bytes, fmt: int) -> aiocoap.Message:
+async def test_c509_on_the_wire_and_the_compact_request(door_site: tuple[Site, CoapDoor]) -> None:
+    """A constrained device sends its certificate as C509 once (to pn), sends the compact sen (no
+    certificate), and gets C509 back (Accept); km's proof check is unchanged: a forged proof in the
+    compact form is refused, and a compact sen before any pn has no certificate to go on."""
+    site, door = door_site
+    fkey, factory = await site.factory("dev-c5")
+    assert isinstance(fkey, ec.EllipticCurvePrivateKey)
+    async with _client(door, fkey, factory, c509=True) as c:
+        cas = await c.crts()  # a COSE_C509 bag, decoded to DER
+        assert {ca.subject for ca in cas} >= {factory.issuer}
+        okey = generate_key(Algorithm.P256)
+        csr = make_csr(okey, "dev-c5")
+        await c._session()  # EDHOC, but no pn yet
+        bad = await _oscore_post(c, "sen", wire.encode_enroll_compact(csr, "x y"), wire.MULTIPART_CORE)
+        assert bad.code == aiocoap.BAD_REQUEST
+        assert b"ask pn first" in bad.payload
+        nonce = await c.nonce()  # binds the C509 certificate to this EDHOC key
+        forged = f"{nonce} {'A' * 96}"
+        bad = await _oscore_post(c, "sen", wire.encode_enroll_compact(csr, forged), wire.MULTIPART_CORE)
+        assert bad.code == aiocoap.FORBIDDEN  # km: the proof is not the device's
+        nonce = await c.nonce()
+        proof = est_proof.make(fkey, "simpleenroll", nonce, check_public_key(okey.public_key()))
+        refused = await _oscore_post(c, "sen", wire.encode_enroll_compact(csr, proof), wire.MULTIPART_CORE, accept=50)
+        assert refused.code == aiocoap.NOT_ACCEPTABLE
+        nonce = await c.nonce()
+        proof = est_proof.make(fkey, "simpleenroll", nonce, check_public_key(okey.public_key()))
+        answer = await _oscore_post(
+            c, "sen", wire.encode_enroll_compact(csr, proof), wire.MULTIPART_CORE, accept=wire.C509_CERT
+        )
+        assert answer.code == aiocoap.CHANGED
+        assert answer.opt.content_format == wire.C509_CERT
+        op1 = x509.load_der_x509_certificate(decode_c509(answer.payload))
+        assert len(answer.payload) < len(op1.public_bytes(serialization.Encoding.DER))
+        assert device_id_of(op1) == "dev-c5"
+        bad = await _oscore_post(c, "pn", b"\x01\x02", wire.C509_CERT)  # not a C509 certificate
+        assert bad.code == aiocoap.BAD_REQUEST
+    assert isinstance(okey, ec.EllipticCurvePrivateKey)
+    async with _client(door, okey, op1, c509=True) as c:  # re-enrollment, C509 both ways
+        op2 = await c.simplereenroll(make_csr(generate_key(Algorithm.P256), "dev-c5"))
+    assert device_id_of(op2) == "dev-c5"
+    assert op2.serial_number != op1.serial_number
+
+
+async def _oscore_post(
+    c: CoapEstClient, name: str, payload: bytes, fmt: int, *, accept: int | None = None
+) -> aiocoap.Message:
     ctx = c._ctx()
     req = aiocoap.Message(code=aiocoap.POST, uri=f"{c.base_uri}/.well-known/est/{name}", payload=payload)
     req.opt.content_format = fmt
+    if accept is not None:
+        req.opt.accept = accept
     if len(payload) > 512:
         req.opt.block1 = BlockOption.BlockwiseTuple(0, False, 5)
     answer: aiocoap.Message = await ctx.request(req).response

@@ -6,8 +6,8 @@ cm CoAP door, ``sen`` with the factory credential) instead of EST over HTTPS.
 The world of ``test_trust_transfer.py`` (two deployments, km on each, SP1's and SP2's transfer
 services); SP2's registrar names a ``coap://`` enrollURI, which the TransferMessage carries; the
 device agent's enroller is :class:`iotdlm.device.coap_client.CoapEnroller`, holding SP2's cm
-EDHOC credential. Attestation and the update stay in-process, and certificates are DER (C509 not
-plugged in)."""
+EDHOC credential. Attestation and the update stay in-process. Certificates are DER, except for the
+constrained device of the last test, which keeps C509 and speaks C509 on the wire."""
 
 from __future__ import annotations
 
@@ -19,10 +19,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from iotdlm.c509 import decode_c509
+from iotdlm.cli.fleet import runner_for
 from iotdlm.client.transfer_device import TransferDeviceClient
+from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.coap import CoapDoor
 from iotdlm.cm.config import CoapConfig
-from iotdlm.device.coap_client import CoapEnroller, CoapEstClient
+from iotdlm.device.coap_client import CoapEnroller, CoapEstClient, CoapMessages
+from iotdlm.device.runner import TickReport
+from iotdlm.device.simulated import SimulatedDevice
 from iotdlm.errors import NotFoundError, UntrustedError
 from iotdlm.km.transfer_device_handlers import keep_messages
 from tests.scenarios import test_trust_transfer as tt
@@ -37,11 +42,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Setting a block1 option:Deprecat
 
 @contextlib.asynccontextmanager
 async def door(w: World, provider: tt.Provider, *, transfer: bool) -> AsyncIterator[CoapDoor]:
-    cm = provider.client("cm")
+    cm, clock = provider.client("cm"), w.clock
     d = CoapDoor(
         CoapConfig(port=0),
         km=cm,
-        cacerts=w.cm2.app.cacerts_source,
+        # the provider's own CAs, and the CA of its transfer certificate (devices trust it: x5t)
+        cacerts=CaCerts(
+            [provider.ca("operational"), *provider.identity.chain, provider.ca("root")], fetch=None, clock=clock
+        ),
         key=ec.generate_private_key(ec.SECP256R1()),
         transfer=TransferDeviceClient.like(cm) if transfer else None,
     )
@@ -104,3 +112,61 @@ async def test_without_sp2s_cm_credential_the_device_falls_back(world: World) ->
         _tid, receipts = await w.run_transfer([late], enroller=CoapEnroller({}, timeout=5.0))
     assert receipts[late].phase != "committed"
     assert w.devices[late].certificate("operational").issuer == w.sp1.ca("operational").subject
+
+
+async def test_c509_device_enrolls_reenrolls_and_moves_to_ca2_over_coap(world: World) -> None:
+    """A constrained device keeping C509 (truststore and certificates) enrolls and re-enrolls with
+    SP1 over CoAP/EDHOC/OSCORE with C509 on the wire (the compact sen/sren: the certificate goes to
+    pn only), then moves to CA2 the same way; its flash holds C509 certificates, never PEM."""
+    w = world
+    async with door(w, w.sp1, transfer=True) as sp1_door, door(w, w.sp2, transfer=False) as sp2_door:
+        uri1, uri2 = f"coap://127.0.0.1:{sp1_door.port}", f"coap://127.0.0.1:{sp2_door.port}"
+        w.registrar.enroll_uri = uri2
+        creds = {uri1: sp1_door.credential_bytes, uri2: sp2_door.credential_bytes}
+        folder = w.tmp / "devices" / "c509-000"
+        dev = SimulatedDevice.manufacture(folder, "c509-000", tt.DTYPE, truststore_format="c509")
+        dev.generate_key()
+        factory = await w.sp1.client(f"pm-{tt.DTYPE}").issue(dev.device_id, "factory", csr=dev.make_csr())
+        dev.write_certificate("factory", x509.load_der_x509_certificate(factory.certificate))
+        dev.write_truststore([w.sp1.ca("root"), *w.sp1.identity.chain])
+        img = w.tmp / "fw-c509.bin"
+        img.write_bytes(tt.FIRMWARE)
+        dev.write_image("slot-a", img, {"version": "1"})
+        dev.write_config({"device_id": dev.device_id, "dtype": tt.DTYPE, "enroll_uri": uri1})
+        certs = dev.path / "flash" / "certs"
+        runner = runner_for(dev, w.clock, renew_at=0.5, timeout=10.0, cm_credentials=creds)
+        report = TickReport(dev.device_id)
+        await runner.enroll("simpleenroll", report)
+        first = dev.certificate("operational")
+        await runner.enroll("simplereenroll", report)
+        op = dev.certificate("operational")
+        assert report.actions[:1] == ["enrolled"], report
+        assert "reenrolled" in report.actions, report
+        assert first is not None
+        assert op is not None
+        assert op.serial_number != first.serial_number
+        assert op.issuer == w.sp1.ca("operational").subject
+        assert (certs / "operational.c509").is_file()
+        assert not (certs / "operational.pem").exists()
+        assert decode_c509((certs / "operational.c509").read_bytes()) == op.public_bytes(serialization.Encoding.DER)
+        # the rotation check (ADR 0026) over CoAP: crts as a C509 bag, the truststore kept in C509
+        await runner.refresh_truststore(report)
+        assert not report.errors, report
+        assert (dev.path / "flash" / "truststore" / "truststore.c509").is_file()
+        assert w.sp1.ca("root") in dev.truststore()
+        w.devices[dev.device_id], w.old_operational[dev.device_id] = dev, op
+        _tid, uil = w.export([dev.device_id])
+        tid, tm = w.accept(uil)
+        w.sp1svc.accept(tm)
+        msgs, _skipped = w.sp1svc.device_messages(tid)
+        keep_messages(w.sp1.store, tid, msgs, w.clock.now())
+        token = await CoapMessages(creds, timeout=10.0, c509=True).fetch(dev, uri1)
+        assert token == msgs[dev.device_id]
+        receipt = await w.agent(dev.device_id, enroller=CoapEnroller(creds, timeout=10.0, c509=True)).handle(token)
+        assert receipt.phase == "committed", receipt
+        moved = dev.certificate("operational")
+        assert moved is not None
+        assert moved.issuer == w.sp2.ca("operational").subject
+        assert (certs / "operational.c509").is_file()
+        assert not (certs / "operational.pem").exists()
+        assert dev.config()["enroll_uri"] == uri2

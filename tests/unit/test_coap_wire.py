@@ -3,6 +3,8 @@ Hypothesis: whatever bytes arrive, the parsers answer a value or a RejectedError
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -108,3 +110,76 @@ def test_ccs_public_key_on_any_coordinates(x: bytes, y: bytes) -> None:
     except RejectedError:
         return
     assert key.public_numbers().x == int.from_bytes(x, "big")
+
+
+# --- C509 on the wire and the compact enrollment request (ADR 0029) ----------------------------------
+_VECTORS = Path(__file__).resolve().parents[1] / "vectors"
+#: the draft's Appendix A.1 certificate (RFC 7925 example): DER 316 B, C509 141 B with its array head
+RFC7925_DER = bytes.fromhex("".join((_VECTORS / "c509_rfc7925.der.hex").read_text().split()))
+
+
+def test_enroll_request_in_its_three_forms() -> None:
+    full = wire.decode_enroll_request(wire.encode_enroll(b"csr", RFC7925_DER, "n s"))
+    assert full == wire.EnrollRequest(b"csr", RFC7925_DER, "n s")
+    c509 = wire.encode_enroll_c509(b"csr", RFC7925_DER, "n s")
+    assert cbor2.loads(c509)[2] == wire.C509_CERT
+    assert wire.decode_enroll_request(c509) == full  # decoded back to the identical DER
+    compact = wire.encode_enroll_compact(b"csr", "n s")
+    assert cbor2.loads(compact) == [wire.PKCS10, b"csr", wire.TEXT_PLAIN, b"n s"]
+    assert wire.decode_enroll_request(compact) == wire.EnrollRequest(b"csr", None, "n s")
+    assert len(compact) < len(c509) < len(wire.encode_enroll(b"csr", RFC7925_DER, "n s"))
+
+
+def test_certificate_formats() -> None:
+    c509 = wire.encode_certificate(RFC7925_DER, wire.C509_CERT)
+    assert len(c509) < len(RFC7925_DER)
+    assert wire.decode_certificate(c509, wire.C509_CERT, "it") == RFC7925_DER
+    assert wire.decode_certificate(RFC7925_DER, wire.PKIX_CERT, "it") == RFC7925_DER
+    assert wire.encode_certificate(RFC7925_DER, wire.PKIX_CERT) == RFC7925_DER
+    with pytest.raises(UnsupportedError, match="not a certificate"):
+        wire.decode_certificate(RFC7925_DER, wire.CWT, "it")
+    with pytest.raises(BadRequestError):
+        wire.decode_certificate(b"\x01\x02", wire.C509_CERT, "it")
+    with pytest.raises(TooLargeError):
+        wire.decode_certificate(b"\x00" * (wire.MAX_CERT_BYTES + 1), wire.C509_CERT, "it")
+
+
+def test_crts_in_both_formats() -> None:
+    for fmt in (wire.CERTS_ONLY, wire.C509_BAG):
+        assert wire.decode_crts(wire.encode_crts([RFC7925_DER, RFC7925_DER], fmt), fmt) == [RFC7925_DER] * 2
+    with pytest.raises(BadRequestError):
+        wire.decode_crts(b"\x30\x00", wire.CERTS_ONLY)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=300), _cbor.map(cbor2.dumps), _cbor.map(lambda v: cbor2.dumps([286, v, 0, v]))))
+def test_decode_enroll_request_never_crashes(data: bytes) -> None:
+    try:
+        out = wire.decode_enroll_request(data)
+    except RejectedError:
+        return
+    assert out.csr
+    assert out.certificate is None or out.certificate
+    assert isinstance(out.proof, str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=300), _cbor.map(cbor2.dumps), st.binary(max_size=40).map(lambda b: RFC7925_DER[:-40] + b)
+    ),
+    st.sampled_from([wire.PKIX_CERT, wire.C509_CERT, wire.C509_BAG, wire.CERTS_ONLY]),
+)
+def test_certificate_and_crts_decoders_never_crash(data: bytes, fmt: int) -> None:
+    for decode in (lambda: [wire.decode_certificate(data, fmt, "it")], lambda: wire.decode_crts(data, fmt)):
+        try:
+            ders = decode()
+        except RejectedError:
+            continue
+        assert all(isinstance(d, bytes) and d for d in ders)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=1, max_size=200), st.text(st.characters(codec="ascii"), max_size=100))
+def test_compact_enroll_round_trips(csr: bytes, proof: str) -> None:
+    assert wire.decode_enroll_request(wire.encode_enroll_compact(csr, proof)) == wire.EnrollRequest(csr, None, proof)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from iotdlm.c509 import decode_c509_bag
+from iotdlm.c509 import decode_c509, decode_c509_bag
 from iotdlm.device.runner import truststore_pem
 from iotdlm.device.simulated import C509_TRUSTSTORE, SimulatedDevice
 from iotdlm.errors import BadRequestError, NotAuthorizedError
@@ -69,3 +70,18 @@ async def test_rollback_restores_the_c509_truststore_byte_for_byte(tmp_path: Pat
 def test_an_unknown_truststore_format_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BadRequestError, match="truststore format"):
         SimulatedDevice.manufacture(tmp_path / DEV, DEV, "sensor", truststore_format="der")
+
+
+def test_a_c509_device_keeps_its_certificates_in_c509_and_hands_its_tls_stack_pem_from_ram(tmp_path: Path) -> None:
+    dev = make_device(tmp_path, "c509")
+    certs = dev.path / "flash" / "certs"
+    assert sorted(p.name for p in certs.iterdir()) == ["factory.c509", "operational.c509"], "no PEM in flash"
+    op = dev.certificate("operational")
+    assert op is not None
+    assert decode_c509((certs / "operational.c509").read_bytes()) == op.public_bytes(Encoding.DER)
+    cert_path, _key_path = dev.tls_identity_files("operational")
+    assert cert_path == dev.path / "ram" / "operational.pem"
+    assert load_certificates_pem(cert_path.read_bytes()) == [op]
+    assert dev.tls_identity("operational")[0] == cert_path.read_bytes()
+    pem_dev = make_device(tmp_path / "pem")
+    assert sorted(p.name for p in (pem_dev.path / "flash" / "certs").iterdir()) == ["factory.pem", "operational.pem"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from iotdlm.cli.common import console, data_option, handle_errors, run
-from iotdlm.cli.fleet import drive, finish, loop_options, ready_devices, runner_for
+from iotdlm.cli.fleet import cm_credentials_from, drive, finish, loop_options, ready_devices, runner_for
 from iotdlm.cli.output import Column, iso_utc, json_option, print_json, print_table
 from iotdlm.cli.revoke import REASONS_HELP, print_revoked, revoke
 from iotdlm.deployment import Deployment
@@ -114,13 +114,6 @@ def device_list(data: Path, dtype: str | None, status: str | None, limit: int, o
     required=True,
     help="The device's folder (its flash); a blank device of --dtype is manufactured there when it holds none.",
 )
-@click.option(
-    "--cm-credential",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    default=None,
-    help="For a coap:// --cm: cm's EDHOC credential (its coap-edhoc-cred.cbor); the device then enrolls, "
-    "re-enrolls and fetches transfer messages over CoAP with EDHOC and OSCORE.",
-)
 @loop_options
 @handle_errors
 def device_run(
@@ -141,28 +134,7 @@ def device_run(
     if dtype is None and data is not None and not (device_dir / "hardware.json").is_file():
         dtype = Deployment.load(data).config.dtypes[0]
     (dev,) = ready_devices([device_dir], dtype=dtype, data=data, cm=cm, clock=clock)
-    creds = _cm_credentials(cm_credential, dev.config().get("enroll_uri"))
+    creds = cm_credentials_from(cm_credential, dev.config().get("enroll_uri"))
     runner = runner_for(dev, clock, renew_at=renew_at, cm_credentials=creds)
     summary = run(drive([runner], once=once, interval=interval, progress=False))
     finish(summary, as_json=as_json)
-
-
-def _cm_credentials(path: Path | None, enroll_uri: object) -> dict[str, bytes] | None:
-    """{cm's coap:// URI: its EDHOC credential} for a constrained device, or None (HTTPS)."""
-    if path is None:
-        return None
-    import cbor2
-
-    from iotdlm.errors import BadRequestError
-    from iotdlm.wire.coap_est import ccs_public_key
-
-    if not isinstance(enroll_uri, str) or not enroll_uri.startswith("coap://"):
-        raise BadRequestError("--cm-credential is for a device that enrolls over CoAP: give --cm coap://HOST:PORT")
-    data = path.read_bytes()
-    try:
-        ccs_public_key(cbor2.loads(data))
-    except (ValueError, cbor2.CBORDecodeError) as exc:
-        raise BadRequestError(
-            f"{path} is not cm's EDHOC credential (DIR/modules/cm/coap-edhoc-cred.cbor)", field="cm-credential"
-        ) from exc
-    return {enroll_uri.rstrip("/"): data}

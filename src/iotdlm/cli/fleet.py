@@ -32,17 +32,24 @@ EXIT_FAILED = 4
 
 # --- a device made ready ----------------------------------------------------------------------------------
 def ready_devices(
-    paths: Sequence[Path], *, dtype: str | None, data: Path | None, cm: str | None, clock: Clock
+    paths: Sequence[Path],
+    *,
+    dtype: str | None,
+    data: Path | None,
+    cm: str | None,
+    clock: Clock,
+    truststore_format: str = "pem",
 ) -> list[SimulatedDevice]:
-    """Each folder a device: manufactured (id = folder name) if blank, a key made on it, a factory
-    certificate from the deployment ``data`` when it has none, ``cm`` as its CA-URI when given."""
+    """Each folder a device: manufactured (id = folder name, keeping its certificates and
+    truststore in ``truststore_format``) if blank, a key made on it, a factory certificate from the
+    deployment ``data`` when it has none, ``cm`` as its CA-URI when given."""
     devices = []
     for path in paths:
         if not (path / "hardware.json").is_file():
             if dtype is None:
                 raise BadRequestError(f"{path} holds no device: give --dtype to manufacture one there")
             check_id(path.name)
-            SimulatedDevice.manufacture(path, path.name, dtype)
+            SimulatedDevice.manufacture(path, path.name, dtype, truststore_format=truststore_format)
         dev = SimulatedDevice(path)
         if not dev.has_key():
             dev.generate_key()
@@ -64,6 +71,26 @@ def ready_devices(
             config.update({"device_id": dev.device_id, "dtype": dev.dtype, "enroll_uri": uri})
             dev.write_config(config)
     return devices
+
+
+def cm_credentials_from(path: Path | None, enroll_uri: object) -> dict[str, bytes] | None:
+    """{cm's coap:// URI: its EDHOC credential} for constrained devices, or None (HTTPS)."""
+    if path is None:
+        return None
+    import cbor2
+
+    from iotdlm.wire.coap_est import ccs_public_key
+
+    if not isinstance(enroll_uri, str) or not enroll_uri.startswith("coap://"):
+        raise BadRequestError("--cm-credential is for devices that enroll over CoAP: give --cm coap://HOST:PORT")
+    data = path.read_bytes()
+    try:
+        ccs_public_key(cbor2.loads(data))
+    except (ValueError, cbor2.CBORDecodeError) as exc:
+        raise BadRequestError(
+            f"{path} is not cm's EDHOC credential (DIR/modules/cm/coap-edhoc-cred.cbor)", field="cm-credential"
+        ) from exc
+    return {enroll_uri.rstrip("/"): data}
 
 
 def factory_line(data: Path, devices: Sequence[SimulatedDevice], clock: Clock) -> None:
@@ -126,8 +153,9 @@ def runner_for(
     enroller: Enroller = https
     messages: MessageSource = DeviceMessages(timeout=timeout, https=https)
     if cm_credentials:
-        enroller = CoapEnroller(cm_credentials, timeout=timeout)
-        messages = CoapMessages(cm_credentials, timeout=timeout)
+        c509 = dev.hardware.truststore_format == "c509"  # a constrained device: C509 on the wire
+        enroller = CoapEnroller(cm_credentials, timeout=timeout, c509=c509)
+        messages = CoapMessages(cm_credentials, timeout=timeout, c509=c509)
     agent = DeviceAgent(
         dev,
         clock=clock,
@@ -232,7 +260,19 @@ def finish(summary: Summary, *, as_json: bool) -> None:
 def loop_options(f: Any) -> Any:
     for option in reversed(
         [
-            click.option("--cm", default=None, help="cm's HTTPS URL (https://host:port): where the devices enroll."),
+            click.option(
+                "--cm",
+                default=None,
+                help="cm's HTTPS URL (https://host:port), or its CoAP door (coap://host:port, with "
+                "--cm-credential): where the devices enroll.",
+            ),
+            click.option(
+                "--cm-credential",
+                type=click.Path(path_type=Path, dir_okay=False, exists=True),
+                default=None,
+                help="For a coap:// --cm: cm's EDHOC credential (its coap-edhoc-cred.cbor); the devices then "
+                "enroll, re-enroll and fetch transfer messages over CoAP with EDHOC and OSCORE.",
+            ),
             click.option(
                 "--data",
                 type=click.Path(path_type=Path, file_okay=False),
@@ -285,13 +325,21 @@ def fleet() -> None:
     help="Processes the devices run in, each with its own share of them (default: one per 100 devices, "
     "at most one per CPU core; 1 runs them all in this process).",
 )
+@click.option(
+    "--c509",
+    is_flag=True,
+    help="Manufacture constrained devices that keep their certificates and truststore in C509 (over "
+    "coap:// they also send and ask for C509 certificates).",
+)
 @loop_options
 @handle_errors
 def fleet_run(
-    count: int, fleet_dir: Path, prefix: str, workers: int | None, cm: str | None, data: Path | None,
-    dtype: str | None, once: bool, interval: float, renew_at: float, as_json: bool,
+    count: int, fleet_dir: Path, prefix: str, workers: int | None, c509: bool, cm: str | None,
+    cm_credential: Path | None, data: Path | None, dtype: str | None, once: bool, interval: float, renew_at: float,
+    as_json: bool,
 ) -> None:  # fmt: skip
-    """Run COUNT simulated devices, each speaking HTTPS to cm (spread over worker processes)."""
+    """Run COUNT simulated devices, each speaking HTTPS to cm (spread over worker processes); with a
+    coap:// --cm and --cm-credential, constrained devices speaking CoAP with EDHOC and OSCORE."""
     from iotdlm.cli.fleet_workers import FleetPlan, default_workers, run_devices
 
     clock = SystemClock()
@@ -300,8 +348,10 @@ def fleet_run(
 
         dtype = Deployment.load(data).config.dtypes[0]
     paths = [fleet_dir / f"{prefix}-{i:04d}" for i in range(count)]
-    ready_devices(paths, dtype=dtype, data=data, cm=cm, clock=clock)
-    plan = FleetPlan(renew_at=renew_at, once=once, interval=interval)
+    fmt = "c509" if c509 else "pem"
+    devices = ready_devices(paths, dtype=dtype, data=data, cm=cm, clock=clock, truststore_format=fmt)
+    creds = cm_credentials_from(cm_credential, devices[0].config().get("enroll_uri"))
+    plan = FleetPlan(renew_at=renew_at, once=once, interval=interval, cm_credentials=tuple((creds or {}).items()))
     n = workers if workers is not None else default_workers(count)
     summary = run(run_devices(paths, plan, workers=n, progress=not as_json))
     finish(summary, as_json=as_json)
@@ -309,6 +359,7 @@ def fleet_run(
 
 __all__ = [
     "Summary",
+    "cm_credentials_from",
     "drive",
     "finish",
     "fleet",

@@ -48,6 +48,8 @@ class FleetPlan:
     retry_delay: float | None = None
     #: each worker writes a cProfile of its passes here (``worker-<i>.prof``; benchmarks)
     profile_dir: Path | None = None
+    #: constrained devices (ADR 0029): (cm's coap:// URI, its EDHOC credential) pairs; empty: HTTPS
+    cm_credentials: tuple[tuple[str, bytes], ...] = ()
 
 
 def default_workers(count: int, cpus: int | None = None) -> int:
@@ -80,7 +82,8 @@ async def run_devices(
 
 
 def _runner(runner_for: Any, dev: Any, clock: Any, plan: FleetPlan) -> Any:
-    r = runner_for(dev, clock, renew_at=plan.renew_at, timeout=plan.timeout)
+    creds = dict(plan.cm_credentials) or None
+    r = runner_for(dev, clock, renew_at=plan.renew_at, timeout=plan.timeout, cm_credentials=creds)
     if plan.retry_delay is not None and r.transfers is not None:
         r.transfers.retry_delay = plan.retry_delay
     return r

@@ -9,11 +9,16 @@ Resources (payloads: :mod:`iotdlm.wire.coap_est`):
 
 ==================================  ============  ================================================
 ``/.well-known/core``               plain         the link format (RFC 6690)
-``/.well-known/est/crts``           plain, OSCORE the CA certificates (certs-only, DER)
+``/.well-known/est/crts``           plain, OSCORE the CA certificates (certs-only DER, or C509 bag)
 ``/.well-known/est/pn``             OSCORE only   a proof nonce from km for the certificate sent
 ``/.well-known/est/sen``, ``sren``  OSCORE only   simpleenroll, simplereenroll relayed to km
 ``/transfer/tm``                    OSCORE only   the device's per-device transfer message (CWT)
 ==================================  ============  ================================================
+
+Certificates may come as DER or C509 and answers go out in what the device's Accept asks (C509
+for a constrained device, ADR 0029): cm decodes C509 to DER at this boundary, km sees DER. The
+certificate a device sends to ``pn`` is remembered for its EDHOC key (bounded, like the sessions),
+so its ``sen``/``sren`` may leave it out (the compact form) instead of sending it a second time.
 
 What cm vouches for, and what it cannot do: the certificate a device sends must hold the key that
 ran EDHOC (cm checks; like the TLS client certificate over HTTPS), and km checks everything else
@@ -31,7 +36,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +93,12 @@ class WrongContentFormatError(UnsupportedError):
     """The request's Content-Format is not the one the resource takes (4.15)."""
 
     code = "unsupported_content_format"
+
+
+class NotAcceptableError(UnsupportedError):
+    """The request's Accept names a format the resource cannot answer in (4.06)."""
+
+    code = "not_acceptable"
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,8 @@ def coap_error(exc: IotdlmError, retry_after: int) -> aiocoap.Message:
         code = aiocoap.UNAUTHORIZED
     elif isinstance(exc, WrongContentFormatError):
         code = aiocoap.UNSUPPORTED_CONTENT_FORMAT
+    elif isinstance(exc, NotAcceptableError):
+        code = aiocoap.NOT_ACCEPTABLE
     else:
         code = _COAP_CODES.get(status_for(exc), aiocoap.INTERNAL_SERVER_ERROR)
     text = f"{exc.code}: {exc.message}".encode("utf-8", "replace")[:_MAX_DIAGNOSTIC]
@@ -228,6 +241,9 @@ class CoapDoor:
         )
         self.credentials = DoorCredentials(identity, self._edhoc_admitted, config.max_sessions)
         self._context: aiocoap.Context | None = None
+        #: the certificate (DER) each EDHOC key last sent to ``pn``, for compact ``sen``/``sren``
+        self._bound: OrderedDict[bytes, bytes] = OrderedDict()
+        self._max_bound = max(config.max_sessions, 1)
 
     @property
     def credential_bytes(self) -> bytes:
@@ -280,16 +296,19 @@ class CoapDoor:
     async def crts(self, request: aiocoap.Message) -> aiocoap.Message:
         """The CA certificates (no protection needed)."""
         self._require(CM_MODES, "serving CA certificates over CoAP")
+        fmt = _accepted(request, (wire.CERTS_ONLY, wire.C509_BAG), wire.CERTS_ONLY)
         der = base64.b64decode(await self.cacerts.body())
-        return aiocoap.Message(code=aiocoap.CONTENT, payload=der, content_format=wire.CERTS_ONLY)
+        if fmt == wire.C509_BAG:
+            der = wire.encode_crts(wire.decode_crts(der, wire.CERTS_ONLY), fmt)
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=der, content_format=fmt)
 
     async def nonce(self, request: aiocoap.Message) -> aiocoap.Message:
         """ADR 0008 over CoAP: km's nonce for the certificate whose key ran EDHOC."""
         peer = _peer(request)
         self._require(ENROLL_MODES, "relaying an EST proof nonce over CoAP")
-        _require_format(request, wire.PKIX_CERT)
-        cert_der = bytes(request.payload)
+        cert_der = _certificate_of(request)
         _bind(peer, cert_der)
+        self._remember(peer, cert_der)
         out = await self.km.est_nonce(cert_der)
         return aiocoap.Message(code=aiocoap.CONTENT, payload=out.nonce.encode("ascii"), content_format=wire.TEXT_PLAIN)
 
@@ -298,8 +317,7 @@ class CoapDoor:
         certificate whose key ran EDHOC (km decides, as for ``GET /transfer/message``)."""
         peer = _peer(request)
         self._require(ENROLL_MODES, "fetching a transfer message over CoAP")
-        _require_format(request, wire.PKIX_CERT)
-        cert_der = bytes(request.payload)
+        cert_der = _certificate_of(request)
         _bind(peer, cert_der)
         assert self.transfer is not None  # the resource exists only with it
         out = await self.transfer.message(cert_der, "")
@@ -316,10 +334,17 @@ class CoapDoor:
         peer = _peer(request)
         self._require(ENROLL_MODES, f"relaying EST {operation} over CoAP")
         _require_format(request, wire.MULTIPART_CORE)
-        csr, cert_der, proof = wire.decode_enroll(bytes(request.payload))
+        fmt = _accepted(request, wire.CERT_FORMATS, wire.PKIX_CERT)
+        parsed = wire.decode_enroll_request(bytes(request.payload))
+        cert_der = parsed.certificate if parsed.certificate is not None else self._bound.get(_spki(peer))
+        if cert_der is None:
+            raise BadRequestError(
+                "this enrollment request carries no certificate and none was sent to pn with this EDHOC key: "
+                "ask pn first in the same session, or send the certificate"
+            )
         _bind(peer, cert_der)
-        load_csr(csr, max_bytes=MAX_CSR_BYTES)  # a PKCS#10 request at all? km checks the rest
-        out = await self.km.est(operation, cert_der, csr, proof=proof)
+        load_csr(parsed.csr, max_bytes=MAX_CSR_BYTES)  # a PKCS#10 request at all? km checks the rest
+        out = await self.km.est(operation, cert_der, parsed.csr, proof=parsed.proof)
         log.info(
             "coap %s: km issued %s serial %s to device %s",
             operation,
@@ -327,7 +352,15 @@ class CoapDoor:
             out.certificate.serial,
             out.certificate.device_id,
         )
-        return aiocoap.Message(code=aiocoap.CHANGED, payload=out.certificate.certificate, content_format=wire.PKIX_CERT)
+        payload = wire.encode_certificate(out.certificate.certificate, fmt)
+        return aiocoap.Message(code=aiocoap.CHANGED, payload=payload, content_format=fmt)
+
+    def _remember(self, peer: EdhocPeer, cert_der: bytes) -> None:
+        key = _spki(peer)
+        self._bound[key] = cert_der
+        self._bound.move_to_end(key)
+        while len(self._bound) > self._max_bound:
+            self._bound.popitem(last=False)
 
 
 def _peer(request: aiocoap.Message) -> EdhocPeer:
@@ -344,6 +377,36 @@ def _require_format(request: aiocoap.Message, expected: int) -> None:
     got = request.opt.content_format
     if got is None or int(got) != expected:
         raise WrongContentFormatError(f"Content-Format must be {expected}, not {got}", field="content-format")
+
+
+def _spki(peer: EdhocPeer) -> bytes:
+    return peer.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _certificate_of(request: aiocoap.Message) -> bytes:
+    """The certificate a request carries (DER or C509, by its Content-Format), as DER."""
+    got = request.opt.content_format
+    if got is None or int(got) not in wire.CERT_FORMATS:
+        raise WrongContentFormatError(
+            f"Content-Format must be {wire.PKIX_CERT} (DER) or {wire.C509_CERT} (C509), not {got}",
+            field="content-format",
+        )
+    if not request.payload:
+        raise BadRequestError("send the certificate your EDHOC key belongs to")
+    return wire.decode_certificate(bytes(request.payload), int(got), "the certificate sent")
+
+
+def _accepted(request: aiocoap.Message, offered: tuple[int, ...], default: int) -> int:
+    """The format to answer in: the request's Accept if offered here, ``default`` without one."""
+    accept = request.opt.accept
+    if accept is None:
+        return default
+    if int(accept) not in offered:
+        raise NotAcceptableError(
+            f"cannot answer in Content-Format {accept}: ask for one of {', '.join(map(str, offered))}",
+            field="accept",
+        )
+    return int(accept)
 
 
 def _bind(peer: EdhocPeer, cert_der: bytes) -> None:
@@ -391,6 +454,7 @@ __all__ = [
     "CoapDoor",
     "DoorCredentials",
     "EdhocPeer",
+    "NotAcceptableError",
     "OscoreRequiredError",
     "coap_error",
     "load_or_make_key",

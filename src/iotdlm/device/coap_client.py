@@ -8,6 +8,11 @@ protects every request: km's proof nonce (``pn``), ``sen`` and ``sren``. Message
 first OSCORE request (RFC 9668's combined request), so an enrollment costs three round trips:
 EDHOC message 1/2, then the nonce (with message 3), then the enrollment.
 
+With ``c509`` (a constrained device keeping C509 certificates, ADR 0029) the device sends its
+certificate as C509 to ``pn`` only, sends the compact ``sen``/``sren`` (no certificate: cm bound the
+one ``pn`` got to this EDHOC key), and asks (Accept) for the issued certificate in C509 and for
+``crts`` as a COSE_C509 bag; it checks what it gets after decoding it to DER, as any certificate.
+
 One client per credential: after an enrollment the device re-enrolls with a new client holding the
 certificate it just got and its key (cm sees a new EDHOC session for the new key).
 """
@@ -29,7 +34,6 @@ from aiocoap.optiontypes import BlockOption
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import pkcs7
 
 from iotdlm.errors import (
     BadRequestError,
@@ -84,9 +88,11 @@ class CoapEstClient:
         key: ec.EllipticCurvePrivateKey,
         certificate: x509.Certificate,
         timeout: float = 30.0,
+        c509: bool = False,
     ) -> None:
         """``responder_credential``: cm's EDHOC credential (its CCS, deterministic CBOR), pinned;
-        ``key`` and ``certificate``: the device's current credential (P-256)."""
+        ``key`` and ``certificate``: the device's current credential (P-256); ``c509``: certificates
+        in C509 on the wire and the compact enrollment request."""
         if not base_uri.startswith("coap://"):
             raise ValueError("enrollment over CoAP: base_uri must start with coap://")
         if not wire.same_key(key.public_key(), certificate.public_key()):
@@ -97,6 +103,9 @@ class CoapEstClient:
         self._cred_r = responder_credential
         self._key = key
         self._cert_der = certificate.public_bytes(serialization.Encoding.DER)
+        self.c509 = c509
+        self._cert_fmt = wire.C509_CERT if c509 else wire.PKIX_CERT
+        self._cert_wire = wire.encode_certificate(self._cert_der, self._cert_fmt)
         # no subject in the CCS: the certificate (sent inside OSCORE) names the device, the kid names
         # the certificate; every byte of message_3 counts on a constrained link
         self._cred_i = wire.ccs_bytes(wire.ccs_for(key.public_key(), "", wire.certificate_kid(self._cert_der)))
@@ -121,7 +130,8 @@ class CoapEstClient:
     # --- operations -------------------------------------------------------------------------------
     async def crts(self) -> list[x509.Certificate]:
         """The CA certificates (check them against what the device already trusts)."""
-        return _certs_only(await self._request(aiocoap.GET, "crts", expect=wire.CERTS_ONLY))
+        fmt = wire.C509_BAG if self.c509 else wire.CERTS_ONLY
+        return _crts(await self._request(aiocoap.GET, "crts", expect=fmt, accept=fmt if self.c509 else None), fmt)
 
     async def cacerts(self) -> list[x509.Certificate]:
         """EST's /cacerts by its CoAP name (``crts``): what the device runner asks after enrolling
@@ -131,7 +141,7 @@ class CoapEstClient:
     async def nonce(self) -> str:
         """km's proof nonce for this certificate (ADR 0008), over OSCORE."""
         await self._session()
-        out = await self._request(aiocoap.POST, "pn", self._cert_der, wire.PKIX_CERT, expect=wire.TEXT_PLAIN)
+        out = await self._request(aiocoap.POST, "pn", self._cert_wire, self._cert_fmt, expect=wire.TEXT_PLAIN)
         try:
             text = out.decode("ascii")
         except UnicodeDecodeError as exc:
@@ -145,7 +155,7 @@ class CoapEstClient:
         agent checks), from its current provider's cm."""
         await self._session()
         uri = f"{self.base_uri}/{'/'.join(wire.TRANSFER_MESSAGE)}"
-        return await self._request(aiocoap.POST, "tm", self._cert_der, wire.PKIX_CERT, expect=wire.CWT, uri=uri)
+        return await self._request(aiocoap.POST, "tm", self._cert_wire, self._cert_fmt, expect=wire.CWT, uri=uri)
 
     async def simpleenroll(self, csr_der: bytes) -> x509.Certificate:
         """Initial enrollment with the factory credential (``sen``)."""
@@ -162,9 +172,15 @@ class CoapEstClient:
             raise BadRequestError("the CSR is not a DER PKCS#10 request") from exc
         nonce = await self.nonce()
         proof = est_proof.make(self._key, operation, nonce, check_public_key(csr.public_key()))
-        payload = wire.encode_enroll(csr_der, self._cert_der, proof)
-        out = await self._request(aiocoap.POST, resource, payload, wire.MULTIPART_CORE, expect=wire.PKIX_CERT)
-        cert = wire.load_certificate(out, f"the {resource} answer")
+        if self.c509:  # pn got the certificate in this session: not a second time
+            payload = wire.encode_enroll_compact(csr_der, proof)
+        else:
+            payload = wire.encode_enroll(csr_der, self._cert_der, proof)
+        fmt = self._cert_fmt
+        accept = fmt if self.c509 else None
+        out = await self._request(aiocoap.POST, resource, payload, wire.MULTIPART_CORE, expect=fmt, accept=accept)
+        what = f"the {resource} answer"
+        cert = wire.load_certificate(wire.decode_certificate(out, fmt, what), what)
         if _spki(cert.public_key()) != _spki(csr.public_key()):
             raise BadRequestError(f"the {resource} answer is not a certificate for the requested key")
         return cert
@@ -215,12 +231,15 @@ class CoapEstClient:
         *,
         expect: int,
         uri: str | None = None,
+        accept: int | None = None,
     ) -> bytes:
         """``resource`` below /.well-known/est, or at ``uri``."""
         target = uri or f"{self.base_uri}{_EST_PATH}/{resource}"
         request = aiocoap.Message(code=code, uri=target, payload=payload)
         if fmt is not None:
             request.opt.content_format = fmt
+        if accept is not None:
+            request.opt.accept = accept
         if len(payload) > _BLOCK_BYTES:
             # inner blocks of 512 bytes: each protected block (with EDHOC message 3 on the first)
             # still fits one datagram; aiocoap's 1024 would need outer blockwise, which its OSCORE
@@ -236,7 +255,13 @@ class CoapEstClient:
 
 
 def coap_client_for(
-    base_uri: str, responder_credential: bytes, cert_pem: bytes, key_pem: bytes, *, timeout: float = 30.0
+    base_uri: str,
+    responder_credential: bytes,
+    cert_pem: bytes,
+    key_pem: bytes,
+    *,
+    timeout: float = 30.0,
+    c509: bool = False,
 ) -> CoapEstClient:
     """A client for a device credential given as PEM (a certificate and its unencrypted P-256 key)."""
     key = serialization.load_pem_private_key(key_pem, None)
@@ -244,7 +269,7 @@ def coap_client_for(
         raise UntrustedError("enrollment over CoAP needs a P-256 key (EDHOC cipher suite 2)")
     cert = x509.load_pem_x509_certificate(cert_pem)
     return CoapEstClient(
-        base_uri, responder_credential=responder_credential, key=key, certificate=cert, timeout=timeout
+        base_uri, responder_credential=responder_credential, key=key, certificate=cert, timeout=timeout, c509=c509
     )
 
 
@@ -252,9 +277,10 @@ class CoapMessages:
     """The runner's transfer-message source over CoAP (``/transfer/tm`` at the device's cm, with its
     operational credential): the bytes, or None when nothing waits (4.04)."""
 
-    def __init__(self, credentials: Mapping[str, bytes], *, timeout: float = 30.0) -> None:
+    def __init__(self, credentials: Mapping[str, bytes], *, timeout: float = 30.0, c509: bool = False) -> None:
         self.credentials = dict(credentials)
         self.timeout = timeout
+        self.c509 = c509
 
     async def fetch(self, dev: Any, base_url: str) -> bytes | None:
         cred = self.credentials.get(base_url)
@@ -262,7 +288,7 @@ class CoapMessages:
             raise UntrustedError(f"this device holds no EDHOC credential for {base_url}")
         cert_pem, key_pem = dev.tls_identity("operational")
         try:
-            async with coap_client_for(base_url, cred, cert_pem, key_pem, timeout=self.timeout) as c:
+            async with coap_client_for(base_url, cred, cert_pem, key_pem, timeout=self.timeout, c509=self.c509) as c:
                 return await c.transfer_message()
         except NotFoundError:
             return None
@@ -277,9 +303,10 @@ class CoapEnroller:
     Not yet carried by the transfer itself: SP2's cm credential reaches the device out of band
     (here: the mapping); a TransferMessage claim for it is future work (ADR 0029)."""
 
-    def __init__(self, credentials: Mapping[str, bytes], *, timeout: float = 30.0) -> None:
+    def __init__(self, credentials: Mapping[str, bytes], *, timeout: float = 30.0, c509: bool = False) -> None:
         self.credentials = dict(credentials)
         self.timeout = timeout
+        self.c509 = c509
 
     def _credential(self, enroll_uri: str) -> bytes:
         cred = self.credentials.get(enroll_uri.rstrip("/"))
@@ -297,7 +324,9 @@ class CoapEnroller:
         csr: bytes,
     ) -> tuple[x509.Certificate, list[x509.Certificate]]:
         cred = self._credential(enroll_uri)
-        client = coap_client_for(enroll_uri, cred, client_cert_pem, client_key_pem, timeout=self.timeout)
+        client = coap_client_for(
+            enroll_uri, cred, client_cert_pem, client_key_pem, timeout=self.timeout, c509=self.c509
+        )
         async with client:
             issued = await client.simpleenroll(csr)
             cacerts = await client.crts()
@@ -314,14 +343,12 @@ class CoapEnroller:
             await ctx.shutdown()
         if not answer.code.is_successful():
             raise _error_for(answer, "crts")
-        return _certs_only(bytes(answer.payload))
+        return _crts(bytes(answer.payload), wire.CERTS_ONLY)
 
 
-def _certs_only(payload: bytes) -> list[x509.Certificate]:
-    try:
-        return pkcs7.load_der_pkcs7_certificates(payload)
-    except ValueError as exc:
-        raise BadRequestError("the crts answer is not a certs-only CMS message") from exc
+def _crts(payload: bytes, fmt: int) -> list[x509.Certificate]:
+    """The certificates of a ``crts`` answer (certs-only, or a COSE_C509 bag decoded to DER)."""
+    return [wire.load_certificate(der, "a crts certificate") for der in wire.decode_crts(payload, fmt)]
 
 
 async def _send(ctx: aiocoap.Context, request: aiocoap.Message) -> aiocoap.Message:

@@ -261,13 +261,18 @@ class DeviceRunner:
         atomic_write(self._state_path, json.dumps(state).encode(), mode=0o644)
 
     async def refresh_truststore(self, report: TickReport) -> None:
-        """Ask cm's /cacerts with the device's current credential; install what it says."""
+        """Ask cm's /cacerts (``crts`` over CoAP) with the device's current credential; install what it says."""
         kind = "operational" if self.dev.certificate("operational") is not None else "factory"
         cert_pem, key_pem = self.dev.tls_identity(kind)
-        client = EstClient(
-            self.base_url(), trust_anchor_pem=self.anchors_pem(), client_cert_pem=cert_pem, client_key_pem=key_pem,
-            timeout=self.timeout, connections=1,
-        )  # fmt: skip
+        base = self.base_url()
+        client: EstClient | CoapEstClient
+        if base.startswith("coap://"):
+            client = self._coap_client(base, cert_pem, key_pem)
+        else:
+            client = EstClient(
+                base, trust_anchor_pem=self.anchors_pem(), client_cert_pem=cert_pem, client_key_pem=key_pem,
+                timeout=self.timeout, connections=1,
+            )  # fmt: skip
         async with client:
             cacerts = await client.cacerts()
         await self.install_cacerts(cacerts, report)
@@ -299,7 +304,8 @@ class DeviceRunner:
                 f"device {self.dev.device_id} holds no EDHOC credential for {base}: give the cm's "
                 "coap-edhoc-cred.cbor (--cm-credential)"
             )
-        return coap_client_for(base, cred, cert_pem, key_pem, timeout=self.timeout)
+        c509 = self.dev.hardware.truststore_format == "c509"  # a constrained device: C509 on the wire
+        return coap_client_for(base, cred, cert_pem, key_pem, timeout=self.timeout, c509=c509)
 
     async def poll(self, report: TickReport) -> None:
         """Ask cm for this device's transfer message; hand a new one to the transfer agent."""

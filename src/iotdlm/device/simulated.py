@@ -8,7 +8,10 @@ Layout of a device folder::
     DEV/flash/truststore/     CA certificates (PEM), installed by provisioning; a constrained device
                               (hardware ``truststore_format`` "c509") keeps them in one C509 bag,
                               truststore.c509 (COSE_C509), decoded to DER when they are used
-    DEV/flash/certs/          the device's certificates: factory.pem, operational.pem
+    DEV/flash/certs/          the device's certificates: factory.pem, operational.pem; a constrained
+                              (c509) device keeps them as factory.c509, operational.c509 (C509,
+                              re-encoded: decoded back to the identical DER when used), and its TLS
+                              stack (the HTTPS routes) gets a PEM copy in DEV/ram/ (not flash)
     DEV/flash/config.json     device id, dtype, enroll URI (CA-URI), update URI, ...
     DEV/secure/key.pem        the device key (its factory certificate certifies it): generated ON
                               the device, never read out
@@ -45,7 +48,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from iotdlm.c509 import decode_c509_bag, encode_c509, encode_c509_bag
+from iotdlm.c509 import decode_c509, decode_c509_bag, encode_c509, encode_c509_bag
 from iotdlm.errors import BadRequestError, ConflictError, NotFoundError, RejectedError, UnsupportedError
 from iotdlm.files import atomic_write
 from iotdlm.pki.chain import certs_to_pem, load_certificate, load_certificates_pem
@@ -308,9 +311,18 @@ class SimulatedDevice:
 
     def tls_identity_files(self, kind: str = "operational") -> tuple[Path, Path]:
         """Where the certificate of :meth:`tls_identity` and the key it certifies are (the device's
-        own TLS stack loads them from there, with no copy)."""
+        own TLS stack loads them from there, with no copy; a certificate kept in C509 is written
+        once as PEM to ``DEV/ram/``, the TLS stack taking PEM only)."""
         name = self._credential_key(kind)  # the certificate is there and the device holds its key
-        return self.path / "flash" / "certs" / f"{kind}.pem", self._key_path(name)
+        pem = self.path / "flash" / "certs" / f"{kind}.pem"
+        if not pem.is_file():  # kept in C509: the TLS stack gets a PEM copy in RAM
+            cert = self.certificate(kind)
+            assert cert is not None  # _credential_key found it
+            pem = self.path / "ram" / f"{kind}.pem"
+            data = certs_to_pem([cert])
+            if not pem.is_file() or pem.read_bytes() != data:
+                _atomic_write(pem, data)
+        return pem, self._key_path(name)
 
     # --- flash ------------------------------------------------------------------------------
     def write_image(self, slot: str, image: Path, info: dict[str, Any]) -> str:
@@ -377,11 +389,21 @@ class SimulatedDevice:
     def write_certificate(self, kind: str, cert: x509.Certificate) -> None:
         if kind not in ("factory", "operational"):
             raise BadRequestError(f"unknown certificate kind {kind!r}")
-        _atomic_write(self.path / "flash" / "certs" / f"{kind}.pem", certs_to_pem([cert]))
-        self.log("certificate_written", kind=kind, serial=format(cert.serial_number, "x"))
+        d = self.path / "flash" / "certs"
+        _pem, c509 = _split_by_format([cert], self.hardware.truststore_format)
+        if c509:
+            _atomic_write(d / f"{kind}.c509", encode_c509(c509[0]))
+            (d / f"{kind}.pem").unlink(missing_ok=True)
+        else:
+            _atomic_write(d / f"{kind}.pem", certs_to_pem([cert]))
+            (d / f"{kind}.c509").unlink(missing_ok=True)
+        self.log("certificate_written", kind=kind, serial=format(cert.serial_number, "x"), c509=bool(c509))
 
     def certificate(self, kind: str) -> x509.Certificate | None:
-        p = self.path / "flash" / "certs" / f"{kind}.pem"
+        d = self.path / "flash" / "certs"
+        if (d / f"{kind}.c509").is_file():
+            return x509.load_der_x509_certificate(decode_c509((d / f"{kind}.c509").read_bytes()))
+        p = d / f"{kind}.pem"
         return load_certificate(p.read_bytes()) if p.is_file() else None
 
     def write_config(self, config: dict[str, Any]) -> None:
