@@ -173,7 +173,8 @@ async def test_admin_lists_what_sm_holds_verified_again_but_cannot_load_it(
     image.write_bytes(b"X" + image.read_bytes()[1:])  # altered on disk after sm stored it
     (bad,) = sw.decode(await admin.request(s.SM_SOFTWARE_HELD, b"{}"), sw.HeldResponse).releases
     assert bad.sig_sm == "failed"
-    assert bad.problem is not None and "sig_sm" in bad.problem
+    assert bad.problem is not None
+    assert "sig_sm" in bad.problem
     with pytest.raises(PermissionDeniedError):  # the admin identity lists; loading for flashing is pm's
         await admin.request(s.SM_SOFTWARE_LOAD, b'{"dtype": "boardA"}')
     with pytest.raises(BadRequestError):

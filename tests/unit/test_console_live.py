@@ -1,0 +1,98 @@
+"""The console's Software page and its live pages (issue 18, the rest), without a browser: what sm
+holds and whether it verifies, the pages that reload themselves (only those), their progress."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from iotdlm.clock import FixedClock
+from iotdlm.console.app import make_app
+from iotdlm.console.backend import SoftwareView, TransferView
+from iotdlm.store.transfer import TransferRecord
+from iotdlm.wire import software as sw
+from tests.helpers import NOW
+from tests.unit.test_console_pages import ADMIN, AS_ADMIN, Env, FakeBackend, _peer
+
+SHA = "ab" * 32
+
+
+def _release(counter: int, problem: str | None = None) -> sw.HeldRelease:
+    return sw.HeldRelease(
+        dtype="board-a", release_counter=counter, target_path="board-a/fw.bin", length=123_456, sha256=SHA,
+        stored_at="2026-11-21T12:00:00Z", sig_sm="failed" if problem else "verified", problem=problem,
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def live() -> AsyncIterator[Env]:
+    backend = FakeBackend()
+    async with TestClient(
+        TestServer(make_app(backend, ADMIN.cert, FixedClock(NOW), peer=_peer), host="127.0.0.1")
+    ) as c:
+        yield c, backend
+
+
+async def _page(env: Env, path: str) -> str:
+    client, _ = env
+    resp = await client.get(path, headers=AS_ADMIN)
+    assert resp.status == 200
+    return await resp.text()
+
+
+async def test_the_software_page_lists_what_sm_holds_and_what_no_longer_verifies(live: Env) -> None:
+    _, backend = live
+    backend.held = SoftwareView(
+        sw.HeldResponse(
+            releases=[_release(3), _release(4, "sig_sm does not verify (untrusted, sig_sm)")],
+            checked_at={"board-a": "2026-11-21T12:30:00Z"},
+        )
+    )
+    page = await _page(live, "/software")
+    assert "Software releases held by sm" in page
+    assert page.count(SHA) == 2
+    assert re.search(r'class="valid sig-sm">verified', page)
+    assert "sig_sm does not verify (untrusted, sig_sm). pm will refuse it" in page
+    assert "board-a at 2026-11-21T12:30:00Z" in page
+    assert "123,456" in page
+    assert "http-equiv" not in page  # only the live pages reload themselves
+
+
+async def test_the_software_page_says_when_sm_is_not_running(live: Env) -> None:
+    page = await _page(live, "/software")
+    assert "sm did not answer: no responders" in page
+    assert "software-management" in page
+    _, backend = live
+    backend.held = SoftwareView(sw.HeldResponse(releases=[]))
+    assert "sm holds no release yet" in await _page(live, "/software")
+
+
+async def test_provisioning_reloads_itself_and_shows_its_progress(live: Env) -> None:
+    page = await _page(live, "/provisioning")
+    assert '<meta http-equiv="refresh" content="5; url=/provisioning">' in page
+    assert f'datetime="{NOW.isoformat()}"' in page
+    # the fake pm: 3 complete, 1 failed
+    assert re.search(r'<progress max="4" value="3" aria-label="pm-board-a: devices complete">', page)
+    assert "3 of 4 (75%)" in page
+
+
+async def test_transfers_reload_themselves_and_show_each_transfer_s_progress(live: Env) -> None:
+    _, backend = live
+    rec = TransferRecord("sp1", "t" * 16, "sending", NOW, NOW)
+    backend.transfer_views = [
+        TransferView("sp1", rec, {"pending": 5, "reset": 2, "enrolled": 2, "revoked-at-CA1": 1}, 0)
+    ]
+    page = await _page(live, "/transfers")
+    assert '<meta http-equiv="refresh" content="5; url=/transfers">' in page
+    assert re.search(r'<progress max="10" value="3" aria-label="transfer t{16}: devices through">', page)
+    assert "3 of 10 (30%)" in page
+    backend.transfer_views = []
+    assert "No transfer here." in await _page(live, "/transfers")
+
+
+async def test_no_other_page_reloads_itself(live: Env) -> None:
+    for path in ("/fleet", "/mode", "/cas", "/audit"):
+        assert "http-equiv" not in await _page(live, path)
