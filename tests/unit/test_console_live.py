@@ -1,18 +1,26 @@
 """The console's Software page and its live pages (issue 18, the rest), without a browser: what sm
-holds and whether it verifies, the pages that reload themselves (only those), their progress."""
+holds and whether it verifies, the pages that reload themselves (only those), their progress; the
+console in `iotdlm status`, and its port taken before anything else starts."""
 
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from iotdlm.bus.server import free_port
 from iotdlm.clock import FixedClock
 from iotdlm.console.app import make_app
 from iotdlm.console.backend import SoftwareView, TransferView
+from iotdlm.deployment import ConsoleSettings
+from iotdlm.errors import UnavailableError
 from iotdlm.store.transfer import TransferRecord
+from iotdlm.wire import modes as m
 from iotdlm.wire import software as sw
 from tests.helpers import NOW
 from tests.unit.test_console_pages import ADMIN, AS_ADMIN, Env, FakeBackend, _peer
@@ -96,3 +104,50 @@ async def test_transfers_reload_themselves_and_show_each_transfer_s_progress(liv
 async def test_no_other_page_reloads_itself(live: Env) -> None:
     for path in ("/fleet", "/mode", "/cas", "/audit"):
         assert "http-equiv" not in await _page(live, path)
+
+
+# --- the console beside the others: `iotdlm status`, a taken port -----------------------------------
+def _status_with(console: m.ServiceHealth | None) -> m.StatusReply:
+    return m.StatusReply(
+        mode="certificate-management", since="2026-11-21T12:00:00Z", by="ops", with_sm=False, supervisor_pid=1,
+        nats_url="nats://127.0.0.1:1", switching=None, services=[], console=console,
+        console_url="https://127.0.0.1:8444/" if console is not None else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("state", ["running", "failed"])
+def test_status_names_the_console_its_address_and_state(state: str) -> None:
+    from iotdlm.cli.common import console
+    from iotdlm.cli.modes import _print_status
+
+    row = m.ServiceHealth(
+        name="console", module="console", dtype=None, state=state, pid=42 if state == "running" else None,
+        running=state == "running", restarts=2, uptime=None, last_exit=None if state == "running" else 3,
+        log="/d/logs/console.log", last_error=None if state == "running" else "cannot listen on 127.0.0.1:8444",
+    )  # fmt: skip
+    with console.capture() as cap:
+        _print_status(_status_with(row), Path("/d"))
+    out = " ".join(cap.get().split())
+    assert f"console: https://127.0.0.1:8444/ ({state};" in out
+    assert ("The console stays off" in out) is (state == "failed")
+    assert ("set [console] port in /d/iotdlm.toml" in out) is (state == "failed")
+    with console.capture() as cap:
+        _print_status(_status_with(None), Path("/d"))
+    assert "console: not started" in " ".join(cap.get().split())
+
+
+def test_the_console_takes_its_port_first_and_names_the_setting(tmp_path: Path) -> None:
+    from iotdlm.console.service import bind
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        dep = SimpleNamespace(root=tmp_path, config=SimpleNamespace(console=ConsoleSettings(port=port)))
+        with pytest.raises(UnavailableError) as got:
+            bind(dep)  # type: ignore[arg-type]
+    assert f"cannot listen on 127.0.0.1:{port}" in got.value.message
+    assert f"{tmp_path / 'iotdlm.toml'}'s [console] table" in got.value.message
+    assert got.value.field == "console.port"
+    dep = SimpleNamespace(root=tmp_path, config=SimpleNamespace(console=ConsoleSettings(port=free_port())))
+    bind(dep).close()  # type: ignore[arg-type]
