@@ -4,6 +4,7 @@ console in `iotdlm status`, and its port taken before anything else starts."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -13,10 +14,11 @@ from types import SimpleNamespace
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from iotdlm.bus.memory import MemoryHub
 from iotdlm.bus.server import free_port
 from iotdlm.clock import FixedClock
 from iotdlm.console.app import make_app
-from iotdlm.console.backend import SoftwareView, TransferView
+from iotdlm.console.backend import LiveBackend, SoftwareView, TransferView
 from iotdlm.deployment import ConsoleSettings
 from iotdlm.errors import UnavailableError
 from iotdlm.store.transfer import TransferRecord
@@ -71,7 +73,7 @@ async def test_the_software_page_lists_what_sm_holds_and_what_no_longer_verifies
 
 async def test_the_software_page_says_when_sm_is_not_running(live: Env) -> None:
     page = await _page(live, "/software")
-    assert "sm did not answer: no responders" in page
+    assert "sm did not answer (no responders)" in page
     assert "software-management" in page
     _, backend = live
     backend.held = SoftwareView(sw.HeldResponse(releases=[]))
@@ -151,3 +153,30 @@ def test_the_console_takes_its_port_first_and_names_the_setting(tmp_path: Path) 
     assert got.value.field == "console.port"
     dep = SimpleNamespace(root=tmp_path, config=SimpleNamespace(console=ConsoleSettings(port=free_port())))
     bind(dep).close()  # type: ignore[arg-type]
+
+
+async def test_the_live_backend_asks_sm_as_the_admin_identity(tmp_path: Path, memory_hub: MemoryHub) -> None:
+    """LiveBackend.software on the in-memory bus (permissions as nats-server enforces them): a note
+    while no sm answers, then what sm holds, verified by sm."""
+    from iotdlm.sm.service import SmService
+    from tests.unit.test_sm_updater import DTYPE, make_env
+
+    backend = LiveBackend(dep=None, store=None, bus=memory_hub.bus("admin"), km=None, clock=None)  # type: ignore[arg-type]
+    view = await backend.software()
+    assert view.held is None
+    assert view.note is not None
+    assert view.note.startswith("sm did not answer (")
+    env = make_env(tmp_path)
+    env.publish(2)
+    service = SmService(env.manager(), memory_hub.bus("sm"), dtypes=[DTYPE], poll_interval=None)
+    await service.start()  # its first check stores release 2
+    try:
+        for _ in range(200):
+            view = await backend.software()
+            if view.held is not None and view.held.releases:
+                break
+            await asyncio.sleep(0.05)
+        assert view.held is not None
+        assert [(r.dtype, r.release_counter, r.sig_sm) for r in view.held.releases] == [(DTYPE, 2, "verified")]
+    finally:
+        await service.stop()

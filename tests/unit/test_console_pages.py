@@ -58,7 +58,7 @@ class FakeBackend:
     revoked_admin: bool = False
     transfer_views: list[TransferView] = dataclasses.field(default_factory=list)
     held: SoftwareView = dataclasses.field(
-        default_factory=lambda: SoftwareView(None, "sm did not answer: no responders")
+        default_factory=lambda: SoftwareView(None, "sm did not answer (no responders)")
     )
 
     async def admin_revoked(self, fingerprint: str) -> bool:

@@ -323,5 +323,5 @@ class LiveBackend:
         try:
             raw = await self.bus.request(subjects.SM_SOFTWARE_HELD, b"{}", timeout=SM_HELD_TIMEOUT)
         except (UnavailableError, ModeError) as exc:
-            return SoftwareView(None, f"sm did not answer: {exc.message}")
+            return SoftwareView(None, f"sm did not answer ({exc.message.rstrip('.?')})")
         return SoftwareView(sw.decode(raw, sw.HeldResponse, what="sm's answer"))
