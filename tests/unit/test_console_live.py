@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iotdlm.bus.memory import MemoryHub
 from iotdlm.bus.server import free_port
@@ -20,7 +23,7 @@ from iotdlm.clock import FixedClock
 from iotdlm.console.app import make_app
 from iotdlm.console.backend import LiveBackend, SoftwareView, TransferView
 from iotdlm.deployment import ConsoleSettings
-from iotdlm.errors import UnavailableError
+from iotdlm.errors import BadRequestError, UnavailableError
 from iotdlm.store.transfer import TransferRecord
 from iotdlm.wire import modes as m
 from iotdlm.wire import software as sw
@@ -180,3 +183,32 @@ async def test_the_live_backend_asks_sm_as_the_admin_identity(tmp_path: Path, me
         assert [(r.dtype, r.release_counter, r.sig_sm) for r in view.held.releases] == [(DTYPE, 2, "verified")]
     finally:
         await service.stop()
+
+
+# --- sm.software.held on the wire: any bytes decode or are refused in words --------------------------
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["dtype", "x", "releases", "checked_at"]), st.from_type(object), max_size=3
+        ).map(lambda d: msgspec.json.encode(d, enc_hook=repr)),
+    )
+)
+def test_held_messages_decode_or_are_refused(data: bytes) -> None:
+    for cls in (sw.HeldRequest, sw.HeldResponse):
+        refused: BadRequestError | None = None
+        try:
+            out = sw.decode(data, cls)
+        except BadRequestError as exc:
+            refused = exc
+        if refused is not None:
+            assert refused.message  # in words, never a traceback
+        else:
+            assert isinstance(out, cls)
+
+
+def test_held_request_refuses_a_dtype_that_is_a_path() -> None:
+    with pytest.raises(BadRequestError, match="dtype"):
+        sw.decode(b'{"dtype": "../sm"}', sw.HeldRequest)
+    assert sw.decode(b"{}", sw.HeldRequest).dtype is None
