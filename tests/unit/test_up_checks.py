@@ -257,9 +257,20 @@ def test_a_taken_console_port_says_which_setting_to_change(dep: Deployment) -> N
         s.bind(("127.0.0.1", dep.config.console.port))
         s.listen()
         problems = preflight(dep, Mode.PROVISIONING_SOFTWARE, with_sm=False)  # every mode runs the console
-        assert [(p.what, p.unavailable) for p in problems] == [(f"port {dep.config.console.port}", True)]
+        # a warning: the console alone stays off, the CA and OCSP start (a UI's port is no reason to stop them)
+        assert [(p.what, p.unavailable, p.warning) for p in problems] == [
+            (f"port {dep.config.console.port}", True, True)
+        ]
         assert "(the operator console) is in use by " in problems[0].message
         assert f"set [console] port in {dep.root / 'iotdlm.toml'}" in problems[0].message
+        from iotdlm.cli.common import err_console
+        from iotdlm.cli.modes import _preflight
+
+        with err_console.capture() as cap:
+            _preflight(dep, Mode.PROVISIONING_SOFTWARE, False, DEFAULT_COMMANDS, None)  # no SystemExit: up goes on
+        said = " ".join(cap.get().split())
+        assert said.startswith("warning: port ")
+        assert "everything but the console starts meanwhile" in said
         # a command table without the console (or `[console] enabled = false`) starts none: no check
         assert preflight(dep, Mode.PROVISIONING_SOFTWARE, with_sm=False, commands=WITHOUT_CONSOLE) == []
 

@@ -150,7 +150,10 @@ def _preflight(
         mode = parse_mode(saved.mode)
     if with_sm is None:
         with_sm = saved.with_sm if saved is not None else False
-    problems = preflight(dep, mode, with_sm=with_sm, commands=commands, only=only)
+    found = preflight(dep, mode, with_sm=with_sm, commands=commands, only=only)
+    for p in (p for p in found if p.warning):  # the console's port: the rest starts
+        err_console.print(f"[yellow]warning[/yellow]: {escape(p.message)}")
+    problems = [p for p in found if not p.warning]
     if not problems:
         return
     err_console.print(f"[red]not starting[/red] {mode.value} for {dep.root}: nothing was started")

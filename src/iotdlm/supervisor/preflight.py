@@ -7,8 +7,8 @@ must not be found out by its crash loop, with the reason only in its log.
 - the data folders are folders and writable (the data folder, ``logs/``, ``nats/``, ``db/``);
 - the CA passphrase (``$IOTDLM_CA_PASSPHRASE``, else the file) opens the CA keys -- whenever one
   is given, and always when km runs in the mode (km signs with them);
-- the ports are free: embedded NATS, the operator console's (``[console]``, in every mode), and cm's
-  HTTPS, HTTP and egress ports (``DIR/cm.toml``);
+- the ports are free: embedded NATS, and cm's HTTPS, HTTP and egress ports (``DIR/cm.toml``); the
+  operator console's (``[console]``, every mode) too, but taken it is a warning: the rest starts;
 - the module settings the mode needs are valid: ``cm.toml``, sm's set-up, pm's flasher per dtype.
 
 A module whose start command the operator replaced (``iotdlm up --commands``) is not checked: the
@@ -39,17 +39,20 @@ NATS_PID_FILE = "nats/nats-server.pid"
 CM_HTTPS_PORT = 8443
 CM_HTTP_PORT = 8080
 CM_EGRESS_PORT = 3128
+CONSOLE_LABEL = "the operator console"
 
 
 @dataclass(frozen=True)
 class Problem:
     """One reason not to start: ``what`` is checked, ``message`` says what is wrong and what to do.
     ``unavailable``: something outside the configuration holds what we need (exit 3), else the
-    configuration is wrong (exit 4)."""
+    configuration is wrong (exit 4). ``warning``: said, but ``up`` starts anyway -- the console's
+    port taken keeps the console alone off (ADR 0030: a UI's port must not stop the CA and OCSP)."""
 
     what: str
     message: str
     unavailable: bool = False
+    warning: bool = False
 
 
 def lock_holder(root: Path) -> int | None:
@@ -164,8 +167,9 @@ def _check_ports(dep: Deployment, cm: bool, embedded_nats: bool, console: bool =
         wanted.append(("NATS", n.host, n.port, f"set [nats] port in {dep.root / 'iotdlm.toml'}"))
     if console:  # two deployments on one machine both default to 8444
         c = dep.config.console
-        where = f"set [console] port in {dep.root / 'iotdlm.toml'} (or enabled = false there)"
-        wanted.append(("the operator console", c.host, c.port, where))
+        where = (f"set [console] port in {dep.root / 'iotdlm.toml'} (or enabled = false there); "
+                 "everything but the console starts meanwhile")  # fmt: skip
+        wanted.append((CONSOLE_LABEL, c.host, c.port, where))
     out: list[Problem] = []
     if cm:
         got = _cm_ports(dep)
@@ -181,7 +185,12 @@ def _check_ports(dep: Deployment, cm: bool, embedded_nats: bool, console: bool =
             continue
         seen[port] = label
         if port_in_use(host, port):
-            out.append(Problem(f"port {port}", port_in_use_message(port, label, where), unavailable=True))
+            out.append(
+                Problem(
+                    f"port {port}", port_in_use_message(port, label, where), unavailable=True,
+                    warning=label == CONSOLE_LABEL,
+                )
+            )  # fmt: skip
     return out
 
 
