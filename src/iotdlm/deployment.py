@@ -118,6 +118,12 @@ class ConsoleSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, o
     #: its HTTPS port (`iotdlm console url` prints the address)
     port: int = DEFAULT_CONSOLE_PORT
 
+    @property
+    def url(self) -> str:
+        """Where the console answers: ``https://127.0.0.1:8444/`` by default (a wildcard host: on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104 -- compared, not bound
+        return f"https://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
 
 class ProfileSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     validity_days: int | None = None

@@ -3,7 +3,9 @@ in with the deployment's admin client certificate, against `iotdlm up` as its ow
 
 The 3 a.m. path: find a device by its serial as openssl prints it, revoke it (reason, confirmation),
 see OCSP through cm say revoked (fetched as a relying party does, over HTTP from cm), switch the mode
-(confirmation), verify the audit log. And a browser without the certificate is refused.
+(confirmation), verify the audit log. And a browser without the certificate is refused. Then the
+Software page (sm is off in this mode: it says so), a live page reloading itself, and `iotdlm
+status` naming the console.
 
 Screenshots go to the test's folder; with ``IOTDLM_CONSOLE_SCREENSHOTS=1`` also to docs/img/ (how the
 README's are made). Playwright never downloads a browser here: it is pointed at /usr/bin/chromium.
@@ -217,11 +219,26 @@ async def test_the_3am_path_in_a_browser(tmp_path: Path) -> None:
             await expect(page.locator("#verdict")).to_have_text("Audit log intact.")
             await _shot(page, tmp_path, "audit-verified")
             # the other pages answer from the live deployment (store, supervisor, /metrics)
-            for link, heading in (("CAs", "Certificate authorities"), ("Provisioning", "Provisioning runs"),
-                                  ("Transfers", "Trust transfers"), ("Health", "Health and metrics")):  # fmt: skip
+            for link, heading in (("CAs", "Certificate authorities"), ("Transfers", "Trust transfers"),
+                                  ("Health", "Health and metrics")):  # fmt: skip
                 await page.get_by_role("link", name=link, exact=True).click()
                 await expect(page.locator("h1")).to_have_text(heading)
             await expect(page.locator("pre")).to_contain_text("iotdlm_")  # the supervisor's Prometheus lines
+            # sm's releases: sm does not run in provisioning-certificate, and the page says so
+            await page.get_by_role("link", name="Software", exact=True).click()
+            await expect(page.locator("h1")).to_have_text("Software releases held by sm")
+            await expect(page.get_by_role("alert")).to_contain_text("sm did not answer")
+            await _shot(page, tmp_path, "software")
+            # a live page reloads itself, without JavaScript (the CSP allows no script at all)
+            await page.get_by_role("link", name="Provisioning", exact=True).click()
+            await expect(page.locator("h1")).to_have_text("Provisioning runs")
+            await expect(page.locator("progress").first).to_be_visible()
+            first = await page.locator("#updated").get_attribute("datetime")
+            await expect(page.locator("#updated")).not_to_have_attribute("datetime", first or "", timeout=15_000)
+            await _shot(page, tmp_path, "provisioning")
         finally:
             await browser.close()
+        # `iotdlm status` names the console, where it answers and that it runs
+        status = _iotdlm("status", "--data", str(dep.root))
+        assert f"console: {url}/ (running;" in status
     assert "console:" in _iotdlm("audit", "list", "--data", str(dep.root), "--kind", "mode_switch", "--json")

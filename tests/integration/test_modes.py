@@ -652,6 +652,54 @@ async def test_a_service_that_keeps_crashing_is_given_up_and_re_armed_by_mode_se
     assert sup.services()["sm"].state in {"starting", "running", "backoff", "failed"}
 
 
+def _console_failed(sup: Supervisor) -> Callable[[], bool]:
+    def failed() -> bool:
+        console = sup.status().console
+        return console is not None and console.state == "failed"
+
+    return failed
+
+
+@pytest.mark.real_clock  # no clock matters here; heavy (three console starts, ~15 s): run once in CI
+async def test_a_console_whose_port_is_taken_is_given_up_after_a_few_tries(
+    deployment: Deployment, admin: Callable[[], Awaitable[Bus]], cm_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18: two deployments on one machine both wanted 8444; the loser's console restarted
+    forever. The real console (`iotdlm console serve`) takes its port first and says which setting
+    to change; the supervisor gives it up after CONSOLE_TRIES, the rest keeps running, and
+    `status` shows the console's address and state."""
+    from iotdlm.modes.table import CONSOLE, DEFAULT_COMMANDS
+    from iotdlm.supervisor.supervisor import CONSOLE_TRIES
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with (deployment.root / "iotdlm.toml").open("a") as f:
+            f.write(f"\n[console]\nport = {port}\n")
+        commands = {**stand_in_commands(cm_port), CONSOLE: list(DEFAULT_COMMANDS[CONSOLE])}
+        sup = Supervisor(Deployment.load(deployment.root), commands=commands, settings=FAST)
+        try:
+            await sup.start(Mode.CERTIFICATE_MANAGEMENT, by="test")
+            st = sup.status()
+            assert st.console is not None
+            assert st.console_url == f"https://127.0.0.1:{port}/"
+            await until(_console_failed(sup), "the supervisor to give up on the console")
+            bus = await admin()
+            st = decode(await bus.request(subjects.MODES_STATUS, b""), StatusReply)
+            assert st.console is not None
+            assert (st.console.state, st.console.restarts) == ("failed", CONSOLE_TRIES - 1)
+            assert st.console.last_error is not None
+            assert f"cannot listen on 127.0.0.1:{port}" in st.console.last_error
+            gave_up = [r.getMessage() for r in caplog.records if "gave up after" in r.getMessage()]
+            assert len(gave_up) == 1
+            assert f"the console stays off: if its port is taken, set [console] port in {deployment.root}" in gave_up[0]
+            assert f"cannot listen on 127.0.0.1:{port}" in gave_up[0]
+            assert {s.name: s.state for s in st.services}["km"] == "running"  # the rest is not affected
+        finally:
+            await sup.stop()
+
+
 # --- the commands, as processes -------------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ PROBES = [
     s.KM_TRANSFER_MESSAGE,
     s.KM_TRANSFER_EVIDENCE,
     s.SM_SOFTWARE_LOAD,
+    # read-only, for the console's Software page: pm and admin may ask it; admin may not load
+    s.SM_SOFTWARE_HELD,
     f"{s.PREFIX}.pm.boardA.provision",
     s.CM_PING,
     # health and metrics (issue 14): each module answers its own only; the supervisor asks all
@@ -43,6 +45,10 @@ def _allowed(patterns: tuple[str, ...], subject: str) -> bool:
     return any(subject_matches(p, subject) for p in patterns)
 
 
+def _may_publish(perms: s.Permissions, subject: str) -> bool:
+    return _allowed(perms.publish, subject) and not _allowed(perms.deny_publish, subject)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNats]:
     running = start_nats(Path(tmp_path_factory.mktemp("perm")), users=generate_users(MODULES))
@@ -57,7 +63,7 @@ async def test_publish_matrix(server: RunningNats, module: str) -> None:
     perms = s.PERMISSIONS[module]
     try:
         for subject in PROBES:
-            if _allowed(perms.publish, subject):
+            if _may_publish(perms, subject):
                 await bus.publish(subject, b"{}")  # no error: the server let it through
             else:
                 with pytest.raises(PermissionDeniedError):
@@ -92,9 +98,12 @@ def test_the_matrix_is_not_trivial() -> None:
     anything, but may subscribe only to events and its inbox)."""
     for module in MODULES:
         perms = s.PERMISSIONS[module]
-        refused_pub = [not _allowed(perms.publish, subject) for subject in PROBES]
+        refused_pub = [not _may_publish(perms, subject) for subject in PROBES]
         refused_sub = [not _allowed(perms.subscribe, subject) for subject in PROBES]
         assert any(refused_sub), module
         if module != "admin":
             assert any(refused_pub), module
     assert any(_allowed(s.PERMISSIONS["pm"].publish, x) for x in PROBES)
+    admin = s.PERMISSIONS["admin"]
+    assert _may_publish(admin, s.SM_SOFTWARE_HELD)
+    assert not _may_publish(admin, s.SM_SOFTWARE_LOAD)

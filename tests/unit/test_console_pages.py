@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from iotdlm.clock import FixedClock
 from iotdlm.console.app import make_app
-from iotdlm.console.backend import CaView, DeviceView, FleetPage, PmView, TransferView, VerifyView
+from iotdlm.console.backend import CaView, DeviceView, FleetPage, PmView, SoftwareView, TransferView, VerifyView
 from iotdlm.console.tls import NotAdminError, check_admin
 from iotdlm.errors import BadRequestError, UnavailableError
 from iotdlm.km.audit import AuditReport
@@ -56,6 +56,10 @@ class FakeBackend:
     calls: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     fail: Exception | None = None
     revoked_admin: bool = False
+    transfer_views: list[TransferView] = dataclasses.field(default_factory=list)
+    held: SoftwareView = dataclasses.field(
+        default_factory=lambda: SoftwareView(None, "sm did not answer (no responders)")
+    )
 
     async def admin_revoked(self, fingerprint: str) -> bool:
         return self.revoked_admin
@@ -115,7 +119,10 @@ class FakeBackend:
         self.calls.append(("clear_alarm", dtype, operator))
 
     async def transfers(self) -> list[TransferView]:
-        return []
+        return self.transfer_views
+
+    async def software(self) -> SoftwareView:
+        return self.held
 
 
 def _peer(request: web.Request) -> bytes | None:

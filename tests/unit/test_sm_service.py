@@ -152,6 +152,35 @@ async def test_a_reachable_repository_is_not_checked_again_before_the_poll_inter
         await service.stop()
 
 
+async def test_admin_lists_what_sm_holds_verified_again_but_cannot_load_it(
+    running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub
+) -> None:
+    """The console's Software page: ``sm.software.held`` re-runs Algorithm 1 on every stored
+    release, so a release altered on disk shows as failed (with why) before pm halts on it."""
+    env, _service, events = running
+    assert (await events.next()).kind == "checked"
+    admin = memory_hub.bus("admin")
+    assert sw.decode(await admin.request(s.SM_SOFTWARE_HELD, b""), sw.HeldResponse).releases == []
+    env.publish(3)
+    await SmClient(admin).notify(DTYPE)
+    assert (await events.next()).kind == "stored"
+    held = sw.decode(await admin.request(s.SM_SOFTWARE_HELD, b'{"dtype": "boardA"}'), sw.HeldResponse)
+    (r,) = held.releases
+    (v,) = await SmClient(memory_hub.bus("pm")).list(DTYPE)
+    assert (r.dtype, r.release_counter, r.sha256, r.sig_sm, r.problem) == (DTYPE, 3, v.sha256, "verified", None)
+    assert DTYPE in held.checked_at
+    image = env.local.paths(DTYPE, 3).image
+    image.write_bytes(b"X" + image.read_bytes()[1:])  # altered on disk after sm stored it
+    (bad,) = sw.decode(await admin.request(s.SM_SOFTWARE_HELD, b"{}"), sw.HeldResponse).releases
+    assert bad.sig_sm == "failed"
+    assert bad.problem is not None
+    assert "sig_sm" in bad.problem
+    with pytest.raises(PermissionDeniedError):  # the admin identity lists; loading for flashing is pm's
+        await admin.request(s.SM_SOFTWARE_LOAD, b'{"dtype": "boardA"}')
+    with pytest.raises(BadRequestError):
+        await admin.request(s.SM_SOFTWARE_HELD, b'{"dtype": "../etc"}')
+
+
 async def test_bad_requests_are_refused(running: tuple[SmEnv, SmService, Events], memory_hub: MemoryHub) -> None:
     pm = memory_hub.bus("pm")
     with pytest.raises(BadRequestError):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from iotdlm.bus.server import free_port
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import DEFAULT_NATS_PORT, PASSPHRASE_ENV, Deployment, init_deployment
-from iotdlm.modes.table import DEFAULT_COMMANDS, Mode
+from iotdlm.modes.table import DEFAULT_COMMANDS, WITHOUT_CONSOLE, Mode
 from iotdlm.pki.keys import Algorithm
 from iotdlm.supervisor.preflight import (
     LOCK_FILE,
@@ -185,6 +185,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
         nats_port=free_port(),
         now=SystemClock().now(),
     )
+    with (dep.root / "iotdlm.toml").open("a") as f:  # not 8444: another deployment may hold it
+        f.write(f"\n[console]\nport = {free_port()}\n")
     return dep.root
 
 
@@ -247,6 +249,30 @@ def test_ports_in_use_are_named_with_their_holder(dep: Deployment) -> None:
     assert f"port {dep.config.nats.port} (NATS) is in use by " in problems[0].message
     assert f"pid {os.getpid()}" in problems[0].message
     assert "iotdlm.toml" in problems[0].message
+
+
+def test_a_taken_console_port_says_which_setting_to_change(dep: Deployment) -> None:
+    """Two deployments on one machine both wanted 8444; the loser's console restarted forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", dep.config.console.port))
+        s.listen()
+        problems = preflight(dep, Mode.PROVISIONING_SOFTWARE, with_sm=False)  # every mode runs the console
+        # a warning: the console alone stays off, the CA and OCSP start (a UI's port is no reason to stop them)
+        assert [(p.what, p.unavailable, p.warning) for p in problems] == [
+            (f"port {dep.config.console.port}", True, True)
+        ]
+        assert "(the operator console) is in use by " in problems[0].message
+        assert f"set [console] port in {dep.root / 'iotdlm.toml'}" in problems[0].message
+        from iotdlm.cli.common import err_console
+        from iotdlm.cli.modes import _preflight
+
+        with err_console.capture() as cap:
+            _preflight(dep, Mode.PROVISIONING_SOFTWARE, False, DEFAULT_COMMANDS, None)  # no SystemExit: up goes on
+        said = " ".join(cap.get().split())
+        assert said.startswith("warning: port ")
+        assert "everything but the console starts meanwhile" in said
+        # a command table without the console (or `[console] enabled = false`) starts none: no check
+        assert preflight(dep, Mode.PROVISIONING_SOFTWARE, with_sm=False, commands=WITHOUT_CONSOLE) == []
 
 
 def test_cm_ports_come_from_cm_toml(dep: Deployment) -> None:

@@ -79,6 +79,9 @@ AUDIT_HEADS_STREAM = "IOTDLM_AUDIT_HEADS"
 SM_PREFIX = f"{PREFIX}.sm"
 SM_SOFTWARE_LIST = f"{PREFIX}.sm.software.list"
 SM_SOFTWARE_LOAD = f"{PREFIX}.sm.software.load"
+#: read-only: every release sm holds, each verified again (Algorithm 1) -- the console's Software
+#: page (ADR 0030); admin may ask it, but not ``SM_SOFTWARE_LOAD`` (that is pm's)
+SM_SOFTWARE_HELD = f"{PREFIX}.sm.software.held"
 
 # --- cm: egress for sm, liveness ---------------------------------------------------------------
 CM_EGRESS = f"{PREFIX}.cm.egress"
@@ -271,13 +274,14 @@ PERMISSIONS: dict[str, Permissions] = {
         jetstream=_READ_MODE,
     ),
     # the operator's tools (CLI, console): may ask anything, may listen to events, may read the
-    # audit log's tree heads (`audit verify`), may not write them
+    # audit log's tree heads (`audit verify`), may not write them; may list what sm holds
+    # (SM_SOFTWARE_HELD) but not load it for flashing (pm's)
     "admin": Permissions(
         publish=(f"{PREFIX}.>",),
         subscribe=(_inbox("admin"), f"{EVENTS}.>"),
         allow_responses=False,
         jetstream=(*_READ_MODE, *stream_read_api(AUDIT_HEADS_STREAM)),
-        deny_publish=(AUDIT_TREE_HEAD,),
+        deny_publish=(AUDIT_TREE_HEAD, SM_SOFTWARE_LOAD),
     ),
     # the supervisor: answers mode switches and status, is the only writer of the mode
     SUPERVISOR: Permissions(

@@ -150,7 +150,10 @@ def _preflight(
         mode = parse_mode(saved.mode)
     if with_sm is None:
         with_sm = saved.with_sm if saved is not None else False
-    problems = preflight(dep, mode, with_sm=with_sm, commands=commands, only=only)
+    found = preflight(dep, mode, with_sm=with_sm, commands=commands, only=only)
+    for p in (p for p in found if p.warning):  # the console's port: the rest starts
+        err_console.print(f"[yellow]warning[/yellow]: {escape(p.message)}")
+    problems = [p for p in found if not p.warning]
     if not problems:
         return
     err_console.print(f"[red]not starting[/red] {mode.value} for {dep.root}: nothing was started")
@@ -325,10 +328,25 @@ def _print_status(st: m.StatusReply, data: Path | None = None) -> None:
         )
     console.print(f"supervisor pid {st.supervisor_pid}, NATS {st.nats_url}")
     table = Table(*(header for header, _ in COLUMNS))
-    for s in st.services:
+    shown = [*st.services, *([st.console] if st.console is not None else [])]
+    for s in shown:
         table.add_row(*(cell(s) for _, cell in COLUMNS))
     console.print(table)
-    for s in st.services:
+    if st.console is not None:
+        console.print(f"console: {st.console_url} ({st.console.state}; only the admin client certificate logs in)")
+    else:
+        console.print(
+            escape("console: not started ([console] enabled = false in iotdlm.toml, or not in the command table)")
+        )
+    if st.console is not None and st.console.state == "failed":
+        toml = data / "iotdlm.toml" if data is not None else "DIR/iotdlm.toml"
+        console.print(
+            escape(
+                f"The console stays off: fix what its log says (its port taken: set [console] port in {toml}), "
+                "then `iotdlm down` and `iotdlm up`."
+            )
+        )
+    for s in shown:
         if not s.running and s.state != "off" and (s.last_error or s.last_exit is not None):
             why = escape(s.last_error) if s.last_error else "(it wrote nothing)"
             console.print(f"[red]{s.name}[/red] {s.state}, last exit {s.last_exit}: {why}  (log: {s.log})")

@@ -27,7 +27,7 @@ from iotdlm.cli.output import parse_serial
 from iotdlm.client.km import KmClient
 from iotdlm.clock import Clock
 from iotdlm.deployment import Deployment
-from iotdlm.errors import BadRequestError, IotdlmError, RejectedError, UnavailableError, UntrustedError
+from iotdlm.errors import BadRequestError, IotdlmError, ModeError, RejectedError, UnavailableError, UntrustedError
 from iotdlm.km import audit as km_audit
 from iotdlm.pki.chain import verify_issued_by
 from iotdlm.pki.keys import check_public_key, verify_bytes
@@ -43,11 +43,14 @@ from iotdlm.store.transfer import TransferRecord
 from iotdlm.wire import km as msg
 from iotdlm.wire import modes as m
 from iotdlm.wire import pm as wire_pm
+from iotdlm.wire import software as sw
 
 #: how far back a device page looks for the device's audit records
 TRAIL_SCAN = 2000
 #: provisioning records shown per status (failed, in progress) and device type
 PAGE_RECORDS = 50
+#: how long the Software page waits for sm (it verifies every held release again, images included)
+SM_HELD_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,14 @@ class TransferView:
     refused: int
 
 
+@dataclass(frozen=True)
+class SoftwareView:
+    """What sm holds (``sm.software.held``), or why sm did not say."""
+
+    held: sw.HeldResponse | None
+    note: str | None = None
+
+
 class Backend(Protocol):
     async def admin_revoked(self, fingerprint: str) -> bool: ...
     async def fleet(
@@ -116,6 +127,7 @@ class Backend(Protocol):
     async def provisioning(self) -> list[PmView]: ...
     async def clear_alarm(self, dtype: str, operator: str) -> None: ...
     async def transfers(self) -> list[TransferView]: ...
+    async def software(self) -> SoftwareView: ...
 
 
 def _involves(rec: AuditRecord, device_id: str, serials: set[str]) -> bool:
@@ -304,3 +316,12 @@ class LiveBackend:
             return out
 
         return await asyncio.to_thread(read)
+
+    async def software(self) -> SoftwareView:
+        """The releases sm holds, each verified again by sm; a note when sm does not answer (it runs in
+        software-management and provisioning-software with sm only)."""
+        try:
+            raw = await self.bus.request(subjects.SM_SOFTWARE_HELD, b"{}", timeout=SM_HELD_TIMEOUT)
+        except (UnavailableError, ModeError) as exc:
+            return SoftwareView(None, f"sm did not answer ({exc.message.rstrip('.?')})")
+        return SoftwareView(sw.decode(raw, sw.HeldResponse, what="sm's answer"))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 from aiohttp import web
 
@@ -25,15 +26,33 @@ log = logging.getLogger(__name__)
 
 def url_of(dep: Deployment) -> str:
     """Where the console answers (``https://127.0.0.1:8444/`` by default)."""
-    host = dep.config.console.host
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 -- a name compared, not bound
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"https://{shown}:{dep.config.console.port}/"
+    return dep.config.console.url
+
+
+def bind(dep: Deployment) -> socket.socket:
+    """The console's listening socket, taken first: a port another program holds (another deployment's
+    console, most often) is a clear error at once, before anything else starts."""
+    host, port = dep.config.console.host, dep.config.console.port
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        raise UnavailableError(
+            f"the console cannot listen on {host}:{port} ({exc.strerror}): another program (another "
+            f"deployment's console?) holds it. Set another port in {dep.root / 'iotdlm.toml'}'s [console] table",
+            field="console.port",
+        ) from None
 
 
 async def serve(dep: Deployment, clock: Clock, *, stop: asyncio.Event | None = None) -> None:
     """Serve the console until SIGTERM / SIGINT (or ``stop``)."""
+    sock = bind(dep)
+    try:
+        await _serve_on(sock, dep, clock, stop)
+    finally:
+        sock.close()
+
+
+async def _serve_on(sock: socket.socket, dep: Deployment, clock: Clock, stop: asyncio.Event | None) -> None:
     if not server_pair_ok(dep.root, clock.now()):
         cert = await asyncio.to_thread(issue_server_pair, dep, clock.now())
         log.info("console: issued its HTTPS certificate (serial %x) from the service CA", cert.serial_number)
@@ -50,15 +69,7 @@ async def serve(dep: Deployment, clock: Clock, *, stop: asyncio.Event | None = N
         app = make_app(LiveBackend(dep, store, bus, km, clock), ident.certificate, clock)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        host, port = dep.config.console.host, dep.config.console.port
-        site = web.TCPSite(runner, host, port, ssl_context=server_context(dep))
-        try:
-            await site.start()
-        except OSError as exc:
-            raise UnavailableError(
-                f"the console cannot listen on {host}:{port} ({exc.strerror}): another program holds it? "
-                "Set another port in iotdlm.toml's [console] table"
-            ) from None
+        await web.SockSite(runner, sock, ssl_context=server_context(dep)).start()
         print(f"console: serving {url_of(dep)} (only the admin client certificate logs in)", flush=True)
         await stop.wait()
     finally:

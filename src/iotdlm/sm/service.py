@@ -3,6 +3,8 @@
 - ``SM_SOFTWARE_LIST`` {"dtype"} -> the stored versions (info.json of each), ascending;
 - ``SM_SOFTWARE_LOAD`` {"dtype", "release_counter"?} -> image path (pm and sm share the local
   repository folder: images are too big for the bus), meta.enc and sig_sm;
+- ``SM_SOFTWARE_HELD`` {"dtype"?} -> every release held, each verified again (read-only; the
+  operator's console asks it: :mod:`iotdlm.sm.held`);
 - ``SM_NOTIFY`` {"dtype"} (cm relays the repository's webhook): check that dtype now;
 - every ``poll_interval`` seconds, per dtype: check. A check that could not reach the repository
   (cm's egress proxy not up yet, the repository down) is tried again soon: after ``retry_after``
@@ -33,6 +35,7 @@ from iotdlm.bus import subjects as s
 from iotdlm.errors import IotdlmError, RejectedError
 from iotdlm.modes.guard import ModeGuard
 from iotdlm.modes.table import Mode, modes_where
+from iotdlm.sm.held import held
 from iotdlm.sm.updater import CheckResult, SoftwareManager
 from iotdlm.wire import software as sw
 
@@ -81,6 +84,7 @@ class SmService:
         queue = s.queue_group("sm")
         self._subs.append(await self.bus.serve(s.SM_SOFTWARE_LIST, self._list, queue=queue))
         self._subs.append(await self.bus.serve(s.SM_SOFTWARE_LOAD, self._load, queue=queue))
+        self._subs.append(await self.bus.serve(s.SM_SOFTWARE_HELD, self._held, queue=queue))
         self._subs.append(await self.bus.subscribe(SM_NOTIFY, self._notify, queue=queue))
         for dtype in self.dtypes:
             self._wake[dtype] = asyncio.Event()
@@ -102,6 +106,11 @@ class SmService:
         self._require(SERVE_MODES, "loading stored software")
         req = sw.decode(m.data, sw.LoadRequest)
         return sw.encode(await asyncio.to_thread(self.sm.load, req.dtype, req.release_counter))
+
+    async def _held(self, m: Message) -> bytes:
+        self._require(SERVE_MODES, "listing held software")
+        req = sw.decode(m.data or b"{}", sw.HeldRequest)
+        return sw.encode(await asyncio.to_thread(held, self.sm, req.dtype))
 
     # --- checks -------------------------------------------------------------------------------------
     async def _notify(self, m: Message) -> None:

@@ -7,7 +7,8 @@ must not be found out by its crash loop, with the reason only in its log.
 - the data folders are folders and writable (the data folder, ``logs/``, ``nats/``, ``db/``);
 - the CA passphrase (``$IOTDLM_CA_PASSPHRASE``, else the file) opens the CA keys -- whenever one
   is given, and always when km runs in the mode (km signs with them);
-- the ports are free: embedded NATS, and cm's HTTPS, HTTP and egress ports (``DIR/cm.toml``);
+- the ports are free: embedded NATS, and cm's HTTPS, HTTP and egress ports (``DIR/cm.toml``); the
+  operator console's (``[console]``, every mode) too, but taken it is a warning: the rest starts;
 - the module settings the mode needs are valid: ``cm.toml``, sm's set-up, pm's flasher per dtype.
 
 A module whose start command the operator replaced (``iotdlm up --commands``) is not checked: the
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from iotdlm import errors
 from iotdlm.deployment import PASSPHRASE_ENV, Deployment
-from iotdlm.modes.table import DEFAULT_COMMANDS, CommandTable, Mode, modules_on
+from iotdlm.modes.table import CONSOLE, DEFAULT_COMMANDS, CommandTable, Mode, modules_on
 
 #: held by the supervisor that runs the deployment (its pid inside)
 LOCK_FILE = "modes.lock"
@@ -38,17 +39,20 @@ NATS_PID_FILE = "nats/nats-server.pid"
 CM_HTTPS_PORT = 8443
 CM_HTTP_PORT = 8080
 CM_EGRESS_PORT = 3128
+CONSOLE_LABEL = "the operator console"
 
 
 @dataclass(frozen=True)
 class Problem:
     """One reason not to start: ``what`` is checked, ``message`` says what is wrong and what to do.
     ``unavailable``: something outside the configuration holds what we need (exit 3), else the
-    configuration is wrong (exit 4)."""
+    configuration is wrong (exit 4). ``warning``: said, but ``up`` starts anyway -- the console's
+    port taken keeps the console alone off (ADR 0030: a UI's port must not stop the CA and OCSP)."""
 
     what: str
     message: str
     unavailable: bool = False
+    warning: bool = False
 
 
 def lock_holder(root: Path) -> int | None:
@@ -156,11 +160,16 @@ def _cm_ports(dep: Deployment) -> tuple[str, list[tuple[str, int, str]]] | Probl
     return file.host or "127.0.0.1", ports
 
 
-def _check_ports(dep: Deployment, cm: bool, embedded_nats: bool) -> list[Problem]:
+def _check_ports(dep: Deployment, cm: bool, embedded_nats: bool, console: bool = False) -> list[Problem]:
     wanted: list[tuple[str, str, int, str]] = []
     if embedded_nats and not _stale_nats(dep.root):
         n = dep.config.nats
         wanted.append(("NATS", n.host, n.port, f"set [nats] port in {dep.root / 'iotdlm.toml'}"))
+    if console:  # two deployments on one machine both default to 8444
+        c = dep.config.console
+        where = (f"set [console] port in {dep.root / 'iotdlm.toml'} (or enabled = false there); "
+                 "everything but the console starts meanwhile")  # fmt: skip
+        wanted.append((CONSOLE_LABEL, c.host, c.port, where))
     out: list[Problem] = []
     if cm:
         got = _cm_ports(dep)
@@ -176,7 +185,12 @@ def _check_ports(dep: Deployment, cm: bool, embedded_nats: bool) -> list[Problem
             continue
         seen[port] = label
         if port_in_use(host, port):
-            out.append(Problem(f"port {port}", port_in_use_message(port, label, where), unavailable=True))
+            out.append(
+                Problem(
+                    f"port {port}", port_in_use_message(port, label, where), unavailable=True,
+                    warning=label == CONSOLE_LABEL,
+                )
+            )  # fmt: skip
     return out
 
 
@@ -293,7 +307,8 @@ def preflight(
     out = _check_folders(dep)
     out += _check_passphrase(dep, km_runs="km" in ours)
     embedded = dep.config.nats.url is None if embedded_nats is None else embedded_nats
-    out += _check_ports(dep, cm="cm" in ours, embedded_nats=embedded)
+    console = dep.config.console.enabled and _is_default(commands, CONSOLE)
+    out += _check_ports(dep, cm="cm" in ours, embedded_nats=embedded, console=console)
     if "sm" in ours:
         out += _check_sm(dep)
     if "pm" in ours:

@@ -174,8 +174,12 @@ class ServiceProcess:
         settings: SupervisorSettings,
         clock: Clock,
         monotonic: Callable[[], float] = time.monotonic,
+        give_up_hint: str | None = None,
     ) -> None:
+        """``give_up_hint``: what the operator does once the supervisor gave up on it (default: a
+        ``mode set`` re-arms it)."""
         self.spec = spec
+        self.give_up_hint = give_up_hint
         self.log_path = log_dir / f"{spec.name}.log"
         self.state = "starting"
         self.restarts = 0
@@ -281,14 +285,17 @@ class ServiceProcess:
                 how = f"exited with status {code}" if code is not None else "could not start"
                 if delay is None:
                     self.state = "failed"
+                    hint = (
+                        self.give_up_hint or f"`iotdlm mode set --data {self.log_path.parent.parent} MODE` re-arms it"
+                    )
                     log.error(
-                        "%s %s; gave up after %d quick crashes in a row (see %s); "
-                        "`iotdlm mode set --data %s MODE` re-arms it",
+                        "%s %s; gave up after %d quick crashes in a row: %s (see %s); %s",
                         self.name,
                         how,
                         policy.quick_crashes,
+                        self.last_error or "it wrote no error",
                         self.log_path,
-                        self.log_path.parent.parent,
+                        hint,
                     )
                     self._note(f"{how}; gave up after {policy.quick_crashes} quick crashes in a row")
                     return

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -69,6 +70,10 @@ from iotdlm.wire.envelope import Sealer
 log = logging.getLogger(__name__)
 
 MODE_FILE = "mode.json"
+#: the console is given up after this many quick exits in a row (a taken port does not free itself),
+#: counting an exit within CONSOLE_QUICK seconds of its start as quick
+CONSOLE_TRIES = 3
+CONSOLE_QUICK = 60.0
 _BY_MAX = 128
 
 
@@ -207,6 +212,8 @@ class Supervisor:
             nats_url=self.nats_url,
             switching=self._switching,
             services=rows,
+            console=self._console.health() if self._console is not None else None,
+            console_url=self.dep.config.console.url if self._console is not None else None,
         )
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -424,8 +431,13 @@ class Supervisor:
             return None
         values = {"python": self._python, "data": str(self.dep.root), "name": CONSOLE, "module": CONSOLE}
         spec = ServiceSpec(CONSOLE, CONSOLE, None, render_command(self._commands[CONSOLE], values))
-        svc = ServiceProcess(spec, log_dir=self.dep.root / "logs", env=self._env, settings=self._settings,
-                             clock=self._clock, monotonic=self._monotonic)  # fmt: skip
+        settings = dataclasses.replace(
+            self._settings, give_up_after=CONSOLE_TRIES, quick_crash=max(self._settings.quick_crash, CONSOLE_QUICK)
+        )
+        hint = (f"the console stays off: if its port is taken, set [console] port in {self.dep.root / 'iotdlm.toml'}, "
+                "then `iotdlm down` and `iotdlm up`")  # fmt: skip
+        svc = ServiceProcess(spec, log_dir=self.dep.root / "logs", env=self._env, settings=settings,
+                             clock=self._clock, monotonic=self._monotonic, give_up_hint=hint)  # fmt: skip
         svc.start()
         return svc
 

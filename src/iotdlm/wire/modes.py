@@ -111,6 +111,10 @@ class StatusReply(msgspec.Struct, frozen=True):
     #: whether the mode record in the bucket verifies as the supervisor's and matches its mode:
     #: ``verified``, or why not (issue 11)
     record: str = "verified"
+    #: the operator console (ADR 0030), started in every mode: its process (None: not started --
+    #: ``[console] enabled = false`` or not in the command table) and where it answers
+    console: ServiceHealth | None = None
+    console_url: str | None = None
 
 
 class StopRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

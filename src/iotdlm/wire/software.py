@@ -73,6 +73,33 @@ class LoadResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sig_sm: bytes
 
 
+class HeldRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``sm.software.held``: the releases sm holds (of ``dtype``, or of every dtype)."""
+
+    dtype: str | None = None
+
+
+class HeldRelease(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One release sm holds, verified again when asked (Algorithm 1, as pm will before flashing)."""
+
+    dtype: str
+    release_counter: int
+    target_path: str
+    length: int
+    sha256: str
+    #: when sm verified it against the repository's metadata and stored it (ISO 8601 UTC)
+    stored_at: str
+    #: "verified": sig_sm, meta_repo and the image verify now; "failed": ``problem`` says why
+    sig_sm: str
+    problem: str | None = None
+
+
+class HeldResponse(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    releases: list[HeldRelease]  # by dtype, then ascending release counter
+    #: when sm last checked the repository, per dtype (ISO 8601 UTC)
+    checked_at: dict[str, str] = {}
+
+
 class NotifyMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The repository announced a new release for ``dtype`` (cm relays its webhook)."""
 
@@ -111,6 +138,9 @@ def iso(t: dt.datetime) -> str:
 
 __all__ = [
     "MAX_RELEASE_COUNTER",
+    "HeldRelease",
+    "HeldRequest",
+    "HeldResponse",
     "ListRequest",
     "ListResponse",
     "LoadRequest",
