@@ -172,6 +172,9 @@ def place_hosts(site: Site, cluster_url: str) -> None:
         folder = root.parent / f"host{i}"
         shutil.copytree(root, folder, symlinks=True)
         site.hosts.append(folder)
+        # each host's console on a port of its own (all three on the default 127.0.0.1:8444 collide)
+        raw.setdefault("console", {})["port"] = free_port()
+        (folder / CONFIG_FILE).write_bytes(tomli_w.dumps(raw).encode())
         if i == 2:
             cm = {"host": host, "https_port": https_port, "http_port": http_port, "egress_port": free_port()}
             (folder / CM_FILE).write_bytes(tomli_w.dumps(cm).encode())

@@ -67,13 +67,18 @@ def _create(root: Path, org: str, provider_id: str, clock: Clock, *, register: D
     before its supervisor starts km. Returns cm's HTTPS URL."""
     https_port, http_port, egress_port = free_port(), free_port(), free_port()
     url = f"https://127.0.0.1:{https_port}"
+    # every port its own: two supervisors run at once, and the defaults (/metrics on 14290, the
+    # console on 8444) would be taken by the first (the second's console gave up after 5 crashes)
     dep, _ = init_deployment(
         root, organization=org, algorithm=Algorithm.P256, dtypes=[DTYPE], passphrase=PW.encode(),
-        nats_port=free_port(), public_url=f"http://127.0.0.1:{http_port}", now=clock.now(),
+        nats_port=free_port(), metrics_port=free_port(), public_url=f"http://127.0.0.1:{http_port}",
+        now=clock.now(),
     )  # fmt: skip
     (dep.root / CM_FILE).write_bytes(
         tomli_w.dumps({"https_port": https_port, "http_port": http_port, "egress_port": egress_port}).encode()
     )
+    with (dep.root / "iotdlm.toml").open("a", encoding="utf-8") as f:
+        f.write(f"\n[console]\nport = {free_port()}\n")
     settings = TransferSettings(
         provider_id=provider_id, fallback_uri=f"{url}/transfer/fallback", enroll_uri=f"{url}/.well-known/est"
     )

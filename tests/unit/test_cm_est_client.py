@@ -311,3 +311,42 @@ def test_response_decoders_take_any_bytes(body: bytes) -> None:
     for fn in (est_client._b64, est_client._certs_only):
         with contextlib.suppress(BadRequestError):
             fn(body, "x")
+
+
+def _dropping(times: int, seen: list[str]) -> Handler:
+    """simpleenroll that closes the connection unanswered ``times`` times (as cm does to an idle
+    keep-alive connection just as a request arrives on it), then answers."""
+    answer = _reply(est.encode_base64_body(est.certs_only([LEAF])))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.method)
+        if len(seen) <= times:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        return await answer(request)
+
+    return handler
+
+
+@pytest.mark.real_clock
+async def test_a_request_cut_off_once_is_sent_again(fake: Fake) -> None:
+    # /cacerts answers without a certificate: before the resend, one cut-off request was taken
+    # for a TLS refusal of the client certificate (Untrusted: the device fell back for good)
+    fake.handlers["cacerts"] = _reply(est.encode_base64_body(est.certs_only([PKI.root])))
+    seen: list[str] = []
+    fake.handlers["simplereenroll"] = _dropping(1, seen)
+    async with _client(fake) as c:
+        assert await c.simplereenroll(make_csr(KEY, "dev-1")) == LEAF
+    assert seen == ["POST", "POST"]
+
+
+@pytest.mark.real_clock
+async def test_a_request_cut_off_twice_is_still_a_refusal(fake: Fake) -> None:
+    fake.handlers["cacerts"] = _reply(est.encode_base64_body(est.certs_only([PKI.root])))
+    seen: list[str] = []
+    fake.handlers["simplereenroll"] = _dropping(2, seen)
+    async with _client(fake) as c:
+        with pytest.raises(UntrustedError, match="refused the client certificate"):
+            await c.simplereenroll(make_csr(KEY, "dev-1"))
+    assert seen == ["POST", "POST"]

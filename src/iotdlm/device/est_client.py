@@ -291,12 +291,18 @@ class EstClient:
             headers["Content-Type"] = "application/pkcs10"
             headers["Content-Transfer-Encoding"] = "base64"
             data = base64.encodebytes(csr_der)
+        url = self._url(operation)
         try:
-            async with session.request(method, self._url(operation), data=data, headers=headers) as resp:
-                body = await _read_limited(resp)
-                status = resp.status
-                ctype = resp.headers.get("Content-Type", "")
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+            try:
+                status, ctype, body, retry_after = await _exchange(session, method, url, data, headers)
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                if _tls_alert(exc) or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+                # RFC 9112 9.3.1: the server may close an idle keep-alive connection just as our
+                # request goes out on it (cm closes them after Limits.idle_timeout). The request was
+                # never answered: send it once more (a new connection when the pool has no other);
+                # a server refusing our certificate closes that one too, and is told apart below.
+                status, ctype, body, retry_after = await _exchange(session, method, url, data, headers)
         except aiohttp.ClientConnectorCertificateError as exc:
             raise UntrustedError(f"the EST server's certificate is not trusted: {exc.certificate_error}") from exc
         except aiohttp.ClientSSLError as exc:
@@ -410,6 +416,15 @@ def _retry_after(value: str | None) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value.strip())
+
+
+async def _exchange(
+    session: aiohttp.ClientSession, method: str, url: str, data: bytes | None, headers: dict[str, str]
+) -> tuple[int, str, bytes, int | None]:
+    """One request: (status, Content-Type, body, Retry-After)."""
+    async with session.request(method, url, data=data, headers=headers) as resp:
+        body = await _read_limited(resp)
+        return resp.status, resp.headers.get("Content-Type", ""), body, _retry_after(resp.headers.get("Retry-After"))
 
 
 def _tls_alert(exc: BaseException) -> bool:

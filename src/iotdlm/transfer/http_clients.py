@@ -84,24 +84,49 @@ class TransferHttps:
             self._session = None
 
     async def _request(
-        self, method: str, url: str, what: str, *, body: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        resend: bool = False,
     ) -> tuple[int, dict[str, str], bytes]:
+        """``resend``: the request means the same sent twice (a report of a state), so it is sent
+        once more when the server closed the keep-alive connection it went out on (RFC 9112
+        9.3.1; cm closes idle ones after Limits.idle_timeout), as aiohttp does for GET itself."""
         if not url.startswith("https://"):
             raise BadRequestError(f"{what}: {url[:80]!r} is not an https URL")
         if self._session is None:
             raise RuntimeError("use TransferHttps as an async context manager")
         headers = {"Content-Type": content_type} if content_type else {}
         try:
-            async with self._session.request(method, url, data=body, headers=headers) as resp:
-                data = await _read_limited(resp)
-                return resp.status, dict(resp.headers), data
+            for attempt in (1, 2):
+                try:
+                    async with self._session.request(method, url, data=body, headers=headers) as resp:
+                        data = await _read_limited(resp)
+                        return resp.status, dict(resp.headers), data
+                except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                    if not resend or attempt == 2 or isinstance(exc, aiohttp.ClientConnectorError):
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise UnavailableError(f"{what}: cannot reach {url[:120]} ({type(exc).__name__}: {exc})") from exc
 
     async def _ok(
-        self, method: str, url: str, what: str, *, body: bytes | None = None, content_type: str | None = None
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        resend: bool = False,
     ) -> tuple[dict[str, str], bytes]:
-        status, headers, data = await self._request(method, url, what, body=body, content_type=content_type)
+        status, headers, data = await self._request(
+            method, url, what, body=body, content_type=content_type, resend=resend
+        )
         if status != 200:
             raise _error_for(status, what, data, None)
         return headers, data
@@ -119,7 +144,9 @@ class TransferHttps:
         """FallbackClient: tell SP1 (its fallbackURI) the device fell back (the device is the one of
         the client certificate; ``device_id`` is not sent)."""
         body = json.dumps({"transfer": transfer_id, "reason": reason[:500] or "unspecified"}).encode()
-        await self._ok("POST", fallback_uri, "reporting the fallback", body=body, content_type="application/json")
+        await self._ok(
+            "POST", fallback_uri, "reporting the fallback", body=body, content_type="application/json", resend=True
+        )
 
     async def report_refusal(self, cm_url: str, *, reason: str, detail: str, message: str) -> None:
         """RefusalReporter: tell the provider's cm at ``cm_url`` the device refused a transfer message."""
@@ -167,7 +194,7 @@ class TransferHttps:
         """Tell SP2's update server the device installed ``version`` (its status: updated)."""
         body = json.dumps({"transfer": transfer_id, "version": version}).encode()
         url = update_uri.rstrip("/") + "/report"
-        await self._ok("POST", url, "reporting the update", body=body, content_type="application/json")
+        await self._ok("POST", url, "reporting the update", body=body, content_type="application/json", resend=True)
 
 
 class DeviceHttps:
