@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID, ObjectIdentifier
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from iotdlm.c509 import C509_REENCODED, decode_c509, decode_c509_bag, encode_c509, encode_c509_bag
@@ -274,6 +274,9 @@ def test_decoder_never_raises_anything_but_a_rejection_on_random_bytes(data: byt
 @_ODD_VALUES
 @settings(max_examples=400, deadline=None)
 @given(index=st.integers(0, 10), item=_CBOR)
+# CI found it: a tag as the key algorithm was looked up in a dict, and hashing a cbor2 tag may raise
+# RuntimeError ("contains a reference to itself") once cbor2's recursion guard is left set
+@example(index=7, item=cbor2.CBORTag(99, ["", None]))
 def test_decoder_never_raises_anything_but_a_rejection_on_mutated_fields(index: int, item: object) -> None:
     fields = cbor2.loads(_hex("c509_8021ar.c509.hex"))
     fields[index] = item

@@ -121,8 +121,7 @@ def _encode_public_key(alg: Any, key: bytes) -> Any:
 
 
 def _decode_public_key(alg: object, item: object) -> bytes:
-    if alg in _CURVES and isinstance(item, bytes) and item[:1] in (b"\xfe", b"\xfd"):
-        assert isinstance(alg, int)
+    if isinstance(alg, int) and alg in _CURVES and isinstance(item, bytes) and item[:1] in (b"\xfe", b"\xfd"):
         compressed = (b"\x02" if item[0] == 0xFE else b"\x03") + item[1:]
         try:
             point = ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[alg], compressed)
@@ -305,7 +304,9 @@ def decode_c509(data: bytes) -> bytes:
     fields = _load_array(data)
     try:
         der = _decode_fields(fields)
-    except (DerError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+    # RuntimeError: cbor2 gives back self-referencing tags (CBOR's shared references) that raise it
+    # when hashed or compared (Hypothesis found one); RecursionError is one too
+    except (DerError, ValueError, TypeError, IndexError, KeyError, OverflowError, RuntimeError) as exc:
         raise BadRequestError(f"not a valid C509 certificate: {_reason(exc)}", field="certificate") from exc
     try:
         _parse_whole(der)
