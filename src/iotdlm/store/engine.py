@@ -330,12 +330,12 @@ class Database:
     @contextmanager
     def _driver_connection(self, *, write: bool) -> Iterator[DriverConnection]:
         dialect = self._engine.dialect
-        dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+        dbapi_error: Any = dialect.loaded_dbapi.Error  # the driver's base exception class
         try:
             pooled = self._engine.raw_connection()  # the pool's checkout: pre-ping on PostgreSQL
         except dbapi_error as exc:
             raise sa_exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
-        raw = pooled.dbapi_connection
+        raw: Any = pooled.dbapi_connection
         sqlite_ = dialect.name == "sqlite"
         try:
             if sqlite_:  # isolation_level None (see _install_sqlite_hooks): we say when it begins
@@ -343,7 +343,7 @@ class Database:
             yield DriverConnection(raw, self._statements, dbapi_error)
             raw.commit()
         except BaseException as exc:
-            cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+            cause: Any = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
             if isinstance(cause, dbapi_error) and dialect.is_disconnect(cause, raw, None):
                 pooled.invalidate(cause)
             else:
