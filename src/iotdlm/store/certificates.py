@@ -306,7 +306,7 @@ class CertificateRepository(Database):
         """The certificate whose SHA-256 DER fingerprint (hex, any case) is ``fp``, or None."""
         if not r.findable_text(fp, r.FINGERPRINT_LEN):
             return None
-        with self.transaction("reading a certificate by fingerprint", write=False) as conn:
+        with self.driver_transaction("reading a certificate by fingerprint", write=False) as conn:
             row = conn.execute(CERT_BY_FINGERPRINT, {"fp": fp.lower()}).first()
         return None if row is None else cert_record(row)
 
