@@ -46,18 +46,15 @@ class _Compiled:
     def params(self, values: Mapping[str, Any]) -> Any:
         if self.fixed:
             values = {**self.fixed, **values}
+        binds = self.binds
         if self.order is not None:
-            return tuple(_apply(self.binds[n], values[n]) for n in self.order)
-        return {n: _apply(self.binds[n], v) for n, v in values.items()}
+            return tuple(v if (p := binds[n]) is None or v is None else p(v) for n in self.order for v in (values[n],))
+        return {n: v if (p := binds[n]) is None or v is None else p(v) for n, v in values.items()}
 
     def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
         if not self.results:  # text(): no typed columns
             return tuple(raw)
         return tuple(v if p is None or v is None else p(v) for p, v in zip(self.results, raw, strict=True))
-
-
-def _apply(proc: Processor, value: Any) -> Any:
-    return value if proc is None else proc(value)
 
 
 def _compile(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Compiled:
