@@ -8,6 +8,8 @@ import datetime as dt
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import cast, select, text
 from sqlalchemy.types import String
 
@@ -103,3 +105,31 @@ def test_the_driver_survives_its_connections_being_killed(
         assert store.get_device("dev-1") is not None  # the pool's pre-ping replaced the dead connection
         store.add_certificates([make_cert(1)])
         assert store.count_certificates() == 1
+
+
+_ids = iter(range(10**9))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    at=st.datetimes(
+        min_value=dt.datetime(1970, 1, 2), max_value=dt.datetime(9998, 12, 30), timezones=st.timezones()
+    ).filter(lambda d: d.utcoffset() is not None),
+    dtype=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20),
+)
+def test_any_device_row_is_stored_alike_by_both_paths(store: Store, at: dt.datetime, dtype: str) -> None:
+    n = next(_ids)
+    fast, slow = f"fast-{n}", f"slow-{n}"
+    store.add_certificates([], devices=[(fast, dtype)], now=at)  # driver path
+    store.upsert_device(slow, dtype, now=at)  # SQLAlchemy path
+    cols = [cast(c, String) for c in devices.c if c.name != "device_id"]
+    with store.transaction("reading raw rows", write=False) as conn:
+        raw = {
+            row[0]: tuple(row[1:])
+            for row in conn.execute(select(devices.c.device_id, *cols).where(devices.c.device_id.in_([fast, slow])))
+        }
+    assert raw[fast] == raw[slow]
+    read = store.get_device(fast)
+    assert read is not None
+    assert read.created_at == at
+    assert read.dtype == dtype
