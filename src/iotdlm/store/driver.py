@@ -49,7 +49,7 @@ class _Compiled:
         binds = self.binds
         if self.order is not None:
             return tuple(v if (p := binds[n]) is None or v is None else p(v) for n in self.order for v in (values[n],))
-        return {n: v if (p := binds[n]) is None or v is None else p(v) for n, v in values.items()}
+        return {n: v if (p := binds.get(n)) is None or v is None else p(v) for n, v in values.items()}
 
     def row(self, raw: Sequence[Any]) -> tuple[Any, ...]:
         if not self.results:  # text(): no typed columns
@@ -65,6 +65,8 @@ def _compile(stmt: Executable, dialect: Dialect, keys: tuple[str, ...]) -> _Comp
     fixed: dict[str, Any] = {}
     for name, bind in compiled.binds.items():
         binds[name] = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if keys and name not in keys:  # a Python-side column default: SQLAlchemy's execution context
+            raise ValueError(f"the driver path cannot run {stmt}: column {name} needs a default")
         if not bind.required and bind.callable is None and name not in keys:
             fixed[name] = bind.effective_value
     results: list[Processor] = []
