@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 
 from iotdlm import errors
 from iotdlm.store import records as r
+from iotdlm.store.driver import DriverConnection
 from iotdlm.store.engine import Database
 from iotdlm.store.queries import check_batch_size, check_page, equal_filters
 from iotdlm.store.records import AuditCheckpoint, AuditEntry, AuditRecord
@@ -76,9 +77,10 @@ def check_entries(entries: Sequence[AuditEntry]) -> None:
 #: the newest record's seq and hash; built once (issue 15: building it cost more than running it)
 _HEAD = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
 _INSERT = audit_log.insert()
+_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
-def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
+def append_entries(conn: Connection | DriverConnection, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
     """Append ``entries`` to the audit log inside the caller's write transaction.
 
     Takes the audit lock (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` has already serialised every
@@ -89,7 +91,7 @@ def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> list[Audi
         return []
     check_entries(entries)
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
+        conn.execute(_LOCK, {"k": _AUDIT_LOCK_KEY})
     head = conn.execute(_HEAD).first()
     seq, prev_hash = (0, wire_audit.GENESIS_HASH) if head is None else (int(head[0]), str(head[1]))
     out: list[AuditRecord] = []

@@ -109,7 +109,7 @@ def _cert_row(rec: CertRecord) -> dict[str, Any]:
     }
 
 
-def cert_record(row: Row[*tuple[Any, ...]]) -> CertRecord:
+def cert_record(row: Row[*tuple[Any, ...]] | tuple[Any, ...]) -> CertRecord:
     return CertRecord(
         serial=r.serial_from_hex(row[0]),
         issuer=row[1],
@@ -206,7 +206,7 @@ class CertificateRepository(Database):
         def explain(_exc: sa_exc.IntegrityError) -> errors.ConflictError:
             return self._explain_conflict(records)
 
-        with self.transaction("adding certificates", write=True, conflict=explain) as conn:
+        with self.driver_transaction("adding certificates", write=True, conflict=explain) as conn:
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in nonces])
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in extra])
             if device_rows:
@@ -306,7 +306,7 @@ class CertificateRepository(Database):
         """The certificate whose SHA-256 DER fingerprint (hex, any case) is ``fp``, or None."""
         if not r.findable_text(fp, r.FINGERPRINT_LEN):
             return None
-        with self.transaction("reading a certificate by fingerprint", write=False) as conn:
+        with self.driver_transaction("reading a certificate by fingerprint", write=False) as conn:
             row = conn.execute(CERT_BY_FINGERPRINT, {"fp": fp.lower()}).first()
         return None if row is None else cert_record(row)
 

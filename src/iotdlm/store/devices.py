@@ -30,7 +30,7 @@ DEVICE_COLUMNS = (
 GET_DEVICE = select(*DEVICE_COLUMNS).where(devices.c.device_id == bindparam("device_id"))
 
 
-def device_record(row: Row[*tuple[Any, ...]]) -> DeviceRecord:
+def device_record(row: Row[*tuple[Any, ...]] | tuple[Any, ...]) -> DeviceRecord:
     return DeviceRecord(device_id=row[0], dtype=row[1], status=row[2], created_at=row[3], updated_at=row[4])
 
 
@@ -74,7 +74,7 @@ class DeviceRepository(Database):
         """The device, or None if unknown."""
         if not r.findable_text(device_id, r.DEVICE_ID_LEN):
             return None
-        with self.transaction("reading a device", write=False) as conn:
+        with self.driver_transaction("reading a device", write=False) as conn:
             row = conn.execute(GET_DEVICE, {"device_id": device_id}).first()
         return None if row is None else device_record(row)
 

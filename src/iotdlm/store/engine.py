@@ -33,6 +33,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from iotdlm import errors
 from iotdlm.store import records as r
+from iotdlm.store.driver import DriverConnection, StatementCache
 from iotdlm.store.queries import IN_CHUNK, quote
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
@@ -128,6 +129,7 @@ class Database:
         self._url = _mask(engine.url)
         self._hint = hint
         self._closed = False
+        self._statements = StatementCache(engine.dialect)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -304,6 +306,62 @@ class Database:
                 if conflict is None:
                     raise
                 raise conflict(exc) from exc
+
+    @contextmanager
+    def driver_transaction(
+        self,
+        what: str,
+        *,
+        write: bool,
+        conflict: Callable[[sa_exc.IntegrityError], errors.IotdlmError] | None = None,
+    ) -> Iterator[DriverConnection]:
+        """:meth:`transaction` on the driver's own connection (:mod:`~iotdlm.store.driver`): the
+        same guard, conflict handling, write lock and commit-or-rollback, a fraction of the CPU.
+        For km's hot path; only statements built once may run in it."""
+        with self.guard(what):
+            try:
+                with self._driver_connection(write=write) as conn:
+                    yield conn
+            except sa_exc.IntegrityError as exc:
+                if conflict is None:
+                    raise
+                raise conflict(exc) from exc
+
+    @contextmanager
+    def _driver_connection(self, *, write: bool) -> Iterator[DriverConnection]:
+        dialect = self._engine.dialect
+        dbapi_error: Any = dialect.loaded_dbapi.Error  # the driver's base exception class
+        try:
+            pooled = self._engine.raw_connection()  # the pool's checkout: pre-ping on PostgreSQL
+        except dbapi_error as exc:
+            raise sa_exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
+        raw: Any = pooled.dbapi_connection
+        sqlite_ = dialect.name == "sqlite"
+        try:
+            if sqlite_:  # isolation_level None (see _install_sqlite_hooks): we say when it begins
+                raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield DriverConnection(raw, self._statements, dbapi_error)
+            raw.commit()
+        except BaseException as exc:
+            cause: Any = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+            if isinstance(cause, dbapi_error) and dialect.is_disconnect(cause, raw, None):
+                pooled.invalidate(cause)
+            else:
+                self._rollback(raw, sqlite_, dbapi_error)
+            if isinstance(exc, dbapi_error):
+                raise sa_exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
+            raise
+        finally:
+            pooled.close()
+
+    @staticmethod
+    def _rollback(raw: Any, sqlite_: bool, dbapi_error: type[Exception]) -> None:
+        try:
+            if sqlite_ and not raw.in_transaction:
+                return
+            raw.rollback()
+        except dbapi_error:  # the connection is gone with its transaction; the pool's reset sees it
+            return
 
     def insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""

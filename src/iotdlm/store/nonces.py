@@ -16,6 +16,7 @@ from sqlalchemy import exc as sa_exc
 
 from iotdlm import errors
 from iotdlm.store import records as r
+from iotdlm.store.driver import DriverConnection
 from iotdlm.store.engine import Database
 from iotdlm.store.queries import quote
 from iotdlm.store.tables import nonces
@@ -34,12 +35,12 @@ def check_nonce(sender: str, nonce: str, expires_at: dt.datetime) -> None:
 _INSERT = nonces.insert()
 
 
-def insert_nonce(conn: Connection, sender: str, nonce: str, expires_at: dt.datetime) -> None:
+def insert_nonce(conn: Connection | DriverConnection, sender: str, nonce: str, expires_at: dt.datetime) -> None:
     """Inside a write transaction; a reused nonce raises ReplayError (and the transaction rolls back)."""
     insert_nonces(conn, [(sender, nonce, expires_at)])
 
 
-def insert_nonces(conn: Connection, uses: Sequence[tuple[str, str, dt.datetime]]) -> None:
+def insert_nonces(conn: Connection | DriverConnection, uses: Sequence[tuple[str, str, dt.datetime]]) -> None:
     """``(sender, nonce, expires_at)`` rows inside a write transaction, in one statement; any of
     them reused raises ReplayError, and the caller's transaction must then roll back (no
     savepoint: the error leaves the transaction, as a failed statement does on PostgreSQL)."""

@@ -23,6 +23,9 @@ Synchronous SQLAlchemy Core on one :class:`~sqlalchemy.engine.Engine`; every met
 connection from the engine's pool for one transaction, so a :class:`Store` may be shared by
 threads (async callers use :func:`asyncio.to_thread`). On SQLite every write transaction is
 ``BEGIN IMMEDIATE`` in WAL mode with a 10 s busy timeout, so several processes may write one file.
+km's per-request calls (``get_device``, ``get_by_fingerprint``, ``presented_rows``,
+``add_certificate_writes``) run the same statements on the pool's driver connection instead
+(:mod:`~iotdlm.store.driver`, ADR 0021): same transactions and errors, a fraction of the CPU.
 
 Errors: a duplicate ``(issuer, serial)`` raises :class:`SerialCollisionError`, a duplicate
 fingerprint :class:`~iotdlm.errors.ConflictError`, a reused nonce

@@ -200,7 +200,7 @@ class PresentedRows:
     device: DeviceRecord | None
 
 
-def _factory(row: Row[*tuple[Any, ...]]) -> FactoryRecord:
+def _factory(row: Row[*tuple[Any, ...]] | tuple[Any, ...]) -> FactoryRecord:
     return FactoryRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]), row[8], row[9], row[10], row[11]
     )
@@ -314,7 +314,7 @@ class TransferRepository(Database):
         wanted = device_id if device_id is not None and r.findable_text(device_id, r.DEVICE_ID_LEN) else None
         if fp is None and wanted is None:
             return PresentedRows(None, None, None)
-        with self.transaction("reading a presented certificate", write=False) as conn:
+        with self.driver_transaction("reading a presented certificate", write=False) as conn:
             factory = conn.execute(_FACTORY_BY_FINGERPRINT, {"fp": fp}).first() if fp is not None else None
             cert = conn.execute(CERT_BY_FINGERPRINT, {"fp": fp}).first() if fp is not None else None
             device = conn.execute(GET_DEVICE, {"device_id": wanted}).first() if wanted is not None else None
