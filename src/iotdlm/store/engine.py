@@ -18,9 +18,9 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -42,6 +42,8 @@ _WRITE_OPTION: Final = "iotdlm_write"
 # Any constant will do: it only has to be the same for every process migrating one database.
 _MIGRATION_LOCK_KEY: Final = 0x10_7D_1A_0001
 _DEFAULT_PG_CONNECT_TIMEOUT_S: Final = 10
+#: a connection of either kind, for :meth:`Database._guarded`
+_C = TypeVar("_C")
 _SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 
 
@@ -298,14 +300,8 @@ class Database:
         raised if the database fails. With ``conflict``, a unique-constraint violation is raised
         as ``conflict(exc)`` (the error that names the duplicate) instead.
         """
-        with self.guard(what):
-            try:
-                with self.connection(write=write) as conn:
-                    yield conn
-            except sa_exc.IntegrityError as exc:
-                if conflict is None:
-                    raise
-                raise conflict(exc) from exc
+        with self._guarded(what, conflict, self.connection(write=write)) as conn:
+            yield conn
 
     @contextmanager
     def driver_transaction(
@@ -318,9 +314,21 @@ class Database:
         """:meth:`transaction` on the driver's own connection (:mod:`~iotdlm.store.driver`): the
         same guard, conflict handling, write lock and commit-or-rollback, a fraction of the CPU.
         For km's hot path; only statements built once may run in it."""
+        with self._guarded(what, conflict, self._driver_connection(write=write)) as conn:
+            yield conn
+
+    @contextmanager
+    def _guarded(
+        self,
+        what: str,
+        conflict: Callable[[sa_exc.IntegrityError], errors.IotdlmError] | None,
+        opened: AbstractContextManager[_C],
+    ) -> Iterator[_C]:
+        """``opened`` (a transaction on some connection) under :meth:`guard`, a unique-constraint
+        violation raised as ``conflict(exc)`` when given."""
         with self.guard(what):
             try:
-                with self._driver_connection(write=write) as conn:
+                with opened as conn:
                     yield conn
             except sa_exc.IntegrityError as exc:
                 if conflict is None:
