@@ -173,6 +173,7 @@ def one_site(args: argparse.Namespace, tmp: Path, hsm: bool) -> Figures:
         if cluster is not None:
             cluster.stop()
         pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rows(kind: str, got: Figures, args: argparse.Namespace, loads: str) -> tuple[list[list[str]], Headline]:

@@ -37,7 +37,7 @@ class SoftHsm:
 def make_token(root: Path) -> SoftHsm:
     """A token in ``root/tokens`` with its ``SOFTHSM2_CONF`` set in this process's environment (and
     so in every process it starts: they share the token, as hosts share a network HSM)."""
-    (root / "tokens").mkdir()
+    (root / "tokens").mkdir(parents=True)
     conf = root / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
     os.environ["SOFTHSM2_CONF"] = str(conf)

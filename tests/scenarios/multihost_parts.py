@@ -141,6 +141,20 @@ class Cluster:
         except OSError:
             return False
 
+    def _monitor(self, i: int, endpoint: str) -> dict[str, object]:
+        with urllib.request.urlopen(f"http://{HOSTS[i]}:{self.http[i]}/{endpoint}", timeout=5) as r:
+            out: dict[str, object] = msgspec.json.decode(r.read())
+            return out
+
+    def route_tls(self, i: int) -> tuple[bool, int]:
+        """Whether node ``i``'s routes require TLS and verify the other side (its /varz), and how
+        many routes it holds (its /routez)."""
+        cluster = self._monitor(i, "varz").get("cluster")
+        assert isinstance(cluster, dict)
+        routes = self._monitor(i, "routez").get("num_routes")
+        assert isinstance(routes, int)
+        return bool(cluster.get("tls_required")) and bool(cluster.get("tls_verify")), routes
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

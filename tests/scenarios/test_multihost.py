@@ -247,6 +247,10 @@ async def run_scenario(
             info = await js.stream_info(stream)
             print(f"{stream}: {info.config.num_replicas} replicas")
             assert info.config.num_replicas == 3, f"{stream} has {info.config.num_replicas} replica(s), not 3"
+        for i in range(len(mh.HOSTS)):
+            tls, routes = cluster.route_tls(i)
+            assert tls, f"NATS node {i}'s routes do not require and verify TLS"
+            assert routes >= 2, f"NATS node {i} holds {routes} route(s), not one to each other node"
         print(f"set-up: {time.monotonic() - began:.1f} s")
         ca = dep.ca_certificate("operational")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
