@@ -132,7 +132,7 @@ SECTIONS: tuple[Section, ...] = (
         "multihost",
         "Several hosts: km on 2 hosts beside 1, CA keys in files and in an HSM token",
         needs_postgres=True,
-        quick_seconds=90,
+        quick_seconds=60,
     ),
 )
 
