@@ -226,6 +226,7 @@ async def test_three_hosts_survive_a_nats_node_a_km_host_and_a_database_restart(
         hosts = [mh.up(site, 0, "km"), mh.up(site, 1, "km"), mh.up(site, 2, "cm")]
         with mh.running(hosts):
             await run_scenario(site, cluster, pg, hosts, began)
+        assert not mh.ca_key_files([site.dep.root, *site.hosts], cas), "a host wrote a CA key into its folder"
     finally:
         if cluster is not None:
             cluster.stop()
