@@ -48,6 +48,8 @@ class Section:
     full: tuple[str, ...] = ()
     quick: tuple[str, ...] = ("--quick",)
     needs_pyspy: bool = False
+    #: starts a PostgreSQL of its own (initdb/pg_ctl, as the postgres user: needs root)
+    needs_postgres: bool = False
     #: seconds its --quick run took (load 12-15, 2026-12-05): with --jobs > 1 the longest start first
     quick_seconds: float = 5.0
 
@@ -125,7 +127,25 @@ SECTIONS: tuple[Section, ...] = (
         ("--quick", "--devices", "20"),
         quick_seconds=20,
     ),
+    Section(
+        "multihost",
+        "multihost",
+        "Several hosts: km on 2 hosts beside 1, CA keys in files and in an HSM token",
+        needs_postgres=True,
+        quick_seconds=60,
+    ),
 )
+
+PG_INITDB = Path("/usr/lib/postgresql/15/bin/initdb")
+
+
+def postgres_missing() -> str | None:
+    """Why a section that starts its own PostgreSQL cannot run here (``None``: it can)."""
+    if not PG_INITDB.is_file():
+        return f"no PostgreSQL 15 binaries ({PG_INITDB}; Debian postgresql-15)"
+    if os.geteuid() != 0:
+        return "not root (the section runs PostgreSQL as the postgres user)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -370,6 +390,11 @@ def main() -> None:
             log(f"run_all: {s.key}: skipped (no py-spy; pass --py-spy PATH)")
             skipped.append(s.key)
             continue
+        why = postgres_missing() if s.needs_postgres else None
+        if why is not None:
+            log(f"run_all: {s.key}: skipped ({why})")
+            skipped.append(s.key)
+            continue
         chosen.append(s)
     # one at a time for figures; a --quick smoke run overlaps sections (most of it is start-up)
     with tempfile.TemporaryDirectory(prefix="iotdlm-bench-out-") as tmp, ThreadPoolExecutor(args.jobs) as pool:
@@ -379,7 +404,7 @@ def main() -> None:
     total = time.monotonic() - started
     summary = summary_markdown(results, args, total, info)
     if skipped:
-        summary += f"\n\nNot run (py-spy not available): {', '.join(skipped)}."
+        summary += f"\n\nNot run (py-spy, or PostgreSQL binaries and root, not available): {', '.join(skipped)}."
     OUT.mkdir(parents=True, exist_ok=True)
     sections = [r.markdown + f"\n\n_This section took {r.seconds:.0f} s._" for r in results if r.markdown]
     (OUT / "last-run.md").write_text("# Benchmarks (last run)\n\n" + "\n\n".join([summary, *sections]) + "\n")

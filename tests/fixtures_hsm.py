@@ -34,13 +34,12 @@ class SoftHsm:
         return f"pkcs11:token={self.token};object={prefix}?module-path={self.module}"
 
 
-@pytest.fixture(scope="session")
-def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
-    root = tmp_path_factory.mktemp("softhsm")
-    (root / "tokens").mkdir()
+def make_token(root: Path) -> SoftHsm:
+    """A token in ``root/tokens`` with its ``SOFTHSM2_CONF`` set in this process's environment (and
+    so in every process it starts: they share the token, as hosts share a network HSM)."""
+    (root / "tokens").mkdir(parents=True)
     conf = root / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    before = os.environ.get("SOFTHSM2_CONF")
     os.environ["SOFTHSM2_CONF"] = str(conf)
     subprocess.run(
         ["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "13572468"],
@@ -50,8 +49,15 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
     pin_file = root / "pin"
     pin_file.write_text(PIN + "\n")
     pin_file.chmod(0o600)
+    return SoftHsm(module=SOFTHSM_MODULE, token=TOKEN, pin_file=pin_file)
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    before = os.environ.get("SOFTHSM2_CONF")
+    hsm = make_token(tmp_path_factory.mktemp("softhsm"))
     try:
-        yield SoftHsm(module=SOFTHSM_MODULE, token=TOKEN, pin_file=pin_file)
+        yield hsm
     finally:
         if before is None:
             os.environ.pop("SOFTHSM2_CONF", None)

@@ -1,9 +1,13 @@
-"""Issue 16, part 3: one deployment on three hosts, failures under load (ADR 0027).
+"""Issue 16, part 3: one deployment on three hosts, failures under load (ADR 0027, ADR 0025).
 
 Three "hosts" on distinct loopback addresses (127.0.0.2-4), a 3-node NATS cluster with JetStream
-(one node per host, routes between them, each its own store folder), a PostgreSQL the test starts
-itself, km on two hosts and cm on the third, each host ``iotdlm up --services ...`` as its own
-process. The mode bucket and the audit heads stream are made with 3 replicas (automatic: the
+(one node per host, TLS routes between them verified both ways, each its own store folder), a
+PostgreSQL the test starts itself, km on two hosts and cm on the third, each host ``iotdlm up
+--services ...`` as its own process. The CA keys are in one SoftHSM2 token that both km hosts
+open themselves (one token folder through ``SOFTHSM2_CONF``, as two hosts share a network HSM;
+host 0 reads the PIN from its file, host 1 from ``$IOTDLM_HSM_PIN``): no host folder holds a CA
+key, and every certificate, CRL and OCSP response the clients received verifies with the CA
+certificates. The mode bucket and the audit heads stream are made with 3 replicas (automatic: the
 cluster has 3 nodes).
 
 Under sustained issuance (admin's signed requests over NATS, spread over the two km workers by
@@ -41,6 +45,7 @@ from iotdlm.client.km import KmClient
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import Deployment
 from iotdlm.runtime import open_store
+from tests.fixtures_hsm import SoftHsm, needs_softhsm
 from tests.scenarios import multihost_parts as mh
 
 pytestmark = [pytest.mark.nats, pytest.mark.real_clock]
@@ -64,6 +69,7 @@ class Load:
     crls: dict[tuple[str, int], bytes] = field(default_factory=dict)  # (partition URL, number) -> DER
     crl_order: dict[str, list[int]] = field(default_factory=dict)  # partition URL -> numbers as fetched
     duplicate_numbers: list[tuple[str, int]] = field(default_factory=list)
+    ocsp_samples: list[bytes] = field(default_factory=list)  # a few successful OCSP responses
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def resumed_after(self, fault: float) -> float | None:
@@ -122,6 +128,8 @@ async def ocsp_client(http: aiohttp.ClientSession, url: str, ca: x509.Certificat
             answer = ocsp.load_der_ocsp_response(body)
             if answer.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL:
                 load.ocsp_good += 1
+                if k % 25 == 1:
+                    load.ocsp_samples.append(body)
             else:
                 load.failures += 1
         except (aiohttp.ClientError, ValueError, TimeoutError):
@@ -163,6 +171,29 @@ def check_crl_numbers(load: Load) -> None:
             assert t1 == t2 or n1 < n2, f"{url}: CRL {n2} made at {t2} after CRL {n1} made at {t1}"
 
 
+def check_signatures(dep: Deployment, load: Load) -> None:
+    """Every certificate and delta CRL received, and the sampled OCSP responses, verify with the CA
+    certificates (signed in the token by whichever km host answered)."""
+    cas = {c.subject: c for c in (dep.ca_certificate(g.name) for g in dep.ca_generations())}
+    for issuer_name, _, der in load.issued:
+        x509.load_der_x509_certificate(der).verify_directly_issued_by(dep.ca_certificate(issuer_name))
+    for der in load.crls.values():
+        crl = x509.load_der_x509_crl(der)
+        ca_key = cas[crl.issuer].public_key()
+        assert isinstance(ca_key, ec.EllipticCurvePublicKey)
+        assert crl.is_signature_valid(ca_key), f"a delta CRL of {crl.issuer.rfc4514_string()} does not verify"
+    assert load.ocsp_samples, "no OCSP response sampled"
+    for body in load.ocsp_samples:
+        answer = ocsp.load_der_ocsp_response(body)
+        responder = answer.certificates[0] if answer.certificates else dep.ca_certificate("operational")
+        if answer.certificates:
+            responder.verify_directly_issued_by(cas[responder.issuer])
+        pub = responder.public_key()
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        assert answer.signature_hash_algorithm is not None
+        pub.verify(answer.signature, answer.tbs_response_bytes, ec.ECDSA(answer.signature_hash_algorithm))
+
+
 def check_store(dep: Deployment, load: Load) -> None:
     store = open_store(dep, migrate=False)
     try:
@@ -177,19 +208,25 @@ def check_store(dep: Deployment, load: Load) -> None:
         store.close()
 
 
-async def test_three_hosts_survive_a_nats_node_a_km_host_and_a_database_restart(tmp_path: Path) -> None:
+@needs_softhsm
+async def test_three_hosts_survive_a_nats_node_a_km_host_and_a_database_restart(
+    tmp_path: Path, softhsm: SoftHsm
+) -> None:
     pg = mh.Postgres()
     began = time.monotonic()
     pg.start()
     cluster: mh.Cluster | None = None
     try:
-        site = await asyncio.to_thread(mh.make_site, tmp_path, pg)
-        cluster = mh.Cluster(tmp_path / "nats", site.dep)
+        site = await asyncio.to_thread(mh.make_site, tmp_path, pg, softhsm)
+        cluster = mh.Cluster(tmp_path / "nats", site)
         await asyncio.to_thread(cluster.start)
         await asyncio.to_thread(mh.place_hosts, site, cluster.url)
-        hosts = [mh.up(site.hosts[0], "km"), mh.up(site.hosts[1], "km"), mh.up(site.hosts[2], "cm")]
+        cas = [site.dep.ca_certificate(name) for name in ("root", *(g.name for g in site.dep.ca_generations()))]
+        assert not mh.ca_key_files([site.dep.root, *site.hosts], cas), "a CA key is in a data folder"
+        hosts = [mh.up(site, 0, "km"), mh.up(site, 1, "km"), mh.up(site, 2, "cm")]
         with mh.running(hosts):
             await run_scenario(site, cluster, pg, hosts, began)
+        assert not mh.ca_key_files([site.dep.root, *site.hosts], cas), "a host wrote a CA key into its folder"
     finally:
         if cluster is not None:
             cluster.stop()
@@ -211,6 +248,10 @@ async def run_scenario(
             info = await js.stream_info(stream)
             print(f"{stream}: {info.config.num_replicas} replicas")
             assert info.config.num_replicas == 3, f"{stream} has {info.config.num_replicas} replica(s), not 3"
+        for i in range(len(mh.HOSTS)):
+            tls, routes = cluster.route_tls(i)
+            assert tls, f"NATS node {i}'s routes do not require and verify TLS"
+            assert routes >= 2, f"NATS node {i} holds {routes} route(s), not one to each other node"
         print(f"set-up: {time.monotonic() - began:.1f} s")
         ca = dep.ca_certificate("operational")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
@@ -230,6 +271,7 @@ async def run_scenario(
         f"failed calls {load.failures}, delta CRLs seen {len(load.crls)}; whole test {time.monotonic() - began:.1f} s"
     )
     check_store(dep, load)
+    check_signatures(dep, load)
     assert not load.duplicate_numbers, f"one CRL number named two different CRLs: {load.duplicate_numbers}"
     check_crl_numbers(load)
     changed = max(len(set(n)) for n in load.crl_order.values())
@@ -247,13 +289,13 @@ async def ready(client: KmClient) -> bool:
     return True
 
 
-def bounce(hosts: list[subprocess.Popen[bytes]], i: int, folder: Path) -> None:
-    """Start host ``i``'s ``up --services km`` again, let its km join, then stop it with SIGTERM
-    (exit 0 expected)."""
-    hosts[i] = mh.up(folder, "km")
+def bounce(hosts: list[subprocess.Popen[bytes]], i: int, site: mh.Site) -> None:
+    """Start host ``i``'s ``up --services km`` again (it opens the token again), let its km join,
+    then stop it with SIGTERM (exit 0 expected)."""
+    hosts[i] = mh.up(site, i, "km")
     time.sleep(STEADY * 2)
     mh.stop_host(hosts[i])
-    assert hosts[i].returncode == 0, (folder / "up.out").read_text()[-2000:]
+    assert hosts[i].returncode == 0, (site.hosts[i] / "up.out").read_text()[-2000:]
 
 
 async def faults(
@@ -269,7 +311,7 @@ async def faults(
         ("kill -9 km host 0 (supervisor and km)", lambda: mh.kill_host(hosts[0])),
         ("restart PostgreSQL", pg.restart),
         # a km host back, then stopped as an operator stops it: the mode stays for the others
-        ("km host 0 up again, then SIGTERM", lambda: bounce(hosts, 0, site.hosts[0])),
+        ("km host 0 up again, then SIGTERM", lambda: bounce(hosts, 0, site)),
     ]
     for what, act in steps:
         at = time.monotonic()

@@ -108,3 +108,20 @@ def test_issue_15_verdicts_come_from_the_ratio_and_the_target(
     run_all: Any, ratio: float | None, target: str, verdict: str
 ) -> None:
     assert run_all.judge(ratio, target) == verdict
+
+
+def test_the_multihost_section_is_skipped_in_words_without_postgresql_or_root(
+    run_all: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The several-hosts section starts its own PostgreSQL as the postgres user: without the
+    binaries, or as another user than root, run_all says why and leaves it out."""
+    (section,) = [s for s in run_all.SECTIONS if s.key == "multihost"]
+    assert section.needs_postgres
+    assert (BENCH / f"{section.script}.py").is_file()
+    monkeypatch.setattr(run_all, "PG_INITDB", tmp_path / "initdb")
+    assert "no PostgreSQL 15 binaries" in run_all.postgres_missing()
+    (tmp_path / "initdb").write_text("")
+    monkeypatch.setattr(run_all.os, "geteuid", lambda: 1000)
+    assert "not root" in run_all.postgres_missing()
+    monkeypatch.setattr(run_all.os, "geteuid", lambda: 0)
+    assert run_all.postgres_missing() is None

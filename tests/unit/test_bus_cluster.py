@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,32 @@ def test_a_cluster_node_has_a_stable_name_and_authenticated_routes(tmp_path: Pat
         render_config(NatsServerConfig(port=4222, cluster=ClusterConfig(name="c", node="n", host="h", port=1)))
     with pytest.raises(ValueError, match="node name"):
         ClusterConfig(name="c", node="n 1", host="h", port=1, route_password="x").render()
+
+
+def test_a_cluster_node_speaks_tls_on_its_routes_and_verifies_the_other_side(tmp_path: Path) -> None:
+    """Route TLS: this node's certificate and key, the CA the other nodes chain to, and verify on
+    (nats-server then requires and checks the dialing node's certificate as well as the answering
+    one's); only all three files together."""
+    cert, key, ca = tmp_path / "route.pem", tmp_path / "route.key.pem", tmp_path / "ca.pem"
+    node = ClusterConfig(
+        name="iotdlm", node="node0", host="127.0.0.2", port=6222, routes=["127.0.0.3:6222"], route_password="pw",
+        tls_cert=cert, tls_key=key, tls_ca=ca,
+    )  # fmt: skip
+    text = render_config(NatsServerConfig(port=4222, host="127.0.0.2", cluster=node))
+    cluster_block = text[text.index("cluster {") :]
+    tls_block = cluster_block[cluster_block.index("  tls {") : cluster_block.index("  }") + 3]
+    assert f'cert_file: "{cert}"' in tls_block
+    assert f'key_file: "{key}"' in tls_block
+    assert f'ca_file: "{ca}"' in tls_block
+    assert "verify: true" in tls_block
+    assert 'routes: ["nats-route://route:pw@127.0.0.3:6222"]' in cluster_block  # the password stays
+    plain = render_config(
+        NatsServerConfig(port=4222, host="127.0.0.2", cluster=replace(node, tls_cert=None, tls_key=None, tls_ca=None))
+    )
+    assert "tls {" not in plain
+    for missing in ("tls_cert", "tls_key", "tls_ca"):
+        with pytest.raises(ValueError, match="route TLS needs"):
+            replace(node, **{missing: None}).render()
 
 
 def test_services_name_known_modules_and_need_a_shared_nats(tmp_path: Path) -> None:

@@ -116,7 +116,9 @@ class ClusterConfig:
     ``node`` is the node's stable server name (JetStream's peers are named by it, so it must not
     change across restarts, unlike a lone server's random name); ``routes`` are the other nodes'
     route addresses (``host:port``), which this node dials with ``route_user`` / ``route_password``
-    and accepts only with them.
+    and accepts only with them. With ``tls_cert``/``tls_key``/``tls_ca`` the routes speak TLS
+    both ways: each node presents its certificate (serverAuth and clientAuth, naming its route
+    address) and verifies the other's against ``tls_ca``.
     """
 
     name: str
@@ -126,6 +128,26 @@ class ClusterConfig:
     routes: list[str] = field(default_factory=list)
     route_user: str = "route"
     route_password: str = field(default="", repr=False)
+    #: route TLS: this node's certificate chain, its key, and the CA(s) the other nodes' chain to
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    def _render_tls(self) -> list[str]:
+        files = (self.tls_cert, self.tls_key, self.tls_ca)
+        if all(f is None for f in files):
+            return []
+        if any(f is None for f in files):
+            raise ValueError("route TLS needs tls_cert, tls_key and tls_ca (the CA both sides verify against)")
+        return [
+            "  tls {",
+            f"    cert_file: {quote(str(self.tls_cert))}",
+            f"    key_file: {quote(str(self.tls_key))}",
+            f"    ca_file: {quote(str(self.tls_ca))}",
+            "    verify: true",
+            "    timeout: 5",
+            "  }",
+        ]
 
     def render(self) -> list[str]:
         for what, value in (("cluster name", self.name), ("node name", self.node)):
@@ -140,6 +162,7 @@ class ClusterConfig:
             f"  name: {quote(self.name)}",
             f"  listen: {quote(_host_port(self.host, self.port))}",
             f"  authorization {{ user: {quote(self.route_user)}, password: {quote(self.route_password)} }}",
+            *self._render_tls(),
         ]
         if self.routes:
             urls = [f"nats-route://{auth}@{route}" for route in self.routes]
