@@ -258,5 +258,6 @@ async def test_whole_transfer_over_coap_no_https(world: World) -> None:
         events = [e["event"] for e in w.devices[bad].events()]
         assert "fallback_reported" in events
         assert "refusal_reported" in events
-        audited = [r.data["reason"] for r in w.sp1.store.list_audit(kind="device_refusal", limit=20) if r.subject == bad]
+        audited = [r.data["reason"] for r in w.sp1.store.list_audit(kind="device_refusal", limit=20)
+                   if r.subject == bad]  # fmt: skip
         assert audited == ["replayed"]

@@ -88,7 +88,7 @@ class CoapTransferRoutes:
             raise BadRequestError("the attestation evidence is empty")
         try:
             out = await self.km.evidence(r.certificate, r.body)
-        except (UntrustedError, NotAuthorizedError) as exc:  # refused evidence: a failed verdict, as the HTTPS client reads a 403
+        except (UntrustedError, NotAuthorizedError) as exc:  # a failed verdict, as the HTTPS client reads a 403
             return _json({"device": "?", "ok": False, "reason": exc.message})
         return _json({"device": out.device, "ok": out.ok, "reason": out.reason})
 
