@@ -261,3 +261,39 @@ async def test_whole_transfer_over_coap_no_https(world: World) -> None:
         audited = [r.data["reason"] for r in w.sp1.store.list_audit(kind="device_refusal", limit=20)
                    if r.subject == bad]  # fmt: skip
         assert audited == ["replayed"]
+
+
+async def test_transfer_routes_over_coap_refuse_as_over_https(world: World) -> None:
+    """Without OSCORE: 4.01; a report the HTTPS route's parser refuses: 4.00 in its words; refusal
+    reports limited per device certificate as over HTTPS (the sixth in the window: 4.29)."""
+    import aiocoap
+
+    from iotdlm.cm.transfer_routes import REFUSALS_PER_WINDOW
+    from iotdlm.errors import RejectedError
+
+    w = world
+    async with door(w, w.sp1, transfer=True) as d1:
+        uri1 = f"coap://127.0.0.1:{d1.port}"
+        [dev_id] = await provision(w, 1, prefix="crate")
+        ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        try:
+            plain = aiocoap.Message(code=aiocoap.POST, uri=f"{uri1}/transfer/fallback", payload=b"{}")
+            answer = await ctx.request(plain).response
+        finally:
+            await ctx.shutdown()
+        assert answer.code == aiocoap.UNAUTHORIZED
+        assert answer.payload.startswith(b"oscore_required: ")
+        dev = w.devices[dev_id]
+        coap = DeviceCoap(dev, {uri1: d1.credential_bytes}, timeout=10.0)
+        cert_pem, key_pem = dev.tls_identity("operational")
+        from iotdlm.device.coap_client import coap_client_for
+
+        async with coap_client_for(uri1, d1.credential_bytes, cert_pem, key_pem, timeout=10.0) as c:
+            with pytest.raises(RejectedError, match="must be exactly"):  # the HTTPS route's parser
+                await c.transfer(f"{uri1}/transfer/fallback", b'{"transfer": "ab"}', expect=50)
+        for _ in range(REFUSALS_PER_WINDOW):  # km takes them (audited)
+            await coap.report_refusal(uri1, reason="replayed", detail="seen", message="")
+        reports = [r for r in w.sp1.store.list_audit(kind="device_refusal", limit=20) if r.subject == dev_id]
+        assert len(reports) == REFUSALS_PER_WINDOW
+        with pytest.raises(RejectedError, match=r"4\.29 .*report again later"):
+            await coap.report_refusal(uri1, reason="replayed", detail="seen", message="")
