@@ -13,6 +13,7 @@ Resources (payloads: :mod:`iotdlm.wire.coap_est`):
 ``/.well-known/est/pn``             OSCORE only   a proof nonce from km for the certificate sent
 ``/.well-known/est/sen``, ``sren``  OSCORE only   simpleenroll, simplereenroll relayed to km
 ``/transfer/tm``                    OSCORE only   the device's per-device transfer message (CWT)
+``/transfer/...``                   OSCORE only   the other transfer routes (:mod:`.coap_transfer`)
 ==================================  ============  ================================================
 
 Certificates may come as DER or C509 and answers go out in what the device's Accept asks (C509
