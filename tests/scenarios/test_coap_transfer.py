@@ -205,11 +205,13 @@ async def _accept_over_coap(w: World, ids: list[str], uri1: str, uri2: str) -> s
 IMAGE = b"firmware v2 for constrained devices " * 100
 
 
-async def test_whole_transfer_over_coap_no_https(world: World) -> None:
+@pytest.mark.parametrize("c509", [False, True], ids=["der", "c509"])
+async def test_whole_transfer_over_coap_no_https(world: World, c509: bool) -> None:
     """Every device step over CoAP/EDHOC/OSCORE: the message (SP1), attestation, the update and its
     report (SP2), re-enrollment with CA2; a device with other firmware than SP1's reference falls
     back and reports it to SP1's door; the message it fell back from, served again, is refused
-    (replayed) and the refusal reported to SP1's door. Checked at SP1 and SP2 as over HTTPS."""
+    (replayed) and the refusal reported to SP1's door. Checked at SP1 and SP2 as over HTTPS. With
+    ``c509`` the devices send their certificates as C509 on every step."""
     w = world
     async with door(w, w.sp1, transfer=True) as d1, door(w, w.sp2, transfer=True) as d2:
         uri1, uri2 = f"coap://127.0.0.1:{d1.port}", f"coap://127.0.0.1:{d2.port}"
@@ -229,12 +231,12 @@ async def test_whole_transfer_over_coap_no_https(world: World) -> None:
         receipts = {}
         for d in (good, bad):
             dev = w.devices[d]
-            coap = DeviceCoap(dev, creds, https=NoHttps(dev), timeout=10.0)
+            coap = DeviceCoap(dev, creds, https=NoHttps(dev), timeout=10.0, c509=c509)
             agent = w.agent(
-                d, enroller=CoapEnroller(creds, timeout=10.0), fallback=coap, attestation_client=coap,
+                d, enroller=CoapEnroller(creds, timeout=10.0, c509=c509), fallback=coap, attestation_client=coap,
                 updates=coap, refusals=coap,
             )  # fmt: skip
-            token = await CoapMessages(creds, timeout=10.0).fetch(dev, uri1)
+            token = await CoapMessages(creds, timeout=10.0, c509=c509).fetch(dev, uri1)
             assert token is not None
             receipts[d] = await agent.handle(token)
             if d == bad:  # the message it fell back from, served again: refused, reported to SP1
@@ -261,6 +263,7 @@ async def test_whole_transfer_over_coap_no_https(world: World) -> None:
         audited = [r.data["reason"] for r in w.sp1.store.list_audit(kind="device_refusal", limit=20)
                    if r.subject == bad]  # fmt: skip
         assert audited == ["replayed"]
+        assert json.loads(w.sp1.store.get_transfer_devices("sp1", tid, [bad])[bad].detail)["refused"] == 1
 
 
 async def test_transfer_routes_over_coap_refuse_as_over_https(world: World) -> None:
