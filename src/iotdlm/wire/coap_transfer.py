@@ -31,8 +31,8 @@ UPDATE = ("transfer", "update")
 UPDATE_REPORT = ("transfer", "update", "report")
 #: a transfer request's body at most (the evidence, 16 KiB over HTTPS, is the largest)
 MAX_BODY = 16 * 1024
-#: the update image a constrained device takes at most
-MAX_IMAGE = 4 * 1024 * 1024
+#: the update image a constrained device takes at most (km serves at most 256 KiB through cm)
+MAX_IMAGE = 256 * 1024
 
 
 @dataclass(frozen=True)
