@@ -143,27 +143,33 @@ def runner_for(
     :class:`~iotdlm.transfer.http_clients.DeviceHttps` (its TLS contexts and keep-alive connections
     of the pass, closed at the pass's end). With ``cm_credentials`` (a constrained device, ADR
     0029) enrollment, the transfer message and re-enrollment with CA2 go over CoAP/EDHOC/OSCORE to
-    the cms whose EDHOC credential it holds; the other transfer steps stay on HTTPS."""
+    the cms whose EDHOC credential it holds, and so do the other transfer steps whose URI is
+    ``coap://`` (attestation, the update, the fallback and refusal reports); others stay on HTTPS."""
     from iotdlm.device.coap_client import CoapEnroller, CoapMessages
     from iotdlm.device.runner import MessageSource
     from iotdlm.transfer.agent import DeviceAgent, Enroller
+    from iotdlm.transfer.coap_clients import DeviceCoap
     from iotdlm.transfer.http_clients import DeviceHttps, DeviceMessages
 
     https = DeviceHttps(dev, timeout=timeout)
     enroller: Enroller = https
     messages: MessageSource = DeviceMessages(timeout=timeout, https=https)
+    c509 = False
     if cm_credentials:
         c509 = dev.hardware.truststore_format == "c509"  # a constrained device: C509 on the wire
         enroller = CoapEnroller(cm_credentials, timeout=timeout, c509=c509)
         messages = CoapMessages(cm_credentials, timeout=timeout, c509=c509)
+    steps: DeviceHttps | DeviceCoap = https
+    if cm_credentials:  # coap:// URIs over CoAP with the cm credentials it holds, others on HTTPS
+        steps = DeviceCoap(dev, cm_credentials, https=https, timeout=timeout, c509=c509)
     agent = DeviceAgent(
         dev,
         clock=clock,
         enroller=enroller,
-        fallback=https,
-        attestation_client=https,
-        updates=https,
-        refusals=https,
+        fallback=steps,
+        attestation_client=steps,
+        updates=steps,
+        refusals=steps,
     )
     return DeviceRunner(
         dev, clock=clock, transfers=agent, messages=messages, renew_at=renew_at, timeout=timeout,

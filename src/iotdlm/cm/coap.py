@@ -13,6 +13,7 @@ Resources (payloads: :mod:`iotdlm.wire.coap_est`):
 ``/.well-known/est/pn``             OSCORE only   a proof nonce from km for the certificate sent
 ``/.well-known/est/sen``, ``sren``  OSCORE only   simpleenroll, simplereenroll relayed to km
 ``/transfer/tm``                    OSCORE only   the device's per-device transfer message (CWT)
+``/transfer/...``                   OSCORE only   the other transfer routes (:mod:`.coap_transfer`)
 ==================================  ============  ================================================
 
 Certificates may come as DER or C509 and answers go out in what the device's Accept asks (C509
@@ -48,6 +49,8 @@ from aiocoap import credentials, edhoc, oscore_sitewrapper
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from iotdlm.client.transfer_device import TransferDeviceClient
+from iotdlm.clock import Clock, SystemClock
 from iotdlm.cm.cacerts import CaCerts
 from iotdlm.cm.config import CoapConfig
 from iotdlm.cm.server import CM_MODES, ENROLL_MODES, KmRelay, ModeCheck, status_for
@@ -60,6 +63,7 @@ from iotdlm.errors import (
 )
 from iotdlm.pki.csr import MAX_CSR_BYTES, load_csr
 from iotdlm.wire import coap_est as wire
+from iotdlm.wire import coap_transfer as wire_transfer_coap
 from iotdlm.wire import transfer_device as wire_transfer
 
 log = logging.getLogger(__name__)
@@ -220,9 +224,12 @@ class CoapDoor:
         subject: str = "cm",
         retry_after: int = 30,
         transfer: TransferMessages | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        """``transfer``: km's device-facing transfer handlers (SP1's per-device messages); None:
-        no ``/transfer/tm`` resource."""
+        """``transfer``: km's device-facing transfer handlers (SP1's per-device messages, and with a
+        :class:`TransferDeviceClient` the other transfer routes: :mod:`iotdlm.cm.coap_transfer`);
+        None: no ``/transfer/...`` resources. ``clock``: the refusal reports' rate limit's."""
+        self.clock = clock or SystemClock()
         self.config = config
         self.transfer = transfer
         self.km = km
@@ -260,6 +267,11 @@ class CoapDoor:
             root.add_resource([*wire.WELL_KNOWN, name], _Route(self._enroll_for(operation), "post", ra, wire.PKIX_CERT))
         if self.transfer is not None:
             root.add_resource(list(wire.TRANSFER_MESSAGE), _Route(self.transfer_message, "post", ra, wire.CWT))
+        if isinstance(self.transfer, TransferDeviceClient):
+            from iotdlm.cm.coap_transfer import CoapTransferRoutes
+
+            routes = CoapTransferRoutes(self.transfer, self._require, self.clock)
+            routes.add(root, lambda handler: _Route(handler, "post", ra, wire_transfer_coap.CBOR))
         return oscore_sitewrapper.OscoreSiteWrapper(root, self.credentials)
 
     async def start(self) -> None:

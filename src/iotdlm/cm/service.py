@@ -187,6 +187,7 @@ class CmService:
                 key=coap_key,
                 mode=mode,
                 retry_after=config.limits.retry_after,
+                clock=self.clock,
                 transfer=TransferDeviceClient.like(km) if isinstance(km, KmClient) else None,
             )
         self._runners: list[web.AppRunner] = []

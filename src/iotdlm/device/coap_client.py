@@ -47,6 +47,7 @@ from iotdlm.errors import (
 from iotdlm.pki import est_proof
 from iotdlm.pki.keys import check_public_key
 from iotdlm.wire import coap_est as wire
+from iotdlm.wire import coap_transfer as wire_transfer
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,14 @@ class CoapEstClient:
         await self._session()
         uri = f"{self.base_uri}/{'/'.join(wire.TRANSFER_MESSAGE)}"
         return await self._request(aiocoap.POST, "tm", self._cert_wire, self._cert_fmt, expect=wire.CWT, uri=uri)
+
+    async def transfer(self, uri: str, body: bytes = b"", *, expect: int) -> bytes:
+        """A transfer route at ``uri`` (:mod:`iotdlm.cm.coap_transfer`): ``body`` with this
+        certificate, over OSCORE; the answer's payload (Content-Format ``expect``)."""
+        await self._session()
+        payload = wire_transfer.encode_request(self._cert_der, self._cert_fmt, body)
+        what = uri.rsplit("/", 1)[-1]
+        return await self._request(aiocoap.POST, what, payload, wire_transfer.CBOR, expect=expect, uri=uri)
 
     async def simpleenroll(self, csr_der: bytes) -> x509.Certificate:
         """Initial enrollment with the factory credential (``sen``)."""

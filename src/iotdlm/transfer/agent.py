@@ -306,7 +306,7 @@ class DeviceAgent:
         """Tell the current provider's cm (its enroll_uri's) why the message was refused; a report
         that fails is logged on the device, never retried (the refusal stands either way)."""
         uri = self.dev.config().get("enroll_uri")
-        if self.refusals is None or not isinstance(uri, str) or not uri.startswith("https://"):
+        if self.refusals is None or not isinstance(uri, str) or not uri.startswith(("https://", "coap://")):
             return
         base = uri.rstrip("/")
         base = base[: -len(WELL_KNOWN_EST)] if base.endswith(WELL_KNOWN_EST) else base
