@@ -57,7 +57,7 @@ class KeyValueEntry:
     revision: int
 
 
-#: called with the current entry of the watched key, then with every change, in order;
+#: called with the current entry of the watched key, then with its changes, in order;
 #: ``None`` means the key has no value (never written, or deleted)
 KeyValueHandler = Callable[[KeyValueEntry | None], Awaitable[None]]
 
@@ -79,10 +79,12 @@ class KeyValue(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def watch(self, key: str, handler: KeyValueHandler) -> Subscription:
-        """Call ``handler`` with the current entry (or ``None``), then with every change, in order.
+        """Call ``handler`` with the current entry (or ``None``), then with each change, in order.
 
-        A failing handler is logged and the watch goes on; ``unsubscribe`` ends it (closing the
-        bus does too).
+        A bucket keeps one value per key, so a value overwritten before the watch was handed it
+        may be skipped (on NATS the server drops it from the stream): revisions only grow, and
+        the watch always ends at the key's latest value. A failing handler is logged and the
+        watch goes on; ``unsubscribe`` ends it (closing the bus does too).
         """
         ...
 
