@@ -59,6 +59,7 @@ from common import (
     parse_args,
     rate,
 )
+from floors import single_request_ceiling
 from iotdlm.bus.server import free_port
 from iotdlm.errors import IotdlmError
 
@@ -335,6 +336,28 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 2)
     figures = asyncio.run(measure(args, args.cfssl, seconds, repeats))
     section, heads = render(figures, seconds, repeats, args.quick)
+    ceiling_rate, how = single_request_ceiling(args.quick)  # same run, after the load
+    peer = figures.cfssl[IN_FLIGHT].rate
+    if peer:
+        best = ceiling_rate / peer
+        verdict = "reachable in principle" if best >= TARGET else "out of reach: the parts alone miss it"
+        section += (
+            f"\n- Ceiling (bench/floors.py, same run): if only the signatures, the CSR check, build + sign, the NATS "
+            f"round trip and the SQLite rows cost CPU, km could issue {rate(ceiling_rate)} certificates/s here "
+            f"({how}): **{best:.2f}x** of cfssl's 16 in flight, {verdict}."
+        )
+        heads.append(
+            Headline(
+                what="ceiling: single-request issuance, 16 in flight / cfssl sign",
+                paper="-",
+                target=f">= {TARGET:.1f}x",
+                measured=f"{best:.2f}x ({rate(ceiling_rate)}/s at most: {how})",
+                verdict=verdict,
+                yardstick="the parts the design cannot skip",
+                ratio=round(best, 3),
+                load=loadavg(),
+            )
+        )
     emit(section, args, heads)
 
 
