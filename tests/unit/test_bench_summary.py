@@ -93,6 +93,19 @@ def test_every_figure_and_every_failure_is_a_row_and_issue_15_is_checked(run_all
     assert issue["EST simpleenroll through cm / aiohttp hello, same TLS"][2] == "not measured by this run"
 
 
+def test_a_ceiling_fills_its_column_and_is_never_taken_for_the_figure(run_all: Any) -> None:
+    floors = run_all.SECTIONS[[s.key for s in run_all.SECTIONS].index("floors")]
+    nonce = "OCSP with nonce (signed on demand) / raw OCSP sign"
+    ceiling = head(
+        run_all, "0.19x (parts)", what=f"ceiling: {nonce}", ratio=0.19, verdict="out of reach: the parts alone miss it"
+    )
+    results = [run_all.Result(floors, 9.0, 0, "1.00 1.00 1.00", "## floors", (ceiling,))]
+    issue = {r[0]: r for r in run_all.issue15_rows(results)}
+    assert issue[nonce][2] == "not measured by this run"  # the pattern "nonce" matches the ceiling's name too
+    assert issue[nonce][4] == "0.19x: out of reach: the parts alone miss it"
+    assert issue["OCSP GET through cm / aiohttp hello"][4] == "-"
+
+
 @pytest.mark.parametrize(
     ("ratio", "target", "verdict"),
     [
