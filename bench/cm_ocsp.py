@@ -227,6 +227,7 @@ def one_at_a_time(port: int, paths: list[str], seconds: float) -> tuple[int, lis
         t0 = perf()
         if sock is None:
             sock = socket.create_connection(("127.0.0.1", port))
+            sock.settimeout(10.0)  # a server that stops answering fails the run instead of hanging it
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(f"GET {paths[i % len(paths)]} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         buf = b""

@@ -384,15 +384,16 @@ def openssl_ocsp_one_at_a_time(tmp: Path, hello_port: int, seconds: float) -> tu
     serial = "0" * (len(serial) % 2) + serial  # whole octets, as OpenSSL's index wants
     (tmp / "index.txt").write_text(f"V\t{expires}\t\t{serial}\tunknown\t/CN=dev-000001\n")
     port = free_port()
-    peer = subprocess.Popen(
-        [
-            "openssl", "ocsp", "-index", str(tmp / "index.txt"), "-port", str(port),
-            "-rsigner", str(tmp / "ca.pem"), "-rkey", str(tmp / "ca.key"), "-CA", str(tmp / "ca.pem"),
-            "-nmin", "60", "-ignore_err",
-        ],
-        stdout=(tmp / "openssl-ocsp.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    with (tmp / "openssl-ocsp.log").open("wb") as log_file:  # the child keeps its own descriptor
+        peer = subprocess.Popen(
+            [
+                "openssl", "ocsp", "-index", str(tmp / "index.txt"), "-port", str(port),
+                "-rsigner", str(tmp / "ca.pem"), "-rkey", str(tmp / "ca.key"), "-CA", str(tmp / "ca.pem"),
+                "-nmin", "60", "-ignore_err",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         req = ocsp.OCSPRequestBuilder().add_certificate(leaf, ca, hashes.SHA1()).build()  # noqa: S303
         path = _get_path(req.public_bytes(serialization.Encoding.DER), prefix="/")
@@ -464,9 +465,13 @@ def measure(quick: bool) -> tuple[Parts, float, float]:
 # ------------------------------------------------------------------------------------ ceilings
 
 
+#: the crypto parts of one single-certificate request: pm's seal, km's checks and signing, km's reply seal, pm's check
+SINGLE_REQUEST_CRYPTO = ("seal", "verify", "csr_check", "build_sign", "reply_seal", "reply_verify")
+
+
 def single_request_cpu(p: Parts) -> float:
     """The unavoidable CPU of one single-certificate request over the bus, pm and km together."""
-    return p.seal + p.verify + p.csr_check + p.build_sign + p.reply_seal + p.reply_verify + p.nats_rt + p.sqlite_row
+    return sum(getattr(p, k) for k in SINGLE_REQUEST_CRYPTO) + p.nats_rt + p.sqlite_row
 
 
 def single_request_ceiling(quick: bool) -> tuple[float, str]:
@@ -476,7 +481,7 @@ def single_request_ceiling(quick: bool) -> tuple[float, str]:
     _, row = sqlite_parts(500 if quick else 2000)
     rt, _ = asyncio.run(nats_parts(300 if quick else 2000))
     cores = CORES
-    cpu = c["seal"] + c["verify"] + c["csr_check"] + c["build_sign"] + c["reply_seal"] + c["reply_verify"] + rt + row
+    cpu = sum(c[k] for k in SINGLE_REQUEST_CRYPTO) + rt + row
     return cores / cpu, f"{cpu * 1e3:.3f} ms of CPU per certificate on {cores:.2f} cores"
 
 
