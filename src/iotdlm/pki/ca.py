@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID, NameOID, ObjectIdentifier
 
 from iotdlm.errors import NotFoundError
 from iotdlm.pki.keys import PublicKey, Signer
@@ -133,6 +133,16 @@ def _distribution_point(url: str) -> x509.CRLDistributionPoints:
     )
 
 
+_Extensions = tuple[x509.Extension[x509.ExtensionType], ...]
+#: entries kept by :meth:`IssuingCA._fixed_extensions` (profiles x key types x CRL partitions)
+_EXTENSIONS_CACHE_MAX = 4096
+
+
+def _naive_utc(t: dt.datetime) -> dt.datetime:
+    """What cryptography's builder keeps of a time (as its ``not_valid_before`` setter does)."""
+    return t.astimezone(dt.UTC).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
 def crl_partition(serial: int, partitions: int) -> int:
     """The CRL partition a certificate belongs to, fixed at issuance (its CRL distribution point).
 
@@ -178,10 +188,17 @@ class IssuingCA:
     #: which generation of its role it is (:mod:`iotdlm.pki.rotation`); None: generation 1, active
     generation: Generation | None = None
     _aki: x509.AuthorityKeyIdentifier = field(init=False, repr=False)
+    _subject: x509.Name = field(init=False, repr=False, compare=False)
+    _not_after: dt.datetime = field(init=False, repr=False, compare=False)
+    _extensions_cache: dict[tuple[object, ...], tuple[_Extensions, _Extensions, _Extensions]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        self._subject = self.certificate.subject  # read from the certificate once, not per issuance
+        self._not_after = self.certificate.not_valid_after_utc
 
     @property
     def root(self) -> x509.Certificate:
@@ -224,52 +241,89 @@ class IssuingCA:
         if profile.issuer not in (self.name, self.role):
             raise ValueError(f"profile {profile.name} is issued by {profile.issuer}, not {self.name}")
         life = profile.validity if validity is None else min(validity, profile.validity)
-        not_after = min(now + life, self.certificate.not_valid_after_utc)
-        ku = key_usage_for(profile.key_usage, public_key)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(self.certificate.subject)
-            .public_key(public_key)
-            .serial_number(serial)
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(ku.extension(), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(list(profile.eku)), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki, critical=False)
-            .add_extension(x509.CertificatePolicies([x509.PolicyInformation(profile.policy_oid, None)]), critical=False)
-        )
+        not_after = min(now + life, self._not_after)
+        not_before = now - BACKDATE
+        if not_after <= not_before:
+            raise ValueError(
+                f"the {self.name} CA's certificate expired on {not_after:%Y-%m-%d}: it can sign nothing valid"
+            )
+        if not 0 < serial < 1 << 159:
+            raise ValueError("a certificate's serial number is a positive integer of at most 159 bits")
+        head, middle, tail = self._fixed_extensions(profile, public_key, serial, urls)
+        ski = x509.SubjectKeyIdentifier.from_public_key(public_key)
+        extensions = [*head, x509.Extension(ski.oid, False, ski), *middle]
         san: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         san += general_names
         san += [x509.DNSName(d) for d in dns_names]
         san += [x509.IPAddress(ip) for ip in ip_addresses]  # type: ignore[arg-type]
         if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if urls is not None and profile.with_revocation_pointers:
-            builder = builder.add_extension(
-                x509.AuthorityInformationAccess(
-                    [
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp())
-                        ),
-                        _ca_issuers(urls.ca_issuers(self.name)),
-                    ]
-                ),
-                critical=False,
+            extensions.append(
+                x509.Extension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, False, x509.SubjectAlternativeName(san))
+            )
+        extensions += tail
+        # the builder made in one call (cryptography's public constructor) with extension objects
+        # made once per profile and partition: a third of the CPU of building it step by step, where
+        # every add_extension copies the list and compares it with the ones before (issue 15). The
+        # checks the step-by-step setters make are the ones above; the times are naive UTC as theirs.
+        builder = x509.CertificateBuilder(
+            issuer_name=self._subject,
+            subject_name=subject,
+            public_key=public_key,
+            serial_number=serial,
+            not_valid_before=_naive_utc(not_before),
+            not_valid_after=_naive_utc(not_after),
+            extensions=extensions,
+        )
+        return self.signer.sign_certificate(builder)
+
+    def _fixed_extensions(
+        self, profile: Profile, public_key: PublicKey, serial: int, urls: PublicUrls | None
+    ) -> tuple[_Extensions, _Extensions, _Extensions]:
+        """The extensions of ``profile``'s certificates that depend only on the profile, the key's
+        type and the CRL partition -- those written before the subject key identifier, between it
+        and the subject alternative name, and after that -- made once and kept."""
+        pointers = urls if urls is not None and profile.with_revocation_pointers else None
+        partition = crl_partition(serial, pointers.crl_partitions) if pointers is not None else None
+        key = (profile, type(public_key), pointers, partition)
+        fixed = self._extensions_cache.get(key)
+        if fixed is None:
+            fixed = self._make_fixed_extensions(profile, public_key, pointers, partition)
+            if len(self._extensions_cache) >= _EXTENSIONS_CACHE_MAX:
+                self._extensions_cache.clear()
+            self._extensions_cache[key] = fixed
+        return fixed
+
+    def _make_fixed_extensions(
+        self, profile: Profile, public_key: PublicKey, urls: PublicUrls | None, partition: int | None
+    ) -> tuple[_Extensions, _Extensions, _Extensions]:
+        head: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (key_usage_for(profile.key_usage, public_key).extension(), True),
+            (x509.ExtendedKeyUsage(list(profile.eku)), False),
+        ]
+        tail: list[tuple[x509.ExtensionType, bool]] = []
+        if urls is not None and partition is not None:
+            ocsp = x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(urls.ocsp())
             )
             # the partition's full CRL, and (RFC 5280 4.2.1.15) its delta: a relying party that
             # uses deltas sees a revocation at once, before the next full CRL
-            partition = crl_partition(serial, urls.crl_partitions)
-            builder = builder.add_extension(
-                _distribution_point(urls.crl(self.name, partition)), critical=False
-            ).add_extension(
-                x509.FreshestCRL(_distribution_point(urls.crl(self.name, partition, delta=True))), critical=False
-            )
+            tail += [
+                (x509.AuthorityInformationAccess([ocsp, _ca_issuers(urls.ca_issuers(self.name))]), False),
+                (_distribution_point(urls.crl(self.name, partition)), False),
+                (x509.FreshestCRL(_distribution_point(urls.crl(self.name, partition, delta=True))), False),
+            ]
         if profile.ocsp_no_check:
-            builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
-        return self.signer.sign_certificate(builder)
+            tail.append((x509.OCSPNoCheck(), False))
+        middle = [
+            (self._aki, False),
+            (x509.CertificatePolicies([x509.PolicyInformation(profile.policy_oid, None)]), False),
+        ]
+        return _extensions(head), _extensions(middle), _extensions(tail)
+
+
+def _extensions(values: Sequence[tuple[x509.ExtensionType, bool]]) -> _Extensions:
+    return tuple(x509.Extension(v.oid, critical, v) for v, critical in values)
 
 
 def active_ca(cas: Mapping[str, IssuingCA], role: str) -> IssuingCA:
