@@ -157,14 +157,14 @@ def hashlib_seconds(path: Path) -> float:
 
 def disk_seconds(src: Path, dest: Path) -> float:
     """Write ``src`` (page cache warm) into a new file ``dest`` and fsync it, handing the pages behind to
-    the disk while writing as sm does (``_write_behind``): the disk's share of sm's work, with nothing
+    the disk while writing as sm does (``write_behind``): the disk's share of sm's work, with nothing
     hashed or received (the floor under sm's figure on this machine)."""
-    from iotdlm.sm.updater import _write_behind
+    from iotdlm.sm.updater import write_behind
 
     start = time.perf_counter()
     with src.open("rb", buffering=0) as f, dest.open("xb", buffering=0) as out:
         os.posix_fallocate(out.fileno(), 0, src.stat().st_size)
-        write = _write_behind(out)
+        write = write_behind(out)
         buf = bytearray(MIB)
         view = memoryview(buf)
         while n := f.readinto(buf):

@@ -62,7 +62,7 @@ def test_a_sink_without_error_gets_every_chunk_in_order() -> None:
 
 
 def _failing_write(after: int) -> Callable[[Any], Callable[[bytes], None]]:
-    real = updater._write_behind
+    real = updater.write_behind
 
     def make(f: Any) -> Callable[[bytes], None]:
         write = real(f)
@@ -84,7 +84,7 @@ def test_disk_full_mid_image_leaves_nothing_and_the_next_check_stores(
     env: SmEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env.publish(3, data=os.urandom(1_000_000))
-    monkeypatch.setattr(updater, "_write_behind", _failing_write(after=300_000))
+    monkeypatch.setattr(updater, "write_behind", _failing_write(after=300_000))
     with pytest.raises(IotdlmError, match=r"local repository I/O failed: .*No space left"):
         env.manager().check(DTYPE)
     assert env.local.counters(DTYPE) == []

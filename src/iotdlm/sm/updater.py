@@ -195,7 +195,7 @@ def _close_all(workers: list[_SinkWorker]) -> None:
 WRITE_BEHIND = 64 * 1024 * 1024
 
 
-def _write_behind(f: Any) -> Callable[[bytes], None]:
+def write_behind(f: Any) -> Callable[[bytes], None]:
     """``f.write``, and every WRITE_BEHIND bytes a hint that starts writing the pages behind to the disk
     (POSIX_FADV_DONTNEED starts the writeback of dirty pages without waiting for it), so the final
     fsync finds little left to do instead of the whole image."""
@@ -483,7 +483,7 @@ class SoftwareManager:
                     os.posix_fallocate(f.fileno(), 0, target.length)
                 # each hash and the write in its own thread, beside the receiving done here
                 workers = [_SinkWorker(h.update) for h in hashers.values()]
-                workers.append(_SinkWorker(_write_behind(f)))
+                workers.append(_SinkWorker(write_behind(f)))
                 try:
                     for chunk in chunks:
                         received += len(chunk)
