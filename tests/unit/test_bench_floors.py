@@ -78,3 +78,34 @@ def test_the_wait_of_one_certificate_is_a_lowest_ratio(floors: Any) -> None:
 def test_one_at_a_time_cm_can_be_no_faster_than_a_hello(floors: Any) -> None:
     figure = "OCSP through cm, one at a time / openssl ocsp"
     assert by_figure(floors, parts(floors), hello_one=1200.0, peer_one=1000.0)[figure].best == pytest.approx(1.2)
+
+
+def test_the_sqlite_floor_writes_an_issuances_rows_into_the_stores_own_schema(
+    floors: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The floor's SQL names the store's tables and columns, so a schema change that it no longer
+    matches fails here, not silently in make bench; and its rows are what km writes per certificate."""
+    import sqlite3
+
+    counts = {
+        "nonces": "SELECT count(*) FROM nonces",
+        "devices": "SELECT count(*) FROM devices",
+        "certificates": "SELECT count(*) FROM certificates",
+        "audit_log": "SELECT count(*) FROM audit_log",
+    }
+    written: dict[str, int] = {}
+    real_close = sqlite3.Connection.close
+
+    class Counting(sqlite3.Connection):
+        def close(self) -> None:
+            for table, query in counts.items():
+                written[table] = self.execute(query).fetchone()[0]
+            real_close(self)
+
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(floors.sqlite3, "connect", lambda *a, **kw: real_connect(*a, factory=Counting, **kw))
+    one, per_row = floors.sqlite_parts(10)
+    assert one > 0
+    assert per_row > 0
+    assert written["certificates"] == written["devices"] == written["audit_log"] > 100
+    assert 0 < written["nonces"] < written["certificates"]  # one per request, a request of 1 or of 100
