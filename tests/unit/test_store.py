@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
+import subprocess
+import sys
 
 import pytest
 import sqlalchemy as sa
@@ -428,3 +430,37 @@ def _head() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
+
+
+def test_schema_head_read_from_file_names_is_alembics_head() -> None:
+    """Store.migrate skips Alembic when the database is at schema_head(): it must be the head."""
+    from iotdlm.store.engine import schema_head
+
+    assert schema_head() == _head()
+
+
+def test_opening_an_up_to_date_store_does_not_load_alembic(store: Store, store_url: str) -> None:
+    """Every km worker, cm and CLI command opens the store: at the head, no Alembic (~0.2 s)."""
+    code = (
+        "import sys\n"
+        "from iotdlm.store import Store\n"
+        f"Store.open({store_url!r}).close()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_store_one_migration_behind_is_upgraded_on_open(store: Store, store_url: str) -> None:
+    """The quick check sees an older revision and runs Alembic's upgrade as before."""
+    from alembic.script import ScriptDirectory
+
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(_head()).down_revision
+    assert isinstance(previous, str)
+    cfg = alembic_config()
+    cfg.set_main_option("sqlalchemy.url", store_url.replace("%", "%%"))
+    command.downgrade(cfg, previous)
+    assert store.schema_revision() == previous
+    with Store.open(store_url) as reopened:
+        assert reopened.schema_revision() == _head()
+    assert _schema_diffs(store_url, metadata) == []

@@ -13,12 +13,13 @@ fingerprint :class:`~iotdlm.errors.ConflictError`, a missing row
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, bindparam, func, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 from iotdlm import errors
 from iotdlm.store import records as r
@@ -34,11 +35,17 @@ _STATUS_QUERY = select(certificates.c.status, certificates.c.revoked_at, certifi
     certificates.c.serial_hex == bindparam("serial_hex"), certificates.c.issuer == bindparam("issuer")
 )
 
-#: devices created by an issuance, known ones left as they are; built once per dialect (issue 15)
-_NEW_DEVICES = {
-    "sqlite": sqlite.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id]),
-    "postgresql": postgresql.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id]),
-}
+
+@functools.cache
+def _new_devices(dialect: str) -> Any:
+    """The insert of devices created by an issuance, known ones left as they are; built once per
+    dialect (issue 15); PostgreSQL's dialect is imported only where it is used."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id])
+    return sqlite.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id])
+
 
 CERT_COLUMNS = (
     certificates.c.serial_hex,
@@ -210,7 +217,7 @@ class CertificateRepository(Database):
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in nonces])
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in extra])
             if device_rows:
-                conn.execute(_NEW_DEVICES[conn.dialect.name], list(device_rows.values()))
+                conn.execute(_new_devices(conn.dialect.name), list(device_rows.values()))
             if rows:
                 conn.execute(_INSERT_CERTIFICATES, rows)
             append_entries(conn, audit)

@@ -14,20 +14,19 @@ combines them on one engine.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, Row, create_engine, event, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -36,7 +35,12 @@ from iotdlm.store import records as r
 from iotdlm.store.driver import DriverConnection, StatementCache
 from iotdlm.store.queries import IN_CHUNK, quote
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+#: a migration script's file name: its revision id (four digits), then what it does
+_MIGRATION_FILE: Final = re.compile(r"^([0-9]{4})_\w+\.py$")
 
 _WRITE_OPTION: Final = "iotdlm_write"
 # Any constant will do: it only has to be the same for every process migrating one database.
@@ -59,10 +63,22 @@ def _reason(exc: BaseException) -> str:
 
 def alembic_config() -> Config:
     """The Alembic configuration of the store's migrations (no database URL: see migrations/env.py)."""
+    from alembic.config import Config  # only where the schema changes: Alembic costs ~0.2 s to import
+
     cfg = Config()
     # configparser interpolation: a literal % in the install path must be doubled.
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     return cfg
+
+
+@functools.cache
+def schema_head() -> str:
+    """The newest migration's revision id, read from the scripts' file names (``0007_...py`` is
+    revision ``0007``; a unit test holds this to Alembic's own reading of the scripts)."""
+    found = [m.group(1) for p in (MIGRATIONS_DIR / "versions").iterdir() if (m := _MIGRATION_FILE.match(p.name))]
+    if not found:
+        raise RuntimeError(f"no migration scripts in {MIGRATIONS_DIR / 'versions'}: a broken install")
+    return max(found)
 
 
 def _sqlite_wal(cursor: Any) -> None:
@@ -234,6 +250,11 @@ class Database:
         Safe to run from several processes at once: migrations run under a database-wide lock
         (an advisory lock on PostgreSQL, the write lock on SQLite), one after the other.
         """
+        if self.schema_revision() == schema_head():
+            return  # up to date: the common case at every start, without loading Alembic
+        from alembic import command
+        from alembic.util import CommandError
+
         with self.guard("migrating the schema"):
             try:
                 with self.migration_connection() as conn:
@@ -245,6 +266,16 @@ class Database:
                     f"cannot migrate the database at {self._url}: {exc}. It may have been migrated by a "
                     "newer iotdlm; run that version, or restore a backup"
                 ) from exc
+
+    def schema_revision(self) -> str | None:
+        """The schema's migration revision (Alembic's ``alembic_version``), None for a database
+        that was never migrated or that holds more than one revision (branches: left to Alembic)."""
+        try:
+            with self.connection(write=False) as conn:
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+        except sa_exc.DBAPIError:  # no such table yet (anything else: Alembic's run says what is wrong)
+            return None
+        return str(rows[0][0]) if len(rows) == 1 else None
 
     @contextmanager
     def migration_connection(self) -> Iterator[Connection]:
@@ -373,7 +404,11 @@ class Database:
 
     def insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
-        return postgresql.insert if self._engine.dialect.name == "postgresql" else sqlite.insert
+        if self._engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects import postgresql  # not imported for SQLite deployments
+
+            return postgresql.insert
+        return sqlite.insert
 
     def rows_where_in(
         self, key: Any, values: Sequence[str], columns: Sequence[Any], what: str, *, max_len: int = r.DEVICE_ID_LEN
