@@ -104,3 +104,25 @@ def test_a_wrong_table_entry_is_a_programming_error() -> None:
     result = CliRunner().invoke(group, ["x"])
     assert isinstance(result.exception, TypeError)
     assert "iotdlm.cli.lazy:Lazy is not a click command" in str(result.exception)
+
+
+def test_a_km_worker_loads_no_asn1_module_set_until_a_request_needs_it() -> None:
+    """Issue 15 (start-up): every km worker, cm and pm imports the km core and the certificate
+    profiles; pyasn1-modules' CRMF/CMP/CMS/RFC 4108 modules (~0.35 s) load only at the first CRMF
+    request, serverkeygen or hardwareModuleName parse -- and then do their work."""
+    code = (
+        "import sys\n"
+        "from iotdlm.cli import km\n"
+        "import iotdlm.km.service, iotdlm.pki.profiles\n"
+        "before = sorted(m for m in sys.modules if m.startswith(('pyasn1_modules', 'alembic')))\n"
+        "from iotdlm.pki.names import HARDWARE_MODULE_NAME, hardware_module_name, parse_hardware_module_name\n"
+        "from cryptography.x509 import ObjectIdentifier\n"
+        "name = hardware_module_name(ObjectIdentifier('1.3.6.1.4.1.99999.1'), b'SN-1')\n"
+        "assert name.type_id == HARDWARE_MODULE_NAME\n"
+        "assert parse_hardware_module_name(name.value) == (ObjectIdentifier('1.3.6.1.4.1.99999.1'), b'SN-1')\n"
+        "from pyasn1_modules import rfc4108\n"
+        "assert HARDWARE_MODULE_NAME.dotted_string == str(rfc4108.id_on_hardwareModuleName)\n"
+        "print(before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -60,7 +60,7 @@ from iotdlm.km.registry import FactoryRegistry
 from iotdlm.km.signers import SignerCache
 from iotdlm.km.storage import KmStore
 from iotdlm.km.va import ROOT, Va
-from iotdlm.pki import cms_envelope, crmf, est_proof
+from iotdlm.pki import est_proof
 from iotdlm.pki.ca import IssuingCA, PublicUrls, active_ca, crl_partition, fingerprint
 from iotdlm.pki.chain import der, load_certificate
 from iotdlm.pki.csr import CsrRequest, parse_csr
@@ -218,6 +218,8 @@ class Km:
             req = parse_csr(item.csr)
             return _Parsed(public_key=req.public_key, subject=req.subject, pop="signature", requested=_csr_asked(req))
         assert item.crmf is not None
+        from iotdlm.pki import crmf  # CRMF/CMP's ASN.1 modules cost ~0.2 s to load: at the first CRMF request
+
         reqs = crmf.parse(item.crmf)
         if len(reqs) != 1:
             raise BadRequestError(f"crmf must carry exactly one CertReqMsg per item, found {len(reqs)}", field="crmf")
@@ -578,6 +580,8 @@ class Km:
     def _encrypt_to_device(pkcs8: bytes, client_certificate: bytes, device_id: str) -> bytes:
         """The server-generated key in a CMS EnvelopedData to the presented credential's key (ADR 0009)."""
         try:
+            from iotdlm.pki import cms_envelope  # CMS's ASN.1 modules: at the first serverkeygen
+
             return cms_envelope.encrypt_key(pkcs8, load_certificate(client_certificate))
         except RejectedError as exc:  # an Ed25519 credential cannot receive an encrypted key
             exc.device_id = exc.device_id or device_id
