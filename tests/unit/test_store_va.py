@@ -616,6 +616,25 @@ def test_save_crl_never_rolls_back(store: Store) -> None:
     store.save_crl(_crl(4, kind="delta", base_number=3))  # kinds are numbered independently here
 
 
+def test_a_crl_and_its_audit_record_are_saved_together(store: Store) -> None:
+    """save_crl appends the CRL's audit record in its own transaction: a refused (older) CRL
+    audits nothing, and a CRL is never stored without its record."""
+    head = store.audit_head()
+    before = head.seq if head is not None else 0
+    audit = [AuditEntry(at=T0, kind="crl", actor="km-va", subject=f"{CA}/0", data={"number": 5})]
+    store.save_crl(_crl(5), audit)
+    stored = store.audit_head()
+    assert stored is not None
+    assert stored.seq == before + 1
+    assert stored.data == {"number": 5}
+    with pytest.raises(errors.ConflictError):
+        store.save_crl(_crl(4, der=b"stale"), [AuditEntry(at=T0, kind="crl", actor="km-va", subject=None, data={})])
+    assert store.audit_head() == stored
+    with pytest.raises(ValueError, match="AuditEntry"):
+        store.save_crl(_crl(6), ["not an entry"])  # type: ignore[list-item]
+    assert store.get_crl(CA, 0, "full") == _crl(5)
+
+
 def test_concurrent_crl_generators_leave_the_newest(store: Store) -> None:
     numbers = list(range(1, 41))
     random.Random(7).shuffle(numbers)

@@ -289,8 +289,8 @@ class Va:
             der=crl.public_bytes(Encoding.DER),
         )
         try:
-            self.store.save_crl(rec)
-            self.store.append_audit(
+            self.store.save_crl(
+                rec,
                 [
                     entry(
                         now,
@@ -305,7 +305,7 @@ class Va:
                         entries=counted[0],
                         next_update=rec.next_update.isoformat(),
                     )
-                ]
+                ],
             )
         except ConflictError:
             # another worker saved a newer CRL of this partition meanwhile: that one stands

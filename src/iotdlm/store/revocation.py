@@ -8,14 +8,14 @@ Revocation never goes back: a revoked certificate is final; a CRL is only replac
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 from sqlalchemy import ColumnElement, Connection, Row, Select, and_, func, or_, select, type_coerce, update
 
 from iotdlm import errors
 from iotdlm.store import records as r
-from iotdlm.store.audit_log import append_entries
+from iotdlm.store.audit_log import append_entries, check_entries
 from iotdlm.store.certificates import CERT_COLUMNS, cert_record
 from iotdlm.store.devices import lock_device
 from iotdlm.store.engine import Database
@@ -325,15 +325,17 @@ class RevocationRepository(Database):
         with self.transaction("allocating a CRL number", write=True) as conn:
             return int(conn.execute(stmt).scalar_one())
 
-    def save_crl(self, rec: CrlRecord) -> None:
-        """Store ``rec`` as the current CRL of its ``(issuer, partition, kind)``.
+    def save_crl(self, rec: CrlRecord, audit: Sequence[AuditEntry] = ()) -> None:
+        """Store ``rec`` as the current CRL of its ``(issuer, partition, kind)``, and append
+        ``audit`` to the audit log in the same transaction (a CRL is never published unaudited).
 
         Never goes back: if the stored CRL of that key has a number at or above ``rec.number``
         (another generator got there first), raises :class:`~iotdlm.errors.ConflictError` and
-        keeps the stored one. The comparison and the write are one statement.
+        keeps the stored one, auditing nothing. The comparison and the write are one statement.
         """
         if not isinstance(rec, CrlRecord):
             raise ValueError(f"save_crl takes a CrlRecord, got {type(rec).__name__}")
+        check_entries(audit)
         values: dict[str, Any] = {
             "number": rec.number,
             "this_update": rec.this_update,
@@ -356,6 +358,8 @@ class RevocationRepository(Database):
                     f"is not newer than the stored one, number {stored}; the stored CRL was kept",
                     field="number",
                 )
+            if audit:
+                append_entries(conn, audit)
 
     def get_crl(self, issuer: str, partition: int, kind: str) -> CrlRecord | None:
         """The current CRL of that issuer, partition and kind (``"full"`` or ``"delta"``), or None."""
