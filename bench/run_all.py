@@ -215,6 +215,8 @@ class Result:
     load: str
     markdown: str
     heads: tuple[Headline, ...]
+    #: CPU seconds of the section's script and every process it waited for
+    cpu: float = 0.0
 
 
 def run_section(s: Section, args: argparse.Namespace, tmp: Path) -> Result:
@@ -225,27 +227,34 @@ def run_section(s: Section, args: argparse.Namespace, tmp: Path) -> Result:
         cmd += ["--py-spy", args.py_spy]
     log(f"run_all: {s.key} ({s.script}.py)")
     t0 = time.monotonic()
-    code = run_timed(cmd, args.timeout)
+    code, cpu = run_timed(cmd, args.timeout)
     took = time.monotonic() - t0
     load = loadavg()
-    log(f"run_all: {s.key} finished in {took:.0f} s (exit {code}, load {load})")
+    log(f"run_all: {s.key} finished in {took:.0f} s, {cpu:.1f} CPU-s (exit {code}, load {load})")
     heads: tuple[Headline, ...] = ()
     if code == 0 and js.exists():
         heads = tuple(Headline(**h) for h in json.loads(js.read_text(encoding="utf-8")))
         heads = tuple(h if h.load else replace(h, load=load) for h in heads)
     text = md.read_text(encoding="utf-8").rstrip() if code == 0 and md.exists() else ""
-    return Result(s, took, code, load, text, heads)
+    return Result(s, took, code, load, text, heads, cpu)
 
 
-def run_timed(cmd: list[str], timeout: float) -> int:
+def run_timed(cmd: list[str], timeout: float) -> tuple[int, float]:
     """Run ``cmd`` in a session of its own; past ``timeout`` (or on Ctrl-C) stop it and everything it
-    started (its km workers, its nats-server); -9 when it timed out."""
+    started (its km workers, its nats-server); -9 when it timed out. Returns the exit code and the
+    CPU seconds (user + system) of the script and every process it started and waited for."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
     try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _stop_group(proc)
-        return -9
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return proc.returncode, usage.ru_utime + usage.ru_stime
+            if time.monotonic() > deadline:
+                _stop_group(proc)
+                return -9, 0.0
+            time.sleep(0.05)
     except BaseException:
         _stop_group(proc)
         raise
@@ -330,7 +339,9 @@ def summary_markdown(results: list[Result], args: argparse.Namespace, total: flo
         "",
         "Every figure of the run below, beside the yardstick it is divided by (measured in the same run), the "
         "ratio, the target and the verdict; `load` is the load average (1, 5, 15 min) when the section ended. "
-        "Sections: " + ", ".join(f"`{r.section.key}` {r.seconds:.0f} s" for r in results) + ".",
+        "Sections (wall time, CPU-seconds of the section's processes): "
+        + ", ".join(f"`{r.section.key}` {r.seconds:.0f} s / {r.cpu:.0f}" for r in results)
+        + f"; {sum(r.cpu for r in results):.0f} CPU-seconds in all.",
         "",
         md_table(
             ["section", "figure", "measured", "yardstick", "ratio", "target", "verdict", "load"],
@@ -427,12 +438,14 @@ def main() -> None:
     if skipped:
         summary += f"\n\nNot run (py-spy, or PostgreSQL binaries and root, not available): {', '.join(skipped)}."
     OUT.mkdir(parents=True, exist_ok=True)
-    sections = [r.markdown + f"\n\n_This section took {r.seconds:.0f} s._" for r in results if r.markdown]
+    sections = [r.markdown + f"\n\n_This section took {r.seconds:.0f} s, {r.cpu:.0f} CPU-s._" for r in results]
+    sections = [text for r, text in zip(results, sections, strict=True) if r.markdown]
     (OUT / "last-run.md").write_text("# Benchmarks (last run)\n\n" + "\n\n".join([summary, *sections]) + "\n")
     (OUT / "last-run.json").write_text(
         json.dumps(
             [
-                {"section": r.section.key, "seconds": r.seconds, "exit": r.exit_code, "load": r.load}
+                {"section": r.section.key, "seconds": r.seconds, "cpu_seconds": r.cpu, "exit": r.exit_code}
+                | {"load": r.load}
                 | {"figures": [asdict(h) for h in r.heads]}
                 for r in results
             ],
@@ -443,7 +456,8 @@ def main() -> None:
     if not args.no_docs and (args.docs or not args.quick):
         write_between_markers(args.doc, summary)
         log(f"run_all: summary written into {args.doc}")
-    log(f"run_all: {len(results)} section(s) in {total:.0f} s; full report in {OUT / 'last-run.md'}")
+    cpu = sum(r.cpu for r in results)
+    log(f"run_all: {len(results)} section(s) in {total:.0f} s, {cpu:.0f} CPU-s; full report in {OUT / 'last-run.md'}")
     if any(r.exit_code != 0 for r in results):
         sys.exit(1)
 

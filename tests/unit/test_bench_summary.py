@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +139,18 @@ def test_the_multihost_section_is_skipped_in_words_without_postgresql_or_root(
     assert "not root" in run_all.postgres_missing()
     monkeypatch.setattr(run_all.os, "geteuid", lambda: 0)
     assert run_all.postgres_missing() is None
+
+
+def test_a_sections_cpu_counts_the_processes_it_started(run_all: Any) -> None:
+    """run_timed reports the CPU of the script and of what it started and waited for: here a
+    grandchild that burns 0.3 s of its own CPU time (process_time, so not a wall-clock guess)."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    script = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {burn!r}], check=True)\nsys.exit(3)\n"
+    code, cpu = run_all.run_timed([sys.executable, "-c", script], timeout=120)
+    assert code == 3
+    assert cpu >= 0.3
+
+
+def test_a_section_past_its_timeout_is_stopped(run_all: Any) -> None:
+    code, cpu = run_all.run_timed([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5)
+    assert (code, cpu) == (-9, 0.0)
