@@ -482,7 +482,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--loops", type=int, help="request loops per connection (default: 8 for batch 1, else 1)")
-    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--duration", type=float, default=None, help="seconds of load (default 10; 2 with --quick)")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--idle", action="store_true", help="wall time: include waiting threads")
     p.add_argument("--top", type=int, default=25)
@@ -499,8 +499,8 @@ def _extra(p: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _extra)
-    if args.quick:
-        args.duration = 2.0
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 10.0
     if args.loops is None:
         args.loops = 8 if args.batch == 1 else 1
     if args.breakdown:

@@ -75,7 +75,7 @@ SECTIONS: tuple[Section, ...] = (
         "profile_km",
         "km: worker profile, single requests",
         ("--workers", "2", "--batch", "1", "--duration", "8", "--idle", "--top", "15"),
-        ("--quick", "--workers", "2", "--batch", "1", "--duration", "0.5", "--idle", "--top", "10"),
+        ("--quick", "--workers", "1", "--batch", "1", "--duration", "0.5", "--rate", "50", "--idle", "--top", "10"),
         needs_pyspy=True,
         quick_seconds=10,
     ),

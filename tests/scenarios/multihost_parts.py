@@ -223,12 +223,13 @@ def issue_route_certificates(dep: Deployment, service_ca: pki_ca.IssuingCA) -> l
     return out
 
 
-def place_hosts(site: Site, cluster_url: str) -> None:
+def place_hosts(site: Site, cluster_url: str, *, console: bool = True) -> None:
     """Point the deployment at the cluster (``[nats] url``), then copy it to each host's folder, as
     an operator copies the folder to each machine (file CA keys included; with the CA keys in the
     token the copies hold only their ``pkcs11:`` URIs). With the token, km host 0 reads the PIN from
     a file of its own (``[hsm] pin_file``), km host 1 from ``$IOTDLM_HSM_PIN``, and the cm host has
-    no PIN at all."""
+    no PIN at all. ``console=False`` turns each host's operator console off (bench/multihost.py:
+    not what it measures, and ~2 CPU-seconds per host to start)."""
     root = site.dep.root
     raw = msgspec.toml.decode((root / CONFIG_FILE).read_bytes())
     raw.setdefault("nats", {})["url"] = cluster_url
@@ -238,17 +239,19 @@ def place_hosts(site: Site, cluster_url: str) -> None:
         folder = root.parent / f"host{i}"
         shutil.copytree(root, folder, symlinks=True)
         site.hosts.append(folder)
-        site.envs.append(_host_setup(site, i, folder))
+        site.envs.append(_host_setup(site, i, folder, console))
         if i == 2:
             cm = {"host": host, "https_port": https_port, "http_port": http_port, "egress_port": free_port()}
             (folder / CM_FILE).write_bytes(tomli_w.dumps(cm).encode())
 
 
-def _host_setup(site: Site, i: int, folder: Path) -> dict[str, str]:
+def _host_setup(site: Site, i: int, folder: Path, console: bool) -> dict[str, str]:
     """Host ``i``'s PIN (or passphrase) source; returns what its ``iotdlm up`` gets in its environment."""
     raw = msgspec.toml.decode((folder / CONFIG_FILE).read_bytes())
     # each host's console on a port of its own (all three on the default 127.0.0.1:8444 collide)
     raw.setdefault("console", {})["port"] = free_port()
+    if not console:
+        raw["console"]["enabled"] = False
     if not site.hsm:
         (folder / CONFIG_FILE).write_bytes(tomli_w.dumps(raw).encode())
         return {PASSPHRASE_ENV: PW}
