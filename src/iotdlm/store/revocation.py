@@ -8,10 +8,24 @@ Revocation never goes back: a revoked certificate is final; a CRL is only replac
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import ColumnElement, Connection, Row, Select, and_, func, or_, select, type_coerce, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Select,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
 
 from iotdlm import errors
 from iotdlm.store import records as r
@@ -49,6 +63,70 @@ def _crl_record(row: Row[*tuple[Any, ...]]) -> CrlRecord:
         base_number=None if row[6] is None else int(row[6]),
         der=bytes(row[7]),
     )
+
+
+@functools.cache
+def _revoked_query(delta: bool, superseded: bool) -> Select[Any]:
+    """The page query of :meth:`RevocationRepository.iter_revoked`, built once per shape (issue
+    15: building the expression cost more than running it, for every CRL of every partition).
+    Parameters: issuer, partition, not_after_from, after_id, batch; since (delta); superseded_by
+    and, for a delta, superseded_since (superseded certificates)."""
+    c = certificates.c
+    revoked: list[ColumnElement[bool]] = [c.status == r.CERT_REVOKED]
+    if delta:
+        # on the indexed column (issuer, crl_partition, status, revoked_at): a delta is made after
+        # every revocation. A row revoked without a time is in the full CRLs, not in deltas.
+        revoked.append(c.revoked_at > bindparam("since"))
+    status: ColumnElement[bool] = and_(*revoked)
+    if superseded:
+        grace = [c.status == r.CERT_SUPERSEDED, c.revoked_at <= bindparam("superseded_by")]
+        if delta:
+            grace.append(c.revoked_at > bindparam("superseded_since"))
+        status = or_(status, and_(*grace))
+    revoked_at = type_coerce(func.coalesce(c.revoked_at, c.created_at), UTCDateTime())
+    return (
+        select(c.id, c.serial_hex, revoked_at, c.revocation_reason, c.status)
+        .where(
+            c.issuer == bindparam("issuer"),
+            c.crl_partition == bindparam("partition"),
+            c.not_after >= bindparam("not_after_from"),
+            status,
+            c.id > bindparam("after_id"),
+        )
+        .order_by(c.id)
+        .limit(bindparam("batch"))
+    )
+
+
+@dataclass(frozen=True)
+class _CrlStatements:
+    next_number: Any
+    save: Any
+
+
+@functools.cache
+def _crl_statements(dialect: str, insert: Any) -> _CrlStatements:
+    """The CRL number allocation and the CRL upsert of one dialect, built once (issue 15: a km
+    worker's start makes a CRL per partition and CA, each building them anew cost more than the
+    SQL). Parameters: issuer, partition; and kind, number, this_update, next_update,
+    base_number, der for the upsert."""
+    next_number = (
+        insert(crl_numbers)
+        .values(issuer=bindparam("issuer"), partition=bindparam("partition"), last_number=1)
+        .on_conflict_do_update(
+            index_elements=[crl_numbers.c.issuer, crl_numbers.c.partition],
+            set_={"last_number": crl_numbers.c.last_number + 1},
+        )
+        .returning(crl_numbers.c.last_number)
+    )
+    columns = ("number", "this_update", "next_update", "base_number", "der")
+    ins = insert(crls).values({name: bindparam(name) for name in ("issuer", "partition", "kind", *columns)})
+    save = ins.on_conflict_do_update(
+        index_elements=[crls.c.issuer, crls.c.partition, crls.c.kind],
+        set_={name: getattr(ins.excluded, name) for name in columns},
+        where=crls.c.number < ins.excluded.number,
+    ).returning(crls.c.number)
+    return _CrlStatements(next_number, save)
 
 
 def revocation_entry(rec: CertRecord, *, actor: str) -> AuditEntry:
@@ -245,44 +323,28 @@ class RevocationRepository(Database):
             if superseded_grace < dt.timedelta(0):
                 raise ValueError("superseded_grace must not be negative")
         check_batch_size(batch)
-        where = self._revoked_filters(issuer, partition, not_after_from)
-        if where is None:
+        r.check_aware("not_after_from", not_after_from)
+        if not r.findable_partition(partition) or not r.findable_text(issuer, r.ISSUER_LEN):
             return iter(())
-        revoked_at = type_coerce(func.coalesce(certificates.c.revoked_at, certificates.c.created_at), UTCDateTime())
-        revoked: list[ColumnElement[bool]] = [certificates.c.status == r.CERT_REVOKED]
+        grace = superseded_grace
+        params: dict[str, Any] = {"issuer": issuer, "partition": partition, "not_after_from": not_after_from}
         if revoked_since is not None:
-            # on the indexed column (issuer, crl_partition, status, revoked_at): a delta is made after
-            # every revocation. A row revoked without a time is in the full CRLs, not in deltas.
-            revoked.append(certificates.c.revoked_at > revoked_since)
-        status: ColumnElement[bool] = and_(*revoked)
-        if superseded_grace is not None:
+            params["since"] = revoked_since
+        if grace is not None:
             assert as_of is not None
-            superseded = [
-                certificates.c.status == r.CERT_SUPERSEDED,
-                certificates.c.revoked_at <= as_of - superseded_grace,
-            ]
+            params["superseded_by"] = as_of - grace
             if revoked_since is not None:
-                superseded.append(certificates.c.revoked_at > revoked_since - superseded_grace)
-            status = or_(status, and_(*superseded))
-        where.append(status)
-        base = select(
-            certificates.c.id,
-            certificates.c.serial_hex,
-            revoked_at,
-            certificates.c.revocation_reason,
-            certificates.c.status,
-        )
-        return self._iter_revoked(base.where(*where), batch, superseded_grace or dt.timedelta(0))
+                params["superseded_since"] = revoked_since - grace
+        stmt = _revoked_query(revoked_since is not None, grace is not None)
+        return self._iter_revoked(stmt, params, batch, grace or dt.timedelta(0))
 
     def _iter_revoked(
-        self, base: Select[Any], batch: int, grace: dt.timedelta
+        self, stmt: Select[Any], params: dict[str, Any], batch: int, grace: dt.timedelta
     ) -> Iterator[tuple[int, dt.datetime, str | None]]:
-        last_id: int | None = None
+        params = {**params, "after_id": 0, "batch": batch}  # ids start at 1
         while True:
-            stmt = base if last_id is None else base.where(certificates.c.id > last_id)
-            stmt = stmt.order_by(certificates.c.id).limit(batch)
             with self.transaction("listing revoked certificates", write=False) as conn:
-                rows = conn.execute(stmt).all()
+                rows = conn.execute(stmt, params).all()
             for row in rows:
                 if row[4] == r.CERT_SUPERSEDED:
                     yield r.serial_from_hex(row[1]), row[2] + grace, row[3] or "superseded"
@@ -290,7 +352,7 @@ class RevocationRepository(Database):
                     yield r.serial_from_hex(row[1]), row[2], row[3]
             if len(rows) < batch:
                 return
-            last_id = int(rows[-1][0])
+            params["after_id"] = int(rows[-1][0])
 
     def count_revoked(self, issuer: str, partition: int, *, not_after_from: dt.datetime) -> int:
         """How many certificates :meth:`iter_revoked` yields (without ``revoked_since``)."""
@@ -313,17 +375,9 @@ class RevocationRepository(Database):
         """
         r.check_text("issuer", issuer, r.ISSUER_LEN)
         r.check_partition("partition", partition)
-        stmt = (
-            self.insert()(crl_numbers)
-            .values(issuer=issuer, partition=partition, last_number=1)
-            .on_conflict_do_update(
-                index_elements=[crl_numbers.c.issuer, crl_numbers.c.partition],
-                set_={"last_number": crl_numbers.c.last_number + 1},
-            )
-            .returning(crl_numbers.c.last_number)
-        )
         with self.transaction("allocating a CRL number", write=True) as conn:
-            return int(conn.execute(stmt).scalar_one())
+            stmt = _crl_statements(conn.dialect.name, self.insert()).next_number
+            return int(conn.execute(stmt, {"issuer": issuer, "partition": partition}).scalar_one())
 
     def save_crl(self, rec: CrlRecord, audit: Sequence[AuditEntry] = ()) -> None:
         """Store ``rec`` as the current CRL of its ``(issuer, partition, kind)``, and append
@@ -336,22 +390,20 @@ class RevocationRepository(Database):
         if not isinstance(rec, CrlRecord):
             raise ValueError(f"save_crl takes a CrlRecord, got {type(rec).__name__}")
         check_entries(audit)
-        values: dict[str, Any] = {
+        params: dict[str, Any] = {
+            "issuer": rec.issuer,
+            "partition": rec.partition,
+            "kind": rec.kind,
             "number": rec.number,
             "this_update": rec.this_update,
             "next_update": rec.next_update,
             "base_number": rec.base_number,
             "der": rec.der,
         }
-        ins = self.insert()(crls).values(issuer=rec.issuer, partition=rec.partition, kind=rec.kind, **values)
-        stmt = ins.on_conflict_do_update(
-            index_elements=[crls.c.issuer, crls.c.partition, crls.c.kind],
-            set_=values,
-            where=crls.c.number < ins.excluded.number,
-        ).returning(crls.c.number)
-        key = (crls.c.issuer == rec.issuer, crls.c.partition == rec.partition, crls.c.kind == rec.kind)
         with self.transaction("saving a CRL", write=True) as conn:
-            if conn.execute(stmt).first() is None:
+            statements = _crl_statements(conn.dialect.name, self.insert())
+            if conn.execute(statements.save, params).first() is None:
+                key = (crls.c.issuer == rec.issuer, crls.c.partition == rec.partition, crls.c.kind == rec.kind)
                 stored = conn.execute(select(crls.c.number).where(*key)).scalar_one()
                 raise errors.ConflictError(
                     f"{rec.kind} CRL number {rec.number} of issuer {quote(rec.issuer)} partition {rec.partition} "
