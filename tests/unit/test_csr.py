@@ -39,6 +39,29 @@ def test_pem_csr_parses() -> None:
     assert parse_csr(csr.public_bytes(serialization.Encoding.PEM)).subject == csr.subject
 
 
+@pytest.mark.parametrize("alg", list(Algorithm), ids=lambda a: a.value)
+def test_the_request_der_is_the_csr_as_cryptography_encodes_it(alg: Algorithm) -> None:
+    """parse_csr hands back the DER it was given (not encoded again): the same bytes cryptography
+    writes, for DER in and for PEM in; DER with a byte after it, or a length in long form where
+    short form fits, is no CSR (so the bytes given are always the canonical encoding)."""
+    der = make_csr(generate_key(alg), "dev-1")
+    canonical = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.DER)
+    assert parse_csr(der).der == canonical
+    pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM)
+    assert parse_csr(b"\n" + pem).der == canonical
+    for bad in (der + b"\x00", _length_one_octet_longer(der)):
+        with pytest.raises(BadRequestError):
+            parse_csr(bad)
+
+
+def _length_one_octet_longer(der: bytes) -> bytes:
+    """The same DER element with its length in one octet more than it needs (valid BER, not DER)."""
+    octets = der[1] & 0x7F if der[1] & 0x80 else 0
+    length = int.from_bytes(der[2 : 2 + octets], "big") if octets else der[1]
+    size = length.to_bytes(octets + 1, "big")
+    return der[:1] + bytes([0x80 | len(size)]) + size + der[2 + octets :]
+
+
 def test_tampered_csr_signature_is_refused() -> None:
     der = bytearray(make_csr(generate_key(Algorithm.P256), "dev-1"))
     der[-5] ^= 0x01  # inside the signature BIT STRING

@@ -76,7 +76,9 @@ def parse_csr(data: bytes, *, max_bytes: int = MAX_CSR_BYTES) -> CsrRequest:
         raise BadSignatureError("CSR signature does not verify (no proof of possession)", field="csr")
     try:
         subject = csr.subject
-        der = csr.public_bytes(Encoding.DER)
+        # DER in is the DER out (cryptography's parser takes strict DER only, no trailing bytes):
+        # only PEM is encoded again (issue 15: a km batch spent 1.6% of its CPU re-encoding)
+        der = csr.public_bytes(Encoding.DER) if data.lstrip().startswith(b"-----BEGIN") else data
     except ValueError as exc:
         raise BadRequestError("CSR subject is malformed (an attribute value of the wrong type)", field="csr") from exc
     try:
