@@ -52,7 +52,9 @@ typecheck: $(STAMP)
 
 # The whole suite on the real clock, then again with every process's clock 400 days and 3 years
 # ahead (IOTDLM_CLOCK_OFFSET, read by iotdlm.clock): a test that mixes a fixed date with
-# real-clock issuance fails the day it is written, not on a later day.
+# real-clock issuance fails the day it is written, not on a later day. On the moved clock a
+# Hypothesis test runs a quarter of its examples (tests/conftest.py): inputs are the real-clock
+# pass's work, dates the moved passes'.
 test: sysdeps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 	$(MAKE) --no-print-directory test-future
