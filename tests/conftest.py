@@ -11,6 +11,23 @@ from iotdlm.clock import OFFSET_ENV, offset_from_env
 
 pytest_plugins = ["tests.fixtures_nats", "tests.fixtures_store", "tests.fixtures_hsm"]
 
+
+def _consoles_that_read_columns_at_each_print() -> None:
+    """Rich fixes a console's width from ``$COLUMNS`` when the console is made, i.e. when
+    ``iotdlm.cli.common`` is first imported. In-process CLI tests (click's CliRunner) each pass
+    their own ``COLUMNS``: whichever test imported the module first would fix the width of every
+    later one in that process (seen under pytest-xdist, whose workers run the tests in another
+    order). Made here with ``COLUMNS`` unset, the consoles read it at each print."""
+    columns = os.environ.pop("COLUMNS", None)
+    try:
+        import iotdlm.cli.common  # noqa: F401 - imported for its consoles
+    finally:
+        if columns is not None:
+            os.environ["COLUMNS"] = columns
+
+
+_consoles_that_read_columns_at_each_print()
+
 # On a moved clock (``make test-future``'s two passes) a property test runs a quarter of its
 # examples: the real-clock pass runs them all, and what the moved clock can break is a date, not
 # an input shape. Tests that set their own max_examples keep it.
