@@ -438,8 +438,9 @@ def main() -> None:
     if skipped:
         summary += f"\n\nNot run (py-spy, or PostgreSQL binaries and root, not available): {', '.join(skipped)}."
     OUT.mkdir(parents=True, exist_ok=True)
-    sections = [r.markdown + f"\n\n_This section took {r.seconds:.0f} s, {r.cpu:.0f} CPU-s._" for r in results]
-    sections = [text for r, text in zip(results, sections, strict=True) if r.markdown]
+    sections = [
+        f"{r.markdown}\n\n_This section took {r.seconds:.0f} s, {r.cpu:.0f} CPU-s._" for r in results if r.markdown
+    ]
     (OUT / "last-run.md").write_text("# Benchmarks (last run)\n\n" + "\n\n".join([summary, *sections]) + "\n")
     (OUT / "last-run.json").write_text(
         json.dumps(

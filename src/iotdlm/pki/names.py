@@ -55,7 +55,6 @@ HW_TYPE_ARC = 2
 LEGACY_DEVICE_URN = "urn:iotdlm:device:"
 LEGACY_MODULE_URN = "urn:iotdlm:module:"
 
-#: id-on-hardwareModuleName (RFC 4108 section 5)
 #: id-on-hardwareModuleName (RFC 4108 5); pyasn1-modules' rfc4108 is loaded only to parse one (~0.15 s)
 HARDWARE_MODULE_NAME = ObjectIdentifier("1.3.6.1.5.5.7.8.4")
 

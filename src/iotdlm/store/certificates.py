@@ -13,13 +13,11 @@ fingerprint :class:`~iotdlm.errors.ConflictError`, a missing row
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, bindparam, func, select, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import sqlite
 
 from iotdlm import errors
 from iotdlm.store import records as r
@@ -36,15 +34,9 @@ _STATUS_QUERY = select(certificates.c.status, certificates.c.revoked_at, certifi
 )
 
 
-@functools.cache
-def _new_devices(dialect: str) -> Any:
-    """The insert of devices created by an issuance, known ones left as they are; built once per
-    dialect (issue 15); PostgreSQL's dialect is imported only where it is used."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id])
-    return sqlite.insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id])
+def _new_devices(insert: Any) -> Any:
+    """The insert of devices created by an issuance, known ones left as they are."""
+    return insert(devices_table).on_conflict_do_nothing(index_elements=[devices_table.c.device_id])
 
 
 CERT_COLUMNS = (
@@ -217,7 +209,7 @@ class CertificateRepository(Database):
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in nonces])
             insert_nonces(conn, [(n.sender, n.nonce, n.expires_at) for n in extra])
             if device_rows:
-                conn.execute(_new_devices(conn.dialect.name), list(device_rows.values()))
+                conn.execute(self.built(_new_devices), list(device_rows.values()))
             if rows:
                 conn.execute(_INSERT_CERTIFICATES, rows)
             append_entries(conn, audit)

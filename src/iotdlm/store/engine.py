@@ -48,6 +48,7 @@ _MIGRATION_LOCK_KEY: Final = 0x10_7D_1A_0001
 _DEFAULT_PG_CONNECT_TIMEOUT_S: Final = 10
 #: a connection of either kind, for :meth:`Database._guarded`
 _C = TypeVar("_C")
+_T = TypeVar("_T")
 _SQLITE_BUSY_TIMEOUT_MS: Final = 10_000
 
 
@@ -136,6 +137,19 @@ def _install_sqlite_hooks(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+def _dialect_insert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql  # not imported for SQLite deployments
+
+        return postgresql.insert
+    return sqlite.insert
+
+
+@functools.cache
+def _built(dialect: str, build: Callable[[Any], _T]) -> _T:
+    return build(_dialect_insert(dialect))
 
 
 class Database:
@@ -404,11 +418,14 @@ class Database:
 
     def insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
-        if self._engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects import postgresql  # not imported for SQLite deployments
+        return _dialect_insert(self._engine.dialect.name)
 
-            return postgresql.insert
-        return sqlite.insert
+    def built(self, build: Callable[[Any], _T]) -> _T:
+        """``build(insert)`` with this dialect's INSERT, made once per dialect and kept: for the
+        statements of a hot path, whose building cost more than their SQL (issue 15). ``build``
+        is a module-level function; the statement takes its values as bound parameters."""
+        statement: _T = _built(self._engine.dialect.name, build)  # functools.cache keeps no type
+        return statement
 
     def rows_where_in(
         self, key: Any, values: Sequence[str], columns: Sequence[Any], what: str, *, max_len: int = r.DEVICE_ID_LEN

@@ -104,11 +104,10 @@ class _CrlStatements:
     save: Any
 
 
-@functools.cache
-def _crl_statements(dialect: str, insert: Any) -> _CrlStatements:
-    """The CRL number allocation and the CRL upsert of one dialect, built once (issue 15: a km
-    worker's start makes a CRL per partition and CA, each building them anew cost more than the
-    SQL). Parameters: issuer, partition; and kind, number, this_update, next_update,
+def _crl_statements(insert: Any) -> _CrlStatements:
+    """The CRL number allocation and the CRL upsert, built once per dialect by ``Database.built``
+    (issue 15: a km worker's start makes a CRL per partition and CA, each building them anew cost
+    more than the SQL). Parameters: issuer, partition; and kind, number, this_update, next_update,
     base_number, der for the upsert."""
     next_number = (
         insert(crl_numbers)
@@ -326,17 +325,16 @@ class RevocationRepository(Database):
         r.check_aware("not_after_from", not_after_from)
         if not r.findable_partition(partition) or not r.findable_text(issuer, r.ISSUER_LEN):
             return iter(())
-        grace = superseded_grace
         params: dict[str, Any] = {"issuer": issuer, "partition": partition, "not_after_from": not_after_from}
         if revoked_since is not None:
             params["since"] = revoked_since
-        if grace is not None:
+        if superseded_grace is not None:
             assert as_of is not None
-            params["superseded_by"] = as_of - grace
+            params["superseded_by"] = as_of - superseded_grace
             if revoked_since is not None:
-                params["superseded_since"] = revoked_since - grace
-        stmt = _revoked_query(revoked_since is not None, grace is not None)
-        return self._iter_revoked(stmt, params, batch, grace or dt.timedelta(0))
+                params["superseded_since"] = revoked_since - superseded_grace
+        stmt = _revoked_query(revoked_since is not None, superseded_grace is not None)
+        return self._iter_revoked(stmt, params, batch, superseded_grace or dt.timedelta(0))
 
     def _iter_revoked(
         self, stmt: Select[Any], params: dict[str, Any], batch: int, grace: dt.timedelta
@@ -376,7 +374,7 @@ class RevocationRepository(Database):
         r.check_text("issuer", issuer, r.ISSUER_LEN)
         r.check_partition("partition", partition)
         with self.transaction("allocating a CRL number", write=True) as conn:
-            stmt = _crl_statements(conn.dialect.name, self.insert()).next_number
+            stmt = self.built(_crl_statements).next_number
             return int(conn.execute(stmt, {"issuer": issuer, "partition": partition}).scalar_one())
 
     def save_crl(self, rec: CrlRecord, audit: Sequence[AuditEntry] = ()) -> None:
@@ -401,7 +399,7 @@ class RevocationRepository(Database):
             "der": rec.der,
         }
         with self.transaction("saving a CRL", write=True) as conn:
-            statements = _crl_statements(conn.dialect.name, self.insert())
+            statements = self.built(_crl_statements)
             if conn.execute(statements.save, params).first() is None:
                 key = (crls.c.issuer == rec.issuer, crls.c.partition == rec.partition, crls.c.kind == rec.kind)
                 stored = conn.execute(select(crls.c.number).where(*key)).scalar_one()
