@@ -33,7 +33,7 @@ DATABASE_MEMBER = "database/iotdlm.db"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 #: what the data folder holds that is not copied: the live database (copied as a snapshot), logs,
 #: and the embedded NATS server's live state
-SKIPPED = ("db/iotdlm.db", "db/iotdlm.db-wal", "db/iotdlm.db-shm", "db/iotdlm.db-journal")
+SKIPPED = ("db/iotdlm.db", "db/iotdlm.db-wal", "db/iotdlm.db-shm", "db/iotdlm.db-journal", "db/iotdlm.db-write.lock")
 SKIPPED_FOLDERS = ("logs", "nats/jetstream")
 SKIPPED_FILES = ("nats/nats-server.pid",)
 _CHUNK = 1 << 20

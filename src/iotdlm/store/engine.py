@@ -34,6 +34,7 @@ from iotdlm import errors
 from iotdlm.store import records as r
 from iotdlm.store.driver import DriverConnection, StatementCache
 from iotdlm.store.queries import IN_CHUNK, quote
+from iotdlm.store.write_turn import WriteTurn
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -162,6 +163,10 @@ class Database:
         self._hint = hint
         self._closed = False
         self._statements = StatementCache(engine.dialect)
+        self._turn: WriteTurn | None = None
+        database = engine.url.database or ""
+        if engine.dialect.name == "sqlite" and database and not database.startswith("file:"):
+            self._turn = WriteTurn(Path(database), _SQLITE_BUSY_TIMEOUT_MS / 1000)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -241,6 +246,8 @@ class Database:
         """Close every pooled connection. The store cannot be used afterwards. Idempotent."""
         self._closed = True
         self._engine.dispose()
+        if self._turn is not None:
+            self._turn.close()
 
     def __enter__(self) -> Self:
         return self
@@ -328,8 +335,20 @@ class Database:
         with self._engine.connect() as conn:
             if write:
                 conn.execution_options(**{_WRITE_OPTION: True})
-            with conn.begin():
+            with self._write_turn(write), conn.begin():
                 yield conn
+
+    @contextmanager
+    def _write_turn(self, write: bool) -> Iterator[None]:
+        """A write transaction inside waits for its turn (SQLite; :mod:`~iotdlm.store.write_turn`)."""
+        turn = self._turn if write else None
+        if turn is None or not turn.take():
+            yield
+            return
+        try:
+            yield
+        finally:
+            turn.give()
 
     @contextmanager
     def transaction(
@@ -391,19 +410,21 @@ class Database:
         raw: Any = pooled.dbapi_connection
         sqlite_ = dialect.name == "sqlite"
         try:
-            if sqlite_:  # isolation_level None (see _install_sqlite_hooks): we say when it begins
-                raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            yield DriverConnection(raw, self._statements, dbapi_error)
-            raw.commit()
-        except BaseException as exc:
-            cause: Any = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
-            if isinstance(cause, dbapi_error) and dialect.is_disconnect(cause, raw, None):
-                pooled.invalidate(cause)
-            else:
-                self._rollback(raw, sqlite_, dbapi_error)
-            if isinstance(exc, dbapi_error):
-                raise sa_exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
-            raise
+            with self._write_turn(write):
+                try:
+                    if sqlite_:  # isolation_level None (see _install_sqlite_hooks): we say when it begins
+                        raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    yield DriverConnection(raw, self._statements, dbapi_error)
+                    raw.commit()
+                except BaseException as exc:
+                    cause: Any = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+                    if isinstance(cause, dbapi_error) and dialect.is_disconnect(cause, raw, None):
+                        pooled.invalidate(cause)
+                    else:
+                        self._rollback(raw, sqlite_, dbapi_error)
+                    if isinstance(exc, dbapi_error):
+                        raise sa_exc.DBAPIError.instance(None, None, exc, dbapi_error, dialect=dialect) from exc
+                    raise
         finally:
             pooled.close()
 
