@@ -90,6 +90,16 @@ def test_a_turn_that_does_not_come_in_time_lets_the_write_go_on(tmp_path: Path) 
         store.close()
 
 
+def test_a_folder_without_the_lock_file_still_takes_turns_inside_the_process(tmp_path: Path) -> None:
+    turn = WriteTurn(tmp_path / "missing" / "x.db", patience_s=0.2)
+    assert turn.take()
+    assert turn.take() is False  # the thread turn is held
+    turn.give()
+    assert turn.take()
+    turn.give()
+    turn.close()
+
+
 def test_the_lock_file_is_not_backed_up() -> None:
     assert f"db/iotdlm.db{SUFFIX}" in SKIPPED
 

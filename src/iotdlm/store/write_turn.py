@@ -18,6 +18,7 @@ not take turns (an older iotdlm, the sqlite3 shell) are still safe, only not que
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -36,8 +37,11 @@ class WriteTurn:
     def __init__(self, database: Path, patience_s: float) -> None:
         self._thread_turn = threading.Lock()
         self._patience_s = patience_s
+        self._fd: int | None = None
+        # a folder we cannot write to: turns inside this process only (SQLite says what is wrong);
         # O_CLOEXEC (Python's default): a process started from this one does not hold the turn
-        self._fd: int | None = os.open(str(database) + SUFFIX, os.O_RDWR | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):
+            self._fd = os.open(str(database) + SUFFIX, os.O_RDWR | os.O_CREAT, 0o600)
 
     def take(self) -> bool:
         """Wait for this thread's turn; False if it did not come within the patience (the writer
@@ -53,16 +57,22 @@ class WriteTurn:
                 return True
             except BlockingIOError:
                 if time.monotonic() + delay > deadline:
-                    break
+                    self._thread_turn.release()
+                    return False
                 time.sleep(delay)
                 delay = min(delay * 2, _LAST_TRY_S)
-        self._thread_turn.release()
-        return False
+            except OSError:  # a file system without flock: turns inside this process only
+                self._fd = None
+                os.close(fd)
+                break
+        return True
 
     def give(self) -> None:
         """End a turn :meth:`take` gave (after the commit or rollback)."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fd = self._fd
+        if fd is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile (the store's close): no lock left to give
+                fcntl.flock(fd, fcntl.LOCK_UN)
         self._thread_turn.release()
 
     def close(self) -> None:
