@@ -8,7 +8,7 @@ requests queued behind it and its core idle. Here a writer takes, in this order,
 turn (a thread lock) and the deployment's turn (an ``flock`` on ``<database>-write.lock``), tried
 every 20 us to 0.5 ms, and only then begins; so the lock goes to the next writer a fraction of a
 millisecond after a commit. Single requests with 2 km workers: +10-15% certificates/s, p95 -25%
-(docs/benchmarks.md).
+(ADR 0031, docs/benchmarks.md).
 
 A turn is advice, not the lock: a writer that has not had its turn within the busy timeout begins
 all the same (SQLite's lock and busy timeout still decide, so nothing waits longer than before
