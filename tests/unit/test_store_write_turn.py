@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,7 @@ def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
             with guard:
                 inside += 1
                 most = max(most, inside)
+            time.sleep(0)  # let the other threads run: without turns one of them gets in here
             with guard:
                 inside -= 1
             turn.give()
