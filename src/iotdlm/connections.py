@@ -12,4 +12,3 @@ from iotdlm.store import Store
 def open_store(dep: Deployment, *, migrate: bool = True) -> Store:
     """The deployment's store (its database URL), migrated to the current schema unless told not to."""
     return Store.open(dep.database_url, migrate=migrate)
-

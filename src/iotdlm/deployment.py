@@ -380,9 +380,7 @@ class Deployment:
             name = gen.name
             cert = self.ca_certificate(name)
             signer = self.ca_signer(name, passphrase)
-            out[name] = pki_ca.IssuingCA(
-                name=name, certificate=cert, signer=signer, chain=(cert, root), generation=gen
-            )
+            out[name] = pki_ca.IssuingCA(name=name, certificate=cert, signer=signer, chain=(cert, root), generation=gen)
         return out
 
     def ca_generations(self) -> list[pki_rotation.Generation]:

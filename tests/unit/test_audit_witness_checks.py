@@ -75,9 +75,7 @@ def test_extends_sizes_and_roots(tmp_path: Path) -> None:
     proof = km_audit.consistency(store, 3, 9)
     check_extends(heads[3], heads[9], proof)
     check_extends(heads[9], heads[9], None)
-    with pytest.raises(
-        LogInconsistentError, match="truncated: cm serves a signed tree head of 6 records, smaller"
-    ):
+    with pytest.raises(LogInconsistentError, match="truncated: cm serves a signed tree head of 6 records, smaller"):
         check_extends(heads[9], heads[6], None)
     with pytest.raises(LogInconsistentError, match="rewritten: cm serves a signed tree head of 9 records whose root"):
         check_extends(heads[9], msgspec.structs.replace(heads[9], root="0" * 64), None)

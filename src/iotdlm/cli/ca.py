@@ -82,9 +82,7 @@ def ca() -> None:
 @click.option("--profile", required=True, help="factory, operational, service or ocsp.")
 @click.option("--device-id", help="Device id (with --csr/--crmf).")
 @click.option("--dtype", help="Register the device as this device type.")
-@click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Output file (or folder with --csr-dir)."
-)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output file (or folder with --csr-dir).")
 @click.option(
     "--force",
     is_flag=True,
@@ -134,7 +132,14 @@ def ca_issue(
             task = progress.add_task("issuing", total=len(jobs))
             for dev, src, item in jobs:
                 issue.one(
-                    dev, src, item, profile=profile, dtype=dtype, force=force, out=out, folder=csr_dir is not None,
+                    dev,
+                    src,
+                    item,
+                    profile=profile,
+                    dtype=dtype,
+                    force=force,
+                    out=out,
+                    folder=csr_dir is not None,
                     fmt=fmt,
                 )
                 progress.advance(task)

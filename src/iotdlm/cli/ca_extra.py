@@ -153,9 +153,7 @@ def ca_renew(
     required=True,
     help="Write the new private key here (PEM, mode 0600, unencrypted).",
 )
-@click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Write the certificate and its CA here."
-)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Write the certificate and its CA here.")
 @format_option("the certificate and its CA (C509: one COSE_C509 bag)")
 @click.option("--key-type", type=click.Choice(KEY_TYPES), help="Key type (default: the deployment's algorithm).")
 @click.option("--dtype", help="Register the device as this device type.")
