@@ -206,18 +206,22 @@ async def test_status_shows_the_last_error_and_down_stops_everything(site: Path,
         start_new_session=True,
     )
     try:
+        # the supervisor keeps restarting km, which is "running" for the moment each try lasts: each
+        # status below is asked again until it finds km between two tries
+        seen: list[StatusReply] = []
 
-        def km_failed() -> StatusReply | None:
+        def km_failed() -> bool:
             out = iotdlm("status", "--data", str(site), "--json")
             if out.returncode != 0:
-                return None
+                return False
             st = decode(out.stdout.encode(), StatusReply)
             km = next(s for s in st.services if s.name == "km")
-            return st if km.last_error and not km.running and "cm" in stand_ins(site) else None
+            if km.last_error and not km.running and "cm" in stand_ins(site):
+                seen.append(st)
+            return bool(seen)
 
-        await until(lambda: km_failed() is not None, "km to fail and cm to run", root=site)
-        st = km_failed()
-        assert st is not None
+        await until(km_failed, "km to fail and cm to run", root=site)
+        st = seen[0]
         km = next(s for s in st.services if s.name == "km")
         assert km.last_exit == 4
         assert km.last_error == (
@@ -225,9 +229,16 @@ async def test_status_shows_the_last_error_and_down_stops_everything(site: Path,
         )
         assert next(s for s in st.services if s.name == "cm").last_error is None  # running: none shown
 
-        out = iotdlm("status", "--data", str(site))
-        assert out.returncode == 0, out.stderr
-        line = next(x for x in out.stdout.splitlines() if x.startswith("km ") and "last exit 4" in x)
+        lines: list[str] = []
+
+        def km_line_shown() -> bool:
+            out = iotdlm("status", "--data", str(site))
+            assert out.returncode == 0, out.stderr
+            lines.extend(x for x in out.stdout.splitlines() if x.startswith("km ") and "last exit 4" in x)
+            return bool(lines)
+
+        await until(km_line_shown, "status to show km's last exit and error", root=site)
+        line = lines[0]
         assert "refused (bad_request): cannot load private key: wrong passphrase" in line
         assert str(site / "logs" / "km.log") in line
 
