@@ -1,10 +1,13 @@
 """km over the bus: the paper's createCertificate (CSR and CRMF, raVerified from pm), RA refusals,
-signed requests and replays. Every test runs on the in-memory bus and on a real nats-server."""
+signed requests and replays. Every test runs on the in-memory bus and on a real nats-server, the
+latter twice: with every request in a worker thread, and with single requests answered on km's
+event loop as ``km serve`` does for a SQLite store (ADR 0032)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -52,6 +55,7 @@ class Env:
     clock: FixedClock
     km: Km
     buses: dict[str, Bus]
+    service: KmService
 
     def client(self, identity: str, bus_module: str | None = None) -> KmClient:
         module = bus_module or identity.split("-")[0]
@@ -78,7 +82,13 @@ def make_km(store: Store, clock: FixedClock, **settings: object) -> Km:
     )
 
 
-@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("nats-on-loop", marks=pytest.mark.nats),
+    ]
+)
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
     clock = FixedClock(NOW)
     store = Store.open(f"sqlite:///{tmp_path / 'km.db'}")
@@ -93,10 +103,10 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     else:
         server = start_nats(tmp_path)
         buses = {m: await server.connect(m) for m in modules}
-    service = KmService(km, buses["km"], identity=PKI.km_identity())
+    service = KmService(km, buses["km"], identity=PKI.km_identity(), on_loop=request.param == "nats-on-loop")
     await service.start()
     try:
-        yield Env(PKI, store, clock, km, buses)
+        yield Env(PKI, store, clock, km, buses, service)
     finally:
         await service.stop()
         for b in buses.values():
@@ -130,6 +140,40 @@ async def test_pkcs10_issuance(env: Env) -> None:
     dev = env.store.get_device("dev-1")
     assert dev is not None
     assert dev.dtype == "boardA"
+
+
+async def test_single_requests_run_on_the_loop_only_when_asked(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ADR 0032: with ``on_loop`` a single issuance (and its refusal) is answered on km's event loop
+    thread, a batch still in a worker thread; without it, every request in a worker thread."""
+    loop_thread = threading.get_ident()  # km's service runs on this test's loop
+    where: dict[str, int] = {}
+
+    def spy(name: str) -> None:
+        real = getattr(env.km, name)
+
+        def run(token: bytes) -> object:
+            where[name] = threading.get_ident()
+            return real(token)
+
+        monkeypatch.setattr(env.km, name, run)
+
+    spy("issue")
+    spy("issue_batch")
+    pm = env.client("pm-boardA")
+    out = await pm.issue("dev-loop", "operational", csr=make_csr(generate_key(Algorithm.P256), "dev-loop"))
+    _verify(out.certificate, "operational", "dev-loop")
+    assert (where["issue"] == loop_thread) is env.service.on_loop
+    csr = make_csr(generate_key(Algorithm.P256), "dev-b")
+    (result,) = await pm.issue_batch([msg.IssueItem(device_id="dev-b", profile="operational", csr=csr)])
+    assert result.certificate is not None
+    assert where["issue_batch"] != loop_thread
+    del where["issue"]
+    pub = generate_key(Algorithm.P256).public_key()
+    der = crmf.build_ra_verified(7, device_subject("dev-x", ORG, "boardA"), pub)
+    with pytest.raises(NotAuthorizedError):  # a refusal, sealed by km where the request ran
+        await env.client("admin").issue("dev-x", "factory", crmf=der)
+    assert (where["issue"] == loop_thread) is env.service.on_loop
+    assert env.store.count_certificates() == 2
 
 
 def _spki() -> tuple[serialization.Encoding, serialization.PublicFormat]:

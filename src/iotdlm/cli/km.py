@@ -52,6 +52,8 @@ async def _serve_km(dep: Deployment) -> None:
         extra_routes=transfer_peer_routes(dep, store, kmcore, bus),
         transfer_updates=dep.root / "transfer" / "updates",
         metrics=metrics,
+        # single requests on the event loop when nothing they do can wait on the network (ADR 0032)
+        on_loop=store.backend == "sqlite" and dep.config.hsm is None,
     )
     await service.start()
     observer = Observer(bus, metrics, mode=guard)

@@ -1,7 +1,12 @@
 """km on the bus: thin handlers (decode -> authorize -> act -> encode) around :class:`Km`.
 
 Every worker joins the ``iotdlm.km`` queue group, so N km processes share the subjects; the work
-of one request runs in a worker thread, so the event loop keeps moving NATS traffic meanwhile.
+of one request runs in a worker thread, so the event loop keeps moving NATS traffic meanwhile --
+except, with ``on_loop``, the single-certificate requests (:data:`ON_LOOP_SUBJECTS`), which are
+answered on the event loop itself: with the store in a local SQLite file and the CA keys in
+memory such a request never waits on anything but CPU and SQLite's write lock, and two busy
+threads in one process cost more CPU in handing the GIL to each other than the work itself
+(ADR 0032).
 Each worker also listens (outside the queue group) for the others' revocations, and runs the
 schedule: full CRLs before they are due, audit checkpoints, purging expired nonces.
 
@@ -54,6 +59,22 @@ class Schedule:
 #: an audit tree head by km itself
 UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP, s.KM_AUDIT_CHECKPOINT})
 
+#: with ``on_loop``, answered on the event loop (ADR 0032): one certificate, or none, per request,
+#: so each holds the loop for about a millisecond. Batches, server-side key generation (an RSA key
+#: takes a while), revocations, audit proofs and the transfer's handlers stay in worker threads.
+ON_LOOP_SUBJECTS = frozenset(
+    {
+        s.KM_ISSUE,
+        s.KM_RENEW,
+        s.KM_EST_SIMPLEENROLL,
+        s.KM_EST_SIMPLEREENROLL,
+        s.KM_EST_NONCE,
+        s.KM_GET,
+        s.KM_CHAIN,
+        s.KM_FACTORY_CAS,
+    }
+)
+
 
 class _RevokedEvent(msgspec.Struct, frozen=True):
     issuer: str
@@ -73,6 +94,7 @@ class KmService:
         extra_routes: Mapping[str, Callable[[Message], Awaitable[bytes]]] | None = None,
         transfer_updates: Path | None = None,
         metrics: ModuleMetrics | None = None,
+        on_loop: bool = False,
     ) -> None:
         self.km = km
         self.bus = bus
@@ -92,6 +114,9 @@ class KmService:
         self.extra_routes = dict(extra_routes or {})
         #: issuance by profile, refusals by code, OCSP answers, CRL generations (docs/adr/0018)
         self.metrics = metrics
+        #: answer :data:`ON_LOOP_SUBJECTS` on the event loop, not in a worker thread (ADR 0032):
+        #: for a store in a local SQLite file and CA keys in memory (``km serve`` decides)
+        self.on_loop = on_loop
 
     async def start(self) -> None:
         queue = s.queue_group("km")
@@ -132,9 +157,11 @@ class KmService:
 
     # --- handlers -------------------------------------------------------------------------
     def _wrap(self, subject: str, fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
-        """``fn`` run in a worker thread; its result encoded and, on the signed subjects, sealed by
-        km in the same thread (one hop off the event loop per request, issue 15)."""
+        """``fn`` run in a worker thread (or on the loop: ``on_loop``, ADR 0032); its result
+        encoded and, on the signed subjects, sealed by km in the same thread (one hop off the event
+        loop per request, issue 15)."""
         sealer = None if subject in UNSIGNED_SUBJECTS else self._sealer
+        on_loop = self.on_loop and subject in ON_LOOP_SUBJECTS
 
         def work(m: Message) -> bytes:
             start = time.perf_counter()
@@ -151,17 +178,19 @@ class KmService:
             return sealer.seal_reply(subject, m.data, body, error=False, now=self.km.clock.now())
 
         async def handler(m: Message) -> bytes:
+            if on_loop:
+                return work(m)
             return await asyncio.to_thread(work, m)
 
         # a CRL is signed by its CA already, and its consumers verify that (ADR 0006)
-        return handler if sealer is None else self._signed(subject, handler, sealed=True)
+        return handler if sealer is None else self._signed(subject, handler, sealed=True, on_loop=on_loop)
 
     def _signed(
-        self, subject: str, handler: Callable[[Message], Any], *, sealed: bool = False
+        self, subject: str, handler: Callable[[Message], Any], *, sealed: bool = False, on_loop: bool = False
     ) -> Callable[[Message], Any]:
         """``handler`` with its result and its errors sealed by km (ADR 0006); as is without an
-        identity. One signature per reply, in a worker thread. ``sealed``: the handler seals its
-        results itself, only its errors are sealed here."""
+        identity. One signature per reply, in a worker thread (``on_loop``: on the loop). ``sealed``:
+        the handler seals its results itself, only its errors are sealed here."""
         sealer = self._sealer
         if sealer is None:
             return handler
