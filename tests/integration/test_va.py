@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Env:
     clock: FixedClock
     kms: list[Km]
     buses: dict[str, Bus]
+    on_loop: bool = False
 
     def client(self, identity: str) -> KmClient:
         module = identity.split("-")[0]
@@ -69,9 +71,16 @@ class Env:
         return x509.load_der_x509_certificate(out.certificate)
 
 
-@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("nats-on-loop", marks=pytest.mark.nats),
+    ]
+)
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
-    """Two km workers (own store connection each) in one queue group."""
+    """Two km workers (own store connection each) in one queue group; on a real nats-server also
+    with single requests and OCSP signing on km's event loop, as ``km serve`` runs them (ADR 0032)."""
     clock = FixedClock(NOW)
     url = f"sqlite:///{tmp_path / 'km.db'}"
     stores = [Store.open(url), Store.open(url)]
@@ -85,11 +94,14 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
         server = start_nats(tmp_path)
         km_buses = [await server.connect("km"), await server.connect("km")]
         buses = {m: await server.connect(m) for m in ("pm", "cm", "admin")}
-    services = [KmService(k, b, identity=PKI.km_identity()) for k, b in zip(kms, km_buses, strict=True)]
+    on_loop = request.param == "nats-on-loop"
+    services = [
+        KmService(k, b, identity=PKI.km_identity(), on_loop=on_loop) for k, b in zip(kms, km_buses, strict=True)
+    ]
     for svc in services:
         await svc.start()
     try:
-        yield Env(stores[0], clock, kms, buses)
+        yield Env(stores[0], clock, kms, buses, on_loop)
     finally:
         for svc in services:
             await svc.stop()
@@ -140,6 +152,31 @@ async def test_revocation_shows_at_once_in_ocsp_and_next_crl(env: Env) -> None:
     env.clock.advance(dt.timedelta(days=2))  # the stored full CRL is past its next update
     after = await env.client("cm").crl("operational", part)
     assert cert.serial_number in _crl_serials(after)
+
+
+async def test_ocsp_signed_on_demand_runs_on_the_loop_only_when_asked(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADR 0032: with ``on_loop`` an answer signed on demand (a nonce) is signed on km's event loop
+    thread, otherwise in a worker thread; either way it is the certificate's current status."""
+    loop_thread = threading.get_ident()  # both km services run on this test's loop
+    cert = await env.issue("dev-t")
+    threads: list[int] = []
+    for k in env.kms:
+        assert k.va is not None
+        real = k.va.answer
+
+        def spy(query: object, real: object = real) -> bytes:
+            threads.append(threading.get_ident())
+            return real(query)  # type: ignore[operator,no-any-return]
+
+        monkeypatch.setattr(k.va, "answer", spy)
+    for _ in range(4):
+        assert (await _status(env, cert, nonce=True)).certificate_status == ocsp.OCSPCertStatus.GOOD
+    await env.client("admin").revoke(serial=format(cert.serial_number, "x"), reason="keyCompromise")
+    assert (await _status(env, cert, nonce=True)).certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert len(threads) == 5
+    assert all((t == loop_thread) is env.on_loop for t in threads)
 
 
 async def test_nonce_is_echoed_and_unknown_serial_is_unknown(env: Env) -> None:

@@ -2,11 +2,11 @@
 
 Every worker joins the ``iotdlm.km`` queue group, so N km processes share the subjects; the work
 of one request runs in a worker thread, so the event loop keeps moving NATS traffic meanwhile --
-except, with ``on_loop``, the single-certificate requests (:data:`ON_LOOP_SUBJECTS`), which are
-answered on the event loop itself: with the store in a local SQLite file and the CA keys in
-memory such a request never waits on anything but CPU and SQLite's write lock, and two busy
-threads in one process cost more CPU in handing the GIL to each other than the work itself
-(ADR 0032).
+except, with ``on_loop``, the single-certificate requests (:data:`ON_LOOP_SUBJECTS`) and OCSP
+answers signed on demand, which are answered on the event loop itself: with the store in a local
+SQLite file and the CA keys in memory such a request never waits on anything but CPU and SQLite's
+write lock, and two busy threads in one process cost more CPU in handing the GIL to each other
+than the work itself (ADR 0032).
 Each worker also listens (outside the queue group) for the others' revocations, and runs the
 schedule: full CRLs before they are due, audit checkpoints, purging expired nonces.
 
@@ -60,8 +60,9 @@ class Schedule:
 UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP, s.KM_AUDIT_CHECKPOINT})
 
 #: with ``on_loop``, answered on the event loop (ADR 0032): one certificate, or none, per request,
-#: so each holds the loop for about a millisecond. Batches, server-side key generation (an RSA key
-#: takes a while), revocations, audit proofs and the transfer's handlers stay in worker threads.
+#: so each holds the loop for about a millisecond (and OCSP answers signed on demand, see ``_ocsp``).
+#: Batches, server-side key generation (an RSA key takes a while), revocations, audit proofs and the
+#: transfer's handlers stay in worker threads.
 ON_LOOP_SUBJECTS = frozenset(
     {
         s.KM_ISSUE,
@@ -244,7 +245,9 @@ class KmService:
 
     async def _ocsp(self, m: Message) -> bytes:
         """Cached answers straight from the event loop; everything else (nonce, first request for a
-        certificate) in a worker thread, as it reads the database and signs."""
+        certificate) in a worker thread, as it reads the database and signs -- or, with
+        ``on_loop``, on the loop too (one read of a local SQLite file and one signature by an
+        in-memory responder key, ADR 0025 and 0032)."""
         va = self.km.va
         assert va is not None
         first = va.ocsp_cached(m.data)
@@ -252,6 +255,8 @@ class KmService:
             self.metrics.ocsp.labels("cache" if isinstance(first, bytes) else "signed").inc()
         if isinstance(first, bytes):
             return first
+        if self.on_loop:
+            return va.answer(first)
         return await asyncio.to_thread(va.answer, first)
 
     def _crl(self, m: Message) -> bytes:
