@@ -101,6 +101,12 @@ def build_km(dep: Deployment, store: Store, clock: Clock, *, passphrase: bytes |
     )
 
 
+def km_on_loop(dep: Deployment, store: Store) -> bool:
+    """Whether ``km serve`` answers single requests on its event loop (ADR 0032): only when nothing
+    they do can wait on the network -- the store a SQLite file, the CA keys in memory (no HSM)."""
+    return store.backend == "sqlite" and dep.config.hsm is None
+
+
 def record_identities(dep: Deployment, store: Store, now: dt.datetime) -> int:
     """Record the module service certificates init issued and the NATS server's (an auditor asks
     who issued what; revoking one puts it on the CRL partition its CRL distribution point names),

@@ -13,7 +13,16 @@ from iotdlm.deployment import Deployment, init_deployment
 from iotdlm.errors import UnavailableError
 from iotdlm.km import KmService
 from iotdlm.pki.keys import Algorithm, generate_key
-from iotdlm.runtime import build_km, connect_identity, km_identity, km_trust, nats_server, open_store, sealer_for
+from iotdlm.runtime import (
+    build_km,
+    connect_identity,
+    km_identity,
+    km_on_loop,
+    km_trust,
+    nats_server,
+    open_store,
+    sealer_for,
+)
 from tests.helpers import make_csr
 
 
@@ -38,7 +47,10 @@ async def test_deployment_nats_and_km(tmp_path, tls: bool) -> None:
     store = open_store(dep)
     try:
         km_bus, _ = await connect_identity(dep, "km")
-        service = KmService(build_km(dep, store, clock, passphrase=b"pw"), km_bus, identity=km_identity(dep))
+        on_loop = km_on_loop(dep, store)
+        assert on_loop  # a SQLite store, CA keys in files: km serve answers single requests on its loop
+        km = build_km(dep, store, clock, passphrase=b"pw")
+        service = KmService(km, km_bus, identity=km_identity(dep), on_loop=on_loop)
         await service.start()
         pm_bus, pm = await connect_identity(dep, "pm-b")
         out = await KmClient(pm_bus, sealer_for(pm), clock, trust=km_trust(dep)).issue(

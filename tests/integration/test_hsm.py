@@ -35,7 +35,16 @@ from iotdlm.pki import ocsp as pki_ocsp
 from iotdlm.pki.ca import crl_partition
 from iotdlm.pki.chain import certs_to_pem
 from iotdlm.pki.keys import Algorithm, generate_key
-from iotdlm.runtime import build_km, connect_identity, km_identity, km_trust, nats_server, open_store, sealer_for
+from iotdlm.runtime import (
+    build_km,
+    connect_identity,
+    km_identity,
+    km_on_loop,
+    km_trust,
+    nats_server,
+    open_store,
+    sealer_for,
+)
 from iotdlm.supervisor.preflight import _check_passphrase
 from tests.fixtures_hsm import PIN, SoftHsm, needs_softhsm
 from tests.helpers import make_csr
@@ -188,6 +197,7 @@ async def test_deployment_with_ca_keys_in_the_token(softhsm: SoftHsm, tmp_path: 
     try:
         km = build_km(dep, store, clock)
         assert all(isinstance(ca.signer, Pkcs11Signer) for ca in km.cas.values())
+        assert not km_on_loop(dep, store)  # a signature may take an HSM's time: km keeps its threads
         km_bus, _ = await connect_identity(dep, "km")
         service = KmService(km, km_bus, identity=km_identity(dep))
         await service.start()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import cast
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from iotdlm import errors
+from iotdlm.deployment import Deployment
+from iotdlm.runtime import km_on_loop
 from iotdlm.store import Store
 from iotdlm.store.tables import metadata
 from tests.fixtures_store import PG_DATABASE, PG_HOST, PG_PORT, T0, make_cert, postgres_url_for
@@ -88,3 +92,10 @@ def test_a_database_error_is_unavailable_not_a_sqlalchemy_type(
     assert "nonces" in info.value.message
     assert isinstance(info.value.__cause__, Exception)
     assert type(info.value.__cause__).__module__.startswith("sqlalchemy")  # kept as the cause, for logs
+
+
+def test_km_keeps_its_threads_on_postgresql(pg_store: Store) -> None:
+    """ADR 0032: every query is a round trip to the server, so km serve does not answer on its loop."""
+    files_only = cast(Deployment, SimpleNamespace(config=SimpleNamespace(hsm=None)))  # CA keys in files
+    assert pg_store.backend == "postgresql"
+    assert not km_on_loop(files_only, pg_store)

@@ -33,7 +33,7 @@ async def _serve_km(dep: Deployment) -> None:
     from iotdlm.modes.signed import ModeVerifier
     from iotdlm.observe import ModuleMetrics, Observer
     from iotdlm.observe.serve import InstrumentedBus
-    from iotdlm.runtime import build_km, connect_identity, open_store
+    from iotdlm.runtime import build_km, connect_identity, km_on_loop, open_store
 
     store = open_store(dep)
     kmcore = build_km(dep, store, SystemClock())
@@ -52,8 +52,7 @@ async def _serve_km(dep: Deployment) -> None:
         extra_routes=transfer_peer_routes(dep, store, kmcore, bus),
         transfer_updates=dep.root / "transfer" / "updates",
         metrics=metrics,
-        # single requests on the event loop when nothing they do can wait on the network (ADR 0032)
-        on_loop=store.backend == "sqlite" and dep.config.hsm is None,
+        on_loop=km_on_loop(dep, store),
     )
     await service.start()
     observer = Observer(bus, metrics, mode=guard)
