@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from iotdlm.errors import (
     UntrustedError,
 )
 from iotdlm.km import Km, KmService, KmSettings
+from iotdlm.km import service as km_service
 from iotdlm.pki import crmf
 from iotdlm.pki.ca import PublicUrls
 from iotdlm.pki.chain import verify_issued_by
@@ -174,6 +176,23 @@ async def test_single_requests_run_on_the_loop_only_when_asked(env: Env, monkeyp
         await env.client("admin").issue("dev-x", "factory", crmf=der)
     assert (where["issue"] == loop_thread) is env.service.on_loop
     assert env.store.count_certificates() == 2
+
+
+async def test_a_slow_answer_on_the_loop_is_logged(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ADR 0032: while km answers on its loop it answers nothing else, so a slow answer (a write
+    waiting for another process's lock) goes into km's log; in a worker thread it blocks no one."""
+    monkeypatch.setattr(km_service, "SLOW_ON_LOOP_S", 0.0)  # every answer counts as slow here
+    with caplog.at_level(logging.WARNING, logger=km_service.__name__):
+        await env.client("pm-boardA").issue("dev-s", "operational", csr=make_csr(generate_key(Algorithm.P256), "dev-s"))
+    slow = [r.getMessage() for r in caplog.records if "on its event loop" in r.getMessage()]
+    if env.service.on_loop:
+        assert len(slow) == 1
+        assert s.KM_ISSUE in slow[0]
+        assert "write lock" in slow[0]
+    else:
+        assert slow == []
 
 
 def _spki() -> tuple[serialization.Encoding, serialization.PublicFormat]:

@@ -63,6 +63,9 @@ UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP, s.KM_AUDIT_CHECKPOINT})
 #: so each holds the loop for about a millisecond (and OCSP answers signed on demand, see ``_ocsp``).
 #: Batches, server-side key generation (an RSA key takes a while), revocations, audit proofs and the
 #: transfer's handlers stay in worker threads.
+#: an answer on the loop that took this long (seconds) is logged: the worker's other answers waited
+SLOW_ON_LOOP_S = 0.5
+
 ON_LOOP_SUBJECTS = frozenset(
     {
         s.KM_ISSUE,
@@ -179,9 +182,20 @@ class KmService:
             return sealer.seal_reply(subject, m.data, body, error=False, now=self.km.clock.now())
 
         async def handler(m: Message) -> bytes:
-            if on_loop:
+            if not on_loop:
+                return await asyncio.to_thread(work, m)
+            start = time.perf_counter()
+            try:
                 return work(m)
-            return await asyncio.to_thread(work, m)
+            finally:
+                took = time.perf_counter() - start
+                if took >= SLOW_ON_LOOP_S:
+                    log.warning(
+                        "km took %.1f s to answer %s on its event loop, and this worker answered nothing else "
+                        "meanwhile: is another process holding the database's write lock (a long write)?",
+                        took,
+                        subject,
+                    )
 
         # a CRL is signed by its CA already, and its consumers verify that (ADR 0006)
         return handler if sealer is None else self._signed(subject, handler, sealed=True, on_loop=on_loop)
