@@ -70,8 +70,16 @@ class Env:
         return await cm.est(operation, cert_der, make_csr(new_key, cn), proof=proof)
 
 
-@pytest.fixture(params=["memory", pytest.param("nats", marks=pytest.mark.nats)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("nats", marks=pytest.mark.nats),
+        pytest.param("nats-on-loop", marks=pytest.mark.nats),
+    ]
+)
 async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    """km on the in-memory bus and on a real nats-server; there also with EST's nonce and enrollments
+    answered on km's event loop, as ``km serve`` runs them on a SQLite store (ADR 0032)."""
     clock = FixedClock(NOW)
     store = Store.open(f"sqlite:///{tmp_path / 'km.db'}")
     va = Va(cas=PKI.cas, profiles=DEFAULT_PROFILES, store=store, clock=clock, settings=VaSettings(urls=URLS))
@@ -90,7 +98,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     else:
         server = start_nats(tmp_path)
         buses = {m: await server.connect(m) for m in ("km", "pm", "cm", "admin")}
-    service = KmService(km, buses["km"], identity=PKI.km_identity())
+    service = KmService(km, buses["km"], identity=PKI.km_identity(), on_loop=request.param == "nats-on-loop")
     await service.start()
     try:
         yield Env(store, clock, buses, km)

@@ -63,9 +63,6 @@ UNSIGNED_SUBJECTS = frozenset({s.KM_CRL, s.KM_OCSP, s.KM_AUDIT_CHECKPOINT})
 #: so each holds the loop for about a millisecond (and OCSP answers signed on demand, see ``_ocsp``).
 #: Batches, server-side key generation (an RSA key takes a while), revocations, audit proofs and the
 #: transfer's handlers stay in worker threads.
-#: an answer on the loop that took this long (seconds) is logged: the worker's other answers waited
-SLOW_ON_LOOP_S = 0.5
-
 ON_LOOP_SUBJECTS = frozenset(
     {
         s.KM_ISSUE,
@@ -78,6 +75,9 @@ ON_LOOP_SUBJECTS = frozenset(
         s.KM_FACTORY_CAS,
     }
 )
+
+#: an answer on the loop that took this long (seconds) is logged: the worker's other answers waited
+SLOW_ON_LOOP_S = 0.5
 
 
 class _RevokedEvent(msgspec.Struct, frozen=True):
