@@ -1,8 +1,10 @@
 """Group commit (ADR 0021): concurrent requests' records in one transaction, each caller answered
-only after its own records committed, and one bad request failing alone."""
+only after its own records committed, and one bad request failing alone -- from worker threads, and
+from handlers on the event loop (ADR 0032)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import threading
 import time
@@ -11,7 +13,7 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from iotdlm.errors import ReplayError, UnavailableError
-from iotdlm.km.groupcommit import GroupCommit
+from iotdlm.km.groupcommit import GroupCommit, run_on_loop
 from iotdlm.store import AuditEntry, NonceUse, SerialCollisionError, Store
 from iotdlm.store.records import CertWrite
 from iotdlm.wire import audit as wire_audit
@@ -202,3 +204,76 @@ def test_a_database_failure_is_every_member_s_without_writing_each_again() -> No
     assert out[0] == 1
     assert all(isinstance(out[i], UnavailableError) for i in (1, 2, 3))
     assert calls == [[0], [1, 2, 3]]  # not written again one by one
+
+
+# --- on the event loop (ADR 0032): handlers in greenlets, one commit callback per loop turn ----------
+
+
+async def test_requests_on_the_loop_that_arrive_together_share_one_transaction(store: Store) -> None:
+    gc: GroupCommit[CertWrite] = GroupCommit(store.add_certificate_writes)
+    out = await asyncio.gather(*(run_on_loop(gc.submit, _write(i, f"n-{i}")) for i in range(1, 7)))
+    assert out == [6] * 6  # each returned after its records committed, all six in one transaction
+    assert (gc.transactions, gc.items) == (1, 6)
+    assert store.count_certificates() == 6
+    assert _chain_ok(store) == 6
+    assert await run_on_loop(gc.submit, _write(7, "n-7")) == 1  # alone: committed at once, alone
+    assert _chain_ok(store) == 7
+
+
+async def test_on_the_loop_a_replay_fails_alone_and_the_loop_keeps_answering(store: Store) -> None:
+    store.consume_nonce("fp-pm", "used", expires_at=NOW + dt.timedelta(minutes=5))
+    gc: GroupCommit[CertWrite] = GroupCommit(store.add_certificate_writes, max_group=2)
+    ticks: list[int] = []
+
+    async def ticker() -> None:  # something else the loop runs meanwhile
+        for i in range(3):
+            ticks.append(i)
+            await asyncio.sleep(0)
+
+    writes = [_write(1, "n-1"), _write(2, "used"), _write(3, "n-3")]
+    out = await asyncio.gather(*(run_on_loop(gc.submit, w) for w in writes), ticker(), return_exceptions=True)
+    assert out[0] == 1  # max_group 2: [1, replay] failed together, then each alone
+    assert isinstance(out[1], ReplayError)
+    assert out[2] == 1
+    assert ticks == [0, 1, 2]
+    assert store.count_certificates() == 2
+    assert store.get_device("d2") is None
+    assert _chain_ok(store) == 2
+
+
+async def test_on_the_loop_the_commit_waits_for_a_thread_s_commit(store: Store) -> None:
+    gated = _Gated(store.add_certificate_writes)
+    gc: GroupCommit[CertWrite] = GroupCommit(gated)
+    thread_out: list[int] = []
+    thread = threading.Thread(target=lambda: thread_out.append(gc.submit(_write(1, "n-1"))))
+    thread.start()
+    assert gated.started.wait(30)  # a batch's commit in a worker thread is being written
+    threading.Timer(0.2, gated.release.set).start()
+    out = await asyncio.gather(run_on_loop(gc.submit, _write(2, "n-2")), run_on_loop(gc.submit, _write(3, "n-3")))
+    thread.join(30)
+    assert thread_out == [1]
+    assert out == [2, 2]
+    assert gated.calls == [1, 2]
+    assert _chain_ok(store) == 3
+
+
+async def test_run_on_loop_returns_raises_and_hands_errors_in() -> None:
+    def plain(x: int) -> int:
+        return x * 2
+
+    def fails() -> None:
+        raise ValueError("bad input")
+
+    assert await run_on_loop(plain, 21) == 42  # nothing to wait for: no switch at all
+    with pytest.raises(ValueError, match="bad input"):
+        await run_on_loop(fails)
+
+    def write(items: Sequence[int]) -> None:
+        raise UnavailableError("the database did not answer")
+
+    gc: GroupCommit[int] = GroupCommit(write, shared=lambda exc: isinstance(exc, UnavailableError))
+    out = await asyncio.gather(*(run_on_loop(gc.submit, i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(o, UnavailableError) for o in out)
+    assert gc.transactions == 1  # the database's failure is everyone's: not written again one by one
+    # outside run_on_loop (a worker thread, the CLI) submit blocks as before
+    assert await asyncio.to_thread(GroupCommit(lambda items: None).submit, 5) == 1

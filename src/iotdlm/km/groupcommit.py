@@ -13,17 +13,54 @@ running wait for it, then writes all of them in one transaction (ADR 0021):
   request never takes the others down and never stores anything itself; a failure of the
   database itself (``shared``) is every member's at once.
 
-Synchronous and thread-safe: km's handlers run in worker threads (``asyncio.to_thread``).
+Synchronous and thread-safe: km's handlers run in worker threads (``asyncio.to_thread``). On the
+event loop (ADR 0032) a handler runs under :func:`run_on_loop`, in a greenlet: there ``submit``
+queues its item and lets the loop go on (the other requests that arrived with it run up to their
+own ``submit``), and one callback of the loop then writes all of them in one transaction and
+resumes each. Nothing else suspends a handler: between two ``submit`` calls it runs as it would
+in a thread, so no lock is ever held across a suspension.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import greenlet  # type: ignore[import-untyped,unused-ignore]
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _OnLoop(greenlet.greenlet):  # type: ignore[misc]
+    """A handler running on the event loop under :func:`run_on_loop`."""
+
+
+async def run_on_loop(fn: Callable[..., R], *args: Any) -> R:
+    """``fn(*args)`` on the event loop, where a :meth:`GroupCommit.submit` inside it waits for its
+    group's commit without blocking the loop (a greenlet switch, as SQLAlchemy's asyncio layer
+    does). Returns what ``fn`` returns; raises what it raises."""
+    g = _OnLoop(fn)
+    step = g.switch(*args)
+    while not g.dead:
+        try:
+            value = await step
+        except BaseException as exc:  # handed to fn, which raises it where it waited
+            step = g.throw(exc)
+        else:
+            step = g.switch(value)
+    return step  # type: ignore[no-any-return]
+
+
+def _wait_on_loop(awaitable: Awaitable[Any]) -> Any:
+    """Inside :func:`run_on_loop`: give the loop back until ``awaitable`` is done."""
+    current = greenlet.getcurrent()
+    assert isinstance(current, _OnLoop)
+    assert current.parent is not None
+    return current.parent.switch(awaitable)
 
 
 @dataclass(eq=False)
@@ -57,6 +94,9 @@ class GroupCommit(Generic[T]):
         self._cv = threading.Condition()
         self._queue: list[_Job[T]] = []
         self._busy = False
+        #: items submitted on the event loop (run_on_loop) since its last commit callback
+        self._on_loop: list[_Job[T]] = []
+        self._on_loop_done: asyncio.Future[None] | None = None
         #: transactions written and items they held (for the benchmarks and tests)
         self.transactions = 0
         self.items = 0
@@ -70,6 +110,8 @@ class GroupCommit(Generic[T]):
     def submit(self, item: T) -> int:
         """Write ``item`` (with whatever else is waiting); return once it is committed, with the
         number of items its transaction held. Raises what writing ``item`` alone raises."""
+        if isinstance(greenlet.getcurrent(), _OnLoop):
+            return self._submit_on_loop(item)
         job: _Job[T] = _Job(item)
         with self._cv:
             self._queue.append(job)
@@ -89,6 +131,42 @@ class GroupCommit(Generic[T]):
         if job.error is not None:
             raise job.error
         return job.group_size
+
+    def _submit_on_loop(self, item: T) -> int:
+        job: _Job[T] = _Job(item)
+        self._on_loop.append(job)
+        if self._on_loop_done is None:
+            # after the callbacks already queued: the requests that came in with this one
+            loop = asyncio.get_running_loop()
+            self._on_loop_done = loop.create_future()
+            loop.call_soon(self._commit_on_loop)
+        _wait_on_loop(self._on_loop_done)
+        if job.error is not None:
+            raise job.error
+        return job.group_size
+
+    def _commit_on_loop(self) -> None:
+        """The loop's commit: everything submitted on it since the last, as a leader writes."""
+        jobs, self._on_loop = self._on_loop, []
+        done, self._on_loop_done = self._on_loop_done, None
+        assert done is not None
+        try:
+            with self._cv:
+                while self._busy:  # a thread's commit (a batch) is being written
+                    self._cv.wait()
+                self._busy = True
+            try:
+                for start in range(0, len(jobs), self._max_group):
+                    self._run(jobs[start : start + self._max_group])
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
+        except BaseException as exc:  # every waiter gets it rather than hanging
+            for job in jobs:
+                if not job.done:
+                    job.error, job.done = exc, True
+        done.set_result(None)
 
     def _run(self, group: list[_Job[T]]) -> None:
         try:

@@ -37,6 +37,7 @@ from iotdlm.bus.api import AppendOnlyStream
 from iotdlm.errors import InternalError, IotdlmError, NotFoundError, RejectedError
 from iotdlm.km import audit
 from iotdlm.km.core import Km
+from iotdlm.km.groupcommit import run_on_loop
 from iotdlm.km.transfer_device_handlers import TransferDeviceHandlers
 from iotdlm.observe.metrics import ModuleMetrics
 from iotdlm.pki.keys import PrivateKey
@@ -186,7 +187,8 @@ class KmService:
                 return await asyncio.to_thread(work, m)
             start = time.perf_counter()
             try:
-                return work(m)
+                # in a greenlet: its commit is written with those of the requests that came with it
+                return await run_on_loop(work, m)
             finally:
                 took = time.perf_counter() - start
                 if took >= SLOW_ON_LOOP_S:
