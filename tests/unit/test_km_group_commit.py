@@ -5,6 +5,7 @@ from handlers on the event loop (ADR 0032)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import threading
 import time
@@ -277,3 +278,16 @@ async def test_run_on_loop_returns_raises_and_hands_errors_in() -> None:
     assert gc.transactions == 1  # the database's failure is everyone's: not written again one by one
     # outside run_on_loop (a worker thread, the CLI) submit blocks as before
     assert await asyncio.to_thread(GroupCommit(lambda items: None).submit, 5) == 1
+
+
+async def test_run_on_loop_sees_the_task_s_context_variables() -> None:
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    request_id.set("r-1")
+    gc: GroupCommit[int] = GroupCommit(lambda items: None)
+
+    def handler() -> str:
+        before = request_id.get()
+        gc.submit(1)  # a switch to the loop and back
+        return before + "/" + request_id.get()
+
+    assert await run_on_loop(handler) == "r-1/r-1"

@@ -44,6 +44,7 @@ async def run_on_loop(fn: Callable[..., R], *args: Any) -> R:
     group's commit without blocking the loop (a greenlet switch, as SQLAlchemy's asyncio layer
     does). Returns what ``fn`` returns; raises what it raises."""
     g = _OnLoop(fn)
+    g.gr_context = greenlet.getcurrent().gr_context  # the task's context variables, as SQLAlchemy does
     step = g.switch(*args)
     while not g.dead:
         try:
