@@ -291,3 +291,15 @@ async def test_run_on_loop_sees_the_task_s_context_variables() -> None:
         return before + "/" + request_id.get()
 
     assert await run_on_loop(handler) == "r-1/r-1"
+
+
+async def test_a_cancelled_request_on_the_loop_does_not_cancel_the_others(store: Store) -> None:
+    gc: GroupCommit[CertWrite] = GroupCommit(store.add_certificate_writes)
+    tasks = [asyncio.create_task(run_on_loop(gc.submit, _write(i, f"n-{i}"))) for i in range(1, 4)]
+    await asyncio.sleep(0)  # each runs up to its submit
+    tasks[0].cancel()  # its caller goes away (km stopping); the request was already on its way
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[0], asyncio.CancelledError)
+    assert done[1:] == [3, 3]  # the others answered after their commit, unharmed
+    assert store.count_certificates() == 3  # written, as a worker thread would have finished it
+    assert _chain_ok(store) == 3

@@ -95,9 +95,9 @@ class GroupCommit(Generic[T]):
         self._cv = threading.Condition()
         self._queue: list[_Job[T]] = []
         self._busy = False
-        #: items submitted on the event loop (run_on_loop) since its last commit callback
-        self._on_loop: list[_Job[T]] = []
-        self._on_loop_done: asyncio.Future[None] | None = None
+        #: items submitted on the event loop (run_on_loop) since its last commit callback, each with
+        #: its own future (a cancelled request cancels only its own wait)
+        self._on_loop: list[tuple[_Job[T], asyncio.Future[None]]] = []
         #: transactions written and items they held (for the benchmarks and tests)
         self.transactions = 0
         self.items = 0
@@ -135,22 +135,21 @@ class GroupCommit(Generic[T]):
 
     def _submit_on_loop(self, item: T) -> int:
         job: _Job[T] = _Job(item)
-        self._on_loop.append(job)
-        if self._on_loop_done is None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self._on_loop:
             # after the callbacks already queued: the requests that came in with this one
-            loop = asyncio.get_running_loop()
-            self._on_loop_done = loop.create_future()
             loop.call_soon(self._commit_on_loop)
-        _wait_on_loop(self._on_loop_done)
+        self._on_loop.append((job, done))
+        _wait_on_loop(done)
         if job.error is not None:
             raise job.error
         return job.group_size
 
     def _commit_on_loop(self) -> None:
         """The loop's commit: everything submitted on it since the last, as a leader writes."""
-        jobs, self._on_loop = self._on_loop, []
-        done, self._on_loop_done = self._on_loop_done, None
-        assert done is not None
+        waiting, self._on_loop = self._on_loop, []
+        jobs = [job for job, _done in waiting]
         try:
             with self._cv:
                 while self._busy:  # a thread's commit (a batch) is being written
@@ -167,7 +166,9 @@ class GroupCommit(Generic[T]):
             for job in jobs:
                 if not job.done:
                     job.error, job.done = exc, True
-        done.set_result(None)
+        for _job, done in waiting:
+            if not done.done():  # its request was cancelled meanwhile: nobody waits for it
+                done.set_result(None)
 
     def _run(self, group: list[_Job[T]]) -> None:
         try:
