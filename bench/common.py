@@ -305,6 +305,15 @@ def raw_keygen_rate(seconds: float = 0.5) -> float:
     return _timed_rate(lambda: ec.generate_private_key(curve), seconds)
 
 
+def find_pyspy() -> str | None:
+    """The py-spy binary: on PATH, else beside this Python (the venv's, where `make venv` puts it)."""
+    found = shutil.which("py-spy")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "py-spy"
+    return str(candidate) if candidate.is_file() else None
+
+
 def raw_cert_rate(seconds: float = 0.5) -> float:
     """Certificates/s from cryptography's CertificateBuilder.sign, single thread, with the extensions
     km puts in a device certificate (so it is the ceiling of one km worker, not a toy certificate)."""

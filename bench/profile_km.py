@@ -33,7 +33,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,11 @@ from common import (
     csr_der,
     device_keys,
     emit,
+    find_pyspy,
     log,
     md_table,
     parse_args,
+    raw_cert_builder,
     raw_cert_rate,
 )
 from iotdlm.client.km import KmClient
@@ -271,12 +273,28 @@ def run_inproc(args: argparse.Namespace) -> str:
     )
 
 
+def _cpu_per_call(fn: Callable[[Any], object], items: Sequence[Any], pause: float) -> float:
+    """CPU seconds per ``fn(item)`` of this process, counting the calls only, ``pause`` seconds asleep
+    between them."""
+    spent = 0.0
+    for item in items:
+        c = time.process_time()
+        fn(item)
+        spent += time.process_time() - c
+        if pause:
+            time.sleep(pause)
+    return spent / len(items)
+
+
 def run_cpu(args: argparse.Namespace) -> str:
     """CPU per certificate of single ``Km.issue`` requests in this process (no profiler, no bus),
-    beside the raw build+sign rate measured just before and after."""
+    beside the raw build+sign rate measured just before and after; with ``--pauses``, also with the
+    process asleep that long between requests (a request that comes alone finds the caches cold)."""
     from iotdlm.wire.km import AUDIENCE, OP_ISSUE
 
     n = max(50, int(args.duration * 400))
+    paused = [p for p in args.pauses if p > 0]
+    n_paused = min(n, 300)
     raw_before = raw_cert_rate()
     with _inproc_km() as (km, sealer, clock):
         keys = device_keys(64)
@@ -287,28 +305,58 @@ def run_cpu(args: argparse.Namespace) -> str:
                 aud=AUDIENCE,
                 now=clock.now(),
             )
-            for i in range(n + 1)
+            for i in range(n + 1 + n_paused * len(paused))
         ]
         km.issue(tokens[0])
         wall, cpu = time.perf_counter(), time.process_time()
-        for t in tokens[1:]:
+        for t in tokens[1 : n + 1]:
             km.issue(t)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        rest = iter(tokens[n + 1 :])
+        build = raw_cert_builder()
+        cold = [
+            (
+                p,
+                _cpu_per_call(km.issue, [next(rest) for _ in range(n_paused)], p / 1000),
+                _cpu_per_call(lambda _i: build(), range(n_paused), p / 1000),
+            )
+            for p in paused
+        ]
     raw_after = raw_cert_rate()
     raw_ms = 1000 / max(raw_before, raw_after)
     km_ms = cpu * 1000 / n
-    return "\n".join(
-        [
-            "## km core in-process: CPU per single `issue` request (no bus, no profiler)",
+    lines = [
+        "## km core in-process: CPU per single `issue` request (no bus, no profiler)",
+        "",
+        md_table(
+            ["requests", "km CPU ms/cert", "wall ms/cert", "raw build+sign ms (best of before/after)", "raw / km"],
+            [[n, f"{km_ms:.3f}", f"{wall * 1000 / n:.3f}", f"{raw_ms:.3f}", f"{raw_ms / km_ms:.2f}x"]],
+        ),
+        "",
+    ]
+    if cold:
+        lines += [
+            f"With the process asleep between requests ({n_paused} requests per pause; only the calls are "
+            "counted, the same for a raw build + sign with the same pauses):",
             "",
             md_table(
-                ["requests", "km CPU ms/cert", "wall ms/cert", "raw build+sign ms (best of before/after)", "raw / km"],
-                [[n, f"{km_ms:.3f}", f"{wall * 1000 / n:.3f}", f"{raw_ms:.3f}", f"{raw_ms / km_ms:.2f}x"]],
+                ["pause ms", "km CPU ms/issue", "vs back to back", "raw build+sign CPU ms", "vs back to back"],
+                [["0", f"{km_ms:.3f}", "1.00x", f"{raw_ms:.3f}", "1.00x"]]
+                + [
+                    [
+                        f"{p:g}",
+                        f"{k * 1e3:.3f}",
+                        f"{k * 1e3 / km_ms:.2f}x",
+                        f"{r * 1e3:.3f}",
+                        f"{r * 1e3 / raw_ms:.2f}x",
+                    ]
+                    for p, k, r in cold
+                ],
             ),
             "",
-            f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
         ]
-    )
+    lines.append(f"Load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.")
+    return "\n".join(lines)
 
 
 #: (label, dotted owner, attribute): the leaf steps of one request, timed exclusively (none calls another)
@@ -486,11 +534,19 @@ def _extra(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--idle", action="store_true", help="wall time: include waiting threads")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--py-spy", default=shutil.which("py-spy"), help="path of the py-spy binary")
+    p.add_argument("--py-spy", default=find_pyspy(), help="py-spy binary (default: on PATH, else the venv's)")
     p.add_argument("--keep-raw", action="store_true", help="keep py-spy's raw stack files (path is logged)")
     p.add_argument("--inproc", action="store_true", help="cProfile the km core in this process instead")
     p.add_argument(
         "--cpu", action="store_true", help="CPU per single request of the km core in this process, no profiler"
+    )
+    p.add_argument(
+        "--pauses",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        metavar="MS",
+        help="with --cpu: also measure with the process asleep this many ms between requests (e.g. 2 10)",
     )
     p.add_argument(
         "--breakdown", action="store_true", help="where one single issue and one EST enrollment spend km's CPU"

@@ -69,6 +69,7 @@ from common import (
     csr_der,
     device_keys,
     emit,
+    find_pyspy,
     load_client_context,
     loadavg,
     log,
@@ -845,7 +846,7 @@ def _extra(p: argparse.ArgumentParser) -> None:
         "--kinds", nargs="+", choices=KINDS, help="client implementations (default: both; --quick: kmclient)"
     )
     p.add_argument(
-        "--py-spy", default=shutil.which("py-spy"), help="py-spy binary for the km worker profile (default: from PATH)"
+        "--py-spy", default=find_pyspy(), help="py-spy for the km worker profile (default: PATH, else the venv's)"
     )
     p.add_argument("--profile-seconds", type=float, default=8.0, help="seconds of load per profiled run")
     p.add_argument("--keep-raw", type=Path, help="keep py-spy's raw stacks in this folder")
