@@ -392,8 +392,9 @@ def raw_cert_builder() -> Callable[[], x509.Certificate]:
 
 
 def measure_baseline(quick: bool) -> Baseline:
-    """Each raw rate measured over a few short repeats (0.5 s each; 0.15 s once with --quick)."""
-    repeats, seconds = (1, 0.15) if quick else (3, 0.5)
+    """Each raw rate measured over a few short repeats (0.5 s each; 0.05 s once with --quick, whose
+    figures are a smoke run: the baselines' 0.45 CPU-seconds a call were ~10% of `make bench QUICK=1`)."""
+    repeats, seconds = (1, 0.05) if quick else (3, 0.5)
     return Baseline(
         sign_per_s=Summary.of([raw_sign_rate(seconds) for _ in range(repeats)]),
         cert_per_s=Summary.of([raw_cert_rate(seconds) for _ in range(repeats)]),

@@ -137,12 +137,20 @@ class Result:
 
 
 async def run_config(
-    bd: BenchDeployment, pool: Pool, workers: int, batch: int, connections: int, seconds: float, warmup: float
+    bd: BenchDeployment,
+    pool: Pool,
+    workers: int,
+    batch: int,
+    connections: int,
+    seconds: float,
+    warmup: float,
+    *,
+    raw_seconds: float = 0.5,
 ) -> Result:
     clients = [await bd.pm_client() for _ in range(connections)]
     before = bd.count_certificates()
     warm = await _phase(clients, pool, batch, warmup)
-    raw = raw_cert_rate(0.5)
+    raw = raw_cert_rate(raw_seconds)
     load = loadavg()
     assert bd.server.pid is not None
     with cpu_meter([*bd.worker_pids(), bd.server.pid]) as cpu_all, cpu_meter([bd.server.pid]) as cpu_nats:
@@ -190,7 +198,9 @@ async def run(args: argparse.Namespace) -> tuple[str, list[Headline]]:
             await bd.set_workers(workers)
             for batch in args.batches:
                 log(f"throughput: {workers} worker(s), batch {batch}, {seconds} s (load {loadavg()})")
-                r = await run_config(bd, pool, workers, batch, args.connections, seconds, warmup)
+                r = await run_config(
+                    bd, pool, workers, batch, args.connections, seconds, warmup, raw_seconds=0.05 if quick else 0.5
+                )
                 log(f"throughput: -> {r.rate:,.0f} certificates/s ({r.phase.errors} errors)")
                 results.append(r)
         total_stored = bd.count_certificates(profile=PROFILE)
