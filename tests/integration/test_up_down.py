@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,11 +16,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
+import tomli_w
 
 from iotdlm.bus.server import free_port
 from iotdlm.clock import SystemClock
-from iotdlm.deployment import PASSPHRASE_ENV, Deployment, init_deployment
+from iotdlm.deployment import CONFIG_FILE, PASSPHRASE_ENV, Deployment, init_deployment
 from iotdlm.pki.keys import Algorithm
 from iotdlm.supervisor.preflight import lock_holder
 from iotdlm.wire.modes import StatusReply, decode
@@ -255,3 +258,93 @@ async def test_status_shows_the_last_error_and_down_stops_everything(site: Path,
         if up.returncode is None:
             up.kill()
             await up.wait()
+
+
+# --- a host of several (`up --services`): status and down answer for that host ---------------------
+
+
+def _set_config(root: Path, **values: object) -> None:
+    """Keys of ``DIR/iotdlm.toml``, dotted for a table (``nats.url``), as an operator edits them."""
+    raw = msgspec.toml.decode((root / CONFIG_FILE).read_bytes())
+    for key, value in values.items():
+        table, _, name = key.rpartition(".")
+        (raw.setdefault(table, {}) if table else raw)[name] = value
+    (root / CONFIG_FILE).write_bytes(tomli_w.dumps(raw).encode())
+
+
+async def _up(root: Path, commands: Path, *extra: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "iotdlm.cli.main", "up", "--data", str(root), "--mode", "certificate-management",
+        "--commands", str(commands), *extra,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def _status(root: Path) -> StatusReply | None:
+    out = iotdlm("status", "--data", str(root), "--json")
+    return decode(out.stdout.encode(), StatusReply) if out.returncode == 0 else None
+
+
+async def test_a_services_host_answers_status_and_down_for_itself(site: Path, tmp_path: Path) -> None:
+    """Host A runs the whole deployment (its own NATS); host B, a copy of the folder pointed at A's
+    NATS, runs only km (`up --services km`). `status` on B shows B's part; `down` on B stops B and
+    nothing else. Asked on the bus, as before, B's `down` reached the one supervisor that answers the
+    bus's stop request -- A's -- and stopped the other host."""
+    host_b = tmp_path / "host-b"
+    _set_config(site, metrics_port=0, **{"console.enabled": False})  # no fixed port for two hosts on one machine
+    shutil.copytree(site, host_b)
+    _set_config(host_b, **{"nats.url": Deployment.load(site).nats_url})
+    commands = tmp_path / "commands.json"
+    commands.write_text(json.dumps(stand_in_commands(free_port())))
+    a = await _up(site, commands)
+    b: asyncio.subprocess.Process | None = None
+    try:
+        await until(lambda: _status(site) is not None and "cm" in stand_ins(site), "host A up", root=site)
+        b = await _up(host_b, commands, "--services", "km")
+        seen: list[StatusReply] = []
+
+        def b_runs_km() -> bool:
+            st = _status(host_b)
+            if st is not None and [s.name for s in st.services] == ["km"] and st.services[0].running:
+                seen.append(st)
+            return bool(seen)
+
+        await until(b_runs_km, "host B's status to show its km running", root=host_b)
+        assert b is not None
+        assert seen[0].supervisor_pid == b.pid
+        a_status = _status(site)
+        assert a_status is not None
+        assert a_status.supervisor_pid == a.pid
+        assert {"km", "cm"} <= {s.name for s in a_status.services}
+
+        text = one_line(iotdlm("status", "--data", str(host_b)).stdout)
+        assert "this host runs only km of the deployment (`iotdlm up --services`)" in text
+        watch = iotdlm("status", "--data", str(host_b), "--watch")
+        assert watch.returncode == 4
+        assert "runs only km (`up --services`)" in one_line(watch.stderr)
+
+        out = iotdlm("down", "--data", str(host_b), timeout=WAIT * 2)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "stopped km on this host" in one_line(out.stdout)
+        assert await asyncio.wait_for(b.wait(), WAIT) == 0
+        assert lock_holder(host_b) is None
+        assert not (host_b / "modes.host.json").exists()
+        assert "km" not in stand_ins(host_b)
+        # host A was not asked to stop: its supervisor, its services and its NATS run on
+        assert lock_holder(site) == a.pid
+        assert a.returncode is None
+        assert "cm" in stand_ins(site)
+        assert nats_servers(site) != []
+        after = _status(site)
+        assert after is not None
+        assert after.supervisor_pid == a.pid
+
+        out = iotdlm("down", "--data", str(site), timeout=WAIT * 2)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert await asyncio.wait_for(a.wait(), WAIT) == 0
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        kill_stand_ins(host_b)

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import getpass
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -38,6 +40,9 @@ from iotdlm.deployment import Deployment
 from iotdlm.errors import BadRequestError, UnavailableError
 from iotdlm.modes.table import DEFAULT_COMMANDS, CommandTable, Mode, parse_mode
 from iotdlm.wire import modes as m
+
+if TYPE_CHECKING:
+    from iotdlm.supervisor.host_status import HostStatus
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +372,10 @@ def _print_status(st: m.StatusReply, data: Path | None = None) -> None:
 def status(data: Path, as_json: bool, watch: bool) -> None:
     """The operation mode and each service's health, and why a service that is not running stopped."""
     dep = Deployment.load(data)
-    _require_supervisor(data)
+    here = _this_host(data, _require_supervisor(data))
+    if here is not None:
+        _print_host(here, data, as_json, watch)
+        return
     if watch:
         _watch(data, dep, as_json)
         return
@@ -399,8 +407,13 @@ def down(data: Path, timeout: float) -> None:
     from iotdlm.supervisor.preflight import lock_holder
 
     dep = Deployment.load(data)
-    if lock_holder(data) is None:
+    pid = lock_holder(data)
+    if pid is None:
         console.print(f"nothing is running for {data} (no supervisor); nothing to stop")
+        return
+    here = _this_host(data, pid)
+    if here is not None:  # never the bus: it would stop the whole supervisor of another host
+        _stop_host(here, data, timeout)
         return
     req = m.StopRequest(by=operator())
     try:
@@ -412,18 +425,65 @@ def down(data: Path, timeout: float) -> None:
             err_console.print(f"Stop it by its pid: `kill {pid}` (SIGTERM: it stops everything in order).")
         raise SystemExit(EXIT_UNAVAILABLE) from None
     what = ", ".join([*reply.stopping, *(["NATS"] if reply.embedded_nats else [])]) or "nothing but itself"
+    _wait_stopped(data, reply.supervisor_pid, what, timeout)
+    console.print(f"[green]stopped[/green] {what} (supervisor pid {reply.supervisor_pid}) for {data}")
+
+
+def _wait_stopped(data: Path, pid: int, what: str, timeout: float) -> None:
+    """Until the supervisor ``pid`` let go of ``DIR/modes.lock``; exit 3 after ``timeout`` seconds."""
+    from iotdlm.supervisor.preflight import lock_holder
+
     with console.status(f"stopping {what} (services drain first)"):
         deadline = time.monotonic() + timeout
         while lock_holder(data) is not None:
             if time.monotonic() > deadline:
                 err_console.print(
-                    f"[yellow]the supervisor (pid {reply.supervisor_pid}) is still stopping after "
-                    f"{timeout:g} s[/yellow]; "
+                    f"[yellow]the supervisor (pid {pid}) is still stopping after {timeout:g} s[/yellow]; "
                     f"`iotdlm status --data {data}` shows what is left, its log is {data / 'logs' / 'modes.log'}"
                 )
                 raise SystemExit(EXIT_UNAVAILABLE)
             time.sleep(0.1)
-    console.print(f"[green]stopped[/green] {what} (supervisor pid {reply.supervisor_pid}) for {data}")
+
+
+# --- a host of several (`iotdlm up --services`) -------------------------------------------------
+def _this_host(data: Path, pid: int) -> HostStatus | None:
+    """What the supervisor ``pid`` of ``data`` runs, when it runs only part of a deployment."""
+    from iotdlm.supervisor import host_status
+
+    return host_status.read(data, pid)
+
+
+def _print_host(here: HostStatus, data: Path, as_json: bool, watch: bool) -> None:
+    """``status`` on a ``--services`` host: what its own supervisor wrote (the bus's answer would be
+    another host's)."""
+    if watch:
+        err_console.print(
+            f"`status --watch` follows the supervisor of a whole deployment; the one of {data} runs only "
+            f"{', '.join(here.services)} (`up --services`): `iotdlm status --data {data}` shows it, each "
+            "service's /health and /metrics show it live (docs/operations.md, section 2)"
+        )
+        raise SystemExit(EXIT_REJECTED)
+    if as_json:  # the shape of the whole supervisor's answer: its services are this host's
+        click.echo(m.encode(here.status).decode())
+        return
+    _print_status(here.status, data)
+    console.print(
+        f"this host runs only {', '.join(here.services)} of the deployment (`iotdlm up --services`), "
+        f"as of {here.written_at}; the other hosts: `iotdlm status` on each"
+    )
+
+
+def _stop_host(here: HostStatus, data: Path, timeout: float) -> None:
+    """``down`` on a ``--services`` host: SIGTERM to its supervisor, which stops its services in
+    order and leaves the mode in the bucket for the other hosts."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(here.pid, signal.SIGTERM)
+    what = ", ".join(reversed(here.services))
+    _wait_stopped(data, here.pid, what, timeout)
+    console.print(
+        f"[green]stopped[/green] {what} on this host (supervisor pid {here.pid}) for {data}; "
+        "the other hosts run on, the mode stays in the bucket"
+    )
 
 
 def _watch(data: Path, dep: Deployment, as_json: bool) -> None:

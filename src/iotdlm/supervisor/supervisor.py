@@ -60,6 +60,7 @@ from iotdlm.modes.table import (
 )
 from iotdlm.observe.gather import MetricsListener, Target, start_listener
 from iotdlm.store import AuditEntry
+from iotdlm.supervisor import host_status
 from iotdlm.supervisor.preflight import LOCK_FILE, NATS_PID_FILE
 from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
 from iotdlm.supervisor.storage import ModesStore
@@ -271,6 +272,9 @@ class Supervisor:
             )
             if self._nats is not None:
                 self._monitor = asyncio.get_running_loop().create_task(self._watch_nats(), name="modes-nats")
+            elif self._only is not None:  # what this host runs, for `status` and `down` here (host_status)
+                watch = host_status.keep_written(self.dep.root, sorted(self._only), self.checked_status)
+                self._monitor = asyncio.get_running_loop().create_task(watch, name="modes-host-status")
             self._metrics = await start_listener(self._bus, self._targets, port=self.dep.config.metrics_port)
             self._console = self._spawn_console()
         except BaseException:
@@ -299,6 +303,8 @@ class Supervisor:
                     await self._services.pop(name).stop()
                 except Exception:
                     log.exception("%s: stopping it failed", name)
+            if self._lock_fd is not None:  # ours (not the file of the supervisor whose lock we did not get)
+                host_status.remove(self.dep.root)
             if self._current is not None:
                 try:
                     await self._audit(
@@ -560,8 +566,12 @@ class Supervisor:
         return m.encode(reply)
 
     async def _on_status(self, msg: Message) -> bytes:
+        return m.encode(await self.checked_status())
+
+    async def checked_status(self) -> m.StatusReply:
+        """:meth:`status` with the mode record in the bucket checked (``record``)."""
         problem = await self.record_problem()
-        return m.encode(msgspec.structs.replace(self.status(), record=problem or "verified"))
+        return msgspec.structs.replace(self.status(), record=problem or "verified")
 
     async def _on_stop(self, msg: Message) -> bytes:
         """``iotdlm down``: answer with what stops, then let whoever runs the supervisor stop it."""
