@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -892,3 +893,74 @@ async def test_signer_alarms_are_audited_and_a_flood_is_held_back(start: Start, 
     # events of one subscription are handled in order: once the sentinel is in, the flood was seen
     await until(lambda: "the supervisor's certificate is revoked" in audited(), "the sentinel alarm audited")
     assert audited().count("km's certificate is revoked") == 1
+
+
+# --- restarting services in the mode in force (`iotdlm restart`) ------------------------------------
+
+
+async def test_restart_stops_and_starts_only_the_named_services_and_audits_it(
+    start: Start, admin: Callable[[], Awaitable[Bus]], deployment: Deployment, cm_port: int
+) -> None:
+    root = deployment.root
+    sup = await start(Mode.CERTIFICATE_MANAGEMENT)
+    bus = await admin()
+    await until(lambda: answers(bus, subject("km", "ping")), "km to answer")
+    await until(lambda: port_open(cm_port), "cm's port to open")
+    km_pid, cm_pid = sup.services()["km"].pid, sup.services()["cm"].pid
+
+    code, out = await cli("restart", "cm", "--data", str(root))
+    assert code == 0, out
+    assert "restarted cm (mode certificate-management, unchanged)" in " ".join(out.split())
+    await until(lambda: stand_ins(root).get("cm", [cm_pid]) != [cm_pid], "a new cm process")
+    assert sup.services()["km"].pid == km_pid  # not named: not touched
+    assert sup.services()["cm"].pid != cm_pid
+    assert sup.mode is Mode.CERTIFICATE_MANAGEMENT
+    assert "stopped (status 0)" in (root / "logs" / "cm.log").read_text()  # drained, not killed
+    await until(lambda: port_open(cm_port), "cm's port to open again")
+
+    # over the bus, as the console or a script asks: the reply says what restarted
+    raw = await bus.request(
+        subjects.MODES_RESTART, json.dumps({"services": ["km", "cm"], "by": "t"}).encode(), timeout=WAIT
+    )
+    reply = decode(raw, SetReply)
+    assert (reply.from_mode, reply.to, reply.stopped, reply.started, sorted(reply.restarted)) == (
+        "certificate-management", "certificate-management", [], [], ["cm", "km"],
+    )  # fmt: skip
+    assert sup.services()["km"].pid != km_pid
+
+    # what does not run in this mode is refused, naming what runs; nothing restarts
+    km_now = sup.services()["km"].pid
+    for body, why in (
+        ({"services": ["pm"]}, "not running in certificate-management: pm (running: km, cm)"),
+        ({"services": []}, "name the services to restart"),
+        ({"services": ["km"], "extra": 1}, "unknown field"),
+    ):
+        with pytest.raises(errors.BadRequestError, match=re.escape(why)):
+            await bus.request(subjects.MODES_RESTART, json.dumps(body).encode(), timeout=WAIT)
+    assert sup.services()["km"].pid == km_now
+
+    store = open_store(deployment)
+    try:
+        recs = [r for r in store.list_audit(kind="mode_switch") if r.data["reason"] == "restart"]
+    finally:
+        store.close()
+    assert [(r.actor, r.data["to"], r.data["started"], r.data["stopped"]) for r in recs] == [
+        ("admin", "certificate-management", ["km", "cm"], []),  # started in start order
+        ("admin", "certificate-management", ["cm"], []),
+    ]
+    assert "@" in recs[1].data["by"]  # the operator who typed `iotdlm restart`
+    assert recs[0].data["by"] == "t"
+
+
+async def test_only_admin_may_restart(start: Start, deployment: Deployment) -> None:
+    sup = await start(Mode.CERTIFICATE_MANAGEMENT)
+    await until(lambda: "km" in stand_ins(deployment.root), "km")
+    km_pid = sup.services()["km"].pid
+    for name in ("km", "pm-board-a", "sm", "cm"):  # a stolen module login cannot bounce km
+        bus, _ = await connect_identity(deployment, name)
+        try:
+            with pytest.raises(errors.PermissionDeniedError):
+                await bus.request(subjects.MODES_RESTART, b'{"services": ["km"]}')
+        finally:
+            await bus.close()
+    assert sup.services()["km"].pid == km_pid

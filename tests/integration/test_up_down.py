@@ -323,6 +323,12 @@ async def test_a_services_host_answers_status_and_down_for_itself(site: Path, tm
         assert watch.returncode == 4
         assert "runs only km (`up --services`)" in one_line(watch.stderr)
 
+        a_km = stand_ins(site)["km"]
+        out = iotdlm("restart", "--data", str(host_b), "km")  # on the bus it would bounce host A's km
+        assert out.returncode == 4, out.stdout + out.stderr
+        assert "runs only km (`up --services`) and answers no restart request" in one_line(out.stderr)
+        assert stand_ins(site)["km"] == a_km
+
         out = iotdlm("down", "--data", str(host_b), timeout=WAIT * 2)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "stopped km on this host" in one_line(out.stdout)

@@ -16,6 +16,7 @@ from iotdlm.modes.table import (
     ServiceSpec,
     State,
     check_commands,
+    chosen_services,
     modes_where,
     modules_on,
     parse_mode,
@@ -154,3 +155,17 @@ def test_default_commands_are_complete() -> None:
     for module in MODULES:
         assert DEFAULT_COMMANDS[module][:3] == ("{python}", "-m", "iotdlm.cli.main")
         assert DEFAULT_COMMANDS[module][3:5] == (module, "serve")
+
+
+def test_restart_names_a_service_or_a_module_and_refuses_what_does_not_run() -> None:
+    running = {"km": "km", "pm-board-a": "pm", "pm-board-b": "pm"}
+    assert chosen_services(running, ["pm"], "provisioning-certificate") == {"pm-board-a", "pm-board-b"}
+    assert chosen_services(running, ["pm-board-b", "km"], "provisioning-certificate") == {"pm-board-b", "km"}
+    with pytest.raises(BadRequestError, match=r"not running in provisioning-certificate: cm, pm-board-c \(running: km"):
+        chosen_services(running, ["km", "cm", "pm-board-c"], "provisioning-certificate")
+    with pytest.raises(BadRequestError, match="name the services to restart"):
+        chosen_services(running, [], "provisioning-certificate")
+    with pytest.raises(BadRequestError) as info:  # an operator's typo comes back, not a flood
+        chosen_services(running, ["x" * 5000], "provisioning-certificate")
+    assert "x" * 64 in info.value.message
+    assert "x" * 65 not in info.value.message

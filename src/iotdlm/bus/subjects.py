@@ -112,6 +112,8 @@ MODES_SET = f"{MODES_PREFIX}.set"
 MODES_STATUS = f"{MODES_PREFIX}.status"
 #: stop the supervisor and everything it runs (admin only; ``iotdlm down``)
 MODES_STOP = f"{MODES_PREFIX}.stop"
+#: stop and start again some services of the mode in force (admin only; ``iotdlm restart``)
+MODES_RESTART = f"{MODES_PREFIX}.restart"
 #: JetStream key-value bucket holding the current mode: key :data:`MODE_KEY`, a JWS
 #: signed by the supervisor with body ``{"mode", "since", "by"}`` (:mod:`iotdlm.modes.signed`).
 #: Only modes may write it; every module may read and watch it.

@@ -235,7 +235,8 @@ def ca_rotate(data: Path, issuing_ca: str, overlap_days: int, as_json: bool) -> 
         f"the {issuing_ca} CA is rotated: {new.name} ({out['new_subject']}) issues from now on; "
         f"{done.old.name} is rotated out and stays in /cacerts until {out['overlap_until']}. "
         f"Audited (record {done.checkpoint}, under a tree head signed with km's key).\n"
-        f"Next: restart km and cm (`iotdlm down --data {data}`, then `iotdlm up`) so they load {new.name}."
+        f"Next: `iotdlm restart --data {data} km cm` so they load {new.name} (the mode stays; with no "
+        f"supervisor running, they load it when they start)."
     )
 
 

@@ -80,6 +80,10 @@ COMMANDS: dict[str, Lazy] = {
         "iotdlm.cli.modes:down",
         "Stop the running supervisor of a deployment: every service in reverse order, then NATS.",
     ),
+    "restart": Lazy(
+        "iotdlm.cli.modes:restart",
+        "Stop and start again some running services (after `ca rotate`, or a changed cm.toml); the mode stays.",
+    ),
     "backup": Lazy(
         "iotdlm.cli.backup:backup",
         "Back up the data folder and its database into one archive (services may keep running).",

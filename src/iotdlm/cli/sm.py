@@ -142,8 +142,8 @@ def setup(
     console.print(table)
     if opened is not None:
         console.print(
-            f"cm's egress proxy now allows {opened} ({data / CM_FILE}); cm reads it when it starts, and opens "
-            "the proxy in software-management only."
+            f"cm's egress proxy now allows {opened} ({data / CM_FILE}); cm reads it when it starts (a running cm: "
+            f"`iotdlm restart --data {data} cm`), and opens the proxy in software-management only."
         )
     console.print(
         f"Next: `iotdlm mode set --data {data} software-management` (sm checks on its own), "

@@ -191,6 +191,7 @@ def register_ca(data: Path, certs: tuple[Path, ...]) -> None:
         store.close()
     for c, fp in zip(cas, fps, strict=True):
         console.print(f"registered {c.subject.rfc4514_string()}  {fp[:16]}")
+    console.print(f"cm takes them into its TLS trust when it starts: a running cm, `iotdlm restart --data {data} cm`")
 
 
 @transfer.command("export")

@@ -177,3 +177,18 @@ def services(
 
 #: the default commands less the console: for a supervisor that needs no operator (the demo's run)
 WITHOUT_CONSOLE: Final[CommandTable] = MappingProxyType({k: v for k, v in DEFAULT_COMMANDS.items() if k != CONSOLE})
+
+
+def chosen_services(running: Mapping[str, str], names: Sequence[str], mode: str) -> frozenset[str]:
+    """The services ``names`` stand for among ``running`` (service name -> its module): a service's
+    name (``pm-board-a``) or a module's (``pm``: each of its services). Refuses none, and any name
+    that stands for no running service, naming what runs."""
+    if not names:
+        raise BadRequestError("name the services to restart (as `iotdlm status` lists them)", field="services")
+    unknown = [n[:64] for n in names if not any(n in (svc, module) for svc, module in running.items())]
+    if unknown:
+        raise BadRequestError(
+            f"not running in {mode}: {', '.join(unknown)} (running: {', '.join(running) or 'nothing'})",
+            field="services",
+        )
+    return frozenset(svc for svc, module in running.items() if svc in names or module in names)

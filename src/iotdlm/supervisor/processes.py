@@ -162,6 +162,14 @@ def _open_log(path: Path) -> IO[bytes]:
     return os.fdopen(fd, "ab")
 
 
+def off_health(spec: ServiceSpec, log_dir: Path) -> m.ServiceHealth:
+    """The status row of a service of the plan that is not running (its mode does not turn it on)."""
+    return m.ServiceHealth(
+        name=spec.name, module=spec.module, dtype=spec.dtype, state="off", pid=None, running=False, restarts=0,
+        uptime=None, last_exit=None, log=str(log_dir / f"{spec.name}.log"),
+    )  # fmt: skip
+
+
 class ServiceProcess:
     """Runs one service: start, watch, restart with backoff, stop (SIGTERM, wait, SIGKILL)."""
 

@@ -53,6 +53,7 @@ from iotdlm.modes.table import (
     Mode,
     ServiceSpec,
     check_commands,
+    chosen_services,
     modules_on,
     parse_mode,
     render_command,
@@ -62,7 +63,7 @@ from iotdlm.observe.gather import MetricsListener, Target, start_listener
 from iotdlm.store import AuditEntry
 from iotdlm.supervisor import host_status
 from iotdlm.supervisor.preflight import LOCK_FILE, NATS_PID_FILE
-from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings
+from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings, off_health
 from iotdlm.supervisor.storage import ModesStore
 from iotdlm.wire import audit as audit_fmt
 from iotdlm.wire import modes as m
@@ -183,26 +184,11 @@ class Supervisor:
         return [Target(r.name, r.module, r.pid, r.restarts) for r in self.status().services]
 
     def status(self) -> m.StatusReply:
-        rows = []
-        for spec in self._plan(START_ORDER):
-            svc = self._services.get(spec.name)
-            if svc is not None:
-                rows.append(svc.health())
-            else:
-                rows.append(
-                    m.ServiceHealth(
-                        name=spec.name,
-                        module=spec.module,
-                        dtype=spec.dtype,
-                        state="off",
-                        pid=None,
-                        running=False,
-                        restarts=0,
-                        uptime=None,
-                        last_exit=None,
-                        log=str(self.dep.root / "logs" / f"{spec.name}.log"),
-                    )
-                )
+        logs = self.dep.root / "logs"
+        rows = [
+            svc.health() if (svc := self._services.get(spec.name)) is not None else off_health(spec, logs)
+            for spec in self._plan(START_ORDER)
+        ]
         cur = self._current
         return m.StatusReply(
             mode=cur.mode if cur else None,
@@ -266,6 +252,7 @@ class Supervisor:
             if self._only is None:  # one host of several: `status` and `down` are for one supervisor
                 self._subs.append(await self._bus.serve(subjects.MODES_STATUS, self._on_status))
                 self._subs.append(await self._bus.serve(subjects.MODES_STOP, self._on_stop))
+                self._subs.append(await self._bus.serve(subjects.MODES_RESTART, self._on_restart))
             self._subs.append(await self._bus.subscribe(subjects.events("*", MODE_ALARM), self._on_mode_alarm))
             self._subs.append(
                 await self._bus.subscribe(subjects.events("*", subjects.SIGNER_ALARM), self._on_signer_alarm)
@@ -343,6 +330,18 @@ class Supervisor:
                 with_sm = self._current.with_sm if self._current is not None else False
             return await self._apply(mode, with_sm, by=_clean_by(by), actor=actor, reason="mode set")
 
+    async def restart(self, names: list[str], *, by: str, actor: str = "admin") -> m.SetReply:
+        """Stop and start again the running services ``names`` in the mode in force (``iotdlm restart``,
+        after `ca rotate` or a changed cm.toml); audited like a switch, with reason ``restart``."""
+        if self._stopping or self._bus is None or self._current is None:
+            raise errors.UnavailableError("the supervisor is not running (or is shutting down)")
+        async with self._switch_lock:
+            cur = self._current
+            running = {n: self._services[n].spec.module for n in sorted(self._services, key=self._order.__getitem__)}
+            chosen = chosen_services(running, names, cur.mode)
+            return await self._apply(Mode(cur.mode), cur.with_sm, by=_clean_by(by), actor=actor, reason="restart",
+                                     restart=chosen)  # fmt: skip
+
     def _plan(self, modules: tuple[str, ...]) -> list[ServiceSpec]:
         return services(
             [name for name in modules if self._only is None or name in self._only],
@@ -352,12 +351,14 @@ class Supervisor:
             python=self._python,
         )
 
-    async def _apply(self, mode: Mode, with_sm: bool, *, by: str, actor: str, reason: str) -> m.SetReply:
+    async def _apply(
+        self, mode: Mode, with_sm: bool, *, by: str, actor: str, reason: str, restart: frozenset[str] = frozenset()
+    ) -> m.SetReply:
         target = self._plan(modules_on(mode, with_sm=with_sm))
         names = [s.name for s in target]
         current = self._services
         stopping = sorted((n for n in current if n not in names), key=self._order.__getitem__, reverse=True)
-        restarted = [n for n in names if n in current and current[n].state == "failed"]
+        restarted = [n for n in names if n in current and (current[n].state == "failed" or n in restart)]
         starting = [n for n in names if n not in current]
         kept = [n for n in names if n in current and n not in restarted]
         from_mode = self._current.mode if self._current is not None else None
@@ -564,6 +565,10 @@ class Supervisor:
         mode = parse_mode(req.mode)
         reply = await self.switch(mode, with_sm=req.with_sm, by=req.by, actor="admin")
         return m.encode(reply)
+
+    async def _on_restart(self, msg: Message) -> bytes:
+        req = m.decode(msg.data, m.RestartRequest)
+        return m.encode(await self.restart(req.services, by=req.by))
 
     async def _on_status(self, msg: Message) -> bytes:
         return m.encode(await self.checked_status())

@@ -80,6 +80,13 @@ class SetReply(msgspec.Struct, frozen=True):
         return bool(self.stopped or self.started or self.restarted or self.repaired) or self.from_mode != self.to
 
 
+class RestartRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    #: service names as ``status`` lists them (``km``, ``pm-board-a``), or a module (``pm``: each of its)
+    services: list[str]
+    #: the operator asking (informational: only the admin identity may send this request at all)
+    by: str = "admin"
+
+
 class ServiceHealth(msgspec.Struct, frozen=True):
     name: str
     module: str
