@@ -907,6 +907,8 @@ async def test_restart_stops_and_starts_only_the_named_services_and_audits_it(
     await until(lambda: answers(bus, subject("km", "ping")), "km to answer")
     await until(lambda: port_open(cm_port), "cm's port to open")
     km_pid, cm_pid = sup.services()["km"].pid, sup.services()["cm"].pid
+    mode_before = load_saved_mode(root)
+    assert mode_before is not None
 
     code, out = await cli("restart", "cm", "--data", str(root))
     assert code == 0, out
@@ -927,6 +929,8 @@ async def test_restart_stops_and_starts_only_the_named_services_and_audits_it(
         "certificate-management", "certificate-management", [], [], ["cm", "km"],
     )  # fmt: skip
     assert sup.services()["km"].pid != km_pid
+    assert reply.since == mode_before.since
+    assert load_saved_mode(root) == mode_before  # the mode's record is as it was: since, by
 
     # what does not run in this mode is refused, naming what runs; nothing restarts
     km_now = sup.services()["km"].pid

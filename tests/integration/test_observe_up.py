@@ -183,8 +183,16 @@ async def test_metrics_and_status_watch_with_the_real_km_and_cm(running: tuple[D
         await sup.switch(Mode.PROVISIONING_CERTIFICATE, by="test")
         await until(lambda: ready("pm"), "pm says it is ready")
         pm_pid = sup.services()[f"pm-{DTYPE}"].pid
-        switched = await asyncio.to_thread(scrape, port)
-        assert value(switched, "iotdlm_scrape_ok", instance=f"pm-{pm_pid}") == 1
+        scrapes: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+
+        async def pm_scraped() -> bool:
+            # pm answers its health in its queue group first; its per-process metrics subject, asked
+            # with a 2 s timeout, may lag on a loaded machine (one CI run scraped it just before)
+            scrapes.append(await asyncio.to_thread(scrape, port))
+            return value(scrapes[-1], "iotdlm_scrape_ok", instance=f"pm-{pm_pid}") == 1
+
+        await until(pm_scraped, "the supervisor's /metrics to scrape the new pm")
+        switched = scrapes[-1]
         assert value(switched, "iotdlm_service_up", service="cm") == 0
         assert value(switched, "iotdlm_mode", module="pm", mode="provisioning-certificate") == 1
     finally:

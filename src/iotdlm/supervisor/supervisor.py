@@ -404,9 +404,10 @@ class Supervisor:
         try:
             for name in stopping + sorted(restarted, key=self._order.__getitem__, reverse=True):
                 await self._services.pop(name).stop()
-            record = m.SavedMode(mode=mode.value, since=since, by=by, with_sm=with_sm)
-            await self._publish(record)
-            self._current = record
+            if reason != "restart" or self._current is None:  # a restart leaves the mode's record as it is
+                record = m.SavedMode(mode=mode.value, since=since, by=by, with_sm=with_sm)
+                await self._publish(record)
+                self._current = record
             for spec in target:
                 if spec.name in starting or spec.name in restarted:
                     svc = ServiceProcess(
@@ -425,7 +426,7 @@ class Supervisor:
             from_mode=from_mode,
             to=mode.value,
             with_sm=with_sm,
-            since=since,
+            since=self._current.since if self._current is not None else since,
             stopped=stopping,
             started=starting,
             kept=kept,
