@@ -405,8 +405,7 @@ class Supervisor:
             for name in stopping + sorted(restarted, key=self._order.__getitem__, reverse=True):
                 await self._services.pop(name).stop()
             if reason != "restart" or self._current is None:  # a restart leaves the mode's record as it is
-                record = m.SavedMode(mode=mode.value, since=since, by=by, with_sm=with_sm)
-                await self._publish(record)
+                await self._publish(record := m.SavedMode(mode=mode.value, since=since, by=by, with_sm=with_sm))
                 self._current = record
             for spec in target:
                 if spec.name in starting or spec.name in restarted:
