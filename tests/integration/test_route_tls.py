@@ -5,20 +5,28 @@ the cluster's CA is kept out even though it knows the route password."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
+import json
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotdlm.bus.server import ClusterConfig, EmbeddedNatsServer, NatsServerConfig, free_port
+from iotdlm.cli.main import main
 from iotdlm.clock import SystemClock
+from iotdlm.deployment import PASSPHRASE_ENV, init_deployment
+from iotdlm.pki.keys import Algorithm
+from iotdlm.runtime import open_store
 
 pytestmark = [pytest.mark.nats, pytest.mark.real_clock]  # nats-server checks validity on the real clock
 
@@ -103,3 +111,83 @@ def test_routes_verify_both_sides_and_keep_out_a_node_of_another_ca(tmp_path: Pa
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_route_certificates_issued_by_the_cli_join_a_cluster_and_a_foreign_ones_do_not(tmp_path: Path) -> None:
+    """`iotdlm nats route-certificate` for each node: two nodes of the deployment route to each other
+    over TLS; a node with a route certificate from another deployment's service CA is kept out."""
+    deps = [
+        init_deployment(
+            tmp_path / name, organization="T", algorithm=Algorithm.P256, dtypes=["board-a"], passphrase=b"pw",
+            nats_port=free_port(), now=SystemClock().now(),
+        )[0]
+        for name in ("site", "other")
+    ]  # fmt: skip
+    runner = CliRunner(env={PASSPHRASE_ENV: "pw"})
+    issued = []
+    for i, host in enumerate(HOSTS):
+        root = deps[1 if i == 2 else 0].root
+        r = runner.invoke(main, ["nats", "route-certificate", "--data", str(root), "--node", f"n{i}", "--name", host,
+                                 "--name", f"n{i}.cluster.example", "--json"])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        issued.append(json.loads(r.stdout))
+    facts = issued[0]
+    assert Path(facts["key_file"]).stat().st_mode & 0o777 == 0o600
+    chain = x509.load_pem_x509_certificates(Path(facts["cert_file"]).read_bytes())
+    san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(HOSTS[0])]
+    assert san.get_values_for_type(x509.DNSName) == ["n0.cluster.example"]
+    eku = chain[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    for purpose in ("sslserver", "sslclient"):  # a tool we did not write agrees
+        out = subprocess.run(
+            ["openssl", "verify", "-purpose", purpose, "-CAfile", str(deps[0].root / "ca" / "root.pem"),
+             "-untrusted", facts["cert_file"], facts["cert_file"]],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+    store = open_store(deps[0])
+    try:
+        (rec,) = store.find_by_serial(int(facts["serial"], 16))
+    finally:
+        store.close()
+    assert rec.requested_by == "admin (nats route-certificate)"  # who issued what, for the auditor
+    assert rec.fingerprint == hashlib.sha256(chain[0].public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    port, cluster_port = free_port(), free_port()
+    nodes = []
+    for i, host in enumerate(HOSTS):
+        cluster = ClusterConfig(
+            name="t", node=f"n{i}", host=host, port=cluster_port, route_password="known-to-all",
+            routes=[f"{other}:{cluster_port}" for other in HOSTS if other != host],
+            tls_cert=Path(issued[i]["cert_file"]), tls_key=Path(issued[i]["key_file"]),
+            tls_ca=Path(issued[0]["ca_file"]),  # every node checks against the deployment's service CA
+        )  # fmt: skip
+        cfg = NatsServerConfig(port=port, host=host, http_port=free_port(), cluster=cluster)
+        nodes.append(EmbeddedNatsServer(cfg, tmp_path / f"n{i}.conf"))
+    try:
+        for node in nodes:
+            node.start()
+        _until(lambda: "n1" in _routes(nodes[0]) and "n0" in _routes(nodes[1]), 30, "the route between n0 and n1")
+        _until(lambda: "handshake error" in nodes[2].stderr_tail(), 30, "n2's TLS route handshake to fail")
+        assert "n2" not in _routes(nodes[0]) | _routes(nodes[1])
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_a_bad_node_or_name_is_refused_before_the_ca_keys_are_opened(tmp_path: Path) -> None:
+    dep, _ = init_deployment(
+        tmp_path / "site", organization="T", algorithm=Algorithm.P256, dtypes=["board-a"], passphrase=b"pw",
+        nats_port=free_port(), now=SystemClock().now(),
+    )  # fmt: skip
+    runner = CliRunner(env={PASSPHRASE_ENV: ""})  # no passphrase: opening the CA keys would fail otherwise
+    for args, why in (
+        (["--node", "../n0", "--name", "10.0.0.1"], "is not a node name"),
+        (["--node", "n0", "--name", "fe80::1%eth0"], "an IPv6 address with a zone"),
+        (["--node", "n0", "--name", "not a name"], "is not a DNS name"),
+    ):
+        r = runner.invoke(main, ["nats", "route-certificate", "--data", str(dep.root), *args])
+        assert r.exit_code == 4, r.output
+        assert why in " ".join(r.output.split())
+    assert not list((dep.root / "nats").glob("route-*"))

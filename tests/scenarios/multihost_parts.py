@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import os
 import secrets
 import shutil
@@ -27,17 +26,16 @@ import pytest
 import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from iotdlm.bus import subjects
 from iotdlm.bus.server import ClusterConfig, EmbeddedNatsServer, NatsServerConfig, NatsUser, free_port
+from iotdlm.cli.nats_server import issue_route_certificate
 from iotdlm.clock import SystemClock
 from iotdlm.cm.config import CM_FILE
 from iotdlm.deployment import CONFIG_FILE, PASSPHRASE_ENV, Deployment, hsm_settings, init_deployment
 from iotdlm.hsm.token import PIN_ENV
 from iotdlm.pki import ca as pki_ca
-from iotdlm.pki.chain import certs_to_pem
-from iotdlm.pki.keys import Algorithm, generate_key, private_key_to_pem
+from iotdlm.pki.keys import Algorithm
 from iotdlm.runtime import open_store, record_identities
 from tests.fixtures_hsm import PIN, SoftHsm
 
@@ -203,24 +201,10 @@ def make_site(tmp: Path, pg: Postgres, hsm: SoftHsm | None = None) -> Site:
 
 
 def issue_route_certificates(dep: Deployment, service_ca: pki_ca.IssuingCA) -> list[tuple[Path, Path]]:
-    """One route certificate per NATS node from the service CA, naming the node's address: serverAuth
-    (it answers the other nodes' routes) and clientAuth (it dials them, and they verify it)."""
-    eku = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
-    profile = dataclasses.replace(dep.profiles()["tls-server"], eku=eku)
-    out = []
-    for i, host in enumerate(HOSTS):
-        key = generate_key(dep.algorithm)
-        cert = service_ca.issue(
-            profile, key.public_key(), pki_ca.ca_name(f"nats-route-{i}", dep.config.organization),
-            now=SystemClock().now(), serial=x509.random_serial_number(),
-            ip_addresses=[ipaddress.ip_address(host)], urls=dep.public_urls,
-        )  # fmt: skip
-        cert_path, key_path = dep.root / "nats" / f"route-{i}.pem", dep.root / "nats" / f"route-{i}.key.pem"
-        cert_path.write_bytes(certs_to_pem([cert, service_ca.certificate]))
-        key_path.write_bytes(private_key_to_pem(key, None))
-        key_path.chmod(0o600)
-        out.append((cert_path, key_path))
-    return out
+    """One route certificate per NATS node from the service CA, naming the node's address, as
+    `iotdlm nats route-certificate --node I --name ADDRESS` issues it (with the CA key in the HSM too)."""
+    now = SystemClock().now()
+    return [issue_route_certificate(dep, service_ca, str(i), [host], now=now)[1:] for i, host in enumerate(HOSTS)]
 
 
 def place_hosts(site: Site, cluster_url: str, *, console: bool = True) -> None:
