@@ -78,26 +78,17 @@ def _until(check: object, within: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_routes_verify_both_sides_and_keep_out_a_node_of_another_ca(tmp_path: Path) -> None:
-    ca_key, foreign_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("route CA", ca_key, None)
-    foreign = _cert("foreign CA", foreign_key, None)
-    (tmp_path / "ca.pem").write_bytes(_pem(ca))
+def _n2_kept_out(tmp_path: Path, pairs: list[tuple[Path, Path]], ca: Path) -> None:
+    """Three nodes on HOSTS, node i routing with the certificate and key ``pairs[i]``, each checking the
+    others against ``ca``: n0 and n1 hold a route to each other, n2's route handshake fails and no
+    node holds a route to it."""
     port, cluster_port = free_port(), free_port()
     nodes = []
     for i, host in enumerate(HOSTS):
-        issuer_cert, issuer_key = (foreign, foreign_key) if i == 2 else (ca, ca_key)
-        key = ec.generate_private_key(ec.SECP256R1())
-        (tmp_path / f"n{i}.pem").write_bytes(_pem(_cert(f"n{i}", key, (issuer_cert.subject, issuer_key), host)))
-        (tmp_path / f"n{i}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
         cluster = ClusterConfig(
             name="t", node=f"n{i}", host=host, port=cluster_port, route_password="known-to-all",
             routes=[f"{other}:{cluster_port}" for other in HOSTS if other != host],
-            tls_cert=tmp_path / f"n{i}.pem", tls_key=tmp_path / f"n{i}.key", tls_ca=tmp_path / "ca.pem",
+            tls_cert=pairs[i][0], tls_key=pairs[i][1], tls_ca=ca,
         )  # fmt: skip
         cfg = NatsServerConfig(port=port, host=host, http_port=free_port(), cluster=cluster)
         nodes.append(EmbeddedNatsServer(cfg, tmp_path / f"n{i}.conf"))
@@ -111,6 +102,24 @@ def test_routes_verify_both_sides_and_keep_out_a_node_of_another_ca(tmp_path: Pa
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_routes_verify_both_sides_and_keep_out_a_node_of_another_ca(tmp_path: Path) -> None:
+    ca_key, foreign_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("route CA", ca_key, None)
+    foreign = _cert("foreign CA", foreign_key, None)
+    (tmp_path / "ca.pem").write_bytes(_pem(ca))
+    for i, host in enumerate(HOSTS):
+        issuer_cert, issuer_key = (foreign, foreign_key) if i == 2 else (ca, ca_key)
+        key = ec.generate_private_key(ec.SECP256R1())
+        (tmp_path / f"n{i}.pem").write_bytes(_pem(_cert(f"n{i}", key, (issuer_cert.subject, issuer_key), host)))
+        (tmp_path / f"n{i}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    pairs = [(tmp_path / f"n{i}.pem", tmp_path / f"n{i}.key") for i in range(len(HOSTS))]
+    _n2_kept_out(tmp_path, pairs, tmp_path / "ca.pem")
 
 
 def test_route_certificates_issued_by_the_cli_join_a_cluster_and_a_foreign_ones_do_not(tmp_path: Path) -> None:
@@ -154,26 +163,8 @@ def test_route_certificates_issued_by_the_cli_join_a_cluster_and_a_foreign_ones_
     assert rec.requested_by == "admin (nats route-certificate)"  # who issued what, for the auditor
     assert rec.fingerprint == hashlib.sha256(chain[0].public_bytes(serialization.Encoding.DER)).hexdigest()
 
-    port, cluster_port = free_port(), free_port()
-    nodes = []
-    for i, host in enumerate(HOSTS):
-        cluster = ClusterConfig(
-            name="t", node=f"n{i}", host=host, port=cluster_port, route_password="known-to-all",
-            routes=[f"{other}:{cluster_port}" for other in HOSTS if other != host],
-            tls_cert=Path(issued[i]["cert_file"]), tls_key=Path(issued[i]["key_file"]),
-            tls_ca=Path(issued[0]["ca_file"]),  # every node checks against the deployment's service CA
-        )  # fmt: skip
-        cfg = NatsServerConfig(port=port, host=host, http_port=free_port(), cluster=cluster)
-        nodes.append(EmbeddedNatsServer(cfg, tmp_path / f"n{i}.conf"))
-    try:
-        for node in nodes:
-            node.start()
-        _until(lambda: "n1" in _routes(nodes[0]) and "n0" in _routes(nodes[1]), 30, "the route between n0 and n1")
-        _until(lambda: "handshake error" in nodes[2].stderr_tail(), 30, "n2's TLS route handshake to fail")
-        assert "n2" not in _routes(nodes[0]) | _routes(nodes[1])
-    finally:
-        for node in nodes:
-            node.stop()
+    pairs = [(Path(f["cert_file"]), Path(f["key_file"])) for f in issued]
+    _n2_kept_out(tmp_path, pairs, Path(issued[0]["ca_file"]))  # every node checks against the deployment's CA
 
 
 def test_a_bad_node_or_name_is_refused_before_the_ca_keys_are_opened(tmp_path: Path) -> None:
