@@ -20,7 +20,10 @@ COMMANDS: dict[str, Lazy] = {
     "init": Lazy(
         "iotdlm.cli.init:init", "Create a deployment: root and issuing CAs, module identities, NATS credentials."
     ),
-    "nats": Lazy("iotdlm.cli.nats_server:nats", "The embedded NATS server (loopback only, one user per module)."),
+    "nats": Lazy(
+        "iotdlm.cli.nats_server:nats",
+        "The embedded NATS server (loopback only, one user per module), and a NATS cluster's route certificates.",
+    ),
     "km": Lazy(
         "iotdlm.cli.km:km",
         "km: certificate, registration and validation authority (issue, refuse, revoke; CRLs and OCSP).",

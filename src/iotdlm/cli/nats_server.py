@@ -28,7 +28,7 @@ from iotdlm.pki.keys import generate_key, private_key_to_pem
 
 @click.group()
 def nats() -> None:
-    """The embedded NATS server (loopback only, one user per module)."""
+    """The embedded NATS server (loopback only, one user per module), and a NATS cluster's route certificates."""
 
 
 @nats.command("serve")
