@@ -162,6 +162,33 @@ def _open_log(path: Path) -> IO[bytes]:
     return os.fdopen(fd, "ab")
 
 
+def reap_stale_nats(
+    pid_file: Path, config_path: Path, *, stop_timeout: float, monotonic: Callable[[], float] = time.monotonic
+) -> None:
+    """Stop the NATS server a supervisor killed hard left behind (it holds the port): the pid in
+    ``pid_file``, if that process runs ``config_path`` (else the pid was reused: left alone). SIGTERM,
+    then SIGKILL after ``stop_timeout`` seconds."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return  # no pid file, or no such process (or no /proc: nothing we can check safely)
+    if str(config_path).encode() not in cmdline:
+        return  # the pid was reused by something else
+    log.warning("stopping the NATS server (pid %d) a previous supervisor left behind", pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = monotonic() + stop_timeout
+    while monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 def off_health(spec: ServiceSpec, log_dir: Path) -> m.ServiceHealth:
     """The status row of a service of the plan that is not running (its mode does not turn it on)."""
     return m.ServiceHealth(

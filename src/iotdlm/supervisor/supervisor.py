@@ -29,7 +29,6 @@ import errno
 import fcntl
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -63,7 +62,14 @@ from iotdlm.observe.gather import MetricsListener, Target, start_listener
 from iotdlm.store import AuditEntry
 from iotdlm.supervisor import host_status
 from iotdlm.supervisor.preflight import LOCK_FILE, NATS_PID_FILE
-from iotdlm.supervisor.processes import NatsProcess, RestartPolicy, ServiceProcess, SupervisorSettings, off_health
+from iotdlm.supervisor.processes import (
+    NatsProcess,
+    RestartPolicy,
+    ServiceProcess,
+    SupervisorSettings,
+    off_health,
+    reap_stale_nats,
+)
 from iotdlm.supervisor.storage import ModesStore
 from iotdlm.wire import audit as audit_fmt
 from iotdlm.wire import modes as m
@@ -631,7 +637,8 @@ class Supervisor:
         config = nats_server(self.dep)
         if config.config.jetstream_dir is None:
             raise RuntimeError("the embedded NATS server needs JetStream for the mode bucket")
-        await asyncio.to_thread(self._reap_stale_nats, config.config_path)
+        await asyncio.to_thread(reap_stale_nats, self.dep.root / NATS_PID_FILE, config.config_path,
+                                stop_timeout=self._settings.stop_timeout, monotonic=self._monotonic)  # fmt: skip
         server = NatsProcess(config)
         try:
             await server.start()
@@ -646,29 +653,6 @@ class Supervisor:
             await self._nats.stop()
             with contextlib.suppress(OSError):
                 (self.dep.root / NATS_PID_FILE).unlink()
-
-    def _reap_stale_nats(self, config_path: Path) -> None:
-        """Stop the NATS server a supervisor killed hard left behind (it holds the port)."""
-        pid_file = self.dep.root / NATS_PID_FILE
-        try:
-            pid = int(pid_file.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return  # no pid file, or no such process (or no /proc: nothing we can check safely)
-        if str(config_path).encode() not in cmdline:
-            return  # the pid was reused by something else
-        log.warning("stopping the NATS server (pid %d) a previous supervisor left behind", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = self._monotonic() + self._settings.stop_timeout
-        while self._monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
     async def _connect(self) -> Bus:
         from iotdlm.runtime import connect_identity
