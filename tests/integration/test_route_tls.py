@@ -23,8 +23,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iotdlm.bus.server import ClusterConfig, EmbeddedNatsServer, NatsServerConfig, free_port
 from iotdlm.cli.main import main
+from iotdlm.cli.nats_server import issue_route_certificate
 from iotdlm.clock import SystemClock
 from iotdlm.deployment import PASSPHRASE_ENV, init_deployment
+from iotdlm.errors import UnavailableError
 from iotdlm.pki.keys import Algorithm
 from iotdlm.runtime import open_store
 
@@ -181,4 +183,21 @@ def test_a_bad_node_or_name_is_refused_before_the_ca_keys_are_opened(tmp_path: P
         r = runner.invoke(main, ["nats", "route-certificate", "--data", str(dep.root), *args])
         assert r.exit_code == 4, r.output
         assert why in " ".join(r.output.split())
+    assert not list((dep.root / "nats").glob("route-*"))
+
+
+def test_no_route_certificate_file_without_its_record(tmp_path: Path) -> None:
+    """The store takes the certificate before its files are written: when recording fails (the
+    database is gone), no certificate of the service CA is left on disk unrecorded."""
+    dep, _ = init_deployment(
+        tmp_path / "site", organization="T", algorithm=Algorithm.P256, dtypes=["board-a"], passphrase=b"pw",
+        nats_port=free_port(), now=SystemClock().now(),
+    )  # fmt: skip
+    issuer = dep.load_cas(b"pw")["service"]
+
+    def database_gone(_cert: x509.Certificate) -> None:
+        raise UnavailableError("the database does not answer")
+
+    with pytest.raises(UnavailableError):
+        issue_route_certificate(dep, issuer, "n0", ["10.0.0.1"], now=SystemClock().now(), record=database_gone)
     assert not list((dep.root / "nats").glob("route-*"))

@@ -7,7 +7,7 @@ import dataclasses
 import datetime as dt
 import re
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import click
@@ -72,13 +72,20 @@ def route_names(node: str, names: Sequence[str]) -> list[str | cm_https.IPAddres
 
 
 def issue_route_certificate(
-    dep: Deployment, issuer: IssuingCA, node: str, names: Sequence[str], *, now: dt.datetime
+    dep: Deployment,
+    issuer: IssuingCA,
+    node: str,
+    names: Sequence[str],
+    *,
+    now: dt.datetime,
+    record: Callable[[x509.Certificate], None] | None = None,
 ) -> tuple[x509.Certificate, Path, Path]:
     """A route certificate for the cluster node ``node`` from the service CA ``issuer``: the names the
     other nodes dial it by (DNS names or IP addresses, in its subjectAltName), serverAuth (it answers
     their routes) and clientAuth (it dials them, and they verify it). Written with its chain to
-    ``DIR/nats/route-NODE.pem`` and its new key to ``route-NODE.key.pem`` (0600); returns the
-    certificate and the two paths."""
+    ``DIR/nats/route-NODE.pem`` and its new key to ``route-NODE.key.pem`` (0600), after ``record``
+    (the store) took it: no file of a certificate the store does not know. Returns the certificate
+    and the two paths."""
     parsed = route_names(node, names)
     profile = dataclasses.replace(
         dep.profiles()["tls-server"], eku=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
@@ -89,6 +96,8 @@ def issue_route_certificate(
         serial=x509.random_serial_number(), dns_names=[n for n in parsed if isinstance(n, str)],
         ip_addresses=[n for n in parsed if not isinstance(n, str)], urls=dep.public_urls,
     )  # fmt: skip
+    if record is not None:
+        record(cert)
     folder = dep.root / "nats"
     cert_path, key_path = folder / f"route-{node}.pem", folder / f"route-{node}.key.pem"
     atomic_write(key_path, private_key_to_pem(key, None), mode=0o600)
@@ -125,16 +134,18 @@ def route_certificate(data: Path, node: str, names: tuple[str, ...], as_json: bo
     dep = Deployment.load(data)
     route_names(node, names)  # a bad node or name: refused before the CA keys are opened
     now = SystemClock().now()
-    issuer = dep.load_cas()[dep.profiles()["tls-server"].issuer]
-    cert, cert_path, key_path = issue_route_certificate(dep, issuer, node, names, now=now)
-    ca_path = dep.root / "nats" / "route-ca.pem"
-    atomic_write(ca_path, certs_to_pem([issuer.certificate, dep.ca_certificate("root")]), mode=0o644)
-    store = open_store(dep)
+    store = open_store(dep)  # an unreachable database: refused before anything is issued
     try:
+        issuer = dep.load_cas()[dep.profiles()["tls-server"].issuer]
         actor = "admin (nats route-certificate)"
-        store.add_certificates([record_for(cert, issuer.name, "tls-server", None, actor, now)])
+        cert, cert_path, key_path = issue_route_certificate(
+            dep, issuer, node, names, now=now,
+            record=lambda c: store.add_certificates([record_for(c, issuer.name, "tls-server", None, actor, now)]),
+        )  # fmt: skip
     finally:
         store.close()
+    ca_path = dep.root / "nats" / "route-ca.pem"
+    atomic_write(ca_path, certs_to_pem([issuer.certificate, dep.ca_certificate("root")]), mode=0o644)
     facts = {
         "node": node, "serial": format(cert.serial_number, "x"), "not_after": cert.not_valid_after_utc.isoformat(),
         "names": list(names), "cert_file": str(cert_path), "key_file": str(key_path), "ca_file": str(ca_path),
